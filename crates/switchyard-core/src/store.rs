@@ -1,0 +1,204 @@
+//! The `Store` trait: the only I/O the core does.
+//!
+//! Every implementation (memory, sqlite, postgres) must pass the same contract
+//! suite (`crates/switchyard-store/tests/contract.rs`). The rules below are
+//! that contract; each write method is atomic (all or nothing).
+//!
+//! # State transitions applied by [`Store::complete`]
+//!
+//! A completion is applied only if the step is `running`, its `lease_owner`
+//! is `lease.host_id` and its `attempt` is `lease.attempt`; otherwise that
+//! item is answered with [`Error::LeaseLost`] and nothing changes.
+//!
+//! * `Completed(v)`: step `completed` with result `v`, lease cleared. Every
+//!   `blocked` step of the same task depending on this step's name has one
+//!   fewer pending dependency; at zero it becomes `ready` (run_at = now). If
+//!   the step is the task's final step, the task becomes `completed` with
+//!   result `v` (see *task finish*).
+//! * `Decided { steps, final_step, result }`: the step completes with
+//!   `result` and `steps` are created in the same transaction (state
+//!   `blocked` if some dependency is not completed yet, else `ready`),
+//!   inheriting the task's priority. Dependencies may name steps created in
+//!   the same decision or existing steps of the task; an unknown name or a
+//!   duplicate step name rejects the item with [`Error::InvalidInput`] and
+//!   changes nothing. If the step was the final step: with `final_step =
+//!   Some(name)` the named created step becomes the final step; with no steps
+//!   the task completes with `result`; with steps but no `final_step`, the
+//!   last step in `steps` becomes the final step.
+//! * `Retry { error, run_at }`: step `ready` at `run_at`, lease cleared,
+//!   `error` recorded.
+//! * `Failed(e)`: step `failed` with `e`; the task fails with `e` (task
+//!   finish) and its other non-terminal steps become `cancelled`.
+//! * `Suspended(wait)`: step `suspended`, lease cleared, `run_at =
+//!   wait.wake_at`, wait recorded. If the wait is already satisfied (the
+//!   event exists, every child of the group has finished, or `wake_at <=
+//!   now`), the step becomes `ready` at once instead.
+//! * `Released`: step `ready` (run_at = now), lease cleared, `attempt - 1`
+//!   (a graceful shutdown does not cost an attempt).
+//!
+//! *Task finish* (completed, failed or cancelled): the task's state, result
+//! or error and `updated_at` are set; if it has a `response_event`, that event
+//! is emitted (first write wins) with payload `{"task_id", "state", "result",
+//! "error"}`; if it belongs to a delegation group and every task of the group
+//! has now finished, the parent step (if `suspended` waiting on that group)
+//! becomes `ready`. [`Signals::finished`] is notified.
+//!
+//! # Wake-ups
+//!
+//! Whenever a step may have become ready (spawn, dependency completed, retry,
+//! event emitted, group finished, release, lease recovery, task retry) the
+//! store calls [`Signals::notify_ready`] after the change is durable.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::{broadcast, Notify};
+
+use crate::error::Result;
+use crate::model::*;
+
+/// In-process wake-ups a store gives to hosts and clients sharing it.
+/// (Cross-process changes are found by polling.)
+#[derive(Debug)]
+pub struct Signals {
+    /// Some step may have become ready.
+    pub ready: Notify,
+    /// Some task finished.
+    pub finished: Notify,
+    /// Steps that were running and got cancelled (hosts stop their handlers).
+    pub cancelled: broadcast::Sender<Vec<StepId>>,
+}
+
+impl Signals {
+    /// Fresh signals.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { ready: Notify::new(), finished: Notify::new(), cancelled: broadcast::channel(1024).0 })
+    }
+    /// Wakes every host waiting for ready steps.
+    pub fn notify_ready(&self) {
+        self.ready.notify_waiters();
+    }
+    /// Wakes every client waiting for a task to finish.
+    pub fn notify_finished(&self) {
+        self.finished.notify_waiters();
+    }
+    /// Tells in-process hosts these running steps were cancelled.
+    pub fn notify_cancelled(&self, steps: Vec<StepId>) {
+        if !steps.is_empty() {
+            let _ = self.cancelled.send(steps);
+        }
+    }
+}
+
+/// Where tasks, steps, checkpoints, events and hosts live.
+///
+/// # Cancel safety
+/// Dropping a returned future before it completes may or may not have
+/// applied the write (as with any database call); every write is atomic, so
+/// it was applied entirely or not at all.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `memory`, `sqlite` or `postgres`.
+    fn kind(&self) -> &'static str;
+    /// The URL the store was opened with (without credentials).
+    fn url(&self) -> String;
+    /// In-process wake-ups.
+    fn signals(&self) -> &Arc<Signals>;
+    /// How often hosts should poll for work made by other processes.
+    fn poll_interval(&self) -> std::time::Duration;
+    /// The store's clock.
+    async fn now(&self) -> Result<Millis>;
+    /// Applies pending schema migrations; returns the schema version.
+    async fn migrate(&self) -> Result<u32>;
+
+    /// Creates tasks, each with a root step named after its handler (`ready`
+    /// at `run_at`, default now). A task whose idempotency key already exists
+    /// is not created: the existing id is returned with `created = false`.
+    /// Answers in input order.
+    async fn spawn(&self, tasks: Vec<NewTask>) -> Result<Vec<Spawned>>;
+
+    /// Promotes `suspended` steps whose `run_at` has passed to `ready`, then
+    /// leases up to `n` ready steps (run_at <= now) for each `(handler, n)`,
+    /// highest priority first, then earliest `run_at`, then creation order:
+    /// state `running`, `attempt + 1`, `lease_owner = host_id`,
+    /// `lease_expires_at = now + lease_ms`. Never returns more than asked.
+    async fn claim(&self, host_id: &str, wants: &[(String, usize)], lease_ms: i64) -> Result<ClaimBatch>;
+
+    /// Applies completions (see the module docs); one answer per item, in
+    /// order. The outer error is for a failure of the whole batch.
+    async fn complete(&self, completions: Vec<Completion>) -> Result<Vec<Result<()>>>;
+
+    /// Registers or refreshes `host` (last_heartbeat = now) and extends to
+    /// `now + lease_ms` the lease of each step in `running` that is still
+    /// running under this host's lease. Reports the others as `lost`.
+    async fn heartbeat(&self, host: &HostInfo, running: &[StepId], lease_ms: i64) -> Result<HeartbeatReply>;
+
+    /// Removes a host registration (clean shutdown).
+    async fn deregister_host(&self, host_id: &str) -> Result<()>;
+
+    /// Makes every `running` step whose lease expired `ready` again (run_at
+    /// = now, lease cleared, attempt kept, so the lost run costs an attempt,
+    /// error `LeaseExpired` recorded). Returns how many.
+    async fn recover_expired(&self) -> Result<u64>;
+
+    /// Writes checkpoint `key` of the lease's task, and extends the lease to
+    /// now + `lease_ms`. Rejected with [`Error::LeaseLost`] unless the lease
+    /// is current. An existing checkpoint written by a newer attempt is never
+    /// overwritten (the call then succeeds without writing).
+    async fn put_checkpoint(&self, lease: &Lease, key: &str, value: Value, lease_ms: i64) -> Result<()>;
+
+    /// Every checkpoint of a task, by key.
+    async fn checkpoints(&self, task_id: TaskId) -> Result<BTreeMap<String, Value>>;
+
+    /// Emits an event: cached under `name` unless one exists (first write
+    /// wins); every step `suspended` waiting on `name` becomes `ready`.
+    /// Returns true if this call stored the payload.
+    async fn emit_event(&self, name: &str, payload: Value) -> Result<bool>;
+
+    /// A cached event.
+    async fn get_event(&self, name: &str) -> Result<Option<EventRecord>>;
+
+    /// Cached events, newest first (`limit` 0 = 100).
+    async fn list_events(&self, limit: usize) -> Result<Vec<EventRecord>>;
+
+    /// The children of a delegation group, ordered by their index.
+    async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>>;
+
+    /// Results of the named completed steps of a task (missing names are
+    /// left out).
+    async fn step_results(&self, task_id: TaskId, names: &[String]) -> Result<BTreeMap<String, Value>>;
+
+    /// Cancels a running task: state `cancelled`, every non-terminal step
+    /// `cancelled` (running ones are announced on [`Signals::cancelled`] and
+    /// reported as lost by the next heartbeat), task finish applies. With
+    /// `cascade`, unfinished descendants are cancelled too. Returns false if
+    /// the task had already finished; [`Error::NotFound`] if it does not exist.
+    async fn cancel_task(&self, id: TaskId, cascade: bool) -> Result<bool>;
+
+    /// Re-runs a `failed` or `cancelled` task: state `running`, error
+    /// cleared; each step that is not `completed` becomes `ready` (attempt 0)
+    /// if all its dependencies are completed, else `blocked`. Completed steps
+    /// and checkpoints are kept. [`Error::Conflict`] if the task is running or
+    /// completed; [`Error::NotFound`] if it does not exist.
+    async fn retry_task(&self, id: TaskId) -> Result<()>;
+
+    /// One task.
+    async fn get_task(&self, id: TaskId) -> Result<Option<TaskRecord>>;
+
+    /// One task with its steps, checkpoints and children.
+    async fn task_detail(&self, id: TaskId) -> Result<Option<TaskDetail>>;
+
+    /// Tasks, newest first.
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>>;
+
+    /// Registered hosts, newest heartbeat first.
+    async fn list_hosts(&self) -> Result<Vec<HostInfo>>;
+
+    /// Number of steps in each state (states with none are left out).
+    async fn count_steps(&self) -> Result<StateCounts>;
+}
+
+/// A shared store handle.
+pub type DynStore = Arc<dyn Store>;

@@ -1,0 +1,60 @@
+//! Switchyard stores: [`memory::MemoryStore`] (tests, non-durable runs) and
+//! [`sqlite::SqliteStore`] (the embedded default). PostgreSQL will plug in
+//! here. Every store passes the same contract suite ([`contract`]).
+#![warn(missing_docs)]
+
+use std::sync::Arc;
+
+use switchyard_core::{Clock, DynStore, Error, Result, SystemClock};
+
+#[cfg(feature = "contract")]
+pub mod contract;
+pub mod memory;
+pub mod sqlite;
+
+/// Options shared by every store.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// The clock (default: the system clock). Tests pass a [`switchyard_core::FakeClock`].
+    pub clock: Arc<dyn Clock>,
+    /// Run migrations on open (default true).
+    pub migrate: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { clock: Arc::new(SystemClock), migrate: true }
+    }
+}
+
+/// Opens a store from a URL: `memory`, `sqlite:PATH` / `sqlite://PATH`
+/// (`sqlite::memory:` for a private in-memory database).
+///
+/// Opening the same SQLite file twice in one process returns the same store,
+/// so hosts and clients in the process share one writer and its wake-ups.
+pub async fn open(url: &str) -> Result<DynStore> {
+    open_with(url, StoreOptions::default()).await
+}
+
+/// [`open`] with options.
+pub async fn open_with(url: &str, options: StoreOptions) -> Result<DynStore> {
+    let url = url.trim();
+    if url == "memory" || url == "memory:" {
+        return Ok(Arc::new(memory::MemoryStore::with_clock(options.clock)));
+    }
+    if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if path.is_empty() {
+            return Err(Error::Config(format!("store URL `{url}` names no file (use sqlite:PATH)")));
+        }
+        let store = sqlite::SqliteStore::open(path, options).await?;
+        return Ok(store);
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(Error::Config(format!(
+            "store URL `{url}`: PostgreSQL support is not built yet (use `memory` or `sqlite:PATH`)"
+        )));
+    }
+    Err(Error::Config(format!(
+        "unrecognised store URL `{url}` (expected `memory`, `sqlite:PATH` or `postgres://...`)"
+    )))
+}
