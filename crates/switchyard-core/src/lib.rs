@@ -14,3 +14,15 @@ pub use clock::{Clock, FakeClock, SystemClock};
 pub use error::{Error, Result};
 pub use model::*;
 pub use store::{DynStore, Signals, Store};
+pub mod client;
+pub mod context;
+pub mod handler;
+pub mod worker;
+
+pub use client::Client;
+pub use context::{ChildSpec, Context};
+pub use handler::{
+    APICapable, ApiError, BatchItem, BatchableCapable, Capability, Decision, DecisionCapable, Handler,
+    HandlerOptions, RateLimit, ResultExt, RetryPolicy, StepError, StepResult,
+};
+pub use worker::{wait_for_signal, RunningWorker, Worker, WorkerBuilder, WorkerOptions};

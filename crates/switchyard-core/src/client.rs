@@ -1,0 +1,224 @@
+//! The [`Client`]: spawn tasks, emit events, wait for results, cancel,
+//! retry and inspect. Validation of everything that enters the store happens
+//! here, so bad input never reaches it.
+
+use std::io::Write;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::model::*;
+use crate::store::DynStore;
+
+/// Default payload limit: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+
+/// Longest handler or event name.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// Checks a handler, step or event name: non-empty, at most
+/// [`MAX_NAME_LEN`] bytes, no control characters.
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    if name.trim().is_empty() {
+        return Err(Error::InvalidInput(format!("{what} must not be empty")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidInput(format!("{what} is {} bytes long; the limit is {MAX_NAME_LEN}", name.len())));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::InvalidInput(format!("{what} `{}` contains control characters", name.escape_debug())));
+    }
+    Ok(())
+}
+
+struct Counter(usize);
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Size of `v` as compact JSON.
+pub fn json_size(v: &Value) -> usize {
+    let mut c = Counter(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
+/// Rejects a payload over `limit` bytes with [`Error::PayloadTooLarge`].
+pub fn check_size(what: &str, v: &Value, limit: usize) -> Result<()> {
+    // Small scalars cannot exceed any sensible limit; skip the walk.
+    if matches!(v, Value::Null | Value::Bool(_) | Value::Number(_)) {
+        return Ok(());
+    }
+    let size = json_size(v);
+    if size > limit {
+        return Err(Error::PayloadTooLarge { what: what.to_string(), size, limit });
+    }
+    Ok(())
+}
+
+/// Parses JSON text given by a user, naming `what` in the error.
+pub fn parse_json(what: &str, text: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| Error::InvalidInput(format!("{what} is not valid JSON: {e}")))
+}
+
+/// Spawns and inspects tasks.
+#[derive(Clone)]
+pub struct Client {
+    store: DynStore,
+    max_payload: usize,
+}
+
+impl Client {
+    /// A client on `store` with the default payload limit.
+    pub fn new(store: DynStore) -> Self {
+        Self { store, max_payload: DEFAULT_MAX_PAYLOAD }
+    }
+
+    /// Sets the payload limit.
+    pub fn with_max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    fn validate(&self, t: &NewTask) -> Result<()> {
+        validate_name("handler name", &t.handler)?;
+        check_size("input", &t.input, self.max_payload)?;
+        if let Some(k) = &t.idempotency_key {
+            validate_name("idempotency key", k)?;
+        }
+        if let Some(e) = &t.response_event {
+            validate_name("response event", e)?;
+        }
+        for (k, v) in &t.headers {
+            validate_name("header name", k)?;
+            if v.len() > 8192 {
+                return Err(Error::InvalidInput(format!("header `{k}` is longer than 8192 bytes")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Spawns a task for `handler` with `input`.
+    pub async fn spawn(&self, handler: &str, input: Value) -> Result<TaskId> {
+        Ok(self.spawn_task(NewTask::new(handler, input)).await?.task_id)
+    }
+
+    /// Spawns one task with all options.
+    pub async fn spawn_task(&self, task: NewTask) -> Result<Spawned> {
+        self.validate(&task)?;
+        let mut v = self.store.spawn(vec![task]).await?;
+        v.pop().ok_or_else(|| Error::Store("spawn returned no answer".into()))
+    }
+
+    /// Spawns many tasks in one write. Every task is validated first; if
+    /// any is invalid nothing is spawned and the error names its index.
+    pub async fn spawn_many(&self, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
+        for (i, t) in tasks.iter().enumerate() {
+            self.validate(t).map_err(|e| match e {
+                Error::InvalidInput(m) => Error::InvalidInput(format!("task #{i}: {m}")),
+                Error::PayloadTooLarge { what, size, limit } => {
+                    Error::PayloadTooLarge { what: format!("task #{i} {what}"), size, limit }
+                }
+                other => other,
+            })?;
+        }
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.store.spawn(tasks).await
+    }
+
+    /// Emits an event (first write wins); returns true if this call stored it.
+    pub async fn emit(&self, name: &str, payload: Value) -> Result<bool> {
+        validate_name("event name", name)?;
+        check_size("event payload", &payload, self.max_payload)?;
+        self.store.emit_event(name, payload).await
+    }
+
+    /// A task.
+    pub async fn get(&self, id: TaskId) -> Result<TaskRecord> {
+        self.store.get_task(id).await?.ok_or_else(|| Error::NotFound(format!("task {id}")))
+    }
+
+    /// A task with its steps, checkpoints and children.
+    pub async fn inspect(&self, id: TaskId) -> Result<TaskDetail> {
+        self.store.task_detail(id).await?.ok_or_else(|| Error::NotFound(format!("task {id}")))
+    }
+
+    /// Tasks, newest first.
+    pub async fn list(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>> {
+        self.store.list_tasks(filter).await
+    }
+
+    /// Waits until the task finishes (or `timeout` passes) and returns it.
+    /// In-process completions wake the wait at once; others are seen by
+    /// polling the store.
+    pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<TaskRecord> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let signals = self.store.signals().clone();
+        let poll = self.store.poll_interval().min(Duration::from_millis(100));
+        loop {
+            let finished = signals.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            let t = self.get(id).await?;
+            if t.state.is_terminal() {
+                return Ok(t);
+            }
+            tokio::select! {
+                _ = &mut finished => {},
+                _ = tokio::time::sleep(poll) => {},
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Error::Timeout(format!("task {id} is still {} after {} ms", t.state, timeout.as_millis())));
+                }
+            }
+        }
+    }
+
+    /// Waits for the task and returns its result; a failed or cancelled
+    /// task is an error carrying the task's error message.
+    pub async fn result(&self, id: TaskId, timeout: Duration) -> Result<Value> {
+        let t = self.wait(id, timeout).await?;
+        match t.state {
+            TaskState::Completed => Ok(t.result.unwrap_or(Value::Null)),
+            state => Err(Error::Conflict(format!(
+                "task {id} {state}: {}",
+                t.error.map(|e| e.message).unwrap_or_else(|| "no error recorded".into())
+            ))),
+        }
+    }
+
+    /// Cancels a task (and, with `cascade`, its descendants). Returns false
+    /// if it had already finished.
+    pub async fn cancel(&self, id: TaskId, cascade: bool) -> Result<bool> {
+        self.store.cancel_task(id, cascade).await
+    }
+
+    /// Re-runs a failed or cancelled task.
+    pub async fn retry(&self, id: TaskId) -> Result<()> {
+        self.store.retry_task(id).await
+    }
+
+    /// Registered hosts.
+    pub async fn workers(&self) -> Result<Vec<HostInfo>> {
+        self.store.list_hosts().await
+    }
+
+    /// Cached events, newest first.
+    pub async fn events(&self, limit: usize) -> Result<Vec<EventRecord>> {
+        self.store.list_events(limit).await
+    }
+}

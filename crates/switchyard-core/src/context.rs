@@ -1,0 +1,414 @@
+//! The durable context every handler gets (DESIGN.md §6).
+//!
+//! Durable operations are keyed by name and call order, so a replay (after a
+//! suspension, a retry or a crash) meets the same keys in the same order and
+//! gets the stored values back:
+//!
+//! * `ctx.checkpoint("charge", ..)` is stored under `{step}/charge`; the
+//!   second call with the same name in one run under `{step}/charge#2`.
+//! * awaits, sleeps, spawns and delegations use `$`-prefixed keys the same way.
+//!
+//! A suspension is returned as [`StepError::Suspend`]: handlers propagate it
+//! with `?`, which unwinds the run and frees the host slot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::handler::{StepError, StepResult};
+use crate::model::*;
+use crate::store::DynStore;
+
+/// What every context of one host shares.
+pub(crate) struct CtxEnv {
+    pub(crate) store: DynStore,
+    pub(crate) host: HostInfo,
+    pub(crate) lease_ms: i64,
+    pub(crate) max_payload: usize,
+}
+
+struct Inner {
+    env: Arc<CtxEnv>,
+    step: ClaimedStep,
+    lease: Lease,
+    token: CancellationToken,
+    deadline: Option<Instant>,
+    cache: tokio::sync::Mutex<Option<BTreeMap<String, Value>>>,
+    counters: parking_lot::Mutex<HashMap<String, u32>>,
+}
+
+/// A child task to delegate to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildSpec {
+    /// Handler of the child's root step.
+    pub handler: String,
+    /// Its input.
+    pub input: Value,
+}
+
+impl ChildSpec {
+    /// A child running `handler` with `input`.
+    pub fn new(handler: impl Into<String>, input: Value) -> Self {
+        Self { handler: handler.into(), input }
+    }
+}
+
+/// The durable context of one step run. Cheap to clone.
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("task_id", &self.inner.step.task_id)
+            .field("step", &self.inner.step.name)
+            .field("attempt", &self.inner.step.attempt)
+            .finish()
+    }
+}
+
+fn lost(e: Error) -> StepError {
+    StepError::from(e)
+}
+
+impl Context {
+    pub(crate) fn new(
+        env: Arc<CtxEnv>,
+        step: ClaimedStep,
+        lease: Lease,
+        token: CancellationToken,
+        deadline: Option<Instant>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                env,
+                step,
+                lease,
+                token,
+                deadline,
+                cache: tokio::sync::Mutex::new(None),
+                counters: parking_lot::Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The task.
+    pub fn task_id(&self) -> TaskId {
+        self.inner.step.task_id
+    }
+    /// The step.
+    pub fn step_id(&self) -> StepId {
+        self.inner.step.step_id
+    }
+    /// The step's name.
+    pub fn step_name(&self) -> &str {
+        &self.inner.step.name
+    }
+    /// The handler's name.
+    pub fn handler(&self) -> &str {
+        &self.inner.step.handler
+    }
+    /// 1 on the first run.
+    pub fn attempt(&self) -> u32 {
+        self.inner.step.attempt
+    }
+    /// The task's headers.
+    pub fn headers(&self) -> &Headers {
+        &self.inner.step.headers
+    }
+    /// The task's priority.
+    pub fn priority(&self) -> i32 {
+        self.inner.step.priority
+    }
+    /// When the handler's timeout fires, if it has one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.inner.deadline
+    }
+    /// The lease this run holds.
+    pub fn lease(&self) -> &Lease {
+        &self.inner.lease
+    }
+    /// True once the task was cancelled (or the host is aborting the run).
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.token.is_cancelled()
+    }
+    /// Resolves when the run is cancelled (push cancellation).
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn cancelled(&self) {
+        self.inner.token.cancelled().await
+    }
+    /// The cancellation token (for bindings that forward cancellation).
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.inner.token.clone()
+    }
+
+    fn store(&self) -> &DynStore {
+        &self.inner.env.store
+    }
+
+    /// The next key for `base` in this run: `base`, then `base#2`, ...
+    fn next_key(&self, base: &str) -> String {
+        let mut c = self.inner.counters.lock();
+        let n = c.entry(base.to_string()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            base.to_string()
+        } else {
+            format!("{base}#{n}")
+        }
+    }
+
+    async fn lookup(&self, key: &str) -> StepResult<Option<Value>> {
+        let mut cache = self.inner.cache.lock().await;
+        if cache.is_none() {
+            *cache = Some(self.store().checkpoints(self.task_id()).await.map_err(lost)?);
+        }
+        Ok(cache.as_ref().and_then(|c| c.get(key).cloned()))
+    }
+
+    async fn save(&self, key: &str, value: Value) -> StepResult<()> {
+        crate::client::check_size(&format!("checkpoint `{key}`"), &value, self.inner.env.max_payload)?;
+        self.store()
+            .put_checkpoint(&self.inner.lease, key, value.clone(), self.inner.env.lease_ms)
+            .await
+            .map_err(lost)?;
+        if let Some(c) = self.inner.cache.lock().await.as_mut() {
+            c.insert(key.to_string(), value);
+        }
+        Ok(())
+    }
+
+    async fn now(&self) -> StepResult<Millis> {
+        self.store().now().await.map_err(|e| StepError::retryable(format!("reading the store clock: {e}")))
+    }
+
+    /// Reserves the key for checkpoint `name` and returns its stored value,
+    /// if any. With [`Self::checkpoint_save`] this is the building block for
+    /// bindings, whose `fn` runs in another language.
+    pub async fn checkpoint_lookup(&self, name: &str) -> StepResult<(String, Option<Value>)> {
+        if name.is_empty() || name.starts_with('$') {
+            return Err(StepError::invalid_input(format!(
+                "checkpoint name `{name}` must be non-empty and not start with `$`"
+            )));
+        }
+        let key = self.next_key(&format!("{}/{name}", self.inner.step.name));
+        let v = self.lookup(&key).await?;
+        Ok((key, v))
+    }
+
+    /// Stores a checkpoint value under a key from [`Self::checkpoint_lookup`].
+    /// Also extends the lease.
+    pub async fn checkpoint_save(&self, key: &str, value: Value) -> StepResult<()> {
+        self.save(key, value).await
+    }
+
+    /// Runs `f` once per task, ever: on replay returns the stored value
+    /// without running it. Repeated names in one run are numbered in call
+    /// order.
+    pub async fn checkpoint<T, F, Fut>(&self, name: &str, f: F) -> StepResult<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = StepResult<T>>,
+    {
+        let (key, stored) = self.checkpoint_lookup(name).await?;
+        if let Some(v) = stored {
+            return serde_json::from_value(v).map_err(|e| {
+                StepError::permanent(format!("checkpoint `{key}` holds a value of another type: {e}"))
+            });
+        }
+        let value = f().await?;
+        let json = serde_json::to_value(&value)
+            .map_err(|e| StepError::permanent(format!("checkpoint `{key}`: value is not JSON-serialisable: {e}")))?;
+        self.save(&key, json).await?;
+        Ok(value)
+    }
+
+    /// Waits for event `name`: returns its payload if it was emitted before
+    /// or after the call. Otherwise the step suspends (propagate the error
+    /// with `?`) and resumes by replay when the event arrives. With a
+    /// timeout, returns [`StepError::AwaitTimeout`] once it has passed; the
+    /// deadline and the timeout are checkpointed, so replays agree.
+    pub async fn await_event(&self, name: &str, timeout: Option<Duration>) -> StepResult<Value> {
+        crate::client::validate_name("event name", name)?;
+        let key = self.next_key(&format!("$await:{}/{name}", self.inner.step.name));
+        if let Some(v) = self.lookup(&key).await? {
+            return match v.get("event") {
+                Some(p) => Ok(p.clone()),
+                None => Err(StepError::AwaitTimeout { event: name.to_string() }),
+            };
+        }
+        let deadline = match timeout {
+            None => None,
+            Some(t) => {
+                let dkey = format!("{key}:deadline");
+                match self.lookup(&dkey).await?.and_then(|v| v.as_i64()) {
+                    Some(d) => Some(d),
+                    None => {
+                        let d = self.now().await? + t.as_millis() as i64;
+                        self.save(&dkey, json!(d)).await?;
+                        Some(d)
+                    }
+                }
+            }
+        };
+        if let Some(ev) = self.store().get_event(name).await.map_err(lost)? {
+            self.save(&key, json!({ "event": ev.payload })).await?;
+            return Ok(ev.payload);
+        }
+        if let Some(d) = deadline {
+            if self.now().await? >= d {
+                self.save(&key, json!({ "timeout": true })).await?;
+                return Err(StepError::AwaitTimeout { event: name.to_string() });
+            }
+        }
+        Err(StepError::Suspend(WaitFor { wake_at: deadline, event: Some(name.to_string()), group: None }))
+    }
+
+    /// Durable sleep: suspends the step until `duration` after the first
+    /// call (on the store's clock); survives restarts.
+    pub async fn sleep(&self, duration: Duration) -> StepResult<()> {
+        let key = self.next_key(&format!("$sleep:{}", self.inner.step.name));
+        let wake = match self.lookup(&key).await?.and_then(|v| v.as_i64()) {
+            Some(w) => w,
+            None => {
+                let w = self.now().await? + duration.as_millis() as i64;
+                self.save(&key, json!(w)).await?;
+                w
+            }
+        };
+        self.wait_until(wake).await
+    }
+
+    /// Durable sleep until `at` (milliseconds since the epoch, store clock).
+    pub async fn sleep_until(&self, at: Millis) -> StepResult<()> {
+        let key = self.next_key(&format!("$sleep:{}", self.inner.step.name));
+        if self.lookup(&key).await?.is_none() {
+            self.save(&key, json!(at)).await?;
+        }
+        self.wait_until(at).await
+    }
+
+    async fn wait_until(&self, wake: Millis) -> StepResult<()> {
+        if self.now().await? >= wake {
+            return Ok(());
+        }
+        Err(StepError::Suspend(WaitFor { wake_at: Some(wake), event: None, group: None }))
+    }
+
+    /// Emits an event (first write wins). Returns true if this call stored it.
+    pub async fn emit_event(&self, name: &str, payload: Value) -> StepResult<bool> {
+        crate::client::validate_name("event name", name)?;
+        crate::client::check_size("event payload", &payload, self.inner.env.max_payload)?;
+        self.store().emit_event(name, payload).await.map_err(lost)
+    }
+
+    fn child(&self, handler: &str, input: Value, key: String, parent: ParentRef) -> StepResult<NewTask> {
+        crate::client::validate_name("handler name", handler)?;
+        crate::client::check_size("child input", &input, self.inner.env.max_payload)?;
+        let mut t = NewTask::new(handler, input);
+        t.headers = self.inner.step.headers.clone();
+        t.priority = self.inner.step.priority;
+        t.idempotency_key = Some(key);
+        t.parent = Some(parent);
+        Ok(t)
+    }
+
+    /// Spawns a child task that the step does not wait for. Replays return
+    /// the same child (the spawn is idempotent by call order).
+    pub async fn spawn(&self, handler: &str, input: Value) -> StepResult<TaskId> {
+        let key = self.next_key(&format!("$spawn:{}", self.inner.step.name));
+        let idem = format!("{}/{key}", self.task_id());
+        let parent = ParentRef { task_id: self.task_id(), step_id: self.step_id(), group: None, index: 0 };
+        let task = self.child(handler, input, idem, parent)?;
+        let spawned = self.store().spawn(vec![task]).await.map_err(lost)?;
+        Ok(spawned[0].task_id)
+    }
+
+    /// Delegates to child tasks run in parallel and waits for all of them
+    /// (the step suspends meanwhile). Returns one outcome per child, in
+    /// order; failures are reported per child (collect, not fail-fast).
+    pub async fn delegate_parallel(&self, children: Vec<ChildSpec>) -> StepResult<Vec<ChildOutcome>> {
+        let key = self.next_key(&format!("$group:{}", self.inner.step.name));
+        let group = format!("{}/{key}", self.task_id());
+        if self.lookup(&key).await?.is_none() {
+            let mut tasks = Vec::with_capacity(children.len());
+            for (i, c) in children.into_iter().enumerate() {
+                let parent = ParentRef {
+                    task_id: self.task_id(),
+                    step_id: self.step_id(),
+                    group: Some(group.clone()),
+                    index: i as u32,
+                };
+                tasks.push(self.child(&c.handler, c.input, format!("{group}/{i}"), parent)?);
+            }
+            let n = tasks.len();
+            let spawned = self.store().spawn(tasks).await.map_err(lost)?;
+            let ids: Vec<String> = spawned.iter().map(|s| s.task_id.to_string()).collect();
+            self.save(&key, json!({ "group": group, "children": ids, "count": n })).await?;
+        }
+        let outcomes = self.store().group_outcomes(&group).await.map_err(lost)?;
+        if outcomes.iter().all(|o| o.state.is_terminal()) {
+            return Ok(outcomes);
+        }
+        Err(StepError::Suspend(WaitFor { wake_at: None, event: None, group: Some(group) }))
+    }
+
+    /// Delegates to one child task and waits for its result; a failed or
+    /// cancelled child fails this step permanently with the child's error.
+    pub async fn delegate(&self, handler: &str, input: Value) -> StepResult<Value> {
+        let mut out = self.delegate_parallel(vec![ChildSpec::new(handler, input)]).await?;
+        let o = out.pop().ok_or_else(|| StepError::permanent("delegation returned no outcome"))?;
+        match o.state {
+            TaskState::Completed => Ok(o.result.unwrap_or(Value::Null)),
+            state => Err(StepError::permanent(format!(
+                "delegated task {} ({handler}) {state}: {}",
+                o.task_id,
+                o.error.map(|e| e.message).unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Extends the lease for long work. Fails with [`StepError::LeaseLost`]
+    /// if the step was cancelled or taken over.
+    pub async fn heartbeat(&self) -> StepResult<()> {
+        let env = &self.inner.env;
+        let reply = self.store().heartbeat(&env.host, &[self.step_id()], env.lease_ms).await.map_err(lost)?;
+        if reply.lost.contains(&self.step_id()) {
+            self.inner.token.cancel();
+            return Err(StepError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    /// Results of the steps this step depends on, by name (convergence steps).
+    pub async fn dependency_results(&self) -> StepResult<BTreeMap<String, Value>> {
+        if !self.inner.step.has_dependencies {
+            return Ok(BTreeMap::new());
+        }
+        let detail = self
+            .store()
+            .task_detail(self.task_id())
+            .await
+            .map_err(lost)?
+            .ok_or_else(|| StepError::permanent("the task disappeared"))?;
+        let deps = detail
+            .steps
+            .iter()
+            .find(|s| s.id == self.step_id())
+            .map(|s| s.depends_on.clone())
+            .unwrap_or_default();
+        self.store().step_results(self.task_id(), &deps).await.map_err(lost)
+    }
+}

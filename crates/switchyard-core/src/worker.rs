@@ -1,0 +1,911 @@
+//! The host: a [`Worker`] claims ready steps for the handlers registered in
+//! it, runs them, and records their outcomes (DESIGN.md §4).
+//!
+//! Credit-based dispatch: a claim asks for at most the free slots of each
+//! handler (bounded by the host-wide free slots), so nothing is claimed that
+//! cannot start now. Claims and completions are batched. Rust-owned timers
+//! enforce handler timeouts and lease heartbeats; a handler that panics fails
+//! only its own step.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{Context, CtxEnv};
+use crate::error::{Error, Result};
+use crate::handler::*;
+use crate::model::*;
+use crate::store::DynStore;
+
+/// Host-wide options.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Steps running at once in this host, over all handlers.
+    pub concurrency: usize,
+    /// Lease length; a host that stops heartbeating loses its steps after this.
+    pub lease: Duration,
+    /// Heartbeat period (renews leases, reports liveness, recovers expired leases).
+    pub heartbeat: Duration,
+    /// On shutdown, how long running steps may finish before they are
+    /// cancelled and handed back.
+    pub shutdown_grace: Duration,
+    /// Most steps claimed per handler per claim.
+    pub claim_batch: usize,
+    /// Largest accepted payload (results, checkpoints, events, spawn inputs).
+    pub max_payload_bytes: usize,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 512,
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+            claim_batch: 512,
+            max_payload_bytes: crate::client::DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+struct Reg {
+    name: String,
+    cap: Capability,
+    opts: HandlerOptions,
+    inflight: AtomicUsize,
+    bucket: Option<Mutex<Bucket>>,
+    batch_tx: Mutex<Option<mpsc::UnboundedSender<ClaimedStep>>>,
+}
+
+impl Reg {
+    fn free(&self) -> usize {
+        self.opts.concurrency.saturating_sub(self.inflight.load(Ordering::Acquire))
+    }
+
+    /// Whole tokens available now, and how long until the next one.
+    fn tokens(&self) -> (usize, Option<Duration>) {
+        let (Some(bucket), Some(limit)) = (&self.bucket, self.opts.rate_limit) else {
+            return (usize::MAX, None);
+        };
+        let mut b = bucket.lock();
+        let now = Instant::now();
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * limit.per_second).min(limit.burst as f64);
+        b.last = now;
+        let whole = b.tokens.floor() as usize;
+        let wait = (whole == 0).then(|| Duration::from_secs_f64((1.0 - b.tokens) / limit.per_second.max(1e-9)));
+        (whole, wait)
+    }
+
+    fn take_tokens(&self, n: usize) {
+        if let Some(b) = &self.bucket {
+            b.lock().tokens -= n as f64;
+        }
+    }
+}
+
+struct Running {
+    token: CancellationToken,
+    lost: AtomicBool,
+}
+
+pub(crate) enum CompletionMsg {
+    One(Completion),
+    Flush(oneshot::Sender<()>),
+}
+
+pub(crate) struct Shared {
+    pub(crate) env: Arc<CtxEnv>,
+    regs: HashMap<String, Arc<Reg>>,
+    order: Vec<Arc<Reg>>,
+    opts: WorkerOptions,
+    inflight: AtomicUsize,
+    running: Mutex<HashMap<StepId, Arc<Running>>>,
+    completions: mpsc::UnboundedSender<CompletionMsg>,
+    slot_freed: Notify,
+    stopping: CancellationToken,
+    abort: CancellationToken,
+}
+
+impl Shared {
+    fn store(&self) -> &DynStore {
+        &self.env.store
+    }
+
+    fn release_slot(&self, reg: &Reg, n: usize) {
+        reg.inflight.fetch_sub(n, Ordering::AcqRel);
+        self.inflight.fetch_sub(n, Ordering::AcqRel);
+        self.slot_freed.notify_waiters();
+    }
+
+    fn mark_lost(&self, ids: &[StepId]) {
+        let running = self.running.lock();
+        for id in ids {
+            if let Some(r) = running.get(id) {
+                r.lost.store(true, Ordering::Release);
+                r.token.cancel();
+            }
+        }
+    }
+}
+
+/// Builds a [`Worker`]: the store, host options and handler registrations.
+pub struct WorkerBuilder {
+    store: DynStore,
+    opts: WorkerOptions,
+    regs: Vec<(String, Capability, HandlerOptions)>,
+}
+
+impl WorkerBuilder {
+    /// Host-wide concurrency.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.opts.concurrency = n.max(1);
+        self
+    }
+    /// Lease length (heartbeat defaults to a third of it, at most 5 s).
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.opts.lease = d;
+        self.opts.heartbeat = (d / 3).min(Duration::from_secs(5)).max(Duration::from_millis(10));
+        self
+    }
+    /// Heartbeat period.
+    pub fn heartbeat(mut self, d: Duration) -> Self {
+        self.opts.heartbeat = d.max(Duration::from_millis(10));
+        self
+    }
+    /// Graceful-shutdown deadline.
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.opts.shutdown_grace = d;
+        self
+    }
+    /// Most steps per claim per handler.
+    pub fn claim_batch(mut self, n: usize) -> Self {
+        self.opts.claim_batch = n.max(1);
+        self
+    }
+    /// Payload size limit.
+    pub fn max_payload_bytes(mut self, n: usize) -> Self {
+        self.opts.max_payload_bytes = n;
+        self
+    }
+    /// All options at once.
+    pub fn options(mut self, o: WorkerOptions) -> Self {
+        self.opts = o;
+        self
+    }
+
+    /// Registers a handler with any capability.
+    pub fn handler(mut self, name: impl Into<String>, cap: Capability, opts: HandlerOptions) -> Self {
+        self.regs.push((name.into(), cap, opts));
+        self
+    }
+    /// Registers a plain async closure `|input, ctx| async move { ... }`.
+    pub fn step<F, Fut>(self, name: impl Into<String>, opts: HandlerOptions, f: F) -> Self
+    where
+        F: Fn(Value, Context) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = StepResult> + Send + 'static,
+    {
+        self.handler(name, Capability::Plain(Arc::new(FnHandler(f))), opts)
+    }
+    /// Registers a batch closure `|items| async move { ... }`.
+    pub fn batch<F, Fut>(self, name: impl Into<String>, opts: HandlerOptions, f: F) -> Self
+    where
+        F: Fn(Vec<BatchItem>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Vec<StepResult>> + Send + 'static,
+    {
+        self.handler(name, Capability::Batch(Arc::new(FnBatch(f))), opts)
+    }
+    /// Registers a decision closure.
+    pub fn decision<F, Fut>(self, name: impl Into<String>, opts: HandlerOptions, f: F) -> Self
+    where
+        F: Fn(Value, Context) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = StepResult<Decision>> + Send + 'static,
+    {
+        self.handler(name, Capability::Decision(Arc::new(FnDecision(f))), opts)
+    }
+    /// Registers an API-shaped closure.
+    pub fn api<F, Fut>(self, name: impl Into<String>, opts: HandlerOptions, f: F) -> Self
+    where
+        F: Fn(Value, Context) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Value, ApiError>> + Send + 'static,
+    {
+        self.handler(name, Capability::Api(Arc::new(FnApi(f))), opts)
+    }
+
+    /// Validates the registrations and builds the worker.
+    pub fn build(self) -> Result<Worker> {
+        if self.regs.is_empty() {
+            return Err(Error::Config("a worker needs at least one handler".into()));
+        }
+        let mut seen = HashMap::new();
+        for (name, cap, opts) in &self.regs {
+            crate::client::validate_name("handler name", name)?;
+            if seen.insert(name.clone(), ()).is_some() {
+                return Err(Error::Config(format!("handler `{name}` is registered twice")));
+            }
+            if let Some(r) = opts.rate_limit {
+                if !(r.per_second > 0.0 && r.per_second.is_finite()) {
+                    return Err(Error::Config(format!(
+                        "handler `{name}`: rate_limit.per_second must be a positive number"
+                    )));
+                }
+            }
+            if opts.concurrency == 0 {
+                return Err(Error::Config(format!("handler `{name}`: concurrency must be at least 1")));
+            }
+            let _ = cap;
+        }
+        if self.opts.lease < Duration::from_millis(50) {
+            return Err(Error::Config("lease must be at least 50 ms".into()));
+        }
+        Ok(Worker { store: self.store, opts: self.opts, regs: self.regs })
+    }
+}
+
+/// A host: registered handlers plus the loops that feed them.
+pub struct Worker {
+    store: DynStore,
+    opts: WorkerOptions,
+    regs: Vec<(String, Capability, HandlerOptions)>,
+}
+
+impl Worker {
+    /// Starts building a worker on `store`.
+    pub fn builder(store: DynStore) -> WorkerBuilder {
+        WorkerBuilder { store, opts: WorkerOptions::default(), regs: Vec::new() }
+    }
+
+    /// Starts the host on the current tokio runtime and returns a handle.
+    pub async fn start(self) -> Result<RunningWorker> {
+        let now = self.store.now().await?;
+        let host = HostInfo {
+            id: uuid::Uuid::now_v7().to_string(),
+            pid: std::process::id(),
+            hostname: hostname(),
+            handlers: self.regs.iter().map(|r| r.0.clone()).collect(),
+            started_at: now,
+            last_heartbeat: now,
+        };
+        let lease_ms = self.opts.lease.as_millis() as i64;
+        // Register before claiming so `switchyard workers` and unknown-handler
+        // diagnostics see this host as soon as it runs anything.
+        self.store.heartbeat(&host, &[], lease_ms).await?;
+        let env = Arc::new(CtxEnv {
+            store: self.store.clone(),
+            host,
+            lease_ms,
+            max_payload: self.opts.max_payload_bytes,
+        });
+        let (ctx_tx, ctx_rx) = mpsc::unbounded_channel();
+        let regs: Vec<Arc<Reg>> = self
+            .regs
+            .into_iter()
+            .map(|(name, cap, opts)| {
+                let bucket = opts.rate_limit.map(|r| Mutex::new(Bucket { tokens: r.burst as f64, last: Instant::now() }));
+                Arc::new(Reg { name, cap, opts, inflight: AtomicUsize::new(0), bucket, batch_tx: Mutex::new(None) })
+            })
+            .collect();
+        let shared = Arc::new(Shared {
+            env,
+            regs: regs.iter().map(|r| (r.name.clone(), r.clone())).collect(),
+            order: regs,
+            opts: self.opts,
+            inflight: AtomicUsize::new(0),
+            running: Mutex::new(HashMap::new()),
+            completions: ctx_tx,
+            slot_freed: Notify::new(),
+            stopping: CancellationToken::new(),
+            abort: CancellationToken::new(),
+        });
+        for reg in &shared.order {
+            if let Capability::Batch(_) = reg.cap {
+                let (tx, rx) = mpsc::unbounded_channel();
+                *reg.batch_tx.lock() = Some(tx);
+                tokio::spawn(batcher(shared.clone(), reg.clone(), rx));
+            }
+        }
+        let completer = tokio::spawn(completer(shared.clone(), ctx_rx));
+        let beat_stop = CancellationToken::new();
+        let heart = tokio::spawn(heartbeat_loop(shared.clone(), beat_stop.clone()));
+        let cancels = tokio::spawn(cancel_listener(shared.clone()));
+        let claimer = tokio::spawn(claim_loop(shared.clone()));
+        tracing::info!(host = %shared.env.host.id, handlers = ?shared.env.host.handlers, "host started");
+        let s = shared.clone();
+        let main = tokio::spawn(async move {
+            s.stopping.cancelled().await;
+            let _ = claimer.await;
+            drain(&s).await;
+            let (tx, rx) = oneshot::channel();
+            let _ = s.completions.send(CompletionMsg::Flush(tx));
+            let _ = rx.await;
+            beat_stop.cancel();
+            let _ = heart.await;
+            cancels.abort();
+            for reg in &s.order {
+                reg.batch_tx.lock().take();
+            }
+            if let Err(e) = s.store().deregister_host(&s.env.host.id).await {
+                tracing::warn!(error = %e, "could not deregister host");
+            }
+            completer.abort();
+            tracing::info!(host = %s.env.host.id, "host stopped");
+        });
+        Ok(RunningWorker { shared, main: Mutex::new(Some(main)) })
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run(self) -> Result<()> {
+        let running = self.start().await?;
+        wait_for_signal().await;
+        tracing::info!("signal received, shutting down");
+        running.stop().await;
+        Ok(())
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A started host.
+pub struct RunningWorker {
+    shared: Arc<Shared>,
+    main: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl RunningWorker {
+    /// This host's id.
+    pub fn host_id(&self) -> &str {
+        &self.shared.env.host.id
+    }
+    /// Steps running now.
+    pub fn inflight(&self) -> usize {
+        self.shared.inflight.load(Ordering::Acquire)
+    }
+    /// Asks the host to stop (returns at once): no more claims; running steps
+    /// get the grace period, then are cancelled and handed back.
+    pub fn shutdown(&self) {
+        self.shared.stopping.cancel();
+    }
+    /// Stops and waits until the host has drained and deregistered.
+    pub async fn stop(&self) {
+        self.shutdown();
+        self.wait().await;
+    }
+    /// Waits until the host has stopped (after [`Self::shutdown`]).
+    pub async fn wait(&self) {
+        let handle = self.main.lock().take();
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        self.shared.stopping.cancel();
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+async fn claim_loop(shared: Arc<Shared>) {
+    let store = shared.store().clone();
+    let signals = store.signals().clone();
+    let poll = store.poll_interval();
+    let lease_ms = shared.env.lease_ms;
+    let mut rotate = 0usize;
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        if shared.stopping.is_cancelled() {
+            return;
+        }
+        let ready = signals.ready.notified();
+        let freed = shared.slot_freed.notified();
+        tokio::pin!(ready, freed);
+        ready.as_mut().enable();
+        freed.as_mut().enable();
+
+        let mut host_free = shared.opts.concurrency.saturating_sub(shared.inflight.load(Ordering::Acquire));
+        let mut wants: Vec<(String, usize)> = Vec::new();
+        let mut token_wait: Option<Duration> = None;
+        let n = shared.order.len();
+        for i in 0..n {
+            let reg = &shared.order[(rotate + i) % n];
+            let (tokens, wait) = reg.tokens();
+            if let Some(w) = wait {
+                token_wait = Some(token_wait.map_or(w, |t: Duration| t.min(w)));
+            }
+            let want = reg.free().min(host_free).min(tokens).min(shared.opts.claim_batch);
+            if want > 0 {
+                wants.push((reg.name.clone(), want));
+                host_free -= want;
+            }
+        }
+        rotate = rotate.wrapping_add(1);
+
+        let mut next_due = None;
+        let mut saturated = wants.is_empty();
+        if !wants.is_empty() {
+            match store.claim(&shared.env.host.id, &wants, lease_ms).await {
+                Ok(batch) => {
+                    backoff = Duration::from_millis(10);
+                    next_due = batch.next_due;
+                    let mut got: HashMap<&str, usize> = HashMap::new();
+                    for step in &batch.steps {
+                        *got.entry(step.handler.as_str()).or_default() += 1;
+                    }
+                    // A handler that got all it asked for may have more waiting.
+                    let more = wants.iter().any(|(h, w)| got.get(h.as_str()).copied().unwrap_or(0) >= *w);
+                    for step in batch.steps {
+                        dispatch(&shared, step);
+                    }
+                    if more {
+                        continue;
+                    }
+                    saturated = wants.len() < n && host_free == 0;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {},
+                        _ = shared.stopping.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        let mut wait = poll;
+        if let Some(due) = next_due {
+            if let Ok(now) = store.now().await {
+                wait = wait.min(Duration::from_millis(due.saturating_sub(now).max(0) as u64));
+            }
+        }
+        if let Some(t) = token_wait {
+            wait = wait.min(t);
+        }
+        let _ = saturated;
+        tokio::select! {
+            _ = &mut ready => {},
+            _ = &mut freed => {},
+            _ = tokio::time::sleep(wait) => {},
+            _ = shared.stopping.cancelled() => return,
+        }
+    }
+}
+
+fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
+    let Some(reg) = shared.regs.get(&step.handler).cloned() else {
+        // The store returned a handler we did not ask for: hand it back.
+        tracing::error!(handler = %step.handler, "claimed a step for an unregistered handler; releasing it");
+        let lease = lease_of(shared, &step);
+        let _ = shared.completions.send(CompletionMsg::One(Completion { lease, resolution: Resolution::Released }));
+        return;
+    };
+    reg.inflight.fetch_add(1, Ordering::AcqRel);
+    shared.inflight.fetch_add(1, Ordering::AcqRel);
+    reg.take_tokens(1);
+    if step.attempt > reg.opts.retry.max_attempts {
+        // Earlier attempts were lost with their hosts (expired leases).
+        let mut error = ErrorInfo::new(
+            ErrorKind::LeaseExpired,
+            format!(
+                "attempts exhausted: attempt {} exceeds max_attempts {} (earlier attempts' leases expired)",
+                step.attempt, reg.opts.retry.max_attempts
+            ),
+        );
+        error.attempt = step.attempt;
+        let lease = lease_of(shared, &step);
+        let _ = shared.completions.send(CompletionMsg::One(Completion { lease, resolution: Resolution::Failed(error) }));
+        shared.release_slot(&reg, 1);
+        return;
+    }
+    if let Capability::Batch(_) = reg.cap {
+        let tx = reg.batch_tx.lock().clone();
+        match tx {
+            Some(tx) => {
+                if let Err(mpsc::error::SendError(step)) = tx.send(step) {
+                    release_unstarted(shared, &reg, step);
+                }
+            }
+            None => release_unstarted(shared, &reg, step),
+        }
+        return;
+    }
+    tokio::spawn(run_one(shared.clone(), reg, step));
+}
+
+fn release_unstarted(shared: &Arc<Shared>, reg: &Reg, step: ClaimedStep) {
+    let lease = lease_of(shared, &step);
+    let _ = shared.completions.send(CompletionMsg::One(Completion { lease, resolution: Resolution::Released }));
+    shared.release_slot(reg, 1);
+}
+
+fn lease_of(shared: &Shared, step: &ClaimedStep) -> Lease {
+    Lease { step_id: step.step_id, task_id: step.task_id, attempt: step.attempt, host_id: shared.env.host.id.clone() }
+}
+
+enum Output {
+    Value(Value),
+    Decision(Decision),
+}
+
+enum RunEnd {
+    Finished(StepResult<Output>),
+    Panicked(String),
+    TimedOut(Duration),
+    Cancelled,
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// Runs `fut` under the handler's timeout and the step's cancellation token,
+/// catching panics.
+async fn guarded<T>(
+    fut: impl std::future::Future<Output = T>,
+    timeout: Option<Duration>,
+    token: &CancellationToken,
+) -> std::result::Result<T, RunEnd> {
+    let fut = AssertUnwindSafe(fut).catch_unwind();
+    let timed = async {
+        match timeout {
+            Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| RunEnd::TimedOut(t)),
+            None => Ok(fut.await),
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = token.cancelled() => Err(RunEnd::Cancelled),
+        r = timed => match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(p)) => Err(RunEnd::Panicked(panic_message(p))),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+fn begin(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep) -> (Context, Arc<Running>) {
+    let token = CancellationToken::new();
+    let running = Arc::new(Running { token: token.clone(), lost: AtomicBool::new(false) });
+    shared.running.lock().insert(step.step_id, running.clone());
+    let deadline = reg.opts.timeout.map(|t| Instant::now() + t);
+    let ctx = Context::new(shared.env.clone(), step.clone(), lease_of(shared, step), token, deadline);
+    (ctx, running)
+}
+
+async fn run_one(shared: Arc<Shared>, reg: Arc<Reg>, step: ClaimedStep) {
+    let (ctx, running) = begin(&shared, &reg, &step);
+    let input = step.input.clone();
+    let token = running.token.clone();
+    let end: std::result::Result<StepResult<Output>, RunEnd> = match &reg.cap {
+        Capability::Plain(h) => {
+            guarded(h.run(input, ctx), reg.opts.timeout, &token).await.map(|r| r.map(Output::Value))
+        }
+        Capability::Decision(h) => {
+            guarded(h.decide(input, ctx), reg.opts.timeout, &token).await.map(|r| r.map(Output::Decision))
+        }
+        Capability::Api(h) => guarded(h.call(input, ctx), reg.opts.timeout, &token)
+            .await
+            .map(|r| r.map(Output::Value).map_err(ApiError::classify)),
+        Capability::Batch(_) => unreachable!("batch steps go through the batcher"),
+    };
+    let end = end.map_or_else(|e| e, RunEnd::Finished);
+    finish(&shared, &reg, &step, &running, end).await;
+    shared.release_slot(&reg, 1);
+}
+
+async fn batcher(shared: Arc<Shared>, reg: Arc<Reg>, mut rx: mpsc::UnboundedReceiver<ClaimedStep>) {
+    let max = reg.opts.max_batch.max(1);
+    while let Some(first) = rx.recv().await {
+        let mut items = vec![first];
+        while items.len() < max {
+            match rx.try_recv() {
+                Ok(s) => items.push(s),
+                Err(_) => break,
+            }
+        }
+        if items.len() < max && !reg.opts.linger.is_zero() {
+            let deadline = tokio::time::Instant::now() + reg.opts.linger;
+            while items.len() < max {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(s)) => items.push(s),
+                    _ => break,
+                }
+            }
+        }
+        tokio::spawn(run_batch(shared.clone(), reg.clone(), items));
+    }
+}
+
+async fn run_batch(shared: Arc<Shared>, reg: Arc<Reg>, steps: Vec<ClaimedStep>) {
+    let Capability::Batch(h) = &reg.cap else { unreachable!("batcher only runs batch handlers") };
+    let mut items = Vec::with_capacity(steps.len());
+    let mut runs = Vec::with_capacity(steps.len());
+    for step in &steps {
+        let (ctx, running) = begin(&shared, &reg, step);
+        items.push(BatchItem { input: step.input.clone(), ctx });
+        runs.push(running);
+    }
+    // The batch as a whole is cancelled only by shutdown; a cancelled item's
+    // outcome is dropped (its lease is gone).
+    let batch_token = shared.abort.child_token();
+    let n = steps.len();
+    let result = guarded(h.run_batch(items), reg.opts.timeout, &batch_token).await;
+    let ends: Vec<RunEnd> = match result {
+        Ok(outcomes) if outcomes.len() == n => {
+            outcomes.into_iter().map(|r| RunEnd::Finished(r.map(Output::Value))).collect()
+        }
+        Ok(outcomes) => {
+            let msg = format!("batch handler `{}` returned {} outcomes for {n} steps", reg.name, outcomes.len());
+            (0..n).map(|_| RunEnd::Finished(Err(StepError::permanent(&msg)))).collect()
+        }
+        Err(RunEnd::Panicked(m)) => (0..n).map(|_| RunEnd::Panicked(m.clone())).collect(),
+        Err(RunEnd::TimedOut(t)) => (0..n).map(|_| RunEnd::TimedOut(t)).collect(),
+        Err(_) => (0..n).map(|_| RunEnd::Cancelled).collect(),
+    };
+    for ((step, running), end) in steps.iter().zip(&runs).zip(ends) {
+        let end = if running.lost.load(Ordering::Acquire) { RunEnd::Cancelled } else { end };
+        finish(&shared, &reg, step, running, end).await;
+    }
+    shared.release_slot(&reg, n);
+}
+
+/// Turns how a run ended into the resolution the store records.
+async fn finish(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep, running: &Running, end: RunEnd) {
+    let lease = lease_of(shared, step);
+    let resolution = match end {
+        RunEnd::Cancelled => {
+            if running.lost.load(Ordering::Acquire) {
+                // Cancelled or taken over: the store already moved on.
+                shared.running.lock().remove(&step.step_id);
+                return;
+            }
+            Some(Resolution::Released)
+        }
+        RunEnd::Finished(Ok(Output::Value(v))) => Some(match check_payload(shared, "result", &v) {
+            Ok(()) => Resolution::Completed(v),
+            Err(e) => Resolution::Failed(error_info(ErrorKind::Permanent, e.to_string(), None, step.attempt)),
+        }),
+        RunEnd::Finished(Ok(Output::Decision(Decision::Complete(v)))) => {
+            Some(Resolution::Decided { steps: vec![], final_step: None, result: v })
+        }
+        RunEnd::Finished(Ok(Output::Decision(Decision::Steps { steps, final_step }))) => {
+            let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+            let result = json!({ "created": names });
+            Some(Resolution::Decided { steps, final_step, result })
+        }
+        RunEnd::Finished(Err(StepError::Suspend(wait))) => Some(Resolution::Suspended(wait)),
+        RunEnd::Finished(Err(StepError::LeaseLost)) => None,
+        RunEnd::Finished(Err(StepError::Retryable { message, retry_after, trace })) => {
+            Some(retry_or_fail(shared, reg, step, ErrorKind::Retryable, message, trace, retry_after).await)
+        }
+        RunEnd::Finished(Err(e)) => {
+            let trace = match &e {
+                StepError::Permanent { trace, .. } => trace.clone(),
+                _ => None,
+            };
+            let message = match &e {
+                StepError::Permanent { message, .. } => message.clone(),
+                other => other.to_string(),
+            };
+            Some(Resolution::Failed(error_info(e.kind(), message, trace, step.attempt)))
+        }
+        RunEnd::Panicked(msg) => Some(
+            retry_or_fail(shared, reg, step, ErrorKind::Panic, format!("handler panicked: {msg}"), None, None).await,
+        ),
+        RunEnd::TimedOut(t) => Some(
+            retry_or_fail(
+                shared,
+                reg,
+                step,
+                ErrorKind::Timeout,
+                format!("handler `{}` timed out after {} ms", reg.name, t.as_millis()),
+                None,
+                None,
+            )
+            .await,
+        ),
+    };
+    match resolution {
+        Some(resolution) => {
+            if let Err(e) = shared.completions.send(CompletionMsg::One(Completion { lease, resolution })) {
+                tracing::error!(error = %e, "completion channel closed");
+            }
+        }
+        None => {
+            shared.running.lock().remove(&step.step_id);
+        }
+    }
+}
+
+fn error_info(kind: ErrorKind, message: String, trace: Option<String>, attempt: u32) -> ErrorInfo {
+    ErrorInfo { kind, message, trace, attempt }
+}
+
+async fn retry_or_fail(
+    shared: &Shared,
+    reg: &Reg,
+    step: &ClaimedStep,
+    kind: ErrorKind,
+    message: String,
+    trace: Option<String>,
+    retry_after: Option<Duration>,
+) -> Resolution {
+    let policy = &reg.opts.retry;
+    if step.attempt >= policy.max_attempts {
+        let message = format!("{message} (attempt {} of {}; no attempts left)", step.attempt, policy.max_attempts);
+        return Resolution::Failed(error_info(kind, message, trace, step.attempt));
+    }
+    let delay = policy.backoff(step.attempt).max(retry_after.unwrap_or_default());
+    let now = match shared.store().now().await {
+        Ok(n) => n,
+        Err(_) => crate::clock::Clock::now(&crate::clock::SystemClock),
+    };
+    Resolution::Retry { error: error_info(kind, message, trace, step.attempt), run_at: now + delay.as_millis() as i64 }
+}
+
+pub(crate) fn check_payload(shared: &Shared, what: &str, v: &Value) -> Result<()> {
+    crate::client::check_size(what, v, shared.env.max_payload)
+}
+
+async fn completer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<CompletionMsg>) {
+    const MAX: usize = 2048;
+    let mut buf = Vec::with_capacity(MAX);
+    let mut flushes = Vec::new();
+    loop {
+        let Some(first) = rx.recv().await else { return };
+        let push = |m: CompletionMsg, buf: &mut Vec<Completion>, flushes: &mut Vec<oneshot::Sender<()>>| match m {
+            CompletionMsg::One(c) => buf.push(c),
+            CompletionMsg::Flush(tx) => flushes.push(tx),
+        };
+        push(first, &mut buf, &mut flushes);
+        while buf.len() < MAX {
+            match rx.try_recv() {
+                Ok(m) => push(m, &mut buf, &mut flushes),
+                Err(_) => break,
+            }
+        }
+        if !buf.is_empty() {
+            let mut delay = Duration::from_millis(20);
+            loop {
+                match shared.store().complete(buf.clone()).await {
+                    Ok(results) => {
+                        for (c, r) in buf.iter().zip(results) {
+                            if let Err(e) = r {
+                                tracing::warn!(step = %c.lease.step_id, error = %e, "completion rejected");
+                            }
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        // Nothing acknowledged may be lost: keep the batch and retry.
+                        tracing::warn!(error = %e, n = buf.len(), "recording completions failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            let mut running = shared.running.lock();
+            for c in buf.drain(..) {
+                running.remove(&c.lease.step_id);
+            }
+        }
+        for f in flushes.drain(..) {
+            let _ = f.send(());
+        }
+    }
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.opts.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {},
+            _ = stop.cancelled() => return,
+        }
+        let ids: Vec<StepId> = shared.running.lock().keys().copied().collect();
+        let mut host = shared.env.host.clone();
+        host.last_heartbeat = shared.store().now().await.unwrap_or(host.last_heartbeat);
+        match shared.store().heartbeat(&host, &ids, shared.env.lease_ms).await {
+            Ok(reply) => shared.mark_lost(&reply.lost),
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+        match shared.store().recover_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(steps = n, "recovered steps whose lease expired"),
+            Err(e) => tracing::warn!(error = %e, "lease recovery failed"),
+        }
+    }
+}
+
+async fn cancel_listener(shared: Arc<Shared>) {
+    let mut rx = shared.store().signals().cancelled.subscribe();
+    loop {
+        match rx.recv().await {
+            Ok(ids) => shared.mark_lost(&ids),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Waits for running steps up to the grace period, then cancels the rest
+/// (they are handed back with `Released`).
+async fn drain(shared: &Arc<Shared>) {
+    let deadline = tokio::time::Instant::now() + shared.opts.shutdown_grace;
+    loop {
+        let freed = shared.slot_freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if shared.inflight.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        tokio::select! {
+            _ = &mut freed => {},
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    let left = shared.inflight.load(Ordering::Acquire);
+    tracing::warn!(steps = left, "shutdown grace period over; cancelling running steps and handing them back");
+    shared.abort.cancel();
+    for r in shared.running.lock().values() {
+        r.token.cancel();
+    }
+    loop {
+        let freed = shared.slot_freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if shared.inflight.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        freed.await;
+    }
+}
