@@ -443,7 +443,15 @@ async fn claim_loop(shared: Arc<Shared>) {
         ready.as_mut().enable();
         freed.as_mut().enable();
 
-        let mut host_free = shared.opts.concurrency.saturating_sub(shared.inflight.load(Ordering::Acquire));
+        let inflight = shared.inflight.load(Ordering::Acquire);
+        let mut host_free = shared.opts.concurrency.saturating_sub(inflight);
+        // Under load every finished step frees a slot; claiming for each one
+        // would defeat batching. While steps are running (so more slots will
+        // free soon), wait until a worthwhile share of the host is free.
+        let low_water = (shared.opts.concurrency.min(shared.opts.claim_batch) / 8).max(1);
+        if inflight > 0 && host_free < low_water {
+            host_free = 0;
+        }
         let mut wants: Vec<(String, usize)> = Vec::new();
         let mut token_wait: Option<Duration> = None;
         let n = shared.order.len();
@@ -462,7 +470,6 @@ async fn claim_loop(shared: Arc<Shared>) {
         rotate = rotate.wrapping_add(1);
 
         let mut next_due = None;
-        let mut saturated = wants.is_empty();
         if !wants.is_empty() {
             match store.claim(&shared.env.host.id, &wants, lease_ms).await {
                 Ok(batch) => {
@@ -480,7 +487,6 @@ async fn claim_loop(shared: Arc<Shared>) {
                     if more {
                         continue;
                     }
-                    saturated = wants.len() < n && host_free == 0;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "claim failed; retrying");
@@ -502,7 +508,6 @@ async fn claim_loop(shared: Arc<Shared>) {
         if let Some(t) = token_wait {
             wait = wait.min(t);
         }
-        let _ = saturated;
         tokio::select! {
             _ = &mut ready => {},
             _ = &mut freed => {},
