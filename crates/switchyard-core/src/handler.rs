@@ -478,3 +478,58 @@ where
         (self.0)(input, ctx).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_within_jitter_and_caps() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(1000),
+            multiplier: 2.0,
+            jitter: 0.2,
+        };
+        for _ in 0..100 {
+            let d1 = p.backoff(1).as_secs_f64();
+            assert!((0.08..=0.12).contains(&d1), "{d1}");
+            let d3 = p.backoff(3).as_secs_f64();
+            assert!((0.32..=0.48).contains(&d3), "{d3}");
+            let d9 = p.backoff(9).as_secs_f64();
+            assert!((0.8..=1.2).contains(&d9), "capped: {d9}");
+        }
+        let no_jitter = RetryPolicy { jitter: 0.0, ..p };
+        assert_eq!(no_jitter.backoff(2), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn api_errors_are_classified_by_status() {
+        let http = |status, retry_after| ApiError::Http { status, retry_after, message: "x".into() };
+        let r = http(429, Some(Duration::from_secs(7))).classify();
+        assert_eq!(r.kind(), ErrorKind::Retryable);
+        assert!(matches!(r, StepError::Retryable { retry_after: Some(d), .. } if d == Duration::from_secs(7)));
+        assert_eq!(http(404, None).classify().kind(), ErrorKind::Permanent);
+        assert_eq!(http(400, None).classify().kind(), ErrorKind::Permanent);
+        assert_eq!(http(503, None).classify().kind(), ErrorKind::Retryable);
+        assert_eq!(http(500, None).classify().kind(), ErrorKind::Retryable);
+        assert_eq!(ApiError::Network("reset".into()).classify().kind(), ErrorKind::Retryable);
+        assert_eq!(ApiError::parse_retry_after(" 2.5 "), Some(Duration::from_millis(2500)));
+        assert_eq!(ApiError::parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn fan_out_covers_the_range_once() {
+        let Decision::Steps { steps, final_step } = Decision::fan_out("sum", 10, 4, json!({"k": 1}), "total") else {
+            panic!("fan_out makes steps");
+        };
+        assert_eq!(final_step.as_deref(), Some("total"));
+        assert_eq!(steps.len(), 4);
+        let ranges: Vec<(u64, u64)> =
+            steps[..3].iter().map(|s| (s.input["start"].as_u64().unwrap(), s.input["end"].as_u64().unwrap())).collect();
+        assert_eq!(ranges, vec![(0, 4), (4, 8), (8, 10)]);
+        assert_eq!(steps[3].depends_on, vec!["sum#0", "sum#1", "sum#2"]);
+        assert_eq!(steps[3].input["batches"], 3);
+    }
+}

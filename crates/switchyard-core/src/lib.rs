@@ -14,6 +14,7 @@ pub use clock::{Clock, FakeClock, SystemClock};
 pub use error::{Error, Result};
 pub use model::*;
 pub use store::{DynStore, Signals, Store};
+pub mod bridge;
 pub mod client;
 pub mod context;
 pub mod handler;

@@ -744,7 +744,9 @@ async fn finish(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep, running: &R
         RunEnd::Panicked(msg) => Some(
             retry_or_fail(shared, reg, step, ErrorKind::Panic, format!("handler panicked: {msg}"), None, None).await,
         ),
-        RunEnd::TimedOut(t) => Some(
+        RunEnd::TimedOut(t) => Some({
+            // Tell cooperative (and foreign) code still running that the core gave up.
+            running.token.cancel();
             retry_or_fail(
                 shared,
                 reg,
@@ -754,8 +756,8 @@ async fn finish(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep, running: &R
                 None,
                 None,
             )
-            .await,
-        ),
+            .await
+        }),
     };
     match resolution {
         Some(resolution) => {

@@ -1,0 +1,371 @@
+//! The bridge to foreign language runtimes (DESIGN.md §4): the core pushes,
+//! foreign runtimes pull without holding their interpreter lock.
+//!
+//! Each language runtime owns one [`Inbox`]. Handlers registered from that
+//! language are [`InboxHandler`]s: when the dispatcher runs one, it pushes a
+//! [`Job`] into the inbox and awaits its reply, so the core's timers
+//! (timeouts, leases, cancellation) keep running no matter what the foreign
+//! side does. Foreign threads take jobs in batches — one interpreter-lock
+//! acquisition (or one JS callback) per batch — and answer each job with
+//! [`Job::complete`], which never blocks.
+//!
+//! Waiting:
+//! * threads (Python with the GIL released, Ruby without the GVL, C) call
+//!   [`Inbox::recv_batch`], which blocks on a condition variable for at most
+//!   the given time slice, so the caller can check for signals between slices;
+//!   [`Inbox::interrupt`] wakes them at once (Ruby's unblock function);
+//! * event loops (Node) await [`Inbox::recv_batch_async`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::{oneshot, Notify};
+
+use crate::context::Context;
+use crate::handler::*;
+
+/// Which capability a foreign handler has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// Plain: one item, answered with a value.
+    Step,
+    /// Decision: one item, answered with a [`Decision`].
+    Decision,
+    /// API-shaped: one item, answered with a value or an [`ApiError`].
+    Api,
+    /// Batchable: many items, one answer each.
+    Batch,
+}
+
+/// One step inside a job.
+pub struct JobItem {
+    /// Its input.
+    pub input: Value,
+    /// Its durable context.
+    pub ctx: Context,
+}
+
+/// A foreign handler's answer for one item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// A value (plain, API and batch handlers).
+    Value(Value),
+    /// A decision (decision handlers).
+    Decision(Decision),
+    /// A step error (any handler).
+    Error(StepError),
+    /// An HTTP-shaped failure (API handlers).
+    Api(ApiError),
+}
+
+/// Work for a foreign handler: one step, or a micro-batch for batch handlers.
+pub struct Job {
+    /// Unique within the process.
+    pub id: u64,
+    /// The handler to run.
+    pub handler: String,
+    /// Its capability.
+    pub kind: JobKind,
+    /// The steps (one unless `kind` is [`JobKind::Batch`]).
+    pub items: Vec<JobItem>,
+    reply: oneshot::Sender<Vec<Reply>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("id", &self.id).field("handler", &self.handler).field("items", &self.items.len()).finish()
+    }
+}
+
+impl Job {
+    /// Answers the job: one reply per item, in order. Never blocks; may be
+    /// called from any thread. If the core has already given up on the step
+    /// (timeout, cancellation, shutdown), the answer is dropped.
+    pub fn complete(self, replies: Vec<Reply>) {
+        let _ = self.reply.send(replies);
+    }
+
+    /// True if the core no longer waits for this job (timed out or cancelled).
+    pub fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Job>,
+    closed: bool,
+    interrupts: u64,
+}
+
+/// The queue between the dispatcher and one foreign runtime.
+pub struct Inbox {
+    state: Mutex<State>,
+    cond: Condvar,
+    notify: Notify,
+    next_id: AtomicU64,
+}
+
+/// The inbox was closed: the host is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the inbox is closed: the host is shutting down")]
+pub struct Closed;
+
+impl Inbox {
+    /// An empty inbox.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { state: Mutex::default(), cond: Condvar::new(), notify: Notify::new(), next_id: AtomicU64::new(1) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the queue inconsistent
+        // (every critical section is a single push/drain), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, handler: &str, kind: JobKind, items: Vec<JobItem>) -> Result<oneshot::Receiver<Vec<Reply>>, Closed> {
+        let (tx, rx) = oneshot::channel();
+        let job = Job { id: self.next_id.fetch_add(1, Ordering::Relaxed), handler: handler.to_string(), kind, items, reply: tx };
+        {
+            let mut s = self.lock();
+            if s.closed {
+                return Err(Closed);
+            }
+            s.queue.push_back(job);
+        }
+        self.cond.notify_one();
+        self.notify.notify_one();
+        Ok(rx)
+    }
+
+    fn take(s: &mut State, max: usize) -> Vec<Job> {
+        let n = s.queue.len().min(max.max(1));
+        s.queue.drain(..n).collect()
+    }
+
+    /// Blocks the calling thread until jobs are available (returns up to
+    /// `max`), `slice` has passed (returns none), [`Self::interrupt`] was
+    /// called (returns none), or the inbox is closed (`Err(Closed)` once the
+    /// queue is empty).
+    ///
+    /// Thread affinity: any thread that is not a tokio runtime worker. Call
+    /// it with the interpreter lock released.
+    pub fn recv_batch(&self, max: usize, slice: Duration) -> Result<Vec<Job>, Closed> {
+        let deadline = Instant::now() + slice;
+        let mut s = self.lock();
+        let seen = s.interrupts;
+        loop {
+            if !s.queue.is_empty() {
+                return Ok(Self::take(&mut s, max));
+            }
+            if s.closed {
+                return Err(Closed);
+            }
+            if s.interrupts != seen {
+                return Ok(Vec::new());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            s = self.cond.wait_timeout(s, deadline - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Non-blocking: up to `max` jobs now.
+    pub fn try_recv_batch(&self, max: usize) -> Result<Vec<Job>, Closed> {
+        let mut s = self.lock();
+        if s.queue.is_empty() && s.closed {
+            return Err(Closed);
+        }
+        Ok(Self::take(&mut s, max))
+    }
+
+    /// Waits for up to `max` jobs; `None` once closed and drained.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: no job is taken unless the future completes.
+    pub async fn recv_batch_async(&self, max: usize) -> Option<Vec<Job>> {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut s = self.lock();
+                if !s.queue.is_empty() {
+                    return Some(Self::take(&mut s, max));
+                }
+                if s.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Wakes every thread blocked in [`Self::recv_batch`] (they return no
+    /// jobs). This is the unblock function for Ruby's
+    /// `rb_thread_call_without_gvl`; safe from any thread and from signal
+    /// handling contexts that may take a mutex.
+    pub fn interrupt(&self) {
+        self.lock().interrupts += 1;
+        self.cond.notify_all();
+        self.notify.notify_waiters();
+    }
+
+    /// Closes the inbox: waiters return `Closed` once the queue is drained,
+    /// and new jobs are refused (their steps are handed back).
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.cond.notify_all();
+        self.notify.notify_waiters();
+    }
+
+    /// True once closed.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Jobs waiting.
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// True if no job is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A handler implemented in a foreign language: runs by pushing jobs into
+/// its runtime's inbox.
+pub struct InboxHandler {
+    inbox: Arc<Inbox>,
+    name: String,
+    lang: &'static str,
+}
+
+impl InboxHandler {
+    /// The capability for handler `name` of kind `kind`, served by `inbox`;
+    /// `lang` names the language in error messages.
+    pub fn capability(inbox: Arc<Inbox>, name: &str, kind: JobKind, lang: &'static str) -> Capability {
+        let h = Arc::new(Self { inbox, name: name.to_string(), lang });
+        match kind {
+            JobKind::Step => Capability::Plain(h),
+            JobKind::Decision => Capability::Decision(h),
+            JobKind::Api => Capability::Api(h),
+            JobKind::Batch => Capability::Batch(h),
+        }
+    }
+
+    async fn roundtrip(&self, kind: JobKind, items: Vec<JobItem>) -> Result<Vec<Reply>, StepError> {
+        let n = items.len();
+        let rx = self.inbox.push(&self.name, kind, items).map_err(|_| StepError::Cancelled)?;
+        let replies = rx.await.map_err(|_| {
+            StepError::retryable(format!(
+                "the {} handler `{}` dropped the step without answering",
+                self.lang, self.name
+            ))
+        })?;
+        if replies.len() != n {
+            return Err(StepError::permanent(format!(
+                "the {} handler `{}` answered {} outcomes for {n} steps",
+                self.lang,
+                self.name,
+                replies.len()
+            )));
+        }
+        Ok(replies)
+    }
+
+    async fn one(&self, kind: JobKind, input: Value, ctx: Context) -> Result<Reply, StepError> {
+        let mut r = self.roundtrip(kind, vec![JobItem { input, ctx }]).await?;
+        Ok(r.pop().expect("roundtrip checked the count"))
+    }
+
+    fn wrong(&self, what: &str) -> StepError {
+        StepError::permanent(format!("the {} handler `{}` returned {what}", self.lang, self.name))
+    }
+}
+
+#[async_trait]
+impl Handler for InboxHandler {
+    async fn run(&self, input: Value, ctx: Context) -> StepResult {
+        match self.one(JobKind::Step, input, ctx).await? {
+            Reply::Value(v) => Ok(v),
+            Reply::Error(e) => Err(e),
+            Reply::Api(e) => Err(e.classify()),
+            Reply::Decision(_) => Err(self.wrong("a decision, but it is registered as a plain step")),
+        }
+    }
+}
+
+#[async_trait]
+impl DecisionCapable for InboxHandler {
+    async fn decide(&self, input: Value, ctx: Context) -> StepResult<Decision> {
+        match self.one(JobKind::Decision, input, ctx).await? {
+            Reply::Decision(d) => Ok(d),
+            Reply::Error(e) => Err(e),
+            Reply::Api(e) => Err(e.classify()),
+            Reply::Value(_) => Err(self.wrong("a plain value, but a decision handler must return a decision")),
+        }
+    }
+}
+
+#[async_trait]
+impl APICapable for InboxHandler {
+    async fn call(&self, input: Value, ctx: Context) -> Result<Value, ApiError> {
+        match self.one(JobKind::Api, input, ctx).await? {
+            Reply::Value(v) => Ok(v),
+            Reply::Api(e) => Err(e),
+            Reply::Error(e) => Err(ApiError::Step(e)),
+            Reply::Decision(_) => Err(ApiError::Step(self.wrong("a decision from an API handler"))),
+        }
+    }
+}
+
+#[async_trait]
+impl BatchableCapable for InboxHandler {
+    async fn run_batch(&self, items: Vec<BatchItem>) -> Vec<StepResult> {
+        let n = items.len();
+        let items = items.into_iter().map(|i| JobItem { input: i.input, ctx: i.ctx }).collect();
+        match self.roundtrip(JobKind::Batch, items).await {
+            Ok(replies) => replies
+                .into_iter()
+                .map(|r| match r {
+                    Reply::Value(v) => Ok(v),
+                    Reply::Error(e) => Err(e),
+                    Reply::Api(e) => Err(e.classify()),
+                    Reply::Decision(_) => Err(self.wrong("a decision from a batch handler")),
+                })
+                .collect(),
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recv_batch_times_out_and_interrupts() {
+        let inbox = Inbox::new();
+        assert!(inbox.recv_batch(8, Duration::from_millis(5)).unwrap().is_empty());
+        let i2 = inbox.clone();
+        let t = std::thread::spawn(move || i2.recv_batch(8, Duration::from_secs(30)));
+        // Interrupt until the blocked thread has observed it (it may not be
+        // waiting yet when the first interrupt fires).
+        while !t.is_finished() {
+            inbox.interrupt();
+            std::thread::yield_now();
+        }
+        assert!(t.join().unwrap().unwrap().is_empty());
+        inbox.close();
+        assert_eq!(inbox.recv_batch(8, Duration::from_secs(30)).unwrap_err(), Closed);
+    }
+}
