@@ -1,1 +1,2767 @@
-//! The store contract suite (placeholder; being written).
+//! The store contract suite: the rules of [`switchyard_core::Store`] as
+//! executable tests, run unchanged against every store (memory, SQLite and,
+//! later, PostgreSQL).
+//!
+//! Each public `async fn` below checks one rule (or a small group of related
+//! rules) of the trait docs in `switchyard_core::store`; its doc comment says
+//! which. It takes a [`Factory`] that opens a fresh, empty store driven by a
+//! [`FakeClock`]. Time-based rules are tested by advancing that clock, never by
+//! sleeping; wake-ups are checked with [`tokio::sync::Notify`] (enabled before
+//! the call) and a short timeout.
+//!
+//! A store plugs in with one line in its integration tests:
+//!
+//! ```ignore
+//! switchyard_store::contract_suite!(memory, my_memory_factory());
+//! ```
+//!
+//! which expands to a module `memory` with one `#[tokio::test]` per rule. The
+//! test crate needs `tokio` (features `macros` and `rt-multi-thread`).
+
+use std::any::Any;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchyard_core::{
+    ClaimBatch, ClaimedStep, Clock, Completion, DynStore, Error, ErrorInfo, ErrorKind, EventRecord,
+    FakeClock, HostInfo, Lease, Millis, NewStep, NewTask, ParentRef, Resolution, Result, StepId,
+    StepRecord, StepState, TaskDetail, TaskFilter, TaskId, TaskRecord, TaskState, WaitFor,
+};
+use tokio::sync::{broadcast, Notify};
+
+/// A boxed, sendable future (what a [`Factory`] returns).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Opens a fresh, empty store whose clock is the given fake clock (pass it
+/// as [`crate::StoreOptions::clock`]).
+pub type Factory = Arc<dyn Fn(Arc<FakeClock>) -> BoxFuture<Opened> + Send + Sync>;
+
+/// A store opened for one contract test, with whatever must outlive it (for
+/// example the `tempfile::TempDir` holding a SQLite file).
+pub struct Opened {
+    /// The store under test.
+    pub store: DynStore,
+    guard: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl Opened {
+    /// A store that needs nothing kept alive.
+    pub fn new(store: DynStore) -> Self {
+        Self { store, guard: None }
+    }
+
+    /// A store with a guard dropped after the store, when the test ends.
+    pub fn with_guard(store: DynStore, guard: impl Any + Send + Sync) -> Self {
+        Self {
+            store,
+            guard: Some(Box::new(guard)),
+        }
+    }
+}
+
+/// Builds a [`Factory`] from an async closure-like function.
+pub fn factory<F, Fut>(open: F) -> Factory
+where
+    F: Fn(Arc<FakeClock>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Opened> + Send + 'static,
+{
+    Arc::new(move |clock| Box::pin(open(clock)) as BoxFuture<Opened>)
+}
+
+/// Upper bound for one contract test: a store call that hangs fails the test
+/// instead of hanging the suite.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a test waits for a signal ([`switchyard_core::Signals`]) that
+/// must have been given.
+pub const SIGNAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs one contract test under [`TEST_TIMEOUT`] (used by [`contract_suite!`]).
+pub async fn run(test: impl Future<Output = ()>) {
+    if tokio::time::timeout(TEST_TIMEOUT, test).await.is_err() {
+        panic!("contract test did not finish within {TEST_TIMEOUT:?} (a store call hung?)");
+    }
+}
+
+/// Expands to a module `$name` with one `#[tokio::test]` per contract rule,
+/// each opening stores with the [`contract::Factory`](crate::contract::Factory)
+/// expression `$factory` (evaluated once per test; items of the calling
+/// module are in scope).
+#[macro_export]
+macro_rules! contract_suite {
+    ($name:ident, $factory:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn factory() -> $crate::contract::Factory {
+                $factory
+            }
+
+            $crate::__contract_tests! {
+                factory;
+                store_clock_and_migrate,
+                spawn_creates_task_and_root_step,
+                spawn_answers_in_input_order,
+                spawn_idempotency_key,
+                spawn_idempotency_within_one_batch,
+                spawn_future_run_at_not_claimed_until_due,
+                spawn_notifies_ready,
+                claim_only_requested_handlers,
+                claim_respects_per_handler_limits,
+                claim_orders_by_priority_run_at_creation,
+                claim_sets_lease_fields,
+                claim_reports_next_due,
+                attempt_increments_per_claim,
+                complete_final_step_completes_task,
+                completed_unblocks_dependants_when_all_deps_done,
+                decided_creates_steps_atomically,
+                decided_invalid_items_change_nothing,
+                decided_final_step_semantics,
+                retry_ready_at_run_at_with_error,
+                failed_fails_task_and_cancels_other_steps,
+                suspended_on_event_until_emitted,
+                suspended_with_satisfied_wait_is_ready,
+                suspended_wake_at_claimable_after_clock,
+                released_returns_step_without_cost,
+                stale_completions_are_rejected,
+                heartbeat_extends_leases_and_reports_lost,
+                recover_expired_makes_steps_ready,
+                checkpoint_requires_current_lease_and_extends_it,
+                checkpoint_overwrite_rules,
+                emit_event_first_write_wins,
+                emit_event_wakes_every_waiter,
+                delegation_group_outcomes_and_parent_wake,
+                group_already_finished_wakes_at_once,
+                response_event_on_finish,
+                cancel_task_cancels_steps,
+                cancel_task_cascade,
+                retry_task_reruns_unfinished_steps,
+                retry_task_conflicts,
+                list_tasks_filters_and_orders,
+                list_tasks_default_limit,
+                hosts_list_and_deregister,
+                count_steps_by_state,
+                step_results_named_completed,
+            }
+        }
+    };
+}
+
+/// Implementation detail of [`contract_suite!`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __contract_tests {
+    ($factory:ident; $($test:ident),+ $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                $crate::contract::run($crate::contract::$test($factory())).await;
+            }
+        )+
+    };
+}
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+/// The host most tests lease steps as.
+const HOST: &str = "host-a";
+/// Another host.
+const HOST_B: &str = "host-b";
+/// Default lease length.
+const LEASE_MS: i64 = 30_000;
+/// Where the fake clock starts (a fixed time keeps failures readable).
+const START: Millis = 1_700_000_000_000;
+
+struct H {
+    // Field order matters: the store is dropped before its guard.
+    store: DynStore,
+    clock: Arc<FakeClock>,
+    _guard: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl H {
+    async fn open(factory: &Factory) -> Self {
+        let clock = Arc::new(FakeClock::new());
+        clock.set(START);
+        let opened = factory(clock.clone()).await;
+        Self {
+            store: opened.store,
+            clock,
+            _guard: opened.guard,
+        }
+    }
+
+    fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    fn advance(&self, ms: Millis) {
+        self.clock.advance(ms);
+    }
+
+    async fn spawn(&self, task: NewTask) -> TaskId {
+        let out = self.store.spawn(vec![task]).await.expect("spawn");
+        assert_eq!(out.len(), 1, "spawn answers one item per task");
+        assert!(
+            out[0].created,
+            "a task without a known idempotency key is created"
+        );
+        out[0].task_id
+    }
+
+    async fn spawn_handler(&self, handler: &str) -> TaskId {
+        self.spawn(NewTask::new(handler, json!({ "for": handler })))
+            .await
+    }
+
+    async fn spawn_child(
+        &self,
+        handler: &str,
+        parent: &ClaimedStep,
+        group: Option<&str>,
+        index: u32,
+    ) -> TaskId {
+        self.spawn(child_task(
+            handler,
+            json!({ "index": index }),
+            parent,
+            group,
+            index,
+        ))
+        .await
+    }
+
+    async fn claim_batch(&self, host: &str, wants: &[(&str, usize)], lease_ms: i64) -> ClaimBatch {
+        let wants: Vec<(String, usize)> = wants.iter().map(|(h, n)| (h.to_string(), *n)).collect();
+        let batch = self
+            .store
+            .claim(host, &wants, lease_ms)
+            .await
+            .expect("claim");
+        for step in &batch.steps {
+            assert!(
+                wants.iter().any(|(h, _)| h == &step.handler),
+                "claim returned a step of handler `{}` that was not asked for",
+                step.handler
+            );
+        }
+        for (handler, n) in &wants {
+            let got = batch.steps.iter().filter(|s| &s.handler == handler).count();
+            assert!(
+                got <= *n,
+                "claim returned {got} `{handler}` steps, more than the {n} asked for"
+            );
+        }
+        batch
+    }
+
+    async fn claim(&self, handler: &str, n: usize) -> Vec<ClaimedStep> {
+        self.claim_batch(HOST, &[(handler, n)], LEASE_MS)
+            .await
+            .steps
+    }
+
+    async fn claim_one(&self, handler: &str) -> ClaimedStep {
+        let mut steps = self.claim(handler, 1).await;
+        assert_eq!(
+            steps.len(),
+            1,
+            "expected exactly one ready `{handler}` step to claim"
+        );
+        steps.remove(0)
+    }
+
+    async fn claim_none(&self, handler: &str) {
+        let steps = self.claim(handler, 100).await;
+        assert!(
+            steps.is_empty(),
+            "expected no claimable `{handler}` step, got {steps:#?}"
+        );
+    }
+
+    async fn complete(&self, lease: Lease, resolution: Resolution) -> Result<()> {
+        let mut out = self
+            .store
+            .complete(vec![Completion { lease, resolution }])
+            .await
+            .expect("complete (whole batch)");
+        assert_eq!(out.len(), 1, "complete answers one item per completion");
+        out.remove(0)
+    }
+
+    async fn resolve(&self, step: &ClaimedStep, resolution: Resolution) {
+        if let Err(e) = self.complete(lease(step, HOST), resolution).await {
+            panic!(
+                "completing step `{}` with its current lease failed: {e}",
+                step.name
+            );
+        }
+    }
+
+    async fn decide(
+        &self,
+        step: &ClaimedStep,
+        steps: Vec<NewStep>,
+        final_step: Option<&str>,
+        result: Value,
+    ) {
+        let resolution = Resolution::Decided {
+            steps,
+            final_step: final_step.map(str::to_string),
+            result,
+        };
+        self.resolve(step, resolution).await;
+    }
+
+    async fn suspend(&self, step: &ClaimedStep, wait: WaitFor) {
+        self.resolve(step, Resolution::Suspended(wait)).await;
+    }
+
+    async fn put_checkpoint(&self, step: &ClaimedStep, key: &str, value: Value) -> Result<()> {
+        self.store
+            .put_checkpoint(&lease(step, HOST), key, value, LEASE_MS)
+            .await
+    }
+
+    async fn task(&self, id: TaskId) -> TaskRecord {
+        self.store
+            .get_task(id)
+            .await
+            .expect("get_task")
+            .unwrap_or_else(|| panic!("task {id} not found"))
+    }
+
+    async fn detail(&self, id: TaskId) -> TaskDetail {
+        self.store
+            .task_detail(id)
+            .await
+            .expect("task_detail")
+            .unwrap_or_else(|| panic!("task {id} not found"))
+    }
+
+    async fn step(&self, task: TaskId, name: &str) -> StepRecord {
+        let detail = self.detail(task).await;
+        detail
+            .steps
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("task {task} has no step named `{name}`"))
+    }
+
+    async fn step_state(&self, task: TaskId, name: &str) -> StepState {
+        self.step(task, name).await.state
+    }
+
+    async fn emit(&self, name: &str, payload: Value) -> bool {
+        self.store
+            .emit_event(name, payload)
+            .await
+            .expect("emit_event")
+    }
+
+    async fn heartbeat(&self, host: &str, running: &[StepId], lease_ms: i64) -> BTreeSet<StepId> {
+        let reply = self
+            .store
+            .heartbeat(&host_info(host, self.now()), running, lease_ms)
+            .await
+            .expect("heartbeat");
+        reply.lost.into_iter().collect()
+    }
+}
+
+fn lease(step: &ClaimedStep, host: &str) -> Lease {
+    Lease {
+        step_id: step.step_id,
+        task_id: step.task_id,
+        attempt: step.attempt,
+        host_id: host.to_string(),
+    }
+}
+
+fn new_step(name: &str, handler: &str, depends_on: &[&str]) -> NewStep {
+    NewStep {
+        name: name.to_string(),
+        handler: handler.to_string(),
+        input: json!({ "step": name }),
+        depends_on: depends_on.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+fn child_task(
+    handler: &str,
+    input: Value,
+    parent: &ClaimedStep,
+    group: Option<&str>,
+    index: u32,
+) -> NewTask {
+    let mut task = NewTask::new(handler, input);
+    task.parent = Some(ParentRef {
+        task_id: parent.task_id,
+        step_id: parent.step_id,
+        group: group.map(str::to_string),
+        index,
+    });
+    task
+}
+
+fn host_info(id: &str, now: Millis) -> HostInfo {
+    HostInfo {
+        id: id.to_string(),
+        pid: 4242,
+        hostname: "box-1".to_string(),
+        handlers: vec!["alpha".to_string(), "beta".to_string()],
+        started_at: now,
+        last_heartbeat: 0,
+    }
+}
+
+fn wait_event(name: &str) -> WaitFor {
+    WaitFor {
+        event: Some(name.to_string()),
+        ..WaitFor::default()
+    }
+}
+
+fn wait_until(at: Millis) -> WaitFor {
+    WaitFor {
+        wake_at: Some(at),
+        ..WaitFor::default()
+    }
+}
+
+fn wait_group(group: &str) -> WaitFor {
+    WaitFor {
+        group: Some(group.to_string()),
+        ..WaitFor::default()
+    }
+}
+
+fn find(steps: &[ClaimedStep], task: TaskId) -> ClaimedStep {
+    steps
+        .iter()
+        .find(|s| s.task_id == task)
+        .cloned()
+        .unwrap_or_else(|| panic!("no claimed step of task {task} in {steps:#?}"))
+}
+
+fn find_named(steps: &[ClaimedStep], task: TaskId, name: &str) -> ClaimedStep {
+    steps
+        .iter()
+        .find(|s| s.task_id == task && s.name == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no claimed step `{name}` of task {task} in {steps:#?}"))
+}
+
+#[track_caller]
+fn assert_error(error: &Option<ErrorInfo>, kind: ErrorKind, message: &str) {
+    match error {
+        Some(e) => {
+            assert_eq!(e.kind, kind, "error kind of {e:?}");
+            assert_eq!(e.message, message, "error message of {e:?}");
+        }
+        None => panic!("expected a recorded {kind:?} error `{message}`, found none"),
+    }
+}
+
+#[track_caller]
+fn assert_lease_lost(result: &Result<()>, step: StepId, what: &str) {
+    assert_eq!(result, &Err(Error::LeaseLost(step)), "{what}");
+}
+
+/// Runs `action` and asserts that `notify` was notified while it ran (the
+/// waiter is registered before the call, so no wake-up can be missed).
+async fn expect_signal<T>(notify: &Notify, what: &str, action: impl Future<Output = T>) -> T {
+    let notified = notify.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    let out = action.await;
+    if tokio::time::timeout(SIGNAL_TIMEOUT, notified)
+        .await
+        .is_err()
+    {
+        panic!("{what}: the signal was not notified");
+    }
+    out
+}
+
+/// Collects what is announced on `signals().cancelled` and asserts it is
+/// exactly `expected`.
+async fn expect_announced(rx: &mut broadcast::Receiver<Vec<StepId>>, expected: &[StepId]) {
+    let want: BTreeSet<StepId> = expected.iter().copied().collect();
+    let mut got = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + SIGNAL_TIMEOUT;
+    while !want.is_subset(&got) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(batch)) => got.extend(batch),
+            Ok(Err(e)) => panic!("signals().cancelled: {e}"),
+            Err(_) => break,
+        }
+    }
+    while let Ok(batch) = rx.try_recv() {
+        got.extend(batch);
+    }
+    assert_eq!(got, want, "steps announced on signals().cancelled");
+}
+
+// ---------------------------------------------------------------------------
+// The store itself
+// ---------------------------------------------------------------------------
+
+/// The store reads time from the clock it was opened with; `migrate` is
+/// idempotent and reports a schema version; `kind` and `url` are set.
+pub async fn store_clock_and_migrate(factory: Factory) {
+    let h = H::open(&factory).await;
+    assert!(
+        ["memory", "sqlite", "postgres"].contains(&h.store.kind()),
+        "kind: {}",
+        h.store.kind()
+    );
+    assert!(!h.store.url().is_empty(), "url must name the store");
+    assert_eq!(
+        h.store.now().await.unwrap(),
+        START,
+        "now() reads the store's clock"
+    );
+    h.advance(1_234);
+    assert_eq!(
+        h.store.now().await.unwrap(),
+        START + 1_234,
+        "now() follows the store's clock"
+    );
+    let v1 = h.store.migrate().await.expect("migrate");
+    let v2 = h.store.migrate().await.expect("migrate again");
+    assert_eq!(v1, v2, "migrating twice reports the same schema version");
+}
+
+// ---------------------------------------------------------------------------
+// spawn
+// ---------------------------------------------------------------------------
+
+/// `spawn`: the task is `running` with its input, headers and priority, and
+/// has one root step named after its handler, `ready` at now, attempt 0.
+pub async fn spawn_creates_task_and_root_step(factory: Factory) {
+    let h = H::open(&factory).await;
+    let now = h.now();
+    let input = json!({ "order": 42, "items": ["a", "b"] });
+    let id = h
+        .spawn(
+            NewTask::new("ship", input.clone())
+                .header("tenant", "acme")
+                .priority(3)
+                .response_event("shipped"),
+        )
+        .await;
+
+    let task = h.task(id).await;
+    assert_eq!(task.id, id);
+    assert_eq!(task.handler, "ship");
+    assert_eq!(task.input, input);
+    assert_eq!(task.state, TaskState::Running);
+    assert_eq!(task.result, None);
+    assert_eq!(task.error, None);
+    assert_eq!(task.headers.get("tenant").map(String::as_str), Some("acme"));
+    assert_eq!(task.headers.len(), 1);
+    assert_eq!(task.priority, 3);
+    assert_eq!(task.idempotency_key, None);
+    assert_eq!(task.response_event.as_deref(), Some("shipped"));
+    assert_eq!(task.parent, None);
+    assert_eq!(task.created_at, now);
+    assert_eq!(task.updated_at, now);
+
+    let detail = h.detail(id).await;
+    assert_eq!(detail.task, task, "task_detail().task equals get_task()");
+    assert_eq!(
+        detail.steps.len(),
+        1,
+        "a new task has exactly its root step"
+    );
+    assert!(detail.checkpoints.is_empty());
+    assert!(detail.children.is_empty());
+    let root = &detail.steps[0];
+    assert_eq!(root.task_id, id);
+    assert_eq!(
+        root.name, "ship",
+        "the root step is named after its handler"
+    );
+    assert_eq!(root.handler, "ship");
+    assert_eq!(root.input, input);
+    assert_eq!(root.state, StepState::Ready);
+    assert_eq!(root.attempt, 0);
+    assert_eq!(root.priority, 3);
+    assert_eq!(root.run_at, Some(now), "run_at defaults to now");
+    assert_eq!(root.lease_owner, None);
+    assert_eq!(root.lease_expires_at, None);
+    assert_eq!(root.result, None);
+    assert_eq!(root.error, None);
+    assert!(root.depends_on.is_empty());
+    assert_eq!(root.wait, None);
+    assert_eq!(root.created_at, now);
+}
+
+/// `spawn` answers one item per task, in input order; an empty batch answers
+/// nothing.
+pub async fn spawn_answers_in_input_order(factory: Factory) {
+    let h = H::open(&factory).await;
+    assert!(h.store.spawn(vec![]).await.expect("empty spawn").is_empty());
+    let handlers = ["h0", "h1", "h2", "h3"];
+    let tasks = handlers
+        .iter()
+        .map(|name| NewTask::new(*name, json!(name)))
+        .collect();
+    let out = h.store.spawn(tasks).await.expect("spawn");
+    assert_eq!(out.len(), handlers.len());
+    let distinct: BTreeSet<TaskId> = out.iter().map(|s| s.task_id).collect();
+    assert_eq!(distinct.len(), handlers.len(), "each task gets its own id");
+    for (spawned, handler) in out.iter().zip(handlers) {
+        assert!(spawned.created);
+        let task = h.task(spawned.task_id).await;
+        assert_eq!(task.handler, handler, "answers are in input order");
+        assert_eq!(task.input, json!(handler));
+    }
+}
+
+/// `spawn` with a known idempotency key returns the existing task with
+/// `created = false` and creates nothing; other keys create other tasks.
+pub async fn spawn_idempotency_key(factory: Factory) {
+    let h = H::open(&factory).await;
+    let first = h
+        .store
+        .spawn(vec![
+            NewTask::new("pay", json!(1)).idempotency_key("order-1")
+        ])
+        .await
+        .unwrap();
+    assert!(first[0].created);
+    let first = first[0].task_id;
+
+    let again = h
+        .store
+        .spawn(vec![
+            NewTask::new("pay", json!(2)).idempotency_key("order-1")
+        ])
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].task_id, first, "same key, same task");
+    assert!(!again[0].created, "same key: not created");
+    let task = h.task(first).await;
+    assert_eq!(task.input, json!(1), "the first task is kept as it was");
+    assert_eq!(task.idempotency_key.as_deref(), Some("order-1"));
+
+    let other = h
+        .spawn(NewTask::new("pay", json!(3)).idempotency_key("order-2"))
+        .await;
+    assert_ne!(other, first, "a different key makes a different task");
+
+    let mixed = h
+        .store
+        .spawn(vec![
+            NewTask::new("pay", json!(4)).idempotency_key("order-1"),
+            NewTask::new("pay", json!(5)).idempotency_key("order-3"),
+            NewTask::new("pay", json!(6)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(mixed.len(), 3);
+    assert_eq!((mixed[0].task_id, mixed[0].created), (first, false));
+    assert!(mixed[1].created && mixed[2].created);
+    let all: BTreeSet<TaskId> = [first, other, mixed[1].task_id, mixed[2].task_id].into();
+    assert_eq!(all.len(), 4);
+
+    let listed = h.store.list_tasks(&TaskFilter::default()).await.unwrap();
+    assert_eq!(listed.len(), 4, "duplicates create no task");
+    let counts = h.store.count_steps().await.unwrap();
+    assert_eq!(
+        counts.get("ready"),
+        Some(&4),
+        "duplicates create no step: {counts:?}"
+    );
+}
+
+/// `spawn`: a key repeated inside one batch creates one task; the later item
+/// is answered with the first's id and `created = false`.
+pub async fn spawn_idempotency_within_one_batch(factory: Factory) {
+    let h = H::open(&factory).await;
+    let out = h
+        .store
+        .spawn(vec![
+            NewTask::new("pay", json!(1)).idempotency_key("dup"),
+            NewTask::new("pay", json!(2)).idempotency_key("dup"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 2);
+    assert!(out[0].created);
+    assert_eq!(out[1].task_id, out[0].task_id);
+    assert!(!out[1].created);
+    assert_eq!(
+        h.store
+            .list_tasks(&TaskFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(h.task(out[0].task_id).await.input, json!(1));
+}
+
+/// `spawn` with a future `run_at`: the root step is `ready` at that time, not
+/// claimed before the clock reaches it, and reported as `next_due`.
+pub async fn spawn_future_run_at_not_claimed_until_due(factory: Factory) {
+    let h = H::open(&factory).await;
+    let t0 = h.now();
+    let id = h
+        .spawn(NewTask::new("later", json!(null)).run_at(t0 + 1_000))
+        .await;
+    let root = h.step(id, "later").await;
+    assert_eq!(root.state, StepState::Ready);
+    assert_eq!(root.run_at, Some(t0 + 1_000));
+
+    let batch = h.claim_batch(HOST, &[("later", 10)], LEASE_MS).await;
+    assert!(batch.steps.is_empty(), "not claimable before run_at");
+    assert_eq!(batch.next_due, Some(t0 + 1_000));
+    h.advance(999);
+    let batch = h.claim_batch(HOST, &[("later", 10)], LEASE_MS).await;
+    assert!(batch.steps.is_empty(), "not claimable 1 ms before run_at");
+    assert_eq!(batch.next_due, Some(t0 + 1_000));
+    h.advance(1);
+    let step = h.claim_one("later").await;
+    assert_eq!(step.task_id, id);
+    assert_eq!(step.attempt, 1);
+}
+
+/// `spawn` notifies `signals().ready`.
+pub async fn spawn_notifies_ready(factory: Factory) {
+    let h = H::open(&factory).await;
+    let signals = h.store.signals().clone();
+    let out = expect_signal(
+        &signals.ready,
+        "ready on spawn",
+        h.store.spawn(vec![NewTask::new("w", json!(1))]),
+    )
+    .await;
+    assert!(out.expect("spawn")[0].created);
+}
+
+// ---------------------------------------------------------------------------
+// claim
+// ---------------------------------------------------------------------------
+
+/// `claim` leases only steps of the handlers asked for.
+pub async fn claim_only_requested_handlers(factory: Factory) {
+    let h = H::open(&factory).await;
+    let alpha = h.spawn_handler("alpha").await;
+    let beta = h.spawn_handler("beta").await;
+    let gamma = h.spawn_handler("gamma").await;
+    assert!(
+        h.claim_batch(HOST, &[], LEASE_MS).await.steps.is_empty(),
+        "asking for nothing claims nothing"
+    );
+    let batch = h
+        .claim_batch(HOST, &[("alpha", 10), ("gamma", 10)], LEASE_MS)
+        .await;
+    let got: BTreeSet<TaskId> = batch.steps.iter().map(|s| s.task_id).collect();
+    assert_eq!(got, [alpha, gamma].into());
+    let beta_root = h.step(beta, "beta").await;
+    assert_eq!(beta_root.state, StepState::Ready);
+    assert_eq!(beta_root.attempt, 0);
+    h.claim_none("delta").await;
+}
+
+/// `claim` takes at most `n` steps per `(handler, n)` and never more than asked.
+pub async fn claim_respects_per_handler_limits(factory: Factory) {
+    let h = H::open(&factory).await;
+    let tasks =
+        ["alpha", "alpha", "alpha", "beta", "beta", "beta"].map(|n| NewTask::new(n, json!(null)));
+    h.store.spawn(tasks.to_vec()).await.unwrap();
+    let batch = h
+        .claim_batch(HOST, &[("alpha", 2), ("beta", 1), ("gamma", 5)], LEASE_MS)
+        .await;
+    assert_eq!(
+        batch.steps.iter().filter(|s| s.handler == "alpha").count(),
+        2
+    );
+    assert_eq!(
+        batch.steps.iter().filter(|s| s.handler == "beta").count(),
+        1
+    );
+    assert_eq!(batch.steps.len(), 3);
+    assert!(h.claim("alpha", 0).await.is_empty(), "n = 0 claims nothing");
+    assert_eq!(
+        h.claim("alpha", 5).await.len(),
+        1,
+        "one alpha step was left"
+    );
+    assert_eq!(
+        h.claim("beta", 5).await.len(),
+        2,
+        "two beta steps were left"
+    );
+    h.claim_none("alpha").await;
+    h.claim_none("beta").await;
+}
+
+/// `claim` picks and returns steps by highest priority, then earliest
+/// `run_at`, then creation order.
+pub async fn claim_orders_by_priority_run_at_creation(factory: Factory) {
+    let h = H::open(&factory).await;
+    let t = h.now();
+    let mut names = BTreeMap::new();
+    for (name, task) in [
+        ("a", NewTask::new("ord", json!("a"))),
+        ("b", NewTask::new("ord", json!("b")).priority(5)),
+        ("c", NewTask::new("ord", json!("c")).run_at(t - 50)),
+        ("d", NewTask::new("ord", json!("d"))),
+        (
+            "e",
+            NewTask::new("ord", json!("e")).priority(5).run_at(t - 10),
+        ),
+        (
+            "f",
+            NewTask::new("ord", json!("f"))
+                .priority(-1)
+                .run_at(t - 1_000),
+        ),
+        ("g", NewTask::new("ord", json!("g"))),
+    ] {
+        names.insert(h.spawn(task).await, name);
+    }
+    let order =
+        |steps: Vec<ClaimedStep>| steps.iter().map(|s| names[&s.task_id]).collect::<Vec<_>>();
+    assert_eq!(
+        order(h.claim("ord", 2).await),
+        ["e", "b"],
+        "the two best steps, best first"
+    );
+    assert_eq!(
+        order(h.claim("ord", 10).await),
+        ["c", "a", "d", "g", "f"],
+        "the rest, in order"
+    );
+}
+
+/// `claim`: state `running`, `attempt + 1`, `lease_owner = host_id`,
+/// `lease_expires_at = now + lease_ms`; the claimed step carries the task's
+/// input, headers and priority.
+pub async fn claim_sets_lease_fields(factory: Factory) {
+    let h = H::open(&factory).await;
+    let input = json!({ "x": 1 });
+    let id = h
+        .spawn(
+            NewTask::new("lease", input.clone())
+                .header("k", "v")
+                .priority(2),
+        )
+        .await;
+    h.advance(5);
+    let t = h.now();
+    let batch = h.claim_batch(HOST, &[("lease", 1)], 12_345).await;
+    assert_eq!(batch.steps.len(), 1);
+    let s = &batch.steps[0];
+    assert_eq!(s.task_id, id);
+    assert_eq!(s.name, "lease");
+    assert_eq!(s.handler, "lease");
+    assert_eq!(s.input, input);
+    assert_eq!(s.headers.get("k").map(String::as_str), Some("v"));
+    assert_eq!(s.attempt, 1);
+    assert_eq!(s.priority, 2);
+    assert_eq!(s.lease_expires_at, t + 12_345);
+    assert!(!s.has_dependencies);
+    let rec = h.step(id, "lease").await;
+    assert_eq!(rec.id, s.step_id);
+    assert_eq!(rec.state, StepState::Running);
+    assert_eq!(rec.attempt, 1);
+    assert_eq!(rec.lease_owner.as_deref(), Some(HOST));
+    assert_eq!(rec.lease_expires_at, Some(t + 12_345));
+    assert!(
+        h.claim_batch(HOST_B, &[("lease", 5)], LEASE_MS)
+            .await
+            .steps
+            .is_empty(),
+        "a running step is not claimed"
+    );
+}
+
+/// `claim` reports as `next_due` the earliest future time at which a step of
+/// a requested handler becomes due (scheduled spawn, retry backoff, sleep),
+/// or `None`.
+pub async fn claim_reports_next_due(factory: Factory) {
+    let h = H::open(&factory).await;
+    let t = h.now();
+    h.spawn(NewTask::new("nd_a", json!(1)).run_at(t + 500))
+        .await;
+    h.spawn(NewTask::new("nd_a", json!(2)).run_at(t + 200))
+        .await;
+    h.spawn(NewTask::new("nd_b", json!(3)).run_at(t + 100))
+        .await;
+    assert_eq!(
+        h.claim_batch(HOST, &[("nd_a", 5)], LEASE_MS).await.next_due,
+        Some(t + 200)
+    );
+    assert_eq!(
+        h.claim_batch(HOST, &[("nd_b", 5)], LEASE_MS).await.next_due,
+        Some(t + 100)
+    );
+    assert_eq!(
+        h.claim_batch(HOST, &[("nd_a", 5), ("nd_b", 5)], LEASE_MS)
+            .await
+            .next_due,
+        Some(t + 100)
+    );
+    assert_eq!(
+        h.claim_batch(HOST, &[("nd_c", 5)], LEASE_MS).await.next_due,
+        None,
+        "nothing scheduled"
+    );
+
+    h.spawn_handler("nd_s").await;
+    let s = h.claim_one("nd_s").await;
+    h.suspend(&s, wait_until(t + 50)).await;
+    assert_eq!(
+        h.claim_batch(HOST, &[("nd_s", 5)], LEASE_MS).await.next_due,
+        Some(t + 50),
+        "a sleep is due"
+    );
+
+    h.spawn_handler("nd_r").await;
+    let r = h.claim_one("nd_r").await;
+    let error = ErrorInfo::new(ErrorKind::Retryable, "later");
+    h.resolve(
+        &r,
+        Resolution::Retry {
+            error,
+            run_at: t + 70,
+        },
+    )
+    .await;
+    assert_eq!(
+        h.claim_batch(HOST, &[("nd_r", 5)], LEASE_MS).await.next_due,
+        Some(t + 70),
+        "a retry is due"
+    );
+}
+
+/// Each claim of a step adds one to its attempt.
+pub async fn attempt_increments_per_claim(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("att").await;
+    for expected in 1..=3 {
+        let s = h.claim_one("att").await;
+        assert_eq!(s.attempt, expected);
+        assert_eq!(h.step(id, "att").await.attempt, expected);
+        let error = ErrorInfo::new(ErrorKind::Retryable, "again");
+        h.resolve(
+            &s,
+            Resolution::Retry {
+                error,
+                run_at: h.now(),
+            },
+        )
+        .await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// complete: Completed and dependencies
+// ---------------------------------------------------------------------------
+
+/// `Completed` on the final step: step `completed` with the result and lease
+/// cleared; task `completed` with the result and `updated_at`; `finished`
+/// notified.
+pub async fn complete_final_step_completes_task(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("done").await;
+    let s = h.claim_one("done").await;
+    h.advance(250);
+    let value = json!({ "ok": true, "n": 7 });
+    let signals = h.store.signals().clone();
+    expect_signal(
+        &signals.finished,
+        "finished on task completion",
+        h.resolve(&s, Resolution::Completed(value.clone())),
+    )
+    .await;
+    let rec = h.step(id, "done").await;
+    assert_eq!(rec.state, StepState::Completed);
+    assert_eq!(rec.result, Some(value.clone()));
+    assert_eq!(rec.lease_owner, None, "lease cleared");
+    assert_eq!(rec.lease_expires_at, None, "lease cleared");
+    assert_eq!(rec.attempt, 1);
+    let task = h.task(id).await;
+    assert_eq!(task.state, TaskState::Completed);
+    assert_eq!(task.result, Some(value));
+    assert_eq!(task.error, None);
+    assert_eq!(task.updated_at, h.now());
+    h.claim_none("done").await;
+}
+
+/// `Completed` unblocks dependants of the same task only when all their
+/// dependencies completed (`blocked` → `ready` at now), notifying `ready`.
+pub async fn completed_unblocks_dependants_when_all_deps_done(factory: Factory) {
+    let h = H::open(&factory).await;
+    let plan = || {
+        vec![
+            new_step("a", "work", &[]),
+            new_step("b", "work", &[]),
+            new_step("c", "join", &["a", "b"]),
+        ]
+    };
+    let t1 = h.spawn_handler("flow").await;
+    let t2 = h.spawn_handler("flow").await;
+    for root in h.claim("flow", 2).await {
+        h.decide(&root, plan(), None, json!("planned")).await;
+    }
+    let c = h.step(t1, "c").await;
+    assert_eq!(c.state, StepState::Blocked);
+    assert_eq!(c.depends_on, ["a", "b"]);
+
+    let work = h.claim("work", 10).await;
+    assert_eq!(work.len(), 4);
+    let (a1, b1) = (find_named(&work, t1, "a"), find_named(&work, t1, "b"));
+    h.resolve(&a1, Resolution::Completed(json!("A"))).await;
+    assert_eq!(
+        h.step_state(t1, "c").await,
+        StepState::Blocked,
+        "one dependency left"
+    );
+    h.claim_none("join").await;
+
+    h.advance(100);
+    let signals = h.store.signals().clone();
+    expect_signal(
+        &signals.ready,
+        "ready on dependency completed",
+        h.resolve(&b1, Resolution::Completed(json!("B"))),
+    )
+    .await;
+    let c = h.step(t1, "c").await;
+    assert_eq!(c.state, StepState::Ready);
+    assert_eq!(c.run_at, Some(h.now()));
+    assert_eq!(
+        h.step_state(t2, "c").await,
+        StepState::Blocked,
+        "another task's steps are not unblocked"
+    );
+
+    let join = h.claim_one("join").await;
+    assert_eq!((join.task_id, join.name.as_str()), (t1, "c"));
+    assert!(join.has_dependencies);
+    assert_eq!(
+        h.task(t1).await.state,
+        TaskState::Running,
+        "the final step (c) has not run yet"
+    );
+    h.resolve(&join, Resolution::Completed(json!("C"))).await;
+    let task = h.task(t1).await;
+    assert_eq!(task.state, TaskState::Completed);
+    assert_eq!(task.result, Some(json!("C")));
+}
+
+// ---------------------------------------------------------------------------
+// complete: Decided
+// ---------------------------------------------------------------------------
+
+/// `Decided`: the step completes with `result`; the steps are created in
+/// order, `blocked` or `ready` by their dependencies (which may name existing
+/// steps), inheriting the task's priority; `ready` is notified.
+pub async fn decided_creates_steps_atomically(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn(NewTask::new("plan", json!(null)).priority(7)).await;
+    let root = h.claim_one("plan").await;
+    h.advance(10);
+    let plan = vec![
+        new_step("x", "x_h", &[]),
+        new_step("y", "y_h", &["x"]),
+        new_step("z", "z_h", &[]),
+    ];
+    let signals = h.store.signals().clone();
+    expect_signal(
+        &signals.ready,
+        "ready on decision",
+        h.decide(&root, plan, None, json!("planned")),
+    )
+    .await;
+
+    let detail = h.detail(id).await;
+    let names: Vec<&str> = detail.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["plan", "x", "y", "z"], "steps in creation order");
+    let by_name: BTreeMap<&str, &StepRecord> =
+        detail.steps.iter().map(|s| (s.name.as_str(), s)).collect();
+    let root_rec = by_name["plan"];
+    assert_eq!(root_rec.state, StepState::Completed);
+    assert_eq!(root_rec.result, Some(json!("planned")));
+    assert_eq!(root_rec.lease_owner, None);
+    for name in ["x", "y", "z"] {
+        let s = by_name[name];
+        assert_eq!(s.task_id, id);
+        assert_eq!(s.handler, format!("{name}_h"));
+        assert_eq!(s.input, json!({ "step": name }));
+        assert_eq!(s.priority, 7, "created steps inherit the task's priority");
+        assert_eq!(s.attempt, 0);
+        assert_eq!(s.created_at, h.now());
+    }
+    assert_eq!(by_name["x"].state, StepState::Ready);
+    assert_eq!(by_name["y"].state, StepState::Blocked);
+    assert_eq!(by_name["y"].depends_on, ["x"]);
+    assert_eq!(by_name["z"].state, StepState::Ready);
+    assert_eq!(detail.task.state, TaskState::Running);
+
+    let x = h.claim_one("x_h").await;
+    assert_eq!(x.priority, 7);
+    h.resolve(&x, Resolution::Completed(json!("X"))).await;
+    let y = h.claim_one("y_h").await;
+    // Dependencies may name existing steps: `x` is completed, `w` is new.
+    let more = vec![
+        new_step("w", "w_h", &["x"]),
+        new_step("v", "v_h", &["x", "w"]),
+    ];
+    h.decide(&y, more, None, json!("y")).await;
+    assert_eq!(
+        h.step_state(id, "w").await,
+        StepState::Ready,
+        "depends only on a completed step"
+    );
+    assert_eq!(h.step_state(id, "v").await, StepState::Blocked);
+    let w = h.claim_one("w_h").await;
+    h.resolve(&w, Resolution::Completed(json!("W"))).await;
+    assert_eq!(h.step_state(id, "v").await, StepState::Ready);
+}
+
+/// `Decided` with a duplicate step name (within the decision or with an
+/// existing step) or an unknown dependency: that item is answered
+/// `InvalidInput` and nothing changes (the lease stays valid); the other
+/// items of the batch still apply.
+pub async fn decided_invalid_items_change_nothing(factory: Factory) {
+    let h = H::open(&factory).await;
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        tasks.push(h.spawn(NewTask::new("dv", json!(i))).await);
+    }
+    let claimed = h.claim("dv", 5).await;
+    assert_eq!(claimed.len(), 5);
+    let step = |i: usize| find(&claimed, tasks[i]);
+    let decided = |steps: Vec<NewStep>| Resolution::Decided {
+        steps,
+        final_step: None,
+        result: json!("d"),
+    };
+    let completions = vec![
+        // 0: duplicate name inside the decision.
+        Completion {
+            lease: lease(&step(0), HOST),
+            resolution: decided(vec![new_step("a", "dv_w", &[]), new_step("a", "dv_w", &[])]),
+        },
+        // 1: valid.
+        Completion {
+            lease: lease(&step(1), HOST),
+            resolution: decided(vec![
+                new_step("a", "dv_w", &[]),
+                new_step("b", "dv_w", &["a"]),
+            ]),
+        },
+        // 2: unknown dependency.
+        Completion {
+            lease: lease(&step(2), HOST),
+            resolution: decided(vec![
+                new_step("a", "dv_w", &[]),
+                new_step("b", "dv_w", &["nope"]),
+            ]),
+        },
+        // 3: duplicates the existing root step's name.
+        Completion {
+            lease: lease(&step(3), HOST),
+            resolution: decided(vec![new_step("dv", "dv_w", &[])]),
+        },
+        // 4: valid plain completion after the invalid ones.
+        Completion {
+            lease: lease(&step(4), HOST),
+            resolution: Resolution::Completed(json!("done")),
+        },
+    ];
+    let out = h.store.complete(completions).await.expect("complete batch");
+    assert_eq!(out.len(), 5);
+    for i in [0, 2, 3] {
+        assert!(
+            matches!(out[i], Err(Error::InvalidInput(_))),
+            "item {i}: expected InvalidInput, got {:?}",
+            out[i]
+        );
+    }
+    assert_eq!(out[1], Ok(()));
+    assert_eq!(out[4], Ok(()));
+
+    for i in [0, 2, 3] {
+        let detail = h.detail(tasks[i]).await;
+        assert_eq!(detail.steps.len(), 1, "task {i}: no step created");
+        let root = &detail.steps[0];
+        assert_eq!(
+            root.state,
+            StepState::Running,
+            "task {i}: the deciding step is unchanged"
+        );
+        assert_eq!(root.attempt, 1);
+        assert_eq!(root.lease_owner.as_deref(), Some(HOST));
+        assert_eq!(root.result, None);
+        assert_eq!(detail.task.state, TaskState::Running);
+    }
+    let valid = h.detail(tasks[1]).await;
+    assert_eq!(valid.steps.len(), 3);
+    assert_eq!(valid.steps[0].state, StepState::Completed);
+    assert_eq!(h.task(tasks[4]).await.state, TaskState::Completed);
+    assert_eq!(h.task(tasks[4]).await.result, Some(json!("done")));
+
+    // Nothing changed, so the lease is still current.
+    h.resolve(&step(0), Resolution::Completed(json!("fixed")))
+        .await;
+    assert_eq!(h.task(tasks[0]).await.result, Some(json!("fixed")));
+}
+
+/// `Decided` by the final step: `final_step = Some(name)` makes that created
+/// step final; without it the last created step is final; with no steps the
+/// task completes with `result`. A non-final step's decision never finishes
+/// the task.
+pub async fn decided_final_step_semantics(factory: Factory) {
+    let h = H::open(&factory).await;
+
+    // Explicit final step.
+    let explicit = h.spawn_handler("fs_explicit").await;
+    let root = h.claim_one("fs_explicit").await;
+    let plan = vec![
+        new_step("a", "fs_e_work", &[]),
+        new_step("b", "fs_e_work", &[]),
+    ];
+    h.decide(&root, plan, Some("a"), json!("root")).await;
+    assert_eq!(
+        h.task(explicit).await.state,
+        TaskState::Running,
+        "a decision with steps does not finish the task"
+    );
+    let work = h.claim("fs_e_work", 2).await;
+    h.resolve(
+        &find_named(&work, explicit, "b"),
+        Resolution::Completed(json!("B")),
+    )
+    .await;
+    assert_eq!(
+        h.task(explicit).await.state,
+        TaskState::Running,
+        "b is not the final step"
+    );
+    h.resolve(
+        &find_named(&work, explicit, "a"),
+        Resolution::Completed(json!("A")),
+    )
+    .await;
+    let task = h.task(explicit).await;
+    assert_eq!(task.state, TaskState::Completed);
+    assert_eq!(task.result, Some(json!("A")));
+
+    // Default: the last created step.
+    let last = h.spawn_handler("fs_last").await;
+    let root = h.claim_one("fs_last").await;
+    let plan = vec![
+        new_step("a", "fs_l_work", &[]),
+        new_step("b", "fs_l_work", &[]),
+    ];
+    h.decide(&root, plan, None, json!("root")).await;
+    let work = h.claim("fs_l_work", 2).await;
+    h.resolve(
+        &find_named(&work, last, "a"),
+        Resolution::Completed(json!("A")),
+    )
+    .await;
+    assert_eq!(
+        h.task(last).await.state,
+        TaskState::Running,
+        "a is not the final step"
+    );
+    h.resolve(
+        &find_named(&work, last, "b"),
+        Resolution::Completed(json!("B")),
+    )
+    .await;
+    let task = h.task(last).await;
+    assert_eq!(task.state, TaskState::Completed);
+    assert_eq!(task.result, Some(json!("B")));
+
+    // No steps: the task completes with the decision's result.
+    let empty = h.spawn_handler("fs_empty").await;
+    let root = h.claim_one("fs_empty").await;
+    h.decide(&root, vec![], None, json!({ "nothing": "to do" }))
+        .await;
+    let task = h.task(empty).await;
+    assert_eq!(task.state, TaskState::Completed);
+    assert_eq!(task.result, Some(json!({ "nothing": "to do" })));
+    assert_eq!(
+        h.step(empty, "fs_empty").await.result,
+        Some(json!({ "nothing": "to do" }))
+    );
+
+    // Chained: the final step decides again, a non-final step decides nothing.
+    let chain = h.spawn_handler("fs_chain").await;
+    let root = h.claim_one("fs_chain").await;
+    let plan = vec![new_step("a", "fs_c_a", &[]), new_step("b", "fs_c_b", &[])];
+    h.decide(&root, plan, Some("a"), json!("root")).await;
+    let b = h.claim_one("fs_c_b").await;
+    h.decide(&b, vec![], None, json!("b")).await;
+    assert_eq!(
+        h.task(chain).await.state,
+        TaskState::Running,
+        "b is not final: its empty decision finishes nothing"
+    );
+    let a = h.claim_one("fs_c_a").await;
+    h.decide(
+        &a,
+        vec![
+            new_step("c1", "fs_c_c", &[]),
+            new_step("c2", "fs_c_c", &["c1"]),
+        ],
+        None,
+        json!("a"),
+    )
+    .await;
+    assert_eq!(
+        h.task(chain).await.state,
+        TaskState::Running,
+        "a handed the final role to c2"
+    );
+    let c1 = h.claim_one("fs_c_c").await;
+    h.resolve(&c1, Resolution::Completed(json!("C1"))).await;
+    assert_eq!(h.task(chain).await.state, TaskState::Running);
+    let c2 = h.claim_one("fs_c_c").await;
+    assert_eq!(c2.name, "c2");
+    h.resolve(&c2, Resolution::Completed(json!("C2"))).await;
+    let task = h.task(chain).await;
+    assert_eq!(task.state, TaskState::Completed);
+    assert_eq!(task.result, Some(json!("C2")));
+}
+
+// ---------------------------------------------------------------------------
+// complete: Retry, Failed, Suspended, Released
+// ---------------------------------------------------------------------------
+
+/// `Retry`: step `ready` at `run_at` with the error recorded and the lease
+/// cleared; not claimable before `run_at`; `ready` is notified.
+pub async fn retry_ready_at_run_at_with_error(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("rty").await;
+    let s = h.claim_one("rty").await;
+    let t = h.now();
+    let mut error = ErrorInfo::new(ErrorKind::Retryable, "connection reset");
+    error.attempt = 1;
+    let signals = h.store.signals().clone();
+    expect_signal(
+        &signals.ready,
+        "ready on retry",
+        h.resolve(
+            &s,
+            Resolution::Retry {
+                error: error.clone(),
+                run_at: t + 1_000,
+            },
+        ),
+    )
+    .await;
+    let rec = h.step(id, "rty").await;
+    assert_eq!(rec.state, StepState::Ready);
+    assert_eq!(rec.run_at, Some(t + 1_000));
+    assert_error(&rec.error, ErrorKind::Retryable, "connection reset");
+    assert_eq!(rec.lease_owner, None);
+    assert_eq!(rec.lease_expires_at, None);
+    assert_eq!(
+        rec.attempt, 1,
+        "the attempt is kept (the next claim adds one)"
+    );
+    assert_eq!(h.task(id).await.state, TaskState::Running);
+
+    let batch = h.claim_batch(HOST, &[("rty", 5)], LEASE_MS).await;
+    assert!(batch.steps.is_empty(), "not claimable before run_at");
+    assert_eq!(batch.next_due, Some(t + 1_000));
+    h.advance(999);
+    h.claim_none("rty").await;
+    h.advance(1);
+    let again = h.claim_one("rty").await;
+    assert_eq!(again.attempt, 2);
+}
+
+/// `Failed`: the step fails with the error, the task fails with it, every
+/// other non-terminal step is cancelled, running ones are announced on
+/// `signals().cancelled` and their completions rejected; `finished` notified.
+pub async fn failed_fails_task_and_cancels_other_steps(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("f_root").await;
+    let root = h.claim_one("f_root").await;
+    let plan = vec![
+        new_step("a", "f_work", &[]),
+        new_step("b", "f_work", &[]),
+        new_step("c", "f_work", &["a"]),
+        new_step("d", "f_idle", &[]),
+    ];
+    h.decide(&root, plan, None, json!("root")).await;
+    let work = h.claim("f_work", 10).await;
+    assert_eq!(work.len(), 2, "a and b are ready, c is blocked");
+    let (a, b) = (find_named(&work, id, "a"), find_named(&work, id, "b"));
+    let mut rx = h.store.signals().cancelled.subscribe();
+    h.advance(20);
+    let signals = h.store.signals().clone();
+    let error = ErrorInfo::new(ErrorKind::Permanent, "bad card");
+    expect_signal(
+        &signals.finished,
+        "finished on task failure",
+        h.resolve(&a, Resolution::Failed(error)),
+    )
+    .await;
+
+    let task = h.task(id).await;
+    assert_eq!(task.state, TaskState::Failed);
+    assert_error(&task.error, ErrorKind::Permanent, "bad card");
+    assert_eq!(task.result, None);
+    assert_eq!(task.updated_at, h.now());
+    let a_rec = h.step(id, "a").await;
+    assert_eq!(a_rec.state, StepState::Failed);
+    assert_error(&a_rec.error, ErrorKind::Permanent, "bad card");
+    assert_eq!(
+        h.step_state(id, "f_root").await,
+        StepState::Completed,
+        "terminal steps are kept"
+    );
+    for name in ["b", "c", "d"] {
+        assert_eq!(
+            h.step_state(id, name).await,
+            StepState::Cancelled,
+            "step {name}"
+        );
+    }
+    expect_announced(&mut rx, &[b.step_id]).await;
+    let late = h
+        .complete(lease(&b, HOST), Resolution::Completed(json!("late")))
+        .await;
+    assert_lease_lost(&late, b.step_id, "completion of a cancelled sibling");
+    assert_eq!(
+        h.heartbeat(HOST, &[b.step_id], LEASE_MS).await,
+        [b.step_id].into()
+    );
+    h.claim_none("f_work").await;
+    h.claim_none("f_idle").await;
+}
+
+/// `Suspended` on an event: step `suspended` with the wait recorded, `run_at
+/// = wake_at` (none), lease cleared; time alone does not wake it; emitting
+/// the event makes it `ready` and notifies `ready`.
+pub async fn suspended_on_event_until_emitted(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("waiter").await;
+    let s = h.claim_one("waiter").await;
+    let wait = wait_event("ev-1");
+    h.suspend(&s, wait.clone()).await;
+    let rec = h.step(id, "waiter").await;
+    assert_eq!(rec.state, StepState::Suspended);
+    assert_eq!(rec.wait, Some(wait));
+    assert_eq!(rec.run_at, None, "run_at = wait.wake_at");
+    assert_eq!(rec.lease_owner, None);
+    assert_eq!(rec.lease_expires_at, None);
+    assert_eq!(rec.attempt, 1);
+    h.claim_none("waiter").await;
+    h.advance(86_400_000);
+    h.claim_none("waiter").await;
+
+    let signals = h.store.signals().clone();
+    let stored = expect_signal(
+        &signals.ready,
+        "ready on event",
+        h.emit("ev-1", json!({ "paid": true })),
+    )
+    .await;
+    assert!(stored);
+    assert_eq!(h.step_state(id, "waiter").await, StepState::Ready);
+    let again = h.claim_one("waiter").await;
+    assert_eq!(again.attempt, 2);
+    assert_eq!(h.task(id).await.state, TaskState::Running);
+}
+
+/// `Suspended` with a wait already satisfied (the event exists, `wake_at <=
+/// now`, either of several conditions) makes the step `ready` at once.
+pub async fn suspended_with_satisfied_wait_is_ready(factory: Factory) {
+    let h = H::open(&factory).await;
+    assert!(h.emit("ev-here", json!(1)).await);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(h.spawn_handler("sat").await);
+    }
+    let steps = h.claim("sat", 4).await;
+    assert_eq!(steps.len(), 4);
+    let now = h.now();
+    let waits = [
+        wait_event("ev-here"),
+        wait_until(now),
+        wait_until(now - 1),
+        WaitFor {
+            event: Some("ev-missing".into()),
+            wake_at: Some(now - 5),
+            group: None,
+        },
+    ];
+    for (task, wait) in tasks.iter().zip(waits) {
+        h.suspend(&find(&steps, *task), wait.clone()).await;
+        assert_eq!(
+            h.step_state(*task, "sat").await,
+            StepState::Ready,
+            "already satisfied: {wait:?}"
+        );
+    }
+    let again = h.claim("sat", 10).await;
+    assert_eq!(again.len(), 4, "all four are claimable now");
+    assert!(again.iter().all(|s| s.attempt == 2));
+}
+
+/// `Suspended` with a future `wake_at` (alone or with an event): `suspended`
+/// with `run_at = wake_at`, reported as `next_due`, and claimed once the clock
+/// passes it.
+pub async fn suspended_wake_at_claimable_after_clock(factory: Factory) {
+    let h = H::open(&factory).await;
+    let sleeper = h.spawn_handler("sleeper").await;
+    let awaiter = h.spawn_handler("awaiter").await;
+    let t = h.now();
+    let s = h.claim_one("sleeper").await;
+    h.suspend(&s, wait_until(t + 5_000)).await;
+    let a = h.claim_one("awaiter").await;
+    h.suspend(
+        &a,
+        WaitFor {
+            event: Some("never".into()),
+            wake_at: Some(t + 8_000),
+            group: None,
+        },
+    )
+    .await;
+
+    let rec = h.step(sleeper, "sleeper").await;
+    assert_eq!(rec.state, StepState::Suspended);
+    assert_eq!(rec.run_at, Some(t + 5_000));
+    let batch = h.claim_batch(HOST, &[("sleeper", 5)], LEASE_MS).await;
+    assert!(batch.steps.is_empty());
+    assert_eq!(batch.next_due, Some(t + 5_000));
+    h.advance(4_999);
+    h.claim_none("sleeper").await;
+    h.advance(1);
+    let woke = h.claim_one("sleeper").await;
+    assert_eq!((woke.task_id, woke.attempt), (sleeper, 2));
+
+    h.advance(2_999);
+    h.claim_none("awaiter").await;
+    h.advance(1);
+    let timed_out = h.claim_one("awaiter").await;
+    assert_eq!((timed_out.task_id, timed_out.attempt), (awaiter, 2));
+}
+
+/// `Released`: step `ready` at now, lease cleared, attempt given back;
+/// `ready` notified.
+pub async fn released_returns_step_without_cost(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("rel").await;
+    let s = h.claim_one("rel").await;
+    assert_eq!(s.attempt, 1);
+    h.advance(40);
+    let signals = h.store.signals().clone();
+    expect_signal(
+        &signals.ready,
+        "ready on release",
+        h.resolve(&s, Resolution::Released),
+    )
+    .await;
+    let rec = h.step(id, "rel").await;
+    assert_eq!(rec.state, StepState::Ready);
+    assert_eq!(rec.run_at, Some(h.now()));
+    assert_eq!(rec.attempt, 0, "a release does not cost an attempt");
+    assert_eq!(rec.lease_owner, None);
+    assert_eq!(rec.lease_expires_at, None);
+    let again = h.claim_one("rel").await;
+    assert_eq!(again.attempt, 1);
+}
+
+/// A completion with the wrong host, the wrong attempt, or for a step that is
+/// not running is answered `LeaseLost` and changes nothing; other items of
+/// the batch still apply.
+pub async fn stale_completions_are_rejected(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("stale").await;
+    let s = h.claim_one("stale").await;
+    let before = h.step(id, "stale").await;
+    let done = || Resolution::Completed(json!("x"));
+
+    let wrong_host = h.complete(lease(&s, HOST_B), done()).await;
+    assert_lease_lost(&wrong_host, s.step_id, "wrong host");
+    for attempt in [0, 2] {
+        let bad = Lease {
+            attempt,
+            ..lease(&s, HOST)
+        };
+        assert_lease_lost(&h.complete(bad, done()).await, s.step_id, "wrong attempt");
+    }
+    let failed = h
+        .complete(
+            lease(&s, HOST_B),
+            Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "x")),
+        )
+        .await;
+    assert_lease_lost(&failed, s.step_id, "wrong host, failure");
+    assert_eq!(
+        h.step(id, "stale").await,
+        before,
+        "rejected completions change nothing"
+    );
+    assert_eq!(h.task(id).await.state, TaskState::Running);
+
+    let out = h
+        .store
+        .complete(vec![
+            Completion {
+                lease: lease(&s, HOST_B),
+                resolution: done(),
+            },
+            Completion {
+                lease: lease(&s, HOST),
+                resolution: Resolution::Completed(json!("right")),
+            },
+        ])
+        .await
+        .expect("complete batch");
+    assert_eq!(out, vec![Err(Error::LeaseLost(s.step_id)), Ok(())]);
+    let after = h.step(id, "stale").await;
+    assert_eq!(after.result, Some(json!("right")));
+
+    let twice = h.complete(lease(&s, HOST), done()).await;
+    assert_lease_lost(&twice, s.step_id, "completing a completed step");
+    assert_eq!(h.step(id, "stale").await, after);
+    assert_eq!(h.task(id).await.result, Some(json!("right")));
+
+    // A ready step (never claimed) and a suspended one are not running.
+    let ready_task = h.spawn_handler("stale_ready").await;
+    let ready = h.step(ready_task, "stale_ready").await;
+    for attempt in [0, 1] {
+        let bad = Lease {
+            step_id: ready.id,
+            task_id: ready_task,
+            attempt,
+            host_id: HOST.into(),
+        };
+        assert_lease_lost(
+            &h.complete(bad, done()).await,
+            ready.id,
+            "completing a ready step",
+        );
+    }
+    assert_eq!(h.step(ready_task, "stale_ready").await, ready);
+
+    let sus_task = h.spawn_handler("stale_sus").await;
+    let sus = h.claim_one("stale_sus").await;
+    h.suspend(&sus, wait_event("stale-ev")).await;
+    let sus_before = h.step(sus_task, "stale_sus").await;
+    assert_lease_lost(
+        &h.complete(lease(&sus, HOST), done()).await,
+        sus.step_id,
+        "completing a suspended step",
+    );
+    assert_eq!(h.step(sus_task, "stale_sus").await, sus_before);
+}
+
+// ---------------------------------------------------------------------------
+// Leases: heartbeat and recovery
+// ---------------------------------------------------------------------------
+
+/// `heartbeat` registers the host, extends the leases it still holds to now +
+/// `lease_ms`, and reports as lost the steps it no longer holds (cancelled,
+/// expired and taken over, or never its own) without touching them.
+pub async fn heartbeat_extends_leases_and_reports_lost(factory: Factory) {
+    let h = H::open(&factory).await;
+    let t = h.now();
+    let tasks = [
+        h.spawn_handler("hb").await,
+        h.spawn_handler("hb").await,
+        h.spawn_handler("hb").await,
+    ];
+    let claimed = h.claim_batch(HOST, &[("hb", 3)], 1_000).await.steps;
+    let [s1, s2, s3] = [0, 1, 2].map(|i| find(&claimed, tasks[i]));
+
+    h.advance(500);
+    let lost = h.heartbeat(HOST, &[s1.step_id, s2.step_id], 1_000).await;
+    assert!(lost.is_empty(), "nothing lost: {lost:?}");
+    for (task, name) in [(tasks[0], "hb"), (tasks[1], "hb")] {
+        let rec = h.step(task, name).await;
+        assert_eq!(
+            rec.lease_expires_at,
+            Some(t + 1_500),
+            "lease extended to now + lease_ms"
+        );
+        assert_eq!(rec.state, StepState::Running);
+    }
+    assert_eq!(
+        h.step(tasks[2], "hb").await.lease_expires_at,
+        Some(t + 1_000),
+        "unlisted lease not extended"
+    );
+    let hosts = h.store.list_hosts().await.unwrap();
+    let me = hosts
+        .iter()
+        .find(|x| x.id == HOST)
+        .expect("heartbeat registers the host");
+    assert_eq!(me.last_heartbeat, h.now());
+
+    // s3 expires and is taken over by another host.
+    h.advance(600);
+    assert_eq!(h.store.recover_expired().await.unwrap(), 1);
+    let taken = h.claim_batch(HOST_B, &[("hb", 1)], 1_000).await.steps;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].step_id, s3.step_id);
+    let lost = h.heartbeat(HOST, &[s1.step_id, s3.step_id], 1_000).await;
+    assert_eq!(lost, [s3.step_id].into(), "taken over");
+    let s3_rec = h.step(tasks[2], "hb").await;
+    assert_eq!(s3_rec.lease_owner.as_deref(), Some(HOST_B));
+    assert_eq!(
+        s3_rec.lease_expires_at,
+        Some(h.now() + 1_000),
+        "the new owner's lease is untouched"
+    );
+    assert_eq!(s3_rec.attempt, 2);
+
+    // s2 is cancelled with its task.
+    assert!(h.store.cancel_task(tasks[1], false).await.unwrap());
+    let lost = h.heartbeat(HOST, &[s1.step_id, s2.step_id], 1_000).await;
+    assert_eq!(lost, [s2.step_id].into(), "cancelled");
+
+    // Another host cannot extend this host's lease.
+    h.advance(100);
+    let before = h.step(tasks[0], "hb").await.lease_expires_at;
+    let lost = h.heartbeat(HOST_B, &[s1.step_id], 60_000).await;
+    assert_eq!(lost, [s1.step_id].into(), "not that host's lease");
+    assert_eq!(h.step(tasks[0], "hb").await.lease_expires_at, before);
+    assert_eq!(
+        h.step(tasks[0], "hb").await.lease_owner.as_deref(),
+        Some(HOST)
+    );
+}
+
+/// `recover_expired` makes running steps with expired leases `ready` (run_at
+/// = now, lease cleared, attempt kept, error `LeaseExpired`), returns how
+/// many, notifies `ready`; the old lease's writes are then rejected.
+pub async fn recover_expired_makes_steps_ready(factory: Factory) {
+    let h = H::open(&factory).await;
+    let short = h.spawn_handler("rec").await;
+    let long = h.spawn_handler("rec").await;
+    let s1 = h
+        .claim_batch(HOST, &[("rec", 1)], 1_000)
+        .await
+        .steps
+        .remove(0);
+    let s2 = h
+        .claim_batch(HOST, &[("rec", 1)], 5_000)
+        .await
+        .steps
+        .remove(0);
+    assert_eq!((s1.task_id, s2.task_id), (short, long));
+
+    assert_eq!(
+        h.store.recover_expired().await.unwrap(),
+        0,
+        "nothing expired yet"
+    );
+    h.advance(999);
+    assert_eq!(
+        h.store.recover_expired().await.unwrap(),
+        0,
+        "1 ms left on the lease"
+    );
+    h.advance(2);
+    let signals = h.store.signals().clone();
+    let n = expect_signal(
+        &signals.ready,
+        "ready on lease recovery",
+        h.store.recover_expired(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 1);
+    let rec = h.step(short, "rec").await;
+    assert_eq!(rec.state, StepState::Ready);
+    assert_eq!(rec.run_at, Some(h.now()));
+    assert_eq!(rec.lease_owner, None);
+    assert_eq!(rec.lease_expires_at, None);
+    assert_eq!(rec.attempt, 1, "the lost run costs an attempt");
+    assert_eq!(
+        rec.error.as_ref().map(|e| e.kind),
+        Some(ErrorKind::LeaseExpired)
+    );
+    assert_eq!(
+        h.step_state(long, "rec").await,
+        StepState::Running,
+        "an unexpired lease is kept"
+    );
+
+    let late = h
+        .complete(lease(&s1, HOST), Resolution::Completed(json!("late")))
+        .await;
+    assert_lease_lost(&late, s1.step_id, "completion under an expired lease");
+    let cp = h.put_checkpoint(&s1, "k", json!(1)).await;
+    assert_lease_lost(&cp, s1.step_id, "checkpoint under an expired lease");
+    assert_eq!(
+        h.step(short, "rec").await,
+        rec,
+        "rejected writes change nothing"
+    );
+
+    let again = h.claim_one("rec").await;
+    assert_eq!((again.task_id, again.attempt), (short, 2));
+    assert_eq!(h.store.recover_expired().await.unwrap(), 0);
+    let old = h
+        .complete(lease(&s1, HOST), Resolution::Completed(json!("late")))
+        .await;
+    assert_lease_lost(
+        &old,
+        s1.step_id,
+        "completion of attempt 1 while attempt 2 runs",
+    );
+    h.resolve(&again, Resolution::Completed(json!("ok"))).await;
+    assert_eq!(h.task(short).await.result, Some(json!("ok")));
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoints
+// ---------------------------------------------------------------------------
+
+/// `put_checkpoint` needs the current lease (else `LeaseLost`, nothing
+/// written), extends the lease to now + `lease_ms`; `checkpoints` and
+/// `task_detail` return what was written.
+pub async fn checkpoint_requires_current_lease_and_extends_it(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("cp").await;
+    let s = h
+        .claim_batch(HOST, &[("cp", 1)], 1_000)
+        .await
+        .steps
+        .remove(0);
+    h.advance(800);
+    let t1 = h.now();
+    h.store
+        .put_checkpoint(&lease(&s, HOST), "charge", json!({ "id": "ch_1" }), 1_000)
+        .await
+        .expect("checkpoint");
+    assert_eq!(
+        h.step(id, "cp").await.lease_expires_at,
+        Some(t1 + 1_000),
+        "lease extended"
+    );
+    h.advance(900);
+    assert_eq!(
+        h.store.recover_expired().await.unwrap(),
+        0,
+        "the extended lease has not expired"
+    );
+
+    let wrong_host = h
+        .store
+        .put_checkpoint(&lease(&s, HOST_B), "x", json!(1), 1_000)
+        .await;
+    assert_lease_lost(&wrong_host, s.step_id, "checkpoint from the wrong host");
+    let wrong_attempt = h
+        .store
+        .put_checkpoint(
+            &Lease {
+                attempt: 2,
+                ..lease(&s, HOST)
+            },
+            "x",
+            json!(1),
+            1_000,
+        )
+        .await;
+    assert_lease_lost(
+        &wrong_attempt,
+        s.step_id,
+        "checkpoint from the wrong attempt",
+    );
+    let t2 = h.now();
+    h.put_checkpoint(&s, "mail#2", json!(["sent"]))
+        .await
+        .expect("second checkpoint");
+
+    let expected: BTreeMap<String, Value> = [
+        ("charge".to_string(), json!({ "id": "ch_1" })),
+        ("mail#2".to_string(), json!(["sent"])),
+    ]
+    .into();
+    assert_eq!(h.store.checkpoints(id).await.unwrap(), expected);
+    let detail = h.detail(id).await;
+    let keys: Vec<&str> = detail.checkpoints.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(keys, ["charge", "mail#2"], "checkpoints in creation order");
+    let first = &detail.checkpoints[0];
+    assert_eq!(first.task_id, id);
+    assert_eq!(first.step_id, s.step_id);
+    assert_eq!(first.attempt, 1);
+    assert_eq!(first.value, json!({ "id": "ch_1" }));
+    assert_eq!(first.created_at, t1);
+    assert_eq!(detail.checkpoints[1].created_at, t2);
+
+    h.resolve(&s, Resolution::Completed(json!("done"))).await;
+    let after = h.put_checkpoint(&s, "late", json!(1)).await;
+    assert_lease_lost(&after, s.step_id, "checkpoint after completion");
+    assert_eq!(
+        h.store.checkpoints(id).await.unwrap(),
+        expected,
+        "rejected checkpoints are not written"
+    );
+}
+
+/// A checkpoint written by an older attempt is overwritten by a newer one;
+/// one written by a newer attempt is never overwritten (the call succeeds
+/// without writing).
+pub async fn checkpoint_overwrite_rules(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("cpo").await;
+    let s1 = h.claim_one("cpo").await;
+    h.put_checkpoint(&s1, "k", json!(1)).await.unwrap();
+    h.resolve(
+        &s1,
+        Resolution::Retry {
+            error: ErrorInfo::new(ErrorKind::Retryable, "again"),
+            run_at: h.now(),
+        },
+    )
+    .await;
+    let s2 = h.claim_one("cpo").await;
+    assert_eq!(s2.attempt, 2);
+    h.put_checkpoint(&s2, "k", json!(2)).await.unwrap();
+    assert_eq!(
+        h.store.checkpoints(id).await.unwrap()["k"],
+        json!(2),
+        "a newer attempt overwrites an older one"
+    );
+    h.resolve(
+        &s2,
+        Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "stop")),
+    )
+    .await;
+
+    // After a task retry the attempt starts again at 1: attempt 2's value stays.
+    h.store.retry_task(id).await.unwrap();
+    let s3 = h.claim_one("cpo").await;
+    assert_eq!(s3.attempt, 1);
+    h.put_checkpoint(&s3, "k", json!(3))
+        .await
+        .expect("an older attempt's write succeeds without writing");
+    h.put_checkpoint(&s3, "fresh", json!(true)).await.unwrap();
+    let cps = h.store.checkpoints(id).await.unwrap();
+    assert_eq!(cps["k"], json!(2), "never overwritten by an older attempt");
+    assert_eq!(cps["fresh"], json!(true));
+    let detail = h.detail(id).await;
+    let k = detail
+        .checkpoints
+        .iter()
+        .find(|c| c.key == "k")
+        .expect("checkpoint k");
+    assert_eq!(k.attempt, 2);
+}
+
+// ---------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------
+
+/// `emit_event`: the first write wins and returns true, later ones false;
+/// `get_event` returns it; `list_events` lists newest first, `limit` applies.
+pub async fn emit_event_first_write_wins(factory: Factory) {
+    let h = H::open(&factory).await;
+    let t = h.now();
+    assert_eq!(h.store.get_event("e1").await.unwrap(), None);
+    assert!(h.store.list_events(0).await.unwrap().is_empty());
+    assert!(
+        h.emit("e1", json!({ "v": 1 })).await,
+        "the first emit stores the payload"
+    );
+    h.advance(10);
+    assert!(
+        !h.emit("e1", json!({ "v": 2 })).await,
+        "a later emit does not"
+    );
+    let ev = h.store.get_event("e1").await.unwrap().expect("event e1");
+    assert_eq!(ev.name, "e1");
+    assert_eq!(ev.payload, json!({ "v": 1 }));
+    assert_eq!(ev.created_at, t);
+    h.advance(10);
+    assert!(h.emit("e2", json!(2)).await);
+    h.advance(10);
+    assert!(h.emit("e3", json!(3)).await);
+    let names = |events: Vec<EventRecord>| events.into_iter().map(|e| e.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(h.store.list_events(0).await.unwrap()),
+        ["e3", "e2", "e1"]
+    );
+    assert_eq!(names(h.store.list_events(2).await.unwrap()), ["e3", "e2"]);
+}
+
+/// `emit_event` makes every step suspended on that event `ready` (and only
+/// those), notifying `ready`; a repeated emit changes nothing.
+pub async fn emit_event_wakes_every_waiter(factory: Factory) {
+    let h = H::open(&factory).await;
+    let tasks = [
+        h.spawn_handler("ew").await,
+        h.spawn_handler("ew").await,
+        h.spawn_handler("ew").await,
+    ];
+    let steps = h.claim("ew", 3).await;
+    h.suspend(&find(&steps, tasks[0]), wait_event("go")).await;
+    h.suspend(
+        &find(&steps, tasks[1]),
+        WaitFor {
+            event: Some("go".into()),
+            wake_at: Some(h.now() + 60_000),
+            group: None,
+        },
+    )
+    .await;
+    h.suspend(&find(&steps, tasks[2]), wait_event("other"))
+        .await;
+    let signals = h.store.signals().clone();
+    assert!(expect_signal(&signals.ready, "ready on emit", h.emit("go", json!("now"))).await);
+    assert_eq!(h.step_state(tasks[0], "ew").await, StepState::Ready);
+    assert_eq!(h.step_state(tasks[1], "ew").await, StepState::Ready);
+    assert_eq!(
+        h.step_state(tasks[2], "ew").await,
+        StepState::Suspended,
+        "waits on another event"
+    );
+    assert!(!h.emit("go", json!("again")).await);
+    assert_eq!(h.step_state(tasks[2], "ew").await, StepState::Suspended);
+    let woke: BTreeSet<TaskId> = h.claim("ew", 10).await.iter().map(|s| s.task_id).collect();
+    assert_eq!(woke, [tasks[0], tasks[1]].into());
+}
+
+// ---------------------------------------------------------------------------
+// Delegation groups and response events
+// ---------------------------------------------------------------------------
+
+/// Delegation: children carry `ParentRef { group, index }`; `group_outcomes`
+/// lists them by index with state, result and error; the parent suspended on
+/// the group is woken (`ready`, signal) only when the last child finishes,
+/// whether it completed, failed or was cancelled.
+pub async fn delegation_group_outcomes_and_parent_wake(factory: Factory) {
+    let h = H::open(&factory).await;
+    let parent = h.spawn_handler("g_parent").await;
+    let p = h.claim_one("g_parent").await;
+    let group = "grp-orders";
+    assert!(
+        h.store.group_outcomes(group).await.unwrap().is_empty(),
+        "unknown group"
+    );
+    let out = h
+        .store
+        .spawn(vec![
+            child_task("g_child", json!("c2"), &p, Some(group), 2),
+            child_task("g_child", json!("c0"), &p, Some(group), 0),
+            child_task("g_child", json!("c1"), &p, Some(group), 1),
+        ])
+        .await
+        .unwrap();
+    let (c2, c0, c1) = (out[0].task_id, out[1].task_id, out[2].task_id);
+
+    let outcomes = h.store.group_outcomes(group).await.unwrap();
+    let order: Vec<TaskId> = outcomes.iter().map(|o| o.task_id).collect();
+    assert_eq!(order, [c0, c1, c2], "ordered by index");
+    for o in &outcomes {
+        assert_eq!(
+            (o.state, &o.result, &o.error),
+            (TaskState::Running, &None, &None)
+        );
+    }
+    let expected_parent = ParentRef {
+        task_id: parent,
+        step_id: p.step_id,
+        group: Some(group.to_string()),
+        index: 0,
+    };
+    assert_eq!(h.task(c0).await.parent, Some(expected_parent));
+    let children: Vec<TaskId> = h
+        .detail(parent)
+        .await
+        .children
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(children, [c2, c0, c1], "children in creation order");
+
+    h.suspend(&p, wait_group(group)).await;
+    assert_eq!(h.step_state(parent, "g_parent").await, StepState::Suspended);
+    let kids = h.claim("g_child", 10).await;
+    assert_eq!(kids.len(), 3);
+    h.resolve(
+        &find(&kids, c0),
+        Resolution::Completed(json!({ "sum": 10 })),
+    )
+    .await;
+    assert_eq!(
+        h.step_state(parent, "g_parent").await,
+        StepState::Suspended,
+        "two children left"
+    );
+    h.claim_none("g_parent").await;
+    h.resolve(
+        &find(&kids, c1),
+        Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "child failed")),
+    )
+    .await;
+    assert_eq!(
+        h.step_state(parent, "g_parent").await,
+        StepState::Suspended,
+        "one child left"
+    );
+    h.claim_none("g_parent").await;
+
+    let signals = h.store.signals().clone();
+    let cancelled = expect_signal(
+        &signals.ready,
+        "ready on group finished",
+        h.store.cancel_task(c2, false),
+    )
+    .await;
+    assert!(cancelled.unwrap());
+    assert_eq!(
+        h.step_state(parent, "g_parent").await,
+        StepState::Ready,
+        "the last child finished"
+    );
+    assert_eq!(
+        h.task(parent).await.state,
+        TaskState::Running,
+        "a failed child does not fail the parent"
+    );
+
+    let outcomes = h.store.group_outcomes(group).await.unwrap();
+    assert_eq!(outcomes.len(), 3);
+    assert_eq!(outcomes[0].task_id, c0);
+    assert_eq!(outcomes[0].state, TaskState::Completed);
+    assert_eq!(outcomes[0].result, Some(json!({ "sum": 10 })));
+    assert_eq!(outcomes[0].error, None);
+    assert_eq!(outcomes[1].task_id, c1);
+    assert_eq!(outcomes[1].state, TaskState::Failed);
+    assert_eq!(outcomes[1].result, None);
+    assert_error(&outcomes[1].error, ErrorKind::Permanent, "child failed");
+    assert_eq!(outcomes[2].task_id, c2);
+    assert_eq!(outcomes[2].state, TaskState::Cancelled);
+    assert_eq!(outcomes[2].result, None);
+    if let Some(e) = &outcomes[2].error {
+        assert_eq!(
+            e.kind,
+            ErrorKind::Cancelled,
+            "a cancelled child's error, if any, is `Cancelled`"
+        );
+    }
+    let again = h.claim_one("g_parent").await;
+    assert_eq!(again.attempt, 2);
+}
+
+/// A step suspending on a group whose children have all finished is `ready`
+/// at once; a step whose children are still running stays suspended.
+pub async fn group_already_finished_wakes_at_once(factory: Factory) {
+    let h = H::open(&factory).await;
+    let done_parent = h.spawn_handler("gf_parent").await;
+    let busy_parent = h.spawn_handler("gf_parent").await;
+    let parents = h.claim("gf_parent", 2).await;
+    let (pd, pb) = (find(&parents, done_parent), find(&parents, busy_parent));
+    let c_done = h.spawn_child("gf_child", &pd, Some("gf-done"), 0).await;
+    h.spawn_child("gf_busy", &pb, Some("gf-busy"), 0).await;
+    let c = h.claim_one("gf_child").await;
+    assert_eq!(c.task_id, c_done);
+    h.resolve(&c, Resolution::Completed(json!("child"))).await;
+    assert_eq!(h.task(c_done).await.state, TaskState::Completed);
+
+    h.suspend(&pd, wait_group("gf-done")).await;
+    assert_eq!(
+        h.step_state(done_parent, "gf_parent").await,
+        StepState::Ready,
+        "every child already finished"
+    );
+    h.suspend(&pb, wait_group("gf-busy")).await;
+    assert_eq!(
+        h.step_state(busy_parent, "gf_parent").await,
+        StepState::Suspended
+    );
+    let woke = h.claim_one("gf_parent").await;
+    assert_eq!(woke.task_id, done_parent);
+}
+
+fn assert_response(payload: &Value, task: TaskId, state: &str) {
+    let obj = payload
+        .as_object()
+        .unwrap_or_else(|| panic!("response payload is an object: {payload}"));
+    for key in obj.keys() {
+        assert!(
+            ["task_id", "state", "result", "error"].contains(&key.as_str()),
+            "unexpected key `{key}` in {payload}"
+        );
+    }
+    assert_eq!(payload["task_id"], json!(task), "task_id in {payload}");
+    assert_eq!(payload["state"], json!(state), "state in {payload}");
+}
+
+/// A finishing task with a `response_event` emits it (first write wins) with
+/// `{"task_id", "state", "result", "error"}`, waking its waiters, on
+/// completion, failure and cancellation.
+pub async fn response_event_on_finish(factory: Factory) {
+    let h = H::open(&factory).await;
+    let mut tasks = Vec::new();
+    for event in ["resp-ok", "resp-fail", "resp-cancel", "resp-pre"] {
+        tasks.push(
+            h.spawn(NewTask::new("resp", json!(event)).response_event(event))
+                .await,
+        );
+    }
+    let plain = h.spawn_handler("resp").await;
+    let waiter = h.spawn_handler("resp_waiter").await;
+    let w = h.claim_one("resp_waiter").await;
+    h.suspend(&w, wait_event("resp-ok")).await;
+    let steps = h.claim("resp", 5).await;
+    assert_eq!(steps.len(), 5);
+
+    h.advance(5);
+    h.resolve(
+        &find(&steps, tasks[0]),
+        Resolution::Completed(json!({ "total": 3 })),
+    )
+    .await;
+    let ev = h
+        .store
+        .get_event("resp-ok")
+        .await
+        .unwrap()
+        .expect("response event on completion");
+    assert_response(&ev.payload, tasks[0], "completed");
+    assert_eq!(ev.payload["result"], json!({ "total": 3 }));
+    assert!(ev.payload["error"].is_null());
+    assert_eq!(ev.created_at, h.now());
+    assert_eq!(
+        h.step_state(waiter, "resp_waiter").await,
+        StepState::Ready,
+        "the response event wakes waiters"
+    );
+
+    h.resolve(
+        &find(&steps, tasks[1]),
+        Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "nope")),
+    )
+    .await;
+    let ev = h
+        .store
+        .get_event("resp-fail")
+        .await
+        .unwrap()
+        .expect("response event on failure");
+    assert_response(&ev.payload, tasks[1], "failed");
+    assert!(ev.payload["result"].is_null());
+    assert_eq!(ev.payload["error"]["kind"], json!("permanent"));
+    assert_eq!(ev.payload["error"]["message"], json!("nope"));
+
+    assert!(h.store.cancel_task(tasks[2], false).await.unwrap());
+    let ev = h
+        .store
+        .get_event("resp-cancel")
+        .await
+        .unwrap()
+        .expect("response event on cancellation");
+    assert_response(&ev.payload, tasks[2], "cancelled");
+    assert!(ev.payload["result"].is_null());
+
+    assert!(h.emit("resp-pre", json!("already")).await);
+    h.resolve(
+        &find(&steps, tasks[3]),
+        Resolution::Completed(json!("mine")),
+    )
+    .await;
+    let ev = h.store.get_event("resp-pre").await.unwrap().unwrap();
+    assert_eq!(ev.payload, json!("already"), "first write wins");
+
+    h.resolve(&find(&steps, plain), Resolution::Completed(json!("quiet")))
+        .await;
+    assert_eq!(
+        h.store.list_events(0).await.unwrap().len(),
+        4,
+        "a task without response_event emits nothing"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// cancel_task and retry_task
+// ---------------------------------------------------------------------------
+
+/// `cancel_task`: task `cancelled`, every non-terminal step `cancelled`,
+/// running ones announced and reported lost, their completions rejected,
+/// `finished` notified; false on a finished task; `NotFound` when unknown.
+pub async fn cancel_task_cancels_steps(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("cx_root").await;
+    let root = h.claim_one("cx_root").await;
+    let plan = vec![
+        new_step("a", "cx_work", &[]),
+        new_step("b", "cx_work", &["a"]),
+        new_step("s", "cx_wait", &[]),
+    ];
+    h.decide(&root, plan, None, json!("root")).await;
+    let a = h.claim_one("cx_work").await;
+    let s = h.claim_one("cx_wait").await;
+    h.suspend(&s, wait_event("cx-event")).await;
+    let mut rx = h.store.signals().cancelled.subscribe();
+    h.advance(10);
+    let signals = h.store.signals().clone();
+    let cancelled = expect_signal(
+        &signals.finished,
+        "finished on cancel",
+        h.store.cancel_task(id, false),
+    )
+    .await;
+    assert!(cancelled.unwrap());
+
+    let task = h.task(id).await;
+    assert_eq!(task.state, TaskState::Cancelled);
+    assert_eq!(task.result, None);
+    assert_eq!(task.updated_at, h.now());
+    assert_eq!(
+        h.step_state(id, "cx_root").await,
+        StepState::Completed,
+        "completed steps stay completed"
+    );
+    for name in ["a", "b", "s"] {
+        assert_eq!(
+            h.step_state(id, name).await,
+            StepState::Cancelled,
+            "step {name}"
+        );
+    }
+    expect_announced(&mut rx, &[a.step_id]).await;
+    assert_eq!(
+        h.heartbeat(HOST, &[a.step_id], LEASE_MS).await,
+        [a.step_id].into()
+    );
+    let late = h
+        .complete(lease(&a, HOST), Resolution::Completed(json!("late")))
+        .await;
+    assert_lease_lost(&late, a.step_id, "completion of a cancelled step");
+    assert!(h.emit("cx-event", json!(1)).await);
+    assert_eq!(
+        h.step_state(id, "s").await,
+        StepState::Cancelled,
+        "an event does not revive a cancelled step"
+    );
+    h.claim_none("cx_work").await;
+    h.claim_none("cx_wait").await;
+
+    assert!(
+        !h.store.cancel_task(id, false).await.unwrap(),
+        "already finished"
+    );
+    let done = h.spawn_handler("cx_done").await;
+    let d = h.claim_one("cx_done").await;
+    h.resolve(&d, Resolution::Completed(json!("ok"))).await;
+    assert!(
+        !h.store.cancel_task(done, false).await.unwrap(),
+        "a completed task is not cancelled"
+    );
+    let task = h.task(done).await;
+    assert_eq!(
+        (task.state, task.result),
+        (TaskState::Completed, Some(json!("ok")))
+    );
+    let unknown = h.store.cancel_task(TaskId::new(), false).await;
+    assert!(
+        matches!(unknown, Err(Error::NotFound(_))),
+        "unknown task: {unknown:?}"
+    );
+}
+
+/// `cancel_task` cancels descendants only with `cascade`, and leaves finished
+/// descendants alone.
+pub async fn cancel_task_cascade(factory: Factory) {
+    let h = H::open(&factory).await;
+    // Without cascade, the child keeps running.
+    let p1 = h.spawn_handler("cc_parent").await;
+    let pp1 = h.claim_one("cc_parent").await;
+    let c1 = h.spawn_child("cc_child", &pp1, None, 0).await;
+    assert!(h.store.cancel_task(p1, false).await.unwrap());
+    assert_eq!(h.task(c1).await.state, TaskState::Running);
+    assert_eq!(h.step_state(c1, "cc_child").await, StepState::Ready);
+
+    // With cascade: children and grandchildren, not finished ones.
+    let p2 = h.spawn_handler("cc_parent").await;
+    let pp2 = h.claim_one("cc_parent").await;
+    let c2 = h.spawn_child("cc_child", &pp2, None, 0).await;
+    let c3 = h.spawn_child("cc_done", &pp2, None, 1).await;
+    let kids = h.claim("cc_child", 10).await;
+    let c2s = find(&kids, c2);
+    let g2 = h.spawn_child("cc_grand", &c2s, None, 0).await;
+    let c3s = h.claim_one("cc_done").await;
+    h.resolve(&c3s, Resolution::Completed(json!("finished")))
+        .await;
+
+    let mut rx = h.store.signals().cancelled.subscribe();
+    assert!(h.store.cancel_task(p2, true).await.unwrap());
+    for (task, what) in [(p2, "parent"), (c2, "child"), (g2, "grandchild")] {
+        assert_eq!(h.task(task).await.state, TaskState::Cancelled, "{what}");
+    }
+    assert_eq!(h.step_state(g2, "cc_grand").await, StepState::Cancelled);
+    assert_eq!(h.step_state(c2, "cc_child").await, StepState::Cancelled);
+    let c3 = h.task(c3).await;
+    assert_eq!(
+        (c3.state, c3.result),
+        (TaskState::Completed, Some(json!("finished"))),
+        "finished child untouched"
+    );
+    assert_eq!(
+        h.task(c1).await.state,
+        TaskState::Running,
+        "another tree is untouched"
+    );
+    expect_announced(&mut rx, &[pp2.step_id, c2s.step_id]).await;
+}
+
+/// `retry_task` on a failed or cancelled task: `running`, error cleared;
+/// unfinished steps `ready` (attempt 0) or `blocked` by their dependencies;
+/// completed steps and checkpoints kept; `ready` notified.
+pub async fn retry_task_reruns_unfinished_steps(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("rt_root").await;
+    let root = h.claim_one("rt_root").await;
+    let plan = vec![
+        new_step("a", "rt_a", &[]),
+        new_step("b", "rt_b", &["a"]),
+        new_step("c", "rt_c", &[]),
+    ];
+    h.decide(&root, plan, None, json!("root")).await;
+    let a = h.claim_one("rt_a").await;
+    h.put_checkpoint(&a, "cp", json!(1)).await.unwrap();
+    h.resolve(&a, Resolution::Completed(json!("A"))).await;
+    let c = h.claim_one("rt_c").await;
+    h.resolve(
+        &c,
+        Resolution::Retry {
+            error: ErrorInfo::new(ErrorKind::Retryable, "hmm"),
+            run_at: h.now(),
+        },
+    )
+    .await;
+    let c = h.claim_one("rt_c").await;
+    assert_eq!(c.attempt, 2);
+    h.resolve(
+        &c,
+        Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "c broke")),
+    )
+    .await;
+    assert_eq!(h.task(id).await.state, TaskState::Failed);
+    assert_eq!(h.step_state(id, "b").await, StepState::Cancelled);
+
+    h.advance(10);
+    let signals = h.store.signals().clone();
+    expect_signal(
+        &signals.ready,
+        "ready on task retry",
+        h.store.retry_task(id),
+    )
+    .await
+    .expect("retry_task");
+    let task = h.task(id).await;
+    assert_eq!(task.state, TaskState::Running);
+    assert_eq!(task.error, None);
+    assert_eq!(task.result, None);
+    let a_rec = h.step(id, "a").await;
+    assert_eq!(
+        (a_rec.state, a_rec.result, a_rec.attempt),
+        (StepState::Completed, Some(json!("A")), 1)
+    );
+    assert_eq!(h.step_state(id, "rt_root").await, StepState::Completed);
+    for name in ["b", "c"] {
+        let rec = h.step(id, name).await;
+        assert_eq!(
+            (rec.state, rec.attempt),
+            (StepState::Ready, 0),
+            "step {name}"
+        );
+    }
+    assert_eq!(
+        h.store.checkpoints(id).await.unwrap(),
+        [("cp".to_string(), json!(1))].into()
+    );
+    let c = h.claim_one("rt_c").await;
+    assert_eq!(c.attempt, 1);
+
+    // A step whose dependency is not completed goes back to `blocked`.
+    let id2 = h.spawn_handler("rt2_root").await;
+    let root2 = h.claim_one("rt2_root").await;
+    h.decide(
+        &root2,
+        vec![new_step("a", "rt2_a", &[]), new_step("b", "rt2_b", &["a"])],
+        None,
+        json!(null),
+    )
+    .await;
+    let a2 = h.claim_one("rt2_a").await;
+    h.resolve(
+        &a2,
+        Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "a broke")),
+    )
+    .await;
+    h.store.retry_task(id2).await.unwrap();
+    assert_eq!(h.step_state(id2, "a").await, StepState::Ready);
+    assert_eq!(h.step_state(id2, "b").await, StepState::Blocked);
+
+    // A cancelled task is retried too.
+    let id3 = h.spawn_handler("rt3").await;
+    assert!(h.store.cancel_task(id3, false).await.unwrap());
+    h.store.retry_task(id3).await.unwrap();
+    assert_eq!(h.task(id3).await.state, TaskState::Running);
+    let r3 = h.step(id3, "rt3").await;
+    assert_eq!((r3.state, r3.attempt), (StepState::Ready, 0));
+    assert_eq!(h.claim_one("rt3").await.task_id, id3);
+}
+
+/// `retry_task`: `Conflict` on a running or completed task, `NotFound` on an
+/// unknown one; nothing changes.
+pub async fn retry_task_conflicts(factory: Factory) {
+    let h = H::open(&factory).await;
+    let running = h.spawn_handler("rc").await;
+    let r = h.store.retry_task(running).await;
+    assert!(matches!(r, Err(Error::Conflict(_))), "running task: {r:?}");
+    assert_eq!(h.step(running, "rc").await.state, StepState::Ready);
+
+    let s = h.claim_one("rc").await;
+    h.resolve(&s, Resolution::Completed(json!("ok"))).await;
+    let r = h.store.retry_task(running).await;
+    assert!(
+        matches!(r, Err(Error::Conflict(_))),
+        "completed task: {r:?}"
+    );
+    assert_eq!(h.task(running).await.state, TaskState::Completed);
+    assert_eq!(h.step(running, "rc").await.state, StepState::Completed);
+
+    let r = h.store.retry_task(TaskId::new()).await;
+    assert!(matches!(r, Err(Error::NotFound(_))), "unknown task: {r:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Queries
+// ---------------------------------------------------------------------------
+
+/// `list_tasks`: newest first, filtered by state and root handler, `limit`
+/// applied; `get_task`/`task_detail` answer `None` for unknown ids.
+pub async fn list_tasks_filters_and_orders(factory: Factory) {
+    let h = H::open(&factory).await;
+    assert_eq!(h.store.get_task(TaskId::new()).await.unwrap(), None);
+    assert_eq!(h.store.task_detail(TaskId::new()).await.unwrap(), None);
+    assert!(h
+        .store
+        .list_tasks(&TaskFilter::default())
+        .await
+        .unwrap()
+        .is_empty());
+    let mut ids = Vec::new();
+    for handler in ["lt_a", "lt_b", "lt_a", "lt_b"] {
+        ids.push(h.spawn_handler(handler).await);
+        h.advance(1);
+    }
+    let s = h.claim_one("lt_a").await;
+    assert_eq!(s.task_id, ids[0]);
+    h.resolve(&s, Resolution::Completed(json!("done"))).await;
+
+    let store = &h.store;
+    let list = |filter: TaskFilter| async move {
+        store
+            .list_tasks(&filter)
+            .await
+            .expect("list_tasks")
+            .into_iter()
+            .map(|t| t.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(TaskFilter::default()).await,
+        [ids[3], ids[2], ids[1], ids[0]],
+        "newest first"
+    );
+    let state = |s| TaskFilter {
+        state: Some(s),
+        ..TaskFilter::default()
+    };
+    assert_eq!(list(state(TaskState::Completed)).await, [ids[0]]);
+    assert_eq!(
+        list(state(TaskState::Running)).await,
+        [ids[3], ids[2], ids[1]]
+    );
+    assert!(list(state(TaskState::Failed)).await.is_empty());
+    let handler = TaskFilter {
+        handler: Some("lt_a".into()),
+        ..TaskFilter::default()
+    };
+    assert_eq!(list(handler.clone()).await, [ids[2], ids[0]]);
+    assert_eq!(
+        list(TaskFilter {
+            state: Some(TaskState::Running),
+            ..handler
+        })
+        .await,
+        [ids[2]]
+    );
+    assert_eq!(
+        list(TaskFilter {
+            limit: 2,
+            ..TaskFilter::default()
+        })
+        .await,
+        [ids[3], ids[2]]
+    );
+    let full = h
+        .store
+        .list_tasks(&TaskFilter {
+            limit: 1,
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        full,
+        vec![h.task(ids[3]).await],
+        "list_tasks returns whole records"
+    );
+}
+
+/// `list_tasks` with `limit` 0 returns at most the default of 100.
+pub async fn list_tasks_default_limit(factory: Factory) {
+    let h = H::open(&factory).await;
+    let tasks = (0..120).map(|i| NewTask::new("many", json!(i))).collect();
+    assert_eq!(h.store.spawn(tasks).await.unwrap().len(), 120);
+    assert_eq!(
+        h.store
+            .list_tasks(&TaskFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        100
+    );
+    assert_eq!(
+        h.store
+            .list_tasks(&TaskFilter {
+                limit: 110,
+                ..TaskFilter::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+        110
+    );
+}
+
+/// `heartbeat` registers hosts (`last_heartbeat` = now), `list_hosts` lists
+/// them newest heartbeat first, `deregister_host` removes one.
+pub async fn hosts_list_and_deregister(factory: Factory) {
+    let h = H::open(&factory).await;
+    assert!(h.store.list_hosts().await.unwrap().is_empty());
+    let t = h.now();
+    assert!(h.heartbeat("host-1", &[], LEASE_MS).await.is_empty());
+    h.advance(10);
+    h.heartbeat("host-2", &[], LEASE_MS).await;
+    let hosts = h.store.list_hosts().await.unwrap();
+    let listed: Vec<(&str, Millis)> = hosts
+        .iter()
+        .map(|x| (x.id.as_str(), x.last_heartbeat))
+        .collect();
+    assert_eq!(listed, [("host-2", t + 10), ("host-1", t)]);
+    let one = &hosts[1];
+    assert_eq!(one.pid, 4242);
+    assert_eq!(one.hostname, "box-1");
+    assert_eq!(one.handlers, ["alpha", "beta"]);
+    assert_eq!(one.started_at, t);
+
+    h.advance(10);
+    h.heartbeat("host-1", &[], LEASE_MS).await;
+    let order: Vec<String> = h
+        .store
+        .list_hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.id)
+        .collect();
+    assert_eq!(order, ["host-1", "host-2"], "a refreshed host moves first");
+    h.store.deregister_host("host-1").await.unwrap();
+    let order: Vec<String> = h
+        .store
+        .list_hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.id)
+        .collect();
+    assert_eq!(order, ["host-2"]);
+}
+
+/// `count_steps` counts steps by state, leaving out states with none.
+pub async fn count_steps_by_state(factory: Factory) {
+    let h = H::open(&factory).await;
+    assert!(
+        h.store.count_steps().await.unwrap().is_empty(),
+        "no steps, no states"
+    );
+    h.store
+        .spawn((0..3).map(|i| NewTask::new("cs", json!(i))).collect())
+        .await
+        .unwrap();
+    let claimed = h.claim("cs", 2).await;
+    h.resolve(&claimed[0], Resolution::Completed(json!(0)))
+        .await;
+    h.spawn_handler("cs_root").await;
+    let root = h.claim_one("cs_root").await;
+    h.decide(
+        &root,
+        vec![new_step("x", "cs_x", &[]), new_step("y", "cs_y", &["x"])],
+        None,
+        json!(null),
+    )
+    .await;
+    let expected: BTreeMap<String, u64> = [
+        ("blocked", 1),
+        ("completed", 2),
+        ("ready", 2),
+        ("running", 1),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .into();
+    assert_eq!(h.store.count_steps().await.unwrap(), expected);
+}
+
+/// `step_results` returns the results of the named completed steps, leaving
+/// out unknown and unfinished ones.
+pub async fn step_results_named_completed(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("sr").await;
+    let root = h.claim_one("sr").await;
+    h.decide(
+        &root,
+        vec![new_step("a", "sr_w", &[]), new_step("b", "sr_w", &[])],
+        None,
+        json!("decided"),
+    )
+    .await;
+    let a = h.claim_one("sr_w").await;
+    assert_eq!(a.name, "a");
+    h.resolve(&a, Resolution::Completed(json!({ "a": 1 })))
+        .await;
+    let names: Vec<String> = ["a", "b", "missing", "sr"].map(String::from).to_vec();
+    let results = h.store.step_results(id, &names).await.unwrap();
+    let expected: BTreeMap<String, Value> = [
+        ("a".to_string(), json!({ "a": 1 })),
+        ("sr".to_string(), json!("decided")),
+    ]
+    .into();
+    assert_eq!(results, expected);
+    assert!(h.store.step_results(id, &[]).await.unwrap().is_empty());
+}
