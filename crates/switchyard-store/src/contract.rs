@@ -119,6 +119,7 @@ macro_rules! contract_suite {
                 attempt_increments_per_claim,
                 complete_final_step_completes_task,
                 completed_unblocks_dependants_when_all_deps_done,
+                complete_batch_applies_items_in_order,
                 decided_creates_steps_atomically,
                 decided_invalid_items_change_nothing,
                 decided_final_step_semantics,
@@ -1062,6 +1063,60 @@ pub async fn completed_unblocks_dependants_when_all_deps_done(factory: Factory) 
     let task = h.task(t1).await;
     assert_eq!(task.state, TaskState::Completed);
     assert_eq!(task.result, Some(json!("C")));
+}
+
+/// `complete` answers one item per completion, applying them in order: two
+/// dependencies completed in one batch unblock their dependant, and a second
+/// completion of the same lease in the batch finds the step no longer running.
+pub async fn complete_batch_applies_items_in_order(factory: Factory) {
+    let h = H::open(&factory).await;
+    assert!(h
+        .store
+        .complete(vec![])
+        .await
+        .expect("empty batch")
+        .is_empty());
+    let id = h.spawn_handler("cb_root").await;
+    let root = h.claim_one("cb_root").await;
+    let plan = vec![
+        new_step("a", "cb_work", &[]),
+        new_step("b", "cb_work", &[]),
+        new_step("c", "cb_join", &["a", "b"]),
+    ];
+    h.decide(&root, plan, None, json!(null)).await;
+    let work = h.claim("cb_work", 2).await;
+    let (a, b) = (find_named(&work, id, "a"), find_named(&work, id, "b"));
+    let out = h
+        .store
+        .complete(vec![
+            Completion {
+                lease: lease(&a, HOST),
+                resolution: Resolution::Completed(json!("A")),
+            },
+            Completion {
+                lease: lease(&b, HOST),
+                resolution: Resolution::Completed(json!("B")),
+            },
+            Completion {
+                lease: lease(&a, HOST),
+                resolution: Resolution::Completed(json!("A2")),
+            },
+        ])
+        .await
+        .expect("complete batch");
+    assert_eq!(out, vec![Ok(()), Ok(()), Err(Error::LeaseLost(a.step_id))]);
+    assert_eq!(
+        h.step(id, "a").await.result,
+        Some(json!("A")),
+        "the first completion wins"
+    );
+    assert_eq!(h.step(id, "b").await.result, Some(json!("B")));
+    assert_eq!(
+        h.step_state(id, "c").await,
+        StepState::Ready,
+        "both dependencies completed"
+    );
+    assert_eq!(h.claim_one("cb_join").await.name, "c");
 }
 
 // ---------------------------------------------------------------------------
