@@ -846,6 +846,21 @@ pub async fn claim_orders_by_priority_run_at_creation(factory: Factory) {
         ["c", "a", "d", "g", "f"],
         "the rest, in order"
     );
+
+    // One claim for several handlers returns the whole batch in that order.
+    h.spawn(NewTask::new("ord_low", json!(null)).run_at(t - 500))
+        .await;
+    h.spawn(NewTask::new("ord_high", json!(null)).priority(9))
+        .await;
+    let batch = h
+        .claim_batch(HOST, &[("ord_low", 5), ("ord_high", 5)], LEASE_MS)
+        .await;
+    let handlers: Vec<&str> = batch.steps.iter().map(|s| s.handler.as_str()).collect();
+    assert_eq!(
+        handlers,
+        ["ord_high", "ord_low"],
+        "highest priority first across handlers"
+    );
 }
 
 /// `claim`: state `running`, `attempt + 1`, `lease_owner = host_id`,
@@ -2247,6 +2262,22 @@ pub async fn group_already_finished_wakes_at_once(factory: Factory) {
     );
     let woke = h.claim_one("gf_parent").await;
     assert_eq!(woke.task_id, done_parent);
+
+    // A parent suspended on something else is not woken by its children.
+    let other_parent = h.spawn_handler("gf_other").await;
+    let po = h.claim_one("gf_other").await;
+    let child = h
+        .spawn_child("gf_other_child", &po, Some("gf-other"), 0)
+        .await;
+    h.suspend(&po, wait_event("gf-unrelated")).await;
+    let c = h.claim_one("gf_other_child").await;
+    h.resolve(&c, Resolution::Completed(json!("child"))).await;
+    assert_eq!(h.task(child).await.state, TaskState::Completed);
+    assert_eq!(
+        h.step_state(other_parent, "gf_other").await,
+        StepState::Suspended,
+        "only a parent waiting on the group is woken"
+    );
 }
 
 fn assert_response(payload: &Value, task: TaskId, state: &str) {
@@ -2686,6 +2717,20 @@ pub async fn list_tasks_filters_and_orders(factory: Factory) {
         full,
         vec![h.task(ids[3]).await],
         "list_tasks returns whole records"
+    );
+
+    // The handler filter looks at the root handler only.
+    let root = h.claim_one("lt_b").await;
+    assert_eq!(root.task_id, ids[1]);
+    h.decide(&root, vec![new_step("x", "lt_c", &[])], None, json!(null))
+        .await;
+    let by_step_handler = TaskFilter {
+        handler: Some("lt_c".into()),
+        ..TaskFilter::default()
+    };
+    assert!(
+        list(by_step_handler).await.is_empty(),
+        "lt_c is not a root handler"
     );
 }
 
