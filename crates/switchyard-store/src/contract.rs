@@ -836,14 +836,25 @@ pub async fn claim_orders_by_priority_run_at_creation(factory: Factory) {
     }
     let order =
         |steps: Vec<ClaimedStep>| steps.iter().map(|s| names[&s.task_id]).collect::<Vec<_>>();
+    // Small claims check which steps are picked, the last one how they are returned.
     assert_eq!(
         order(h.claim("ord", 2).await),
         ["e", "b"],
         "the two best steps, best first"
     );
     assert_eq!(
+        order(h.claim("ord", 1).await),
+        ["c"],
+        "earliest run_at among equal priority"
+    );
+    assert_eq!(
+        order(h.claim("ord", 1).await),
+        ["a"],
+        "creation order among equal run_at"
+    );
+    assert_eq!(
         order(h.claim("ord", 10).await),
-        ["c", "a", "d", "g", "f"],
+        ["d", "g", "f"],
         "the rest, in order"
     );
 
