@@ -77,7 +77,11 @@ pub struct Job {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("id", &self.id).field("handler", &self.handler).field("items", &self.items.len()).finish()
+        f.debug_struct("Job")
+            .field("id", &self.id)
+            .field("handler", &self.handler)
+            .field("items", &self.items.len())
+            .finish()
     }
 }
 
@@ -118,7 +122,12 @@ pub struct Closed;
 impl Inbox {
     /// An empty inbox.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { state: Mutex::default(), cond: Condvar::new(), notify: Notify::new(), next_id: AtomicU64::new(1) })
+        Arc::new(Self {
+            state: Mutex::default(),
+            cond: Condvar::new(),
+            notify: Notify::new(),
+            next_id: AtomicU64::new(1),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -127,9 +136,20 @@ impl Inbox {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, handler: &str, kind: JobKind, items: Vec<JobItem>) -> Result<oneshot::Receiver<Vec<Reply>>, Closed> {
+    fn push(
+        &self,
+        handler: &str,
+        kind: JobKind,
+        items: Vec<JobItem>,
+    ) -> Result<oneshot::Receiver<Vec<Reply>>, Closed> {
         let (tx, rx) = oneshot::channel();
-        let job = Job { id: self.next_id.fetch_add(1, Ordering::Relaxed), handler: handler.to_string(), kind, items, reply: tx };
+        let job = Job {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            handler: handler.to_string(),
+            kind,
+            items,
+            reply: tx,
+        };
         {
             let mut s = self.lock();
             if s.closed {
@@ -172,7 +192,11 @@ impl Inbox {
             if now >= deadline {
                 return Ok(Vec::new());
             }
-            s = self.cond.wait_timeout(s, deadline - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+            s = self
+                .cond
+                .wait_timeout(s, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 
@@ -252,8 +276,17 @@ pub struct InboxHandler {
 impl InboxHandler {
     /// The capability for handler `name` of kind `kind`, served by `inbox`;
     /// `lang` names the language in error messages.
-    pub fn capability(inbox: Arc<Inbox>, name: &str, kind: JobKind, lang: &'static str) -> Capability {
-        let h = Arc::new(Self { inbox, name: name.to_string(), lang });
+    pub fn capability(
+        inbox: Arc<Inbox>,
+        name: &str,
+        kind: JobKind,
+        lang: &'static str,
+    ) -> Capability {
+        let h = Arc::new(Self {
+            inbox,
+            name: name.to_string(),
+            lang,
+        });
         match kind {
             JobKind::Step => Capability::Plain(h),
             JobKind::Decision => Capability::Decision(h),
@@ -264,7 +297,10 @@ impl InboxHandler {
 
     async fn roundtrip(&self, kind: JobKind, items: Vec<JobItem>) -> Result<Vec<Reply>, StepError> {
         let n = items.len();
-        let rx = self.inbox.push(&self.name, kind, items).map_err(|_| StepError::Cancelled)?;
+        let rx = self
+            .inbox
+            .push(&self.name, kind, items)
+            .map_err(|_| StepError::Cancelled)?;
         let replies = rx.await.map_err(|_| {
             StepError::retryable(format!(
                 "the {} handler `{}` dropped the step without answering",
@@ -288,7 +324,10 @@ impl InboxHandler {
     }
 
     fn wrong(&self, what: &str) -> StepError {
-        StepError::permanent(format!("the {} handler `{}` returned {what}", self.lang, self.name))
+        StepError::permanent(format!(
+            "the {} handler `{}` returned {what}",
+            self.lang, self.name
+        ))
     }
 }
 
@@ -299,7 +338,9 @@ impl Handler for InboxHandler {
             Reply::Value(v) => Ok(v),
             Reply::Error(e) => Err(e),
             Reply::Api(e) => Err(e.classify()),
-            Reply::Decision(_) => Err(self.wrong("a decision, but it is registered as a plain step")),
+            Reply::Decision(_) => {
+                Err(self.wrong("a decision, but it is registered as a plain step"))
+            }
         }
     }
 }
@@ -311,7 +352,9 @@ impl DecisionCapable for InboxHandler {
             Reply::Decision(d) => Ok(d),
             Reply::Error(e) => Err(e),
             Reply::Api(e) => Err(e.classify()),
-            Reply::Value(_) => Err(self.wrong("a plain value, but a decision handler must return a decision")),
+            Reply::Value(_) => {
+                Err(self.wrong("a plain value, but a decision handler must return a decision"))
+            }
         }
     }
 }
@@ -332,7 +375,13 @@ impl APICapable for InboxHandler {
 impl BatchableCapable for InboxHandler {
     async fn run_batch(&self, items: Vec<BatchItem>) -> Vec<StepResult> {
         let n = items.len();
-        let items = items.into_iter().map(|i| JobItem { input: i.input, ctx: i.ctx }).collect();
+        let items = items
+            .into_iter()
+            .map(|i| JobItem {
+                input: i.input,
+                ctx: i.ctx,
+            })
+            .collect();
         match self.roundtrip(JobKind::Batch, items).await {
             Ok(replies) => replies
                 .into_iter()
@@ -355,7 +404,10 @@ mod tests {
     #[test]
     fn recv_batch_times_out_and_interrupts() {
         let inbox = Inbox::new();
-        assert!(inbox.recv_batch(8, Duration::from_millis(5)).unwrap().is_empty());
+        assert!(inbox
+            .recv_batch(8, Duration::from_millis(5))
+            .unwrap()
+            .is_empty());
         let i2 = inbox.clone();
         let t = std::thread::spawn(move || i2.recv_batch(8, Duration::from_secs(30)));
         // Interrupt until the blocked thread has observed it (it may not be
@@ -366,6 +418,9 @@ mod tests {
         }
         assert!(t.join().unwrap().unwrap().is_empty());
         inbox.close();
-        assert_eq!(inbox.recv_batch(8, Duration::from_secs(30)).unwrap_err(), Closed);
+        assert_eq!(
+            inbox.recv_batch(8, Duration::from_secs(30)).unwrap_err(),
+            Closed
+        );
     }
 }

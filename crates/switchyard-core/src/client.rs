@@ -24,10 +24,16 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
         return Err(Error::InvalidInput(format!("{what} must not be empty")));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(Error::InvalidInput(format!("{what} is {} bytes long; the limit is {MAX_NAME_LEN}", name.len())));
+        return Err(Error::InvalidInput(format!(
+            "{what} is {} bytes long; the limit is {MAX_NAME_LEN}",
+            name.len()
+        )));
     }
     if name.chars().any(char::is_control) {
-        return Err(Error::InvalidInput(format!("{what} `{}` contains control characters", name.escape_debug())));
+        return Err(Error::InvalidInput(format!(
+            "{what} `{}` contains control characters",
+            name.escape_debug()
+        )));
     }
     Ok(())
 }
@@ -59,14 +65,19 @@ pub fn check_size(what: &str, v: &Value, limit: usize) -> Result<()> {
     }
     let size = json_size(v);
     if size > limit {
-        return Err(Error::PayloadTooLarge { what: what.to_string(), size, limit });
+        return Err(Error::PayloadTooLarge {
+            what: what.to_string(),
+            size,
+            limit,
+        });
     }
     Ok(())
 }
 
 /// Parses JSON text given by a user, naming `what` in the error.
 pub fn parse_json(what: &str, text: &str) -> Result<Value> {
-    serde_json::from_str(text).map_err(|e| Error::InvalidInput(format!("{what} is not valid JSON: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| Error::InvalidInput(format!("{what} is not valid JSON: {e}")))
 }
 
 /// Spawns and inspects tasks.
@@ -79,7 +90,10 @@ pub struct Client {
 impl Client {
     /// A client on `store` with the default payload limit.
     pub fn new(store: DynStore) -> Self {
-        Self { store, max_payload: DEFAULT_MAX_PAYLOAD }
+        Self {
+            store,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
     }
 
     /// Sets the payload limit.
@@ -105,7 +119,9 @@ impl Client {
         for (k, v) in &t.headers {
             validate_name("header name", k)?;
             if v.len() > 8192 {
-                return Err(Error::InvalidInput(format!("header `{k}` is longer than 8192 bytes")));
+                return Err(Error::InvalidInput(format!(
+                    "header `{k}` is longer than 8192 bytes"
+                )));
             }
         }
         Ok(())
@@ -120,7 +136,8 @@ impl Client {
     pub async fn spawn_task(&self, task: NewTask) -> Result<Spawned> {
         self.validate(&task)?;
         let mut v = self.store.spawn(vec![task]).await?;
-        v.pop().ok_or_else(|| Error::Store("spawn returned no answer".into()))
+        v.pop()
+            .ok_or_else(|| Error::Store("spawn returned no answer".into()))
     }
 
     /// Spawns many tasks in one write. Every task is validated first; if
@@ -129,9 +146,11 @@ impl Client {
         for (i, t) in tasks.iter().enumerate() {
             self.validate(t).map_err(|e| match e {
                 Error::InvalidInput(m) => Error::InvalidInput(format!("task #{i}: {m}")),
-                Error::PayloadTooLarge { what, size, limit } => {
-                    Error::PayloadTooLarge { what: format!("task #{i} {what}"), size, limit }
-                }
+                Error::PayloadTooLarge { what, size, limit } => Error::PayloadTooLarge {
+                    what: format!("task #{i} {what}"),
+                    size,
+                    limit,
+                },
                 other => other,
             })?;
         }
@@ -150,12 +169,18 @@ impl Client {
 
     /// A task.
     pub async fn get(&self, id: TaskId) -> Result<TaskRecord> {
-        self.store.get_task(id).await?.ok_or_else(|| Error::NotFound(format!("task {id}")))
+        self.store
+            .get_task(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("task {id}")))
     }
 
     /// A task with its steps, checkpoints and children.
     pub async fn inspect(&self, id: TaskId) -> Result<TaskDetail> {
-        self.store.task_detail(id).await?.ok_or_else(|| Error::NotFound(format!("task {id}")))
+        self.store
+            .task_detail(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("task {id}")))
     }
 
     /// Tasks, newest first.
@@ -196,7 +221,9 @@ impl Client {
             TaskState::Completed => Ok(t.result.unwrap_or(Value::Null)),
             state => Err(Error::Conflict(format!(
                 "task {id} {state}: {}",
-                t.error.map(|e| e.message).unwrap_or_else(|| "no error recorded".into())
+                t.error
+                    .map(|e| e.message)
+                    .unwrap_or_else(|| "no error recorded".into())
             ))),
         }
     }

@@ -56,7 +56,10 @@ pub struct ChildSpec {
 impl ChildSpec {
     /// A child running `handler` with `input`.
     pub fn new(handler: impl Into<String>, input: Value) -> Self {
-        Self { handler: handler.into(), input }
+        Self {
+            handler: handler.into(),
+            input,
+        }
     }
 }
 
@@ -172,15 +175,29 @@ impl Context {
     async fn lookup(&self, key: &str) -> StepResult<Option<Value>> {
         let mut cache = self.inner.cache.lock().await;
         if cache.is_none() {
-            *cache = Some(self.store().checkpoints(self.task_id()).await.map_err(lost)?);
+            *cache = Some(
+                self.store()
+                    .checkpoints(self.task_id())
+                    .await
+                    .map_err(lost)?,
+            );
         }
         Ok(cache.as_ref().and_then(|c| c.get(key).cloned()))
     }
 
     async fn save(&self, key: &str, value: Value) -> StepResult<()> {
-        crate::client::check_size(&format!("checkpoint `{key}`"), &value, self.inner.env.max_payload)?;
+        crate::client::check_size(
+            &format!("checkpoint `{key}`"),
+            &value,
+            self.inner.env.max_payload,
+        )?;
         self.store()
-            .put_checkpoint(&self.inner.lease, key, value.clone(), self.inner.env.lease_ms)
+            .put_checkpoint(
+                &self.inner.lease,
+                key,
+                value.clone(),
+                self.inner.env.lease_ms,
+            )
             .await
             .map_err(lost)?;
         if let Some(c) = self.inner.cache.lock().await.as_mut() {
@@ -190,7 +207,10 @@ impl Context {
     }
 
     async fn now(&self) -> StepResult<Millis> {
-        self.store().now().await.map_err(|e| StepError::retryable(format!("reading the store clock: {e}")))
+        self.store()
+            .now()
+            .await
+            .map_err(|e| StepError::retryable(format!("reading the store clock: {e}")))
     }
 
     /// Reserves the key for checkpoint `name` and returns its stored value,
@@ -225,12 +245,17 @@ impl Context {
         let (key, stored) = self.checkpoint_lookup(name).await?;
         if let Some(v) = stored {
             return serde_json::from_value(v).map_err(|e| {
-                StepError::permanent(format!("checkpoint `{key}` holds a value of another type: {e}"))
+                StepError::permanent(format!(
+                    "checkpoint `{key}` holds a value of another type: {e}"
+                ))
             });
         }
         let value = f().await?;
-        let json = serde_json::to_value(&value)
-            .map_err(|e| StepError::permanent(format!("checkpoint `{key}`: value is not JSON-serialisable: {e}")))?;
+        let json = serde_json::to_value(&value).map_err(|e| {
+            StepError::permanent(format!(
+                "checkpoint `{key}`: value is not JSON-serialisable: {e}"
+            ))
+        })?;
         self.save(&key, json).await?;
         Ok(value)
     }
@@ -246,7 +271,9 @@ impl Context {
         if let Some(v) = self.lookup(&key).await? {
             return match v.get("event") {
                 Some(p) => Ok(p.clone()),
-                None => Err(StepError::AwaitTimeout { event: name.to_string() }),
+                None => Err(StepError::AwaitTimeout {
+                    event: name.to_string(),
+                }),
             };
         }
         let deadline = match timeout {
@@ -270,10 +297,16 @@ impl Context {
         if let Some(d) = deadline {
             if self.now().await? >= d {
                 self.save(&key, json!({ "timeout": true })).await?;
-                return Err(StepError::AwaitTimeout { event: name.to_string() });
+                return Err(StepError::AwaitTimeout {
+                    event: name.to_string(),
+                });
             }
         }
-        Err(StepError::Suspend(WaitFor { wake_at: deadline, event: Some(name.to_string()), group: None }))
+        Err(StepError::Suspend(WaitFor {
+            wake_at: deadline,
+            event: Some(name.to_string()),
+            group: None,
+        }))
     }
 
     /// Durable sleep: suspends the step until `duration` after the first
@@ -304,7 +337,11 @@ impl Context {
         if self.now().await? >= wake {
             return Ok(());
         }
-        Err(StepError::Suspend(WaitFor { wake_at: Some(wake), event: None, group: None }))
+        Err(StepError::Suspend(WaitFor {
+            wake_at: Some(wake),
+            event: None,
+            group: None,
+        }))
     }
 
     /// Emits an event (first write wins). Returns true if this call stored it.
@@ -314,7 +351,13 @@ impl Context {
         self.store().emit_event(name, payload).await.map_err(lost)
     }
 
-    fn child(&self, handler: &str, input: Value, key: String, parent: ParentRef) -> StepResult<NewTask> {
+    fn child(
+        &self,
+        handler: &str,
+        input: Value,
+        key: String,
+        parent: ParentRef,
+    ) -> StepResult<NewTask> {
         crate::client::validate_name("handler name", handler)?;
         crate::client::check_size("child input", &input, self.inner.env.max_payload)?;
         let mut t = NewTask::new(handler, input);
@@ -330,7 +373,12 @@ impl Context {
     pub async fn spawn(&self, handler: &str, input: Value) -> StepResult<TaskId> {
         let key = self.next_key(&format!("$spawn:{}", self.inner.step.name));
         let idem = format!("{}/{key}", self.task_id());
-        let parent = ParentRef { task_id: self.task_id(), step_id: self.step_id(), group: None, index: 0 };
+        let parent = ParentRef {
+            task_id: self.task_id(),
+            step_id: self.step_id(),
+            group: None,
+            index: 0,
+        };
         let task = self.child(handler, input, idem, parent)?;
         let spawned = self.store().spawn(vec![task]).await.map_err(lost)?;
         Ok(spawned[0].task_id)
@@ -339,7 +387,10 @@ impl Context {
     /// Delegates to child tasks run in parallel and waits for all of them
     /// (the step suspends meanwhile). Returns one outcome per child, in
     /// order; failures are reported per child (collect, not fail-fast).
-    pub async fn delegate_parallel(&self, children: Vec<ChildSpec>) -> StepResult<Vec<ChildOutcome>> {
+    pub async fn delegate_parallel(
+        &self,
+        children: Vec<ChildSpec>,
+    ) -> StepResult<Vec<ChildOutcome>> {
         let key = self.next_key(&format!("$group:{}", self.inner.step.name));
         let group = format!("{}/{key}", self.task_id());
         if self.lookup(&key).await?.is_none() {
@@ -356,20 +407,29 @@ impl Context {
             let n = tasks.len();
             let spawned = self.store().spawn(tasks).await.map_err(lost)?;
             let ids: Vec<String> = spawned.iter().map(|s| s.task_id.to_string()).collect();
-            self.save(&key, json!({ "group": group, "children": ids, "count": n })).await?;
+            self.save(&key, json!({ "group": group, "children": ids, "count": n }))
+                .await?;
         }
         let outcomes = self.store().group_outcomes(&group).await.map_err(lost)?;
         if outcomes.iter().all(|o| o.state.is_terminal()) {
             return Ok(outcomes);
         }
-        Err(StepError::Suspend(WaitFor { wake_at: None, event: None, group: Some(group) }))
+        Err(StepError::Suspend(WaitFor {
+            wake_at: None,
+            event: None,
+            group: Some(group),
+        }))
     }
 
     /// Delegates to one child task and waits for its result; a failed or
     /// cancelled child fails this step permanently with the child's error.
     pub async fn delegate(&self, handler: &str, input: Value) -> StepResult<Value> {
-        let mut out = self.delegate_parallel(vec![ChildSpec::new(handler, input)]).await?;
-        let o = out.pop().ok_or_else(|| StepError::permanent("delegation returned no outcome"))?;
+        let mut out = self
+            .delegate_parallel(vec![ChildSpec::new(handler, input)])
+            .await?;
+        let o = out
+            .pop()
+            .ok_or_else(|| StepError::permanent("delegation returned no outcome"))?;
         match o.state {
             TaskState::Completed => Ok(o.result.unwrap_or(Value::Null)),
             state => Err(StepError::permanent(format!(
@@ -384,7 +444,11 @@ impl Context {
     /// if the step was cancelled or taken over.
     pub async fn heartbeat(&self) -> StepResult<()> {
         let env = &self.inner.env;
-        let reply = self.store().heartbeat(&env.host, &[self.step_id()], env.lease_ms).await.map_err(lost)?;
+        let reply = self
+            .store()
+            .heartbeat(&env.host, &[self.step_id()], env.lease_ms)
+            .await
+            .map_err(lost)?;
         if reply.lost.contains(&self.step_id()) {
             self.inner.token.cancel();
             return Err(StepError::LeaseLost);
@@ -409,6 +473,9 @@ impl Context {
             .find(|s| s.id == self.step_id())
             .map(|s| s.depends_on.clone())
             .unwrap_or_default();
-        self.store().step_results(self.task_id(), &deps).await.map_err(lost)
+        self.store()
+            .step_results(self.task_id(), &deps)
+            .await
+            .map_err(lost)
     }
 }

@@ -63,15 +63,26 @@ pub enum StepError {
 impl StepError {
     /// A retryable error.
     pub fn retryable(message: impl fmt::Display) -> Self {
-        Self::Retryable { message: message.to_string(), retry_after: None, trace: None }
+        Self::Retryable {
+            message: message.to_string(),
+            retry_after: None,
+            trace: None,
+        }
     }
     /// A retryable error that asks for a minimum delay.
     pub fn retry_after(message: impl fmt::Display, after: Duration) -> Self {
-        Self::Retryable { message: message.to_string(), retry_after: Some(after), trace: None }
+        Self::Retryable {
+            message: message.to_string(),
+            retry_after: Some(after),
+            trace: None,
+        }
     }
     /// A permanent error.
     pub fn permanent(message: impl fmt::Display) -> Self {
-        Self::Permanent { message: message.to_string(), trace: None }
+        Self::Permanent {
+            message: message.to_string(),
+            trace: None,
+        }
     }
     /// Invalid input.
     pub fn invalid_input(message: impl fmt::Display) -> Self {
@@ -93,7 +104,9 @@ impl StepError {
 impl fmt::Display for StepError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Retryable { message, .. } | Self::Permanent { message, .. } => f.write_str(message),
+            Self::Retryable { message, .. } | Self::Permanent { message, .. } => {
+                f.write_str(message)
+            }
             Self::InvalidInput(m) => write!(f, "invalid input: {m}"),
             Self::AwaitTimeout { event } => write!(f, "timed out waiting for event `{event}`"),
             Self::Cancelled => f.write_str("cancelled"),
@@ -110,7 +123,10 @@ impl From<Error> for StepError {
         match e {
             Error::LeaseLost(_) => Self::LeaseLost,
             Error::InvalidInput(m) => Self::InvalidInput(m),
-            Error::PayloadTooLarge { .. } => Self::Permanent { message: e.to_string(), trace: None },
+            Error::PayloadTooLarge { .. } => Self::Permanent {
+                message: e.to_string(),
+                trace: None,
+            },
             other => Self::retryable(other),
         }
     }
@@ -184,7 +200,10 @@ pub enum Decision {
 impl Decision {
     /// Creates `steps`; the last one's result becomes the task's result.
     pub fn steps(steps: Vec<NewStep>) -> Self {
-        Self::Steps { steps, final_step: None }
+        Self::Steps {
+            steps,
+            final_step: None,
+        }
     }
 
     /// Fan-out: splits `total` items into cursor ranges of `batch_size`
@@ -193,7 +212,13 @@ impl Decision {
     /// step `converge` (handler `converge`) that depends on all of them and
     /// receives their results through [`Context::dependency_results`]. The
     /// convergence step's result becomes the task's result.
-    pub fn fan_out(handler: &str, total: u64, batch_size: u64, input: Value, converge: &str) -> Self {
+    pub fn fan_out(
+        handler: &str,
+        total: u64,
+        batch_size: u64,
+        input: Value,
+        converge: &str,
+    ) -> Self {
         let size = batch_size.max(1);
         let mut steps = Vec::new();
         let mut start = 0;
@@ -216,7 +241,10 @@ impl Decision {
             input: json!({"total": total, "batches": index, "input": input}),
             depends_on: deps,
         });
-        Self::Steps { steps, final_step: Some(converge.to_string()) }
+        Self::Steps {
+            steps,
+            final_step: Some(converge.to_string()),
+        }
     }
 }
 
@@ -251,13 +279,31 @@ impl ApiError {
     /// Classifies the failure into a step error.
     pub fn classify(self) -> StepError {
         match self {
-            ApiError::Http { status, retry_after, message } => {
+            ApiError::Http {
+                status,
+                retry_after,
+                message,
+            } => {
                 let message = format!("HTTP {status}: {message}");
                 match status {
-                    429 => StepError::Retryable { message, retry_after, trace: None },
-                    400..=499 => StepError::Permanent { message, trace: None },
-                    500..=599 => StepError::Retryable { message, retry_after, trace: None },
-                    _ => StepError::Permanent { message: format!("{message} (not an error status)"), trace: None },
+                    429 => StepError::Retryable {
+                        message,
+                        retry_after,
+                        trace: None,
+                    },
+                    400..=499 => StepError::Permanent {
+                        message,
+                        trace: None,
+                    },
+                    500..=599 => StepError::Retryable {
+                        message,
+                        retry_after,
+                        trace: None,
+                    },
+                    _ => StepError::Permanent {
+                        message: format!("{message} (not an error status)"),
+                        trace: None,
+                    },
                 }
             }
             ApiError::Network(m) => StepError::retryable(format!("network error: {m}")),
@@ -267,7 +313,12 @@ impl ApiError {
 
     /// Parses a `Retry-After` header given in seconds.
     pub fn parse_retry_after(header: &str) -> Option<Duration> {
-        header.trim().parse::<f64>().ok().filter(|s| *s >= 0.0).map(Duration::from_secs_f64)
+        header
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s >= 0.0)
+            .map(Duration::from_secs_f64)
     }
 }
 
@@ -314,14 +365,23 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// A policy with `max_attempts` and the default backoff.
     pub fn attempts(max_attempts: u32) -> Self {
-        Self { max_attempts: max_attempts.max(1), ..Self::default() }
+        Self {
+            max_attempts: max_attempts.max(1),
+            ..Self::default()
+        }
     }
 
     /// The delay after failed attempt number `attempt` (1-based), with jitter.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.multiplier.powi(attempt.saturating_sub(1).min(62) as i32);
+        let exp = self
+            .multiplier
+            .powi(attempt.saturating_sub(1).min(62) as i32);
         let base = (self.initial_backoff.as_secs_f64() * exp).min(self.max_backoff.as_secs_f64());
-        let spread = if self.jitter > 0.0 { rand::random::<f64>() * 2.0 - 1.0 } else { 0.0 };
+        let spread = if self.jitter > 0.0 {
+            rand::random::<f64>() * 2.0 - 1.0
+        } else {
+            0.0
+        };
         Duration::from_secs_f64((base * (1.0 + self.jitter * spread)).max(0.0))
     }
 }
@@ -393,7 +453,10 @@ impl HandlerOptions {
     }
     /// Sets the rate limit.
     pub fn rate_limit(mut self, per_second: f64, burst: u32) -> Self {
-        self.rate_limit = Some(RateLimit { per_second, burst: burst.max(1) });
+        self.rate_limit = Some(RateLimit {
+            per_second,
+            burst: burst.max(1),
+        });
         self
     }
 }
@@ -506,28 +569,49 @@ mod tests {
 
     #[test]
     fn api_errors_are_classified_by_status() {
-        let http = |status, retry_after| ApiError::Http { status, retry_after, message: "x".into() };
+        let http = |status, retry_after| ApiError::Http {
+            status,
+            retry_after,
+            message: "x".into(),
+        };
         let r = http(429, Some(Duration::from_secs(7))).classify();
         assert_eq!(r.kind(), ErrorKind::Retryable);
-        assert!(matches!(r, StepError::Retryable { retry_after: Some(d), .. } if d == Duration::from_secs(7)));
+        assert!(
+            matches!(r, StepError::Retryable { retry_after: Some(d), .. } if d == Duration::from_secs(7))
+        );
         assert_eq!(http(404, None).classify().kind(), ErrorKind::Permanent);
         assert_eq!(http(400, None).classify().kind(), ErrorKind::Permanent);
         assert_eq!(http(503, None).classify().kind(), ErrorKind::Retryable);
         assert_eq!(http(500, None).classify().kind(), ErrorKind::Retryable);
-        assert_eq!(ApiError::Network("reset".into()).classify().kind(), ErrorKind::Retryable);
-        assert_eq!(ApiError::parse_retry_after(" 2.5 "), Some(Duration::from_millis(2500)));
+        assert_eq!(
+            ApiError::Network("reset".into()).classify().kind(),
+            ErrorKind::Retryable
+        );
+        assert_eq!(
+            ApiError::parse_retry_after(" 2.5 "),
+            Some(Duration::from_millis(2500))
+        );
         assert_eq!(ApiError::parse_retry_after("soon"), None);
     }
 
     #[test]
     fn fan_out_covers_the_range_once() {
-        let Decision::Steps { steps, final_step } = Decision::fan_out("sum", 10, 4, json!({"k": 1}), "total") else {
+        let Decision::Steps { steps, final_step } =
+            Decision::fan_out("sum", 10, 4, json!({"k": 1}), "total")
+        else {
             panic!("fan_out makes steps");
         };
         assert_eq!(final_step.as_deref(), Some("total"));
         assert_eq!(steps.len(), 4);
-        let ranges: Vec<(u64, u64)> =
-            steps[..3].iter().map(|s| (s.input["start"].as_u64().unwrap(), s.input["end"].as_u64().unwrap())).collect();
+        let ranges: Vec<(u64, u64)> = steps[..3]
+            .iter()
+            .map(|s| {
+                (
+                    s.input["start"].as_u64().unwrap(),
+                    s.input["end"].as_u64().unwrap(),
+                )
+            })
+            .collect();
         assert_eq!(ranges, vec![(0, 4), (4, 8), (8, 10)]);
         assert_eq!(steps[3].depends_on, vec!["sum#0", "sum#1", "sum#2"]);
         assert_eq!(steps[3].input["batches"], 3);

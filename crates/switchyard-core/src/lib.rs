@@ -23,7 +23,7 @@ pub mod worker;
 pub use client::Client;
 pub use context::{ChildSpec, Context};
 pub use handler::{
-    APICapable, ApiError, BatchItem, BatchableCapable, Capability, Decision, DecisionCapable, Handler,
-    HandlerOptions, RateLimit, ResultExt, RetryPolicy, StepError, StepResult,
+    APICapable, ApiError, BatchItem, BatchableCapable, Capability, Decision, DecisionCapable,
+    Handler, HandlerOptions, RateLimit, ResultExt, RetryPolicy, StepError, StepResult,
 };
 pub use worker::{wait_for_signal, RunningWorker, Worker, WorkerBuilder, WorkerOptions};

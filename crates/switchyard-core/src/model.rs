@@ -195,7 +195,12 @@ pub struct ErrorInfo {
 impl ErrorInfo {
     /// An error of `kind` with a message.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), trace: None, attempt: 0 }
+        Self {
+            kind,
+            message: message.into(),
+            trace: None,
+            attempt: 0,
+        }
     }
 }
 

@@ -74,7 +74,11 @@ pub struct Signals {
 impl Signals {
     /// Fresh signals.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { ready: Notify::new(), finished: Notify::new(), cancelled: broadcast::channel(1024).0 })
+        Arc::new(Self {
+            ready: Notify::new(),
+            finished: Notify::new(),
+            cancelled: broadcast::channel(1024).0,
+        })
     }
     /// Wakes every host waiting for ready steps.
     pub fn notify_ready(&self) {
@@ -124,7 +128,12 @@ pub trait Store: Send + Sync + 'static {
     /// highest priority first, then earliest `run_at`, then creation order:
     /// state `running`, `attempt + 1`, `lease_owner = host_id`,
     /// `lease_expires_at = now + lease_ms`. Never returns more than asked.
-    async fn claim(&self, host_id: &str, wants: &[(String, usize)], lease_ms: i64) -> Result<ClaimBatch>;
+    async fn claim(
+        &self,
+        host_id: &str,
+        wants: &[(String, usize)],
+        lease_ms: i64,
+    ) -> Result<ClaimBatch>;
 
     /// Applies completions (see the module docs); one answer per item, in
     /// order. The outer error is for a failure of the whole batch.
@@ -133,7 +142,12 @@ pub trait Store: Send + Sync + 'static {
     /// Registers or refreshes `host` (last_heartbeat = now) and extends to
     /// `now + lease_ms` the lease of each step in `running` that is still
     /// running under this host's lease. Reports the others as `lost`.
-    async fn heartbeat(&self, host: &HostInfo, running: &[StepId], lease_ms: i64) -> Result<HeartbeatReply>;
+    async fn heartbeat(
+        &self,
+        host: &HostInfo,
+        running: &[StepId],
+        lease_ms: i64,
+    ) -> Result<HeartbeatReply>;
 
     /// Removes a host registration (clean shutdown).
     async fn deregister_host(&self, host_id: &str) -> Result<()>;
@@ -147,7 +161,13 @@ pub trait Store: Send + Sync + 'static {
     /// now + `lease_ms`. Rejected with [`Error::LeaseLost`] unless the lease
     /// is current. An existing checkpoint written by a newer attempt is never
     /// overwritten (the call then succeeds without writing).
-    async fn put_checkpoint(&self, lease: &Lease, key: &str, value: Value, lease_ms: i64) -> Result<()>;
+    async fn put_checkpoint(
+        &self,
+        lease: &Lease,
+        key: &str,
+        value: Value,
+        lease_ms: i64,
+    ) -> Result<()>;
 
     /// Every checkpoint of a task, by key.
     async fn checkpoints(&self, task_id: TaskId) -> Result<BTreeMap<String, Value>>;
@@ -168,7 +188,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Results of the named completed steps of a task (missing names are
     /// left out).
-    async fn step_results(&self, task_id: TaskId, names: &[String]) -> Result<BTreeMap<String, Value>>;
+    async fn step_results(
+        &self,
+        task_id: TaskId,
+        names: &[String],
+    ) -> Result<BTreeMap<String, Value>>;
 
     /// Cancels a running task: state `cancelled`, every non-terminal step
     /// `cancelled` (running ones are announced on [`Signals::cancelled`] and

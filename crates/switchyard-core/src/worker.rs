@@ -73,7 +73,9 @@ struct Reg {
 
 impl Reg {
     fn free(&self) -> usize {
-        self.opts.concurrency.saturating_sub(self.inflight.load(Ordering::Acquire))
+        self.opts
+            .concurrency
+            .saturating_sub(self.inflight.load(Ordering::Acquire))
     }
 
     /// Whole tokens available now, and how long until the next one.
@@ -83,10 +85,12 @@ impl Reg {
         };
         let mut b = bucket.lock();
         let now = Instant::now();
-        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * limit.per_second).min(limit.burst as f64);
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * limit.per_second)
+            .min(limit.burst as f64);
         b.last = now;
         let whole = b.tokens.floor() as usize;
-        let wait = (whole == 0).then(|| Duration::from_secs_f64((1.0 - b.tokens) / limit.per_second.max(1e-9)));
+        let wait = (whole == 0)
+            .then(|| Duration::from_secs_f64((1.0 - b.tokens) / limit.per_second.max(1e-9)));
         (whole, wait)
     }
 
@@ -158,7 +162,9 @@ impl WorkerBuilder {
     /// Lease length (heartbeat defaults to a third of it, at most 5 s).
     pub fn lease(mut self, d: Duration) -> Self {
         self.opts.lease = d;
-        self.opts.heartbeat = (d / 3).min(Duration::from_secs(5)).max(Duration::from_millis(10));
+        self.opts.heartbeat = (d / 3)
+            .min(Duration::from_secs(5))
+            .max(Duration::from_millis(10));
         self
     }
     /// Heartbeat period.
@@ -188,7 +194,12 @@ impl WorkerBuilder {
     }
 
     /// Registers a handler with any capability.
-    pub fn handler(mut self, name: impl Into<String>, cap: Capability, opts: HandlerOptions) -> Self {
+    pub fn handler(
+        mut self,
+        name: impl Into<String>,
+        cap: Capability,
+        opts: HandlerOptions,
+    ) -> Self {
         self.regs.push((name.into(), cap, opts));
         self
     }
@@ -234,7 +245,9 @@ impl WorkerBuilder {
         for (name, cap, opts) in &self.regs {
             crate::client::validate_name("handler name", name)?;
             if seen.insert(name.clone(), ()).is_some() {
-                return Err(Error::Config(format!("handler `{name}` is registered twice")));
+                return Err(Error::Config(format!(
+                    "handler `{name}` is registered twice"
+                )));
             }
             if let Some(r) = opts.rate_limit {
                 if !(r.per_second > 0.0 && r.per_second.is_finite()) {
@@ -244,14 +257,20 @@ impl WorkerBuilder {
                 }
             }
             if opts.concurrency == 0 {
-                return Err(Error::Config(format!("handler `{name}`: concurrency must be at least 1")));
+                return Err(Error::Config(format!(
+                    "handler `{name}`: concurrency must be at least 1"
+                )));
             }
             let _ = cap;
         }
         if self.opts.lease < Duration::from_millis(50) {
             return Err(Error::Config("lease must be at least 50 ms".into()));
         }
-        Ok(Worker { store: self.store, opts: self.opts, regs: self.regs })
+        Ok(Worker {
+            store: self.store,
+            opts: self.opts,
+            regs: self.regs,
+        })
     }
 }
 
@@ -265,7 +284,11 @@ pub struct Worker {
 impl Worker {
     /// Starts building a worker on `store`.
     pub fn builder(store: DynStore) -> WorkerBuilder {
-        WorkerBuilder { store, opts: WorkerOptions::default(), regs: Vec::new() }
+        WorkerBuilder {
+            store,
+            opts: WorkerOptions::default(),
+            regs: Vec::new(),
+        }
     }
 
     /// Starts the host on the current tokio runtime and returns a handle.
@@ -294,8 +317,20 @@ impl Worker {
             .regs
             .into_iter()
             .map(|(name, cap, opts)| {
-                let bucket = opts.rate_limit.map(|r| Mutex::new(Bucket { tokens: r.burst as f64, last: Instant::now() }));
-                Arc::new(Reg { name, cap, opts, inflight: AtomicUsize::new(0), bucket, batch_tx: Mutex::new(None) })
+                let bucket = opts.rate_limit.map(|r| {
+                    Mutex::new(Bucket {
+                        tokens: r.burst as f64,
+                        last: Instant::now(),
+                    })
+                });
+                Arc::new(Reg {
+                    name,
+                    cap,
+                    opts,
+                    inflight: AtomicUsize::new(0),
+                    bucket,
+                    batch_tx: Mutex::new(None),
+                })
             })
             .collect();
         let shared = Arc::new(Shared {
@@ -343,7 +378,10 @@ impl Worker {
             completer.abort();
             tracing::info!(host = %s.env.host.id, "host stopped");
         });
-        Ok(RunningWorker { shared, main: Mutex::new(Some(main)) })
+        Ok(RunningWorker {
+            shared,
+            main: Mutex::new(Some(main)),
+        })
     }
 
     /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
@@ -433,6 +471,7 @@ async fn claim_loop(shared: Arc<Shared>) {
     let lease_ms = shared.env.lease_ms;
     let mut rotate = 0usize;
     let mut backoff = Duration::from_millis(10);
+    let mut deferred = false;
     loop {
         if shared.stopping.is_cancelled() {
             return;
@@ -448,8 +487,12 @@ async fn claim_loop(shared: Arc<Shared>) {
         // Under load every finished step frees a slot; claiming for each one
         // would defeat batching. While steps are running (so more slots will
         // free soon), wait until a worthwhile share of the host is free.
+        // The deferral is short and happens once: a nearly full host still
+        // claims for its last free slots within a millisecond.
         let low_water = (shared.opts.concurrency.min(shared.opts.claim_batch) / 8).max(1);
-        if inflight > 0 && host_free < low_water {
+        let defer = inflight > 0 && host_free > 0 && host_free < low_water && !deferred;
+        deferred = defer;
+        if defer {
             host_free = 0;
         }
         let mut wants: Vec<(String, usize)> = Vec::new();
@@ -461,7 +504,11 @@ async fn claim_loop(shared: Arc<Shared>) {
             if let Some(w) = wait {
                 token_wait = Some(token_wait.map_or(w, |t: Duration| t.min(w)));
             }
-            let want = reg.free().min(host_free).min(tokens).min(shared.opts.claim_batch);
+            let want = reg
+                .free()
+                .min(host_free)
+                .min(tokens)
+                .min(shared.opts.claim_batch);
             if want > 0 {
                 wants.push((reg.name.clone(), want));
                 host_free -= want;
@@ -473,6 +520,7 @@ async fn claim_loop(shared: Arc<Shared>) {
         if !wants.is_empty() {
             match store.claim(&shared.env.host.id, &wants, lease_ms).await {
                 Ok(batch) => {
+                    tracing::trace!(?wants, got = batch.steps.len(), next_due = ?batch.next_due, "claimed");
                     backoff = Duration::from_millis(10);
                     next_due = batch.next_due;
                     let mut got: HashMap<&str, usize> = HashMap::new();
@@ -480,7 +528,9 @@ async fn claim_loop(shared: Arc<Shared>) {
                         *got.entry(step.handler.as_str()).or_default() += 1;
                     }
                     // A handler that got all it asked for may have more waiting.
-                    let more = wants.iter().any(|(h, w)| got.get(h.as_str()).copied().unwrap_or(0) >= *w);
+                    let more = wants
+                        .iter()
+                        .any(|(h, w)| got.get(h.as_str()).copied().unwrap_or(0) >= *w);
                     for step in batch.steps {
                         dispatch(&shared, step);
                     }
@@ -508,6 +558,9 @@ async fn claim_loop(shared: Arc<Shared>) {
         if let Some(t) = token_wait {
             wait = wait.min(t);
         }
+        if deferred {
+            wait = wait.min(Duration::from_millis(1));
+        }
         tokio::select! {
             _ = &mut ready => {},
             _ = &mut freed => {},
@@ -522,7 +575,10 @@ fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
         // The store returned a handler we did not ask for: hand it back.
         tracing::error!(handler = %step.handler, "claimed a step for an unregistered handler; releasing it");
         let lease = lease_of(shared, &step);
-        let _ = shared.completions.send(CompletionMsg::One(Completion { lease, resolution: Resolution::Released }));
+        let _ = shared.completions.send(CompletionMsg::One(Completion {
+            lease,
+            resolution: Resolution::Released,
+        }));
         return;
     };
     reg.inflight.fetch_add(1, Ordering::AcqRel);
@@ -539,7 +595,10 @@ fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
         );
         error.attempt = step.attempt;
         let lease = lease_of(shared, &step);
-        let _ = shared.completions.send(CompletionMsg::One(Completion { lease, resolution: Resolution::Failed(error) }));
+        let _ = shared.completions.send(CompletionMsg::One(Completion {
+            lease,
+            resolution: Resolution::Failed(error),
+        }));
         shared.release_slot(&reg, 1);
         return;
     }
@@ -560,12 +619,20 @@ fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
 
 fn release_unstarted(shared: &Arc<Shared>, reg: &Reg, step: ClaimedStep) {
     let lease = lease_of(shared, &step);
-    let _ = shared.completions.send(CompletionMsg::One(Completion { lease, resolution: Resolution::Released }));
+    let _ = shared.completions.send(CompletionMsg::One(Completion {
+        lease,
+        resolution: Resolution::Released,
+    }));
     shared.release_slot(reg, 1);
 }
 
 fn lease_of(shared: &Shared, step: &ClaimedStep) -> Lease {
-    Lease { step_id: step.step_id, task_id: step.task_id, attempt: step.attempt, host_id: shared.env.host.id.clone() }
+    Lease {
+        step_id: step.step_id,
+        task_id: step.task_id,
+        attempt: step.attempt,
+        host_id: shared.env.host.id.clone(),
+    }
 }
 
 enum Output {
@@ -590,37 +657,63 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+/// How long a cancelled run may take to notice (`ctx.cancelled()`,
+/// `ctx.is_cancelled()`) and return before its future is dropped.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs `fut` under the handler's timeout and the step's cancellation token,
-/// catching panics.
+/// catching panics. When `token` fires the run gets [`CANCEL_GRACE`] to end
+/// cooperatively; when `hard` fires (shutdown gave up waiting) it is dropped.
 async fn guarded<T>(
     fut: impl std::future::Future<Output = T>,
     timeout: Option<Duration>,
     token: &CancellationToken,
+    hard: &CancellationToken,
 ) -> std::result::Result<T, RunEnd> {
     let fut = AssertUnwindSafe(fut).catch_unwind();
     let timed = async {
         match timeout {
-            Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| RunEnd::TimedOut(t)),
+            Some(t) => tokio::time::timeout(t, fut)
+                .await
+                .map_err(|_| RunEnd::TimedOut(t)),
             None => Ok(fut.await),
         }
     };
+    tokio::pin!(timed);
+    let settle = |r: std::result::Result<std::thread::Result<T>, RunEnd>| match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(p)) => Err(RunEnd::Panicked(panic_message(p))),
+        Err(e) => Err(e),
+    };
     tokio::select! {
         biased;
-        _ = token.cancelled() => Err(RunEnd::Cancelled),
-        r = timed => match r {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(p)) => Err(RunEnd::Panicked(panic_message(p))),
-            Err(e) => Err(e),
-        },
+        _ = hard.cancelled() => return Err(RunEnd::Cancelled),
+        r = &mut timed => return settle(r),
+        _ = token.cancelled() => {},
+    }
+    tokio::select! {
+        biased;
+        _ = hard.cancelled() => Err(RunEnd::Cancelled),
+        r = &mut timed => settle(r),
+        _ = tokio::time::sleep(CANCEL_GRACE) => Err(RunEnd::Cancelled),
     }
 }
 
 fn begin(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep) -> (Context, Arc<Running>) {
     let token = CancellationToken::new();
-    let running = Arc::new(Running { token: token.clone(), lost: AtomicBool::new(false) });
+    let running = Arc::new(Running {
+        token: token.clone(),
+        lost: AtomicBool::new(false),
+    });
     shared.running.lock().insert(step.step_id, running.clone());
     let deadline = reg.opts.timeout.map(|t| Instant::now() + t);
-    let ctx = Context::new(shared.env.clone(), step.clone(), lease_of(shared, step), token, deadline);
+    let ctx = Context::new(
+        shared.env.clone(),
+        step.clone(),
+        lease_of(shared, step),
+        token,
+        deadline,
+    );
     (ctx, running)
 }
 
@@ -629,18 +722,29 @@ async fn run_one(shared: Arc<Shared>, reg: Arc<Reg>, step: ClaimedStep) {
     let input = step.input.clone();
     let token = running.token.clone();
     let end: std::result::Result<StepResult<Output>, RunEnd> = match &reg.cap {
-        Capability::Plain(h) => {
-            guarded(h.run(input, ctx), reg.opts.timeout, &token).await.map(|r| r.map(Output::Value))
-        }
-        Capability::Decision(h) => {
-            guarded(h.decide(input, ctx), reg.opts.timeout, &token).await.map(|r| r.map(Output::Decision))
-        }
-        Capability::Api(h) => guarded(h.call(input, ctx), reg.opts.timeout, &token)
+        Capability::Plain(h) => guarded(h.run(input, ctx), reg.opts.timeout, &token, &shared.abort)
+            .await
+            .map(|r| r.map(Output::Value)),
+        Capability::Decision(h) => guarded(
+            h.decide(input, ctx),
+            reg.opts.timeout,
+            &token,
+            &shared.abort,
+        )
+        .await
+        .map(|r| r.map(Output::Decision)),
+        Capability::Api(h) => guarded(h.call(input, ctx), reg.opts.timeout, &token, &shared.abort)
             .await
             .map(|r| r.map(Output::Value).map_err(ApiError::classify)),
         Capability::Batch(_) => unreachable!("batch steps go through the batcher"),
     };
     let end = end.map_or_else(|e| e, RunEnd::Finished);
+    // A run that ended after its step was cancelled or taken over has nothing to record.
+    let end = if running.lost.load(Ordering::Acquire) {
+        RunEnd::Cancelled
+    } else {
+        end
+    };
     finish(&shared, &reg, &step, &running, end).await;
     shared.release_slot(&reg, 1);
 }
@@ -669,40 +773,68 @@ async fn batcher(shared: Arc<Shared>, reg: Arc<Reg>, mut rx: mpsc::UnboundedRece
 }
 
 async fn run_batch(shared: Arc<Shared>, reg: Arc<Reg>, steps: Vec<ClaimedStep>) {
-    let Capability::Batch(h) = &reg.cap else { unreachable!("batcher only runs batch handlers") };
+    let Capability::Batch(h) = &reg.cap else {
+        unreachable!("batcher only runs batch handlers")
+    };
     let mut items = Vec::with_capacity(steps.len());
     let mut runs = Vec::with_capacity(steps.len());
     for step in &steps {
         let (ctx, running) = begin(&shared, &reg, step);
-        items.push(BatchItem { input: step.input.clone(), ctx });
+        items.push(BatchItem {
+            input: step.input.clone(),
+            ctx,
+        });
         runs.push(running);
     }
     // The batch as a whole is cancelled only by shutdown; a cancelled item's
     // outcome is dropped (its lease is gone).
     let batch_token = shared.abort.child_token();
     let n = steps.len();
-    let result = guarded(h.run_batch(items), reg.opts.timeout, &batch_token).await;
+    let result = guarded(
+        h.run_batch(items),
+        reg.opts.timeout,
+        &batch_token,
+        &shared.abort,
+    )
+    .await;
     let ends: Vec<RunEnd> = match result {
-        Ok(outcomes) if outcomes.len() == n => {
-            outcomes.into_iter().map(|r| RunEnd::Finished(r.map(Output::Value))).collect()
-        }
+        Ok(outcomes) if outcomes.len() == n => outcomes
+            .into_iter()
+            .map(|r| RunEnd::Finished(r.map(Output::Value)))
+            .collect(),
         Ok(outcomes) => {
-            let msg = format!("batch handler `{}` returned {} outcomes for {n} steps", reg.name, outcomes.len());
-            (0..n).map(|_| RunEnd::Finished(Err(StepError::permanent(&msg)))).collect()
+            let msg = format!(
+                "batch handler `{}` returned {} outcomes for {n} steps",
+                reg.name,
+                outcomes.len()
+            );
+            (0..n)
+                .map(|_| RunEnd::Finished(Err(StepError::permanent(&msg))))
+                .collect()
         }
         Err(RunEnd::Panicked(m)) => (0..n).map(|_| RunEnd::Panicked(m.clone())).collect(),
         Err(RunEnd::TimedOut(t)) => (0..n).map(|_| RunEnd::TimedOut(t)).collect(),
         Err(_) => (0..n).map(|_| RunEnd::Cancelled).collect(),
     };
     for ((step, running), end) in steps.iter().zip(&runs).zip(ends) {
-        let end = if running.lost.load(Ordering::Acquire) { RunEnd::Cancelled } else { end };
+        let end = if running.lost.load(Ordering::Acquire) {
+            RunEnd::Cancelled
+        } else {
+            end
+        };
         finish(&shared, &reg, step, running, end).await;
     }
     shared.release_slot(&reg, n);
 }
 
 /// Turns how a run ended into the resolution the store records.
-async fn finish(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep, running: &Running, end: RunEnd) {
+async fn finish(
+    shared: &Arc<Shared>,
+    reg: &Reg,
+    step: &ClaimedStep,
+    running: &Running,
+    end: RunEnd,
+) {
     let lease = lease_of(shared, step);
     let resolution = match end {
         RunEnd::Cancelled => {
@@ -715,21 +847,47 @@ async fn finish(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep, running: &R
         }
         RunEnd::Finished(Ok(Output::Value(v))) => Some(match check_payload(shared, "result", &v) {
             Ok(()) => Resolution::Completed(v),
-            Err(e) => Resolution::Failed(error_info(ErrorKind::Permanent, e.to_string(), None, step.attempt)),
+            Err(e) => Resolution::Failed(error_info(
+                ErrorKind::Permanent,
+                e.to_string(),
+                None,
+                step.attempt,
+            )),
         }),
         RunEnd::Finished(Ok(Output::Decision(Decision::Complete(v)))) => {
-            Some(Resolution::Decided { steps: vec![], final_step: None, result: v })
+            Some(Resolution::Decided {
+                steps: vec![],
+                final_step: None,
+                result: v,
+            })
         }
         RunEnd::Finished(Ok(Output::Decision(Decision::Steps { steps, final_step }))) => {
             let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
             let result = json!({ "created": names });
-            Some(Resolution::Decided { steps, final_step, result })
+            Some(Resolution::Decided {
+                steps,
+                final_step,
+                result,
+            })
         }
         RunEnd::Finished(Err(StepError::Suspend(wait))) => Some(Resolution::Suspended(wait)),
         RunEnd::Finished(Err(StepError::LeaseLost)) => None,
-        RunEnd::Finished(Err(StepError::Retryable { message, retry_after, trace })) => {
-            Some(retry_or_fail(shared, reg, step, ErrorKind::Retryable, message, trace, retry_after).await)
-        }
+        RunEnd::Finished(Err(StepError::Retryable {
+            message,
+            retry_after,
+            trace,
+        })) => Some(
+            retry_or_fail(
+                shared,
+                reg,
+                step,
+                ErrorKind::Retryable,
+                message,
+                trace,
+                retry_after,
+            )
+            .await,
+        ),
         RunEnd::Finished(Err(e)) => {
             let trace = match &e {
                 StepError::Permanent { trace, .. } => trace.clone(),
@@ -739,10 +897,24 @@ async fn finish(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep, running: &R
                 StepError::Permanent { message, .. } => message.clone(),
                 other => other.to_string(),
             };
-            Some(Resolution::Failed(error_info(e.kind(), message, trace, step.attempt)))
+            Some(Resolution::Failed(error_info(
+                e.kind(),
+                message,
+                trace,
+                step.attempt,
+            )))
         }
         RunEnd::Panicked(msg) => Some(
-            retry_or_fail(shared, reg, step, ErrorKind::Panic, format!("handler panicked: {msg}"), None, None).await,
+            retry_or_fail(
+                shared,
+                reg,
+                step,
+                ErrorKind::Panic,
+                format!("handler panicked: {msg}"),
+                None,
+                None,
+            )
+            .await,
         ),
         RunEnd::TimedOut(t) => Some({
             // Tell cooperative (and foreign) code still running that the core gave up.
@@ -752,7 +924,11 @@ async fn finish(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep, running: &R
                 reg,
                 step,
                 ErrorKind::Timeout,
-                format!("handler `{}` timed out after {} ms", reg.name, t.as_millis()),
+                format!(
+                    "handler `{}` timed out after {} ms",
+                    reg.name,
+                    t.as_millis()
+                ),
                 None,
                 None,
             )
@@ -761,7 +937,10 @@ async fn finish(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep, running: &R
     };
     match resolution {
         Some(resolution) => {
-            if let Err(e) = shared.completions.send(CompletionMsg::One(Completion { lease, resolution })) {
+            if let Err(e) = shared
+                .completions
+                .send(CompletionMsg::One(Completion { lease, resolution }))
+            {
                 tracing::error!(error = %e, "completion channel closed");
             }
         }
@@ -772,7 +951,12 @@ async fn finish(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep, running: &R
 }
 
 fn error_info(kind: ErrorKind, message: String, trace: Option<String>, attempt: u32) -> ErrorInfo {
-    ErrorInfo { kind, message, trace, attempt }
+    ErrorInfo {
+        kind,
+        message,
+        trace,
+        attempt,
+    }
 }
 
 async fn retry_or_fail(
@@ -786,15 +970,23 @@ async fn retry_or_fail(
 ) -> Resolution {
     let policy = &reg.opts.retry;
     if step.attempt >= policy.max_attempts {
-        let message = format!("{message} (attempt {} of {}; no attempts left)", step.attempt, policy.max_attempts);
+        let message = format!(
+            "{message} (attempt {} of {}; no attempts left)",
+            step.attempt, policy.max_attempts
+        );
         return Resolution::Failed(error_info(kind, message, trace, step.attempt));
     }
-    let delay = policy.backoff(step.attempt).max(retry_after.unwrap_or_default());
+    let delay = policy
+        .backoff(step.attempt)
+        .max(retry_after.unwrap_or_default());
     let now = match shared.store().now().await {
         Ok(n) => n,
         Err(_) => crate::clock::Clock::now(&crate::clock::SystemClock),
     };
-    Resolution::Retry { error: error_info(kind, message, trace, step.attempt), run_at: now + delay.as_millis() as i64 }
+    Resolution::Retry {
+        error: error_info(kind, message, trace, step.attempt),
+        run_at: now + delay.as_millis() as i64,
+    }
 }
 
 pub(crate) fn check_payload(shared: &Shared, what: &str, v: &Value) -> Result<()> {
@@ -807,7 +999,9 @@ async fn completer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completi
     let mut flushes = Vec::new();
     loop {
         let Some(first) = rx.recv().await else { return };
-        let push = |m: CompletionMsg, buf: &mut Vec<Completion>, flushes: &mut Vec<oneshot::Sender<()>>| match m {
+        let push = |m: CompletionMsg,
+                    buf: &mut Vec<Completion>,
+                    flushes: &mut Vec<oneshot::Sender<()>>| match m {
             CompletionMsg::One(c) => buf.push(c),
             CompletionMsg::Flush(tx) => flushes.push(tx),
         };
@@ -823,12 +1017,45 @@ async fn completer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completi
             loop {
                 match shared.store().complete(buf.clone()).await {
                     Ok(results) => {
+                        let mut refused = Vec::new();
                         for (c, r) in buf.iter().zip(results) {
-                            if let Err(e) = r {
-                                tracing::warn!(step = %c.lease.step_id, error = %e, "completion rejected");
+                            match r {
+                                // The outcome itself is invalid (a decision naming an
+                                // unknown dependency, a result over the size limit):
+                                // the step fails at once with the reason.
+                                Err(
+                                    e @ (Error::InvalidInput(_) | Error::PayloadTooLarge { .. }),
+                                ) if !matches!(c.resolution, Resolution::Failed(_)) => {
+                                    tracing::warn!(step = %c.lease.step_id, error = %e, "outcome refused; failing the step");
+                                    let error = error_info(
+                                        ErrorKind::InvalidInput,
+                                        e.to_string(),
+                                        None,
+                                        c.lease.attempt,
+                                    );
+                                    refused.push(Completion {
+                                        lease: c.lease.clone(),
+                                        resolution: Resolution::Failed(error),
+                                    });
+                                }
+                                Err(e) => {
+                                    tracing::warn!(step = %c.lease.step_id, error = %e, "completion rejected")
+                                }
+                                Ok(_) => {}
                             }
                         }
-                        break;
+                        if refused.is_empty() {
+                            break;
+                        }
+                        {
+                            let mut running = shared.running.lock();
+                            for c in &buf {
+                                running.remove(&c.lease.step_id);
+                            }
+                        }
+                        buf = refused;
+                        delay = Duration::from_millis(20);
+                        continue;
                     }
                     Err(e) => {
                         // Nothing acknowledged may be lost: keep the batch and retry.
@@ -861,7 +1088,11 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
         let ids: Vec<StepId> = shared.running.lock().keys().copied().collect();
         let mut host = shared.env.host.clone();
         host.last_heartbeat = shared.store().now().await.unwrap_or(host.last_heartbeat);
-        match shared.store().heartbeat(&host, &ids, shared.env.lease_ms).await {
+        match shared
+            .store()
+            .heartbeat(&host, &ids, shared.env.lease_ms)
+            .await
+        {
             Ok(reply) => shared.mark_lost(&reply.lost),
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
@@ -901,7 +1132,10 @@ async fn drain(shared: &Arc<Shared>) {
         }
     }
     let left = shared.inflight.load(Ordering::Acquire);
-    tracing::warn!(steps = left, "shutdown grace period over; cancelling running steps and handing them back");
+    tracing::warn!(
+        steps = left,
+        "shutdown grace period over; cancelling running steps and handing them back"
+    );
     shared.abort.cancel();
     for r in shared.running.lock().values() {
         r.token.cancel();

@@ -23,7 +23,10 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { clock: Arc::new(SystemClock), migrate: true }
+        Self {
+            clock: Arc::new(SystemClock),
+            migrate: true,
+        }
     }
 }
 
@@ -42,9 +45,14 @@ pub async fn open_with(url: &str, options: StoreOptions) -> Result<DynStore> {
     if url == "memory" || url == "memory:" {
         return Ok(Arc::new(memory::MemoryStore::with_clock(options.clock)));
     }
-    if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
         if path.is_empty() {
-            return Err(Error::Config(format!("store URL `{url}` names no file (use sqlite:PATH)")));
+            return Err(Error::Config(format!(
+                "store URL `{url}` names no file (use sqlite:PATH)"
+            )));
         }
         let store = sqlite::SqliteStore::open(path, options).await?;
         return Ok(store);

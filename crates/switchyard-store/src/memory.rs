@@ -2279,4 +2279,211 @@ mod tests {
         assert!(s.list_tasks(&f).await.unwrap().is_empty());
         assert!(a.0 < b.0 && b.0 < c.0, "ids are time-ordered");
     }
+
+    /// Recomputes every index from the rows and compares.
+    fn check_invariants(inner: &Inner) {
+        let mut counts = [0u64; 7];
+        let mut ready_slots = 0;
+        for (id, s) in &inner.steps {
+            counts[s.rec.state as usize] += 1;
+            assert_eq!(*id, s.rec.id);
+            match s.slot {
+                Slot::Ready => {
+                    ready_slots += 1;
+                    assert_eq!(s.rec.state, StepState::Ready);
+                    assert!(inner.queues[s.rec.handler.as_str()]
+                        .ready
+                        .contains(&ready_key(s)));
+                }
+                Slot::Delayed(g) => {
+                    assert!(matches!(
+                        s.rec.state,
+                        StepState::Ready | StepState::Suspended
+                    ));
+                    let q = &inner.queues[s.rec.handler.as_str()];
+                    assert!(q.delayed.iter().any(|Reverse((at, gen, sid))| *gen == g
+                        && sid == id
+                        && Some(*at) == s.rec.run_at));
+                }
+                Slot::Unindexed => {
+                    assert_ne!(
+                        s.rec.state,
+                        StepState::Ready,
+                        "a ready step must be indexed"
+                    );
+                }
+            }
+            assert_eq!(
+                s.rec.state == StepState::Running,
+                inner.running.contains(id)
+            );
+            if s.rec.state == StepState::Running {
+                assert!(s.rec.lease_owner.is_some() && s.rec.lease_expires_at.is_some());
+            }
+            if s.rec.state == StepState::Suspended {
+                if let Some(ev) = s.rec.wait.as_ref().and_then(|w| w.event.as_ref()) {
+                    assert!(inner.waiters[ev].contains(id));
+                    assert!(!inner.events.contains_key(ev));
+                }
+            }
+            let task = &inner.tasks[&s.rec.task_id];
+            if s.rec.state == StepState::Blocked {
+                let pending = distinct(&s.rec.depends_on)
+                    .into_iter()
+                    .filter(|d| {
+                        task.find_step(d)
+                            .is_none_or(|x| inner.steps[&x].rec.state != StepState::Completed)
+                    })
+                    .count() as u32;
+                assert_eq!(pending, s.pending);
+                assert!(pending > 0);
+            }
+            if matches!(task.rec.state, TaskState::Failed | TaskState::Cancelled) {
+                assert!(s.rec.state.is_terminal());
+            }
+        }
+        assert_eq!(counts, inner.counts);
+        let in_ready: usize = inner.queues.values().map(|q| q.ready.len()).sum();
+        assert_eq!(in_ready, ready_slots);
+        for (name, set) in &inner.waiters {
+            assert!(!set.is_empty());
+            for id in set {
+                let s = &inner.steps[id];
+                assert_eq!(s.rec.state, StepState::Suspended);
+                assert_eq!(
+                    s.rec.wait.as_ref().and_then(|w| w.event.as_deref()),
+                    Some(name.as_str())
+                );
+            }
+        }
+        for g in inner.groups.values() {
+            let open = g
+                .children
+                .iter()
+                .filter(|(_, t)| !inner.tasks[t].rec.state.is_terminal())
+                .count();
+            assert_eq!(open, g.unfinished);
+        }
+        assert_eq!(inner.task_order.len(), inner.tasks.len());
+    }
+
+    #[tokio::test]
+    async fn random_operations_keep_the_indexes_consistent() {
+        let (s, clock) = store();
+        let mut rng = IdGen::new();
+        let mut held: Vec<ClaimedStep> = Vec::new();
+        let mut tasks: Vec<TaskId> = Vec::new();
+        let handlers = ["a", "b", "d"];
+        for round in 0..4000 {
+            let r = rng.random();
+            let pick = |n: usize, x: u64| (x % n as u64) as usize;
+            match r % 13 {
+                0..=2 => {
+                    let n = 1 + pick(4, r >> 8);
+                    let batch = (0..n)
+                        .map(|i| {
+                            let x = rng.random();
+                            let mut t = NewTask::new(handlers[pick(3, x)], json!(i))
+                                .priority(pick(3, x >> 4) as i32);
+                            if x & 0x100 != 0 {
+                                t.run_at = Some(clock.now() + pick(50, x >> 12) as i64 - 10);
+                            }
+                            if x & 0x200 != 0 {
+                                t.idempotency_key = Some(format!("k{}", pick(200, x >> 20)));
+                            }
+                            if x & 0x400 != 0 {
+                                t.response_event = Some(format!("ev{}", pick(20, x >> 28)));
+                            }
+                            if x & 0x800 != 0 && !held.is_empty() {
+                                let p = &held[pick(held.len(), x >> 36)];
+                                t.parent = Some(ParentRef {
+                                    task_id: p.task_id,
+                                    step_id: p.step_id,
+                                    group: Some(format!("g-{}", p.step_id)),
+                                    index: i as u32,
+                                });
+                            }
+                            t
+                        })
+                        .collect();
+                    tasks.extend(s.spawn(batch).await.unwrap().iter().map(|x| x.task_id));
+                }
+                3..=5 => {
+                    let w: Vec<(String, usize)> = handlers
+                        .iter()
+                        .map(|h| (h.to_string(), pick(4, r >> 8)))
+                        .collect();
+                    held.extend(s.claim(HOST, &w, 100).await.unwrap().steps);
+                }
+                6..=9 if !held.is_empty() => {
+                    let c = held.swap_remove(pick(held.len(), r >> 8));
+                    let now = clock.now();
+                    let x = rng.random();
+                    let res = match pick(8, x) {
+                        0 | 1 => Resolution::Completed(json!(round)),
+                        2 => {
+                            let k = 1 + pick(3, x >> 8);
+                            let steps = (0..k)
+                                .map(|i| NewStep {
+                                    name: format!("s{round}-{i}"),
+                                    handler: handlers[pick(3, x >> (12 + i))].into(),
+                                    input: json!(null),
+                                    depends_on: (0..i)
+                                        .filter(|j| (x >> (20 + j)) & 1 == 1)
+                                        .map(|j| format!("s{round}-{j}"))
+                                        .collect(),
+                                })
+                                .collect();
+                            Resolution::Decided {
+                                steps,
+                                final_step: None,
+                                result: json!(null),
+                            }
+                        }
+                        3 => Resolution::Retry {
+                            error: ErrorInfo::new(ErrorKind::Retryable, "r"),
+                            run_at: now + pick(30, x >> 8) as i64 - 5,
+                        },
+                        4 => Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "f")),
+                        5 => Resolution::Released,
+                        _ => Resolution::Suspended(WaitFor {
+                            wake_at: (x & 0x100 != 0).then(|| now + pick(40, x >> 12) as i64),
+                            event: (x & 0x200 != 0).then(|| format!("ev{}", pick(20, x >> 20))),
+                            group: (x & 0x400 != 0).then(|| format!("g-{}", c.step_id)),
+                        }),
+                    };
+                    let _ = complete(&s, &c, res).await;
+                }
+                10 => {
+                    let _ = s
+                        .emit_event(&format!("ev{}", pick(20, r >> 8)), json!(round))
+                        .await
+                        .unwrap();
+                }
+                11 if !tasks.is_empty() => {
+                    let id = tasks[pick(tasks.len(), r >> 8)];
+                    if r & 0x10000 != 0 {
+                        let _ = s.cancel_task(id, r & 0x20000 != 0).await.unwrap();
+                    } else {
+                        let _ = s.retry_task(id).await;
+                    }
+                }
+                _ => {
+                    clock.advance(pick(20, r >> 8) as i64);
+                    s.recover_expired().await.unwrap();
+                }
+            }
+            check_invariants(&s.inner.lock());
+        }
+        let counts = s.count_steps().await.unwrap();
+        let (groups, events) = {
+            let inner = s.inner.lock();
+            (inner.groups.len(), inner.events.len())
+        };
+        eprintln!("{counts:?} groups={groups} events={events}");
+        assert!(
+            counts.get("completed").copied().unwrap_or(0) > 0,
+            "{counts:?}"
+        );
+    }
 }

@@ -1,1 +1,2249 @@
-//! The SQLite store (placeholder; being written).
+//! The SQLite store: the embedded default (DESIGN.md §7).
+//!
+//! # How it works
+//!
+//! * **One writer thread per store.** Every write, claims included, is a
+//!   command sent over a channel to a dedicated thread that owns the only
+//!   write connection. The thread drains whatever is queued (up to
+//!   [`WRITE_BATCH_CAP`] commands) and applies it in one `BEGIN IMMEDIATE`
+//!   transaction: *group commit*, one WAL commit for many callers. Each
+//!   command runs in its own `SAVEPOINT`, so a command that fails rolls back
+//!   alone. Replies are sent, and [`Signals`] fire, only after `COMMIT`
+//!   succeeded: nothing is acknowledged or announced that could still be lost.
+//!   JSON is encoded before a command is queued and decoded after its reply,
+//!   so the writer thread (the one serial part) does only SQL.
+//! * **Reads** run on blocking threads with a small pool of read-only
+//!   connections, so they never queue behind writes (WAL lets readers run
+//!   during a write). Each read is one snapshot (a deferred transaction).
+//! * **Several processes** may share one file: `BEGIN IMMEDIATE` takes the
+//!   write lock up front (no lock upgrades that could deadlock), the busy
+//!   timeout waits out the other process's transaction, and hosts poll every
+//!   [`POLL_INTERVAL`] for work made elsewhere.
+//! * **One store per file per process**: [`SqliteStore::open`] returns the live
+//!   store when the same file (after canonicalisation) is already open, so a
+//!   host and a client in one process share the writer and the wake-ups.
+//! * **`:memory:`** opens a private in-memory database (never shared). A
+//!   second connection would see a different database, so its reads go
+//!   through the writer thread too.
+//! * **Times** come from the store's clock only, never from SQLite.
+//!
+//! # Schema
+//!
+//! See [`MIGRATIONS`]. Ids are 16-byte UUID blobs; every table that is listed
+//! in creation order also has an integer `seq` (the rowid), which is the
+//! creation order (UUIDv7 order is only per process). JSON is stored as
+//! TEXT. The hot path is served by partial indexes: ready steps by `(handler,
+//! priority DESC, run_at, seq)`, running steps by lease expiry, suspended
+//! steps by wake time, event and group; dependencies live in `step_deps`
+//! with a pending counter on the blocked step, so unblocking is O(log n) per
+//! dependant.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::types::{Type, ValueRef};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use switchyard_core::{
+    CheckpointRecord, ChildOutcome, ClaimBatch, ClaimedStep, Clock, Completion, Error, ErrorInfo,
+    ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewStep, NewTask, ParentRef,
+    Resolution, Result, Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail,
+    TaskFilter, TaskId, TaskRecord, TaskState, WaitFor,
+};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::StoreOptions;
+
+/// Most commands the writer applies in one transaction.
+pub const WRITE_BATCH_CAP: usize = 1024;
+/// How long a connection waits for another process's write lock.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often hosts look for work committed by other processes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// Idle read connections kept per store.
+const READ_POOL_SIZE: usize = 4;
+/// `limit` 0 means this many.
+const DEFAULT_LIMIT: usize = 100;
+/// Enough for every statement below, so `prepare_cached` never re-prepares.
+const STATEMENT_CACHE: usize = 128;
+
+/// The schema, one entry per version (version = index + 1). Never edit an
+/// entry once released: add a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r#"
+CREATE TABLE tasks (
+    seq             INTEGER PRIMARY KEY,
+    id              BLOB NOT NULL UNIQUE,
+    handler         TEXT NOT NULL,
+    input           TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    result          TEXT,
+    error           TEXT,
+    headers         TEXT,            -- JSON object, NULL when empty
+    priority        INTEGER NOT NULL,
+    idempotency_key TEXT,
+    response_event  TEXT,
+    parent_task_id  BLOB,
+    parent_step_id  BLOB,
+    parent_group    TEXT,
+    parent_index    INTEGER,
+    final_step      TEXT NOT NULL,   -- the step whose completion completes the task
+    has_deps        INTEGER NOT NULL DEFAULT 0, -- some step waits on another (skip step_deps otherwise)
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX tasks_idempotency ON tasks(idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX tasks_state ON tasks(state, seq);
+CREATE INDEX tasks_parent ON tasks(parent_task_id) WHERE parent_task_id IS NOT NULL;
+CREATE INDEX tasks_group ON tasks(parent_group, state) WHERE parent_group IS NOT NULL;
+
+CREATE TABLE steps (
+    seq              INTEGER PRIMARY KEY,
+    id               BLOB NOT NULL UNIQUE,
+    task_id          BLOB NOT NULL,
+    name             TEXT NOT NULL,
+    handler          TEXT NOT NULL,
+    input            TEXT NOT NULL,
+    headers          TEXT,           -- the task's, copied so claims need no join
+    state            TEXT NOT NULL,
+    attempt          INTEGER NOT NULL DEFAULT 0,
+    priority         INTEGER NOT NULL,
+    run_at           INTEGER,
+    lease_owner      TEXT,
+    lease_expires_at INTEGER,
+    result           TEXT,
+    error            TEXT,
+    depends_on       TEXT,           -- JSON array, NULL when none
+    pending_deps     INTEGER NOT NULL DEFAULT 0,
+    wait             TEXT,           -- JSON WaitFor while suspended
+    wait_event       TEXT,
+    wait_group       TEXT,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX steps_task_name ON steps(task_id, name);
+CREATE INDEX steps_ready ON steps(handler, priority DESC, run_at, seq) WHERE state = 'ready';
+CREATE INDEX steps_lease ON steps(lease_expires_at) WHERE state = 'running';
+CREATE INDEX steps_wake ON steps(run_at) WHERE state = 'suspended' AND run_at IS NOT NULL;
+CREATE INDEX steps_wake_handler ON steps(handler, run_at) WHERE state = 'suspended' AND run_at IS NOT NULL;
+CREATE INDEX steps_wait_event ON steps(wait_event) WHERE state = 'suspended' AND wait_event IS NOT NULL;
+CREATE INDEX steps_wait_group ON steps(wait_group) WHERE state = 'suspended' AND wait_group IS NOT NULL;
+
+CREATE TABLE step_deps (
+    task_id  BLOB NOT NULL,
+    dep_name TEXT NOT NULL,
+    step_seq INTEGER NOT NULL,
+    PRIMARY KEY (task_id, dep_name, step_seq)
+) WITHOUT ROWID;
+
+CREATE TABLE checkpoints (
+    task_id    BLOB NOT NULL,
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    step_id    BLOB NOT NULL,
+    attempt    INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (task_id, key)
+);
+
+CREATE TABLE events (
+    name       TEXT PRIMARY KEY,
+    payload    TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+
+CREATE TABLE hosts (
+    id             TEXT PRIMARY KEY,
+    pid            INTEGER NOT NULL,
+    hostname       TEXT NOT NULL,
+    handlers       TEXT NOT NULL,
+    started_at     INTEGER NOT NULL,
+    last_heartbeat INTEGER NOT NULL
+);
+"#,
+];
+
+// ---------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------
+
+/// A failure inside a database closure: SQL errors get the operation's name
+/// as context when they leave the store; `App` errors are passed as they are.
+#[derive(Debug)]
+enum Fail {
+    Sql(rusqlite::Error),
+    App(Error),
+}
+
+impl From<rusqlite::Error> for Fail {
+    fn from(e: rusqlite::Error) -> Self {
+        Fail::Sql(e)
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::App(e)
+    }
+}
+
+impl Fail {
+    fn into_error(self, op: &str) -> Error {
+        match self {
+            Fail::Sql(e) => Error::Store(format!("sqlite {op}: {e}")),
+            Fail::App(e) => e,
+        }
+    }
+}
+
+type DbResult<T> = std::result::Result<T, Fail>;
+
+fn encode<T: Serialize + ?Sized>(what: &str, v: &T) -> Result<String> {
+    serde_json::to_string(v)
+        .map_err(|e| Error::InvalidInput(format!("{what}: cannot encode as JSON: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(what: &str, s: &str) -> Result<T> {
+    serde_json::from_str(s)
+        .map_err(|e| Error::Store(format!("sqlite: stored {what} is not valid JSON: {e}")))
+}
+
+fn conversion(i: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e))
+}
+
+// ---------------------------------------------------------------------------
+// Row helpers
+// ---------------------------------------------------------------------------
+
+fn uuid_col(r: &Row, i: usize) -> rusqlite::Result<Uuid> {
+    Ok(Uuid::from_bytes(r.get::<_, [u8; 16]>(i)?))
+}
+
+fn json_col<T: DeserializeOwned>(r: &Row, i: usize) -> rusqlite::Result<T> {
+    serde_json::from_str(r.get_ref(i)?.as_str()?).map_err(|e| conversion(i, e))
+}
+
+fn opt_json_col<T: DeserializeOwned>(r: &Row, i: usize) -> rusqlite::Result<Option<T>> {
+    match r.get_ref(i)? {
+        ValueRef::Null => Ok(None),
+        v => serde_json::from_str(v.as_str()?)
+            .map(Some)
+            .map_err(|e| conversion(i, e)),
+    }
+}
+
+fn parse_col<T: std::str::FromStr<Err = Error>>(r: &Row, i: usize) -> rusqlite::Result<T> {
+    r.get_ref(i)?
+        .as_str()?
+        .parse()
+        .map_err(|e| conversion(i, e))
+}
+
+macro_rules! task_cols {
+    () => {
+        "id, handler, input, state, result, error, headers, priority, idempotency_key, response_event, \
+         parent_task_id, parent_step_id, parent_group, parent_index, created_at, updated_at"
+    };
+}
+
+fn task_row(r: &Row) -> rusqlite::Result<TaskRecord> {
+    let parent = match r.get::<_, Option<[u8; 16]>>(10)? {
+        Some(parent_task) => Some(ParentRef {
+            task_id: TaskId(Uuid::from_bytes(parent_task)),
+            step_id: StepId(uuid_col(r, 11)?),
+            group: r.get(12)?,
+            index: r.get::<_, Option<u32>>(13)?.unwrap_or(0),
+        }),
+        None => None,
+    };
+    Ok(TaskRecord {
+        id: TaskId(uuid_col(r, 0)?),
+        handler: r.get(1)?,
+        input: json_col(r, 2)?,
+        state: parse_col(r, 3)?,
+        result: opt_json_col(r, 4)?,
+        error: opt_json_col(r, 5)?,
+        headers: opt_json_col(r, 6)?.unwrap_or_default(),
+        priority: r.get(7)?,
+        idempotency_key: r.get(8)?,
+        response_event: r.get(9)?,
+        parent,
+        created_at: r.get(14)?,
+        updated_at: r.get(15)?,
+    })
+}
+
+macro_rules! step_cols {
+    () => {
+        "id, task_id, name, handler, input, state, attempt, priority, run_at, lease_owner, lease_expires_at, \
+         result, error, depends_on, wait, created_at, updated_at"
+    };
+}
+
+fn step_row(r: &Row) -> rusqlite::Result<StepRecord> {
+    Ok(StepRecord {
+        id: StepId(uuid_col(r, 0)?),
+        task_id: TaskId(uuid_col(r, 1)?),
+        name: r.get(2)?,
+        handler: r.get(3)?,
+        input: json_col(r, 4)?,
+        state: parse_col(r, 5)?,
+        attempt: r.get(6)?,
+        priority: r.get(7)?,
+        run_at: r.get(8)?,
+        lease_owner: r.get(9)?,
+        lease_expires_at: r.get(10)?,
+        result: opt_json_col(r, 11)?,
+        error: opt_json_col(r, 12)?,
+        depends_on: opt_json_col(r, 13)?.unwrap_or_default(),
+        wait: opt_json_col(r, 14)?,
+        created_at: r.get(15)?,
+        updated_at: r.get(16)?,
+    })
+}
+
+fn event_row(r: &Row) -> rusqlite::Result<EventRecord> {
+    Ok(EventRecord {
+        name: r.get(0)?,
+        payload: json_col(r, 1)?,
+        created_at: r.get(2)?,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Connections and migrations
+// ---------------------------------------------------------------------------
+
+fn configure(conn: &Connection, writer: bool) -> rusqlite::Result<()> {
+    // The busy timeout must be set first: switching to WAL needs a lock
+    // another process may be holding.
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    if writer {
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
+            tracing::warn!(mode, "sqlite: could not switch the database to WAL mode");
+        }
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -32768;",
+    )?;
+    if !writer {
+        conn.execute_batch("PRAGMA query_only = ON;")?;
+    }
+    Ok(())
+}
+
+fn open_connection(path: &Path, writer: bool) -> Result<Connection> {
+    let conn = Connection::open(path)
+        .and_then(|c| configure(&c, writer).map(|()| c))
+        .map_err(|e| {
+            Error::Config(format!(
+                "cannot open SQLite database `{}`: {e}",
+                path.display()
+            ))
+        })?;
+    Ok(conn)
+}
+
+fn apply_migrations(conn: &Connection, now: Millis) -> DbResult<u32> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )?;
+    let current: u32 = conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    let latest = MIGRATIONS.len() as u32;
+    if current > latest {
+        return Err(Fail::App(Error::Config(format!(
+            "the database schema is at version {current}, newer than this build supports ({latest}); upgrade switchyard"
+        ))));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        conn.execute_batch(sql)?;
+        conn.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            params![i as u32 + 1, now],
+        )?;
+    }
+    Ok(latest)
+}
+
+/// Migrates outside the writer (at open). `BEGIN IMMEDIATE` around the check
+/// and the apply makes two processes opening a new file at once safe: the
+/// second waits, then finds nothing to do.
+fn migrate_now(conn: &Connection, now: Millis) -> DbResult<u32> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    match apply_migrations(conn, now)
+        .and_then(|v| conn.execute_batch("COMMIT").map(|()| v).map_err(Fail::from))
+    {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// A file path made absolute and free of symlinks, also for a file that does
+/// not exist yet, so that two spellings of one file share one store.
+fn canonical_path(path: &str) -> Result<PathBuf> {
+    let p = Path::new(path);
+    if p.is_dir() {
+        return Err(Error::Config(format!(
+            "SQLite store path `{path}` is a directory, not a database file"
+        )));
+    }
+    if p.exists() {
+        return std::fs::canonicalize(p)
+            .map_err(|e| Error::Config(format!("SQLite store path `{path}`: {e}")));
+    }
+    let name = p
+        .file_name()
+        .ok_or_else(|| Error::Config(format!("SQLite store path `{path}` names no file")))?;
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::canonicalize(parent).map_err(|e| {
+        Error::Config(format!(
+            "SQLite store path `{path}`: directory `{}` is not usable: {e}",
+            parent.display()
+        ))
+    })?;
+    Ok(dir.join(name))
+}
+
+fn is_memory(path: &str) -> bool {
+    matches!(path.trim(), ":memory:" | "sqlite::memory:")
+}
+
+fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<SqliteStore>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<PathBuf, Weak<SqliteStore>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+// ---------------------------------------------------------------------------
+// The writer thread
+// ---------------------------------------------------------------------------
+
+/// What a committed command announces.
+#[derive(Default)]
+struct Effects {
+    ready: bool,
+    finished: bool,
+    cancelled: Vec<StepId>,
+}
+
+impl Effects {
+    fn merge(&mut self, other: Effects) {
+        self.ready |= other.ready;
+        self.finished |= other.finished;
+        self.cancelled.extend(other.cancelled);
+    }
+
+    fn fire(self, signals: &Signals) {
+        if self.ready {
+            signals.notify_ready();
+        }
+        if self.finished {
+            signals.notify_finished();
+        }
+        signals.notify_cancelled(self.cancelled);
+    }
+}
+
+/// Sends a command's answer; called with the commit's outcome.
+type Finisher = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// A unit of work for the writer thread.
+trait Command: Send {
+    /// Runs inside the batch transaction; says whether to keep the changes,
+    /// and returns the reply to send once the transaction's fate is known.
+    fn run(self: Box<Self>, conn: &Connection, now: Millis, fx: &mut Effects) -> (bool, Finisher);
+    /// Answers without running (the transaction could not start).
+    fn fail(self: Box<Self>, error: Error);
+}
+
+struct Op<T, F> {
+    op: &'static str,
+    f: F,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Command for Op<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection, Millis, &mut Effects) -> DbResult<T> + Send,
+{
+    fn run(self: Box<Self>, conn: &Connection, now: Millis, fx: &mut Effects) -> (bool, Finisher) {
+        let Op { op, f, reply } = *self;
+        let result = f(conn, now, fx).map_err(|e| e.into_error(op));
+        let keep = result.is_ok();
+        (
+            keep,
+            Box::new(move |commit: Result<()>| {
+                let _ = reply.send(commit.and(result));
+            }),
+        )
+    }
+
+    fn fail(self: Box<Self>, error: Error) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Box<dyn Command>>,
+    clock: Arc<dyn Clock>,
+    signals: Arc<Signals>,
+) {
+    let mut batch: Vec<Box<dyn Command>> = Vec::with_capacity(WRITE_BATCH_CAP);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < WRITE_BATCH_CAP {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+        }
+        run_batch(&conn, &mut batch, clock.as_ref(), &signals);
+    }
+}
+
+/// Applies `batch` in one transaction (a new one is begun if SQLite aborts
+/// the current one), then answers every command.
+fn run_batch(
+    conn: &Connection,
+    batch: &mut Vec<Box<dyn Command>>,
+    clock: &dyn Clock,
+    signals: &Signals,
+) {
+    let mut pending: Vec<Finisher> = Vec::with_capacity(batch.len());
+    let mut fx = Effects::default();
+    let mut open = false;
+    let mut cmds = batch.drain(..);
+    while let Some(cmd) = cmds.next() {
+        if !open {
+            if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
+                let err = Error::Store(format!("sqlite: cannot begin a write transaction: {e}"));
+                cmd.fail(err.clone());
+                cmds.for_each(|c| c.fail(err.clone()));
+                return;
+            }
+            open = true;
+        }
+        if let Err(e) = exec(conn, "SAVEPOINT cmd") {
+            cmd.fail(Error::Store(format!(
+                "sqlite: cannot open a savepoint: {e}"
+            )));
+        } else {
+            let mut own = Effects::default();
+            match catch_unwind(AssertUnwindSafe(|| cmd.run(conn, clock.now(), &mut own))) {
+                Ok((true, fin)) => match exec(conn, "RELEASE cmd") {
+                    Ok(()) => {
+                        fx.merge(own);
+                        pending.push(fin);
+                    }
+                    Err(e) => {
+                        rollback_savepoint(conn);
+                        fin(Err(Error::Store(format!(
+                            "sqlite: cannot release a savepoint: {e}"
+                        ))));
+                    }
+                },
+                Ok((false, fin)) => {
+                    rollback_savepoint(conn);
+                    pending.push(fin);
+                }
+                Err(_) => {
+                    // The reply sender was dropped with the command: its caller
+                    // gets "stopped before answering".
+                    tracing::error!(
+                        "sqlite writer: a command panicked; its changes were rolled back"
+                    );
+                    rollback_savepoint(conn);
+                }
+            }
+        }
+        if conn.is_autocommit() {
+            // SQLite aborted the whole transaction (I/O error, disk full, ...):
+            // the earlier commands of this batch are lost and must say so.
+            open = false;
+            let err = Error::Store(
+                "sqlite: the write transaction was rolled back by the database".into(),
+            );
+            pending.drain(..).for_each(|fin| fin(Err(err.clone())));
+            fx = Effects::default();
+        }
+    }
+    if !open {
+        return;
+    }
+    match exec(conn, "COMMIT") {
+        Ok(()) => {
+            pending.into_iter().for_each(|fin| fin(Ok(())));
+            fx.fire(signals);
+        }
+        Err(e) => {
+            let _ = exec(conn, "ROLLBACK");
+            let err = Error::Store(format!("sqlite: commit failed: {e}"));
+            pending.into_iter().for_each(|fin| fin(Err(err.clone())));
+        }
+    }
+}
+
+fn rollback_savepoint(conn: &Connection) {
+    let _ = exec(conn, "ROLLBACK TO cmd");
+    let _ = exec(conn, "RELEASE cmd");
+}
+
+// ---------------------------------------------------------------------------
+// Read pool
+// ---------------------------------------------------------------------------
+
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    fn run<T>(&self, f: impl FnOnce(&Connection) -> DbResult<T>) -> DbResult<T> {
+        let popped = self.idle.lock().pop();
+        let conn = match popped {
+            Some(c) => c,
+            None => open_connection(&self.path, false)?,
+        };
+        // One snapshot for reads that take several statements.
+        let result = conn
+            .unchecked_transaction()
+            .map_err(Fail::from)
+            .and_then(|tx| f(&tx));
+        let mut idle = self.idle.lock();
+        if idle.len() < READ_POOL_SIZE {
+            idle.push(conn);
+        }
+        result
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The store
+// ---------------------------------------------------------------------------
+
+/// The SQLite store (see the module docs).
+pub struct SqliteStore {
+    url: String,
+    clock: Arc<dyn Clock>,
+    signals: Arc<Signals>,
+    sender: Option<mpsc::Sender<Box<dyn Command>>>,
+    writer: Option<JoinHandle<()>>,
+    /// `None` for `:memory:` (reads then go through the writer).
+    readers: Option<Arc<ReadPool>>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`, or a private
+    /// in-memory database for `:memory:`. Runs pending migrations when
+    /// `options.migrate` is set.
+    ///
+    /// While a store for the same file is alive in this process, that store
+    /// is returned (and `options` are ignored), so everything in the process
+    /// shares one writer and one set of [`Signals`].
+    pub async fn open(path: &str, options: StoreOptions) -> Result<Arc<SqliteStore>> {
+        if is_memory(path) {
+            return Self::open_unshared(path, options).await;
+        }
+        let path = path.to_owned();
+        blocking(move || {
+            let canonical = canonical_path(&path)?;
+            let mut reg = registry().lock();
+            if let Some(store) = reg.get(&canonical).and_then(Weak::upgrade) {
+                return Ok(store);
+            }
+            reg.retain(|_, w| w.strong_count() > 0);
+            let store = Arc::new(Self::open_blocking(Some(canonical.clone()), options)?);
+            reg.insert(canonical, Arc::downgrade(&store));
+            Ok(store)
+        })
+        .await
+    }
+
+    /// Opens a store that is not shared through the process registry: a
+    /// second writer on the same file, as another process would have. For
+    /// tests of multi-process behaviour.
+    #[doc(hidden)]
+    pub async fn open_unshared(path: &str, options: StoreOptions) -> Result<Arc<SqliteStore>> {
+        let path = path.to_owned();
+        blocking(move || {
+            let file = if is_memory(&path) {
+                None
+            } else {
+                Some(canonical_path(&path)?)
+            };
+            Ok(Arc::new(Self::open_blocking(file, options)?))
+        })
+        .await
+    }
+
+    fn open_blocking(file: Option<PathBuf>, options: StoreOptions) -> Result<SqliteStore> {
+        let (conn, url) = match &file {
+            Some(p) => (open_connection(p, true)?, format!("sqlite:{}", p.display())),
+            None => {
+                let conn = Connection::open_in_memory()
+                    .and_then(|c| configure(&c, true).map(|()| c))
+                    .map_err(|e| {
+                        Error::Store(format!("sqlite: cannot open an in-memory database: {e}"))
+                    })?;
+                (conn, "sqlite::memory:".to_owned())
+            }
+        };
+        if options.migrate {
+            migrate_now(&conn, options.clock.now()).map_err(|e| match e {
+                Fail::Sql(e) => Error::Store(format!("sqlite: migrating `{url}` failed: {e}")),
+                Fail::App(e) => e,
+            })?;
+        }
+        let readers = match file {
+            Some(path) => {
+                // Open one reader now so a bad file fails here, not on first read.
+                let first = open_connection(&path, false)?;
+                Some(Arc::new(ReadPool {
+                    path,
+                    idle: Mutex::new(vec![first]),
+                }))
+            }
+            None => None,
+        };
+        let signals = Signals::new();
+        let (sender, rx) = mpsc::channel();
+        let writer = {
+            let (clock, signals) = (options.clock.clone(), signals.clone());
+            std::thread::Builder::new()
+                .name("switchyard-sqlite-writer".into())
+                .spawn(move || writer_loop(conn, rx, clock, signals))
+                .map_err(|e| Error::Store(format!("sqlite: cannot start the writer thread: {e}")))?
+        };
+        Ok(SqliteStore {
+            url,
+            clock: options.clock,
+            signals,
+            sender: Some(sender),
+            writer: Some(writer),
+            readers,
+        })
+    }
+
+    /// Runs `f` on the writer thread, inside the group-commit transaction;
+    /// answers after the commit.
+    async fn write<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, Millis, &mut Effects) -> DbResult<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let sender = self.sender.as_ref().ok_or(Error::Shutdown)?;
+        sender
+            .send(Box::new(Op { op, f, reply }))
+            .map_err(|_| Error::Store(format!("sqlite {op}: the writer thread has stopped")))?;
+        answer.await.map_err(|_| {
+            Error::Store(format!("sqlite {op}: the writer stopped before answering"))
+        })?
+    }
+
+    /// Runs `f` on a read connection (one snapshot).
+    async fn read<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> DbResult<T> + Send + 'static,
+    {
+        match &self.readers {
+            None => self.write(op, move |conn, _, _| f(conn)).await,
+            Some(pool) => {
+                let pool = pool.clone();
+                blocking(move || pool.run(f).map_err(|e| e.into_error(op))).await
+            }
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after its current batch; joining
+        // makes "dropped" mean "closed", so a reopen sees everything.
+        drop(self.sender.take());
+        if let Some(writer) = self.writer.take() {
+            if writer.thread().id() != std::thread::current().id() {
+                let _ = writer.join();
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Store(format!("sqlite: blocking task failed: {e}")))?
+}
+
+// ---------------------------------------------------------------------------
+// Prepared inputs (JSON encoded before reaching the writer)
+// ---------------------------------------------------------------------------
+
+struct PreparedTask {
+    task_id: TaskId,
+    step_id: StepId,
+    handler: String,
+    input: String,
+    headers: Option<String>,
+    priority: i32,
+    idempotency_key: Option<String>,
+    response_event: Option<String>,
+    run_at: Option<Millis>,
+    parent: Option<ParentRef>,
+}
+
+impl PreparedTask {
+    fn new(i: usize, t: NewTask) -> Result<Self> {
+        if t.handler.trim().is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "tasks[{i}].handler: must not be empty"
+            )));
+        }
+        Ok(Self {
+            task_id: TaskId::new(),
+            step_id: StepId::new(),
+            input: encode(&format!("tasks[{i}].input"), &t.input)?,
+            headers: if t.headers.is_empty() {
+                None
+            } else {
+                Some(encode("headers", &t.headers)?)
+            },
+            handler: t.handler,
+            priority: t.priority,
+            idempotency_key: t.idempotency_key,
+            response_event: t.response_event,
+            run_at: t.run_at,
+            parent: t.parent,
+        })
+    }
+}
+
+struct PreparedStep {
+    id: StepId,
+    name: String,
+    handler: String,
+    input: String,
+    /// Distinct dependencies.
+    deps: Vec<String>,
+    /// `depends_on` as given, NULL when empty.
+    deps_json: Option<String>,
+}
+
+enum Prepared {
+    Completed {
+        result: String,
+    },
+    Decided {
+        steps: Vec<PreparedStep>,
+        final_step: Option<String>,
+        result: String,
+    },
+    Retry {
+        error: String,
+        run_at: Millis,
+    },
+    Failed {
+        error: String,
+    },
+    Suspended {
+        wait: WaitFor,
+        json: String,
+    },
+    Released,
+}
+
+fn prepare_completion(c: Completion) -> Result<(Lease, Prepared)> {
+    let prepared = match c.resolution {
+        Resolution::Completed(v) => Prepared::Completed {
+            result: encode("result", &v)?,
+        },
+        Resolution::Decided {
+            steps,
+            final_step,
+            result,
+        } => Prepared::Decided {
+            steps: prepare_decision(steps, final_step.as_deref())?,
+            final_step,
+            result: encode("result", &result)?,
+        },
+        Resolution::Retry { error, run_at } => Prepared::Retry {
+            error: encode("error", &error)?,
+            run_at,
+        },
+        Resolution::Failed(e) => Prepared::Failed {
+            error: encode("error", &e)?,
+        },
+        Resolution::Suspended(wait) => Prepared::Suspended {
+            json: encode("wait", &wait)?,
+            wait,
+        },
+        Resolution::Released => Prepared::Released,
+    };
+    Ok((c.lease, prepared))
+}
+
+/// The checks a decision needs that do not involve the database: names,
+/// self-dependencies, cycles among the new steps and `final_step`.
+fn prepare_decision(steps: Vec<NewStep>, final_step: Option<&str>) -> Result<Vec<PreparedStep>> {
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(steps.len());
+    for (i, s) in steps.iter().enumerate() {
+        if s.name.trim().is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "steps[{i}].name: must not be empty"
+            )));
+        }
+        if s.handler.trim().is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "steps[{i}].handler: must not be empty"
+            )));
+        }
+        if index.insert(s.name.as_str(), i).is_some() {
+            return Err(Error::InvalidInput(format!(
+                "steps[{i}].name: duplicate step name `{}`",
+                s.name
+            )));
+        }
+    }
+    if let Some(f) = final_step {
+        if !index.contains_key(f) {
+            return Err(Error::InvalidInput(format!(
+                "final_step: `{f}` is not one of the steps this decision creates"
+            )));
+        }
+    }
+    // Kahn's algorithm over the edges between new steps: a cycle would leave
+    // its steps blocked forever.
+    let mut indegree = vec![0usize; steps.len()];
+    let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
+    for (i, s) in steps.iter().enumerate() {
+        let mut seen = HashSet::new();
+        for d in &s.depends_on {
+            if d == &s.name {
+                return Err(Error::InvalidInput(format!(
+                    "steps[{i}].depends_on: `{d}` depends on itself"
+                )));
+            }
+            if let Some(&j) = index.get(d.as_str()) {
+                if seen.insert(j) {
+                    indegree[i] += 1;
+                    dependants[j].push(i);
+                }
+            }
+        }
+    }
+    let mut ready: Vec<usize> = (0..steps.len()).filter(|&i| indegree[i] == 0).collect();
+    let mut seen = 0;
+    while let Some(j) = ready.pop() {
+        seen += 1;
+        for &i in &dependants[j] {
+            indegree[i] -= 1;
+            if indegree[i] == 0 {
+                ready.push(i);
+            }
+        }
+    }
+    if seen < steps.len() {
+        let cyclic: Vec<&str> = steps
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| indegree[*i] > 0)
+            .map(|(_, s)| s.name.as_str())
+            .collect();
+        return Err(Error::InvalidInput(format!(
+            "steps: dependency cycle among {}",
+            cyclic.join(", ")
+        )));
+    }
+    steps
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut deps = Vec::with_capacity(s.depends_on.len());
+            for d in &s.depends_on {
+                if !deps.contains(d) {
+                    deps.push(d.clone());
+                }
+            }
+            Ok(PreparedStep {
+                id: StepId::new(),
+                input: encode(&format!("steps[{i}].input"), &s.input)?,
+                deps_json: if s.depends_on.is_empty() {
+                    None
+                } else {
+                    Some(encode("depends_on", &s.depends_on)?)
+                },
+                deps,
+                name: s.name,
+                handler: s.handler,
+            })
+        })
+        .collect()
+}
+
+/// A claimed step before its JSON is decoded (outside the writer).
+struct RawClaim {
+    step_id: Uuid,
+    task_id: Uuid,
+    name: String,
+    handler: String,
+    input: String,
+    headers: Option<String>,
+    attempt: u32,
+    priority: i32,
+    run_at: Millis,
+    seq: i64,
+    has_dependencies: bool,
+}
+
+// ---------------------------------------------------------------------------
+// Statements of the write path (named so that a test can check their plans)
+// ---------------------------------------------------------------------------
+
+/// The lease a completion or checkpoint carries must be the current one.
+macro_rules! lease_guard {
+    () => {
+        " WHERE id = ?1 AND task_id = ?2 AND state = 'running' AND lease_owner = ?3 AND attempt = ?4"
+    };
+}
+
+const LEASE_CHECK: &str = concat!("SELECT name FROM steps", lease_guard!());
+const SETTLE_COMPLETED: &str = concat!(
+    "UPDATE steps SET state = 'completed', result = ?6, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5",
+    lease_guard!(),
+    " RETURNING name"
+);
+const SETTLE_RETRY: &str = concat!(
+    "UPDATE steps SET state = 'ready', run_at = ?6, error = ?7, lease_owner = NULL, lease_expires_at = NULL, \
+     updated_at = ?5",
+    lease_guard!()
+);
+const SETTLE_FAILED: &str = concat!(
+    "UPDATE steps SET state = 'failed', error = ?6, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5",
+    lease_guard!()
+);
+const SETTLE_SUSPENDED: &str = concat!(
+    "UPDATE steps SET state = ?6, run_at = ?7, wait = ?8, wait_event = ?9, wait_group = ?10, lease_owner = NULL, \
+     lease_expires_at = NULL, updated_at = ?5",
+    lease_guard!()
+);
+const SETTLE_RELEASED: &str = concat!(
+    "UPDATE steps SET state = 'ready', run_at = ?5, attempt = max(attempt - 1, 0), lease_owner = NULL, \
+     lease_expires_at = NULL, updated_at = ?5",
+    lease_guard!()
+);
+const EXTEND_CHECKPOINT_LEASE: &str =
+    concat!("UPDATE steps SET lease_expires_at = ?5", lease_guard!());
+const EVENT_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM events WHERE name = ?1)";
+const GROUP_RUNNING: &str =
+    "SELECT EXISTS (SELECT 1 FROM tasks WHERE parent_group = ?1 AND state = 'running')";
+const RUNNING_STEPS_OF_TASK: &str = "SELECT id FROM steps WHERE task_id = ?1 AND state = 'running'";
+const STEP_STATE_BY_NAME: &str = "SELECT state FROM steps WHERE task_id = ?1 AND name = ?2";
+const FIND_IDEMPOTENT: &str = "SELECT id FROM tasks WHERE idempotency_key = ?1";
+const PROMOTE: &str = "UPDATE steps SET state = 'ready', wait = NULL, wait_event = NULL, wait_group = NULL, updated_at = ?1 \
+             WHERE state = 'suspended' AND run_at IS NOT NULL AND run_at <= ?1";
+const NEXT_PRIORITY: &str =
+    "SELECT priority FROM steps WHERE state = 'ready' AND handler = ?1 AND priority < ?2 \
+         ORDER BY priority DESC LIMIT 1";
+const NEXT_READY: &str = "SELECT run_at FROM steps WHERE state = 'ready' AND handler = ?1 AND priority = ?2 AND run_at > ?3 \
+         ORDER BY run_at LIMIT 1";
+const NEXT_WAKE: &str =
+    "SELECT run_at FROM steps WHERE state = 'suspended' AND run_at IS NOT NULL AND handler = ?1 \
+         ORDER BY run_at LIMIT 1";
+const TASK_META: &str = "SELECT state, final_step, has_deps, response_event, parent_group, parent_step_id FROM tasks WHERE id = ?1";
+const UNBLOCK: &str = "UPDATE steps SET pending_deps = pending_deps - 1, \
+             state = CASE WHEN pending_deps <= 1 THEN 'ready' ELSE 'blocked' END, \
+             run_at = CASE WHEN pending_deps <= 1 THEN ?3 ELSE NULL END, updated_at = ?3 \
+         WHERE state = 'blocked' AND seq IN (SELECT step_seq FROM step_deps WHERE task_id = ?1 AND dep_name = ?2) \
+         RETURNING state = 'ready'";
+const CANCEL_STEPS: &str = "UPDATE steps SET state = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, wait = NULL, \
+         wait_event = NULL, wait_group = NULL, updated_at = ?2 \
+         WHERE task_id = ?1 AND state IN ('blocked', 'ready', 'running', 'suspended')";
+const FINISH_TASK: &str = "UPDATE tasks SET state = ?2, result = ?3, error = ?4, updated_at = ?5 WHERE id = ?1 AND state = 'running'";
+const WAKE_GROUP_PARENT: &str = "UPDATE steps SET state = 'ready', run_at = ?3, wait = NULL, wait_event = NULL, \
+                     wait_group = NULL, updated_at = ?3 WHERE id = ?1 AND state = 'suspended' AND wait_group = ?2";
+const INSERT_EVENT: &str = "INSERT INTO events (name, payload, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING";
+const WAKE_EVENT_WAITERS: &str = "UPDATE steps SET state = 'ready', run_at = ?2, wait = NULL, wait_event = NULL, wait_group = NULL, \
+             updated_at = ?2 WHERE state = 'suspended' AND wait_event = ?1";
+const RESET_STEP: &str = "UPDATE steps SET state = ?2, attempt = 0, run_at = ?3, pending_deps = ?4, lease_owner = NULL, \
+         lease_expires_at = NULL, wait = NULL, wait_event = NULL, wait_group = NULL, updated_at = ?5 WHERE seq = ?1";
+const UPSERT_HOST: &str = "INSERT INTO hosts (id, pid, hostname, handlers, started_at, last_heartbeat) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+         ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, hostname = excluded.hostname, \
+         handlers = excluded.handlers, started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat";
+const EXTEND_LEASE: &str = "UPDATE steps SET lease_expires_at = ?3 WHERE id = ?1 AND state = 'running' AND lease_owner = ?2";
+const UPSERT_CHECKPOINT: &str = "INSERT INTO checkpoints (task_id, key, value, step_id, attempt, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+         ON CONFLICT (task_id, key) DO UPDATE SET value = excluded.value, step_id = excluded.step_id, \
+         attempt = excluded.attempt, created_at = excluded.created_at WHERE checkpoints.attempt <= excluded.attempt";
+const RECOVER_EXPIRED: &str = "UPDATE steps SET state = 'ready', run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, \
+             updated_at = ?1, error = json_object('kind', 'lease_expired', 'message', \
+             'the lease of host ' || coalesce(lease_owner, '?') || ' expired before the step finished', \
+             'attempt', attempt) \
+             WHERE state = 'running' AND lease_expires_at <= ?1";
+
+const INSERT_TASK: &str = "INSERT INTO tasks (id, handler, input, state, headers, priority, idempotency_key, \
+     response_event, parent_task_id, parent_step_id, parent_group, parent_index, final_step, created_at, updated_at) \
+     VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?2, ?12, ?12)";
+
+const INSERT_STEP: &str = "INSERT INTO steps (id, task_id, name, handler, input, headers, state, priority, run_at, \
+     depends_on, pending_deps, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)";
+
+const CLAIM: &str = "UPDATE steps SET state = 'running', attempt = attempt + 1, lease_owner = ?1, \
+     lease_expires_at = ?2, updated_at = ?3 \
+     WHERE seq IN (SELECT seq FROM steps WHERE state = 'ready' AND handler = ?4 AND priority = ?5 AND run_at <= ?3 \
+                   ORDER BY run_at, seq LIMIT ?6) \
+     RETURNING id, task_id, name, handler, input, headers, attempt, priority, run_at, seq, depends_on IS NOT NULL";
+
+// ---------------------------------------------------------------------------
+// Write transactions (run on the writer thread)
+// ---------------------------------------------------------------------------
+
+fn spawn_tx(
+    conn: &Connection,
+    now: Millis,
+    fx: &mut Effects,
+    tasks: &[PreparedTask],
+) -> DbResult<Vec<Spawned>> {
+    let mut find = conn.prepare_cached(FIND_IDEMPOTENT)?;
+    let mut insert_task = conn.prepare_cached(INSERT_TASK)?;
+    let mut insert_step = conn.prepare_cached(INSERT_STEP)?;
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if let Some(key) = &t.idempotency_key {
+            if let Some(id) = find
+                .query_row([key], |r| r.get::<_, [u8; 16]>(0))
+                .optional()?
+            {
+                out.push(Spawned {
+                    task_id: TaskId(Uuid::from_bytes(id)),
+                    created: false,
+                });
+                continue;
+            }
+        }
+        let parent = t.parent.as_ref();
+        insert_task.execute(params![
+            t.task_id.0.as_bytes(),
+            t.handler,
+            t.input,
+            t.headers,
+            t.priority,
+            t.idempotency_key,
+            t.response_event,
+            parent.map(|p| p.task_id.0.into_bytes()),
+            parent.map(|p| p.step_id.0.into_bytes()),
+            parent.and_then(|p| p.group.as_deref()),
+            parent.map(|p| p.index),
+            now,
+        ])?;
+        insert_step.execute(params![
+            t.step_id.0.as_bytes(),
+            t.task_id.0.as_bytes(),
+            t.handler,
+            t.handler,
+            t.input,
+            t.headers,
+            "ready",
+            t.priority,
+            t.run_at.unwrap_or(now),
+            None::<String>,
+            0,
+            now,
+        ])?;
+        out.push(Spawned {
+            task_id: t.task_id,
+            created: true,
+        });
+    }
+    fx.ready = true;
+    Ok(out)
+}
+
+fn claim_tx(
+    conn: &Connection,
+    now: Millis,
+    fx: &mut Effects,
+    host_id: &str,
+    wants: &[(String, usize)],
+    lease_ms: i64,
+) -> DbResult<(Vec<RawClaim>, Option<Millis>, Millis)> {
+    let promoted = conn.prepare_cached(PROMOTE)?.execute([now])?;
+    if promoted > 0 {
+        fx.ready = true;
+    }
+    let expires = now.saturating_add(lease_ms);
+    // Walking the priorities present (usually few) keeps each query an index
+    // range scan: a single `ORDER BY priority DESC, run_at` scan would step
+    // over every not-yet-due step of a higher priority.
+    let mut next_priority = conn.prepare_cached(NEXT_PRIORITY)?;
+    let mut next_ready = conn.prepare_cached(NEXT_READY)?;
+    let mut next_wake = conn.prepare_cached(NEXT_WAKE)?;
+    let mut claim = conn.prepare_cached(CLAIM)?;
+    let mut claimed = Vec::new();
+    let mut next_due: Option<Millis> = None;
+    let mut due = |at: Option<Millis>| {
+        if let Some(at) = at {
+            next_due = Some(next_due.map_or(at, |d| d.min(at)));
+        }
+    };
+    for (handler, n) in wants {
+        let mut remaining = i64::try_from(*n).unwrap_or(i64::MAX);
+        let mut below = i64::MAX;
+        while let Some(priority) = next_priority
+            .query_row(params![handler, below], |r| r.get::<_, i64>(0))
+            .optional()?
+        {
+            if remaining > 0 {
+                let rows = claim.query_map(
+                    params![host_id, expires, now, handler, priority, remaining],
+                    |r| {
+                        Ok(RawClaim {
+                            step_id: uuid_col(r, 0)?,
+                            task_id: uuid_col(r, 1)?,
+                            name: r.get(2)?,
+                            handler: r.get(3)?,
+                            input: r.get(4)?,
+                            headers: r.get(5)?,
+                            attempt: r.get(6)?,
+                            priority: r.get(7)?,
+                            run_at: r.get(8)?,
+                            seq: r.get(9)?,
+                            has_dependencies: r.get(10)?,
+                        })
+                    },
+                )?;
+                for row in rows {
+                    claimed.push(row?);
+                    remaining -= 1;
+                }
+            }
+            due(next_ready
+                .query_row(params![handler, priority, now], |r| r.get(0))
+                .optional()?);
+            below = priority;
+        }
+        due(next_wake.query_row([handler], |r| r.get(0)).optional()?);
+    }
+    Ok((claimed, next_due, expires))
+}
+
+/// What a completion needs to know about the step's task.
+struct TaskMeta {
+    running: bool,
+    final_step: String,
+    has_deps: bool,
+    response_event: Option<String>,
+    parent_group: Option<String>,
+    parent_step_id: Option<[u8; 16]>,
+}
+
+fn task_meta(conn: &Connection, task_id: TaskId) -> DbResult<Option<TaskMeta>> {
+    Ok(conn
+        .prepare_cached(TASK_META)?
+        .query_row([task_id.0.as_bytes()], |r| {
+            Ok(TaskMeta {
+                running: r.get_ref(0)?.as_str()? == "running",
+                final_step: r.get(1)?,
+                has_deps: r.get(2)?,
+                response_event: r.get(3)?,
+                parent_group: r.get(4)?,
+                parent_step_id: r.get(5)?,
+            })
+        })
+        .optional()?)
+}
+
+/// Applies one completion. The outer error fails the whole batch (a database
+/// failure); the inner one answers this item only, and is always detected
+/// before anything is written, so a rejected item changes nothing.
+fn complete_one(
+    conn: &Connection,
+    now: Millis,
+    fx: &mut Effects,
+    lease: &Lease,
+    c: Prepared,
+) -> DbResult<Result<()>> {
+    let (sid, tid, host, attempt) = (
+        lease.step_id.0.as_bytes(),
+        lease.task_id.0.as_bytes(),
+        &lease.host_id,
+        lease.attempt,
+    );
+    let lost = || Ok(Err(Error::LeaseLost(lease.step_id)));
+    let settle_completed = |result: &str| -> DbResult<Option<String>> {
+        Ok(conn
+            .prepare_cached(SETTLE_COMPLETED)?
+            .query_row(params![sid, tid, host, attempt, now, result], |r| r.get(0))
+            .optional()?)
+    };
+    match c {
+        Prepared::Completed { result } => {
+            let Some(name) = settle_completed(&result)? else {
+                return lost();
+            };
+            if let Some(meta) = task_meta(conn, lease.task_id)? {
+                if meta.has_deps {
+                    unblock(conn, now, fx, lease.task_id, &name)?;
+                }
+                if meta.running && meta.final_step == name {
+                    finish_task(
+                        conn,
+                        now,
+                        fx,
+                        lease.task_id,
+                        &meta,
+                        TaskState::Completed,
+                        Some(&result),
+                        None,
+                    )?;
+                }
+            }
+        }
+        Prepared::Decided {
+            steps,
+            final_step,
+            result,
+        } => {
+            let decider: Option<String> = conn
+                .prepare_cached(LEASE_CHECK)?
+                .query_row(params![sid, tid, host, attempt], |r| r.get(0))
+                .optional()?;
+            let Some(decider) = decider else {
+                return lost();
+            };
+            let completed = match check_decision(conn, lease.task_id, &decider, &steps)? {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
+            settle_completed(&result)?;
+            let Some(meta) = task_meta(conn, lease.task_id)? else {
+                return Ok(Ok(()));
+            };
+            if meta.has_deps {
+                unblock(conn, now, fx, lease.task_id, &decider)?;
+            }
+            if !steps.is_empty() {
+                insert_decided(
+                    conn,
+                    now,
+                    fx,
+                    lease.task_id,
+                    &steps,
+                    &completed,
+                    meta.has_deps,
+                )?;
+            }
+            if meta.running && meta.final_step == decider {
+                match steps.last() {
+                    None => {
+                        finish_task(
+                            conn,
+                            now,
+                            fx,
+                            lease.task_id,
+                            &meta,
+                            TaskState::Completed,
+                            Some(&result),
+                            None,
+                        )?;
+                    }
+                    Some(last) => {
+                        let new_final = final_step.as_deref().unwrap_or(&last.name);
+                        conn.prepare_cached(
+                            "UPDATE tasks SET final_step = ?2, updated_at = ?3 WHERE id = ?1",
+                        )?
+                        .execute(params![tid, new_final, now])?;
+                    }
+                }
+            }
+        }
+        Prepared::Retry { error, run_at } => {
+            let changed = conn
+                .prepare_cached(SETTLE_RETRY)?
+                .execute(params![sid, tid, host, attempt, now, run_at, error])?;
+            if changed == 0 {
+                return lost();
+            }
+            fx.ready = true;
+        }
+        Prepared::Failed { error } => {
+            let changed = conn
+                .prepare_cached(SETTLE_FAILED)?
+                .execute(params![sid, tid, host, attempt, now, error])?;
+            if changed == 0 {
+                return lost();
+            }
+            if let Some(meta) = task_meta(conn, lease.task_id)? {
+                if meta.running {
+                    cancel_live_steps(conn, now, fx, lease.task_id)?;
+                    finish_task(
+                        conn,
+                        now,
+                        fx,
+                        lease.task_id,
+                        &meta,
+                        TaskState::Failed,
+                        None,
+                        Some(&error),
+                    )?;
+                }
+            }
+        }
+        Prepared::Suspended { wait, json } => {
+            // Checked in the same transaction as the suspension, so an event
+            // or a child finishing in between cannot be missed.
+            let satisfied = wait.wake_at.is_some_and(|at| at <= now)
+                || match &wait.event {
+                    Some(name) => conn
+                        .prepare_cached(EVENT_EXISTS)?
+                        .query_row([name], |r| r.get(0))?,
+                    None => false,
+                }
+                || match &wait.group {
+                    Some(group) => !group_has_running(conn, group)?,
+                    None => false,
+                };
+            let changed = conn.prepare_cached(SETTLE_SUSPENDED)?.execute(params![
+                sid,
+                tid,
+                host,
+                attempt,
+                now,
+                if satisfied { "ready" } else { "suspended" },
+                if satisfied { Some(now) } else { wait.wake_at },
+                (!satisfied).then_some(&json),
+                wait.event.as_ref().filter(|_| !satisfied),
+                wait.group.as_ref().filter(|_| !satisfied),
+            ])?;
+            if changed == 0 {
+                return lost();
+            }
+            fx.ready |= satisfied;
+        }
+        Prepared::Released => {
+            let changed = conn
+                .prepare_cached(SETTLE_RELEASED)?
+                .execute(params![sid, tid, host, attempt, now])?;
+            if changed == 0 {
+                return lost();
+            }
+            fx.ready = true;
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// The checks of a decision against the task's existing steps. Answers, for
+/// each existing step named as a dependency, whether it is completed (the
+/// deciding step counts as completed: it is, once the decision applies).
+fn check_decision(
+    conn: &Connection,
+    task_id: TaskId,
+    decider: &str,
+    steps: &[PreparedStep],
+) -> DbResult<Result<HashMap<String, bool>>> {
+    let mut state_of = conn.prepare_cached(STEP_STATE_BY_NAME)?;
+    let mut lookup = |name: &str| -> DbResult<Option<String>> {
+        Ok(state_of
+            .query_row(params![task_id.0.as_bytes(), name], |r| r.get(0))
+            .optional()?)
+    };
+    let new_names: HashSet<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+    let mut existing: HashMap<String, bool> = HashMap::new();
+    for (i, s) in steps.iter().enumerate() {
+        if lookup(&s.name)?.is_some() {
+            return Ok(Err(Error::InvalidInput(format!(
+                "steps[{i}].name: the task already has a step named `{}`",
+                s.name
+            ))));
+        }
+        for d in &s.deps {
+            if new_names.contains(d.as_str()) || existing.contains_key(d) {
+                continue;
+            }
+            match lookup(d)? {
+                Some(state) => {
+                    existing.insert(d.clone(), d == decider || state == "completed");
+                }
+                None => {
+                    return Ok(Err(Error::InvalidInput(format!(
+                        "steps[{i}].depends_on: unknown step `{d}` (neither in this decision nor in the task)"
+                    ))))
+                }
+            }
+        }
+    }
+    Ok(Ok(existing))
+}
+
+fn insert_decided(
+    conn: &Connection,
+    now: Millis,
+    fx: &mut Effects,
+    task_id: TaskId,
+    steps: &[PreparedStep],
+    completed: &HashMap<String, bool>,
+    task_has_deps: bool,
+) -> DbResult<()> {
+    let tid = task_id.0.as_bytes();
+    let (priority, headers): (i32, Option<String>) = conn
+        .prepare_cached("SELECT priority, headers FROM tasks WHERE id = ?1")?
+        .query_row([tid], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let mut insert_step = conn.prepare_cached(INSERT_STEP)?;
+    let mut insert_dep = conn.prepare_cached(
+        "INSERT INTO step_deps (task_id, dep_name, step_seq) VALUES (?1, ?2, ?3)",
+    )?;
+    let mut any_deps = false;
+    for s in steps {
+        let pending = s
+            .deps
+            .iter()
+            .filter(|d| !completed.get(*d).copied().unwrap_or(false))
+            .count();
+        let state = if pending > 0 { "blocked" } else { "ready" };
+        insert_step.execute(params![
+            s.id.0.as_bytes(),
+            tid,
+            s.name,
+            s.handler,
+            s.input,
+            headers,
+            state,
+            priority,
+            if pending > 0 { None } else { Some(now) },
+            s.deps_json,
+            pending,
+            now,
+        ])?;
+        let seq = conn.last_insert_rowid();
+        for d in &s.deps {
+            insert_dep.execute(params![tid, d, seq])?;
+            any_deps = true;
+        }
+        fx.ready |= pending == 0;
+    }
+    if any_deps && !task_has_deps {
+        conn.prepare_cached("UPDATE tasks SET has_deps = 1 WHERE id = ?1")?
+            .execute([tid])?;
+    }
+    Ok(())
+}
+
+/// One fewer pending dependency for each blocked step waiting on `name`.
+fn unblock(
+    conn: &Connection,
+    now: Millis,
+    fx: &mut Effects,
+    task_id: TaskId,
+    name: &str,
+) -> DbResult<()> {
+    let mut stmt = conn.prepare_cached(UNBLOCK)?;
+    let rows = stmt.query_map(params![task_id.0.as_bytes(), name, now], |r| {
+        r.get::<_, bool>(0)
+    })?;
+    for ready in rows {
+        fx.ready |= ready?;
+    }
+    Ok(())
+}
+
+fn group_has_running(conn: &Connection, group: &str) -> DbResult<bool> {
+    Ok(conn
+        .prepare_cached(GROUP_RUNNING)?
+        .query_row([group], |r| r.get(0))?)
+}
+
+/// Cancels every non-terminal step of a task; running ones are announced.
+fn cancel_live_steps(
+    conn: &Connection,
+    now: Millis,
+    fx: &mut Effects,
+    task_id: TaskId,
+) -> DbResult<()> {
+    let tid = task_id.0.as_bytes();
+    let mut running = conn.prepare_cached(RUNNING_STEPS_OF_TASK)?;
+    for id in running.query_map([tid], |r| uuid_col(r, 0))? {
+        fx.cancelled.push(StepId(id?));
+    }
+    conn.prepare_cached(CANCEL_STEPS)?
+        .execute(params![tid, now])?;
+    Ok(())
+}
+
+/// *Task finish* (see the `Store` docs). `result` and `error` are JSON.
+#[allow(clippy::too_many_arguments)]
+fn finish_task(
+    conn: &Connection,
+    now: Millis,
+    fx: &mut Effects,
+    task_id: TaskId,
+    meta: &TaskMeta,
+    state: TaskState,
+    result: Option<&str>,
+    error: Option<&str>,
+) -> DbResult<()> {
+    let changed = conn.prepare_cached(FINISH_TASK)?.execute(params![
+        task_id.0.as_bytes(),
+        state.as_str(),
+        result,
+        error,
+        now
+    ])?;
+    if changed == 0 {
+        return Ok(());
+    }
+    fx.finished = true;
+    if let Some(event) = &meta.response_event {
+        // Both fragments are JSON already; splicing them avoids a decode and
+        // re-encode on the writer thread.
+        let payload = format!(
+            r#"{{"task_id":"{task_id}","state":"{}","result":{},"error":{}}}"#,
+            state.as_str(),
+            result.unwrap_or("null"),
+            error.unwrap_or("null"),
+        );
+        emit_tx(conn, now, fx, event, &payload)?;
+    }
+    if let (Some(group), Some(parent_step)) = (&meta.parent_group, &meta.parent_step_id) {
+        if !group_has_running(conn, group)? {
+            let woke = conn.prepare_cached(WAKE_GROUP_PARENT)?.execute(params![
+                parent_step,
+                group,
+                now
+            ])?;
+            fx.ready |= woke > 0;
+        }
+    }
+    Ok(())
+}
+
+fn emit_tx(
+    conn: &Connection,
+    now: Millis,
+    fx: &mut Effects,
+    name: &str,
+    payload: &str,
+) -> DbResult<bool> {
+    let stored = conn
+        .prepare_cached(INSERT_EVENT)?
+        .execute(params![name, payload, now])?
+        > 0;
+    let woke = conn
+        .prepare_cached(WAKE_EVENT_WAITERS)?
+        .execute(params![name, now])?;
+    fx.ready |= woke > 0;
+    Ok(stored)
+}
+
+fn cancelled_error() -> String {
+    serde_json::to_string(&ErrorInfo::new(ErrorKind::Cancelled, "task cancelled"))
+        .unwrap_or_default()
+}
+
+fn cancel_tx(
+    conn: &Connection,
+    now: Millis,
+    fx: &mut Effects,
+    id: TaskId,
+    cascade: bool,
+) -> DbResult<bool> {
+    let meta =
+        task_meta(conn, id)?.ok_or_else(|| Fail::App(Error::NotFound(format!("task {id}"))))?;
+    if !meta.running {
+        return Ok(false);
+    }
+    let error = cancelled_error();
+    cancel_live_steps(conn, now, fx, id)?;
+    finish_task(
+        conn,
+        now,
+        fx,
+        id,
+        &meta,
+        TaskState::Cancelled,
+        None,
+        Some(&error),
+    )?;
+    if cascade {
+        let mut children = conn.prepare_cached("SELECT id FROM tasks WHERE parent_task_id = ?1")?;
+        let mut queue = vec![id];
+        // Finished children are walked too: they may have unfinished children.
+        while let Some(parent) = queue.pop() {
+            let ids = children.query_map([parent.0.as_bytes()], |r| uuid_col(r, 0))?;
+            for child in ids.collect::<rusqlite::Result<Vec<_>>>()? {
+                let child = TaskId(child);
+                if let Some(meta) = task_meta(conn, child)? {
+                    if meta.running {
+                        cancel_live_steps(conn, now, fx, child)?;
+                        finish_task(
+                            conn,
+                            now,
+                            fx,
+                            child,
+                            &meta,
+                            TaskState::Cancelled,
+                            None,
+                            Some(&error),
+                        )?;
+                    }
+                }
+                queue.push(child);
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn retry_tx(conn: &Connection, now: Millis, fx: &mut Effects, id: TaskId) -> DbResult<()> {
+    let tid = id.0.as_bytes();
+    let state: Option<String> = conn
+        .prepare_cached("SELECT state FROM tasks WHERE id = ?1")?
+        .query_row([tid], |r| r.get(0))
+        .optional()?;
+    match state.as_deref() {
+        None => return Err(Fail::App(Error::NotFound(format!("task {id}")))),
+        Some("failed" | "cancelled") => {}
+        Some(other) => {
+            return Err(Fail::App(Error::Conflict(format!(
+                "task {id} is {other}; only failed or cancelled tasks can be retried"
+            ))))
+        }
+    }
+    conn.prepare_cached("UPDATE tasks SET state = 'running', result = NULL, error = NULL, updated_at = ?2 WHERE id = ?1")?
+        .execute(params![tid, now])?;
+    let mut steps =
+        conn.prepare_cached("SELECT seq, name, state, depends_on FROM steps WHERE task_id = ?1")?;
+    let rows = steps
+        .query_map([tid], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)? == "completed",
+                opt_json_col::<Vec<String>>(r, 3)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let done: HashSet<&str> = rows.iter().filter(|r| r.2).map(|r| r.1.as_str()).collect();
+    let mut reset = conn.prepare_cached(RESET_STEP)?;
+    for (seq, _, completed, deps) in &rows {
+        if *completed {
+            continue;
+        }
+        let deps: HashSet<&str> = deps.iter().flatten().map(String::as_str).collect();
+        let pending = deps.iter().filter(|d| !done.contains(*d)).count();
+        let (state, run_at) = if pending == 0 {
+            ("ready", Some(now))
+        } else {
+            ("blocked", None)
+        };
+        reset.execute(params![seq, state, run_at, pending, now])?;
+    }
+    fx.ready = true;
+    Ok(())
+}
+
+fn heartbeat_tx(
+    conn: &Connection,
+    now: Millis,
+    host: &HostInfo,
+    handlers: &str,
+    running: &[StepId],
+    lease_ms: i64,
+) -> DbResult<HeartbeatReply> {
+    conn.prepare_cached(UPSERT_HOST)?.execute(params![
+        host.id,
+        host.pid,
+        host.hostname,
+        handlers,
+        host.started_at,
+        now
+    ])?;
+    let mut extend = conn.prepare_cached(EXTEND_LEASE)?;
+    let expires = now.saturating_add(lease_ms);
+    let mut lost = Vec::new();
+    for step in running {
+        if extend.execute(params![step.0.as_bytes(), host.id, expires])? == 0 {
+            lost.push(*step);
+        }
+    }
+    Ok(HeartbeatReply { lost })
+}
+
+fn checkpoint_tx(
+    conn: &Connection,
+    now: Millis,
+    lease: &Lease,
+    key: &str,
+    value: &str,
+    lease_ms: i64,
+) -> DbResult<()> {
+    let extended = conn
+        .prepare_cached(EXTEND_CHECKPOINT_LEASE)?
+        .execute(params![
+            lease.step_id.0.as_bytes(),
+            lease.task_id.0.as_bytes(),
+            lease.host_id,
+            lease.attempt,
+            now.saturating_add(lease_ms)
+        ])?;
+    if extended == 0 {
+        return Err(Fail::App(Error::LeaseLost(lease.step_id)));
+    }
+    conn.prepare_cached(UPSERT_CHECKPOINT)?.execute(params![
+        lease.task_id.0.as_bytes(),
+        key,
+        value,
+        lease.step_id.0.as_bytes(),
+        lease.attempt,
+        now
+    ])?;
+    Ok(())
+}
+
+fn recover_tx(conn: &Connection, now: Millis, fx: &mut Effects) -> DbResult<u64> {
+    let n = conn.prepare_cached(RECOVER_EXPIRED)?.execute([now])?;
+    fx.ready |= n > 0;
+    Ok(n as u64)
+}
+
+// ---------------------------------------------------------------------------
+// Reads
+// ---------------------------------------------------------------------------
+
+fn get_task_tx(conn: &Connection, id: TaskId) -> DbResult<Option<TaskRecord>> {
+    Ok(conn
+        .prepare_cached(concat!(
+            "SELECT ",
+            task_cols!(),
+            " FROM tasks WHERE id = ?1"
+        ))?
+        .query_row([id.0.as_bytes()], task_row)
+        .optional()?)
+}
+
+fn task_detail_tx(conn: &Connection, id: TaskId) -> DbResult<Option<TaskDetail>> {
+    let Some(task) = get_task_tx(conn, id)? else {
+        return Ok(None);
+    };
+    let tid = id.0.as_bytes();
+    let steps = conn
+        .prepare_cached(concat!(
+            "SELECT ",
+            step_cols!(),
+            " FROM steps WHERE task_id = ?1 ORDER BY seq"
+        ))?
+        .query_map([tid], step_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let checkpoints = conn
+        .prepare_cached(
+            "SELECT key, value, step_id, attempt, created_at FROM checkpoints WHERE task_id = ?1 ORDER BY rowid",
+        )?
+        .query_map([tid], |r| {
+            Ok(CheckpointRecord {
+                task_id: id,
+                key: r.get(0)?,
+                value: json_col(r, 1)?,
+                step_id: StepId(uuid_col(r, 2)?),
+                attempt: r.get(3)?,
+                created_at: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let children = conn
+        .prepare_cached(concat!(
+            "SELECT ",
+            task_cols!(),
+            " FROM tasks WHERE parent_task_id = ?1 ORDER BY seq"
+        ))?
+        .query_map([tid], task_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(TaskDetail {
+        task,
+        steps,
+        checkpoints,
+        children,
+    }))
+}
+
+fn list_tasks_tx(conn: &Connection, filter: &TaskFilter) -> DbResult<Vec<TaskRecord>> {
+    let limit = if filter.limit == 0 {
+        DEFAULT_LIMIT
+    } else {
+        filter.limit
+    };
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let state = filter.state.map(TaskState::as_str);
+    let sql = match (state.is_some(), filter.handler.is_some()) {
+        (false, false) => concat!(
+            "SELECT ",
+            task_cols!(),
+            " FROM tasks WHERE ?1 IS NULL AND ?2 IS NULL ORDER BY seq DESC LIMIT ?3"
+        ),
+        (true, false) => concat!(
+            "SELECT ",
+            task_cols!(),
+            " FROM tasks WHERE state = ?1 AND ?2 IS NULL ORDER BY seq DESC LIMIT ?3"
+        ),
+        (false, true) => concat!(
+            "SELECT ",
+            task_cols!(),
+            " FROM tasks WHERE ?1 IS NULL AND handler = ?2 ORDER BY seq DESC LIMIT ?3"
+        ),
+        (true, true) => concat!(
+            "SELECT ",
+            task_cols!(),
+            " FROM tasks WHERE state = ?1 AND handler = ?2 ORDER BY seq DESC LIMIT ?3"
+        ),
+    };
+    let rows = conn
+        .prepare_cached(sql)?
+        .query_map(params![state, filter.handler, limit], task_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------
+// The trait
+// ---------------------------------------------------------------------------
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn signals(&self) -> &Arc<Signals> {
+        &self.signals
+    }
+
+    fn poll_interval(&self) -> Duration {
+        POLL_INTERVAL
+    }
+
+    async fn now(&self) -> Result<Millis> {
+        Ok(self.clock.now())
+    }
+
+    async fn migrate(&self) -> Result<u32> {
+        self.write("migrate", |conn, now, _| apply_migrations(conn, now))
+            .await
+    }
+
+    async fn spawn(&self, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tasks = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| PreparedTask::new(i, t))
+            .collect::<Result<Vec<_>>>()?;
+        self.write("spawn", move |conn, now, fx| {
+            spawn_tx(conn, now, fx, &tasks)
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        host_id: &str,
+        wants: &[(String, usize)],
+        lease_ms: i64,
+    ) -> Result<ClaimBatch> {
+        let host = host_id.to_owned();
+        let wants = wants.to_vec();
+        let (mut raw, next_due, lease_expires_at) = self
+            .write("claim", move |conn, now, fx| {
+                claim_tx(conn, now, fx, &host, &wants, lease_ms)
+            })
+            .await?;
+        raw.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.run_at.cmp(&b.run_at))
+                .then(a.seq.cmp(&b.seq))
+        });
+        let steps = raw
+            .into_iter()
+            .map(|c| {
+                Ok(ClaimedStep {
+                    step_id: StepId(c.step_id),
+                    task_id: TaskId(c.task_id),
+                    input: decode("step input", &c.input)?,
+                    headers: match &c.headers {
+                        Some(h) => decode("task headers", h)?,
+                        None => Default::default(),
+                    },
+                    name: c.name,
+                    handler: c.handler,
+                    attempt: c.attempt,
+                    priority: c.priority,
+                    lease_expires_at,
+                    has_dependencies: c.has_dependencies,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClaimBatch { steps, next_due })
+    }
+
+    async fn complete(&self, completions: Vec<Completion>) -> Result<Vec<Result<()>>> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let items: Vec<Result<(Lease, Prepared)>> =
+            completions.into_iter().map(prepare_completion).collect();
+        self.write("complete", move |conn, now, fx| {
+            items
+                .into_iter()
+                .map(|item| match item {
+                    Ok((lease, prepared)) => complete_one(conn, now, fx, &lease, prepared),
+                    Err(e) => Ok(Err(e)),
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        host: &HostInfo,
+        running: &[StepId],
+        lease_ms: i64,
+    ) -> Result<HeartbeatReply> {
+        let handlers = encode("handlers", &host.handlers)?;
+        let host = host.clone();
+        let running = running.to_vec();
+        self.write("heartbeat", move |conn, now, _| {
+            heartbeat_tx(conn, now, &host, &handlers, &running, lease_ms)
+        })
+        .await
+    }
+
+    async fn deregister_host(&self, host_id: &str) -> Result<()> {
+        let host = host_id.to_owned();
+        self.write("deregister_host", move |conn, _, _| {
+            conn.prepare_cached("DELETE FROM hosts WHERE id = ?1")?
+                .execute([host])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn recover_expired(&self) -> Result<u64> {
+        self.write("recover_expired", recover_tx).await
+    }
+
+    async fn put_checkpoint(
+        &self,
+        lease: &Lease,
+        key: &str,
+        value: Value,
+        lease_ms: i64,
+    ) -> Result<()> {
+        let value = encode("checkpoint value", &value)?;
+        let (lease, key) = (lease.clone(), key.to_owned());
+        self.write("put_checkpoint", move |conn, now, _| {
+            checkpoint_tx(conn, now, &lease, &key, &value, lease_ms)
+        })
+        .await
+    }
+
+    async fn checkpoints(&self, task_id: TaskId) -> Result<BTreeMap<String, Value>> {
+        self.read("checkpoints", move |conn| {
+            let rows = conn
+                .prepare_cached("SELECT key, value FROM checkpoints WHERE task_id = ?1")?
+                .query_map([task_id.0.as_bytes()], |r| Ok((r.get(0)?, json_col(r, 1)?)))?
+                .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn emit_event(&self, name: &str, payload: Value) -> Result<bool> {
+        if name.trim().is_empty() {
+            return Err(Error::InvalidInput("event name: must not be empty".into()));
+        }
+        let payload = encode("event payload", &payload)?;
+        let name = name.to_owned();
+        self.write("emit_event", move |conn, now, fx| {
+            emit_tx(conn, now, fx, &name, &payload)
+        })
+        .await
+    }
+
+    async fn get_event(&self, name: &str) -> Result<Option<EventRecord>> {
+        let name = name.to_owned();
+        self.read("get_event", move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT name, payload, created_at FROM events WHERE name = ?1")?
+                .query_row([name], event_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn list_events(&self, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit =
+            i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);
+        self.read("list_events", move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT name, payload, created_at FROM events ORDER BY rowid DESC LIMIT ?1",
+                )?
+                .query_map([limit], event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
+        let group = group.to_owned();
+        self.read("group_outcomes", move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id, state, result, error FROM tasks WHERE parent_group = ?1 ORDER BY parent_index, seq",
+                )?
+                .query_map([group], |r| {
+                    Ok(ChildOutcome {
+                        task_id: TaskId(uuid_col(r, 0)?),
+                        state: parse_col(r, 1)?,
+                        result: opt_json_col(r, 2)?,
+                        error: opt_json_col(r, 3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn step_results(
+        &self,
+        task_id: TaskId,
+        names: &[String],
+    ) -> Result<BTreeMap<String, Value>> {
+        let names = names.to_vec();
+        self.read("step_results", move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT result FROM steps WHERE task_id = ?1 AND name = ?2 AND state = 'completed'",
+            )?;
+            let mut out = BTreeMap::new();
+            for name in names {
+                let result: Option<Option<String>> = stmt
+                    .query_row(params![task_id.0.as_bytes(), name], |r| r.get(0))
+                    .optional()?;
+                if let Some(result) = result {
+                    let value = match result {
+                        Some(s) => decode("step result", &s)?,
+                        None => Value::Null,
+                    };
+                    out.insert(name, value);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn cancel_task(&self, id: TaskId, cascade: bool) -> Result<bool> {
+        self.write("cancel_task", move |conn, now, fx| {
+            cancel_tx(conn, now, fx, id, cascade)
+        })
+        .await
+    }
+
+    async fn retry_task(&self, id: TaskId) -> Result<()> {
+        self.write("retry_task", move |conn, now, fx| {
+            retry_tx(conn, now, fx, id)
+        })
+        .await
+    }
+
+    async fn get_task(&self, id: TaskId) -> Result<Option<TaskRecord>> {
+        self.read("get_task", move |conn| get_task_tx(conn, id))
+            .await
+    }
+
+    async fn task_detail(&self, id: TaskId) -> Result<Option<TaskDetail>> {
+        self.read("task_detail", move |conn| task_detail_tx(conn, id))
+            .await
+    }
+
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>> {
+        let filter = filter.clone();
+        self.read("list_tasks", move |conn| list_tasks_tx(conn, &filter))
+            .await
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<HostInfo>> {
+        self.read("list_hosts", |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT id, pid, hostname, handlers, started_at, last_heartbeat FROM hosts \
+                     ORDER BY last_heartbeat DESC, id",
+                )?
+                .query_map([], |r| {
+                    Ok(HostInfo {
+                        id: r.get(0)?,
+                        pid: r.get(1)?,
+                        hostname: r.get(2)?,
+                        handlers: json_col(r, 3)?,
+                        started_at: r.get(4)?,
+                        last_heartbeat: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn count_steps(&self) -> Result<StateCounts> {
+        // A full scan: fine for progress and metrics, not for a hot path.
+        self.read("count_steps", |conn| {
+            Ok(conn
+                .prepare_cached("SELECT state, count(*) FROM steps GROUP BY state")?
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?
+                .collect::<rusqlite::Result<StateCounts>>()?)
+        })
+        .await
+    }
+}

@@ -35,5 +35,8 @@ pub const DEFAULT_STORE: &str = "sqlite:switchyard.db";
 
 /// The store URL from `SWITCHYARD_STORE`, or [`DEFAULT_STORE`].
 pub fn store_url_from_env() -> String {
-    std::env::var("SWITCHYARD_STORE").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| DEFAULT_STORE.into())
+    std::env::var("SWITCHYARD_STORE")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_STORE.into())
 }

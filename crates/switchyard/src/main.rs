@@ -1,1 +1,205 @@
-fn main(){}
+//! The `switchyard` command line: migrate the store, spawn tasks, emit
+//! events, inspect and repair tasks, list hosts, and benchmark.
+//!
+//! Exit codes: 0 on success, 2 for usage errors and invalid input (clap's own
+//! errors included), 1 for every other failure (store unreadable, task not
+//! found, conflicting state, timeouts).
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+mod cli {
+    pub mod bench;
+    pub mod commands;
+    pub mod output;
+}
+
+use cli::bench::BenchArgs;
+use cli::commands::{CliError, Outcome};
+
+/// Switchyard: a durable worker host.
+#[derive(Parser, Debug)]
+#[command(name = "switchyard", version, about, propagate_version = true)]
+struct Cli {
+    /// Store URL: `memory`, `sqlite:PATH`. Default: $SWITCHYARD_STORE, else
+    /// `sqlite:switchyard.db`.
+    #[arg(long, global = true, value_name = "URL")]
+    store: Option<String>,
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Apply pending schema migrations and print the schema version.
+    Migrate,
+    /// Spawn a task and print its id.
+    Spawn(SpawnArgs),
+    /// Emit an event (first write wins).
+    Emit(EmitArgs),
+    /// List or inspect tasks.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
+    /// List cached events.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Cancel a running task.
+    Cancel(CancelArgs),
+    /// Re-run a failed or cancelled task.
+    Retry(IdArg),
+    /// List registered hosts and the handlers they serve.
+    Workers,
+    /// Measure throughput and latency with an in-process host.
+    Bench(BenchArgs),
+}
+
+/// Arguments of `switchyard spawn`.
+#[derive(Args, Debug)]
+pub struct SpawnArgs {
+    /// Handler of the task's root step.
+    pub name: String,
+    /// Input, as JSON text.
+    #[arg(long, value_name = "JSON", default_value = "null")]
+    pub input: String,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Spawning twice with the same key returns the first task.
+    #[arg(long, value_name = "K")]
+    pub idempotency_key: Option<String>,
+    /// Event emitted with the outcome when the task finishes.
+    #[arg(long, value_name = "E")]
+    pub response_event: Option<String>,
+    /// A header `k=v` visible to every step (repeatable).
+    #[arg(long = "header", value_name = "K=V")]
+    pub headers: Vec<String>,
+    /// Wait up to SECS seconds for the task to finish and print its result.
+    #[arg(long, value_name = "SECS")]
+    pub wait: Option<f64>,
+}
+
+/// Arguments of `switchyard emit`.
+#[derive(Args, Debug)]
+pub struct EmitArgs {
+    /// Event name.
+    pub name: String,
+    /// Payload, as JSON text.
+    #[arg(long, value_name = "JSON", default_value = "null")]
+    pub payload: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum TasksCommand {
+    /// List tasks, newest first.
+    List(TasksListArgs),
+    /// Show one task: steps, checkpoints, waits, children, and why it may be stuck.
+    Show(IdArg),
+}
+
+/// Arguments of `switchyard tasks list`.
+#[derive(Args, Debug)]
+pub struct TasksListArgs {
+    /// Only tasks in this state (running, completed, failed, cancelled).
+    #[arg(long, value_name = "S")]
+    pub state: Option<String>,
+    /// Only tasks whose root handler is this.
+    #[arg(long, value_name = "H")]
+    pub handler: Option<String>,
+    /// At most this many.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub limit: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum EventsCommand {
+    /// List cached events, newest first.
+    List {
+        /// At most this many.
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+/// Arguments of `switchyard cancel`.
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    /// The task id.
+    pub id: String,
+    /// Also cancel the task's unfinished descendants.
+    #[arg(long)]
+    pub cascade: bool,
+}
+
+/// A task id argument.
+#[derive(Args, Debug)]
+pub struct IdArg {
+    /// The task id.
+    pub id: String,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Hosts and stores may still hold background tasks; do not wait for them.
+    runtime.shutdown_background();
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Failure) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<Outcome, CliError> {
+    use cli::commands as c;
+    let json = cli.json;
+    // The benchmark never touches the user's default store: without an
+    // explicit --store it runs on a fresh temporary SQLite file.
+    if let Command::Bench(args) = cli.command {
+        let url = cli.store.or_else(|| {
+            std::env::var("SWITCHYARD_STORE")
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+        });
+        return cli::bench::run(args, url.unwrap_or_else(|| "sqlite".into())).await;
+    }
+    let url = cli.store.unwrap_or_else(switchyard::store_url_from_env);
+    match cli.command {
+        Command::Migrate => c::migrate(&url, json).await,
+        Command::Spawn(a) => c::spawn(&url, json, a).await,
+        Command::Emit(a) => c::emit(&url, json, a).await,
+        Command::Tasks(TasksCommand::List(a)) => c::tasks_list(&url, json, a).await,
+        Command::Tasks(TasksCommand::Show(a)) => c::tasks_show(&url, json, &a.id).await,
+        Command::Events(EventsCommand::List { limit }) => c::events_list(&url, json, limit).await,
+        Command::Cancel(a) => c::cancel(&url, json, &a.id, a.cascade).await,
+        Command::Retry(a) => c::retry(&url, json, &a.id).await,
+        Command::Workers => c::workers(&url, json).await,
+        Command::Bench(_) => unreachable!("handled above"),
+    }
+}

@@ -1,0 +1,644 @@
+//! The store-facing subcommands: migrate, spawn, emit, tasks, events,
+//! cancel, retry, workers.
+//!
+//! Every argument is validated before the store is opened, so a typo never
+//! creates a database file or leaves anything behind.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use switchyard::client::{parse_json, validate_name};
+use switchyard::{
+    Client, DynStore, Error, HostInfo, Millis, NewTask, StepState, TaskDetail, TaskFilter, TaskId,
+    TaskRecord, TaskState,
+};
+
+use super::output::{opt_time, relative, short_json, time, Table};
+use crate::{EmitArgs, SpawnArgs, TasksListArgs};
+
+/// A host counts as live if it heartbeated within this window: three
+/// default heartbeats (5 s) plus slack for a slow store.
+pub const LIVE_WINDOW_MS: Millis = 30_000;
+
+/// A failure to report on stderr, with the process exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// 2 for usage errors and invalid input, 1 otherwise.
+    pub code: u8,
+    /// What went wrong, naming the argument or resource.
+    pub message: String,
+}
+
+impl CliError {
+    /// Invalid input or usage (exit code 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+    /// Any other failure (exit code 1).
+    pub fn failure(message: impl Into<String>) -> Self {
+        Self {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for CliError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidInput(_) | Error::PayloadTooLarge { .. } | Error::Config(_) => {
+                Self::usage(e.to_string())
+            }
+            other => Self::failure(other.to_string()),
+        }
+    }
+}
+
+/// How a command that ran to the end went: `Failure` exits 1 after its
+/// output was printed (e.g. `spawn --wait` on a task that failed).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exit 0.
+    Success,
+    /// Exit 1.
+    Failure,
+}
+
+type CmdResult = Result<Outcome, CliError>;
+
+/// Opens the store named by `url`, with an error naming the URL. A
+/// directory given as an SQLite path is refused here because SQLite's own
+/// message ("unable to open database file") does not say why.
+pub async fn open_store(url: &str) -> Result<DynStore, CliError> {
+    let trimmed = url.trim();
+    if let Some(path) = trimmed
+        .strip_prefix("sqlite://")
+        .or_else(|| trimmed.strip_prefix("sqlite:"))
+    {
+        if std::path::Path::new(path).is_dir() {
+            return Err(CliError::failure(format!(
+                "cannot open store `{trimmed}`: `{path}` is a directory, not an SQLite database file"
+            )));
+        }
+    }
+    switchyard::open(trimmed).await.map_err(|e| {
+        let code = if matches!(e, Error::Config(_)) { 2 } else { 1 };
+        CliError {
+            code,
+            message: format!("cannot open store `{trimmed}`: {e}"),
+        }
+    })
+}
+
+fn print_json<T: Serialize + ?Sized>(v: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string(v)
+        .map_err(|e| CliError::failure(format!("encoding JSON output: {e}")))?;
+    print_text(&format!("{text}\n"))
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn print_text(s: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::failure(format!("writing to stdout: {e}"))),
+    }
+}
+
+fn parse_id(text: &str) -> Result<TaskId, CliError> {
+    TaskId::from_str(text)
+        .map_err(|_| CliError::usage(format!("`{text}` is not a valid task id (expected a UUID)")))
+}
+
+/// `switchyard migrate`.
+pub async fn migrate(url: &str, json: bool) -> CmdResult {
+    let store = open_store(url).await?;
+    let version = store.migrate().await?;
+    if json {
+        print_json(&json!({ "store": store.url(), "schema_version": version }))?;
+    } else {
+        print_text(&format!("schema version {version}\n"))?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `switchyard spawn`.
+pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
+    validate_name("handler name", &a.name)?;
+    let input = parse_json("--input", &a.input)?;
+    let mut task = NewTask::new(&a.name, input).priority(a.priority);
+    if let Some(k) = &a.idempotency_key {
+        validate_name("--idempotency-key", k)?;
+        task = task.idempotency_key(k);
+    }
+    if let Some(e) = &a.response_event {
+        validate_name("--response-event", e)?;
+        task = task.response_event(e);
+    }
+    for h in &a.headers {
+        let Some((k, v)) = h.split_once('=') else {
+            return Err(CliError::usage(format!(
+                "--header `{h}` is not of the form key=value"
+            )));
+        };
+        validate_name("--header name", k)?;
+        task = task.header(k, v);
+    }
+    let wait = match a.wait {
+        Some(s) if !(s.is_finite() && s >= 0.0) => {
+            return Err(CliError::usage(format!(
+                "--wait {s} is not a number of seconds >= 0"
+            )));
+        }
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => None,
+    };
+
+    let store = open_store(url).await?;
+    let client = Client::new(store);
+    let spawned = client.spawn_task(task).await?;
+    let id = spawned.task_id;
+    let Some(wait) = wait else {
+        if json {
+            print_json(&spawned)?;
+        } else if spawned.created {
+            print_text(&format!("{id}\n"))?;
+        } else {
+            print_text(&format!(
+                "{id}\ncreated: false (idempotency key matched an existing task)\n"
+            ))?;
+        }
+        return Ok(Outcome::Success);
+    };
+
+    let t = client.wait(id, wait).await?;
+    if json {
+        print_json(&json!({
+            "task_id": id,
+            "created": spawned.created,
+            "state": t.state,
+            "result": t.result,
+            "error": t.error,
+        }))?;
+    } else {
+        let mut s = format!("{id}\n");
+        if !spawned.created {
+            s.push_str("created: false (idempotency key matched an existing task)\n");
+        }
+        let _ = writeln!(s, "state: {}", t.state);
+        match (&t.result, &t.error) {
+            (Some(r), _) => {
+                let _ = writeln!(s, "result: {r}");
+            }
+            (None, Some(e)) => {
+                let _ = writeln!(s, "error: {e}");
+            }
+            (None, None) => {}
+        }
+        print_text(&s)?;
+    }
+    Ok(if t.state == TaskState::Completed {
+        Outcome::Success
+    } else {
+        Outcome::Failure
+    })
+}
+
+/// `switchyard emit`.
+pub async fn emit(url: &str, json: bool, a: EmitArgs) -> CmdResult {
+    validate_name("event name", &a.name)?;
+    let payload = parse_json("--payload", &a.payload)?;
+    let store = open_store(url).await?;
+    let stored = Client::new(store).emit(&a.name, payload).await?;
+    if json {
+        print_json(&json!({ "name": a.name, "stored": stored }))?;
+    } else if stored {
+        print_text(&format!("emitted event `{}`\n", a.name))?;
+    } else {
+        print_text(&format!(
+            "event `{}` was already emitted; the first payload is kept (first write wins)\n",
+            a.name
+        ))?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `switchyard tasks list`.
+pub async fn tasks_list(url: &str, json: bool, a: TasksListArgs) -> CmdResult {
+    let state = match &a.state {
+        Some(s) => Some(TaskState::from_str(s).map_err(|_| {
+            CliError::usage(format!(
+                "--state `{s}` is not a task state (expected one of: {})",
+                TaskState::ALL
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?),
+        None => None,
+    };
+    if a.limit == 0 {
+        return Err(CliError::usage("--limit must be at least 1"));
+    }
+    let store = open_store(url).await?;
+    let tasks = Client::new(store)
+        .list(&TaskFilter {
+            state,
+            handler: a.handler.clone(),
+            limit: a.limit,
+        })
+        .await?;
+    if json {
+        print_json(&tasks)?;
+        return Ok(Outcome::Success);
+    }
+    let mut t = Table::new(&["ID", "STATE", "HANDLER", "PRIORITY", "CREATED", "UPDATED"]);
+    for task in &tasks {
+        t.row(vec![
+            task.id.to_string(),
+            task.state.to_string(),
+            task.handler.clone(),
+            task.priority.to_string(),
+            time(task.created_at),
+            time(task.updated_at),
+        ]);
+    }
+    print_text(&t.render())?;
+    Ok(Outcome::Success)
+}
+
+/// What `tasks show` derives from a task's detail and the registered hosts.
+#[derive(Serialize)]
+struct ShowDoc<'a> {
+    #[serde(flatten)]
+    detail: &'a TaskDetail,
+    waits: Vec<Value>,
+    groups: Vec<Value>,
+    unserved: Vec<Value>,
+}
+
+fn is_live(h: &HostInfo, now: Millis) -> bool {
+    now - h.last_heartbeat <= LIVE_WINDOW_MS
+}
+
+fn build_show<'a>(detail: &'a TaskDetail, hosts: &[HostInfo], now: Millis) -> ShowDoc<'a> {
+    let waits = detail
+        .steps
+        .iter()
+        .filter(|s| s.state == StepState::Suspended)
+        .map(|s| {
+            let w = s.wait.clone().unwrap_or_default();
+            json!({ "step": s.name, "event": w.event, "wake_at": w.wake_at, "group": w.group })
+        })
+        .collect();
+    let mut by_group: BTreeMap<&str, Vec<&TaskRecord>> = BTreeMap::new();
+    for c in &detail.children {
+        if let Some(g) = c.parent.as_ref().and_then(|p| p.group.as_deref()) {
+            by_group.entry(g).or_default().push(c);
+        }
+    }
+    let groups = by_group
+        .into_iter()
+        .map(|(g, mut kids)| {
+            kids.sort_by_key(|k| k.parent.as_ref().map(|p| p.index).unwrap_or(0));
+            let finished = kids.iter().filter(|k| k.state.is_terminal()).count();
+            let children: Vec<Value> = kids
+                .iter()
+                .map(|k| json!({ "task_id": k.id, "state": k.state }))
+                .collect();
+            json!({ "group": g, "size": kids.len(), "finished": finished, "children": children })
+        })
+        .collect();
+    let unserved = detail
+        .steps
+        .iter()
+        .filter(|s| s.state == StepState::Ready)
+        .filter(|s| !hosts.iter().any(|h| is_live(h, now) && h.handlers.contains(&s.handler)))
+        .map(|s| {
+            json!({
+                "step": s.name,
+                "handler": s.handler,
+                "message": format!(
+                    "step `{}` is ready but no live host serves handler `{}` (no host heartbeated within {} s lists it); start a worker that registers `{}`",
+                    s.name, s.handler, LIVE_WINDOW_MS / 1000, s.handler
+                ),
+            })
+        })
+        .collect();
+    ShowDoc {
+        detail,
+        waits,
+        groups,
+        unserved,
+    }
+}
+
+/// `switchyard tasks show`.
+pub async fn tasks_show(url: &str, json: bool, id: &str) -> CmdResult {
+    let id = parse_id(id)?;
+    let store = open_store(url).await?;
+    let client = Client::new(store.clone());
+    let detail = client.inspect(id).await?;
+    let hosts = client.workers().await?;
+    let now = store.now().await?;
+    let doc = build_show(&detail, &hosts, now);
+    if json {
+        print_json(&doc)?;
+    } else {
+        print_text(&render_show(&doc, now))?;
+    }
+    Ok(Outcome::Success)
+}
+
+fn indent(text: &str, by: &str) -> String {
+    text.lines().map(|l| format!("{by}{l}\n")).collect()
+}
+
+fn render_show(doc: &ShowDoc<'_>, now: Millis) -> String {
+    let d = doc.detail;
+    let t = &d.task;
+    let mut s = String::new();
+    let mut field = |k: &str, v: String| {
+        let _ = writeln!(s, "{k:<16}{v}");
+    };
+    field("task", t.id.to_string());
+    field("handler", t.handler.clone());
+    field("state", t.state.to_string());
+    field("priority", t.priority.to_string());
+    if let Some(k) = &t.idempotency_key {
+        field("idempotency key", k.clone());
+    }
+    if let Some(e) = &t.response_event {
+        field("response event", e.clone());
+    }
+    if !t.headers.is_empty() {
+        field(
+            "headers",
+            t.headers
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
+    if let Some(p) = &t.parent {
+        let g = p
+            .group
+            .as_ref()
+            .map(|g| format!(" (group {g} #{})", p.index))
+            .unwrap_or_default();
+        field("parent", format!("{} step {}{g}", p.task_id, p.step_id));
+    }
+    field(
+        "created",
+        format!("{} ({})", time(t.created_at), relative(t.created_at, now)),
+    );
+    field(
+        "updated",
+        format!("{} ({})", time(t.updated_at), relative(t.updated_at, now)),
+    );
+    field("input", t.input.to_string());
+    if let Some(r) = &t.result {
+        field("result", r.to_string());
+    }
+    if let Some(e) = &t.error {
+        field("error", format!("{e} (attempt {})", e.attempt));
+        if let Some(tr) = &e.trace {
+            s.push_str(&indent(tr, "    "));
+        }
+    }
+
+    let _ = writeln!(s, "\nsteps ({}):", d.steps.len());
+    let mut st = Table::new(&[
+        "NAME",
+        "HANDLER",
+        "STATE",
+        "ATTEMPT",
+        "RUN AT",
+        "LEASE OWNER",
+        "DEPENDS ON",
+    ]);
+    for step in &d.steps {
+        st.row(vec![
+            step.name.clone(),
+            step.handler.clone(),
+            step.state.to_string(),
+            step.attempt.to_string(),
+            opt_time(step.run_at),
+            step.lease_owner.clone().unwrap_or_else(|| "-".into()),
+            if step.depends_on.is_empty() {
+                "-".into()
+            } else {
+                step.depends_on.join(",")
+            },
+        ]);
+    }
+    s.push_str(&indent(&st.render(), "  "));
+    for step in &d.steps {
+        if let Some(e) = &step.error {
+            let _ = writeln!(
+                s,
+                "  step `{}` error (attempt {}): {e}",
+                step.name, e.attempt
+            );
+            if let Some(tr) = &e.trace {
+                s.push_str(&indent(tr, "      "));
+            }
+        }
+    }
+
+    if !d.checkpoints.is_empty() {
+        let _ = writeln!(s, "\ncheckpoints ({}):", d.checkpoints.len());
+        let mut ct = Table::new(&["KEY", "ATTEMPT", "CREATED", "VALUE"]);
+        for c in &d.checkpoints {
+            ct.row(vec![
+                c.key.clone(),
+                c.attempt.to_string(),
+                time(c.created_at),
+                short_json(&c.value, 60),
+            ]);
+        }
+        s.push_str(&indent(&ct.render(), "  "));
+    }
+
+    if !doc.waits.is_empty() {
+        let _ = writeln!(s, "\nwaits:");
+        let mut wt = Table::new(&["STEP", "EVENT", "WAKE AT", "GROUP"]);
+        for w in &doc.waits {
+            let text = |k: &str| {
+                w[k].as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| "-".into())
+            };
+            let wake = w["wake_at"]
+                .as_i64()
+                .map(|m| format!("{} ({})", time(m), relative(m, now)));
+            wt.row(vec![
+                text("step"),
+                text("event"),
+                wake.unwrap_or_else(|| "-".into()),
+                text("group"),
+            ]);
+        }
+        s.push_str(&indent(&wt.render(), "  "));
+    }
+
+    if !d.children.is_empty() {
+        let _ = writeln!(s, "\nchildren ({}):", d.children.len());
+        let mut kt = Table::new(&["ID", "HANDLER", "STATE", "GROUP"]);
+        for c in &d.children {
+            let g = c
+                .parent
+                .as_ref()
+                .and_then(|p| p.group.as_ref().map(|g| format!("{g} #{}", p.index)))
+                .unwrap_or_else(|| "-".into());
+            kt.row(vec![
+                c.id.to_string(),
+                c.handler.clone(),
+                c.state.to_string(),
+                g,
+            ]);
+        }
+        s.push_str(&indent(&kt.render(), "  "));
+    }
+
+    if !doc.groups.is_empty() {
+        let _ = writeln!(s, "\ndelegation groups:");
+        let mut gt = Table::new(&["GROUP", "CHILDREN", "FINISHED"]);
+        for g in &doc.groups {
+            gt.row(vec![
+                g["group"].as_str().unwrap_or("").to_string(),
+                g["size"].to_string(),
+                g["finished"].to_string(),
+            ]);
+        }
+        s.push_str(&indent(&gt.render(), "  "));
+    }
+
+    if !doc.unserved.is_empty() {
+        s.push('\n');
+        for u in &doc.unserved {
+            let _ = writeln!(s, "warning: {}", u["message"].as_str().unwrap_or(""));
+        }
+    }
+    s
+}
+
+/// `switchyard events list`.
+pub async fn events_list(url: &str, json: bool, limit: usize) -> CmdResult {
+    if limit == 0 {
+        return Err(CliError::usage("--limit must be at least 1"));
+    }
+    let store = open_store(url).await?;
+    let events = Client::new(store).events(limit).await?;
+    if json {
+        print_json(&events)?;
+        return Ok(Outcome::Success);
+    }
+    let mut t = Table::new(&["NAME", "CREATED", "PAYLOAD"]);
+    for e in &events {
+        t.row(vec![
+            e.name.clone(),
+            time(e.created_at),
+            short_json(&e.payload, 80),
+        ]);
+    }
+    print_text(&t.render())?;
+    Ok(Outcome::Success)
+}
+
+/// `switchyard cancel`.
+pub async fn cancel(url: &str, json: bool, id: &str, cascade: bool) -> CmdResult {
+    let id = parse_id(id)?;
+    let store = open_store(url).await?;
+    let client = Client::new(store);
+    let cancelled = client.cancel(id, cascade).await?;
+    if json {
+        print_json(&json!({ "task_id": id, "cancelled": cancelled }))?;
+    } else if cancelled {
+        print_text(&format!(
+            "cancelled task {id}{}\n",
+            if cascade {
+                " and its unfinished descendants"
+            } else {
+                ""
+            }
+        ))?;
+    } else {
+        let state = client
+            .get(id)
+            .await
+            .map(|t| t.state.to_string())
+            .unwrap_or_else(|_| "finished".into());
+        print_text(&format!(
+            "task {id} had already finished ({state}); nothing was cancelled\n"
+        ))?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `switchyard retry`.
+pub async fn retry(url: &str, json: bool, id: &str) -> CmdResult {
+    let id = parse_id(id)?;
+    let store = open_store(url).await?;
+    Client::new(store).retry(id).await?;
+    if json {
+        print_json(&json!({ "task_id": id, "retried": true }))?;
+    } else {
+        print_text(&format!(
+            "task {id} will run again (completed steps and checkpoints are kept)\n"
+        ))?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `switchyard workers`.
+pub async fn workers(url: &str, json: bool) -> CmdResult {
+    let store = open_store(url).await?;
+    let hosts = Client::new(store.clone()).workers().await?;
+    let now = store.now().await?;
+    if json {
+        let docs: Vec<Value> = hosts
+            .iter()
+            .map(|h| {
+                let mut v = serde_json::to_value(h).unwrap_or(Value::Null);
+                v["live"] = json!(is_live(h, now));
+                v
+            })
+            .collect();
+        print_json(&docs)?;
+        return Ok(Outcome::Success);
+    }
+    let mut t = Table::new(&[
+        "ID",
+        "PID",
+        "HOSTNAME",
+        "LIVE",
+        "LAST HEARTBEAT",
+        "STARTED",
+        "HANDLERS",
+    ]);
+    for h in &hosts {
+        t.row(vec![
+            h.id.clone(),
+            h.pid.to_string(),
+            h.hostname.clone(),
+            if is_live(h, now) { "yes" } else { "no" }.into(),
+            relative(h.last_heartbeat, now),
+            time(h.started_at),
+            h.handlers.join(","),
+        ]);
+    }
+    print_text(&t.render())?;
+    Ok(Outcome::Success)
+}

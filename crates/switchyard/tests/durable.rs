@@ -1,0 +1,978 @@
+//! The durable context (issue "Durable workflows"): checkpoints, events,
+//! sleeps, spawn and delegation, fan-out with cursors, response events,
+//! cancellation, heartbeats and crash replay. Every test runs against the
+//! memory store and a real SQLite file; time is a fake clock.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use switchyard::{
+    ChildSpec, Decision, ErrorKind, HandlerOptions, NewTask, StepError, StepState, TaskId,
+    TaskState,
+};
+use tokio::sync::Semaphore;
+
+store_tests!(
+    checkpoint_runs_once_per_task,
+    repeated_checkpoint_names_are_numbered,
+    event_emitted_before_await_is_delivered,
+    event_after_suspension_wakes_the_step_and_frees_the_slot,
+    event_emitted_while_host_is_down,
+    await_timeout_is_checkpointed,
+    sleep_resumes_only_after_the_clock_passes,
+    emit_from_inside_a_handler,
+    spawned_child_is_idempotent_on_replay,
+    delegate_and_delegate_parallel,
+    group_with_a_failing_child_reports_per_child,
+    nested_delegation_three_deep,
+    fan_out_resumes_from_checkpointed_cursor,
+    response_event_carries_result_and_error,
+    cancel_stops_running_step,
+    cancel_suspended_step,
+    cancel_cascades_to_descendants,
+    heartbeat_and_checkpoint_extend_the_lease,
+    crash_between_checkpoints_replays_the_first,
+);
+
+async fn checkpoint_runs_once_per_task(env: Env) {
+    let effects = Tally::new();
+    let e = effects.clone();
+    let w = env
+        .worker()
+        .step(
+            "charge",
+            HandlerOptions::default().retry(fast_retry(3)),
+            move |_, ctx| {
+                let e = e.clone();
+                async move {
+                    let receipt: String = ctx
+                        .checkpoint("charge-card", || async {
+                            e.bump();
+                            Ok(format!("receipt-{}", ctx.attempt()))
+                        })
+                        .await?;
+                    if ctx.attempt() == 1 {
+                        return Err(StepError::retryable("network blip after charging"));
+                    }
+                    Ok(json!({ "receipt": receipt, "attempt": ctx.attempt() }))
+                }
+            },
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env.client.spawn("charge", json!({})).await.unwrap();
+    assert_eq!(
+        env.result(id).await,
+        json!({ "receipt": "receipt-1", "attempt": 2 })
+    );
+    assert_eq!(effects.get(), 1, "the side effect ran once");
+    let d = env.detail(id).await;
+    let cp: Vec<(&str, &Value)> = d
+        .checkpoints
+        .iter()
+        .map(|c| (c.key.as_str(), &c.value))
+        .collect();
+    assert_eq!(cp, [("charge/charge-card", &json!("receipt-1"))]);
+    assert_eq!(d.checkpoints[0].attempt, 1);
+    w.stop().await;
+}
+
+async fn repeated_checkpoint_names_are_numbered(env: Env) {
+    let effects = Tally::new();
+    let e = effects.clone();
+    let w = env
+        .worker()
+        .step(
+            "repeat",
+            HandlerOptions::default().retry(fast_retry(3)),
+            move |_, ctx| {
+                let e = e.clone();
+                async move {
+                    let mut got = Vec::new();
+                    for i in 1..=3i64 {
+                        let scale = if ctx.attempt() == 1 { 1 } else { 100 };
+                        let v: i64 = ctx
+                            .checkpoint("x", || async {
+                                e.bump();
+                                Ok(i * scale)
+                            })
+                            .await?;
+                        got.push(v);
+                    }
+                    if ctx.attempt() == 1 {
+                        return Err(StepError::retryable("replay me"));
+                    }
+                    Ok(json!(got))
+                }
+            },
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env.client.spawn("repeat", json!({})).await.unwrap();
+    assert_eq!(
+        env.result(id).await,
+        json!([1, 2, 3]),
+        "replay returns values by call order"
+    );
+    assert_eq!(effects.get(), 3);
+    let d = env.detail(id).await;
+    let mut cp: Vec<(String, Value)> = d
+        .checkpoints
+        .iter()
+        .map(|c| (c.key.clone(), c.value.clone()))
+        .collect();
+    cp.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        cp,
+        [
+            ("repeat/x".to_string(), json!(1)),
+            ("repeat/x#2".to_string(), json!(2)),
+            ("repeat/x#3".to_string(), json!(3))
+        ]
+    );
+    w.stop().await;
+}
+
+/// A handler that waits for the event named in its input and returns the payload.
+fn awaiter(
+    runs: Arc<Tally>,
+) -> impl Fn(
+    Value,
+    switchyard::Context,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = switchyard::StepResult> + Send>>
+       + Send
+       + Sync
+       + 'static {
+    move |input, ctx| {
+        let runs = runs.clone();
+        Box::pin(async move {
+            runs.bump();
+            let payload = ctx
+                .await_event(input["event"].as_str().unwrap(), None)
+                .await?;
+            Ok(json!({ "got": payload }))
+        })
+    }
+}
+
+async fn event_emitted_before_await_is_delivered(env: Env) {
+    let runs = Tally::new();
+    let w = env
+        .worker()
+        .step("wait", HandlerOptions::default(), awaiter(runs.clone()))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(env
+        .client
+        .emit("paid-1", json!({ "amount": 5 }))
+        .await
+        .unwrap());
+    assert!(
+        !env.client
+            .emit("paid-1", json!({ "amount": 99 }))
+            .await
+            .unwrap(),
+        "first write wins"
+    );
+    let id = env
+        .client
+        .spawn("wait", json!({ "event": "paid-1" }))
+        .await
+        .unwrap();
+    assert_eq!(env.result(id).await, json!({ "got": { "amount": 5 } }));
+    assert_eq!(runs.get(), 1, "no suspension was needed");
+    w.stop().await;
+}
+
+async fn event_after_suspension_wakes_the_step_and_frees_the_slot(env: Env) {
+    let runs = Tally::new();
+    let w = env
+        .worker()
+        .concurrency(1)
+        .step("wait", HandlerOptions::default(), awaiter(runs.clone()))
+        .step("other", HandlerOptions::default(), |input, _| async move {
+            Ok(input)
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env
+        .client
+        .spawn("wait", json!({ "event": "paid-2" }))
+        .await
+        .unwrap();
+    let s = env.wait_step(id, "wait", StepState::Suspended).await;
+    assert_eq!(
+        s.wait.as_ref().and_then(|w| w.event.as_deref()),
+        Some("paid-2")
+    );
+    assert_eq!(s.lease_owner, None, "no host holds a suspended step");
+    // The only slot is free: another task runs while the first waits.
+    let other = env.client.spawn("other", json!("meanwhile")).await.unwrap();
+    assert_eq!(env.result(other).await, json!("meanwhile"));
+    assert_eq!(env.step(id, "wait").await.state, StepState::Suspended);
+    assert!(env.client.emit("paid-2", json!("yes")).await.unwrap());
+    assert_eq!(env.result(id).await, json!({ "got": "yes" }));
+    assert_eq!(runs.get(), 2, "one run to suspend, one replay");
+    w.stop().await;
+}
+
+async fn event_emitted_while_host_is_down(env: Env) {
+    let runs = Tally::new();
+    let w = env
+        .worker()
+        .step("wait", HandlerOptions::default(), awaiter(runs.clone()))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env
+        .client
+        .spawn("wait", json!({ "event": "paid-3" }))
+        .await
+        .unwrap();
+    env.wait_step(id, "wait", StepState::Suspended).await;
+    w.stop().await;
+    assert!(env.client.emit("paid-3", json!(3)).await.unwrap());
+    assert_eq!(
+        env.step(id, "wait").await.state,
+        StepState::Ready,
+        "the event made the step ready"
+    );
+    let w2 = env
+        .worker()
+        .step("wait", HandlerOptions::default(), awaiter(runs.clone()))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(env.result(id).await, json!({ "got": 3 }));
+    w2.stop().await;
+}
+
+async fn await_timeout_is_checkpointed(env: Env) {
+    let paths = Log::<String>::new();
+    let p = paths.clone();
+    let w = env
+        .worker()
+        .step("approve", HandlerOptions::default(), move |_, ctx| {
+            let p = p.clone();
+            async move {
+                let path = match ctx
+                    .await_event("approval", Some(Duration::from_secs(60)))
+                    .await
+                {
+                    Ok(v) => format!("approved {v}"),
+                    Err(StepError::AwaitTimeout { event }) => format!("timed out on {event}"),
+                    Err(e) => return Err(e),
+                };
+                p.push(path.clone());
+                // Forces one more replay after the timeout.
+                ctx.sleep(Duration::from_secs(10)).await?;
+                Ok(json!(path))
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let t0 = env.now().await;
+    let id = env.client.spawn("approve", json!({})).await.unwrap();
+    let s = env.wait_step(id, "approve", StepState::Suspended).await;
+    assert_eq!(s.run_at, Some(t0 + 60_000));
+
+    env.advance(59_999);
+    env.barrier().await;
+    assert_eq!(
+        env.step(id, "approve").await.state,
+        StepState::Suspended,
+        "resumed before the timeout"
+    );
+    assert!(paths.all().is_empty());
+
+    env.advance(1);
+    let s = eventually("the timeout path then the sleep", || async {
+        let s = env.step(id, "approve").await;
+        (s.state == StepState::Suspended && s.wait.as_ref().is_some_and(|w| w.event.is_none()))
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(s.run_at, Some(t0 + 70_000));
+    assert_eq!(paths.all(), ["timed out on approval"]);
+
+    // The event arrives late; the replay still takes the timeout path.
+    env.client
+        .emit("approval", json!("late yes"))
+        .await
+        .unwrap();
+    env.advance(10_000);
+    assert_eq!(env.result(id).await, json!("timed out on approval"));
+    assert_eq!(
+        paths.all(),
+        ["timed out on approval", "timed out on approval"]
+    );
+    w.stop().await;
+}
+
+async fn sleep_resumes_only_after_the_clock_passes(env: Env) {
+    let runs = Tally::new();
+    let r = runs.clone();
+    let w = env
+        .worker()
+        .step("nap", HandlerOptions::default(), move |_, ctx| {
+            let r = r.clone();
+            async move {
+                r.bump();
+                ctx.sleep(Duration::from_secs(30)).await?;
+                Ok(json!("rested"))
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let t0 = env.now().await;
+    let id = env.client.spawn("nap", json!({})).await.unwrap();
+    let s = env.wait_step(id, "nap", StepState::Suspended).await;
+    assert_eq!(s.run_at, Some(t0 + 30_000));
+    env.advance(29_999);
+    env.barrier().await;
+    assert_eq!(env.step(id, "nap").await.state, StepState::Suspended);
+    assert_eq!(runs.get(), 1);
+    env.advance(1);
+    assert_eq!(env.result(id).await, json!("rested"));
+    assert_eq!(runs.get(), 2);
+    w.stop().await;
+}
+
+async fn emit_from_inside_a_handler(env: Env) {
+    let runs = Tally::new();
+    let w = env
+        .worker()
+        .step("wait", HandlerOptions::default(), awaiter(runs))
+        .step(
+            "announce",
+            HandlerOptions::default(),
+            |input, ctx| async move {
+                let stored = ctx
+                    .emit_event("shipped-1", json!({ "parcel": input }))
+                    .await?;
+                Ok(json!(stored))
+            },
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let waiter = env
+        .client
+        .spawn("wait", json!({ "event": "shipped-1" }))
+        .await
+        .unwrap();
+    env.wait_step(waiter, "wait", StepState::Suspended).await;
+    let a = env.client.spawn("announce", json!("p-1")).await.unwrap();
+    assert_eq!(env.result(a).await, json!(true));
+    assert_eq!(
+        env.result(waiter).await,
+        json!({ "got": { "parcel": "p-1" } })
+    );
+    let events = env.client.events(0).await.unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e.name == "shipped-1" && e.payload == json!({ "parcel": "p-1" })));
+    w.stop().await;
+}
+
+async fn spawned_child_is_idempotent_on_replay(env: Env) {
+    let children = Tally::new();
+    let c = children.clone();
+    let w = env
+        .worker()
+        .step(
+            "parent",
+            HandlerOptions::default().retry(fast_retry(3)),
+            |_, ctx| async move {
+                let child = ctx.spawn("child", json!({ "from": "parent" })).await?;
+                if ctx.attempt() < 3 {
+                    return Err(StepError::retryable("replay after spawning"));
+                }
+                Ok(json!(child.to_string()))
+            },
+        )
+        .step("child", HandlerOptions::default(), move |input, _| {
+            let c = c.clone();
+            async move {
+                c.bump();
+                Ok(input)
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env.client.spawn("parent", json!({})).await.unwrap();
+    let child: TaskId = env.result(id).await.as_str().unwrap().parse().unwrap();
+    let d = env.detail(id).await;
+    assert_eq!(d.children.len(), 1, "one child over three attempts");
+    assert_eq!(d.children[0].id, child);
+    assert_eq!(d.children[0].parent.as_ref().map(|p| p.task_id), Some(id));
+    assert_eq!(env.result(child).await, json!({ "from": "parent" }));
+    assert_eq!(children.get(), 1);
+    w.stop().await;
+}
+
+async fn delegate_and_delegate_parallel(env: Env) {
+    let runs = Tally::new();
+    let r = runs.clone();
+    let w = env
+        .worker()
+        .step("one", HandlerOptions::default(), |input, ctx| async move {
+            ctx.delegate("double", input).await
+        })
+        .step("many", HandlerOptions::default(), |input, ctx| async move {
+            let specs = input
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| ChildSpec::new("double", v.clone()))
+                .collect();
+            let outcomes = ctx.delegate_parallel(specs).await?;
+            let mut ids: Vec<TaskId> = outcomes.iter().map(|o| o.task_id).collect();
+            ids.dedup();
+            assert_eq!(ids.len(), outcomes.len(), "distinct children");
+            assert!(outcomes.iter().all(|o| o.state == TaskState::Completed));
+            Ok(json!(outcomes
+                .into_iter()
+                .map(|o| o.result.unwrap())
+                .collect::<Vec<_>>()))
+        })
+        .step("double", HandlerOptions::default(), move |input, _| {
+            let r = r.clone();
+            async move {
+                r.bump();
+                Ok(json!(input.as_i64().unwrap() * 2))
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let one = env.client.spawn("one", json!(21)).await.unwrap();
+    assert_eq!(env.result(one).await, json!(42));
+    let many = env
+        .client
+        .spawn("many", json!([1, 2, 3, 4, 5]))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.result(many).await,
+        json!([2, 4, 6, 8, 10]),
+        "results in order"
+    );
+    assert_eq!(runs.get(), 6);
+    assert_eq!(env.detail(many).await.children.len(), 5);
+    w.stop().await;
+}
+
+async fn group_with_a_failing_child_reports_per_child(env: Env) {
+    let w = env
+        .worker()
+        .step("collect", HandlerOptions::default(), |input, ctx| async move {
+            let specs = input.as_array().unwrap().iter().map(|v| ChildSpec::new("check", v.clone())).collect();
+            let outcomes = ctx.delegate_parallel(specs).await?;
+            // The parent decides: keep the good ones, report the bad ones.
+            let summary: Vec<Value> = outcomes
+                .iter()
+                .map(|o| match o.state {
+                    TaskState::Completed => json!({ "ok": o.result }),
+                    state => json!({ "state": state.as_str(), "error": o.error.as_ref().map(|e| e.message.clone()) }),
+                })
+                .collect();
+            Ok(json!(summary))
+        })
+        .step("strict", HandlerOptions::default(), |input, ctx| async move {
+            // `delegate` (one child) turns a failed child into a permanent error.
+            ctx.delegate("check", input).await
+        })
+        .step("check", HandlerOptions::default().retry(fast_retry(1)), |input, _| async move {
+            let n = input.as_i64().unwrap();
+            if n < 0 {
+                return Err(StepError::permanent(format!("{n} is negative")));
+            }
+            Ok(json!(n))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env
+        .client
+        .spawn("collect", json!([1, -2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.result(id).await,
+        json!([{ "ok": 1 }, { "state": "failed", "error": "-2 is negative" }, { "ok": 3 }])
+    );
+    let strict = env.client.spawn("strict", json!(-7)).await.unwrap();
+    let t = env.finished(strict).await;
+    assert_eq!(t.state, TaskState::Failed);
+    let e = t.error.unwrap();
+    assert_eq!(e.kind, ErrorKind::Permanent);
+    assert!(e.message.contains("-7 is negative"), "{}", e.message);
+    w.stop().await;
+}
+
+async fn nested_delegation_three_deep(env: Env) {
+    let w = env
+        .worker()
+        .step("a", HandlerOptions::default(), |input, ctx| async move {
+            let b = ctx.delegate("b", input).await?;
+            Ok(json!({ "a": b }))
+        })
+        .step("b", HandlerOptions::default(), |input, ctx| async move {
+            let c = ctx
+                .delegate("c", json!(input.as_i64().unwrap() + 1))
+                .await?;
+            Ok(json!({ "b": c }))
+        })
+        .step("c", HandlerOptions::default(), |input, _| async move {
+            Ok(json!({ "c": input.as_i64().unwrap() * 10 }))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env.client.spawn("a", json!(4)).await.unwrap();
+    assert_eq!(env.result(id).await, json!({ "a": { "b": { "c": 50 } } }));
+    let d = env.detail(id).await;
+    assert_eq!(d.children.len(), 1);
+    let b = env.detail(d.children[0].id).await;
+    assert_eq!(b.task.handler, "b");
+    assert_eq!(b.children.len(), 1);
+    assert_eq!(b.children[0].handler, "c");
+    assert_eq!(b.children[0].state, TaskState::Completed);
+    w.stop().await;
+}
+
+/// Fan-out ranges checkpoint one cursor per item; the range that fails
+/// midway continues from its cursor on the next attempt.
+async fn fan_out_resumes_from_checkpointed_cursor(env: Env) {
+    let processed: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let failed_once = Tally::new();
+    let (p, f) = (processed.clone(), failed_once.clone());
+    let w = env
+        .worker()
+        .decision("plan", HandlerOptions::default(), |input, _| async move {
+            Ok(Decision::fan_out(
+                "range",
+                input["total"].as_u64().unwrap(),
+                5,
+                json!({ "fail_at": 7 }),
+                "total",
+            ))
+        })
+        .step(
+            "range",
+            HandlerOptions::default().retry(fast_retry(3)),
+            move |input, ctx| {
+                let (p, f) = (p.clone(), f.clone());
+                async move {
+                    let (start, end) = (
+                        input["start"].as_u64().unwrap(),
+                        input["end"].as_u64().unwrap(),
+                    );
+                    let fail_at = input["input"]["fail_at"].as_u64().unwrap();
+                    let mut sum = 0;
+                    for i in start..end {
+                        if i == fail_at && f.get() == 0 {
+                            f.bump();
+                            return Err(StepError::retryable(format!(
+                                "item {i} hit a transient error"
+                            )));
+                        }
+                        let squared: u64 = ctx
+                            .checkpoint("cursor", || async {
+                                *p.lock().unwrap().entry(i).or_default() += 1;
+                                Ok(i * i)
+                            })
+                            .await?;
+                        sum += squared;
+                    }
+                    Ok(json!(sum))
+                }
+            },
+        )
+        .step("total", HandlerOptions::default(), |_, ctx| async move {
+            let parts = ctx.dependency_results().await?;
+            Ok(json!(parts
+                .values()
+                .map(|v| v.as_u64().unwrap())
+                .sum::<u64>()))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env
+        .client
+        .spawn("plan", json!({ "total": 12 }))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.result(id).await,
+        json!((0..12u64).map(|i| i * i).sum::<u64>())
+    );
+    assert_eq!(failed_once.get(), 1);
+    let processed = processed.lock().unwrap().clone();
+    assert_eq!(processed.len(), 12, "every item processed: {processed:?}");
+    assert!(
+        processed.values().all(|&n| n == 1),
+        "no item before the cursor was redone: {processed:?}"
+    );
+    let d = env.detail(id).await;
+    let range1 = d.steps.iter().find(|s| s.name == "range#1").unwrap();
+    assert_eq!(range1.attempt, 2, "the failing range ran twice");
+    assert!(d
+        .steps
+        .iter()
+        .filter(|s| s.name != "range#1")
+        .all(|s| s.attempt == 1));
+    w.stop().await;
+}
+
+async fn response_event_carries_result_and_error(env: Env) {
+    let runs = Tally::new();
+    let w = env
+        .worker()
+        .step("wait", HandlerOptions::default(), awaiter(runs))
+        .step(
+            "answer",
+            HandlerOptions::default().retry(fast_retry(1)),
+            |input, _| async move {
+                if input["fail"] == true {
+                    return Err(StepError::permanent("cannot answer"));
+                }
+                Ok(json!({ "answer": input["q"] }))
+            },
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    // The requester waits first; the responder's outcome is its event.
+    let requester = env
+        .client
+        .spawn("wait", json!({ "event": "reply-1" }))
+        .await
+        .unwrap();
+    env.wait_step(requester, "wait", StepState::Suspended).await;
+    let ok = env
+        .client
+        .spawn_task(NewTask::new("answer", json!({ "q": 42 })).response_event("reply-1"))
+        .await
+        .unwrap()
+        .task_id;
+    let got = env.result(requester).await;
+    assert_eq!(got["got"]["task_id"], json!(ok.to_string()));
+    assert_eq!(got["got"]["state"], json!("completed"));
+    assert_eq!(got["got"]["result"], json!({ "answer": 42 }));
+    assert!(got["got"]["error"].is_null());
+
+    let bad = env
+        .client
+        .spawn_task(NewTask::new("answer", json!({ "fail": true })).response_event("reply-2"))
+        .await
+        .unwrap()
+        .task_id;
+    assert_eq!(env.finished(bad).await.state, TaskState::Failed);
+    // Awaited after the fact: the event was cached.
+    let late = env
+        .client
+        .spawn("wait", json!({ "event": "reply-2" }))
+        .await
+        .unwrap();
+    let got = env.result(late).await;
+    assert_eq!(got["got"]["task_id"], json!(bad.to_string()));
+    assert_eq!(got["got"]["state"], json!("failed"));
+    assert!(got["got"]["result"].is_null());
+    assert_eq!(got["got"]["error"]["message"], json!("cannot answer"));
+    w.stop().await;
+}
+
+async fn cancel_stops_running_step(env: Env) {
+    let (started, observed) = (Tally::new(), Log::<bool>::new());
+    let (s, o) = (started.clone(), observed.clone());
+    let w = env
+        .worker()
+        .step("work", HandlerOptions::default(), move |_, ctx| {
+            let (s, o) = (s.clone(), o.clone());
+            async move {
+                o.push(ctx.is_cancelled());
+                s.bump();
+                ctx.cancelled().await;
+                o.push(ctx.is_cancelled());
+                Err(StepError::Cancelled)
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env.client.spawn("work", json!({})).await.unwrap();
+    started.reach(1).await;
+    assert!(env.client.cancel(id, false).await.unwrap());
+    assert_eq!(env.finished(id).await.state, TaskState::Cancelled);
+    eventually("the handler to observe the cancellation", || async {
+        (observed.all().len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(observed.all(), [false, true]);
+    let s = env.step(id, "work").await;
+    assert_eq!(s.state, StepState::Cancelled);
+    w.stop().await;
+}
+
+async fn cancel_suspended_step(env: Env) {
+    let runs = Tally::new();
+    let w = env
+        .worker()
+        .step("wait", HandlerOptions::default(), awaiter(runs.clone()))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env
+        .client
+        .spawn("wait", json!({ "event": "never-1" }))
+        .await
+        .unwrap();
+    env.wait_step(id, "wait", StepState::Suspended).await;
+    assert!(env.client.cancel(id, false).await.unwrap());
+    let t = env.finished(id).await;
+    assert_eq!(t.state, TaskState::Cancelled);
+    assert_eq!(env.step(id, "wait").await.state, StepState::Cancelled);
+    env.client.emit("never-1", json!(1)).await.unwrap();
+    env.barrier().await;
+    assert_eq!(runs.get(), 1, "a cancelled step is not woken");
+    assert_eq!(
+        env.client.get(id).await.unwrap().state,
+        TaskState::Cancelled
+    );
+    w.stop().await;
+}
+
+async fn cancel_cascades_to_descendants(env: Env) {
+    let runs = Tally::new();
+    let w = env
+        .worker()
+        .step("top", HandlerOptions::default(), |input, ctx| async move {
+            ctx.delegate("middle", input).await
+        })
+        .step(
+            "middle",
+            HandlerOptions::default(),
+            |input, ctx| async move {
+                ctx.spawn(
+                    "wait",
+                    json!({ "event": format!("{}-side", input["event"].as_str().unwrap()) }),
+                )
+                .await?;
+                ctx.delegate("wait", input).await
+            },
+        )
+        .step("wait", HandlerOptions::default(), awaiter(runs))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+
+    // Without cascade only the task itself is cancelled.
+    let alone = env
+        .client
+        .spawn("top", json!({ "event": "never-2" }))
+        .await
+        .unwrap();
+    let middle_alone = wait_for_child(&env, alone).await;
+    assert!(env.client.cancel(alone, false).await.unwrap());
+    assert_eq!(env.finished(alone).await.state, TaskState::Cancelled);
+    assert_eq!(
+        env.client.get(middle_alone).await.unwrap().state,
+        TaskState::Running
+    );
+
+    // With cascade every unfinished descendant is cancelled too.
+    let top = env
+        .client
+        .spawn("top", json!({ "event": "never-3" }))
+        .await
+        .unwrap();
+    let middle = wait_for_child(&env, top).await;
+    let leaves = eventually("middle's two children to be suspended", || async {
+        let d = env.detail(middle).await;
+        let mut suspended = Vec::new();
+        for c in &d.children {
+            if env.detail(c.id).await.steps[0].state == StepState::Suspended {
+                suspended.push(c.id);
+            }
+        }
+        (suspended.len() == 2).then_some(suspended)
+    })
+    .await;
+    assert!(env.client.cancel(top, true).await.unwrap());
+    for id in [top, middle].into_iter().chain(leaves) {
+        let t = env.finished(id).await;
+        assert_eq!(t.state, TaskState::Cancelled, "task {} ({})", id, t.handler);
+        assert!(env
+            .detail(id)
+            .await
+            .steps
+            .iter()
+            .all(|s| s.state == StepState::Cancelled));
+    }
+    w.stop().await;
+}
+
+/// Waits until `parent`'s root step is suspended on its delegation and returns its child.
+async fn wait_for_child(env: &Env, parent: TaskId) -> TaskId {
+    eventually("the parent to suspend on its child", || async {
+        let d = env.detail(parent).await;
+        (d.steps[0].state == StepState::Suspended && d.children.len() == 1)
+            .then(|| d.children[0].id)
+    })
+    .await
+}
+
+async fn heartbeat_and_checkpoint_extend_the_lease(env: Env) {
+    let (progress, gate) = (Tally::new(), Arc::new(Semaphore::new(0)));
+    let (p, g) = (progress.clone(), gate.clone());
+    let w = env
+        .worker()
+        .lease(Duration::from_secs(30))
+        .heartbeat(Duration::from_secs(3600))
+        .step("long", HandlerOptions::default(), move |_, ctx| {
+            let (p, g) = (p.clone(), g.clone());
+            async move {
+                p.bump(); // 1: started
+                g.acquire().await.expect("gate").forget();
+                ctx.heartbeat().await?;
+                p.bump(); // 2: heartbeat done
+                g.acquire().await.expect("gate").forget();
+                ctx.checkpoint("part", || async { Ok(1) }).await?;
+                p.bump(); // 3: checkpoint written
+                g.acquire().await.expect("gate").forget();
+                Ok(json!("done"))
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let t0 = env.now().await;
+    let id = env.client.spawn("long", json!({})).await.unwrap();
+    progress.reach(1).await;
+    let lease = |s: switchyard::StepRecord| s.lease_expires_at.expect("a running step has a lease");
+    assert_eq!(lease(env.step(id, "long").await), t0 + 30_000);
+
+    env.clock.advance(10_000);
+    gate.add_permits(1);
+    progress.reach(2).await;
+    assert_eq!(
+        lease(env.step(id, "long").await),
+        t0 + 40_000,
+        "ctx.heartbeat() extended the lease"
+    );
+
+    env.clock.advance(10_000);
+    gate.add_permits(1);
+    progress.reach(3).await;
+    assert_eq!(
+        lease(env.step(id, "long").await),
+        t0 + 50_000,
+        "the checkpoint write extended the lease"
+    );
+
+    // 49 s after the start the lease still holds, so nothing is recovered.
+    env.clock.advance(29_000);
+    assert_eq!(env.store.recover_expired().await.unwrap(), 0);
+    gate.add_permits(1);
+    assert_eq!(env.result(id).await, json!("done"));
+    assert_eq!(env.step(id, "long").await.attempt, 1);
+    w.stop().await;
+}
+
+/// In-process stand-in for a crash between two checkpoints: attempt 1
+/// panics after the first; the replay skips the first and runs the second.
+async fn crash_between_checkpoints_replays_the_first(env: Env) {
+    let (first, second) = (Tally::new(), Tally::new());
+    let (f, s) = (first.clone(), second.clone());
+    let w = env
+        .worker()
+        .step(
+            "two-phase",
+            HandlerOptions::default().retry(fast_retry(3)),
+            move |_, ctx| {
+                let (f, s) = (f.clone(), s.clone());
+                async move {
+                    let a: u32 = ctx
+                        .checkpoint("reserve", || async {
+                            f.bump();
+                            Ok(ctx.attempt())
+                        })
+                        .await?;
+                    if ctx.attempt() == 1 {
+                        panic!("simulated crash between checkpoints");
+                    }
+                    let b: u32 = ctx
+                        .checkpoint("commit", || async {
+                            s.bump();
+                            Ok(ctx.attempt())
+                        })
+                        .await?;
+                    Ok(json!([a, b]))
+                }
+            },
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env.client.spawn("two-phase", json!({})).await.unwrap();
+    assert_eq!(env.result(id).await, json!([1, 2]));
+    assert_eq!((first.get(), second.get()), (1, 1));
+    let s = env.step(id, "two-phase").await;
+    assert_eq!(s.attempt, 2);
+    w.stop().await;
+}
