@@ -10,6 +10,7 @@ use switchyard_core::{Clock, DynStore, Error, Result, SystemClock};
 #[cfg(feature = "contract")]
 pub mod contract;
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 /// Options shared by every store.
@@ -31,7 +32,9 @@ impl Default for StoreOptions {
 }
 
 /// Opens a store from a URL: `memory`, `sqlite:PATH` / `sqlite://PATH`
-/// (`sqlite::memory:` for a private in-memory database).
+/// (`sqlite::memory:` for a private in-memory database), or
+/// `postgres://...` / `postgresql://...` (optional `?wakeup=polling|event-driven|hybrid`
+/// and `poll_ms=N`, see [`postgres`]).
 ///
 /// Opening the same SQLite file twice in one process returns the same store,
 /// so hosts and clients in the process share one writer and its wake-ups.
@@ -58,9 +61,8 @@ pub async fn open_with(url: &str, options: StoreOptions) -> Result<DynStore> {
         return Ok(store);
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(Error::Config(format!(
-            "store URL `{url}`: PostgreSQL support is not built yet (use `memory` or `sqlite:PATH`)"
-        )));
+        let store = postgres::PostgresStore::open(url, options).await?;
+        return Ok(store);
     }
     Err(Error::Config(format!(
         "unrecognised store URL `{url}` (expected `memory`, `sqlite:PATH` or `postgres://...`)"

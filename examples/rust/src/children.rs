@@ -15,7 +15,13 @@ use switchyard::{Client, Context, NewTask, ParentRef, StepResult, TaskId};
 /// `name` must be unique within the step: it makes the spawn idempotent, so
 /// the replay of a step that suspended after spawning finds the same child
 /// instead of creating another one.
-pub fn child_task(ctx: &Context, name: &str, handler: &str, input: Value, response_event: &str) -> NewTask {
+pub fn child_task(
+    ctx: &Context,
+    name: &str,
+    handler: &str,
+    input: Value,
+    response_event: &str,
+) -> NewTask {
     let mut task = NewTask::new(handler, input)
         .response_event(response_event)
         .idempotency_key(format!("{}/{}/{name}", ctx.task_id(), ctx.step_name()))
@@ -23,7 +29,12 @@ pub fn child_task(ctx: &Context, name: &str, handler: &str, input: Value, respon
     task.headers = ctx.headers().clone();
     // Without a group the parent is not woken by the child; the link only
     // makes the child show up under the parent (`switchyard tasks show`).
-    task.parent = Some(ParentRef { task_id: ctx.task_id(), step_id: ctx.step_id(), group: None, index: 0 });
+    task.parent = Some(ParentRef {
+        task_id: ctx.task_id(),
+        step_id: ctx.step_id(),
+        group: None,
+        index: 0,
+    });
     task
 }
 

@@ -37,13 +37,21 @@ const CHILD_TIMEOUT: Duration = Duration::from_secs(30);
 /// The `switchyard` CLI next to the running executable, if it is there.
 pub fn cli_next_to_exe() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
-    let cli = exe.parent()?.join(format!("switchyard{}", std::env::consts::EXE_SUFFIX));
+    let cli = exe
+        .parent()?
+        .join(format!("switchyard{}", std::env::consts::EXE_SUFFIX));
     cli.is_file().then_some(cli)
 }
 
 /// Emits `name` with `payload` from a second process on the store at `url`,
 /// then checks through `store` that the event is there.
-pub async fn emit(via: Via, store: &DynStore, url: &str, name: &str, payload: &Value) -> anyhow::Result<()> {
+pub async fn emit(
+    via: Via,
+    store: &DynStore,
+    url: &str,
+    name: &str,
+    payload: &Value,
+) -> anyhow::Result<()> {
     let json = compact(payload);
     let cli = match via {
         Via::SelfExe => None,
@@ -56,7 +64,10 @@ pub async fn emit(via: Via, store: &DynStore, url: &str, name: &str, payload: &V
         let args = ["emit", name, "--payload", &json, "--store", url];
         match run(&cli, &args).await {
             Ok(()) if is_stored(store, name).await? => return Ok(()),
-            Ok(()) => say("emitter", format!("{} exited 0 but did not store {name}", cli.display())),
+            Ok(()) => say(
+                "emitter",
+                format!("{} exited 0 but did not store {name}", cli.display()),
+            ),
             Err(e) => say("emitter", format!("{e:#}")),
         }
         if via == Via::Cli {
@@ -75,8 +86,8 @@ pub async fn emit(via: Via, store: &DynStore, url: &str, name: &str, payload: &V
 /// The hidden `--emit NAME PAYLOAD` mode: what the second process runs when
 /// it is this executable.
 pub async fn emit_here(url: &str, name: &str, payload: &str) -> anyhow::Result<()> {
-    let payload: Value =
-        serde_json::from_str(payload).with_context(|| format!("the payload of {name} is not valid JSON"))?;
+    let payload: Value = serde_json::from_str(payload)
+        .with_context(|| format!("the payload of {name} is not valid JSON"))?;
     let store = switchyard::open(url).await?;
     let stored = Client::new(store).emit(name, payload).await?;
     if stored {
@@ -93,8 +104,14 @@ async fn is_stored(store: &DynStore, name: &str) -> anyhow::Result<bool> {
 
 /// Runs a second process, relaying its output to the timeline.
 async fn run(program: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let shown = program.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    say("emitter", format!("second process: {shown} {}", shell_words(args)));
+    let shown = program
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    say(
+        "emitter",
+        format!("second process: {shown} {}", shell_words(args)),
+    );
     let child = tokio::process::Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -107,8 +124,14 @@ async fn run(program: &Path, args: &[&str]) -> anyhow::Result<()> {
     let pid = child.id().unwrap_or_default();
     let out = tokio::time::timeout(CHILD_TIMEOUT, child.wait_with_output())
         .await
-        .with_context(|| format!("{shown} (pid {pid}) did not finish within {} s", CHILD_TIMEOUT.as_secs()))??;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        .with_context(|| {
+            format!(
+                "{shown} (pid {pid}) did not finish within {} s",
+                CHILD_TIMEOUT.as_secs()
+            )
+        })??;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         say("emitter", format!("  pid {pid} | {line}"));
     }
@@ -123,7 +146,10 @@ async fn run(program: &Path, args: &[&str]) -> anyhow::Result<()> {
 pub fn shell_words(args: &[&str]) -> String {
     args.iter()
         .map(|a| {
-            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/=@%+,".contains(c)) {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:/=@%+,".contains(c))
+            {
                 a.to_string()
             } else {
                 format!("'{}'", a.replace('\'', r"'\''"))

@@ -74,10 +74,21 @@ impl Order {
 pub fn sample_order(order: &str) -> Order {
     Order {
         order: order.to_string(),
-        customer: Customer { name: "Ada Lovelace".into(), email: Some("ada@example.com".into()) },
+        customer: Customer {
+            name: "Ada Lovelace".into(),
+            email: Some("ada@example.com".into()),
+        },
         items: vec![
-            Item { sku: "LAMP-01".into(), qty: 1, price: 49.0 },
-            Item { sku: "BULB-E27".into(), qty: 4, price: 3.5 },
+            Item {
+                sku: "LAMP-01".into(),
+                qty: 1,
+                price: 49.0,
+            },
+            Item {
+                sku: "BULB-E27".into(),
+                qty: 4,
+                price: 3.5,
+            },
         ],
         currency: "EUR".into(),
     }
@@ -267,7 +278,10 @@ pub async fn suspended_on(
             return Ok(true);
         }
         if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("task {id} did not start waiting for {event} within {} s", within.as_secs());
+            anyhow::bail!(
+                "task {id} did not start waiting for {event} within {} s",
+                within.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

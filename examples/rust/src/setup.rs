@@ -34,16 +34,29 @@ impl OpenedStore {
 impl StoreArgs {
     /// Opens the chosen store, or a fresh SQLite file named `{name}.db`.
     pub async fn open(&self, name: &str) -> anyhow::Result<OpenedStore> {
-        let (url, dir) = match self.store.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        let (url, dir) = match self
+            .store
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             Some(url) => (url.to_string(), None),
             None => {
-                let dir = tempfile::Builder::new().prefix(&format!("switchyard-{name}-")).tempdir()?;
+                let dir = tempfile::Builder::new()
+                    .prefix(&format!("switchyard-{name}-"))
+                    .tempdir()?;
                 let url = format!("sqlite:{}", dir.path().join(format!("{name}.db")).display());
                 (url, Some(dir))
             }
         };
-        let store = switchyard::open(&url).await.map_err(|e| anyhow::anyhow!("opening store `{url}`: {e}"))?;
-        Ok(OpenedStore { store, url, _dir: dir })
+        let store = switchyard::open(&url)
+            .await
+            .map_err(|e| anyhow::anyhow!("opening store `{url}`: {e}"))?;
+        Ok(OpenedStore {
+            store,
+            url,
+            _dir: dir,
+        })
     }
 
     /// True if the store cannot be shared with another process.

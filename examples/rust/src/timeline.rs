@@ -31,7 +31,9 @@ pub fn say(who: &str, what: impl Display) {
 
 /// Records `key`; true the first time this process sees it.
 pub fn once(key: impl Into<String>) -> bool {
-    SAID.lock().unwrap_or_else(|e| e.into_inner()).insert(key.into())
+    SAID.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.into())
 }
 
 /// True if [`once`] has seen `key`.
@@ -58,11 +60,17 @@ pub async fn await_event(
         Ok(payload) => {
             if once(key.clone()) {
                 if seen(&waited) {
-                    say(ctx.step_name(), format!("resumed: {name} arrived {}", compact(&payload)));
+                    say(
+                        ctx.step_name(),
+                        format!("resumed: {name} arrived {}", compact(&payload)),
+                    );
                 } else {
                     say(
                         ctx.step_name(),
-                        format!("{name} was already cached: delivered without waiting {}", compact(&payload)),
+                        format!(
+                            "{name} was already cached: delivered without waiting {}",
+                            compact(&payload)
+                        ),
                     );
                 }
             }
@@ -70,7 +78,10 @@ pub async fn await_event(
         }
         Err(switchyard::StepError::Suspend(wait)) => {
             if once(waited) {
-                say(ctx.step_name(), format!("suspends until {name} arrives (its host slot is freed)"));
+                say(
+                    ctx.step_name(),
+                    format!("suspends until {name} arrives (its host slot is freed)"),
+                );
             }
             Err(switchyard::StepError::Suspend(wait))
         }

@@ -126,7 +126,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let task = client.wait(id, timeout).await?;
     worker.stop().await;
     if task.state != TaskState::Completed {
-        bail!("checkout {id} ended {}: {}", task.state, task.error.map(|e| e.message).unwrap_or_default());
+        bail!(
+            "checkout {id} ended {}: {}",
+            task.state,
+            task.error.map(|e| e.message).unwrap_or_default()
+        );
     }
     let result = task.result.unwrap_or_default();
     say("client", format!("checkout {id} completed; result:"));
@@ -134,7 +138,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let name = format!("order.processed:{id}");
     match client.store().get_event(&name).await? {
-        Some(ev) => say("client", format!("response event {name} stays cached: {}", compact(&ev.payload))),
+        Some(ev) => say(
+            "client",
+            format!(
+                "response event {name} stays cached: {}",
+                compact(&ev.payload)
+            ),
+        ),
         None => bail!("response event {name} is missing from the store"),
     }
     Ok(())

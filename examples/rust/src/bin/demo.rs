@@ -43,7 +43,10 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(emit) = &args.emit {
         let url = args.store.store.clone().unwrap_or_default();
-        return finish("demo --emit", emitter::emit_here(&url, &emit[0], &emit[1]).await);
+        return finish(
+            "demo --emit",
+            emitter::emit_here(&url, &emit[0], &emit[1]).await,
+        );
     }
     finish("demo", run(args).await)
 }
@@ -61,22 +64,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
     say("demo", format!("store {url}"));
 
     let (open_gate, gate) = watch::channel(false);
-    let flow = OrderFlow { await_timeout: Some(timeout), pack_gate: Some(gate) };
-    let worker = orders::register(Worker::builder(store.clone()), flow).build()?.start().await?;
+    let flow = OrderFlow {
+        await_timeout: Some(timeout),
+        pack_gate: Some(gate),
+    };
+    let worker = orders::register(Worker::builder(store.clone()), flow)
+        .build()?
+        .start()
+        .await?;
     say("demo", format!("host {} started", worker.host_id()));
 
     let client = Client::new(store.clone());
     let order = orders::sample_order(&args.order);
-    let task = NewTask::new(orders::ROOT, serde_json::to_value(&order)?).idempotency_key(format!("order:{}", order.order));
+    let task = NewTask::new(orders::ROOT, serde_json::to_value(&order)?)
+        .idempotency_key(format!("order:{}", order.order));
     let spawned = client.spawn_task(task).await?;
     let id = spawned.task_id;
-    say("client", format!("spawned {} for order {} (task {id})", orders::ROOT, order.order));
+    say(
+        "client",
+        format!(
+            "spawned {} for order {} (task {id})",
+            orders::ROOT,
+            order.order
+        ),
+    );
 
     let payment = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let name = orders::payment_event(&order.order);
-        say("demo", format!("the payment provider confirms: emitting {name} before the workflow awaits it"));
-        let sent = emitter::emit(args.emitter, &store, &url, &name, &orders::payment_payload(&order)).await;
+        say(
+            "demo",
+            format!("the payment provider confirms: emitting {name} before the workflow awaits it"),
+        );
+        let sent = emitter::emit(
+            args.emitter,
+            &store,
+            &url,
+            &name,
+            &orders::payment_payload(&order),
+        )
+        .await;
         // Packing waits for this, so the await that follows finds the event cached.
         let _ = open_gate.send(true);
         sent
@@ -86,25 +113,51 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if !orders::suspended_on(&client, id, &name, timeout).await? {
             return Ok(());
         }
-        say("demo", format!("task is suspended on {name}; steps running in this host: {}", worker.inflight()));
+        say(
+            "demo",
+            format!(
+                "task is suspended on {name}; steps running in this host: {}",
+                worker.inflight()
+            ),
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         say("demo", format!("the courier delivers: emitting {name}"));
-        emitter::emit(args.emitter, &store, &url, &name, &orders::delivery_payload(&order)).await
+        emitter::emit(
+            args.emitter,
+            &store,
+            &url,
+            &name,
+            &orders::delivery_payload(&order),
+        )
+        .await
     };
-    let finished = async { client.wait(id, timeout).await.context("waiting for the order") };
+    let finished = async {
+        client
+            .wait(id, timeout)
+            .await
+            .context("waiting for the order")
+    };
     let (_, _, task) = tokio::try_join!(payment, delivery, finished)?;
 
     worker.stop().await;
     match task.state {
         TaskState::Completed => {
             let result = task.result.unwrap_or_default();
-            say("client", format!("task {id} completed in {} ms; result:", timeline::elapsed_ms()));
+            say(
+                "client",
+                format!(
+                    "task {id} completed in {} ms; result:",
+                    timeline::elapsed_ms()
+                ),
+            );
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }
         state => bail!(
             "task {id} ended {state}: {}",
-            task.error.map(|e| e.message).unwrap_or_else(|| "no error recorded".into())
+            task.error
+                .map(|e| e.message)
+                .unwrap_or_else(|| "no error recorded".into())
         ),
     }
 }

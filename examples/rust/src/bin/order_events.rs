@@ -52,27 +52,53 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     say("demo", format!("store {url}"));
 
-    let flow = OrderFlow { await_timeout: Some(timeout), pack_gate: None };
-    let worker = orders::register(Worker::builder(store.clone()), flow).build()?.start().await?;
+    let flow = OrderFlow {
+        await_timeout: Some(timeout),
+        pack_gate: None,
+    };
+    let worker = orders::register(Worker::builder(store.clone()), flow)
+        .build()?
+        .start()
+        .await?;
     let client = Client::new(store);
     let order = orders::sample_order(&args.order);
-    let task = NewTask::new(orders::ROOT, serde_json::to_value(&order)?).idempotency_key(format!("order:{}", order.order));
+    let task = NewTask::new(orders::ROOT, serde_json::to_value(&order)?)
+        .idempotency_key(format!("order:{}", order.order));
     let spawned = client.spawn_task(task).await?;
     let id = spawned.task_id;
     if spawned.created {
-        say("client", format!("spawned {} for order {} (task {id})", orders::ROOT, order.order));
+        say(
+            "client",
+            format!(
+                "spawned {} for order {} (task {id})",
+                orders::ROOT,
+                order.order
+            ),
+        );
     } else {
-        say("client", format!("order {} already has task {id}: resuming it", order.order));
+        say(
+            "client",
+            format!("order {} already has task {id}: resuming it", order.order),
+        );
     }
 
     let events = [
-        (orders::payment_event(&order.order), orders::payment_payload(&order)),
-        (orders::delivery_event(&order.order), orders::delivery_payload(&order)),
+        (
+            orders::payment_event(&order.order),
+            orders::payment_payload(&order),
+        ),
+        (
+            orders::delivery_event(&order.order),
+            orders::delivery_payload(&order),
+        ),
     ];
     if !args.auto {
         println!("\nSend the events from another terminal (in any order, now or later):\n");
         for (name, payload) in &events {
-            println!("  switchyard emit {}", shell_words(&[name, "--payload", &compact(payload), "--store", &url]));
+            println!(
+                "  switchyard emit {}",
+                shell_words(&[name, "--payload", &compact(payload), "--store", &url])
+            );
         }
         println!("\n(without the CLI installed: cargo run -p switchyard -- emit ...)\n");
     }
@@ -91,7 +117,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     };
-    let finished = async { client.wait(id, timeout).await.context("waiting for the order") };
+    let finished = async {
+        client
+            .wait(id, timeout)
+            .await
+            .context("waiting for the order")
+    };
     let task = tokio::select! {
         joined = async { tokio::try_join!(auto_emit, finished) } => joined?.1,
         _ = switchyard::wait_for_signal() => {
@@ -109,12 +140,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match task.state {
         TaskState::Completed => {
             say("client", format!("task {id} completed; result:"));
-            println!("{}", serde_json::to_string_pretty(&task.result.unwrap_or_default())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&task.result.unwrap_or_default())?
+            );
             Ok(())
         }
         state => bail!(
             "task {id} ended {state}: {}",
-            task.error.map(|e| e.message).unwrap_or_else(|| "no error recorded".into())
+            task.error
+                .map(|e| e.message)
+                .unwrap_or_else(|| "no error recorded".into())
         ),
     }
 }

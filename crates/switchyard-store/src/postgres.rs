@@ -1,0 +1,2473 @@
+//! The PostgreSQL store: many hosts on many machines share one database
+//! (DESIGN.md §7).
+//!
+//! # How it works
+//!
+//! * **Connections.** A small pool ([`POOL_SIZE`]) of `tokio-postgres`
+//!   clients, each with its own prepared-statement cache. A connection that
+//!   is lost (server restart, network) is replaced on the next use; opening
+//!   one retries with exponential backoff for up to [`CONNECT_PATIENCE`].
+//! * **One transaction per call.** Every write method runs in one explicit
+//!   transaction (`READ COMMITTED`), so a `complete(batch)`, a `spawn(batch)`
+//!   or a heartbeat is group-committed: one commit for the whole batch. A
+//!   transaction that hits a deadlock or serialization failure, or loses its
+//!   connection *before* `COMMIT` was sent (the server then rolled it back),
+//!   is re-run from the start on a fresh connection ([`MAX_TRIES`]); a
+//!   connection lost *during* `COMMIT` is reported as an error (the outcome
+//!   is unknown; a retried completion is then answered `LeaseLost` if it had
+//!   been applied, so nothing is applied twice). [`Signals`] fire only after
+//!   `COMMIT` succeeded.
+//! * **Concurrency between hosts.** Claims and lease recovery lock rows with
+//!   `FOR UPDATE SKIP LOCKED`, so concurrent claimers never wait on each other
+//!   and never take the same step. Everything that must see a consistent
+//!   picture across transactions locks in one order: advisory transaction
+//!   locks keyed by event name / delegation group first (so that "suspend on
+//!   X unless X already happened" and "X happens, wake whoever waits on X"
+//!   cannot both miss each other), then the task row, then step rows.
+//!   Dependants are unblocked by `pending_deps - 1` on the blocked row, which
+//!   PostgreSQL re-evaluates on the latest row version under concurrency.
+//! * **Time.** With the default system clock ([`crate::StoreOptions`]), the
+//!   **database clock is the only clock**: each transaction starts with
+//!   `BEGIN; SELECT clock_timestamp()` in one round trip and uses that value
+//!   for every time it writes, so hosts on different machines agree on
+//!   leases and schedules. With any other clock (a test's
+//!   [`switchyard_core::FakeClock`]) that clock is read instead and passed as
+//!   a query parameter. The two are told apart by size: the system clock is
+//!   stateless (zero-sized); a clock with state is a caller's own clock.
+//! * **Wake-ups.** In-process waiters are woken after each commit. Across
+//!   processes, a transaction that made a step ready (or finished a task)
+//!   sends `NOTIFY switchyard, 'ready'` (or `'finished'`) in the same round
+//!   trip as its `COMMIT`; every store keeps one extra connection that
+//!   `LISTEN`s on the fixed channel [`CHANNEL`] and turns notifications into
+//!   [`Signals`]. It reconnects with backoff and signals `ready` after each
+//!   (re)connect, since notifications may have been missed meanwhile. The
+//!   mode is chosen in the URL, `?wakeup=polling|event-driven|hybrid`
+//!   (default `hybrid`), with an optional `poll_ms=N`:
+//!   - `polling`: no LISTEN/NOTIFY; hosts poll every `poll_ms` (default 100).
+//!   - `event-driven`: LISTEN/NOTIFY only; the poll interval is a 30 s
+//!     safety net.
+//!   - `hybrid`: LISTEN/NOTIFY plus a poll every `poll_ms` (default 1000).
+//!
+//!   These parameters are removed from the URL before connecting; the rest
+//!   is handed to `tokio-postgres` (no TLS support in this build).
+//! * **Migrations** ([`MIGRATIONS`]) are versioned in `sy_migrations` and
+//!   applied at open (unless disabled) and by [`Store::migrate`] inside a
+//!   transaction holding `pg_advisory_xact_lock(`[`MIGRATION_LOCK`]`)`, so
+//!   several hosts starting at once apply each version exactly once.
+//!
+//! # Schema
+//!
+//! Tables are prefixed `sy_` so the store can share a database with an
+//! application. Ids are `uuid`; times are `bigint` milliseconds since the
+//! epoch; JSON is stored as `text` exactly as encoded (no `jsonb`
+//! normalisation, any string content allowed). Creation order is a `bigint`
+//! identity column `seq`. The claim is served by the partial index
+//! `sy_steps_ready (handler, priority DESC, run_at, seq) WHERE state =
+//! 'ready'`, so its cost does not depend on how many finished steps the
+//! table holds; `next_due`, lease recovery, wake times, event and group
+//! waits have their own partial indexes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use switchyard_core::{
+    CheckpointRecord, ChildOutcome, ClaimBatch, ClaimedStep, Clock, Completion, Error, ErrorInfo,
+    ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewStep, NewTask, ParentRef,
+    Resolution, Result, Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail,
+    TaskFilter, TaskId, TaskRecord, TaskState, WaitFor,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, SimpleQueryMessage, Statement};
+use uuid::Uuid;
+
+use crate::StoreOptions;
+
+/// Connections per store (plus one for LISTEN).
+pub const POOL_SIZE: usize = 8;
+/// How long opening a connection keeps retrying before giving up.
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+/// How often one write is attempted (deadlocks, serialization failures and
+/// connections lost before `COMMIT` are retried).
+pub const MAX_TRIES: u32 = 8;
+/// The fixed LISTEN/NOTIFY channel.
+pub const CHANNEL: &str = "switchyard";
+/// The advisory lock key held while migrating ("SYMIGR").
+pub const MIGRATION_LOCK: i64 = 0x5359_4d49_4752;
+/// `limit` 0 means this many.
+const DEFAULT_LIMIT: usize = 100;
+
+/// The schema, one entry per version (version = index + 1). Never edit an
+/// entry once released: add a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r#"
+CREATE TABLE sy_tasks (
+    id              uuid PRIMARY KEY,
+    seq             bigint GENERATED ALWAYS AS IDENTITY,
+    handler         text NOT NULL,
+    input           text NOT NULL,
+    state           text NOT NULL,
+    result          text,
+    error           text,
+    headers         text,
+    priority        integer NOT NULL,
+    idempotency_key text,
+    response_event  text,
+    parent_task_id  uuid,
+    parent_step_id  uuid,
+    parent_group    text,
+    parent_index    integer,
+    final_step      text NOT NULL,
+    has_deps        boolean NOT NULL DEFAULT false,
+    created_at      bigint NOT NULL,
+    updated_at      bigint NOT NULL
+);
+CREATE UNIQUE INDEX sy_tasks_seq ON sy_tasks(seq);
+CREATE UNIQUE INDEX sy_tasks_idempotency ON sy_tasks(idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX sy_tasks_state ON sy_tasks(state, seq);
+CREATE INDEX sy_tasks_handler ON sy_tasks(handler, seq);
+CREATE INDEX sy_tasks_parent ON sy_tasks(parent_task_id) WHERE parent_task_id IS NOT NULL;
+CREATE INDEX sy_tasks_group ON sy_tasks(parent_group, state) WHERE parent_group IS NOT NULL;
+
+CREATE TABLE sy_steps (
+    id               uuid PRIMARY KEY,
+    seq              bigint GENERATED ALWAYS AS IDENTITY,
+    task_id          uuid NOT NULL,
+    name             text NOT NULL,
+    handler          text NOT NULL,
+    input            text NOT NULL,
+    headers          text,
+    state            text NOT NULL,
+    attempt          integer NOT NULL DEFAULT 0,
+    priority         integer NOT NULL,
+    run_at           bigint,
+    lease_owner      text,
+    lease_expires_at bigint,
+    result           text,
+    error            text,
+    depends_on       text,
+    pending_deps     integer NOT NULL DEFAULT 0,
+    wait             text,
+    wait_event       text,
+    wait_group       text,
+    created_at       bigint NOT NULL,
+    updated_at       bigint NOT NULL
+);
+CREATE UNIQUE INDEX sy_steps_task_name ON sy_steps(task_id, name);
+CREATE INDEX sy_steps_ready ON sy_steps(handler, priority DESC, run_at, seq) WHERE state = 'ready';
+CREATE INDEX sy_steps_due ON sy_steps(handler, run_at) WHERE state IN ('ready', 'suspended');
+CREATE INDEX sy_steps_lease ON sy_steps(lease_expires_at) WHERE state = 'running';
+CREATE INDEX sy_steps_wake ON sy_steps(run_at) WHERE state = 'suspended' AND run_at IS NOT NULL;
+CREATE INDEX sy_steps_wait_event ON sy_steps(wait_event) WHERE state = 'suspended' AND wait_event IS NOT NULL;
+CREATE INDEX sy_steps_wait_group ON sy_steps(wait_group) WHERE state = 'suspended' AND wait_group IS NOT NULL;
+CREATE INDEX sy_steps_state ON sy_steps(state);
+
+CREATE TABLE sy_step_deps (
+    task_id  uuid NOT NULL,
+    dep_name text NOT NULL,
+    step_id  uuid NOT NULL,
+    PRIMARY KEY (task_id, dep_name, step_id)
+);
+
+CREATE TABLE sy_checkpoints (
+    task_id    uuid NOT NULL,
+    key        text NOT NULL,
+    seq        bigint GENERATED ALWAYS AS IDENTITY,
+    value      text NOT NULL,
+    step_id    uuid NOT NULL,
+    attempt    integer NOT NULL,
+    created_at bigint NOT NULL,
+    PRIMARY KEY (task_id, key)
+);
+
+CREATE TABLE sy_events (
+    name       text PRIMARY KEY,
+    seq        bigint GENERATED ALWAYS AS IDENTITY,
+    payload    text NOT NULL,
+    created_at bigint NOT NULL
+);
+CREATE INDEX sy_events_seq ON sy_events(seq);
+
+CREATE TABLE sy_hosts (
+    id             text PRIMARY KEY,
+    pid            bigint NOT NULL,
+    hostname       text NOT NULL,
+    handlers       text NOT NULL,
+    started_at     bigint NOT NULL,
+    last_heartbeat bigint NOT NULL
+);
+"#,
+];
+
+// ---------------------------------------------------------------------------
+// Errors and JSON
+// ---------------------------------------------------------------------------
+
+/// A failure inside a transaction: database errors (retried when
+/// transient) or application errors (answered as they are).
+#[derive(Debug)]
+enum Fail {
+    Pg(tokio_postgres::Error),
+    App(Error),
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Fail::Pg(e)
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::App(e)
+    }
+}
+
+type DbResult<T> = std::result::Result<T, Fail>;
+
+fn pg_error(op: &str, e: &tokio_postgres::Error) -> Error {
+    match e.as_db_error() {
+        Some(db) => Error::Store(format!(
+            "postgres {op}: {} ({})",
+            db.message(),
+            db.code().code()
+        )),
+        None => Error::Store(format!("postgres {op}: {e}")),
+    }
+}
+
+/// Worth running the whole transaction again.
+fn transient(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == SqlState::ADMIN_SHUTDOWN
+            || *c == SqlState::CRASH_SHUTDOWN
+            || *c == SqlState::CANNOT_CONNECT_NOW
+    )
+}
+
+fn encode<T: Serialize + ?Sized>(what: &str, v: &T) -> Result<String> {
+    serde_json::to_string(v)
+        .map_err(|e| Error::InvalidInput(format!("{what}: cannot encode as JSON: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(what: &str, s: &str) -> Result<T> {
+    serde_json::from_str(s)
+        .map_err(|e| Error::Store(format!("postgres: stored {what} is not valid JSON: {e}")))
+}
+
+fn opt_decode<T: DeserializeOwned>(what: &str, s: Option<String>) -> Result<Option<T>> {
+    s.map(|s| decode(what, &s)).transpose()
+}
+
+fn parse<T: FromStr<Err = Error>>(s: &str) -> Result<T> {
+    s.parse()
+        .map_err(|e: Error| Error::Store(format!("postgres: stored value: {e}")))
+}
+
+fn int_u32(what: &str, v: i32) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::Store(format!("postgres: stored {what} {v} is negative")))
+}
+
+// ---------------------------------------------------------------------------
+// URL
+// ---------------------------------------------------------------------------
+
+/// How hosts learn about work made by other processes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Wakeup {
+    /// Poll only.
+    Polling,
+    /// LISTEN/NOTIFY only (with a long safety-net poll).
+    EventDriven,
+    /// LISTEN/NOTIFY plus a fallback poll (the default).
+    Hybrid,
+}
+
+impl FromStr for Wakeup {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "polling" => Ok(Self::Polling),
+            "event-driven" | "event_driven" => Ok(Self::EventDriven),
+            "hybrid" => Ok(Self::Hybrid),
+            other => Err(Error::Config(format!(
+                "store URL parameter `wakeup`: unknown mode `{other}` (expected polling, event-driven or hybrid)"
+            ))),
+        }
+    }
+}
+
+impl Wakeup {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Polling => "polling",
+            Self::EventDriven => "event-driven",
+            Self::Hybrid => "hybrid",
+        }
+    }
+}
+
+/// A parsed `postgres://` store URL.
+struct ParsedUrl {
+    /// What is handed to tokio-postgres.
+    connect: String,
+    /// The URL without credentials.
+    display: String,
+    wakeup: Wakeup,
+    poll: Duration,
+}
+
+fn parse_url(url: &str) -> Result<ParsedUrl> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, q),
+        None => (url, ""),
+    };
+    let mut wakeup = Wakeup::Hybrid;
+    let mut poll_ms: Option<u64> = None;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "wakeup" => wakeup = v.parse()?,
+            "poll_ms" => {
+                let ms: u64 = v.parse().map_err(|_| {
+                    Error::Config(format!(
+                        "store URL parameter `poll_ms`: `{v}` is not a number of milliseconds"
+                    ))
+                })?;
+                if ms == 0 || ms > 3_600_000 {
+                    return Err(Error::Config(format!(
+                        "store URL parameter `poll_ms`: {ms} is out of range (1..=3600000)"
+                    )));
+                }
+                poll_ms = Some(ms);
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let poll = Duration::from_millis(poll_ms.unwrap_or(match wakeup {
+        Wakeup::Polling => 100,
+        Wakeup::Hybrid => 1_000,
+        Wakeup::EventDriven => 30_000,
+    }));
+    let mut connect = base.to_owned();
+    if !rest.is_empty() {
+        connect.push('?');
+        connect.push_str(&rest.join("&"));
+    }
+    // The display form drops the password (user:password@host).
+    let display_base = match base.split_once("://") {
+        Some((scheme, after)) => match after.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                if user.is_empty() {
+                    format!("{scheme}://{host}")
+                } else {
+                    format!("{scheme}://{user}@{host}")
+                }
+            }
+            None => base.to_owned(),
+        },
+        None => base.to_owned(),
+    };
+    let visible: Vec<&str> = rest
+        .iter()
+        .copied()
+        .filter(|p| !p.starts_with("password="))
+        .collect();
+    let mut display = format!("{display_base}?wakeup={}", wakeup.as_str());
+    for p in visible {
+        display.push('&');
+        display.push_str(p);
+    }
+    Ok(ParsedUrl {
+        connect,
+        display,
+        wakeup,
+        poll,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Connections
+// ---------------------------------------------------------------------------
+
+/// One client with its prepared statements.
+struct Conn {
+    client: Client,
+    stmts: HashMap<&'static str, Statement>,
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl Conn {
+    async fn prep(&mut self, sql: &'static str) -> std::result::Result<Statement, Fail> {
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        self.stmts.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    async fn query(&mut self, sql: &'static str, p: Params<'_>) -> DbResult<Vec<Row>> {
+        let s = self.prep(sql).await?;
+        Ok(self.client.query(&s, p).await?)
+    }
+
+    async fn opt(&mut self, sql: &'static str, p: Params<'_>) -> DbResult<Option<Row>> {
+        let s = self.prep(sql).await?;
+        Ok(self.client.query_opt(&s, p).await?)
+    }
+
+    async fn one(&mut self, sql: &'static str, p: Params<'_>) -> DbResult<Row> {
+        let s = self.prep(sql).await?;
+        Ok(self.client.query_one(&s, p).await?)
+    }
+
+    async fn exec(&mut self, sql: &'static str, p: Params<'_>) -> DbResult<u64> {
+        let s = self.prep(sql).await?;
+        Ok(self.client.execute(&s, p).await?)
+    }
+}
+
+async fn connect_once(config: &Config) -> std::result::Result<Conn, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("postgres connection closed: {e}");
+        }
+    });
+    Ok(Conn {
+        client,
+        stmts: HashMap::new(),
+    })
+}
+
+struct Pool {
+    config: Config,
+    idle: Mutex<Vec<Conn>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Pool {
+    async fn get(self: &Arc<Self>) -> Result<Pooled> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Shutdown)?;
+        loop {
+            let popped = self.idle.lock().pop();
+            match popped {
+                Some(c) if !c.client.is_closed() => {
+                    return Ok(Pooled {
+                        pool: self.clone(),
+                        conn: Some(c),
+                        clean: false,
+                        _permit: permit,
+                    })
+                }
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        let conn = self.connect().await?;
+        Ok(Pooled {
+            pool: self.clone(),
+            conn: Some(conn),
+            clean: false,
+            _permit: permit,
+        })
+    }
+
+    /// Opens a connection, retrying with exponential backoff.
+    async fn connect(&self) -> Result<Conn> {
+        let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+        let mut delay = Duration::from_millis(25);
+        loop {
+            match connect_once(&self.config).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    if tokio::time::Instant::now() + delay > deadline {
+                        return Err(Error::Store(format!(
+                            "postgres: cannot connect (gave up after {CONNECT_PATIENCE:?}): {e}"
+                        )));
+                    }
+                    tracing::warn!("postgres: cannot connect, retrying in {delay:?}: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+/// A connection on loan. It goes back to the pool only if the operation
+/// using it finished cleanly (no transaction left open by a dropped future).
+struct Pooled {
+    pool: Arc<Pool>,
+    conn: Option<Conn>,
+    clean: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pooled {
+    fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("connection present until drop")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            if self.clean && !c.client.is_closed() {
+                self.pool.idle.lock().push(c);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Effects
+// ---------------------------------------------------------------------------
+
+/// What a committed transaction announces.
+#[derive(Default)]
+struct Effects {
+    ready: bool,
+    finished: bool,
+    cancelled: Vec<StepId>,
+}
+
+impl Effects {
+    fn fire(self, signals: &Signals) {
+        if self.ready {
+            signals.notify_ready();
+        }
+        if self.finished {
+            signals.notify_finished();
+        }
+        signals.notify_cancelled(self.cancelled);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The store
+// ---------------------------------------------------------------------------
+
+/// The PostgreSQL store (see the module docs).
+pub struct PostgresStore {
+    url: String,
+    /// `None`: the database clock.
+    clock: Option<Arc<dyn Clock>>,
+    signals: Arc<Signals>,
+    pool: Arc<Pool>,
+    wakeup: Wakeup,
+    poll: Duration,
+    listener: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.url)
+            .field("wakeup", &self.wakeup)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        if let Some(l) = self.listener.take() {
+            l.abort();
+        }
+    }
+}
+
+/// Runs a write transaction (see the module docs for retries). The body is
+/// an expression evaluating to a `DbResult<T>` future that may be run more
+/// than once; `$c` is the `&mut Conn`, `$now` the transaction's time and
+/// `$fx` the `&mut Effects`.
+macro_rules! write_tx {
+    ($self:ident, $op:expr, |$c:ident, $now:ident, $fx:ident| $body:expr) => {{
+        let op: &str = $op;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let mut pooled = $self.pool.get().await?;
+            let conn = pooled.conn();
+            let outcome: DbResult<_> = async {
+                let $now = $self.begin(conn).await?;
+                let mut effects = Effects::default();
+                let value = {
+                    let $c: &mut Conn = &mut *conn;
+                    let $fx: &mut Effects = &mut effects;
+                    $body.await?
+                };
+                Ok((value, effects))
+            }
+            .await;
+            match outcome {
+                Ok((value, effects)) => match $self.commit(conn, &effects).await {
+                    Ok(()) => {
+                        pooled.clean = true;
+                        effects.fire(&$self.signals);
+                        break Ok(value);
+                    }
+                    Err(e) => {
+                        if !conn.client.is_closed() && transient(&e) && tries < MAX_TRIES {
+                            let _ = conn.client.batch_execute("ROLLBACK").await;
+                            pooled.clean = true;
+                            continue;
+                        }
+                        break Err(Error::Store(format!(
+                            "postgres {op}: commit failed, the outcome is unknown: {e}"
+                        )));
+                    }
+                },
+                Err(Fail::App(e)) => {
+                    if conn.client.batch_execute("ROLLBACK").await.is_ok() {
+                        pooled.clean = true;
+                    }
+                    break Err(e);
+                }
+                Err(Fail::Pg(e)) => {
+                    let lost = conn.client.is_closed();
+                    if !lost && conn.client.batch_execute("ROLLBACK").await.is_ok() {
+                        pooled.clean = true;
+                    }
+                    drop(pooled);
+                    if (lost || transient(&e)) && tries < MAX_TRIES {
+                        tracing::debug!("postgres {op}: retrying after {e}");
+                        tokio::time::sleep(Duration::from_millis(10 * u64::from(tries))).await;
+                        continue;
+                    }
+                    break Err(pg_error(op, &e));
+                }
+            }
+        }
+    }};
+}
+
+/// Runs a read (retried on a lost connection); `$snapshot` makes it one
+/// repeatable-read snapshot.
+macro_rules! read_op {
+    ($self:ident, $op:expr, $snapshot:expr, |$c:ident| $body:expr) => {{
+        let op: &str = $op;
+        let mut tries = 0u32;
+        loop {
+            tries += 1;
+            let mut pooled = $self.pool.get().await?;
+            let conn = pooled.conn();
+            let snapshot: bool = $snapshot;
+            let outcome: DbResult<_> = async {
+                if snapshot {
+                    conn.client
+                        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                        .await?;
+                }
+                let value = {
+                    let $c: &mut Conn = &mut *conn;
+                    $body.await?
+                };
+                if snapshot {
+                    conn.client.batch_execute("COMMIT").await?;
+                }
+                Ok(value)
+            }
+            .await;
+            match outcome {
+                Ok(v) => {
+                    pooled.clean = true;
+                    break Ok(v);
+                }
+                Err(Fail::App(e)) => {
+                    if !snapshot || conn.client.batch_execute("ROLLBACK").await.is_ok() {
+                        pooled.clean = true;
+                    }
+                    break Err(e);
+                }
+                Err(Fail::Pg(e)) => {
+                    let lost = conn.client.is_closed();
+                    drop(pooled);
+                    if (lost || transient(&e)) && tries < MAX_TRIES {
+                        tokio::time::sleep(Duration::from_millis(10 * u64::from(tries))).await;
+                        continue;
+                    }
+                    break Err(pg_error(op, &e));
+                }
+            }
+        }
+    }};
+}
+
+const DB_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+const SELECT_DB_NOW: &str = "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+impl PostgresStore {
+    /// Opens a store for a `postgres://` or `postgresql://` URL (see the
+    /// module docs for the `wakeup` and `poll_ms` parameters). Runs pending
+    /// migrations when `options.migrate` is set.
+    pub async fn open(url: &str, options: StoreOptions) -> Result<Arc<PostgresStore>> {
+        let parsed = parse_url(url)?;
+        let mut config: Config = parsed
+            .connect
+            .parse()
+            .map_err(|e| Error::Config(format!("store URL `{}`: {e}", parsed.display)))?;
+        if config.get_application_name().is_none() {
+            config.application_name("switchyard");
+        }
+        // A stateless clock is the system clock: use the database's instead.
+        let clock = if std::mem::size_of_val(&*options.clock) == 0 {
+            None
+        } else {
+            Some(options.clock.clone())
+        };
+        let pool = Arc::new(Pool {
+            config: config.clone(),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(POOL_SIZE)),
+        });
+        // Fail fast on a bad URL or an unreachable server at open.
+        let first = connect_once(&config).await.map_err(|e| {
+            Error::Config(format!(
+                "cannot connect to PostgreSQL at `{}`: {e}",
+                parsed.display
+            ))
+        })?;
+        pool.idle.lock().push(first);
+        let signals = Signals::new();
+        let mut store = PostgresStore {
+            url: parsed.display,
+            clock,
+            signals: signals.clone(),
+            pool,
+            wakeup: parsed.wakeup,
+            poll: parsed.poll,
+            listener: None,
+        };
+        if options.migrate {
+            store.migrate_now().await?;
+        }
+        if store.wakeup != Wakeup::Polling {
+            store.listener = Some(tokio::spawn(listen_loop(config, signals)));
+        }
+        Ok(Arc::new(store))
+    }
+
+    /// The configured wake-up mode.
+    pub fn wakeup(&self) -> Wakeup {
+        self.wakeup
+    }
+
+    async fn begin(&self, c: &mut Conn) -> DbResult<Millis> {
+        match &self.clock {
+            Some(clock) => {
+                c.client.batch_execute("BEGIN").await?;
+                Ok(clock.now())
+            }
+            None => {
+                const SQL: &str =
+                    "BEGIN; SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint";
+                let msgs = c.client.simple_query(SQL).await?;
+                for m in msgs {
+                    if let SimpleQueryMessage::Row(r) = m {
+                        if let Some(v) = r.get(0).and_then(|s| s.parse().ok()) {
+                            return Ok(v);
+                        }
+                    }
+                }
+                Err(Fail::App(Error::Store(
+                    "postgres: the server did not report its clock".into(),
+                )))
+            }
+        }
+    }
+
+    async fn commit(
+        &self,
+        c: &mut Conn,
+        fx: &Effects,
+    ) -> std::result::Result<(), tokio_postgres::Error> {
+        let notify = self.wakeup != Wakeup::Polling;
+        let sql = match (notify && fx.ready, notify && fx.finished) {
+            (true, true) => "NOTIFY switchyard, 'ready'; NOTIFY switchyard, 'finished'; COMMIT",
+            (true, false) => "NOTIFY switchyard, 'ready'; COMMIT",
+            (false, true) => "NOTIFY switchyard, 'finished'; COMMIT",
+            (false, false) => "COMMIT",
+        };
+        c.client.batch_execute(sql).await
+    }
+
+    async fn migrate_now(&self) -> Result<u32> {
+        let now = self.clock.as_ref().map(|c| c.now());
+        read_op!(self, "migrate", false, |c| apply_migrations(c, now))
+    }
+}
+
+async fn apply_migrations(c: &mut Conn, now: Option<Millis>) -> DbResult<u32> {
+    c.client.batch_execute("BEGIN").await?;
+    let result: DbResult<u32> = async {
+        c.client
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        c.client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS sy_migrations (version integer PRIMARY KEY, applied_at bigint NOT NULL)",
+            )
+            .await?;
+        let current: i32 = c
+            .client
+            .query_one("SELECT coalesce(max(version), 0) FROM sy_migrations", &[])
+            .await?
+            .get(0);
+        let latest = MIGRATIONS.len() as i32;
+        if current > latest {
+            return Err(Fail::App(Error::Config(format!(
+                "the database schema is at version {current}, newer than this build supports ({latest}); upgrade switchyard"
+            ))));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            c.client.batch_execute(sql).await?;
+            c.client
+                .execute(
+                    &format!(
+                        "INSERT INTO sy_migrations (version, applied_at) VALUES ($1, coalesce($2, {DB_NOW}))"
+                    ),
+                    &[&(i as i32 + 1), &now],
+                )
+                .await?;
+        }
+        Ok(latest as u32)
+    }
+    .await;
+    match result {
+        Ok(v) => {
+            c.client.batch_execute("COMMIT").await?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = c.client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// Keeps one connection LISTENing on [`CHANNEL`] and turns notifications
+/// into signals; reconnects with backoff.
+async fn listen_loop(config: Config, signals: Arc<Signals>) {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let driver = tokio::spawn(async move {
+                    while let Some(msg) =
+                        std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                    {
+                        match msg {
+                            Ok(AsyncMessage::Notification(n)) => {
+                                if tx.send(n.payload().to_owned()).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::debug!("postgres listener connection: {e}");
+                                break;
+                            }
+                        }
+                    }
+                });
+                match client.batch_execute("LISTEN switchyard").await {
+                    Ok(()) => {
+                        delay = Duration::from_millis(50);
+                        // Anything may have happened while we were not listening.
+                        signals.notify_ready();
+                        signals.notify_finished();
+                        while let Some(payload) = rx.recv().await {
+                            match payload.as_str() {
+                                "ready" => signals.notify_ready(),
+                                "finished" => signals.notify_finished(),
+                                _ => {}
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("postgres: LISTEN failed: {e}"),
+                }
+                drop(client);
+                driver.abort();
+                tracing::warn!("postgres: the LISTEN connection was lost; reconnecting");
+            }
+            Err(e) => tracing::warn!("postgres: cannot open the LISTEN connection: {e}"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prepared inputs
+// ---------------------------------------------------------------------------
+
+struct PreparedTask {
+    task_id: Uuid,
+    step_id: Uuid,
+    handler: String,
+    input: String,
+    headers: Option<String>,
+    priority: i32,
+    idempotency_key: Option<String>,
+    response_event: Option<String>,
+    run_at: Option<Millis>,
+    parent: Option<ParentRef>,
+}
+
+impl PreparedTask {
+    fn new(i: usize, t: NewTask) -> Result<Self> {
+        if t.handler.trim().is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "tasks[{i}].handler: must not be empty"
+            )));
+        }
+        Ok(Self {
+            task_id: TaskId::new().0,
+            step_id: StepId::new().0,
+            input: encode(&format!("tasks[{i}].input"), &t.input)?,
+            headers: if t.headers.is_empty() {
+                None
+            } else {
+                Some(encode("headers", &t.headers)?)
+            },
+            handler: t.handler,
+            priority: t.priority,
+            idempotency_key: t.idempotency_key,
+            response_event: t.response_event,
+            run_at: t.run_at,
+            parent: t.parent,
+        })
+    }
+}
+
+struct PreparedStep {
+    id: Uuid,
+    name: String,
+    handler: String,
+    input: String,
+    deps: Vec<String>,
+    deps_json: Option<String>,
+}
+
+enum Prepared {
+    Completed {
+        result: String,
+    },
+    Decided {
+        steps: Vec<PreparedStep>,
+        final_step: Option<String>,
+        result: String,
+    },
+    Retry {
+        error: String,
+        run_at: Millis,
+    },
+    Failed {
+        error: String,
+    },
+    Suspended {
+        wait: WaitFor,
+        json: String,
+    },
+    Released,
+}
+
+fn prepare_completion(c: Completion) -> Result<(Lease, Prepared)> {
+    let prepared = match c.resolution {
+        Resolution::Completed(v) => Prepared::Completed {
+            result: encode("result", &v)?,
+        },
+        Resolution::Decided {
+            steps,
+            final_step,
+            result,
+        } => Prepared::Decided {
+            steps: prepare_decision(steps, final_step.as_deref())?,
+            final_step,
+            result: encode("result", &result)?,
+        },
+        Resolution::Retry { error, run_at } => Prepared::Retry {
+            error: encode("error", &error)?,
+            run_at,
+        },
+        Resolution::Failed(e) => Prepared::Failed {
+            error: encode("error", &e)?,
+        },
+        Resolution::Suspended(wait) => Prepared::Suspended {
+            json: encode("wait", &wait)?,
+            wait,
+        },
+        Resolution::Released => Prepared::Released,
+    };
+    Ok((c.lease, prepared))
+}
+
+/// The checks a decision needs that do not involve the database: names,
+/// self-dependencies, cycles among the new steps and `final_step`.
+fn prepare_decision(steps: Vec<NewStep>, final_step: Option<&str>) -> Result<Vec<PreparedStep>> {
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(steps.len());
+    for (i, s) in steps.iter().enumerate() {
+        if s.name.trim().is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "steps[{i}].name: must not be empty"
+            )));
+        }
+        if s.handler.trim().is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "steps[{i}].handler: must not be empty"
+            )));
+        }
+        if index.insert(s.name.as_str(), i).is_some() {
+            return Err(Error::InvalidInput(format!(
+                "steps[{i}].name: duplicate step name `{}`",
+                s.name
+            )));
+        }
+    }
+    if let Some(f) = final_step {
+        if !index.contains_key(f) {
+            return Err(Error::InvalidInput(format!(
+                "final_step: `{f}` is not one of the steps this decision creates"
+            )));
+        }
+    }
+    let mut indegree = vec![0usize; steps.len()];
+    let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
+    for (i, s) in steps.iter().enumerate() {
+        let mut seen = HashSet::new();
+        for d in &s.depends_on {
+            if d == &s.name {
+                return Err(Error::InvalidInput(format!(
+                    "steps[{i}].depends_on: `{d}` depends on itself"
+                )));
+            }
+            if let Some(&j) = index.get(d.as_str()) {
+                if seen.insert(j) {
+                    indegree[i] += 1;
+                    dependants[j].push(i);
+                }
+            }
+        }
+    }
+    let mut ready: Vec<usize> = (0..steps.len()).filter(|&i| indegree[i] == 0).collect();
+    let mut seen = 0;
+    while let Some(j) = ready.pop() {
+        seen += 1;
+        for &i in &dependants[j] {
+            indegree[i] -= 1;
+            if indegree[i] == 0 {
+                ready.push(i);
+            }
+        }
+    }
+    if seen < steps.len() {
+        let cyclic: Vec<&str> = steps
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| indegree[*i] > 0)
+            .map(|(_, s)| s.name.as_str())
+            .collect();
+        return Err(Error::InvalidInput(format!(
+            "steps: dependency cycle among {}",
+            cyclic.join(", ")
+        )));
+    }
+    steps
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut deps: Vec<String> = Vec::with_capacity(s.depends_on.len());
+            for d in &s.depends_on {
+                if !deps.contains(d) {
+                    deps.push(d.clone());
+                }
+            }
+            Ok(PreparedStep {
+                id: StepId::new().0,
+                input: encode(&format!("steps[{i}].input"), &s.input)?,
+                deps_json: if s.depends_on.is_empty() {
+                    None
+                } else {
+                    Some(encode("depends_on", &s.depends_on)?)
+                },
+                deps,
+                name: s.name,
+                handler: s.handler,
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// SQL
+// ---------------------------------------------------------------------------
+
+macro_rules! lease_guard {
+    () => {
+        " WHERE id = $1 AND task_id = $2 AND state = 'running' AND lease_owner = $3 AND attempt = $4"
+    };
+}
+
+const LEASE_CHECK: &str = concat!("SELECT name FROM sy_steps", lease_guard!(), " FOR UPDATE");
+const SETTLE_COMPLETED: &str = concat!(
+    "UPDATE sy_steps SET state = 'completed', result = $6, lease_owner = NULL, lease_expires_at = NULL, updated_at = $5",
+    lease_guard!(),
+    " RETURNING name"
+);
+const SETTLE_RETRY: &str = concat!(
+    "UPDATE sy_steps SET state = 'ready', run_at = $6, error = $7, lease_owner = NULL, lease_expires_at = NULL, \
+     updated_at = $5",
+    lease_guard!()
+);
+const SETTLE_FAILED: &str = concat!(
+    "UPDATE sy_steps SET state = 'failed', error = $6, lease_owner = NULL, lease_expires_at = NULL, updated_at = $5",
+    lease_guard!()
+);
+const SETTLE_SUSPENDED: &str = concat!(
+    "UPDATE sy_steps SET state = $6, run_at = $7, wait = $8, wait_event = $9, wait_group = $10, lease_owner = NULL, \
+     lease_expires_at = NULL, updated_at = $5",
+    lease_guard!()
+);
+const SETTLE_RELEASED: &str = concat!(
+    "UPDATE sy_steps SET state = 'ready', run_at = $5, attempt = greatest(attempt - 1, 0), lease_owner = NULL, \
+     lease_expires_at = NULL, updated_at = $5",
+    lease_guard!()
+);
+const EXTEND_CHECKPOINT_LEASE: &str =
+    concat!("UPDATE sy_steps SET lease_expires_at = $5", lease_guard!());
+const LOCK_EVENT: &str = "SELECT pg_advisory_xact_lock(1, hashtext($1))";
+const LOCK_GROUP: &str = "SELECT pg_advisory_xact_lock(2, hashtext($1))";
+const EVENT_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM sy_events WHERE name = $1)";
+const GROUP_RUNNING: &str =
+    "SELECT EXISTS (SELECT 1 FROM sy_tasks WHERE parent_group = $1 AND state = 'running')";
+const STEP_STATE_BY_NAME: &str = "SELECT state FROM sy_steps WHERE task_id = $1 AND name = $2";
+const PROMOTE: &str = "UPDATE sy_steps SET state = 'ready', wait = NULL, wait_event = NULL, wait_group = NULL, updated_at = $1 \
+     WHERE id IN (SELECT id FROM sy_steps WHERE state = 'suspended' AND run_at IS NOT NULL AND run_at <= $1 \
+                  FOR UPDATE SKIP LOCKED)";
+const CLAIM: &str = "WITH picked AS ( \
+       SELECT s.id FROM unnest($1::text[], $2::bigint[]) AS w(handler, n) \
+       CROSS JOIN LATERAL ( \
+         SELECT id FROM sy_steps \
+         WHERE state = 'ready' AND handler = w.handler AND run_at <= $3 \
+         ORDER BY priority DESC, run_at, seq LIMIT w.n \
+         FOR UPDATE SKIP LOCKED) s) \
+     UPDATE sy_steps SET state = 'running', attempt = attempt + 1, lease_owner = $4, lease_expires_at = $5, \
+       updated_at = $3 \
+     FROM picked WHERE sy_steps.id = picked.id \
+     RETURNING sy_steps.id, task_id, name, handler, input, headers, attempt, priority, run_at, seq, \
+       depends_on IS NOT NULL";
+const NEXT_DUE: &str =
+    "SELECT min(run_at) FROM sy_steps WHERE handler = ANY($1) AND state IN ('ready', 'suspended') \
+     AND run_at > $2";
+const TASK_META: &str = "SELECT state, final_step, has_deps, response_event, parent_group, parent_step_id, priority, headers \
+     FROM sy_tasks WHERE id = $1 FOR UPDATE";
+const UNBLOCK: &str = "UPDATE sy_steps SET pending_deps = pending_deps - 1, \
+       state = CASE WHEN pending_deps <= 1 THEN 'ready' ELSE 'blocked' END, \
+       run_at = CASE WHEN pending_deps <= 1 THEN $3::bigint ELSE NULL END, updated_at = $3 \
+     WHERE state = 'blocked' AND id IN (SELECT step_id FROM sy_step_deps WHERE task_id = $1 AND dep_name = $2) \
+     RETURNING state = 'ready'";
+const FINISH_TASK: &str =
+    "UPDATE sy_tasks SET state = $2, result = $3, error = $4, updated_at = $5 \
+     WHERE id = $1 AND state = 'running'";
+const WAKE_GROUP_PARENT: &str = "UPDATE sy_steps SET state = 'ready', run_at = $3, wait = NULL, wait_event = NULL, \
+       wait_group = NULL, updated_at = $3 WHERE id = $1 AND state = 'suspended' AND wait_group = $2";
+const INSERT_EVENT: &str = "INSERT INTO sy_events (name, payload, created_at) VALUES ($1, $2, $3) \
+     ON CONFLICT (name) DO NOTHING";
+const WAKE_EVENT_WAITERS: &str =
+    "UPDATE sy_steps SET state = 'ready', run_at = $2, wait = NULL, wait_event = NULL, \
+       wait_group = NULL, updated_at = $2 WHERE state = 'suspended' AND wait_event = $1";
+const RESET_STEP: &str = "UPDATE sy_steps SET state = $2, attempt = 0, run_at = $3, pending_deps = $4, lease_owner = NULL, \
+       lease_expires_at = NULL, wait = NULL, wait_event = NULL, wait_group = NULL, updated_at = $5 WHERE id = $1";
+const UPSERT_HOST: &str = "INSERT INTO sy_hosts (id, pid, hostname, handlers, started_at, last_heartbeat) \
+     VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, hostname = excluded.hostname, \
+       handlers = excluded.handlers, started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat";
+const EXTEND_LEASES: &str = "UPDATE sy_steps SET lease_expires_at = $3 \
+     WHERE id = ANY($1) AND state = 'running' AND lease_owner = $2 RETURNING id";
+const UPSERT_CHECKPOINT: &str =
+    "INSERT INTO sy_checkpoints (task_id, key, value, step_id, attempt, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6) \
+     ON CONFLICT (task_id, key) DO UPDATE SET value = excluded.value, step_id = excluded.step_id, \
+       attempt = excluded.attempt, created_at = excluded.created_at \
+     WHERE sy_checkpoints.attempt <= excluded.attempt";
+const RECOVER_EXPIRED: &str = "UPDATE sy_steps SET state = 'ready', run_at = $1, lease_owner = NULL, lease_expires_at = NULL, \
+       updated_at = $1, error = json_build_object('kind', 'lease_expired', 'message', \
+         'the lease of host ' || coalesce(lease_owner, '') || ' expired before the step finished', \
+         'attempt', attempt)::text \
+     WHERE id IN (SELECT id FROM sy_steps WHERE state = 'running' AND lease_expires_at <= $1 \
+                  FOR UPDATE SKIP LOCKED)";
+const INSERT_TASK: &str = "INSERT INTO sy_tasks (id, handler, input, state, headers, priority, idempotency_key, \
+       response_event, parent_task_id, parent_step_id, parent_group, parent_index, final_step, created_at, updated_at) \
+     VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $2, $12, $12) \
+     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
+const FIND_IDEMPOTENT: &str = "SELECT id FROM sy_tasks WHERE idempotency_key = $1";
+const INSERT_STEP: &str =
+    "INSERT INTO sy_steps (id, task_id, name, handler, input, headers, state, priority, run_at, \
+       depends_on, pending_deps, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)";
+const INSERT_DEP: &str =
+    "INSERT INTO sy_step_deps (task_id, dep_name, step_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+
+macro_rules! task_select {
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, handler, input, state, result, error, headers, priority, idempotency_key, \
+             response_event, parent_task_id, parent_step_id, parent_group, parent_index, created_at, updated_at \
+             FROM sy_tasks ",
+            $tail
+        )
+    };
+}
+
+fn task_row(r: &Row) -> Result<TaskRecord> {
+    let g = |e: tokio_postgres::Error| pg_error("reading a task", &e);
+    let parent = match r.try_get::<_, Option<Uuid>>(10).map_err(g)? {
+        Some(parent_task) => Some(ParentRef {
+            task_id: TaskId(parent_task),
+            step_id: StepId(
+                r.try_get::<_, Option<Uuid>>(11)
+                    .map_err(g)?
+                    .unwrap_or_default(),
+            ),
+            group: r.try_get(12).map_err(g)?,
+            index: int_u32(
+                "parent_index",
+                r.try_get::<_, Option<i32>>(13).map_err(g)?.unwrap_or(0),
+            )?,
+        }),
+        None => None,
+    };
+    Ok(TaskRecord {
+        id: TaskId(r.try_get(0).map_err(g)?),
+        handler: r.try_get(1).map_err(g)?,
+        input: decode("task input", r.try_get(2).map_err(g)?)?,
+        state: parse(r.try_get(3).map_err(g)?)?,
+        result: opt_decode("task result", r.try_get(4).map_err(g)?)?,
+        error: opt_decode("task error", r.try_get(5).map_err(g)?)?,
+        headers: opt_decode("task headers", r.try_get(6).map_err(g)?)?.unwrap_or_default(),
+        priority: r.try_get(7).map_err(g)?,
+        idempotency_key: r.try_get(8).map_err(g)?,
+        response_event: r.try_get(9).map_err(g)?,
+        parent,
+        created_at: r.try_get(14).map_err(g)?,
+        updated_at: r.try_get(15).map_err(g)?,
+    })
+}
+
+const STEP_SELECT: &str =
+    "SELECT id, task_id, name, handler, input, state, attempt, priority, run_at, lease_owner, \
+     lease_expires_at, result, error, depends_on, wait, created_at, updated_at FROM sy_steps \
+     WHERE task_id = $1 ORDER BY seq";
+
+fn step_row(r: &Row) -> Result<StepRecord> {
+    let g = |e: tokio_postgres::Error| pg_error("reading a step", &e);
+    Ok(StepRecord {
+        id: StepId(r.try_get(0).map_err(g)?),
+        task_id: TaskId(r.try_get(1).map_err(g)?),
+        name: r.try_get(2).map_err(g)?,
+        handler: r.try_get(3).map_err(g)?,
+        input: decode("step input", r.try_get(4).map_err(g)?)?,
+        state: parse(r.try_get(5).map_err(g)?)?,
+        attempt: int_u32("attempt", r.try_get(6).map_err(g)?)?,
+        priority: r.try_get(7).map_err(g)?,
+        run_at: r.try_get(8).map_err(g)?,
+        lease_owner: r.try_get(9).map_err(g)?,
+        lease_expires_at: r.try_get(10).map_err(g)?,
+        result: opt_decode("step result", r.try_get(11).map_err(g)?)?,
+        error: opt_decode("step error", r.try_get(12).map_err(g)?)?,
+        depends_on: opt_decode("depends_on", r.try_get(13).map_err(g)?)?.unwrap_or_default(),
+        wait: opt_decode("wait", r.try_get(14).map_err(g)?)?,
+        created_at: r.try_get(15).map_err(g)?,
+        updated_at: r.try_get(16).map_err(g)?,
+    })
+}
+
+fn event_row(r: &Row) -> Result<EventRecord> {
+    let g = |e: tokio_postgres::Error| pg_error("reading an event", &e);
+    Ok(EventRecord {
+        name: r.try_get(0).map_err(g)?,
+        payload: decode("event payload", r.try_get(1).map_err(g)?)?,
+        created_at: r.try_get(2).map_err(g)?,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Write transactions
+// ---------------------------------------------------------------------------
+
+async fn spawn_tx(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    tasks: &[PreparedTask],
+) -> DbResult<Vec<Spawned>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let parent = t.parent.as_ref();
+        let parent_task = parent.map(|p| p.task_id.0);
+        let parent_step = parent.map(|p| p.step_id.0);
+        let parent_group = parent.and_then(|p| p.group.clone());
+        let parent_index = parent.map(|p| p.index as i32);
+        let inserted = c
+            .exec(
+                INSERT_TASK,
+                &[
+                    &t.task_id,
+                    &t.handler,
+                    &t.input,
+                    &t.headers,
+                    &t.priority,
+                    &t.idempotency_key,
+                    &t.response_event,
+                    &parent_task,
+                    &parent_step,
+                    &parent_group,
+                    &parent_index,
+                    &now,
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            // The idempotency key exists (committed, or earlier in this batch).
+            let row = c.one(FIND_IDEMPOTENT, &[&t.idempotency_key]).await?;
+            out.push(Spawned {
+                task_id: TaskId(row.get(0)),
+                created: false,
+            });
+            continue;
+        }
+        let run_at = t.run_at.unwrap_or(now);
+        c.exec(
+            INSERT_STEP,
+            &[
+                &t.step_id,
+                &t.task_id,
+                &t.handler,
+                &t.handler,
+                &t.input,
+                &t.headers,
+                &"ready",
+                &t.priority,
+                &run_at,
+                &None::<String>,
+                &0i32,
+                &now,
+            ],
+        )
+        .await?;
+        out.push(Spawned {
+            task_id: TaskId(t.task_id),
+            created: true,
+        });
+    }
+    fx.ready = true;
+    Ok(out)
+}
+
+struct RawClaim {
+    step: ClaimedStep,
+    run_at: Millis,
+    seq: i64,
+}
+
+async fn claim_tx(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    host_id: &str,
+    wants: &[(String, i64)],
+    lease_ms: i64,
+) -> DbResult<(Vec<RawClaim>, Option<Millis>)> {
+    if c.exec(PROMOTE, &[&now]).await? > 0 {
+        fx.ready = true;
+    }
+    let expires = now.saturating_add(lease_ms);
+    let handlers: Vec<&str> = wants.iter().map(|(h, _)| h.as_str()).collect();
+    let counts: Vec<i64> = wants.iter().map(|(_, n)| *n).collect();
+    let mut claimed = Vec::new();
+    if counts.iter().any(|n| *n > 0) {
+        let rows = c
+            .query(CLAIM, &[&handlers, &counts, &now, &host_id, &expires])
+            .await?;
+        for r in rows {
+            let headers: Option<String> = r.get(5);
+            claimed.push(RawClaim {
+                step: ClaimedStep {
+                    step_id: StepId(r.get(0)),
+                    task_id: TaskId(r.get(1)),
+                    name: r.get(2),
+                    handler: r.get(3),
+                    input: decode("step input", r.get(4))?,
+                    headers: opt_decode("task headers", headers)?.unwrap_or_default(),
+                    attempt: int_u32("attempt", r.get(6))?,
+                    priority: r.get(7),
+                    lease_expires_at: expires,
+                    has_dependencies: r.get(10),
+                },
+                run_at: r.get::<_, Option<i64>>(8).unwrap_or(now),
+                seq: r.get(9),
+            });
+        }
+    }
+    let next_due: Option<Millis> = c.one(NEXT_DUE, &[&handlers, &now]).await?.get(0);
+    Ok((claimed, next_due))
+}
+
+/// What a completion needs to know about the step's task (row locked).
+struct TaskMeta {
+    running: bool,
+    final_step: String,
+    has_deps: bool,
+    response_event: Option<String>,
+    parent_group: Option<String>,
+    parent_step_id: Option<Uuid>,
+    priority: i32,
+    headers: Option<String>,
+}
+
+async fn task_meta(c: &mut Conn, task_id: Uuid) -> DbResult<Option<TaskMeta>> {
+    Ok(c.opt(TASK_META, &[&task_id]).await?.map(|r| TaskMeta {
+        running: r.get::<_, &str>(0) == "running",
+        final_step: r.get(1),
+        has_deps: r.get(2),
+        response_event: r.get(3),
+        parent_group: r.get(4),
+        parent_step_id: r.get(5),
+        priority: r.get(6),
+        headers: r.get(7),
+    }))
+}
+
+/// Applies one completion. The outer error fails the whole batch (a
+/// database failure); the inner one answers this item only and is always
+/// detected before anything is written.
+async fn complete_one(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    lease: &Lease,
+    item: &Prepared,
+) -> DbResult<Result<()>> {
+    let sid = lease.step_id.0;
+    let tid = lease.task_id.0;
+    let host = lease.host_id.as_str();
+    let attempt = i32::try_from(lease.attempt).unwrap_or(i32::MAX);
+    let lost = || Ok(Err(Error::LeaseLost(lease.step_id)));
+    match item {
+        Prepared::Completed { result } => {
+            let Some(meta) = task_meta(c, tid).await? else {
+                return lost();
+            };
+            let Some(row) = c
+                .opt(
+                    SETTLE_COMPLETED,
+                    &[&sid, &tid, &host, &attempt, &now, result],
+                )
+                .await?
+            else {
+                return lost();
+            };
+            let name: String = row.get(0);
+            if meta.has_deps {
+                unblock(c, now, fx, tid, &name).await?;
+            }
+            if meta.running && meta.final_step == name {
+                finish_task(
+                    c,
+                    now,
+                    fx,
+                    tid,
+                    &meta,
+                    TaskState::Completed,
+                    Some(result),
+                    None,
+                )
+                .await?;
+            }
+        }
+        Prepared::Decided {
+            steps,
+            final_step,
+            result,
+        } => {
+            let Some(meta) = task_meta(c, tid).await? else {
+                return lost();
+            };
+            let Some(row) = c.opt(LEASE_CHECK, &[&sid, &tid, &host, &attempt]).await? else {
+                return lost();
+            };
+            let decider: String = row.get(0);
+            let completed = match check_decision(c, tid, &decider, steps).await? {
+                Ok(done) => done,
+                Err(e) => return Ok(Err(e)),
+            };
+            c.opt(
+                SETTLE_COMPLETED,
+                &[&sid, &tid, &host, &attempt, &now, result],
+            )
+            .await?;
+            if meta.has_deps {
+                unblock(c, now, fx, tid, &decider).await?;
+            }
+            if !steps.is_empty() {
+                insert_decided(c, now, fx, tid, &meta, steps, &completed).await?;
+            }
+            if meta.running && meta.final_step == decider {
+                match steps.last() {
+                    None => {
+                        finish_task(
+                            c,
+                            now,
+                            fx,
+                            tid,
+                            &meta,
+                            TaskState::Completed,
+                            Some(result),
+                            None,
+                        )
+                        .await?;
+                    }
+                    Some(last) => {
+                        let new_final = final_step.as_deref().unwrap_or(&last.name);
+                        c.exec(
+                            "UPDATE sy_tasks SET final_step = $2, updated_at = $3 WHERE id = $1",
+                            &[&tid, &new_final, &now],
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        Prepared::Retry { error, run_at } => {
+            let changed = c
+                .exec(
+                    SETTLE_RETRY,
+                    &[&sid, &tid, &host, &attempt, &now, run_at, error],
+                )
+                .await?;
+            if changed == 0 {
+                return lost();
+            }
+            fx.ready = true;
+        }
+        Prepared::Failed { error } => {
+            let Some(meta) = task_meta(c, tid).await? else {
+                return lost();
+            };
+            let changed = c
+                .exec(SETTLE_FAILED, &[&sid, &tid, &host, &attempt, &now, error])
+                .await?;
+            if changed == 0 {
+                return lost();
+            }
+            if meta.running {
+                cancel_live_steps(c, now, fx, tid).await?;
+                finish_task(c, now, fx, tid, &meta, TaskState::Failed, None, Some(error)).await?;
+            }
+        }
+        Prepared::Suspended { wait, json } => {
+            // Lock order: event/group lock, then the step. The checks below
+            // then see every commit made by whoever held the lock before.
+            if let Some(name) = &wait.event {
+                c.exec(LOCK_EVENT, &[name]).await?;
+            }
+            if let Some(group) = &wait.group {
+                c.exec(LOCK_GROUP, &[group]).await?;
+            }
+            if c.opt(LEASE_CHECK, &[&sid, &tid, &host, &attempt])
+                .await?
+                .is_none()
+            {
+                return lost();
+            }
+            let mut satisfied = wait.wake_at.is_some_and(|at| at <= now);
+            if !satisfied {
+                if let Some(name) = &wait.event {
+                    satisfied = c.one(EVENT_EXISTS, &[name]).await?.get(0);
+                }
+            }
+            if !satisfied {
+                if let Some(group) = &wait.group {
+                    satisfied = !c.one(GROUP_RUNNING, &[group]).await?.get::<_, bool>(0);
+                }
+            }
+            let state = if satisfied { "ready" } else { "suspended" };
+            let run_at = if satisfied { Some(now) } else { wait.wake_at };
+            let wait_json = (!satisfied).then_some(json.as_str());
+            let wait_event = wait.event.as_deref().filter(|_| !satisfied);
+            let wait_group = wait.group.as_deref().filter(|_| !satisfied);
+            c.exec(
+                SETTLE_SUSPENDED,
+                &[
+                    &sid,
+                    &tid,
+                    &host,
+                    &attempt,
+                    &now,
+                    &state,
+                    &run_at,
+                    &wait_json,
+                    &wait_event,
+                    &wait_group,
+                ],
+            )
+            .await?;
+            fx.ready |= satisfied;
+        }
+        Prepared::Released => {
+            let changed = c
+                .exec(SETTLE_RELEASED, &[&sid, &tid, &host, &attempt, &now])
+                .await?;
+            if changed == 0 {
+                return lost();
+            }
+            fx.ready = true;
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// The checks of a decision against the task's existing steps (the task row
+/// is locked, so they cannot change meanwhile). Answers, for each existing
+/// step named as a dependency, whether it is completed.
+async fn check_decision(
+    c: &mut Conn,
+    task_id: Uuid,
+    decider: &str,
+    steps: &[PreparedStep],
+) -> DbResult<Result<HashMap<String, bool>>> {
+    let new_names: HashSet<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+    let mut existing: HashMap<String, bool> = HashMap::new();
+    for (i, s) in steps.iter().enumerate() {
+        if c.opt(STEP_STATE_BY_NAME, &[&task_id, &s.name])
+            .await?
+            .is_some()
+        {
+            return Ok(Err(Error::InvalidInput(format!(
+                "steps[{i}].name: the task already has a step named `{}`",
+                s.name
+            ))));
+        }
+        for d in &s.deps {
+            if new_names.contains(d.as_str()) || existing.contains_key(d) {
+                continue;
+            }
+            match c.opt(STEP_STATE_BY_NAME, &[&task_id, d]).await? {
+                Some(row) => {
+                    let state: &str = row.get(0);
+                    existing.insert(d.clone(), d == decider || state == "completed");
+                }
+                None => {
+                    return Ok(Err(Error::InvalidInput(format!(
+                        "steps[{i}].depends_on: unknown step `{d}` (neither in this decision nor in the task)"
+                    ))))
+                }
+            }
+        }
+    }
+    Ok(Ok(existing))
+}
+
+async fn insert_decided(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    task_id: Uuid,
+    meta: &TaskMeta,
+    steps: &[PreparedStep],
+    completed: &HashMap<String, bool>,
+) -> DbResult<()> {
+    let mut any_deps = false;
+    for s in steps {
+        let pending = s
+            .deps
+            .iter()
+            .filter(|d| !completed.get(*d).copied().unwrap_or(false))
+            .count() as i32;
+        let state = if pending > 0 { "blocked" } else { "ready" };
+        let run_at = if pending > 0 { None } else { Some(now) };
+        c.exec(
+            INSERT_STEP,
+            &[
+                &s.id,
+                &task_id,
+                &s.name,
+                &s.handler,
+                &s.input,
+                &meta.headers,
+                &state,
+                &meta.priority,
+                &run_at,
+                &s.deps_json,
+                &pending,
+                &now,
+            ],
+        )
+        .await?;
+        for d in &s.deps {
+            c.exec(INSERT_DEP, &[&task_id, d, &s.id]).await?;
+            any_deps = true;
+        }
+        fx.ready |= pending == 0;
+    }
+    if any_deps && !meta.has_deps {
+        c.exec(
+            "UPDATE sy_tasks SET has_deps = true WHERE id = $1",
+            &[&task_id],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn unblock(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    task_id: Uuid,
+    name: &str,
+) -> DbResult<()> {
+    for r in c.query(UNBLOCK, &[&task_id, &name, &now]).await? {
+        fx.ready |= r.get::<_, bool>(0);
+    }
+    Ok(())
+}
+
+/// Cancels every non-terminal step of a task; running ones are announced.
+async fn cancel_live_steps(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    task_id: Uuid,
+) -> DbResult<()> {
+    let running = c
+        .query(
+            "SELECT id FROM sy_steps WHERE task_id = $1 AND state = 'running' FOR UPDATE",
+            &[&task_id],
+        )
+        .await?;
+    fx.cancelled
+        .extend(running.iter().map(|r| StepId(r.get::<_, Uuid>(0))));
+    c.exec(CANCEL_STEPS_PLAIN, &[&task_id, &now]).await?;
+    Ok(())
+}
+
+const CANCEL_STEPS_PLAIN: &str =
+    "UPDATE sy_steps SET state = 'cancelled', lease_owner = NULL, lease_expires_at = NULL, \
+       wait = NULL, wait_event = NULL, wait_group = NULL, updated_at = $2 \
+     WHERE task_id = $1 AND state IN ('blocked', 'ready', 'running', 'suspended')";
+
+/// *Task finish* (see the `Store` docs). `result` and `error` are JSON.
+#[allow(clippy::too_many_arguments)]
+async fn finish_task(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    task_id: Uuid,
+    meta: &TaskMeta,
+    state: TaskState,
+    result: Option<&str>,
+    error: Option<&str>,
+) -> DbResult<()> {
+    let changed = c
+        .exec(
+            FINISH_TASK,
+            &[&task_id, &state.as_str(), &result, &error, &now],
+        )
+        .await?;
+    if changed == 0 {
+        return Ok(());
+    }
+    fx.finished = true;
+    if let Some(event) = &meta.response_event {
+        let payload = format!(
+            r#"{{"task_id":"{task_id}","state":"{}","result":{},"error":{}}}"#,
+            state.as_str(),
+            result.unwrap_or("null"),
+            error.unwrap_or("null"),
+        );
+        emit_tx(c, now, fx, event, &payload).await?;
+    }
+    if let (Some(group), Some(parent_step)) = (&meta.parent_group, &meta.parent_step_id) {
+        c.exec(LOCK_GROUP, &[group]).await?;
+        let running: bool = c.one(GROUP_RUNNING, &[group]).await?.get(0);
+        if !running {
+            let woke = c
+                .exec(WAKE_GROUP_PARENT, &[parent_step, group, &now])
+                .await?;
+            fx.ready |= woke > 0;
+        }
+    }
+    Ok(())
+}
+
+async fn emit_tx(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    name: &str,
+    payload: &str,
+) -> DbResult<bool> {
+    c.exec(LOCK_EVENT, &[&name]).await?;
+    let stored = c.exec(INSERT_EVENT, &[&name, &payload, &now]).await? > 0;
+    let woke = c.exec(WAKE_EVENT_WAITERS, &[&name, &now]).await?;
+    fx.ready |= woke > 0;
+    Ok(stored)
+}
+
+fn cancelled_error() -> String {
+    serde_json::to_string(&ErrorInfo::new(ErrorKind::Cancelled, "task cancelled"))
+        .unwrap_or_default()
+}
+
+async fn cancel_tx(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    id: TaskId,
+    cascade: bool,
+) -> DbResult<bool> {
+    let meta = task_meta(c, id.0)
+        .await?
+        .ok_or_else(|| Fail::App(Error::NotFound(format!("task {id}"))))?;
+    if !meta.running {
+        return Ok(false);
+    }
+    let error = cancelled_error();
+    cancel_live_steps(c, now, fx, id.0).await?;
+    finish_task(
+        c,
+        now,
+        fx,
+        id.0,
+        &meta,
+        TaskState::Cancelled,
+        None,
+        Some(&error),
+    )
+    .await?;
+    if cascade {
+        let mut queue = vec![id.0];
+        // Finished children are walked too: they may have unfinished children.
+        while let Some(parent) = queue.pop() {
+            let children = c
+                .query(
+                    "SELECT id FROM sy_tasks WHERE parent_task_id = $1 ORDER BY seq",
+                    &[&parent],
+                )
+                .await?;
+            for row in children {
+                let child: Uuid = row.get(0);
+                if let Some(meta) = task_meta(c, child).await? {
+                    if meta.running {
+                        cancel_live_steps(c, now, fx, child).await?;
+                        finish_task(
+                            c,
+                            now,
+                            fx,
+                            child,
+                            &meta,
+                            TaskState::Cancelled,
+                            None,
+                            Some(&error),
+                        )
+                        .await?;
+                    }
+                }
+                queue.push(child);
+            }
+        }
+    }
+    Ok(true)
+}
+
+async fn retry_tx(c: &mut Conn, now: Millis, fx: &mut Effects, id: TaskId) -> DbResult<()> {
+    let tid = id.0;
+    let state: Option<String> = c
+        .opt(
+            "SELECT state FROM sy_tasks WHERE id = $1 FOR UPDATE",
+            &[&tid],
+        )
+        .await?
+        .map(|r| r.get(0));
+    match state.as_deref() {
+        None => return Err(Fail::App(Error::NotFound(format!("task {id}")))),
+        Some("failed" | "cancelled") => {}
+        Some(other) => {
+            return Err(Fail::App(Error::Conflict(format!(
+                "task {id} is {other}; only failed or cancelled tasks can be retried"
+            ))))
+        }
+    }
+    c.exec(
+        "UPDATE sy_tasks SET state = 'running', result = NULL, error = NULL, updated_at = $2 WHERE id = $1",
+        &[&tid, &now],
+    )
+    .await?;
+    let rows = c
+        .query(
+            "SELECT id, name, state, depends_on FROM sy_steps WHERE task_id = $1 FOR UPDATE",
+            &[&tid],
+        )
+        .await?;
+    let mut steps = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let deps: Option<Vec<String>> = opt_decode("depends_on", r.get(3))?;
+        steps.push((
+            r.get::<_, Uuid>(0),
+            r.get::<_, String>(1),
+            r.get::<_, &str>(2) == "completed",
+            deps.unwrap_or_default(),
+        ));
+    }
+    let done: HashSet<&str> = steps.iter().filter(|s| s.2).map(|s| s.1.as_str()).collect();
+    for (sid, _, completed, deps) in &steps {
+        if *completed {
+            continue;
+        }
+        let deps: HashSet<&str> = deps.iter().map(String::as_str).collect();
+        let pending = deps.iter().filter(|d| !done.contains(*d)).count() as i32;
+        let (state, run_at) = if pending == 0 {
+            ("ready", Some(now))
+        } else {
+            ("blocked", None)
+        };
+        c.exec(RESET_STEP, &[sid, &state, &run_at, &pending, &now])
+            .await?;
+    }
+    fx.ready = true;
+    Ok(())
+}
+
+async fn heartbeat_tx(
+    c: &mut Conn,
+    now: Millis,
+    host: &HostInfo,
+    handlers: &str,
+    running: &[Uuid],
+    lease_ms: i64,
+) -> DbResult<HeartbeatReply> {
+    c.exec(
+        UPSERT_HOST,
+        &[
+            &host.id,
+            &i64::from(host.pid),
+            &host.hostname,
+            &handlers,
+            &host.started_at,
+            &now,
+        ],
+    )
+    .await?;
+    let mut lost = Vec::new();
+    if !running.is_empty() {
+        let expires = now.saturating_add(lease_ms);
+        let kept: HashSet<Uuid> = c
+            .query(EXTEND_LEASES, &[&running, &host.id, &expires])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        lost = running
+            .iter()
+            .filter(|id| !kept.contains(id))
+            .map(|id| StepId(*id))
+            .collect();
+    }
+    Ok(HeartbeatReply { lost })
+}
+
+async fn checkpoint_tx(
+    c: &mut Conn,
+    now: Millis,
+    lease: &Lease,
+    key: &str,
+    value: &str,
+    lease_ms: i64,
+) -> DbResult<()> {
+    let attempt = i32::try_from(lease.attempt).unwrap_or(i32::MAX);
+    let expires = now.saturating_add(lease_ms);
+    let extended = c
+        .exec(
+            EXTEND_CHECKPOINT_LEASE,
+            &[
+                &lease.step_id.0,
+                &lease.task_id.0,
+                &lease.host_id,
+                &attempt,
+                &expires,
+            ],
+        )
+        .await?;
+    if extended == 0 {
+        return Err(Fail::App(Error::LeaseLost(lease.step_id)));
+    }
+    c.exec(
+        UPSERT_CHECKPOINT,
+        &[
+            &lease.task_id.0,
+            &key,
+            &value,
+            &lease.step_id.0,
+            &attempt,
+            &now,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn complete_tx(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    items: &[Result<(Lease, Prepared)>],
+) -> DbResult<Vec<Result<()>>> {
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Ok((lease, prepared)) => out.push(complete_one(c, now, fx, lease, prepared).await?),
+            Err(e) => out.push(Err(e.clone())),
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Reads
+// ---------------------------------------------------------------------------
+
+async fn get_task_q(c: &mut Conn, id: Uuid) -> DbResult<Option<TaskRecord>> {
+    match c.opt(task_select!("WHERE id = $1"), &[&id]).await? {
+        Some(r) => Ok(Some(task_row(&r)?)),
+        None => Ok(None),
+    }
+}
+
+async fn task_detail_q(c: &mut Conn, id: Uuid) -> DbResult<Option<TaskDetail>> {
+    let Some(task) = get_task_q(c, id).await? else {
+        return Ok(None);
+    };
+    let steps = c
+        .query(STEP_SELECT, &[&id])
+        .await?
+        .iter()
+        .map(step_row)
+        .collect::<Result<Vec<_>>>()?;
+    let mut checkpoints = Vec::new();
+    for r in c
+        .query(
+            "SELECT key, value, step_id, attempt, created_at FROM sy_checkpoints WHERE task_id = $1 ORDER BY seq",
+            &[&id],
+        )
+        .await?
+    {
+        checkpoints.push(CheckpointRecord {
+            task_id: TaskId(id),
+            key: r.get(0),
+            value: decode("checkpoint value", r.get(1))?,
+            step_id: StepId(r.get(2)),
+            attempt: int_u32("attempt", r.get(3))?,
+            created_at: r.get(4),
+        });
+    }
+    let children = c
+        .query(
+            task_select!("WHERE parent_task_id = $1 ORDER BY seq"),
+            &[&id],
+        )
+        .await?
+        .iter()
+        .map(task_row)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(TaskDetail {
+        task,
+        steps,
+        checkpoints,
+        children,
+    }))
+}
+
+async fn list_tasks_q(c: &mut Conn, filter: &TaskFilter) -> DbResult<Vec<TaskRecord>> {
+    let limit = if filter.limit == 0 {
+        DEFAULT_LIMIT
+    } else {
+        filter.limit
+    };
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let state = filter.state.map(TaskState::as_str);
+    let rows = match (state, &filter.handler) {
+        (None, None) => {
+            c.query(task_select!("ORDER BY seq DESC LIMIT $1"), &[&limit])
+                .await?
+        }
+        (Some(s), None) => {
+            c.query(
+                task_select!("WHERE state = $1 ORDER BY seq DESC LIMIT $2"),
+                &[&s, &limit],
+            )
+            .await?
+        }
+        (None, Some(h)) => {
+            c.query(
+                task_select!("WHERE handler = $1 ORDER BY seq DESC LIMIT $2"),
+                &[h, &limit],
+            )
+            .await?
+        }
+        (Some(s), Some(h)) => {
+            c.query(
+                task_select!("WHERE state = $1 AND handler = $2 ORDER BY seq DESC LIMIT $3"),
+                &[&s, h, &limit],
+            )
+            .await?
+        }
+    };
+    Ok(rows.iter().map(task_row).collect::<Result<Vec<_>>>()?)
+}
+
+// ---------------------------------------------------------------------------
+// The trait
+// ---------------------------------------------------------------------------
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn signals(&self) -> &Arc<Signals> {
+        &self.signals
+    }
+
+    fn poll_interval(&self) -> Duration {
+        self.poll
+    }
+
+    async fn now(&self) -> Result<Millis> {
+        match &self.clock {
+            Some(clock) => Ok(clock.now()),
+            None => read_op!(self, "now", false, |c| async {
+                Ok::<Millis, Fail>(c.one(SELECT_DB_NOW, &[]).await?.get(0))
+            }),
+        }
+    }
+
+    async fn migrate(&self) -> Result<u32> {
+        self.migrate_now().await
+    }
+
+    async fn spawn(&self, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tasks = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| PreparedTask::new(i, t))
+            .collect::<Result<Vec<_>>>()?;
+        write_tx!(self, "spawn", |c, now, fx| spawn_tx(c, now, fx, &tasks))
+    }
+
+    async fn claim(
+        &self,
+        host_id: &str,
+        wants: &[(String, usize)],
+        lease_ms: i64,
+    ) -> Result<ClaimBatch> {
+        if wants.is_empty() {
+            return Ok(ClaimBatch::default());
+        }
+        // One entry per handler (a repeated handler adds up).
+        let mut merged: Vec<(String, i64)> = Vec::with_capacity(wants.len());
+        for (h, n) in wants {
+            let n = i64::try_from(*n).unwrap_or(i64::MAX);
+            match merged.iter_mut().find(|(m, _)| m == h) {
+                Some(e) => e.1 = e.1.saturating_add(n),
+                None => merged.push((h.clone(), n)),
+            }
+        }
+        let (mut raw, next_due) = write_tx!(self, "claim", |c, now, fx| claim_tx(
+            c, now, fx, host_id, &merged, lease_ms
+        ))?;
+        raw.sort_by(|a, b| {
+            b.step
+                .priority
+                .cmp(&a.step.priority)
+                .then(a.run_at.cmp(&b.run_at))
+                .then(a.seq.cmp(&b.seq))
+        });
+        Ok(ClaimBatch {
+            steps: raw.into_iter().map(|r| r.step).collect(),
+            next_due,
+        })
+    }
+
+    async fn complete(&self, completions: Vec<Completion>) -> Result<Vec<Result<()>>> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let items: Vec<Result<(Lease, Prepared)>> =
+            completions.into_iter().map(prepare_completion).collect();
+        write_tx!(self, "complete", |c, now, fx| complete_tx(
+            c, now, fx, &items
+        ))
+    }
+
+    async fn heartbeat(
+        &self,
+        host: &HostInfo,
+        running: &[StepId],
+        lease_ms: i64,
+    ) -> Result<HeartbeatReply> {
+        let handlers = encode("handlers", &host.handlers)?;
+        let running: Vec<Uuid> = running.iter().map(|s| s.0).collect();
+        write_tx!(self, "heartbeat", |c, now, _fx| heartbeat_tx(
+            c, now, host, &handlers, &running, lease_ms
+        ))
+    }
+
+    async fn deregister_host(&self, host_id: &str) -> Result<()> {
+        write_tx!(self, "deregister_host", |c, _now, _fx| async {
+            c.exec("DELETE FROM sy_hosts WHERE id = $1", &[&host_id])
+                .await
+                .map(|_| ())
+        })
+    }
+
+    async fn recover_expired(&self) -> Result<u64> {
+        write_tx!(self, "recover_expired", |c, now, fx| async {
+            let n = c.exec(RECOVER_EXPIRED, &[&now]).await?;
+            fx.ready |= n > 0;
+            Ok::<u64, Fail>(n)
+        })
+    }
+
+    async fn put_checkpoint(
+        &self,
+        lease: &Lease,
+        key: &str,
+        value: Value,
+        lease_ms: i64,
+    ) -> Result<()> {
+        let value = encode("checkpoint value", &value)?;
+        write_tx!(self, "put_checkpoint", |c, now, _fx| checkpoint_tx(
+            c, now, lease, key, &value, lease_ms
+        ))
+    }
+
+    async fn checkpoints(&self, task_id: TaskId) -> Result<BTreeMap<String, Value>> {
+        read_op!(self, "checkpoints", false, |c| async {
+            let mut out = BTreeMap::new();
+            for r in c
+                .query(
+                    "SELECT key, value FROM sy_checkpoints WHERE task_id = $1",
+                    &[&task_id.0],
+                )
+                .await?
+            {
+                out.insert(r.get::<_, String>(0), decode("checkpoint value", r.get(1))?);
+            }
+            Ok::<_, Fail>(out)
+        })
+    }
+
+    async fn emit_event(&self, name: &str, payload: Value) -> Result<bool> {
+        if name.trim().is_empty() {
+            return Err(Error::InvalidInput("event name: must not be empty".into()));
+        }
+        let payload = encode("event payload", &payload)?;
+        write_tx!(self, "emit_event", |c, now, fx| emit_tx(
+            c, now, fx, name, &payload
+        ))
+    }
+
+    async fn get_event(&self, name: &str) -> Result<Option<EventRecord>> {
+        read_op!(self, "get_event", false, |c| async {
+            match c
+                .opt(
+                    "SELECT name, payload, created_at FROM sy_events WHERE name = $1",
+                    &[&name],
+                )
+                .await?
+            {
+                Some(r) => Ok::<_, Fail>(Some(event_row(&r)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    async fn list_events(&self, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit =
+            i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);
+        read_op!(self, "list_events", false, |c| async {
+            let rows = c
+                .query(
+                    "SELECT name, payload, created_at FROM sy_events ORDER BY seq DESC LIMIT $1",
+                    &[&limit],
+                )
+                .await?;
+            Ok::<_, Fail>(rows.iter().map(event_row).collect::<Result<Vec<_>>>()?)
+        })
+    }
+
+    async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
+        read_op!(self, "group_outcomes", false, |c| async {
+            let mut out = Vec::new();
+            for r in c
+                .query(
+                    "SELECT id, state, result, error FROM sy_tasks WHERE parent_group = $1 \
+                     ORDER BY parent_index, seq",
+                    &[&group],
+                )
+                .await?
+            {
+                out.push(ChildOutcome {
+                    task_id: TaskId(r.get(0)),
+                    state: parse(r.get(1))?,
+                    result: opt_decode("task result", r.get(2))?,
+                    error: opt_decode("task error", r.get(3))?,
+                });
+            }
+            Ok::<_, Fail>(out)
+        })
+    }
+
+    async fn step_results(
+        &self,
+        task_id: TaskId,
+        names: &[String],
+    ) -> Result<BTreeMap<String, Value>> {
+        read_op!(self, "step_results", false, |c| async {
+            let mut out = BTreeMap::new();
+            for r in c
+                .query(
+                    "SELECT name, result FROM sy_steps WHERE task_id = $1 AND name = ANY($2) \
+                     AND state = 'completed'",
+                    &[&task_id.0, &names],
+                )
+                .await?
+            {
+                let value = match r.get::<_, Option<String>>(1) {
+                    Some(s) => decode("step result", &s)?,
+                    None => Value::Null,
+                };
+                out.insert(r.get::<_, String>(0), value);
+            }
+            Ok::<_, Fail>(out)
+        })
+    }
+
+    async fn cancel_task(&self, id: TaskId, cascade: bool) -> Result<bool> {
+        write_tx!(self, "cancel_task", |c, now, fx| cancel_tx(
+            c, now, fx, id, cascade
+        ))
+    }
+
+    async fn retry_task(&self, id: TaskId) -> Result<()> {
+        write_tx!(self, "retry_task", |c, now, fx| retry_tx(c, now, fx, id))
+    }
+
+    async fn get_task(&self, id: TaskId) -> Result<Option<TaskRecord>> {
+        read_op!(self, "get_task", false, |c| get_task_q(c, id.0))
+    }
+
+    async fn task_detail(&self, id: TaskId) -> Result<Option<TaskDetail>> {
+        read_op!(self, "task_detail", true, |c| task_detail_q(c, id.0))
+    }
+
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>> {
+        read_op!(self, "list_tasks", false, |c| list_tasks_q(c, filter))
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<HostInfo>> {
+        read_op!(self, "list_hosts", false, |c| async {
+            let mut out = Vec::new();
+            for r in c
+                .query(
+                    "SELECT id, pid, hostname, handlers, started_at, last_heartbeat FROM sy_hosts \
+                     ORDER BY last_heartbeat DESC, id",
+                    &[],
+                )
+                .await?
+            {
+                out.push(HostInfo {
+                    id: r.get(0),
+                    pid: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                    hostname: r.get(2),
+                    handlers: decode("host handlers", r.get(3))?,
+                    started_at: r.get(4),
+                    last_heartbeat: r.get(5),
+                });
+            }
+            Ok::<_, Fail>(out)
+        })
+    }
+
+    async fn count_steps(&self) -> Result<StateCounts> {
+        read_op!(self, "count_steps", false, |c| async {
+            let mut out = StateCounts::new();
+            for r in c
+                .query("SELECT state, count(*) FROM sy_steps GROUP BY state", &[])
+                .await?
+            {
+                out.insert(r.get::<_, String>(0), r.get::<_, i64>(1) as u64);
+            }
+            Ok::<_, Fail>(out)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parameters_are_validated_and_stripped() {
+        let p =
+            parse_url("postgres://u:secret@h:5432/db?wakeup=polling&poll_ms=20&sslmode=disable")
+                .unwrap();
+        assert_eq!(p.wakeup, Wakeup::Polling);
+        assert_eq!(p.poll, Duration::from_millis(20));
+        assert_eq!(p.connect, "postgres://u:secret@h:5432/db?sslmode=disable");
+        assert!(!p.display.contains("secret"), "{}", p.display);
+        let p = parse_url("postgresql://h/db").unwrap();
+        assert_eq!(p.wakeup, Wakeup::Hybrid);
+        assert!(matches!(
+            parse_url("postgres://h/db?wakeup=sometimes"),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            parse_url("postgres://h/db?poll_ms=x"),
+            Err(Error::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,316 @@
+//! The `switchyard` binary against a real SQLite file: every subcommand,
+//! `--json` output, exit codes and the messages for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchyard::{Client, HandlerOptions, StepError, TaskState, Worker};
+
+struct Cli {
+    _dir: tempfile::TempDir,
+    db: PathBuf,
+}
+
+impl Cli {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("cli.db");
+        Self { _dir: dir, db }
+    }
+    fn url(&self) -> String {
+        format!("sqlite:{}", self.db.display())
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .env("SWITCHYARD_STORE", self.url())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run switchyard")
+    }
+    /// Runs with `--json`, expects success and parses stdout.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.run(&all);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            text(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {}", text(&out.stdout)))
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited normally")
+}
+
+#[test]
+fn bad_input_exits_non_zero_naming_the_problem() {
+    let cli = Cli::new();
+    let out = cli.run(&["spawn", "greet", "--input", "{not json"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("--input"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!cli.db.exists(), "invalid input never creates the store");
+
+    let out = cli.run(&["emit", "ev", "--payload", "[1,"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("--payload"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = cli.run(&["frobnicate"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("frobnicate"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = cli.run(&["tasks", "show", "not-a-uuid"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("not-a-uuid"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = cli.run(&["tasks", "list", "--state", "sleeping"]);
+    assert_ne!(code(&out), 0);
+    assert!(
+        text(&out.stderr).contains("sleeping"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A directory is not a database file.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().display());
+    let out = cli.run(&["--store", &url, "tasks", "list"]);
+    assert_eq!(code(&out), 1);
+    assert!(
+        text(&out.stderr).contains("directory"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = cli.run(&["--store", "mysql://x", "tasks", "list"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("mysql://x"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // An unknown task id is a failure, not a crash.
+    let out = cli.run(&["tasks", "show", "01a20000-0000-7000-8000-000000000000"]);
+    assert_eq!(code(&out), 1);
+    assert!(!text(&out.stderr).is_empty());
+}
+
+#[test]
+fn spawn_list_show_emit_events_idempotency() {
+    let cli = Cli::new();
+    let v = cli.json(&["migrate"]);
+    assert!(v["schema_version"].as_u64().unwrap() >= 1);
+
+    let a = cli.json(&[
+        "spawn",
+        "nobody.serves",
+        "--input",
+        r#"{"n":1}"#,
+        "--priority",
+        "7",
+        "--idempotency-key",
+        "k-1",
+    ]);
+    let id = a["task_id"].as_str().expect("task_id").to_string();
+    let again = cli.json(&[
+        "spawn",
+        "nobody.serves",
+        "--input",
+        r#"{"n":2}"#,
+        "--idempotency-key",
+        "k-1",
+    ]);
+    assert_eq!(
+        again["task_id"], a["task_id"],
+        "same idempotency key, same task"
+    );
+
+    let list = cli.json(&["tasks", "list"]);
+    let tasks = list.as_array().expect("a JSON array");
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0]["priority"], 7);
+
+    // No live host serves the handler: the step stays ready and `show` says why.
+    let show = cli.json(&["tasks", "show", &id]);
+    assert_eq!(show["steps"][0]["state"], "ready");
+    let unserved = show["unserved"].as_array().unwrap();
+    assert_eq!(unserved.len(), 1);
+    assert!(unserved[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no live host serves handler `nobody.serves`"));
+    let out = cli.run(&["tasks", "show", &id]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("no live host serves handler"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let e = cli.json(&["emit", "order.paid", "--payload", r#"{"amount":3}"#]);
+    assert_eq!(e["stored"], true);
+    let e = cli.json(&["emit", "order.paid", "--payload", r#"{"amount":4}"#]);
+    assert_eq!(e["stored"], false, "first write wins");
+    let events = cli.json(&["events", "list"]);
+    assert_eq!(events[0]["name"], "order.paid");
+    assert_eq!(events[0]["payload"], json!({"amount": 3}));
+
+    let c = cli.json(&["cancel", &id]);
+    assert_eq!(c["cancelled"], true);
+    let list = cli.json(&["tasks", "list", "--state", "cancelled"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let r = cli.json(&["retry", &id]);
+    assert_eq!(r["retried"], true);
+    let show = cli.json(&["tasks", "show", &id]);
+    assert_eq!(show["task"]["state"], "running", "{show}");
+}
+
+/// A worker in this process; the CLI in another sees its work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_lists_attempts_errors_checkpoints_waits_and_workers() {
+    let cli = Cli::new();
+    let store = switchyard::open(&cli.url()).await.unwrap();
+    let worker = Worker::builder(store.clone())
+        .step(
+            "flaky",
+            HandlerOptions::default().retry(switchyard::RetryPolicy {
+                max_attempts: 2,
+                initial_backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(1),
+                multiplier: 1.0,
+                jitter: 0.0,
+            }),
+            |_, ctx| async move {
+                let _: u32 = ctx.checkpoint("fetched", || async { Ok(41) }).await?;
+                Err(StepError::retryable("upstream said no"))
+            },
+        )
+        .step("waiter", HandlerOptions::default(), |_, ctx| async move {
+            ctx.await_event("never.comes", Some(Duration::from_secs(3600)))
+                .await
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let client = Client::new(store.clone());
+    let flaky = client.spawn("flaky", json!({})).await.unwrap();
+    let t = client.wait(flaky, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(t.state, TaskState::Failed);
+    let waiter = client.spawn("waiter", json!({})).await.unwrap();
+    for _ in 0..200 {
+        let d = client.inspect(waiter).await.unwrap();
+        if d.steps[0].state == switchyard::StepState::Suspended {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let run = |args: Vec<String>| {
+        let cli_url = cli.url();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                    .args(&args)
+                    .args(["--store", &cli_url])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+                text(&out.stdout)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let show: Value = serde_json::from_str(
+        &run(vec![
+            "tasks".into(),
+            "show".into(),
+            flaky.to_string(),
+            "--json".into(),
+        ])
+        .await,
+    )
+    .unwrap();
+    assert_eq!(show["task"]["state"], "failed");
+    assert_eq!(show["steps"][0]["attempt"], 2);
+    assert!(show["task"]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("upstream said no"));
+    let cp = show["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["key"] == "flaky/fetched");
+    assert_eq!(cp.expect("checkpoint listed")["value"], 41, "{show}");
+    let human = run(vec!["tasks".into(), "show".into(), flaky.to_string()]).await;
+    assert!(
+        human.contains("upstream said no") && human.contains("fetched"),
+        "{human}"
+    );
+
+    let show: Value = serde_json::from_str(
+        &run(vec![
+            "tasks".into(),
+            "show".into(),
+            waiter.to_string(),
+            "--json".into(),
+        ])
+        .await,
+    )
+    .unwrap();
+    assert_eq!(show["waits"][0]["event"], "never.comes", "{show}");
+    assert!(show["waits"][0]["wake_at"].is_i64());
+
+    let workers: Value =
+        serde_json::from_str(&run(vec!["workers".into(), "--json".into()]).await).unwrap();
+    let hosts = workers.as_array().unwrap();
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0]["pid"], std::process::id());
+    let handlers: Vec<&str> = hosts[0]["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert!(handlers.contains(&"flaky") && handlers.contains(&"waiter"));
+    worker.stop().await;
+}
+
+#[test]
+fn spawn_wait_reports_the_result() {
+    let cli = Cli::new();
+    let out = cli.run(&["spawn", "nobody", "--wait", "0.2"]);
+    assert_eq!(code(&out), 1, "times out: {}", text(&out.stderr));
+    let p = Path::new(&cli.db);
+    assert!(p.exists());
+}
