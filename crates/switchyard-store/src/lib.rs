@@ -9,6 +9,7 @@ use switchyard_core::{Clock, DynStore, Error, Result, SystemClock};
 
 #[cfg(feature = "contract")]
 pub mod contract;
+pub mod decision;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;

@@ -274,65 +274,25 @@ fn distinct(names: &[String]) -> Vec<&str> {
 }
 
 /// Checks a decision against its task before anything changes, so a bad one
-/// is rejected whole.
+/// is rejected whole: the shared shape checks, then names and dependencies
+/// against the task's existing steps.
 fn validate_decision(task: &TaskRow, steps: &[NewStep], final_step: Option<&str>) -> Result<()> {
-    let mut index: HashMap<&str, usize> = HashMap::with_capacity(steps.len());
+    crate::decision::check_shape(steps, final_step)?;
+    let new: HashSet<&str> = steps.iter().map(|s| s.name.as_str()).collect();
     for (i, s) in steps.iter().enumerate() {
-        if s.name.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "steps[{i}].name: must not be empty"
-            )));
-        }
-        if s.handler.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "steps[{i}].handler: must not be empty (step `{}`)",
-                s.name
-            )));
-        }
-        if task.find_step(&s.name).is_some() || index.insert(&s.name, i).is_some() {
+        if task.find_step(&s.name).is_some() {
             return Err(Error::InvalidInput(format!(
                 "steps[{i}].name: duplicate step name `{}` in task {}",
                 s.name, task.rec.id
             )));
         }
-    }
-    let mut indegree = vec![0usize; steps.len()];
-    let mut edges: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
-    for (i, s) in steps.iter().enumerate() {
         for d in distinct(&s.depends_on) {
-            if let Some(&j) = index.get(d) {
-                indegree[i] += 1;
-                edges[j].push(i);
-            } else if task.find_step(d).is_none() {
+            if !new.contains(d) && task.find_step(d).is_none() {
                 return Err(Error::InvalidInput(format!(
                     "steps[{i}].depends_on: unknown step `{d}` (step `{}`)",
                     s.name
                 )));
             }
-        }
-    }
-    // A cycle among the new steps would leave them blocked forever.
-    let mut queue: Vec<usize> = (0..steps.len()).filter(|&i| indegree[i] == 0).collect();
-    let mut seen = 0;
-    while let Some(j) = queue.pop() {
-        seen += 1;
-        for &i in &edges[j] {
-            indegree[i] -= 1;
-            if indegree[i] == 0 {
-                queue.push(i);
-            }
-        }
-    }
-    if seen != steps.len() {
-        return Err(Error::InvalidInput(
-            "steps.depends_on: the dependencies form a cycle".into(),
-        ));
-    }
-    if let Some(f) = final_step {
-        if !index.contains_key(f) {
-            return Err(Error::InvalidInput(format!(
-                "final_step: `{f}` is not one of the steps created by this decision"
-            )));
         }
     }
     Ok(())

@@ -923,75 +923,7 @@ fn prepare_completion(c: Completion) -> Result<(Lease, Prepared)> {
 /// The checks a decision needs that do not involve the database: names,
 /// self-dependencies, cycles among the new steps and `final_step`.
 fn prepare_decision(steps: Vec<NewStep>, final_step: Option<&str>) -> Result<Vec<PreparedStep>> {
-    let mut index: HashMap<&str, usize> = HashMap::with_capacity(steps.len());
-    for (i, s) in steps.iter().enumerate() {
-        if s.name.trim().is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "steps[{i}].name: must not be empty"
-            )));
-        }
-        if s.handler.trim().is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "steps[{i}].handler: must not be empty"
-            )));
-        }
-        if index.insert(s.name.as_str(), i).is_some() {
-            return Err(Error::InvalidInput(format!(
-                "steps[{i}].name: duplicate step name `{}`",
-                s.name
-            )));
-        }
-    }
-    if let Some(f) = final_step {
-        if !index.contains_key(f) {
-            return Err(Error::InvalidInput(format!(
-                "final_step: `{f}` is not one of the steps this decision creates"
-            )));
-        }
-    }
-    // Kahn's algorithm over the edges between new steps: a cycle would leave
-    // its steps blocked forever.
-    let mut indegree = vec![0usize; steps.len()];
-    let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
-    for (i, s) in steps.iter().enumerate() {
-        let mut seen = HashSet::new();
-        for d in &s.depends_on {
-            if d == &s.name {
-                return Err(Error::InvalidInput(format!(
-                    "steps[{i}].depends_on: `{d}` depends on itself"
-                )));
-            }
-            if let Some(&j) = index.get(d.as_str()) {
-                if seen.insert(j) {
-                    indegree[i] += 1;
-                    dependants[j].push(i);
-                }
-            }
-        }
-    }
-    let mut ready: Vec<usize> = (0..steps.len()).filter(|&i| indegree[i] == 0).collect();
-    let mut seen = 0;
-    while let Some(j) = ready.pop() {
-        seen += 1;
-        for &i in &dependants[j] {
-            indegree[i] -= 1;
-            if indegree[i] == 0 {
-                ready.push(i);
-            }
-        }
-    }
-    if seen < steps.len() {
-        let cyclic: Vec<&str> = steps
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| indegree[*i] > 0)
-            .map(|(_, s)| s.name.as_str())
-            .collect();
-        return Err(Error::InvalidInput(format!(
-            "steps: dependency cycle among {}",
-            cyclic.join(", ")
-        )));
-    }
+    crate::decision::check_shape(&steps, final_step)?;
     steps
         .into_iter()
         .enumerate()
