@@ -10,6 +10,12 @@ use crate::model::Millis;
 pub trait Clock: Send + Sync + 'static {
     /// Milliseconds since the Unix epoch.
     fn now(&self) -> Millis;
+    /// True for the machine's wall clock: a shared-database store then uses
+    /// the database server's clock instead, so hosts on different machines
+    /// agree. Test clocks return false and are used as they are.
+    fn is_wall_clock(&self) -> bool {
+        false
+    }
 }
 
 /// Wall-clock time.
@@ -22,6 +28,9 @@ impl Clock for SystemClock {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as Millis)
             .unwrap_or(0)
+    }
+    fn is_wall_clock(&self) -> bool {
+        true
     }
 }
 

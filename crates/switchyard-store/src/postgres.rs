@@ -21,9 +21,12 @@
 //!   `FOR UPDATE SKIP LOCKED`, so concurrent claimers never wait on each other
 //!   and never take the same step. Everything that must see a consistent
 //!   picture across transactions locks in one order: advisory transaction
-//!   locks keyed by event name / delegation group first (so that "suspend on
-//!   X unless X already happened" and "X happens, wake whoever waits on X"
-//!   cannot both miss each other), then the task row, then step rows.
+//!   the task rows first (a `complete` batch locks all its tasks up front,
+//!   in id order), then advisory transaction locks keyed by event name /
+//!   delegation group (so that "suspend on X unless X already happened" and
+//!   "X happens, wake whoever waits on X" cannot both miss each other), then
+//!   step rows. A deadlock PostgreSQL still detects (rare orders across
+//!   different tasks) aborts one transaction, which is re-run.
 //!   Dependants are unblocked by `pending_deps - 1` on the blocked row, which
 //!   PostgreSQL re-evaluates on the latest row version under concurrency.
 //! * **Time.** With the default system clock ([`crate::StoreOptions`]), the
@@ -732,8 +735,8 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("switchyard");
         }
-        // A stateless clock is the system clock: use the database's instead.
-        let clock = if std::mem::size_of_val(&*options.clock) == 0 {
+        // The wall clock defers to the database server clock; test clocks are used as given.
+        let clock = if options.clock.is_wall_clock() {
             None
         } else {
             Some(options.clock.clone())
@@ -1026,76 +1029,10 @@ fn prepare_completion(c: Completion) -> Result<(Lease, Prepared)> {
     Ok((c.lease, prepared))
 }
 
-/// The checks a decision needs that do not involve the database: names,
-/// self-dependencies, cycles among the new steps and `final_step`.
+/// The checks a decision needs that do not involve the database (shared by
+/// every store: [`crate::decision::check_shape`]), then JSON encoding.
 fn prepare_decision(steps: Vec<NewStep>, final_step: Option<&str>) -> Result<Vec<PreparedStep>> {
-    let mut index: HashMap<&str, usize> = HashMap::with_capacity(steps.len());
-    for (i, s) in steps.iter().enumerate() {
-        if s.name.trim().is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "steps[{i}].name: must not be empty"
-            )));
-        }
-        if s.handler.trim().is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "steps[{i}].handler: must not be empty"
-            )));
-        }
-        if index.insert(s.name.as_str(), i).is_some() {
-            return Err(Error::InvalidInput(format!(
-                "steps[{i}].name: duplicate step name `{}`",
-                s.name
-            )));
-        }
-    }
-    if let Some(f) = final_step {
-        if !index.contains_key(f) {
-            return Err(Error::InvalidInput(format!(
-                "final_step: `{f}` is not one of the steps this decision creates"
-            )));
-        }
-    }
-    let mut indegree = vec![0usize; steps.len()];
-    let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
-    for (i, s) in steps.iter().enumerate() {
-        let mut seen = HashSet::new();
-        for d in &s.depends_on {
-            if d == &s.name {
-                return Err(Error::InvalidInput(format!(
-                    "steps[{i}].depends_on: `{d}` depends on itself"
-                )));
-            }
-            if let Some(&j) = index.get(d.as_str()) {
-                if seen.insert(j) {
-                    indegree[i] += 1;
-                    dependants[j].push(i);
-                }
-            }
-        }
-    }
-    let mut ready: Vec<usize> = (0..steps.len()).filter(|&i| indegree[i] == 0).collect();
-    let mut seen = 0;
-    while let Some(j) = ready.pop() {
-        seen += 1;
-        for &i in &dependants[j] {
-            indegree[i] -= 1;
-            if indegree[i] == 0 {
-                ready.push(i);
-            }
-        }
-    }
-    if seen < steps.len() {
-        let cyclic: Vec<&str> = steps
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| indegree[*i] > 0)
-            .map(|(_, s)| s.name.as_str())
-            .collect();
-        return Err(Error::InvalidInput(format!(
-            "steps: dependency cycle among {}",
-            cyclic.join(", ")
-        )));
-    }
+    crate::decision::check_shape(&steps, final_step)?;
     steps
         .into_iter()
         .enumerate()
@@ -1159,6 +1096,9 @@ const SETTLE_RELEASED: &str = concat!(
 );
 const EXTEND_CHECKPOINT_LEASE: &str =
     concat!("UPDATE sy_steps SET lease_expires_at = $5", lease_guard!());
+const LOCK_TASKS: &str =
+    "SELECT id, state, final_step, has_deps, response_event, parent_group, parent_step_id, \
+       priority, headers FROM sy_tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 const LOCK_EVENT: &str = "SELECT pg_advisory_xact_lock(1, hashtext($1))";
 const LOCK_GROUP: &str = "SELECT pg_advisory_xact_lock(2, hashtext($1))";
 const EVENT_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM sy_events WHERE name = $1)";
@@ -1168,7 +1108,9 @@ const STEP_STATE_BY_NAME: &str = "SELECT state FROM sy_steps WHERE task_id = $1 
 const PROMOTE: &str = "UPDATE sy_steps SET state = 'ready', wait = NULL, wait_event = NULL, wait_group = NULL, updated_at = $1 \
      WHERE id IN (SELECT id FROM sy_steps WHERE state = 'suspended' AND run_at IS NOT NULL AND run_at <= $1 \
                   FOR UPDATE SKIP LOCKED)";
-const CLAIM: &str = "WITH picked AS ( \
+/// The claim statement (public so tests can check its plan): `$1` handlers,
+/// `$2` how many of each, `$3` now, `$4` host, `$5` lease expiry.
+pub const CLAIM: &str = "WITH picked AS ( \
        SELECT s.id FROM unnest($1::text[], $2::bigint[]) AS w(handler, n) \
        CROSS JOIN LATERAL ( \
          SELECT id FROM sy_steps \
@@ -1220,11 +1162,30 @@ const RECOVER_EXPIRED: &str = "UPDATE sy_steps SET state = 'ready', run_at = $1,
          'attempt', attempt)::text \
      WHERE id IN (SELECT id FROM sy_steps WHERE state = 'running' AND lease_expires_at <= $1 \
                   FOR UPDATE SKIP LOCKED)";
-const INSERT_TASK: &str = "INSERT INTO sy_tasks (id, handler, input, state, headers, priority, idempotency_key, \
+const INSERT_TASKS: &str = "INSERT INTO sy_tasks (id, handler, input, state, headers, priority, idempotency_key, \
        response_event, parent_task_id, parent_step_id, parent_group, parent_index, final_step, created_at, updated_at) \
-     VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, $11, $2, $12, $12) \
-     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
-const FIND_IDEMPOTENT: &str = "SELECT id FROM sy_tasks WHERE idempotency_key = $1";
+     SELECT u.id, u.handler, u.input, 'running', u.headers, u.priority, u.key, u.response_event, u.pt, u.ps, u.pg, \
+       u.pi, u.handler, $12, $12 \
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::uuid[], \
+       $9::uuid[], $10::text[], $11::int4[]) \
+       AS u(id, handler, input, headers, priority, key, response_event, pt, ps, pg, pi) \
+     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+     RETURNING id";
+const FIND_IDEMPOTENT_MANY: &str =
+    "SELECT idempotency_key, id FROM sy_tasks WHERE idempotency_key = ANY($1)";
+const INSERT_ROOT_STEPS: &str = "INSERT INTO sy_steps (id, task_id, name, handler, input, headers, state, priority, \
+       run_at, pending_deps, created_at, updated_at) \
+     SELECT u.sid, u.tid, u.handler, u.handler, u.input, u.headers, 'ready', u.priority, u.run_at, 0, $8, $8 \
+     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int8[]) \
+       AS u(sid, tid, handler, input, headers, priority, run_at)";
+const SETTLE_COMPLETED_MANY: &str = "UPDATE sy_steps s SET state = 'completed', result = u.result, lease_owner = NULL, \
+       lease_expires_at = NULL, updated_at = $6 \
+     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[]) AS u(id, task_id, owner, attempt, result) \
+     WHERE s.id = u.id AND s.task_id = u.task_id AND s.state = 'running' AND s.lease_owner = u.owner \
+       AND s.attempt = u.attempt \
+     RETURNING s.id, s.name";
+const FINISH_COMPLETED_MANY: &str = "UPDATE sy_tasks t SET state = 'completed', result = u.result, updated_at = $3 \
+     FROM unnest($1::uuid[], $2::text[]) AS u(id, result) WHERE t.id = u.id AND t.state = 'running'";
 const INSERT_STEP: &str =
     "INSERT INTO sy_steps (id, task_id, name, handler, input, headers, state, priority, run_at, \
        depends_on, pending_deps, created_at, updated_at) \
@@ -1319,72 +1280,145 @@ fn event_row(r: &Row) -> Result<EventRecord> {
 // Write transactions
 // ---------------------------------------------------------------------------
 
+/// Spawns a batch in a fixed number of statements: one multi-row insert of
+/// the tasks (`ON CONFLICT DO NOTHING` on the idempotency key), one lookup
+/// of the keys that already existed, one multi-row insert of the root steps.
 async fn spawn_tx(
     c: &mut Conn,
     now: Millis,
     fx: &mut Effects,
     tasks: &[PreparedTask],
 ) -> DbResult<Vec<Spawned>> {
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        let parent = t.parent.as_ref();
-        let parent_task = parent.map(|p| p.task_id.0);
-        let parent_step = parent.map(|p| p.step_id.0);
-        let parent_group = parent.and_then(|p| p.group.clone());
-        let parent_index = parent.map(|p| p.index as i32);
-        let inserted = c
-            .exec(
-                INSERT_TASK,
-                &[
-                    &t.task_id,
-                    &t.handler,
-                    &t.input,
-                    &t.headers,
-                    &t.priority,
-                    &t.idempotency_key,
-                    &t.response_event,
-                    &parent_task,
-                    &parent_step,
-                    &parent_group,
-                    &parent_index,
-                    &now,
-                ],
-            )
-            .await?;
-        if inserted == 0 {
-            // The idempotency key exists (committed, or earlier in this batch).
-            let row = c.one(FIND_IDEMPOTENT, &[&t.idempotency_key]).await?;
-            out.push(Spawned {
-                task_id: TaskId(row.get(0)),
-                created: false,
-            });
-            continue;
+    // A key repeated inside the batch: later items answer with the first's id.
+    let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+    let mut dup_of: Vec<Option<usize>> = vec![None; tasks.len()];
+    for (i, t) in tasks.iter().enumerate() {
+        if let Some(k) = t.idempotency_key.as_deref() {
+            match first_with_key.get(k) {
+                Some(&j) => dup_of[i] = Some(j),
+                None => {
+                    first_with_key.insert(k, i);
+                }
+            }
         }
-        let run_at = t.run_at.unwrap_or(now);
-        c.exec(
-            INSERT_STEP,
+    }
+    let rows: Vec<&PreparedTask> = tasks
+        .iter()
+        .zip(&dup_of)
+        .filter(|(_, d)| d.is_none())
+        .map(|(t, _)| t)
+        .collect();
+    let ids: Vec<Uuid> = rows.iter().map(|t| t.task_id).collect();
+    let handlers: Vec<&str> = rows.iter().map(|t| t.handler.as_str()).collect();
+    let inputs: Vec<&str> = rows.iter().map(|t| t.input.as_str()).collect();
+    let headers: Vec<Option<&str>> = rows.iter().map(|t| t.headers.as_deref()).collect();
+    let priorities: Vec<i32> = rows.iter().map(|t| t.priority).collect();
+    let keys: Vec<Option<&str>> = rows.iter().map(|t| t.idempotency_key.as_deref()).collect();
+    let events: Vec<Option<&str>> = rows.iter().map(|t| t.response_event.as_deref()).collect();
+    let parent_tasks: Vec<Option<Uuid>> = rows
+        .iter()
+        .map(|t| t.parent.as_ref().map(|p| p.task_id.0))
+        .collect();
+    let parent_steps: Vec<Option<Uuid>> = rows
+        .iter()
+        .map(|t| t.parent.as_ref().map(|p| p.step_id.0))
+        .collect();
+    let parent_groups: Vec<Option<&str>> = rows
+        .iter()
+        .map(|t| t.parent.as_ref().and_then(|p| p.group.as_deref()))
+        .collect();
+    let parent_indexes: Vec<Option<i32>> = rows
+        .iter()
+        .map(|t| t.parent.as_ref().map(|p| p.index as i32))
+        .collect();
+    let created: HashSet<Uuid> = c
+        .query(
+            INSERT_TASKS,
             &[
-                &t.step_id,
-                &t.task_id,
-                &t.handler,
-                &t.handler,
-                &t.input,
-                &t.headers,
-                &"ready",
-                &t.priority,
-                &run_at,
-                &None::<String>,
-                &0i32,
+                &ids,
+                &handlers,
+                &inputs,
+                &headers,
+                &priorities,
+                &keys,
+                &events,
+                &parent_tasks,
+                &parent_steps,
+                &parent_groups,
+                &parent_indexes,
+                &now,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Keys that existed before this batch (committed by anyone).
+    let missing: Vec<&str> = rows
+        .iter()
+        .filter(|t| !created.contains(&t.task_id))
+        .filter_map(|t| t.idempotency_key.as_deref())
+        .collect();
+    let mut existing: HashMap<String, Uuid> = HashMap::new();
+    if !missing.is_empty() {
+        for r in c.query(FIND_IDEMPOTENT_MANY, &[&missing]).await? {
+            existing.insert(r.get(0), r.get(1));
+        }
+    }
+    let new_rows: Vec<&&PreparedTask> = rows
+        .iter()
+        .filter(|t| created.contains(&t.task_id))
+        .collect();
+    if !new_rows.is_empty() {
+        let step_ids: Vec<Uuid> = new_rows.iter().map(|t| t.step_id).collect();
+        let task_ids: Vec<Uuid> = new_rows.iter().map(|t| t.task_id).collect();
+        let handlers: Vec<&str> = new_rows.iter().map(|t| t.handler.as_str()).collect();
+        let inputs: Vec<&str> = new_rows.iter().map(|t| t.input.as_str()).collect();
+        let headers: Vec<Option<&str>> = new_rows.iter().map(|t| t.headers.as_deref()).collect();
+        let priorities: Vec<i32> = new_rows.iter().map(|t| t.priority).collect();
+        let run_ats: Vec<i64> = new_rows.iter().map(|t| t.run_at.unwrap_or(now)).collect();
+        c.exec(
+            INSERT_ROOT_STEPS,
+            &[
+                &step_ids,
+                &task_ids,
+                &handlers,
+                &inputs,
+                &headers,
+                &priorities,
+                &run_ats,
                 &now,
             ],
         )
         .await?;
-        out.push(Spawned {
-            task_id: TaskId(t.task_id),
-            created: true,
-        });
+        fx.ready = true;
     }
-    fx.ready = true;
+    let mut out: Vec<Spawned> = Vec::with_capacity(tasks.len());
+    for (i, t) in tasks.iter().enumerate() {
+        let answer = match dup_of[i] {
+            Some(j) => Spawned {
+                task_id: out[j].task_id,
+                created: false,
+            },
+            None if created.contains(&t.task_id) => Spawned {
+                task_id: TaskId(t.task_id),
+                created: true,
+            },
+            None => {
+                let key = t.idempotency_key.as_deref().unwrap_or_default();
+                let id = existing.get(key).copied().ok_or_else(|| {
+                    Fail::App(Error::Store(format!(
+                        "postgres spawn: task with idempotency key `{key}` was neither created nor found"
+                    )))
+                })?;
+                Spawned {
+                    task_id: TaskId(id),
+                    created: false,
+                }
+            }
+        };
+        out.push(answer);
+    }
     Ok(out)
 }
 
@@ -1450,16 +1484,23 @@ struct TaskMeta {
 }
 
 async fn task_meta(c: &mut Conn, task_id: Uuid) -> DbResult<Option<TaskMeta>> {
-    Ok(c.opt(TASK_META, &[&task_id]).await?.map(|r| TaskMeta {
-        running: r.get::<_, &str>(0) == "running",
-        final_step: r.get(1),
-        has_deps: r.get(2),
-        response_event: r.get(3),
-        parent_group: r.get(4),
-        parent_step_id: r.get(5),
-        priority: r.get(6),
-        headers: r.get(7),
-    }))
+    Ok(c.opt(TASK_META, &[&task_id])
+        .await?
+        .map(|r| meta_row(&r, 0)))
+}
+
+/// A [`TaskMeta`] from the columns of [`TASK_META`] starting at `at`.
+fn meta_row(r: &Row, at: usize) -> TaskMeta {
+    TaskMeta {
+        running: r.get::<_, &str>(at) == "running",
+        final_step: r.get(at + 1),
+        has_deps: r.get(at + 2),
+        response_event: r.get(at + 3),
+        parent_group: r.get(at + 4),
+        parent_step_id: r.get(at + 5),
+        priority: r.get(at + 6),
+        headers: r.get(at + 7),
+    }
 }
 
 /// Applies one completion. The outer error fails the whole batch (a
@@ -1590,8 +1631,8 @@ async fn complete_one(
             }
         }
         Prepared::Suspended { wait, json } => {
-            // Lock order: event/group lock, then the step. The checks below
-            // then see every commit made by whoever held the lock before.
+            // Lock order: (task), event/group lock, then the step. The checks
+            // below then see every commit made by whoever held the lock before.
             if let Some(name) = &wait.event {
                 c.exec(LOCK_EVENT, &[name]).await?;
             }
@@ -2047,12 +2088,116 @@ async fn complete_tx(
     fx: &mut Effects,
     items: &[Result<(Lease, Prepared)>],
 ) -> DbResult<Vec<Result<()>>> {
+    // Lock every task of the batch up front, in id order, so that batches
+    // touching the same tasks queue up instead of deadlocking.
+    let mut tasks: Vec<Uuid> = items
+        .iter()
+        .filter_map(|i| i.as_ref().ok().map(|(l, _)| l.task_id.0))
+        .collect();
+    tasks.sort_unstable();
+    tasks.dedup();
+    let mut metas: HashMap<Uuid, TaskMeta> = HashMap::new();
+    if !tasks.is_empty() {
+        for r in c.query(LOCK_TASKS, &[&tasks]).await? {
+            metas.insert(r.get(0), meta_row(&r, 1));
+        }
+    }
+    // The common case (plain results for distinct steps) is set-based.
+    let mut steps = HashSet::new();
+    let fast = items.iter().all(
+        |i| matches!(i, Ok((lease, Prepared::Completed { .. })) if steps.insert(lease.step_id)),
+    );
+    if fast {
+        return complete_fast(c, now, fx, items, &metas).await;
+    }
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         match item {
             Ok((lease, prepared)) => out.push(complete_one(c, now, fx, lease, prepared).await?),
             Err(e) => out.push(Err(e.clone())),
         }
+    }
+    Ok(out)
+}
+
+/// `Completed` items of distinct steps, in a few statements whatever the
+/// batch size: one update settles every step; dependants are unblocked per
+/// task that has dependencies; tasks finishing without a response event or
+/// a group are finished by one update, the others one by one.
+async fn complete_fast(
+    c: &mut Conn,
+    now: Millis,
+    fx: &mut Effects,
+    items: &[Result<(Lease, Prepared)>],
+    metas: &HashMap<Uuid, TaskMeta>,
+) -> DbResult<Vec<Result<()>>> {
+    let mut ids = Vec::with_capacity(items.len());
+    let mut tids = Vec::with_capacity(items.len());
+    let mut owners: Vec<&str> = Vec::with_capacity(items.len());
+    let mut attempts: Vec<i32> = Vec::with_capacity(items.len());
+    let mut results: Vec<&str> = Vec::with_capacity(items.len());
+    for (lease, prepared) in items.iter().flatten() {
+        let Prepared::Completed { result } = prepared else {
+            continue;
+        };
+        ids.push(lease.step_id.0);
+        tids.push(lease.task_id.0);
+        owners.push(lease.host_id.as_str());
+        attempts.push(i32::try_from(lease.attempt).unwrap_or(i32::MAX));
+        results.push(result.as_str());
+    }
+    let settled: HashMap<Uuid, String> = c
+        .query(
+            SETTLE_COMPLETED_MANY,
+            &[&ids, &tids, &owners, &attempts, &results, &now],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut out = Vec::with_capacity(items.len());
+    let mut finish_ids: Vec<Uuid> = Vec::new();
+    let mut finish_results: Vec<&str> = Vec::new();
+    for (lease, prepared) in items.iter().flatten() {
+        let Prepared::Completed { result } = prepared else {
+            continue;
+        };
+        let Some(name) = settled.get(&lease.step_id.0) else {
+            out.push(Err(Error::LeaseLost(lease.step_id)));
+            continue;
+        };
+        out.push(Ok(()));
+        let tid = lease.task_id.0;
+        let Some(meta) = metas.get(&tid) else {
+            continue;
+        };
+        if meta.has_deps {
+            unblock(c, now, fx, tid, name).await?;
+        }
+        if meta.running && &meta.final_step == name {
+            if meta.response_event.is_none() && meta.parent_group.is_none() {
+                finish_ids.push(tid);
+                finish_results.push(result.as_str());
+            } else {
+                finish_task(
+                    c,
+                    now,
+                    fx,
+                    tid,
+                    meta,
+                    TaskState::Completed,
+                    Some(result),
+                    None,
+                )
+                .await?;
+            }
+        }
+    }
+    if !finish_ids.is_empty() {
+        let n = c
+            .exec(FINISH_COMPLETED_MANY, &[&finish_ids, &finish_results, &now])
+            .await?;
+        fx.finished |= n > 0;
     }
     Ok(out)
 }
