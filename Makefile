@@ -6,7 +6,10 @@ CARGO ?= cargo
 # Contract tests of the stores are compiled in only for tests.
 FEATURES := --features switchyard-store/contract
 
-.PHONY: demo test lint test-rust bench build
+.PHONY: demo test lint test-rust bench build deps-postgres
+
+# Root runs apt-get directly; anyone else through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 demo:
 	$(CARGO) run --release --quiet -p switchyard-examples --bin demo
@@ -20,8 +23,17 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
 
-test-rust:
+test-rust: deps-postgres
 	$(CARGO) test --workspace $(FEATURES)
+
+# The PostgreSQL tests start their own throwaway server (initdb in a temp dir,
+# a free port on 127.0.0.1); they need the server binaries installed.
+deps-postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then :; else \
+		echo "installing PostgreSQL server binaries (apt-get install postgresql)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
 
 bench:
 	bench/run --lang rust --store memory --steps 200000
