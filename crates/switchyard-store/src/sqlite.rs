@@ -511,6 +511,28 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
+/// How often the checkpointer copies committed WAL pages into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Passive checkpoints (they never block the writer or readers) until the
+/// store closes, then a last one.
+fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+    let checkpoint = || {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "sqlite: checkpoint skipped");
+        }
+    };
+    loop {
+        match stop.recv_timeout(CHECKPOINT_EVERY) {
+            Err(mpsc::RecvTimeoutError::Timeout) => checkpoint(),
+            _ => {
+                checkpoint();
+                return;
+            }
+        }
+    }
+}
+
 fn writer_loop(
     conn: Connection,
     rx: mpsc::Receiver<Box<dyn Command>>,
@@ -659,6 +681,8 @@ pub struct SqliteStore {
     writer: Option<JoinHandle<()>>,
     /// `None` for `:memory:` (reads then go through the writer).
     readers: Option<Arc<ReadPool>>,
+    /// Dropping it stops the checkpointer (after a last checkpoint).
+    checkpointer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -731,6 +755,24 @@ impl SqliteStore {
                 Fail::App(e) => e,
             })?;
         }
+        // WAL checkpoints run on their own thread and connection, so the
+        // writer (the one serial part) never stalls copying pages back.
+        let checkpointer = match &file {
+            Some(path) => {
+                conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")
+                    .map_err(|e| Error::Store(format!("sqlite: configuring `{url}`: {e}")))?;
+                let ck = open_connection(path, true)?;
+                let (stop, wait) = mpsc::channel::<()>();
+                let handle = std::thread::Builder::new()
+                    .name("switchyard-sqlite-checkpoint".into())
+                    .spawn(move || checkpoint_loop(ck, wait))
+                    .map_err(|e| {
+                        Error::Store(format!("sqlite: cannot start the checkpoint thread: {e}"))
+                    })?;
+                Some((stop, handle))
+            }
+            None => None,
+        };
         let readers = match file {
             Some(path) => {
                 // Open one reader now so a bad file fails here, not on first read.
@@ -758,6 +800,7 @@ impl SqliteStore {
             sender: Some(sender),
             writer: Some(writer),
             readers,
+            checkpointer,
         })
     }
 
@@ -802,6 +845,12 @@ impl Drop for SqliteStore {
         if let Some(writer) = self.writer.take() {
             if writer.thread().id() != std::thread::current().id() {
                 let _ = writer.join();
+            }
+        }
+        if let Some((stop, handle)) = self.checkpointer.take() {
+            drop(stop);
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
             }
         }
     }
