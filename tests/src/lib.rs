@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use serde_json::json;
 use switchyard::{Client, DynStore, NewTask, StateCounts, TaskId};
+pub use switchyard_store::pg_server::PgServer;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -37,11 +38,12 @@ where
     }
 }
 
-/// A test's scratch directory with its SQLite file and run log.
+/// A test's scratch directory with its store (an SQLite file in it, or a
+/// PostgreSQL database) and run log.
 pub struct Scratch {
     /// Removed when dropped.
     pub dir: tempfile::TempDir,
-    /// `sqlite:<dir>/switchyard.db`.
+    /// `sqlite:<dir>/switchyard.db` (or the URL given to [`Scratch::with_store_url`]).
     pub store_url: String,
     /// `<dir>/runs.log`, appended to by every `testhost`.
     pub log: PathBuf,
@@ -58,6 +60,20 @@ impl Scratch {
         Ok(Self {
             dir,
             store_url,
+            log,
+        })
+    }
+
+    /// A fresh directory for the run log and host output, with the store at
+    /// `store_url` (e.g. a PostgreSQL database from [`postgres_database`]).
+    pub fn with_store_url(store_url: impl Into<String>) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("switchyard-e2e-")
+            .tempdir()?;
+        let log = dir.path().join("runs.log");
+        Ok(Self {
+            dir,
+            store_url: store_url.into(),
             log,
         })
     }
@@ -493,4 +509,44 @@ pub fn hostname() -> String {
         .map(|s| s.trim().to_string())
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Starts a throwaway PostgreSQL server (see
+/// [`switchyard_store::pg_server`]; it stops when dropped and dies with the
+/// test process) and creates a fresh database on it. Returns the server and
+/// the database URL. Fails, saying to install `postgresql`, when the server
+/// binaries are missing.
+pub async fn postgres_database() -> anyhow::Result<(PgServer, String)> {
+    let server = tokio::task::spawn_blocking(PgServer::start)
+        .await
+        .context("starting PostgreSQL")??;
+    let url = server.fresh_database().await?;
+    Ok((server, url))
+}
+
+/// Runs `testhost --store URL --migrate` and returns the schema version it
+/// printed; fails with its stderr if it did not succeed.
+pub async fn migrate_process(bin: &Path, store_url: &str) -> anyhow::Result<u32> {
+    let out = Command::new(bin)
+        .arg("--store")
+        .arg(store_url)
+        .arg("--migrate")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "migrate exited with {}: stdout {stdout:?}; stderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stdout
+        .trim()
+        .strip_prefix("migrated ")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("migrate printed {stdout:?}"))
 }

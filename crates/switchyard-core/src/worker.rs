@@ -495,25 +495,22 @@ async fn claim_loop(shared: Arc<Shared>) {
         if defer {
             host_free = 0;
         }
-        let mut wants: Vec<(String, usize)> = Vec::new();
         let mut token_wait: Option<Duration> = None;
         let n = shared.order.len();
+        // What each handler could take, in rotation order.
+        let mut caps: Vec<(&str, usize)> = Vec::with_capacity(n);
         for i in 0..n {
             let reg = &shared.order[(rotate + i) % n];
             let (tokens, wait) = reg.tokens();
             if let Some(w) = wait {
                 token_wait = Some(token_wait.map_or(w, |t: Duration| t.min(w)));
             }
-            let want = reg
-                .free()
-                .min(host_free)
-                .min(tokens)
-                .min(shared.opts.claim_batch);
-            if want > 0 {
-                wants.push((reg.name.clone(), want));
-                host_free -= want;
+            let cap = reg.free().min(tokens).min(shared.opts.claim_batch);
+            if cap > 0 {
+                caps.push((reg.name.as_str(), cap));
             }
         }
+        let wants = split_slots(&caps, host_free);
         rotate = rotate.wrapping_add(1);
 
         let mut next_due = None;
@@ -568,6 +565,32 @@ async fn claim_loop(shared: Arc<Shared>) {
             _ = shared.stopping.cancelled() => return,
         }
     }
+}
+
+/// Shares `host_free` slots among handlers (each with its own cap, in
+/// rotation order): first an equal share each, so a busy handler never takes
+/// every slot from one whose step just became ready, then what is left in
+/// rotation order.
+fn split_slots(caps: &[(&str, usize)], mut host_free: usize) -> Vec<(String, usize)> {
+    let mut given = vec![0usize; caps.len()];
+    if !caps.is_empty() {
+        let share = (host_free / caps.len()).max(1);
+        for (i, (_, cap)) in caps.iter().enumerate() {
+            let g = share.min(*cap).min(host_free);
+            given[i] = g;
+            host_free -= g;
+        }
+        for (i, (_, cap)) in caps.iter().enumerate() {
+            let g = (cap - given[i]).min(host_free);
+            given[i] += g;
+            host_free -= g;
+        }
+    }
+    caps.iter()
+        .zip(given)
+        .filter(|(_, g)| *g > 0)
+        .map(|((name, _), g)| (name.to_string(), g))
+        .collect()
 }
 
 fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
@@ -1148,5 +1171,37 @@ async fn drain(shared: &Arc<Shared>) {
             return;
         }
         freed.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_slots;
+
+    fn split(caps: &[(&str, usize)], free: usize) -> Vec<(String, usize)> {
+        split_slots(caps, free)
+    }
+
+    #[test]
+    fn a_busy_handler_leaves_a_share_for_the_others() {
+        // 512 free slots, two handlers that could each take 256: both get 256.
+        assert_eq!(
+            split(&[("busy", 256), ("idle", 256)], 512),
+            vec![("busy".into(), 256), ("idle".into(), 256)]
+        );
+        // Fewer free slots than wanted: equal shares, not all to the first.
+        assert_eq!(
+            split(&[("busy", 256), ("idle", 256)], 100),
+            vec![("busy".into(), 50), ("idle".into(), 50)]
+        );
+        // A handler that wants less leaves the rest to the others.
+        assert_eq!(
+            split(&[("a", 3), ("b", 256)], 100),
+            vec![("a".into(), 3), ("b".into(), 97)]
+        );
+        // One slot: the first in rotation order gets it (rotation moves every round).
+        assert_eq!(split(&[("a", 5), ("b", 5)], 1), vec![("a".into(), 1)]);
+        assert!(split(&[("a", 5)], 0).is_empty());
+        assert!(split(&[], 10).is_empty());
     }
 }

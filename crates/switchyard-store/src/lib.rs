@@ -11,6 +11,7 @@ use switchyard_core::{Clock, DynStore, Error, Result, SystemClock};
 pub mod contract;
 pub mod decision;
 pub mod memory;
+pub mod pg_server;
 pub mod postgres;
 pub mod sqlite;
 

@@ -22,8 +22,9 @@ use cli::commands::{CliError, Outcome};
 #[derive(Parser, Debug)]
 #[command(name = "switchyard", version, about, propagate_version = true)]
 struct Cli {
-    /// Store URL: `memory`, `sqlite:PATH`. Default: $SWITCHYARD_STORE, else
-    /// `sqlite:switchyard.db`.
+    /// Store URL: `memory`, `sqlite:PATH`, `postgres://...`. Default:
+    /// $SWITCHYARD_STORE, else `sqlite:switchyard.db`. For `bench`, `sqlite`
+    /// or `postgres` alone means a throwaway database.
     #[arg(long, global = true, value_name = "URL")]
     store: Option<String>,
     /// Print one JSON document on stdout instead of text.

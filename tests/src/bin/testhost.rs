@@ -6,7 +6,16 @@
 //!          [--release-file PATH]
 //! ```
 //!
-//! Prints `ready <host_id>` on stdout once the host is registered and
+//! ```text
+//! testhost --store URL --migrate
+//! ```
+//!
+//! `--migrate` opens the store (which migrates it, as `switchyard migrate`
+//! does), applies pending migrations once more explicitly, prints
+//! `migrated <schema version>` and exits: several of these started at once
+//! test concurrent migrations.
+//!
+//! Otherwise it prints `ready <host_id>` on stdout once the host is registered and
 //! claiming, then runs until SIGTERM/SIGINT and shuts down gracefully
 //! (exit 0). Diagnostics go to stderr (`RUST_LOG` filters them).
 //!
@@ -35,7 +44,7 @@ use switchyard::{Context, HandlerOptions, StepError, StepResult, Worker};
 #[derive(Parser, Debug)]
 #[command(about = "Switchyard host process for end-to-end tests")]
 struct Args {
-    /// Store URL (`sqlite:PATH`).
+    /// Store URL (`sqlite:PATH`, `postgres://...`).
     #[arg(long)]
     store: String,
     /// Comma-separated handlers to register: `work`, `noop`.
@@ -59,6 +68,9 @@ struct Args {
     /// `work` steps whose input has `"hold": true` wait until this file exists.
     #[arg(long)]
     release_file: Option<PathBuf>,
+    /// Migrate the store, print `migrated <version>` and exit.
+    #[arg(long)]
+    migrate: bool,
 }
 
 /// How a host holds `work` steps whose input has `"hold": true`.
@@ -143,6 +155,15 @@ async fn main() -> anyhow::Result<()> {
     let store = switchyard::open(&args.store)
         .await
         .with_context(|| format!("opening {}", args.store))?;
+    if args.migrate {
+        let version = store
+            .migrate()
+            .await
+            .with_context(|| format!("migrating {}", args.store))?;
+        println!("migrated {version}");
+        std::io::stdout().flush()?;
+        return Ok(());
+    }
     let file = match &args.log {
         Some(p) => Some(
             OpenOptions::new()

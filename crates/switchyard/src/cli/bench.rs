@@ -3,8 +3,9 @@
 //! Two phases, one JSON line on stdout at the end (progress goes to stderr):
 //!
 //! 1. **Throughput.** `--steps N` tasks are spawned with
-//!    [`Client::spawn_many`] in batches of `--batch B` while one host with
-//!    `--concurrency C` slots processes them. The clock runs from the first
+//!    [`Client::spawn_many`] in batches of `--batch B` while one host
+//!    processes them, `--concurrency C` at a time (the host has 8 more slots,
+//!    reserved for the latency handler). The clock runs from the first
 //!    spawn until the handler has counted N completions *and* the store
 //!    confirms N more completed steps ([`Store::count_steps`]), so the
 //!    figure includes recording the results durably.
@@ -36,10 +37,16 @@ use serde_json::{json, Map, Value};
 use switchyard::{Client, DynStore, HandlerOptions, NewTask, StepState, Worker};
 use tokio::sync::{mpsc, Notify};
 
+use switchyard_store::pg_server::PgServer;
+
 use super::commands::{open_store, CliError, Outcome};
 
 /// The languages whose handlers the benchmark can host today.
 const AVAILABLE_LANGS: &[&str] = &["rust"];
+
+/// Concurrency of the latency handler (the host gets this many slots on
+/// top of `--concurrency`).
+const LATENCY_SLOTS: usize = 8;
 
 /// How long one latency trial may take before the benchmark gives up.
 const TRIAL_DEADLINE: Duration = Duration::from_secs(30);
@@ -74,7 +81,8 @@ pub struct BenchArgs {
     /// Tasks to spawn and complete in the throughput phase.
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub steps: usize,
-    /// Host-wide concurrency of the in-process host.
+    /// Concurrency of the throughput handler (the in-process host has 8
+    /// more slots, for the latency handler).
     #[arg(long, value_name = "C", default_value_t = 512)]
     pub concurrency: usize,
     /// Tasks per `spawn_many` call.
@@ -122,8 +130,10 @@ fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     round3(sorted[i].as_secs_f64() * 1000.0)
 }
 
-/// Runs the benchmark against `url` (`sqlite` alone means a fresh temporary
-/// file, deleted afterwards).
+/// Runs the benchmark against `url`: `sqlite` alone means a fresh temporary
+/// file, deleted afterwards; `postgres` alone means a throwaway PostgreSQL
+/// server ([`PgServer`], `fsync=off`) with a fresh database, stopped and
+/// removed afterwards; any other URL is used as given.
 pub async fn run(args: BenchArgs, url: String) -> Result<Outcome, CliError> {
     if !AVAILABLE_LANGS.contains(&args.lang.as_str()) {
         return Err(CliError::usage(format!(
@@ -144,7 +154,23 @@ pub async fn run(args: BenchArgs, url: String) -> Result<Outcome, CliError> {
         return Err(CliError::usage("--trials must be at least 1"));
     }
     let trimmed = url.trim();
-    let (url, tmp) = if trimmed == "sqlite" || trimmed == "sqlite:" {
+    let mut pg: Option<PgServer> = None;
+    let (url, tmp) = if trimmed == "postgres" || trimmed == "postgresql" {
+        progress("starting a throwaway PostgreSQL server (fsync off)");
+        let server = tokio::task::spawn_blocking(PgServer::start)
+            .await
+            .map_err(|e| CliError::failure(format!("starting PostgreSQL: {e}")))?
+            .map_err(|e| {
+                CliError::failure(format!("cannot start a throwaway PostgreSQL server: {e}"))
+            })?;
+        let db = server.create_database("switchyard_bench").await;
+        // Stopped (and its directory removed) when `pg` is dropped, also on error.
+        let server = pg.insert(server);
+        let db =
+            db.map_err(|e| CliError::failure(format!("creating the benchmark database: {e}")))?;
+        progress(format!("PostgreSQL on 127.0.0.1:{}", server.port()));
+        (db, None)
+    } else if trimmed == "sqlite" || trimmed == "sqlite:" {
         let dir = tempfile::Builder::new()
             .prefix("switchyard-bench-")
             .tempdir()
@@ -160,10 +186,15 @@ pub async fn run(args: BenchArgs, url: String) -> Result<Outcome, CliError> {
     } else {
         (trimmed.to_string(), None)
     };
-    let store = open_store(&url).await?;
-    let result = bench(&args, store).await;
+    let result = match open_store(&url).await {
+        Ok(store) => bench(&args, store).await,
+        Err(e) => Err(e),
+    };
     // The temporary database goes only after the store is dropped.
     drop(tmp);
+    if let Some(server) = pg {
+        let _ = tokio::task::spawn_blocking(move || drop(server)).await;
+    }
     let line = result?;
     println!("{line}");
     Ok(Outcome::Success)
@@ -196,8 +227,13 @@ async fn bench(args: &BenchArgs, store: DynStore) -> Result<String, CliError> {
     let fin = finish.clone();
     let tp_prefix = format!("bench.tp.{run}");
     let ev_prefix = format!("bench.ev.{run}");
+    // The host has room for both handlers at full concurrency: were the
+    // throughput handler able to fill every host slot, a claim round that
+    // asks for it first would ask nothing for the latency handler, and a
+    // latency trial whose wake-up fell on such a round would wait for the
+    // next poll.
     let builder = Worker::builder(store.clone())
-        .concurrency(args.concurrency)
+        .concurrency(args.concurrency + LATENCY_SLOTS)
         .claim_batch(args.concurrency)
         .step(
             &tp_handler,
@@ -227,7 +263,7 @@ async fn bench(args: &BenchArgs, store: DynStore) -> Result<String, CliError> {
     let lat_workload = args.workload;
     let builder = builder.step(
         &lat_handler,
-        HandlerOptions::default().concurrency(8),
+        HandlerOptions::default().concurrency(LATENCY_SLOTS),
         move |input, ctx| {
             let tx = lat_tx.clone();
             let ev_prefix = ev_prefix.clone();
