@@ -17,7 +17,7 @@ demo:
 build:
 	$(CARGO) build --release -p switchyard
 
-test: lint test-rust
+test: lint test-rust test-python
 
 lint:
 	$(CARGO) fmt --all --check
@@ -34,6 +34,8 @@ deps-postgres:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	fi
+
+include mk/python.mk
 
 bench:
 	bench/run --lang rust --store memory --steps 200000

@@ -1,0 +1,219 @@
+//! `switchyard._native.NativeContext`: the durable context of one step run.
+//! Every operation waits with the GIL released; the Python wrapper
+//! (`switchyard.Context` / `AsyncContext`) adds `checkpoint(name, fn)` on top
+//! of `checkpoint_lookup` / `checkpoint_save` because `fn` is Python code.
+
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+use switchyard_core::{ChildSpec, Context};
+use tokio_util::sync::CancellationToken;
+
+use crate::block_step;
+use crate::convert::{record_to_py, to_py, to_value};
+
+/// Durable context handle given to Python handlers.
+#[pyclass(module = "switchyard._native", frozen)]
+pub struct NativeContext {
+    pub(crate) ctx: Context,
+}
+
+/// Stops a cancellation callback registered with `NativeContext.on_cancel`.
+#[pyclass(module = "switchyard._native", frozen)]
+pub struct CancelWatch {
+    done: CancellationToken,
+}
+
+#[pymethods]
+impl CancelWatch {
+    /// Unregisters the callback (call when the handler finished).
+    fn close(&self) {
+        self.done.cancel();
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(if s.is_finite() && s > 0.0 { s } else { 0.0 })
+}
+
+#[pymethods]
+impl NativeContext {
+    #[getter]
+    fn task_id(&self) -> String {
+        self.ctx.task_id().to_string()
+    }
+    #[getter]
+    fn step_id(&self) -> String {
+        self.ctx.step_id().to_string()
+    }
+    #[getter]
+    fn step_name(&self) -> String {
+        self.ctx.step_name().to_string()
+    }
+    #[getter]
+    fn handler(&self) -> String {
+        self.ctx.handler().to_string()
+    }
+    #[getter]
+    fn attempt(&self) -> u32 {
+        self.ctx.attempt()
+    }
+    #[getter]
+    fn priority(&self) -> i32 {
+        self.ctx.priority()
+    }
+    #[getter]
+    fn headers(&self) -> std::collections::BTreeMap<String, String> {
+        self.ctx.headers().clone()
+    }
+    /// Seconds left before the handler's timeout, or None.
+    #[getter]
+    fn time_left(&self) -> Option<f64> {
+        self.ctx.deadline().map(|d| {
+            d.saturating_duration_since(std::time::Instant::now())
+                .as_secs_f64()
+        })
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.ctx.is_cancelled()
+    }
+
+    /// Calls `callback()` (from a core thread, with the GIL) when the step is
+    /// cancelled; returns a watch whose `close()` unregisters it.
+    fn on_cancel(&self, callback: Py<PyAny>) -> PyResult<CancelWatch> {
+        let token = self.ctx.cancellation_token();
+        let done = CancellationToken::new();
+        let d = done.clone();
+        crate::runtime()?.spawn(async move {
+            tokio::select! {
+                _ = token.cancelled() => {
+                    // Waiting for the GIL must not stall a core worker thread.
+                    tokio::task::spawn_blocking(move || {
+                        Python::attach(|py| {
+                            if let Err(e) = callback.call0(py) {
+                                e.print(py);
+                            }
+                        })
+                    });
+                }
+                _ = d.cancelled() => {}
+            }
+        });
+        Ok(CancelWatch { done })
+    }
+
+    /// Returns `(key, found, value)` for checkpoint `name` (numbered by call order).
+    fn checkpoint_lookup<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+    ) -> PyResult<(String, bool, Bound<'py, PyAny>)> {
+        let ctx = self.ctx.clone();
+        let (key, v) = block_step(py, async move { ctx.checkpoint_lookup(&name).await })?;
+        match v {
+            Some(v) => Ok((key, true, to_py(py, &v)?)),
+            None => Ok((key, false, py.None().into_bound(py))),
+        }
+    }
+
+    fn checkpoint_save(
+        &self,
+        py: Python<'_>,
+        key: String,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let v = to_value(value, &format!("checkpoint `{key}` value"))?;
+        let ctx = self.ctx.clone();
+        block_step(py, async move { ctx.checkpoint_save(&key, v).await })
+    }
+
+    #[pyo3(signature = (name, timeout=None))]
+    fn await_event<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ctx = self.ctx.clone();
+        let t = timeout.map(secs);
+        let v = block_step(py, async move { ctx.await_event(&name, t).await })?;
+        to_py(py, &v)
+    }
+
+    fn sleep(&self, py: Python<'_>, seconds: f64) -> PyResult<()> {
+        let ctx = self.ctx.clone();
+        block_step(py, async move { ctx.sleep(secs(seconds)).await })
+    }
+
+    fn sleep_until(&self, py: Python<'_>, at_ms: i64) -> PyResult<()> {
+        let ctx = self.ctx.clone();
+        block_step(py, async move { ctx.sleep_until(at_ms).await })
+    }
+
+    fn emit_event(
+        &self,
+        py: Python<'_>,
+        name: String,
+        payload: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let p = to_value(payload, "event payload")?;
+        let ctx = self.ctx.clone();
+        block_step(py, async move { ctx.emit_event(&name, p).await })
+    }
+
+    fn spawn(&self, py: Python<'_>, handler: String, input: &Bound<'_, PyAny>) -> PyResult<String> {
+        let i = to_value(input, "child input")?;
+        let ctx = self.ctx.clone();
+        let id = block_step(py, async move { ctx.spawn(&handler, i).await })?;
+        Ok(id.to_string())
+    }
+
+    fn delegate<'py>(
+        &self,
+        py: Python<'py>,
+        handler: String,
+        input: &Bound<'_, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let i = to_value(input, "child input")?;
+        let ctx = self.ctx.clone();
+        let v = block_step(py, async move { ctx.delegate(&handler, i).await })?;
+        to_py(py, &v)
+    }
+
+    /// `children`: a list of `(handler, input)` pairs. Returns one dict per
+    /// child (`task_id`, `state`, `result`, `error`), in order.
+    fn delegate_parallel<'py>(
+        &self,
+        py: Python<'py>,
+        children: &Bound<'py, PyList>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mut specs = Vec::with_capacity(children.len());
+        for (i, c) in children.iter().enumerate() {
+            let (handler, input): (String, Bound<'py, PyAny>) = c.extract().map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err(format!(
+                    "delegate_parallel: child #{i} must be a (handler, input) pair"
+                ))
+            })?;
+            specs.push(ChildSpec::new(
+                handler,
+                to_value(&input, &format!("child #{i} input"))?,
+            ));
+        }
+        let ctx = self.ctx.clone();
+        let out = block_step(py, async move { ctx.delegate_parallel(specs).await })?;
+        record_to_py(py, &out)
+    }
+
+    fn heartbeat(&self, py: Python<'_>) -> PyResult<()> {
+        let ctx = self.ctx.clone();
+        block_step(py, async move { ctx.heartbeat().await })
+    }
+
+    fn dependency_results<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let ctx = self.ctx.clone();
+        let v = block_step(py, async move { ctx.dependency_results().await })?;
+        record_to_py(py, &v)
+    }
+}

@@ -1,0 +1,499 @@
+//! `switchyard._native.NativeWorker` and `NativeJob`: a host whose handlers
+//! are Python functions. Two inboxes (sync handlers on Python threads, async
+//! handlers on one asyncio loop) are fed by the core; Python threads take
+//! jobs in batches with the GIL released and answer each job once.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+use switchyard_core::bridge::{Closed, Inbox, InboxHandler, Job, JobKind, Reply};
+use switchyard_core::{
+    ApiError, Decision, HandlerOptions, NewStep, RetryPolicy, RunningWorker, StepError, WaitFor,
+    Worker,
+};
+
+use crate::block_core;
+use crate::client::open_store;
+use crate::context::NativeContext;
+use crate::convert::{to_py, to_value};
+
+struct Registration {
+    name: String,
+    kind: JobKind,
+    is_async: bool,
+    opts: HandlerOptions,
+}
+
+/// A host for Python handlers.
+#[pyclass(module = "switchyard._native", frozen)]
+pub struct NativeWorker {
+    store_url: String,
+    concurrency: usize,
+    lease: Duration,
+    shutdown_grace: Duration,
+    max_payload: Option<usize>,
+    regs: Mutex<Vec<Registration>>,
+    sync_inbox: Arc<Inbox>,
+    async_inbox: Arc<Inbox>,
+    running: Mutex<Option<Arc<RunningWorker>>>,
+    /// Sync handler threads waiting in `next_jobs` now.
+    idle_sync: AtomicUsize,
+}
+
+fn kind_of(kind: &str) -> PyResult<JobKind> {
+    match kind {
+        "step" => Ok(JobKind::Step),
+        "batch" => Ok(JobKind::Batch),
+        "decision" => Ok(JobKind::Decision),
+        "api" => Ok(JobKind::Api),
+        other => Err(PyValueError::new_err(format!(
+            "unknown handler kind `{other}` (expected step, batch, decision or api)"
+        ))),
+    }
+}
+
+fn kind_name(k: JobKind) -> &'static str {
+    match k {
+        JobKind::Step => "step",
+        JobKind::Batch => "batch",
+        JobKind::Decision => "decision",
+        JobKind::Api => "api",
+    }
+}
+
+fn positive_secs(what: &str, s: f64) -> PyResult<Duration> {
+    if !(s.is_finite() && s >= 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a non-negative number of seconds, got {s}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+impl NativeWorker {
+    /// Waits for one job, then takes a fair share of the jobs still queued
+    /// (split among the threads that are waiting too), so one thread never
+    /// holds jobs that an idle thread could start now: a slow handler would
+    /// otherwise delay the jobs queued behind it on the same thread.
+    fn take_fair_share(
+        &self,
+        py: Python<'_>,
+        inbox: Arc<Inbox>,
+        max: usize,
+        slice: Duration,
+    ) -> Result<Vec<Job>, Closed> {
+        self.idle_sync.fetch_add(1, Ordering::SeqCst);
+        let first = py.detach({
+            let inbox = inbox.clone();
+            move || inbox.recv_batch(1, slice)
+        });
+        let others_idle = self.idle_sync.fetch_sub(1, Ordering::SeqCst) - 1;
+        let mut jobs = first?;
+        if !jobs.is_empty() && max > 1 {
+            let share = (inbox.len() / (others_idle + 1)).min(max - 1);
+            if share > 0 {
+                jobs.extend(inbox.try_recv_batch(share).unwrap_or_default());
+            }
+        }
+        Ok(jobs)
+    }
+}
+
+#[pymethods]
+impl NativeWorker {
+    #[new]
+    #[pyo3(signature = (store, concurrency=64, lease=30.0, shutdown_grace=10.0, max_payload_bytes=None))]
+    fn new(
+        store: String,
+        concurrency: usize,
+        lease: f64,
+        shutdown_grace: f64,
+        max_payload_bytes: Option<usize>,
+    ) -> PyResult<Self> {
+        if concurrency == 0 {
+            return Err(PyValueError::new_err("concurrency must be at least 1"));
+        }
+        Ok(Self {
+            store_url: store,
+            concurrency,
+            lease: positive_secs("lease", lease)?,
+            shutdown_grace: positive_secs("shutdown_grace", shutdown_grace)?,
+            max_payload: max_payload_bytes,
+            regs: Mutex::new(Vec::new()),
+            sync_inbox: Inbox::new(),
+            async_inbox: Inbox::new(),
+            running: Mutex::new(None),
+            idle_sync: AtomicUsize::new(0),
+        })
+    }
+
+    /// Registers a handler served by this process's Python code.
+    #[pyo3(signature = (name, kind, is_async, concurrency=None, timeout=None, max_attempts=None, initial_backoff=None, max_backoff=None, max_batch=None, linger=None, rate_limit=None, burst=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &self,
+        name: String,
+        kind: &str,
+        is_async: bool,
+        concurrency: Option<usize>,
+        timeout: Option<f64>,
+        max_attempts: Option<u32>,
+        initial_backoff: Option<f64>,
+        max_backoff: Option<f64>,
+        max_batch: Option<usize>,
+        linger: Option<f64>,
+        rate_limit: Option<f64>,
+        burst: Option<u32>,
+    ) -> PyResult<()> {
+        if self.running.lock().is_some() {
+            return Err(PyRuntimeError::new_err(
+                "register handlers before the worker starts",
+            ));
+        }
+        let kind = kind_of(kind)?;
+        let mut opts = HandlerOptions::default();
+        if let Some(c) = concurrency {
+            if c == 0 {
+                return Err(PyValueError::new_err(format!(
+                    "handler `{name}`: concurrency must be at least 1"
+                )));
+            }
+            opts.concurrency = c;
+        } else {
+            opts.concurrency = self.concurrency;
+        }
+        opts.timeout = match timeout {
+            Some(t) => Some(positive_secs("timeout", t)?),
+            None => opts.timeout,
+        };
+        let mut retry = RetryPolicy::default();
+        if let Some(m) = max_attempts {
+            if m == 0 {
+                return Err(PyValueError::new_err(format!(
+                    "handler `{name}`: max_attempts must be at least 1"
+                )));
+            }
+            retry.max_attempts = m;
+        }
+        if let Some(b) = initial_backoff {
+            retry.initial_backoff = positive_secs("initial_backoff", b)?;
+        }
+        if let Some(b) = max_backoff {
+            retry.max_backoff = positive_secs("max_backoff", b)?;
+        }
+        opts.retry = retry;
+        if let Some(b) = max_batch {
+            opts.max_batch = b.max(1);
+        }
+        if let Some(l) = linger {
+            opts.linger = positive_secs("linger", l)?;
+        }
+        if let Some(r) = rate_limit {
+            if !(r > 0.0 && r.is_finite()) {
+                return Err(PyValueError::new_err(format!(
+                    "handler `{name}`: rate_limit must be a positive number"
+                )));
+            }
+            opts = opts.rate_limit(r, burst.unwrap_or(1));
+        }
+        let mut regs = self.regs.lock();
+        if regs.iter().any(|r| r.name == name) {
+            return Err(PyValueError::new_err(format!(
+                "handler `{name}` is registered twice"
+            )));
+        }
+        regs.push(Registration {
+            name,
+            kind,
+            is_async,
+            opts,
+        });
+        Ok(())
+    }
+
+    /// Opens the store and starts the host (handlers must be registered).
+    fn start(&self, py: Python<'_>) -> PyResult<String> {
+        if self.running.lock().is_some() {
+            return Err(PyRuntimeError::new_err("the worker is already running"));
+        }
+        let store = open_store(py, &self.store_url)?;
+        let mut b = Worker::builder(store)
+            .concurrency(self.concurrency)
+            .lease(self.lease)
+            .shutdown_grace(self.shutdown_grace);
+        if let Some(m) = self.max_payload {
+            b = b.max_payload_bytes(m);
+        }
+        for r in self.regs.lock().iter() {
+            let inbox = if r.is_async {
+                self.async_inbox.clone()
+            } else {
+                self.sync_inbox.clone()
+            };
+            b = b.handler(
+                r.name.clone(),
+                InboxHandler::capability(inbox, &r.name, r.kind, "Python"),
+                r.opts.clone(),
+            );
+        }
+        let worker = b.build().map_err(|e| crate::errors::core_err(py, e))?;
+        let running = block_core(py, async move { worker.start().await })?;
+        let id = running.host_id().to_string();
+        *self.running.lock() = Some(Arc::new(running));
+        Ok(id)
+    }
+
+    #[getter]
+    fn host_id(&self) -> Option<String> {
+        self.running
+            .lock()
+            .as_ref()
+            .map(|r| r.host_id().to_string())
+    }
+
+    /// Takes up to `max` jobs from the sync (`is_async=False`) or async
+    /// inbox, waiting at most `timeout` seconds with the GIL released.
+    /// Returns None once the worker has stopped.
+    #[pyo3(signature = (is_async, max=64, timeout=0.2))]
+    fn next_jobs(
+        &self,
+        py: Python<'_>,
+        is_async: bool,
+        max: usize,
+        timeout: f64,
+    ) -> PyResult<Option<Vec<NativeJob>>> {
+        let inbox = if is_async {
+            self.async_inbox.clone()
+        } else {
+            self.sync_inbox.clone()
+        };
+        let slice = positive_secs("timeout", timeout)?;
+        let jobs = if is_async {
+            // One feeder thread per process hands everything to the loop.
+            py.detach(move || inbox.recv_batch(max, slice))
+        } else {
+            self.take_fair_share(py, inbox, max, slice)
+        };
+        match jobs {
+            Err(_) => Ok(None),
+            Ok(jobs) => jobs
+                .into_iter()
+                .map(|j| NativeJob::new(py, j))
+                .collect::<PyResult<Vec<_>>>()
+                .map(Some),
+        }
+    }
+
+    /// Wakes threads blocked in `next_jobs` (they return an empty list).
+    fn interrupt(&self) {
+        self.sync_inbox.interrupt();
+        self.async_inbox.interrupt();
+    }
+
+    /// Begins a graceful shutdown and returns at once.
+    fn shutdown(&self) {
+        if let Some(r) = self.running.lock().as_ref() {
+            r.shutdown();
+        }
+    }
+
+    /// Stops the host: no more claims, running steps get the grace period,
+    /// then the inboxes close so handler threads exit. Waits with the GIL
+    /// released; the handler threads must keep serving jobs meanwhile.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        let running = self.running.lock().clone();
+        if let Some(r) = running {
+            crate::block(py, async move { r.stop().await })?;
+        }
+        self.sync_inbox.close();
+        self.async_inbox.close();
+        Ok(())
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.running.lock().is_some() && !self.sync_inbox.is_closed()
+    }
+}
+
+/// One unit of work for a Python handler: one step, or a batch.
+#[pyclass(module = "switchyard._native", frozen)]
+pub struct NativeJob {
+    job: Mutex<Option<Job>>,
+    #[pyo3(get)]
+    handler: String,
+    #[pyo3(get)]
+    kind: &'static str,
+    #[pyo3(get)]
+    items: Py<PyList>,
+}
+
+impl NativeJob {
+    fn new(py: Python<'_>, mut job: Job) -> PyResult<Self> {
+        let items = PyList::empty(py);
+        for item in job.items.drain(..) {
+            let input = to_py(py, &item.input)?;
+            let ctx = Py::new(py, NativeContext { ctx: item.ctx })?;
+            items.append(PyTuple::new(py, [input, ctx.into_bound(py).into_any()])?)?;
+        }
+        let handler = job.handler.clone();
+        let kind = kind_name(job.kind);
+        // Items were moved out for Python; the job keeps the reply channel.
+        Ok(Self {
+            job: Mutex::new(Some(job)),
+            handler,
+            kind,
+            items: items.unbind(),
+        })
+    }
+}
+
+fn error_kind(
+    kind: &str,
+    message: String,
+    trace: Option<String>,
+    retry_after: Option<f64>,
+) -> PyResult<StepError> {
+    Ok(match kind {
+        "retryable" => StepError::Retryable {
+            message,
+            retry_after: retry_after
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64),
+            trace,
+        },
+        "permanent" => StepError::Permanent { message, trace },
+        "invalid_input" => StepError::InvalidInput(message),
+        "cancelled" => StepError::Cancelled,
+        "await_timeout" => StepError::AwaitTimeout { event: message },
+        "lease_lost" => StepError::LeaseLost,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown error kind `{other}`"
+            )))
+        }
+    })
+}
+
+fn decision(
+    handler: &str,
+    steps: &Bound<'_, PyAny>,
+    final_step: Option<String>,
+) -> PyResult<Decision> {
+    let what = format!("decision of handler `{handler}`");
+    let v = to_value(steps, &what)?;
+    let steps: Vec<NewStep> = serde_json::from_value(v).map_err(|e| {
+        PyTypeError::new_err(format!(
+            "{what}: each step needs `name`, `handler`, `input` and optional `depends_on`: {e}"
+        ))
+    })?;
+    Ok(Decision::Steps { steps, final_step })
+}
+
+/// Converts one outcome tuple built by the Python glue into a reply.
+fn reply(handler: &str, o: &Bound<'_, PyAny>) -> PyResult<Reply> {
+    let t = o
+        .cast::<PyTuple>()
+        .map_err(|_| PyTypeError::new_err("outcome must be a tuple"))?;
+    let tag: String = t.get_item(0)?.extract()?;
+    Ok(match tag.as_str() {
+        "value" => match to_value(&t.get_item(1)?, &format!("result of handler `{handler}`")) {
+            Ok(v) => Reply::Value(v),
+            // A non-serialisable result fails the step, naming the type.
+            Err(e) => Reply::Error(StepError::permanent(Python::attach(|py| {
+                e.value(py).to_string()
+            }))),
+        },
+        "error" => {
+            let kind: String = t.get_item(1)?.extract()?;
+            let message: String = t.get_item(2)?.extract()?;
+            let trace: Option<String> = t.get_item(3)?.extract()?;
+            let retry_after: Option<f64> = t.get_item(4)?.extract()?;
+            Reply::Error(error_kind(&kind, message, trace, retry_after)?)
+        }
+        "suspend" => {
+            let wait: String = t.get_item(1)?.extract()?;
+            let wait: WaitFor =
+                serde_json::from_str(&wait).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            Reply::Error(StepError::Suspend(wait))
+        }
+        "complete" => match to_value(&t.get_item(1)?, &format!("result of decision `{handler}`")) {
+            Ok(v) => Reply::Decision(Decision::Complete(v)),
+            Err(e) => Reply::Error(StepError::permanent(Python::attach(|py| {
+                e.value(py).to_string()
+            }))),
+        },
+        "decision" => {
+            let final_step: Option<String> = t.get_item(2)?.extract()?;
+            match decision(handler, &t.get_item(1)?, final_step) {
+                Ok(d) => Reply::Decision(d),
+                Err(e) => Reply::Error(StepError::permanent(Python::attach(|py| {
+                    e.value(py).to_string()
+                }))),
+            }
+        }
+        "http" => {
+            let status: u16 = t.get_item(1)?.extract()?;
+            let retry_after: Option<f64> = t.get_item(2)?.extract()?;
+            let message: String = t.get_item(3)?.extract()?;
+            Reply::Api(ApiError::Http {
+                status,
+                retry_after: retry_after
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                    .map(Duration::from_secs_f64),
+                message,
+            })
+        }
+        "network" => Reply::Api(ApiError::Network(t.get_item(1)?.extract()?)),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown outcome tag `{other}`"
+            )))
+        }
+    })
+}
+
+#[pymethods]
+impl NativeJob {
+    /// True if the core stopped waiting (timeout, cancellation, shutdown).
+    #[getter]
+    fn abandoned(&self) -> bool {
+        self.job
+            .lock()
+            .as_ref()
+            .map(|j| j.abandoned())
+            .unwrap_or(true)
+    }
+
+    /// Answers the job with one outcome tuple per item:
+    /// `("value", v)`, `("error", kind, message, trace, retry_after)`,
+    /// `("suspend", wait_json)`, `("complete", v)`, `("decision", steps, final_step)`,
+    /// `("http", status, retry_after, message)`, `("network", message)`.
+    /// Never blocks. A second call is an error.
+    fn finish(&self, outcomes: &Bound<'_, PyList>) -> PyResult<()> {
+        let job = self
+            .job
+            .lock()
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this job was already finished"))?;
+        let mut replies = Vec::with_capacity(outcomes.len());
+        for o in outcomes.iter() {
+            replies.push(reply(&self.handler, &o).unwrap_or_else(|e| {
+                Reply::Error(StepError::permanent(format!(
+                    "bad outcome from the Python glue: {e}"
+                )))
+            }));
+        }
+        job.complete(replies);
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<NativeJob handler={} kind={}>", self.handler, self.kind)
+    }
+}

@@ -1,0 +1,187 @@
+"""The durable context handed to handlers: ``Context`` for plain functions,
+``AsyncContext`` (awaitable operations) for ``async def`` handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+
+from . import _native
+
+T = TypeVar("T")
+
+# Durable operations block in Rust with the GIL released; async handlers run
+# them on this pool so the event loop is never blocked.
+_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="switchyard-ctx")
+
+
+class _Base:
+    __slots__ = ("_n",)
+
+    def __init__(self, native: "_native.NativeContext") -> None:
+        self._n = native
+
+    @property
+    def task_id(self) -> str:
+        return self._n.task_id
+
+    @property
+    def step_id(self) -> str:
+        return self._n.step_id
+
+    @property
+    def step(self) -> str:
+        return self._n.step_name
+
+    @property
+    def handler(self) -> str:
+        return self._n.handler
+
+    @property
+    def attempt(self) -> int:
+        return self._n.attempt
+
+    @property
+    def priority(self) -> int:
+        return self._n.priority
+
+    @property
+    def headers(self) -> Dict[str, str]:
+        return self._n.headers
+
+    @property
+    def time_left(self) -> Optional[float]:
+        """Seconds before the handler's timeout, or None."""
+        return self._n.time_left
+
+    def is_cancelled(self) -> bool:
+        """True once the task was cancelled (cooperative cancellation)."""
+        return self._n.is_cancelled()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} task={self.task_id} step={self.step} attempt={self.attempt}>"
+
+
+Child = Union[Tuple[str, Any], Mapping[str, Any]]
+
+
+def _children(children: Sequence[Child]) -> List[Tuple[str, Any]]:
+    out = []
+    for i, c in enumerate(children):
+        if isinstance(c, Mapping):
+            out.append((c["handler"], c.get("input")))
+        else:
+            handler, payload = c
+            out.append((handler, payload))
+    return out
+
+
+class Context(_Base):
+    """Durable context for plain (synchronous) handlers."""
+
+    __slots__ = ()
+
+    def checkpoint(self, name: str, fn: Callable[[], T]) -> T:
+        """Runs ``fn`` once per task, ever; a replay returns the stored value."""
+        key, found, value = self._n.checkpoint_lookup(name)
+        if found:
+            return value
+        value = fn()
+        self._n.checkpoint_save(key, value)
+        return value
+
+    def await_event(self, name: str, timeout: Optional[float] = None) -> Any:
+        """Returns the payload of event ``name`` (emitted before or after this call).
+        Suspends the step until it arrives; raises ``switchyard.TimeoutError``
+        after ``timeout`` seconds (checkpointed)."""
+        return self._n.await_event(name, timeout)
+
+    def sleep(self, seconds: float) -> None:
+        """Durable sleep: the step suspends and the host is free meanwhile."""
+        self._n.sleep(seconds)
+
+    def sleep_until(self, at_ms: int) -> None:
+        """Durable sleep until ``at_ms`` (milliseconds since the epoch)."""
+        self._n.sleep_until(at_ms)
+
+    def emit_event(self, name: str, payload: Any = None) -> bool:
+        """Emits an event (first write wins); True if this call stored it."""
+        return self._n.emit_event(name, payload)
+
+    def emit(self, name: str, payload: Any = None) -> bool:
+        """Alias of :meth:`emit_event`."""
+        return self._n.emit_event(name, payload)
+
+    def spawn(self, handler: str, input: Any = None) -> str:
+        """Spawns a child task without waiting for it; returns its id."""
+        return self._n.spawn(handler, input)
+
+    def delegate(self, handler: str, input: Any = None) -> Any:
+        """Runs a child task and returns its result (the step suspends meanwhile)."""
+        return self._n.delegate(handler, input)
+
+    def delegate_parallel(self, children: Sequence[Child]) -> List[Dict[str, Any]]:
+        """Runs child tasks in parallel; returns one dict per child, in order, with
+        ``task_id``, ``state``, ``result`` and ``error`` (failures reported per child)."""
+        return self._n.delegate_parallel(_children(children))
+
+    def heartbeat(self) -> None:
+        """Extends the step's lease during long work."""
+        self._n.heartbeat()
+
+    def dependency_results(self) -> Dict[str, Any]:
+        """Results of the steps this step depends on (convergence steps)."""
+        return self._n.dependency_results()
+
+
+async def _run(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_POOL, fn, *args)
+
+
+class AsyncContext(_Base):
+    """Durable context for ``async def`` handlers: every operation is awaitable."""
+
+    __slots__ = ()
+
+    async def checkpoint(self, name: str, fn: Callable[[], Union[T, Awaitable[T]]]) -> T:
+        key, found, value = await _run(self._n.checkpoint_lookup, name)
+        if found:
+            return value
+        value = fn()
+        if inspect.isawaitable(value):
+            value = await value
+        await _run(self._n.checkpoint_save, key, value)
+        return value
+
+    async def await_event(self, name: str, timeout: Optional[float] = None) -> Any:
+        return await _run(self._n.await_event, name, timeout)
+
+    async def sleep(self, seconds: float) -> None:
+        await _run(self._n.sleep, seconds)
+
+    async def sleep_until(self, at_ms: int) -> None:
+        await _run(self._n.sleep_until, at_ms)
+
+    async def emit_event(self, name: str, payload: Any = None) -> bool:
+        return await _run(self._n.emit_event, name, payload)
+
+    async def emit(self, name: str, payload: Any = None) -> bool:
+        """Alias of :meth:`emit_event`."""
+        return await _run(self._n.emit_event, name, payload)
+
+    async def spawn(self, handler: str, input: Any = None) -> str:
+        return await _run(self._n.spawn, handler, input)
+
+    async def delegate(self, handler: str, input: Any = None) -> Any:
+        return await _run(self._n.delegate, handler, input)
+
+    async def delegate_parallel(self, children: Sequence[Child]) -> List[Dict[str, Any]]:
+        return await _run(self._n.delegate_parallel, _children(children))
+
+    async def heartbeat(self) -> None:
+        await _run(self._n.heartbeat)
+
+    async def dependency_results(self) -> Dict[str, Any]:
+        return await _run(self._n.dependency_results)

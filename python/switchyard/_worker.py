@@ -1,0 +1,494 @@
+"""The Worker: register Python handlers and serve them from the Rust core.
+
+Sync handlers run on a pool of Python threads that wait for work inside Rust
+with the GIL released and take jobs in batches (one GIL acquisition per
+batch). ``async def`` handlers run on one long-lived asyncio loop, many at a
+time up to each handler's concurrency. The core enforces timeouts, leases and
+retries; a cancelled task cancels the asyncio task of an async handler and
+sets ``ctx.is_cancelled()`` for sync handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from . import _native
+from ._context import AsyncContext, Context
+from .errors import (
+    Cancelled,
+    InvalidInput,
+    LeaseLost,
+    PermanentError,
+    RetryableError,
+    TimeoutError,
+    _Suspend,
+)
+
+log = logging.getLogger("switchyard")
+_core_log = logging.getLogger("switchyard.core")
+
+
+def _forward_core_logs() -> None:
+    """Re-emits the Rust core's queued log records through ``logging``
+    (logger ``switchyard.core``). Called by threads that wake regularly."""
+    for level, target, message in _native.take_logs():
+        if _core_log.isEnabledFor(level):
+            _core_log.log(level, "%s", message, extra={"rust_target": target})
+
+DEFAULT_STORE = "sqlite:switchyard.db"
+
+
+def default_store() -> str:
+    """The store URL from ``SWITCHYARD_STORE``, or ``sqlite:switchyard.db``."""
+    return os.environ.get("SWITCHYARD_STORE") or DEFAULT_STORE
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retry policy: exponential backoff with jitter, up to ``max_attempts``."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 1.0
+    max_backoff: float = 300.0
+
+
+class HttpError(Exception):
+    """Raised by ``@worker.api`` handlers for a non-2xx answer: 429 is retried
+    after ``retry_after``, other 4xx fail permanently, 5xx are retried."""
+
+    def __init__(self, status: int, message: str = "", retry_after: Optional[float] = None) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+class NetworkError(Exception):
+    """Raised by ``@worker.api`` handlers when the request got no answer (retried)."""
+
+
+def step(name: str, handler: Optional[str] = None, input: Any = None, depends_on: Sequence[str] = ()) -> Dict[str, Any]:
+    """A step for a :class:`Decision`: ``handler`` defaults to ``name``."""
+    return {"name": name, "handler": handler or name, "input": input, "depends_on": list(depends_on)}
+
+
+@dataclass
+class Decision:
+    """What a ``@worker.decision`` handler returns: steps to create (with
+    dependencies by name), or ``Decision.complete(value)``."""
+
+    steps: List[Dict[str, Any]] = field(default_factory=list)
+    final_step: Optional[str] = None
+    value: Any = None
+    done: bool = False
+
+    @staticmethod
+    def complete(value: Any = None) -> "Decision":
+        return Decision(value=value, done=True)
+
+    @staticmethod
+    def create(steps: Sequence[Dict[str, Any]], final_step: Optional[str] = None) -> "Decision":
+        return Decision(steps=list(steps), final_step=final_step)
+
+    @staticmethod
+    def fan_out(handler: str, total: int, batch_size: int, input: Any = None, converge: str = "converge") -> "Decision":
+        """Splits ``total`` items into cursor ranges run as parallel ``handler`` steps,
+        then a ``converge`` step that receives their results."""
+        size = max(1, batch_size)
+        steps, start, index = [], 0, 0
+        while start < total:
+            end = min(start + size, total)
+            steps.append(step(f"{handler}#{index}", handler, {"start": start, "end": end, "size": end - start, "index": index, "input": input}))
+            start, index = end, index + 1
+        steps.append(step(converge, converge, {"total": total, "batches": index, "input": input}, [s["name"] for s in steps]))
+        return Decision(steps=steps, final_step=converge)
+
+
+@dataclass
+class BatchItem:
+    """One step of a ``@worker.batch`` call."""
+
+    input: Any
+    ctx: Union[Context, AsyncContext]
+
+
+@dataclass
+class _Handler:
+    name: str
+    fn: Callable[..., Any]
+    kind: str
+    is_async: bool
+
+
+def _trace(e: BaseException) -> str:
+    # Start at the user's code: drop this module's own frames at the top.
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(e), e, tb))
+
+
+def _error(e: BaseException, handler: str) -> Tuple[Any, ...]:
+    if isinstance(e, _Suspend):
+        return ("suspend", e.wait)
+    if isinstance(e, LeaseLost):
+        return ("error", "lease_lost", str(e), None, None)
+    if isinstance(e, HttpError):
+        return ("http", e.status, e.retry_after, e.message)
+    if isinstance(e, NetworkError):
+        return ("network", str(e))
+    if isinstance(e, (Cancelled, asyncio.CancelledError)):
+        return ("error", "cancelled", str(e) or "cancelled", None, None)
+    if isinstance(e, InvalidInput):
+        return ("error", "invalid_input", str(e), None, None)
+    if isinstance(e, (PermanentError, TimeoutError)):
+        # An await timeout that escapes the handler is final: a replay would
+        # take the same (checkpointed) path.
+        return ("error", "permanent", str(e) or type(e).__name__, _trace(e), None)
+    if isinstance(e, RetryableError):
+        return ("error", "retryable", str(e) or type(e).__name__, _trace(e), e.retry_after)
+    log.warning("handler %s raised %s: %s", handler, type(e).__name__, e)
+    return ("error", "retryable", f"{type(e).__name__}: {e}", _trace(e), None)
+
+
+def _ok(kind: str, value: Any, handler: str) -> Tuple[Any, ...]:
+    if kind == "decision":
+        if not isinstance(value, Decision):
+            return ("error", "permanent", f"decision handler `{handler}` returned {type(value).__name__}, not switchyard.Decision", None, None)
+        if value.done:
+            return ("complete", value.value)
+        return ("decision", value.steps, value.final_step)
+    return ("value", value)
+
+
+class Worker:
+    """A host for Python handlers.
+
+    >>> worker = Worker(store="sqlite:app.db")
+    >>> @worker.step("greet")
+    ... def greet(input, ctx):
+    ...     return {"hello": input["name"]}
+    >>> worker.run()  # blocks; Ctrl-C / SIGTERM shut down gracefully
+    """
+
+    def __init__(
+        self,
+        store: Optional[str] = None,
+        *,
+        concurrency: int = 64,
+        threads: Optional[int] = None,
+        lease: float = 30.0,
+        shutdown_grace: float = 10.0,
+        max_payload_bytes: Optional[int] = None,
+    ) -> None:
+        self.store = store or default_store()
+        self._native = _native.NativeWorker(self.store, concurrency, lease, shutdown_grace, max_payload_bytes)
+        self._handlers: Dict[str, _Handler] = {}
+        self._threads_n = threads or min(32, max(4, concurrency))
+        self._threads: List[threading.Thread] = []
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_thread: Optional[threading.Thread] = None
+        self._tasks: "set[asyncio.Future[None]]" = set()
+        self._started = False
+        self._stopped = threading.Event()
+
+    # -- registration -------------------------------------------------------
+    def _register(self, name: str, kind: str, fn: Callable[..., Any], retry: Union[None, int, Retry], **opts: Any) -> None:
+        if not callable(fn):
+            raise TypeError(f"handler `{name}` must be callable")
+        is_async = inspect.iscoroutinefunction(fn)
+        if isinstance(retry, int):
+            retry = Retry(max_attempts=retry)
+        if retry is not None:
+            opts.update(max_attempts=retry.max_attempts, initial_backoff=retry.initial_backoff, max_backoff=retry.max_backoff)
+        self._native.register(name, kind, is_async, **opts)
+        self._handlers[name] = _Handler(name, fn, kind, is_async)
+
+    def step(
+        self,
+        name: str,
+        *,
+        concurrency: Optional[int] = None,
+        timeout: Optional[float] = None,
+        retry: Union[None, int, Retry] = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Registers a plain handler ``fn(input, ctx) -> result`` (or ``async def``)."""
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self._register(name, "step", fn, retry, concurrency=concurrency, timeout=timeout)
+            return fn
+
+        return deco
+
+    def batch(
+        self,
+        name: str,
+        *,
+        max_batch: int = 64,
+        linger: float = 0.005,
+        concurrency: Optional[int] = None,
+        timeout: Optional[float] = None,
+        retry: Union[None, int, Retry] = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Registers a batch handler ``fn(items: list[BatchItem]) -> list[result | Exception]``."""
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self._register(name, "batch", fn, retry, concurrency=concurrency, timeout=timeout, max_batch=max_batch, linger=linger)
+            return fn
+
+        return deco
+
+    def decision(
+        self,
+        name: str,
+        *,
+        concurrency: Optional[int] = None,
+        timeout: Optional[float] = None,
+        retry: Union[None, int, Retry] = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Registers a decision handler ``fn(input, ctx) -> Decision``."""
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self._register(name, "decision", fn, retry, concurrency=concurrency, timeout=timeout)
+            return fn
+
+        return deco
+
+    def api(
+        self,
+        name: str,
+        *,
+        rate_limit: Optional[float] = None,
+        burst: Optional[int] = None,
+        concurrency: Optional[int] = None,
+        timeout: Optional[float] = None,
+        retry: Union[None, int, Retry] = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Registers an API-shaped handler; raise :class:`HttpError` or
+        :class:`NetworkError` for failures. ``rate_limit`` is starts per second."""
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self._register(name, "api", fn, retry, concurrency=concurrency, timeout=timeout, rate_limit=rate_limit, burst=burst)
+            return fn
+
+        return deco
+
+    # -- running ------------------------------------------------------------
+    @property
+    def host_id(self) -> Optional[str]:
+        return self._native.host_id
+
+    def start(self) -> None:
+        """Starts serving in background threads and returns."""
+        if self._started:
+            raise RuntimeError("the worker was already started")
+        if not self._handlers:
+            raise RuntimeError("register at least one handler before starting the worker")
+        self._started = True
+        self._native.start()
+        if any(not h.is_async for h in self._handlers.values()):
+            for i in range(self._threads_n):
+                t = threading.Thread(target=self._sync_loop, name=f"switchyard-worker-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        if any(h.is_async for h in self._handlers.values()):
+            ready = threading.Event()
+            t = threading.Thread(target=self._async_main, args=(ready,), name="switchyard-asyncio", daemon=True)
+            t.start()
+            self._threads.append(t)
+            self._loop_thread = t
+            ready.wait()
+            p = threading.Thread(target=self._async_puller, name="switchyard-asyncio-feed", daemon=True)
+            p.start()
+            self._threads.append(p)
+        _forward_core_logs()
+        log.info("switchyard worker %s started with handlers %s", self.host_id, sorted(self._handlers))
+
+    def stop(self) -> None:
+        """Graceful shutdown: no more claims; running steps get the grace
+        period, then are handed back. Blocks until done."""
+        if not self._started or self._stopped.is_set():
+            return
+        try:
+            # Handler threads keep serving while the core drains; the inboxes
+            # close afterwards and the threads see ``None`` and exit.
+            self._native.stop()
+        except BaseException:
+            # A second Ctrl-C while draining: give up at once and leave the
+            # daemon threads behind.
+            self._stopped.set()
+            raise
+        # The core has drained (or given up after the grace period); a
+        # handler that ignores cancellation gets a few more seconds, then is
+        # left behind on its daemon thread.
+        deadline = time.monotonic() + 5.0
+        loop = self._loop
+        for t in self._threads:
+            if t is not self._loop_thread:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if loop is not None and self._loop_thread is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+            self._loop_thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._stopped.set()
+        _forward_core_logs()
+        log.info("switchyard worker stopped")
+
+    def run(self) -> None:
+        """Serves until Ctrl-C (SIGINT) or SIGTERM, then shuts down gracefully.
+
+        On the main thread SIGTERM is turned into ``KeyboardInterrupt`` while
+        this runs (the previous handler is restored afterwards).
+        """
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGTERM)
+
+            def on_term(signum: int, frame: Any) -> None:
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGTERM, on_term)
+        try:
+            self.start()
+            # The main thread only waits here; a signal interrupts the wait.
+            while not self._stopped.wait(0.25):
+                pass
+        except KeyboardInterrupt:
+            log.info("signal received, shutting down")
+        finally:
+            try:
+                self.stop()
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+
+    async def run_async(self) -> None:
+        """Serves until cancelled, then shuts down gracefully."""
+        self.start()
+        try:
+            while not self._stopped.is_set():
+                await asyncio.sleep(0.2)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, self.stop)
+
+    def __enter__(self) -> "Worker":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> "Worker":
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+
+    # -- sync handlers ------------------------------------------------------
+    def _sync_loop(self) -> None:
+        native = self._native
+        while True:
+            jobs = native.next_jobs(False, 16, 0.25)
+            if jobs is None:
+                return
+            if not jobs:
+                _forward_core_logs()
+            for job in jobs:
+                try:
+                    self._run_sync(job)
+                except BaseException:  # noqa: BLE001 - never lose a serving thread
+                    log.exception("switchyard: internal error while running %r", job)
+
+    def _run_sync(self, job: "_native.NativeJob") -> None:
+        h = self._handlers[job.handler]
+        items = job.items
+        if h.kind == "batch":
+            try:
+                results = h.fn([BatchItem(inp, Context(c)) for inp, c in items])
+                outcomes = self._batch_outcomes(h, results, len(items))
+            except BaseException as e:  # noqa: BLE001 - a handler failure fails only its steps
+                outcomes = [_error(e, h.name)] * len(items)
+        else:
+            inp, c = items[0]
+            try:
+                outcomes = [_ok(h.kind, h.fn(inp, Context(c)), h.name)]
+            except BaseException as e:  # noqa: BLE001
+                outcomes = [_error(e, h.name)]
+        job.finish(outcomes)
+
+    @staticmethod
+    def _batch_outcomes(h: _Handler, results: Any, n: int) -> List[Tuple[Any, ...]]:
+        results = list(results)
+        if len(results) != n:
+            msg = f"batch handler `{h.name}` returned {len(results)} results for {n} steps"
+            return [("error", "permanent", msg, None, None)] * n
+        return [_error(r, h.name) if isinstance(r, BaseException) else ("value", r) for r in results]
+
+    # -- async handlers -----------------------------------------------------
+    def _async_main(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def _async_puller(self) -> None:
+        native, loop = self._native, self._loop
+        assert loop is not None
+        while True:
+            jobs = native.next_jobs(True, 64, 0.25)
+            if jobs is None:
+                return
+            if not jobs:
+                _forward_core_logs()
+            if jobs:
+                loop.call_soon_threadsafe(self._schedule, jobs)
+
+    def _schedule(self, jobs: List["_native.NativeJob"]) -> None:
+        for job in jobs:
+            # The loop keeps only weak references to tasks: hold them until done.
+            task = asyncio.ensure_future(self._run_async(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_async(self, job: "_native.NativeJob") -> None:
+        h = self._handlers[job.handler]
+        items = job.items
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        watches = []
+        if task is not None and h.kind != "batch":
+            # Push cancellation: a cancelled task cancels this asyncio task
+            # (the handler sees CancelledError). Batch items are cancelled
+            # one by one through ``ctx.is_cancelled()`` instead.
+            for _, c in items:
+                watches.append(c.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel)))
+        try:
+            if h.kind == "batch":
+                try:
+                    results = await h.fn([BatchItem(inp, AsyncContext(c)) for inp, c in items])
+                    outcomes = self._batch_outcomes(h, results, len(items))
+                except BaseException as e:  # noqa: BLE001
+                    outcomes = [_error(e, h.name)] * len(items)
+            else:
+                inp, c = items[0]
+                try:
+                    outcomes = [_ok(h.kind, await h.fn(inp, AsyncContext(c)), h.name)]
+                except BaseException as e:  # noqa: BLE001
+                    outcomes = [_error(e, h.name)]
+        finally:
+            for w in watches:
+                w.close()
+        job.finish(outcomes)
