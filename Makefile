@@ -11,8 +11,10 @@ FEATURES := --features switchyard-store/contract
 # Root runs apt-get directly; anyone else through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-demo:
-	$(CARGO) run --release --quiet -p switchyard-examples --bin demo
+# The order workflow runs in a Rust host; its notify.customer step runs in a
+# Python worker process (the wheel is built and installed into target/venv-py).
+demo: python-wheel
+	$(CARGO) run --release --quiet -p switchyard-examples --bin demo -- --python $(PY_VENV_ABS)/bin/python
 
 build:
 	$(CARGO) build --release -p switchyard

@@ -40,10 +40,11 @@ python-wheel: python-venv
 	$(PY_VENV_ABS)/bin/python -m pip install --quiet --force-reinstall --no-deps $(PY_WHEELS_ABS)/switchyard-*.whl
 
 python-cli:
-	CARGO_TARGET_DIR=$(PY_TARGET_DIR) $(CARGO) build --release -p switchyard
+	CARGO_TARGET_DIR=$(PY_TARGET_DIR) $(CARGO) build --release -p switchyard -p switchyard-examples --bin switchyard --bin demo
 
 # Runs from inside the venv directory: the source tree's python/ is never on
 # sys.path (python/tests/conftest.py checks that).
 test-python: python-wheel python-cli
 	cd $(PY_VENV_ABS) && SWITCHYARD_CLI=$(PY_TARGET_DIR)/release/switchyard \
+	  SWITCHYARD_DEMO=$(PY_TARGET_DIR)/release/demo \
 	  bin/python -m pytest $(CURDIR)/python/tests -p no:cacheprovider $(PYTEST_ARGS)

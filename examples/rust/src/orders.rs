@@ -125,6 +125,9 @@ pub struct OrderFlow {
     /// emitted, so that the cached-event path shows on every run, however
     /// loaded the machine is.
     pub pack_gate: Option<watch::Receiver<bool>>,
+    /// Register `notify.customer` in this host (false: another process,
+    /// e.g. the Python worker of `examples/python`, serves it).
+    pub notify_here: bool,
 }
 
 /// Registers the workflow's handlers.
@@ -132,7 +135,7 @@ pub fn register(builder: WorkerBuilder, flow: OrderFlow) -> WorkerBuilder {
     let opts = HandlerOptions::default;
     let gate = flow.pack_gate.clone();
     let timeout = flow.await_timeout;
-    builder
+    let builder = builder
         .decision(ROOT, opts(), |input, ctx| async move {
             // A malformed order fails here, once, as invalid input (no retries).
             let order: Order = serde_json::from_value(input)?;
@@ -197,51 +200,67 @@ pub fn register(builder: WorkerBuilder, flow: OrderFlow) -> WorkerBuilder {
                 })
                 .await
             }
-        })
-        .step("notify.customer", opts(), |input, ctx| async move {
+        });
+    let builder = if flow.notify_here {
+        builder.step("notify.customer", opts(), |input, ctx| async move {
             ctx.checkpoint("email", || async {
                 work(Duration::from_millis(100)).await;
-                say(ctx.step_name(), format!("emailed {}: order received", str_of(&input["email"])));
+                say(
+                    ctx.step_name(),
+                    format!("emailed {}: order received", str_of(&input["email"])),
+                );
                 Ok(json!({"sent_to": input["email"], "template": "order-received"}))
             })
             .await
         })
-        .step("order.ship", opts(), move |input, ctx| async move {
-            let order: Order = serde_json::from_value(input["order"].clone())?;
-            let done = ctx.dependency_results().await?;
-            if timeline::once(format!("{}/converged", ctx.task_id())) {
-                let names: Vec<&str> = done.keys().map(String::as_str).collect();
-                say(ctx.step_name(), format!("converged on {}", names.join(", ")));
-            }
+    } else {
+        builder
+    };
+    builder.step("order.ship", opts(), move |input, ctx| async move {
+        let order: Order = serde_json::from_value(input["order"].clone())?;
+        let done = ctx.dependency_results().await?;
+        if timeline::once(format!("{}/converged", ctx.task_id())) {
+            let names: Vec<&str> = done.keys().map(String::as_str).collect();
+            say(
+                ctx.step_name(),
+                format!("converged on {}", names.join(", ")),
+            );
+        }
 
-            let payment = timeline::await_event(&ctx, &payment_event(&order.order), timeout).await?;
-            let shipment: Value = ctx
-                .checkpoint("ship", || async {
-                    say(ctx.step_name(), "handing the parcel to the courier");
-                    work(Duration::from_millis(200)).await;
-                    let s = json!({"carrier": "ACME Post", "tracking": format!("TRK-{}", order.order)});
-                    say(ctx.step_name(), format!("checkpoint ship stored {}", compact(&s)));
-                    Ok(s)
-                })
-                .await?;
-            let delivery = timeline::await_event(&ctx, &delivery_event(&order.order), timeout).await?;
+        let payment = timeline::await_event(&ctx, &payment_event(&order.order), timeout).await?;
+        let shipment: Value = ctx
+            .checkpoint("ship", || async {
+                say(ctx.step_name(), "handing the parcel to the courier");
+                work(Duration::from_millis(200)).await;
+                let s = json!({"carrier": "ACME Post", "tracking": format!("TRK-{}", order.order)});
+                say(
+                    ctx.step_name(),
+                    format!("checkpoint ship stored {}", compact(&s)),
+                );
+                Ok(s)
+            })
+            .await?;
+        let delivery = timeline::await_event(&ctx, &delivery_event(&order.order), timeout).await?;
 
-            if timeline::once(format!("{}/delivered", ctx.task_id())) {
-                say(ctx.step_name(), "delivered: the task completes with this step's result");
-            }
-            Ok(json!({
-                "order": order.order,
-                "status": "delivered",
-                "total": order.total(),
-                "currency": order.currency,
-                "reservation": input["reservation"],
-                "payment": {"authorisation": done.get("charge.payment"), "confirmation": payment},
-                "parcel": done.get("pack.items"),
-                "notified": done.get("notify.customer"),
-                "shipment": shipment,
-                "delivery": delivery,
-            }))
-        })
+        if timeline::once(format!("{}/delivered", ctx.task_id())) {
+            say(
+                ctx.step_name(),
+                "delivered: the task completes with this step's result",
+            );
+        }
+        Ok(json!({
+            "order": order.order,
+            "status": "delivered",
+            "total": order.total(),
+            "currency": order.currency,
+            "reservation": input["reservation"],
+            "payment": {"authorisation": done.get("charge.payment"), "confirmation": payment},
+            "parcel": done.get("pack.items"),
+            "notified": done.get("notify.customer"),
+            "shipment": shipment,
+            "delivery": delivery,
+        }))
+    })
 }
 
 /// Simulated work (a call to some service).

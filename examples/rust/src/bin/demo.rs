@@ -33,6 +33,10 @@ struct Args {
     /// Which program emits the events.
     #[arg(long, value_enum, default_value_t = Via::Auto)]
     emitter: Via,
+    /// Serve `notify.customer` from a Python worker process run by this
+    /// interpreter (which must have the `switchyard` wheel installed).
+    #[arg(long, value_name = "PYTHON")]
+    python: Option<std::path::PathBuf>,
     /// Emit one event and exit (the second process).
     #[arg(long, num_args = 2, value_names = ["NAME", "PAYLOAD"], hide = true)]
     emit: Option<Vec<String>>,
@@ -67,6 +71,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let flow = OrderFlow {
         await_timeout: Some(timeout),
         pack_gate: Some(gate),
+        notify_here: args.python.is_none(),
+    };
+    let python = match &args.python {
+        Some(py) => Some(python_worker(py, &url).await?),
+        None => None,
     };
     let worker = orders::register(Worker::builder(store.clone()), flow)
         .build()?
@@ -140,6 +149,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (_, _, task) = tokio::try_join!(payment, delivery, finished)?;
 
     worker.stop().await;
+    if let Some(child) = python {
+        stop_python_worker(child).await?;
+    }
     match task.state {
         TaskState::Completed => {
             let result = task.result.unwrap_or_default();
@@ -160,4 +172,70 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "no error recorded".into())
         ),
     }
+}
+
+/// Starts `examples/python/notify_worker.py` and waits until its host has
+/// registered `notify.customer`.
+async fn python_worker(
+    python: &std::path::Path,
+    url: &str,
+) -> anyhow::Result<tokio::process::Child> {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/notify_worker.py");
+    say(
+        "demo",
+        format!(
+            "starting a Python worker for notify.customer: {} {}",
+            python.display(),
+            script.display()
+        ),
+    );
+    let mut child = tokio::process::Command::new(python)
+        .arg(&script)
+        .args(["--store", url])
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", python.display()))?;
+    let store = switchyard::open(url).await?;
+    let client = Client::new(store);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("the Python worker exited early ({status})");
+        }
+        let hosts = client.workers().await?;
+        if let Some(h) = hosts
+            .iter()
+            .find(|h| h.handlers.iter().any(|x| x == "notify.customer"))
+        {
+            say(
+                "demo",
+                format!(
+                    "Python host {} (pid {}) serves notify.customer",
+                    h.id, h.pid
+                ),
+            );
+            return Ok(child);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the Python worker did not register notify.customer within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGTERM (a graceful stop), then waits for the Python worker to exit.
+async fn stop_python_worker(mut child: tokio::process::Child) -> anyhow::Result<()> {
+    if let Some(pid) = child.id() {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .context("the Python worker did not stop within 10 s of SIGTERM")??;
+    say("demo", format!("Python worker stopped ({status})"));
+    if !status.success() {
+        bail!("the Python worker exited with {status}");
+    }
+    Ok(())
 }

@@ -55,6 +55,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let flow = OrderFlow {
         await_timeout: Some(timeout),
         pack_gate: None,
+        notify_here: true,
     };
     let worker = orders::register(Worker::builder(store.clone()), flow)
         .build()?
