@@ -1,0 +1,33 @@
+"""The reference scenarios in examples/python run to the end against the
+installed wheel, each on its own SQLite file, and exit 0 (each script
+asserts its own outcome)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "python")
+
+
+@pytest.mark.parametrize(
+    "script, expect",
+    [
+        ("order_events.py", "courier emitted shipment.delivered"),
+        ("delegation.py", "response event report.ready"),
+        ("inventory_cancel.py", "watch and its scan cancelled"),
+    ],
+)
+def test_example_runs(tmp_path, script, expect):
+    store = f"sqlite:{tmp_path / 'example.db'}"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, script), "--store", store],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(tmp_path),
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert expect in proc.stdout, out
