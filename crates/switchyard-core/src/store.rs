@@ -208,6 +208,27 @@ pub trait Store: Send + Sync + 'static {
     /// completed; [`Error::NotFound`] if it does not exist.
     async fn retry_task(&self, id: TaskId) -> Result<()>;
 
+    /// Retention: deletes up to `batch` finished tasks (`completed`,
+    /// `failed` or `cancelled`) whose `updated_at < finished_before`,
+    /// together with everything that belongs to them (steps, step
+    /// dependencies, checkpoints, group and children bookkeeping), in one
+    /// short transaction. Returns how many tasks were deleted (never more
+    /// than `batch`); callers loop until it returns 0, so a large backlog is
+    /// removed in bounded batches.
+    ///
+    /// * Only tasks without a parent task are deleted: a root task, or a
+    ///   child whose parent task has already been deleted. A child is
+    ///   therefore never deleted while its parent exists (a parent's replay,
+    ///   including after [`Store::retry_task`], reads its children's
+    ///   outcomes), and never while its parent is unfinished. A finished
+    ///   tree is removed parent first; its finished children become
+    ///   eligible in the following calls.
+    /// * Unfinished tasks are never deleted, whatever their age.
+    /// * Cached events are not deleted (they are first-write-wins facts).
+    /// * The idempotency keys of deleted tasks become free: a later spawn
+    ///   with the same key creates a new task.
+    async fn cleanup(&self, finished_before: Millis, batch: usize) -> Result<u64>;
+
     /// One task.
     async fn get_task(&self, id: TaskId) -> Result<Option<TaskRecord>>;
 

@@ -148,6 +148,9 @@ macro_rules! contract_suite {
                 hosts_list_and_deregister,
                 count_steps_by_state,
                 step_results_named_completed,
+                cleanup_removes_old_finished_tasks,
+                cleanup_keeps_children_of_unfinished_parents,
+                cleanup_batches_and_frees_idempotency_keys,
             }
         }
     };
@@ -2875,4 +2878,192 @@ pub async fn step_results_named_completed(factory: Factory) {
     .into();
     assert_eq!(results, expected);
     assert!(h.store.step_results(id, &[]).await.unwrap().is_empty());
+}
+
+/// Calls `cleanup` until it returns 0; returns the total and checks every
+/// call stayed within `batch`.
+async fn cleanup_all(h: &H, before: Millis, batch: usize) -> u64 {
+    let mut total = 0;
+    for _ in 0..1000 {
+        let n = h.store.cleanup(before, batch).await.expect("cleanup");
+        assert!(
+            n <= batch as u64,
+            "cleanup removed {n} tasks, more than the batch of {batch}"
+        );
+        if n == 0 {
+            return total;
+        }
+        total += n;
+    }
+    panic!("cleanup never returned 0");
+}
+
+/// `cleanup` removes finished (completed, failed, cancelled) tasks older than
+/// the cutoff with their steps, dependencies and checkpoints; unfinished
+/// tasks of any age and recently finished ones are kept; cached events
+/// (including response events of removed tasks) survive.
+pub async fn cleanup_removes_old_finished_tasks(factory: Factory) {
+    let h = H::open(&factory).await;
+    // A completed task with several steps, a dependency and a checkpoint.
+    let done = h
+        .spawn(NewTask::new("cl_done", json!(1)).response_event("cl-done-ev"))
+        .await;
+    let root = h.claim_one("cl_done").await;
+    h.put_checkpoint(&root, "cp", json!("saved")).await.unwrap();
+    h.decide(
+        &root,
+        vec![new_step("b", "cl_w", &[]), new_step("c", "cl_w", &["b"])],
+        None,
+        json!("decided"),
+    )
+    .await;
+    let b = h.claim_one("cl_w").await;
+    h.resolve(&b, Resolution::Completed(json!("b"))).await;
+    let c = h.claim_one("cl_w").await;
+    h.resolve(&c, Resolution::Completed(json!("c"))).await;
+    assert_eq!(h.task(done).await.state, TaskState::Completed);
+    // A failed and a cancelled task.
+    let failed = h.spawn_handler("cl_fail").await;
+    let f = h.claim_one("cl_fail").await;
+    h.resolve(
+        &f,
+        Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "boom")),
+    )
+    .await;
+    let cancelled = h.spawn_handler("cl_cancel").await;
+    assert!(h.store.cancel_task(cancelled, false).await.unwrap());
+    // Unfinished tasks: one ready, one running.
+    let waiting = h.spawn_handler("cl_wait").await;
+    let running = h.spawn_handler("cl_run").await;
+    let run = h.claim_one("cl_run").await;
+    assert!(h.emit("cl-other-ev", json!("fact")).await);
+
+    h.advance(10_000);
+    let cutoff = h.now() - 5_000;
+    // Finished after the cutoff: kept.
+    let recent = h.spawn_handler("cl_recent").await;
+    let r = h.claim_one("cl_recent").await;
+    h.resolve(&r, Resolution::Completed(json!("recent"))).await;
+
+    assert_eq!(cleanup_all(&h, cutoff, 100).await, 3);
+    for id in [done, failed, cancelled] {
+        assert!(
+            h.store.get_task(id).await.unwrap().is_none(),
+            "{id} removed"
+        );
+        assert!(h.store.task_detail(id).await.unwrap().is_none());
+        assert!(h.store.checkpoints(id).await.unwrap().is_empty());
+    }
+    let names: Vec<String> = ["cl_done", "b", "c"].map(String::from).to_vec();
+    assert!(h.store.step_results(done, &names).await.unwrap().is_empty());
+    for id in [waiting, running, recent] {
+        assert!(h.store.get_task(id).await.unwrap().is_some(), "{id} kept");
+    }
+    let expected: BTreeMap<String, u64> = [("completed", 1), ("ready", 1), ("running", 1)]
+        .map(|(k, v)| (k.to_string(), v))
+        .into();
+    assert_eq!(
+        h.store.count_steps().await.unwrap(),
+        expected,
+        "only the kept tasks' steps remain"
+    );
+    assert_eq!(
+        h.store
+            .list_tasks(&TaskFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert!(h.store.get_event("cl-done-ev").await.unwrap().is_some());
+    assert!(h.store.get_event("cl-other-ev").await.unwrap().is_some());
+    // The kept running step is unaffected.
+    h.resolve(&run, Resolution::Completed(json!("ok"))).await;
+    assert_eq!(h.task(running).await.state, TaskState::Completed);
+    // Nothing was old enough at the first cutoff; a later cutoff takes the rest
+    // except the still-unfinished task.
+    assert_eq!(cleanup_all(&h, cutoff, 100).await, 0);
+    h.advance(1);
+    assert_eq!(cleanup_all(&h, h.now(), 100).await, 2);
+    assert!(h.store.get_task(waiting).await.unwrap().is_some());
+}
+
+/// `cleanup` never removes a task while its parent task exists: a finished
+/// child of a running parent is kept (with its group outcome); once the
+/// parent has finished and been removed, the child goes in a later call.
+pub async fn cleanup_keeps_children_of_unfinished_parents(factory: Factory) {
+    let h = H::open(&factory).await;
+    let parent = h.spawn_handler("clp_parent").await;
+    let p = h.claim_one("clp_parent").await;
+    let group = "clp-group";
+    let child = h.spawn_child("clp_child", &p, Some(group), 0).await;
+    h.suspend(&p, wait_group(group)).await;
+    let c = h.claim_one("clp_child").await;
+    h.resolve(&c, Resolution::Completed(json!("child done")))
+        .await;
+    assert_eq!(h.task(child).await.state, TaskState::Completed);
+
+    h.advance(10_000);
+    assert_eq!(cleanup_all(&h, h.now(), 100).await, 0);
+    assert!(h.store.get_task(child).await.unwrap().is_some());
+    let outcomes = h.store.group_outcomes(group).await.unwrap();
+    assert_eq!(outcomes.len(), 1);
+    assert_eq!(outcomes[0].result, Some(json!("child done")));
+
+    // The parent's replay still sees its child; then the parent finishes.
+    let p = h.claim_one("clp_parent").await;
+    h.resolve(&p, Resolution::Completed(json!("parent done")))
+        .await;
+    h.advance(1);
+    let now = h.now();
+    assert_eq!(h.store.cleanup(now, 100).await.unwrap(), 1, "parent first");
+    assert!(h.store.get_task(parent).await.unwrap().is_none());
+    assert!(
+        h.store.get_task(child).await.unwrap().is_some(),
+        "a child outlives its parent's removal by one call"
+    );
+    assert_eq!(h.store.cleanup(now, 100).await.unwrap(), 1);
+    assert!(h.store.get_task(child).await.unwrap().is_none());
+    assert!(h.store.group_outcomes(group).await.unwrap().is_empty());
+    assert_eq!(h.store.cleanup(now, 100).await.unwrap(), 0);
+    assert!(h.store.count_steps().await.unwrap().is_empty());
+}
+
+/// `cleanup` removes at most `batch` tasks per call (callers loop until 0),
+/// and the idempotency keys of removed tasks can be used again.
+pub async fn cleanup_batches_and_frees_idempotency_keys(factory: Factory) {
+    let h = H::open(&factory).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let id = h
+            .spawn(NewTask::new("clb", json!(i)).idempotency_key(format!("clb-{i}")))
+            .await;
+        assert!(h.store.cancel_task(id, false).await.unwrap());
+        ids.push(id);
+    }
+    h.advance(1_000);
+    let now = h.now();
+    assert_eq!(h.store.cleanup(now, 0).await.unwrap(), 0, "batch 0");
+    let mut calls = Vec::new();
+    loop {
+        let n = h.store.cleanup(now, 2).await.unwrap();
+        calls.push(n);
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(calls, [2, 2, 1, 0]);
+    for id in &ids {
+        assert!(h.store.get_task(*id).await.unwrap().is_none());
+    }
+    let again = h
+        .store
+        .spawn(vec![
+            NewTask::new("clb", json!("again")).idempotency_key("clb-0")
+        ])
+        .await
+        .unwrap();
+    assert!(again[0].created, "the key is free again");
+    assert!(!ids.contains(&again[0].task_id));
+    assert_eq!(h.task(again[0].task_id).await.input, json!("again"));
 }

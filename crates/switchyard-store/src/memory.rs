@@ -1136,6 +1136,62 @@ impl Inner {
         Ok(())
     }
 
+    /// Retention (see [`Store::cleanup`]): deletes up to `batch` finished
+    /// tasks older than `before` whose parent task is gone, oldest created
+    /// first, with their steps and checkpoints, and unlinks them from the
+    /// idempotency map, their group and the task order.
+    fn cleanup(&mut self, before: Millis, batch: usize) -> u64 {
+        if batch == 0 {
+            return 0;
+        }
+        let doomed: Vec<TaskId> = self
+            .task_order
+            .iter()
+            .copied()
+            .filter(|id| {
+                let t = &self.tasks[id];
+                t.rec.state.is_terminal()
+                    && t.rec.updated_at < before
+                    && t.rec
+                        .parent
+                        .as_ref()
+                        .is_none_or(|p| !self.tasks.contains_key(&p.task_id))
+            })
+            .take(batch)
+            .collect();
+        if doomed.is_empty() {
+            return 0;
+        }
+        for &id in &doomed {
+            let task = self
+                .tasks
+                .remove(&id)
+                .expect("memory store: task index out of sync");
+            for sid in task.all_steps() {
+                self.detach(sid);
+                if let Some(step) = self.steps.remove(&sid) {
+                    self.counts[step.rec.state as usize] -= 1;
+                }
+            }
+            if let Some(key) = &task.rec.idempotency_key {
+                if self.idempotency.get(key) == Some(&id) {
+                    self.idempotency.remove(key);
+                }
+            }
+            if let Some(g) = task.rec.parent.as_ref().and_then(|p| p.group.as_ref()) {
+                if let Some(group) = self.groups.get_mut(g) {
+                    group.children.retain(|(_, c)| *c != id);
+                    if group.children.is_empty() {
+                        self.groups.remove(g);
+                    }
+                }
+            }
+        }
+        let gone: FastSet<TaskId> = doomed.iter().copied().collect();
+        self.task_order.retain(|id| !gone.contains(id));
+        doomed.len() as u64
+    }
+
     fn recover_expired(&mut self, now: Millis, fx: &mut Effects) -> u64 {
         let expired: Vec<StepId> = self
             .running
@@ -1462,6 +1518,10 @@ impl Store for MemoryStore {
 
     async fn cancel_task(&self, id: TaskId, cascade: bool) -> Result<bool> {
         self.write(|inner, now, fx| inner.cancel_task(id, cascade, now, fx))
+    }
+
+    async fn cleanup(&self, finished_before: Millis, batch: usize) -> Result<u64> {
+        Ok(self.write(|inner, _, _| inner.cleanup(finished_before, batch)))
     }
 
     async fn retry_task(&self, id: TaskId) -> Result<()> {
@@ -2423,7 +2483,11 @@ mod tests {
                 11 if !tasks.is_empty() => {
                     let id = tasks[pick(tasks.len(), r >> 8)];
                     if r & 0x10000 != 0 {
-                        let _ = s.cancel_task(id, r & 0x20000 != 0).await.unwrap();
+                        // A task removed by `cleanup` is no longer found.
+                        match s.cancel_task(id, r & 0x20000 != 0).await {
+                            Ok(_) | Err(Error::NotFound(_)) => {}
+                            Err(e) => panic!("cancel_task: {e}"),
+                        }
                     } else {
                         let _ = s.retry_task(id).await;
                     }
@@ -2431,6 +2495,11 @@ mod tests {
                 _ => {
                     clock.advance(pick(20, r >> 8) as i64);
                     s.recover_expired().await.unwrap();
+                    if r & 0x40000 != 0 {
+                        let before = clock.now() - pick(40, r >> 20) as i64;
+                        let n = s.cleanup(before, 1 + pick(4, r >> 28)).await.unwrap();
+                        assert!(n <= 4);
+                    }
                 }
             }
             check_invariants(&s.inner.lock());

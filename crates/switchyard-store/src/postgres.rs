@@ -212,6 +212,24 @@ CREATE TABLE sy_hosts (
 "#,
 ];
 
+/// Retention (see [`Store::cleanup`]): up to `$2` finished tasks older than
+/// `$1` whose parent task is gone, with their steps, dependencies and
+/// checkpoints; rows another transaction holds are skipped.
+const CLEANUP: &str = "\
+WITH doomed AS (
+    DELETE FROM sy_tasks WHERE id IN (
+        SELECT t.id FROM sy_tasks t
+        WHERE t.state IN ('completed', 'failed', 'cancelled') AND t.updated_at < $1
+          AND (t.parent_task_id IS NULL
+               OR NOT EXISTS (SELECT 1 FROM sy_tasks p WHERE p.id = t.parent_task_id))
+        ORDER BY t.seq LIMIT $2
+        FOR UPDATE OF t SKIP LOCKED)
+    RETURNING id),
+del_steps AS (DELETE FROM sy_steps WHERE task_id IN (SELECT id FROM doomed)),
+del_deps AS (DELETE FROM sy_step_deps WHERE task_id IN (SELECT id FROM doomed)),
+del_checkpoints AS (DELETE FROM sy_checkpoints WHERE task_id IN (SELECT id FROM doomed))
+SELECT count(*) FROM doomed";
+
 // ---------------------------------------------------------------------------
 // Errors and JSON
 // ---------------------------------------------------------------------------
@@ -2535,6 +2553,17 @@ impl Store for PostgresStore {
         write_tx!(self, "cancel_task", |c, now, fx| cancel_tx(
             c, now, fx, id, cascade
         ))
+    }
+
+    async fn cleanup(&self, finished_before: Millis, batch: usize) -> Result<u64> {
+        if batch == 0 {
+            return Ok(0);
+        }
+        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+        write_tx!(self, "cleanup", |c, _now, _fx| async {
+            let row = c.one(CLEANUP, &[&finished_before, &limit]).await?;
+            Ok::<u64, Fail>(row.get::<_, i64>(0) as u64)
+        })
     }
 
     async fn retry_task(&self, id: TaskId) -> Result<()> {

@@ -1711,6 +1711,33 @@ fn cancel_tx(
     Ok(true)
 }
 
+/// Deletes up to `batch` finished tasks older than `before` whose parent task
+/// is gone (or that never had one), with their steps, dependencies and
+/// checkpoints. Events are kept.
+fn cleanup_tx(conn: &Connection, before: Millis, batch: usize) -> DbResult<u64> {
+    let ids = conn
+        .prepare_cached(
+            "SELECT t.id FROM tasks t \
+             WHERE t.state IN ('completed', 'failed', 'cancelled') AND t.updated_at < ?1 \
+               AND (t.parent_task_id IS NULL \
+                    OR NOT EXISTS (SELECT 1 FROM tasks p WHERE p.id = t.parent_task_id)) \
+             ORDER BY t.seq LIMIT ?2",
+        )?
+        .query_map(params![before, batch as i64], |r| r.get::<_, Vec<u8>>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for id in &ids {
+        conn.prepare_cached("DELETE FROM step_deps WHERE task_id = ?1")?
+            .execute([id])?;
+        conn.prepare_cached("DELETE FROM checkpoints WHERE task_id = ?1")?
+            .execute([id])?;
+        conn.prepare_cached("DELETE FROM steps WHERE task_id = ?1")?
+            .execute([id])?;
+        conn.prepare_cached("DELETE FROM tasks WHERE id = ?1")?
+            .execute([id])?;
+    }
+    Ok(ids.len() as u64)
+}
+
 fn retry_tx(conn: &Connection, now: Millis, fx: &mut Effects, id: TaskId) -> DbResult<()> {
     let tid = id.0.as_bytes();
     let state: Option<String> = conn
@@ -2168,6 +2195,16 @@ impl Store for SqliteStore {
     async fn cancel_task(&self, id: TaskId, cascade: bool) -> Result<bool> {
         self.write("cancel_task", move |conn, now, fx| {
             cancel_tx(conn, now, fx, id, cascade)
+        })
+        .await
+    }
+
+    async fn cleanup(&self, finished_before: Millis, batch: usize) -> Result<u64> {
+        if batch == 0 {
+            return Ok(0);
+        }
+        self.write("cleanup", move |conn, _, _| {
+            cleanup_tx(conn, finished_before, batch)
         })
         .await
     }

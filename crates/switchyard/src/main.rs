@@ -1,5 +1,6 @@
 //! The `switchyard` command line: migrate the store, spawn tasks, emit
-//! events, inspect and repair tasks, list hosts, and benchmark.
+//! events, inspect and repair tasks, list hosts, delete old finished tasks,
+//! and benchmark.
 //!
 //! Exit codes: 0 on success, 2 for usage errors and invalid input (clap's own
 //! errors included), 1 for every other failure (store unreadable, task not
@@ -54,8 +55,23 @@ enum Command {
     Retry(IdArg),
     /// List registered hosts and the handlers they serve.
     Workers,
+    /// Delete finished tasks (and their steps and checkpoints) older than a
+    /// given age, in bounded batches. Cached events are kept.
+    Cleanup(CleanupArgs),
     /// Measure throughput and latency with an in-process host.
     Bench(BenchArgs),
+}
+
+/// Arguments of `switchyard cleanup`.
+#[derive(Args, Debug)]
+pub struct CleanupArgs {
+    /// Delete tasks that finished longer ago than this: a whole number with
+    /// a unit, `s`, `m`, `h` or `d` (e.g. `90m`, `7d`).
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: String,
+    /// Tasks deleted per transaction.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub batch: usize,
 }
 
 /// Arguments of `switchyard spawn`.
@@ -201,6 +217,7 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Cancel(a) => c::cancel(&url, json, &a.id, a.cascade).await,
         Command::Retry(a) => c::retry(&url, json, &a.id).await,
         Command::Workers => c::workers(&url, json).await,
+        Command::Cleanup(a) => c::cleanup(&url, json, a).await,
         Command::Bench(_) => unreachable!("handled above"),
     }
 }

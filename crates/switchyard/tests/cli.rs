@@ -314,3 +314,58 @@ fn spawn_wait_reports_the_result() {
     let p = Path::new(&cli.db);
     assert!(p.exists());
 }
+
+#[test]
+fn cleanup_deletes_old_finished_tasks_in_batches() {
+    let cli = Cli::new();
+    for bad in ["7x", "5", "d", "-1d", "1.5h", ""] {
+        let out = cli.run(&["cleanup", "--older-than", bad]);
+        assert_eq!(code(&out), 2, "--older-than {bad:?}");
+        assert!(
+            text(&out.stderr).contains("--older-than"),
+            "{bad:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let out = cli.run(&["cleanup", "--older-than", "1d", "--batch", "0"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("--batch"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let a = cli.json(&["spawn", "nobody.serves", "--idempotency-key", "cl-k"]);
+    let b = cli.json(&["spawn", "nobody.serves"]);
+    let kept = cli.json(&["spawn", "nobody.serves"]);
+    for t in [&a, &b] {
+        let id = t["task_id"].as_str().unwrap();
+        assert_eq!(cli.json(&["cancel", id])["cancelled"], true);
+    }
+    cli.json(&["emit", "cl.fact"]);
+
+    assert_eq!(
+        cli.json(&["cleanup", "--older-than", "7d"]),
+        json!({ "deleted": 0 }),
+        "nothing finished a week ago"
+    );
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(
+        cli.json(&["cleanup", "--older-than", "0s", "--batch", "1"]),
+        json!({ "deleted": 2 })
+    );
+    let list = cli.json(&["tasks", "list"]);
+    let ids: Vec<&Value> = list.as_array().unwrap().iter().map(|t| &t["id"]).collect();
+    assert_eq!(ids, [&kept["task_id"]], "the running task is kept");
+    let events = cli.json(&["events", "list"]);
+    assert_eq!(events[0]["name"], "cl.fact", "events are kept");
+    let again = cli.json(&["spawn", "nobody.serves", "--idempotency-key", "cl-k"]);
+    assert_ne!(again["task_id"], a["task_id"], "the key is free again");
+
+    let out = cli.run(&["cleanup", "--older-than", "12h"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "deleted 0 finished tasks older than 12h\n"
+    );
+}

@@ -1,5 +1,5 @@
 //! The store-facing subcommands: migrate, spawn, emit, tasks, events,
-//! cancel, retry, workers.
+//! cancel, retry, workers, cleanup.
 //!
 //! Every argument is validated before the store is opened, so a typo never
 //! creates a database file or leaves anything behind.
@@ -19,7 +19,7 @@ use switchyard::{
 };
 
 use super::output::{opt_time, relative, short_json, time, Table};
-use crate::{EmitArgs, SpawnArgs, TasksListArgs};
+use crate::{CleanupArgs, EmitArgs, SpawnArgs, TasksListArgs};
 
 /// A host counts as live if it heartbeated within this window: three
 /// default heartbeats (5 s) plus slack for a slow store.
@@ -640,5 +640,78 @@ pub async fn workers(url: &str, json: bool) -> CmdResult {
         ]);
     }
     print_text(&t.render())?;
+    Ok(Outcome::Success)
+}
+
+/// Parses an age such as `30s`, `15m`, `12h` or `7d` into milliseconds.
+fn parse_age(text: &str) -> Result<Millis, CliError> {
+    let bad = || {
+        CliError::usage(format!(
+            "--older-than: `{text}` is not a duration (expected a whole number with a unit \
+             s, m, h or d, e.g. `7d`)"
+        ))
+    };
+    let t = text.trim();
+    let split = t.len().checked_sub(1).ok_or_else(bad)?;
+    if !t.is_char_boundary(split) {
+        return Err(bad());
+    }
+    let (number, unit) = t.split_at(split);
+    let unit_ms: i64 = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: i64 = number.parse().map_err(|_| bad())?;
+    n.checked_mul(unit_ms).ok_or_else(bad)
+}
+
+/// How often a long cleanup reports progress on stderr.
+const CLEANUP_PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// `switchyard cleanup`.
+pub async fn cleanup(url: &str, json: bool, a: CleanupArgs) -> CmdResult {
+    let age = parse_age(&a.older_than)?;
+    if a.batch == 0 {
+        return Err(CliError::usage("--batch: must be at least 1"));
+    }
+    let store = open_store(url).await?;
+    // The store's clock is the only clock.
+    let before = store.now().await?.saturating_sub(age);
+    let started = std::time::Instant::now();
+    let mut last_report = started;
+    let mut deleted: u64 = 0;
+    loop {
+        let n = store.cleanup(before, a.batch).await.map_err(|e| {
+            CliError::failure(format!(
+                "cleanup failed after deleting {deleted} tasks: {e}"
+            ))
+        })?;
+        if n == 0 {
+            break;
+        }
+        deleted += n;
+        if last_report.elapsed() >= CLEANUP_PROGRESS_EVERY {
+            last_report = std::time::Instant::now();
+            eprintln!(
+                "cleanup: {deleted} tasks deleted so far ({:.0?})",
+                started.elapsed()
+            );
+        }
+    }
+    if json {
+        print_json(&json!({ "deleted": deleted }))?;
+    } else {
+        print_text(&format!(
+            "deleted {deleted} finished task{} older than {}\n",
+            if deleted == 1 { "" } else { "s" },
+            a.older_than.trim()
+        ))?;
+    }
     Ok(Outcome::Success)
 }
