@@ -13,6 +13,7 @@ pub mod decision;
 pub mod memory;
 pub mod pg_server;
 pub mod postgres;
+mod prepared;
 pub mod sqlite;
 
 /// Options shared by every store.

@@ -79,13 +79,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use serde_json::Value;
 use switchyard_core::{
     CheckpointRecord, ChildOutcome, ClaimBatch, ClaimedStep, Clock, Completion, Error, ErrorInfo,
-    ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewStep, NewTask, ParentRef,
-    Resolution, Result, Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail,
-    TaskFilter, TaskId, TaskRecord, TaskState, WaitFor,
+    ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewTask, ParentRef, Result,
+    Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail, TaskFilter, TaskId,
+    TaskRecord, TaskState,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
@@ -93,6 +92,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, SimpleQueryMessage, Statement};
 use uuid::Uuid;
 
+use crate::prepared::{encode, prepare_completion, Prepared, PreparedStep, PreparedTask};
 use crate::StoreOptions;
 
 /// Connections per store (plus one for LISTEN).
@@ -277,11 +277,6 @@ fn transient(e: &tokio_postgres::Error) -> bool {
             || *c == SqlState::CRASH_SHUTDOWN
             || *c == SqlState::CANNOT_CONNECT_NOW
     )
-}
-
-fn encode<T: Serialize + ?Sized>(what: &str, v: &T) -> Result<String> {
-    serde_json::to_string(v)
-        .map_err(|e| Error::InvalidInput(format!("{what}: cannot encode as JSON: {e}")))
 }
 
 fn decode<T: DeserializeOwned>(what: &str, s: &str) -> Result<T> {
@@ -946,137 +941,6 @@ async fn listen_loop(config: Config, signals: Arc<Signals>) {
 // Prepared inputs
 // ---------------------------------------------------------------------------
 
-struct PreparedTask {
-    task_id: Uuid,
-    step_id: Uuid,
-    handler: String,
-    input: String,
-    headers: Option<String>,
-    priority: i32,
-    idempotency_key: Option<String>,
-    response_event: Option<String>,
-    run_at: Option<Millis>,
-    parent: Option<ParentRef>,
-}
-
-impl PreparedTask {
-    fn new(i: usize, t: NewTask) -> Result<Self> {
-        if t.handler.trim().is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "tasks[{i}].handler: must not be empty"
-            )));
-        }
-        Ok(Self {
-            task_id: TaskId::new().0,
-            step_id: StepId::new().0,
-            input: encode(&format!("tasks[{i}].input"), &t.input)?,
-            headers: if t.headers.is_empty() {
-                None
-            } else {
-                Some(encode("headers", &t.headers)?)
-            },
-            handler: t.handler,
-            priority: t.priority,
-            idempotency_key: t.idempotency_key,
-            response_event: t.response_event,
-            run_at: t.run_at,
-            parent: t.parent,
-        })
-    }
-}
-
-struct PreparedStep {
-    id: Uuid,
-    name: String,
-    handler: String,
-    input: String,
-    deps: Vec<String>,
-    deps_json: Option<String>,
-}
-
-enum Prepared {
-    Completed {
-        result: String,
-    },
-    Decided {
-        steps: Vec<PreparedStep>,
-        final_step: Option<String>,
-        result: String,
-    },
-    Retry {
-        error: String,
-        run_at: Millis,
-    },
-    Failed {
-        error: String,
-    },
-    Suspended {
-        wait: WaitFor,
-        json: String,
-    },
-    Released,
-}
-
-fn prepare_completion(c: Completion) -> Result<(Lease, Prepared)> {
-    let prepared = match c.resolution {
-        Resolution::Completed(v) => Prepared::Completed {
-            result: encode("result", &v)?,
-        },
-        Resolution::Decided {
-            steps,
-            final_step,
-            result,
-        } => Prepared::Decided {
-            steps: prepare_decision(steps, final_step.as_deref())?,
-            final_step,
-            result: encode("result", &result)?,
-        },
-        Resolution::Retry { error, run_at } => Prepared::Retry {
-            error: encode("error", &error)?,
-            run_at,
-        },
-        Resolution::Failed(e) => Prepared::Failed {
-            error: encode("error", &e)?,
-        },
-        Resolution::Suspended(wait) => Prepared::Suspended {
-            json: encode("wait", &wait)?,
-            wait,
-        },
-        Resolution::Released => Prepared::Released,
-    };
-    Ok((c.lease, prepared))
-}
-
-/// The checks a decision needs that do not involve the database (shared by
-/// every store: [`crate::decision::check_shape`]), then JSON encoding.
-fn prepare_decision(steps: Vec<NewStep>, final_step: Option<&str>) -> Result<Vec<PreparedStep>> {
-    crate::decision::check_shape(&steps, final_step)?;
-    steps
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let mut deps: Vec<String> = Vec::with_capacity(s.depends_on.len());
-            for d in &s.depends_on {
-                if !deps.contains(d) {
-                    deps.push(d.clone());
-                }
-            }
-            Ok(PreparedStep {
-                id: StepId::new().0,
-                input: encode(&format!("steps[{i}].input"), &s.input)?,
-                deps_json: if s.depends_on.is_empty() {
-                    None
-                } else {
-                    Some(encode("depends_on", &s.depends_on)?)
-                },
-                deps,
-                name: s.name,
-                handler: s.handler,
-            })
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 // SQL
 // ---------------------------------------------------------------------------
@@ -1326,7 +1190,7 @@ async fn spawn_tx(
         .filter(|(_, d)| d.is_none())
         .map(|(t, _)| t)
         .collect();
-    let ids: Vec<Uuid> = rows.iter().map(|t| t.task_id).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|t| t.task_id.0).collect();
     let handlers: Vec<&str> = rows.iter().map(|t| t.handler.as_str()).collect();
     let inputs: Vec<&str> = rows.iter().map(|t| t.input.as_str()).collect();
     let headers: Vec<Option<&str>> = rows.iter().map(|t| t.headers.as_deref()).collect();
@@ -1374,7 +1238,7 @@ async fn spawn_tx(
     // Keys that existed before this batch (committed by anyone).
     let missing: Vec<&str> = rows
         .iter()
-        .filter(|t| !created.contains(&t.task_id))
+        .filter(|t| !created.contains(&t.task_id.0))
         .filter_map(|t| t.idempotency_key.as_deref())
         .collect();
     let mut existing: HashMap<String, Uuid> = HashMap::new();
@@ -1385,11 +1249,11 @@ async fn spawn_tx(
     }
     let new_rows: Vec<&&PreparedTask> = rows
         .iter()
-        .filter(|t| created.contains(&t.task_id))
+        .filter(|t| created.contains(&t.task_id.0))
         .collect();
     if !new_rows.is_empty() {
-        let step_ids: Vec<Uuid> = new_rows.iter().map(|t| t.step_id).collect();
-        let task_ids: Vec<Uuid> = new_rows.iter().map(|t| t.task_id).collect();
+        let step_ids: Vec<Uuid> = new_rows.iter().map(|t| t.step_id.0).collect();
+        let task_ids: Vec<Uuid> = new_rows.iter().map(|t| t.task_id.0).collect();
         let handlers: Vec<&str> = new_rows.iter().map(|t| t.handler.as_str()).collect();
         let inputs: Vec<&str> = new_rows.iter().map(|t| t.input.as_str()).collect();
         let headers: Vec<Option<&str>> = new_rows.iter().map(|t| t.headers.as_deref()).collect();
@@ -1418,8 +1282,8 @@ async fn spawn_tx(
                 task_id: out[j].task_id,
                 created: false,
             },
-            None if created.contains(&t.task_id) => Spawned {
-                task_id: TaskId(t.task_id),
+            None if created.contains(&t.task_id.0) => Spawned {
+                task_id: t.task_id,
                 created: true,
             },
             None => {
@@ -1772,7 +1636,7 @@ async fn insert_decided(
         c.exec(
             INSERT_STEP,
             &[
-                &s.id,
+                &s.id.0,
                 &task_id,
                 &s.name,
                 &s.handler,
@@ -1788,7 +1652,7 @@ async fn insert_decided(
         )
         .await?;
         for d in &s.deps {
-            c.exec(INSERT_DEP, &[&task_id, d, &s.id]).await?;
+            c.exec(INSERT_DEP, &[&task_id, d, &s.id.0]).await?;
             any_deps = true;
         }
         fx.ready |= pending == 0;

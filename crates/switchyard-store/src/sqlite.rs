@@ -51,17 +51,17 @@ use parking_lot::Mutex;
 use rusqlite::types::{Type, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use serde_json::Value;
 use switchyard_core::{
     CheckpointRecord, ChildOutcome, ClaimBatch, ClaimedStep, Clock, Completion, Error, ErrorInfo,
-    ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewStep, NewTask, ParentRef,
-    Resolution, Result, Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail,
-    TaskFilter, TaskId, TaskRecord, TaskState, WaitFor,
+    ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewTask, ParentRef, Result,
+    Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail, TaskFilter, TaskId,
+    TaskRecord, TaskState,
 };
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::prepared::{encode, prepare_completion, Prepared, PreparedStep, PreparedTask};
 use crate::StoreOptions;
 
 /// Most commands the writer applies in one transaction.
@@ -208,11 +208,6 @@ impl Fail {
 }
 
 type DbResult<T> = std::result::Result<T, Fail>;
-
-fn encode<T: Serialize + ?Sized>(what: &str, v: &T) -> Result<String> {
-    serde_json::to_string(v)
-        .map_err(|e| Error::InvalidInput(format!("{what}: cannot encode as JSON: {e}")))
-}
 
 fn decode<T: DeserializeOwned>(what: &str, s: &str) -> Result<T> {
     serde_json::from_str(s)
@@ -865,139 +860,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 // ---------------------------------------------------------------------------
 // Prepared inputs (JSON encoded before reaching the writer)
 // ---------------------------------------------------------------------------
-
-struct PreparedTask {
-    task_id: TaskId,
-    step_id: StepId,
-    handler: String,
-    input: String,
-    headers: Option<String>,
-    priority: i32,
-    idempotency_key: Option<String>,
-    response_event: Option<String>,
-    run_at: Option<Millis>,
-    parent: Option<ParentRef>,
-}
-
-impl PreparedTask {
-    fn new(i: usize, t: NewTask) -> Result<Self> {
-        if t.handler.trim().is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "tasks[{i}].handler: must not be empty"
-            )));
-        }
-        Ok(Self {
-            task_id: TaskId::new(),
-            step_id: StepId::new(),
-            input: encode(&format!("tasks[{i}].input"), &t.input)?,
-            headers: if t.headers.is_empty() {
-                None
-            } else {
-                Some(encode("headers", &t.headers)?)
-            },
-            handler: t.handler,
-            priority: t.priority,
-            idempotency_key: t.idempotency_key,
-            response_event: t.response_event,
-            run_at: t.run_at,
-            parent: t.parent,
-        })
-    }
-}
-
-struct PreparedStep {
-    id: StepId,
-    name: String,
-    handler: String,
-    input: String,
-    /// Distinct dependencies.
-    deps: Vec<String>,
-    /// `depends_on` as given, NULL when empty.
-    deps_json: Option<String>,
-}
-
-enum Prepared {
-    Completed {
-        result: String,
-    },
-    Decided {
-        steps: Vec<PreparedStep>,
-        final_step: Option<String>,
-        result: String,
-    },
-    Retry {
-        error: String,
-        run_at: Millis,
-    },
-    Failed {
-        error: String,
-    },
-    Suspended {
-        wait: WaitFor,
-        json: String,
-    },
-    Released,
-}
-
-fn prepare_completion(c: Completion) -> Result<(Lease, Prepared)> {
-    let prepared = match c.resolution {
-        Resolution::Completed(v) => Prepared::Completed {
-            result: encode("result", &v)?,
-        },
-        Resolution::Decided {
-            steps,
-            final_step,
-            result,
-        } => Prepared::Decided {
-            steps: prepare_decision(steps, final_step.as_deref())?,
-            final_step,
-            result: encode("result", &result)?,
-        },
-        Resolution::Retry { error, run_at } => Prepared::Retry {
-            error: encode("error", &error)?,
-            run_at,
-        },
-        Resolution::Failed(e) => Prepared::Failed {
-            error: encode("error", &e)?,
-        },
-        Resolution::Suspended(wait) => Prepared::Suspended {
-            json: encode("wait", &wait)?,
-            wait,
-        },
-        Resolution::Released => Prepared::Released,
-    };
-    Ok((c.lease, prepared))
-}
-
-/// The checks a decision needs that do not involve the database: names,
-/// self-dependencies, cycles among the new steps and `final_step`.
-fn prepare_decision(steps: Vec<NewStep>, final_step: Option<&str>) -> Result<Vec<PreparedStep>> {
-    crate::decision::check_shape(&steps, final_step)?;
-    steps
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let mut deps = Vec::with_capacity(s.depends_on.len());
-            for d in &s.depends_on {
-                if !deps.contains(d) {
-                    deps.push(d.clone());
-                }
-            }
-            Ok(PreparedStep {
-                id: StepId::new(),
-                input: encode(&format!("steps[{i}].input"), &s.input)?,
-                deps_json: if s.depends_on.is_empty() {
-                    None
-                } else {
-                    Some(encode("depends_on", &s.depends_on)?)
-                },
-                deps,
-                name: s.name,
-                handler: s.handler,
-            })
-        })
-        .collect()
-}
 
 /// A claimed step before its JSON is decoded (outside the writer).
 struct RawClaim {
