@@ -19,7 +19,7 @@ demo: python-wheel
 build:
 	$(CARGO) build --release -p switchyard
 
-test: lint test-rust test-python
+test: lint test-rust test-python test-c
 
 lint:
 	$(CARGO) fmt --all --check
@@ -38,6 +38,7 @@ deps-postgres:
 	fi
 
 include mk/python.mk
+include mk/c.mk
 
 bench:
 	bench/run --lang rust --store memory --steps 200000
