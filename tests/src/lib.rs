@@ -3,7 +3,7 @@
 //! for conditions with a deadline.
 #![warn(missing_docs)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -476,6 +476,73 @@ pub async fn spawn_work(
         }
     }
     Ok(ids)
+}
+
+/// The first half of a crash test: spawns `held` tasks that a host holds
+/// until it dies (high priority, so it claims them first) and `tasks - held`
+/// short ones, starts host `first` (1 s leases, 16 slots), waits until a
+/// tenth of the work is done and every held task has started on it, then
+/// SIGKILLs it. Checks that the kill caught work in flight and returns the
+/// dead host, the held task ids and the completed count seen before the kill.
+pub async fn kill_first_host_midway(
+    scratch: &Scratch,
+    store: &DynStore,
+    bin: &Path,
+    tasks: usize,
+    held: usize,
+) -> anyhow::Result<(Host, HashSet<String>, u64)> {
+    let client = Client::new(store.clone());
+    let held_ids: HashSet<String> = spawn_work(&client, held, json!({"hold": true}), 10)
+        .await?
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    spawn_work(&client, tasks - held, json!({"sleep_ms": 2}), 0).await?;
+
+    // A short lease so the survivors take over the dead host's steps soon.
+    let mut first = scratch
+        .host("first")
+        .lease_ms(1000)
+        .concurrency(16)
+        .hold_ms(600_000)
+        .start(bin)
+        .await?;
+
+    // Kill once some work is done and every held step has started.
+    let first_id = first.host_id.clone();
+    let done_at_kill = wait_until("first host to be mid-way", Duration::from_secs(40), || {
+        let (held_ids, first_id) = (&held_ids, &first_id);
+        async move {
+            let done = count(&store.count_steps().await?, "completed");
+            if done < (tasks / 10) as u64 {
+                return Ok(None);
+            }
+            let runs = scratch.runs()?;
+            let started: HashSet<&str> = runs
+                .marked(Mark::Start)
+                .filter(|l| &l.host == first_id)
+                .map(|l| l.task.as_str())
+                .collect();
+            Ok(held_ids
+                .iter()
+                .all(|t| started.contains(t.as_str()))
+                .then_some(done))
+        }
+    })
+    .await?;
+    first.kill().await?;
+
+    let at_kill = store.count_steps().await?;
+    anyhow::ensure!(
+        count(&at_kill, "completed") < tasks as u64,
+        "the first host finished everything before it was killed: {at_kill:?}"
+    );
+    anyhow::ensure!(
+        count(&at_kill, "running") >= held as u64,
+        "the killed host's held steps should still be leased to it: {at_kill:?}"
+    );
+    anyhow::ensure!(count(&at_kill, "completed") >= done_at_kill);
+    Ok((first, held_ids, done_at_kill))
 }
 
 /// Waits until `n` steps are `completed` and none is `ready`, `running` or

@@ -166,55 +166,8 @@ async fn killed_host_steps_are_taken_over_on_postgres() -> anyhow::Result<()> {
     let (_server, url) = postgres_database().await?;
     let scratch = Scratch::with_store_url(url)?;
     let store = scratch.open().await?;
-    let client = Client::new(store.clone());
-
-    let held: HashSet<String> = spawn_work(&client, HELD, json!({"hold": true}), 10)
-        .await?
-        .iter()
-        .map(|t| t.to_string())
-        .collect();
-    spawn_work(&client, TASKS - HELD, json!({"sleep_ms": 2}), 0).await?;
-
-    let mut first = scratch
-        .host("first")
-        .lease_ms(1000)
-        .concurrency(16)
-        .hold_ms(600_000)
-        .start(bin())
-        .await?;
-    let done_at_kill = wait_until("first host to be mid-way", Duration::from_secs(40), || {
-        let store = store.clone();
-        let scratch = &scratch;
-        let held = &held;
-        let first_id = first.host_id.clone();
-        async move {
-            let done = count(&store.count_steps().await?, "completed");
-            if done < (TASKS / 10) as u64 {
-                return Ok(None);
-            }
-            let runs = scratch.runs()?;
-            let started: HashSet<&str> = runs
-                .marked(Mark::Start)
-                .filter(|l| l.host == first_id)
-                .map(|l| l.task.as_str())
-                .collect();
-            Ok(held
-                .iter()
-                .all(|t| started.contains(t.as_str()))
-                .then_some(done))
-        }
-    })
-    .await?;
-    first.kill().await?;
-    let at_kill = store.count_steps().await?;
-    assert!(
-        count(&at_kill, "completed") < TASKS as u64,
-        "the first host finished everything before it was killed: {at_kill:?}"
-    );
-    assert!(
-        count(&at_kill, "running") >= HELD as u64,
-        "the killed host's held steps should still be leased to it: {at_kill:?}"
-    );
+    let (first, held, done_at_kill) =
+        kill_first_host_midway(&scratch, &store, bin(), TASKS, HELD).await?;
 
     // Two survivors compete for the dead host's expired leases.
     let (second, third) = tokio::join!(
