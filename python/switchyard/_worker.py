@@ -102,15 +102,9 @@ class Decision:
     @staticmethod
     def fan_out(handler: str, total: int, batch_size: int, input: Any = None, converge: str = "converge") -> "Decision":
         """Splits ``total`` items into cursor ranges run as parallel ``handler`` steps,
-        then a ``converge`` step that receives their results."""
-        size = max(1, batch_size)
-        steps, start, index = [], 0, 0
-        while start < total:
-            end = min(start + size, total)
-            steps.append(step(f"{handler}#{index}", handler, {"start": start, "end": end, "size": end - start, "index": index, "input": input}))
-            start, index = end, index + 1
-        steps.append(step(converge, converge, {"total": total, "batches": index, "input": input}, [s["name"] for s in steps]))
-        return Decision(steps=steps, final_step=converge)
+        then a ``converge`` step that receives their results (planned by the core)."""
+        steps, final_step = _native.fan_out(handler, total, batch_size, input, converge)
+        return Decision(steps=steps, final_step=final_step)
 
 
 @dataclass

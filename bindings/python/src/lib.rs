@@ -106,6 +106,29 @@ pub(crate) fn block_step<T: Send + 'static>(
     block(py, fut)?.map_err(|e| errors::step_err(py, e))
 }
 
+/// The core's fan-out plan ([`switchyard_core::Decision::fan_out`]): the
+/// steps (dicts with `name`, `handler`, `input`, `depends_on`) and the final
+/// step's name.
+#[pyfunction]
+fn fan_out<'py>(
+    py: Python<'py>,
+    handler: &str,
+    total: u64,
+    batch_size: u64,
+    input: &Bound<'py, PyAny>,
+    converge: &str,
+) -> PyResult<(Bound<'py, PyAny>, Option<String>)> {
+    let input = convert::to_value(input, "input")?;
+    match switchyard_core::Decision::fan_out(handler, total, batch_size, input, converge) {
+        switchyard_core::Decision::Steps { steps, final_step } => {
+            let steps = serde_json::to_value(&steps)
+                .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+            Ok((convert::to_py(py, &steps)?, final_step))
+        }
+        switchyard_core::Decision::Complete(_) => unreachable!("fan_out always plans steps"),
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::NativeClient>()?;
@@ -114,6 +137,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<context::NativeContext>()?;
     m.add_class::<context::CancelWatch>()?;
     m.add_function(wrap_pyfunction!(logs::take_logs, m)?)?;
+    m.add_function(wrap_pyfunction!(fan_out, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     logs::install();
     Ok(())
