@@ -1,6 +1,8 @@
 //! Throwaway PostgreSQL servers: `initdb` in a temporary directory, then
-//! `postgres` on a free port of 127.0.0.1 with `fsync=off` (no durability:
-//! for tests and benchmarks only). Used by the test harnesses and by
+//! `postgres` on a free port of 127.0.0.1 with `fsync=off` (no durability
+//! against a machine crash: for tests and benchmarks only). Commits stay
+//! synchronous, so a crash of the server process itself (see
+//! [`PgServer::restart`]) loses nothing that was acknowledged. Used by the test harnesses and by
 //! `switchyard bench --store postgres`.
 //!
 //! ```no_run
@@ -195,8 +197,6 @@ impl PgServer {
                     .args([
                         "-c",
                         "fsync=off",
-                        "-c",
-                        "synchronous_commit=off",
                         "-c",
                         "full_page_writes=off",
                         "-c",
