@@ -40,10 +40,23 @@ typedef enum {
   SY_ERROR_RETRYABLE = 11,
   // Step callbacks: failed for good, never retried (message = output).
   SY_ERROR_PERMANENT = 12,
+  // A context operation parked the step (an event not yet emitted, a
+  // sleep not yet over, delegated children still running): return it
+  // from the callback at once. The step runs again from the start when
+  // the wait is over; checkpoints and earlier operations replay.
+  SY_SUSPENDED = 13,
+  // Step callbacks: the outcome comes later through the `sy_completion`
+  // that `sy_ctx_defer` handed out.
+  SY_PENDING = 14,
 } sy_status;
 
 // A client: spawn tasks, emit events, wait for results, cancel.
 typedef struct sy_client sy_client;
+
+// A deferred step outcome (from `sy_ctx_defer`): complete it later from any
+// thread with `sy_completion_complete`, or give it up with
+// `sy_completion_free`.
+typedef struct sy_completion sy_completion;
 
 // The durable context of one step run; valid only during the callback.
 typedef struct sy_ctx sy_ctx;
@@ -54,7 +67,7 @@ typedef struct sy_error sy_error;
 // An opened store (`memory`, `sqlite:...`, `postgres://...`).
 typedef struct sy_store sy_store;
 
-// A host whose step handlers are C callbacks.
+// A host whose handlers are C callbacks.
 typedef struct sy_worker sy_worker;
 
 // An owned byte buffer (JSON text or an id) allocated by the library.
@@ -67,15 +80,58 @@ typedef struct {
   size_t len;
 } sy_buf;
 
-// A step callback. `input` is the step's JSON input (NUL-terminated,
-// `input_len` bytes without the NUL), valid during the call. Return
-// `SY_OK` after `sy_ctx_set_output` with the JSON result (no output means
-// `null`), or `SY_ERROR_RETRYABLE` / `SY_ERROR_PERMANENT` with the output
-// as the error message. Any other value is a retryable failure.
+// Options of one handler. Start from `sy_handler_options_default()`; a
+// zero field means "the default".
+typedef struct {
+  // Steps of this handler running at once in this host (default: the
+  // worker's concurrency).
+  size_t concurrency;
+  // Per-attempt timeout enforced by the core, in milliseconds (default
+  // 300000).
+  uint64_t timeout_ms;
+  // Attempts before the step fails for good (default 5).
+  uint32_t max_attempts;
+  // Batch handlers only: most steps per call (default 64).
+  size_t max_batch;
+  // Batch handlers only: longest wait for a batch to fill, in
+  // milliseconds (default 5).
+  uint64_t linger_ms;
+  // API handlers only: sustained starts per second (default: no limit).
+  double rate_limit;
+  // API handlers only: burst size of the rate limit (default 1).
+  uint32_t rate_burst;
+} sy_handler_options;
+
+// A step, decision or API callback. `input` is the step's JSON input
+// (NUL-terminated, `input_len` bytes without the NUL), valid during the
+// call. Return `SY_OK` after `sy_ctx_set_output` with the JSON result (no
+// output means `null`; for a decision, the decision document), or
+// `SY_ERROR_RETRYABLE` / `SY_ERROR_PERMANENT` with the output as the error
+// message, or pass on the status of a context call that failed (e.g.
+// `SY_SUSPENDED`), or `SY_PENDING` after `sy_ctx_defer`. Any other value
+// is a retryable failure.
 //
 // Thread affinity: runs on a thread owned by the library, possibly many at
-// once (up to the worker's concurrency) with the same `user_data`.
+// once (up to the handler's concurrency) with the same `user_data`.
 typedef int32_t (*sy_step_fn)(const char *input, size_t input_len, sy_ctx *ctx, void *user_data);
+
+// One step of a batch: its JSON input (NUL-terminated) and its context.
+typedef struct {
+  // The step's JSON input, valid during the call.
+  const char *input;
+  // Its length without the NUL.
+  size_t input_len;
+  // The step's context: set its result with `sy_ctx_set_output` or fail
+  // it alone with `sy_ctx_fail`.
+  sy_ctx *ctx;
+} sy_item;
+
+// A batch callback: `count` steps at once (up to the handler's
+// `max_batch`). Give each item its outcome on its own context; return
+// `SY_OK`. Any other return fails every item that has no outcome of its
+// own (`sy_ctx_fail`) with that status. Batch items complete synchronously
+// (`sy_ctx_defer` is refused). Thread affinity: as `sy_step_fn`.
+typedef int32_t (*sy_batch_fn)(const sy_item *items, size_t count, void *user_data);
 
 #ifdef __cplusplus
 extern "C" {
@@ -145,37 +201,61 @@ sy_status sy_client_cancel(const sy_client *client,
                            bool *cancelled,
                            sy_error **err);
 
-// Creates a worker on a store; `concurrency` (at least 1) is both the
-// number of steps run at once and the number of callback threads.
-sy_status sy_worker_new(const sy_store *store,
-                        size_t concurrency,
-                        sy_worker **worker,
-                        sy_error **err);
+// Spawns many tasks in one transaction. `tasks_json` is a JSON list of
+// `{"handler", "input", "priority"?, "idempotency_key"?, "headers"?,
+// "response_event"?, "run_at"?}`; `task_ids` receives a JSON list of their
+// ids, in order (release with `sy_buf_free`).
+sy_status sy_client_spawn_many(const sy_client *client,
+                               const char *tasks_json,
+                               sy_buf *task_ids,
+                               sy_error **err);
 
-// Registers step handler `name` served by `callback` (see `sy_step_fn`);
-// `user_data` is passed back to every call. Before `sy_worker_start` only.
-sy_status sy_worker_step(const sy_worker *worker,
-                         const char *name,
-                         sy_step_fn callback,
-                         void *user_data,
-                         sy_error **err);
+// Stores the task with its steps, attempts, errors, checkpoints and waits
+// as JSON in `detail` (release with `sy_buf_free`); `SY_NOT_FOUND` for an
+// unknown id.
+sy_status sy_client_inspect(const sy_client *client,
+                            const char *task_id,
+                            sy_buf *detail,
+                            sy_error **err);
 
-// Starts the host: claims steps and runs the callbacks on `concurrency`
-// library-owned threads. Returns once the host is running.
-sy_status sy_worker_start(const sy_worker *worker, sy_error **err);
-
-// Stops the host gracefully (no more claims; running steps get the grace
-// period) and joins the callback threads. Stopping a stopped or never
-// started worker is `SY_OK`. Not from inside a callback (`SY_CONFLICT`).
-sy_status sy_worker_stop(const sy_worker *worker, sy_error **err);
-
-// Stops (as `sy_worker_stop`) and releases a worker. `SY_INVALID_ARGUMENT`
-// for NULL, unknown or freed handles; `SY_CONFLICT` from inside a callback.
-sy_status sy_worker_free(sy_worker *worker);
+// Re-runs a failed or cancelled task: its steps that did not complete run
+// again; completed steps and checkpoints are kept. `SY_CONFLICT` if the
+// task is running or completed.
+sy_status sy_client_retry(const sy_client *client, const char *task_id, sy_error **err);
 
 // Sets the callback's output: the JSON result (with `SY_OK`) or the error
 // message (with `SY_ERROR_*`). The bytes are copied; a second call replaces.
 sy_status sy_ctx_set_output(sy_ctx *ctx, const char *data, size_t len, sy_error **err);
+
+// Fails this step alone, whatever the callback returns (the way to fail
+// one item of a batch): `status` is `SY_ERROR_RETRYABLE` (retried after
+// the backoff, or after `retry_after_ms` when it is not negative),
+// `SY_ERROR_PERMANENT` (never retried) or `SY_INVALID_ARGUMENT` (the input
+// is invalid: never retried).
+sy_status sy_ctx_fail(sy_ctx *ctx,
+                      sy_status status,
+                      const char *message,
+                      int64_t retry_after_ms,
+                      sy_error **err);
+
+// Records an HTTP-shaped failure (API handlers; then return any error
+// status): `http_status` is the remote's status code, or 0 when the
+// request got no answer (network error); `retry_after_ms` is its
+// `Retry-After` (negative: none). The core classifies it: 429 retried
+// after `Retry-After`, other 4xx permanent, 5xx and network errors retried.
+sy_status sy_ctx_set_http_error(sy_ctx *ctx,
+                                uint16_t http_status,
+                                int64_t retry_after_ms,
+                                const char *message,
+                                sy_error **err);
+
+// Defers the outcome (plain, decision and API handlers): stores a
+// completion handle in `completion`; the callback then returns
+// `SY_PENDING` and frees its thread, and any thread completes the step
+// later with `sy_completion_complete`. The step keeps its lease, timeout
+// and cancellation meanwhile. `SY_CONFLICT` in batch handlers or when
+// called twice (`*completion` is then left as it was).
+sy_status sy_ctx_defer(sy_ctx *ctx, sy_completion **completion, sy_error **err);
 
 // True if the step was cancelled or timed out (stop early); false for
 // invalid contexts.
@@ -183,6 +263,13 @@ bool sy_ctx_is_cancelled(sy_ctx *ctx);
 
 // The task id of the step (release with `sy_buf_free`).
 sy_status sy_ctx_task_id(sy_ctx *ctx, sy_buf *task_id, sy_error **err);
+
+// The step's name within its task (valid during the callback); "" for
+// invalid contexts.
+const char *sy_ctx_step_name(sy_ctx *ctx);
+
+// The attempt number of this run (1 for the first); 0 for invalid contexts.
+uint32_t sy_ctx_attempt(sy_ctx *ctx);
 
 // Emits an event from inside a step (first write wins); `stored` may be NULL.
 sy_status sy_ctx_emit(sy_ctx *ctx,
@@ -207,6 +294,144 @@ sy_status sy_ctx_checkpoint_put(sy_ctx *ctx,
                                 const char *name,
                                 const char *value_json,
                                 sy_error **err);
+
+// Waits for event `name`: `SY_OK` with its payload in `payload` (release
+// with `sy_buf_free`) if it was emitted, before or after this call;
+// `SY_SUSPENDED` if not yet (return it: the step is parked and runs again
+// when the event arrives); `SY_TIMEOUT` once `timeout_ms` (negative: no
+// limit) has passed since the first call. The deadline is checkpointed, so
+// replays agree.
+sy_status sy_ctx_await_event(sy_ctx *ctx,
+                             const char *name,
+                             int64_t timeout_ms,
+                             sy_buf *payload,
+                             sy_error **err);
+
+// Durable sleep: `SY_SUSPENDED` until `ms` milliseconds after the first
+// call (return it; the step runs again then, and this call returns
+// `SY_OK`). Survives restarts.
+sy_status sy_ctx_sleep(sy_ctx *ctx, uint64_t ms, sy_error **err);
+
+// Spawns a child task that this step does not wait for; its id goes to
+// `task_id` (release with `sy_buf_free`). Replays return the same child.
+sy_status sy_ctx_spawn(sy_ctx *ctx,
+                       const char *handler,
+                       const char *input_json,
+                       sy_buf *task_id,
+                       sy_error **err);
+
+// Delegates to a child task and waits for it: `SY_OK` with its JSON result
+// in `result` (release with `sy_buf_free`), `SY_SUSPENDED` while it runs
+// (return it), `SY_ERROR_PERMANENT` if it failed or was cancelled.
+sy_status sy_ctx_delegate(sy_ctx *ctx,
+                          const char *handler,
+                          const char *input_json,
+                          sy_buf *result,
+                          sy_error **err);
+
+// Delegates to child tasks run in parallel and waits for all of them.
+// `children_json` is a list of `{"handler", "input"}`. `SY_OK` when all
+// have finished, with `outcomes` (release with `sy_buf_free`) a JSON list
+// of `{"task_id", "state", "result", "error"}` in order (a failed child
+// does not fail this step); `SY_SUSPENDED` while any runs (return it).
+sy_status sy_ctx_delegate_parallel(sy_ctx *ctx,
+                                   const char *children_json,
+                                   sy_buf *outcomes,
+                                   sy_error **err);
+
+// The results of the steps this step depends on, as a JSON object by step
+// name (release with `sy_buf_free`).
+sy_status sy_ctx_dependency_results(sy_ctx *ctx, sy_buf *results, sy_error **err);
+
+// Extends the lease during long work; `SY_LEASE_LOST` if the step was
+// cancelled or taken over (stop and return it).
+sy_status sy_ctx_heartbeat(sy_ctx *ctx, sy_error **err);
+
+// All defaults (every field zero).
+sy_handler_options sy_handler_options_default(void);
+
+// Creates a worker on a store; `concurrency` (at least 1) is both the
+// number of steps run at once and the number of callback threads.
+sy_status sy_worker_new(const sy_store *store,
+                        size_t concurrency,
+                        sy_worker **worker,
+                        sy_error **err);
+
+// Registers a plain step handler `name` served by `callback` (see
+// `sy_step_fn`); `opts` may be NULL (defaults); `user_data` is passed back
+// to every call. Before `sy_worker_start` only.
+sy_status sy_worker_step(const sy_worker *worker,
+                         const char *name,
+                         const sy_handler_options *opts,
+                         sy_step_fn callback,
+                         void *user_data,
+                         sy_error **err);
+
+// Registers a decision handler: its output (with `SY_OK`) is a decision
+// document, `{"steps": [{"name", "handler", "input", "depends_on"?}, ...],
+// "final_step"?: name}` (the steps are created atomically; the final step's
+// result, by default the last one's, becomes the task's result) or
+// `{"complete": value}`. Otherwise as `sy_worker_step`.
+sy_status sy_worker_decision(const sy_worker *worker,
+                             const char *name,
+                             const sy_handler_options *opts,
+                             sy_step_fn callback,
+                             void *user_data,
+                             sy_error **err);
+
+// Registers an API-shaped handler: a failure recorded with
+// `sy_ctx_set_http_error` is classified by the core (429 retried after
+// `Retry-After`, other 4xx permanent, 5xx and network errors retried);
+// `opts.rate_limit` limits starts per second. Otherwise as `sy_worker_step`.
+sy_status sy_worker_api(const sy_worker *worker,
+                        const char *name,
+                        const sy_handler_options *opts,
+                        sy_step_fn callback,
+                        void *user_data,
+                        sy_error **err);
+
+// Registers a batch handler (see `sy_batch_fn`): the core groups up to
+// `opts.max_batch` ready steps, waiting at most `opts.linger_ms` for more.
+sy_status sy_worker_batch(const sy_worker *worker,
+                          const char *name,
+                          const sy_handler_options *opts,
+                          sy_batch_fn callback,
+                          void *user_data,
+                          sy_error **err);
+
+// Completes a deferred step, from any thread: `status` and the bytes
+// `data`/`len` mean what a callback's return value and output mean
+// (`SY_OK` + the JSON result or decision, `SY_ERROR_RETRYABLE` /
+// `SY_ERROR_PERMANENT` + a message). The handle is released by every call
+// that gets a live handle, whatever it returns; `SY_CONFLICT` if the step
+// no longer waits (cancelled, timed out, host stopped) or the callback did
+// not return `SY_PENDING`.
+sy_status sy_completion_complete(sy_completion *completion,
+                                 int32_t status,
+                                 const char *data,
+                                 size_t len,
+                                 sy_error **err);
+
+// True if the deferred step was cancelled or timed out (its outcome will
+// be dropped); false for invalid handles.
+bool sy_completion_is_cancelled(const sy_completion *completion);
+
+// Gives up a deferred step without an outcome: it fails with a retryable
+// error. `SY_INVALID_ARGUMENT` for NULL, unknown or already used handles.
+sy_status sy_completion_free(sy_completion *completion);
+
+// Starts the host: claims steps and runs the callbacks on `concurrency`
+// library-owned threads. Returns once the host is running.
+sy_status sy_worker_start(const sy_worker *worker, sy_error **err);
+
+// Stops the host gracefully (no more claims; running steps get the grace
+// period) and joins the callback threads. Stopping a stopped or never
+// started worker is `SY_OK`. Not from inside a callback (`SY_CONFLICT`).
+sy_status sy_worker_stop(const sy_worker *worker, sy_error **err);
+
+// Stops (as `sy_worker_stop`) and releases a worker. `SY_INVALID_ARGUMENT`
+// for NULL, unknown or freed handles; `SY_CONFLICT` from inside a callback.
+sy_status sy_worker_free(sy_worker *worker);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -20,7 +20,7 @@ C_OUT := $(C_TARGET_DIR)/c
 C_FLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -Iinclude
 # What the Rust static library needs from the system (rustc --print native-static-libs).
 C_STATIC_LIBS := -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
-C_VALGRIND := valgrind --leak-check=full --errors-for-leak-kinds=definite,possible \
+C_VALGRIND := valgrind --child-silent-after-fork=yes --leak-check=full --errors-for-leak-kinds=definite,possible \
 	--error-exitcode=1 --suppressions=bindings/c/tests/valgrind.supp
 
 .PHONY: test-c c-lib c-header c-header-check deps-c

@@ -45,7 +45,7 @@ int main(int argc, char **argv) {
 
     if ((st = sy_store_open(url, &store, &err)) != SY_OK) return fail("open", st, err);
     if ((st = sy_worker_new(store, 2, &worker, &err)) != SY_OK) return fail("worker", st, err);
-    if ((st = sy_worker_step(worker, "greet", greet, (void *)"Hello", &err)) != SY_OK)
+    if ((st = sy_worker_step(worker, "greet", NULL, greet, (void *)"Hello", &err)) != SY_OK)
         return fail("register", st, err);
     if ((st = sy_worker_start(worker, &err)) != SY_OK) return fail("start", st, err);
     if ((st = sy_client_new(store, &client, &err)) != SY_OK) return fail("client", st, err);

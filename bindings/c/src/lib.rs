@@ -16,29 +16,30 @@
 //!   apart);
 //! * no Rust panic crosses the boundary: it becomes `SY_INTERNAL`.
 //!
+//! * a process that forks after using the library cannot use it in the
+//!   child (the runtime's threads exist only in the parent): every call in
+//!   the child returns `SY_CONFLICT` saying so.
+//!
 //! Thread affinity: every function may be called from any thread, except
 //! that `sy_worker_stop` / `sy_worker_free` must not be called from inside a
-//! step callback (they wait for the callbacks to return; that call returns
-//! `SY_CONFLICT`). Step callbacks run on threads owned by the library
-//! (`concurrency` threads per started worker), never on the thread that
-//! called `sy_worker_start`; one callback runs at a time per thread.
+//! handler callback (they wait for the callbacks to return; that call
+//! returns `SY_CONFLICT`). Handler callbacks run on threads owned by the
+//! library (`concurrency` threads per started worker), never on the thread
+//! that called `sy_worker_start`; one callback runs at a time per thread. A
+//! `sy_ctx` is valid only during its callback and only on its thread; a
+//! `sy_completion` (asynchronous completion) may be used from any thread.
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
 
-use std::cell::Cell;
-use std::collections::{BTreeSet, HashMap};
-use std::ffi::{c_char, c_void, CStr};
+use std::collections::BTreeSet;
+use std::ffi::{c_char, CStr};
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
-use switchyard_core::bridge::{Inbox, InboxHandler, Job, JobKind, Reply};
-use switchyard_core::{
-    Client, Context, DynStore, Error, HandlerOptions, RunningWorker, StepError, TaskId, Worker,
-};
+use switchyard_core::{Client, DynStore, Error, NewTask, TaskId};
 
 /// Status codes returned by every fallible function (and by step callbacks).
 #[repr(C)]
@@ -72,6 +73,14 @@ pub enum sy_status {
     SY_ERROR_RETRYABLE = 11,
     /// Step callbacks: failed for good, never retried (message = output).
     SY_ERROR_PERMANENT = 12,
+    /// A context operation parked the step (an event not yet emitted, a
+    /// sleep not yet over, delegated children still running): return it
+    /// from the callback at once. The step runs again from the start when
+    /// the wait is over; checkpoints and earlier operations replay.
+    SY_SUSPENDED = 13,
+    /// Step callbacks: the outcome comes later through the `sy_completion`
+    /// that `sy_ctx_defer` handed out.
+    SY_PENDING = 14,
 }
 
 /// An error: a status and a message. Release with `sy_error_free`.
@@ -101,59 +110,21 @@ pub struct sy_client {
     client: Client,
 }
 
-/// The durable context of one step run; valid only during the callback.
-pub struct sy_ctx {
-    ctx: Context,
-    output: Vec<u8>,
-    /// Keys reserved by `sy_ctx_checkpoint_get`, by checkpoint name.
-    reserved: HashMap<String, String>,
-    /// A step error raised by a context operation (e.g. lease lost).
-    failed: Option<StepError>,
-}
-
-/// A step callback. `input` is the step's JSON input (NUL-terminated,
-/// `input_len` bytes without the NUL), valid during the call. Return
-/// `SY_OK` after `sy_ctx_set_output` with the JSON result (no output means
-/// `null`), or `SY_ERROR_RETRYABLE` / `SY_ERROR_PERMANENT` with the output
-/// as the error message. Any other value is a retryable failure.
-///
-/// Thread affinity: runs on a thread owned by the library, possibly many at
-/// once (up to the worker's concurrency) with the same `user_data`.
-pub type sy_step_fn = Option<
-    unsafe extern "C" fn(
-        input: *const c_char,
-        input_len: usize,
-        ctx: *mut sy_ctx,
-        user_data: *mut c_void,
-    ) -> i32,
->;
-
-struct Registration {
-    name: String,
-    callback: unsafe extern "C" fn(*const c_char, usize, *mut sy_ctx, *mut c_void) -> i32,
-    user_data: usize,
-}
-
-struct Running {
-    host: Arc<RunningWorker>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-/// A host whose step handlers are C callbacks.
-pub struct sy_worker {
-    store: DynStore,
-    concurrency: usize,
-    regs: Mutex<Vec<Arc<Registration>>>,
-    inbox: Arc<Inbox>,
-    running: Mutex<Option<Running>>,
-}
+mod ctx;
+mod worker;
+pub use ctx::*;
+pub use worker::*;
 
 // ---------------------------------------------------------------------------
 // Plumbing: runtime, handle registry, errors, panics.
 
+/// The process that started the runtime (fork detection).
+static OWNER: OnceLock<u32> = OnceLock::new();
+
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
+        let _ = OWNER.set(std::process::id());
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("switchyard-core")
@@ -176,6 +147,7 @@ enum Kind {
     Client,
     Worker,
     Ctx,
+    Completion,
 }
 
 /// The live handles. A B-tree rather than a hash set: its allocations are
@@ -235,22 +207,13 @@ impl From<Error> for Fail {
     }
 }
 
-fn step_fail(e: &StepError) -> Fail {
-    let status = match e {
-        StepError::LeaseLost => sy_status::SY_LEASE_LOST,
-        StepError::Permanent { .. } | StepError::InvalidInput(_) => sy_status::SY_ERROR_PERMANENT,
-        _ => sy_status::SY_ERROR_RETRYABLE,
-    };
-    Fail::new(status, e.to_string())
-}
-
 /// Runs `f` with panics caught, storing the error in `*err` if given.
 fn guard(err: *mut *mut sy_error, f: impl FnOnce() -> Result<(), Fail>) -> sy_status {
     if !err.is_null() {
         // SAFETY: the caller passes NULL or a writable `sy_error*` slot.
         unsafe { *err = std::ptr::null_mut() };
     }
-    let fail = match catch_unwind(AssertUnwindSafe(f)) {
+    let fail = match forked().map_or_else(|| catch_unwind(AssertUnwindSafe(f)), |f| Ok(Err(f))) {
         Ok(Ok(())) => return sy_status::SY_OK,
         Ok(Err(f)) => f,
         Err(p) => {
@@ -277,6 +240,22 @@ fn guard(err: *mut *mut sy_error, f: impl FnOnce() -> Result<(), Fail>) -> sy_st
     fail.status
 }
 
+/// After a fork, the child has the parent's handles but none of the
+/// runtime's threads: refuse everything rather than hang.
+fn forked() -> Option<Fail> {
+    let owner = *OWNER.get()?;
+    (owner != std::process::id()).then(|| {
+        Fail::new(
+            sy_status::SY_CONFLICT,
+            format!(
+                "this process was forked from process {owner}, which started switchyard; \
+                 the runtime cannot be used in a forked child (exec a new program, or open \
+                 switchyard only after fork)"
+            ),
+        )
+    })
+}
+
 unsafe fn text<'a>(what: &str, p: *const c_char) -> Result<&'a str, Fail> {
     if p.is_null() {
         return Err(Fail::arg(format!("{what} is NULL")));
@@ -295,6 +274,24 @@ unsafe fn json(what: &str, p: *const c_char) -> Result<Value, Fail> {
 fn out<'a, T>(what: &str, p: *mut T) -> Result<&'a mut T, Fail> {
     // SAFETY: the caller passes NULL or a writable slot.
     unsafe { p.as_mut() }.ok_or_else(|| Fail::arg(format!("{what} is NULL")))
+}
+
+const EMPTY: sy_buf = sy_buf {
+    ptr: std::ptr::null_mut(),
+    len: 0,
+};
+
+/// The caller's `sy_buf*` out-parameter, emptied.
+fn buf_out<'a>(what: &str, p: *mut sy_buf) -> Result<&'a mut sy_buf, Fail> {
+    let slot = out(what, p)?;
+    *slot = EMPTY;
+    Ok(slot)
+}
+
+fn json_buf(v: &impl serde::Serialize) -> Result<sy_buf, Fail> {
+    serde_json::to_vec(v)
+        .map(make_buf)
+        .map_err(|e| Fail::new(sy_status::SY_INTERNAL, e.to_string()))
 }
 
 fn make_buf(bytes: Vec<u8>) -> sy_buf {
@@ -322,10 +319,6 @@ unsafe fn handle<'a, T>(kind: Kind, what: &str, p: *const T) -> Result<&'a T, Fa
 fn parse_id(id: &str) -> Result<TaskId, Fail> {
     id.parse::<TaskId>()
         .map_err(|e| Fail::arg(format!("task id `{id}`: {e}")))
-}
-
-thread_local! {
-    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
 }
 
 // ---------------------------------------------------------------------------
@@ -373,6 +366,37 @@ pub unsafe extern "C" fn sy_buf_free(buf: *mut sy_buf) {
     b.len = 0;
 }
 
+/// The name of a status code, or the number if it is not one.
+fn status_str(code: i32) -> String {
+    use sy_status::*;
+    [
+        SY_OK,
+        SY_INVALID_ARGUMENT,
+        SY_NOT_FOUND,
+        SY_STORE,
+        SY_TIMEOUT,
+        SY_CONFLICT,
+        SY_CONFIG,
+        SY_PAYLOAD_TOO_LARGE,
+        SY_LEASE_LOST,
+        SY_SHUTDOWN,
+        SY_INTERNAL,
+        SY_ERROR_RETRYABLE,
+        SY_ERROR_PERMANENT,
+        SY_SUSPENDED,
+        SY_PENDING,
+    ]
+    .into_iter()
+    .find(|s| *s as i32 == code)
+    // SAFETY: sy_status_name returns a static NUL-terminated string.
+    .map(|s| {
+        unsafe { CStr::from_ptr(sy_status_name(s)) }
+            .to_string_lossy()
+            .into_owned()
+    })
+    .unwrap_or_else(|| format!("status {code}"))
+}
+
 /// A static name for a status, e.g. "SY_NOT_FOUND".
 #[no_mangle]
 pub extern "C" fn sy_status_name(status: sy_status) -> *const c_char {
@@ -391,6 +415,8 @@ pub extern "C" fn sy_status_name(status: sy_status) -> *const c_char {
         SY_INTERNAL => c"SY_INTERNAL",
         SY_ERROR_RETRYABLE => c"SY_ERROR_RETRYABLE",
         SY_ERROR_PERMANENT => c"SY_ERROR_PERMANENT",
+        SY_SUSPENDED => c"SY_SUSPENDED",
+        SY_PENDING => c"SY_PENDING",
     };
     s.as_ptr()
 }
@@ -469,11 +495,7 @@ pub unsafe extern "C" fn sy_client_spawn(
     err: *mut *mut sy_error,
 ) -> sy_status {
     guard(err, || {
-        let slot = out("task_id", task_id)?;
-        *slot = sy_buf {
-            ptr: std::ptr::null_mut(),
-            len: 0,
-        };
+        let slot = buf_out("task_id", task_id)?;
         let c = unsafe { handle(Kind::Client, "client", client) }?
             .client
             .clone();
@@ -522,19 +544,13 @@ pub unsafe extern "C" fn sy_client_result(
     err: *mut *mut sy_error,
 ) -> sy_status {
     guard(err, || {
-        let slot = out("result", result)?;
-        *slot = sy_buf {
-            ptr: std::ptr::null_mut(),
-            len: 0,
-        };
+        let slot = buf_out("result", result)?;
         let c = unsafe { handle(Kind::Client, "client", client) }?
             .client
             .clone();
         let id = parse_id(unsafe { text("task_id", task_id) }?)?;
         let v = block(async move { c.result(id, Duration::from_millis(timeout_ms)).await })??;
-        let bytes =
-            serde_json::to_vec(&v).map_err(|e| Fail::new(sy_status::SY_INTERNAL, e.to_string()))?;
-        *slot = make_buf(bytes);
+        *slot = json_buf(&v)?;
         Ok(())
     })
 }
@@ -562,417 +578,77 @@ pub unsafe extern "C" fn sy_client_cancel(
     })
 }
 
-// ---------------------------------------------------------------------------
-// Worker.
-
-/// Creates a worker on a store; `concurrency` (at least 1) is both the
-/// number of steps run at once and the number of callback threads.
+/// Spawns many tasks in one transaction. `tasks_json` is a JSON list of
+/// `{"handler", "input", "priority"?, "idempotency_key"?, "headers"?,
+/// "response_event"?, "run_at"?}`; `task_ids` receives a JSON list of their
+/// ids, in order (release with `sy_buf_free`).
 #[no_mangle]
-pub unsafe extern "C" fn sy_worker_new(
-    store: *const sy_store,
-    concurrency: usize,
-    worker: *mut *mut sy_worker,
+pub unsafe extern "C" fn sy_client_spawn_many(
+    client: *const sy_client,
+    tasks_json: *const c_char,
+    task_ids: *mut sy_buf,
     err: *mut *mut sy_error,
 ) -> sy_status {
     guard(err, || {
-        let slot = out("worker", worker)?;
-        *slot = std::ptr::null_mut();
-        let s = unsafe { handle(Kind::Store, "store", store) }?;
-        if concurrency == 0 {
-            return Err(Fail::arg("concurrency must be at least 1"));
-        }
-        *slot = register(
-            Kind::Worker,
-            sy_worker {
-                store: s.store.clone(),
-                concurrency,
-                regs: Mutex::new(Vec::new()),
-                inbox: Inbox::new(),
-                running: Mutex::new(None),
-            },
-        );
-        Ok(())
-    })
-}
-
-/// Registers step handler `name` served by `callback` (see `sy_step_fn`);
-/// `user_data` is passed back to every call. Before `sy_worker_start` only.
-#[no_mangle]
-pub unsafe extern "C" fn sy_worker_step(
-    worker: *const sy_worker,
-    name: *const c_char,
-    callback: sy_step_fn,
-    user_data: *mut c_void,
-    err: *mut *mut sy_error,
-) -> sy_status {
-    guard(err, || {
-        let w = unsafe { handle(Kind::Worker, "worker", worker) }?;
-        let name = unsafe { text("name", name) }?.to_string();
-        let callback = callback.ok_or_else(|| Fail::arg("callback is NULL"))?;
-        switchyard_core::client::validate_name("handler name", &name)?;
-        if w.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
-            return Err(Fail::new(
-                sy_status::SY_CONFLICT,
-                "register handlers before the worker starts",
+        let slot = buf_out("task_ids", task_ids)?;
+        let c = unsafe { handle(Kind::Client, "client", client) }?
+            .client
+            .clone();
+        let tasks: Vec<NewTask> =
+            serde_json::from_value(unsafe { json("tasks_json", tasks_json) }?).map_err(|e| {
+                Fail::arg(format!(
+                    "tasks_json must be a list of {{\"handler\", \"input\", ...}}: {e}"
+                ))
+            })?;
+        if tasks.iter().any(|t| t.parent.is_some()) {
+            return Err(Fail::arg(
+                "tasks_json: `parent` is set by ctx delegation, not by clients",
             ));
         }
-        let mut regs = w.regs.lock().unwrap_or_else(|p| p.into_inner());
-        if regs.iter().any(|r| r.name == name) {
-            return Err(Fail::arg(format!("handler `{name}` is registered twice")));
-        }
-        regs.push(Arc::new(Registration {
-            name,
-            callback,
-            user_data: user_data as usize,
-        }));
+        let spawned = block(async move { c.spawn_many(tasks).await })??;
+        let ids: Vec<String> = spawned.iter().map(|s| s.task_id.to_string()).collect();
+        *slot = json_buf(&ids)?;
         Ok(())
     })
 }
 
-fn run_job(regs: &[Arc<Registration>], mut job: Job) {
-    let Some(reg) = regs.iter().find(|r| r.name == job.handler) else {
-        let msg = format!("no C callback for handler `{}`", job.handler);
-        let n = job.items.len();
-        job.complete(
-            (0..n)
-                .map(|_| Reply::Error(StepError::permanent(msg.clone())))
-                .collect(),
-        );
-        return;
-    };
-    let mut replies = Vec::with_capacity(job.items.len());
-    for item in job.items.drain(..) {
-        replies.push(run_item(reg, item.input, item.ctx));
-    }
-    job.complete(replies);
-}
-
-fn run_item(reg: &Registration, input: Value, ctx: Context) -> Reply {
-    let input = match serde_json::to_string(&input)
-        .ok()
-        .and_then(|s| std::ffi::CString::new(s).ok())
-    {
-        Some(s) => s,
-        None => return Reply::Error(StepError::permanent("the step input cannot be passed to C")),
-    };
-    let ctx = register(
-        Kind::Ctx,
-        sy_ctx {
-            ctx,
-            output: Vec::new(),
-            reserved: HashMap::new(),
-            failed: None,
-        },
-    );
-    IN_CALLBACK.with(|c| c.set(true));
-    // SAFETY: the callback was registered by the C caller for this signature.
-    let code = unsafe {
-        (reg.callback)(
-            input.as_ptr(),
-            input.as_bytes().len(),
-            ctx,
-            reg.user_data as *mut c_void,
-        )
-    };
-    IN_CALLBACK.with(|c| c.set(false));
-    // SAFETY: registered above; callbacks cannot free a context.
-    let ctx = unsafe { unregister(Kind::Ctx, ctx) }.expect("the context is live");
-    let text = String::from_utf8_lossy(&ctx.output).into_owned();
-    let name = &reg.name;
-    if code == sy_status::SY_OK as i32 {
-        if ctx.output.is_empty() {
-            return Reply::Value(Value::Null);
-        }
-        return match serde_json::from_slice(&ctx.output) {
-            Ok(v) => Reply::Value(v),
-            Err(e) => Reply::Error(StepError::permanent(format!(
-                "the C handler `{name}` returned invalid JSON: {e}"
-            ))),
-        };
-    }
-    if let Some(e) = ctx.failed {
-        return Reply::Error(e);
-    }
-    let message = if text.is_empty() {
-        format!("the C handler `{name}` failed with status {code}")
-    } else {
-        text
-    };
-    if code == sy_status::SY_ERROR_PERMANENT as i32 {
-        Reply::Error(StepError::permanent(message))
-    } else {
-        Reply::Error(StepError::retryable(message))
-    }
-}
-
-/// Starts the host: claims steps and runs the callbacks on `concurrency`
-/// library-owned threads. Returns once the host is running.
+/// Stores the task with its steps, attempts, errors, checkpoints and waits
+/// as JSON in `detail` (release with `sy_buf_free`); `SY_NOT_FOUND` for an
+/// unknown id.
 #[no_mangle]
-pub unsafe extern "C" fn sy_worker_start(
-    worker: *const sy_worker,
+pub unsafe extern "C" fn sy_client_inspect(
+    client: *const sy_client,
+    task_id: *const c_char,
+    detail: *mut sy_buf,
     err: *mut *mut sy_error,
 ) -> sy_status {
     guard(err, || {
-        let w = unsafe { handle(Kind::Worker, "worker", worker) }?;
-        let mut running = w.running.lock().unwrap_or_else(|p| p.into_inner());
-        if running.is_some() || w.inbox.is_closed() {
-            return Err(Fail::new(
-                sy_status::SY_CONFLICT,
-                "the worker was already started (a worker starts once)",
-            ));
-        }
-        let regs: Vec<Arc<Registration>> = w.regs.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if regs.is_empty() {
-            return Err(Fail::new(
-                sy_status::SY_CONFLICT,
-                "no handler is registered",
-            ));
-        }
-        let mut b = Worker::builder(w.store.clone()).concurrency(w.concurrency);
-        for r in &regs {
-            let opts = HandlerOptions::default().concurrency(w.concurrency);
-            b = b.handler(
-                r.name.clone(),
-                InboxHandler::capability(w.inbox.clone(), &r.name, JobKind::Step, "C"),
-                opts,
-            );
-        }
-        let built = b.build()?;
-        let host = block(async move { built.start().await })??;
-        let mut threads = Vec::with_capacity(w.concurrency);
-        for i in 0..w.concurrency {
-            let inbox = w.inbox.clone();
-            let regs = regs.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("switchyard-c-{i}"))
-                .spawn(move || {
-                    while let Ok(jobs) = inbox.recv_batch(1, Duration::from_millis(200)) {
-                        for job in jobs {
-                            run_job(&regs, job);
-                        }
-                    }
-                })
-                .map_err(|e| {
-                    Fail::new(sy_status::SY_INTERNAL, format!("spawning a thread: {e}"))
-                })?;
-            threads.push(t);
-        }
-        *running = Some(Running {
-            host: Arc::new(host),
-            threads,
-        });
+        let slot = buf_out("detail", detail)?;
+        let c = unsafe { handle(Kind::Client, "client", client) }?
+            .client
+            .clone();
+        let id = parse_id(unsafe { text("task_id", task_id) }?)?;
+        let d = block(async move { c.inspect(id).await })??;
+        *slot = json_buf(&d)?;
         Ok(())
     })
 }
 
-fn stop(w: &sy_worker) -> Result<(), Fail> {
-    if IN_CALLBACK.with(|c| c.get()) {
-        return Err(Fail::new(
-            sy_status::SY_CONFLICT,
-            "a worker cannot be stopped from inside a step callback",
-        ));
-    }
-    let r = w.running.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(r) = r {
-        let host = r.host.clone();
-        // Running steps get the grace period; callback threads keep serving.
-        let res = block(async move { host.stop().await });
-        w.inbox.close();
-        for t in r.threads {
-            let _ = t.join();
-        }
-        res?;
-    }
-    w.inbox.close();
-    Ok(())
-}
-
-/// Stops the host gracefully (no more claims; running steps get the grace
-/// period) and joins the callback threads. Stopping a stopped or never
-/// started worker is `SY_OK`. Not from inside a callback (`SY_CONFLICT`).
+/// Re-runs a failed or cancelled task: its steps that did not complete run
+/// again; completed steps and checkpoints are kept. `SY_CONFLICT` if the
+/// task is running or completed.
 #[no_mangle]
-pub unsafe extern "C" fn sy_worker_stop(
-    worker: *const sy_worker,
+pub unsafe extern "C" fn sy_client_retry(
+    client: *const sy_client,
+    task_id: *const c_char,
     err: *mut *mut sy_error,
 ) -> sy_status {
     guard(err, || {
-        stop(unsafe { handle(Kind::Worker, "worker", worker) }?)
-    })
-}
-
-/// Stops (as `sy_worker_stop`) and releases a worker. `SY_INVALID_ARGUMENT`
-/// for NULL, unknown or freed handles; `SY_CONFLICT` from inside a callback.
-#[no_mangle]
-pub unsafe extern "C" fn sy_worker_free(worker: *mut sy_worker) -> sy_status {
-    guard(std::ptr::null_mut(), || {
-        stop(unsafe { handle(Kind::Worker, "worker", worker) }?)?;
-        unsafe { unregister(Kind::Worker, worker) }
-            .map(drop)
-            .ok_or_else(|| Fail::arg("worker is not a live handle"))
-    })
-}
-
-// ---------------------------------------------------------------------------
-// The durable context (inside a step callback, on its thread).
-
-unsafe fn ctx_mut<'a>(ctx: *mut sy_ctx) -> Result<&'a mut sy_ctx, Fail> {
-    unsafe { handle(Kind::Ctx, "ctx", ctx) }?;
-    // SAFETY: live, and only the callback's thread uses it.
-    Ok(unsafe { &mut *ctx })
-}
-
-/// Sets the callback's output: the JSON result (with `SY_OK`) or the error
-/// message (with `SY_ERROR_*`). The bytes are copied; a second call replaces.
-#[no_mangle]
-pub unsafe extern "C" fn sy_ctx_set_output(
-    ctx: *mut sy_ctx,
-    data: *const c_char,
-    len: usize,
-    err: *mut *mut sy_error,
-) -> sy_status {
-    guard(err, || {
-        let c = unsafe { ctx_mut(ctx) }?;
-        if data.is_null() && len > 0 {
-            return Err(Fail::arg("data is NULL"));
-        }
-        c.output.clear();
-        if len > 0 {
-            // SAFETY: the caller passes `len` readable bytes.
-            c.output
-                .extend_from_slice(unsafe { std::slice::from_raw_parts(data as *const u8, len) });
-        }
+        let c = unsafe { handle(Kind::Client, "client", client) }?
+            .client
+            .clone();
+        let id = parse_id(unsafe { text("task_id", task_id) }?)?;
+        block(async move { c.retry(id).await })??;
         Ok(())
-    })
-}
-
-/// True if the step was cancelled or timed out (stop early); false for
-/// invalid contexts.
-#[no_mangle]
-pub unsafe extern "C" fn sy_ctx_is_cancelled(ctx: *mut sy_ctx) -> bool {
-    catch_unwind(AssertUnwindSafe(|| {
-        unsafe { ctx_mut(ctx) }
-            .map(|c| c.ctx.is_cancelled())
-            .unwrap_or(false)
-    }))
-    .unwrap_or(false)
-}
-
-/// The task id of the step (release with `sy_buf_free`).
-#[no_mangle]
-pub unsafe extern "C" fn sy_ctx_task_id(
-    ctx: *mut sy_ctx,
-    task_id: *mut sy_buf,
-    err: *mut *mut sy_error,
-) -> sy_status {
-    guard(err, || {
-        let slot = out("task_id", task_id)?;
-        let c = unsafe { ctx_mut(ctx) }?;
-        *slot = make_buf(c.ctx.task_id().to_string().into_bytes());
-        Ok(())
-    })
-}
-
-fn ctx_step<T: Send + 'static>(
-    c: &mut sy_ctx,
-    fut: impl Future<Output = switchyard_core::StepResult<T>> + Send + 'static,
-) -> Result<T, Fail> {
-    match block(fut)? {
-        Ok(v) => Ok(v),
-        Err(StepError::InvalidInput(m)) => Err(Fail::arg(m)),
-        Err(e) => {
-            let f = step_fail(&e);
-            c.failed = Some(e);
-            Err(f)
-        }
-    }
-}
-
-/// Emits an event from inside a step (first write wins); `stored` may be NULL.
-#[no_mangle]
-pub unsafe extern "C" fn sy_ctx_emit(
-    ctx: *mut sy_ctx,
-    name: *const c_char,
-    payload_json: *const c_char,
-    stored: *mut bool,
-    err: *mut *mut sy_error,
-) -> sy_status {
-    guard(err, || {
-        let c = unsafe { ctx_mut(ctx) }?;
-        let name = unsafe { text("name", name) }?.to_string();
-        let payload = unsafe { json("payload_json", payload_json) }?;
-        let inner = c.ctx.clone();
-        let s = ctx_step(c, async move { inner.emit_event(&name, payload).await })?;
-        if let Some(o) = unsafe { stored.as_mut() } {
-            *o = s;
-        }
-        Ok(())
-    })
-}
-
-/// Looks up checkpoint `name` of this task. If a previous attempt saved it,
-/// `*found` is true and `value` holds its JSON (release with `sy_buf_free`);
-/// otherwise compute the value and save it with `sy_ctx_checkpoint_put`.
-/// Repeated names in one run are numbered in call order.
-#[no_mangle]
-pub unsafe extern "C" fn sy_ctx_checkpoint_get(
-    ctx: *mut sy_ctx,
-    name: *const c_char,
-    value: *mut sy_buf,
-    found: *mut bool,
-    err: *mut *mut sy_error,
-) -> sy_status {
-    guard(err, || {
-        let slot = out("value", value)?;
-        *slot = sy_buf {
-            ptr: std::ptr::null_mut(),
-            len: 0,
-        };
-        let found = out("found", found)?;
-        *found = false;
-        let c = unsafe { ctx_mut(ctx) }?;
-        let name = unsafe { text("name", name) }?.to_string();
-        let inner = c.ctx.clone();
-        let n = name.clone();
-        let (key, v) = ctx_step(c, async move { inner.checkpoint_lookup(&n).await })?;
-        match v {
-            Some(v) => {
-                let bytes = serde_json::to_vec(&v)
-                    .map_err(|e| Fail::new(sy_status::SY_INTERNAL, e.to_string()))?;
-                *slot = make_buf(bytes);
-                *found = true;
-            }
-            None => {
-                c.reserved.insert(name, key);
-            }
-        }
-        Ok(())
-    })
-}
-
-/// Saves checkpoint `name` (after a `sy_ctx_checkpoint_get` that found
-/// nothing) with `value_json`; also extends the lease.
-#[no_mangle]
-pub unsafe extern "C" fn sy_ctx_checkpoint_put(
-    ctx: *mut sy_ctx,
-    name: *const c_char,
-    value_json: *const c_char,
-    err: *mut *mut sy_error,
-) -> sy_status {
-    guard(err, || {
-        let c = unsafe { ctx_mut(ctx) }?;
-        let name = unsafe { text("name", name) }?.to_string();
-        let value = unsafe { json("value_json", value_json) }?;
-        let key = c.reserved.remove(&name).ok_or_else(|| {
-            Fail::new(
-                sy_status::SY_CONFLICT,
-                format!("checkpoint `{name}`: call sy_ctx_checkpoint_get first (it found nothing to reuse)"),
-            )
-        })?;
-        let inner = c.ctx.clone();
-        ctx_step(c, async move { inner.checkpoint_save(&key, value).await })
     })
 }

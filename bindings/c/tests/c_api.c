@@ -1,10 +1,14 @@
 /* Exercises every function of include/switchyard.h, errors included.
  * Run by `make test-c` under valgrind (no leaks, no invalid accesses).
  * Prints one line per check; exits 1 on the first failed check. */
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "switchyard.h"
 
@@ -121,6 +125,408 @@ static int32_t slow(const char *input, size_t len, sy_ctx *ctx, void *user_data)
     return SY_ERROR_RETRYABLE;
 }
 
+/* ------------------------------------------------------------------------
+ * Handler kinds, options, the durable context and asynchronous completion,
+ * on a SQLite file. */
+
+/* The integer after `"key":` in a JSON text (0 if absent). */
+static long num(const char *json, const char *key) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":", key);
+    const char *p = strstr(json, pat);
+    return p ? strtol(p + strlen(pat), NULL, 10) : 0;
+}
+
+static int32_t set_json(sy_ctx *ctx, const char *fmt, long a, long b) {
+    char out[256];
+    int n = snprintf(out, sizeof out, fmt, a, b);
+    sy_ctx_set_output(ctx, out, (size_t)n, NULL);
+    return SY_OK;
+}
+
+/* Decision: checkpoint, then two `add` steps converging on `sum`. */
+static int32_t plan(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    sy_error *err = NULL;
+    sy_buf v = {0};
+    bool found = false;
+    if (sy_ctx_checkpoint_get(ctx, "plan", &v, &found, &err) != SY_OK) return SY_ERROR_PERMANENT;
+    sy_buf_free(&v);
+    if (!found && sy_ctx_checkpoint_put(ctx, "plan", "true", &err) != SY_OK) return SY_ERROR_PERMANENT;
+    if (strstr(input, "\"bad\"")) {
+        const char *d = "{\"steps\":[{\"name\":\"a\"}]}";
+        sy_ctx_set_output(ctx, d, strlen(d), NULL);
+        return SY_OK;
+    }
+    if (strstr(input, "\"done\"")) return set_json(ctx, "{\"complete\":{\"early\":%ld}}", 1, 0);
+    long x = num(input, "x");
+    char d[512];
+    int n = snprintf(d, sizeof d,
+                     "{\"steps\":[{\"name\":\"a\",\"handler\":\"add\",\"input\":{\"x\":%ld}},"
+                     "{\"name\":\"b\",\"handler\":\"add\",\"input\":{\"x\":%ld}},"
+                     "{\"name\":\"sum\",\"handler\":\"sum\",\"input\":null,\"depends_on\":[\"a\",\"b\"]}]}",
+                     x, x * 10);
+    sy_ctx_set_output(ctx, d, (size_t)n, NULL);
+    return SY_OK;
+}
+
+static int batch_calls = 0, batch_items = 0;
+
+/* Batch: y = x + 1 per item; a negative x fails only its item. */
+static int32_t add(const sy_item *items, size_t count, void *ud) {
+    (void)ud;
+    __atomic_add_fetch(&batch_calls, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&batch_items, (int)count, __ATOMIC_SEQ_CST);
+    for (size_t i = 0; i < count; i++) {
+        long x = num(items[i].input, "x");
+        sy_completion *c = NULL;
+        sy_error *err = NULL;
+        if (sy_ctx_defer(items[i].ctx, &c, &err) != SY_CONFLICT) return SY_ERROR_PERMANENT;
+        sy_error_free(err);
+        if (x < 0) {
+            sy_ctx_fail(items[i].ctx, SY_ERROR_PERMANENT, "negative input", -1, NULL);
+            continue;
+        }
+        set_json(items[i].ctx, "{\"y\":%ld}", x + 1, 0);
+    }
+    return SY_OK;
+}
+
+/* Convergence: the dependency results, as they are. */
+static int32_t sum(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    sy_error *err = NULL;
+    sy_buf deps = {0};
+    sy_status st = sy_ctx_dependency_results(ctx, &deps, &err);
+    if (st != SY_OK) return st;
+    sy_ctx_set_output(ctx, (const char *)deps.ptr, deps.len, NULL);
+    sy_buf_free(&deps);
+    return SY_OK;
+}
+
+/* Sleeps 50 ms, then awaits the event named in the input. */
+static int32_t waiter(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    sy_error *err = NULL;
+    sy_status st = sy_ctx_sleep(ctx, 50, &err);
+    if (st != SY_OK) {
+        int ok = st == SY_SUSPENDED && sy_error_status(err) == SY_SUSPENDED;
+        sy_error_free(err);
+        return ok ? st : SY_ERROR_PERMANENT;
+    }
+    long timeout = num(input, "timeout_ms");
+    sy_buf payload = {0};
+    st = sy_ctx_await_event(ctx, strstr(input, "\"quick\"") ? "never.sent" : "c.go",
+                            timeout ? timeout : -1, &payload, &err);
+    sy_error_free(err);
+    if (st != SY_OK) return st; /* SY_SUSPENDED or SY_TIMEOUT, passed on */
+    sy_ctx_set_output(ctx, (const char *)payload.ptr, payload.len, NULL);
+    sy_buf_free(&payload);
+    return SY_OK;
+}
+
+/* Delegates to `add` (one child, then two in parallel) and spawns one. */
+static int32_t parent(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    sy_error *err = NULL;
+    sy_buf one = {0}, all = {0}, child = {0};
+    sy_status st = sy_ctx_delegate(ctx, "add", "{\"x\":1}", &one, &err);
+    sy_error_free(err);
+    if (st != SY_OK) return st;
+    st = sy_ctx_delegate_parallel(ctx, "[{\"handler\":\"add\",\"input\":{\"x\":5}},"
+                                       "{\"handler\":\"add\",\"input\":{\"x\":-1}}]", &all, &err);
+    sy_error_free(err);
+    if (st != SY_OK) {
+        sy_buf_free(&one);
+        return st;
+    }
+    st = sy_ctx_spawn(ctx, "add", "{\"x\":100}", &child, &err);
+    sy_error_free(err);
+    int ok = st == SY_OK && child.len == 36 && strstr((const char *)all.ptr, "\"completed\"") &&
+             strstr((const char *)all.ptr, "negative input");
+    char out[256];
+    int n = snprintf(out, sizeof out, "{\"one\":%s,\"parallel_ok\":%s}", (const char *)one.ptr,
+                     ok ? "true" : "false");
+    sy_ctx_set_output(ctx, out, (size_t)n, NULL);
+    sy_buf_free(&one);
+    sy_buf_free(&all);
+    sy_buf_free(&child);
+    return SY_OK;
+}
+
+/* API: 429 with Retry-After on attempt 1, then 200; 404 for "missing". */
+static int32_t api(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    if (strstr(input, "\"missing\"")) {
+        sy_ctx_set_http_error(ctx, 404, -1, "no such customer", NULL);
+        return SY_ERROR_RETRYABLE; /* the core classifies 404 as permanent */
+    }
+    if (sy_ctx_attempt(ctx) == 1) {
+        sy_ctx_set_http_error(ctx, 429, 10, "slow down", NULL);
+        return SY_ERROR_RETRYABLE;
+    }
+    return set_json(ctx, "{\"attempt\":%ld}", (long)sy_ctx_attempt(ctx), 0);
+}
+
+struct later {
+    sy_completion *c;
+    long x;
+};
+
+static int refused_completions = 0; /* completions of steps that answered themselves */
+static sy_completion *held = NULL;  /* a completion the test completes itself */
+
+static void *complete_later(void *arg) {
+    struct later *l = arg;
+    sleep_ms(50);
+    char out[64];
+    int n = snprintf(out, sizeof out, "{\"later\":%ld}", l->x);
+    sy_error *err = NULL;
+    sy_status st = sy_completion_complete(l->c, SY_OK, out, (size_t)n, &err);
+    if (l->x == -1 && st == SY_CONFLICT && strstr(sy_error_message(err), "answered itself"))
+        __atomic_add_fetch(&refused_completions, 1, __ATOMIC_SEQ_CST);
+    else if (st != SY_OK)
+        fprintf(stderr, "complete_later: %s\n", sy_error_message(err));
+    sy_error_free(err);
+    free(l);
+    return NULL;
+}
+
+/* Defers; a thread of ours completes it. "abandon" frees the completion. */
+static int32_t deferred(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    sy_error *err = NULL;
+    sy_completion *c = NULL;
+    if (strstr(input, "\"pending_only\"")) return SY_PENDING; /* without sy_ctx_defer */
+    if (sy_ctx_defer(ctx, &c, &err) != SY_OK) return SY_ERROR_PERMANENT;
+    if (sy_ctx_defer(ctx, &c, &err) != SY_CONFLICT) return SY_ERROR_PERMANENT;
+    sy_error_free(err);
+    if (strstr(input, "\"hold\"")) {
+        __atomic_store_n(&held, c, __ATOMIC_SEQ_CST);
+        return SY_PENDING;
+    }
+    if (strstr(input, "\"abandon\"")) {
+        sy_completion_free(c);
+        return SY_PENDING;
+    }
+    if (strstr(input, "\"self\"")) {
+        /* Deferred, but answered synchronously: the completion is refused. */
+        set_json(ctx, "{\"self\":%ld}", 1, 0);
+        struct later *l = malloc(sizeof *l);
+        l->c = c, l->x = -1;
+        pthread_t t;
+        pthread_create(&t, NULL, complete_later, l);
+        pthread_detach(t);
+        return SY_OK;
+    }
+    CHECK(!sy_completion_is_cancelled(c));
+    struct later *l = malloc(sizeof *l);
+    l->c = c, l->x = num(input, "x");
+    pthread_t t;
+    pthread_create(&t, NULL, complete_later, l);
+    pthread_detach(t);
+    return SY_PENDING;
+}
+
+static int32_t noop(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ctx, (void)ud;
+    return SY_OK;
+}
+
+static void durable_checks(void) {
+    char dir[] = "/tmp/switchyard-c-api-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char url[128];
+    snprintf(url, sizeof url, "sqlite:%s/t.db", dir);
+    sy_store *store = NULL;
+    sy_client *client = NULL;
+    sy_worker *worker = NULL;
+    sy_buf id = {0}, res = {0};
+    EXPECT(sy_store_open(url, &store, &err), SY_OK, NULL);
+    EXPECT(sy_client_new(store, &client, &err), SY_OK, NULL);
+    EXPECT(sy_worker_new(store, 4, &worker, &err), SY_OK, NULL);
+
+    /* Options: defaults, and fields that do not fit the handler kind. */
+    sy_handler_options o = sy_handler_options_default();
+    CHECK(o.concurrency == 0 && o.max_batch == 0 && o.rate_limit == 0.0);
+    o.max_batch = 8;
+    EXPECT(sy_worker_step(worker, "x", &o, noop, NULL, &err), SY_INVALID_ARGUMENT, "options.max_batch applies to batch");
+    o = sy_handler_options_default();
+    o.rate_limit = 5;
+    EXPECT(sy_worker_decision(worker, "x", &o, noop, NULL, &err), SY_INVALID_ARGUMENT, "options.rate_limit applies to API");
+    o.rate_limit = -1;
+    EXPECT(sy_worker_api(worker, "x", &o, noop, NULL, &err), SY_INVALID_ARGUMENT, "rate_limit must be a positive");
+    EXPECT(sy_worker_batch(worker, "x", NULL, NULL, NULL, &err), SY_INVALID_ARGUMENT, "callback is NULL");
+    EXPECT(sy_worker_step(worker, " ", NULL, noop, NULL, &err), SY_INVALID_ARGUMENT, "must not be empty");
+
+    EXPECT(sy_worker_decision(worker, "plan", NULL, plan, NULL, &err), SY_OK, NULL);
+    o = sy_handler_options_default();
+    o.max_batch = 16, o.linger_ms = 20, o.concurrency = 2;
+    EXPECT(sy_worker_batch(worker, "add", &o, add, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "sum", NULL, sum, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "waiter", NULL, waiter, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "parent", NULL, parent, NULL, &err), SY_OK, NULL);
+    o = sy_handler_options_default();
+    o.rate_limit = 1000, o.rate_burst = 10, o.max_attempts = 3;
+    EXPECT(sy_worker_api(worker, "api", &o, api, NULL, &err), SY_OK, NULL);
+    o = sy_handler_options_default();
+    o.max_attempts = 1, o.timeout_ms = 20000;
+    EXPECT(sy_worker_step(worker, "deferred", &o, deferred, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_start(worker, &err), SY_OK, NULL);
+
+#define RUN(handler, input, want_status, want_part)                                    \
+    do {                                                                                \
+        EXPECT(sy_client_spawn(client, handler, input, &id, &err), SY_OK, NULL);        \
+        EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err),       \
+               want_status, want_status == SY_OK ? NULL : want_part);                   \
+        if (want_status == SY_OK) {                                                     \
+            if (!strstr((const char *)res.ptr, want_part)) {                            \
+                fprintf(stderr, "%s: result %s lacks %s\n", handler, res.ptr, want_part); \
+                exit(1);                                                                \
+            }                                                                           \
+            printf("ok: %s -> %s\n", handler, (const char *)res.ptr);                  \
+        }                                                                               \
+        sy_buf_free(&res);                                                              \
+    } while (0)
+
+    /* Decision + batch + convergence through dependency results. */
+    RUN("plan", "{\"x\":2}", SY_OK, "\"a\":{\"y\":3}");
+    EXPECT(sy_client_inspect(client, (const char *)id.ptr, &res, &err), SY_OK, NULL);
+    CHECK(strstr((const char *)res.ptr, "\"sum\"") != NULL);
+    sy_buf_free(&res);
+    sy_buf_free(&id);
+    RUN("plan", "{\"done\":1}", SY_OK, "\"early\":1");
+    sy_buf_free(&id);
+    RUN("plan", "{\"bad\":1}", SY_CONFLICT, "each step needs `name`, `handler`");
+    sy_buf_free(&id);
+
+    /* Many batch items at once: fewer calls than items, one failing alone. */
+    EXPECT(sy_client_spawn_many(client, "[{\"handler\":\"add\",\"input\":{\"x\":1}},"
+                                        "{\"handler\":\"add\",\"input\":{\"x\":-5},\"priority\":3}]",
+                                &res, &err), SY_OK, NULL);
+    CHECK(res.ptr[0] == '[' && res.len == 2 + 2 * 38 + 1);
+    char first[37], second[37];
+    memcpy(first, res.ptr + 2, 36), first[36] = 0;
+    memcpy(second, res.ptr + 2 + 39, 36), second[36] = 0;
+    sy_buf_free(&res);
+    EXPECT(sy_client_result(client, first, 30000, &res, &err), SY_OK, NULL);
+    CHECK(strcmp((const char *)res.ptr, "{\"y\":2}") == 0);
+    sy_buf_free(&res);
+    EXPECT(sy_client_result(client, second, 30000, &res, &err), SY_CONFLICT, "negative input");
+    EXPECT(sy_client_spawn_many(client, "{\"handler\":\"add\"}", &res, &err), SY_INVALID_ARGUMENT, "must be a list");
+    EXPECT(sy_client_spawn_many(client, "[{\"input\":1}]", &res, &err), SY_INVALID_ARGUMENT, "handler");
+    CHECK(batch_items >= 4 && batch_calls >= 1);
+
+    /* Retry of a failed task: it fails again the same way (input negative). */
+    EXPECT(sy_client_retry(client, second, &err), SY_OK, NULL);
+    EXPECT(sy_client_result(client, second, 30000, &res, &err), SY_CONFLICT, "negative input");
+    EXPECT(sy_client_retry(client, first, &err), SY_CONFLICT, "");
+    EXPECT(sy_client_retry(client, "nope", &err), SY_INVALID_ARGUMENT, "nope");
+    EXPECT(sy_client_inspect(client, "01a208c8-9154-723f-b462-c8823cc81823", &res, &err), SY_NOT_FOUND, "");
+
+    /* Sleep, then suspend on an event that arrives later. */
+    EXPECT(sy_client_spawn(client, "waiter", "{}", &id, &err), SY_OK, NULL);
+    EXPECT(sy_client_result(client, (const char *)id.ptr, 400, &res, &err), SY_TIMEOUT, "");
+    EXPECT(sy_client_inspect(client, (const char *)id.ptr, &res, &err), SY_OK, NULL);
+    CHECK(strstr((const char *)res.ptr, "c.go") != NULL); /* the parked wait */
+    sy_buf_free(&res);
+    EXPECT(sy_client_emit(client, "c.go", "{\"go\":7}", NULL, &err), SY_OK, NULL);
+    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_OK, NULL);
+    CHECK(strcmp((const char *)res.ptr, "{\"go\":7}") == 0);
+    sy_buf_free(&res);
+    sy_buf_free(&id);
+    /* An event emitted earlier is returned at once (replayed on resume). */
+    RUN("waiter", "{\"later\":1}", SY_OK, "\"go\":7");
+    sy_buf_free(&id);
+    /* An await that times out fails the step (the callback passes it on). */
+    RUN("waiter", "{\"quick\":1,\"timeout_ms\":100}", SY_CONFLICT, "timed out waiting for event `never.sent`");
+    sy_buf_free(&id);
+
+    /* Delegation and spawn from a step. */
+    RUN("parent", "{}", SY_OK, "{\"one\":{\"y\":2},\"parallel_ok\":true}");
+    sy_buf_free(&id);
+
+    /* API: 429 then success; 404 fails at once. */
+    RUN("api", "{}", SY_OK, "\"attempt\":2");
+    sy_buf_free(&id);
+    RUN("api", "{\"missing\":1}", SY_CONFLICT, "HTTP 404: no such customer");
+    sy_buf_free(&id);
+
+    /* Asynchronous completion from another thread. */
+    RUN("deferred", "{\"x\":9}", SY_OK, "{\"later\":9}");
+    sy_buf_free(&id);
+    RUN("deferred", "{\"abandon\":1}", SY_CONFLICT, "released its completion without completing it");
+    sy_buf_free(&id);
+    RUN("deferred", "{\"pending_only\":1}", SY_CONFLICT, "call sy_ctx_defer first");
+    sy_buf_free(&id);
+    RUN("deferred", "{\"self\":1}", SY_OK, "{\"self\":1}");
+    sy_buf_free(&id);
+    sleep_ms(200); /* the refused completion's thread finishes */
+    CHECK(refused_completions == 1);
+
+    /* A deferred step cancelled while pending: its completion sees it, and
+     * completing after the cancel grace period (2 s) is refused. */
+    EXPECT(sy_client_spawn(client, "deferred", "{\"hold\":1}", &id, &err), SY_OK, NULL);
+    for (int i = 0; i < 3000 && __atomic_load_n(&held, __ATOMIC_SEQ_CST) == NULL; i++) sleep_ms(10);
+    CHECK(held != NULL && !sy_completion_is_cancelled(held));
+    EXPECT(sy_client_cancel(client, (const char *)id.ptr, false, NULL, &err), SY_OK, NULL);
+    for (int i = 0; i < 3000 && !sy_completion_is_cancelled(held); i++) sleep_ms(10);
+    CHECK(sy_completion_is_cancelled(held));
+    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_CONFLICT, "cancelled");
+    sleep_ms(2500);
+    EXPECT(sy_completion_complete(held, SY_OK, "1", 1, &err), SY_CONFLICT, "no longer waiting");
+    EXPECT(sy_completion_complete(held, SY_OK, "1", 1, &err), SY_INVALID_ARGUMENT, "not a live handle");
+    sy_buf_free(&id);
+
+    /* Completion and new context functions outside a callback. */
+    CHECK(!sy_completion_is_cancelled(NULL));
+    CHECK(sy_completion_free(NULL) == SY_INVALID_ARGUMENT);
+    EXPECT(sy_completion_complete(NULL, SY_OK, "1", 1, &err), SY_INVALID_ARGUMENT, "not a live handle");
+    EXPECT(sy_ctx_sleep(NULL, 1, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
+    EXPECT(sy_ctx_await_event(NULL, "e", -1, &res, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
+    EXPECT(sy_ctx_delegate(NULL, "h", "1", &res, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
+    EXPECT(sy_ctx_delegate_parallel(NULL, "[]", &res, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
+    EXPECT(sy_ctx_spawn(NULL, "h", "1", &res, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
+    EXPECT(sy_ctx_dependency_results(NULL, &res, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
+    EXPECT(sy_ctx_heartbeat(NULL, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
+    EXPECT(sy_ctx_fail(NULL, SY_ERROR_PERMANENT, "m", -1, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
+    EXPECT(sy_ctx_set_http_error(NULL, 500, -1, "m", &err), SY_INVALID_ARGUMENT, "ctx is NULL");
+    EXPECT(sy_ctx_defer(NULL, NULL, &err), SY_INVALID_ARGUMENT, "completion is NULL");
+    CHECK(sy_ctx_attempt(NULL) == 0);
+    CHECK(strcmp(sy_ctx_step_name(NULL), "") == 0);
+
+    /* A forked child cannot use the parent's runtime: every call says so.
+     * The child reports through a pipe and ends with SIGKILL, so that
+     * valgrind does not leak-check a process whose threads were left behind
+     * in the parent. */
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        sy_error *err = NULL;
+        sy_status st = sy_client_spawn(client, "add", "{\"x\":1}", &id, &err);
+        char ok = st == SY_CONFLICT && strstr(sy_error_message(err), "forked") != NULL ? 'y' : 'n';
+        if (ok != 'y') fprintf(stderr, "forked child: %s: %s\n", sy_status_name(st), sy_error_message(err));
+        if (write(fds[1], &ok, 1) != 1) ok = 'n';
+        kill(getpid(), SIGKILL);
+    }
+    close(fds[1]);
+    char answer = 0;
+    CHECK(pid > 0 && read(fds[0], &answer, 1) == 1 && answer == 'y');
+    close(fds[0]);
+    int wstatus = 0;
+    CHECK(waitpid(pid, &wstatus, 0) == pid);
+    printf("ok: a forked child gets SY_CONFLICT\n");
+
+    CHECK(sy_worker_free(worker) == SY_OK);
+    CHECK(sy_client_free(client) == SY_OK);
+    CHECK(sy_store_free(store) == SY_OK);
+    char cmd[160];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    CHECK(system(cmd) == 0);
+}
+
 int main(void) {
     sy_store *store = NULL;
     sy_client *client = NULL;
@@ -160,18 +566,18 @@ int main(void) {
     EXPECT(sy_worker_new(store, 2, &worker, &err), SY_OK, NULL);
     EXPECT(sy_worker_start(worker, &err), SY_CONFLICT, "no handler");
     sh.worker = worker;
-    EXPECT(sy_worker_step(worker, "echo", NULL, NULL, &err), SY_INVALID_ARGUMENT, "callback is NULL");
-    EXPECT(sy_worker_step(worker, NULL, echo, &sh, &err), SY_INVALID_ARGUMENT, "name is NULL");
-    EXPECT(sy_worker_step((sy_worker *)&bogus, "echo", echo, &sh, &err), SY_INVALID_ARGUMENT, "not a live handle");
-    EXPECT(sy_worker_step(worker, "echo", echo, &sh, &err), SY_OK, NULL);
-    EXPECT(sy_worker_step(worker, "echo", echo, &sh, &err), SY_INVALID_ARGUMENT, "registered twice");
-    EXPECT(sy_worker_step(worker, "boom", boom, NULL, &err), SY_OK, NULL);
-    EXPECT(sy_worker_step(worker, "garbage", garbage, NULL, &err), SY_OK, NULL);
-    EXPECT(sy_worker_step(worker, "twice", twice, NULL, &err), SY_OK, NULL);
-    EXPECT(sy_worker_step(worker, "slow", slow, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "echo", NULL, NULL, NULL, &err), SY_INVALID_ARGUMENT, "callback is NULL");
+    EXPECT(sy_worker_step(worker, NULL, NULL, echo, &sh, &err), SY_INVALID_ARGUMENT, "name is NULL");
+    EXPECT(sy_worker_step((sy_worker *)&bogus, "echo", NULL, echo, &sh, &err), SY_INVALID_ARGUMENT, "not a live handle");
+    EXPECT(sy_worker_step(worker, "echo", NULL, echo, &sh, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "echo", NULL, echo, &sh, &err), SY_INVALID_ARGUMENT, "registered twice");
+    EXPECT(sy_worker_step(worker, "boom", NULL, boom, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "garbage", NULL, garbage, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "twice", NULL, twice, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "slow", NULL, slow, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_start(worker, &err), SY_OK, NULL);
     EXPECT(sy_worker_start(worker, &err), SY_CONFLICT, "already started");
-    EXPECT(sy_worker_step(worker, "late", echo, NULL, &err), SY_CONFLICT, "before the worker starts");
+    EXPECT(sy_worker_step(worker, "late", NULL, echo, NULL, &err), SY_CONFLICT, "before the worker starts");
 
     /* Spawn and result. */
     EXPECT(sy_client_spawn(client, "echo", "{bad json", &id, &err), SY_INVALID_ARGUMENT, "not valid JSON");
@@ -211,7 +617,7 @@ int main(void) {
     EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_CONFLICT, "out of widgets");
     sy_buf_free(&id);
     EXPECT(sy_client_spawn(client, "garbage", "{}", &id, &err), SY_OK, NULL);
-    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_CONFLICT, "invalid JSON");
+    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_CONFLICT, "not valid JSON");
     sy_buf_free(&id);
 
     /* Checkpoints survive a retry. */
@@ -245,6 +651,8 @@ int main(void) {
     EXPECT(sy_ctx_emit(NULL, "e", "1", NULL, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
     EXPECT(sy_ctx_checkpoint_get(NULL, "c", &res, &flag, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
     EXPECT(sy_ctx_checkpoint_put(NULL, "c", "1", &err), SY_INVALID_ARGUMENT, "ctx is NULL");
+
+    durable_checks();
 
     /* Stop, double stop, frees, double frees. */
     EXPECT(sy_worker_stop(worker, &err), SY_OK, NULL);

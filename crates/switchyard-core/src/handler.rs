@@ -206,6 +206,49 @@ impl Decision {
         }
     }
 
+    /// Reads a decision from its JSON form, the one every foreign binding
+    /// hands over: `{"steps": [{"name", "handler", "input", "depends_on"?}],
+    /// "final_step"?: name}` or `{"complete": value}`. The error names what
+    /// is wrong.
+    pub fn from_json(v: Value) -> Result<Self, String> {
+        let Value::Object(mut m) = v else {
+            return Err(format!(
+                "a decision must be an object with `steps` or `complete`, not {}",
+                json_kind(&v)
+            ));
+        };
+        if let Some(done) = m.remove("complete") {
+            if let Some(k) = m.keys().next() {
+                return Err(format!(
+                    "a `complete` decision has no other keys (found `{k}`)"
+                ));
+            }
+            return Ok(Self::Complete(done));
+        }
+        let steps = m
+            .remove("steps")
+            .ok_or("a decision needs `steps` (a list) or `complete` (the result)")?;
+        let final_step = match m.remove("final_step") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s),
+            Some(other) => {
+                return Err(format!(
+                    "`final_step` must be a step name, not {}",
+                    json_kind(&other)
+                ))
+            }
+        };
+        if let Some(k) = m.keys().next() {
+            return Err(format!(
+                "unknown key `{k}` in a decision (expected `steps`, `final_step` or `complete`)"
+            ));
+        }
+        let steps: Vec<NewStep> = serde_json::from_value(steps).map_err(|e| {
+            format!("each step needs `name`, `handler`, `input` and optional `depends_on`: {e}")
+        })?;
+        Ok(Self::Steps { steps, final_step })
+    }
+
     /// Fan-out: splits `total` items into cursor ranges of `batch_size`
     /// (`{"start", "end", "size", "index", "input"}`), each run as a parallel
     /// step of `handler` named `{handler}#{index}`, followed by a convergence
@@ -245,6 +288,17 @@ impl Decision {
             steps,
             final_step: Some(converge.to_string()),
         }
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -545,6 +599,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decisions_read_from_json_or_name_the_problem() {
+        let d = Decision::from_json(json!({
+            "steps": [{"name": "a", "handler": "h", "input": 1},
+                      {"name": "b", "handler": "h", "input": 2, "depends_on": ["a"]}],
+            "final_step": "a"
+        }))
+        .unwrap();
+        let Decision::Steps { steps, final_step } = d else {
+            panic!("steps expected")
+        };
+        assert_eq!(steps.len(), 2);
+        assert_eq!(steps[1].depends_on, vec!["a".to_string()]);
+        assert_eq!(final_step.as_deref(), Some("a"));
+        assert_eq!(
+            Decision::from_json(json!({"complete": {"x": 1}})).unwrap(),
+            Decision::Complete(json!({"x": 1}))
+        );
+        let e = |v| Decision::from_json(v).unwrap_err();
+        assert!(e(json!([1])).contains("not a list"), "{}", e(json!([1])));
+        assert!(e(json!({})).contains("needs `steps`"));
+        assert!(e(json!({"steps": [], "extra": 1})).contains("unknown key `extra`"));
+        assert!(e(json!({"steps": [{"name": "a"}]})).contains("`handler`"));
+        assert!(e(json!({"steps": [], "final_step": 3})).contains("not a number"));
+        assert!(e(json!({"complete": 1, "steps": []})).contains("no other keys"));
+    }
 
     #[test]
     fn backoff_grows_within_jitter_and_caps() {

@@ -1,0 +1,521 @@
+//! The durable context, inside a handler callback and on its thread.
+//!
+//! Context calls that fail record the step error with the status they
+//! return; a callback that passes that status on (`return st;`) fails or
+//! parks the step with that error (`SY_SUSPENDED`, `SY_LEASE_LOST`,
+//! `SY_TIMEOUT` for an await that timed out, a delegated child's failure).
+
+use std::collections::HashMap;
+use std::ffi::c_char;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use switchyard_core::bridge::JobKind;
+use switchyard_core::{ApiError, ChildSpec, Context, StepError, StepResult};
+
+use crate::worker::{sy_completion, Answer, Deferred};
+use crate::*;
+
+/// The durable context of one step run; valid only during the callback.
+pub struct sy_ctx {
+    ctx: Context,
+    kind: JobKind,
+    handler: String,
+    answer: Answer,
+    /// Keys reserved by `sy_ctx_checkpoint_get`, by checkpoint name.
+    reserved: HashMap<String, String>,
+    /// Set by `sy_ctx_defer`.
+    deferred: Option<Arc<Deferred>>,
+    /// `sy_ctx_step_name`'s NUL-terminated copy.
+    step_name: std::ffi::CString,
+}
+
+impl sy_ctx {
+    pub(crate) fn new(ctx: Context, kind: JobKind, handler: &str) -> Self {
+        let step_name = std::ffi::CString::new(ctx.step_name()).unwrap_or_default();
+        Self {
+            ctx,
+            kind,
+            handler: handler.to_string(),
+            answer: Answer {
+                output: Vec::new(),
+                fail: None,
+                http: None,
+                failed: None,
+            },
+            reserved: HashMap::new(),
+            deferred: None,
+            step_name,
+        }
+    }
+
+    /// What the callback left behind, and its completion if it deferred.
+    pub(crate) fn finish(self) -> (Answer, Option<Arc<Deferred>>) {
+        (self.answer, self.deferred)
+    }
+}
+
+unsafe fn ctx_mut<'a>(ctx: *mut sy_ctx) -> Result<&'a mut sy_ctx, Fail> {
+    unsafe { handle(Kind::Ctx, "ctx", ctx) }?;
+    // SAFETY: live, and only the callback's thread uses it.
+    Ok(unsafe { &mut *ctx })
+}
+
+/// Copies `len` bytes from `data` (NULL only when `len` is 0).
+unsafe fn bytes(data: *const c_char, len: usize) -> Result<Vec<u8>, Fail> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    if data.is_null() {
+        return Err(Fail::arg("data is NULL"));
+    }
+    // SAFETY: the caller passes `len` readable bytes.
+    Ok(unsafe { std::slice::from_raw_parts(data as *const u8, len) }.to_vec())
+}
+
+/// The status a failed context call returns for a step error.
+fn step_status(e: &StepError) -> sy_status {
+    match e {
+        StepError::LeaseLost => sy_status::SY_LEASE_LOST,
+        StepError::Suspend(_) => sy_status::SY_SUSPENDED,
+        StepError::AwaitTimeout { .. } => sy_status::SY_TIMEOUT,
+        StepError::Permanent { .. } | StepError::InvalidInput(_) => sy_status::SY_ERROR_PERMANENT,
+        _ => sy_status::SY_ERROR_RETRYABLE,
+    }
+}
+
+/// Runs a context operation; a step error is recorded for the callback to
+/// pass on, and returned as the call's status.
+fn ctx_step<T: Send + 'static>(
+    c: &mut sy_ctx,
+    fut: impl std::future::Future<Output = StepResult<T>> + Send + 'static,
+) -> Result<T, Fail> {
+    match block(fut)? {
+        Ok(v) => Ok(v),
+        Err(StepError::InvalidInput(m)) => Err(Fail::arg(m)),
+        Err(e) => {
+            let status = step_status(&e);
+            let f = Fail::new(status, e.to_string());
+            c.answer.failed = Some((status, e));
+            Err(f)
+        }
+    }
+}
+
+/// Sets the callback's output: the JSON result (with `SY_OK`) or the error
+/// message (with `SY_ERROR_*`). The bytes are copied; a second call replaces.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_set_output(
+    ctx: *mut sy_ctx,
+    data: *const c_char,
+    len: usize,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let c = unsafe { ctx_mut(ctx) }?;
+        c.answer.output = unsafe { bytes(data, len) }?;
+        Ok(())
+    })
+}
+
+/// Fails this step alone, whatever the callback returns (the way to fail
+/// one item of a batch): `status` is `SY_ERROR_RETRYABLE` (retried after
+/// the backoff, or after `retry_after_ms` when it is not negative),
+/// `SY_ERROR_PERMANENT` (never retried) or `SY_INVALID_ARGUMENT` (the input
+/// is invalid: never retried).
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_fail(
+    ctx: *mut sy_ctx,
+    status: sy_status,
+    message: *const c_char,
+    retry_after_ms: i64,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let c = unsafe { ctx_mut(ctx) }?;
+        let message = unsafe { text("message", message) }?.to_string();
+        let e = match status {
+            sy_status::SY_ERROR_RETRYABLE if retry_after_ms >= 0 => {
+                StepError::retry_after(message, Duration::from_millis(retry_after_ms as u64))
+            }
+            sy_status::SY_ERROR_RETRYABLE => StepError::retryable(message),
+            sy_status::SY_ERROR_PERMANENT => StepError::permanent(message),
+            sy_status::SY_INVALID_ARGUMENT => StepError::invalid_input(message),
+            other => {
+                return Err(Fail::arg(format!(
+                    "status must be SY_ERROR_RETRYABLE, SY_ERROR_PERMANENT or SY_INVALID_ARGUMENT, not {}",
+                    status_str(other as i32)
+                )))
+            }
+        };
+        c.answer.fail = Some(e);
+        Ok(())
+    })
+}
+
+/// Records an HTTP-shaped failure (API handlers; then return any error
+/// status): `http_status` is the remote's status code, or 0 when the
+/// request got no answer (network error); `retry_after_ms` is its
+/// `Retry-After` (negative: none). The core classifies it: 429 retried
+/// after `Retry-After`, other 4xx permanent, 5xx and network errors retried.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_set_http_error(
+    ctx: *mut sy_ctx,
+    http_status: u16,
+    retry_after_ms: i64,
+    message: *const c_char,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let c = unsafe { ctx_mut(ctx) }?;
+        let message = unsafe { text("message", message) }?.to_string();
+        c.answer.http = Some(match http_status {
+            0 => ApiError::Network(message),
+            100..=599 => ApiError::Http {
+                status: http_status,
+                retry_after: (retry_after_ms >= 0)
+                    .then(|| Duration::from_millis(retry_after_ms as u64)),
+                message,
+            },
+            other => {
+                return Err(Fail::arg(format!(
+                    "http_status {other} is not an HTTP status"
+                )))
+            }
+        });
+        Ok(())
+    })
+}
+
+/// Defers the outcome (plain, decision and API handlers): stores a
+/// completion handle in `completion`; the callback then returns
+/// `SY_PENDING` and frees its thread, and any thread completes the step
+/// later with `sy_completion_complete`. The step keeps its lease, timeout
+/// and cancellation meanwhile. `SY_CONFLICT` in batch handlers or when
+/// called twice (`*completion` is then left as it was).
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_defer(
+    ctx: *mut sy_ctx,
+    completion: *mut *mut sy_completion,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        // The slot is left alone on failure: it may hold this step's
+        // completion from an earlier call.
+        let slot = out("completion", completion)?;
+        let c = unsafe { ctx_mut(ctx) }?;
+        if c.kind == JobKind::Batch {
+            return Err(Fail::new(
+                sy_status::SY_CONFLICT,
+                "batch items complete synchronously: sy_ctx_defer is for step, decision and API handlers",
+            ));
+        }
+        if c.deferred.is_some() {
+            return Err(Fail::new(
+                sy_status::SY_CONFLICT,
+                "this step was already deferred",
+            ));
+        }
+        let d = Deferred::new(c.kind, &c.handler);
+        c.deferred = Some(d.clone());
+        *slot = register(
+            Kind::Completion,
+            sy_completion {
+                deferred: d,
+                ctx: c.ctx.clone(),
+            },
+        );
+        Ok(())
+    })
+}
+
+/// True if the step was cancelled or timed out (stop early); false for
+/// invalid contexts.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_is_cancelled(ctx: *mut sy_ctx) -> bool {
+    catch_unwind(AssertUnwindSafe(|| {
+        unsafe { ctx_mut(ctx) }
+            .map(|c| c.ctx.is_cancelled())
+            .unwrap_or(false)
+    }))
+    .unwrap_or(false)
+}
+
+/// The task id of the step (release with `sy_buf_free`).
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_task_id(
+    ctx: *mut sy_ctx,
+    task_id: *mut sy_buf,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = buf_out("task_id", task_id)?;
+        let c = unsafe { ctx_mut(ctx) }?;
+        *slot = make_buf(c.ctx.task_id().to_string().into_bytes());
+        Ok(())
+    })
+}
+
+/// The step's name within its task (valid during the callback); "" for
+/// invalid contexts.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_step_name(ctx: *mut sy_ctx) -> *const c_char {
+    catch_unwind(AssertUnwindSafe(|| match unsafe { ctx_mut(ctx) } {
+        Ok(c) => c.step_name.as_ptr(),
+        Err(_) => c"".as_ptr(),
+    }))
+    .unwrap_or(c"".as_ptr())
+}
+
+/// The attempt number of this run (1 for the first); 0 for invalid contexts.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_attempt(ctx: *mut sy_ctx) -> u32 {
+    catch_unwind(AssertUnwindSafe(|| {
+        unsafe { ctx_mut(ctx) }
+            .map(|c| c.ctx.attempt())
+            .unwrap_or(0)
+    }))
+    .unwrap_or(0)
+}
+
+/// Emits an event from inside a step (first write wins); `stored` may be NULL.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_emit(
+    ctx: *mut sy_ctx,
+    name: *const c_char,
+    payload_json: *const c_char,
+    stored: *mut bool,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let c = unsafe { ctx_mut(ctx) }?;
+        let name = unsafe { text("name", name) }?.to_string();
+        let payload = unsafe { json("payload_json", payload_json) }?;
+        let inner = c.ctx.clone();
+        let s = ctx_step(c, async move { inner.emit_event(&name, payload).await })?;
+        if let Some(o) = unsafe { stored.as_mut() } {
+            *o = s;
+        }
+        Ok(())
+    })
+}
+
+/// Looks up checkpoint `name` of this task. If a previous attempt saved it,
+/// `*found` is true and `value` holds its JSON (release with `sy_buf_free`);
+/// otherwise compute the value and save it with `sy_ctx_checkpoint_put`.
+/// Repeated names in one run are numbered in call order.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_checkpoint_get(
+    ctx: *mut sy_ctx,
+    name: *const c_char,
+    value: *mut sy_buf,
+    found: *mut bool,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = buf_out("value", value)?;
+        let found = out("found", found)?;
+        *found = false;
+        let c = unsafe { ctx_mut(ctx) }?;
+        let name = unsafe { text("name", name) }?.to_string();
+        let inner = c.ctx.clone();
+        let n = name.clone();
+        let (key, v) = ctx_step(c, async move { inner.checkpoint_lookup(&n).await })?;
+        match v {
+            Some(v) => {
+                *slot = json_buf(&v)?;
+                *found = true;
+            }
+            None => {
+                c.reserved.insert(name, key);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Saves checkpoint `name` (after a `sy_ctx_checkpoint_get` that found
+/// nothing) with `value_json`; also extends the lease.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_checkpoint_put(
+    ctx: *mut sy_ctx,
+    name: *const c_char,
+    value_json: *const c_char,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let c = unsafe { ctx_mut(ctx) }?;
+        let name = unsafe { text("name", name) }?.to_string();
+        let value = unsafe { json("value_json", value_json) }?;
+        let key = c.reserved.remove(&name).ok_or_else(|| {
+            Fail::new(
+                sy_status::SY_CONFLICT,
+                format!("checkpoint `{name}`: call sy_ctx_checkpoint_get first (it found nothing to reuse)"),
+            )
+        })?;
+        let inner = c.ctx.clone();
+        ctx_step(c, async move { inner.checkpoint_save(&key, value).await })
+    })
+}
+
+/// Waits for event `name`: `SY_OK` with its payload in `payload` (release
+/// with `sy_buf_free`) if it was emitted, before or after this call;
+/// `SY_SUSPENDED` if not yet (return it: the step is parked and runs again
+/// when the event arrives); `SY_TIMEOUT` once `timeout_ms` (negative: no
+/// limit) has passed since the first call. The deadline is checkpointed, so
+/// replays agree.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_await_event(
+    ctx: *mut sy_ctx,
+    name: *const c_char,
+    timeout_ms: i64,
+    payload: *mut sy_buf,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = buf_out("payload", payload)?;
+        let c = unsafe { ctx_mut(ctx) }?;
+        let name = unsafe { text("name", name) }?.to_string();
+        let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+        let inner = c.ctx.clone();
+        let v = ctx_step(c, async move { inner.await_event(&name, timeout).await })?;
+        *slot = json_buf(&v)?;
+        Ok(())
+    })
+}
+
+/// Durable sleep: `SY_SUSPENDED` until `ms` milliseconds after the first
+/// call (return it; the step runs again then, and this call returns
+/// `SY_OK`). Survives restarts.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_sleep(
+    ctx: *mut sy_ctx,
+    ms: u64,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let c = unsafe { ctx_mut(ctx) }?;
+        let inner = c.ctx.clone();
+        ctx_step(
+            c,
+            async move { inner.sleep(Duration::from_millis(ms)).await },
+        )
+    })
+}
+
+/// Spawns a child task that this step does not wait for; its id goes to
+/// `task_id` (release with `sy_buf_free`). Replays return the same child.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_spawn(
+    ctx: *mut sy_ctx,
+    handler: *const c_char,
+    input_json: *const c_char,
+    task_id: *mut sy_buf,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = buf_out("task_id", task_id)?;
+        let c = unsafe { ctx_mut(ctx) }?;
+        let handler = unsafe { text("handler", handler) }?.to_string();
+        let input = unsafe { json("input_json", input_json) }?;
+        let inner = c.ctx.clone();
+        let id = ctx_step(c, async move { inner.spawn(&handler, input).await })?;
+        *slot = make_buf(id.to_string().into_bytes());
+        Ok(())
+    })
+}
+
+/// Delegates to a child task and waits for it: `SY_OK` with its JSON result
+/// in `result` (release with `sy_buf_free`), `SY_SUSPENDED` while it runs
+/// (return it), `SY_ERROR_PERMANENT` if it failed or was cancelled.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_delegate(
+    ctx: *mut sy_ctx,
+    handler: *const c_char,
+    input_json: *const c_char,
+    result: *mut sy_buf,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = buf_out("result", result)?;
+        let c = unsafe { ctx_mut(ctx) }?;
+        let handler = unsafe { text("handler", handler) }?.to_string();
+        let input = unsafe { json("input_json", input_json) }?;
+        let inner = c.ctx.clone();
+        let v = ctx_step(c, async move { inner.delegate(&handler, input).await })?;
+        *slot = json_buf(&v)?;
+        Ok(())
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Child {
+    handler: String,
+    input: Value,
+}
+
+/// Delegates to child tasks run in parallel and waits for all of them.
+/// `children_json` is a list of `{"handler", "input"}`. `SY_OK` when all
+/// have finished, with `outcomes` (release with `sy_buf_free`) a JSON list
+/// of `{"task_id", "state", "result", "error"}` in order (a failed child
+/// does not fail this step); `SY_SUSPENDED` while any runs (return it).
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_delegate_parallel(
+    ctx: *mut sy_ctx,
+    children_json: *const c_char,
+    outcomes: *mut sy_buf,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = buf_out("outcomes", outcomes)?;
+        let c = unsafe { ctx_mut(ctx) }?;
+        let children: Vec<Child> =
+            serde_json::from_value(unsafe { json("children_json", children_json) }?).map_err(
+                |e| {
+                    Fail::arg(format!(
+                        "children_json must be a list of {{\"handler\", \"input\"}}: {e}"
+                    ))
+                },
+            )?;
+        let specs = children
+            .into_iter()
+            .map(|c| ChildSpec::new(c.handler, c.input))
+            .collect();
+        let inner = c.ctx.clone();
+        let v = ctx_step(c, async move { inner.delegate_parallel(specs).await })?;
+        *slot = json_buf(&v)?;
+        Ok(())
+    })
+}
+
+/// The results of the steps this step depends on, as a JSON object by step
+/// name (release with `sy_buf_free`).
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_dependency_results(
+    ctx: *mut sy_ctx,
+    results: *mut sy_buf,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = buf_out("results", results)?;
+        let c = unsafe { ctx_mut(ctx) }?;
+        let inner = c.ctx.clone();
+        let v = ctx_step(c, async move { inner.dependency_results().await })?;
+        *slot = json_buf(&v)?;
+        Ok(())
+    })
+}
+
+/// Extends the lease during long work; `SY_LEASE_LOST` if the step was
+/// cancelled or taken over (stop and return it).
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_heartbeat(ctx: *mut sy_ctx, err: *mut *mut sy_error) -> sy_status {
+    guard(err, || {
+        let c = unsafe { ctx_mut(ctx) }?;
+        let inner = c.ctx.clone();
+        ctx_step(c, async move { inner.heartbeat().await })
+    })
+}

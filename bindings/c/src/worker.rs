@@ -1,0 +1,836 @@
+//! Workers whose handlers are C callbacks, and asynchronous completion.
+//!
+//! The dispatcher pushes jobs into the worker's [`Inbox`]; `concurrency`
+//! library-owned threads take them one at a time and call the callbacks.
+//! How a callback's answer becomes a step outcome is decided in one place,
+//! [`outcome`], for synchronous returns, batch items and completions alike.
+
+use std::cell::Cell;
+use std::ffi::{c_char, c_void, CString};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::Value;
+use switchyard_core::bridge::{Inbox, InboxHandler, Job, JobKind, Reply};
+use switchyard_core::{
+    ApiError, Context, Decision, DynStore, HandlerOptions, RetryPolicy, RunningWorker, StepError,
+    Worker,
+};
+
+use crate::ctx::sy_ctx;
+use crate::*;
+
+/// A step, decision or API callback. `input` is the step's JSON input
+/// (NUL-terminated, `input_len` bytes without the NUL), valid during the
+/// call. Return `SY_OK` after `sy_ctx_set_output` with the JSON result (no
+/// output means `null`; for a decision, the decision document), or
+/// `SY_ERROR_RETRYABLE` / `SY_ERROR_PERMANENT` with the output as the error
+/// message, or pass on the status of a context call that failed (e.g.
+/// `SY_SUSPENDED`), or `SY_PENDING` after `sy_ctx_defer`. Any other value
+/// is a retryable failure.
+///
+/// Thread affinity: runs on a thread owned by the library, possibly many at
+/// once (up to the handler's concurrency) with the same `user_data`.
+pub type sy_step_fn = Option<
+    unsafe extern "C" fn(
+        input: *const c_char,
+        input_len: usize,
+        ctx: *mut sy_ctx,
+        user_data: *mut c_void,
+    ) -> i32,
+>;
+
+/// One step of a batch: its JSON input (NUL-terminated) and its context.
+#[repr(C)]
+pub struct sy_item {
+    /// The step's JSON input, valid during the call.
+    pub input: *const c_char,
+    /// Its length without the NUL.
+    pub input_len: usize,
+    /// The step's context: set its result with `sy_ctx_set_output` or fail
+    /// it alone with `sy_ctx_fail`.
+    pub ctx: *mut sy_ctx,
+}
+
+/// A batch callback: `count` steps at once (up to the handler's
+/// `max_batch`). Give each item its outcome on its own context; return
+/// `SY_OK`. Any other return fails every item that has no outcome of its
+/// own (`sy_ctx_fail`) with that status. Batch items complete synchronously
+/// (`sy_ctx_defer` is refused). Thread affinity: as `sy_step_fn`.
+pub type sy_batch_fn = Option<
+    unsafe extern "C" fn(items: *const sy_item, count: usize, user_data: *mut c_void) -> i32,
+>;
+
+/// Options of one handler. Start from `sy_handler_options_default()`; a
+/// zero field means "the default".
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sy_handler_options {
+    /// Steps of this handler running at once in this host (default: the
+    /// worker's concurrency).
+    pub concurrency: usize,
+    /// Per-attempt timeout enforced by the core, in milliseconds (default
+    /// 300000).
+    pub timeout_ms: u64,
+    /// Attempts before the step fails for good (default 5).
+    pub max_attempts: u32,
+    /// Batch handlers only: most steps per call (default 64).
+    pub max_batch: usize,
+    /// Batch handlers only: longest wait for a batch to fill, in
+    /// milliseconds (default 5).
+    pub linger_ms: u64,
+    /// API handlers only: sustained starts per second (default: no limit).
+    pub rate_limit: f64,
+    /// API handlers only: burst size of the rate limit (default 1).
+    pub rate_burst: u32,
+}
+
+/// All defaults (every field zero).
+#[no_mangle]
+pub extern "C" fn sy_handler_options_default() -> sy_handler_options {
+    sy_handler_options {
+        concurrency: 0,
+        timeout_ms: 0,
+        max_attempts: 0,
+        max_batch: 0,
+        linger_ms: 0,
+        rate_limit: 0.0,
+        rate_burst: 0,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Callback {
+    One(unsafe extern "C" fn(*const c_char, usize, *mut sy_ctx, *mut c_void) -> i32),
+    Batch(unsafe extern "C" fn(*const sy_item, usize, *mut c_void) -> i32),
+}
+
+struct Registration {
+    name: String,
+    kind: JobKind,
+    callback: Callback,
+    user_data: usize,
+    options: HandlerOptions,
+}
+
+struct Running {
+    host: Arc<RunningWorker>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// A host whose handlers are C callbacks.
+pub struct sy_worker {
+    store: DynStore,
+    concurrency: usize,
+    regs: Mutex<Vec<Arc<Registration>>>,
+    inbox: Arc<Inbox>,
+    running: Mutex<Option<Running>>,
+}
+
+thread_local! {
+    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Creates a worker on a store; `concurrency` (at least 1) is both the
+/// number of steps run at once and the number of callback threads.
+#[no_mangle]
+pub unsafe extern "C" fn sy_worker_new(
+    store: *const sy_store,
+    concurrency: usize,
+    worker: *mut *mut sy_worker,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = out("worker", worker)?;
+        *slot = std::ptr::null_mut();
+        let s = unsafe { handle(Kind::Store, "store", store) }?;
+        if concurrency == 0 {
+            return Err(Fail::arg("concurrency must be at least 1"));
+        }
+        *slot = register(
+            Kind::Worker,
+            sy_worker {
+                store: s.store.clone(),
+                concurrency,
+                regs: Mutex::new(Vec::new()),
+                inbox: Inbox::new(),
+                running: Mutex::new(None),
+            },
+        );
+        Ok(())
+    })
+}
+
+fn options(
+    kind: JobKind,
+    worker_concurrency: usize,
+    o: Option<&sy_handler_options>,
+) -> Result<HandlerOptions, Fail> {
+    let o = o.copied().unwrap_or_else(|| sy_handler_options_default());
+    let only = |field: &str, needs: &str| {
+        Err(Fail::arg(format!(
+            "options.{field} applies to {needs} handlers only"
+        )))
+    };
+    if kind != JobKind::Batch && (o.max_batch != 0 || o.linger_ms != 0) {
+        return only(
+            if o.max_batch != 0 {
+                "max_batch"
+            } else {
+                "linger_ms"
+            },
+            "batch",
+        );
+    }
+    if kind != JobKind::Api && (o.rate_limit != 0.0 || o.rate_burst != 0) {
+        return only(
+            if o.rate_limit != 0.0 {
+                "rate_limit"
+            } else {
+                "rate_burst"
+            },
+            "API",
+        );
+    }
+    if !(o.rate_limit.is_finite() && o.rate_limit >= 0.0) {
+        return Err(Fail::arg(format!(
+            "options.rate_limit must be a positive number of starts per second, not {}",
+            o.rate_limit
+        )));
+    }
+    let mut h = HandlerOptions::default().concurrency(if o.concurrency == 0 {
+        worker_concurrency
+    } else {
+        o.concurrency
+    });
+    if o.timeout_ms != 0 {
+        h = h.timeout(Duration::from_millis(o.timeout_ms));
+    }
+    if o.max_attempts != 0 {
+        h = h.retry(RetryPolicy::attempts(o.max_attempts));
+    }
+    if o.max_batch != 0 {
+        h = h.max_batch(o.max_batch);
+    }
+    if o.linger_ms != 0 {
+        h = h.linger(Duration::from_millis(o.linger_ms));
+    }
+    if o.rate_limit > 0.0 {
+        h = h.rate_limit(o.rate_limit, o.rate_burst.max(1));
+    }
+    Ok(h)
+}
+
+unsafe fn add_handler(
+    worker: *const sy_worker,
+    name: *const c_char,
+    kind: JobKind,
+    opts: *const sy_handler_options,
+    callback: Option<Callback>,
+    user_data: *mut c_void,
+) -> Result<(), Fail> {
+    let w = unsafe { handle(Kind::Worker, "worker", worker) }?;
+    let name = unsafe { text("name", name) }?.to_string();
+    let callback = callback.ok_or_else(|| Fail::arg("callback is NULL"))?;
+    switchyard_core::client::validate_name("handler name", &name)?;
+    // SAFETY: NULL or a readable options struct.
+    let options = options(kind, w.concurrency, unsafe { opts.as_ref() })?;
+    if w.running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some()
+    {
+        return Err(Fail::new(
+            sy_status::SY_CONFLICT,
+            "register handlers before the worker starts",
+        ));
+    }
+    let mut regs = w.regs.lock().unwrap_or_else(|p| p.into_inner());
+    if regs.iter().any(|r| r.name == name) {
+        return Err(Fail::arg(format!("handler `{name}` is registered twice")));
+    }
+    regs.push(Arc::new(Registration {
+        name,
+        kind,
+        callback,
+        user_data: user_data as usize,
+        options,
+    }));
+    Ok(())
+}
+
+/// Registers a plain step handler `name` served by `callback` (see
+/// `sy_step_fn`); `opts` may be NULL (defaults); `user_data` is passed back
+/// to every call. Before `sy_worker_start` only.
+#[no_mangle]
+pub unsafe extern "C" fn sy_worker_step(
+    worker: *const sy_worker,
+    name: *const c_char,
+    opts: *const sy_handler_options,
+    callback: sy_step_fn,
+    user_data: *mut c_void,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || unsafe {
+        add_handler(
+            worker,
+            name,
+            JobKind::Step,
+            opts,
+            callback.map(Callback::One),
+            user_data,
+        )
+    })
+}
+
+/// Registers a decision handler: its output (with `SY_OK`) is a decision
+/// document, `{"steps": [{"name", "handler", "input", "depends_on"?}, ...],
+/// "final_step"?: name}` (the steps are created atomically; the final step's
+/// result, by default the last one's, becomes the task's result) or
+/// `{"complete": value}`. Otherwise as `sy_worker_step`.
+#[no_mangle]
+pub unsafe extern "C" fn sy_worker_decision(
+    worker: *const sy_worker,
+    name: *const c_char,
+    opts: *const sy_handler_options,
+    callback: sy_step_fn,
+    user_data: *mut c_void,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || unsafe {
+        add_handler(
+            worker,
+            name,
+            JobKind::Decision,
+            opts,
+            callback.map(Callback::One),
+            user_data,
+        )
+    })
+}
+
+/// Registers an API-shaped handler: a failure recorded with
+/// `sy_ctx_set_http_error` is classified by the core (429 retried after
+/// `Retry-After`, other 4xx permanent, 5xx and network errors retried);
+/// `opts.rate_limit` limits starts per second. Otherwise as `sy_worker_step`.
+#[no_mangle]
+pub unsafe extern "C" fn sy_worker_api(
+    worker: *const sy_worker,
+    name: *const c_char,
+    opts: *const sy_handler_options,
+    callback: sy_step_fn,
+    user_data: *mut c_void,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || unsafe {
+        add_handler(
+            worker,
+            name,
+            JobKind::Api,
+            opts,
+            callback.map(Callback::One),
+            user_data,
+        )
+    })
+}
+
+/// Registers a batch handler (see `sy_batch_fn`): the core groups up to
+/// `opts.max_batch` ready steps, waiting at most `opts.linger_ms` for more.
+#[no_mangle]
+pub unsafe extern "C" fn sy_worker_batch(
+    worker: *const sy_worker,
+    name: *const c_char,
+    opts: *const sy_handler_options,
+    callback: sy_batch_fn,
+    user_data: *mut c_void,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || unsafe {
+        add_handler(
+            worker,
+            name,
+            JobKind::Batch,
+            opts,
+            callback.map(Callback::Batch),
+            user_data,
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Running jobs.
+
+/// What a callback left behind for one step.
+pub(crate) struct Answer {
+    /// The bytes given to `sy_ctx_set_output`.
+    pub output: Vec<u8>,
+    /// Set by `sy_ctx_fail`: this outcome wins.
+    pub fail: Option<StepError>,
+    /// Set by `sy_ctx_set_http_error`.
+    pub http: Option<ApiError>,
+    /// The error of the last context call that failed, with its status:
+    /// used when the callback passes that status on.
+    pub failed: Option<(sy_status, StepError)>,
+}
+
+/// Turns a callback's status and answer into the step's outcome.
+pub(crate) fn outcome(kind: JobKind, handler: &str, code: i32, a: Answer) -> Reply {
+    if let Some(e) = a.fail {
+        return Reply::Error(e);
+    }
+    if code == sy_status::SY_OK as i32 {
+        let v: Value = if a.output.is_empty() {
+            Value::Null
+        } else {
+            match serde_json::from_slice(&a.output) {
+                Ok(v) => v,
+                Err(e) => {
+                    return Reply::Error(StepError::permanent(format!(
+                        "the C handler `{handler}` set an output that is not valid JSON: {e}"
+                    )))
+                }
+            }
+        };
+        if kind != JobKind::Decision {
+            return Reply::Value(v);
+        }
+        return match Decision::from_json(v) {
+            Ok(d) => Reply::Decision(d),
+            Err(e) => Reply::Error(StepError::permanent(format!(
+                "the C decision handler `{handler}`: {e}"
+            ))),
+        };
+    }
+    if let Some((status, e)) = a.failed {
+        if code == status as i32 {
+            return Reply::Error(e);
+        }
+    }
+    if let Some(h) = a.http {
+        return match kind {
+            JobKind::Api => Reply::Api(h),
+            _ => Reply::Error(h.classify()),
+        };
+    }
+    let text = String::from_utf8_lossy(&a.output).into_owned();
+    let message = if text.is_empty() {
+        format!("the C handler `{handler}` failed with status {code}")
+    } else {
+        text
+    };
+    if code == sy_status::SY_ERROR_PERMANENT as i32 {
+        Reply::Error(StepError::permanent(message))
+    } else if code == sy_status::SY_SUSPENDED as i32 || code == sy_status::SY_PENDING as i32 {
+        Reply::Error(StepError::permanent(format!(
+            "the C handler `{handler}` returned {} but no context call asked for it ({})",
+            status_str(code),
+            if code == sy_status::SY_PENDING as i32 {
+                "call sy_ctx_defer first"
+            } else {
+                "only a context call that returned SY_SUSPENDED may be passed on"
+            }
+        )))
+    } else {
+        Reply::Error(StepError::retryable(message))
+    }
+}
+
+fn input_text(input: &Value) -> Option<CString> {
+    serde_json::to_string(input)
+        .ok()
+        .and_then(|s| CString::new(s).ok())
+}
+
+fn run_job(regs: &[Arc<Registration>], mut job: Job) {
+    let Some(reg) = regs.iter().find(|r| r.name == job.handler) else {
+        let msg = format!("no C callback for handler `{}`", job.handler);
+        let n = job.items.len();
+        job.complete(
+            (0..n)
+                .map(|_| Reply::Error(StepError::permanent(msg.clone())))
+                .collect(),
+        );
+        return;
+    };
+    let items: Vec<(Value, Context)> = job.items.drain(..).map(|i| (i.input, i.ctx)).collect();
+    IN_CALLBACK.with(|c| c.set(true));
+    match reg.callback {
+        Callback::One(f) => {
+            let mut replies = Vec::with_capacity(items.len());
+            for (input, ctx) in items {
+                match run_one(reg, f, input, ctx) {
+                    Ran::Reply(r) => replies.push(r),
+                    Ran::Deferred(d) => {
+                        // One item per non-batch job: the completion answers it.
+                        IN_CALLBACK.with(|c| c.set(false));
+                        d.attach(job);
+                        return;
+                    }
+                }
+            }
+            IN_CALLBACK.with(|c| c.set(false));
+            job.complete(replies);
+        }
+        Callback::Batch(f) => {
+            let replies = run_batch(reg, f, items);
+            IN_CALLBACK.with(|c| c.set(false));
+            job.complete(replies);
+        }
+    }
+}
+
+enum Ran {
+    Reply(Reply),
+    Deferred(Arc<Deferred>),
+}
+
+fn new_ctx(reg: &Registration, ctx: Context) -> *mut sy_ctx {
+    register(Kind::Ctx, sy_ctx::new(ctx, reg.kind, &reg.name))
+}
+
+fn run_one(
+    reg: &Registration,
+    f: unsafe extern "C" fn(*const c_char, usize, *mut sy_ctx, *mut c_void) -> i32,
+    input: Value,
+    ctx: Context,
+) -> Ran {
+    let Some(input) = input_text(&input) else {
+        return Ran::Reply(Reply::Error(StepError::permanent(
+            "the step input cannot be passed to C (it contains a NUL character)",
+        )));
+    };
+    let c = new_ctx(reg, ctx);
+    // SAFETY: the callback was registered by the C caller for this signature.
+    let code = unsafe {
+        f(
+            input.as_ptr(),
+            input.as_bytes().len(),
+            c,
+            reg.user_data as *mut c_void,
+        )
+    };
+    // SAFETY: registered above; callbacks cannot free a context.
+    let c = unsafe { unregister(Kind::Ctx, c) }.expect("the context is live");
+    let (answer, deferred) = c.finish();
+    match deferred {
+        Some(d) if code == sy_status::SY_PENDING as i32 => Ran::Deferred(d),
+        other => {
+            if let Some(d) = other {
+                d.answered_by_callback();
+            }
+            Ran::Reply(outcome(reg.kind, &reg.name, code, answer))
+        }
+    }
+}
+
+fn run_batch(
+    reg: &Registration,
+    f: unsafe extern "C" fn(*const sy_item, usize, *mut c_void) -> i32,
+    items: Vec<(Value, Context)>,
+) -> Vec<Reply> {
+    let n = items.len();
+    let mut texts = Vec::with_capacity(n);
+    let mut ctxs = Vec::with_capacity(n);
+    let mut bad = vec![false; n];
+    for (i, (input, ctx)) in items.into_iter().enumerate() {
+        let t = input_text(&input).unwrap_or_else(|| {
+            bad[i] = true;
+            CString::default()
+        });
+        texts.push(t);
+        ctxs.push(new_ctx(reg, ctx));
+    }
+    let c_items: Vec<sy_item> = texts
+        .iter()
+        .zip(&ctxs)
+        .map(|(t, c)| sy_item {
+            input: t.as_ptr(),
+            input_len: t.as_bytes().len(),
+            ctx: *c,
+        })
+        .collect();
+    // SAFETY: the callback was registered for this signature; the items and
+    // their strings outlive the call.
+    let code = unsafe { f(c_items.as_ptr(), n, reg.user_data as *mut c_void) };
+    ctxs.into_iter()
+        .zip(bad)
+        .map(|(c, bad)| {
+            // SAFETY: registered above.
+            let c = unsafe { unregister(Kind::Ctx, c) }.expect("the context is live");
+            let (answer, _) = c.finish();
+            if bad {
+                return Reply::Error(StepError::permanent(
+                    "the step input cannot be passed to C (it contains a NUL character)",
+                ));
+            }
+            outcome(reg.kind, &reg.name, code, answer)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Asynchronous completion.
+
+enum DeferState {
+    /// Handed out; the callback has not returned yet.
+    Waiting,
+    /// The callback returned `SY_PENDING`: the job waits for the completion.
+    Attached(Job),
+    /// Completed before the callback returned.
+    Early(Reply),
+    /// Answered (or the callback answered itself): nothing more to do.
+    Done,
+}
+
+pub(crate) struct Deferred {
+    kind: JobKind,
+    handler: String,
+    state: Mutex<DeferState>,
+}
+
+impl Deferred {
+    pub(crate) fn new(kind: JobKind, handler: &str) -> Arc<Self> {
+        Arc::new(Self {
+            kind,
+            handler: handler.to_string(),
+            state: Mutex::new(DeferState::Waiting),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeferState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attach(&self, job: Job) {
+        let mut s = self.lock();
+        match std::mem::replace(&mut *s, DeferState::Done) {
+            DeferState::Early(r) => job.complete(vec![r]),
+            DeferState::Waiting => *s = DeferState::Attached(job),
+            DeferState::Attached(_) | DeferState::Done => {}
+        }
+    }
+
+    fn answered_by_callback(&self) {
+        *self.lock() = DeferState::Done;
+    }
+
+    fn answer(&self, reply: Reply) -> Result<(), Fail> {
+        let mut s = self.lock();
+        match std::mem::replace(&mut *s, DeferState::Done) {
+            DeferState::Waiting => {
+                *s = DeferState::Early(reply);
+                Ok(())
+            }
+            DeferState::Attached(job) => {
+                if job.abandoned() {
+                    return Err(Fail::new(
+                        sy_status::SY_CONFLICT,
+                        format!(
+                            "step of `{}` is no longer waiting (cancelled, timed out or the host stopped): the outcome was dropped",
+                            self.handler
+                        ),
+                    ));
+                }
+                job.complete(vec![reply]);
+                Ok(())
+            }
+            DeferState::Early(r) => {
+                *s = DeferState::Early(r);
+                Err(Fail::new(sy_status::SY_CONFLICT, "already completed"))
+            }
+            DeferState::Done => Err(Fail::new(
+                sy_status::SY_CONFLICT,
+                format!(
+                    "the callback of `{}` answered itself (it did not return SY_PENDING)",
+                    self.handler
+                ),
+            )),
+        }
+    }
+}
+
+/// A deferred step outcome (from `sy_ctx_defer`): complete it later from any
+/// thread with `sy_completion_complete`, or give it up with
+/// `sy_completion_free`.
+pub struct sy_completion {
+    pub(crate) deferred: Arc<Deferred>,
+    pub(crate) ctx: Context,
+}
+
+/// Completes a deferred step, from any thread: `status` and the bytes
+/// `data`/`len` mean what a callback's return value and output mean
+/// (`SY_OK` + the JSON result or decision, `SY_ERROR_RETRYABLE` /
+/// `SY_ERROR_PERMANENT` + a message). The handle is released by every call
+/// that gets a live handle, whatever it returns; `SY_CONFLICT` if the step
+/// no longer waits (cancelled, timed out, host stopped) or the callback did
+/// not return `SY_PENDING`.
+#[no_mangle]
+pub unsafe extern "C" fn sy_completion_complete(
+    completion: *mut sy_completion,
+    status: i32,
+    data: *const c_char,
+    len: usize,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let c = unsafe { unregister(Kind::Completion, completion) }
+            .ok_or_else(|| Fail::arg("completion is not a live handle (already completed?)"))?;
+        if data.is_null() && len > 0 {
+            let _ = c.deferred.answer(Reply::Error(StepError::permanent(
+                "sy_completion_complete was given NULL data",
+            )));
+            return Err(Fail::arg("data is NULL"));
+        }
+        let output = if len == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: the caller passes `len` readable bytes.
+            unsafe { std::slice::from_raw_parts(data as *const u8, len) }.to_vec()
+        };
+        let answer = Answer {
+            output,
+            fail: None,
+            http: None,
+            failed: None,
+        };
+        let d = &c.deferred;
+        d.answer(outcome(d.kind, &d.handler, status, answer))
+    })
+}
+
+/// True if the deferred step was cancelled or timed out (its outcome will
+/// be dropped); false for invalid handles.
+#[no_mangle]
+pub unsafe extern "C" fn sy_completion_is_cancelled(completion: *const sy_completion) -> bool {
+    catch_unwind(AssertUnwindSafe(|| {
+        unsafe { handle(Kind::Completion, "completion", completion) }
+            .map(|c| c.ctx.is_cancelled())
+            .unwrap_or(false)
+    }))
+    .unwrap_or(false)
+}
+
+/// Gives up a deferred step without an outcome: it fails with a retryable
+/// error. `SY_INVALID_ARGUMENT` for NULL, unknown or already used handles.
+#[no_mangle]
+pub unsafe extern "C" fn sy_completion_free(completion: *mut sy_completion) -> sy_status {
+    guard(std::ptr::null_mut(), || {
+        let c = unsafe { unregister(Kind::Completion, completion) }
+            .ok_or_else(|| Fail::arg("completion is not a live handle"))?;
+        let _ = c.deferred.answer(Reply::Error(StepError::retryable(format!(
+            "the C handler `{}` released its completion without completing it",
+            c.deferred.handler
+        ))));
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Start and stop.
+
+/// Starts the host: claims steps and runs the callbacks on `concurrency`
+/// library-owned threads. Returns once the host is running.
+#[no_mangle]
+pub unsafe extern "C" fn sy_worker_start(
+    worker: *const sy_worker,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let w = unsafe { handle(Kind::Worker, "worker", worker) }?;
+        let mut running = w.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.is_some() || w.inbox.is_closed() {
+            return Err(Fail::new(
+                sy_status::SY_CONFLICT,
+                "the worker was already started (a worker starts once)",
+            ));
+        }
+        let regs: Vec<Arc<Registration>> = w.regs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if regs.is_empty() {
+            return Err(Fail::new(
+                sy_status::SY_CONFLICT,
+                "no handler is registered",
+            ));
+        }
+        let mut b = Worker::builder(w.store.clone()).concurrency(w.concurrency);
+        for r in &regs {
+            b = b.handler(
+                r.name.clone(),
+                InboxHandler::capability(w.inbox.clone(), &r.name, r.kind, "C"),
+                r.options.clone(),
+            );
+        }
+        let built = b.build()?;
+        let host = block(async move { built.start().await })??;
+        let mut threads = Vec::with_capacity(w.concurrency);
+        for i in 0..w.concurrency {
+            let inbox = w.inbox.clone();
+            let regs = regs.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("switchyard-c-{i}"))
+                .spawn(move || {
+                    while let Ok(jobs) = inbox.recv_batch(1, Duration::from_millis(200)) {
+                        for job in jobs {
+                            run_job(&regs, job);
+                        }
+                    }
+                })
+                .map_err(|e| {
+                    Fail::new(sy_status::SY_INTERNAL, format!("spawning a thread: {e}"))
+                })?;
+            threads.push(t);
+        }
+        *running = Some(Running {
+            host: Arc::new(host),
+            threads,
+        });
+        Ok(())
+    })
+}
+
+fn stop(w: &sy_worker) -> Result<(), Fail> {
+    if IN_CALLBACK.with(|c| c.get()) {
+        return Err(Fail::new(
+            sy_status::SY_CONFLICT,
+            "a worker cannot be stopped from inside a handler callback",
+        ));
+    }
+    let r = w.running.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(r) = r {
+        let host = r.host.clone();
+        // Running steps get the grace period; callback threads keep serving.
+        let res = block(async move { host.stop().await });
+        w.inbox.close();
+        for t in r.threads {
+            let _ = t.join();
+        }
+        res?;
+    }
+    w.inbox.close();
+    Ok(())
+}
+
+/// Stops the host gracefully (no more claims; running steps get the grace
+/// period) and joins the callback threads. Stopping a stopped or never
+/// started worker is `SY_OK`. Not from inside a callback (`SY_CONFLICT`).
+#[no_mangle]
+pub unsafe extern "C" fn sy_worker_stop(
+    worker: *const sy_worker,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        stop(unsafe { handle(Kind::Worker, "worker", worker) }?)
+    })
+}
+
+/// Stops (as `sy_worker_stop`) and releases a worker. `SY_INVALID_ARGUMENT`
+/// for NULL, unknown or freed handles; `SY_CONFLICT` from inside a callback.
+#[no_mangle]
+pub unsafe extern "C" fn sy_worker_free(worker: *mut sy_worker) -> sy_status {
+    guard(std::ptr::null_mut(), || {
+        stop(unsafe { handle(Kind::Worker, "worker", worker) }?)?;
+        unsafe { unregister(Kind::Worker, worker) }
+            .map(drop)
+            .ok_or_else(|| Fail::arg("worker is not a live handle"))
+    })
+}
