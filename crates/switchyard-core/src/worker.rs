@@ -472,6 +472,8 @@ async fn claim_loop(shared: Arc<Shared>) {
     let mut rotate = 0usize;
     let mut backoff = Duration::from_millis(10);
     let mut deferred = false;
+    // Handlers offered slots since the last wait (see `left_out` below).
+    let mut offered = 0usize;
     loop {
         if shared.stopping.is_cancelled() {
             return;
@@ -499,6 +501,7 @@ async fn claim_loop(shared: Arc<Shared>) {
         let n = shared.order.len();
         // What each handler could take, in rotation order.
         let mut caps: Vec<(&str, usize)> = Vec::with_capacity(n);
+        let mut positions: Vec<usize> = Vec::with_capacity(n);
         for i in 0..n {
             let reg = &shared.order[(rotate + i) % n];
             let (tokens, wait) = reg.tokens();
@@ -508,10 +511,18 @@ async fn claim_loop(shared: Arc<Shared>) {
             let cap = reg.free().min(tokens).min(shared.opts.claim_batch);
             if cap > 0 {
                 caps.push((reg.name.as_str(), cap));
+                positions.push(i);
             }
         }
         let wants = split_slots(&caps, host_free);
-        rotate = rotate.wrapping_add(1);
+        // More handlers than free slots: some were offered nothing this
+        // round. The next round starts with them.
+        let left_out = caps.len() - wants.len();
+        rotate = if left_out > 0 && !wants.is_empty() {
+            rotate.wrapping_add(positions[wants.len() - 1] + 1)
+        } else {
+            rotate.wrapping_add(1)
+        };
 
         let mut next_due = None;
         if !wants.is_empty() {
@@ -528,10 +539,19 @@ async fn claim_loop(shared: Arc<Shared>) {
                     let more = wants
                         .iter()
                         .any(|(h, w)| got.get(h.as_str()).copied().unwrap_or(0) >= *w);
+                    let got_total = batch.steps.len();
                     for step in batch.steps {
                         dispatch(&shared, step);
                     }
                     if more {
+                        continue;
+                    }
+                    // Slots stayed free while handlers were left out: offer
+                    // them to those now, not at the next wake-up (which may
+                    // be a poll interval away), until every handler has had
+                    // an offer since the last wait.
+                    offered += wants.len();
+                    if left_out > 0 && got_total < host_free && offered < caps.len() {
                         continue;
                     }
                 }
@@ -558,6 +578,7 @@ async fn claim_loop(shared: Arc<Shared>) {
         if deferred {
             wait = wait.min(Duration::from_millis(1));
         }
+        offered = 0;
         tokio::select! {
             _ = &mut ready => {},
             _ = &mut freed => {},
