@@ -223,6 +223,10 @@ sy_status sy_client_inspect(const sy_client *client,
 // task is running or completed.
 sy_status sy_client_retry(const sy_client *client, const char *task_id, sy_error **err);
 
+// Counts the steps of every task by state, as a JSON object such as
+// `{"completed": 10, "ready": 2}` (release with `sy_buf_free`).
+sy_status sy_client_count_steps(const sy_client *client, sy_buf *counts, sy_error **err);
+
 // Sets the callback's output: the JSON result (with `SY_OK`) or the error
 // message (with `SY_ERROR_*`). The bytes are copied; a second call replaces.
 sy_status sy_ctx_set_output(sy_ctx *ctx, const char *data, size_t len, sy_error **err);

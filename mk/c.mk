@@ -10,7 +10,9 @@
 # the test under valgrind (leaks and invalid accesses fail it; the only
 # suppressions are tokio runtime threads alive at exit, see
 # bindings/c/tests/valgrind.supp) and runs the example linked both against
-# the shared library (memory store) and statically (SQLite store).
+# the shared library (memory store) and statically (SQLite store), and the
+# order-fulfilment example (examples/c/orders.c, all handlers in C, on a
+# fresh SQLite file), which exits non-zero unless the order is delivered.
 
 CARGO ?= cargo
 C_CC ?= gcc
@@ -23,7 +25,7 @@ C_STATIC_LIBS := -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
 C_VALGRIND := valgrind --child-silent-after-fork=yes --leak-check=full --errors-for-leak-kinds=definite,possible \
 	--error-exitcode=1 --suppressions=bindings/c/tests/valgrind.supp
 
-.PHONY: test-c c-lib c-header c-header-check deps-c
+.PHONY: test-c c-lib c-header c-header-check deps-c c-bench
 
 # Root runs apt-get directly; anyone else through sudo.
 C_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -54,6 +56,14 @@ test-c: deps-c c-lib c-header-check
 	LD_LIBRARY_PATH=$(C_LIB_DIR) $(C_OUT)/hello memory > $(C_OUT)/hello.out
 	cat $(C_OUT)/hello.out && grep -q '"greeting":"Hello, C!"' $(C_OUT)/hello.out
 	rm -rf $(C_OUT)/hello.db*
+	$(C_CC) $(C_FLAGS) examples/c/orders.c -L$(C_LIB_DIR) -lswitchyard -lpthread -o $(C_OUT)/orders
+	LD_LIBRARY_PATH=$(C_LIB_DIR) $(C_OUT)/orders
 	$(C_OUT)/hello-static sqlite:$(C_OUT)/hello.db > $(C_OUT)/hello.out
 	cat $(C_OUT)/hello.out && grep -q '"greeting":"Hello, C!"' $(C_OUT)/hello.out
 	rm -rf $(C_OUT)/hello.db*
+
+# The C benchmark (bench/run --lang c), linked statically like a C program
+# that ships without the shared library.
+c-bench: deps-c c-lib
+	mkdir -p $(C_OUT)
+	$(C_CC) $(C_FLAGS) -O2 bench/c_bench.c $(C_LIB_DIR)/libswitchyard.a $(C_STATIC_LIBS) -o $(C_OUT)/c_bench

@@ -57,9 +57,43 @@ impl sy_ctx {
     }
 }
 
+thread_local! {
+    /// The contexts of the callback running on this thread: a context is
+    /// valid only there, so the check needs no lock shared between threads.
+    static LIVE: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Hands out a context for a callback about to run on this thread.
+pub(crate) fn ctx_register(c: sy_ctx) -> *mut sy_ctx {
+    let p = Box::into_raw(Box::new(c));
+    LIVE.with(|l| l.borrow_mut().push(p as usize));
+    p
+}
+
+/// Takes a context back after its callback returned.
+pub(crate) fn ctx_unregister(p: *mut sy_ctx) -> Box<sy_ctx> {
+    LIVE.with(|l| {
+        let mut l = l.borrow_mut();
+        let i = l
+            .iter()
+            .rposition(|x| *x == p as usize)
+            .expect("the context is live on this thread");
+        l.swap_remove(i);
+    });
+    // SAFETY: made by `ctx_register` and not yet taken back.
+    unsafe { Box::from_raw(p) }
+}
+
 unsafe fn ctx_mut<'a>(ctx: *mut sy_ctx) -> Result<&'a mut sy_ctx, Fail> {
-    unsafe { handle(Kind::Ctx, "ctx", ctx) }?;
-    // SAFETY: live, and only the callback's thread uses it.
+    if ctx.is_null() {
+        return Err(Fail::arg("ctx is NULL"));
+    }
+    if !LIVE.with(|l| l.borrow().contains(&(ctx as usize))) {
+        return Err(Fail::arg(
+            "ctx is not a live handle (a context is valid only during its callback, on its thread)",
+        ));
+    }
+    // SAFETY: live, and only this thread uses it.
     Ok(unsafe { &mut *ctx })
 }
 

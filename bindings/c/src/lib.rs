@@ -146,7 +146,6 @@ enum Kind {
     Store,
     Client,
     Worker,
-    Ctx,
     Completion,
 }
 
@@ -649,6 +648,25 @@ pub unsafe extern "C" fn sy_client_retry(
             .clone();
         let id = parse_id(unsafe { text("task_id", task_id) }?)?;
         block(async move { c.retry(id).await })??;
+        Ok(())
+    })
+}
+
+/// Counts the steps of every task by state, as a JSON object such as
+/// `{"completed": 10, "ready": 2}` (release with `sy_buf_free`).
+#[no_mangle]
+pub unsafe extern "C" fn sy_client_count_steps(
+    client: *const sy_client,
+    counts: *mut sy_buf,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = buf_out("counts", counts)?;
+        let c = unsafe { handle(Kind::Client, "client", client) }?
+            .client
+            .clone();
+        let n = block(async move { c.store().count_steps().await })??;
+        *slot = json_buf(&n)?;
         Ok(())
     })
 }

@@ -486,7 +486,7 @@ enum Ran {
 }
 
 fn new_ctx(reg: &Registration, ctx: Context) -> *mut sy_ctx {
-    register(Kind::Ctx, sy_ctx::new(ctx, reg.kind, &reg.name))
+    crate::ctx::ctx_register(sy_ctx::new(ctx, reg.kind, &reg.name))
 }
 
 fn run_one(
@@ -510,8 +510,7 @@ fn run_one(
             reg.user_data as *mut c_void,
         )
     };
-    // SAFETY: registered above; callbacks cannot free a context.
-    let c = unsafe { unregister(Kind::Ctx, c) }.expect("the context is live");
+    let c = crate::ctx::ctx_unregister(c);
     let (answer, deferred) = c.finish();
     match deferred {
         Some(d) if code == sy_status::SY_PENDING as i32 => Ran::Deferred(d),
@@ -556,8 +555,7 @@ fn run_batch(
     ctxs.into_iter()
         .zip(bad)
         .map(|(c, bad)| {
-            // SAFETY: registered above.
-            let c = unsafe { unregister(Kind::Ctx, c) }.expect("the context is live");
+            let c = crate::ctx::ctx_unregister(c);
             let (answer, _) = c.finish();
             if bad {
                 return Reply::Error(StepError::permanent(

@@ -55,6 +55,14 @@ struct shared {
     int stop_from_callback; /* status of sy_worker_stop inside a callback */
 };
 
+static void *other_thread(void *ctx) {
+    sy_error *err = NULL;
+    sy_status st = sy_ctx_set_output(ctx, "1", 1, &err);
+    int ok = st == SY_INVALID_ARGUMENT && strstr(sy_error_message(err), "on its thread");
+    sy_error_free(err);
+    return ok ? ctx : NULL;
+}
+
 /* Echoes its input after exercising the context. */
 static int32_t echo(const char *input, size_t len, sy_ctx *ctx, void *user_data) {
     struct shared *sh = user_data;
@@ -74,6 +82,11 @@ static int32_t echo(const char *input, size_t len, sy_ctx *ctx, void *user_data)
     sy_error_free(err);
     if (sy_ctx_emit(ctx, NULL, "1", NULL, &err) != SY_INVALID_ARGUMENT) return SY_ERROR_PERMANENT;
     sy_error_free(err);
+    /* The context belongs to the callback's thread. */
+    pthread_t t;
+    void *back = NULL;
+    if (pthread_create(&t, NULL, other_thread, ctx) != 0 || pthread_join(t, &back) != 0 || back != ctx)
+        return SY_ERROR_PERMANENT;
     /* Stopping the worker from its own callback is refused. */
     sh->stop_from_callback = sy_worker_stop(sh->worker, &err);
     sy_error_free(err);
