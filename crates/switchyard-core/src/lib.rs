@@ -26,4 +26,6 @@ pub use handler::{
     APICapable, ApiError, BatchItem, BatchableCapable, Capability, Decision, DecisionCapable,
     Handler, HandlerOptions, RateLimit, ResultExt, RetryPolicy, StepError, StepResult,
 };
-pub use worker::{wait_for_signal, RunningWorker, Worker, WorkerBuilder, WorkerOptions};
+pub use worker::{
+    wait_for_signal, RunningWorker, ShutdownSignals, Worker, WorkerBuilder, WorkerOptions,
+};

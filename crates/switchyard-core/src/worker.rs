@@ -384,37 +384,74 @@ impl Worker {
         })
     }
 
-    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully. The signal
+    /// handlers are installed before the host starts, so a signal that
+    /// arrives while it starts still shuts it down gracefully.
     pub async fn run(self) -> Result<()> {
+        let mut signals = ShutdownSignals::listen();
         let running = self.start().await?;
-        wait_for_signal().await;
+        signals.recv().await;
         tracing::info!("signal received, shutting down");
         running.stop().await;
         Ok(())
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-pub async fn wait_for_signal() {
+/// SIGINT and SIGTERM, caught from the moment [`ShutdownSignals::listen`]
+/// returns (their default action, ending the process, no longer applies).
+/// Listen before starting a host: a signal that arrives between the start
+/// and a later listen would end the process without a graceful shutdown.
+pub struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers (inside a tokio runtime).
+    pub fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(int), Ok(term)) => Some((int, term)),
+                _ => None,
+            };
+            Self { streams }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Waits for the next SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        match &mut self.streams {
+            Some((int, term)) => {
+                tokio::select! {
+                    _ = int.recv() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
+}
+
+/// Waits for SIGINT or SIGTERM (handlers installed at the first poll; see
+/// [`ShutdownSignals`] to install them earlier).
+pub async fn wait_for_signal() {
+    ShutdownSignals::listen().recv().await
 }
 
 /// A started host.

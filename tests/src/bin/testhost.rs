@@ -200,10 +200,13 @@ async fn main() -> anyhow::Result<()> {
             other => anyhow::bail!("unknown handler `{other}` (known: work, noop)"),
         };
     }
+    // Listening first: a SIGTERM sent as soon as steps start must still
+    // shut the host down gracefully.
+    let mut signals = switchyard::ShutdownSignals::listen();
     let running = builder.build()?.start().await?;
     println!("ready {}", running.host_id());
     std::io::stdout().flush()?;
-    switchyard::wait_for_signal().await;
+    signals.recv().await;
     tracing::info!("signal received, shutting down");
     running.stop().await;
     Ok(())
