@@ -210,6 +210,12 @@ CREATE TABLE sy_hosts (
     last_heartbeat bigint NOT NULL
 );
 "#,
+    // 2: fewer index insertions per step. Every state change of a step is a
+    // non-HOT update that inserts into every index of the row; `state` alone
+    // served only `count_steps`, which scans the table instead.
+    r#"
+DROP INDEX IF EXISTS sy_steps_state;
+"#,
 ];
 
 /// Retention (see [`Store::cleanup`]): up to `$2` finished tasks older than
