@@ -125,9 +125,18 @@ pub struct OrderFlow {
     /// emitted, so that the cached-event path shows on every run, however
     /// loaded the machine is.
     pub pack_gate: Option<watch::Receiver<bool>>,
-    /// Register `notify.customer` in this host (false: another process,
-    /// e.g. the Python worker of `examples/python`, serves it).
-    pub notify_here: bool,
+    /// Handlers another process serves, not registered in this host: the
+    /// demo's Python (`notify.customer`), Node (`charge.payment`) and Ruby
+    /// (`invoice.issue`) workers.
+    pub elsewhere: Vec<String>,
+    /// Add an `invoice.issue` step to the parallel ones.
+    pub invoice: bool,
+}
+
+impl OrderFlow {
+    fn here(&self, handler: &str) -> bool {
+        !self.elsewhere.iter().any(|h| h == handler)
+    }
 }
 
 /// Registers the workflow's handlers.
@@ -135,46 +144,86 @@ pub fn register(builder: WorkerBuilder, flow: OrderFlow) -> WorkerBuilder {
     let opts = HandlerOptions::default;
     let gate = flow.pack_gate.clone();
     let timeout = flow.await_timeout;
-    let builder = builder
-        .decision(ROOT, opts(), |input, ctx| async move {
-            // A malformed order fails here, once, as invalid input (no retries).
-            let order: Order = serde_json::from_value(input)?;
-            if order.items.is_empty() {
-                return Err(StepError::invalid_input("the order has no items"));
-            }
-            let reservation: Value = ctx
-                .checkpoint("reserve-inventory", || async {
-                    say(ctx.step_name(), format!("reserving {} units for order {}", order.units(), order.order));
-                    work(Duration::from_millis(200)).await;
-                    let r = json!({"reservation": format!("RES-{}", order.order), "units": order.units()});
-                    say(ctx.step_name(), format!("checkpoint reserve-inventory stored {}", compact(&r)));
-                    Ok(r)
-                })
-                .await?;
+    let invoice = flow.invoice;
+    let builder = builder.decision(ROOT, opts(), move |input, ctx| async move {
+        // A malformed order fails here, once, as invalid input (no retries).
+        let order: Order = serde_json::from_value(input)?;
+        if order.items.is_empty() {
+            return Err(StepError::invalid_input("the order has no items"));
+        }
+        let reservation: Value = ctx
+            .checkpoint("reserve-inventory", || async {
+                say(
+                    ctx.step_name(),
+                    format!(
+                        "reserving {} units for order {}",
+                        order.units(),
+                        order.order
+                    ),
+                );
+                work(Duration::from_millis(200)).await;
+                let r =
+                    json!({"reservation": format!("RES-{}", order.order), "units": order.units()});
+                say(
+                    ctx.step_name(),
+                    format!("checkpoint reserve-inventory stored {}", compact(&r)),
+                );
+                Ok(r)
+            })
+            .await?;
 
-            let mut steps = Vec::new();
-            let mut step = |name: &str, input: Value| {
-                steps.push(NewStep { name: name.into(), handler: name.into(), input, depends_on: vec![] });
-            };
-            if order.total() > 0.0 {
-                step("charge.payment", json!({"order": order.order, "amount": order.total(), "currency": order.currency}));
-            }
-            step("pack.items", json!({"order": order.order, "items": order.items, "reservation": reservation}));
-            if let Some(email) = &order.customer.email {
-                step("notify.customer", json!({"order": order.order, "email": email}));
-            }
-            let parallel: Vec<String> = steps.iter().map(|s| s.name.clone()).collect();
-            say(ctx.step_name(), format!("decision: run {} in parallel, then order.ship", parallel.join(", ")));
+        let mut steps = Vec::new();
+        let mut step = |name: &str, input: Value| {
             steps.push(NewStep {
-                name: "order.ship".into(),
-                handler: "order.ship".into(),
-                input: json!({"order": order, "reservation": reservation}),
-                depends_on: parallel,
+                name: name.into(),
+                handler: name.into(),
+                input,
+                depends_on: vec![],
             });
-            // The last step (order.ship) carries the task's result.
-            Ok(Decision::steps(steps))
-        })
-        .step("charge.payment", opts(), |input, ctx| async move {
+        };
+        if order.total() > 0.0 {
+            step(
+                "charge.payment",
+                json!({"order": order.order, "amount": order.total(), "currency": order.currency}),
+            );
+        }
+        step(
+            "pack.items",
+            json!({"order": order.order, "items": order.items, "reservation": reservation}),
+        );
+        if let Some(email) = &order.customer.email {
+            step(
+                "notify.customer",
+                json!({"order": order.order, "email": email}),
+            );
+        }
+        if invoice {
+            step(
+                "invoice.issue",
+                json!({"order": order.order, "amount": order.total(), "currency": order.currency}),
+            );
+        }
+        let parallel: Vec<String> = steps.iter().map(|s| s.name.clone()).collect();
+        say(
+            ctx.step_name(),
+            format!(
+                "decision: run {} in parallel, then order.ship",
+                parallel.join(", ")
+            ),
+        );
+        steps.push(NewStep {
+            name: "order.ship".into(),
+            handler: "order.ship".into(),
+            input: json!({"order": order, "reservation": reservation}),
+            depends_on: parallel,
+        });
+        // The last step (order.ship) carries the task's result.
+        Ok(Decision::steps(steps))
+    });
+    let builder = if !flow.here("charge.payment") {
+        builder
+    } else {
+        builder.step("charge.payment", opts(), |input, ctx| async move {
             ctx.checkpoint("authorise", || async {
                 say(ctx.step_name(), format!("authorising {} {}", input["amount"], str_of(&input["currency"])));
                 work(Duration::from_millis(150)).await;
@@ -184,24 +233,42 @@ pub fn register(builder: WorkerBuilder, flow: OrderFlow) -> WorkerBuilder {
             })
             .await
         })
-        .step("pack.items", opts(), move |input, ctx| {
-            let gate = gate.clone();
-            async move {
-                ctx.checkpoint("pack", || async {
-                    say(ctx.step_name(), format!("packing order {}", str_of(&input["order"])));
-                    work(Duration::from_millis(300)).await;
-                    if let Some(mut gate) = gate {
-                        // A closed channel means the demo gave up; pack anyway.
-                        let _ = tokio::time::timeout(Duration::from_secs(30), gate.wait_for(|open| *open)).await;
-                    }
-                    let parcel = json!({"parcel": format!("PCL-{}", str_of(&input["order"])), "weight_kg": 1.4});
-                    say(ctx.step_name(), format!("packed {}", compact(&parcel)));
-                    Ok(parcel)
-                })
-                .await
-            }
-        });
-    let builder = if flow.notify_here {
+    };
+    let builder = builder.step("pack.items", opts(), move |input, ctx| {
+        let gate = gate.clone();
+        async move {
+            ctx.checkpoint("pack", || async {
+                say(
+                    ctx.step_name(),
+                    format!("packing order {}", str_of(&input["order"])),
+                );
+                work(Duration::from_millis(300)).await;
+                if let Some(mut gate) = gate {
+                    // A closed channel means the demo gave up; pack anyway.
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(30), gate.wait_for(|open| *open))
+                            .await;
+                }
+                let parcel =
+                    json!({"parcel": format!("PCL-{}", str_of(&input["order"])), "weight_kg": 1.4});
+                say(ctx.step_name(), format!("packed {}", compact(&parcel)));
+                Ok(parcel)
+            })
+            .await
+        }
+    });
+    let builder = if flow.invoice && flow.here("invoice.issue") {
+        builder.step("invoice.issue", opts(), |input, ctx| async move {
+            ctx.checkpoint("invoice", || async {
+                say(ctx.step_name(), format!("issued INV-{} for {}", str_of(&input["order"]), input["amount"]));
+                Ok(json!({"invoice": format!("INV-{}", str_of(&input["order"])), "amount": input["amount"]}))
+            })
+            .await
+        })
+    } else {
+        builder
+    };
+    let builder = if flow.here("notify.customer") {
         builder.step("notify.customer", opts(), |input, ctx| async move {
             ctx.checkpoint("email", || async {
                 work(Duration::from_millis(100)).await;
@@ -257,6 +324,7 @@ pub fn register(builder: WorkerBuilder, flow: OrderFlow) -> WorkerBuilder {
             "payment": {"authorisation": done.get("charge.payment"), "confirmation": payment},
             "parcel": done.get("pack.items"),
             "notified": done.get("notify.customer"),
+            "invoice": done.get("invoice.issue"),
             "shipment": shipment,
             "delivery": delivery,
         }))

@@ -1,5 +1,8 @@
 //! `make demo`: order fulfilment on the embedded SQLite store, with the
-//! payment provider and the courier played by a second process.
+//! payment provider and the courier played by a second process. With
+//! `--python`, `--node-worker` and `--ruby-gem-home`, worker processes in
+//! those languages serve `notify.customer`, `charge.payment` and an extra
+//! `invoice.issue` step of the same workflow, on the same file.
 //!
 //! The payment confirmation is emitted while the parallel steps are still
 //! running, before the workflow awaits it: the store caches it and the await
@@ -37,6 +40,16 @@ struct Args {
     /// interpreter (which must have the `switchyard` wheel installed).
     #[arg(long, value_name = "PYTHON")]
     python: Option<std::path::PathBuf>,
+    /// Serve `charge.payment` from a Node worker: this copy of
+    /// `examples/typescript/demo_worker.mjs`, placed where `import
+    /// "switchyard"` finds the installed npm package.
+    #[arg(long, value_name = "SCRIPT")]
+    node_worker: Option<std::path::PathBuf>,
+    /// Add an `invoice.issue` step served by a Ruby worker
+    /// (`examples/ruby/demo_worker.rb`) with the gem installed in this
+    /// GEM_HOME.
+    #[arg(long, value_name = "GEM_HOME")]
+    ruby_gem_home: Option<std::path::PathBuf>,
     /// Emit one event and exit (the second process).
     #[arg(long, num_args = 2, value_names = ["NAME", "PAYLOAD"], hide = true)]
     emit: Option<Vec<String>>,
@@ -68,14 +81,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     say("demo", format!("store {url}"));
 
     let (open_gate, gate) = watch::channel(false);
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let examples = examples.canonicalize().unwrap_or(examples);
+    let mut foreign = Vec::new();
+    if let Some(py) = &args.python {
+        let mut cmd = tokio::process::Command::new(py);
+        cmd.arg(examples.join("python/notify_worker.py"));
+        foreign.push(Foreign::start("Python", "notify.customer", cmd, &url).await?);
+    }
+    if let Some(script) = &args.node_worker {
+        let mut cmd = tokio::process::Command::new("node");
+        cmd.arg(script);
+        foreign.push(Foreign::start("Node", "charge.payment", cmd, &url).await?);
+    }
+    if let Some(home) = &args.ruby_gem_home {
+        let mut cmd = tokio::process::Command::new("ruby");
+        cmd.arg(examples.join("ruby/demo_worker.rb"))
+            .env_remove("GEM_PATH")
+            .env("GEM_HOME", home);
+        foreign.push(Foreign::start("Ruby", "invoice.issue", cmd, &url).await?);
+    }
     let flow = OrderFlow {
         await_timeout: Some(timeout),
         pack_gate: Some(gate),
-        notify_here: args.python.is_none(),
-    };
-    let python = match &args.python {
-        Some(py) => Some(python_worker(py, &url).await?),
-        None => None,
+        elsewhere: foreign.iter().map(|f| f.handler.to_string()).collect(),
+        invoice: args.ruby_gem_home.is_some(),
     };
     let worker = orders::register(Worker::builder(store.clone()), flow)
         .build()?
@@ -149,8 +179,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (_, _, task) = tokio::try_join!(payment, delivery, finished)?;
 
     worker.stop().await;
-    if let Some(child) = python {
-        stop_python_worker(child).await?;
+    for f in foreign {
+        f.stop().await?;
     }
     match task.state {
         TaskState::Completed => {
@@ -174,68 +204,75 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// Starts `examples/python/notify_worker.py` and waits until its host has
-/// registered `notify.customer`.
-async fn python_worker(
-    python: &std::path::Path,
-    url: &str,
-) -> anyhow::Result<tokio::process::Child> {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/notify_worker.py");
-    say(
-        "demo",
-        format!(
-            "starting a Python worker for notify.customer: {} {}",
-            python.display(),
-            script.display()
-        ),
-    );
-    let mut child = tokio::process::Command::new(python)
-        .arg(&script)
-        .args(["--store", url])
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", python.display()))?;
-    let store = switchyard::open(url).await?;
-    let client = Client::new(store);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("the Python worker exited early ({status})");
-        }
-        let hosts = client.workers().await?;
-        if let Some(h) = hosts
-            .iter()
-            .find(|h| h.handlers.iter().any(|x| x == "notify.customer"))
-        {
-            say(
-                "demo",
-                format!(
-                    "Python host {} (pid {}) serves notify.customer",
-                    h.id, h.pid
-                ),
-            );
-            return Ok(child);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the Python worker did not register notify.customer within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// A worker process in another language serving one handler of the
+/// workflow on the same store.
+struct Foreign {
+    lang: &'static str,
+    handler: &'static str,
+    child: tokio::process::Child,
 }
 
-/// SIGTERM (a graceful stop), then waits for the Python worker to exit.
-async fn stop_python_worker(mut child: tokio::process::Child) -> anyhow::Result<()> {
-    if let Some(pid) = child.id() {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+impl Foreign {
+    /// Starts `cmd --store URL` and waits until its host has registered
+    /// `handler`.
+    async fn start(
+        lang: &'static str,
+        handler: &'static str,
+        mut cmd: tokio::process::Command,
+        url: &str,
+    ) -> anyhow::Result<Self> {
+        let shown = format!("{:?}", cmd.as_std());
+        say(
+            "demo",
+            format!("starting a {lang} worker for {handler}: {shown}"),
+        );
+        let mut child = cmd
+            .args(["--store", url])
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting the {lang} worker: {shown}"))?;
+        let client = Client::new(switchyard::open(url).await?);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("the {lang} worker exited early ({status})");
+            }
+            let hosts = client.workers().await?;
+            if let Some(h) = hosts
+                .iter()
+                .find(|h| h.handlers.iter().any(|x| x == handler))
+            {
+                say(
+                    "demo",
+                    format!("{lang} host {} (pid {}) serves {handler}", h.id, h.pid),
+                );
+                return Ok(Self {
+                    lang,
+                    handler,
+                    child,
+                });
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the {lang} worker did not register {handler} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .context("the Python worker did not stop within 10 s of SIGTERM")??;
-    say("demo", format!("Python worker stopped ({status})"));
-    if !status.success() {
-        bail!("the Python worker exited with {status}");
+
+    /// SIGTERM (a graceful stop), then waits for the worker to exit.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let lang = self.lang;
+        if let Some(pid) = self.child.id() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .with_context(|| format!("the {lang} worker did not stop within 10 s of SIGTERM"))??;
+        say("demo", format!("{lang} worker stopped ({status})"));
+        if !status.success() {
+            bail!("the {lang} worker exited with {status}");
+        }
+        Ok(())
     }
-    Ok(())
 }

@@ -55,7 +55,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let flow = OrderFlow {
         await_timeout: Some(timeout),
         pack_gate: None,
-        notify_here: true,
+        elsewhere: Vec::new(),
+        invoice: false,
     };
     let worker = orders::register(Worker::builder(store.clone()), flow)
         .build()?
