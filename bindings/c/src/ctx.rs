@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 use switchyard_core::bridge::JobKind;
-use switchyard_core::{ApiError, ChildSpec, Context, StepError, StepResult};
+use switchyard_core::{ApiError, ChildSpec, Context, StepError, StepResult, TaskId};
 
 use crate::worker::{sy_completion, Answer, Deferred};
 use crate::*;
@@ -136,6 +136,34 @@ fn ctx_step<T: Send + 'static>(
             Err(f)
         }
     }
+}
+
+/// The shape of the context calls that hand back data: empties the out
+/// buffer, checks the context, lets `op` read its own arguments and return
+/// the operation, runs it (recording a step error for the callback to pass
+/// on) and stores what `put` makes of the value.
+unsafe fn ctx_call<T, Fut>(
+    err: *mut *mut sy_error,
+    ctx: *mut sy_ctx,
+    out: (&str, *mut sy_buf),
+    op: impl FnOnce(Context) -> Result<Fut, Fail>,
+    put: impl FnOnce(T) -> Result<sy_buf, Fail>,
+) -> sy_status
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = StepResult<T>> + Send + 'static,
+{
+    guard(err, || {
+        let slot = buf_out(out.0, out.1)?;
+        let c = unsafe { ctx_mut(ctx) }?;
+        let fut = op(c.ctx.clone())?;
+        *slot = put(ctx_step(c, fut)?)?;
+        Ok(())
+    })
+}
+
+fn json_put<T: serde::Serialize>(v: T) -> Result<sy_buf, Fail> {
+    json_buf(&v)
 }
 
 /// Sets the callback's output: the JSON result (with `SY_OK`) or the error
@@ -408,16 +436,13 @@ pub unsafe extern "C" fn sy_ctx_await_event(
     payload: *mut sy_buf,
     err: *mut *mut sy_error,
 ) -> sy_status {
-    guard(err, || {
-        let slot = buf_out("payload", payload)?;
-        let c = unsafe { ctx_mut(ctx) }?;
-        let name = unsafe { text("name", name) }?.to_string();
-        let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
-        let inner = c.ctx.clone();
-        let v = ctx_step(c, async move { inner.await_event(&name, timeout).await })?;
-        *slot = json_buf(&v)?;
-        Ok(())
-    })
+    let name = unsafe { text("name", name) };
+    let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+    let op = |c: Context| {
+        let name = name?.to_string();
+        Ok(async move { c.await_event(&name, timeout).await })
+    };
+    unsafe { ctx_call(err, ctx, ("payload", payload), op, json_put) }
 }
 
 /// Durable sleep: `SY_SUSPENDED` until `ms` milliseconds after the first
@@ -449,16 +474,13 @@ pub unsafe extern "C" fn sy_ctx_spawn(
     task_id: *mut sy_buf,
     err: *mut *mut sy_error,
 ) -> sy_status {
-    guard(err, || {
-        let slot = buf_out("task_id", task_id)?;
-        let c = unsafe { ctx_mut(ctx) }?;
-        let handler = unsafe { text("handler", handler) }?.to_string();
-        let input = unsafe { json("input_json", input_json) }?;
-        let inner = c.ctx.clone();
-        let id = ctx_step(c, async move { inner.spawn(&handler, input).await })?;
-        *slot = make_buf(id.to_string().into_bytes());
-        Ok(())
-    })
+    let args = unsafe { (text("handler", handler), json("input_json", input_json)) };
+    let op = |c: Context| {
+        let (handler, input) = (args.0?.to_string(), args.1?);
+        Ok(async move { c.spawn(&handler, input).await })
+    };
+    let put = |id: TaskId| Ok(make_buf(id.to_string().into_bytes()));
+    unsafe { ctx_call(err, ctx, ("task_id", task_id), op, put) }
 }
 
 /// Delegates to a child task and waits for it: `SY_OK` with its JSON result
@@ -472,16 +494,12 @@ pub unsafe extern "C" fn sy_ctx_delegate(
     result: *mut sy_buf,
     err: *mut *mut sy_error,
 ) -> sy_status {
-    guard(err, || {
-        let slot = buf_out("result", result)?;
-        let c = unsafe { ctx_mut(ctx) }?;
-        let handler = unsafe { text("handler", handler) }?.to_string();
-        let input = unsafe { json("input_json", input_json) }?;
-        let inner = c.ctx.clone();
-        let v = ctx_step(c, async move { inner.delegate(&handler, input).await })?;
-        *slot = json_buf(&v)?;
-        Ok(())
-    })
+    let args = unsafe { (text("handler", handler), json("input_json", input_json)) };
+    let op = |c: Context| {
+        let (handler, input) = (args.0?.to_string(), args.1?);
+        Ok(async move { c.delegate(&handler, input).await })
+    };
+    unsafe { ctx_call(err, ctx, ("result", result), op, json_put) }
 }
 
 #[derive(Deserialize)]
@@ -503,26 +521,20 @@ pub unsafe extern "C" fn sy_ctx_delegate_parallel(
     outcomes: *mut sy_buf,
     err: *mut *mut sy_error,
 ) -> sy_status {
-    guard(err, || {
-        let slot = buf_out("outcomes", outcomes)?;
-        let c = unsafe { ctx_mut(ctx) }?;
-        let children: Vec<Child> =
-            serde_json::from_value(unsafe { json("children_json", children_json) }?).map_err(
-                |e| {
-                    Fail::arg(format!(
-                        "children_json must be a list of {{\"handler\", \"input\"}}: {e}"
-                    ))
-                },
-            )?;
+    let children = unsafe { json("children_json", children_json) };
+    let op = |c: Context| {
+        let children: Vec<Child> = serde_json::from_value(children?).map_err(|e| {
+            Fail::arg(format!(
+                "children_json must be a list of {{\"handler\", \"input\"}}: {e}"
+            ))
+        })?;
         let specs = children
             .into_iter()
             .map(|c| ChildSpec::new(c.handler, c.input))
             .collect();
-        let inner = c.ctx.clone();
-        let v = ctx_step(c, async move { inner.delegate_parallel(specs).await })?;
-        *slot = json_buf(&v)?;
-        Ok(())
-    })
+        Ok(async move { c.delegate_parallel(specs).await })
+    };
+    unsafe { ctx_call(err, ctx, ("outcomes", outcomes), op, json_put) }
 }
 
 /// The results of the steps this step depends on, as a JSON object by step
@@ -533,14 +545,8 @@ pub unsafe extern "C" fn sy_ctx_dependency_results(
     results: *mut sy_buf,
     err: *mut *mut sy_error,
 ) -> sy_status {
-    guard(err, || {
-        let slot = buf_out("results", results)?;
-        let c = unsafe { ctx_mut(ctx) }?;
-        let inner = c.ctx.clone();
-        let v = ctx_step(c, async move { inner.dependency_results().await })?;
-        *slot = json_buf(&v)?;
-        Ok(())
-    })
+    let op = |c: Context| Ok(async move { c.dependency_results().await });
+    unsafe { ctx_call(err, ctx, ("results", results), op, json_put) }
 }
 
 /// Extends the lease during long work; `SY_LEASE_LOST` if the step was

@@ -315,6 +315,11 @@ unsafe fn handle<'a, T>(kind: Kind, what: &str, p: *const T) -> Result<&'a T, Fa
     Ok(unsafe { &*p })
 }
 
+/// The core client behind a `sy_client*`.
+unsafe fn client_of(p: *const sy_client) -> Result<Client, Fail> {
+    Ok(unsafe { handle(Kind::Client, "client", p) }?.client.clone())
+}
+
 fn parse_id(id: &str) -> Result<TaskId, Fail> {
     id.parse::<TaskId>()
         .map_err(|e| Fail::arg(format!("task id `{id}`: {e}")))
@@ -495,9 +500,7 @@ pub unsafe extern "C" fn sy_client_spawn(
 ) -> sy_status {
     guard(err, || {
         let slot = buf_out("task_id", task_id)?;
-        let c = unsafe { handle(Kind::Client, "client", client) }?
-            .client
-            .clone();
+        let c = unsafe { client_of(client) }?;
         let handler = unsafe { text("handler", handler) }?.to_string();
         let input = unsafe { json("input_json", input_json) }?;
         let id = block(async move { c.spawn(&handler, input).await })??;
@@ -517,9 +520,7 @@ pub unsafe extern "C" fn sy_client_emit(
     err: *mut *mut sy_error,
 ) -> sy_status {
     guard(err, || {
-        let c = unsafe { handle(Kind::Client, "client", client) }?
-            .client
-            .clone();
+        let c = unsafe { client_of(client) }?;
         let name = unsafe { text("name", name) }?.to_string();
         let payload = unsafe { json("payload_json", payload_json) }?;
         let s = block(async move { c.emit(&name, payload).await })??;
@@ -544,9 +545,7 @@ pub unsafe extern "C" fn sy_client_result(
 ) -> sy_status {
     guard(err, || {
         let slot = buf_out("result", result)?;
-        let c = unsafe { handle(Kind::Client, "client", client) }?
-            .client
-            .clone();
+        let c = unsafe { client_of(client) }?;
         let id = parse_id(unsafe { text("task_id", task_id) }?)?;
         let v = block(async move { c.result(id, Duration::from_millis(timeout_ms)).await })??;
         *slot = json_buf(&v)?;
@@ -565,9 +564,7 @@ pub unsafe extern "C" fn sy_client_cancel(
     err: *mut *mut sy_error,
 ) -> sy_status {
     guard(err, || {
-        let c = unsafe { handle(Kind::Client, "client", client) }?
-            .client
-            .clone();
+        let c = unsafe { client_of(client) }?;
         let id = parse_id(unsafe { text("task_id", task_id) }?)?;
         let r = block(async move { c.cancel(id, cascade).await })??;
         if let Some(o) = unsafe { cancelled.as_mut() } {
@@ -590,9 +587,7 @@ pub unsafe extern "C" fn sy_client_spawn_many(
 ) -> sy_status {
     guard(err, || {
         let slot = buf_out("task_ids", task_ids)?;
-        let c = unsafe { handle(Kind::Client, "client", client) }?
-            .client
-            .clone();
+        let c = unsafe { client_of(client) }?;
         let tasks: Vec<NewTask> =
             serde_json::from_value(unsafe { json("tasks_json", tasks_json) }?).map_err(|e| {
                 Fail::arg(format!(
@@ -623,9 +618,7 @@ pub unsafe extern "C" fn sy_client_inspect(
 ) -> sy_status {
     guard(err, || {
         let slot = buf_out("detail", detail)?;
-        let c = unsafe { handle(Kind::Client, "client", client) }?
-            .client
-            .clone();
+        let c = unsafe { client_of(client) }?;
         let id = parse_id(unsafe { text("task_id", task_id) }?)?;
         let d = block(async move { c.inspect(id).await })??;
         *slot = json_buf(&d)?;
@@ -643,9 +636,7 @@ pub unsafe extern "C" fn sy_client_retry(
     err: *mut *mut sy_error,
 ) -> sy_status {
     guard(err, || {
-        let c = unsafe { handle(Kind::Client, "client", client) }?
-            .client
-            .clone();
+        let c = unsafe { client_of(client) }?;
         let id = parse_id(unsafe { text("task_id", task_id) }?)?;
         block(async move { c.retry(id).await })??;
         Ok(())
@@ -662,9 +653,7 @@ pub unsafe extern "C" fn sy_client_count_steps(
 ) -> sy_status {
     guard(err, || {
         let slot = buf_out("counts", counts)?;
-        let c = unsafe { handle(Kind::Client, "client", client) }?
-            .client
-            .clone();
+        let c = unsafe { client_of(client) }?;
         let n = block(async move { c.store().count_steps().await })??;
         *slot = json_buf(&n)?;
         Ok(())
