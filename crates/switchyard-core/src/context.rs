@@ -325,12 +325,19 @@ impl Context {
     }
 
     /// Durable sleep until `at` (milliseconds since the epoch, store clock).
+    ///
+    /// The first call's `at` is checkpointed and wins on replay, so an `at`
+    /// computed from the wall clock on each run still wakes.
     pub async fn sleep_until(&self, at: Millis) -> StepResult<()> {
         let key = self.next_key(&format!("$sleep:{}", self.inner.step.name));
-        if self.lookup(&key).await?.is_none() {
-            self.save(&key, json!(at)).await?;
-        }
-        self.wait_until(at).await
+        let wake = match self.lookup(&key).await?.and_then(|v| v.as_i64()) {
+            Some(w) => w,
+            None => {
+                self.save(&key, json!(at)).await?;
+                at
+            }
+        };
+        self.wait_until(wake).await
     }
 
     async fn wait_until(&self, wake: Millis) -> StepResult<()> {

@@ -25,6 +25,7 @@ store_tests!(
     event_emitted_while_host_is_down,
     await_timeout_is_checkpointed,
     sleep_resumes_only_after_the_clock_passes,
+    sleep_until_keeps_the_first_deadline_on_replay,
     emit_from_inside_a_handler,
     spawned_child_is_idempotent_on_replay,
     delegate_and_delegate_parallel,
@@ -362,6 +363,37 @@ async fn sleep_resumes_only_after_the_clock_passes(env: Env) {
     env.advance(1);
     assert_eq!(env.result(id).await, json!("rested"));
     assert_eq!(runs.get(), 2);
+    w.stop().await;
+}
+
+async fn sleep_until_keeps_the_first_deadline_on_replay(env: Env) {
+    // A handler that computes its deadline afresh on every run (as one
+    // reading the wall clock would) still wakes at the first deadline.
+    let at = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let a = at.clone();
+    let w = env
+        .worker()
+        .step("alarm", HandlerOptions::default(), move |_, ctx| {
+            let a = a.clone();
+            async move {
+                ctx.sleep_until(a.load(std::sync::atomic::Ordering::SeqCst))
+                    .await?;
+                Ok(json!("rang"))
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let t0 = env.now().await;
+    at.store(t0 + 30_000, std::sync::atomic::Ordering::SeqCst);
+    let id = env.client.spawn("alarm", json!({})).await.unwrap();
+    let s = env.wait_step(id, "alarm", StepState::Suspended).await;
+    assert_eq!(s.run_at, Some(t0 + 30_000));
+    at.store(t0 + 60_000, std::sync::atomic::Ordering::SeqCst);
+    env.advance(30_000);
+    assert_eq!(env.result(id).await, json!("rang"));
     w.stop().await;
 }
 
