@@ -1,0 +1,337 @@
+//! Magnus glue for the `switchyard` Ruby gem: conversion plus one call into
+//! the core. Ruby-side ergonomics (blocks, keyword arguments, exception
+//! classes, the handler threads) live in `ruby/lib/switchyard/`.
+//!
+//! Thread affinity: every method defined here runs on the calling Ruby
+//! thread with the GVL held. Anything that waits on the core releases the
+//! GVL ([`nogvl`], with an unblock function so `Thread#kill`, `Thread#raise`
+//! and signals interrupt the wait). Core work runs on one tokio runtime per
+//! process; its threads never touch Ruby, and no Ruby value is ever stored in
+//! a Rust structure (so nothing Ruby-owned is dropped off a Ruby thread and
+//! nothing needs GC marking).
+
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use magnus::{function, prelude::*, Error, Ruby};
+
+mod client;
+mod context;
+mod convert;
+mod errors;
+mod worker;
+
+struct Rt {
+    pid: u32,
+    rt: tokio::runtime::Runtime,
+}
+
+static RUNTIME: OnceLock<Rt> = OnceLock::new();
+
+/// The process's tokio runtime, created once and never shut down: workers
+/// and clients come and go, the runtime stays (creating and dropping
+/// runtimes per worker is what made an earlier probe hang). A forked child
+/// must not reuse the parent's runtime (its threads do not exist in the
+/// child): that is detected and refused with a clear error.
+pub(crate) fn runtime(ruby: &Ruby) -> Result<&'static tokio::runtime::Runtime, Error> {
+    let rt = RUNTIME.get_or_init(|| Rt {
+        pid: std::process::id(),
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("switchyard-core")
+            .enable_all()
+            .build()
+            .expect("building the tokio runtime"),
+    });
+    if rt.pid != std::process::id() {
+        return Err(errors::error(
+            ruby,
+            "Error",
+            format!(
+                "switchyard was started in process {} and cannot be used in a forked child ({}); \
+                 create workers and clients after fork (in the child)",
+                rt.pid,
+                std::process::id()
+            ),
+        ));
+    }
+    Ok(&rt.rt)
+}
+
+struct Call<F, R> {
+    f: Option<F>,
+    result: Option<std::thread::Result<R>>,
+}
+
+unsafe extern "C" fn call_trampoline<F: FnOnce() -> R, R>(
+    data: *mut std::ffi::c_void,
+) -> *mut std::ffi::c_void {
+    // SAFETY: `data` is the `Call` owned by `nogvl`'s frame, which outlives
+    // this call (rb_thread_call_without_gvl returns only after it).
+    let call = unsafe { &mut *(data as *mut Call<F, R>) };
+    if let Some(f) = call.f.take() {
+        // Unwinding into Ruby's C frames would be undefined behaviour.
+        call.result = Some(catch_unwind(AssertUnwindSafe(f)));
+    }
+    std::ptr::null_mut()
+}
+
+unsafe extern "C" fn ubf_trampoline<U: Fn()>(data: *mut std::ffi::c_void) {
+    // SAFETY: `data` points at the unblock closure in `nogvl`'s frame; Ruby
+    // calls the unblock function only while the blocking call runs.
+    let u = unsafe { &*(data as *const U) };
+    let _ = catch_unwind(AssertUnwindSafe(u));
+}
+
+/// Runs `f` with the GVL released; `unblock` is Ruby's unblock function:
+/// Ruby calls it (from another thread) to interrupt `f` for `Thread#kill`,
+/// `Thread#raise` or a signal, and `f` must then return soon. A panic in `f`
+/// becomes a Ruby exception.
+///
+/// Thread affinity: a Ruby thread holding the GVL. `f` and `unblock` must
+/// not touch Ruby.
+pub(crate) fn nogvl<F, R, U>(ruby: &Ruby, f: F, unblock: U) -> Result<R, Error>
+where
+    F: FnOnce() -> R,
+    U: Fn(),
+{
+    let mut call = Call {
+        f: Some(f),
+        result: None,
+    };
+    // Ruby checks for pending interrupts just before and after the blocking
+    // call and may raise right there (a longjmp). `protect` stops that
+    // longjmp before it crosses Rust frames and hands it back as an Error.
+    let protected = magnus::rb_sys::protect(|| {
+        // SAFETY: both pointers refer to locals that live until the call
+        // returns; the trampolines match their types.
+        unsafe {
+            rb_sys::rb_thread_call_without_gvl(
+                Some(call_trampoline::<F, R>),
+                &mut call as *mut Call<F, R> as *mut std::ffi::c_void,
+                Some(ubf_trampoline::<U>),
+                &unblock as *const U as *mut std::ffi::c_void,
+            );
+        }
+        rb_sys::Qnil as rb_sys::VALUE
+    });
+    match (protected, call.result) {
+        (_, Some(Err(p))) => Err(errors::panic_error(ruby, p)),
+        // An interrupt raised around the call wins: the thread is being
+        // killed or has an exception to see (what `f` returned is dropped).
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(Ok(r))) => Ok(r),
+        // Ruby skips the call when an interrupt is already pending.
+        (Ok(_), None) => {
+            ruby.thread_check_ints()?;
+            Err(errors::error(
+                ruby,
+                "Error",
+                "switchyard: the blocking call was interrupted".to_string(),
+            ))
+        }
+    }
+}
+
+/// Catches a panic in glue code running with the GVL and raises it as a
+/// `Switchyard::Error` instead of Ruby's process-ending `fatal`.
+pub(crate) fn guard<T>(ruby: &Ruby, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(errors::panic_error(ruby, p)),
+    }
+}
+
+struct SlotState<T> {
+    value: Option<T>,
+    interrupted: bool,
+    /// The core task ended (normally, by a panic, or aborted).
+    ended: bool,
+}
+
+struct Slot<T> {
+    state: Mutex<SlotState<T>>,
+    cond: Condvar,
+}
+
+impl<T> Slot<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Marks the slot ended when the core task finishes or unwinds.
+struct Ended<T>(Arc<Slot<T>>);
+
+impl<T> Drop for Ended<T> {
+    fn drop(&mut self) {
+        self.0.lock().ended = true;
+        self.0.cond.notify_all();
+    }
+}
+
+/// Runs `fut` on the core runtime and waits for it with the GVL released.
+/// The wait is interruptible: an interrupt (Ctrl-C on the main thread,
+/// `Thread#kill`, `Thread#raise`) abandons the operation and raises.
+pub(crate) fn block<T: Send + 'static>(
+    ruby: &Ruby,
+    fut: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Error> {
+    let rt = runtime(ruby)?;
+    let slot = Arc::new(Slot {
+        state: Mutex::new(SlotState {
+            value: None,
+            interrupted: false,
+            ended: false,
+        }),
+        cond: Condvar::new(),
+    });
+    let ended = Ended(slot.clone());
+    let handle = rt.spawn(async move {
+        let ended = ended;
+        let v = fut.await;
+        ended.0.lock().value = Some(v);
+        // `ended` drops here and wakes the waiter.
+    });
+    loop {
+        let got = nogvl(
+            ruby,
+            || {
+                let mut st = slot.lock();
+                loop {
+                    if let Some(v) = st.value.take() {
+                        return Some(v);
+                    }
+                    if st.interrupted || st.ended {
+                        st.interrupted = false;
+                        return None;
+                    }
+                    st = slot.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+            },
+            || {
+                slot.lock().interrupted = true;
+                slot.cond.notify_all();
+            },
+        );
+        match got {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {
+                if slot.lock().ended {
+                    if let Some(v) = slot.lock().value.take() {
+                        return Ok(v);
+                    }
+                    return Err(errors::error(
+                        ruby,
+                        "Error",
+                        "switchyard: the operation ended inside the core without an answer (a panic)"
+                            .to_string(),
+                    ));
+                }
+                // Woken by the unblock function: raise what is pending
+                // (and abandon the operation), or keep waiting.
+                if let Err(e) = ruby.thread_check_ints() {
+                    handle.abort();
+                    return Err(e);
+                }
+            }
+            Err(e) => {
+                handle.abort();
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Like [`block`], mapping a core error to its Ruby exception.
+pub(crate) fn block_core<T: Send + 'static>(
+    ruby: &Ruby,
+    fut: impl Future<Output = switchyard_core::Result<T>> + Send + 'static,
+) -> Result<T, Error> {
+    block(ruby, fut)?.map_err(|e| errors::core_err(ruby, e))
+}
+
+/// Like [`block`], mapping a step error (suspension included) to Ruby.
+pub(crate) fn block_step<T: Send + 'static>(
+    ruby: &Ruby,
+    fut: impl Future<Output = switchyard_core::StepResult<T>> + Send + 'static,
+) -> Result<T, Error> {
+    block(ruby, fut)?.map_err(|e| errors::step_err(ruby, e))
+}
+
+/// The core's fan-out plan ([`switchyard_core::Decision::fan_out`]):
+/// `[steps, final_step]`, steps as hashes with `name`, `handler`, `input`,
+/// `depends_on`.
+fn fan_out(
+    ruby: &Ruby,
+    handler: String,
+    total: u64,
+    batch_size: u64,
+    input: magnus::Value,
+    converge: String,
+) -> Result<magnus::RArray, Error> {
+    guard(ruby, || {
+        let input = convert::to_json(ruby, input, "fan_out input")?;
+        match switchyard_core::Decision::fan_out(&handler, total, batch_size, input, &converge) {
+            switchyard_core::Decision::Steps { steps, final_step } => {
+                let steps = serde_json::to_value(&steps)
+                    .map_err(|e| errors::error(ruby, "Error", e.to_string()))?;
+                let out = ruby.ary_new_capa(2);
+                out.push(convert::to_ruby(ruby, &steps)?)?;
+                out.push(final_step)?;
+                Ok(out)
+            }
+            switchyard_core::Decision::Complete(_) => Err(errors::error(
+                ruby,
+                "Error",
+                "fan_out planned no steps".into(),
+            )),
+        }
+    })
+}
+
+/// Raises a panic on purpose (tests check that a Rust panic becomes a Ruby
+/// exception instead of ending the process).
+fn panic_for_test(ruby: &Ruby, msg: String) -> Result<(), Error> {
+    guard(ruby, || panic!("{msg}"))
+}
+
+/// Core log records (`tracing`) go to stderr, filtered by `SWITCHYARD_LOG`
+/// (`warn` by default; e.g. `SWITCHYARD_LOG=switchyard_core=debug`). They
+/// are written by the core's threads and never touch Ruby. Does nothing if
+/// the process already has a global subscriber.
+fn install_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+#[magnus::init(name = "switchyard_native")]
+fn init(ruby: &Ruby) -> Result<(), Error> {
+    install_logging();
+    let m = ruby.define_module("Switchyard")?;
+    let native = m.define_module("Native")?;
+    native.define_module_function("fan_out", function!(fan_out, 5))?;
+    native.define_module_function("panic_for_test", function!(panic_for_test, 1))?;
+    native.const_set("VERSION", env!("CARGO_PKG_VERSION"))?;
+    worker::define(ruby, m, native)?;
+    context::define(ruby, m)?;
+    client::define(ruby, native)?;
+    // `#[magnus::wrap]` looks its Ruby class up lazily, in a OnceLock whose
+    // initialiser calls into Ruby. If that call switches Ruby threads (an
+    // interrupt, a GC under GC.stress) and another thread wraps a value of
+    // the same type, that thread blocks on the OnceLock while holding the
+    // GVL: a deadlock (seen under GC.stress). Resolve every class now, while
+    // `require` runs on one thread.
+    use magnus::TypedData;
+    let _ = worker::RbWorker::class(ruby);
+    let _ = worker::RbJob::class(ruby);
+    let _ = context::RbContext::class(ruby);
+    let _ = client::RbClient::class(ruby);
+    Ok(())
+}

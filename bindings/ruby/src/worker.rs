@@ -1,0 +1,704 @@
+//! `Switchyard::Native::Worker` and `Switchyard::Native::Job`: a host whose
+//! handlers are Ruby blocks. The core pushes jobs into one inbox; Ruby
+//! handler threads take them in batches without the GVL (one GVL
+//! acquisition per batch) and answer each job once, without blocking.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use magnus::{
+    function, method, prelude::*, value::ReprValue, Error, RArray, RHash, RModule, Ruby, Symbol,
+    Value,
+};
+use parking_lot::Mutex;
+use switchyard_core::bridge::{Closed, Inbox, InboxHandler, Job, JobKind, Reply};
+use switchyard_core::{
+    ApiError, Decision, HandlerOptions, NewStep, RetryPolicy, RunningWorker, StepError, WaitFor,
+    Worker,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::open_store;
+use crate::context::RbContext;
+use crate::convert::{to_json, to_ruby};
+use crate::errors::{core_err, error};
+use crate::{block, guard, nogvl};
+
+/// Jobs whose step was cancelled while a Ruby block runs it: the core's
+/// cancellation token fired (task cancelled, timeout, shutdown past the
+/// grace period). A Ruby watcher thread takes their ids without the GVL and
+/// interrupts the handler thread (`Thread#raise` of `Switchyard::Cancelled`).
+#[derive(Default)]
+struct CancelQueue {
+    state: std::sync::Mutex<CancelState>,
+    cond: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct CancelState {
+    ids: Vec<u64>,
+    closed: bool,
+    interrupts: u64,
+}
+
+impl CancelQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CancelState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn push(&self, id: u64) {
+        self.lock().ids.push(id);
+        self.cond.notify_all();
+    }
+    fn close(&self) {
+        self.lock().closed = true;
+        self.cond.notify_all();
+    }
+    fn interrupt(&self) {
+        self.lock().interrupts += 1;
+        self.cond.notify_all();
+    }
+    /// Ids cancelled so far (waits up to `slice`); None once closed.
+    fn take(&self, slice: Duration) -> Option<Vec<u64>> {
+        let deadline = std::time::Instant::now() + slice;
+        let mut s = self.lock();
+        let seen = s.interrupts;
+        loop {
+            if !s.ids.is_empty() {
+                return Some(std::mem::take(&mut s.ids));
+            }
+            if s.closed {
+                return None;
+            }
+            let now = std::time::Instant::now();
+            if s.interrupts != seen || now >= deadline {
+                return Some(Vec::new());
+            }
+            s = self
+                .cond
+                .wait_timeout(s, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+struct Registration {
+    name: String,
+    kind: JobKind,
+    opts: HandlerOptions,
+}
+
+/// A host for Ruby handlers.
+#[magnus::wrap(class = "Switchyard::Native::Worker", free_immediately, size)]
+pub struct RbWorker {
+    store_url: String,
+    concurrency: usize,
+    lease: Duration,
+    shutdown_grace: Duration,
+    max_payload: Option<usize>,
+    regs: Mutex<Vec<Registration>>,
+    inbox: Arc<Inbox>,
+    running: Mutex<Option<Arc<RunningWorker>>>,
+    /// Handler threads waiting in `next_jobs` now.
+    idle: AtomicUsize,
+    cancels: Arc<CancelQueue>,
+}
+
+fn arg_error(ruby: &Ruby, msg: String) -> Error {
+    Error::new(ruby.exception_arg_error(), msg)
+}
+
+/// Seconds as a Duration, rejecting negative and non-finite values.
+pub(crate) fn secs(ruby: &Ruby, what: &str, s: f64) -> Result<Duration, Error> {
+    if !(s.is_finite() && s >= 0.0) {
+        return Err(arg_error(
+            ruby,
+            format!("{what} must be a non-negative number of seconds, got {s}"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn opt<T: magnus::TryConvert>(
+    ruby: &Ruby,
+    h: RHash,
+    key: &str,
+    handler: &str,
+) -> Result<Option<T>, Error> {
+    match h.get(ruby.to_symbol(key)) {
+        None => Ok(None),
+        Some(v) if v.is_nil() => Ok(None),
+        Some(v) => T::try_convert(v).map(Some).map_err(|e| {
+            Error::new(
+                ruby.exception_type_error(),
+                format!("handler `{handler}`: option {key}: {e}"),
+            )
+        }),
+    }
+}
+
+fn kind_of(ruby: &Ruby, kind: &str) -> Result<JobKind, Error> {
+    match kind {
+        "step" => Ok(JobKind::Step),
+        "batch" => Ok(JobKind::Batch),
+        "decision" => Ok(JobKind::Decision),
+        "api" => Ok(JobKind::Api),
+        other => Err(arg_error(
+            ruby,
+            format!("unknown handler kind `{other}` (expected step, batch, decision or api)"),
+        )),
+    }
+}
+
+impl RbWorker {
+    fn new(
+        ruby: &Ruby,
+        store: String,
+        concurrency: usize,
+        lease: f64,
+        shutdown_grace: f64,
+        max_payload: Option<usize>,
+    ) -> Result<Self, Error> {
+        if concurrency == 0 {
+            return Err(arg_error(ruby, "concurrency must be at least 1".into()));
+        }
+        Ok(Self {
+            store_url: store,
+            concurrency,
+            lease: secs(ruby, "lease", lease)?,
+            shutdown_grace: secs(ruby, "shutdown_grace", shutdown_grace)?,
+            max_payload,
+            regs: Mutex::new(Vec::new()),
+            inbox: Inbox::new(),
+            running: Mutex::new(None),
+            idle: AtomicUsize::new(0),
+            cancels: Arc::default(),
+        })
+    }
+
+    /// Registers handler `name` of `kind` with options (a Hash with symbol
+    /// keys: concurrency, timeout, max_attempts, initial_backoff,
+    /// max_backoff, max_batch, linger, rate_limit, burst).
+    fn register(
+        ruby: &Ruby,
+        rb_self: &Self,
+        name: String,
+        kind: String,
+        o: RHash,
+    ) -> Result<(), Error> {
+        guard(ruby, || {
+            if rb_self.running.lock().is_some() {
+                return Err(error(
+                    ruby,
+                    "ConfigError",
+                    "register handlers before the worker starts".into(),
+                ));
+            }
+            switchyard_core::client::validate_name("handler name", &name)
+                .map_err(|e| core_err(ruby, e))?;
+            let kind = kind_of(ruby, &kind)?;
+            let mut opts = HandlerOptions {
+                concurrency: rb_self.concurrency,
+                ..HandlerOptions::default()
+            };
+            if let Some(c) = opt::<usize>(ruby, o, "concurrency", &name)? {
+                if c == 0 {
+                    return Err(arg_error(
+                        ruby,
+                        format!("handler `{name}`: concurrency must be at least 1"),
+                    ));
+                }
+                opts.concurrency = c;
+            }
+            if let Some(t) = opt::<f64>(ruby, o, "timeout", &name)? {
+                opts.timeout = Some(secs(ruby, "timeout", t)?);
+            }
+            let mut retry = RetryPolicy::default();
+            if let Some(m) = opt::<u32>(ruby, o, "max_attempts", &name)? {
+                if m == 0 {
+                    return Err(arg_error(
+                        ruby,
+                        format!("handler `{name}`: max_attempts must be at least 1"),
+                    ));
+                }
+                retry.max_attempts = m;
+            }
+            if let Some(b) = opt::<f64>(ruby, o, "initial_backoff", &name)? {
+                retry.initial_backoff = secs(ruby, "initial_backoff", b)?;
+            }
+            if let Some(b) = opt::<f64>(ruby, o, "max_backoff", &name)? {
+                retry.max_backoff = secs(ruby, "max_backoff", b)?;
+            }
+            opts.retry = retry;
+            if let Some(b) = opt::<usize>(ruby, o, "max_batch", &name)? {
+                opts.max_batch = b.max(1);
+            }
+            if let Some(l) = opt::<f64>(ruby, o, "linger", &name)? {
+                opts.linger = secs(ruby, "linger", l)?;
+            }
+            if let Some(r) = opt::<f64>(ruby, o, "rate_limit", &name)? {
+                if !(r > 0.0 && r.is_finite()) {
+                    return Err(arg_error(
+                        ruby,
+                        format!("handler `{name}`: rate_limit must be a positive number"),
+                    ));
+                }
+                let burst = opt::<u32>(ruby, o, "burst", &name)?.unwrap_or(1);
+                opts = opts.rate_limit(r, burst);
+            }
+            let mut regs = rb_self.regs.lock();
+            if regs.iter().any(|r| r.name == name) {
+                return Err(error(
+                    ruby,
+                    "ConfigError",
+                    format!("handler `{name}` is registered twice"),
+                ));
+            }
+            regs.push(Registration { name, kind, opts });
+            Ok(())
+        })
+    }
+
+    /// Opens the store and starts the host; returns its id.
+    fn start(ruby: &Ruby, rb_self: &Self) -> Result<String, Error> {
+        guard(ruby, || {
+            if rb_self.running.lock().is_some() {
+                return Err(error(
+                    ruby,
+                    "ConfigError",
+                    "the worker was already started".into(),
+                ));
+            }
+            let store = open_store(ruby, &rb_self.store_url)?;
+            let mut b = Worker::builder(store)
+                .concurrency(rb_self.concurrency)
+                .lease(rb_self.lease)
+                .shutdown_grace(rb_self.shutdown_grace);
+            if let Some(m) = rb_self.max_payload {
+                b = b.max_payload_bytes(m);
+            }
+            for r in rb_self.regs.lock().iter() {
+                b = b.handler(
+                    r.name.clone(),
+                    InboxHandler::capability(rb_self.inbox.clone(), &r.name, r.kind, "Ruby"),
+                    r.opts.clone(),
+                );
+            }
+            let worker = b.build().map_err(|e| core_err(ruby, e))?;
+            let running = crate::block_core(ruby, async move { worker.start().await })?;
+            let id = running.host_id().to_string();
+            *rb_self.running.lock() = Some(Arc::new(running));
+            Ok(id)
+        })
+    }
+
+    fn host_id(&self) -> Option<String> {
+        self.running
+            .lock()
+            .as_ref()
+            .map(|r| r.host_id().to_string())
+    }
+
+    /// Waits (without the GVL) for one job, then takes a fair share of the
+    /// jobs still queued, split among the threads that are waiting too: a
+    /// thread never holds jobs that an idle thread could start now.
+    fn take(
+        &self,
+        ruby: &Ruby,
+        max: usize,
+        slice: Duration,
+    ) -> Result<Result<Vec<Job>, Closed>, Error> {
+        self.idle.fetch_add(1, Ordering::SeqCst);
+        let inbox = self.inbox.clone();
+        let first = nogvl(
+            ruby,
+            || inbox.recv_batch(1, slice),
+            || self.inbox.interrupt(),
+        );
+        let others_idle = self.idle.fetch_sub(1, Ordering::SeqCst) - 1;
+        let mut jobs = match first? {
+            Ok(j) => j,
+            Err(c) => return Ok(Err(c)),
+        };
+        if !jobs.is_empty() && max > 1 {
+            let share = (self.inbox.len() / (others_idle + 1)).min(max - 1);
+            if share > 0 {
+                jobs.extend(self.inbox.try_recv_batch(share).unwrap_or_default());
+            }
+        }
+        Ok(Ok(jobs))
+    }
+
+    /// Takes up to `max` jobs, waiting at most `timeout` seconds without the
+    /// GVL. Each job is `[job, handler, input, ctx]` (batch jobs:
+    /// `[job, handler, [[input, ctx], ...], nil]`). Returns nil once the
+    /// worker has stopped. An interrupt (`Thread#kill`, `Thread#raise`)
+    /// ends the wait at once.
+    fn next_jobs(
+        ruby: &Ruby,
+        rb_self: &Self,
+        max: usize,
+        timeout: f64,
+    ) -> Result<Option<RArray>, Error> {
+        guard(ruby, || {
+            let slice = secs(ruby, "timeout", timeout)?;
+            let rt = crate::runtime(ruby)?;
+            let jobs = match rb_self.take(ruby, max, slice)? {
+                Ok(j) => j,
+                Err(Closed) => return Ok(None),
+            };
+            if jobs.is_empty() {
+                // Woken by the unblock function: raise what is pending.
+                ruby.thread_check_ints()?;
+            }
+            let out = ruby.ary_new_capa(jobs.len());
+            let mut watches = Vec::with_capacity(jobs.len());
+            for mut job in jobs {
+                let entry = ruby.ary_new_capa(4);
+                let items = std::mem::take(&mut job.items);
+                let batch = job.kind == JobKind::Batch;
+                let handler = ruby.to_symbol(&job.handler);
+                let done = CancellationToken::new();
+                if !batch {
+                    if let Some(token) = items.first().map(|i| i.ctx.cancellation_token()) {
+                        watches.push((job.id, token, done.clone()));
+                    }
+                }
+                let rjob = RbJob {
+                    id: job.id,
+                    items: items.len(),
+                    handler: job.handler.clone(),
+                    job: Mutex::new(Some(job)),
+                    done,
+                };
+                entry.push(rjob)?;
+                entry.push(handler)?;
+                if batch {
+                    let list = ruby.ary_new_capa(items.len());
+                    for it in items {
+                        let pair = ruby.ary_new_capa(2);
+                        pair.push(to_ruby(ruby, &it.input)?)?;
+                        pair.push(RbContext::new(it.ctx))?;
+                        list.push(pair)?;
+                    }
+                    entry.push(list)?;
+                    entry.push(ruby.qnil())?;
+                } else {
+                    for it in items {
+                        entry.push(to_ruby(ruby, &it.input)?)?;
+                        entry.push(RbContext::new(it.ctx))?;
+                    }
+                }
+                out.push(entry)?;
+            }
+            if !watches.is_empty() {
+                rb_self.watch(rt, watches);
+            }
+            Ok(Some(out))
+        })
+    }
+
+    /// Push cancellation: one core task per batch of jobs waits on their
+    /// cancellation tokens and queues the id of each job cancelled while its
+    /// block runs, for the Ruby watcher thread. A job's watch ends when it
+    /// is answered (or dropped). One task per batch, not per job, keeps this
+    /// off the hot path.
+    fn watch(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        watches: Vec<(u64, CancellationToken, CancellationToken)>,
+    ) {
+        let q = self.cancels.clone();
+        rt.spawn(async move {
+            let mut pending: futures::stream::FuturesUnordered<_> = watches
+                .into_iter()
+                .map(|(id, token, done)| async move {
+                    tokio::select! {
+                        _ = token.cancelled() => Some(id),
+                        _ = done.cancelled() => None,
+                    }
+                })
+                .collect();
+            while let Some(r) = futures::StreamExt::next(&mut pending).await {
+                if let Some(id) = r {
+                    q.push(id);
+                }
+            }
+        });
+    }
+
+    /// Ids of jobs whose run was cancelled (see [`CancelQueue`]), waiting
+    /// at most `timeout` seconds without the GVL; nil once stopped.
+    fn next_cancels(ruby: &Ruby, rb_self: &Self, timeout: f64) -> Result<Option<Vec<u64>>, Error> {
+        guard(ruby, || {
+            let slice = secs(ruby, "timeout", timeout)?;
+            let q = rb_self.cancels.clone();
+            let got = nogvl(ruby, || q.take(slice), || rb_self.cancels.interrupt())?;
+            if got.as_ref().is_some_and(|v| v.is_empty()) {
+                ruby.thread_check_ints()?;
+            }
+            Ok(got)
+        })
+    }
+
+    /// Wakes threads blocked in `next_jobs` (they return an empty list).
+    fn interrupt(&self) {
+        self.inbox.interrupt();
+        self.cancels.interrupt();
+    }
+
+    /// Begins a graceful shutdown and returns at once.
+    fn shutdown(&self) {
+        if let Some(r) = self.running.lock().as_ref() {
+            r.shutdown();
+        }
+    }
+
+    /// Stops the host: no more claims, running steps get the grace period,
+    /// then the inbox closes so handler threads see nil and exit. Waits
+    /// without the GVL: the handler threads keep serving meanwhile.
+    fn stop(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
+        guard(ruby, || {
+            let running = rb_self.running.lock().clone();
+            if let Some(r) = running {
+                block(ruby, async move { r.stop().await })?;
+            }
+            rb_self.inbox.close();
+            rb_self.cancels.close();
+            Ok(())
+        })
+    }
+
+    fn is_running(&self) -> bool {
+        self.running.lock().is_some() && !self.inbox.is_closed()
+    }
+
+    fn inflight(&self) -> usize {
+        self.running
+            .lock()
+            .as_ref()
+            .map(|r| r.inflight())
+            .unwrap_or(0)
+    }
+}
+
+/// One unit of work for a Ruby handler: one step, or a batch. Holds the
+/// reply channel; the items went to Ruby.
+#[magnus::wrap(class = "Switchyard::Native::Job", free_immediately, size)]
+pub struct RbJob {
+    id: u64,
+    /// How many steps the job carries (its items went to Ruby).
+    items: usize,
+    handler: String,
+    job: Mutex<Option<Job>>,
+    /// Ends the cancellation watch once the job is answered.
+    done: CancellationToken,
+}
+
+impl Drop for RbJob {
+    fn drop(&mut self) {
+        self.done.cancel();
+    }
+}
+
+fn tag_error(ruby: &Ruby, what: String) -> Error {
+    arg_error(ruby, format!("bad outcome from the Ruby glue: {what}"))
+}
+
+fn opt_secs(v: Value) -> Option<Duration> {
+    f64::try_convert(v)
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+fn opt_string(v: Value) -> Option<String> {
+    if v.is_nil() {
+        None
+    } else {
+        String::try_convert(v).ok()
+    }
+}
+
+fn error_kind(
+    ruby: &Ruby,
+    kind: &str,
+    message: String,
+    trace: Option<String>,
+    retry_after: Option<Duration>,
+) -> Result<StepError, Error> {
+    Ok(match kind {
+        "retryable" => StepError::Retryable {
+            message,
+            retry_after,
+            trace,
+        },
+        "permanent" => StepError::Permanent { message, trace },
+        "invalid_input" => StepError::InvalidInput(message),
+        "cancelled" => StepError::Cancelled,
+        "await_timeout" => StepError::AwaitTimeout { event: message },
+        "lease_lost" => StepError::LeaseLost,
+        other => return Err(tag_error(ruby, format!("unknown error kind `{other}`"))),
+    })
+}
+
+/// A value the handler returned; a value that does not convert fails the
+/// step permanently, naming the class.
+fn value_reply(ruby: &Ruby, v: Value, what: &str) -> Reply {
+    match to_json(ruby, v, what) {
+        Ok(j) => Reply::Value(j),
+        Err(e) => Reply::Error(StepError::permanent(e.to_string())),
+    }
+}
+
+fn decision(
+    ruby: &Ruby,
+    handler: &str,
+    steps: Value,
+    final_step: Option<String>,
+) -> Result<Decision, String> {
+    let what = format!("decision of handler `{handler}`");
+    let v = to_json(ruby, steps, &what).map_err(|e| e.to_string())?;
+    let steps: Vec<NewStep> = serde_json::from_value(v).map_err(|e| {
+        format!("{what}: each step needs `name`, `handler`, `input` and optional `depends_on`: {e}")
+    })?;
+    Ok(Decision::Steps { steps, final_step })
+}
+
+/// Converts one outcome array built by the Ruby glue into a reply:
+/// `[:value, v]`, `[:error, kind, message, trace, retry_after]`,
+/// `[:suspend, wait_json]`, `[:complete, v]`, `[:decision, steps, final_step]`,
+/// `[:http, status, retry_after, message]`, `[:network, message]`.
+fn reply(ruby: &Ruby, handler: &str, o: Value) -> Result<Reply, Error> {
+    let a = RArray::from_value(o)
+        .ok_or_else(|| tag_error(ruby, "an outcome must be an Array".into()))?;
+    let at = |i: isize| -> Result<Value, Error> { a.entry(i) };
+    let tag = Symbol::try_convert(at(0)?)?.name()?.into_owned();
+    Ok(match tag.as_str() {
+        "value" => value_reply(ruby, at(1)?, &format!("result of handler `{handler}`")),
+        "error" => {
+            let kind = Symbol::try_convert(at(1)?)?.name()?.into_owned();
+            let message = opt_string(at(2)?).unwrap_or_default();
+            Reply::Error(error_kind(
+                ruby,
+                &kind,
+                message,
+                opt_string(at(3)?),
+                opt_secs(at(4)?),
+            )?)
+        }
+        "suspend" => {
+            let wait: String = String::try_convert(at(1)?)?;
+            let wait: WaitFor =
+                serde_json::from_str(&wait).map_err(|e| tag_error(ruby, e.to_string()))?;
+            Reply::Error(StepError::Suspend(wait))
+        }
+        "complete" => match value_reply(ruby, at(1)?, &format!("result of decision `{handler}`")) {
+            Reply::Value(v) => Reply::Decision(Decision::Complete(v)),
+            other => other,
+        },
+        "decision" => match decision(ruby, handler, at(1)?, opt_string(at(2)?)) {
+            Ok(d) => Reply::Decision(d),
+            Err(m) => Reply::Error(StepError::permanent(m)),
+        },
+        "http" => Reply::Api(ApiError::Http {
+            status: u16::try_convert(at(1)?)?,
+            retry_after: opt_secs(at(2)?),
+            message: opt_string(at(3)?).unwrap_or_default(),
+        }),
+        "network" => Reply::Api(ApiError::Network(opt_string(at(1)?).unwrap_or_default())),
+        other => return Err(tag_error(ruby, format!("unknown outcome tag `{other}`"))),
+    })
+}
+
+impl RbJob {
+    fn take(&self, ruby: &Ruby) -> Result<Job, Error> {
+        self.done.cancel();
+        self.job
+            .lock()
+            .take()
+            .ok_or_else(|| error(ruby, "Error", "this job was already finished".into()))
+    }
+
+    /// Fast path: answers a one-item job with a value. Never blocks.
+    fn ok(ruby: &Ruby, rb_self: &Self, v: Value) -> Result<(), Error> {
+        guard(ruby, || {
+            let job = rb_self.take(ruby)?;
+            let r = value_reply(ruby, v, &format!("result of handler `{}`", rb_self.handler));
+            job.complete(vec![r]);
+            Ok(())
+        })
+    }
+
+    /// Answers the job with one outcome per item. Never blocks. A second
+    /// call is an error; a malformed outcome fails its step permanently.
+    fn finish(ruby: &Ruby, rb_self: &Self, outcomes: RArray) -> Result<(), Error> {
+        guard(ruby, || {
+            let job = rb_self.take(ruby)?;
+            let mut replies = Vec::with_capacity(outcomes.len());
+            for i in 0..outcomes.len() {
+                let o: Value = outcomes.entry(i as isize)?;
+                replies.push(
+                    reply(ruby, &rb_self.handler, o)
+                        .unwrap_or_else(|e| Reply::Error(StepError::permanent(e.to_string()))),
+                );
+            }
+            job.complete(replies);
+            Ok(())
+        })
+    }
+
+    /// Answers a job that was never answered (its thread was killed, or the
+    /// glue failed) with a retryable error, so the step is retried now
+    /// instead of when the handler times out. No-op once answered.
+    fn release(&self, why: String) {
+        self.done.cancel();
+        if let Some(job) = self.job.lock().take() {
+            let replies = (0..self.items)
+                .map(|_| Reply::Error(StepError::retryable(why.clone())))
+                .collect();
+            job.complete(replies);
+        }
+    }
+
+    /// True if the core stopped waiting (timeout, cancellation, shutdown).
+    fn abandoned(&self) -> bool {
+        self.job
+            .lock()
+            .as_ref()
+            .map(|j| j.abandoned())
+            .unwrap_or(true)
+    }
+
+    fn handler(&self) -> String {
+        self.handler.clone()
+    }
+
+    fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+pub fn define(ruby: &Ruby, _switchyard: RModule, native: RModule) -> Result<(), Error> {
+    let w = native.define_class("Worker", ruby.class_object())?;
+    w.define_singleton_method("new", function!(RbWorker::new, 5))?;
+    w.define_method("register", method!(RbWorker::register, 3))?;
+    w.define_method("start", method!(RbWorker::start, 0))?;
+    w.define_method("host_id", method!(RbWorker::host_id, 0))?;
+    w.define_method("next_jobs", method!(RbWorker::next_jobs, 2))?;
+    w.define_method("interrupt", method!(RbWorker::interrupt, 0))?;
+    w.define_method("next_cancels", method!(RbWorker::next_cancels, 1))?;
+    w.define_method("shutdown", method!(RbWorker::shutdown, 0))?;
+    w.define_method("stop", method!(RbWorker::stop, 0))?;
+    w.define_method("running?", method!(RbWorker::is_running, 0))?;
+    w.define_method("inflight", method!(RbWorker::inflight, 0))?;
+    let j = native.define_class("Job", ruby.class_object())?;
+    j.define_method("ok", method!(RbJob::ok, 1))?;
+    j.define_method("finish", method!(RbJob::finish, 1))?;
+    j.define_method("abandoned?", method!(RbJob::abandoned, 0))?;
+    j.define_method("handler", method!(RbJob::handler, 0))?;
+    j.define_method("id", method!(RbJob::id, 0))?;
+    j.define_method("release", method!(RbJob::release, 1))?;
+    Ok(())
+}

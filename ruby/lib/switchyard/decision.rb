@@ -1,0 +1,58 @@
+# frozen_string_literal: true
+
+module Switchyard
+  # What a +worker.decision+ handler returns: steps to create (with
+  # dependencies by name), or +Decision.complete(value)+.
+  class Decision
+    attr_reader :steps, :final_step, :value
+
+    def initialize(steps: [], final_step: nil, value: nil, done: false)
+      @steps = steps
+      @final_step = final_step
+      @value = value
+      @done = done
+    end
+
+    def complete?
+      @done
+    end
+
+    # Nothing more to do: the task completes with +value+.
+    def self.complete(value = nil)
+      new(value: value, done: true)
+    end
+
+    # Creates +steps+ atomically (see Switchyard.step); +final_step+ names
+    # the step whose result becomes the task's (default: the last one).
+    def self.create(steps, final_step: nil)
+      new(steps: steps.to_a, final_step: final_step&.to_s)
+    end
+
+    # Splits +total+ items into cursor ranges run as parallel +handler+
+    # steps, then a +converge+ step that receives their results through
+    # +ctx.dependency_results+ (planned by the core).
+    def self.fan_out(handler, total, batch_size, input: nil, converge: "converge")
+      steps, final_step = Native.fan_out(handler.to_s, Integer(total), Integer(batch_size), input, converge.to_s)
+      new(steps: steps, final_step: final_step)
+    end
+
+    # @api private
+    def outcome
+      return [:complete, @value] if @done
+
+      [:decision, @steps, @final_step]
+    end
+  end
+
+  # A step for a Decision; +handler+ defaults to +name+.
+  def self.step(name, handler: nil, input: nil, depends_on: [])
+    { "name" => name.to_s, "handler" => (handler || name).to_s, "input" => input,
+      "depends_on" => depends_on.map(&:to_s) }
+  end
+
+  # Retry policy: exponential backoff with jitter, up to +max_attempts+.
+  Retry = Struct.new(:max_attempts, :initial_backoff, :max_backoff, keyword_init: true)
+
+  # One step of a +worker.batch+ call.
+  BatchItem = Struct.new(:input, :ctx)
+end

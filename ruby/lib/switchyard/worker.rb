@@ -1,0 +1,353 @@
+# frozen_string_literal: true
+
+module Switchyard
+  # A host for Ruby handlers.
+  #
+  #   worker = Switchyard::Worker.new(store: "sqlite:app.db", concurrency: 32)
+  #   worker.step("greet") { |input, ctx| { hello: input["name"] } }
+  #   worker.run # Ctrl-C / SIGTERM shut down gracefully
+  #
+  # Handlers run on a pool of Ruby threads that wait for work inside Rust
+  # without the GVL and take jobs in batches (one GVL acquisition per
+  # batch). The core enforces timeouts, leases and retries. The main thread
+  # only waits (for a signal or #stop), so Ctrl-C and SIGTERM are seen at
+  # once.
+  class Worker
+    Handler = Struct.new(:name, :kind, :block)
+
+    COMMON = %i[concurrency timeout retry].freeze
+    OPTIONS = {
+      step: COMMON, decision: COMMON,
+      batch: COMMON + %i[max_batch linger],
+      api: COMMON + %i[rate_limit burst]
+    }.freeze
+
+    attr_reader :store
+
+    DEFER_CANCEL = { Interrupted => :never }.freeze
+    ALLOW_CANCEL = { Interrupted => :immediate }.freeze
+    private_constant :DEFER_CANCEL, :ALLOW_CANCEL
+
+    # +threads+: Ruby threads serving handlers (default: concurrency, at
+    # most 16). +batch+: most jobs a thread takes per wait.
+    def initialize(store: nil, concurrency: 64, threads: nil, lease: 30.0, shutdown_grace: 10.0,
+                   max_payload_bytes: nil, batch: 64)
+      @store = (store || Switchyard.default_store).to_s
+      concurrency = Integer(concurrency)
+      @native = Native::Worker.new(@store, concurrency, Float(lease), Float(shutdown_grace), max_payload_bytes)
+      @handlers = {}
+      @threads_n = Integer(threads || [concurrency, 16].min)
+      raise ArgumentError, "threads must be at least 1" if @threads_n < 1
+
+      @batch = Integer(batch)
+      @threads = []
+      @state = :new
+      @lock = Mutex.new
+      @finished = Queue.new # closed once stopped
+      # Job id => the thread running its block, for push cancellation.
+      @running = {}
+      @running_lock = Mutex.new
+    end
+
+    # Registers a plain handler: the block gets (input, ctx) and returns
+    # the result. Options: concurrency:, timeout: (seconds), retry:
+    # (max attempts, or a Switchyard::Retry / Hash).
+    def step(name, **opts, &block)
+      register(name, :step, opts, block)
+    end
+
+    # Registers a batch handler: the block gets an Array of
+    # Switchyard::BatchItem (input, ctx) and returns one result (or an
+    # Exception) per item. Options: max_batch:, linger: (seconds).
+    def batch(name, **opts, &block)
+      register(name, :batch, opts, block)
+    end
+
+    # Registers a decision handler: the block returns a Switchyard::Decision.
+    def decision(name, **opts, &block)
+      register(name, :decision, opts, block)
+    end
+
+    # Registers an API-shaped handler: raise Switchyard::HttpError or
+    # Switchyard::NetworkError for failures. rate_limit: starts per second.
+    def api(name, **opts, &block)
+      register(name, :api, opts, block)
+    end
+
+    def host_id
+      @native.host_id
+    end
+
+    def running?
+      @state == :running
+    end
+
+    # Starts serving on background threads and returns self.
+    def start
+      @lock.synchronize do
+        raise ConfigError, "the worker was already started" unless @state == :new
+        raise ConfigError, "register at least one handler before starting the worker" if @handlers.empty?
+
+        @native.start
+        @state = :running
+        @pid = Process.pid
+      end
+      Worker.track(self)
+      @threads = Array.new(@threads_n) do |i|
+        Thread.new do
+          Thread.current.name = "switchyard-#{i}"
+          serve
+        end
+      end
+      @threads << Thread.new do
+        Thread.current.name = "switchyard-cancel"
+        watch_cancels
+      end
+      self
+    end
+
+    # Graceful shutdown: no more claims; running steps get the grace
+    # period, then are handed back. Blocks until done (also when another
+    # thread is already stopping the worker).
+    def stop
+      first = @lock.synchronize do
+        case @state
+        when :running
+          @state = :stopping
+          true
+        when :stopping then false
+        else return nil
+        end
+      end
+      unless first
+        @finished.pop # nil once the first caller has finished
+        return nil
+      end
+      begin
+        # Handler threads keep serving while the core drains; the inbox
+        # closes afterwards and the threads see nil and exit.
+        @native.stop
+        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 5
+        @threads.each do |t|
+          left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+          # A handler that ignores cancellation past the grace period is
+          # left no further: its step was already handed back.
+          t.kill unless t.join([left, 0].max)
+        end
+      ensure
+        @state = :stopped
+        @finished.close
+        Worker.untrack(self)
+      end
+      nil
+    end
+
+    # Serves until SIGINT (Ctrl-C) or SIGTERM, or until #stop is called
+    # from another thread, then shuts down gracefully (running steps get
+    # +shutdown_grace+ seconds). Starts the worker if #start was not called.
+    # The signal handlers in place before are restored afterwards.
+    def run
+      signals = Queue.new
+      previous = {}
+      %w[INT TERM].each do |sig|
+        previous[sig] = Signal.trap(sig) { signals << sig }
+      end
+      start unless running?
+      waiter = Thread.new do
+        @finished.pop
+        signals << :stopped
+      end
+      signals.pop
+      waiter.kill
+      # Stop on a helper thread: the main thread keeps only waiting (in
+      # Ruby, where signals reach it), never blocked inside Rust.
+      Thread.new { stop }.join
+      nil
+    ensure
+      previous&.each { |sig, handler| Signal.trap(sig, handler || "DEFAULT") }
+    end
+
+    private
+
+    def stop_at_exit
+      stop if @pid == Process.pid
+    end
+
+    def register(name, kind, opts, block)
+      raise ArgumentError, "#{kind}(#{name.inspect}) needs a block" unless block
+      raise ConfigError, "register handlers before the worker starts" unless @state == :new
+
+      unknown = opts.keys - OPTIONS.fetch(kind)
+      raise ArgumentError, "#{kind}(#{name.inspect}): unknown option #{unknown.map(&:inspect).join(', ')} (allowed: #{OPTIONS.fetch(kind).join(', ')})" unless unknown.empty?
+
+      name = name.to_s
+      native = opts.reject { |k, _| k == :retry }
+      case (r = opts[:retry])
+      when nil then nil
+      when Integer then native[:max_attempts] = r
+      when Retry, Hash
+        h = r.to_h.transform_keys(&:to_sym)
+        native[:max_attempts] = h[:max_attempts]
+        native[:initial_backoff] = h[:initial_backoff]
+        native[:max_backoff] = h[:max_backoff]
+      else raise ArgumentError, "#{kind}(#{name.inspect}): retry must be an Integer, a Switchyard::Retry or a Hash"
+      end
+      @native.register(name, kind.to_s, native)
+      @handlers[name.to_sym] = Handler.new(name, kind, block)
+      self
+    end
+
+    def serve
+      native = @native
+      handlers = @handlers
+      batch = @batch
+      while (jobs = native.next_jobs(batch, 1.0))
+        jobs.each do |job, name, input, ctx|
+          run_job(handlers.fetch(name), job, input, ctx)
+        end
+      end
+    end
+
+    # Push cancellation: when the core cancels a run (the task was
+    # cancelled, the handler timed out, or shutdown passed its grace
+    # period), the thread running the block gets Switchyard::Cancelled
+    # raised into it (also out of a durable operation it waits in).
+    def watch_cancels
+      native = @native
+      while (ids = native.next_cancels(1.0))
+        ids.each do |id|
+          @running_lock.synchronize do
+            @running[id]&.raise(Interrupted.new("the step was cancelled (task cancelled, timed out or shutting down)"))
+          end
+        end
+      end
+    end
+
+    # Calls the block where (and only where) a cancellation may interrupt it.
+    def call_cancellable(job, h, input, ctx)
+      id = job.id
+      Thread.handle_interrupt(DEFER_CANCEL) do
+        @running[id] = Thread.current
+        begin
+          Thread.handle_interrupt(ALLOW_CANCEL) { h.block.call(input, ctx) }
+        ensure
+          @running_lock.synchronize { @running.delete(id) }
+          absorb_late_interrupt
+        end
+      end
+    end
+
+    # A cancellation that arrived after the block returned belongs to the
+    # finished job: drop it rather than let it hit the serving loop.
+    def absorb_late_interrupt
+      return unless Thread.pending_interrupt?(Interrupted)
+
+      Thread.handle_interrupt(ALLOW_CANCEL) { Thread.pass }
+    rescue Interrupted
+      nil
+    end
+
+    def run_job(h, job, input, ctx)
+      answer(h, job, input, ctx)
+    ensure
+      # Reached with the job unanswered only if the thread is being killed
+      # (or the glue failed): hand the step back for a retry now rather
+      # than when its timeout fires.
+      job.release("the #{h.kind} handler `#{h.name}` was interrupted before answering (its thread was killed)")
+    end
+
+    def answer(h, job, input, ctx)
+      case h.kind
+      when :step, :api
+        begin
+          value = call_cancellable(job, h, input, ctx)
+        rescue Exception => e # rubocop:disable Lint/RescueException
+          job.finish([Worker.outcome_for(e, h.name)])
+          raise if e.is_a?(SignalException) || e.is_a?(SystemExit)
+        else
+          job.ok(value)
+        end
+      when :decision
+        begin
+          d = call_cancellable(job, h, input, ctx)
+          outcome = if d.is_a?(Decision)
+                      d.outcome
+                    else
+                      [:error, :permanent, "decision handler `#{h.name}` returned #{d.class}, not Switchyard::Decision", nil, nil]
+                    end
+          job.finish([outcome])
+        rescue Exception => e # rubocop:disable Lint/RescueException
+          job.finish([Worker.outcome_for(e, h.name)])
+          raise if e.is_a?(SignalException) || e.is_a?(SystemExit)
+        end
+      when :batch
+        items = input.map { |i, c| BatchItem.new(i, c) }
+        begin
+          results = h.block.call(items).to_a
+          outcomes = if results.size == items.size
+                       results.map { |r| r.is_a?(Exception) ? Worker.outcome_for(r, h.name) : [:value, r] }
+                     else
+                       msg = "batch handler `#{h.name}` returned #{results.size} results for #{items.size} steps"
+                       Array.new(items.size) { [:error, :permanent, msg, nil, nil] }
+                     end
+          job.finish(outcomes)
+        rescue Exception => e # rubocop:disable Lint/RescueException
+          o = Worker.outcome_for(e, h.name)
+          job.finish(Array.new(items.size) { o })
+          raise if e.is_a?(SignalException) || e.is_a?(SystemExit)
+        end
+      end
+    end
+
+    @live = {}
+    @live_lock = Mutex.new
+
+    class << self
+      # @api private
+      # Workers still running when the program exits are stopped gracefully
+      # (in the process that started them), so their host deregisters and
+      # running steps finish or are handed back at once, not after their
+      # leases expire.
+      def track(worker)
+        @live_lock.synchronize do
+          at_exit { Worker.stop_all } if @live.empty? && !@at_exit
+          @at_exit = true
+          @live[worker] = true
+        end
+      end
+
+      # @api private
+      def untrack(worker)
+        @live_lock.synchronize { @live.delete(worker) }
+      end
+
+      # @api private
+      def stop_all
+        @live_lock.synchronize { @live.keys }.each { |w| w.send(:stop_at_exit) }
+      end
+
+      # @api private
+      # The outcome for an exception raised by handler +name+.
+      def outcome_for(e, name)
+        case e
+        when Suspend then [:suspend, e.wait]
+        when LeaseLost then [:error, :lease_lost, e.message, nil, nil]
+        when HttpError then [:http, e.status, e.retry_after, e.body]
+        when NetworkError then [:network, e.message]
+        when Cancelled then [:error, :cancelled, e.message, nil, nil]
+        when InvalidInput then [:error, :invalid_input, e.message, nil, nil]
+        when PermanentError, AwaitTimeout then [:error, :permanent, e.message, trace(e), nil]
+        when RetryableError then [:error, :retryable, e.message, trace(e), e.retry_after]
+        else [:error, :retryable, "#{e.class}: #{e.message}", trace(e), nil]
+        end
+      end
+
+      # The Ruby backtrace as stored on the step.
+      def trace(e)
+        lines = ["#{e.class}: #{e.message}"]
+        lines.concat((e.backtrace || []).map { |l| "    #{l}" })
+        lines.join("\n")
+      end
+    end
+  end
+end
