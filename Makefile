@@ -11,17 +11,24 @@ FEATURES := --features switchyard-store/contract
 # Root runs apt-get directly; anyone else through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# The order workflow runs in a Rust host; its notify.customer step runs in a
-# Python worker process (the wheel is built and installed into target/venv-py).
-demo: python-wheel
-	$(CARGO) run --release --quiet -p switchyard-examples --bin demo -- --python $(PY_VENV_ABS)/bin/python
+# The order workflow runs in a Rust host; worker processes in other
+# languages serve some of its steps on the same SQLite file: Python
+# notify.customer (the wheel, installed into target/venv-py), Node
+# charge.payment (the npm package, installed into target/node-scratch) and
+# Ruby invoice.issue (the gem, installed into target/ruby-gems).
+demo: python-wheel node-package ruby-gem
+	$(CARGO) run --release --quiet -p switchyard-examples --bin demo -- \
+	  --python $(PY_VENV_ABS)/bin/python --node-worker $(NODE_DEMO_WORKER) \
+	  --ruby-gem-home $(RB_GEM_HOME)
 
 build:
 	$(CARGO) build --release -p switchyard
 
-test: lint test-rust test-python test-c
+test: lint test-rust test-python test-c test-node test-ruby
 
-lint:
+# clippy --workspace compiles the Ruby extension (rb-sys needs ruby-dev and
+# libclang).
+lint: deps-ruby
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
 
@@ -39,6 +46,8 @@ deps-postgres:
 
 include mk/python.mk
 include mk/c.mk
+include mk/node.mk
+include mk/ruby.mk
 
 bench:
 	bench/run --lang rust --store memory --steps 200000

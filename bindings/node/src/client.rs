@@ -1,0 +1,240 @@
+//! `NativeClient`: spawn, emit, wait, cancel, retry, inspect. Every method is
+//! async and resolves to an envelope (see [`crate::errors`]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use napi_derive::napi;
+use parking_lot::Mutex;
+use switchyard_core::{Client, DynStore, Error, NewTask, Store, TaskFilter, TaskId, TaskState};
+
+use crate::errors::{core, core_err, parse_env};
+
+/// Stores opened in this process, by URL. A client and a worker on the same
+/// URL share one store while either is alive: `memory` then means one store,
+/// and in-process completions wake `Client.result` at once.
+static STORES: Mutex<BTreeMap<String, Weak<dyn Store>>> = Mutex::new(BTreeMap::new());
+
+/// Opens (or reuses) the store at `url`.
+pub(crate) async fn open_store(url: &str) -> switchyard_core::Result<DynStore> {
+    let key = url.trim().to_string();
+    if let Some(s) = STORES.lock().get(&key).and_then(Weak::upgrade) {
+        return Ok(s);
+    }
+    let store = switchyard_store::open(&key).await?;
+    let mut stores = STORES.lock();
+    stores.retain(|_, w| w.strong_count() > 0);
+    if let Some(s) = stores.get(&key).and_then(Weak::upgrade) {
+        return Ok(s);
+    }
+    stores.insert(key, Arc::downgrade(&store));
+    Ok(store)
+}
+
+fn parse_id(id: &str) -> Result<TaskId, String> {
+    id.parse().map_err(|e: Error| core_err(&e))
+}
+
+/// Parses one task description (`NewTask` JSON, snake_case keys).
+fn parse_task(what: &str, json: &str) -> Result<NewTask, String> {
+    task_from(what, parse_env(what, json)?)
+}
+
+fn task_from(what: &str, v: serde_json::Value) -> Result<NewTask, String> {
+    let mut t: NewTask = serde_json::from_value(v).map_err(|e| {
+        core_err(&Error::InvalidInput(format!(
+            "{what}: needs `handler` (string) and `input`; optional `priority`, \
+             `idempotencyKey`, `responseEvent`, `headers`, `runAt`: {e}"
+        )))
+    })?;
+    t.parent = None;
+    Ok(t)
+}
+
+fn either(r: Result<String, String>) -> String {
+    r.unwrap_or_else(|e| e)
+}
+
+/// The client half of the API.
+#[napi]
+pub struct NativeClient {
+    client: Client,
+}
+
+#[napi]
+impl NativeClient {
+    /// Opens the store at `url`; resolves to an envelope whose `ok` is null
+    /// (the client is usable once this resolved without error).
+    #[napi(factory)]
+    pub async fn open(url: String, max_payload_bytes: Option<u32>) -> napi::Result<NativeClient> {
+        let store = open_store(&url)
+            .await
+            .map_err(|e| napi::Error::from_reason(core_err(&e)))?;
+        let mut client = Client::new(store);
+        if let Some(n) = max_payload_bytes {
+            client = client.with_max_payload(n as usize);
+        }
+        Ok(NativeClient { client })
+    }
+
+    /// The store URL.
+    #[napi(getter)]
+    pub fn store_url(&self) -> String {
+        self.client.store().url()
+    }
+
+    /// `task`: `NewTask` JSON. Resolves to `{task_id, created}`.
+    #[napi]
+    pub async fn spawn(&self, task: String) -> String {
+        let c = self.client.clone();
+        either(
+            async move {
+                let t = parse_task("spawn", &task)?;
+                Ok(core(c.spawn_task(t).await))
+            }
+            .await,
+        )
+    }
+
+    /// `tasks`: a JSON array of `NewTask` (one string: one crossing and one
+    /// parse for the whole batch). Resolves to `[{task_id, created}]`.
+    #[napi]
+    pub async fn spawn_many(&self, tasks: String) -> String {
+        let c = self.client.clone();
+        either(
+            async move {
+                let v = parse_env("spawnMany tasks", &tasks)?;
+                let items = match v {
+                    serde_json::Value::Array(items) => items,
+                    _ => {
+                        return Err(core_err(&Error::InvalidInput(
+                            "spawnMany needs an array of tasks".into(),
+                        )))
+                    }
+                };
+                let mut out = Vec::with_capacity(items.len());
+                for (i, t) in items.into_iter().enumerate() {
+                    out.push(task_from(&format!("spawnMany: task #{i}"), t)?);
+                }
+                Ok(core(c.spawn_many(out).await))
+            }
+            .await,
+        )
+    }
+
+    /// Emits an event; resolves to true if this call stored it.
+    #[napi]
+    pub async fn emit(&self, name: String, payload: String) -> String {
+        let c = self.client.clone();
+        either(
+            async move {
+                let p = parse_env("event payload", &payload)?;
+                Ok(core(c.emit(&name, p).await))
+            }
+            .await,
+        )
+    }
+
+    /// The task record.
+    #[napi]
+    pub async fn get(&self, id: String) -> String {
+        let c = self.client.clone();
+        either(async move { Ok(core(c.get(parse_id(&id)?).await)) }.await)
+    }
+
+    /// The task with its steps, attempts, checkpoints, waits and children.
+    #[napi]
+    pub async fn inspect(&self, id: String) -> String {
+        let c = self.client.clone();
+        either(async move { Ok(core(c.inspect(parse_id(&id)?).await)) }.await)
+    }
+
+    /// Task records, newest first.
+    #[napi]
+    pub async fn list(&self, state: Option<String>, handler: Option<String>, limit: u32) -> String {
+        let c = self.client.clone();
+        either(
+            async move {
+                let state = match state {
+                    Some(s) => Some(s.parse::<TaskState>().map_err(|e| core_err(&e))?),
+                    None => None,
+                };
+                let f = TaskFilter {
+                    state,
+                    handler,
+                    limit: limit as usize,
+                };
+                Ok(core(c.list(&f).await))
+            }
+            .await,
+        )
+    }
+
+    /// Waits until the task finished; resolves to its record.
+    #[napi]
+    pub async fn wait(&self, id: String, timeout_secs: f64) -> String {
+        let c = self.client.clone();
+        either(
+            async move {
+                let id = parse_id(&id)?;
+                Ok(core(c.wait(id, secs(timeout_secs)).await))
+            }
+            .await,
+        )
+    }
+
+    /// Waits until the task finished; resolves to its result, or an error
+    /// if it failed, was cancelled or did not finish in time.
+    #[napi]
+    pub async fn result(&self, id: String, timeout_secs: f64) -> String {
+        let c = self.client.clone();
+        either(
+            async move {
+                let id = parse_id(&id)?;
+                Ok(core(c.result(id, secs(timeout_secs)).await))
+            }
+            .await,
+        )
+    }
+
+    /// Cancels a task (and its children with `cascade`).
+    #[napi]
+    pub async fn cancel(&self, id: String, cascade: bool) -> String {
+        let c = self.client.clone();
+        either(async move { Ok(core(c.cancel(parse_id(&id)?, cascade).await)) }.await)
+    }
+
+    /// Makes a failed or cancelled task run again.
+    #[napi]
+    pub async fn retry(&self, id: String) -> String {
+        let c = self.client.clone();
+        either(async move { Ok(core(c.retry(parse_id(&id)?).await)) }.await)
+    }
+
+    /// Hosts seen by the store.
+    #[napi]
+    pub async fn workers(&self) -> String {
+        let c = self.client.clone();
+        core(c.workers().await)
+    }
+
+    /// Recent events.
+    #[napi]
+    pub async fn events(&self, limit: u32) -> String {
+        let c = self.client.clone();
+        core(c.events(limit as usize).await)
+    }
+
+    /// Number of steps per state.
+    #[napi]
+    pub async fn count_steps(&self) -> String {
+        let s = self.client.store().clone();
+        core(s.count_steps().await)
+    }
+}
+
+/// Seconds from JS (non-finite or negative means zero).
+pub(crate) fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(if s.is_finite() && s > 0.0 { s } else { 0.0 })
+}

@@ -1,0 +1,236 @@
+//! `NativeContext`: the durable context of one step run. Every durable
+//! operation is async and resolves to an envelope; the TypeScript `Context`
+//! adds `checkpoint(name, fn)` on top of `checkpointLookup` /
+//! `checkpointSave` because `fn` is JS code, and `signal` on top of
+//! [`NativeContext::cancelled`].
+
+use napi_derive::napi;
+use switchyard_core::{ChildSpec, Context};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::secs;
+use crate::errors::{core_err, parse_env, step};
+
+/// Durable context handle given to JS handlers.
+#[napi]
+pub struct NativeContext {
+    pub(crate) ctx: Context,
+    /// Cancelled when the job was answered, so `cancelled()` never outlives
+    /// the run (a pending Promise from Rust keeps the event loop alive).
+    pub(crate) done: CancellationToken,
+    /// Cancelled when the worker begins to stop: the core then cancels runs
+    /// still going after the grace period, which is a shutdown, not a
+    /// cancelled task.
+    pub(crate) stopping: CancellationToken,
+}
+
+fn either(r: Result<String, String>) -> String {
+    r.unwrap_or_else(|e| e)
+}
+
+#[napi]
+impl NativeContext {
+    /// The task id.
+    #[napi(getter)]
+    pub fn task_id(&self) -> String {
+        self.ctx.task_id().to_string()
+    }
+    /// The step id.
+    #[napi(getter)]
+    pub fn step_id(&self) -> String {
+        self.ctx.step_id().to_string()
+    }
+    /// The step's name.
+    #[napi(getter)]
+    pub fn step_name(&self) -> String {
+        self.ctx.step_name().to_string()
+    }
+    /// The handler's name.
+    #[napi(getter)]
+    pub fn handler(&self) -> String {
+        self.ctx.handler().to_string()
+    }
+    /// 1 on the first run.
+    #[napi(getter)]
+    pub fn attempt(&self) -> u32 {
+        self.ctx.attempt()
+    }
+    /// The task's priority.
+    #[napi(getter)]
+    pub fn priority(&self) -> i32 {
+        self.ctx.priority()
+    }
+    /// The task's headers as JSON.
+    #[napi(getter)]
+    pub fn headers_json(&self) -> String {
+        serde_json::to_string(self.ctx.headers()).unwrap_or_else(|_| "{}".into())
+    }
+    /// Seconds left before the handler's timeout, or null.
+    #[napi(getter)]
+    pub fn time_left(&self) -> Option<f64> {
+        self.ctx.deadline().map(|d| {
+            d.saturating_duration_since(std::time::Instant::now())
+                .as_secs_f64()
+        })
+    }
+    /// True once the task was cancelled (or the host aborts the run).
+    #[napi(getter)]
+    pub fn is_cancelled(&self) -> bool {
+        self.ctx.is_cancelled()
+    }
+
+    /// Resolves when the core stops wanting this run: `"cancelled"` (the
+    /// task was cancelled), `"timeout"` (the handler's timeout passed: the
+    /// core has already failed the attempt), `"shutdown"` (the host stopped
+    /// before the run ended), or `""` once the job was answered.
+    #[napi]
+    pub async fn cancelled(&self) -> String {
+        let token = self.ctx.cancellation_token();
+        let done = self.done.clone();
+        let stopping = self.stopping.clone();
+        let deadline = self.ctx.deadline();
+        let timeout = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let why = tokio::select! {
+            biased;
+            _ = done.cancelled() => "",
+            // The core also cancels the token of a run it gave up on: say why.
+            _ = token.cancelled() => if stopping.is_cancelled() {
+                "shutdown"
+            } else if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                "timeout"
+            } else {
+                "cancelled"
+            },
+            _ = timeout => "timeout",
+        };
+        why.to_string()
+    }
+
+    /// Resolves to `{"ok": {"key", "found", "value"}}` for checkpoint `name`
+    /// (numbered by call order).
+    #[napi]
+    pub async fn checkpoint_lookup(&self, name: String) -> String {
+        let ctx = self.ctx.clone();
+        step(
+            ctx.checkpoint_lookup(&name).await.map(
+                |(key, v)| serde_json::json!({ "key": key, "found": v.is_some(), "value": v }),
+            ),
+        )
+    }
+
+    /// Stores a checkpoint value (JSON) under a key from `checkpointLookup`.
+    #[napi]
+    pub async fn checkpoint_save(&self, key: String, value: String) -> String {
+        let ctx = self.ctx.clone();
+        either(
+            async move {
+                let v = parse_env(&format!("checkpoint `{key}` value"), &value)?;
+                Ok(step(ctx.checkpoint_save(&key, v).await))
+            }
+            .await,
+        )
+    }
+
+    /// Waits for event `name` (suspends the step if it is not there yet).
+    #[napi]
+    pub async fn await_event(&self, name: String, timeout_secs: Option<f64>) -> String {
+        let ctx = self.ctx.clone();
+        step(ctx.await_event(&name, timeout_secs.map(secs)).await)
+    }
+
+    /// Durable sleep.
+    #[napi]
+    pub async fn sleep(&self, seconds: f64) -> String {
+        let ctx = self.ctx.clone();
+        step(ctx.sleep(secs(seconds)).await)
+    }
+
+    /// Durable sleep until `at_ms` (milliseconds since the epoch).
+    #[napi]
+    pub async fn sleep_until(&self, at_ms: i64) -> String {
+        let ctx = self.ctx.clone();
+        step(ctx.sleep_until(at_ms).await)
+    }
+
+    /// Emits an event; true if this call stored it.
+    #[napi]
+    pub async fn emit_event(&self, name: String, payload: String) -> String {
+        let ctx = self.ctx.clone();
+        either(
+            async move {
+                let p = parse_env("event payload", &payload)?;
+                Ok(step(ctx.emit_event(&name, p).await))
+            }
+            .await,
+        )
+    }
+
+    /// Spawns a child task the step does not wait for; resolves to its id.
+    #[napi]
+    pub async fn spawn(&self, handler: String, input: String) -> String {
+        let ctx = self.ctx.clone();
+        either(
+            async move {
+                let i = parse_env("child input", &input)?;
+                Ok(step(ctx.spawn(&handler, i).await.map(|id| id.to_string())))
+            }
+            .await,
+        )
+    }
+
+    /// Delegates to a child task and waits for its result.
+    #[napi]
+    pub async fn delegate(&self, handler: String, input: String) -> String {
+        let ctx = self.ctx.clone();
+        either(
+            async move {
+                let i = parse_env("child input", &input)?;
+                Ok(step(ctx.delegate(&handler, i).await))
+            }
+            .await,
+        )
+    }
+
+    /// `children`: JSON array of `[handler, input]` pairs. Resolves to one
+    /// outcome per child (`task_id`, `state`, `result`, `error`), in order.
+    #[napi]
+    pub async fn delegate_parallel(&self, children: String) -> String {
+        let ctx = self.ctx.clone();
+        either(
+            async move {
+                let v = parse_env("delegateParallel children", &children)?;
+                let pairs: Vec<(String, serde_json::Value)> =
+                    serde_json::from_value(v).map_err(|e| {
+                        core_err(&switchyard_core::Error::InvalidInput(format!(
+                            "delegateParallel: each child must be {{handler, input}}: {e}"
+                        )))
+                    })?;
+                let specs = pairs
+                    .into_iter()
+                    .map(|(h, i)| ChildSpec::new(h, i))
+                    .collect();
+                Ok(step(ctx.delegate_parallel(specs).await))
+            }
+            .await,
+        )
+    }
+
+    /// Extends the lease.
+    #[napi]
+    pub async fn heartbeat(&self) -> String {
+        let ctx = self.ctx.clone();
+        step(ctx.heartbeat().await)
+    }
+
+    /// Results of the steps this step depends on, by name.
+    #[napi]
+    pub async fn dependency_results(&self) -> String {
+        let ctx = self.ctx.clone();
+        step(ctx.dependency_results().await)
+    }
+}

@@ -1,0 +1,65 @@
+//! napi-rs glue for the `switchyard` npm package: conversion plus one call
+//! into the core. The idiomatic TypeScript API (classes, error classes,
+//! `AbortSignal`, Promise handlers) lives in `typescript/src/`.
+//!
+//! Values cross the boundary as JSON text: V8's `JSON.parse`/`JSON.stringify`
+//! are faster than building objects through N-API one property at a time,
+//! and a value that cannot be serialised fails only its own step.
+//!
+//! Every entry point that waits on the core is `async` (a Promise in JS), so
+//! the JS thread stays free to run the handlers the core calls into.
+//! Fallible core calls resolve to an envelope (`{"ok": value}` or
+//! `{"err": {"kind", "message", ...}}`, see [`errors`]) that the TypeScript
+//! side turns into its error classes.
+//!
+//! Thread affinity: `#[napi]` functions run on the JS thread of the calling
+//! environment (main thread or a `worker_threads` Worker); `async` bodies run
+//! on napi-rs's shared tokio runtime.
+
+mod client;
+mod context;
+mod errors;
+mod worker;
+
+use napi_derive::napi;
+
+/// The version of the native addon (the crate version).
+#[napi]
+pub fn native_version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+/// The core's fan-out plan ([`switchyard_core::Decision::fan_out`]) as JSON:
+/// `{"steps": [...], "final_step": name}`.
+#[napi]
+pub fn fan_out(
+    handler: String,
+    total: i64,
+    batch_size: i64,
+    input_json: String,
+    converge: String,
+) -> napi::Result<String> {
+    if total < 0 || batch_size < 1 {
+        return Err(napi::Error::from_reason(format!(
+            "fanOut: total must be >= 0 and batchSize >= 1 (got {total} and {batch_size})"
+        )));
+    }
+    let input = errors::parse("fanOut input", &input_json)?;
+    match switchyard_core::Decision::fan_out(
+        &handler,
+        total as u64,
+        batch_size as u64,
+        input,
+        &converge,
+    ) {
+        switchyard_core::Decision::Steps { steps, final_step } => {
+            Ok(serde_json::json!({ "steps": steps, "final_step": final_step }).to_string())
+        }
+        switchyard_core::Decision::Complete(v) => {
+            Ok(serde_json::json!({ "complete": v }).to_string())
+        }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -1,0 +1,83 @@
+# Node/TypeScript binding (issue 5). Included from the root Makefile:
+#
+#   include mk/node.mk
+#   test: ... test-node
+#
+# `make test-node` works on a fresh Debian machine with Node >= 18, npm and
+# the Rust toolchain: it installs the package's devDependencies (typescript,
+# @types/node) from typescript/package-lock.json, builds the napi-rs addon
+# (bindings/node) in release mode, compiles typescript/src, checks that the
+# committed typescript/index.d.ts matches the compiler's output, assembles
+# the package, `npm pack`s it, installs the tarball into a scratch project
+# under the target directory and runs the node:test suite (typescript/test)
+# and the examples (examples/typescript) from there, so they import the
+# installed package, never the source tree.
+
+CARGO ?= cargo
+NPM ?= npm
+NODE ?= node
+NODE_TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
+NODE_STAGE := $(NODE_TARGET_DIR)/node-stage
+NODE_DIST := $(NODE_TARGET_DIR)/node-dist
+NODE_SCRATCH := $(NODE_TARGET_DIR)/node-scratch
+NODE_ADDON := $(NODE_TARGET_DIR)/release/libswitchyard_node.so
+NODE_TS := $(CURDIR)/typescript
+NODE_DEMO_WORKER := $(NODE_SCRATCH)/demo_worker.mjs
+NODE_TEST_ARGS ?=
+# The cross-language test also runs a Python worker when this interpreter
+# can import switchyard (`make python-wheel`); it is skipped otherwise.
+NODE_PYTHON ?= $(CURDIR)/target/venv-py/bin/python
+
+.PHONY: test-node node-package node-deps node-addon node-build node-dts-check node-dts-update
+
+# Installs exactly what the lock file says; reruns when it changes.
+node-deps: $(NODE_TS)/node_modules/.ready
+
+$(NODE_TS)/node_modules/.ready: $(NODE_TS)/package.json $(NODE_TS)/package-lock.json
+	cd $(NODE_TS) && $(NPM) ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# One cargo invocation for the addon and the binaries the tests use, so
+# feature unification does not rebuild the core twice.
+node-addon:
+	CARGO_TARGET_DIR=$(NODE_TARGET_DIR) $(CARGO) build --release -p switchyard-node -p switchyard -p switchyard-e2e --lib --bin switchyard --bin testhost
+
+# Compiles typescript/src into typescript/build/dist.
+node-build: node-deps
+	rm -rf $(NODE_TS)/build
+	cd $(NODE_TS) && ./node_modules/.bin/tsc -p tsconfig.json
+
+# The committed index.d.ts must be what the compiler generates from src/.
+node-dts-check: node-build
+	@diff -u $(NODE_TS)/index.d.ts $(NODE_TS)/build/dist/index.d.ts || { \
+	  echo "typescript/index.d.ts is out of date: run 'make node-dts-update' and commit it" >&2; exit 1; }
+
+node-dts-update: node-build
+	cp $(NODE_TS)/build/dist/index.d.ts $(NODE_TS)/index.d.ts
+
+# Assembles, packs and installs the package the way users get it. For
+# `make demo`: run `$(NODE) $(NODE_DEMO_WORKER) --store URL` afterwards (ESM
+# resolves `switchyard` next to the script, i.e. the installed package).
+node-package: node-addon node-dts-check
+	rm -rf $(NODE_STAGE) $(NODE_DIST) $(NODE_SCRATCH)
+	mkdir -p $(NODE_STAGE)/dist $(NODE_DIST) $(NODE_SCRATCH)
+	cp $(NODE_TS)/package.json $(NODE_TS)/index.mjs $(NODE_TS)/index.d.ts $(NODE_TS)/README.md $(NODE_STAGE)/
+	cp $(NODE_TS)/build/dist/index.js $(NODE_STAGE)/dist/
+	# Release builds keep debug info (root Cargo.toml); the package does not need it.
+	strip --strip-debug -o $(NODE_STAGE)/switchyard.node $(NODE_ADDON) 2>/dev/null || cp $(NODE_ADDON) $(NODE_STAGE)/switchyard.node
+	cd $(NODE_STAGE) && $(NPM) pack --silent --pack-destination $(NODE_DIST) >/dev/null
+	printf '{"name":"switchyard-scratch","private":true,"version":"0.0.0"}\n' > $(NODE_SCRATCH)/package.json
+	cd $(NODE_SCRATCH) && $(NPM) install --no-audit --no-fund --loglevel=error $(NODE_DIST)/switchyard-*.tgz
+	cp $(CURDIR)/examples/typescript/demo_worker.mjs $(NODE_DEMO_WORKER)
+
+# Tests and examples are copied next to the installed package: ESM resolves
+# `import "switchyard"` from the importing file's directory.
+test-node: node-package
+	rm -rf $(NODE_SCRATCH)/test $(NODE_SCRATCH)/examples
+	cp -r $(NODE_TS)/test $(NODE_SCRATCH)/test
+	cp -r $(CURDIR)/examples/typescript $(NODE_SCRATCH)/examples
+	$(NODE_TS)/node_modules/.bin/tsc -p $(NODE_SCRATCH)/examples --typeRoots $(NODE_TS)/node_modules/@types --types node
+	cd $(NODE_SCRATCH) && SWITCHYARD_CLI=$(NODE_TARGET_DIR)/release/switchyard \
+	  SWITCHYARD_TESTHOST=$(NODE_TARGET_DIR)/release/testhost \
+	  SWITCHYARD_PYTHON=$(NODE_PYTHON) \
+	  $(NODE) --test --test-reporter=spec $(NODE_TEST_ARGS) test/*.test.mjs

@@ -1,0 +1,1017 @@
+/**
+ * Switchyard for Node.js and TypeScript: register Promise-returning handlers
+ * with a durable worker host whose dispatch, batching, retries, leases and
+ * workflow state live in the Rust core (loaded as a native addon).
+ *
+ * ```ts
+ * import { Worker, Client } from "switchyard";
+ * const worker = new Worker({ store: "sqlite:app.db" });
+ * worker.step("greet", async (input, ctx) => {
+ *   const name = await ctx.checkpoint("lookup", () => input.name);
+ *   return { hello: name };
+ * });
+ * await worker.run(); // SIGINT / SIGTERM shut down gracefully
+ * ```
+ *
+ * The JS thread is never blocked: every call that waits on the core returns
+ * a Promise, and the core hands jobs to JS in batches through one
+ * thread-safe function call per batch.
+ */
+
+import { isMainThread } from "node:worker_threads";
+
+// ---------------------------------------------------------------------------
+// The native addon (bindings/node). Its shape, as used here.
+
+interface NativeContext {
+  readonly taskId: string;
+  readonly stepId: string;
+  readonly stepName: string;
+  readonly handler: string;
+  readonly attempt: number;
+  readonly priority: number;
+  readonly headersJson: string;
+  readonly timeLeft: number | null;
+  readonly isCancelled: boolean;
+  cancelled(): Promise<string>;
+  checkpointLookup(name: string): Promise<string>;
+  checkpointSave(key: string, value: string): Promise<string>;
+  awaitEvent(name: string, timeoutSecs?: number | null): Promise<string>;
+  sleep(seconds: number): Promise<string>;
+  sleepUntil(atMs: number): Promise<string>;
+  emitEvent(name: string, payload: string): Promise<string>;
+  spawn(handler: string, input: string): Promise<string>;
+  delegate(handler: string, input: string): Promise<string>;
+  delegateParallel(children: string): Promise<string>;
+  heartbeat(): Promise<string>;
+  dependencyResults(): Promise<string>;
+}
+
+interface NativeJob {
+  id: number;
+  handler: string;
+  kind: HandlerKind;
+  inputs: string[];
+  contexts: NativeContext[];
+}
+
+interface NativeWorker {
+  register(name: string, kind: string, options?: Record<string, unknown>): void;
+  start(dispatch: (jobs: NativeJob[]) => void): Promise<string>;
+  complete(ids: number[], replies: string[]): void;
+  shutdown(): void;
+  stop(): Promise<void>;
+  readonly hostId: string | null;
+  readonly inFlight: number;
+  readonly running: boolean;
+}
+
+interface NativeClient {
+  readonly storeUrl: string;
+  spawn(task: string): Promise<string>;
+  spawnMany(tasks: string): Promise<string>;
+  emit(name: string, payload: string): Promise<string>;
+  get(id: string): Promise<string>;
+  inspect(id: string): Promise<string>;
+  list(state: string | null | undefined, handler: string | null | undefined, limit: number): Promise<string>;
+  wait(id: string, timeoutSecs: number): Promise<string>;
+  result(id: string, timeoutSecs: number): Promise<string>;
+  cancel(id: string, cascade: boolean): Promise<string>;
+  retry(id: string): Promise<string>;
+  workers(): Promise<string>;
+  events(limit: number): Promise<string>;
+  countSteps(): Promise<string>;
+}
+
+interface NativeModule {
+  NativeWorker: new (store: string, options?: Record<string, unknown>) => NativeWorker;
+  NativeClient: { open(url: string, maxPayloadBytes?: number | null): Promise<NativeClient> };
+  nativeVersion(): string;
+  fanOut(handler: string, total: number, batchSize: number, input: string, converge: string): string;
+}
+
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const native: NativeModule = require("../switchyard.node");
+
+/** The version of the native core. */
+export const nativeVersion: string = native.nativeVersion();
+
+// ---------------------------------------------------------------------------
+// Errors
+
+/** Base class of every error switchyard throws. */
+export class SwitchyardError extends Error {
+  constructor(message?: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}
+/** Thrown by a handler: the step fails and is never retried. */
+export class PermanentError extends SwitchyardError {}
+/** Thrown by a handler: the step is retried, after at least `retryAfter` seconds if given. */
+export class RetryableError extends SwitchyardError {
+  readonly retryAfter: number | undefined;
+  constructor(message?: string, options?: { retryAfter?: number; cause?: unknown }) {
+    super(message, options);
+    this.retryAfter = options?.retryAfter;
+  }
+}
+/** The input was rejected (by the core, or thrown by a handler): fails at once. */
+export class InvalidInput extends SwitchyardError {}
+/** A payload exceeded the configured size limit; nothing was stored. */
+export class PayloadTooLarge extends InvalidInput {}
+/** `ctx.awaitEvent` ran out of time (checkpointed: a replay throws it again). */
+export class AwaitTimeoutError extends SwitchyardError {
+  readonly event: string | undefined;
+  constructor(message?: string, options?: { event?: string; cause?: unknown }) {
+    super(message, options);
+    this.event = options?.event;
+  }
+}
+/** The task was cancelled. `ctx.signal.reason` is one of these. */
+export class CancelledError extends SwitchyardError {}
+/** `client.result`: the task failed; `error` is what the step recorded
+ * (`kind`, `message`, `trace` with the JS stack trace, `attempt`). */
+export class TaskFailedError extends SwitchyardError {
+  readonly taskId: string;
+  readonly error: { kind?: string; message?: string; trace?: string | null; attempt?: number } | null;
+  constructor(message: string, options: { taskId: string; error: TaskFailedError["error"] }) {
+    super(message);
+    this.taskId = options.taskId;
+    this.error = options.error;
+  }
+}
+/** A client wait (`result`, `wait`) ran out of time. */
+export class WaitTimeoutError extends SwitchyardError {}
+/** No task with that id exists. */
+export class NotFound extends SwitchyardError {}
+/** The operation does not fit the task's state (e.g. the result of a failed task). */
+export class Conflict extends SwitchyardError {}
+/** The step's lease was lost (cancelled or taken over by another host). */
+export class LeaseLost extends SwitchyardError {}
+/** Bad configuration (worker options, store URL). */
+export class ConfigError extends SwitchyardError {}
+/** The store failed (I/O, database). */
+export class StoreError extends SwitchyardError {}
+/** The host is shutting down. */
+export class ShutdownError extends SwitchyardError {}
+
+/** Thrown by `worker.api` handlers for a non-2xx answer: 429 is retried after
+ * `retryAfter` seconds, other 4xx fail permanently, 5xx are retried. */
+export class HttpError extends SwitchyardError {
+  readonly status: number;
+  readonly retryAfter: number | undefined;
+  constructor(status: number, message = "", options?: { retryAfter?: number }) {
+    super(`HTTP ${status}: ${message}`);
+    this.status = status;
+    this.retryAfter = options?.retryAfter;
+  }
+}
+/** Thrown by `worker.api` handlers when a request got no answer (retried). */
+export class NetworkError extends SwitchyardError {}
+
+/** A durable operation suspended the step. Never catch it: let it propagate
+ * (or rethrow it) so the step frees its slot and resumes by replay. */
+class Suspension extends SwitchyardError {
+  readonly wait: unknown;
+  constructor(wait: unknown) {
+    super("the step suspends: let this error propagate out of the handler");
+    this.wait = wait;
+  }
+}
+
+/** True for the internal error that suspends a step (rethrow it if you catch errors broadly). */
+export function isSuspension(e: unknown): boolean {
+  return e instanceof Suspension;
+}
+
+interface ErrBody {
+  kind: string;
+  message: string;
+  wait?: unknown;
+  event?: string;
+}
+
+function toError(e: ErrBody): Error {
+  switch (e.kind) {
+    case "Suspend":
+      return new Suspension(e.wait);
+    case "AwaitTimeout":
+      return new AwaitTimeoutError(e.message, { event: e.event });
+    case "Cancelled":
+      return new CancelledError(e.message);
+    case "InvalidInput":
+      return new InvalidInput(e.message);
+    case "PayloadTooLarge":
+      return new PayloadTooLarge(e.message);
+    case "Permanent":
+      return new PermanentError(e.message);
+    case "Retryable":
+      return new RetryableError(e.message);
+    case "NotFound":
+      return new NotFound(e.message);
+    case "Conflict":
+      return new Conflict(e.message);
+    case "LeaseLost":
+      return new LeaseLost(e.message);
+    case "Timeout":
+      return new WaitTimeoutError(e.message);
+    case "Config":
+      return new ConfigError(e.message);
+    case "Shutdown":
+      return new ShutdownError(e.message);
+    case "Store":
+      return new StoreError(e.message);
+    default:
+      return new SwitchyardError(e.message);
+  }
+}
+
+function unwrap(text: string): any {
+  const r = JSON.parse(text);
+  if (r.err !== undefined) throw toError(r.err);
+  return r.ok;
+}
+
+/** JSON text of `v` for the core; names `what` if it cannot be serialised. */
+function toJson(v: unknown, what: string): string {
+  let s: string | undefined;
+  try {
+    s = JSON.stringify(v === undefined ? null : v);
+  } catch (e) {
+    throw new InvalidInput(`${what} is not JSON-serialisable: ${(e as Error).message}`);
+  }
+  if (s === undefined) {
+    throw new InvalidInput(`${what} is not JSON-serialisable (got ${typeof v})`);
+  }
+  return s;
+}
+
+function nonNeg(what: string, v: unknown): number {
+  if (typeof v !== "number" || !Number.isFinite(v) || v < 0) {
+    throw new InvalidInput(`${what} must be a non-negative number of seconds, got ${String(v)}`);
+  }
+  return v;
+}
+
+function name(what: string, v: unknown): string {
+  if (typeof v !== "string" || v.length === 0) {
+    throw new InvalidInput(`${what} must be a non-empty string, got ${typeof v === "string" ? '""' : typeof v}`);
+  }
+  return v;
+}
+
+// Records come from the core with snake_case keys; user payloads inside
+// them (input, result, payload, checkpoint values, headers) are left alone.
+const OPAQUE = new Set(["input", "result", "payload", "value", "headers", "checkpoints", "output"]);
+
+function camel(k: string): string {
+  return k.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase());
+}
+
+function camelRecord(v: any): any {
+  if (Array.isArray(v)) return v.map(camelRecord);
+  if (v === null || typeof v !== "object") return v;
+  const out: Record<string, unknown> = {};
+  for (const [k, x] of Object.entries(v)) {
+    out[camel(k)] = OPAQUE.has(k) ? x : camelRecord(x);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Context
+
+/** A child task for `ctx.delegateParallel`. */
+export interface Child {
+  handler: string;
+  input?: unknown;
+}
+
+/** One child's outcome from `ctx.delegateParallel`. */
+export interface ChildOutcome {
+  taskId: string;
+  state: string;
+  result?: unknown;
+  error?: unknown;
+}
+
+/** Options of `ctx.awaitEvent`. */
+export interface AwaitOptions {
+  /** Seconds; afterwards `AwaitTimeoutError` is thrown (and checkpointed). */
+  timeout?: number;
+}
+
+/**
+ * The durable context of one step run. Durable operations are keyed by name
+ * and call order, so a replay (after a suspension, a retry or a crash) gets
+ * the stored values back. Operations that suspend the step throw an internal
+ * error that must propagate out of the handler.
+ */
+export class Context {
+  readonly #n: NativeContext;
+  #abort: AbortController | undefined;
+
+  /** @internal */
+  constructor(n: NativeContext) {
+    this.#n = n;
+  }
+  /** The task id. */
+  get taskId(): string {
+    return this.#n.taskId;
+  }
+  /** The step id. */
+  get stepId(): string {
+    return this.#n.stepId;
+  }
+  /** The step's name. */
+  get stepName(): string {
+    return this.#n.stepName;
+  }
+  /** The handler's name. */
+  get handler(): string {
+    return this.#n.handler;
+  }
+  /** 1 on the first run. */
+  get attempt(): number {
+    return this.#n.attempt;
+  }
+  /** The task's priority. */
+  get priority(): number {
+    return this.#n.priority;
+  }
+  /** The task's headers. */
+  get headers(): Record<string, string> {
+    return JSON.parse(this.#n.headersJson);
+  }
+  /** Seconds left before the handler's timeout, or null. */
+  get timeLeft(): number | null {
+    return this.#n.timeLeft;
+  }
+  /** True once the task was cancelled. */
+  get isCancelled(): boolean {
+    return this.#n.isCancelled;
+  }
+  /** Fired with a `CancelledError` reason when the core stops wanting this
+   * run: the task was cancelled, the handler's timeout passed, or the worker
+   * shut down before the run ended. Pass it to `fetch`, timers and the like. */
+  get signal(): AbortSignal {
+    if (this.#abort === undefined) {
+      const ac = new AbortController();
+      this.#abort = ac;
+      // Created on first use: a handler that never looks costs nothing.
+      this.#n.cancelled().then(
+        (why) => {
+          if (why === "cancelled") ac.abort(new CancelledError("the task was cancelled"));
+          else if (why === "timeout") ac.abort(new CancelledError("the handler's timeout passed"));
+          else if (why === "shutdown") ac.abort(new CancelledError("the worker shut down before the step finished"));
+        },
+        () => undefined,
+      );
+    }
+    return this.#abort.signal;
+  }
+
+  /** Runs `fn` once per task, ever: a replay returns the stored value. */
+  async checkpoint<T>(name: string, fn: () => T | Promise<T>): Promise<T> {
+    const found = unwrap(await this.#n.checkpointLookup(name));
+    if (found.found) return found.value as T;
+    const v = await fn();
+    unwrap(await this.#n.checkpointSave(found.key, toJson(v, `checkpoint \`${name}\` value`)));
+    // What a replay would see: the JSON round trip of the value.
+    return (v === undefined ? null : JSON.parse(JSON.stringify(v))) as T;
+  }
+  /** Waits for event `name`: its payload if it was emitted, else the step
+   * suspends (freeing its slot) until it is. */
+  async awaitEvent<T = unknown>(name: string, options: AwaitOptions = {}): Promise<T> {
+    const t = options.timeout === undefined ? null : nonNeg("awaitEvent timeout", options.timeout);
+    return unwrap(await this.#n.awaitEvent(name, t));
+  }
+  /** Durable sleep (survives restarts; the step suspends meanwhile). */
+  async sleep(seconds: number): Promise<void> {
+    unwrap(await this.#n.sleep(nonNeg("sleep", seconds)));
+  }
+  /** Durable sleep until a time (a `Date` or milliseconds since the epoch). */
+  async sleepUntil(at: Date | number): Promise<void> {
+    const ms = at instanceof Date ? at.getTime() : at;
+    if (typeof ms !== "number" || !Number.isFinite(ms)) {
+      throw new InvalidInput(`sleepUntil needs a Date or milliseconds since the epoch, got ${String(at)}`);
+    }
+    unwrap(await this.#n.sleepUntil(Math.floor(ms)));
+  }
+  /** Emits an event (first write wins); true if this call stored it. */
+  async emitEvent(name: string, payload: unknown = null): Promise<boolean> {
+    return unwrap(await this.#n.emitEvent(name, toJson(payload, "event payload")));
+  }
+  /** Alias of `emitEvent`. */
+  emit(name: string, payload: unknown = null): Promise<boolean> {
+    return this.emitEvent(name, payload);
+  }
+  /** Spawns a child task the step does not wait for; returns its id. */
+  async spawn(handler: string, input: unknown = null): Promise<string> {
+    return unwrap(await this.#n.spawn(handler, toJson(input, "child input")));
+  }
+  /** Runs a child task and returns its result (the step suspends meanwhile);
+   * a failed child fails this step permanently. */
+  async delegate<T = unknown>(handler: string, input: unknown = null): Promise<T> {
+    return unwrap(await this.#n.delegate(handler, toJson(input, "child input")));
+  }
+  /** Runs child tasks in parallel and returns one outcome per child, in order
+   * (failures are reported per child). */
+  async delegateParallel(children: Array<Child | [string, unknown]>): Promise<ChildOutcome[]> {
+    if (!Array.isArray(children)) throw new InvalidInput("delegateParallel needs an array of children");
+    const pairs = children.map((c, i) => {
+      if (Array.isArray(c)) return [name(`child #${i} handler`, c[0]), c[1] ?? null];
+      if (c === null || typeof c !== "object") throw new InvalidInput(`child #${i} must be {handler, input}`);
+      return [name(`child #${i} handler`, c.handler), c.input ?? null];
+    });
+    return camelRecord(unwrap(await this.#n.delegateParallel(toJson(pairs, "children"))));
+  }
+  /** Extends the lease for long work. */
+  async heartbeat(): Promise<void> {
+    unwrap(await this.#n.heartbeat());
+  }
+  /** Results of the steps this step depends on, by step name (convergence steps). */
+  async dependencyResults(): Promise<Record<string, unknown>> {
+    return unwrap(await this.#n.dependencyResults());
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Decisions
+
+/** A step planned by a decision handler. */
+export interface PlannedStep {
+  name: string;
+  handler: string;
+  input: unknown;
+  dependsOn: string[];
+}
+
+/** A step for `Decision.create`: `handler` defaults to `name`. */
+export function step(
+  name: string,
+  options: { handler?: string; input?: unknown; dependsOn?: string[] } = {},
+): PlannedStep {
+  return {
+    name,
+    handler: options.handler ?? name,
+    input: options.input ?? null,
+    dependsOn: options.dependsOn ?? [],
+  };
+}
+
+/** What a `worker.decision` handler returns: steps to create (with
+ * dependencies by name), or `Decision.complete(value)`. */
+export class Decision {
+  private constructor(
+    readonly steps: PlannedStep[],
+    readonly finalStep: string | null,
+    readonly value: unknown,
+    readonly done: boolean,
+  ) {}
+  /** Finish the step with `value`. */
+  static complete(value: unknown = null): Decision {
+    return new Decision([], null, value, true);
+  }
+  /** Create `steps`; the step completes with `finalStep`'s result. */
+  static create(steps: PlannedStep[], finalStep: string | null = null): Decision {
+    return new Decision(steps, finalStep, null, false);
+  }
+  /** Splits `total` items into cursor ranges run as parallel `handler`
+   * steps, then a `converge` step that receives their results. */
+  static fanOut(handler: string, total: number, batchSize: number, input: unknown = null, converge = "converge"): Decision {
+    const plan = JSON.parse(native.fanOut(handler, total, batchSize, toJson(input, "fanOut input"), converge));
+    if (plan.complete !== undefined) return Decision.complete(plan.complete);
+    const steps = (plan.steps as any[]).map((s) => ({
+      name: s.name,
+      handler: s.handler,
+      input: s.input,
+      dependsOn: s.depends_on ?? [],
+    }));
+    return Decision.create(steps, plan.final_step ?? null);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Worker
+
+type HandlerKind = "step" | "batch" | "decision" | "api";
+
+/** Retry policy: exponential backoff with jitter up to `maxAttempts`. */
+export interface Retry {
+  maxAttempts?: number;
+  /** Seconds. */
+  initialBackoff?: number;
+  /** Seconds. */
+  maxBackoff?: number;
+}
+
+/** Options of every handler. */
+export interface HandlerOptions {
+  /** Steps of this handler in flight at once (default: the worker's). */
+  concurrency?: number;
+  /** Seconds; the core fails (and retries) a run that takes longer. */
+  timeout?: number;
+  /** A number of attempts, or a policy. */
+  retry?: number | Retry;
+}
+/** Options of `worker.batch`. */
+export interface BatchOptions extends HandlerOptions {
+  /** Steps per call (default 64). */
+  maxBatch?: number;
+  /** Seconds to wait to fill a batch (default 0.005). */
+  linger?: number;
+}
+/** Options of `worker.api`. */
+export interface ApiOptions extends HandlerOptions {
+  /** Starts per second. */
+  rateLimit?: number;
+  burst?: number;
+}
+
+/** A value or a Promise of it. */
+export type Awaitable<T> = T | Promise<T>;
+/** A plain or API handler. */
+export type StepHandler<I = any, O = unknown> = (input: I, ctx: Context) => Awaitable<O>;
+/** One step of a batch. */
+export interface BatchItem<I = any> {
+  input: I;
+  ctx: Context;
+}
+/** A batch handler: one result (or `Error`) per item, in order. */
+export type BatchHandler<I = any, O = unknown> = (items: BatchItem<I>[]) => Awaitable<Array<O | Error>>;
+/** A decision handler. */
+export type DecisionHandler<I = any> = (input: I, ctx: Context) => Awaitable<Decision>;
+
+/** Options of `new Worker`. */
+export interface WorkerOptions {
+  /** Store URL: `sqlite:path.db`, `postgres://...` or `memory`
+   * (default: `$SWITCHYARD_STORE`, else `sqlite:switchyard.db`). */
+  store?: string;
+  /** Steps in flight at once for the whole worker (default 64). */
+  concurrency?: number;
+  /** Lease length in seconds (default 30). */
+  lease?: number;
+  /** Seconds running steps get to finish on shutdown (default 10). */
+  shutdownGrace?: number;
+  /** Largest input, result or checkpoint in bytes. */
+  maxPayloadBytes?: number;
+  /** Shut down gracefully on SIGINT/SIGTERM while `run()` waits (default true). */
+  handleSignals?: boolean;
+}
+
+/** The store URL from `SWITCHYARD_STORE`, or `sqlite:switchyard.db`. */
+export function defaultStore(): string {
+  return process.env.SWITCHYARD_STORE || "sqlite:switchyard.db";
+}
+
+interface Registered {
+  kind: HandlerKind;
+  fn: (...args: any[]) => unknown;
+}
+
+type Outcome = Record<string, unknown>;
+
+function errorOutcome(e: unknown, handler: string): Outcome {
+  if (e instanceof Suspension) return { t: "suspend", wait: e.wait };
+  if (e instanceof HttpError) return { t: "http", status: e.status, retry_after: e.retryAfter ?? null, message: e.message };
+  if (e instanceof NetworkError) return { t: "network", message: e.message };
+  if (e instanceof CancelledError || (e instanceof Error && e.name === "AbortError")) {
+    return { t: "error", kind: "cancelled", message: e.message || "cancelled" };
+  }
+  if (e instanceof InvalidInput) return { t: "error", kind: "invalid_input", message: e.message };
+  if (e instanceof LeaseLost) return { t: "error", kind: "lease_lost", message: e.message };
+  if (e instanceof PermanentError || e instanceof AwaitTimeoutError) {
+    // An await timeout that escapes the handler is final: a replay would
+    // take the same (checkpointed) path.
+    return { t: "error", kind: "permanent", message: e.message || e.name, trace: e.stack ?? null };
+  }
+  if (e instanceof RetryableError) {
+    return { t: "error", kind: "retryable", message: e.message || e.name, trace: e.stack ?? null, retry_after: e.retryAfter ?? null };
+  }
+  if (e instanceof Error) {
+    return { t: "error", kind: "retryable", message: `${e.name}: ${e.message}`, trace: e.stack ?? null };
+  }
+  let shown: string;
+  try {
+    shown = typeof e === "string" ? JSON.stringify(e) : String(e);
+  } catch {
+    shown = Object.prototype.toString.call(e);
+  }
+  return {
+    t: "error",
+    kind: "retryable",
+    message: `handler \`${handler}\` threw (or rejected with) a non-Error value: ${shown}; throw an Error to get a stack trace`,
+  };
+}
+
+function okOutcome(kind: HandlerKind, v: unknown, handler: string): Outcome {
+  if (kind === "decision") {
+    if (!(v instanceof Decision)) {
+      return {
+        t: "error",
+        kind: "permanent",
+        message: `decision handler \`${handler}\` returned ${v === null ? "null" : typeof v}, not a Decision (use Decision.create or Decision.complete)`,
+      };
+    }
+    if (v.done) return { t: "complete", v: v.value ?? null };
+    return {
+      t: "decision",
+      steps: v.steps.map((s) => ({ name: s.name, handler: s.handler, input: s.input ?? null, depends_on: s.dependsOn ?? [] })),
+      final_step: v.finalStep,
+    };
+  }
+  return { t: "value", v: v === undefined ? null : v };
+}
+
+/** JSON text of a job's outcomes; a value that cannot be serialised fails
+ * only its own step. */
+function encodeOutcomes(outcomes: Outcome[], handler: string): string {
+  try {
+    return JSON.stringify(outcomes);
+  } catch {
+    return JSON.stringify(
+      outcomes.map((o) => {
+        try {
+          JSON.stringify(o);
+          return o;
+        } catch (e) {
+          return {
+            t: "error",
+            kind: "permanent",
+            message: `the result of handler \`${handler}\` is not JSON-serialisable: ${(e as Error).message}`,
+          };
+        }
+      }),
+    );
+  }
+}
+
+/**
+ * A host for JS handlers. Register handlers, then `await worker.run()`
+ * (until SIGINT/SIGTERM or `close()`), or `await worker.start()` and later
+ * `await worker.close()`.
+ */
+export class Worker {
+  /** The store URL. */
+  readonly store: string;
+  readonly #native: NativeWorker;
+  readonly #handlers = new Map<string, Registered>();
+  readonly #handleSignals: boolean;
+  #state: "new" | "starting" | "running" | "closing" | "closed" = "new";
+  #closed: Promise<void> | undefined;
+  #starting: Promise<string> | undefined;
+  #closedResolve: (() => void) | undefined;
+  #doneIds: number[] = [];
+  #doneReplies: string[] = [];
+  #flushScheduled = false;
+
+  constructor(options: WorkerOptions = {}) {
+    if (options === null || typeof options !== "object") {
+      throw new InvalidInput("new Worker(options): options must be an object like { store: 'sqlite:app.db' }");
+    }
+    this.store = options.store ?? defaultStore();
+    if (typeof this.store !== "string") throw new InvalidInput("store must be a URL string");
+    if (options.concurrency !== undefined && !(Number.isInteger(options.concurrency) && options.concurrency >= 1)) {
+      throw new InvalidInput(`concurrency must be a positive integer, got ${String(options.concurrency)}`);
+    }
+    const o: Record<string, unknown> = { concurrency: options.concurrency };
+    if (options.lease !== undefined) o.lease = nonNeg("lease", options.lease);
+    if (options.shutdownGrace !== undefined) o.shutdownGrace = nonNeg("shutdownGrace", options.shutdownGrace);
+    if (options.maxPayloadBytes !== undefined) o.maxPayloadBytes = options.maxPayloadBytes;
+    this.#handleSignals = options.handleSignals ?? true;
+    try {
+      this.#native = new native.NativeWorker(this.store, o);
+    } catch (e) {
+      throw new InvalidInput((e as Error).message);
+    }
+  }
+
+  #register(name: string, kind: HandlerKind, fn: unknown, options: Record<string, any> | undefined): this {
+    if (typeof name !== "string" || name.length === 0) {
+      throw new InvalidInput(`worker.${kind}(name, handler): name must be a non-empty string`);
+    }
+    if (typeof fn !== "function") {
+      throw new InvalidInput(`worker.${kind}("${name}", handler): handler must be a function, got ${typeof fn}`);
+    }
+    if (this.#state !== "new") throw new SwitchyardError("register handlers before the worker starts");
+    const o = { ...(options ?? {}) };
+    const retry = o.retry;
+    delete o.retry;
+    if (typeof retry === "number") o.maxAttempts = retry;
+    else if (retry !== undefined && retry !== null) Object.assign(o, retry);
+    for (const k of ["timeout", "initialBackoff", "maxBackoff", "linger"]) {
+      if (o[k] !== undefined) nonNeg(`handler \`${name}\`: ${k}`, o[k]);
+    }
+    try {
+      this.#native.register(name, kind, o);
+    } catch (e) {
+      throw new InvalidInput((e as Error).message);
+    }
+    this.#handlers.set(name, { kind, fn: fn as Registered["fn"] });
+    return this;
+  }
+
+  /** Registers a plain handler `(input, ctx) => result | Promise<result>`. */
+  step<I = any, O = unknown>(name: string, handler: StepHandler<I, O>, options?: HandlerOptions): this {
+    return this.#register(name, "step", handler, options);
+  }
+  /** Registers a batch handler `(items) => results` (one result or Error per item). */
+  batch<I = any, O = unknown>(name: string, handler: BatchHandler<I, O>, options?: BatchOptions): this {
+    return this.#register(name, "batch", handler, options);
+  }
+  /** Registers a decision handler `(input, ctx) => Decision`. */
+  decision<I = any>(name: string, handler: DecisionHandler<I>, options?: HandlerOptions): this {
+    return this.#register(name, "decision", handler, options);
+  }
+  /** Registers an API-shaped handler; throw `HttpError` or `NetworkError` for failures. */
+  api<I = any, O = unknown>(name: string, handler: StepHandler<I, O>, options?: ApiOptions): this {
+    return this.#register(name, "api", handler, options);
+  }
+
+  /** The host id once started. */
+  get hostId(): string | null {
+    return this.#native.hostId;
+  }
+  /** Steps currently held by JS handlers. */
+  get inFlight(): number {
+    return this.#native.inFlight;
+  }
+
+  /** Starts serving and resolves once the host is running. */
+  async start(): Promise<void> {
+    if (this.#state === "closed") throw new SwitchyardError("the worker was closed: create a new Worker");
+    if (this.#state !== "new") throw new SwitchyardError("the worker was already started");
+    if (this.#handlers.size === 0) throw new SwitchyardError("register at least one handler before starting the worker");
+    this.#state = "starting";
+    this.#closed = new Promise((r) => (this.#closedResolve = r));
+    try {
+      this.#starting = this.#native.start((jobs) => this.#dispatch(jobs));
+      unwrap(await this.#starting);
+    } catch (e) {
+      this.#state = "closed";
+      this.#closedResolve?.();
+      throw e;
+    }
+    this.#state = "running";
+  }
+
+  /** Graceful shutdown: no more claims; running steps get the grace period,
+   * then are handed back. Afterwards nothing keeps the event loop alive. */
+  async close(): Promise<void> {
+    if (this.#state === "new") {
+      this.#state = "closed";
+      return;
+    }
+    if (this.#state === "closing" || this.#state === "closed") return this.#closed;
+    if (this.#state === "starting") {
+      // Let the host finish starting, then stop it.
+      await this.#starting?.catch(() => undefined);
+      if ((this.#state as string) !== "running") return this.#closed;
+    }
+    this.#state = "closing";
+    try {
+      await this.#native.stop();
+      this.#flush();
+    } finally {
+      this.#state = "closed";
+      this.#closedResolve?.();
+    }
+  }
+
+  /** Serves until `close()` is called or SIGINT/SIGTERM arrives (then shuts
+   * down gracefully). On a worker thread no signal handlers are installed. */
+  async run(): Promise<void> {
+    if (this.#state === "new") await this.start();
+    const signals = this.#handleSignals && isMainThread;
+    const onSignal = (signal: string) => {
+      // A second signal while draining gets Node's default action (exit).
+      this.close().catch((e) => process.emitWarning(`switchyard: shutdown after ${signal} failed: ${String(e)}`));
+    };
+    if (signals) {
+      process.once("SIGINT", onSignal);
+      process.once("SIGTERM", onSignal);
+    }
+    try {
+      await this.#closed;
+    } finally {
+      if (signals) {
+        process.removeListener("SIGINT", onSignal);
+        process.removeListener("SIGTERM", onSignal);
+      }
+    }
+  }
+
+  /** Called by the core (through a thread-safe function) with a batch of
+   * jobs: starts every handler at once; answers arrive through `#finish`. */
+  #dispatch(jobs: NativeJob[]): void {
+    for (const job of jobs) {
+      const h = this.#handlers.get(job.handler);
+      if (h === undefined) {
+        this.#finish(job, job.inputs.map(() => ({ t: "error", kind: "permanent", message: `no JS handler \`${job.handler}\`` })));
+        continue;
+      }
+      this.#run(job, h).then(
+        (outcomes) => this.#finish(job, outcomes),
+        (e) => this.#finish(job, job.inputs.map(() => errorOutcome(e, job.handler))),
+      );
+    }
+  }
+
+  async #run(job: NativeJob, h: Registered): Promise<Outcome[]> {
+    if (h.kind === "batch") {
+      const items = job.inputs.map((text, i) => ({ input: JSON.parse(text), ctx: new Context(job.contexts[i]) }));
+      let results: unknown;
+      try {
+        results = await h.fn(items);
+      } catch (e) {
+        return items.map(() => errorOutcome(e, job.handler));
+      }
+      if (!Array.isArray(results) || results.length !== items.length) {
+        const got = Array.isArray(results) ? `${results.length} results` : typeof results;
+        const message = `batch handler \`${job.handler}\` returned ${got} for ${items.length} steps`;
+        return items.map(() => ({ t: "error", kind: "permanent", message }));
+      }
+      return results.map((r) => (r instanceof Error ? errorOutcome(r, job.handler) : okOutcome("batch", r, job.handler)));
+    }
+    try {
+      const v = await h.fn(JSON.parse(job.inputs[0]), new Context(job.contexts[0]));
+      return [okOutcome(h.kind, v, job.handler)];
+    } catch (e) {
+      return [errorOutcome(e, job.handler)];
+    }
+  }
+
+  #finish(job: NativeJob, outcomes: Outcome[]): void {
+    this.#doneIds.push(job.id);
+    this.#doneReplies.push(encodeOutcomes(outcomes, job.handler));
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      // Answers finished in the same turn of the event loop go back in one call.
+      setImmediate(() => this.#flush());
+    }
+  }
+
+  #flush(): void {
+    this.#flushScheduled = false;
+    if (this.#doneIds.length === 0) return;
+    const ids = this.#doneIds;
+    const replies = this.#doneReplies;
+    this.#doneIds = [];
+    this.#doneReplies = [];
+    this.#native.complete(ids, replies);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Client
+
+/** Options of `client.spawn`. */
+export interface SpawnOptions {
+  /** Higher runs first. */
+  priority?: number;
+  /** Spawning twice with the same key returns the first task. */
+  idempotencyKey?: string;
+  /** An event emitted with the outcome when the task finishes. */
+  responseEvent?: string;
+  /** Headers visible to every step. */
+  headers?: Record<string, string>;
+  /** Do not start before this time. */
+  runAt?: Date | number;
+}
+
+/** A task for `client.spawnMany`. */
+export interface TaskSpec extends SpawnOptions {
+  handler: string;
+  input?: unknown;
+}
+
+/** Options of `new Client`. */
+export interface ClientOptions {
+  /** Store URL (default: `$SWITCHYARD_STORE`, else `sqlite:switchyard.db`). */
+  store?: string;
+  /** Largest input or payload in bytes. */
+  maxPayloadBytes?: number;
+}
+
+function taskObject(t: TaskSpec, what: string): Record<string, unknown> {
+  if (t === null || typeof t !== "object") throw new InvalidInput(`${what} must be an object with a handler`);
+  const runAt = t.runAt instanceof Date ? t.runAt.getTime() : t.runAt;
+  return {
+    handler: name(`${what}: handler`, t.handler),
+    input: t.input ?? null,
+    priority: t.priority ?? 0,
+    idempotency_key: t.idempotencyKey ?? null,
+    response_event: t.responseEvent ?? null,
+    headers: t.headers ?? {},
+    run_at: runAt ?? null,
+  };
+}
+
+function taskJson(t: TaskSpec, what: string): string {
+  return toJson(taskObject(t, what), `${what} input`);
+}
+
+/** Spawns tasks and inspects, waits for, cancels and retries them. */
+export class Client {
+  /** The store URL. */
+  readonly store: string;
+  readonly #native: Promise<NativeClient>;
+
+  constructor(options: ClientOptions = {}) {
+    this.store = options.store ?? defaultStore();
+    this.#native = native.NativeClient.open(this.store, options.maxPayloadBytes ?? null).catch((e: Error) => {
+      let body: { err?: ErrBody } | undefined;
+      try {
+        body = JSON.parse(e.message);
+      } catch {
+        throw e;
+      }
+      throw body?.err ? toError(body.err) : e;
+    });
+    // Reported by the first call; do not crash the process if none comes.
+    this.#native.catch(() => undefined);
+  }
+
+  /** Spawns a task running `handler` with `input`; resolves to its id. */
+  async spawn(handler: string, input: unknown = null, options: SpawnOptions = {}): Promise<string> {
+    const n = await this.#native;
+    return unwrap(await n.spawn(taskJson({ ...options, handler, input }, "spawn"))).task_id;
+  }
+  /** Spawns many tasks in one transaction; resolves to their ids, in order. */
+  async spawnMany(tasks: TaskSpec[]): Promise<string[]> {
+    if (!Array.isArray(tasks)) throw new InvalidInput("spawnMany needs an array of {handler, input}");
+    const objects = tasks.map((t, i) => taskObject(t, `spawnMany: task #${i}`));
+    let json: string;
+    try {
+      json = JSON.stringify(objects);
+    } catch {
+      // Name the task that cannot be serialised.
+      objects.forEach((o, i) => toJson(o, `spawnMany: task #${i} input`));
+      throw new InvalidInput("spawnMany: the tasks are not JSON-serialisable");
+    }
+    const n = await this.#native;
+    return (unwrap(await n.spawnMany(json)) as any[]).map((s) => s.task_id);
+  }
+  /** Emits an event (first write wins); true if this call stored it. */
+  async emit(name: string, payload: unknown = null): Promise<boolean> {
+    const n = await this.#native;
+    return unwrap(await n.emit(name, toJson(payload, "event payload")));
+  }
+  /** Waits for the task to finish and resolves to its result; rejects with
+   * the task's error, `CancelledError`, or `WaitTimeoutError` after `timeout` seconds (default 30). */
+  async result<T = unknown>(taskId: string, options: { timeout?: number } = {}): Promise<T> {
+    const n = await this.#native;
+    const t = unwrap(await n.wait(taskId, nonNeg("timeout", options.timeout ?? 30)));
+    if (t.state === "completed") return (t.result ?? null) as T;
+    const message = `task ${taskId} ${t.state}: ${t.error?.message ?? "no error recorded"}`;
+    if (t.state === "cancelled") throw new CancelledError(message);
+    throw new TaskFailedError(message, { taskId, error: camelRecord(t.error ?? null) });
+  }
+  /** Waits for the task to finish and resolves to its record. */
+  async wait(taskId: string, options: { timeout?: number } = {}): Promise<Record<string, any>> {
+    const n = await this.#native;
+    return camelRecord(unwrap(await n.wait(taskId, nonNeg("timeout", options.timeout ?? 30))));
+  }
+  /** The task's record. */
+  async get(taskId: string): Promise<Record<string, any>> {
+    const n = await this.#native;
+    return camelRecord(unwrap(await n.get(taskId)));
+  }
+  /** The task with its steps, attempts (errors and stack traces), checkpoints, waits and children. */
+  async inspect(taskId: string): Promise<Record<string, any>> {
+    const n = await this.#native;
+    return camelRecord(unwrap(await n.inspect(taskId)));
+  }
+  /** Task records, filtered by state and handler. */
+  async list(options: { state?: string; handler?: string; limit?: number } = {}): Promise<Record<string, any>[]> {
+    const n = await this.#native;
+    return camelRecord(unwrap(await n.list(options.state ?? null, options.handler ?? null, options.limit ?? 100)));
+  }
+  /** Cancels the task (and its children with `cascade`); true if it was still running. */
+  async cancel(taskId: string, options: { cascade?: boolean } = {}): Promise<boolean> {
+    const n = await this.#native;
+    return unwrap(await n.cancel(taskId, options.cascade ?? false));
+  }
+  /** Makes a failed or cancelled task run again. */
+  async retry(taskId: string): Promise<void> {
+    const n = await this.#native;
+    unwrap(await n.retry(taskId));
+  }
+  /** Hosts registered in the store. */
+  async workers(): Promise<Record<string, any>[]> {
+    const n = await this.#native;
+    return camelRecord(unwrap(await n.workers()));
+  }
+  /** Recent events. */
+  async events(limit = 100): Promise<Record<string, any>[]> {
+    const n = await this.#native;
+    return camelRecord(unwrap(await n.events(limit)));
+  }
+  /** Number of steps per state. */
+  async countSteps(): Promise<Record<string, number>> {
+    const n = await this.#native;
+    return unwrap(await n.countSteps());
+  }
+}

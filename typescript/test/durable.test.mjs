@@ -1,0 +1,259 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { AwaitTimeoutError, CancelledError, TaskFailedError, isSuspension } from "switchyard";
+import { setup, until, stepOf, tempStore } from "./helpers.mjs";
+
+test("checkpoint runs once; awaitEvent suspends and the replay resumes", async (t) => {
+  let sideEffects = 0;
+  let runs = 0;
+  const { client } = await setup(t, (w) => {
+    w.step("order", async (input, ctx) => {
+      runs++;
+      const reservation = await ctx.checkpoint("reserve", async () => {
+        sideEffects++;
+        return { id: `RES-${input.order}` };
+      });
+      const paid = await ctx.awaitEvent(`paid:${input.order}`);
+      return { reservation, paid };
+    });
+  });
+  const id = await client.spawn("order", { order: "A-1" });
+  await until(async () => (await stepOf(client, id, "order"))?.state === "suspended", 10_000, "the step to suspend");
+  assert.equal(await client.emit("paid:A-1", { amount: 63 }), true);
+  assert.deepEqual(await client.result(id, { timeout: 10 }), { reservation: { id: "RES-A-1" }, paid: { amount: 63 } });
+  assert.equal(sideEffects, 1, "the checkpoint did not run again on replay");
+  assert.equal(runs, 2, "the handler ran again after the event");
+  const d = await client.inspect(id);
+  assert.ok(JSON.stringify(d.checkpoints).includes("RES-A-1"));
+});
+
+test("an event emitted before the wait is returned at once", async (t) => {
+  const { client } = await setup(t, (w) => {
+    w.step("waiter", async (input, ctx) => ctx.awaitEvent(input.event));
+  });
+  await client.emit("early:1", { early: true });
+  assert.deepEqual(await client.result(await client.spawn("waiter", { event: "early:1" }), { timeout: 10 }), { early: true });
+});
+
+test("awaitEvent timeouts throw AwaitTimeoutError, also on replay", async (t) => {
+  let seen = 0;
+  const { client } = await setup(t, (w) => {
+    w.step("patient", async (_i, ctx) => {
+      try {
+        await ctx.awaitEvent("never:1", { timeout: 0.05 });
+        return "got it";
+      } catch (e) {
+        if (isSuspension(e)) throw e;
+        assert.ok(e instanceof AwaitTimeoutError);
+        seen++;
+        return `timed out on ${e.event}`;
+      }
+    });
+    w.step("impatient", async (_i, ctx) => ctx.awaitEvent("never:2", { timeout: 0.05 }), { retry: 3 });
+  });
+  assert.equal(await client.result(await client.spawn("patient", {}), { timeout: 10 }), "timed out on never:1");
+  assert.equal(seen, 1);
+  const id = await client.spawn("impatient", {});
+  await assert.rejects(client.result(id, { timeout: 10 }), (e) => e instanceof TaskFailedError && /never:2/.test(e.message));
+  assert.equal((await client.get(id)).error.kind, "permanent", "an escaped await timeout is final");
+});
+
+test("durable sleep suspends and resumes", async (t) => {
+  let runs = 0;
+  const { client } = await setup(t, (w) => {
+    w.step("nap", async (_i, ctx) => {
+      runs++;
+      await ctx.sleep(0.05);
+      await ctx.sleepUntil(new Date(Date.now() - 1000));
+      return "rested";
+    });
+  });
+  assert.equal(await client.result(await client.spawn("nap", {}), { timeout: 10 }), "rested");
+  assert.ok(runs >= 2, `the handler was replayed after the sleep (runs=${runs})`);
+});
+
+test("spawn, delegate and delegateParallel run child tasks", async (t) => {
+  const { client } = await setup(t, (w) => {
+    w.step("child", async (input) => {
+      if (input.fail) throw new Error("child failed");
+      return input.x * 10;
+    }, { retry: 1 });
+    w.step("parent", async (input, ctx) => {
+      const fireAndForget = await ctx.spawn("child", { x: 0 });
+      const one = await ctx.delegate("child", { x: input.x });
+      const many = await ctx.delegateParallel([
+        { handler: "child", input: { x: 1 } },
+        ["child", { x: 2 }],
+        { handler: "child", input: { fail: true } },
+      ]);
+      return {
+        spawned: typeof fireAndForget,
+        one,
+        many: many.map((c) => [c.state, c.result ?? c.error.message]),
+        ids: many.every((c) => typeof c.taskId === "string"),
+      };
+    });
+  });
+  const res = await client.result(await client.spawn("parent", { x: 4 }), { timeout: 20 });
+  assert.equal(res.spawned, "string");
+  assert.equal(res.one, 40);
+  assert.equal(res.ids, true);
+  assert.deepEqual(res.many.slice(0, 2), [
+    ["completed", 10],
+    ["completed", 20],
+  ]);
+  assert.equal(res.many[2][0], "failed");
+  assert.match(res.many[2][1], /^Error: child failed/, "a failed child is reported, not thrown");
+});
+
+test("events emitted by handlers and response events reach waiters", async (t) => {
+  const { client } = await setup(t, (w) => {
+    w.step("announce", async (input, ctx) => ctx.emitEvent(`ready:${input.k}`, { from: ctx.taskId }));
+    w.step("listen", async (input, ctx) => ctx.awaitEvent(`ready:${input.k}`));
+    w.step("work", async (input) => input.v + 1);
+  });
+  const listener = await client.spawn("listen", { k: 7 });
+  const announcer = await client.spawn("announce", { k: 7 });
+  assert.equal(await client.result(announcer, { timeout: 10 }), true);
+  assert.deepEqual(await client.result(listener, { timeout: 10 }), { from: announcer });
+  await client.spawn("work", { v: 1 }, { responseEvent: "work.done:1" });
+  const seen = await client.spawn("listen", { k: "x" });
+  const events = await until(async () => (await client.events()).find((e) => e.name === "work.done:1"), 10_000, "response event");
+  assert.ok(events, "the response event was emitted");
+  await client.emit("ready:x", "now");
+  assert.equal(await client.result(seen, { timeout: 10 }), "now");
+});
+
+test("ctx exposes the task's metadata and extends its lease", async (t) => {
+  const { client } = await setup(t, (w) => {
+    w.step("meta", async (_i, ctx) => {
+      await ctx.heartbeat();
+      return {
+        headers: ctx.headers,
+        priority: ctx.priority,
+        step: ctx.stepName,
+        hasTimeLeft: typeof ctx.timeLeft === "number" && ctx.timeLeft > 0,
+        ids: typeof ctx.taskId === "string" && typeof ctx.stepId === "string",
+        cancelled: ctx.isCancelled,
+        aborted: ctx.signal.aborted,
+      };
+    }, { timeout: 30 });
+  });
+  const id = await client.spawn("meta", {}, { headers: { tenant: "acme" }, priority: 5 });
+  assert.deepEqual(await client.result(id, { timeout: 10 }), {
+    headers: { tenant: "acme" },
+    priority: 5,
+    step: "meta",
+    hasTimeLeft: true,
+    ids: true,
+    cancelled: false,
+    aborted: false,
+  });
+});
+
+test("cancelling a task fires ctx.signal with a CancelledError", async (t) => {
+  let started;
+  const running = new Promise((r) => (started = r));
+  let reason;
+  const { client } = await setup(t, (w) => {
+    w.step("long", async (_i, ctx) => {
+      started();
+      await new Promise((_, reject) => {
+        ctx.signal.addEventListener("abort", () => {
+          reason = ctx.signal.reason;
+          reject(ctx.signal.reason);
+        });
+      });
+    });
+  });
+  const id = await client.spawn("long", {});
+  await running;
+  assert.equal(await client.cancel(id), true);
+  await assert.rejects(client.result(id, { timeout: 10 }), CancelledError);
+  assert.ok(reason instanceof CancelledError);
+  assert.equal((await client.get(id)).state, "cancelled");
+});
+
+test("a handler's timeout fires ctx.signal and fails the attempt", async (t) => {
+  const reasons = [];
+  const { client } = await setup(t, (w) => {
+    w.step(
+      "too.slow",
+      async (_i, ctx) => {
+        await new Promise((_, reject) =>
+          ctx.signal.addEventListener("abort", () => {
+            reasons.push(ctx.signal.reason.message);
+            reject(ctx.signal.reason);
+          }),
+        );
+      },
+      { timeout: 0.1, retry: 1 },
+    );
+  });
+  const id = await client.spawn("too.slow", {});
+  await assert.rejects(client.result(id, { timeout: 10 }), TaskFailedError);
+  assert.match((await client.get(id)).error.message, /timed out|timeout/i);
+  await until(() => reasons.length === 1, 10_000, "the signal to fire");
+  assert.match(reasons[0], /timeout passed/);
+});
+
+test("close() fires ctx.signal of handlers still running after the grace period", async (t) => {
+  const { url } = tempStore(t);
+  const { Worker, Client } = await import("switchyard");
+  const worker = new Worker({ store: url, shutdownGrace: 0.1 });
+  let started;
+  const running = new Promise((r) => (started = r));
+  let reason;
+  worker.step("stubborn", async (_i, ctx) => {
+    started();
+    await new Promise((resolve) =>
+      ctx.signal.addEventListener("abort", () => {
+        reason = ctx.signal.reason;
+        resolve();
+      }),
+    );
+    return "too late";
+  });
+  await worker.start();
+  const client = new Client({ store: url });
+  const id = await client.spawn("stubborn", {});
+  await running;
+  await worker.close();
+  await until(() => reason !== undefined, 10_000, "the signal to fire");
+  assert.ok(reason instanceof CancelledError);
+  assert.match(reason.message, /shut down/);
+  const rec = await client.get(id);
+  assert.notEqual(rec.state, "completed", "the step was handed back, not completed");
+});
+
+test("durable operations reject bad input with errors naming it", async (t) => {
+  const { client } = await setup(t, (w) => {
+    w.step("bad.ops", async (_i, ctx) => {
+      const errors = [];
+      const expectFail = async (what, f) => {
+        try {
+          await f();
+          errors.push(`${what}: no error`);
+        } catch (e) {
+          if (isSuspension(e)) throw e;
+          errors.push(`${what}: ${e.constructor.name}: ${e.message}`);
+        }
+      };
+      await expectFail("awaitEvent", () => ctx.awaitEvent("x", { timeout: -1 }));
+      await expectFail("sleep", () => ctx.sleep(Number.NaN));
+      await expectFail("sleepUntil", () => ctx.sleepUntil("tomorrow"));
+      await expectFail("delegateParallel", () => ctx.delegateParallel([{ input: 1 }]));
+      await expectFail("checkpoint", () => ctx.checkpoint("big", () => 10n));
+      await expectFail("emitEvent", () => ctx.emitEvent("", 1));
+      return errors;
+    });
+  });
+  const errors = await client.result(await client.spawn("bad.ops", {}), { timeout: 10 });
+  assert.equal(errors.length, 6);
+  assert.match(errors[0], /^awaitEvent: InvalidInput: awaitEvent timeout must be a non-negative number/);
+  assert.match(errors[1], /^sleep: InvalidInput: sleep must be a non-negative number/);
+  assert.match(errors[2], /^sleepUntil: InvalidInput: sleepUntil needs a Date/);
+  assert.match(errors[3], /^delegateParallel: InvalidInput: child #0 handler must be a non-empty string/);
+  assert.match(errors[4], /^checkpoint: InvalidInput: checkpoint `big` value is not JSON-serialisable/);
+  assert.match(errors[5], /^emitEvent: \w+: .*(name|empty)/i);
+});
