@@ -210,6 +210,8 @@ static int32_t sum(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     (void)input, (void)len, (void)ud;
     sy_error *err = NULL;
     sy_buf deps = {0};
+    if (strcmp(sy_ctx_step_name(ctx), "sum") != 0) return SY_ERROR_PERMANENT;
+    if (sy_ctx_heartbeat(ctx, &err) != SY_OK) return SY_ERROR_PERMANENT;
     sy_status st = sy_ctx_dependency_results(ctx, &deps, &err);
     if (st != SY_OK) return st;
     sy_ctx_set_output(ctx, (const char *)deps.ptr, deps.len, NULL);
@@ -408,6 +410,11 @@ static void durable_checks(void) {
     CHECK(strstr((const char *)res.ptr, "\"sum\"") != NULL);
     sy_buf_free(&res);
     sy_buf_free(&id);
+    EXPECT(sy_client_count_steps(client, &res, &err), SY_OK, NULL);
+    CHECK(strstr((const char *)res.ptr, "\"completed\":4") != NULL); /* plan, a, b, sum */
+    sy_buf_free(&res);
+    EXPECT(sy_client_count_steps(NULL, &res, &err), SY_INVALID_ARGUMENT, "client is NULL");
+    EXPECT(sy_client_count_steps(client, NULL, &err), SY_INVALID_ARGUMENT, "counts is NULL");
     RUN("plan", "{\"done\":1}", SY_OK, "\"early\":1");
     sy_buf_free(&id);
     RUN("plan", "{\"bad\":1}", SY_CONFLICT, "each step needs `name`, `handler`");
