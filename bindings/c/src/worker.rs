@@ -12,10 +12,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::Value;
-use switchyard_core::bridge::{Inbox, InboxHandler, Job, JobKind, Reply};
+use switchyard_core::bridge::{HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply};
 use switchyard_core::{
-    ApiError, Context, Decision, DynStore, HandlerOptions, RetryPolicy, RunningWorker, StepError,
-    Worker,
+    ApiError, Context, Decision, DynStore, HandlerOptions, RunningWorker, StepError, Worker,
 };
 
 use crate::ctx::sy_ctx;
@@ -163,63 +162,33 @@ pub unsafe extern "C" fn sy_worker_new(
 }
 
 fn options(
+    name: &str,
     kind: JobKind,
     worker_concurrency: usize,
     o: Option<&sy_handler_options>,
 ) -> Result<HandlerOptions, Fail> {
     let o = o.copied().unwrap_or_else(|| sy_handler_options_default());
-    let only = |field: &str, needs: &str| {
-        Err(Fail::arg(format!(
-            "options.{field} applies to {needs} handlers only"
-        )))
+    let nonzero = |v: u64| (v != 0).then_some(v);
+    let ms = |v: u64| nonzero(v).map(|v| v as f64 / 1000.0);
+    let spec = HandlerSpec {
+        concurrency: (o.concurrency != 0).then_some(o.concurrency),
+        timeout: ms(o.timeout_ms),
+        max_attempts: (o.max_attempts != 0).then_some(o.max_attempts),
+        initial_backoff: None,
+        max_backoff: None,
+        max_batch: (o.max_batch != 0).then_some(o.max_batch),
+        linger: ms(o.linger_ms),
+        rate_limit: (o.rate_limit != 0.0).then_some(o.rate_limit),
+        burst: (o.rate_burst != 0).then_some(o.rate_burst),
     };
-    if kind != JobKind::Batch && (o.max_batch != 0 || o.linger_ms != 0) {
-        return only(
-            if o.max_batch != 0 {
-                "max_batch"
-            } else {
-                "linger_ms"
-            },
-            "batch",
-        );
-    }
-    if kind != JobKind::Api && (o.rate_limit != 0.0 || o.rate_burst != 0) {
-        return only(
-            if o.rate_limit != 0.0 {
-                "rate_limit"
-            } else {
-                "rate_burst"
-            },
-            "API",
-        );
-    }
-    if !(o.rate_limit.is_finite() && o.rate_limit >= 0.0) {
-        return Err(Fail::arg(format!(
-            "options.rate_limit must be a positive number of starts per second, not {}",
-            o.rate_limit
-        )));
-    }
-    let mut h = HandlerOptions::default().concurrency(if o.concurrency == 0 {
-        worker_concurrency
-    } else {
-        o.concurrency
-    });
-    if o.timeout_ms != 0 {
-        h = h.timeout(Duration::from_millis(o.timeout_ms));
-    }
-    if o.max_attempts != 0 {
-        h = h.retry(RetryPolicy::attempts(o.max_attempts));
-    }
-    if o.max_batch != 0 {
-        h = h.max_batch(o.max_batch);
-    }
-    if o.linger_ms != 0 {
-        h = h.linger(Duration::from_millis(o.linger_ms));
-    }
-    if o.rate_limit > 0.0 {
-        h = h.rate_limit(o.rate_limit, o.rate_burst.max(1));
-    }
-    Ok(h)
+    let field = |f: &'static str| match f {
+        "timeout" => "options.timeout_ms".to_string(),
+        "linger" => "options.linger_ms".to_string(),
+        "burst" => "options.rate_burst".to_string(),
+        other => format!("options.{other}"),
+    };
+    spec.build(name, kind, worker_concurrency, field)
+        .map_err(Fail::arg)
 }
 
 unsafe fn add_handler(
@@ -235,7 +204,7 @@ unsafe fn add_handler(
     let callback = callback.ok_or_else(|| Fail::arg("callback is NULL"))?;
     switchyard_core::client::validate_name("handler name", &name)?;
     // SAFETY: NULL or a readable options struct.
-    let options = options(kind, w.concurrency, unsafe { opts.as_ref() })?;
+    let options = options(&name, kind, w.concurrency, unsafe { opts.as_ref() })?;
     if w.running
         .lock()
         .unwrap_or_else(|p| p.into_inner())

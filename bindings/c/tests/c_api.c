@@ -368,7 +368,7 @@ static void durable_checks(void) {
     EXPECT(sy_worker_step(worker, "x", &o, noop, NULL, &err), SY_INVALID_ARGUMENT, "options.max_batch applies to batch");
     o = sy_handler_options_default();
     o.rate_limit = 5;
-    EXPECT(sy_worker_decision(worker, "x", &o, noop, NULL, &err), SY_INVALID_ARGUMENT, "options.rate_limit applies to API");
+    EXPECT(sy_worker_decision(worker, "x", &o, noop, NULL, &err), SY_INVALID_ARGUMENT, "options.rate_limit applies to api handlers only");
     o.rate_limit = -1;
     EXPECT(sy_worker_api(worker, "x", &o, noop, NULL, &err), SY_INVALID_ARGUMENT, "rate_limit must be a positive");
     EXPECT(sy_worker_batch(worker, "x", NULL, NULL, NULL, &err), SY_INVALID_ARGUMENT, "callback is NULL");

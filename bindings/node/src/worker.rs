@@ -19,10 +19,9 @@ use napi_derive::napi;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::Value;
-use switchyard_core::bridge::{Inbox, InboxHandler, Job, JobKind, Reply};
+use switchyard_core::bridge::{camel_case, HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply};
 use switchyard_core::{
-    ApiError, Decision, HandlerOptions, NewStep, RetryPolicy, RunningWorker, StepError, WaitFor,
-    Worker,
+    ApiError, Decision, HandlerOptions, NewStep, RunningWorker, StepError, WaitFor, Worker,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +65,7 @@ pub struct NativeWorkerOptions {
 
 /// Per-handler settings (seconds for durations).
 #[napi(object)]
+#[derive(Default)]
 pub struct NativeHandlerOptions {
     /// Steps of this handler in flight at once (default: the host's).
     pub concurrency: Option<u32>,
@@ -124,27 +124,6 @@ pub struct NativeWorker {
     feeder: Mutex<Option<tokio::task::JoinHandle<()>>>,
     completions: Mutex<Option<Completions>>,
     stopping: CancellationToken,
-}
-
-fn kind_of(kind: &str) -> Result<JobKind> {
-    match kind {
-        "step" => Ok(JobKind::Step),
-        "batch" => Ok(JobKind::Batch),
-        "decision" => Ok(JobKind::Decision),
-        "api" => Ok(JobKind::Api),
-        other => Err(Error::from_reason(format!(
-            "unknown handler kind `{other}` (expected step, batch, decision or api)"
-        ))),
-    }
-}
-
-fn kind_name(k: JobKind) -> &'static str {
-    match k {
-        JobKind::Step => "step",
-        JobKind::Batch => "batch",
-        JobKind::Decision => "decision",
-        JobKind::Api => "api",
-    }
 }
 
 fn seconds(what: &str, s: f64) -> Result<Duration> {
@@ -323,7 +302,7 @@ async fn feed(
                 out.push(JsJob {
                     id: job.id as i64,
                     handler: job.handler.clone(),
-                    kind: kind_name(job.kind).to_string(),
+                    kind: job.kind.name().to_string(),
                     inputs,
                     contexts,
                 });
@@ -416,54 +395,22 @@ impl NativeWorker {
         if name.is_empty() {
             return Err(Error::from_reason("a handler name must not be empty"));
         }
-        let kind = kind_of(&kind)?;
-        let mut opts = HandlerOptions {
-            concurrency: self.concurrency,
-            ..HandlerOptions::default()
+        let kind = JobKind::from_name(&kind).map_err(Error::from_reason)?;
+        let o = options.unwrap_or_default();
+        let spec = HandlerSpec {
+            concurrency: o.concurrency.map(|c| c as usize),
+            timeout: o.timeout,
+            max_attempts: o.max_attempts,
+            initial_backoff: o.initial_backoff,
+            max_backoff: o.max_backoff,
+            max_batch: o.max_batch.map(|b| b as usize),
+            linger: o.linger,
+            rate_limit: o.rate_limit,
+            burst: o.burst,
         };
-        let mut retry = RetryPolicy::default();
-        if let Some(o) = options {
-            if let Some(c) = o.concurrency {
-                if c == 0 {
-                    return Err(Error::from_reason(format!(
-                        "handler `{name}`: concurrency must be at least 1"
-                    )));
-                }
-                opts.concurrency = c as usize;
-            }
-            if let Some(t) = o.timeout {
-                opts.timeout = Some(seconds(&format!("handler `{name}`: timeout"), t)?);
-            }
-            if let Some(m) = o.max_attempts {
-                if m == 0 {
-                    return Err(Error::from_reason(format!(
-                        "handler `{name}`: maxAttempts must be at least 1"
-                    )));
-                }
-                retry.max_attempts = m;
-            }
-            if let Some(b) = o.initial_backoff {
-                retry.initial_backoff = seconds(&format!("handler `{name}`: initialBackoff"), b)?;
-            }
-            if let Some(b) = o.max_backoff {
-                retry.max_backoff = seconds(&format!("handler `{name}`: maxBackoff"), b)?;
-            }
-            if let Some(b) = o.max_batch {
-                opts.max_batch = (b as usize).max(1);
-            }
-            if let Some(l) = o.linger {
-                opts.linger = seconds(&format!("handler `{name}`: linger"), l)?;
-            }
-            if let Some(r) = o.rate_limit {
-                if !(r > 0.0 && r.is_finite()) {
-                    return Err(Error::from_reason(format!(
-                        "handler `{name}`: rateLimit must be a positive number, got {r}"
-                    )));
-                }
-                opts = opts.rate_limit(r, o.burst.unwrap_or(1).max(1));
-            }
-        }
-        opts.retry = retry;
+        let opts = spec
+            .build(&name, kind, self.concurrency, camel_case)
+            .map_err(Error::from_reason)?;
         let mut regs = self.regs.lock();
         if regs.iter().any(|r| r.name == name) {
             return Err(Error::from_reason(format!(

@@ -11,10 +11,9 @@ use parking_lot::Mutex;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
-use switchyard_core::bridge::{Closed, Inbox, InboxHandler, Job, JobKind, Reply};
+use switchyard_core::bridge::{Closed, HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply};
 use switchyard_core::{
-    ApiError, Decision, HandlerOptions, NewStep, RetryPolicy, RunningWorker, StepError, WaitFor,
-    Worker,
+    ApiError, Decision, HandlerOptions, NewStep, RunningWorker, StepError, WaitFor, Worker,
 };
 
 use crate::block_core;
@@ -43,27 +42,6 @@ pub struct NativeWorker {
     running: Mutex<Option<Arc<RunningWorker>>>,
     /// Sync handler threads waiting in `next_jobs` now.
     idle_sync: AtomicUsize,
-}
-
-fn kind_of(kind: &str) -> PyResult<JobKind> {
-    match kind {
-        "step" => Ok(JobKind::Step),
-        "batch" => Ok(JobKind::Batch),
-        "decision" => Ok(JobKind::Decision),
-        "api" => Ok(JobKind::Api),
-        other => Err(PyValueError::new_err(format!(
-            "unknown handler kind `{other}` (expected step, batch, decision or api)"
-        ))),
-    }
-}
-
-fn kind_name(k: JobKind) -> &'static str {
-    match k {
-        JobKind::Step => "step",
-        JobKind::Batch => "batch",
-        JobKind::Decision => "decision",
-        JobKind::Api => "api",
-    }
 }
 
 fn positive_secs(what: &str, s: f64) -> PyResult<Duration> {
@@ -155,52 +133,21 @@ impl NativeWorker {
                 "register handlers before the worker starts",
             ));
         }
-        let kind = kind_of(kind)?;
-        let mut opts = HandlerOptions::default();
-        if let Some(c) = concurrency {
-            if c == 0 {
-                return Err(PyValueError::new_err(format!(
-                    "handler `{name}`: concurrency must be at least 1"
-                )));
-            }
-            opts.concurrency = c;
-        } else {
-            opts.concurrency = self.concurrency;
-        }
-        opts.timeout = match timeout {
-            Some(t) => Some(positive_secs("timeout", t)?),
-            None => opts.timeout,
+        let kind = JobKind::from_name(kind).map_err(PyValueError::new_err)?;
+        let spec = HandlerSpec {
+            concurrency,
+            timeout,
+            max_attempts,
+            initial_backoff,
+            max_backoff,
+            max_batch,
+            linger,
+            rate_limit,
+            burst,
         };
-        let mut retry = RetryPolicy::default();
-        if let Some(m) = max_attempts {
-            if m == 0 {
-                return Err(PyValueError::new_err(format!(
-                    "handler `{name}`: max_attempts must be at least 1"
-                )));
-            }
-            retry.max_attempts = m;
-        }
-        if let Some(b) = initial_backoff {
-            retry.initial_backoff = positive_secs("initial_backoff", b)?;
-        }
-        if let Some(b) = max_backoff {
-            retry.max_backoff = positive_secs("max_backoff", b)?;
-        }
-        opts.retry = retry;
-        if let Some(b) = max_batch {
-            opts.max_batch = b.max(1);
-        }
-        if let Some(l) = linger {
-            opts.linger = positive_secs("linger", l)?;
-        }
-        if let Some(r) = rate_limit {
-            if !(r > 0.0 && r.is_finite()) {
-                return Err(PyValueError::new_err(format!(
-                    "handler `{name}`: rate_limit must be a positive number"
-                )));
-            }
-            opts = opts.rate_limit(r, burst.unwrap_or(1));
-        }
+        let opts = spec
+            .build(&name, kind, self.concurrency, str::to_string)
+            .map_err(PyValueError::new_err)?;
         let mut regs = self.regs.lock();
         if regs.iter().any(|r| r.name == name) {
             return Err(PyValueError::new_err(format!(
@@ -342,7 +289,7 @@ impl NativeJob {
             items.append(PyTuple::new(py, [input, ctx.into_bound(py).into_any()])?)?;
         }
         let handler = job.handler.clone();
-        let kind = kind_name(job.kind);
+        let kind = job.kind.name();
         // Items were moved out for Python; the job keeps the reply channel.
         Ok(Self {
             job: Mutex::new(Some(job)),

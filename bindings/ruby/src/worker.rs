@@ -12,10 +12,9 @@ use magnus::{
     Value,
 };
 use parking_lot::Mutex;
-use switchyard_core::bridge::{Closed, Inbox, InboxHandler, Job, JobKind, Reply};
+use switchyard_core::bridge::{Closed, HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply};
 use switchyard_core::{
-    ApiError, Decision, HandlerOptions, NewStep, RetryPolicy, RunningWorker, StepError, WaitFor,
-    Worker,
+    ApiError, Decision, HandlerOptions, NewStep, RunningWorker, StepError, WaitFor, Worker,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -138,19 +137,6 @@ fn opt<T: magnus::TryConvert>(
     }
 }
 
-fn kind_of(ruby: &Ruby, kind: &str) -> Result<JobKind, Error> {
-    match kind {
-        "step" => Ok(JobKind::Step),
-        "batch" => Ok(JobKind::Batch),
-        "decision" => Ok(JobKind::Decision),
-        "api" => Ok(JobKind::Api),
-        other => Err(arg_error(
-            ruby,
-            format!("unknown handler kind `{other}` (expected step, batch, decision or api)"),
-        )),
-    }
-}
-
 impl RbWorker {
     fn new(
         ruby: &Ruby,
@@ -197,56 +183,21 @@ impl RbWorker {
             }
             switchyard_core::client::validate_name("handler name", &name)
                 .map_err(|e| core_err(ruby, e))?;
-            let kind = kind_of(ruby, &kind)?;
-            let mut opts = HandlerOptions {
-                concurrency: rb_self.concurrency,
-                ..HandlerOptions::default()
+            let kind = JobKind::from_name(&kind).map_err(|e| arg_error(ruby, e))?;
+            let spec = HandlerSpec {
+                concurrency: opt::<usize>(ruby, o, "concurrency", &name)?,
+                timeout: opt::<f64>(ruby, o, "timeout", &name)?,
+                max_attempts: opt::<u32>(ruby, o, "max_attempts", &name)?,
+                initial_backoff: opt::<f64>(ruby, o, "initial_backoff", &name)?,
+                max_backoff: opt::<f64>(ruby, o, "max_backoff", &name)?,
+                max_batch: opt::<usize>(ruby, o, "max_batch", &name)?,
+                linger: opt::<f64>(ruby, o, "linger", &name)?,
+                rate_limit: opt::<f64>(ruby, o, "rate_limit", &name)?,
+                burst: opt::<u32>(ruby, o, "burst", &name)?,
             };
-            if let Some(c) = opt::<usize>(ruby, o, "concurrency", &name)? {
-                if c == 0 {
-                    return Err(arg_error(
-                        ruby,
-                        format!("handler `{name}`: concurrency must be at least 1"),
-                    ));
-                }
-                opts.concurrency = c;
-            }
-            if let Some(t) = opt::<f64>(ruby, o, "timeout", &name)? {
-                opts.timeout = Some(secs(ruby, "timeout", t)?);
-            }
-            let mut retry = RetryPolicy::default();
-            if let Some(m) = opt::<u32>(ruby, o, "max_attempts", &name)? {
-                if m == 0 {
-                    return Err(arg_error(
-                        ruby,
-                        format!("handler `{name}`: max_attempts must be at least 1"),
-                    ));
-                }
-                retry.max_attempts = m;
-            }
-            if let Some(b) = opt::<f64>(ruby, o, "initial_backoff", &name)? {
-                retry.initial_backoff = secs(ruby, "initial_backoff", b)?;
-            }
-            if let Some(b) = opt::<f64>(ruby, o, "max_backoff", &name)? {
-                retry.max_backoff = secs(ruby, "max_backoff", b)?;
-            }
-            opts.retry = retry;
-            if let Some(b) = opt::<usize>(ruby, o, "max_batch", &name)? {
-                opts.max_batch = b.max(1);
-            }
-            if let Some(l) = opt::<f64>(ruby, o, "linger", &name)? {
-                opts.linger = secs(ruby, "linger", l)?;
-            }
-            if let Some(r) = opt::<f64>(ruby, o, "rate_limit", &name)? {
-                if !(r > 0.0 && r.is_finite()) {
-                    return Err(arg_error(
-                        ruby,
-                        format!("handler `{name}`: rate_limit must be a positive number"),
-                    ));
-                }
-                let burst = opt::<u32>(ruby, o, "burst", &name)?.unwrap_or(1);
-                opts = opts.rate_limit(r, burst);
-            }
+            let opts = spec
+                .build(&name, kind, rb_self.concurrency, str::to_string)
+                .map_err(|e| arg_error(ruby, e))?;
             let mut regs = rb_self.regs.lock();
             if regs.iter().any(|r| r.name == name) {
                 return Err(error(
