@@ -170,6 +170,8 @@ test("cancelling a task fires ctx.signal with a CancelledError", async (t) => {
   await running;
   assert.equal(await client.cancel(id), true);
   await assert.rejects(client.result(id, { timeout: 10 }), CancelledError);
+  // The store records the cancel before the signal reaches the handler.
+  await until(() => reason !== undefined, 10_000, "the signal to fire");
   assert.ok(reason instanceof CancelledError);
   assert.equal((await client.get(id)).state, "cancelled");
 });
