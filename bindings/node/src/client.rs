@@ -1,35 +1,16 @@
 //! `NativeClient`: spawn, emit, wait, cancel, retry, inspect. Every method is
 //! async and resolves to an envelope (see [`crate::errors`]).
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use napi_derive::napi;
-use parking_lot::Mutex;
-use switchyard_core::{Client, DynStore, Error, NewTask, Store, TaskFilter, TaskId, TaskState};
+use switchyard_core::{Client, DynStore, Error, NewTask, TaskFilter, TaskId, TaskState};
 
 use crate::errors::{core, core_err, parse_env};
 
-/// Stores opened in this process, by URL. A client and a worker on the same
-/// URL share one store while either is alive: `memory` then means one store,
-/// and in-process completions wake `Client.result` at once.
-static STORES: Mutex<BTreeMap<String, Weak<dyn Store>>> = Mutex::new(BTreeMap::new());
-
 /// Opens (or reuses) the store at `url`.
 pub(crate) async fn open_store(url: &str) -> switchyard_core::Result<DynStore> {
-    let key = url.trim().to_string();
-    if let Some(s) = STORES.lock().get(&key).and_then(Weak::upgrade) {
-        return Ok(s);
-    }
-    let store = switchyard_store::open(&key).await?;
-    let mut stores = STORES.lock();
-    stores.retain(|_, w| w.strong_count() > 0);
-    if let Some(s) = stores.get(&key).and_then(Weak::upgrade) {
-        return Ok(s);
-    }
-    stores.insert(key, Arc::downgrade(&store));
-    Ok(store)
+    switchyard_store::open_shared(url).await
 }
 
 fn parse_id(id: &str) -> Result<TaskId, String> {

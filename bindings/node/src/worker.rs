@@ -127,12 +127,7 @@ pub struct NativeWorker {
 }
 
 fn seconds(what: &str, s: f64) -> Result<Duration> {
-    if !(s.is_finite() && s >= 0.0) {
-        return Err(Error::from_reason(format!(
-            "{what} must be a non-negative number of seconds, got {s}"
-        )));
-    }
-    Ok(Duration::from_secs_f64(s))
+    switchyard_core::bridge::seconds(what, s).map_err(Error::from_reason)
 }
 
 fn retry_after(s: Option<f64>) -> Option<Duration> {

@@ -1,13 +1,11 @@
 //! `switchyard._native.NativeClient`: spawn, emit, wait, cancel, retry, inspect.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use switchyard_core::{Client, NewTask, Store, TaskFilter, TaskId, TaskState};
+use switchyard_core::{Client, NewTask, TaskFilter, TaskId, TaskState};
 
 use crate::convert::{record_to_py, to_py, to_value};
 use crate::errors::core_err;
@@ -17,29 +15,11 @@ pub(crate) fn parse_id(py: Python<'_>, id: &str) -> PyResult<TaskId> {
     id.parse().map_err(|e| core_err(py, e))
 }
 
-/// Stores opened in this process, by URL. A client and a worker on the same
-/// URL share one store while either is alive: `memory` then means one store
-/// (not one per object), and in-process completions wake `Client.result`
-/// at once instead of being found by polling.
-static STORES: Mutex<BTreeMap<String, Weak<dyn Store>>> = Mutex::new(BTreeMap::new());
-
 pub(crate) fn open_store(py: Python<'_>, url: &str) -> PyResult<switchyard_core::DynStore> {
     // Fails in a forked child before a store of the parent is handed out.
     crate::runtime()?;
-    let key = url.trim().to_string();
-    if let Some(s) = STORES.lock().get(&key).and_then(Weak::upgrade) {
-        return Ok(s);
-    }
-    let u = key.clone();
-    let store = block_core(py, async move { switchyard_store::open(&u).await })?;
-    let mut stores = STORES.lock();
-    stores.retain(|_, w| w.strong_count() > 0);
-    // Another thread may have opened the same URL meanwhile: keep the first.
-    if let Some(s) = stores.get(&key).and_then(Weak::upgrade) {
-        return Ok(s);
-    }
-    stores.insert(key, Arc::downgrade(&store));
-    Ok(store)
+    let url = url.to_string();
+    block_core(py, async move { switchyard_store::open_shared(&url).await })
 }
 
 /// Builds a `NewTask` from Python arguments.

@@ -45,12 +45,7 @@ pub struct NativeWorker {
 }
 
 fn positive_secs(what: &str, s: f64) -> PyResult<Duration> {
-    if !(s.is_finite() && s >= 0.0) {
-        return Err(PyValueError::new_err(format!(
-            "{what} must be a non-negative number of seconds, got {s}"
-        )));
-    }
-    Ok(Duration::from_secs_f64(s))
+    switchyard_core::bridge::seconds(what, s).map_err(PyValueError::new_err)
 }
 
 impl NativeWorker {

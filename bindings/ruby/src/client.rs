@@ -1,13 +1,10 @@
 //! `Switchyard::Native::Client`: spawn, emit, wait, cancel, retry, inspect.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use magnus::{function, method, prelude::*, Error, RArray, RModule, Ruby, Value};
-use parking_lot::Mutex;
 use serde_json::Value as Json;
-use switchyard_core::{Client, NewTask, Store, TaskFilter, TaskId, TaskState};
+use switchyard_core::{Client, NewTask, TaskFilter, TaskId, TaskState};
 
 use crate::convert::{record_to_ruby, to_json, to_ruby};
 use crate::errors::core_err;
@@ -17,28 +14,14 @@ fn parse_id(ruby: &Ruby, id: &str) -> Result<TaskId, Error> {
     id.parse().map_err(|e| core_err(ruby, e))
 }
 
-/// Stores opened in this process, by URL. A client and a worker on the same
-/// URL share one store while either is alive: `memory` then means one store
-/// (not one per object), and in-process completions wake `Client#result`
-/// at once instead of being found by polling.
-static STORES: Mutex<BTreeMap<String, Weak<dyn Store>>> = Mutex::new(BTreeMap::new());
-
 pub(crate) fn open_store(ruby: &Ruby, url: &str) -> Result<switchyard_core::DynStore, Error> {
     // Fails in a forked child before a store of the parent is handed out.
     crate::runtime(ruby)?;
-    let key = url.trim().to_string();
-    if let Some(s) = STORES.lock().get(&key).and_then(Weak::upgrade) {
-        return Ok(s);
-    }
-    let u = key.clone();
-    let store = block_core(ruby, async move { switchyard_store::open(&u).await })?;
-    let mut stores = STORES.lock();
-    stores.retain(|_, w| w.strong_count() > 0);
-    if let Some(s) = stores.get(&key).and_then(Weak::upgrade) {
-        return Ok(s);
-    }
-    stores.insert(key, Arc::downgrade(&store));
-    Ok(store)
+    let url = url.to_string();
+    block_core(
+        ruby,
+        async move { switchyard_store::open_shared(&url).await },
+    )
 }
 
 fn invalid(ruby: &Ruby, msg: String) -> Error {

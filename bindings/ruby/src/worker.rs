@@ -110,13 +110,7 @@ fn arg_error(ruby: &Ruby, msg: String) -> Error {
 
 /// Seconds as a Duration, rejecting negative and non-finite values.
 pub(crate) fn secs(ruby: &Ruby, what: &str, s: f64) -> Result<Duration, Error> {
-    if !(s.is_finite() && s >= 0.0) {
-        return Err(arg_error(
-            ruby,
-            format!("{what} must be a non-negative number of seconds, got {s}"),
-        ));
-    }
-    Ok(Duration::from_secs_f64(s))
+    switchyard_core::bridge::seconds(what, s).map_err(|e| arg_error(ruby, e))
 }
 
 fn opt<T: magnus::TryConvert>(

@@ -105,18 +105,9 @@ impl HandlerSpec {
         host_concurrency: usize,
         field: impl Fn(&'static str) -> String,
     ) -> Result<HandlerOptions, String> {
-        let bad =
-            |name: &'static str, why: String| format!("handler `{handler}`: {} {why}", field(name));
-        let secs = |name: &'static str, v: f64| -> Result<Duration, String> {
-            if v.is_finite() && v >= 0.0 {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(bad(
-                    name,
-                    format!("must be a non-negative number of seconds, got {v}"),
-                ))
-            }
-        };
+        let what = |name: &'static str| format!("handler `{handler}`: {}", field(name));
+        let bad = |name: &'static str, why: String| format!("{} {why}", what(name));
+        let secs = |name: &'static str, v: f64| seconds(&what(name), v);
         let only = |name: &'static str, needed: JobKind| -> Result<(), String> {
             if kind == needed {
                 Ok(())
@@ -177,6 +168,18 @@ impl HandlerSpec {
             o = o.rate_limit(r, self.burst.unwrap_or(1));
         }
         Ok(o)
+    }
+}
+
+/// A duration given in seconds by a binding: finite and not negative, or
+/// an error naming `what`.
+pub fn seconds(what: &str, v: f64) -> Result<Duration, String> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!(
+            "{what} must be a non-negative number of seconds, got {v}"
+        ))
     }
 }
 

@@ -3,9 +3,11 @@
 //! here. Every store passes the same contract suite ([`contract`]).
 #![warn(missing_docs)]
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
 
-use switchyard_core::{Clock, DynStore, Error, Result, SystemClock};
+use parking_lot::Mutex;
+use switchyard_core::{Clock, DynStore, Error, Result, Store, SystemClock};
 
 #[cfg(feature = "contract")]
 pub mod contract;
@@ -43,6 +45,29 @@ impl Default for StoreOptions {
 /// so hosts and clients in the process share one writer and its wake-ups.
 pub async fn open(url: &str) -> Result<DynStore> {
     open_with(url, StoreOptions::default()).await
+}
+
+/// [`open`], shared within the process by URL: while a store opened this
+/// way is alive, opening the same URL again returns it. The language
+/// bindings open through this, so a client and a worker on one URL share one
+/// store: `memory` then means one store (not one per object), and
+/// in-process completions wake waiting clients at once instead of being
+/// found by polling.
+pub async fn open_shared(url: &str) -> Result<DynStore> {
+    static STORES: Mutex<BTreeMap<String, Weak<dyn Store>>> = Mutex::new(BTreeMap::new());
+    let key = url.trim().to_string();
+    if let Some(s) = STORES.lock().get(&key).and_then(Weak::upgrade) {
+        return Ok(s);
+    }
+    let store = open(&key).await?;
+    let mut stores = STORES.lock();
+    stores.retain(|_, w| w.strong_count() > 0);
+    // Another caller may have opened the same URL meanwhile: keep the first.
+    if let Some(s) = stores.get(&key).and_then(Weak::upgrade) {
+        return Ok(s);
+    }
+    stores.insert(key, Arc::downgrade(&store));
+    Ok(store)
 }
 
 /// [`open`] with options.
