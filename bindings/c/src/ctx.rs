@@ -39,12 +39,7 @@ impl sy_ctx {
             ctx,
             kind,
             handler: handler.to_string(),
-            answer: Answer {
-                output: Vec::new(),
-                fail: None,
-                http: None,
-                failed: None,
-            },
+            answer: Answer::default(),
             reserved: HashMap::new(),
             deferred: None,
             step_name,
@@ -208,8 +203,9 @@ pub unsafe extern "C" fn sy_ctx_fail(
             other => {
                 return Err(Fail::arg(format!(
                     "status must be SY_ERROR_RETRYABLE, SY_ERROR_PERMANENT or SY_INVALID_ARGUMENT, not {}",
-                    status_str(other as i32)
-                )))
+                    // SAFETY: sy_status_name returns a static NUL-terminated string.
+                    unsafe { std::ffi::CStr::from_ptr(sy_status_name(other)) }.to_string_lossy()
+                )));
             }
         };
         c.answer.fail = Some(e);

@@ -212,7 +212,11 @@ fn guard(err: *mut *mut sy_error, f: impl FnOnce() -> Result<(), Fail>) -> sy_st
         // SAFETY: the caller passes NULL or a writable `sy_error*` slot.
         unsafe { *err = std::ptr::null_mut() };
     }
-    let fail = match forked().map_or_else(|| catch_unwind(AssertUnwindSafe(f)), |f| Ok(Err(f))) {
+    let caught = match forked() {
+        Some(fail) => Ok(Err(fail)),
+        None => catch_unwind(AssertUnwindSafe(f)),
+    };
+    let fail = match caught {
         Ok(Ok(())) => return sy_status::SY_OK,
         Ok(Err(f)) => f,
         Err(p) => {
@@ -368,37 +372,6 @@ pub unsafe extern "C" fn sy_buf_free(buf: *mut sy_buf) {
     }
     b.ptr = std::ptr::null_mut();
     b.len = 0;
-}
-
-/// The name of a status code, or the number if it is not one.
-fn status_str(code: i32) -> String {
-    use sy_status::*;
-    [
-        SY_OK,
-        SY_INVALID_ARGUMENT,
-        SY_NOT_FOUND,
-        SY_STORE,
-        SY_TIMEOUT,
-        SY_CONFLICT,
-        SY_CONFIG,
-        SY_PAYLOAD_TOO_LARGE,
-        SY_LEASE_LOST,
-        SY_SHUTDOWN,
-        SY_INTERNAL,
-        SY_ERROR_RETRYABLE,
-        SY_ERROR_PERMANENT,
-        SY_SUSPENDED,
-        SY_PENDING,
-    ]
-    .into_iter()
-    .find(|s| *s as i32 == code)
-    // SAFETY: sy_status_name returns a static NUL-terminated string.
-    .map(|s| {
-        unsafe { CStr::from_ptr(sy_status_name(s)) }
-            .to_string_lossy()
-            .into_owned()
-    })
-    .unwrap_or_else(|| format!("status {code}"))
 }
 
 /// A static name for a status, e.g. "SY_NOT_FOUND".

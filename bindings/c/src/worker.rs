@@ -331,6 +331,7 @@ pub unsafe extern "C" fn sy_worker_batch(
 // Running jobs.
 
 /// What a callback left behind for one step.
+#[derive(Default)]
 pub(crate) struct Answer {
     /// The bytes given to `sy_ctx_set_output`.
     pub output: Vec<u8>,
@@ -390,15 +391,15 @@ pub(crate) fn outcome(kind: JobKind, handler: &str, code: i32, a: Answer) -> Rep
     };
     if code == sy_status::SY_ERROR_PERMANENT as i32 {
         Reply::Error(StepError::permanent(message))
-    } else if code == sy_status::SY_SUSPENDED as i32 || code == sy_status::SY_PENDING as i32 {
+    } else if code == sy_status::SY_SUSPENDED as i32 {
         Reply::Error(StepError::permanent(format!(
-            "the C handler `{handler}` returned {} but no context call asked for it ({})",
-            status_str(code),
-            if code == sy_status::SY_PENDING as i32 {
-                "call sy_ctx_defer first"
-            } else {
-                "only a context call that returned SY_SUSPENDED may be passed on"
-            }
+            "the C handler `{handler}` returned SY_SUSPENDED but no context call asked for it \
+             (only a context call that returned SY_SUSPENDED may be passed on)"
+        )))
+    } else if code == sy_status::SY_PENDING as i32 {
+        Reply::Error(StepError::permanent(format!(
+            "the C handler `{handler}` returned SY_PENDING but no context call asked for it \
+             (call sy_ctx_defer first)"
         )))
     } else {
         Reply::Error(StepError::retryable(message))
@@ -657,9 +658,7 @@ pub unsafe extern "C" fn sy_completion_complete(
         };
         let answer = Answer {
             output,
-            fail: None,
-            http: None,
-            failed: None,
+            ..Answer::default()
         };
         let d = &c.deferred;
         d.answer(outcome(d.kind, &d.handler, status, answer))
