@@ -256,25 +256,25 @@ async fn server_restart_mid_run() {
         .map(|s| s.task_id)
         .collect();
     let started_before = postmaster_started(&url).await;
+    // The run pauses once a quarter is done until the restart has begun, so
+    // the restart always lands mid-run however fast the machine is (polling
+    // the progress from another task could miss the window).
+    let (quarter_tx, quarter_rx) = tokio::sync::oneshot::channel::<()>();
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut quarter = Some((quarter_tx, began_rx));
     let restarter = {
         let server = server.clone();
         let store = store.clone();
         tokio::spawn(async move {
-            // Restart once some work is done.
-            loop {
-                let counts = store.count_steps().await.unwrap();
-                if counts.get("completed").copied().unwrap_or(0) >= (N / 4) as u64 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            quarter_rx.await.unwrap();
             let before = store.count_steps().await.unwrap();
-            tokio::task::spawn_blocking(move || server.restart())
-                .await
-                .unwrap();
+            let restart = tokio::task::spawn_blocking(move || server.restart());
+            began_tx.send(()).unwrap();
+            restart.await.unwrap();
             before.get("completed").copied().unwrap_or(0)
         })
     };
+    let mut done = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let mut errors = 0;
     loop {
@@ -326,6 +326,13 @@ async fn server_restart_mid_run() {
                     errors += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+            }
+        }
+        done += completions.len();
+        if done >= N / 4 {
+            if let Some((quarter_tx, began_rx)) = quarter.take() {
+                quarter_tx.send(()).unwrap();
+                began_rx.await.unwrap();
             }
         }
     }
