@@ -172,6 +172,10 @@ CREATE TABLE hosts (
     last_heartbeat INTEGER NOT NULL
 );
 "#,
+    // 2: no index on task state. Every task went through it twice (spawn and
+    // finish) for listings by state, which scan newest first and stop at
+    // their limit anyway; cleanup walks the oldest tasks, which are finished.
+    "DROP INDEX IF EXISTS tasks_state;",
 ];
 
 // ---------------------------------------------------------------------------
@@ -552,17 +556,25 @@ fn writer_loop(
 
 /// Applies `batch` in one transaction (a new one is begun if SQLite aborts
 /// the current one), then answers every command.
+///
+/// Each command runs in a savepoint, so a failing command leaves the others'
+/// changes in place. A savepoint makes SQLite copy every page the command
+/// touches into its sub-journal, so a command alone in its batch (the usual
+/// case: the writer's commands are themselves batches) runs without one and
+/// a failure rolls back the whole transaction instead.
 fn run_batch(
     conn: &Connection,
     batch: &mut Vec<Box<dyn Command>>,
     clock: &dyn Clock,
     signals: &Signals,
 ) {
+    let alone = batch.len() == 1;
     let mut pending: Vec<Finisher> = Vec::with_capacity(batch.len());
     let mut fx = Effects::default();
     let mut open = false;
     let mut cmds = batch.drain(..);
     while let Some(cmd) = cmds.next() {
+        abort_check(conn, &mut open, &mut pending, &mut fx);
         if !open {
             if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
                 let err = Error::Store(format!("sqlite: cannot begin a write transaction: {e}"));
@@ -572,50 +584,59 @@ fn run_batch(
             }
             open = true;
         }
-        if let Err(e) = exec(conn, "SAVEPOINT cmd") {
-            cmd.fail(Error::Store(format!(
-                "sqlite: cannot open a savepoint: {e}"
-            )));
-        } else {
-            let mut own = Effects::default();
-            match catch_unwind(AssertUnwindSafe(|| cmd.run(conn, clock.now(), &mut own))) {
-                Ok((true, fin)) => match exec(conn, "RELEASE cmd") {
-                    Ok(()) => {
-                        fx.merge(own);
-                        pending.push(fin);
-                    }
-                    Err(e) => {
-                        rollback_savepoint(conn);
-                        fin(Err(Error::Store(format!(
-                            "sqlite: cannot release a savepoint: {e}"
-                        ))));
-                    }
-                },
-                Ok((false, fin)) => {
-                    rollback_savepoint(conn);
-                    pending.push(fin);
-                }
-                Err(_) => {
-                    // The reply sender was dropped with the command: its caller
-                    // gets "stopped before answering".
-                    tracing::error!(
-                        "sqlite writer: a command panicked; its changes were rolled back"
-                    );
-                    rollback_savepoint(conn);
-                }
+        if !alone {
+            if let Err(e) = exec(conn, "SAVEPOINT cmd") {
+                cmd.fail(Error::Store(format!(
+                    "sqlite: cannot open a savepoint: {e}"
+                )));
+                continue;
             }
         }
-        if conn.is_autocommit() {
-            // SQLite aborted the whole transaction (I/O error, disk full, ...):
-            // the earlier commands of this batch are lost and must say so.
-            open = false;
-            let err = Error::Store(
-                "sqlite: the write transaction was rolled back by the database".into(),
-            );
-            pending.drain(..).for_each(|fin| fin(Err(err.clone())));
-            fx = Effects::default();
+        // Undoes the command's changes: its savepoint, or the transaction.
+        let undo = |open: &mut bool| {
+            if alone {
+                let _ = exec(conn, "ROLLBACK");
+                *open = false;
+            } else {
+                rollback_savepoint(conn);
+            }
+        };
+        let mut own = Effects::default();
+        match catch_unwind(AssertUnwindSafe(|| cmd.run(conn, clock.now(), &mut own))) {
+            Ok((true, fin)) => match if alone {
+                Ok(())
+            } else {
+                exec(conn, "RELEASE cmd")
+            } {
+                Ok(()) => {
+                    fx.merge(own);
+                    pending.push(fin);
+                }
+                Err(e) => {
+                    undo(&mut open);
+                    fin(Err(Error::Store(format!(
+                        "sqlite: cannot release a savepoint: {e}"
+                    ))));
+                }
+            },
+            Ok((false, fin)) => {
+                undo(&mut open);
+                // The command's own error is its answer; nothing was kept.
+                if alone {
+                    fin(Ok(()));
+                } else {
+                    pending.push(fin);
+                }
+            }
+            Err(_) => {
+                // The reply sender was dropped with the command: its caller
+                // gets "stopped before answering".
+                tracing::error!("sqlite writer: a command panicked; its changes were rolled back");
+                undo(&mut open);
+            }
         }
     }
+    abort_check(conn, &mut open, &mut pending, &mut fx);
     if !open {
         return;
     }
@@ -629,6 +650,18 @@ fn run_batch(
             let err = Error::Store(format!("sqlite: commit failed: {e}"));
             pending.into_iter().for_each(|fin| fin(Err(err.clone())));
         }
+    }
+}
+
+/// SQLite may abort the whole transaction on its own (I/O error, disk
+/// full, ...): the commands already run in it are lost and must say so.
+fn abort_check(conn: &Connection, open: &mut bool, pending: &mut Vec<Finisher>, fx: &mut Effects) {
+    if *open && conn.is_autocommit() {
+        *open = false;
+        let err =
+            Error::Store("sqlite: the write transaction was rolled back by the database".into());
+        pending.drain(..).for_each(|fin| fin(Err(err.clone())));
+        *fx = Effects::default();
     }
 }
 
@@ -891,11 +924,6 @@ macro_rules! lease_guard {
 }
 
 const LEASE_CHECK: &str = concat!("SELECT name FROM steps", lease_guard!());
-const SETTLE_COMPLETED: &str = concat!(
-    "UPDATE steps SET state = 'completed', result = ?6, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5",
-    lease_guard!(),
-    " RETURNING name"
-);
 const SETTLE_RETRY: &str = concat!(
     "UPDATE steps SET state = 'ready', run_at = ?6, error = ?7, lease_owner = NULL, lease_expires_at = NULL, \
      updated_at = ?5",
@@ -915,6 +943,19 @@ const SETTLE_RELEASED: &str = concat!(
      lease_expires_at = NULL, updated_at = ?5",
     lease_guard!()
 );
+/// No `RETURNING`: SQLite gathers returned rows in a temporary table first,
+/// which cost more than the update itself here.
+const SETTLE_COMPLETED: &str = concat!(
+    "UPDATE steps SET state = 'completed', result = ?6, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5",
+    lease_guard!()
+);
+/// A task with nothing else to do when its final step completes (no
+/// dependants, no response event, no parent group) finishes in the same
+/// breath; anything else goes the long way through [`TASK_META`].
+const FINISH_SIMPLE_TASK: &str = "UPDATE tasks SET state = 'completed', result = ?3, updated_at = ?4 \
+     WHERE id = ?1 AND state = 'running' AND has_deps = 0 AND response_event IS NULL AND parent_group IS NULL \
+       AND final_step = (SELECT name FROM steps WHERE id = ?2)";
+const STEP_NAME: &str = "SELECT name FROM steps WHERE id = ?1";
 const EXTEND_CHECKPOINT_LEASE: &str =
     concat!("UPDATE steps SET lease_expires_at = ?5", lease_guard!());
 const EVENT_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM events WHERE name = ?1)";
@@ -1152,17 +1193,28 @@ fn complete_one(
         lease.attempt,
     );
     let lost = || Ok(Err(Error::LeaseLost(lease.step_id)));
-    let settle_completed = |result: &str| -> DbResult<Option<String>> {
+    let settle_completed = |result: &str| -> DbResult<bool> {
         Ok(conn
             .prepare_cached(SETTLE_COMPLETED)?
-            .query_row(params![sid, tid, host, attempt, now, result], |r| r.get(0))
-            .optional()?)
+            .execute(params![sid, tid, host, attempt, now, result])?
+            > 0)
     };
     match c {
         Prepared::Completed { result } => {
-            let Some(name) = settle_completed(&result)? else {
+            if !settle_completed(&result)? {
                 return lost();
-            };
+            }
+            if conn
+                .prepare_cached(FINISH_SIMPLE_TASK)?
+                .execute(params![tid, sid, result, now])?
+                > 0
+            {
+                fx.finished = true;
+                return Ok(Ok(()));
+            }
+            let name: String = conn
+                .prepare_cached(STEP_NAME)?
+                .query_row([sid], |r| r.get(0))?;
             if let Some(meta) = task_meta(conn, lease.task_id)? {
                 if meta.has_deps {
                     unblock(conn, now, fx, lease.task_id, &name)?;
@@ -2128,5 +2180,90 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<StateCounts>>()?)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_core::SystemClock;
+
+    /// A command that records a host row named `id`, then fails if asked to
+    /// (after writing) or panics.
+    fn put_host(id: &str, then: &'static str) -> (Box<dyn Command>, oneshot::Receiver<Result<()>>) {
+        let (reply, answer) = oneshot::channel();
+        let id = id.to_owned();
+        let f = move |conn: &Connection, now: Millis, _: &mut Effects| -> DbResult<()> {
+            conn.execute(UPSERT_HOST, params![id, 1, "h", "[]", now, now])?;
+            match then {
+                "fail" => Err(Fail::App(Error::InvalidInput(format!("{id} refused")))),
+                "panic" => panic!("{id} panicked"),
+                _ => Ok(()),
+            }
+        };
+        (
+            Box::new(Op {
+                op: "put_host",
+                f,
+                reply,
+            }),
+            answer,
+        )
+    }
+
+    fn hosts(conn: &Connection) -> Vec<String> {
+        let mut stmt = conn.prepare("SELECT id FROM hosts ORDER BY id").unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    fn writer() -> Connection {
+        let conn = Connection::open_in_memory().unwrap();
+        migrate_now(&conn, 0).map_err(|_| "migrate").unwrap();
+        conn
+    }
+
+    fn answer(rx: oneshot::Receiver<Result<()>>) -> std::result::Result<Result<()>, &'static str> {
+        rx.blocking_recv().map_err(|_| "no answer")
+    }
+
+    #[test]
+    fn a_failing_command_alone_rolls_back_its_transaction() {
+        let conn = writer();
+        let signals = Signals::new();
+        for then in ["fail", "panic"] {
+            let (cmd, rx) = put_host(then, then);
+            run_batch(&conn, &mut vec![cmd], &SystemClock, &signals);
+            match answer(rx) {
+                Ok(Err(Error::InvalidInput(m))) => assert_eq!(then, "fail", "{m}"),
+                Err(_) => assert_eq!(then, "panic", "a panicking command drops its reply"),
+                other => panic!("unexpected answer for {then}: {other:?}"),
+            }
+            assert!(conn.is_autocommit(), "no transaction is left open");
+            assert!(hosts(&conn).is_empty(), "nothing of `{then}` was kept");
+        }
+        let (cmd, rx) = put_host("ok", "ok");
+        run_batch(&conn, &mut vec![cmd], &SystemClock, &signals);
+        assert!(matches!(answer(rx), Ok(Ok(()))));
+        assert_eq!(hosts(&conn), ["ok"]);
+    }
+
+    #[test]
+    fn a_failing_command_in_a_batch_leaves_the_others_in_place() {
+        let conn = writer();
+        let signals = Signals::new();
+        let (a, ra) = put_host("a", "ok");
+        let (b, rb) = put_host("b", "fail");
+        let (c, rc) = put_host("c", "panic");
+        let (d, rd) = put_host("d", "ok");
+        run_batch(&conn, &mut vec![a, b, c, d], &SystemClock, &signals);
+        assert!(matches!(answer(ra), Ok(Ok(()))));
+        assert!(matches!(answer(rb), Ok(Err(Error::InvalidInput(_)))));
+        assert!(answer(rc).is_err());
+        assert!(matches!(answer(rd), Ok(Ok(()))));
+        assert!(conn.is_autocommit());
+        assert_eq!(hosts(&conn), ["a", "d"]);
     }
 }
