@@ -7,6 +7,7 @@
 
 pub mod clock;
 pub mod error;
+pub mod ids;
 pub mod model;
 pub mod store;
 

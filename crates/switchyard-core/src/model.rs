@@ -28,7 +28,7 @@ macro_rules! id_type {
         impl $name {
             /// A new time-ordered (UUIDv7) id.
             pub fn new() -> Self {
-                Self(Uuid::now_v7())
+                Self(crate::ids::new_v7())
             }
         }
 

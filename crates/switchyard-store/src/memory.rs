@@ -48,13 +48,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
+use switchyard_core::ids::IdGen;
 use switchyard_core::{
     CheckpointRecord, ChildOutcome, ClaimBatch, ClaimedStep, Clock, Completion, Error, ErrorInfo,
     ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewStep, NewTask, Resolution,
     Result, Signals, Spawned, StateCounts, StepId, StepRecord, StepState, Store, SystemClock,
     TaskDetail, TaskFilter, TaskId, TaskRecord, TaskState, WaitFor,
 };
-use uuid::Uuid;
 
 /// Default page size of the list calls when the caller passes 0.
 const DEFAULT_LIMIT: usize = 100;
@@ -112,54 +112,6 @@ type ReadyKey = (Reverse<i32>, Millis, u64, StepId);
 
 /// A delay-heap entry: (due time, generation, step).
 type DelayEntry = Reverse<(Millis, u64, StepId)>;
-
-/// UUIDv7 generator. `Uuid::now_v7` asks the OS for randomness on every call
-/// (a system call per id, two ids per spawn); this one is seeded once and
-/// keeps ids monotonic within the store: 48-bit ms, then a 42-bit counter
-/// (random start each millisecond), then 32 random bits.
-struct IdGen {
-    last_ms: u64,
-    counter: u64,
-    rng: u64,
-}
-
-impl IdGen {
-    fn new() -> Self {
-        let seed = Uuid::now_v7().as_u128();
-        Self {
-            last_ms: 0,
-            counter: 0,
-            rng: (seed as u64) ^ ((seed >> 64) as u64),
-        }
-    }
-
-    /// wyrand.
-    fn random(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0xa076_1d64_78bd_642f);
-        let t = u128::from(self.rng).wrapping_mul(u128::from(self.rng ^ 0xe703_7ed1_a0b4_28db));
-        (t as u64) ^ ((t >> 64) as u64)
-    }
-
-    fn next(&mut self, now: Millis) -> Uuid {
-        let ms = (now.max(0) as u64).min((1 << 48) - 1);
-        if ms > self.last_ms {
-            self.last_ms = ms;
-            // 41 random bits leave at least 2^41 ids of room in this millisecond.
-            self.counter = self.random() >> 23;
-        } else {
-            self.counter += 1;
-        }
-        let c = self.counter & ((1 << 42) - 1);
-        let r = self.random() & 0xffff_ffff;
-        let v = (u128::from(self.last_ms) << 80)
-            | (0x7 << 76)
-            | (u128::from(c >> 30) << 64)
-            | (0b10 << 62)
-            | (u128::from(c & 0x3fff_ffff) << 32)
-            | u128::from(r);
-        Uuid::from_u128(v)
-    }
-}
 
 /// Where a step currently sits in the dispatch indexes.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -1610,6 +1562,17 @@ mod tests {
     const HOST: &str = "host-a";
     const LEASE: i64 = 30_000;
 
+    /// A small seeded generator, so a failing random run can be replayed.
+    struct Wyrand(u64);
+
+    impl Wyrand {
+        fn random(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+            let t = u128::from(self.0).wrapping_mul(u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db));
+            (t as u64) ^ ((t >> 64) as u64)
+        }
+    }
+
     fn store() -> (MemoryStore, Arc<FakeClock>) {
         let clock = Arc::new(FakeClock::new());
         (MemoryStore::with_clock(clock.clone()), clock)
@@ -2390,7 +2353,7 @@ mod tests {
     #[tokio::test]
     async fn random_operations_keep_the_indexes_consistent() {
         let (s, clock) = store();
-        let mut rng = IdGen::new();
+        let mut rng = Wyrand(0x5eed_1234_abcd_0042);
         let mut held: Vec<ClaimedStep> = Vec::new();
         let mut tasks: Vec<TaskId> = Vec::new();
         let handlers = ["a", "b", "d"];
