@@ -1,8 +1,10 @@
 """The Worker: register Python handlers and serve them from the Rust core.
 
 Sync handlers run on a pool of Python threads that wait for work inside Rust
-with the GIL released and take jobs in batches (one GIL acquisition per
-batch). ``async def`` handlers run on one long-lived asyncio loop, many at a
+with the GIL released. A thread that is running handlers takes the jobs
+already queued without giving up the GIL; idle threads are woken only when no
+thread is taking jobs, or when the queue stalls because every busy thread sits
+in a blocking handler (the core's serial-inbox policy). ``async def`` handlers run on one long-lived asyncio loop, many at a
 time up to each handler's concurrency. The core enforces timeouts, leases and
 retries; a cancelled task cancels the asyncio task of an async handler and
 sets ``ctx.is_cancelled()`` for sync handlers.
@@ -389,9 +391,11 @@ class Worker:
 
     # -- sync handlers ------------------------------------------------------
     def _sync_loop(self) -> None:
-        native = self._native
+        # One job at a time: queued jobs are taken without releasing the GIL,
+        # and a job never waits behind a slow handler on this thread.
+        consumer = self._native.consumer()
         while True:
-            jobs = native.next_jobs(False, 16, 0.25)
+            jobs = consumer.next_jobs(1, 0.25)
             if jobs is None:
                 return
             if not jobs:
@@ -442,7 +446,7 @@ class Worker:
         native, loop = self._native, self._loop
         assert loop is not None
         while True:
-            jobs = native.next_jobs(True, 64, 0.25)
+            jobs = native.next_async_jobs(64, 0.25)
             if jobs is None:
                 return
             if not jobs:

@@ -134,6 +134,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::NativeClient>()?;
     m.add_class::<worker::NativeWorker>()?;
     m.add_class::<worker::NativeJob>()?;
+    m.add_class::<worker::NativeConsumer>()?;
     m.add_class::<context::NativeContext>()?;
     m.add_class::<context::CancelWatch>()?;
     m.add_function(wrap_pyfunction!(logs::take_logs, m)?)?;

@@ -1,9 +1,11 @@
 //! `switchyard._native.NativeWorker` and `NativeJob`: a host whose handlers
 //! are Python functions. Two inboxes (sync handlers on Python threads, async
-//! handlers on one asyncio loop) are fed by the core; Python threads take
-//! jobs in batches with the GIL released and answer each job once.
+//! handlers on one asyncio loop) are fed by the core. Each sync thread reads
+//! the sync inbox through its own `NativeConsumer` (the core's serial-inbox
+//! policy: a thread running handlers keeps taking queued jobs while holding
+//! the GIL; idle threads wait with the GIL released and are woken only when
+//! needed); the asyncio feeder takes batches. Each job is answered once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use parking_lot::Mutex;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
-use switchyard_core::bridge::{Closed, HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply};
+use switchyard_core::bridge::{Consumer, HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply};
 use switchyard_core::{
     ApiError, Decision, HandlerOptions, NewStep, RunningWorker, StepError, WaitFor, Worker,
 };
@@ -40,40 +42,54 @@ pub struct NativeWorker {
     sync_inbox: Arc<Inbox>,
     async_inbox: Arc<Inbox>,
     running: Mutex<Option<Arc<RunningWorker>>>,
-    /// Sync handler threads waiting in `next_jobs` now.
-    idle_sync: AtomicUsize,
 }
 
 fn positive_secs(what: &str, s: f64) -> PyResult<Duration> {
     switchyard_core::bridge::seconds(what, s).map_err(PyValueError::new_err)
 }
 
-impl NativeWorker {
-    /// Waits for one job, then takes a fair share of the jobs still queued
-    /// (split among the threads that are waiting too), so one thread never
-    /// holds jobs that an idle thread could start now: a slow handler would
-    /// otherwise delay the jobs queued behind it on the same thread.
-    fn take_fair_share(
+fn jobs_for_python(
+    py: Python<'_>,
+    jobs: Result<Vec<Job>, switchyard_core::bridge::Closed>,
+) -> PyResult<Option<Vec<NativeJob>>> {
+    match jobs {
+        Err(_) => Ok(None),
+        Ok(jobs) => jobs
+            .into_iter()
+            .map(|j| NativeJob::new(py, j))
+            .collect::<PyResult<Vec<_>>>()
+            .map(Some),
+    }
+}
+
+/// One sync handler thread's handle on the sync inbox.
+#[pyclass(module = "switchyard._native", frozen)]
+pub struct NativeConsumer {
+    inner: Mutex<Consumer>,
+}
+
+#[pymethods]
+impl NativeConsumer {
+    /// Up to `max` jobs: those already queued are taken at once with the GIL
+    /// held; otherwise waits at most `timeout` seconds with the GIL released.
+    /// Returns None once the worker has stopped.
+    #[pyo3(signature = (max=1, timeout=0.2))]
+    fn next_jobs(
         &self,
         py: Python<'_>,
-        inbox: Arc<Inbox>,
         max: usize,
-        slice: Duration,
-    ) -> Result<Vec<Job>, Closed> {
-        self.idle_sync.fetch_add(1, Ordering::SeqCst);
-        let first = py.detach({
-            let inbox = inbox.clone();
-            move || inbox.recv_batch(1, slice)
-        });
-        let others_idle = self.idle_sync.fetch_sub(1, Ordering::SeqCst) - 1;
-        let mut jobs = first?;
-        if !jobs.is_empty() && max > 1 {
-            let share = (inbox.len() / (others_idle + 1)).min(max - 1);
-            if share > 0 {
-                jobs.extend(inbox.try_recv_batch(share).unwrap_or_default());
+        timeout: f64,
+    ) -> PyResult<Option<Vec<NativeJob>>> {
+        let slice = positive_secs("timeout", timeout)?;
+        let mut consumer = self.inner.lock();
+        let jobs = match consumer.try_next(max) {
+            Ok(jobs) if jobs.is_empty() => {
+                let c = &mut *consumer;
+                py.detach(move || c.next(max, slice))
             }
-        }
-        Ok(jobs)
+            other => other,
+        };
+        jobs_for_python(py, jobs)
     }
 }
 
@@ -98,10 +114,9 @@ impl NativeWorker {
             shutdown_grace: positive_secs("shutdown_grace", shutdown_grace)?,
             max_payload: max_payload_bytes,
             regs: Mutex::new(Vec::new()),
-            sync_inbox: Inbox::new(),
+            sync_inbox: Inbox::serial(),
             async_inbox: Inbox::new(),
             running: Mutex::new(None),
-            idle_sync: AtomicUsize::new(0),
         })
     }
 
@@ -198,40 +213,29 @@ impl NativeWorker {
             .map(|r| r.host_id().to_string())
     }
 
-    /// Takes up to `max` jobs from the sync (`is_async=False`) or async
-    /// inbox, waiting at most `timeout` seconds with the GIL released.
+    /// Takes up to `max` jobs from the async inbox (the asyncio feeder
+    /// thread), waiting at most `timeout` seconds with the GIL released.
     /// Returns None once the worker has stopped.
-    #[pyo3(signature = (is_async, max=64, timeout=0.2))]
-    fn next_jobs(
+    #[pyo3(signature = (max=64, timeout=0.2))]
+    fn next_async_jobs(
         &self,
         py: Python<'_>,
-        is_async: bool,
         max: usize,
         timeout: f64,
     ) -> PyResult<Option<Vec<NativeJob>>> {
-        let inbox = if is_async {
-            self.async_inbox.clone()
-        } else {
-            self.sync_inbox.clone()
-        };
+        let inbox = self.async_inbox.clone();
         let slice = positive_secs("timeout", timeout)?;
-        let jobs = if is_async {
-            // One feeder thread per process hands everything to the loop.
-            py.detach(move || inbox.recv_batch(max, slice))
-        } else {
-            self.take_fair_share(py, inbox, max, slice)
-        };
-        match jobs {
-            Err(_) => Ok(None),
-            Ok(jobs) => jobs
-                .into_iter()
-                .map(|j| NativeJob::new(py, j))
-                .collect::<PyResult<Vec<_>>>()
-                .map(Some),
+        jobs_for_python(py, py.detach(move || inbox.recv_batch(max, slice)))
+    }
+
+    /// A handle on the sync inbox for one serving thread.
+    fn consumer(&self) -> NativeConsumer {
+        NativeConsumer {
+            inner: Mutex::new(Consumer::new(self.sync_inbox.clone())),
         }
     }
 
-    /// Wakes threads blocked in `next_jobs` (they return an empty list).
+    /// Wakes threads waiting for jobs (they return an empty list).
     fn interrupt(&self) {
         self.sync_inbox.interrupt();
         self.async_inbox.interrupt();

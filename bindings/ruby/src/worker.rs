@@ -1,9 +1,10 @@
 //! `Switchyard::Native::Worker` and `Switchyard::Native::Job`: a host whose
-//! handlers are Ruby blocks. The core pushes jobs into one inbox; Ruby
-//! handler threads take them in batches without the GVL (one GVL
-//! acquisition per batch) and answer each job once, without blocking.
+//! handlers are Ruby blocks. The core pushes jobs into one serial inbox;
+//! each Ruby handler thread reads it through its own
+//! `Switchyard::Native::Consumer` (a thread running blocks keeps taking the
+//! queued jobs with the GVL held; idle threads wait without the GVL and are
+//! woken only when needed) and answers each job once, without blocking.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,9 @@ use magnus::{
     Value,
 };
 use parking_lot::Mutex;
-use switchyard_core::bridge::{Closed, HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply};
+use switchyard_core::bridge::{
+    Closed, Consumer, HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply,
+};
 use switchyard_core::{
     ApiError, Decision, HandlerOptions, NewStep, RunningWorker, StepError, WaitFor, Worker,
 };
@@ -99,9 +102,13 @@ pub struct RbWorker {
     regs: Mutex<Vec<Registration>>,
     inbox: Arc<Inbox>,
     running: Mutex<Option<Arc<RunningWorker>>>,
-    /// Handler threads waiting in `next_jobs` now.
-    idle: AtomicUsize,
     cancels: Arc<CancelQueue>,
+}
+
+/// One handler thread's handle on the worker's inbox.
+#[magnus::wrap(class = "Switchyard::Native::Consumer", free_immediately, size)]
+pub struct RbConsumer {
+    inner: Mutex<Consumer>,
 }
 
 fn arg_error(ruby: &Ruby, msg: String) -> Error {
@@ -150,9 +157,8 @@ impl RbWorker {
             shutdown_grace: secs(ruby, "shutdown_grace", shutdown_grace)?,
             max_payload,
             regs: Mutex::new(Vec::new()),
-            inbox: Inbox::new(),
+            inbox: Inbox::serial(),
             running: Mutex::new(None),
-            idle: AtomicUsize::new(0),
             cancels: Arc::default(),
         })
     }
@@ -245,51 +251,48 @@ impl RbWorker {
             .map(|r| r.host_id().to_string())
     }
 
-    /// Waits (without the GVL) for one job, then takes a fair share of the
-    /// jobs still queued, split among the threads that are waiting too: a
-    /// thread never holds jobs that an idle thread could start now.
+    /// Up to `max` jobs for the thread holding `consumer`: those already
+    /// queued at once (with the GVL), otherwise after a wait without it.
     fn take(
         &self,
         ruby: &Ruby,
+        consumer: &RbConsumer,
         max: usize,
         slice: Duration,
     ) -> Result<Result<Vec<Job>, Closed>, Error> {
-        self.idle.fetch_add(1, Ordering::SeqCst);
-        let inbox = self.inbox.clone();
-        let first = nogvl(
-            ruby,
-            || inbox.recv_batch(1, slice),
-            || self.inbox.interrupt(),
-        );
-        let others_idle = self.idle.fetch_sub(1, Ordering::SeqCst) - 1;
-        let mut jobs = match first? {
-            Ok(j) => j,
-            Err(c) => return Ok(Err(c)),
-        };
-        if !jobs.is_empty() && max > 1 {
-            let share = (self.inbox.len() / (others_idle + 1)).min(max - 1);
-            if share > 0 {
-                jobs.extend(self.inbox.try_recv_batch(share).unwrap_or_default());
+        let mut consumer = consumer.inner.lock();
+        match consumer.try_next(max) {
+            Ok(jobs) if jobs.is_empty() => {
+                let c = &mut *consumer;
+                nogvl(ruby, || c.next(max, slice), || self.inbox.interrupt())
             }
+            other => Ok(other),
         }
-        Ok(Ok(jobs))
     }
 
-    /// Takes up to `max` jobs, waiting at most `timeout` seconds without the
-    /// GVL. Each job is `[job, handler, input, ctx]` (batch jobs:
+    /// A handle on the inbox for one handler thread.
+    fn consumer(&self) -> RbConsumer {
+        RbConsumer {
+            inner: Mutex::new(Consumer::new(self.inbox.clone())),
+        }
+    }
+
+    /// Takes up to `max` jobs for the thread holding `consumer`, waiting at
+    /// most `timeout` seconds without the GVL. Each job is `[job, handler, input, ctx]` (batch jobs:
     /// `[job, handler, [[input, ctx], ...], nil]`). Returns nil once the
     /// worker has stopped. An interrupt (`Thread#kill`, `Thread#raise`)
     /// ends the wait at once.
     fn next_jobs(
         ruby: &Ruby,
         rb_self: &Self,
+        consumer: &RbConsumer,
         max: usize,
         timeout: f64,
     ) -> Result<Option<RArray>, Error> {
         guard(ruby, || {
             let slice = secs(ruby, "timeout", timeout)?;
             let rt = crate::runtime(ruby)?;
-            let jobs = match rb_self.take(ruby, max, slice)? {
+            let jobs = match rb_self.take(ruby, consumer, max, slice)? {
                 Ok(j) => j,
                 Err(Closed) => return Ok(None),
             };
@@ -631,7 +634,9 @@ pub fn define(ruby: &Ruby, _switchyard: RModule, native: RModule) -> Result<(), 
     w.define_method("register", method!(RbWorker::register, 3))?;
     w.define_method("start", method!(RbWorker::start, 0))?;
     w.define_method("host_id", method!(RbWorker::host_id, 0))?;
-    w.define_method("next_jobs", method!(RbWorker::next_jobs, 2))?;
+    w.define_method("consumer", method!(RbWorker::consumer, 0))?;
+    w.define_method("next_jobs", method!(RbWorker::next_jobs, 3))?;
+    native.define_class("Consumer", ruby.class_object())?;
     w.define_method("interrupt", method!(RbWorker::interrupt, 0))?;
     w.define_method("next_cancels", method!(RbWorker::next_cancels, 1))?;
     w.define_method("shutdown", method!(RbWorker::shutdown, 0))?;

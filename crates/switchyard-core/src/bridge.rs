@@ -10,10 +10,19 @@
 //! [`Job::complete`], which never blocks.
 //!
 //! Waiting:
-//! * threads (Python with the GIL released, Ruby without the GVL, C) call
-//!   [`Inbox::recv_batch`], which blocks on a condition variable for at most
-//!   the given time slice, so the caller can check for signals between slices;
-//!   [`Inbox::interrupt`] wakes them at once (Ruby's unblock function);
+//! * threads that run in parallel (C) call [`Inbox::recv_batch`], which
+//!   blocks on a condition variable for at most the given time slice, so the
+//!   caller can check for signals between slices; every job wakes a waiter;
+//! * threads that take turns under an interpreter lock (Python's GIL, Ruby's
+//!   GVL) read a [`Inbox::serial`] inbox through one [`Consumer`] each: a
+//!   consumer that is running handlers keeps taking the queued jobs itself,
+//!   and an idle thread is woken only when none is, or when the queue has
+//!   stalled for [`STALL`] because every busy thread sits in a blocking
+//!   handler. Waking a thread per job made the threads fight over the lock:
+//!   measured with 32 Python threads, more CPU went to handing the GIL
+//!   around than to running handlers;
+//! * [`Inbox::interrupt`] wakes every waiter at once (Ruby's unblock
+//!   function);
 //! * event loops (Node) await [`Inbox::recv_batch_async`].
 
 use std::collections::VecDeque;
@@ -258,11 +267,26 @@ impl Job {
     }
 }
 
+/// How long queued jobs may sit untaken, while consumers are busy, before
+/// an idle consumer of a [`Inbox::serial`] inbox takes them: the busy ones
+/// are then taken to be blocked in their handlers (I/O, sleeping).
+pub const STALL: Duration = Duration::from_millis(2);
+
 #[derive(Default)]
 struct State {
     queue: VecDeque<Job>,
     closed: bool,
     interrupts: u64,
+    /// Consumers holding jobs (they take queued jobs before waiting again).
+    busy: usize,
+    /// Consumers waiting in [`Consumer::next`].
+    waiting: usize,
+    /// A waiter was woken and has not looked at the queue yet.
+    wake_pending: bool,
+    /// A waiter watches a queue that busy consumers are draining.
+    sentinel: bool,
+    /// When a consumer last took a job.
+    last_take: Option<Instant>,
 }
 
 /// The queue between the dispatcher and one foreign runtime.
@@ -271,6 +295,10 @@ pub struct Inbox {
     cond: Condvar,
     notify: Notify,
     next_id: AtomicU64,
+    /// Read through [`Consumer`]s, which wake each other (see the module docs).
+    serial: bool,
+    /// See [`STALL`].
+    stall: Duration,
 }
 
 /// The inbox was closed: the host is stopping.
@@ -279,13 +307,26 @@ pub struct Inbox {
 pub struct Closed;
 
 impl Inbox {
-    /// An empty inbox.
+    /// An empty inbox for parallel threads ([`Self::recv_batch`]) or an
+    /// event loop ([`Self::recv_batch_async`]).
     pub fn new() -> Arc<Self> {
+        Self::with_mode(false, STALL)
+    }
+
+    /// An empty inbox for threads that take turns under an interpreter lock,
+    /// read through one [`Consumer`] per thread.
+    pub fn serial() -> Arc<Self> {
+        Self::with_mode(true, STALL)
+    }
+
+    fn with_mode(serial: bool, stall: Duration) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::default(),
             cond: Condvar::new(),
             notify: Notify::new(),
             next_id: AtomicU64::new(1),
+            serial,
+            stall,
         })
     }
 
@@ -309,14 +350,24 @@ impl Inbox {
             items,
             reply: tx,
         };
-        {
+        let wake = {
             let mut s = self.lock();
             if s.closed {
                 return Err(Closed);
             }
             s.queue.push_back(job);
+            // A serial inbox wakes one waiter when nobody is taking jobs, or
+            // to watch for a stall while busy consumers drain the queue.
+            let wake =
+                !self.serial || (s.waiting > 0 && !s.wake_pending && (s.busy == 0 || !s.sentinel));
+            if self.serial && wake {
+                s.wake_pending = true;
+            }
+            wake
+        };
+        if wake {
+            self.cond.notify_one();
         }
-        self.cond.notify_one();
         self.notify.notify_one();
         Ok(rx)
     }
@@ -329,7 +380,8 @@ impl Inbox {
     /// Blocks the calling thread until jobs are available (returns up to
     /// `max`), `slice` has passed (returns none), [`Self::interrupt`] was
     /// called (returns none), or the inbox is closed (`Err(Closed)` once the
-    /// queue is empty).
+    /// queue is empty). Not for [`Self::serial`] inboxes (use a
+    /// [`Consumer`]): their jobs do not wake every waiter.
     ///
     /// Thread affinity: any thread that is not a tokio runtime worker. Call
     /// it with the interpreter lock released.
@@ -421,6 +473,124 @@ impl Inbox {
     /// True if no job is waiting.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// One thread's handle on a [`Inbox::serial`] inbox (see the module docs).
+/// Dropping it (the thread stopped serving) gives up its busy mark.
+pub struct Consumer {
+    inbox: Arc<Inbox>,
+    busy: bool,
+}
+
+impl Consumer {
+    /// A consumer of `inbox` (a [`Inbox::serial`] one), not yet busy.
+    pub fn new(inbox: Arc<Inbox>) -> Self {
+        Self { inbox, busy: false }
+    }
+
+    fn take(&mut self, s: &mut State, max: usize) -> Vec<Job> {
+        s.last_take = Some(Instant::now());
+        if !self.busy {
+            self.busy = true;
+            s.busy += 1;
+        }
+        let jobs = Inbox::take(s, max);
+        if s.closed && s.queue.is_empty() {
+            // The last job of a closed inbox: the waiters can leave now.
+            self.inbox.cond.notify_all();
+        }
+        jobs
+    }
+
+    /// Up to `max` jobs already queued, without waiting (call it while
+    /// holding the interpreter lock: it never blocks). Empty when none are.
+    pub fn try_next(&mut self, max: usize) -> Result<Vec<Job>, Closed> {
+        let inbox = self.inbox.clone();
+        let mut s = inbox.lock();
+        if s.queue.is_empty() {
+            return if s.closed {
+                Err(Closed)
+            } else {
+                Ok(Vec::new())
+            };
+        }
+        Ok(self.take(&mut s, max))
+    }
+
+    /// Waits until this thread should take jobs (returns up to `max`),
+    /// `slice` has passed or [`Inbox::interrupt`] was called (returns none),
+    /// or the inbox is closed and drained (`Err(Closed)`). Call it with the
+    /// interpreter lock released; it first gives up the busy mark.
+    pub fn next(&mut self, max: usize, slice: Duration) -> Result<Vec<Job>, Closed> {
+        let inbox = self.inbox.clone();
+        let deadline = Instant::now() + slice;
+        let mut s = inbox.lock();
+        if self.busy {
+            self.busy = false;
+            s.busy -= 1;
+        }
+        let seen = s.interrupts;
+        s.waiting += 1;
+        let mut sentinel = false;
+        let outcome = loop {
+            let now = Instant::now();
+            if !s.queue.is_empty() {
+                let stalled = s.last_take.is_none_or(|t| now >= t + inbox.stall);
+                if s.busy == 0 || stalled {
+                    break Ok(self.take(&mut s, max));
+                }
+            }
+            if s.closed && s.queue.is_empty() {
+                break Err(Closed);
+            }
+            if s.interrupts != seen || now >= deadline {
+                break Ok(Vec::new());
+            }
+            // Busy consumers are draining the queue: one waiter watches the
+            // clock for a stall, the others sleep until woken.
+            let mut until = deadline;
+            if !s.queue.is_empty() && (sentinel || !s.sentinel) {
+                sentinel = true;
+                s.sentinel = true;
+                if let Some(t) = s.last_take {
+                    until = until.min(t + inbox.stall);
+                }
+            } else if sentinel {
+                sentinel = false;
+                s.sentinel = false;
+            }
+            s = inbox
+                .cond
+                .wait_timeout(s, until.saturating_duration_since(now))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+            s.wake_pending = false;
+        };
+        s.waiting -= 1;
+        if sentinel {
+            s.sentinel = false;
+            // Hand the watch on if there is still something to watch.
+            if !s.queue.is_empty() && s.waiting > 0 && !s.wake_pending {
+                s.wake_pending = true;
+                inbox.cond.notify_one();
+            }
+        }
+        outcome
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if self.busy {
+            let mut s = self.inbox.lock();
+            s.busy -= 1;
+            // It may have left jobs for others to take.
+            if !s.queue.is_empty() && s.waiting > 0 {
+                s.wake_pending = true;
+                self.inbox.cond.notify_one();
+            }
+        }
     }
 }
 
@@ -559,6 +729,135 @@ impl BatchableCapable for InboxHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(inbox: &Inbox) -> oneshot::Receiver<Vec<Reply>> {
+        inbox
+            .push("h", JobKind::Step, Vec::new())
+            .expect("open inbox")
+    }
+
+    /// Runs `next` on another thread; its result arrives on the channel.
+    fn wait_on_thread(
+        inbox: &Arc<Inbox>,
+        slice: Duration,
+    ) -> std::sync::mpsc::Receiver<(Result<usize, Closed>, Duration)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let inbox = inbox.clone();
+        std::thread::spawn(move || {
+            let mut c = Consumer::new(inbox);
+            let t = Instant::now();
+            let r = c.next(4, slice).map(|j| j.len());
+            let _ = tx.send((r, t.elapsed()));
+        });
+        rx
+    }
+
+    fn until_waiting(inbox: &Inbox, n: usize) {
+        while inbox.lock().waiting < n {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn an_idle_consumer_takes_a_job_at_once_when_nobody_is_busy() {
+        let inbox = Inbox::serial();
+        let got = wait_on_thread(&inbox, Duration::from_secs(10));
+        until_waiting(&inbox, 1);
+        let _r = job(&inbox);
+        let (n, waited) = got.recv_timeout(Duration::from_secs(5)).expect("woken");
+        assert_eq!(n, Ok(1));
+        assert!(waited < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_busy_consumer_keeps_the_jobs_and_an_idle_one_takes_over_after_a_stall() {
+        let inbox = Inbox::serial();
+        let mut busy = Consumer::new(inbox.clone());
+        let (_a, _b) = (job(&inbox), job(&inbox));
+        assert_eq!(
+            busy.try_next(1).unwrap().len(),
+            1,
+            "queued jobs are taken without waiting"
+        );
+        let took = Instant::now();
+
+        // `busy` is inside a handler now. The job left in the queue waits for
+        // it at first; once the queue has stalled for STALL, an idle thread
+        // takes it.
+        let idle = wait_on_thread(&inbox, Duration::from_secs(10));
+        let (n, _) = idle
+            .recv_timeout(Duration::from_secs(5))
+            .expect("taken over");
+        assert_eq!(n, Ok(1));
+        assert!(
+            took.elapsed() >= STALL,
+            "the idle thread waited for a stall first"
+        );
+
+        // While a busy consumer keeps taking jobs, an idle one stays asleep
+        // (a long stall time, so that a slow test machine cannot fake one).
+        let patient = Inbox::with_mode(true, Duration::from_secs(60));
+        let mut worker = Consumer::new(patient.clone());
+        let _c = job(&patient);
+        assert_eq!(worker.try_next(1).unwrap().len(), 1);
+        let idle = wait_on_thread(&patient, Duration::from_millis(300));
+        until_waiting(&patient, 1);
+        for _ in 0..100 {
+            let _r = job(&patient);
+            assert_eq!(worker.try_next(4).unwrap().len(), 1);
+        }
+        let (n, _) = idle
+            .recv_timeout(Duration::from_secs(5))
+            .expect("slice ends");
+        assert_eq!(n, Ok(0), "the idle thread was not needed");
+
+        // A consumer that stops serving while busy lets the others take over at once.
+        let idle = wait_on_thread(&inbox, Duration::from_secs(10));
+        until_waiting(&inbox, 1);
+        let _c = job(&inbox);
+        drop(busy);
+        let (n, waited) = idle.recv_timeout(Duration::from_secs(5)).expect("woken");
+        assert_eq!(n, Ok(1));
+        assert!(waited < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn consumers_leave_on_close_once_the_queue_is_drained_and_on_interrupt() {
+        let inbox = Inbox::serial();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| wait_on_thread(&inbox, Duration::from_secs(30)))
+            .collect();
+        until_waiting(&inbox, 3);
+        inbox.interrupt();
+        for w in &waiters {
+            let (n, waited) = w.recv_timeout(Duration::from_secs(5)).expect("interrupted");
+            assert_eq!(n, Ok(0));
+            assert!(waited < Duration::from_secs(5));
+        }
+
+        let mut busy = Consumer::new(inbox.clone());
+        let _a = job(&inbox);
+        let _b = job(&inbox);
+        assert_eq!(busy.try_next(1).unwrap().len(), 1);
+        let waiters: Vec<_> = (0..2)
+            .map(|_| wait_on_thread(&inbox, Duration::from_secs(30)))
+            .collect();
+        until_waiting(&inbox, 2);
+        inbox.close();
+        // One job is still queued: someone takes it, then everyone leaves.
+        let mut outcomes: Vec<Result<usize, Closed>> = waiters
+            .iter()
+            .map(|w| w.recv_timeout(Duration::from_secs(5)).expect("left").0)
+            .collect();
+        outcomes.sort_by_key(|o| o.is_err());
+        assert_eq!(outcomes, [Ok(1), Err(Closed)]);
+        assert_eq!(busy.try_next(1).map(|j| j.len()), Err(Closed));
+        assert!(job_refused(&inbox));
+    }
+
+    fn job_refused(inbox: &Inbox) -> bool {
+        inbox.push("h", JobKind::Step, Vec::new()).is_err()
+    }
 
     #[test]
     fn handler_specs_are_checked_in_one_place() {

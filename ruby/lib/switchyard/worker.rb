@@ -29,9 +29,11 @@ module Switchyard
     private_constant :DEFER_CANCEL, :ALLOW_CANCEL
 
     # +threads+: Ruby threads serving handlers (default: concurrency, at
-    # most 16). +batch+: most jobs a thread takes per wait.
+    # most 16). +batch+: most jobs a thread takes at once (default 1: a
+    # thread running blocks keeps taking queued jobs one by one without
+    # giving up the GVL, and no job waits behind a slow block on its thread).
     def initialize(store: nil, concurrency: 64, threads: nil, lease: 30.0, shutdown_grace: 10.0,
-                   max_payload_bytes: nil, batch: 64)
+                   max_payload_bytes: nil, batch: 1)
       @store = (store || Switchyard.default_store).to_s
       concurrency = Integer(concurrency)
       @native = Native::Worker.new(@store, concurrency, Float(lease), Float(shutdown_grace), max_payload_bytes)
@@ -201,7 +203,8 @@ module Switchyard
       native = @native
       handlers = @handlers
       batch = @batch
-      while (jobs = native.next_jobs(batch, 1.0))
+      consumer = native.consumer
+      while (jobs = native.next_jobs(consumer, batch, 1.0))
         jobs.each do |job, name, input, ctx|
           run_job(handlers.fetch(name), job, input, ctx)
         end
