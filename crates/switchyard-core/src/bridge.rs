@@ -279,7 +279,8 @@ struct State {
     interrupts: u64,
     /// Consumers holding jobs (they take queued jobs before waiting again).
     busy: usize,
-    /// Consumers waiting in [`Consumer::next`].
+    /// Threads waiting on the condition variable ([`Consumer::next`],
+    /// [`Inbox::recv_batch`]).
     waiting: usize,
     /// A waiter was woken and has not looked at the queue yet.
     wake_pending: bool,
@@ -358,8 +359,10 @@ impl Inbox {
             s.queue.push_back(job);
             // A serial inbox wakes one waiter when nobody is taking jobs, or
             // to watch for a stall while busy consumers drain the queue.
-            let wake =
-                !self.serial || (s.waiting > 0 && !s.wake_pending && (s.busy == 0 || !s.sentinel));
+            // Only threads need the condition variable (a notify is a
+            // system call even with nobody waiting; Node waits on `notify`).
+            let wake = s.waiting > 0
+                && (!self.serial || (!s.wake_pending && (s.busy == 0 || !s.sentinel)));
             if self.serial && wake {
                 s.wake_pending = true;
             }
@@ -403,11 +406,13 @@ impl Inbox {
             if now >= deadline {
                 return Ok(Vec::new());
             }
+            s.waiting += 1;
             s = self
                 .cond
                 .wait_timeout(s, deadline - now)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
+            s.waiting -= 1;
         }
     }
 

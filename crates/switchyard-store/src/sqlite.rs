@@ -1011,11 +1011,16 @@ const INSERT_TASK: &str = "INSERT INTO tasks (id, handler, input, state, headers
 const INSERT_STEP: &str = "INSERT INTO steps (id, task_id, name, handler, input, headers, state, priority, run_at, \
      depends_on, pending_deps, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)";
 
+/// The ready steps a claim takes, in claim order. Selected first and then
+/// updated by [`CLAIM`] (the same rows: nothing else writes in between),
+/// because an `UPDATE ... RETURNING` spools its rows into a temporary table.
+const CLAIMABLE: &str = "SELECT id, task_id, name, handler, input, headers, attempt + 1, priority, run_at, seq, \
+     depends_on IS NOT NULL FROM steps WHERE state = 'ready' AND handler = ?1 AND priority = ?2 AND run_at <= ?3 \
+     ORDER BY run_at, seq LIMIT ?4";
 const CLAIM: &str = "UPDATE steps SET state = 'running', attempt = attempt + 1, lease_owner = ?1, \
      lease_expires_at = ?2, updated_at = ?3 \
      WHERE seq IN (SELECT seq FROM steps WHERE state = 'ready' AND handler = ?4 AND priority = ?5 AND run_at <= ?3 \
-                   ORDER BY run_at, seq LIMIT ?6) \
-     RETURNING id, task_id, name, handler, input, headers, attempt, priority, run_at, seq, depends_on IS NOT NULL";
+                   ORDER BY run_at, seq LIMIT ?6)";
 
 // ---------------------------------------------------------------------------
 // Write transactions (run on the writer thread)
@@ -1101,6 +1106,7 @@ fn claim_tx(
     let mut next_priority = conn.prepare_cached(NEXT_PRIORITY)?;
     let mut next_ready = conn.prepare_cached(NEXT_READY)?;
     let mut next_wake = conn.prepare_cached(NEXT_WAKE)?;
+    let mut claimable = conn.prepare_cached(CLAIMABLE)?;
     let mut claim = conn.prepare_cached(CLAIM)?;
     let mut claimed = Vec::new();
     let mut next_due: Option<Millis> = None;
@@ -1117,9 +1123,9 @@ fn claim_tx(
             .optional()?
         {
             if remaining > 0 {
-                let rows = claim.query_map(
-                    params![host_id, expires, now, handler, priority, remaining],
-                    |r| {
+                let before = claimed.len();
+                let rows =
+                    claimable.query_map(params![handler, priority, now, remaining], |r| {
                         Ok(RawClaim {
                             step_id: uuid_col(r, 0)?,
                             task_id: uuid_col(r, 1)?,
@@ -1133,12 +1139,20 @@ fn claim_tx(
                             seq: r.get(9)?,
                             has_dependencies: r.get(10)?,
                         })
-                    },
-                )?;
+                    })?;
                 for row in rows {
                     claimed.push(row?);
                     remaining -= 1;
                 }
+                let updated = claim.execute(params![
+                    host_id,
+                    expires,
+                    now,
+                    handler,
+                    priority,
+                    claimed.len() - before
+                ])?;
+                debug_assert_eq!(updated, claimed.len() - before);
             }
             due(next_ready
                 .query_row(params![handler, priority, now], |r| r.get(0))
