@@ -216,6 +216,18 @@ CREATE TABLE sy_hosts (
     r#"
 DROP INDEX IF EXISTS sy_steps_state;
 "#,
+    // 3: a task's finish becomes a HOT update (a new row version on the same
+    // page and no index insertion at all): no index of sy_tasks has `state`
+    // as a column any more (listings by state or handler walk sy_tasks_seq
+    // newest first and stop at their limit; group checks filter the few
+    // children of one group), and pages keep room for the new version.
+    r#"
+DROP INDEX IF EXISTS sy_tasks_state;
+DROP INDEX IF EXISTS sy_tasks_handler;
+DROP INDEX IF EXISTS sy_tasks_group;
+CREATE INDEX sy_tasks_group ON sy_tasks(parent_group) WHERE parent_group IS NOT NULL;
+ALTER TABLE sy_tasks SET (fillfactor = 70);
+"#,
 ];
 
 /// Retention (see [`Store::cleanup`]): up to `$2` finished tasks older than
