@@ -18,6 +18,7 @@ target/venv-py). Two phases, as in the Rust benchmark:
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -120,6 +121,8 @@ def main():
             client.wait(tid, timeout=30)
     finally:
         worker.stop()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     print(json.dumps({
         "lang": "python",

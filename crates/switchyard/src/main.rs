@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 mod cli {
     pub mod bench;
     pub mod commands;
+    pub mod dev;
     pub mod output;
 }
 
@@ -60,6 +61,11 @@ enum Command {
     Cleanup(CleanupArgs),
     /// Measure throughput and latency with an in-process host.
     Bench(BenchArgs),
+    /// Start a throwaway PostgreSQL server (initdb in a temporary directory,
+    /// 127.0.0.1 on a free port, fsync off) and print a database URL; it is
+    /// stopped and removed when stdin closes or on Ctrl-C/SIGTERM. For
+    /// trying the PostgreSQL store and for tests, never for real data.
+    DevPostgres,
 }
 
 /// Arguments of `switchyard cleanup`.
@@ -206,6 +212,9 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         });
         return cli::bench::run(args, url.unwrap_or_else(|| "sqlite".into())).await;
     }
+    if let Command::DevPostgres = cli.command {
+        return cli::dev::dev_postgres(json).await;
+    }
     let url = cli.store.unwrap_or_else(switchyard::store_url_from_env);
     match cli.command {
         Command::Migrate => c::migrate(&url, json).await,
@@ -218,6 +227,6 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Retry(a) => c::retry(&url, json, &a.id).await,
         Command::Workers => c::workers(&url, json).await,
         Command::Cleanup(a) => c::cleanup(&url, json, a).await,
-        Command::Bench(_) => unreachable!("handled above"),
+        Command::Bench(_) | Command::DevPostgres => unreachable!("handled above"),
     }
 }

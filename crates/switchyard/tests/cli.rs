@@ -369,3 +369,54 @@ fn cleanup_deletes_old_finished_tasks_in_batches() {
         "deleted 0 finished tasks older than 12h\n"
     );
 }
+
+/// `dev-postgres` prints a URL other commands can use, and stops the server
+/// (removing its data directory) when stdin closes or on SIGTERM.
+#[test]
+fn dev_postgres_serves_until_stdin_closes_or_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    for stop in ["stdin", "sigterm"] {
+        let mut server = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["dev-postgres", "--json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run switchyard dev-postgres");
+        let mut line = String::new();
+        BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let doc: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("dev-postgres printed {line:?}: {e}"));
+        let url = doc["url"].as_str().expect("a url").to_owned();
+        assert!(
+            url.starts_with("postgres://127.0.0.1:")
+                || url.starts_with("postgres://postgres@127.0.0.1:"),
+            "{url}"
+        );
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["--store", &url, "migrate"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "migrate: {}", text(&out.stderr));
+        match stop {
+            "stdin" => drop(server.stdin.take()),
+            _ => {
+                // SAFETY: plain kill(2) on our own child.
+                unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+            }
+        }
+        let status = server.wait().unwrap();
+        assert!(
+            status.success(),
+            "{stop}: dev-postgres exited with {status}"
+        );
+        let port = doc["port"].as_u64().unwrap();
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port as u16)).is_err(),
+            "{stop}: the server still listens on {port}"
+        );
+    }
+}

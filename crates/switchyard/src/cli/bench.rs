@@ -157,17 +157,9 @@ pub async fn run(args: BenchArgs, url: String) -> Result<Outcome, CliError> {
     let mut pg: Option<PgServer> = None;
     let (url, tmp) = if trimmed == "postgres" || trimmed == "postgresql" {
         progress("starting a throwaway PostgreSQL server (fsync off)");
-        let server = tokio::task::spawn_blocking(PgServer::start)
-            .await
-            .map_err(|e| CliError::failure(format!("starting PostgreSQL: {e}")))?
-            .map_err(|e| {
-                CliError::failure(format!("cannot start a throwaway PostgreSQL server: {e}"))
-            })?;
-        let db = server.create_database("switchyard_bench").await;
+        let (server, db) = super::dev::throwaway_postgres("switchyard_bench").await?;
         // Stopped (and its directory removed) when `pg` is dropped, also on error.
         let server = pg.insert(server);
-        let db =
-            db.map_err(|e| CliError::failure(format!("creating the benchmark database: {e}")))?;
         progress(format!("PostgreSQL on 127.0.0.1:{}", server.port()));
         (db, None)
     } else if trimmed == "sqlite" || trimmed == "sqlite:" {
