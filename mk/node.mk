@@ -80,4 +80,4 @@ test-node: node-package
 	cd $(NODE_SCRATCH) && SWITCHYARD_CLI=$(NODE_TARGET_DIR)/release/switchyard \
 	  SWITCHYARD_TESTHOST=$(NODE_TARGET_DIR)/release/testhost \
 	  SWITCHYARD_PYTHON=$(NODE_PYTHON) \
-	  $(NODE) --test --test-reporter=spec $(NODE_TEST_ARGS) test/*.test.mjs
+	  timeout -k 10 900 $(NODE) --test --test-reporter=spec $(NODE_TEST_ARGS) test/*.test.mjs

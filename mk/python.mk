@@ -47,4 +47,4 @@ python-cli:
 test-python: python-wheel python-cli
 	cd $(PY_VENV_ABS) && SWITCHYARD_CLI=$(PY_TARGET_DIR)/release/switchyard \
 	  SWITCHYARD_DEMO=$(PY_TARGET_DIR)/release/demo \
-	  bin/python -m pytest $(CURDIR)/python/tests -p no:cacheprovider $(PYTEST_ARGS)
+	  timeout -k 10 900 bin/python -m pytest $(CURDIR)/python/tests -p no:cacheprovider $(PYTEST_ARGS)

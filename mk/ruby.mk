@@ -47,11 +47,12 @@ ruby-cli:
 
 # From inside the GEM_HOME: the source tree's ruby/lib is never on the load
 # path (ruby/test/helper.rb checks that the gem was loaded from GEM_HOME).
+# A hung run (a deadlock) fails after 10 minutes instead of eating CI's time.
 RB_RUN = cd $(RB_GEM_HOME) && env -u GEM_PATH -u RUBYLIB -u RUBYOPT GEM_HOME=$(RB_GEM_HOME) \
 	  SWITCHYARD_CLI=$(RB_TARGET_DIR)/release/switchyard \
 	  SWITCHYARD_TESTHOST=$(RB_TARGET_DIR)/release/testhost \
 	  SWITCHYARD_EXAMPLES=$(CURDIR)/examples/ruby \
-	  $(RUBY) -I$(CURDIR)/ruby/test
+	  timeout -k 10 600 $(RUBY) -I$(CURDIR)/ruby/test
 
 test-ruby: ruby-gem ruby-cli
 	$(RB_RUN) $(CURDIR)/ruby/test/run.rb $(sort $(wildcard $(CURDIR)/ruby/test/test_*.rb)) -- $(RB_TESTOPTS)

@@ -35,7 +35,7 @@ use std::collections::BTreeSet;
 use std::ffi::{c_char, CStr};
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -118,20 +118,10 @@ pub use worker::*;
 // ---------------------------------------------------------------------------
 // Plumbing: runtime, handle registry, errors, panics.
 
-/// The process that started the runtime (fork detection).
-static OWNER: OnceLock<u32> = OnceLock::new();
-
+/// The core's runtime. Callers check [`forked`] first (every entry point
+/// does, through `guard`), so a forked child never gets here.
 fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        let _ = OWNER.set(std::process::id());
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("switchyard-core")
-            .enable_all()
-            .build()
-            .expect("building the tokio runtime")
-    })
+    switchyard_core::bridge::runtime().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `fut` on the core runtime and waits for it (never on a runtime thread).
@@ -246,7 +236,7 @@ fn guard(err: *mut *mut sy_error, f: impl FnOnce() -> Result<(), Fail>) -> sy_st
 /// After a fork, the child has the parent's handles but none of the
 /// runtime's threads: refuse everything rather than hang.
 fn forked() -> Option<Fail> {
-    let owner = *OWNER.get()?;
+    let owner = switchyard_core::bridge::runtime_owner()?;
     (owner != std::process::id()).then(|| {
         Fail::new(
             sy_status::SY_CONFLICT,

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::sync::mpsc::{sync_channel, RecvTimeoutError};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
@@ -21,35 +20,10 @@ mod errors;
 mod logs;
 mod worker;
 
-struct Rt {
-    pid: u32,
-    rt: tokio::runtime::Runtime,
-}
-
-static RUNTIME: OnceLock<Rt> = OnceLock::new();
-
-/// The process's tokio runtime. A forked child must not reuse the parent's
-/// runtime (its threads do not exist in the child): that is detected and
-/// refused with a clear error.
+/// The process's tokio runtime (the core's, shared by every binding in the
+/// process); refused with a clear error in a forked child.
 pub(crate) fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
-    let rt = RUNTIME.get_or_init(|| Rt {
-        pid: std::process::id(),
-        rt: tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("switchyard-core")
-            .enable_all()
-            .build()
-            .expect("building the tokio runtime"),
-    });
-    if rt.pid != std::process::id() {
-        return Err(PyRuntimeError::new_err(format!(
-            "switchyard was started in process {} and cannot be used in a forked child ({}); \
-             create workers and clients after fork()",
-            rt.pid,
-            std::process::id()
-        )));
-    }
-    Ok(&rt.rt)
+    switchyard_core::bridge::runtime().map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
 /// Runs `fut` on the core runtime and waits for it with the GIL released,

@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 
 use magnus::{function, prelude::*, Error, Ruby};
 
@@ -22,41 +22,10 @@ mod convert;
 mod errors;
 mod worker;
 
-struct Rt {
-    pid: u32,
-    rt: tokio::runtime::Runtime,
-}
-
-static RUNTIME: OnceLock<Rt> = OnceLock::new();
-
-/// The process's tokio runtime, created once and never shut down: workers
-/// and clients come and go, the runtime stays (creating and dropping
-/// runtimes per worker is what made an earlier probe hang). A forked child
-/// must not reuse the parent's runtime (its threads do not exist in the
-/// child): that is detected and refused with a clear error.
+/// The process's tokio runtime (the core's, shared by every binding in the
+/// process); refused with a clear error in a forked child.
 pub(crate) fn runtime(ruby: &Ruby) -> Result<&'static tokio::runtime::Runtime, Error> {
-    let rt = RUNTIME.get_or_init(|| Rt {
-        pid: std::process::id(),
-        rt: tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("switchyard-core")
-            .enable_all()
-            .build()
-            .expect("building the tokio runtime"),
-    });
-    if rt.pid != std::process::id() {
-        return Err(errors::error(
-            ruby,
-            "Error",
-            format!(
-                "switchyard was started in process {} and cannot be used in a forked child ({}); \
-                 create workers and clients after fork (in the child)",
-                rt.pid,
-                std::process::id()
-            ),
-        ));
-    }
-    Ok(&rt.rt)
+    switchyard_core::bridge::runtime().map_err(|e| errors::error(ruby, "Error", e.to_string()))
 }
 
 struct Call<F, R> {
@@ -331,6 +300,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     use magnus::TypedData;
     let _ = worker::RbWorker::class(ruby);
     let _ = worker::RbJob::class(ruby);
+    let _ = worker::RbConsumer::class(ruby);
     let _ = context::RbContext::class(ruby);
     let _ = client::RbClient::class(ruby);
     Ok(())

@@ -267,6 +267,48 @@ impl Job {
     }
 }
 
+/// The process-wide tokio runtime of the language bindings (Python, Ruby,
+/// C): created on first use and never shut down (workers and clients come
+/// and go; creating and dropping a runtime per worker once made a probe
+/// hang). A forked child must not use it, because its threads do not exist
+/// in the child: that is refused with [`ForkedChild`].
+pub fn runtime() -> Result<&'static tokio::runtime::Runtime, ForkedChild> {
+    let (owner, rt) = RUNTIME.get_or_init(|| {
+        (
+            std::process::id(),
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("switchyard-core")
+                .enable_all()
+                .build()
+                .expect("building the tokio runtime"),
+        )
+    });
+    if *owner != std::process::id() {
+        return Err(ForkedChild { owner: *owner });
+    }
+    Ok(rt)
+}
+
+/// The process that started [`runtime`], once it has been started.
+pub fn runtime_owner() -> Option<u32> {
+    RUNTIME.get().map(|(owner, _)| *owner)
+}
+
+static RUNTIME: std::sync::OnceLock<(u32, tokio::runtime::Runtime)> = std::sync::OnceLock::new();
+
+/// [`runtime`] was called in a process forked from the one that started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "switchyard was started in process {owner} and cannot be used in a forked child ({}); \
+     create workers and clients after fork (in the child)",
+    std::process::id()
+)]
+pub struct ForkedChild {
+    /// The process that started the runtime.
+    pub owner: u32,
+}
+
 /// How long queued jobs may sit untaken, while consumers are busy, before
 /// an idle consumer of a [`Inbox::serial`] inbox takes them: the busy ones
 /// are then taken to be blocked in their handlers (I/O, sleeping).
