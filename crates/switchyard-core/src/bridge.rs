@@ -12,7 +12,10 @@
 //! Waiting:
 //! * threads that run in parallel (C) call [`Inbox::recv_batch`], which
 //!   blocks on a condition variable for at most the given time slice, so the
-//!   caller can check for signals between slices; every job wakes a waiter;
+//!   caller can check for signals between slices; one wake-up is in flight at
+//!   a time, and a woken thread that leaves jobs queued wakes the next, so a
+//!   burst of jobs wakes threads as fast as they start work rather than one
+//!   futex call and context switch per job;
 //! * threads that take turns under an interpreter lock (Python's GIL, Ruby's
 //!   GVL) read a [`Inbox::serial`] inbox through one [`Consumer`] each: a
 //!   consumer that is running handlers keeps taking the queued jobs itself,
@@ -403,9 +406,12 @@ impl Inbox {
             // to watch for a stall while busy consumers drain the queue.
             // Only threads need the condition variable (a notify is a
             // system call even with nobody waiting; Node waits on `notify`).
-            let wake = s.waiting > 0
-                && (!self.serial || (!s.wake_pending && (s.busy == 0 || !s.sentinel)));
-            if self.serial && wake {
+            // One wake-up in flight at a time: the woken thread wakes the
+            // next if it leaves jobs behind (see `recv_batch`), so a burst
+            // of jobs does not wake a thread per job.
+            let wake =
+                s.waiting > 0 && !s.wake_pending && (!self.serial || s.busy == 0 || !s.sentinel);
+            if wake {
                 s.wake_pending = true;
             }
             wake
@@ -436,7 +442,13 @@ impl Inbox {
         let seen = s.interrupts;
         loop {
             if !s.queue.is_empty() {
-                return Ok(Self::take(&mut s, max));
+                let jobs = Self::take(&mut s, max);
+                if !s.queue.is_empty() && s.waiting > 0 && !s.wake_pending {
+                    // More work than this thread took: wake the next one.
+                    s.wake_pending = true;
+                    self.cond.notify_one();
+                }
+                return Ok(jobs);
             }
             if s.closed {
                 return Err(Closed);
@@ -455,6 +467,7 @@ impl Inbox {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
             s.waiting -= 1;
+            s.wake_pending = false;
         }
     }
 
