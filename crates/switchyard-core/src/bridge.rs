@@ -812,8 +812,11 @@ mod tests {
         rx
     }
 
+    /// Until `n` threads wait on `inbox` (a test fails rather than hangs).
     fn until_waiting(inbox: &Inbox, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
         while inbox.lock().waiting < n {
+            assert!(Instant::now() < deadline, "{n} waiters never showed up");
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -824,7 +827,7 @@ mod tests {
         let got = wait_on_thread(&inbox, Duration::from_secs(10));
         until_waiting(&inbox, 1);
         let _r = job(&inbox);
-        let (n, waited) = got.recv_timeout(Duration::from_secs(5)).expect("woken");
+        let (n, waited) = got.recv_timeout(Duration::from_secs(20)).expect("woken");
         assert_eq!(n, Ok(1));
         assert!(waited < Duration::from_secs(5));
     }
@@ -846,7 +849,7 @@ mod tests {
         // takes it.
         let idle = wait_on_thread(&inbox, Duration::from_secs(10));
         let (n, _) = idle
-            .recv_timeout(Duration::from_secs(5))
+            .recv_timeout(Duration::from_secs(20))
             .expect("taken over");
         assert_eq!(n, Ok(1));
         assert!(
@@ -860,14 +863,14 @@ mod tests {
         let mut worker = Consumer::new(patient.clone());
         let _c = job(&patient);
         assert_eq!(worker.try_next(1).unwrap().len(), 1);
-        let idle = wait_on_thread(&patient, Duration::from_millis(300));
+        let idle = wait_on_thread(&patient, Duration::from_secs(2));
         until_waiting(&patient, 1);
         for _ in 0..100 {
             let _r = job(&patient);
             assert_eq!(worker.try_next(4).unwrap().len(), 1);
         }
         let (n, _) = idle
-            .recv_timeout(Duration::from_secs(5))
+            .recv_timeout(Duration::from_secs(20))
             .expect("slice ends");
         assert_eq!(n, Ok(0), "the idle thread was not needed");
 
@@ -876,7 +879,7 @@ mod tests {
         until_waiting(&inbox, 1);
         let _c = job(&inbox);
         drop(busy);
-        let (n, waited) = idle.recv_timeout(Duration::from_secs(5)).expect("woken");
+        let (n, waited) = idle.recv_timeout(Duration::from_secs(20)).expect("woken");
         assert_eq!(n, Ok(1));
         assert!(waited < Duration::from_secs(5));
     }
@@ -890,7 +893,9 @@ mod tests {
         until_waiting(&inbox, 3);
         inbox.interrupt();
         for w in &waiters {
-            let (n, waited) = w.recv_timeout(Duration::from_secs(5)).expect("interrupted");
+            let (n, waited) = w
+                .recv_timeout(Duration::from_secs(20))
+                .expect("interrupted");
             assert_eq!(n, Ok(0));
             assert!(waited < Duration::from_secs(5));
         }
@@ -907,7 +912,7 @@ mod tests {
         // One job is still queued: someone takes it, then everyone leaves.
         let mut outcomes: Vec<Result<usize, Closed>> = waiters
             .iter()
-            .map(|w| w.recv_timeout(Duration::from_secs(5)).expect("left").0)
+            .map(|w| w.recv_timeout(Duration::from_secs(20)).expect("left").0)
             .collect();
         outcomes.sort_by_key(|o| o.is_err());
         assert_eq!(outcomes, [Ok(1), Err(Closed)]);
