@@ -19,10 +19,8 @@ use napi_derive::napi;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::Value;
-use switchyard_core::bridge::{camel_case, HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply};
-use switchyard_core::{
-    ApiError, Decision, HandlerOptions, NewStep, RunningWorker, StepError, WaitFor, Worker,
-};
+use switchyard_core::bridge::{camel_case, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply};
+use switchyard_core::{ApiError, Decision, NewStep, RunningWorker, StepError, WaitFor};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::open_store;
@@ -87,12 +85,6 @@ pub struct NativeHandlerOptions {
     pub burst: Option<u32>,
 }
 
-struct Registration {
-    name: String,
-    kind: JobKind,
-    opts: HandlerOptions,
-}
-
 struct Pending {
     job: Job,
     done: Vec<CancellationToken>,
@@ -113,11 +105,7 @@ type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
 #[napi]
 pub struct NativeWorker {
     store_url: String,
-    concurrency: usize,
-    lease: Duration,
-    shutdown_grace: Duration,
-    max_payload: Option<usize>,
-    regs: Mutex<Vec<Registration>>,
+    plan: Mutex<HostPlan>,
     inbox: Arc<Inbox>,
     running: Arc<Mutex<Option<Arc<RunningWorker>>>>,
     pending: PendingMap,
@@ -360,11 +348,12 @@ impl NativeWorker {
         )?;
         Ok(Self {
             store_url,
-            concurrency,
-            lease: seconds("lease", o.lease.unwrap_or(30.0))?,
-            shutdown_grace: seconds("shutdownGrace", o.shutdown_grace.unwrap_or(10.0))?,
-            max_payload: o.max_payload_bytes.map(|n| n as usize),
-            regs: Mutex::new(Vec::new()),
+            plan: Mutex::new(HostPlan::new(
+                concurrency,
+                seconds("lease", o.lease.unwrap_or(30.0))?,
+                seconds("shutdownGrace", o.shutdown_grace.unwrap_or(10.0))?,
+                o.max_payload_bytes.map(|n| n as usize),
+            )),
             inbox,
             running,
             pending: Arc::new(Mutex::new(HashMap::new())),
@@ -403,17 +392,12 @@ impl NativeWorker {
             rate_limit: o.rate_limit,
             burst: o.burst,
         };
+        let mut plan = self.plan.lock();
         let opts = spec
-            .build(&name, kind, self.concurrency, camel_case)
+            .build(&name, kind, plan.concurrency, camel_case)
             .map_err(Error::from_reason)?;
-        let mut regs = self.regs.lock();
-        if regs.iter().any(|r| r.name == name) {
-            return Err(Error::from_reason(format!(
-                "handler `{name}` is registered twice"
-            )));
-        }
-        regs.push(Registration { name, kind, opts });
-        Ok(())
+        plan.register(name, kind, opts, self.inbox.clone())
+            .map_err(Error::from_reason)
     }
 
     /// Opens the store, starts the host and begins handing jobs to
@@ -432,21 +416,8 @@ impl NativeWorker {
             Ok(s) => s,
             Err(e) => return core_err(&e),
         };
-        let mut b = Worker::builder(store)
-            .concurrency(self.concurrency)
-            .lease(self.lease)
-            .shutdown_grace(self.shutdown_grace);
-        if let Some(m) = self.max_payload {
-            b = b.max_payload_bytes(m);
-        }
-        for r in self.regs.lock().iter() {
-            b = b.handler(
-                r.name.clone(),
-                InboxHandler::capability(self.inbox.clone(), &r.name, r.kind, "JavaScript"),
-                r.opts.clone(),
-            );
-        }
-        let worker = match b.build() {
+        let built = self.plan.lock().build(store, "JavaScript");
+        let worker = match built {
             Ok(w) => w,
             Err(e) => return core_err(&e),
         };

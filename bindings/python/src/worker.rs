@@ -13,32 +13,19 @@ use parking_lot::Mutex;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
-use switchyard_core::bridge::{Consumer, HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply};
-use switchyard_core::{
-    ApiError, Decision, HandlerOptions, NewStep, RunningWorker, StepError, WaitFor, Worker,
-};
+use switchyard_core::bridge::{Consumer, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply};
+use switchyard_core::{ApiError, Decision, NewStep, RunningWorker, StepError, WaitFor};
 
 use crate::block_core;
 use crate::client::open_store;
 use crate::context::NativeContext;
 use crate::convert::{to_py, to_value};
 
-struct Registration {
-    name: String,
-    kind: JobKind,
-    is_async: bool,
-    opts: HandlerOptions,
-}
-
 /// A host for Python handlers.
 #[pyclass(module = "switchyard._native", frozen)]
 pub struct NativeWorker {
     store_url: String,
-    concurrency: usize,
-    lease: Duration,
-    shutdown_grace: Duration,
-    max_payload: Option<usize>,
-    regs: Mutex<Vec<Registration>>,
+    plan: Mutex<HostPlan>,
     sync_inbox: Arc<Inbox>,
     async_inbox: Arc<Inbox>,
     running: Mutex<Option<Arc<RunningWorker>>>,
@@ -109,11 +96,12 @@ impl NativeWorker {
         }
         Ok(Self {
             store_url: store,
-            concurrency,
-            lease: positive_secs("lease", lease)?,
-            shutdown_grace: positive_secs("shutdown_grace", shutdown_grace)?,
-            max_payload: max_payload_bytes,
-            regs: Mutex::new(Vec::new()),
+            plan: Mutex::new(HostPlan::new(
+                concurrency,
+                positive_secs("lease", lease)?,
+                positive_secs("shutdown_grace", shutdown_grace)?,
+                max_payload_bytes,
+            )),
             sync_inbox: Inbox::serial(),
             async_inbox: Inbox::new(),
             running: Mutex::new(None),
@@ -155,22 +143,17 @@ impl NativeWorker {
             rate_limit,
             burst,
         };
+        let mut plan = self.plan.lock();
         let opts = spec
-            .build(&name, kind, self.concurrency, str::to_string)
+            .build(&name, kind, plan.concurrency, str::to_string)
             .map_err(PyValueError::new_err)?;
-        let mut regs = self.regs.lock();
-        if regs.iter().any(|r| r.name == name) {
-            return Err(PyValueError::new_err(format!(
-                "handler `{name}` is registered twice"
-            )));
-        }
-        regs.push(Registration {
-            name,
-            kind,
-            is_async,
-            opts,
-        });
-        Ok(())
+        let inbox = if is_async {
+            self.async_inbox.clone()
+        } else {
+            self.sync_inbox.clone()
+        };
+        plan.register(name, kind, opts, inbox)
+            .map_err(PyValueError::new_err)
     }
 
     /// Opens the store and starts the host (handlers must be registered).
@@ -179,26 +162,11 @@ impl NativeWorker {
             return Err(PyRuntimeError::new_err("the worker is already running"));
         }
         let store = open_store(py, &self.store_url)?;
-        let mut b = Worker::builder(store)
-            .concurrency(self.concurrency)
-            .lease(self.lease)
-            .shutdown_grace(self.shutdown_grace);
-        if let Some(m) = self.max_payload {
-            b = b.max_payload_bytes(m);
-        }
-        for r in self.regs.lock().iter() {
-            let inbox = if r.is_async {
-                self.async_inbox.clone()
-            } else {
-                self.sync_inbox.clone()
-            };
-            b = b.handler(
-                r.name.clone(),
-                InboxHandler::capability(inbox, &r.name, r.kind, "Python"),
-                r.opts.clone(),
-            );
-        }
-        let worker = b.build().map_err(|e| crate::errors::core_err(py, e))?;
+        let worker = self
+            .plan
+            .lock()
+            .build(store, "Python")
+            .map_err(|e| crate::errors::core_err(py, e))?;
         let running = block_core(py, async move { worker.start().await })?;
         let id = running.host_id().to_string();
         *self.running.lock() = Some(Arc::new(running));

@@ -14,11 +14,9 @@ use magnus::{
 };
 use parking_lot::Mutex;
 use switchyard_core::bridge::{
-    Closed, Consumer, HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply,
+    Closed, Consumer, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply,
 };
-use switchyard_core::{
-    ApiError, Decision, HandlerOptions, NewStep, RunningWorker, StepError, WaitFor, Worker,
-};
+use switchyard_core::{ApiError, Decision, NewStep, RunningWorker, StepError, WaitFor};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::open_store;
@@ -85,21 +83,11 @@ impl CancelQueue {
     }
 }
 
-struct Registration {
-    name: String,
-    kind: JobKind,
-    opts: HandlerOptions,
-}
-
 /// A host for Ruby handlers.
 #[magnus::wrap(class = "Switchyard::Native::Worker", free_immediately, size)]
 pub struct RbWorker {
     store_url: String,
-    concurrency: usize,
-    lease: Duration,
-    shutdown_grace: Duration,
-    max_payload: Option<usize>,
-    regs: Mutex<Vec<Registration>>,
+    plan: Mutex<HostPlan>,
     inbox: Arc<Inbox>,
     running: Mutex<Option<Arc<RunningWorker>>>,
     cancels: Arc<CancelQueue>,
@@ -152,11 +140,12 @@ impl RbWorker {
         }
         Ok(Self {
             store_url: store,
-            concurrency,
-            lease: secs(ruby, "lease", lease)?,
-            shutdown_grace: secs(ruby, "shutdown_grace", shutdown_grace)?,
-            max_payload,
-            regs: Mutex::new(Vec::new()),
+            plan: Mutex::new(HostPlan::new(
+                concurrency,
+                secs(ruby, "lease", lease)?,
+                secs(ruby, "shutdown_grace", shutdown_grace)?,
+                max_payload,
+            )),
             inbox: Inbox::serial(),
             running: Mutex::new(None),
             cancels: Arc::default(),
@@ -195,19 +184,12 @@ impl RbWorker {
                 rate_limit: opt::<f64>(ruby, o, "rate_limit", &name)?,
                 burst: opt::<u32>(ruby, o, "burst", &name)?,
             };
+            let mut plan = rb_self.plan.lock();
             let opts = spec
-                .build(&name, kind, rb_self.concurrency, str::to_string)
+                .build(&name, kind, plan.concurrency, str::to_string)
                 .map_err(|e| arg_error(ruby, e))?;
-            let mut regs = rb_self.regs.lock();
-            if regs.iter().any(|r| r.name == name) {
-                return Err(error(
-                    ruby,
-                    "ConfigError",
-                    format!("handler `{name}` is registered twice"),
-                ));
-            }
-            regs.push(Registration { name, kind, opts });
-            Ok(())
+            plan.register(name, kind, opts, rb_self.inbox.clone())
+                .map_err(|e| error(ruby, "ConfigError", e))
         })
     }
 
@@ -222,21 +204,11 @@ impl RbWorker {
                 ));
             }
             let store = open_store(ruby, &rb_self.store_url)?;
-            let mut b = Worker::builder(store)
-                .concurrency(rb_self.concurrency)
-                .lease(rb_self.lease)
-                .shutdown_grace(rb_self.shutdown_grace);
-            if let Some(m) = rb_self.max_payload {
-                b = b.max_payload_bytes(m);
-            }
-            for r in rb_self.regs.lock().iter() {
-                b = b.handler(
-                    r.name.clone(),
-                    InboxHandler::capability(rb_self.inbox.clone(), &r.name, r.kind, "Ruby"),
-                    r.opts.clone(),
-                );
-            }
-            let worker = b.build().map_err(|e| core_err(ruby, e))?;
+            let worker = rb_self
+                .plan
+                .lock()
+                .build(store, "Ruby")
+                .map_err(|e| core_err(ruby, e))?;
             let running = crate::block_core(ruby, async move { worker.start().await })?;
             let id = running.host_id().to_string();
             *rb_self.running.lock() = Some(Arc::new(running));
