@@ -68,10 +68,7 @@ impl NativeContext {
     /// Seconds left before the handler's timeout, or null.
     #[napi(getter)]
     pub fn time_left(&self) -> Option<f64> {
-        self.ctx.deadline().map(|d| {
-            d.saturating_duration_since(std::time::Instant::now())
-                .as_secs_f64()
-        })
+        self.ctx.time_left().map(|d| d.as_secs_f64())
     }
     /// True once the task was cancelled (or the host aborts the run).
     #[napi(getter)]

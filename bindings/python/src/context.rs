@@ -70,10 +70,7 @@ impl NativeContext {
     /// Seconds left before the handler's timeout, or None.
     #[getter]
     fn time_left(&self) -> Option<f64> {
-        self.ctx.deadline().map(|d| {
-            d.saturating_duration_since(std::time::Instant::now())
-                .as_secs_f64()
-        })
+        self.ctx.time_left().map(|d| d.as_secs_f64())
     }
 
     fn is_cancelled(&self) -> bool {

@@ -136,6 +136,13 @@ impl Context {
     pub fn deadline(&self) -> Option<Instant> {
         self.inner.deadline
     }
+    /// Time left before the handler's timeout fires (zero once it has), if
+    /// it has one.
+    pub fn time_left(&self) -> Option<std::time::Duration> {
+        self.inner
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
     /// The lease this run holds.
     pub fn lease(&self) -> &Lease {
         &self.inner.lease
