@@ -47,18 +47,16 @@ interface NativeContext {
   dependencyResults(): Promise<string>;
 }
 
-interface NativeJob {
-  id: number;
-  handler: string;
-  kind: HandlerKind;
-  inputs: string[];
-  contexts: NativeContext[];
-}
-
 interface NativeWorker {
   register(name: string, kind: string, options?: Record<string, unknown>): void;
-  start(dispatch: (jobs: NativeJob[]) => void): Promise<string>;
-  complete(ids: number[], replies: string[]): void;
+  /** `dispatch` gets each batch as JSON text: a flat array `[jobId,
+   * handlerIndex, input, ...]` (for batch handlers `input` is the array of
+   * the items' inputs); handler indexes follow the `register` calls. */
+  start(dispatch: (batch: string) => void): Promise<string>;
+  /** The durable context of item `index` of job `jobId`, while it runs. */
+  context(jobId: number, index: number): NativeContext;
+  /** `outcomes`: JSON array, one entry per id (see `Outcome`). */
+  complete(ids: number[], outcomes: string): void;
   shutdown(): void;
   stop(): Promise<void>;
   readonly hostId: string | null;
@@ -309,12 +307,29 @@ export interface AwaitOptions {
  * error that must propagate out of the handler.
  */
 export class Context {
-  readonly #n: NativeContext;
+  readonly #worker: NativeWorker;
+  readonly #job: number;
+  readonly #index: number;
+  #native: NativeContext | undefined;
   #abort: AbortController | undefined;
 
   /** @internal */
-  constructor(n: NativeContext) {
-    this.#n = n;
+  constructor(worker: NativeWorker, job: number, index: number) {
+    this.#worker = worker;
+    this.#job = job;
+    this.#index = index;
+  }
+  // Asked for on first use: most handlers never touch their context, and a
+  // native object per step would cost more than the step.
+  get #n(): NativeContext {
+    if (this.#native === undefined) {
+      try {
+        this.#native = this.#worker.context(this.#job, this.#index);
+      } catch (e) {
+        throw new SwitchyardError((e as Error).message);
+      }
+    }
+    return this.#native;
   }
   /** The task id. */
   get taskId(): string {
@@ -359,8 +374,15 @@ export class Context {
     if (this.#abort === undefined) {
       const ac = new AbortController();
       this.#abort = ac;
+      let n: NativeContext;
+      try {
+        n = this.#n;
+      } catch {
+        // The run has ended: nothing will cancel it any more.
+        return ac.signal;
+      }
       // Created on first use: a handler that never looks costs nothing.
-      this.#n.cancelled().then(
+      n.cancelled().then(
         (why) => {
           if (why === "cancelled") ac.abort(new CancelledError("the task was cancelled"));
           else if (why === "timeout") ac.abort(new CancelledError("the handler's timeout passed"));
@@ -567,31 +589,46 @@ export function defaultStore(): string {
 }
 
 interface Registered {
+  name: string;
   kind: HandlerKind;
   fn: (...args: any[]) => unknown;
 }
 
-type Outcome = Record<string, unknown>;
+// What a finished step answers, as the native addon reads it (the table is
+// in bindings/node/src/worker.rs, `decode`): an array whose first element
+// is the kind of outcome. A batch job answers an array of these.
+const VALUE = 0;
+const ERROR = 1;
+const SUSPEND = 2;
+const COMPLETE = 3;
+const DECIDE = 4;
+const HTTP = 5;
+const NETWORK = 6;
+type Outcome = unknown[];
+
+function failure(kind: string, message: string, trace: string | null = null, retryAfter: number | null = null): Outcome {
+  return [ERROR, kind, message, trace, retryAfter];
+}
 
 function errorOutcome(e: unknown, handler: string): Outcome {
-  if (e instanceof Suspension) return { t: "suspend", wait: e.wait };
-  if (e instanceof HttpError) return { t: "http", status: e.status, retry_after: e.retryAfter ?? null, message: e.message };
-  if (e instanceof NetworkError) return { t: "network", message: e.message };
+  if (e instanceof Suspension) return [SUSPEND, e.wait];
+  if (e instanceof HttpError) return [HTTP, e.status, e.retryAfter ?? null, e.message];
+  if (e instanceof NetworkError) return [NETWORK, e.message];
   if (e instanceof CancelledError || (e instanceof Error && e.name === "AbortError")) {
-    return { t: "error", kind: "cancelled", message: e.message || "cancelled" };
+    return failure("cancelled", e.message || "cancelled");
   }
-  if (e instanceof InvalidInput) return { t: "error", kind: "invalid_input", message: e.message };
-  if (e instanceof LeaseLost) return { t: "error", kind: "lease_lost", message: e.message };
+  if (e instanceof InvalidInput) return failure("invalid_input", e.message);
+  if (e instanceof LeaseLost) return failure("lease_lost", e.message);
   if (e instanceof PermanentError || e instanceof AwaitTimeoutError) {
     // An await timeout that escapes the handler is final: a replay would
     // take the same (checkpointed) path.
-    return { t: "error", kind: "permanent", message: e.message || e.name, trace: e.stack ?? null };
+    return failure("permanent", e.message || e.name, e.stack ?? null);
   }
   if (e instanceof RetryableError) {
-    return { t: "error", kind: "retryable", message: e.message || e.name, trace: e.stack ?? null, retry_after: e.retryAfter ?? null };
+    return failure("retryable", e.message || e.name, e.stack ?? null, e.retryAfter ?? null);
   }
   if (e instanceof Error) {
-    return { t: "error", kind: "retryable", message: `${e.name}: ${e.message}`, trace: e.stack ?? null };
+    return failure("retryable", `${e.name}: ${e.message}`, e.stack ?? null);
   }
   let shown: string;
   try {
@@ -599,53 +636,42 @@ function errorOutcome(e: unknown, handler: string): Outcome {
   } catch {
     shown = Object.prototype.toString.call(e);
   }
-  return {
-    t: "error",
-    kind: "retryable",
-    message: `handler \`${handler}\` threw (or rejected with) a non-Error value: ${shown}; throw an Error to get a stack trace`,
-  };
+  return failure(
+    "retryable",
+    `handler \`${handler}\` threw (or rejected with) a non-Error value: ${shown}; throw an Error to get a stack trace`,
+  );
 }
 
 function okOutcome(kind: HandlerKind, v: unknown, handler: string): Outcome {
   if (kind === "decision") {
     if (!(v instanceof Decision)) {
-      return {
-        t: "error",
-        kind: "permanent",
-        message: `decision handler \`${handler}\` returned ${v === null ? "null" : typeof v}, not a Decision (use Decision.create or Decision.complete)`,
-      };
+      return failure(
+        "permanent",
+        `decision handler \`${handler}\` returned ${v === null ? "null" : typeof v}, not a Decision (use Decision.create or Decision.complete)`,
+      );
     }
-    if (v.done) return { t: "complete", v: v.value ?? null };
-    return {
-      t: "decision",
-      steps: v.steps.map((s) => ({ name: s.name, handler: s.handler, input: s.input ?? null, depends_on: s.dependsOn ?? [] })),
-      final_step: v.finalStep,
-    };
+    if (v.done) return [COMPLETE, v.value ?? null];
+    return [
+      DECIDE,
+      v.steps.map((s) => ({ name: s.name, handler: s.handler, input: s.input ?? null, depends_on: s.dependsOn ?? [] })),
+      v.finalStep,
+    ];
   }
-  return { t: "value", v: v === undefined ? null : v };
+  return [VALUE, v === undefined ? null : v];
 }
 
-/** JSON text of a job's outcomes; a value that cannot be serialised fails
- * only its own step. */
-function encodeOutcomes(outcomes: Outcome[], handler: string): string {
+/** `o` if it can be serialised, else the error that fails its step alone. */
+function serialisable(o: Outcome, handler: string): Outcome {
   try {
-    return JSON.stringify(outcomes);
-  } catch {
-    return JSON.stringify(
-      outcomes.map((o) => {
-        try {
-          JSON.stringify(o);
-          return o;
-        } catch (e) {
-          return {
-            t: "error",
-            kind: "permanent",
-            message: `the result of handler \`${handler}\` is not JSON-serialisable: ${(e as Error).message}`,
-          };
-        }
-      }),
-    );
+    JSON.stringify(o);
+    return o;
+  } catch (e) {
+    return failure("permanent", `the result of handler \`${handler}\` is not JSON-serialisable: ${(e as Error).message}`);
   }
+}
+
+function isThenable(v: unknown): v is PromiseLike<unknown> {
+  return v !== null && (typeof v === "object" || typeof v === "function") && typeof (v as any).then === "function";
 }
 
 /**
@@ -658,13 +684,16 @@ export class Worker {
   readonly store: string;
   readonly #native: NativeWorker;
   readonly #handlers = new Map<string, Registered>();
+  /** In registration order: the native side names handlers by index. */
+  readonly #byIndex: Registered[] = [];
   readonly #handleSignals: boolean;
   #state: "new" | "starting" | "running" | "closing" | "closed" = "new";
   #closed: Promise<void> | undefined;
   #starting: Promise<string> | undefined;
   #closedResolve: (() => void) | undefined;
   #doneIds: number[] = [];
-  #doneReplies: string[] = [];
+  #doneOutcomes: unknown[] = [];
+  #doneHandlers: Registered[] = [];
   #flushScheduled = false;
 
   constructor(options: WorkerOptions = {}) {
@@ -709,7 +738,9 @@ export class Worker {
     } catch (e) {
       throw new InvalidInput((e as Error).message);
     }
-    this.#handlers.set(name, { kind, fn: fn as Registered["fn"] });
+    const reg: Registered = { name, kind, fn: fn as Registered["fn"] };
+    this.#handlers.set(name, reg);
+    this.#byIndex.push(reg);
     return this;
   }
 
@@ -805,47 +836,60 @@ export class Worker {
 
   /** Called by the core (through a thread-safe function) with a batch of
    * jobs: starts every handler at once; answers arrive through `#finish`. */
-  #dispatch(jobs: NativeJob[]): void {
-    for (const job of jobs) {
-      const h = this.#handlers.get(job.handler);
-      if (h === undefined) {
-        this.#finish(job, job.inputs.map(() => ({ t: "error", kind: "permanent", message: `no JS handler \`${job.handler}\`` })));
+  #dispatch(batch: string): void {
+    const jobs: unknown[] = JSON.parse(batch);
+    for (let i = 0; i < jobs.length; i += 3) {
+      const id = jobs[i] as number;
+      const h = this.#byIndex[jobs[i + 1] as number];
+      if (h.kind === "batch") {
+        this.#runBatch(id, h, jobs[i + 2] as unknown[]);
         continue;
       }
-      this.#run(job, h).then(
-        (outcomes) => this.#finish(job, outcomes),
-        (e) => this.#finish(job, job.inputs.map(() => errorOutcome(e, job.handler))),
-      );
-    }
-  }
-
-  async #run(job: NativeJob, h: Registered): Promise<Outcome[]> {
-    if (h.kind === "batch") {
-      const items = job.inputs.map((text, i) => ({ input: JSON.parse(text), ctx: new Context(job.contexts[i]) }));
-      let results: unknown;
+      let r: unknown;
       try {
-        results = await h.fn(items);
+        r = h.fn(jobs[i + 2], new Context(this.#native, id, 0));
+        if (isThenable(r)) {
+          // One reaction per step; a foreign thenable is adopted first.
+          const p = r instanceof Promise ? r : Promise.resolve(r);
+          p.then(
+            (v) => this.#finish(id, h, okOutcome(h.kind, v, h.name)),
+            (e) => this.#finish(id, h, errorOutcome(e, h.name)),
+          );
+          continue;
+        }
       } catch (e) {
-        return items.map(() => errorOutcome(e, job.handler));
+        this.#finish(id, h, errorOutcome(e, h.name));
+        continue;
       }
-      if (!Array.isArray(results) || results.length !== items.length) {
-        const got = Array.isArray(results) ? `${results.length} results` : typeof results;
-        const message = `batch handler \`${job.handler}\` returned ${got} for ${items.length} steps`;
-        return items.map(() => ({ t: "error", kind: "permanent", message }));
-      }
-      return results.map((r) => (r instanceof Error ? errorOutcome(r, job.handler) : okOutcome("batch", r, job.handler)));
-    }
-    try {
-      const v = await h.fn(JSON.parse(job.inputs[0]), new Context(job.contexts[0]));
-      return [okOutcome(h.kind, v, job.handler)];
-    } catch (e) {
-      return [errorOutcome(e, job.handler)];
+      this.#finish(id, h, okOutcome(h.kind, r, h.name));
     }
   }
 
-  #finish(job: NativeJob, outcomes: Outcome[]): void {
-    this.#doneIds.push(job.id);
-    this.#doneReplies.push(encodeOutcomes(outcomes, job.handler));
+  async #runBatch(id: number, h: Registered, inputs: unknown[]): Promise<void> {
+    const items = inputs.map((input, i) => ({ input, ctx: new Context(this.#native, id, i) }));
+    let results: unknown;
+    try {
+      results = await h.fn(items);
+    } catch (e) {
+      const o = errorOutcome(e, h.name);
+      return this.#finish(id, h, items.map(() => o));
+    }
+    if (!Array.isArray(results) || results.length !== items.length) {
+      const got = Array.isArray(results) ? `${results.length} results` : typeof results;
+      const o = failure("permanent", `batch handler \`${h.name}\` returned ${got} for ${items.length} steps`);
+      return this.#finish(id, h, items.map(() => o));
+    }
+    this.#finish(
+      id,
+      h,
+      results.map((r) => (r instanceof Error ? errorOutcome(r, h.name) : okOutcome("batch", r, h.name))),
+    );
+  }
+
+  #finish(id: number, h: Registered, outcome: unknown): void {
+    this.#doneIds.push(id);
+    this.#doneOutcomes.push(outcome);
+    this.#doneHandlers.push(h);
     if (!this.#flushScheduled) {
       this.#flushScheduled = true;
       // Answers finished in the same turn of the event loop go back in one call.
@@ -857,10 +901,26 @@ export class Worker {
     this.#flushScheduled = false;
     if (this.#doneIds.length === 0) return;
     const ids = this.#doneIds;
-    const replies = this.#doneReplies;
+    const outcomes = this.#doneOutcomes;
+    const handlers = this.#doneHandlers;
     this.#doneIds = [];
-    this.#doneReplies = [];
-    this.#native.complete(ids, replies);
+    this.#doneOutcomes = [];
+    this.#doneHandlers = [];
+    let text: string;
+    try {
+      text = JSON.stringify(outcomes);
+    } catch {
+      // Some value cannot be serialised: it fails its own step only.
+      text = JSON.stringify(
+        outcomes.map((o, i) => {
+          const name = handlers[i].name;
+          return handlers[i].kind === "batch"
+            ? (o as Outcome[]).map((x) => serialisable(x, name))
+            : serialisable(o as Outcome, name);
+        }),
+      );
+    }
+    this.#native.complete(ids, text);
   }
 }
 

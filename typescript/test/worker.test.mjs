@@ -118,10 +118,62 @@ test("InvalidInput fails at once; RetryableError honours retryAfter", async (t) 
 test("a result that is not JSON fails only its step", async (t) => {
   const { client } = await setup(t, (w) => {
     w.step("bigint", async () => ({ n: 10n }));
+    // Answered in the same turn of the event loop as the bad one, so both
+    // go back to the core in one answer.
+    w.step("fine", async (input) => ({ ok: input.i }));
+    w.batch("mixed", async (items) => items.map((it) => (it.input.bad ? { n: 1n } : { ok: it.input.i })), {
+      maxBatch: 4,
+      linger: 0.2,
+    });
   });
-  const id = await client.spawn("bigint", {});
-  await assert.rejects(client.result(id, { timeout: 10 }), /not JSON-serialisable/);
-  assert.equal((await client.get(id)).error.kind, "permanent");
+  const [bad, good] = await client.spawnMany([
+    { handler: "bigint", input: {} },
+    { handler: "fine", input: { i: 7 } },
+  ]);
+  await assert.rejects(client.result(bad, { timeout: 10 }), /not JSON-serialisable/);
+  assert.equal((await client.get(bad)).error.kind, "permanent");
+  assert.deepEqual(await client.result(good, { timeout: 10 }), { ok: 7 });
+  const items = await client.spawnMany([
+    { handler: "mixed", input: { i: 1 } },
+    { handler: "mixed", input: { bad: true } },
+    { handler: "mixed", input: { i: 3 } },
+  ]);
+  assert.deepEqual(await client.result(items[0], { timeout: 10 }), { ok: 1 });
+  await assert.rejects(client.result(items[1], { timeout: 10 }), /not JSON-serialisable/);
+  assert.deepEqual(await client.result(items[2], { timeout: 10 }), { ok: 3 });
+});
+
+test("a result with unpaired UTF-16 surrogates is stored with replacement characters", async (t) => {
+  const { client } = await setup(t, (w) => {
+    w.step("surrogates", async (input) => ({ lone: "a\ud800b", low: "\udfff", pair: "\ud83d\ude00", i: input.i }));
+  });
+  const ids = await client.spawnMany([0, 1, 2].map((i) => ({ handler: "surrogates", input: { i } })));
+  for (const [i, id] of ids.entries()) {
+    assert.deepEqual(await client.result(id, { timeout: 10 }), { lone: "a\ufffdb", low: "\ufffd", pair: "\ud83d\ude00", i });
+  }
+});
+
+test("a ctx used after its run ended says so; its signal never fires", async (t) => {
+  let kept;
+  const { client } = await setup(t, (w) => {
+    w.step("leak.ctx", async (_input, ctx) => {
+      kept = ctx;
+      return ctx.taskId;
+    });
+    w.step("leak.untouched", async (_input, ctx) => {
+      kept = ctx;
+      return null;
+    });
+  });
+  const id = await client.spawn("leak.ctx", {});
+  assert.equal(await client.result(id, { timeout: 10 }), id);
+  // Made during the run: it keeps answering what it knew.
+  assert.equal(kept.taskId, id);
+  const id2 = await client.spawn("leak.untouched", {});
+  await client.result(id2, { timeout: 10 });
+  // Never used during the run: there is no run to ask any more.
+  assert.throws(() => kept.taskId, (e) => e instanceof SwitchyardError && /run has ended/.test(e.message));
+  assert.equal(kept.signal.aborted, false);
 });
 
 test("many Promise handlers run at once, up to the handler's concurrency", async (t) => {

@@ -8,8 +8,29 @@
 //! [`NativeWorker::complete`], which never blocks. Jobs are answered as they
 //! finish rather than per batch, so one slow handler does not hold the slots
 //! of the fast ones handed over with it.
+//!
+//! # The wire format between this crate and `typescript/src/index.ts`
+//!
+//! Both directions are one JSON text per batch, because V8 parses and
+//! prints JSON far faster than N-API builds or reads objects one property
+//! at a time, and the Rust side of the text is written and read on runtime
+//! threads, not on the JS thread.
+//!
+//! * A batch of jobs (Rust → JS) is a flat array `[id, handler, input, id,
+//!   handler, input, ...]`: `handler` is the handler's index in registration
+//!   order; `input` is the step's input, or for batch handlers the array of
+//!   the items' inputs.
+//! * Durable contexts are not sent: most handlers never touch theirs, and a
+//!   wrapped native object per step costs more than the step. JS asks for
+//!   one on first use with [`NativeWorker::context`] (`job id`, item index);
+//!   it is valid while the job is unanswered.
+//! * Answers (JS → Rust) are `complete(ids, text)`: `text` is a JSON array
+//!   with one entry per id, the job's outcome (an array of outcomes for
+//!   batch handlers). An outcome is an array whose first element says what
+//!   it is (see [`decode`]).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +38,6 @@ use napi::bindgen_prelude::*;
 use napi::threadsafe_function::ThreadsafeFunction;
 use napi_derive::napi;
 use parking_lot::Mutex;
-use serde::Deserialize;
 use serde_json::Value;
 use switchyard_core::bridge::{camel_case, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply};
 use switchyard_core::{ApiError, Decision, NewStep, RunningWorker, StepError, WaitFor};
@@ -30,23 +50,8 @@ use crate::errors::{core_err, ok};
 /// Jobs handed to JS per thread-safe call, at most.
 const MAX_BATCH: usize = 256;
 
-/// One job as JS sees it: `inputs[i]` (JSON text) goes with `contexts[i]`.
-#[napi(object, object_from_js = false)]
-pub struct JsJob {
-    /// Answer with this id.
-    pub id: i64,
-    /// The handler to run.
-    pub handler: String,
-    /// `step`, `batch`, `decision` or `api`.
-    pub kind: String,
-    /// Inputs as JSON text.
-    pub inputs: Vec<String>,
-    /// One durable context per input.
-    pub contexts: Vec<NativeContext>,
-}
-
-/// The JS dispatcher: `(jobs) => void`.
-type Dispatch = ThreadsafeFunction<Vec<JsJob>, (), Vec<JsJob>, Status, false>;
+/// The JS dispatcher: `(batch: string) => void` (see the module docs).
+type Dispatch = ThreadsafeFunction<String, (), String, Status, false>;
 
 /// Host-wide settings.
 #[napi(object)]
@@ -87,15 +92,22 @@ pub struct NativeHandlerOptions {
 
 struct Pending {
     job: Job,
-    done: Vec<CancellationToken>,
+    /// Cancelled once the job is answered, so a context's `cancelled()`
+    /// Promise never outlives the run; made with the first context.
+    done: Option<CancellationToken>,
 }
 
 impl Pending {
     fn answer(self, replies: Vec<Reply>) {
-        for d in &self.done {
+        if let Some(d) = &self.done {
             d.cancel();
         }
         self.job.complete(replies);
+    }
+
+    fn fail(self, e: StepError) {
+        let n = self.job.items.len();
+        self.answer((0..n).map(|_| Reply::Error(e.clone())).collect());
     }
 }
 
@@ -107,6 +119,8 @@ pub struct NativeWorker {
     store_url: String,
     plan: Mutex<HostPlan>,
     inbox: Arc<Inbox>,
+    /// Handler names in registration order (their index is what JS sees).
+    names: Mutex<Vec<String>>,
     running: Arc<Mutex<Option<Arc<RunningWorker>>>>,
     pending: PendingMap,
     feeder: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -123,75 +137,75 @@ fn retry_after(s: Option<f64>) -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
-/// One outcome as the TypeScript glue encodes it.
-#[derive(Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-enum Outcome {
-    Value {
-        #[serde(default)]
-        v: Value,
-    },
-    Error {
-        kind: String,
-        message: String,
-        #[serde(default)]
-        trace: Option<String>,
-        #[serde(default)]
-        retry_after: Option<f64>,
-    },
-    Suspend {
-        wait: Value,
-    },
-    Complete {
-        #[serde(default)]
-        v: Value,
-    },
-    Decision {
-        steps: Value,
-        #[serde(default)]
-        final_step: Option<String>,
-    },
-    Http {
-        status: u16,
-        #[serde(default)]
-        retry_after: Option<f64>,
-        #[serde(default)]
-        message: String,
-    },
-    Network {
-        message: String,
-    },
-}
-
-fn reply(handler: &str, o: Outcome) -> Reply {
-    match o {
-        Outcome::Value { v } => Reply::Value(v),
-        Outcome::Complete { v } => Reply::Decision(Decision::Complete(v)),
-        Outcome::Error {
-            kind,
-            message,
-            trace,
-            retry_after: ra,
-        } => Reply::Error(match kind.as_str() {
-            "retryable" => StepError::Retryable {
-                message,
-                retry_after: retry_after(ra),
-                trace,
-            },
-            "invalid_input" => StepError::InvalidInput(message),
-            "cancelled" => StepError::Cancelled,
-            "lease_lost" => StepError::LeaseLost,
-            "await_timeout" => StepError::AwaitTimeout { event: message },
-            _ => StepError::Permanent { message, trace },
-        }),
-        Outcome::Suspend { wait } => match serde_json::from_value::<WaitFor>(wait) {
+/// The reply an outcome from the TypeScript glue stands for. An outcome is
+/// an array whose first element is its kind:
+///
+/// | outcome | meaning |
+/// | --- | --- |
+/// | `[0, value]` | a value (plain, API and batch handlers) |
+/// | `[1, kind, message, trace, retryAfter]` | a step error; `kind` is `retryable`, `permanent`, `invalid_input`, `cancelled`, `lease_lost` or `await_timeout` |
+/// | `[2, wait]` | the step suspends (the wait the core put in the suspension error) |
+/// | `[3, value]` | a decision that completes the step |
+/// | `[4, steps, finalStep]` | a decision that creates steps |
+/// | `[5, status, retryAfter, message]` | an HTTP-shaped failure (API handlers) |
+/// | `[6, message]` | a network failure (API handlers) |
+///
+/// `retryAfter` is in seconds or null. Anything else fails the step with a
+/// message naming the handler.
+fn decode(handler: &str, outcome: Value) -> Reply {
+    let bad = |what: String| {
+        Reply::Error(StepError::permanent(format!(
+            "handler `{handler}`: bad outcome from the TypeScript glue: {what}"
+        )))
+    };
+    let Value::Array(mut a) = outcome else {
+        return bad(format!("expected an array, got {outcome}"));
+    };
+    let Some(code) = a.first().and_then(Value::as_u64) else {
+        return bad("the first element must be the outcome's kind".into());
+    };
+    let mut arg = |i: usize| a.get_mut(i).map(Value::take).unwrap_or(Value::Null);
+    let text = |v: Value| match v {
+        Value::String(s) => s,
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let secs = |v: Value| retry_after(v.as_f64());
+    match code {
+        0 => Reply::Value(arg(1)),
+        1 => {
+            let kind = text(arg(1));
+            let message = text(arg(2));
+            let trace = match arg(3) {
+                Value::Null => None,
+                t => Some(text(t)),
+            };
+            Reply::Error(match kind.as_str() {
+                "retryable" => StepError::Retryable {
+                    message,
+                    retry_after: secs(arg(4)),
+                    trace,
+                },
+                "invalid_input" => StepError::InvalidInput(message),
+                "cancelled" => StepError::Cancelled,
+                "lease_lost" => StepError::LeaseLost,
+                "await_timeout" => StepError::AwaitTimeout { event: message },
+                _ => StepError::Permanent { message, trace },
+            })
+        }
+        2 => match serde_json::from_value::<WaitFor>(arg(1)) {
             Ok(w) => Reply::Error(StepError::Suspend(w)),
             Err(e) => Reply::Error(StepError::permanent(format!(
                 "handler `{handler}`: a suspension was forged or corrupted: {e}"
             ))),
         },
-        Outcome::Decision { steps, final_step } => {
-            match serde_json::from_value::<Vec<NewStep>>(steps) {
+        3 => Reply::Decision(Decision::Complete(arg(1))),
+        4 => {
+            let final_step = match arg(2) {
+                Value::Null => None,
+                f => Some(text(f)),
+            };
+            match serde_json::from_value::<Vec<NewStep>>(arg(1)) {
                 Ok(steps) => Reply::Decision(Decision::Steps { steps, final_step }),
                 Err(e) => Reply::Error(StepError::permanent(format!(
                     "decision of handler `{handler}`: each step needs `name`, `handler`, \
@@ -199,17 +213,64 @@ fn reply(handler: &str, o: Outcome) -> Reply {
                 ))),
             }
         }
-        Outcome::Http {
-            status,
-            retry_after: ra,
-            message,
-        } => Reply::Api(ApiError::Http {
-            status,
-            retry_after: retry_after(ra),
-            message,
-        }),
-        Outcome::Network { message } => Reply::Api(ApiError::Network(message)),
+        5 => {
+            let status = arg(1).as_u64().and_then(|s| u16::try_from(s).ok());
+            let Some(status) = status else {
+                return bad("an HTTP status must be a number from 0 to 65535".into());
+            };
+            let retry_after = secs(arg(2));
+            Reply::Api(ApiError::Http {
+                status,
+                retry_after,
+                message: text(arg(3)),
+            })
+        }
+        6 => Reply::Api(ApiError::Network(text(arg(1)))),
+        other => bad(format!("unknown outcome kind {other}")),
     }
+}
+
+/// JSON text with every lone UTF-16 surrogate escape (`\ud800` without its
+/// pair) replaced by `\ufffd`. `JSON.stringify` writes such escapes for
+/// strings that are not well-formed Unicode; serde_json refuses them.
+/// Outside strings JSON has no backslashes, so every one starts an escape.
+fn replace_lone_surrogates(text: &str) -> String {
+    fn unit(b: &[u8], at: usize) -> Option<u16> {
+        if b.get(at) != Some(&b'\\') || b.get(at + 1) != Some(&b'u') {
+            return None;
+        }
+        let hex = std::str::from_utf8(b.get(at + 2..at + 6)?).ok()?;
+        u16::from_str_radix(hex, 16).ok()
+    }
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match unit(b, i) {
+            // A pair: both halves stay.
+            Some(0xD800..=0xDBFF)
+                if unit(b, i + 6).is_some_and(|l| (0xDC00..=0xDFFF).contains(&l)) =>
+            {
+                i += 12
+            }
+            Some(0xD800..=0xDFFF) => {
+                out.push_str(&text[copied..i]);
+                out.push_str("\\ufffd");
+                i += 6;
+                copied = i;
+            }
+            // Any other escape is two characters or `\uXXXX`; skipping two
+            // is enough not to mistake an escaped backslash for a start.
+            _ => i += 2,
+        }
+    }
+    out.push_str(&text[copied.min(text.len())..]);
+    out
 }
 
 /// Answers every item of the jobs with the same error.
@@ -217,50 +278,62 @@ fn fail_all(pending: &PendingMap, ids: &[u64], e: StepError) {
     let mut map = pending.lock();
     for id in ids {
         if let Some(p) = map.remove(id) {
-            let n = p.done.len();
-            p.answer((0..n).map(|_| Reply::Error(e.clone())).collect());
+            p.fail(e.clone());
         }
     }
 }
 
-/// Answers the jobs of one `complete` call.
-fn answer_batch(pending: &PendingMap, batch: Vec<(u64, String)>) {
-    let mut answered = Vec::with_capacity(batch.len());
+/// Answers the jobs of one `complete` call (see the module docs).
+fn answer_batch(pending: &PendingMap, ids: Vec<u64>, text: String) {
+    let outcomes = serde_json::from_str::<Vec<Value>>(&text)
+        .or_else(|_| serde_json::from_str::<Vec<Value>>(&replace_lone_surrogates(&text)));
+    let outcomes = match outcomes {
+        Ok(o) if o.len() == ids.len() => o,
+        Ok(o) => {
+            let e = format!("{} outcomes for {} jobs", o.len(), ids.len());
+            return fail_all(pending, &ids, bad_answer(e));
+        }
+        Err(e) => return fail_all(pending, &ids, bad_answer(e.to_string())),
+    };
+    let mut answered = Vec::with_capacity(ids.len());
     {
         let mut map = pending.lock();
-        for (id, r) in batch {
+        for (id, o) in ids.into_iter().zip(outcomes) {
             if let Some(p) = map.remove(&id) {
-                answered.push((p, r));
+                answered.push((p, o));
             }
         }
     }
-    for (p, r) in answered {
-        let n = p.done.len();
-        let handler = p.job.handler.clone();
-        let replies = match serde_json::from_str::<Vec<Outcome>>(&r) {
-            Ok(os) => os.into_iter().map(|o| reply(&handler, o)).collect(),
-            Err(e) => {
-                let e = StepError::permanent(format!(
-                    "handler `{handler}`: bad outcome from the TypeScript glue: {e}"
-                ));
-                (0..n).map(|_| Reply::Error(e.clone())).collect()
+    for (p, o) in answered {
+        let handler = p.job.handler.as_str();
+        let replies = if p.job.kind == JobKind::Batch {
+            match o {
+                Value::Array(os) => os.into_iter().map(|o| decode(handler, o)).collect(),
+                other => vec![decode(handler, other)],
             }
+        } else {
+            vec![decode(handler, o)]
         };
         p.answer(replies);
     }
 }
 
-type Completions = tokio::sync::mpsc::UnboundedSender<Vec<(u64, String)>>;
+fn bad_answer(why: String) -> StepError {
+    StepError::permanent(format!("bad answer from the TypeScript glue: {why}"))
+}
+
+type Completions = tokio::sync::mpsc::UnboundedSender<(Vec<u64>, String)>;
 
 async fn feed(
     running: Arc<RunningWorker>,
     inbox: Arc<Inbox>,
     pending: PendingMap,
-    stopping: CancellationToken,
+    handlers: HashMap<String, usize>,
     dispatch: Dispatch,
 ) {
     while let Some(jobs) = inbox.recv_batch_async(MAX_BATCH).await {
-        let mut out = Vec::with_capacity(jobs.len());
+        let mut text = String::with_capacity(32 * jobs.len());
+        text.push('[');
         let mut ids = Vec::with_capacity(jobs.len());
         {
             let mut map = pending.lock();
@@ -269,34 +342,40 @@ async fn feed(
                     // Timed out or cancelled while queued: nothing to run.
                     continue;
                 }
-                let mut inputs = Vec::with_capacity(job.items.len());
-                let mut contexts = Vec::with_capacity(job.items.len());
-                let mut done = Vec::with_capacity(job.items.len());
-                for item in job.items.drain(..) {
-                    inputs.push(item.input.to_string());
-                    let d = CancellationToken::new();
-                    done.push(d.clone());
-                    contexts.push(NativeContext {
-                        ctx: item.ctx,
-                        done: d,
-                        stopping: stopping.clone(),
-                    });
+                let Some(&h) = handlers.get(&job.handler) else {
+                    // The core only dispatches handlers registered here.
+                    let e = StepError::permanent(format!("no JS handler `{}`", job.handler));
+                    Pending { job, done: None }.fail(e);
+                    continue;
+                };
+                if !ids.is_empty() {
+                    text.push(',');
                 }
-                out.push(JsJob {
-                    id: job.id as i64,
-                    handler: job.handler.clone(),
-                    kind: job.kind.name().to_string(),
-                    inputs,
-                    contexts,
-                });
+                let _ = write!(text, "{},{h},", job.id);
+                let batch = job.kind == JobKind::Batch;
+                if batch {
+                    text.push('[');
+                }
+                for (i, item) in job.items.iter_mut().enumerate() {
+                    if i > 0 {
+                        text.push(',');
+                    }
+                    // Written once, here; the context keeps the step.
+                    let input = item.input.take();
+                    let _ = write!(text, "{input}");
+                }
+                if batch {
+                    text.push(']');
+                }
                 ids.push(job.id);
-                map.insert(job.id, Pending { job, done });
+                map.insert(job.id, Pending { job, done: None });
             }
         }
-        if out.is_empty() {
+        if ids.is_empty() {
             continue;
         }
-        match dispatch.call_async_catch(out).await {
+        text.push(']');
+        match dispatch.call_async_catch(text).await {
             Ok(()) => {}
             Err(e) if e.status == Status::Closing => {
                 // The JS environment is going away (a worker thread was
@@ -355,6 +434,7 @@ impl NativeWorker {
                 o.max_payload_bytes.map(|n| n as usize),
             )),
             inbox,
+            names: Mutex::new(Vec::new()),
             running,
             pending: Arc::new(Mutex::new(HashMap::new())),
             feeder: Mutex::new(None),
@@ -396,8 +476,10 @@ impl NativeWorker {
         let opts = spec
             .build(&name, kind, plan.concurrency, camel_case)
             .map_err(Error::from_reason)?;
-        plan.register(name, kind, opts, self.inbox.clone())
-            .map_err(Error::from_reason)
+        plan.register(name.clone(), kind, opts, self.inbox.clone())
+            .map_err(Error::from_reason)?;
+        self.names.lock().push(name);
+        Ok(())
     }
 
     /// Opens the store, starts the host and begins handing jobs to
@@ -405,7 +487,9 @@ impl NativeWorker {
     ///
     /// While running, the thread-safe function keeps the event loop alive;
     /// `stop` releases it.
-    #[napi(ts_args_type = "dispatch: (jobs: JsJob[]) => void")]
+    /// `dispatch` receives each batch of jobs as JSON text (see the module
+    /// docs); handler indexes follow the order of `register` calls.
+    #[napi(ts_args_type = "dispatch: (batch: string) => void")]
     pub async fn start(&self, dispatch: Dispatch) -> String {
         if self.running.lock().is_some() || self.inbox.is_closed() {
             return core_err(&switchyard_core::Error::Config(
@@ -447,19 +531,26 @@ impl NativeWorker {
             running.stop().await;
             return core_err(&switchyard_core::Error::Shutdown);
         }
+        let handlers = self
+            .names
+            .lock()
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
         let feeder = tokio::spawn(feed(
             running,
             self.inbox.clone(),
             self.pending.clone(),
-            self.stopping.clone(),
+            handlers,
             dispatch,
         ));
         *self.feeder.lock() = Some(feeder);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(u64, String)>>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u64>, String)>();
         let pending = self.pending.clone();
         tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                answer_batch(&pending, batch);
+            while let Some((ids, text)) = rx.recv().await {
+                answer_batch(&pending, ids, text);
             }
         });
         *self.completions.lock() = Some(tx);
@@ -481,31 +572,45 @@ impl NativeWorker {
         self.pending.lock().len() as u32
     }
 
-    /// Answers finished jobs: `replies[i]` is the JSON array of outcomes for
-    /// job `ids[i]`, one per item. Never blocks; unknown ids (the core gave
+    /// The durable context of item `index` of job `job`, made on first use
+    /// (see the module docs). Fails once the job was answered.
+    #[napi]
+    pub fn context(&self, job: i64, index: u32) -> Result<NativeContext> {
+        let mut map = self.pending.lock();
+        let ended = || {
+            Error::from_reason(
+                "this step's run has ended: a ctx can be used only while its handler runs",
+            )
+        };
+        let p = map.get_mut(&(job as u64)).ok_or_else(ended)?;
+        let item = p.job.items.get(index as usize).ok_or_else(ended)?;
+        let ctx = item.ctx.clone();
+        let done = p.done.get_or_insert_with(CancellationToken::new).clone();
+        Ok(NativeContext {
+            ctx,
+            done,
+            stopping: self.stopping.clone(),
+        })
+    }
+
+    /// Answers finished jobs: `outcomes` is a JSON array with one entry per
+    /// id (see the module docs). Never blocks; unknown ids (the core gave
     /// up, or a second answer) are ignored.
     #[napi]
-    pub fn complete(&self, ids: Vec<i64>, replies: Vec<String>) -> Result<()> {
-        if ids.len() != replies.len() {
-            return Err(Error::from_reason(format!(
-                "complete: {} ids but {} replies",
-                ids.len(),
-                replies.len()
-            )));
-        }
-        let batch: Vec<(u64, String)> = ids.into_iter().map(|i| i as u64).zip(replies).collect();
+    pub fn complete(&self, ids: Vec<i64>, outcomes: String) -> Result<()> {
+        let ids: Vec<u64> = ids.into_iter().map(|i| i as u64).collect();
         // Parsing and waking the core's tasks happen on a runtime thread:
         // one cross-thread wake-up per batch instead of one per job, and
         // less work on the JS thread.
         let tx = self.completions.lock().clone();
-        let batch = match tx {
-            Some(tx) => match tx.send(batch) {
+        let (ids, outcomes) = match tx {
+            Some(tx) => match tx.send((ids, outcomes)) {
                 Ok(()) => return Ok(()),
                 Err(e) => e.0,
             },
-            None => batch,
+            None => (ids, outcomes),
         };
-        answer_batch(&self.pending, batch);
+        answer_batch(&self.pending, ids, outcomes);
         Ok(())
     }
 
@@ -539,7 +644,7 @@ impl NativeWorker {
         // The core stopped waiting for anything still held by JS.
         let left: Vec<Pending> = self.pending.lock().drain().map(|(_, p)| p).collect();
         for p in left {
-            for d in &p.done {
+            if let Some(d) = &p.done {
                 d.cancel();
             }
         }
