@@ -469,6 +469,22 @@ impl RunningWorker {
     pub fn inflight(&self) -> usize {
         self.shared.inflight.load(Ordering::Acquire)
     }
+    /// Waits until every outcome that finished steps handed to the host so
+    /// far is recorded in the store (or the host has stopped).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future only stops waiting.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .shared
+            .completions
+            .send(CompletionMsg::Flush(tx))
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
     /// Asks the host to stop (returns at once): no more claims; running steps
     /// get the grace period, then are cancelled and handed back.
     pub fn shutdown(&self) {

@@ -228,6 +228,19 @@ DROP INDEX IF EXISTS sy_tasks_group;
 CREATE INDEX sy_tasks_group ON sy_tasks(parent_group) WHERE parent_group IS NOT NULL;
 ALTER TABLE sy_tasks SET (fillfactor = 70);
 "#,
+    // 4: a step spawned ready to run at once (the usual case) no longer
+    // enters the index that finds the next due time: only steps whose
+    // `run_at` lies after their creation (delayed spawns, retries after a
+    // backoff, sleepers, woken and unblocked steps) can be due later. It
+    // also keeps the claim off this index: with stale statistics (a queue
+    // table grows from empty in seconds) the planner used to scan every
+    // ready step through it and sort them, instead of walking
+    // `sy_steps_ready` in claim order and stopping at the limit.
+    r#"
+DROP INDEX IF EXISTS sy_steps_due;
+CREATE INDEX sy_steps_delayed ON sy_steps(handler, run_at)
+    WHERE state IN ('ready', 'suspended') AND run_at > created_at;
+"#,
 ];
 
 /// Retention (see [`Store::cleanup`]): up to `$2` finished tasks older than
@@ -750,6 +763,23 @@ macro_rules! read_op {
     }};
 }
 
+/// Starts a write transaction. Every statement a write runs is an index
+/// lookup or a bounded index range scan by design, but the planner costs
+/// plans with table statistics that a queue outruns: tables grow from empty
+/// to a hundred thousand rows between two autovacuum analyses, and with
+/// the old statistics it picked sequential scans of every task (to lock a
+/// batch), bitmap scans of every running step (to settle one) and hash
+/// joins. Within the write only, those plan shapes are discouraged
+/// (`enable_*` adds a cost penalty; a statement with no other plan still
+/// gets one).
+macro_rules! begin_write {
+    () => {
+        "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+         SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+    };
+}
+const BEGIN_WRITE: &str = begin_write!();
+
 const DB_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 const SELECT_DB_NOW: &str = "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint";
 
@@ -812,12 +842,14 @@ impl PostgresStore {
     async fn begin(&self, c: &mut Conn) -> DbResult<Millis> {
         match &self.clock {
             Some(clock) => {
-                c.client.batch_execute("BEGIN").await?;
+                c.client.batch_execute(BEGIN_WRITE).await?;
                 Ok(clock.now())
             }
             None => {
-                const SQL: &str =
-                    "BEGIN; SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint";
+                const SQL: &str = concat!(
+                    begin_write!(),
+                    "; SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint"
+                );
                 let msgs = c.client.simple_query(SQL).await?;
                 for m in msgs {
                     if let SimpleQueryMessage::Row(r) = m {
@@ -1022,9 +1054,11 @@ pub const CLAIM: &str = "WITH picked AS ( \
      FROM picked WHERE sy_steps.id = picked.id \
      RETURNING sy_steps.id, task_id, name, handler, input, headers, attempt, priority, run_at, seq, \
        depends_on IS NOT NULL";
+/// A step whose `run_at` is not after its creation was due when it was
+/// made, so it is never due after `$2` (see migration 4).
 const NEXT_DUE: &str =
     "SELECT min(run_at) FROM sy_steps WHERE handler = ANY($1) AND state IN ('ready', 'suspended') \
-     AND run_at > $2";
+     AND run_at > created_at AND run_at > $2";
 const TASK_META: &str = "SELECT state, final_step, has_deps, response_event, parent_group, parent_step_id, priority, headers \
      FROM sy_tasks WHERE id = $1 FOR UPDATE";
 const UNBLOCK: &str = "UPDATE sy_steps SET pending_deps = pending_deps - 1, \
