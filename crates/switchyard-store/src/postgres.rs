@@ -1112,14 +1112,29 @@ const INSERT_ROOT_STEPS: &str = "INSERT INTO sy_steps (id, task_id, name, handle
      SELECT u.sid, u.tid, u.handler, u.handler, u.input, u.headers, 'ready', u.priority, u.run_at, 0, $8, $8 \
      FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int8[]) \
        AS u(sid, tid, handler, input, headers, priority, run_at)";
-const SETTLE_COMPLETED_MANY: &str = "UPDATE sy_steps s SET state = 'completed', result = u.result, lease_owner = NULL, \
-       lease_expires_at = NULL, updated_at = $6 \
-     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[]) AS u(id, task_id, owner, attempt, result) \
-     WHERE s.id = u.id AND s.task_id = u.task_id AND s.state = 'running' AND s.lease_owner = u.owner \
-       AND s.attempt = u.attempt \
-     RETURNING s.id, s.name";
-const FINISH_COMPLETED_MANY: &str = "UPDATE sy_tasks t SET state = 'completed', result = u.result, updated_at = $3 \
-     FROM unnest($1::uuid[], $2::text[]) AS u(id, result) WHERE t.id = u.id AND t.state = 'running'";
+/// Settles many `Completed` steps (`$1..$5`: step ids, task ids, lease
+/// owners, attempts, results; `$6` now) and, in the same statement,
+/// finishes the tasks that have nothing else to do once that step is done
+/// (its final step, no dependants, no response event, no group). Rows:
+/// `(true, step id, task id, step name)` per settled step and `(false, task
+/// id, NULL, final step)` per finished task. Steps are locked before their
+/// tasks here, unlike the batches that lock tasks first; a cancel racing the
+/// same task can deadlock, which the server detects and the write retries.
+const SETTLE_AND_FINISH: &str = "WITH settled AS ( \
+       UPDATE sy_steps s SET state = 'completed', result = u.result, lease_owner = NULL, \
+         lease_expires_at = NULL, updated_at = $6 \
+       FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[]) \
+         AS u(id, task_id, owner, attempt, result) \
+       WHERE s.id = u.id AND s.task_id = u.task_id AND s.state = 'running' AND s.lease_owner = u.owner \
+         AND s.attempt = u.attempt \
+       RETURNING s.id, s.task_id, s.name, u.result), \
+     finished AS ( \
+       UPDATE sy_tasks t SET state = 'completed', result = settled.result, updated_at = $6 \
+       FROM settled WHERE t.id = settled.task_id AND t.state = 'running' AND t.final_step = settled.name \
+         AND NOT t.has_deps AND t.response_event IS NULL AND t.parent_group IS NULL \
+       RETURNING t.id, t.final_step) \
+     SELECT true, id, task_id, name FROM settled \
+     UNION ALL SELECT false, id, NULL, final_step FROM finished";
 const INSERT_STEP: &str =
     "INSERT INTO sy_steps (id, task_id, name, handler, input, headers, state, priority, run_at, \
        depends_on, pending_deps, created_at, updated_at) \
@@ -2022,28 +2037,21 @@ async fn complete_tx(
     fx: &mut Effects,
     items: &[Result<(Lease, Prepared)>],
 ) -> DbResult<Vec<Result<()>>> {
-    // Lock every task of the batch up front, in id order, so that batches
-    // touching the same tasks queue up instead of deadlocking.
-    let mut tasks: Vec<Uuid> = items
-        .iter()
-        .filter_map(|i| i.as_ref().ok().map(|(l, _)| l.task_id.0))
-        .collect();
-    tasks.sort_unstable();
-    tasks.dedup();
-    let mut metas: HashMap<Uuid, TaskMeta> = HashMap::new();
-    if !tasks.is_empty() {
-        for r in c.query(LOCK_TASKS, &[&tasks]).await? {
-            metas.insert(r.get(0), meta_row(&r, 1));
-        }
-    }
     // The common case (plain results for distinct steps) is set-based.
     let mut steps = HashSet::new();
     let fast = items.iter().all(
         |i| matches!(i, Ok((lease, Prepared::Completed { .. })) if steps.insert(lease.step_id)),
     );
     if fast {
-        return complete_fast(c, now, fx, items, &metas).await;
+        return complete_fast(c, now, fx, items).await;
     }
+    // Lock every task of the batch up front, in id order, so that batches
+    // touching the same tasks queue up instead of deadlocking.
+    let tasks: Vec<Uuid> = items
+        .iter()
+        .filter_map(|i| i.as_ref().ok().map(|(l, _)| l.task_id.0))
+        .collect();
+    lock_tasks(c, tasks).await?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         match item {
@@ -2054,16 +2062,29 @@ async fn complete_tx(
     Ok(out)
 }
 
-/// `Completed` items of distinct steps, in a few statements whatever the
-/// batch size: one update settles every step; dependants are unblocked per
-/// task that has dependencies; tasks finishing without a response event or
-/// a group are finished by one update, the others one by one.
+/// Locks the tasks (in id order) and reads what completing their steps
+/// needs to know.
+async fn lock_tasks(c: &mut Conn, mut tasks: Vec<Uuid>) -> DbResult<HashMap<Uuid, TaskMeta>> {
+    tasks.sort_unstable();
+    tasks.dedup();
+    let mut metas = HashMap::new();
+    if !tasks.is_empty() {
+        for r in c.query(LOCK_TASKS, &[&tasks]).await? {
+            metas.insert(r.get(0), meta_row(&r, 1));
+        }
+    }
+    Ok(metas)
+}
+
+/// `Completed` items of distinct steps: one statement settles every step
+/// and finishes the tasks with nothing else to do ([`SETTLE_AND_FINISH`]);
+/// only the steps of other tasks (dependants to unblock, a response event
+/// or a group to tell) take the long way, one task at a time.
 async fn complete_fast(
     c: &mut Conn,
     now: Millis,
     fx: &mut Effects,
     items: &[Result<(Lease, Prepared)>],
-    metas: &HashMap<Uuid, TaskMeta>,
 ) -> DbResult<Vec<Result<()>>> {
     let mut ids = Vec::with_capacity(items.len());
     let mut tids = Vec::with_capacity(items.len());
@@ -2080,18 +2101,30 @@ async fn complete_fast(
         attempts.push(i32::try_from(lease.attempt).unwrap_or(i32::MAX));
         results.push(result.as_str());
     }
-    let settled: HashMap<Uuid, String> = c
+    let mut settled: HashMap<Uuid, String> = HashMap::new();
+    let mut finished: HashSet<Uuid> = HashSet::new();
+    for r in c
         .query(
-            SETTLE_COMPLETED_MANY,
+            SETTLE_AND_FINISH,
             &[&ids, &tids, &owners, &attempts, &results, &now],
         )
         .await?
+    {
+        if r.get::<_, bool>(0) {
+            settled.insert(r.get(1), r.get(3));
+        } else {
+            finished.insert(r.get(1));
+        }
+    }
+    fx.finished |= !finished.is_empty();
+    let rest: Vec<Uuid> = items
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .flatten()
+        .filter(|(l, _)| settled.contains_key(&l.step_id.0) && !finished.contains(&l.task_id.0))
+        .map(|(l, _)| l.task_id.0)
         .collect();
+    let metas = lock_tasks(c, rest).await?;
     let mut out = Vec::with_capacity(items.len());
-    let mut finish_ids: Vec<Uuid> = Vec::new();
-    let mut finish_results: Vec<&str> = Vec::new();
     for (lease, prepared) in items.iter().flatten() {
         let Prepared::Completed { result } = prepared else {
             continue;
@@ -2103,35 +2136,25 @@ async fn complete_fast(
         out.push(Ok(()));
         let tid = lease.task_id.0;
         let Some(meta) = metas.get(&tid) else {
+            // Finished above (or the task is gone).
             continue;
         };
         if meta.has_deps {
             unblock(c, now, fx, tid, name).await?;
         }
         if meta.running && &meta.final_step == name {
-            if meta.response_event.is_none() && meta.parent_group.is_none() {
-                finish_ids.push(tid);
-                finish_results.push(result.as_str());
-            } else {
-                finish_task(
-                    c,
-                    now,
-                    fx,
-                    tid,
-                    meta,
-                    TaskState::Completed,
-                    Some(result),
-                    None,
-                )
-                .await?;
-            }
-        }
-    }
-    if !finish_ids.is_empty() {
-        let n = c
-            .exec(FINISH_COMPLETED_MANY, &[&finish_ids, &finish_results, &now])
+            finish_task(
+                c,
+                now,
+                fx,
+                tid,
+                meta,
+                TaskState::Completed,
+                Some(result),
+                None,
+            )
             .await?;
-        fx.finished |= n > 0;
+        }
     }
     Ok(out)
 }
