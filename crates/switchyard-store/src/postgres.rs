@@ -1105,6 +1105,16 @@ const INSERT_TASKS: &str = "INSERT INTO sy_tasks (id, handler, input, state, hea
        AS u(id, handler, input, headers, priority, key, response_event, pt, ps, pg, pi) \
      ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
      RETURNING id";
+/// [`INSERT_TASKS`] for a batch without idempotency keys: a plain insert
+/// (an `ON CONFLICT` clause makes every row a speculative insertion, with
+/// its own token, arbiter check and WAL record).
+const INSERT_TASKS_PLAIN: &str = "INSERT INTO sy_tasks (id, handler, input, state, headers, priority, idempotency_key, \
+       response_event, parent_task_id, parent_step_id, parent_group, parent_index, final_step, created_at, updated_at) \
+     SELECT u.id, u.handler, u.input, 'running', u.headers, u.priority, u.key, u.response_event, u.pt, u.ps, u.pg, \
+       u.pi, u.handler, $12, $12 \
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::uuid[], \
+       $9::uuid[], $10::text[], $11::int4[]) \
+       AS u(id, handler, input, headers, priority, key, response_event, pt, ps, pg, pi)";
 const FIND_IDEMPOTENT_MANY: &str =
     "SELECT idempotency_key, id FROM sy_tasks WHERE idempotency_key = ANY($1)";
 const INSERT_ROOT_STEPS: &str = "INSERT INTO sy_steps (id, task_id, name, handler, input, headers, state, priority, \
@@ -1280,28 +1290,30 @@ async fn spawn_tx(
         .iter()
         .map(|t| t.parent.as_ref().map(|p| p.index as i32))
         .collect();
-    let created: HashSet<Uuid> = c
-        .query(
-            INSERT_TASKS,
-            &[
-                &ids,
-                &handlers,
-                &inputs,
-                &headers,
-                &priorities,
-                &keys,
-                &events,
-                &parent_tasks,
-                &parent_steps,
-                &parent_groups,
-                &parent_indexes,
-                &now,
-            ],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &ids,
+        &handlers,
+        &inputs,
+        &headers,
+        &priorities,
+        &keys,
+        &events,
+        &parent_tasks,
+        &parent_steps,
+        &parent_groups,
+        &parent_indexes,
+        &now,
+    ];
+    let created: HashSet<Uuid> = if keys.iter().all(Option::is_none) {
+        c.exec(INSERT_TASKS_PLAIN, &params).await?;
+        ids.iter().copied().collect()
+    } else {
+        c.query(INSERT_TASKS, &params)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
     // Keys that existed before this batch (committed by anyone).
     let missing: Vec<&str> = rows
         .iter()
