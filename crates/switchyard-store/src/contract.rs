@@ -109,6 +109,7 @@ macro_rules! contract_suite {
                 spawn_answers_in_input_order,
                 spawn_idempotency_key,
                 spawn_idempotency_within_one_batch,
+                spawn_and_complete_a_large_batch,
                 spawn_future_run_at_not_claimed_until_due,
                 spawn_notifies_ready,
                 claim_only_requested_handlers,
@@ -714,6 +715,63 @@ pub async fn spawn_idempotency_within_one_batch(factory: Factory) {
         1
     );
     assert_eq!(h.task(out[0].task_id).await.input, json!(1));
+}
+
+/// A batch of many tasks (stores may insert them in chunks) with
+/// idempotency keys, headers and priorities in between: every task is stored
+/// as given, in input order, a repeated key answers with the first task, and
+/// completing every root step in one batch completes every task.
+pub async fn spawn_and_complete_a_large_batch(factory: Factory) {
+    let h = H::open(&factory).await;
+    let n = 150;
+    let tasks = (0..n)
+        .map(|i| {
+            let t = NewTask::new("bulk", json!({ "i": i })).priority(i as i32 % 3);
+            match i {
+                40 | 120 => t.idempotency_key("same"),
+                70 => t.header("trace", "t70"),
+                _ => t,
+            }
+        })
+        .collect();
+    let out = h.store.spawn(tasks).await.expect("spawn");
+    assert_eq!(out.len(), n);
+    assert_eq!(out[120].task_id, out[40].task_id, "the repeated key");
+    assert!(!out[120].created);
+    let distinct: BTreeSet<TaskId> = out.iter().map(|s| s.task_id).collect();
+    assert_eq!(distinct.len(), n - 1);
+    for (i, spawned) in out.iter().enumerate().filter(|(i, _)| *i != 120) {
+        assert!(spawned.created, "task {i}");
+        let task = h.task(spawned.task_id).await;
+        assert_eq!(task.input, json!({ "i": i }), "task {i}");
+        assert_eq!(task.priority, i as i32 % 3, "task {i}");
+        assert_eq!(task.state, TaskState::Running, "task {i}");
+    }
+    assert_eq!(
+        h.task(out[70].task_id)
+            .await
+            .headers
+            .get("trace")
+            .map(String::as_str),
+        Some("t70")
+    );
+    let claimed = h.claim("bulk", n).await;
+    assert_eq!(claimed.len(), n - 1);
+    let completions = claimed
+        .iter()
+        .map(|s| Completion {
+            lease: lease(s, HOST),
+            resolution: Resolution::Completed(json!({ "done": s.input["i"] })),
+        })
+        .collect();
+    let results = h.store.complete(completions).await.expect("complete");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    for (i, spawned) in out.iter().enumerate() {
+        let task = h.task(spawned.task_id).await;
+        assert_eq!(task.state, TaskState::Completed, "task {i}");
+        let first = if i == 120 { 40 } else { i };
+        assert_eq!(task.result, Some(json!({ "done": first })), "task {i}");
+    }
 }
 
 /// `spawn` with a future `run_at`: the root step is `ready` at that time, not

@@ -955,6 +955,19 @@ const SETTLE_COMPLETED: &str = concat!(
 const FINISH_SIMPLE_TASK: &str = "UPDATE tasks SET state = 'completed', result = ?3, updated_at = ?4 \
      WHERE id = ?1 AND state = 'running' AND has_deps = 0 AND response_event IS NULL AND parent_group IS NULL \
        AND final_step = (SELECT name FROM steps WHERE id = ?2)";
+/// [`SETTLE_COMPLETED`] and [`FINISH_SIMPLE_TASK`] for a step whose row ids
+/// the writer remembers from its spawn ([`RowIds`]): rowid lookups instead of
+/// descents of the `id` indexes. The ids are still compared, so a stale memo
+/// (a rolled-back spawn, a rowid reused after retention) matches nothing and
+/// the caller takes the long way.
+const SETTLE_COMPLETED_AT: &str = concat!(
+    "UPDATE steps SET state = 'completed', result = ?6, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5",
+    lease_guard!(),
+    " AND seq = ?7"
+);
+const FINISH_SIMPLE_TASK_AT: &str = "UPDATE tasks SET state = 'completed', result = ?3, updated_at = ?4 \
+     WHERE seq = ?5 AND id = ?1 AND state = 'running' AND has_deps = 0 AND response_event IS NULL \
+       AND parent_group IS NULL AND final_step = (SELECT name FROM steps WHERE seq = ?6 AND id = ?2)";
 const STEP_NAME: &str = "SELECT name FROM steps WHERE id = ?1";
 const EXTEND_CHECKPOINT_LEASE: &str =
     concat!("UPDATE steps SET lease_expires_at = ?5", lease_guard!());
@@ -1026,65 +1039,257 @@ const CLAIM: &str = "UPDATE steps SET state = 'running', attempt = attempt + 1, 
 // Write transactions (run on the writer thread)
 // ---------------------------------------------------------------------------
 
+/// Row ids of the root steps this writer spawned and their tasks, by step
+/// id, until the step's completion is recorded: a plain completion then finds
+/// both rows by rowid. Each writer thread has its own (one per database);
+/// it is only a hint (see [`SETTLE_COMPLETED_AT`]), bounded by forgetting
+/// everything when full (steps that never complete here: cancelled, run by
+/// another process).
+struct RowIds;
+
+/// Most remembered steps (about 40 bytes each).
+const ROW_IDS_CAP: usize = 1 << 18;
+
+thread_local! {
+    static ROW_IDS: std::cell::RefCell<HashMap<Uuid, (i64, i64)>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+impl RowIds {
+    fn remember(step: Uuid, step_seq: i64, task_seq: i64) {
+        ROW_IDS.with(|m| {
+            let mut m = m.borrow_mut();
+            if m.len() >= ROW_IDS_CAP {
+                m.clear();
+            }
+            m.insert(step, (step_seq, task_seq));
+        });
+    }
+
+    fn take(step: Uuid) -> Option<(i64, i64)> {
+        ROW_IDS.with(|m| m.borrow_mut().remove(&step))
+    }
+}
+
+/// Tasks (and their root steps) per multi-row `INSERT` of a spawn: one
+/// statement run (cursors opened on every index, parameters bound, the
+/// program started and reset) for this many rows instead of one per row.
+const SPAWN_CHUNK: usize = 32;
+
+/// `INSERT INTO tasks` of [`SPAWN_CHUNK`] tasks without idempotency keys:
+/// `?1` is the time, then 10 parameters per task.
+fn insert_tasks_chunk() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let rows: Vec<String> = (0..SPAWN_CHUNK)
+            .map(|r| {
+                let b = 1 + r * 10;
+                format!(
+                    "(?{}, ?{}, ?{}, 'running', ?{}, ?{}, NULL, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?1, ?1)",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 9,
+                    b + 10,
+                    b + 2
+                )
+            })
+            .collect();
+        format!(
+            "INSERT INTO tasks (id, handler, input, state, headers, priority, idempotency_key, response_event, \
+             parent_task_id, parent_step_id, parent_group, parent_index, final_step, created_at, updated_at) VALUES {}",
+            rows.join(", ")
+        )
+    })
+}
+
+/// `INSERT INTO steps` of the root steps of [`SPAWN_CHUNK`] tasks: `?1` is
+/// the time, then 7 parameters per step.
+fn insert_steps_chunk() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let rows: Vec<String> = (0..SPAWN_CHUNK)
+            .map(|r| {
+                let b = 1 + r * 7;
+                format!(
+                    "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, 'ready', ?{}, ?{}, NULL, 0, ?1, ?1)",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7
+                )
+            })
+            .collect();
+        format!(
+            "INSERT INTO steps (id, task_id, name, handler, input, headers, state, priority, run_at, \
+             depends_on, pending_deps, created_at, updated_at) VALUES {}",
+            rows.join(", ")
+        )
+    })
+}
+
+/// Inserts [`SPAWN_CHUNK`] tasks without idempotency keys and their root
+/// steps with two statements.
+fn spawn_chunk(conn: &Connection, now: Millis, chunk: &[PreparedTask]) -> DbResult<()> {
+    debug_assert_eq!(chunk.len(), SPAWN_CHUNK);
+    struct Owned<'a> {
+        task: [u8; 16],
+        parent_group: Option<&'a str>,
+        parent_index: Option<u32>,
+        step: [u8; 16],
+        parent_task: Option<[u8; 16]>,
+        parent_step: Option<[u8; 16]>,
+        run_at: Millis,
+    }
+    let owned: Vec<Owned> = chunk
+        .iter()
+        .map(|t| Owned {
+            task: t.task_id.0.into_bytes(),
+            step: t.step_id.0.into_bytes(),
+            parent_task: t.parent.as_ref().map(|p| p.task_id.0.into_bytes()),
+            parent_step: t.parent.as_ref().map(|p| p.step_id.0.into_bytes()),
+            parent_group: t.parent.as_ref().and_then(|p| p.group.as_deref()),
+            parent_index: t.parent.as_ref().map(|p| p.index),
+            run_at: t.run_at.unwrap_or(now),
+        })
+        .collect();
+    let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(1 + SPAWN_CHUNK * 10);
+    values.push(&now);
+    for (t, o) in chunk.iter().zip(&owned) {
+        values.extend([
+            &o.task as &dyn rusqlite::ToSql,
+            &t.handler,
+            &t.input,
+            &t.headers,
+            &t.priority,
+            &t.response_event,
+            &o.parent_task,
+            &o.parent_step,
+            &o.parent_group,
+            &o.parent_index,
+        ]);
+    }
+    conn.prepare_cached(insert_tasks_chunk())?
+        .execute(values.as_slice())?;
+    let last_task = conn.last_insert_rowid();
+    values.truncate(1);
+    for (t, o) in chunk.iter().zip(&owned) {
+        values.extend([
+            &o.step as &dyn rusqlite::ToSql,
+            &o.task,
+            &t.handler,
+            &t.input,
+            &t.headers,
+            &t.priority,
+            &o.run_at,
+        ]);
+    }
+    conn.prepare_cached(insert_steps_chunk())?
+        .execute(values.as_slice())?;
+    let last_step = conn.last_insert_rowid();
+    // Rows of one statement get consecutive rowids here (one writer, rowids
+    // after the largest); the memo is checked against the ids anyway.
+    let first = SPAWN_CHUNK as i64 - 1;
+    for (i, o) in owned.iter().enumerate() {
+        let i = i as i64;
+        RowIds::remember(
+            Uuid::from_bytes(o.step),
+            last_step - first + i,
+            last_task - first + i,
+        );
+    }
+    Ok(())
+}
+
 fn spawn_tx(
     conn: &Connection,
     now: Millis,
     fx: &mut Effects,
     tasks: &[PreparedTask],
 ) -> DbResult<Vec<Spawned>> {
-    let mut find = conn.prepare_cached(FIND_IDEMPOTENT)?;
-    let mut insert_task = conn.prepare_cached(INSERT_TASK)?;
-    let mut insert_step = conn.prepare_cached(INSERT_STEP)?;
     let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        if let Some(key) = &t.idempotency_key {
-            if let Some(id) = find
-                .query_row([key], |r| r.get::<_, [u8; 16]>(0))
-                .optional()?
-            {
-                out.push(Spawned {
-                    task_id: TaskId(Uuid::from_bytes(id)),
-                    created: false,
-                });
-                continue;
-            }
-        }
-        let parent = t.parent.as_ref();
-        insert_task.execute(params![
-            t.task_id.0.as_bytes(),
-            t.handler,
-            t.input,
-            t.headers,
-            t.priority,
-            t.idempotency_key,
-            t.response_event,
-            parent.map(|p| p.task_id.0.into_bytes()),
-            parent.map(|p| p.step_id.0.into_bytes()),
-            parent.and_then(|p| p.group.as_deref()),
-            parent.map(|p| p.index),
-            now,
-        ])?;
-        insert_step.execute(params![
-            t.step_id.0.as_bytes(),
-            t.task_id.0.as_bytes(),
-            t.handler,
-            t.handler,
-            t.input,
-            t.headers,
-            "ready",
-            t.priority,
-            t.run_at.unwrap_or(now),
-            None::<String>,
-            0,
-            now,
-        ])?;
-        out.push(Spawned {
-            task_id: t.task_id,
-            created: true,
-        });
+    let mut rest = tasks;
+    while !rest.is_empty() {
+        let plain = rest
+            .iter()
+            .take(SPAWN_CHUNK)
+            .take_while(|t| t.idempotency_key.is_none())
+            .count();
+        let n = if plain == SPAWN_CHUNK {
+            spawn_chunk(conn, now, &rest[..SPAWN_CHUNK])?;
+            out.extend(rest[..SPAWN_CHUNK].iter().map(|t| Spawned {
+                task_id: t.task_id,
+                created: true,
+            }));
+            SPAWN_CHUNK
+        } else {
+            out.push(spawn_one(conn, now, &rest[0])?);
+            1
+        };
+        rest = &rest[n..];
     }
     fx.ready = true;
     Ok(out)
+}
+
+/// One task and its root step (or the task an idempotency key names).
+fn spawn_one(conn: &Connection, now: Millis, t: &PreparedTask) -> DbResult<Spawned> {
+    if let Some(key) = &t.idempotency_key {
+        if let Some(id) = conn
+            .prepare_cached(FIND_IDEMPOTENT)?
+            .query_row([key], |r| r.get::<_, [u8; 16]>(0))
+            .optional()?
+        {
+            return Ok(Spawned {
+                task_id: TaskId(Uuid::from_bytes(id)),
+                created: false,
+            });
+        }
+    }
+    let parent = t.parent.as_ref();
+    conn.prepare_cached(INSERT_TASK)?.execute(params![
+        t.task_id.0.as_bytes(),
+        t.handler,
+        t.input,
+        t.headers,
+        t.priority,
+        t.idempotency_key,
+        t.response_event,
+        parent.map(|p| p.task_id.0.into_bytes()),
+        parent.map(|p| p.step_id.0.into_bytes()),
+        parent.and_then(|p| p.group.as_deref()),
+        parent.map(|p| p.index),
+        now,
+    ])?;
+    let task_seq = conn.last_insert_rowid();
+    conn.prepare_cached(INSERT_STEP)?.execute(params![
+        t.step_id.0.as_bytes(),
+        t.task_id.0.as_bytes(),
+        t.handler,
+        t.handler,
+        t.input,
+        t.headers,
+        "ready",
+        t.priority,
+        t.run_at.unwrap_or(now),
+        None::<String>,
+        0,
+        now,
+    ])?;
+    RowIds::remember(t.step_id.0, conn.last_insert_rowid(), task_seq);
+    Ok(Spawned {
+        task_id: t.task_id,
+        created: true,
+    })
 }
 
 fn claim_tx(
@@ -1193,6 +1398,39 @@ fn task_meta(conn: &Connection, task_id: TaskId) -> DbResult<Option<TaskMeta>> {
 /// Applies one completion. The outer error fails the whole batch (a database
 /// failure); the inner one answers this item only, and is always detected
 /// before anything is written, so a rejected item changes nothing.
+/// A `Completed` step that is settled but did not finish its task in the
+/// same breath: unblocks its dependants and finishes the task if it was the
+/// final step (response event, parent group).
+fn complete_settled(
+    conn: &Connection,
+    now: Millis,
+    fx: &mut Effects,
+    lease: &Lease,
+    result: &str,
+) -> DbResult<Result<()>> {
+    let name: String = conn
+        .prepare_cached(STEP_NAME)?
+        .query_row([lease.step_id.0.as_bytes()], |r| r.get(0))?;
+    if let Some(meta) = task_meta(conn, lease.task_id)? {
+        if meta.has_deps {
+            unblock(conn, now, fx, lease.task_id, &name)?;
+        }
+        if meta.running && meta.final_step == name {
+            finish_task(
+                conn,
+                now,
+                fx,
+                lease.task_id,
+                &meta,
+                TaskState::Completed,
+                Some(result),
+                None,
+            )?;
+        }
+    }
+    Ok(Ok(()))
+}
+
 fn complete_one(
     conn: &Connection,
     now: Millis,
@@ -1213,8 +1451,26 @@ fn complete_one(
             .execute(params![sid, tid, host, attempt, now, result])?
             > 0)
     };
+    let memo = RowIds::take(lease.step_id.0);
     match c {
         Prepared::Completed { result } => {
+            if let Some((step_seq, task_seq)) = memo {
+                if conn
+                    .prepare_cached(SETTLE_COMPLETED_AT)?
+                    .execute(params![sid, tid, host, attempt, now, result, step_seq])?
+                    > 0
+                {
+                    if conn
+                        .prepare_cached(FINISH_SIMPLE_TASK_AT)?
+                        .execute(params![tid, sid, result, now, task_seq, step_seq])?
+                        > 0
+                    {
+                        fx.finished = true;
+                        return Ok(Ok(()));
+                    }
+                    return complete_settled(conn, now, fx, lease, &result);
+                }
+            }
             if !settle_completed(&result)? {
                 return lost();
             }
@@ -1226,26 +1482,7 @@ fn complete_one(
                 fx.finished = true;
                 return Ok(Ok(()));
             }
-            let name: String = conn
-                .prepare_cached(STEP_NAME)?
-                .query_row([sid], |r| r.get(0))?;
-            if let Some(meta) = task_meta(conn, lease.task_id)? {
-                if meta.has_deps {
-                    unblock(conn, now, fx, lease.task_id, &name)?;
-                }
-                if meta.running && meta.final_step == name {
-                    finish_task(
-                        conn,
-                        now,
-                        fx,
-                        lease.task_id,
-                        &meta,
-                        TaskState::Completed,
-                        Some(&result),
-                        None,
-                    )?;
-                }
-            }
+            return complete_settled(conn, now, fx, lease, &result);
         }
         Prepared::Decided {
             steps,
