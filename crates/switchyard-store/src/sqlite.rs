@@ -1076,34 +1076,40 @@ impl RowIds {
 /// program started and reset) for this many rows instead of one per row.
 const SPAWN_CHUNK: usize = 32;
 
+/// `head` followed by [`SPAWN_CHUNK`] rows of `row`, where `$k` (1-based)
+/// names the row's `k`-th of `per_row` parameters; `?1` stays the shared
+/// first parameter (the time).
+fn chunk_sql(head: &str, row: &str, per_row: usize) -> String {
+    let rows: Vec<String> = (0..SPAWN_CHUNK)
+        .map(|r| {
+            let mut out = String::with_capacity(row.len() + 32);
+            let mut rest = row;
+            while let Some(at) = rest.find('$') {
+                out.push_str(&rest[..at]);
+                let digits = rest[at + 1..]
+                    .find(|c: char| !c.is_ascii_digit())
+                    .map_or(rest.len() - at - 1, |n| n);
+                let k: usize = rest[at + 1..at + 1 + digits].parse().expect("$k");
+                out.push_str(&format!("?{}", 1 + r * per_row + k));
+                rest = &rest[at + 1 + digits..];
+            }
+            out.push_str(rest);
+            out
+        })
+        .collect();
+    format!("{head} VALUES {}", rows.join(", "))
+}
+
 /// `INSERT INTO tasks` of [`SPAWN_CHUNK`] tasks without idempotency keys:
 /// `?1` is the time, then 10 parameters per task.
 fn insert_tasks_chunk() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
-        let rows: Vec<String> = (0..SPAWN_CHUNK)
-            .map(|r| {
-                let b = 1 + r * 10;
-                format!(
-                    "(?{}, ?{}, ?{}, 'running', ?{}, ?{}, NULL, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?1, ?1)",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8,
-                    b + 9,
-                    b + 10,
-                    b + 2
-                )
-            })
-            .collect();
-        format!(
+        chunk_sql(
             "INSERT INTO tasks (id, handler, input, state, headers, priority, idempotency_key, response_event, \
-             parent_task_id, parent_step_id, parent_group, parent_index, final_step, created_at, updated_at) VALUES {}",
-            rows.join(", ")
+             parent_task_id, parent_step_id, parent_group, parent_index, final_step, created_at, updated_at)",
+            "($1, $2, $3, 'running', $4, $5, NULL, $6, $7, $8, $9, $10, $2, ?1, ?1)",
+            10,
         )
     })
 }
@@ -1113,26 +1119,11 @@ fn insert_tasks_chunk() -> &'static str {
 fn insert_steps_chunk() -> &'static str {
     static SQL: OnceLock<String> = OnceLock::new();
     SQL.get_or_init(|| {
-        let rows: Vec<String> = (0..SPAWN_CHUNK)
-            .map(|r| {
-                let b = 1 + r * 7;
-                format!(
-                    "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, 'ready', ?{}, ?{}, NULL, 0, ?1, ?1)",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7
-                )
-            })
-            .collect();
-        format!(
+        chunk_sql(
             "INSERT INTO steps (id, task_id, name, handler, input, headers, state, priority, run_at, \
-             depends_on, pending_deps, created_at, updated_at) VALUES {}",
-            rows.join(", ")
+             depends_on, pending_deps, created_at, updated_at)",
+            "($1, $2, $3, $3, $4, $5, 'ready', $6, $7, NULL, 0, ?1, ?1)",
+            7,
         )
     })
 }
