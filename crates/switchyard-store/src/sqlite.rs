@@ -1189,13 +1189,12 @@ fn spawn_chunk(conn: &Connection, now: Millis, chunk: &[PreparedTask]) -> DbResu
     let last_step = conn.last_insert_rowid();
     // Rows of one statement get consecutive rowids here (one writer, rowids
     // after the largest); the memo is checked against the ids anyway.
-    let first = SPAWN_CHUNK as i64 - 1;
-    for (i, o) in owned.iter().enumerate() {
-        let i = i as i64;
+    let back = SPAWN_CHUNK as i64 - 1;
+    for (i, o) in (0..).zip(&owned) {
         RowIds::remember(
             Uuid::from_bytes(o.step),
-            last_step - first + i,
-            last_task - first + i,
+            last_step - back + i,
+            last_task - back + i,
         );
     }
     Ok(())
@@ -1386,9 +1385,6 @@ fn task_meta(conn: &Connection, task_id: TaskId) -> DbResult<Option<TaskMeta>> {
         .optional()?)
 }
 
-/// Applies one completion. The outer error fails the whole batch (a database
-/// failure); the inner one answers this item only, and is always detected
-/// before anything is written, so a rejected item changes nothing.
 /// A `Completed` step that is settled but did not finish its task in the
 /// same breath: unblocks its dependants and finishes the task if it was the
 /// final step (response event, parent group).
@@ -1422,6 +1418,9 @@ fn complete_settled(
     Ok(Ok(()))
 }
 
+/// Applies one completion. The outer error fails the whole batch (a database
+/// failure); the inner one answers this item only, and is always detected
+/// before anything is written, so a rejected item changes nothing.
 fn complete_one(
     conn: &Connection,
     now: Millis,
@@ -1445,31 +1444,31 @@ fn complete_one(
     let memo = RowIds::take(lease.step_id.0);
     match c {
         Prepared::Completed { result } => {
-            if let Some((step_seq, task_seq)) = memo {
-                if conn
-                    .prepare_cached(SETTLE_COMPLETED_AT)?
-                    .execute(params![sid, tid, host, attempt, now, result, step_seq])?
-                    > 0
-                {
+            // By rowid when the memo holds (and still matches), else by id.
+            let settled_at = match memo {
+                Some((step_seq, task_seq))
                     if conn
-                        .prepare_cached(FINISH_SIMPLE_TASK_AT)?
-                        .execute(params![tid, sid, result, now, task_seq, step_seq])?
-                        > 0
-                    {
-                        fx.finished = true;
-                        return Ok(Ok(()));
-                    }
-                    return complete_settled(conn, now, fx, lease, &result);
+                        .prepare_cached(SETTLE_COMPLETED_AT)?
+                        .execute(params![sid, tid, host, attempt, now, result, step_seq])?
+                        > 0 =>
+                {
+                    Some((step_seq, task_seq))
                 }
-            }
-            if !settle_completed(&result)? {
-                return lost();
-            }
-            if conn
-                .prepare_cached(FINISH_SIMPLE_TASK)?
-                .execute(params![tid, sid, result, now])?
-                > 0
-            {
+                _ => None,
+            };
+            let finished = match settled_at {
+                Some((step_seq, task_seq)) => conn
+                    .prepare_cached(FINISH_SIMPLE_TASK_AT)?
+                    .execute(params![tid, sid, result, now, task_seq, step_seq])?,
+                None => {
+                    if !settle_completed(&result)? {
+                        return lost();
+                    }
+                    conn.prepare_cached(FINISH_SIMPLE_TASK)?
+                        .execute(params![tid, sid, result, now])?
+                }
+            } > 0;
+            if finished {
                 fx.finished = true;
                 return Ok(Ok(()));
             }
