@@ -117,6 +117,9 @@ pub(crate) struct Shared {
     order: Vec<Arc<Reg>>,
     opts: WorkerOptions,
     inflight: AtomicUsize,
+    /// Outcomes handed to the completer and not yet recorded (see
+    /// [`Shared::max_outstanding`]).
+    pending: AtomicUsize,
     running: Mutex<HashMap<StepId, Arc<Running>>>,
     completions: mpsc::UnboundedSender<CompletionMsg>,
     slot_freed: Notify,
@@ -133,6 +136,27 @@ impl Shared {
         reg.inflight.fetch_sub(n, Ordering::AcqRel);
         self.inflight.fetch_sub(n, Ordering::AcqRel);
         self.slot_freed.notify_waiters();
+    }
+
+    /// Hands an outcome to the completer.
+    fn send_completion(&self, c: Completion) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if let Err(e) = self.completions.send(CompletionMsg::One(c)) {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!(error = %e, "completion channel closed");
+        }
+    }
+
+    /// Most claimed steps whose outcome is not yet recorded (running, or
+    /// finished and waiting for the completer): twice the larger of the
+    /// concurrency and the claim batch, so one batch of outcomes can be
+    /// recorded while the next runs. A slot is freed when its handler
+    /// returns, before the outcome is recorded; without this bound a store
+    /// that records outcomes slower than handlers produce them let the
+    /// backlog grow without end, and every heartbeat renewed the lease of
+    /// every step in it.
+    fn max_outstanding(&self) -> usize {
+        2 * self.opts.concurrency.max(self.opts.claim_batch)
     }
 
     fn mark_lost(&self, ids: &[StepId]) {
@@ -339,6 +363,7 @@ impl Worker {
             order: regs,
             opts: self.opts,
             inflight: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
             running: Mutex::new(HashMap::new()),
             completions: ctx_tx,
             slot_freed: Notify::new(),
@@ -538,7 +563,12 @@ async fn claim_loop(shared: Arc<Shared>) {
         freed.as_mut().enable();
 
         let inflight = shared.inflight.load(Ordering::Acquire);
-        let mut host_free = shared.opts.concurrency.saturating_sub(inflight);
+        let pending = shared.pending.load(Ordering::Acquire);
+        let mut host_free = shared
+            .opts
+            .concurrency
+            .saturating_sub(inflight)
+            .min(shared.max_outstanding().saturating_sub(pending + inflight));
         // Under load every finished step frees a slot; claiming for each one
         // would defeat batching. While steps are running (so more slots will
         // free soon), wait until a worthwhile share of the host is free.
@@ -672,10 +702,10 @@ fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
         // The store returned a handler we did not ask for: hand it back.
         tracing::error!(handler = %step.handler, "claimed a step for an unregistered handler; releasing it");
         let lease = lease_of(shared, &step);
-        let _ = shared.completions.send(CompletionMsg::One(Completion {
+        shared.send_completion(Completion {
             lease,
             resolution: Resolution::Released,
-        }));
+        });
         return;
     };
     reg.inflight.fetch_add(1, Ordering::AcqRel);
@@ -692,10 +722,10 @@ fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
         );
         error.attempt = step.attempt;
         let lease = lease_of(shared, &step);
-        let _ = shared.completions.send(CompletionMsg::One(Completion {
+        shared.send_completion(Completion {
             lease,
             resolution: Resolution::Failed(error),
-        }));
+        });
         shared.release_slot(&reg, 1);
         return;
     }
@@ -716,10 +746,10 @@ fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
 
 fn release_unstarted(shared: &Arc<Shared>, reg: &Reg, step: ClaimedStep) {
     let lease = lease_of(shared, &step);
-    let _ = shared.completions.send(CompletionMsg::One(Completion {
+    shared.send_completion(Completion {
         lease,
         resolution: Resolution::Released,
-    }));
+    });
     shared.release_slot(reg, 1);
 }
 
@@ -1033,14 +1063,7 @@ async fn finish(
         }),
     };
     match resolution {
-        Some(resolution) => {
-            if let Err(e) = shared
-                .completions
-                .send(CompletionMsg::One(Completion { lease, resolution }))
-            {
-                tracing::error!(error = %e, "completion channel closed");
-            }
-        }
+        Some(resolution) => shared.send_completion(Completion { lease, resolution }),
         None => {
             shared.running.lock().remove(&step.step_id);
         }
@@ -1110,6 +1133,7 @@ async fn completer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completi
             }
         }
         if !buf.is_empty() {
+            let taken = buf.len();
             let mut delay = Duration::from_millis(20);
             loop {
                 match shared.store().complete(buf.clone()).await {
@@ -1162,10 +1186,15 @@ async fn completer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completi
                     }
                 }
             }
-            let mut running = shared.running.lock();
-            for c in buf.drain(..) {
-                running.remove(&c.lease.step_id);
+            {
+                let mut running = shared.running.lock();
+                for c in buf.drain(..) {
+                    running.remove(&c.lease.step_id);
+                }
             }
+            shared.pending.fetch_sub(taken, Ordering::AcqRel);
+            // The claimer may be holding back for this (Shared::max_outstanding).
+            shared.slot_freed.notify_waiters();
         }
         for f in flushes.drain(..) {
             let _ = f.send(());

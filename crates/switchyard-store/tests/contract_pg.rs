@@ -608,3 +608,81 @@ async fn throughput_smoke() {
         N as f64 / run_s
     );
 }
+
+/// A heartbeat never waits on a step row another transaction holds (a
+/// completion batch being recorded, say): it renews the leases it can lock
+/// at once and still counts the held step as its own. It used to wait, and
+/// a completion batch waiting in turn on rows the heartbeat had locked
+/// deadlocked with it; under load every such wait stalled the host's
+/// completions behind a heartbeat renewing its whole backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_skips_rows_held_by_another_transaction() {
+    let url = pg_harness::database().await;
+    let store = open(&url).await.unwrap();
+    store
+        .spawn((0..3).map(|i| NewTask::new("beat", json!(i))).collect())
+        .await
+        .unwrap();
+    let steps = store
+        .claim("h", &[("beat".to_string(), 3)], 30_000)
+        .await
+        .unwrap()
+        .steps;
+    assert_eq!(steps.len(), 3);
+    let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let before: Vec<i64> = expiries(&client, &steps).await;
+    // Another transaction holds the first step's row.
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM sy_steps WHERE id = $1 FOR UPDATE",
+        &[&steps[0].step_id.0],
+    )
+    .await
+    .unwrap();
+    let host = switchyard_core::HostInfo {
+        id: "h".to_string(),
+        pid: 1,
+        hostname: "box".to_string(),
+        handlers: vec!["beat".to_string()],
+        started_at: 0,
+        last_heartbeat: 0,
+    };
+    let ids: Vec<StepId> = steps.iter().map(|s| s.step_id).collect();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.heartbeat(&host, &ids, 600_000),
+    )
+    .await
+    .expect("the heartbeat waited on a row held by another transaction")
+    .unwrap();
+    assert!(reply.lost.is_empty(), "lost: {:?}", reply.lost);
+    tx.rollback().await.unwrap();
+    let after: Vec<i64> = expiries(&client, &steps).await;
+    assert_eq!(after[0], before[0], "the held row is left as it was");
+    for i in 1..3 {
+        assert!(after[i] > before[i], "step {i}: lease not renewed");
+    }
+    // Once the row is free again the next heartbeat renews it too.
+    let reply = store.heartbeat(&host, &ids, 600_000).await.unwrap();
+    assert!(reply.lost.is_empty());
+    let again: Vec<i64> = expiries(&client, &steps).await;
+    assert!(again[0] > before[0]);
+}
+
+async fn expiries(c: &tokio_postgres::Client, steps: &[switchyard_core::ClaimedStep]) -> Vec<i64> {
+    let mut out = Vec::new();
+    for s in steps {
+        let row = c
+            .query_one(
+                "SELECT lease_expires_at FROM sy_steps WHERE id = $1",
+                &[&s.step_id.0],
+            )
+            .await
+            .unwrap();
+        out.push(row.get(0));
+    }
+    out
+}
