@@ -3,9 +3,14 @@
 //!
 //! Credit-based dispatch: a claim asks for at most the free slots of each
 //! handler (bounded by the host-wide free slots), so nothing is claimed that
-//! cannot start now. Claims and completions are batched. Rust-owned timers
-//! enforce handler timeouts and lease heartbeats; a handler that panics fails
-//! only its own step.
+//! cannot start now. A slot is free again as soon as its handler returns;
+//! the outcome is recorded by the completer in the next batch, and the host
+//! stops claiming while more than twice its concurrency (or claim batch, if
+//! larger) of claimed steps lack a recorded outcome, so a store that falls
+//! behind slows claims down instead of growing a backlog of unrecorded
+//! outcomes whose leases every heartbeat would renew. Claims and completions
+//! are batched. Rust-owned timers enforce handler timeouts and lease
+//! heartbeats; a handler that panics fails only its own step.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;

@@ -7,6 +7,7 @@
 //!   clients, each with its own prepared-statement cache. A connection that
 //!   is lost (server restart, network) is replaced on the next use; opening
 //!   one retries with exponential backoff for up to [`CONNECT_PATIENCE`].
+//!   Each connection turns JIT compilation off (see [`SESSION_SETUP`]).
 //! * **One transaction per call.** Every write method runs in one explicit
 //!   transaction (`READ COMMITTED`), so a `complete(batch)`, a `spawn(batch)`
 //!   or a heartbeat is group-committed: one commit for the whole batch. A
@@ -68,7 +69,12 @@
 //! `sy_steps_ready (handler, priority DESC, run_at, seq) WHERE state =
 //! 'ready'`, so its cost does not depend on how many finished steps the
 //! table holds; `next_due`, lease recovery, wake times, event and group
-//! waits have their own partial indexes.
+//! waits have their own partial indexes. Other statements find their rows
+//! by key, and none of them implies the predicate of a partial index whose
+//! columns it leaves unconstrained: the planner, misled by statistics a
+//! queue outruns, would read such an index as a cheap list of "all rows in
+//! this state" (migration 6). Step and task pages are filled to half on insert, so the later
+//! versions of a row (claim, settle, finish) fit on its page.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -523,7 +529,7 @@ impl Conn {
 /// claim, from then on: idle spawn-to-start latency went from 1.5 to 28 ms
 /// and a million-step run averaged 16,000 steps/s. (Servers before 11 have
 /// no JIT and no such setting.)
-const SESSION_SETUP: &str = "SET jit = off";
+pub const SESSION_SETUP: &str = "SET jit = off";
 
 async fn connect_once(config: &Config) -> std::result::Result<Conn, tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
