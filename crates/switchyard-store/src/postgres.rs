@@ -823,7 +823,9 @@ macro_rules! begin_write {
          SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
     };
 }
-const BEGIN_WRITE: &str = begin_write!();
+/// [`begin_write!`] as a constant (public so tests can plan statements
+/// under the same settings).
+pub const BEGIN_WRITE: &str = begin_write!();
 
 const DB_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 const SELECT_DB_NOW: &str = "SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint";
