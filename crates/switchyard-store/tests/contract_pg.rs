@@ -449,23 +449,7 @@ async fn settle_looks_steps_up_by_id() {
         )
         .await
         .unwrap();
-    settle_500_checking_the_plan(&store, &client).await;
-}
-
-async fn settle_500_checking_the_plan(
-    store: &switchyard_core::DynStore,
-    client: &tokio_postgres::Client,
-) {
-    store
-        .spawn((0..500).map(|i| NewTask::new("busy", json!(i))).collect())
-        .await
-        .unwrap();
-    let claimed = store
-        .claim("h", &[("busy".to_string(), 500)], 30_000)
-        .await
-        .unwrap()
-        .steps;
-    assert_eq!(claimed.len(), 500);
+    let claimed = spawn_and_claim(&store, "busy", 500).await;
     let list = |f: &dyn Fn(&switchyard_core::ClaimedStep) -> String, ty: &str| {
         format!(
             "ARRAY[{}]::{ty}[]",
@@ -523,6 +507,25 @@ async fn settle_500_checking_the_plan(
         .await
         .unwrap();
     assert!(done.iter().all(|r| r.is_ok()), "{done:?}");
+}
+
+/// Spawns `n` tasks of `handler` and claims all their steps as host `h`.
+async fn spawn_and_claim(
+    store: &switchyard_core::DynStore,
+    handler: &str,
+    n: usize,
+) -> Vec<switchyard_core::ClaimedStep> {
+    store
+        .spawn((0..n).map(|i| NewTask::new(handler, json!(i))).collect())
+        .await
+        .unwrap();
+    let steps = store
+        .claim("h", &[(handler.to_string(), n)], 30_000)
+        .await
+        .unwrap()
+        .steps;
+    assert_eq!(steps.len(), n);
+    steps
 }
 
 fn lease_of(s: &switchyard_core::ClaimedStep, host: &str) -> Lease {
@@ -722,16 +725,7 @@ async fn throughput_smoke() {
 async fn heartbeat_skips_rows_held_by_another_transaction() {
     let url = pg_harness::database().await;
     let store = open(&url).await.unwrap();
-    store
-        .spawn((0..3).map(|i| NewTask::new("beat", json!(i))).collect())
-        .await
-        .unwrap();
-    let steps = store
-        .claim("h", &[("beat".to_string(), 3)], 30_000)
-        .await
-        .unwrap()
-        .steps;
-    assert_eq!(steps.len(), 3);
+    let steps = spawn_and_claim(&store, "beat", 3).await;
     let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
