@@ -509,6 +509,73 @@ async fn settle_looks_steps_up_by_id() {
     assert!(done.iter().all(|r| r.is_ok()), "{done:?}");
 }
 
+/// Checkpoints written at once by many handlers share transactions (group
+/// commit): 300 writes from three steps land in a handful of transactions,
+/// not 300. Within a batch each write is answered on its own: the writes of
+/// a step whose lease is gone get `LeaseLost` and are not stored while the
+/// others are, and the later of two writes of one key wins, as two
+/// transactions in that order would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checkpoints_are_group_committed() {
+    let url = pg_harness::database().await;
+    let store = open(&url).await.unwrap();
+    let steps = spawn_and_claim(&store, "cp", 3).await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // The third step's lease is lost (another attempt holds it now).
+    client
+        .execute(
+            "UPDATE sy_steps SET attempt = attempt + 1 WHERE id = $1",
+            &[&steps[2].step_id.0],
+        )
+        .await
+        .unwrap();
+    let writes = steps.iter().flat_map(|s| {
+        let store = store.clone();
+        (0..100).map(move |i| {
+            let store = store.clone();
+            let lease = lease_of(s, "h");
+            // Keys k0..k98, and k0 written again last.
+            let key = format!("k{}", i % 99);
+            async move { store.put_checkpoint(&lease, &key, json!(i), 30_000).await }
+        })
+    });
+    let answers = futures::future::join_all(writes).await;
+    for (i, a) in answers.iter().enumerate() {
+        if i < 200 {
+            assert!(a.is_ok(), "write {i}: {a:?}");
+        } else {
+            assert!(
+                matches!(a, Err(Error::LeaseLost(id)) if *id == steps[2].step_id),
+                "write {i}: {a:?}"
+            );
+        }
+    }
+    for s in &steps[..2] {
+        let cps = store.checkpoints(s.task_id).await.unwrap();
+        assert_eq!(cps.len(), 99);
+        assert_eq!(cps["k0"], json!(99), "the later write of k0 wins");
+        assert_eq!(cps["k5"], json!(5));
+    }
+    assert!(store
+        .checkpoints(steps[2].task_id)
+        .await
+        .unwrap()
+        .is_empty());
+    // Rows written by one transaction share its xmin.
+    let transactions: i64 = client
+        .query_one("SELECT count(DISTINCT xmin::text) FROM sy_checkpoints", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        (1..=20).contains(&transactions),
+        "200 checkpoints took {transactions} transactions"
+    );
+}
+
 /// Spawns `n` tasks of `handler` and claims all their steps as host `h`.
 async fn spawn_and_claim(
     store: &switchyard_core::DynStore,
