@@ -229,6 +229,10 @@ impl Context {
                 "checkpoint name `{name}` must be non-empty and not start with `$`"
             )));
         }
+        // Names are keys in every store; one that a store cannot index or
+        // store (PostgreSQL text holds no NUL) must fail this step alone,
+        // before it reaches a write batch shared with other steps.
+        crate::client::validate_name("checkpoint name", name)?;
         let key = self.next_key(&format!("{}/{name}", self.inner.step.name));
         let v = self.lookup(&key).await?;
         Ok((key, v))

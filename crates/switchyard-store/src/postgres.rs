@@ -2083,6 +2083,11 @@ struct CheckpointWrite {
 /// Most checkpoint writes in one transaction.
 const CHECKPOINT_BATCH: usize = 1024;
 
+/// Longest checkpoint key (the primary key of `sy_checkpoints` must fit a
+/// b-tree entry, at most ~2,700 bytes; keys made by the context are at most
+/// a step name, a checkpoint name and a counter).
+const MAX_CHECKPOINT_KEY: usize = 2048;
+
 /// Group-commits checkpoint writes: takes every write queued when it wakes
 /// (up to [`CHECKPOINT_BATCH`]) and writes them in one transaction, so the
 /// many handlers of a host checkpointing at once share commits instead of
@@ -2130,7 +2135,7 @@ const EXTEND_CHECKPOINT_LEASES: &str = "UPDATE sy_steps s SET lease_expires_at =
        AS u(id, task_id, owner, attempt, expires) \
      WHERE s.id = u.id AND s.task_id = u.task_id AND s.state = 'running' AND s.lease_owner = u.owner \
        AND s.attempt = u.attempt \
-     RETURNING s.id, s.lease_owner, s.attempt";
+     RETURNING s.id, s.task_id, s.lease_owner, s.attempt";
 /// Writes checkpoints `$1..$5` (task ids, keys, values, step ids, attempts)
 /// at `$6`; an existing checkpoint written by a newer attempt is kept.
 const UPSERT_CHECKPOINTS: &str =
@@ -2155,42 +2160,36 @@ async fn checkpoints_tx(
 ) -> DbResult<Vec<Result<()>>> {
     let attempt_of = |l: &Lease| i32::try_from(l.attempt).unwrap_or(i32::MAX);
     // Each lease once, with the furthest expiry asked for.
-    let mut leases: BTreeMap<(Uuid, &str, i32), (Uuid, i64)> = BTreeMap::new();
+    let mut leases: BTreeMap<(Uuid, Uuid, &str, i32), i64> = BTreeMap::new();
     for w in writes {
+        let l = &w.lease;
         let expires = now.saturating_add(w.lease_ms);
         let e = leases
-            .entry((
-                w.lease.step_id.0,
-                w.lease.host_id.as_str(),
-                attempt_of(&w.lease),
-            ))
-            .or_insert((w.lease.task_id.0, expires));
-        e.1 = e.1.max(expires);
+            .entry((l.step_id.0, l.task_id.0, l.host_id.as_str(), attempt_of(l)))
+            .or_insert(expires);
+        *e = (*e).max(expires);
     }
     let (mut ids, mut tids, mut owners, mut attempts, mut expiries) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for ((id, owner, attempt), (tid, expires)) in &leases {
+    for ((id, tid, owner, attempt), expires) in &leases {
         ids.push(*id);
         tids.push(*tid);
         owners.push(*owner);
         attempts.push(*attempt);
         expiries.push(*expires);
     }
-    let held: HashSet<(Uuid, String, i32)> = c
+    let held: HashSet<(Uuid, Uuid, String, i32)> = c
         .query(
             EXTEND_CHECKPOINT_LEASES,
             &[&ids, &tids, &owners, &attempts, &expiries],
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
     let holds = |w: &CheckpointWrite| {
-        held.contains(&(
-            w.lease.step_id.0,
-            w.lease.host_id.clone(),
-            attempt_of(&w.lease),
-        ))
+        let l = &w.lease;
+        held.contains(&(l.step_id.0, l.task_id.0, l.host_id.clone(), attempt_of(l)))
     };
     // The last write of each (task, key) whose lease held.
     let mut last: HashMap<(Uuid, &str), usize> = HashMap::new();
@@ -2581,6 +2580,16 @@ impl Store for PostgresStore {
         lease_ms: i64,
     ) -> Result<()> {
         let value = encode("checkpoint value", &value)?;
+        // A key PostgreSQL refuses would fail the whole write batch, other
+        // steps' checkpoints included: refuse it here, alone.
+        if key.contains('\0') || key.len() > MAX_CHECKPOINT_KEY {
+            return Err(Error::InvalidInput(format!(
+                "checkpoint key `{}` cannot be stored: it must hold no NUL character and at most \
+                 {MAX_CHECKPOINT_KEY} bytes ({} given)",
+                key.escape_debug(),
+                key.len()
+            )));
+        }
         let (reply, answer) = oneshot::channel();
         self.checkpoints
             .send(CheckpointWrite {

@@ -513,8 +513,9 @@ async fn settle_looks_steps_up_by_id() {
 /// commit): 300 writes from three steps land in a handful of transactions,
 /// not 300. Within a batch each write is answered on its own: the writes of
 /// a step whose lease is gone get `LeaseLost` and are not stored while the
-/// others are, and the later of two writes of one key wins, as two
-/// transactions in that order would.
+/// others are, the later of two writes of one key wins, as two
+/// transactions in that order would, and a key PostgreSQL cannot store is
+/// refused on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_checkpoints_are_group_committed() {
     let url = pg_harness::database().await;
@@ -532,17 +533,23 @@ async fn concurrent_checkpoints_are_group_committed() {
         )
         .await
         .unwrap();
-    let writes = steps.iter().flat_map(|s| {
+    // Keys k0..k98 per step, and k0 written again last; then one key
+    // PostgreSQL cannot store, which must fail alone, not the batch.
+    let mut jobs: Vec<(Lease, String, i64)> = steps
+        .iter()
+        .flat_map(|s| (0..100).map(|i| (lease_of(s, "h"), format!("k{}", i % 99), i)))
+        .collect();
+    jobs.push((lease_of(&steps[0], "h"), "bad\0key".to_string(), 0));
+    let mut answers = futures::future::join_all(jobs.into_iter().map(|(lease, key, v)| {
         let store = store.clone();
-        (0..100).map(move |i| {
-            let store = store.clone();
-            let lease = lease_of(s, "h");
-            // Keys k0..k98, and k0 written again last.
-            let key = format!("k{}", i % 99);
-            async move { store.put_checkpoint(&lease, &key, json!(i), 30_000).await }
-        })
-    });
-    let answers = futures::future::join_all(writes).await;
+        async move { store.put_checkpoint(&lease, &key, json!(v), 30_000).await }
+    }))
+    .await;
+    let bad = answers.pop().unwrap();
+    assert!(
+        matches!(&bad, Err(Error::InvalidInput(m)) if m.contains("NUL")),
+        "{bad:?}"
+    );
     for (i, a) in answers.iter().enumerate() {
         if i < 200 {
             assert!(a.is_ok(), "write {i}: {a:?}");

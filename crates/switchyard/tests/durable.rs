@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 store_tests!(
     checkpoint_runs_once_per_task,
     repeated_checkpoint_names_are_numbered,
+    bad_checkpoint_names_fail_only_their_step,
     event_emitted_before_await_is_delivered,
     event_after_suspension_wakes_the_step_and_frees_the_slot,
     event_emitted_while_host_is_down,
@@ -83,6 +84,62 @@ async fn checkpoint_runs_once_per_task(env: Env) {
         .collect();
     assert_eq!(cp, [("charge/charge-card", &json!("receipt-1"))]);
     assert_eq!(d.checkpoints[0].attempt, 1);
+    w.stop().await;
+}
+
+/// A checkpoint name no store could key on (control characters such as
+/// NUL, which PostgreSQL text cannot hold, or over the name limit) fails its
+/// step with `InvalidInput` naming the problem, before anything is written;
+/// other steps checkpoint as usual.
+async fn bad_checkpoint_names_fail_only_their_step(env: Env) {
+    let w = env
+        .worker()
+        .step(
+            "named",
+            HandlerOptions::default(),
+            |input, ctx| async move {
+                let name = input["name"].as_str().unwrap_or_default().to_string();
+                let v: i64 = ctx.checkpoint(&name, || async { Ok(7) }).await?;
+                Ok(json!(v))
+            },
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let long = "n".repeat(switchyard::client::MAX_NAME_LEN + 1);
+    let bad = [
+        ("nul\0name", "control characters"),
+        (long.as_str(), "bytes long"),
+    ];
+    let mut ids = Vec::new();
+    for (name, _) in &bad {
+        ids.push(
+            env.client
+                .spawn("named", json!({ "name": name }))
+                .await
+                .unwrap(),
+        );
+    }
+    let good = env
+        .client
+        .spawn("named", json!({ "name": "fine" }))
+        .await
+        .unwrap();
+    for (id, (_, why)) in ids.iter().zip(bad) {
+        let t = env.finished(*id).await;
+        assert_eq!(t.state, TaskState::Failed);
+        let e = t.error.unwrap();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(
+            e.message.contains("checkpoint name") && e.message.contains(why),
+            "{}",
+            e.message
+        );
+        assert!(env.detail(*id).await.checkpoints.is_empty());
+    }
+    assert_eq!(env.result(good).await, json!(7));
     w.stop().await;
 }
 
