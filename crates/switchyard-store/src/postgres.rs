@@ -73,8 +73,10 @@
 //! by key, and none of them implies the predicate of a partial index whose
 //! columns it leaves unconstrained: the planner, misled by statistics a
 //! queue outruns, would read such an index as a cheap list of "all rows in
-//! this state" (migration 6). Step and task pages are filled to half on insert, so the later
-//! versions of a row (claim, settle, finish) fit on its page.
+//! this state" (migration 6). Step and task pages are filled to half on
+//! insert, so the later versions of a row (claim, settle, finish) fit on
+//! its page (migration 5). Checkpoint writes from many handlers are
+//! group-committed by one writer task per store (`checkpoint_writer`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -825,7 +827,7 @@ macro_rules! begin_write {
          SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
     };
 }
-/// [`begin_write!`] as a constant (public so tests can plan statements
+/// `begin_write!` as a constant (public so tests can plan statements
 /// under the same settings).
 pub const BEGIN_WRITE: &str = begin_write!();
 
