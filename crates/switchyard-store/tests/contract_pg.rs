@@ -116,10 +116,7 @@ async fn concurrent_migrations() {
         versions.insert(j.await.unwrap());
     }
     assert_eq!(versions.len(), 1);
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = raw_client(&url).await;
     let rows: i64 = client
         .query_one("SELECT count(*) FROM sy_migrations", &[])
         .await
@@ -378,18 +375,8 @@ async fn claim_uses_the_ready_index() {
         .spawn((0..50).map(|i| NewTask::new("hot", json!(i))).collect())
         .await
         .unwrap();
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(
-            "INSERT INTO sy_steps (id, task_id, name, handler, input, state, priority, run_at, created_at, updated_at) \
-             SELECT gen_random_uuid(), gen_random_uuid(), 'hot', 'hot', 'null', 'completed', 0, 0, 0, 0 \
-             FROM generate_series(1, 200000); ANALYZE sy_steps;",
-        )
-        .await
-        .unwrap();
+    let client = raw_client(&url).await;
+    add_finished_steps(&client, "hot", 200_000).await;
     let sql = format!(
         "EXPLAIN {}",
         switchyard_store::postgres::CLAIM
@@ -436,19 +423,8 @@ async fn claim_uses_the_ready_index() {
 async fn settle_looks_steps_up_by_id() {
     let url = pg_harness::database().await;
     let store = open(&url).await.unwrap();
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(
-            "INSERT INTO sy_steps (id, task_id, name, handler, input, state, priority, run_at, created_at, updated_at) \
-             SELECT gen_random_uuid(), gen_random_uuid(), 'busy', 'busy', 'null', 'completed', 0, 0, 0, 0 \
-             FROM generate_series(1, 200000); \
-             ANALYZE sy_steps; ANALYZE sy_tasks;",
-        )
-        .await
-        .unwrap();
+    let client = raw_client(&url).await;
+    add_finished_steps(&client, "busy", 200_000).await;
     let claimed = spawn_and_claim(&store, "busy", 500).await;
     let list = |f: &dyn Fn(&switchyard_core::ClaimedStep) -> String, ty: &str| {
         format!(
@@ -521,10 +497,7 @@ async fn concurrent_checkpoints_are_group_committed() {
     let url = pg_harness::database().await;
     let store = open(&url).await.unwrap();
     let steps = spawn_and_claim(&store, "cp", 3).await;
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = raw_client(&url).await;
     // The third step's lease is lost (another attempt holds it now).
     client
         .execute(
@@ -581,6 +554,33 @@ async fn concurrent_checkpoints_are_group_committed() {
         (1..=20).contains(&transactions),
         "200 checkpoints took {transactions} transactions"
     );
+}
+
+/// A plain connection to the test database, beside the store's own.
+async fn raw_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Inserts `n` completed steps of `handler` (a large history) and analyzes
+/// the tables, so the planner's statistics describe that history.
+async fn add_finished_steps(client: &tokio_postgres::Client, handler: &str, n: i32) {
+    client
+        .execute(
+            "INSERT INTO sy_steps (id, task_id, name, handler, input, state, priority, run_at, created_at, updated_at) \
+             SELECT gen_random_uuid(), gen_random_uuid(), $1, $1, 'null', 'completed', 0, 0, 0, 0 \
+             FROM generate_series(1, $2)",
+            &[&handler, &n],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("ANALYZE sy_steps; ANALYZE sy_tasks;")
+        .await
+        .unwrap();
 }
 
 /// Spawns `n` tasks of `handler` and claims all their steps as host `h`.
@@ -800,10 +800,7 @@ async fn heartbeat_skips_rows_held_by_another_transaction() {
     let url = pg_harness::database().await;
     let store = open(&url).await.unwrap();
     let steps = spawn_and_claim(&store, "beat", 3).await;
-    let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut client = raw_client(&url).await;
     let before: Vec<i64> = expiries(&client, &steps).await;
     // Another transaction holds the first step's row.
     let tx = client.transaction().await.unwrap();
