@@ -1,7 +1,8 @@
 //! The dispatcher (issue "Foundation"): every capability and outcome, retries
 //! and backoff on a fake clock, limits, priority, idempotency, cancellation,
 //! payload limits, shutdown and lease loss. Every test runs against the
-//! memory store and a real SQLite file.
+//! memory store, a real SQLite file and a real PostgreSQL database (a
+//! throwaway server on 127.0.0.1).
 
 mod common;
 

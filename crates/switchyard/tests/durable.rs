@@ -1,7 +1,8 @@
 //! The durable context (issue "Durable workflows"): checkpoints, events,
 //! sleeps, spawn and delegation, fan-out with cursors, response events,
 //! cancellation, heartbeats and crash replay. Every test runs against the
-//! memory store and a real SQLite file; time is a fake clock.
+//! memory store, a real SQLite file and a real PostgreSQL database (a
+//! throwaway server on 127.0.0.1); time is a fake clock.
 
 mod common;
 

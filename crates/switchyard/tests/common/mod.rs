@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -13,6 +13,7 @@ use switchyard::{
     open_with, Client, DynStore, FakeClock, HandlerOptions, Millis, RetryPolicy, StepRecord,
     StepState, StoreOptions, TaskDetail, TaskId, TaskRecord, Worker, WorkerBuilder,
 };
+use switchyard_store::pg_server::PgServer;
 use tempfile::TempDir;
 use tokio::sync::Notify;
 
@@ -24,11 +25,15 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub enum StoreKind {
     Memory,
     Sqlite,
+    /// A fresh database on a throwaway server shared by the test binary
+    /// ([`pg_server`]).
+    Postgres,
 }
 
-/// Generates `mod <name> { memory, sqlite }` test pairs, each calling
-/// `async fn <name>(env: Env)` with a fresh store of that kind and an overall
-/// time limit so a hang fails the test instead of stalling the suite.
+/// Generates `mod <name> { memory, sqlite, postgres }` test triples, each
+/// calling `async fn <name>(env: Env)` with a fresh store of that kind and
+/// an overall time limit so a hang fails the test instead of stalling the
+/// suite.
 #[macro_export]
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
@@ -44,9 +49,39 @@ macro_rules! store_tests {
                     let env = $crate::common::Env::new($crate::common::StoreKind::Sqlite).await;
                     $crate::common::run_limited(super::$name(env)).await;
                 }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    let env = $crate::common::Env::new($crate::common::StoreKind::Postgres).await;
+                    $crate::common::run_limited(super::$name(env)).await;
+                }
             }
         )*
     };
+}
+
+static PG: OnceLock<Result<PgServer, String>> = OnceLock::new();
+
+/// The throwaway PostgreSQL server of this test binary, started on first
+/// use and stopped (its directory removed) when the binary exits. Panics
+/// with what is missing if PostgreSQL is not installed.
+pub fn pg_server() -> &'static PgServer {
+    let started = PG.get_or_init(|| {
+        let server = PgServer::start().map_err(|e| e.to_string())?;
+        extern "C" fn stop() {
+            if let Some(Ok(server)) = PG.get() {
+                server.stop_and_remove();
+            }
+        }
+        // SAFETY: registering a plain extern "C" fn without captures.
+        unsafe {
+            libc::atexit(stop);
+        }
+        Ok(server)
+    });
+    match started {
+        Ok(server) => server,
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// Runs a test body with an overall limit.
@@ -82,6 +117,13 @@ impl Env {
         };
         let (url, dir) = match kind {
             StoreKind::Memory => ("memory".to_string(), None),
+            StoreKind::Postgres => (
+                pg_server()
+                    .fresh_database()
+                    .await
+                    .expect("create a test database"),
+                None,
+            ),
             StoreKind::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
                 (
