@@ -2100,14 +2100,8 @@ async fn checkpoint_writer(
     store: std::sync::Weak<PostgresStore>,
     mut queue: mpsc::UnboundedReceiver<CheckpointWrite>,
 ) {
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < CHECKPOINT_BATCH {
-            match queue.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
+    let mut batch = Vec::with_capacity(CHECKPOINT_BATCH);
+    while queue.recv_many(&mut batch, CHECKPOINT_BATCH).await > 0 {
         let answers = match store.upgrade() {
             Some(store) => store.write_checkpoints(&batch).await,
             None => Err(Error::Store(
@@ -2116,12 +2110,12 @@ async fn checkpoint_writer(
         };
         match answers {
             Ok(answers) => {
-                for (w, a) in batch.into_iter().zip(answers) {
+                for (w, a) in batch.drain(..).zip(answers) {
                     let _ = w.reply.send(a);
                 }
             }
             Err(e) => {
-                for w in batch {
+                for w in batch.drain(..) {
                     let _ = w.reply.send(Err(e.clone()));
                 }
             }
@@ -2189,31 +2183,30 @@ async fn checkpoints_tx(
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
-    let holds = |w: &CheckpointWrite| {
-        let l = &w.lease;
-        held.contains(&(l.step_id.0, l.task_id.0, l.host_id.clone(), attempt_of(l)))
-    };
-    // The last write of each (task, key) whose lease held.
+    let holds: Vec<bool> = writes
+        .iter()
+        .map(|w| {
+            let l = &w.lease;
+            held.contains(&(l.step_id.0, l.task_id.0, l.host_id.clone(), attempt_of(l)))
+        })
+        .collect();
+    // The last write of each (task, key) whose lease held, in call order.
     let mut last: HashMap<(Uuid, &str), usize> = HashMap::new();
-    for (i, w) in writes.iter().enumerate() {
-        if holds(w) {
-            last.insert((w.lease.task_id.0, w.key.as_str()), i);
-        }
+    for (i, w) in writes.iter().enumerate().filter(|(i, _)| holds[*i]) {
+        last.insert((w.lease.task_id.0, w.key.as_str()), i);
     }
     let mut order: Vec<usize> = last.into_values().collect();
     order.sort_unstable();
     if !order.is_empty() {
-        let pick = |f: &dyn Fn(&CheckpointWrite) -> Uuid| -> Vec<Uuid> {
-            order.iter().map(|&i| f(&writes[i])).collect()
-        };
-        let task_ids = pick(&|w| w.lease.task_id.0);
-        let step_ids = pick(&|w| w.lease.step_id.0);
-        let keys: Vec<&str> = order.iter().map(|&i| writes[i].key.as_str()).collect();
-        let values: Vec<&str> = order.iter().map(|&i| writes[i].value.as_str()).collect();
-        let attempts: Vec<i32> = order
-            .iter()
-            .map(|&i| attempt_of(&writes[i].lease))
-            .collect();
+        let (mut task_ids, mut keys, mut values, mut step_ids, mut attempts) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for w in order.iter().map(|&i| &writes[i]) {
+            task_ids.push(w.lease.task_id.0);
+            keys.push(w.key.as_str());
+            values.push(w.value.as_str());
+            step_ids.push(w.lease.step_id.0);
+            attempts.push(attempt_of(&w.lease));
+        }
         c.exec(
             UPSERT_CHECKPOINTS,
             &[&task_ids, &keys, &values, &step_ids, &attempts, &now],
@@ -2222,8 +2215,9 @@ async fn checkpoints_tx(
     }
     Ok(writes
         .iter()
-        .map(|w| {
-            if holds(w) {
+        .zip(holds)
+        .map(|(w, held)| {
+            if held {
                 Ok(())
             } else {
                 Err(Error::LeaseLost(w.lease.step_id))
