@@ -32,7 +32,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use switchyard_core::{Error, Result};
@@ -125,6 +125,31 @@ impl PgServer {
             )));
         }
         Ok(())
+    }
+
+    /// One server per process, for test suites: started on first use (later
+    /// calls get the same server, or the same error), stopped and its
+    /// directory removed when the process exits normally (an `atexit`
+    /// hook; a killed process still takes the server with it, see the
+    /// module docs).
+    pub fn shared() -> Result<&'static PgServer> {
+        static SHARED: OnceLock<Result<PgServer>> = OnceLock::new();
+        extern "C" fn stop_shared() {
+            if let Some(Ok(server)) = SHARED.get() {
+                server.stop_and_remove();
+            }
+        }
+        SHARED
+            .get_or_init(|| {
+                let server = PgServer::start()?;
+                // SAFETY: registering a plain extern "C" fn without captures.
+                unsafe {
+                    libc::atexit(stop_shared);
+                }
+                Ok(server)
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// The port on 127.0.0.1.

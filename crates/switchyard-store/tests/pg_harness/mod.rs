@@ -2,19 +2,14 @@
 //! [`switchyard_store::pg_server`] (which see for how servers are found,
 //! started and tied to this process).
 //!
-//! [`shared`] is one server per test binary (started on first use), and
-//! [`database`] makes a fresh database on it per call; [`Server::start`]
+//! [`database`] makes a fresh database per call on the one server of this
+//! test binary ([`PgServer::shared`], stopped at exit); [`Server::start`]
 //! makes a private server (for tests that restart it), stopped on drop.
-//! On a normal exit an `atexit` hook stops the shared server and removes its
-//! directory. If PostgreSQL is not installed the tests **fail** with a
-//! message saying so (install `postgresql` or set `SWITCHYARD_PG_BIN`).
+//! If PostgreSQL is not installed the tests **fail** with a message saying
+//! so (install `postgresql` or set `SWITCHYARD_PG_BIN`).
 #![allow(dead_code)]
 
-use std::sync::OnceLock;
-
 use switchyard_store::pg_server::PgServer;
-
-static SHARED: OnceLock<Result<Server, String>> = OnceLock::new();
 
 /// A running server with its own data directory.
 pub struct Server {
@@ -23,32 +18,15 @@ pub struct Server {
     inner: PgServer,
 }
 
-/// The server shared by the tests of this binary. Panics with a clear
-/// message if PostgreSQL is not installed or does not start.
-pub fn shared() -> &'static Server {
-    let result = SHARED.get_or_init(|| {
-        let server = Server::start()?;
-        // SAFETY: registering a plain extern "C" fn.
-        unsafe {
-            libc::atexit(stop_shared);
-        }
-        Ok(server)
-    });
-    match result {
-        Ok(s) => s,
-        Err(e) => panic!("{e}"),
-    }
-}
-
-extern "C" fn stop_shared() {
-    if let Some(Ok(server)) = SHARED.get() {
-        server.inner.stop_and_remove();
-    }
-}
-
-/// A fresh, empty database on the shared server; returns its URL.
+/// A fresh, empty database on the server shared by the tests of this
+/// binary ([`PgServer::shared`]); returns its URL. Panics with what is
+/// missing if PostgreSQL is not installed or does not start.
 pub async fn database() -> String {
-    shared().database().await
+    PgServer::shared()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .fresh_database()
+        .await
+        .expect("create a test database")
 }
 
 impl Server {

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -25,8 +25,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub enum StoreKind {
     Memory,
     Sqlite,
-    /// A fresh database on a throwaway server shared by the test binary
-    /// ([`pg_server`]).
+    /// A fresh database on the throwaway server shared by the test binary
+    /// ([`PgServer::shared`]).
     Postgres,
 }
 
@@ -57,31 +57,6 @@ macro_rules! store_tests {
             }
         )*
     };
-}
-
-static PG: OnceLock<Result<PgServer, String>> = OnceLock::new();
-
-/// The throwaway PostgreSQL server of this test binary, started on first
-/// use and stopped (its directory removed) when the binary exits. Panics
-/// with what is missing if PostgreSQL is not installed.
-pub fn pg_server() -> &'static PgServer {
-    let started = PG.get_or_init(|| {
-        let server = PgServer::start().map_err(|e| e.to_string())?;
-        extern "C" fn stop() {
-            if let Some(Ok(server)) = PG.get() {
-                server.stop_and_remove();
-            }
-        }
-        // SAFETY: registering a plain extern "C" fn without captures.
-        unsafe {
-            libc::atexit(stop);
-        }
-        Ok(server)
-    });
-    match started {
-        Ok(server) => server,
-        Err(e) => panic!("{e}"),
-    }
 }
 
 /// Runs a test body with an overall limit.
@@ -118,7 +93,8 @@ impl Env {
         let (url, dir) = match kind {
             StoreKind::Memory => ("memory".to_string(), None),
             StoreKind::Postgres => (
-                pg_server()
+                PgServer::shared()
+                    .unwrap_or_else(|e| panic!("{e}"))
                     .fresh_database()
                     .await
                     .expect("create a test database"),
