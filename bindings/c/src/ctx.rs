@@ -3,6 +3,7 @@
 //! Context calls that fail record the step error with the status they
 //! return; a callback that passes that status on (`return st;`) fails or
 //! parks the step with that error (`SY_SUSPENDED`, `SY_LEASE_LOST`,
+//! `SY_CANCELLED`,
 //! `SY_TIMEOUT` for an await that timed out, a delegated child's failure).
 
 use std::collections::HashMap;
@@ -108,6 +109,7 @@ unsafe fn bytes(data: *const c_char, len: usize) -> Result<Vec<u8>, Fail> {
 fn step_status(e: &StepError) -> sy_status {
     match e {
         StepError::LeaseLost => sy_status::SY_LEASE_LOST,
+        StepError::Cancelled => sy_status::SY_CANCELLED,
         StepError::Suspend(_) => sy_status::SY_SUSPENDED,
         StepError::AwaitTimeout { .. } => sy_status::SY_TIMEOUT,
         StepError::Permanent { .. } | StepError::InvalidInput(_) => sy_status::SY_ERROR_PERMANENT,
@@ -545,8 +547,9 @@ pub unsafe extern "C" fn sy_ctx_dependency_results(
     unsafe { ctx_call(err, ctx, ("results", results), op, json_put) }
 }
 
-/// Extends the lease during long work; `SY_LEASE_LOST` if the step was
-/// cancelled or taken over (stop and return it).
+/// Extends the lease during long work; `SY_CANCELLED` if the task was
+/// cancelled, `SY_LEASE_LOST` if the step was taken over (stop and return
+/// the status).
 #[no_mangle]
 pub unsafe extern "C" fn sy_ctx_heartbeat(ctx: *mut sy_ctx, err: *mut *mut sy_error) -> sy_status {
     guard(err, || {

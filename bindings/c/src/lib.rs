@@ -81,6 +81,8 @@ pub enum sy_status {
     /// Step callbacks: the outcome comes later through the `sy_completion`
     /// that `sy_ctx_defer` handed out.
     SY_PENDING = 14,
+    /// The step's task was cancelled: stop and return this status.
+    SY_CANCELLED = 15,
 }
 
 /// An error: a status and a message. Release with `sy_error_free`.
@@ -185,6 +187,7 @@ impl From<Error> for Fail {
             Error::InvalidInput(_) => SY_INVALID_ARGUMENT,
             Error::NotFound(_) => SY_NOT_FOUND,
             Error::LeaseLost(_) => SY_LEASE_LOST,
+            Error::Cancelled(_) => SY_CANCELLED,
             Error::PayloadTooLarge { .. } => SY_PAYLOAD_TOO_LARGE,
             Error::Conflict(_) => SY_CONFLICT,
             Error::Timeout(_) => SY_TIMEOUT,
@@ -384,6 +387,7 @@ pub extern "C" fn sy_status_name(status: sy_status) -> *const c_char {
         SY_ERROR_PERMANENT => c"SY_ERROR_PERMANENT",
         SY_SUSPENDED => c"SY_SUSPENDED",
         SY_PENDING => c"SY_PENDING",
+        SY_CANCELLED => c"SY_CANCELLED",
     };
     s.as_ptr()
 }

@@ -396,6 +396,8 @@ pub(crate) fn outcome(kind: JobKind, handler: &str, code: i32, a: Answer) -> Rep
             "the C handler `{handler}` returned SY_SUSPENDED but no context call asked for it \
              (only a context call that returned SY_SUSPENDED may be passed on)"
         )))
+    } else if code == sy_status::SY_CANCELLED as i32 {
+        Reply::Error(StepError::Cancelled)
     } else if code == sy_status::SY_PENDING as i32 {
         Reply::Error(StepError::permanent(format!(
             "the C handler `{handler}` returned SY_PENDING but no context call asked for it \

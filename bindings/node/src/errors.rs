@@ -18,6 +18,7 @@ pub fn core_err(e: &Error) -> String {
         Error::InvalidInput(_) => "InvalidInput",
         Error::NotFound(_) => "NotFound",
         Error::LeaseLost(_) => "LeaseLost",
+        Error::Cancelled(_) => "Cancelled",
         Error::PayloadTooLarge { .. } => "PayloadTooLarge",
         Error::Conflict(_) => "Conflict",
         Error::Timeout(_) => "Timeout",

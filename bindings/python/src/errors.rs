@@ -34,6 +34,7 @@ pub fn core_err(py: Python<'_>, e: Error) -> PyErr {
         Error::InvalidInput(_) => "InvalidInput",
         Error::NotFound(_) => "NotFound",
         Error::LeaseLost(_) => "LeaseLost",
+        Error::Cancelled(_) => "Cancelled",
         Error::PayloadTooLarge { .. } => "PayloadTooLarge",
         Error::Conflict(_) => "Conflict",
         Error::Timeout(_) => "TimeoutError",

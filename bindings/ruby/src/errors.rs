@@ -37,6 +37,7 @@ pub fn core_err(ruby: &Ruby, e: CoreError) -> Error {
         CoreError::InvalidInput(_) => "InvalidInput",
         CoreError::NotFound(_) => "NotFound",
         CoreError::LeaseLost(_) => "LeaseLost",
+        CoreError::Cancelled(_) => "Cancelled",
         CoreError::PayloadTooLarge { .. } => "PayloadTooLarge",
         CoreError::Conflict(_) => "Conflict",
         CoreError::Timeout(_) => "TimeoutError",

@@ -75,6 +75,7 @@ impl std::fmt::Debug for Context {
             .field("task_id", &self.inner.step.task_id)
             .field("step", &self.inner.step.name)
             .field("attempt", &self.inner.step.attempt)
+            .field("run", &self.inner.step.run)
             .finish()
     }
 }
@@ -120,9 +121,15 @@ impl Context {
     pub fn handler(&self) -> &str {
         &self.inner.step.handler
     }
-    /// 1 on the first run.
+    /// The attempt this run belongs to: 1 until a run fails; resuming after
+    /// a suspension continues the same attempt.
     pub fn attempt(&self) -> u32 {
         self.inner.step.attempt
+    }
+    /// This run's number (fencing token): grows with every claim of the
+    /// step, resumes after suspensions included, and is never reused.
+    pub fn run(&self) -> u64 {
+        self.inner.step.run
     }
     /// The task's headers.
     pub fn headers(&self) -> &Headers {
@@ -366,7 +373,10 @@ impl Context {
     pub async fn emit_event(&self, name: &str, payload: Value) -> StepResult<bool> {
         crate::client::validate_name("event name", name)?;
         crate::client::check_size("event payload", &payload, self.inner.env.max_payload)?;
-        self.store().emit_event(name, payload).await.map_err(lost)
+        self.store()
+            .emit_event_fenced(&self.inner.lease, name, payload)
+            .await
+            .map_err(lost)
     }
 
     fn child(
@@ -398,7 +408,11 @@ impl Context {
             index: 0,
         };
         let task = self.child(handler, input, idem, parent)?;
-        let spawned = self.store().spawn(vec![task]).await.map_err(lost)?;
+        let spawned = self
+            .store()
+            .spawn_fenced(&self.inner.lease, vec![task])
+            .await
+            .map_err(lost)?;
         Ok(spawned[0].task_id)
     }
 
@@ -423,7 +437,11 @@ impl Context {
                 tasks.push(self.child(&c.handler, c.input, format!("{group}/{i}"), parent)?);
             }
             let n = tasks.len();
-            let spawned = self.store().spawn(tasks).await.map_err(lost)?;
+            let spawned = self
+                .store()
+                .spawn_fenced(&self.inner.lease, tasks)
+                .await
+                .map_err(lost)?;
             let ids: Vec<String> = spawned.iter().map(|s| s.task_id.to_string()).collect();
             self.save(&key, json!({ "group": group, "children": ids, "count": n }))
                 .await?;
@@ -458,17 +476,25 @@ impl Context {
         }
     }
 
-    /// Extends the lease for long work. Fails with [`StepError::LeaseLost`]
-    /// if the step was cancelled or taken over.
+    /// Extends the lease for long work. Fails with [`StepError::Cancelled`]
+    /// if the step was cancelled, and with [`StepError::LeaseLost`] if its
+    /// lease expired and another run took it over.
     pub async fn heartbeat(&self) -> StepResult<()> {
         let env = &self.inner.env;
+        let me = RunRef {
+            step_id: self.step_id(),
+            run: self.run(),
+        };
         let reply = self
             .store()
-            .heartbeat(&env.host, &[self.step_id()], env.lease_ms)
+            .heartbeat(&env.host, &[me], env.lease_ms)
             .await
             .map_err(lost)?;
-        if reply.lost.contains(&self.step_id()) {
+        if reply.lost.contains(&me) {
             self.inner.token.cancel();
+            if reply.cancelled.contains(&me) {
+                return Err(StepError::Cancelled);
+            }
             return Err(StepError::LeaseLost);
         }
         Ok(())

@@ -17,6 +17,10 @@ pub enum Error {
     /// on the step; another attempt owns it now.
     #[error("lease lost for step {0}: the write was rejected")]
     LeaseLost(StepId),
+    /// The step's task was cancelled: the write was rejected. Stop working
+    /// on the step (handlers see their language's cancellation error).
+    #[error("step {0} was cancelled: the write was rejected")]
+    Cancelled(StepId),
     /// A payload exceeds the configured limit. Send less data (or raise
     /// `max_payload_bytes`); nothing was stored.
     #[error("payload too large: {what} is {size} bytes, the limit is {limit} bytes")]

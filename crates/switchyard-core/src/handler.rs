@@ -122,6 +122,7 @@ impl From<Error> for StepError {
     fn from(e: Error) -> Self {
         match e {
             Error::LeaseLost(_) => Self::LeaseLost,
+            Error::Cancelled(_) => Self::Cancelled,
             Error::InvalidInput(m) => Self::InvalidInput(m),
             Error::PayloadTooLarge { .. } => Self::Permanent {
                 message: e.to_string(),

@@ -333,8 +333,14 @@ pub struct ClaimedStep {
     pub input: Value,
     /// Task headers.
     pub headers: Headers,
-    /// 1 on the first run; each claim adds one.
+    /// The attempt this run belongs to: 1 until a run fails (an error, a
+    /// timeout or a lost lease); a resume after a suspension continues the
+    /// same attempt.
     pub attempt: u32,
+    /// This run's number (fencing token): every claim of the step takes the
+    /// next one, and numbers are never reused (not after a retry, a release
+    /// or a recovery). Every write of the run carries it.
+    pub run: u64,
     /// Priority (higher first).
     pub priority: i32,
     /// When the lease runs out unless renewed.
@@ -343,16 +349,19 @@ pub struct ClaimedStep {
     pub has_dependencies: bool,
 }
 
-/// Identifies one lease: the step, the attempt and the host holding it.
-/// Writes carrying a lease that is no longer current are rejected.
+/// Identifies one lease: the step, the run and the host holding it.
+/// Writes carrying a lease that is no longer current (the step is not
+/// `running`, or is running under another run number or host) are rejected.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Lease {
     /// The step.
     pub step_id: StepId,
     /// Its task.
     pub task_id: TaskId,
-    /// The attempt the lease was granted for.
+    /// The attempt the run belongs to (for error reports; not a fence).
     pub attempt: u32,
+    /// The run the lease was granted for: the fencing token.
+    pub run: u64,
     /// The host holding the lease.
     pub host_id: String,
 }
@@ -442,12 +451,25 @@ pub struct HostInfo {
     pub last_heartbeat: Millis,
 }
 
+/// One run of a step, as a host reports it in a heartbeat.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct RunRef {
+    /// The step.
+    pub step_id: StepId,
+    /// The run number ([`ClaimedStep::run`]).
+    pub run: u64,
+}
+
 /// The answer to a heartbeat.
 #[derive(Clone, PartialEq, Debug, Default)]
 pub struct HeartbeatReply {
-    /// Steps this host reported as running whose lease is no longer this
-    /// host's (cancelled, or expired and taken over): stop them.
-    pub lost: Vec<StepId>,
+    /// Runs this host reported whose lease is no longer theirs (the step was
+    /// cancelled or finished, or its lease expired and another run took it):
+    /// stop them.
+    pub lost: Vec<RunRef>,
+    /// Of `lost`, the runs whose step was cancelled (the handler gets a
+    /// cancellation, not a lost lease).
+    pub cancelled: Vec<RunRef>,
 }
 
 /// A task as stored.
@@ -496,8 +518,12 @@ pub struct StepRecord {
     pub input: Value,
     /// State.
     pub state: StepState,
-    /// Claims so far.
+    /// Attempts used: failed runs so far, plus the current run while
+    /// running. Suspensions cost none.
     pub attempt: u32,
+    /// Runs so far (the last run's number); never decreases.
+    #[serde(default)]
+    pub run: u64,
     /// Priority.
     pub priority: i32,
     /// Not before this time (ready), or wake time (suspended).
@@ -531,8 +557,8 @@ pub struct CheckpointRecord {
     pub value: Value,
     /// Step that wrote it.
     pub step_id: StepId,
-    /// Attempt that wrote it.
-    pub attempt: u32,
+    /// Run that wrote it.
+    pub run: u64,
     /// When.
     pub created_at: Millis,
 }

@@ -7,8 +7,21 @@
 //! # State transitions applied by [`Store::complete`]
 //!
 //! A completion is applied only if the step is `running`, its `lease_owner`
-//! is `lease.host_id` and its `attempt` is `lease.attempt`; otherwise that
-//! item is answered with [`Error::LeaseLost`] and nothing changes.
+//! is `lease.host_id` and its `run` is `lease.run` (the fence); otherwise
+//! that item is answered with [`Error::LeaseLost`] and nothing changes.
+//!
+//! # Runs and attempts
+//!
+//! Every claim starts a run: `run + 1` (the fencing token, never reused
+//! and never reset) and `attempt + 1`. `attempt` counts attempts used: a run
+//! that ends in `Suspended` or `Released` gives its attempt back
+//! (`attempt - 1`), so waiting never costs one; a run that fails
+//! (`Retry`), or whose lease expires, keeps it. Every write made on behalf
+//! of a run (completion, checkpoint, heartbeat, [`Store::spawn_fenced`],
+//! [`Store::emit_event_fenced`]) is fenced by (step, run, host): it applies
+//! only while that run is the step's current one. A fenced write refused
+//! because the step (or its task) was cancelled answers
+//! [`Error::Cancelled`]; otherwise [`Error::LeaseLost`].
 //!
 //! * `Completed(v)`: step `completed` with result `v`, lease cleared. Every
 //!   `blocked` step of the same task depending on this step's name has one
@@ -29,8 +42,8 @@
 //!   `error` recorded.
 //! * `Failed(e)`: step `failed` with `e`; the task fails with `e` (task
 //!   finish) and its other non-terminal steps become `cancelled`.
-//! * `Suspended(wait)`: step `suspended`, lease cleared, `run_at =
-//!   wait.wake_at`, wait recorded. If the wait is already satisfied (the
+//! * `Suspended(wait)`: step `suspended`, lease cleared, `attempt - 1` (a
+//!   suspension costs no attempt), `run_at = wait.wake_at`, wait recorded. If the wait is already satisfied (the
 //!   event exists, every child of the group has finished, or `wake_at <=
 //!   now`), the step becomes `ready` at once instead.
 //! * `Released`: step `ready` (run_at = now), lease cleared, `attempt - 1`
@@ -126,7 +139,7 @@ pub trait Store: Send + Sync + 'static {
     /// Promotes `suspended` steps whose `run_at` has passed to `ready`, then
     /// leases up to `n` ready steps (run_at <= now) for each `(handler, n)`,
     /// highest priority first, then earliest `run_at`, then creation order:
-    /// state `running`, `attempt + 1`, `lease_owner = host_id`,
+    /// state `running`, `run + 1`, `attempt + 1`, `lease_owner = host_id`,
     /// `lease_expires_at = now + lease_ms`. Never returns more than asked.
     async fn claim(
         &self,
@@ -140,12 +153,13 @@ pub trait Store: Send + Sync + 'static {
     async fn complete(&self, completions: Vec<Completion>) -> Result<Vec<Result<()>>>;
 
     /// Registers or refreshes `host` (last_heartbeat = now) and extends to
-    /// `now + lease_ms` the lease of each step in `running` that is still
-    /// running under this host's lease. Reports the others as `lost`.
+    /// `now + lease_ms` the lease of each run in `running` that is still its
+    /// step's current run under this host. Reports the others as `lost`,
+    /// and those of them whose step was cancelled also as `cancelled`.
     async fn heartbeat(
         &self,
         host: &HostInfo,
-        running: &[StepId],
+        running: &[RunRef],
         lease_ms: i64,
     ) -> Result<HeartbeatReply>;
 
@@ -159,8 +173,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes checkpoint `key` of the lease's task, and extends the lease to
     /// now + `lease_ms`. Rejected with [`Error::LeaseLost`] unless the lease
-    /// is current. An existing checkpoint written by a newer attempt is never
-    /// overwritten (the call then succeeds without writing).
+    /// is current ([`Error::Cancelled`] if the step was cancelled). An
+    /// existing checkpoint written by a newer run is never overwritten (the
+    /// call then succeeds without writing).
     async fn put_checkpoint(
         &self,
         lease: &Lease,
@@ -176,6 +191,19 @@ pub trait Store: Send + Sync + 'static {
     /// wins); every step `suspended` waiting on `name` becomes `ready`.
     /// Returns true if this call stored the payload.
     async fn emit_event(&self, name: &str, payload: Value) -> Result<bool>;
+
+    /// [`Store::emit_event`] on behalf of a run: applied only if `fence` is
+    /// its step's current lease, checked in the same transaction
+    /// ([`Error::LeaseLost`], or [`Error::Cancelled`] if the step was
+    /// cancelled, and nothing emitted).
+    async fn emit_event_fenced(&self, fence: &Lease, name: &str, payload: Value) -> Result<bool>;
+
+    /// [`Store::spawn`] on behalf of a run (children of `ctx.spawn` and
+    /// `ctx.delegate`): created only if `fence` is its step's current lease,
+    /// checked in the same transaction, so a run that lost its lease or was
+    /// cancelled (even by a cascade that has already finished) creates no
+    /// children ([`Error::LeaseLost`] or [`Error::Cancelled`]).
+    async fn spawn_fenced(&self, fence: &Lease, tasks: Vec<NewTask>) -> Result<Vec<Spawned>>;
 
     /// A cached event.
     async fn get_event(&self, name: &str) -> Result<Option<EventRecord>>;
@@ -202,7 +230,8 @@ pub trait Store: Send + Sync + 'static {
     async fn cancel_task(&self, id: TaskId, cascade: bool) -> Result<bool>;
 
     /// Re-runs a `failed` or `cancelled` task: state `running`, error
-    /// cleared; each step that is not `completed` becomes `ready` (attempt 0)
+    /// cleared; each step that is not `completed` becomes `ready` (attempt 0;
+    /// `run` is kept, so runs of the earlier tries stay fenced out)
     /// if all its dependencies are completed, else `blocked`. Completed steps
     /// and checkpoints are kept. [`Error::Conflict`] if the task is running or
     /// completed; [`Error::NotFound`] if it does not exist.

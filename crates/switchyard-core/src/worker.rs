@@ -125,7 +125,10 @@ pub(crate) struct Shared {
     /// Outcomes handed to the completer and not yet recorded (see
     /// [`Shared::max_outstanding`]).
     pending: AtomicUsize,
-    running: Mutex<HashMap<StepId, Arc<Running>>>,
+    /// Runs in this host by (step, run): two runs of one step (one whose
+    /// lease was lost and still winds down, and its successor) never share
+    /// an entry.
+    running: Mutex<HashMap<RunRef, Arc<Running>>>,
     completions: mpsc::UnboundedSender<CompletionMsg>,
     slot_freed: Notify,
     stopping: CancellationToken,
@@ -164,10 +167,22 @@ impl Shared {
         2 * self.opts.concurrency.max(self.opts.claim_batch)
     }
 
-    fn mark_lost(&self, ids: &[StepId]) {
+    /// Stops runs whose lease is gone.
+    fn mark_lost(&self, runs: &[RunRef]) {
         let running = self.running.lock();
-        for id in ids {
-            if let Some(r) = running.get(id) {
+        for run in runs {
+            if let Some(r) = running.get(run) {
+                r.lost.store(true, Ordering::Release);
+                r.token.cancel();
+            }
+        }
+    }
+
+    /// Stops every run of steps that were cancelled.
+    fn mark_cancelled(&self, steps: &[StepId]) {
+        let running = self.running.lock();
+        for (run, r) in running.iter() {
+            if steps.contains(&run.step_id) {
                 r.lost.store(true, Ordering::Release);
                 r.token.cancel();
             }
@@ -717,12 +732,13 @@ fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
     shared.inflight.fetch_add(1, Ordering::AcqRel);
     reg.take_tokens(1);
     if step.attempt > reg.opts.retry.max_attempts {
-        // Earlier attempts were lost with their hosts (expired leases).
+        // Only a lost lease uses an attempt without a recorded outcome: the
+        // last attempt's host stopped renewing its lease.
+        let max = reg.opts.retry.max_attempts;
         let mut error = ErrorInfo::new(
             ErrorKind::LeaseExpired,
             format!(
-                "attempts exhausted: attempt {} exceeds max_attempts {} (earlier attempts' leases expired)",
-                step.attempt, reg.opts.retry.max_attempts
+                "attempt {max} of {max} failed: the lease expired without a heartbeat from its host, and no attempts are left"
             ),
         );
         error.attempt = step.attempt;
@@ -758,11 +774,26 @@ fn release_unstarted(shared: &Arc<Shared>, reg: &Reg, step: ClaimedStep) {
     shared.release_slot(reg, 1);
 }
 
+fn run_ref(step: &ClaimedStep) -> RunRef {
+    RunRef {
+        step_id: step.step_id,
+        run: step.run,
+    }
+}
+
+fn lease_run(lease: &Lease) -> RunRef {
+    RunRef {
+        step_id: lease.step_id,
+        run: lease.run,
+    }
+}
+
 fn lease_of(shared: &Shared, step: &ClaimedStep) -> Lease {
     Lease {
         step_id: step.step_id,
         task_id: step.task_id,
         attempt: step.attempt,
+        run: step.run,
         host_id: shared.env.host.id.clone(),
     }
 }
@@ -837,7 +868,7 @@ fn begin(shared: &Arc<Shared>, reg: &Reg, step: &ClaimedStep) -> (Context, Arc<R
         token: token.clone(),
         lost: AtomicBool::new(false),
     });
-    shared.running.lock().insert(step.step_id, running.clone());
+    shared.running.lock().insert(run_ref(step), running.clone());
     let deadline = reg.opts.timeout.map(|t| Instant::now() + t);
     let ctx = Context::new(
         shared.env.clone(),
@@ -972,7 +1003,7 @@ async fn finish(
         RunEnd::Cancelled => {
             if running.lost.load(Ordering::Acquire) {
                 // Cancelled or taken over: the store already moved on.
-                shared.running.lock().remove(&step.step_id);
+                shared.running.lock().remove(&run_ref(step));
                 return;
             }
             Some(Resolution::Released)
@@ -1070,7 +1101,7 @@ async fn finish(
     match resolution {
         Some(resolution) => shared.send_completion(Completion { lease, resolution }),
         None => {
-            shared.running.lock().remove(&step.step_id);
+            shared.running.lock().remove(&run_ref(step));
         }
     }
 }
@@ -1096,7 +1127,7 @@ async fn retry_or_fail(
     let policy = &reg.opts.retry;
     if step.attempt >= policy.max_attempts {
         let message = format!(
-            "{message} (attempt {} of {}; no attempts left)",
+            "attempt {} of {} failed: {message}",
             step.attempt, policy.max_attempts
         );
         return Resolution::Failed(error_info(kind, message, trace, step.attempt));
@@ -1176,7 +1207,7 @@ async fn completer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completi
                         {
                             let mut running = shared.running.lock();
                             for c in &buf {
-                                running.remove(&c.lease.step_id);
+                                running.remove(&lease_run(&c.lease));
                             }
                         }
                         buf = refused;
@@ -1194,7 +1225,7 @@ async fn completer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completi
             {
                 let mut running = shared.running.lock();
                 for c in buf.drain(..) {
-                    running.remove(&c.lease.step_id);
+                    running.remove(&lease_run(&c.lease));
                 }
             }
             shared.pending.fetch_sub(taken, Ordering::AcqRel);
@@ -1216,7 +1247,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tick.tick() => {},
             _ = stop.cancelled() => return,
         }
-        let ids: Vec<StepId> = shared.running.lock().keys().copied().collect();
+        let ids: Vec<RunRef> = shared.running.lock().keys().copied().collect();
         let mut host = shared.env.host.clone();
         host.last_heartbeat = shared.store().now().await.unwrap_or(host.last_heartbeat);
         match shared
@@ -1239,7 +1270,7 @@ async fn cancel_listener(shared: Arc<Shared>) {
     let mut rx = shared.store().signals().cancelled.subscribe();
     loop {
         match rx.recv().await {
-            Ok(ids) => shared.mark_lost(&ids),
+            Ok(ids) => shared.mark_cancelled(&ids),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(_) => return,
         }

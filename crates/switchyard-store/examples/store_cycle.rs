@@ -51,6 +51,7 @@ async fn main() -> switchyard_core::Result<()> {
                     step_id: s.step_id,
                     task_id: s.task_id,
                     attempt: s.attempt,
+                    run: s.run,
                     host_id: "cycle-host".into(),
                 },
                 resolution: Resolution::Completed(json!({ "ok": true })),

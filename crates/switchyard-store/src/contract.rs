@@ -28,8 +28,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use switchyard_core::{
     ClaimBatch, ClaimedStep, Clock, Completion, DynStore, Error, ErrorInfo, ErrorKind, EventRecord,
-    FakeClock, HostInfo, Lease, Millis, NewStep, NewTask, ParentRef, Resolution, Result, StepId,
-    StepRecord, StepState, TaskDetail, TaskFilter, TaskId, TaskRecord, TaskState, WaitFor,
+    FakeClock, HeartbeatReply, HostInfo, Lease, Millis, NewStep, NewTask, ParentRef, Resolution,
+    Result, RunRef, StepId, StepRecord, StepState, TaskDetail, TaskFilter, TaskId, TaskRecord,
+    TaskState, WaitFor,
 };
 use tokio::sync::{broadcast, Notify};
 
@@ -135,6 +136,9 @@ macro_rules! contract_suite {
                 recover_expired_makes_steps_ready,
                 checkpoint_requires_current_lease_and_extends_it,
                 checkpoint_overwrite_rules,
+                runs_grow_and_suspensions_cost_no_attempt,
+                same_host_reclaim_fences_the_old_run,
+                cancelled_runs_cannot_write,
                 emit_event_first_write_wins,
                 emit_event_wakes_every_waiter,
                 delegation_group_outcomes_and_parent_wake,
@@ -371,13 +375,26 @@ impl H {
             .expect("emit_event")
     }
 
-    async fn heartbeat(&self, host: &str, running: &[StepId], lease_ms: i64) -> BTreeSet<StepId> {
-        let reply = self
-            .store
+    /// The steps of the lost runs.
+    async fn heartbeat(&self, host: &str, running: &[RunRef], lease_ms: i64) -> BTreeSet<StepId> {
+        self.heartbeat_reply(host, running, lease_ms)
+            .await
+            .lost
+            .into_iter()
+            .map(|r| r.step_id)
+            .collect()
+    }
+
+    async fn heartbeat_reply(
+        &self,
+        host: &str,
+        running: &[RunRef],
+        lease_ms: i64,
+    ) -> HeartbeatReply {
+        self.store
             .heartbeat(&host_info(host, self.now()), running, lease_ms)
             .await
-            .expect("heartbeat");
-        reply.lost.into_iter().collect()
+            .expect("heartbeat")
     }
 }
 
@@ -386,7 +403,15 @@ fn lease(step: &ClaimedStep, host: &str) -> Lease {
         step_id: step.step_id,
         task_id: step.task_id,
         attempt: step.attempt,
+        run: step.run,
         host_id: host.to_string(),
+    }
+}
+
+fn run_of(step: &ClaimedStep) -> RunRef {
+    RunRef {
+        step_id: step.step_id,
+        run: step.run,
     }
 }
 
@@ -1587,7 +1612,7 @@ pub async fn failed_fails_task_and_cancels_other_steps(factory: Factory) {
         .await;
     assert_lease_lost(&late, b.step_id, "completion of a cancelled sibling");
     assert_eq!(
-        h.heartbeat(HOST, &[b.step_id], LEASE_MS).await,
+        h.heartbeat(HOST, &[run_of(&b)], LEASE_MS).await,
         [b.step_id].into()
     );
     h.claim_none("f_work").await;
@@ -1609,7 +1634,11 @@ pub async fn suspended_on_event_until_emitted(factory: Factory) {
     assert_eq!(rec.run_at, None, "run_at = wait.wake_at");
     assert_eq!(rec.lease_owner, None);
     assert_eq!(rec.lease_expires_at, None);
-    assert_eq!(rec.attempt, 1);
+    assert_eq!(
+        (rec.attempt, rec.run),
+        (0, 1),
+        "a suspension gives its attempt back"
+    );
     h.claim_none("waiter").await;
     h.advance(86_400_000);
     h.claim_none("waiter").await;
@@ -1624,7 +1653,7 @@ pub async fn suspended_on_event_until_emitted(factory: Factory) {
     assert!(stored);
     assert_eq!(h.step_state(id, "waiter").await, StepState::Ready);
     let again = h.claim_one("waiter").await;
-    assert_eq!(again.attempt, 2);
+    assert_eq!((again.attempt, again.run), (1, 2));
     assert_eq!(h.task(id).await.state, TaskState::Running);
 }
 
@@ -1660,7 +1689,7 @@ pub async fn suspended_with_satisfied_wait_is_ready(factory: Factory) {
     }
     let again = h.claim("sat", 10).await;
     assert_eq!(again.len(), 4, "all four are claimable now");
-    assert!(again.iter().all(|s| s.attempt == 2));
+    assert!(again.iter().all(|s| (s.attempt, s.run) == (1, 2)));
 }
 
 /// `Suspended` with a future `wake_at` (alone or with an event): `suspended`
@@ -1694,13 +1723,16 @@ pub async fn suspended_wake_at_claimable_after_clock(factory: Factory) {
     h.claim_none("sleeper").await;
     h.advance(1);
     let woke = h.claim_one("sleeper").await;
-    assert_eq!((woke.task_id, woke.attempt), (sleeper, 2));
+    assert_eq!((woke.task_id, woke.attempt, woke.run), (sleeper, 1, 2));
 
     h.advance(2_999);
     h.claim_none("awaiter").await;
     h.advance(1);
     let timed_out = h.claim_one("awaiter").await;
-    assert_eq!((timed_out.task_id, timed_out.attempt), (awaiter, 2));
+    assert_eq!(
+        (timed_out.task_id, timed_out.attempt, timed_out.run),
+        (awaiter, 1, 2)
+    );
 }
 
 /// `Released`: step `ready` at now, lease cleared, attempt given back;
@@ -1740,12 +1772,12 @@ pub async fn stale_completions_are_rejected(factory: Factory) {
 
     let wrong_host = h.complete(lease(&s, HOST_B), done()).await;
     assert_lease_lost(&wrong_host, s.step_id, "wrong host");
-    for attempt in [0, 2] {
+    for run in [0, 2] {
         let bad = Lease {
-            attempt,
+            run,
             ..lease(&s, HOST)
         };
-        assert_lease_lost(&h.complete(bad, done()).await, s.step_id, "wrong attempt");
+        assert_lease_lost(&h.complete(bad, done()).await, s.step_id, "wrong run");
     }
     let failed = h
         .complete(
@@ -1787,11 +1819,12 @@ pub async fn stale_completions_are_rejected(factory: Factory) {
     // A ready step (never claimed) and a suspended one are not running.
     let ready_task = h.spawn_handler("stale_ready").await;
     let ready = h.step(ready_task, "stale_ready").await;
-    for attempt in [0, 1] {
+    for run in [0, 1] {
         let bad = Lease {
             step_id: ready.id,
             task_id: ready_task,
-            attempt,
+            attempt: 0,
+            run,
             host_id: HOST.into(),
         };
         assert_lease_lost(
@@ -1833,7 +1866,7 @@ pub async fn heartbeat_extends_leases_and_reports_lost(factory: Factory) {
     let [s1, s2, s3] = [0, 1, 2].map(|i| find(&claimed, tasks[i]));
 
     h.advance(500);
-    let lost = h.heartbeat(HOST, &[s1.step_id, s2.step_id], 1_000).await;
+    let lost = h.heartbeat(HOST, &[run_of(&s1), run_of(&s2)], 1_000).await;
     assert!(lost.is_empty(), "nothing lost: {lost:?}");
     for (task, name) in [(tasks[0], "hb"), (tasks[1], "hb")] {
         let rec = h.step(task, name).await;
@@ -1862,7 +1895,7 @@ pub async fn heartbeat_extends_leases_and_reports_lost(factory: Factory) {
     let taken = h.claim_batch(HOST_B, &[("hb", 1)], 1_000).await.steps;
     assert_eq!(taken.len(), 1);
     assert_eq!(taken[0].step_id, s3.step_id);
-    let lost = h.heartbeat(HOST, &[s1.step_id, s3.step_id], 1_000).await;
+    let lost = h.heartbeat(HOST, &[run_of(&s1), run_of(&s3)], 1_000).await;
     assert_eq!(lost, [s3.step_id].into(), "taken over");
     let s3_rec = h.step(tasks[2], "hb").await;
     assert_eq!(s3_rec.lease_owner.as_deref(), Some(HOST_B));
@@ -1875,13 +1908,13 @@ pub async fn heartbeat_extends_leases_and_reports_lost(factory: Factory) {
 
     // s2 is cancelled with its task.
     assert!(h.store.cancel_task(tasks[1], false).await.unwrap());
-    let lost = h.heartbeat(HOST, &[s1.step_id, s2.step_id], 1_000).await;
+    let lost = h.heartbeat(HOST, &[run_of(&s1), run_of(&s2)], 1_000).await;
     assert_eq!(lost, [s2.step_id].into(), "cancelled");
 
     // Another host cannot extend this host's lease.
     h.advance(100);
     let before = h.step(tasks[0], "hb").await.lease_expires_at;
-    let lost = h.heartbeat(HOST_B, &[s1.step_id], 60_000).await;
+    let lost = h.heartbeat(HOST_B, &[run_of(&s1)], 60_000).await;
     assert_eq!(lost, [s1.step_id].into(), "not that host's lease");
     assert_eq!(h.step(tasks[0], "hb").await.lease_expires_at, before);
     assert_eq!(
@@ -2015,7 +2048,7 @@ pub async fn checkpoint_requires_current_lease_and_extends_it(factory: Factory) 
         .store
         .put_checkpoint(
             &Lease {
-                attempt: 2,
+                run: 2,
                 ..lease(&s, HOST)
             },
             "x",
@@ -2045,7 +2078,7 @@ pub async fn checkpoint_requires_current_lease_and_extends_it(factory: Factory) 
     let first = &detail.checkpoints[0];
     assert_eq!(first.task_id, id);
     assert_eq!(first.step_id, s.step_id);
-    assert_eq!(first.attempt, 1);
+    assert_eq!(first.run, 1);
     assert_eq!(first.value, json!({ "id": "ch_1" }));
     assert_eq!(first.created_at, t1);
     assert_eq!(detail.checkpoints[1].created_at, t2);
@@ -2060,9 +2093,10 @@ pub async fn checkpoint_requires_current_lease_and_extends_it(factory: Factory) 
     );
 }
 
-/// A checkpoint written by an older attempt is overwritten by a newer one;
-/// one written by a newer attempt is never overwritten (the call succeeds
-/// without writing).
+/// A checkpoint written by an older run is overwritten by a newer run of
+/// the same step. Runs keep growing across a task retry (which resets the
+/// attempt), so the retried run's write is the newer one and its record
+/// names its run.
 pub async fn checkpoint_overwrite_rules(factory: Factory) {
     let h = H::open(&factory).await;
     let id = h.spawn_handler("cpo").await;
@@ -2077,12 +2111,12 @@ pub async fn checkpoint_overwrite_rules(factory: Factory) {
     )
     .await;
     let s2 = h.claim_one("cpo").await;
-    assert_eq!(s2.attempt, 2);
+    assert_eq!((s2.attempt, s2.run), (2, 2));
     h.put_checkpoint(&s2, "k", json!(2)).await.unwrap();
     assert_eq!(
         h.store.checkpoints(id).await.unwrap()["k"],
         json!(2),
-        "a newer attempt overwrites an older one"
+        "a newer run overwrites an older one"
     );
     h.resolve(
         &s2,
@@ -2090,24 +2124,234 @@ pub async fn checkpoint_overwrite_rules(factory: Factory) {
     )
     .await;
 
-    // After a task retry the attempt starts again at 1: attempt 2's value stays.
+    // After a task retry the attempt starts again at 1, the run does not.
     h.store.retry_task(id).await.unwrap();
     let s3 = h.claim_one("cpo").await;
-    assert_eq!(s3.attempt, 1);
-    h.put_checkpoint(&s3, "k", json!(3))
-        .await
-        .expect("an older attempt's write succeeds without writing");
-    h.put_checkpoint(&s3, "fresh", json!(true)).await.unwrap();
+    assert_eq!((s3.attempt, s3.run), (1, 3), "runs are never reused");
+    assert_lease_lost(
+        &h.put_checkpoint(&s2, "k", json!("stale")).await,
+        s2.step_id,
+        "the failed run's lease is dead",
+    );
+    h.put_checkpoint(&s3, "k", json!(3)).await.unwrap();
     let cps = h.store.checkpoints(id).await.unwrap();
-    assert_eq!(cps["k"], json!(2), "never overwritten by an older attempt");
-    assert_eq!(cps["fresh"], json!(true));
+    assert_eq!(cps["k"], json!(3));
     let detail = h.detail(id).await;
     let k = detail
         .checkpoints
         .iter()
         .find(|c| c.key == "k")
         .expect("checkpoint k");
-    assert_eq!(k.attempt, 2);
+    assert_eq!(k.run, 3);
+}
+
+/// Each claim takes the next run number, whatever ended the run before
+/// (suspension, retry, lost lease, release, task retry); suspensions and
+/// releases give their attempt back, failures and lost leases keep it.
+pub async fn runs_grow_and_suspensions_cost_no_attempt(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("runs").await;
+    let mut expected_run = 0;
+    let mut claim = |attempt: u32| {
+        expected_run += 1;
+        let run = expected_run;
+        let h = &h;
+        async move {
+            let s = h.claim_one("runs").await;
+            assert_eq!((s.attempt, s.run), (attempt, run), "claim {run}");
+            let rec = h.step(id, "runs").await;
+            assert_eq!(
+                (rec.attempt, rec.run),
+                (attempt, run),
+                "stored after claim {run}"
+            );
+            s
+        }
+    };
+    // 20 suspensions in a row (each woken at once): still attempt 1.
+    for _ in 0..20 {
+        let s = claim(1).await;
+        h.suspend(
+            &s,
+            WaitFor {
+                wake_at: Some(h.now()),
+                ..WaitFor::default()
+            },
+        )
+        .await;
+        assert_eq!(
+            h.step(id, "runs").await.attempt,
+            0,
+            "a suspension gives its attempt back"
+        );
+    }
+    // A suspension that really waits, then an event: still attempt 1.
+    let s = claim(1).await;
+    h.suspend(
+        &s,
+        WaitFor {
+            event: Some("runs-go".into()),
+            ..WaitFor::default()
+        },
+    )
+    .await;
+    h.store.emit_event("runs-go", json!(1)).await.unwrap();
+    let s = claim(1).await;
+    // A failure costs the attempt.
+    h.resolve(
+        &s,
+        Resolution::Retry {
+            error: ErrorInfo::new(ErrorKind::Retryable, "x"),
+            run_at: h.now(),
+        },
+    )
+    .await;
+    let s = claim(2).await;
+    // A lost lease costs it too.
+    h.advance(LEASE_MS + 1);
+    assert_eq!(h.store.recover_expired().await.unwrap(), 1);
+    assert_lease_lost(
+        &h.complete(lease(&s, HOST), Resolution::Completed(json!(0)))
+            .await,
+        s.step_id,
+        "the expired run",
+    );
+    let s = claim(3).await;
+    // A release gives it back.
+    h.resolve(&s, Resolution::Released).await;
+    let s = claim(3).await;
+    h.resolve(
+        &s,
+        Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "stop")),
+    )
+    .await;
+    h.store.retry_task(id).await.unwrap();
+    let s = claim(1).await;
+    h.resolve(&s, Resolution::Completed(json!("done"))).await;
+    assert_eq!(h.task(id).await.state, TaskState::Completed);
+}
+
+/// The same host claiming a step again after its lease was lost (a host
+/// paused past its lease) holds two runs of one step: only the current run
+/// is renewed, may write and may complete; the old one is reported lost.
+pub async fn same_host_reclaim_fences_the_old_run(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("reclaim").await;
+    let old = h.claim_one("reclaim").await;
+    h.advance(LEASE_MS + 1);
+    assert_eq!(h.store.recover_expired().await.unwrap(), 1);
+    let new = h.claim_one("reclaim").await;
+    assert_eq!(new.step_id, old.step_id);
+    assert_eq!(new.run, old.run + 1);
+
+    let reply = h
+        .heartbeat_reply(HOST, &[run_of(&old), run_of(&new)], LEASE_MS)
+        .await;
+    assert_eq!(reply.lost, [run_of(&old)], "only the old run is lost");
+    assert!(reply.cancelled.is_empty());
+    assert_lease_lost(
+        &h.put_checkpoint(&old, "c", json!("old")).await,
+        old.step_id,
+        "old run's checkpoint",
+    );
+    assert_eq!(
+        h.store
+            .emit_event_fenced(&lease(&old, HOST), "reclaim-ev", json!(1))
+            .await,
+        Err(Error::LeaseLost(old.step_id)),
+        "old run's emit"
+    );
+    assert_eq!(
+        h.store
+            .spawn_fenced(&lease(&old, HOST), vec![NewTask::new("child", json!(1))])
+            .await,
+        Err(Error::LeaseLost(old.step_id)),
+        "old run's spawn"
+    );
+    assert!(h.store.get_event("reclaim-ev").await.unwrap().is_none());
+    assert!(h.detail(id).await.children.is_empty(), "no child created");
+    assert_lease_lost(
+        &h.complete(lease(&old, HOST), Resolution::Completed(json!("old")))
+            .await,
+        old.step_id,
+        "old run's completion",
+    );
+    h.put_checkpoint(&new, "c", json!("new")).await.unwrap();
+    assert!(h
+        .store
+        .emit_event_fenced(&lease(&new, HOST), "reclaim-ev", json!(2))
+        .await
+        .unwrap());
+    let mut child = NewTask::new("child", json!(2));
+    child.parent = Some(ParentRef {
+        task_id: id,
+        step_id: new.step_id,
+        group: None,
+        index: 0,
+    });
+    let spawned = h
+        .store
+        .spawn_fenced(&lease(&new, HOST), vec![child])
+        .await
+        .unwrap();
+    assert!(spawned[0].created);
+    h.resolve(&new, Resolution::Completed(json!("new"))).await;
+    assert_eq!(h.task(id).await.result, Some(json!("new")));
+    assert_eq!(h.store.checkpoints(id).await.unwrap()["c"], json!("new"));
+
+    // Once the run has ended, it can no longer emit or spawn.
+    assert_eq!(
+        h.store
+            .emit_event_fenced(&lease(&new, HOST), "late-ev", json!(1))
+            .await,
+        Err(Error::LeaseLost(new.step_id))
+    );
+    assert!(h.store.get_event("late-ev").await.unwrap().is_none());
+}
+
+/// Writes of a run whose task was cancelled are refused as cancelled (not as
+/// a lost lease), and the heartbeat says so; nothing is created.
+pub async fn cancelled_runs_cannot_write(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn_handler("doomed").await;
+    let s = h.claim_one("doomed").await;
+    assert!(h.store.cancel_task(id, true).await.unwrap());
+    let l = lease(&s, HOST);
+    let cancelled = Err(Error::Cancelled(s.step_id));
+    assert_eq!(
+        h.store
+            .spawn_fenced(&l, vec![NewTask::new("child", json!(1))])
+            .await,
+        cancelled.clone().map(|()| Vec::new()),
+        "spawn after cancel"
+    );
+    assert_eq!(
+        h.store.emit_event_fenced(&l, "doomed-ev", json!(1)).await,
+        cancelled.clone().map(|()| false),
+        "emit after cancel"
+    );
+    assert_eq!(
+        h.put_checkpoint(&s, "c", json!(1)).await,
+        cancelled,
+        "checkpoint after cancel"
+    );
+    let reply = h.heartbeat_reply(HOST, &[run_of(&s)], LEASE_MS).await;
+    assert_eq!(reply.lost, [run_of(&s)]);
+    assert_eq!(reply.cancelled, [run_of(&s)]);
+    assert!(h.store.get_event("doomed-ev").await.unwrap().is_none());
+    let detail = h.detail(id).await;
+    assert!(detail.children.is_empty());
+    assert!(detail.checkpoints.is_empty());
+    assert_eq!(
+        h.store
+            .list_tasks(&TaskFilter {
+                handler: Some("child".into()),
+                ..TaskFilter::default()
+            })
+            .await
+            .unwrap(),
+        []
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -2303,7 +2547,11 @@ pub async fn delegation_group_outcomes_and_parent_wake(factory: Factory) {
         );
     }
     let again = h.claim_one("g_parent").await;
-    assert_eq!(again.attempt, 2);
+    assert_eq!(
+        (again.attempt, again.run),
+        (1, 2),
+        "a resume costs no attempt"
+    );
 }
 
 /// A step suspending on a group whose children have all finished is `ready`
@@ -2500,7 +2748,7 @@ pub async fn cancel_task_cancels_steps(factory: Factory) {
     }
     expect_announced(&mut rx, &[a.step_id]).await;
     assert_eq!(
-        h.heartbeat(HOST, &[a.step_id], LEASE_MS).await,
+        h.heartbeat(HOST, &[run_of(&a)], LEASE_MS).await,
         [a.step_id].into()
     );
     let late = h

@@ -52,8 +52,8 @@ use switchyard_core::ids::IdGen;
 use switchyard_core::{
     CheckpointRecord, ChildOutcome, ClaimBatch, ClaimedStep, Clock, Completion, Error, ErrorInfo,
     ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewStep, NewTask, Resolution,
-    Result, Signals, Spawned, StateCounts, StepId, StepRecord, StepState, Store, SystemClock,
-    TaskDetail, TaskFilter, TaskId, TaskRecord, TaskState, WaitFor,
+    Result, RunRef, Signals, Spawned, StateCounts, StepId, StepRecord, StepState, Store,
+    SystemClock, TaskDetail, TaskFilter, TaskId, TaskRecord, TaskState, WaitFor,
 };
 
 /// Default page size of the list calls when the caller passes 0.
@@ -196,8 +196,18 @@ fn ready_key(s: &StepRow) -> ReadyKey {
 
 fn lease_is_current(s: &StepRow, lease: &Lease) -> bool {
     s.rec.state == StepState::Running
-        && s.rec.attempt == lease.attempt
+        && s.rec.run == lease.run
         && s.rec.lease_owner.as_deref() == Some(lease.host_id.as_str())
+}
+
+/// The fence of a run's write: `Ok` while `lease` is its step's current
+/// lease; otherwise why not (the step was cancelled, or the run is over).
+fn fence(steps: &FastMap<StepId, Box<StepRow>>, lease: &Lease) -> Result<()> {
+    match steps.get(&lease.step_id) {
+        Some(s) if lease_is_current(s, lease) => Ok(()),
+        Some(s) if s.rec.state == StepState::Cancelled => Err(Error::Cancelled(lease.step_id)),
+        _ => Err(Error::LeaseLost(lease.step_id)),
+    }
 }
 
 fn clear_lease(s: &mut StepRow) {
@@ -528,6 +538,7 @@ impl Inner {
                     input: t.input,
                     state: StepState::Ready,
                     attempt: 0,
+                    run: 0,
                     priority: t.priority,
                     run_at: Some(t.run_at.unwrap_or(now)),
                     lease_owner: None,
@@ -617,6 +628,7 @@ impl Inner {
                     let r = &mut step.rec;
                     r.state = StepState::Running;
                     r.attempt += 1;
+                    r.run += 1;
                     r.lease_owner = Some(host_id.to_owned());
                     r.lease_expires_at = Some(expires);
                     r.updated_at = now;
@@ -635,6 +647,7 @@ impl Inner {
                             input: r.input.clone(),
                             headers,
                             attempt: r.attempt,
+                            run: r.run,
                             priority: r.priority,
                             lease_expires_at: expires,
                             has_dependencies: !r.depends_on.is_empty(),
@@ -808,6 +821,7 @@ impl Inner {
                     input: s.input,
                     state,
                     attempt: 0,
+                    run: 0,
                     priority,
                     run_at: (pending == 0).then_some(now),
                     lease_owner: None,
@@ -846,6 +860,9 @@ impl Inner {
     }
 
     fn suspend(&mut self, id: StepId, wait: WaitFor, now: Millis, fx: &mut Effects) {
+        // A suspension gives its attempt back: waiting never costs one.
+        let r = &mut self.step_mut(id).rec;
+        r.attempt = r.attempt.saturating_sub(1);
         let satisfied = wait.wake_at.is_some_and(|t| t <= now)
             || wait
                 .event
@@ -1162,7 +1179,9 @@ impl Inner {
             s.rec.run_at = Some(now);
             s.rec.error = Some(ErrorInfo {
                 kind: ErrorKind::LeaseExpired,
-                message: format!("the lease of host {owner} expired before the step finished"),
+                message: format!(
+                    "the lease of host {owner} expired without a heartbeat before the step finished"
+                ),
                 trace: None,
                 attempt: s.rec.attempt,
             });
@@ -1177,7 +1196,7 @@ impl Inner {
     fn heartbeat(
         &mut self,
         host: &HostInfo,
-        running: &[StepId],
+        running: &[RunRef],
         lease_ms: i64,
         now: Millis,
     ) -> HeartbeatReply {
@@ -1185,19 +1204,25 @@ impl Inner {
         info.last_heartbeat = now;
         self.hosts.insert(host.id.clone(), info);
         let expires = now.saturating_add(lease_ms);
-        let mut lost = Vec::new();
-        for id in running {
-            match self.steps.get_mut(id) {
+        let mut reply = HeartbeatReply::default();
+        for run in running {
+            match self.steps.get_mut(&run.step_id) {
                 Some(s)
                     if s.rec.state == StepState::Running
+                        && s.rec.run == run.run
                         && s.rec.lease_owner.as_deref() == Some(host.id.as_str()) =>
                 {
                     s.rec.lease_expires_at = Some(expires);
                 }
-                _ => lost.push(*id),
+                other => {
+                    if other.is_some_and(|s| s.rec.state == StepState::Cancelled) {
+                        reply.cancelled.push(*run);
+                    }
+                    reply.lost.push(*run);
+                }
             }
         }
-        HeartbeatReply { lost }
+        reply
     }
 
     fn put_checkpoint(
@@ -1208,21 +1233,19 @@ impl Inner {
         lease_ms: i64,
         now: Millis,
     ) -> Result<()> {
-        let s = match self.steps.get_mut(&lease.step_id) {
-            Some(s) if lease_is_current(s, lease) => s,
-            _ => return Err(Error::LeaseLost(lease.step_id)),
-        };
+        fence(&self.steps, lease)?;
+        let s = self.step_mut(lease.step_id);
         s.rec.lease_expires_at = Some(now.saturating_add(lease_ms));
         let task_id = s.rec.task_id;
         self.seq += 1;
         let seq = self.seq;
         let task = self.task_mut(task_id);
         match task.checkpoints.get_mut(key) {
-            Some((_, cp)) if cp.attempt > lease.attempt => {}
+            Some((_, cp)) if cp.run > lease.run && cp.step_id == lease.step_id => {}
             Some((_, cp)) => {
                 cp.value = value;
                 cp.step_id = lease.step_id;
-                cp.attempt = lease.attempt;
+                cp.run = lease.run;
                 cp.created_at = now;
             }
             None => {
@@ -1231,7 +1254,7 @@ impl Inner {
                     key: key.to_owned(),
                     value,
                     step_id: lease.step_id,
-                    attempt: lease.attempt,
+                    run: lease.run,
                     created_at: now,
                 };
                 task.checkpoints.insert(key.to_owned(), (seq, cp));
@@ -1366,7 +1389,7 @@ impl Store for MemoryStore {
     async fn heartbeat(
         &self,
         host: &HostInfo,
-        running: &[StepId],
+        running: &[RunRef],
         lease_ms: i64,
     ) -> Result<HeartbeatReply> {
         Ok(self.write(|inner, now, _| inner.heartbeat(host, running, lease_ms, now)))
@@ -1407,6 +1430,20 @@ impl Store for MemoryStore {
 
     async fn emit_event(&self, name: &str, payload: Value) -> Result<bool> {
         Ok(self.write(|inner, now, fx| inner.emit(name, payload, now, fx)))
+    }
+
+    async fn emit_event_fenced(&self, fence: &Lease, name: &str, payload: Value) -> Result<bool> {
+        self.write(|inner, now, fx| {
+            self::fence(&inner.steps, fence)?;
+            Ok(inner.emit(name, payload, now, fx))
+        })
+    }
+
+    async fn spawn_fenced(&self, fence: &Lease, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
+        self.write(|inner, now, fx| {
+            self::fence(&inner.steps, fence)?;
+            inner.spawn(tasks, now, fx)
+        })
     }
 
     async fn get_event(&self, name: &str) -> Result<Option<EventRecord>> {
@@ -1591,7 +1628,15 @@ mod tests {
             step_id: c.step_id,
             task_id: c.task_id,
             attempt: c.attempt,
+            run: c.run,
             host_id: HOST.into(),
+        }
+    }
+
+    fn run_of(c: &ClaimedStep) -> RunRef {
+        RunRef {
+            step_id: c.step_id,
+            run: c.run,
         }
     }
 
@@ -1744,7 +1789,11 @@ mod tests {
         clock.advance(500);
         let b = claim(&s, "h", 1).await;
         assert_eq!(b.steps.len(), 1);
-        assert_eq!(b.steps[0].attempt, 2);
+        assert_eq!(
+            (b.steps[0].attempt, b.steps[0].run),
+            (1, 2),
+            "a resume continues the attempt in a new run"
+        );
     }
 
     #[tokio::test]
@@ -1822,9 +1871,9 @@ mod tests {
         let c = claim(&s, "h", 1).await.steps.remove(0);
         let mut wrong_host = lease(&c);
         wrong_host.host_id = "other".into();
-        let mut wrong_attempt = lease(&c);
-        wrong_attempt.attempt += 1;
-        for l in [wrong_host.clone(), wrong_attempt] {
+        let mut wrong_run = lease(&c);
+        wrong_run.run += 1;
+        for l in [wrong_host.clone(), wrong_run] {
             let r = s
                 .complete(vec![Completion {
                     lease: l,
@@ -1855,8 +1904,8 @@ mod tests {
             last_heartbeat: 0,
         };
         assert_eq!(
-            s.heartbeat(&host, &[c.step_id], LEASE).await.unwrap().lost,
-            vec![c.step_id]
+            s.heartbeat(&host, &[run_of(&c)], LEASE).await.unwrap().lost,
+            vec![run_of(&c)]
         );
         assert_eq!(
             complete(&s, &c, Resolution::Completed(json!(1))).await,
@@ -1865,7 +1914,7 @@ mod tests {
         let c2 = claim(&s, "h", 1).await.steps.remove(0);
         assert_eq!(c2.attempt, 2);
         assert!(s
-            .heartbeat(&host, &[c2.step_id], LEASE)
+            .heartbeat(&host, &[run_of(&c2)], LEASE)
             .await
             .unwrap()
             .lost

@@ -91,8 +91,8 @@ use serde_json::Value;
 use switchyard_core::{
     CheckpointRecord, ChildOutcome, ClaimBatch, ClaimedStep, Clock, Completion, Error, ErrorInfo,
     ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewTask, ParentRef, Result,
-    Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail, TaskFilter, TaskId,
-    TaskRecord, TaskState,
+    RunRef, Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail, TaskFilter,
+    TaskId, TaskRecord, TaskState,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
@@ -273,6 +273,16 @@ ALTER TABLE sy_tasks SET (fillfactor = 50);
     r#"
 DROP INDEX IF EXISTS sy_steps_lease;
 CREATE INDEX sy_steps_lease ON sy_steps(lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+"#,
+    // 7: runs. `run` numbers every claim of a step and fences its writes
+    // (`attempt` now counts attempts used, which suspensions give back);
+    // checkpoints record the run that wrote them. Adding a column with a
+    // constant default rewrites nothing; only steps running during the
+    // upgrade are touched, so their leases keep their fence (run = attempt).
+    r#"
+ALTER TABLE sy_steps ADD COLUMN run bigint NOT NULL DEFAULT 0;
+UPDATE sy_steps SET run = attempt WHERE state = 'running';
+ALTER TABLE sy_checkpoints RENAME COLUMN attempt TO run;
 "#,
 ];
 
@@ -1059,7 +1069,7 @@ async fn listen_loop(config: Config, signals: Arc<Signals>) {
 
 macro_rules! lease_guard {
     () => {
-        " WHERE id = $1 AND task_id = $2 AND state = 'running' AND lease_owner = $3 AND attempt = $4"
+        " WHERE id = $1 AND task_id = $2 AND state = 'running' AND lease_owner = $3 AND run = $4"
     };
 }
 
@@ -1080,7 +1090,7 @@ const SETTLE_FAILED: &str = concat!(
 );
 const SETTLE_SUSPENDED: &str = concat!(
     "UPDATE sy_steps SET state = $6, run_at = $7, wait = $8, wait_event = $9, wait_group = $10, lease_owner = NULL, \
-     lease_expires_at = NULL, updated_at = $5",
+     lease_expires_at = NULL, attempt = greatest(attempt - 1, 0), updated_at = $5",
     lease_guard!()
 );
 const SETTLE_RELEASED: &str = concat!(
@@ -1112,11 +1122,11 @@ pub const CLAIM: &str = "WITH picked AS ( \
          WHERE state = 'ready' AND handler = w.handler AND run_at <= $3 \
          ORDER BY priority DESC, run_at, seq LIMIT w.n \
          FOR UPDATE SKIP LOCKED) s) \
-     UPDATE sy_steps SET state = 'running', attempt = attempt + 1, lease_owner = $4, lease_expires_at = $5, \
-       updated_at = $3 \
+     UPDATE sy_steps SET state = 'running', attempt = attempt + 1, run = run + 1, lease_owner = $4, \
+       lease_expires_at = $5, updated_at = $3 \
      FROM picked WHERE sy_steps.ctid = picked.tid \
      RETURNING sy_steps.id, task_id, name, handler, input, headers, attempt, priority, run_at, seq, \
-       depends_on IS NOT NULL";
+       depends_on IS NOT NULL, run";
 /// A step whose `run_at` is not after its creation was due when it was
 /// made, so it is never due after `$2` (see migration 4).
 const NEXT_DUE: &str =
@@ -1153,16 +1163,21 @@ const UPSERT_HOST: &str = "INSERT INTO sy_hosts (id, pid, hostname, handlers, st
 /// heartbeat renewing a large backlog held up every completion behind it.
 /// A skipped step counts as held if it was running under this host's lease
 /// when the statement began; if it is being taken over, the next heartbeat
-/// reports it lost.
+/// reports it lost. Answers each held step with its current run: a run the
+/// host reported that is not the current one is lost (renewing the step's
+/// lease is still right then: the current run is this host's too).
 const EXTEND_LEASES: &str = "WITH locked AS ( \
        SELECT id FROM sy_steps WHERE id = ANY($1) AND state = 'running' AND lease_owner = $2 \
        FOR UPDATE SKIP LOCKED), \
      extended AS ( \
        UPDATE sy_steps s SET lease_expires_at = $3 FROM locked WHERE s.id = locked.id) \
-     SELECT id FROM sy_steps WHERE id = ANY($1) AND state = 'running' AND lease_owner = $2";
+     SELECT id, run FROM sy_steps WHERE id = ANY($1) AND state = 'running' AND lease_owner = $2";
+/// Which of the steps `$1` were cancelled (why a fenced write or a lease
+/// was refused).
+const CANCELLED_AMONG: &str = "SELECT id FROM sy_steps WHERE id = ANY($1) AND state = 'cancelled'";
 const RECOVER_EXPIRED: &str = "UPDATE sy_steps SET state = 'ready', run_at = $1, lease_owner = NULL, lease_expires_at = NULL, \
        updated_at = $1, error = json_build_object('kind', 'lease_expired', 'message', \
-         'the lease of host ' || coalesce(lease_owner, '') || ' expired before the step finished', \
+         'the lease of host ' || coalesce(lease_owner, '') || ' expired without a heartbeat before the step finished', \
          'attempt', attempt)::text \
      WHERE id IN (SELECT id FROM sy_steps WHERE state = 'running' AND lease_expires_at <= $1 \
                   FOR UPDATE SKIP LOCKED)";
@@ -1203,10 +1218,10 @@ const INSERT_ROOT_STEPS: &str = "INSERT INTO sy_steps (id, task_id, name, handle
 pub const SETTLE_AND_FINISH: &str = "WITH settled AS ( \
        UPDATE sy_steps s SET state = 'completed', result = u.result, lease_owner = NULL, \
          lease_expires_at = NULL, updated_at = $6 \
-       FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[]) \
-         AS u(id, task_id, owner, attempt, result) \
+       FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::text[]) \
+         AS u(id, task_id, owner, run, result) \
        WHERE s.id = u.id AND s.task_id = u.task_id AND s.state = 'running' AND s.lease_owner = u.owner \
-         AND s.attempt = u.attempt \
+         AND s.run = u.run \
        RETURNING s.id, s.task_id, s.name, u.result), \
      finished AS ( \
        UPDATE sy_tasks t SET state = 'completed', result = settled.result, updated_at = $6 \
@@ -1270,7 +1285,7 @@ fn task_row(r: &Row) -> Result<TaskRecord> {
 
 const STEP_SELECT: &str =
     "SELECT id, task_id, name, handler, input, state, attempt, priority, run_at, lease_owner, \
-     lease_expires_at, result, error, depends_on, wait, created_at, updated_at FROM sy_steps \
+     lease_expires_at, result, error, depends_on, wait, created_at, updated_at, run FROM sy_steps \
      WHERE task_id = $1 ORDER BY seq";
 
 fn step_row(r: &Row) -> Result<StepRecord> {
@@ -1293,6 +1308,7 @@ fn step_row(r: &Row) -> Result<StepRecord> {
         wait: opt_decode("wait", r.try_get(14).map_err(g)?)?,
         created_at: r.try_get(15).map_err(g)?,
         updated_at: r.try_get(16).map_err(g)?,
+        run: r.try_get::<_, i64>(17).map_err(g)? as u64,
     })
 }
 
@@ -1489,6 +1505,7 @@ async fn claim_tx(
                     input: decode("step input", r.get(4))?,
                     headers: opt_decode("task headers", headers)?.unwrap_or_default(),
                     attempt: int_u32("attempt", r.get(6))?,
+                    run: r.get::<_, i64>(11) as u64,
                     priority: r.get(7),
                     lease_expires_at: expires,
                     has_dependencies: r.get(10),
@@ -1547,7 +1564,8 @@ async fn complete_one(
     let sid = lease.step_id.0;
     let tid = lease.task_id.0;
     let host = lease.host_id.as_str();
-    let attempt = i32::try_from(lease.attempt).unwrap_or(i32::MAX);
+    // `attempt` binds the fence: the run number.
+    let attempt = lease.run as i64;
     let lost = || Ok(Err(Error::LeaseLost(lease.step_id)));
     match item {
         Prepared::Completed { result } => {
@@ -2040,7 +2058,7 @@ async fn heartbeat_tx(
     now: Millis,
     host: &HostInfo,
     handlers: &str,
-    running: &[Uuid],
+    running: &[RunRef],
     lease_ms: i64,
 ) -> DbResult<HeartbeatReply> {
     c.exec(
@@ -2055,22 +2073,69 @@ async fn heartbeat_tx(
         ],
     )
     .await?;
-    let mut lost = Vec::new();
+    let mut reply = HeartbeatReply::default();
     if !running.is_empty() {
         let expires = now.saturating_add(lease_ms);
-        let kept: HashSet<Uuid> = c
-            .query(EXTEND_LEASES, &[&running, &host.id, &expires])
+        let ids: Vec<Uuid> = running.iter().map(|r| r.step_id.0).collect();
+        let kept: HashSet<(Uuid, i64)> = c
+            .query(EXTEND_LEASES, &[&ids, &host.id, &expires])
             .await?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
-        lost = running
+        reply.lost = running
             .iter()
-            .filter(|id| !kept.contains(id))
-            .map(|id| StepId(*id))
+            .filter(|r| !kept.contains(&(r.step_id.0, r.run as i64)))
+            .copied()
+            .collect();
+        let cancelled = cancelled_among(c, reply.lost.iter().map(|r| r.step_id.0)).await?;
+        reply.cancelled = reply
+            .lost
+            .iter()
+            .filter(|r| cancelled.contains(&r.step_id.0))
+            .copied()
             .collect();
     }
-    Ok(HeartbeatReply { lost })
+    Ok(reply)
+}
+
+/// Which of `steps` were cancelled.
+async fn cancelled_among(
+    c: &mut Conn,
+    steps: impl Iterator<Item = Uuid>,
+) -> DbResult<HashSet<Uuid>> {
+    let ids: Vec<Uuid> = steps.collect();
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    Ok(c.query(CANCELLED_AMONG, &[&ids])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Checks in the write's transaction that `lease` is its step's current
+/// lease, and locks the step row so that a cancel (and its cascade) waits
+/// for this write: [`Error::Cancelled`] if the step was cancelled, else
+/// [`Error::LeaseLost`].
+async fn fence_tx(c: &mut Conn, lease: &Lease) -> DbResult<()> {
+    let run = lease.run as i64;
+    let current = c
+        .opt(
+            LEASE_CHECK,
+            &[&lease.step_id.0, &lease.task_id.0, &lease.host_id, &run],
+        )
+        .await?;
+    if current.is_some() {
+        return Ok(());
+    }
+    let cancelled = cancelled_among(c, std::iter::once(lease.step_id.0)).await?;
+    Err(Fail::App(if cancelled.is_empty() {
+        Error::LeaseLost(lease.step_id)
+    } else {
+        Error::Cancelled(lease.step_id)
+    }))
 }
 
 /// One `put_checkpoint` call waiting to be written.
@@ -2124,24 +2189,25 @@ async fn checkpoint_writer(
 }
 
 /// Extends the lease of every step in `$1..$4` (ids, task ids, owners,
-/// attempts) that still holds it, to `$5` (per step); answers the steps
+/// runs) that still holds it, to `$5` (per step); answers the steps
 /// extended with the lease they matched.
 const EXTEND_CHECKPOINT_LEASES: &str = "UPDATE sy_steps s SET lease_expires_at = u.expires \
-     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::int8[]) \
-       AS u(id, task_id, owner, attempt, expires) \
+     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::int8[]) \
+       AS u(id, task_id, owner, run, expires) \
      WHERE s.id = u.id AND s.task_id = u.task_id AND s.state = 'running' AND s.lease_owner = u.owner \
-       AND s.attempt = u.attempt \
-     RETURNING s.id, s.task_id, s.lease_owner, s.attempt";
-/// Writes checkpoints `$1..$5` (task ids, keys, values, step ids, attempts)
-/// at `$6`; an existing checkpoint written by a newer attempt is kept.
+       AND s.run = u.run \
+     RETURNING s.id, s.task_id, s.lease_owner, s.run";
+/// Writes checkpoints `$1..$5` (task ids, keys, values, step ids, runs)
+/// at `$6`; an existing checkpoint written by a newer run of the same step
+/// is kept.
 const UPSERT_CHECKPOINTS: &str =
-    "INSERT INTO sy_checkpoints (task_id, key, value, step_id, attempt, created_at) \
-     SELECT u.task_id, u.key, u.value, u.step_id, u.attempt, $6 \
+    "INSERT INTO sy_checkpoints (task_id, key, value, step_id, run, created_at) \
+     SELECT u.task_id, u.key, u.value, u.step_id, u.run, $6 \
      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int4[]) \
-       AS u(task_id, key, value, step_id, attempt) \
+       AS u(task_id, key, value, step_id, run) \
      ON CONFLICT (task_id, key) DO UPDATE SET value = excluded.value, step_id = excluded.step_id, \
-       attempt = excluded.attempt, created_at = excluded.created_at \
-     WHERE sy_checkpoints.attempt <= excluded.attempt";
+       run = excluded.run, created_at = excluded.created_at \
+     WHERE sy_checkpoints.step_id <> excluded.step_id OR sy_checkpoints.run <= excluded.run";
 
 /// A batch of checkpoint writes in one transaction: one statement extends
 /// the leases (each step once), one writes the checkpoints whose lease
@@ -2154,14 +2220,16 @@ async fn checkpoints_tx(
     now: Millis,
     writes: &[CheckpointWrite],
 ) -> DbResult<Vec<Result<()>>> {
-    let attempt_of = |l: &Lease| i32::try_from(l.attempt).unwrap_or(i32::MAX);
+    let run_of = |l: &Lease| l.run as i64;
+    // The checkpoint table's column is 32-bit; runs of one step stay far below.
+    let stored_run = |l: &Lease| i32::try_from(l.run).unwrap_or(i32::MAX);
     // Each lease once, with the furthest expiry asked for.
-    let mut leases: BTreeMap<(Uuid, Uuid, &str, i32), i64> = BTreeMap::new();
+    let mut leases: BTreeMap<(Uuid, Uuid, &str, i64), i64> = BTreeMap::new();
     for w in writes {
         let l = &w.lease;
         let expires = now.saturating_add(w.lease_ms);
         let e = leases
-            .entry((l.step_id.0, l.task_id.0, l.host_id.as_str(), attempt_of(l)))
+            .entry((l.step_id.0, l.task_id.0, l.host_id.as_str(), run_of(l)))
             .or_insert(expires);
         *e = (*e).max(expires);
     }
@@ -2174,7 +2242,7 @@ async fn checkpoints_tx(
         attempts.push(*attempt);
         expiries.push(*expires);
     }
-    let held: HashSet<(Uuid, Uuid, String, i32)> = c
+    let held: HashSet<(Uuid, Uuid, String, i64)> = c
         .query(
             EXTEND_CHECKPOINT_LEASES,
             &[&ids, &tids, &owners, &attempts, &expiries],
@@ -2187,7 +2255,7 @@ async fn checkpoints_tx(
         .iter()
         .map(|w| {
             let l = &w.lease;
-            held.contains(&(l.step_id.0, l.task_id.0, l.host_id.clone(), attempt_of(l)))
+            held.contains(&(l.step_id.0, l.task_id.0, l.host_id.clone(), run_of(l)))
         })
         .collect();
     // The last write of each (task, key) whose lease held, in call order.
@@ -2205,7 +2273,7 @@ async fn checkpoints_tx(
             keys.push(w.key.as_str());
             values.push(w.value.as_str());
             step_ids.push(w.lease.step_id.0);
-            attempts.push(attempt_of(&w.lease));
+            attempts.push(stored_run(&w.lease));
         }
         c.exec(
             UPSERT_CHECKPOINTS,
@@ -2213,15 +2281,21 @@ async fn checkpoints_tx(
         )
         .await?;
     }
+    let refused = writes
+        .iter()
+        .zip(&holds)
+        .filter(|(_, held)| !**held)
+        .map(|(w, _)| w.lease.step_id.0);
+    let cancelled = cancelled_among(c, refused).await?;
     Ok(writes
         .iter()
         .zip(holds)
-        .map(|(w, held)| {
-            if held {
-                Ok(())
-            } else {
-                Err(Error::LeaseLost(w.lease.step_id))
+        .map(|(w, held)| match held {
+            true => Ok(()),
+            false if cancelled.contains(&w.lease.step_id.0) => {
+                Err(Error::Cancelled(w.lease.step_id))
             }
+            false => Err(Error::LeaseLost(w.lease.step_id)),
         })
         .collect())
 }
@@ -2284,7 +2358,7 @@ async fn complete_fast(
     let mut ids = Vec::with_capacity(items.len());
     let mut tids = Vec::with_capacity(items.len());
     let mut owners: Vec<&str> = Vec::with_capacity(items.len());
-    let mut attempts: Vec<i32> = Vec::with_capacity(items.len());
+    let mut runs: Vec<i64> = Vec::with_capacity(items.len());
     let mut results: Vec<&str> = Vec::with_capacity(items.len());
     for (lease, prepared) in items.iter().flatten() {
         let Prepared::Completed { result } = prepared else {
@@ -2293,7 +2367,7 @@ async fn complete_fast(
         ids.push(lease.step_id.0);
         tids.push(lease.task_id.0);
         owners.push(lease.host_id.as_str());
-        attempts.push(i32::try_from(lease.attempt).unwrap_or(i32::MAX));
+        runs.push(lease.run as i64);
         results.push(result.as_str());
     }
     let mut settled: HashMap<Uuid, String> = HashMap::new();
@@ -2301,7 +2375,7 @@ async fn complete_fast(
     for r in c
         .query(
             SETTLE_AND_FINISH,
-            &[&ids, &tids, &owners, &attempts, &results, &now],
+            &[&ids, &tids, &owners, &runs, &results, &now],
         )
         .await?
     {
@@ -2378,7 +2452,7 @@ async fn task_detail_q(c: &mut Conn, id: Uuid) -> DbResult<Option<TaskDetail>> {
     let mut checkpoints = Vec::new();
     for r in c
         .query(
-            "SELECT key, value, step_id, attempt, created_at FROM sy_checkpoints WHERE task_id = $1 ORDER BY seq",
+            "SELECT key, value, step_id, run, created_at FROM sy_checkpoints WHERE task_id = $1 ORDER BY seq",
             &[&id],
         )
         .await?
@@ -2388,7 +2462,7 @@ async fn task_detail_q(c: &mut Conn, id: Uuid) -> DbResult<Option<TaskDetail>> {
             key: r.get(0),
             value: decode("checkpoint value", r.get(1))?,
             step_id: StepId(r.get(2)),
-            attempt: int_u32("attempt", r.get(3))?,
+            run: u64::from(int_u32("run", r.get(3))?),
             created_at: r.get(4),
         });
     }
@@ -2542,13 +2616,12 @@ impl Store for PostgresStore {
     async fn heartbeat(
         &self,
         host: &HostInfo,
-        running: &[StepId],
+        running: &[RunRef],
         lease_ms: i64,
     ) -> Result<HeartbeatReply> {
         let handlers = encode("handlers", &host.handlers)?;
-        let running: Vec<Uuid> = running.iter().map(|s| s.0).collect();
         write_tx!(self, "heartbeat", |c, now, _fx| heartbeat_tx(
-            c, now, host, &handlers, &running, lease_ms
+            c, now, host, &handlers, running, lease_ms
         ))
     }
 
@@ -2627,6 +2700,29 @@ impl Store for PostgresStore {
         write_tx!(self, "emit_event", |c, now, fx| emit_tx(
             c, now, fx, name, &payload
         ))
+    }
+
+    async fn emit_event_fenced(&self, fence: &Lease, name: &str, payload: Value) -> Result<bool> {
+        if name.trim().is_empty() {
+            return Err(Error::InvalidInput("event name: must not be empty".into()));
+        }
+        let payload = encode("event payload", &payload)?;
+        write_tx!(self, "emit_event", |c, now, fx| async {
+            fence_tx(c, fence).await?;
+            emit_tx(c, now, fx, name, &payload).await
+        })
+    }
+
+    async fn spawn_fenced(&self, fence: &Lease, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
+        let tasks = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| PreparedTask::new(i, t))
+            .collect::<Result<Vec<_>>>()?;
+        write_tx!(self, "spawn", |c, now, fx| async {
+            fence_tx(c, fence).await?;
+            spawn_tx(c, now, fx, &tasks).await
+        })
     }
 
     async fn get_event(&self, name: &str) -> Result<Option<EventRecord>> {

@@ -55,8 +55,8 @@ use serde_json::Value;
 use switchyard_core::{
     CheckpointRecord, ChildOutcome, ClaimBatch, ClaimedStep, Clock, Completion, Error, ErrorInfo,
     ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewTask, ParentRef, Result,
-    Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail, TaskFilter, TaskId,
-    TaskRecord, TaskState,
+    RunRef, Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail, TaskFilter,
+    TaskId, TaskRecord, TaskState,
 };
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -176,6 +176,15 @@ CREATE TABLE hosts (
     // finish) for listings by state, which scan newest first and stop at
     // their limit anyway; cleanup walks the oldest tasks, which are finished.
     "DROP INDEX IF EXISTS tasks_state;",
+    // 3: runs. `run` numbers every claim of a step and fences its writes
+    // (`attempt` now counts attempts used, which suspensions give back);
+    // checkpoints record the run that wrote them. Steps running during the
+    // upgrade keep their fence: their run is their attempt.
+    r#"
+ALTER TABLE steps ADD COLUMN run INTEGER NOT NULL DEFAULT 0;
+UPDATE steps SET run = attempt;
+ALTER TABLE checkpoints RENAME COLUMN attempt TO run;
+"#,
 ];
 
 // ---------------------------------------------------------------------------
@@ -287,7 +296,7 @@ fn task_row(r: &Row) -> rusqlite::Result<TaskRecord> {
 macro_rules! step_cols {
     () => {
         "id, task_id, name, handler, input, state, attempt, priority, run_at, lease_owner, lease_expires_at, \
-         result, error, depends_on, wait, created_at, updated_at"
+         result, error, depends_on, wait, created_at, updated_at, run"
     };
 }
 
@@ -310,6 +319,7 @@ fn step_row(r: &Row) -> rusqlite::Result<StepRecord> {
         wait: opt_json_col(r, 14)?,
         created_at: r.get(15)?,
         updated_at: r.get(16)?,
+        run: r.get::<_, i64>(17)? as u64,
     })
 }
 
@@ -906,6 +916,7 @@ struct RawClaim {
     input: String,
     headers: Option<String>,
     attempt: u32,
+    run: i64,
     priority: i32,
     run_at: Millis,
     seq: i64,
@@ -919,7 +930,7 @@ struct RawClaim {
 /// The lease a completion or checkpoint carries must be the current one.
 macro_rules! lease_guard {
     () => {
-        " WHERE id = ?1 AND task_id = ?2 AND state = 'running' AND lease_owner = ?3 AND attempt = ?4"
+        " WHERE id = ?1 AND task_id = ?2 AND state = 'running' AND lease_owner = ?3 AND run = ?4"
     };
 }
 
@@ -935,7 +946,7 @@ const SETTLE_FAILED: &str = concat!(
 );
 const SETTLE_SUSPENDED: &str = concat!(
     "UPDATE steps SET state = ?6, run_at = ?7, wait = ?8, wait_event = ?9, wait_group = ?10, lease_owner = NULL, \
-     lease_expires_at = NULL, updated_at = ?5",
+     lease_expires_at = NULL, attempt = max(attempt - 1, 0), updated_at = ?5",
     lease_guard!()
 );
 const SETTLE_RELEASED: &str = concat!(
@@ -1007,13 +1018,15 @@ const RESET_STEP: &str = "UPDATE steps SET state = ?2, attempt = 0, run_at = ?3,
 const UPSERT_HOST: &str = "INSERT INTO hosts (id, pid, hostname, handlers, started_at, last_heartbeat) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
          ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, hostname = excluded.hostname, \
          handlers = excluded.handlers, started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat";
-const EXTEND_LEASE: &str = "UPDATE steps SET lease_expires_at = ?3 WHERE id = ?1 AND state = 'running' AND lease_owner = ?2";
-const UPSERT_CHECKPOINT: &str = "INSERT INTO checkpoints (task_id, key, value, step_id, attempt, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+const EXTEND_LEASE: &str = "UPDATE steps SET lease_expires_at = ?3 WHERE id = ?1 AND state = 'running' AND lease_owner = ?2 AND run = ?4";
+const STEP_STATE: &str = "SELECT state FROM steps WHERE id = ?1";
+const UPSERT_CHECKPOINT: &str = "INSERT INTO checkpoints (task_id, key, value, step_id, run, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
          ON CONFLICT (task_id, key) DO UPDATE SET value = excluded.value, step_id = excluded.step_id, \
-         attempt = excluded.attempt, created_at = excluded.created_at WHERE checkpoints.attempt <= excluded.attempt";
+         run = excluded.run, created_at = excluded.created_at \
+         WHERE checkpoints.step_id <> excluded.step_id OR checkpoints.run <= excluded.run";
 const RECOVER_EXPIRED: &str = "UPDATE steps SET state = 'ready', run_at = ?1, lease_owner = NULL, lease_expires_at = NULL, \
              updated_at = ?1, error = json_object('kind', 'lease_expired', 'message', \
-             'the lease of host ' || coalesce(lease_owner, '?') || ' expired before the step finished', \
+             'the lease of host ' || coalesce(lease_owner, '?') || ' expired without a heartbeat before the step finished', \
              'attempt', attempt) \
              WHERE state = 'running' AND lease_expires_at <= ?1";
 
@@ -1028,9 +1041,9 @@ const INSERT_STEP: &str = "INSERT INTO steps (id, task_id, name, handler, input,
 /// updated by [`CLAIM`] (the same rows: nothing else writes in between),
 /// because an `UPDATE ... RETURNING` spools its rows into a temporary table.
 const CLAIMABLE: &str = "SELECT id, task_id, name, handler, input, headers, attempt + 1, priority, run_at, seq, \
-     depends_on IS NOT NULL FROM steps WHERE state = 'ready' AND handler = ?1 AND priority = ?2 AND run_at <= ?3 \
+     depends_on IS NOT NULL, run + 1 FROM steps WHERE state = 'ready' AND handler = ?1 AND priority = ?2 AND run_at <= ?3 \
      ORDER BY run_at, seq LIMIT ?4";
-const CLAIM: &str = "UPDATE steps SET state = 'running', attempt = attempt + 1, lease_owner = ?1, \
+const CLAIM: &str = "UPDATE steps SET state = 'running', attempt = attempt + 1, run = run + 1, lease_owner = ?1, \
      lease_expires_at = ?2, updated_at = ?3 \
      WHERE seq IN (SELECT seq FROM steps WHERE state = 'ready' AND handler = ?4 AND priority = ?5 AND run_at <= ?3 \
                    ORDER BY run_at, seq LIMIT ?6)";
@@ -1333,6 +1346,7 @@ fn claim_tx(
                             run_at: r.get(8)?,
                             seq: r.get(9)?,
                             has_dependencies: r.get(10)?,
+                            run: r.get(11)?,
                         })
                     })?;
                 for row in rows {
@@ -1428,11 +1442,12 @@ fn complete_one(
     lease: &Lease,
     c: Prepared,
 ) -> DbResult<Result<()>> {
+    // `attempt` binds the fence: the run number.
     let (sid, tid, host, attempt) = (
         lease.step_id.0.as_bytes(),
         lease.task_id.0.as_bytes(),
         &lease.host_id,
-        lease.attempt,
+        lease.run as i64,
     );
     let lost = || Ok(Err(Error::LeaseLost(lease.step_id)));
     let settle_completed = |result: &str| -> DbResult<bool> {
@@ -1949,7 +1964,7 @@ fn heartbeat_tx(
     now: Millis,
     host: &HostInfo,
     handlers: &str,
-    running: &[StepId],
+    running: &[RunRef],
     lease_ms: i64,
 ) -> DbResult<HeartbeatReply> {
     conn.prepare_cached(UPSERT_HOST)?.execute(params![
@@ -1962,13 +1977,55 @@ fn heartbeat_tx(
     ])?;
     let mut extend = conn.prepare_cached(EXTEND_LEASE)?;
     let expires = now.saturating_add(lease_ms);
-    let mut lost = Vec::new();
-    for step in running {
-        if extend.execute(params![step.0.as_bytes(), host.id, expires])? == 0 {
-            lost.push(*step);
+    let mut reply = HeartbeatReply::default();
+    for run in running {
+        let id = run.step_id.0.as_bytes();
+        if extend.execute(params![id, host.id, expires, run.run as i64])? == 0 {
+            if step_cancelled(conn, run.step_id)? {
+                reply.cancelled.push(*run);
+            }
+            reply.lost.push(*run);
         }
     }
-    Ok(HeartbeatReply { lost })
+    Ok(reply)
+}
+
+fn step_cancelled(conn: &Connection, step: StepId) -> DbResult<bool> {
+    let state: Option<String> = conn
+        .prepare_cached(STEP_STATE)?
+        .query_row([step.0.as_bytes()], |r| r.get(0))
+        .optional()?;
+    Ok(state.as_deref() == Some("cancelled"))
+}
+
+/// Checks that `lease` is its step's current lease (a run's write is
+/// fenced): [`Error::Cancelled`] if the step was cancelled, else
+/// [`Error::LeaseLost`].
+fn fence_tx(conn: &Connection, lease: &Lease) -> DbResult<()> {
+    let current = conn
+        .prepare_cached(LEASE_CHECK)?
+        .query_row(
+            params![
+                lease.step_id.0.as_bytes(),
+                lease.task_id.0.as_bytes(),
+                lease.host_id,
+                lease.run as i64
+            ],
+            |_| Ok(()),
+        )
+        .optional()?;
+    match current {
+        Some(()) => Ok(()),
+        None => Err(Fail::App(fence_error(conn, lease)?)),
+    }
+}
+
+fn fence_error(conn: &Connection, lease: &Lease) -> DbResult<Error> {
+    Ok(if step_cancelled(conn, lease.step_id)? {
+        Error::Cancelled(lease.step_id)
+    } else {
+        Error::LeaseLost(lease.step_id)
+    })
 }
 
 fn checkpoint_tx(
@@ -1985,18 +2042,18 @@ fn checkpoint_tx(
             lease.step_id.0.as_bytes(),
             lease.task_id.0.as_bytes(),
             lease.host_id,
-            lease.attempt,
+            lease.run as i64,
             now.saturating_add(lease_ms)
         ])?;
     if extended == 0 {
-        return Err(Fail::App(Error::LeaseLost(lease.step_id)));
+        return Err(Fail::App(fence_error(conn, lease)?));
     }
     conn.prepare_cached(UPSERT_CHECKPOINT)?.execute(params![
         lease.task_id.0.as_bytes(),
         key,
         value,
         lease.step_id.0.as_bytes(),
-        lease.attempt,
+        lease.run as i64,
         now
     ])?;
     Ok(())
@@ -2038,7 +2095,7 @@ fn task_detail_tx(conn: &Connection, id: TaskId) -> DbResult<Option<TaskDetail>>
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let checkpoints = conn
         .prepare_cached(
-            "SELECT key, value, step_id, attempt, created_at FROM checkpoints WHERE task_id = ?1 ORDER BY rowid",
+            "SELECT key, value, step_id, run, created_at FROM checkpoints WHERE task_id = ?1 ORDER BY rowid",
         )?
         .query_map([tid], |r| {
             Ok(CheckpointRecord {
@@ -2046,7 +2103,7 @@ fn task_detail_tx(conn: &Connection, id: TaskId) -> DbResult<Option<TaskDetail>>
                 key: r.get(0)?,
                 value: json_col(r, 1)?,
                 step_id: StepId(uuid_col(r, 2)?),
-                attempt: r.get(3)?,
+                run: r.get::<_, i64>(3)? as u64,
                 created_at: r.get(4)?,
             })
         })?
@@ -2183,6 +2240,7 @@ impl Store for SqliteStore {
                     name: c.name,
                     handler: c.handler,
                     attempt: c.attempt,
+                    run: c.run as u64,
                     priority: c.priority,
                     lease_expires_at,
                     has_dependencies: c.has_dependencies,
@@ -2213,7 +2271,7 @@ impl Store for SqliteStore {
     async fn heartbeat(
         &self,
         host: &HostInfo,
-        running: &[StepId],
+        running: &[RunRef],
         lease_ms: i64,
     ) -> Result<HeartbeatReply> {
         let handlers = encode("handlers", &host.handlers)?;
@@ -2273,6 +2331,33 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.write("emit_event", move |conn, now, fx| {
             emit_tx(conn, now, fx, &name, &payload)
+        })
+        .await
+    }
+
+    async fn emit_event_fenced(&self, fence: &Lease, name: &str, payload: Value) -> Result<bool> {
+        if name.trim().is_empty() {
+            return Err(Error::InvalidInput("event name: must not be empty".into()));
+        }
+        let payload = encode("event payload", &payload)?;
+        let (fence, name) = (fence.clone(), name.to_owned());
+        self.write("emit_event", move |conn, now, fx| {
+            fence_tx(conn, &fence)?;
+            emit_tx(conn, now, fx, &name, &payload)
+        })
+        .await
+    }
+
+    async fn spawn_fenced(&self, fence: &Lease, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
+        let tasks = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| PreparedTask::new(i, t))
+            .collect::<Result<Vec<_>>>()?;
+        let fence = fence.clone();
+        self.write("spawn", move |conn, now, fx| {
+            fence_tx(conn, &fence)?;
+            spawn_tx(conn, now, fx, &tasks)
         })
         .await
     }

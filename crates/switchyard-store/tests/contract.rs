@@ -158,6 +158,7 @@ async fn sqlite_child_process_writes() {
         step_id: s.step_id,
         task_id: s.task_id,
         attempt: s.attempt,
+        run: s.run,
         host_id: "child-host".to_string(),
     };
     store

@@ -157,6 +157,7 @@ async fn notify_reaches_other_stores() {
                 step_id: s.step_id,
                 task_id: s.task_id,
                 attempt: s.attempt,
+                run: s.run,
                 host_id: "h".into(),
             };
             a.complete(vec![Completion {
@@ -206,6 +207,7 @@ async fn several_stores_share_a_workload() {
                             step_id: s.step_id,
                             task_id: s.task_id,
                             attempt: s.attempt,
+                            run: s.run,
                             host_id: host.clone(),
                         },
                         resolution: Resolution::Completed(s.input.clone()),
@@ -309,6 +311,7 @@ async fn server_restart_mid_run() {
                     step_id: s.step_id,
                     task_id: s.task_id,
                     attempt: s.attempt,
+                    run: s.run,
                     host_id: "h".into(),
                 },
                 resolution: Resolution::Completed(s.input.clone()),
@@ -444,7 +447,7 @@ async fn settle_looks_steps_up_by_id() {
                 &list(&|s| format!("'{}'", s.task_id.0), "uuid")
             )
             .replace("$3::text[]", &list(&|_| "'h'".to_string(), "text"))
-            .replace("$4::int4[]", &list(&|s| s.attempt.to_string(), "int4"))
+            .replace("$4::int8[]", &list(&|s| s.run.to_string(), "int8"))
             .replace("$5::text[]", &list(&|_| "'null'".to_string(), "text"))
             .replace("$6", "1")
     );
@@ -498,10 +501,10 @@ async fn concurrent_checkpoints_are_group_committed() {
     let store = open(&url).await.unwrap();
     let steps = spawn_and_claim(&store, "cp", 3).await;
     let client = raw_client(&url).await;
-    // The third step's lease is lost (another attempt holds it now).
+    // The third step's lease is lost (another run holds it now).
     client
         .execute(
-            "UPDATE sy_steps SET attempt = attempt + 1 WHERE id = $1",
+            "UPDATE sy_steps SET run = run + 1 WHERE id = $1",
             &[&steps[2].step_id.0],
         )
         .await
@@ -607,6 +610,7 @@ fn lease_of(s: &switchyard_core::ClaimedStep, host: &str) -> Lease {
         step_id: s.step_id,
         task_id: s.task_id,
         attempt: s.attempt,
+        run: s.run,
         host_id: host.to_string(),
     }
 }
@@ -818,7 +822,13 @@ async fn heartbeat_skips_rows_held_by_another_transaction() {
         started_at: 0,
         last_heartbeat: 0,
     };
-    let ids: Vec<StepId> = steps.iter().map(|s| s.step_id).collect();
+    let ids: Vec<switchyard_core::RunRef> = steps
+        .iter()
+        .map(|s| switchyard_core::RunRef {
+            step_id: s.step_id,
+            run: s.run,
+        })
+        .collect();
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
         store.heartbeat(&host, &ids, 600_000),

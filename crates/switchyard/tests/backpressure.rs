@@ -16,8 +16,8 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use switchyard::{
     open, ClaimBatch, Client, Completion, DynStore, EventRecord, HandlerOptions, HeartbeatReply,
-    HostInfo, Lease, Millis, NewTask, Result, Signals, Spawned, StateCounts, StepId, Store,
-    TaskDetail, TaskFilter, TaskId, TaskRecord, TaskState, Worker,
+    HostInfo, Lease, Millis, NewTask, Result, Signals, Spawned, StateCounts, Store, TaskDetail,
+    TaskFilter, TaskId, TaskRecord, TaskState, Worker,
 };
 use tokio::sync::Semaphore;
 
@@ -78,7 +78,7 @@ impl Store for Gated {
     async fn heartbeat(
         &self,
         host: &HostInfo,
-        running: &[StepId],
+        running: &[switchyard::RunRef],
         lease_ms: i64,
     ) -> Result<HeartbeatReply> {
         self.inner.heartbeat(host, running, lease_ms).await
@@ -103,6 +103,12 @@ impl Store for Gated {
     }
     async fn emit_event(&self, name: &str, payload: Value) -> Result<bool> {
         self.inner.emit_event(name, payload).await
+    }
+    async fn emit_event_fenced(&self, fence: &Lease, name: &str, payload: Value) -> Result<bool> {
+        self.inner.emit_event_fenced(fence, name, payload).await
+    }
+    async fn spawn_fenced(&self, fence: &Lease, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
+        self.inner.spawn_fenced(fence, tasks).await
     }
     async fn get_event(&self, name: &str) -> Result<Option<EventRecord>> {
         self.inner.get_event(name).await

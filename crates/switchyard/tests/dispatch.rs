@@ -1278,6 +1278,7 @@ async fn late_completion_after_lease_loss_is_rejected(env: Env) {
         step_id,
         task_id: id,
         attempt: a.steps[0].attempt,
+        run: a.steps[0].run,
         host_id: "host-a".into(),
     };
     assert_eq!(lease_a.attempt, 1);
@@ -1306,11 +1307,15 @@ async fn late_completion_after_lease_loss_is_rejected(env: Env) {
             .await,
         Err(Error::LeaseLost(_))
     ));
+    let run_a = switchyard::RunRef {
+        step_id,
+        run: lease_a.run,
+    };
     let beat = store
-        .heartbeat(&host("host-a"), &[step_id], 1_000)
+        .heartbeat(&host("host-a"), &[run_a], 1_000)
         .await
         .unwrap();
-    assert_eq!(beat.lost, [step_id]);
+    assert_eq!(beat.lost, [run_a]);
 
     let b = store.claim("host-b", &wants, 1_000).await.unwrap();
     assert_eq!(b.steps.len(), 1);
@@ -1318,6 +1323,7 @@ async fn late_completion_after_lease_loss_is_rejected(env: Env) {
         step_id,
         task_id: id,
         attempt: b.steps[0].attempt,
+        run: b.steps[0].run,
         host_id: "host-b".into(),
     };
     assert_eq!(lease_b.attempt, 2);

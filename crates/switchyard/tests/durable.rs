@@ -40,6 +40,8 @@ store_tests!(
     cancel_cascades_to_descendants,
     heartbeat_and_checkpoint_extend_the_lease,
     crash_between_checkpoints_replays_the_first,
+    waiting_never_costs_an_attempt,
+    a_cancelled_run_cannot_emit_spawn_or_heartbeat,
 );
 
 async fn checkpoint_runs_once_per_task(env: Env) {
@@ -84,7 +86,7 @@ async fn checkpoint_runs_once_per_task(env: Env) {
         .map(|c| (c.key.as_str(), &c.value))
         .collect();
     assert_eq!(cp, [("charge/charge-card", &json!("receipt-1"))]);
-    assert_eq!(d.checkpoints[0].attempt, 1);
+    assert_eq!(d.checkpoints[0].run, 1);
     w.stop().await;
 }
 
@@ -1064,5 +1066,141 @@ async fn crash_between_checkpoints_replays_the_first(env: Env) {
     assert_eq!((first.get(), second.get()), (1, 1));
     let s = env.step(id, "two-phase").await;
     assert_eq!(s.attempt, 2);
+    w.stop().await;
+}
+
+/// Issue 20, item 1: a resume after `await_event`, `sleep` or `delegate`
+/// continues the same attempt in a new run. With the default policy (5
+/// attempts), one step that awaits 100 events, sleeps 50 times and delegates
+/// 20 children one after another completes, on attempt 1.
+async fn waiting_never_costs_an_attempt(env: Env) {
+    const EVENTS: usize = 100;
+    const SLEEPS: usize = 50;
+    const CHILDREN: usize = 20;
+    let w = env
+        .worker()
+        .step("patient", HandlerOptions::default(), |_, ctx| async move {
+            let mut sum = 0;
+            for i in 0..EVENTS {
+                let v = ctx
+                    .await_event(&format!("approval-{}-{i}", ctx.task_id()), None)
+                    .await?;
+                sum += v.as_i64().unwrap_or(0);
+            }
+            for _ in 0..SLEEPS {
+                ctx.sleep(Duration::from_secs(1)).await?;
+            }
+            for i in 0..CHILDREN {
+                sum += ctx.delegate("child", json!(i)).await?.as_i64().unwrap_or(0);
+            }
+            Ok(json!({ "sum": sum, "attempt": ctx.attempt(), "run": ctx.run() }))
+        })
+        .step("child", HandlerOptions::default(), |input, _| async move {
+            Ok(input)
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env.client.spawn("patient", json!({})).await.unwrap();
+    for i in 0..EVENTS {
+        let s = env.wait_step(id, "patient", StepState::Suspended).await;
+        assert_eq!(s.attempt, 0, "a suspended step has used no attempt");
+        assert_eq!(s.run, i as u64 + 1);
+        env.client
+            .emit(&format!("approval-{id}-{i}"), json!(1))
+            .await
+            .unwrap();
+    }
+    for j in 0..SLEEPS {
+        let run = (EVENTS + j + 1) as u64;
+        eventually(&format!("sleep {j} to suspend run {run}"), || async {
+            let s = env.step(id, "patient").await;
+            (s.state == StepState::Suspended && s.run == run).then_some(())
+        })
+        .await;
+        env.advance(1_000);
+    }
+    // A delegation suspends unless its child has already finished.
+    let most = (EVENTS + SLEEPS + CHILDREN + 1) as u64;
+    let least = (EVENTS + SLEEPS + 1) as u64;
+    let expected_sum = EVENTS + (0..CHILDREN).sum::<usize>();
+    let out = env.result(id).await;
+    assert_eq!(out["sum"], json!(expected_sum));
+    assert_eq!(out["attempt"], json!(1), "{out}");
+    let s = env.step(id, "patient").await;
+    assert_eq!(out["run"], json!(s.run));
+    assert_eq!(s.attempt, 1);
+    assert!((least..=most).contains(&s.run), "{} runs", s.run);
+    assert!(s.error.is_none(), "{:?}", s.error);
+    w.stop().await;
+}
+
+/// Issue 20, items 6 and 8: once a task is cancelled (with cascade), a
+/// handler still running gets the cancellation (not `LeaseLost`) from every
+/// write it tries, and creates no child and no event.
+async fn a_cancelled_run_cannot_emit_spawn_or_heartbeat(env: Env) {
+    let (started, go) = (Tally::new(), Arc::new(Semaphore::new(0)));
+    let seen = Log::<String>::new();
+    let (s, g, o) = (started.clone(), go.clone(), seen.clone());
+    let w = env
+        .worker()
+        .step("stubborn", HandlerOptions::default(), move |_, ctx| {
+            let (s, g, o) = (s.clone(), g.clone(), o.clone());
+            async move {
+                s.bump();
+                // Ignores the cancellation token on purpose.
+                g.acquire().await.unwrap().forget();
+                let show = |r: Result<String, StepError>| match r {
+                    Ok(v) => format!("ok {v}"),
+                    Err(e) => format!("{e:?}"),
+                };
+                o.push(show(
+                    ctx.spawn("orphan", json!({}))
+                        .await
+                        .map(|id| id.to_string()),
+                ));
+                o.push(show(
+                    ctx.emit_event("from-the-dead", json!(1))
+                        .await
+                        .map(|b| b.to_string()),
+                ));
+                o.push(show(
+                    ctx.delegate("orphan", json!({}))
+                        .await
+                        .map(|v| v.to_string()),
+                ));
+                o.push(show(ctx.heartbeat().await.map(|()| String::new())));
+                Err(StepError::Cancelled)
+            }
+        })
+        .step("orphan", HandlerOptions::default(), |_, _| async {
+            Ok(json!("should never run"))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env.client.spawn("stubborn", json!({})).await.unwrap();
+    started.reach(1).await;
+    assert!(env.client.cancel(id, true).await.unwrap());
+    go.add_permits(1);
+    eventually("the handler to try its writes", || async {
+        (seen.all().len() == 4).then_some(())
+    })
+    .await;
+    assert_eq!(seen.all(), vec!["Cancelled".to_string(); 4]);
+    assert!(env.detail(id).await.children.is_empty(), "no child created");
+    assert!(env
+        .client
+        .events(0)
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| e.name != "from-the-dead"));
+    env.barrier().await;
+    assert_eq!(env.finished(id).await.state, TaskState::Cancelled);
     w.stop().await;
 }

@@ -424,6 +424,7 @@ fn render_show(doc: &ShowDoc<'_>, now: Millis) -> String {
         "HANDLER",
         "STATE",
         "ATTEMPT",
+        "RUN",
         "RUN AT",
         "LEASE OWNER",
         "DEPENDS ON",
@@ -434,6 +435,7 @@ fn render_show(doc: &ShowDoc<'_>, now: Millis) -> String {
             step.handler.clone(),
             step.state.to_string(),
             step.attempt.to_string(),
+            step.run.to_string(),
             opt_time(step.run_at),
             step.lease_owner.clone().unwrap_or_else(|| "-".into()),
             if step.depends_on.is_empty() {
@@ -459,11 +461,11 @@ fn render_show(doc: &ShowDoc<'_>, now: Millis) -> String {
 
     if !d.checkpoints.is_empty() {
         let _ = writeln!(s, "\ncheckpoints ({}):", d.checkpoints.len());
-        let mut ct = Table::new(&["KEY", "ATTEMPT", "CREATED", "VALUE"]);
+        let mut ct = Table::new(&["KEY", "RUN", "CREATED", "VALUE"]);
         for c in &d.checkpoints {
             ct.row(vec![
                 c.key.clone(),
-                c.attempt.to_string(),
+                c.run.to_string(),
                 time(c.created_at),
                 short_json(&c.value, 60),
             ]);
