@@ -42,6 +42,7 @@ store_tests!(
     crash_between_checkpoints_replays_the_first,
     waiting_never_costs_an_attempt,
     a_cancelled_run_cannot_emit_spawn_or_heartbeat,
+    same_host_reclaim_keeps_runs_apart,
 );
 
 async fn checkpoint_runs_once_per_task(env: Env) {
@@ -1202,5 +1203,65 @@ async fn a_cancelled_run_cannot_emit_spawn_or_heartbeat(env: Env) {
         .all(|e| e.name != "from-the-dead"));
     env.barrier().await;
     assert_eq!(env.finished(id).await.state, TaskState::Cancelled);
+    w.stop().await;
+}
+
+/// Issue 20, item 2: a host whose lease lapsed (a pause past the lease) and
+/// that claims the same step again runs two runs of one step. They never
+/// share state: run 1 finishing late is rejected and does not remove run
+/// 2's bookkeeping, so run 2 is still cancellable, and no third run starts.
+async fn same_host_reclaim_keeps_runs_apart(env: Env) {
+    let (started, release_first) = (Log::<u64>::new(), Arc::new(Semaphore::new(0)));
+    let cancelled = Log::<u64>::new();
+    let (s, r, c) = (started.clone(), release_first.clone(), cancelled.clone());
+    let w = env
+        .worker()
+        .concurrency(4)
+        .lease(Duration::from_secs(30))
+        .heartbeat(Duration::from_secs(3600))
+        .step("twice", HandlerOptions::default(), move |_, ctx| {
+            let (s, r, c) = (s.clone(), r.clone(), c.clone());
+            async move {
+                s.push(ctx.run());
+                if ctx.run() == 1 {
+                    // Run 1 outlives its lease, then finishes as if nothing happened.
+                    r.acquire().await.unwrap().forget();
+                    return Ok(json!("late run 1"));
+                }
+                ctx.cancelled().await;
+                c.push(ctx.run());
+                Err(StepError::Cancelled)
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env.client.spawn("twice", json!({})).await.unwrap();
+    eventually("run 1 to start", || async {
+        (started.all() == [1]).then_some(())
+    })
+    .await;
+    env.advance(30_001);
+    assert_eq!(env.store.recover_expired().await.unwrap(), 1);
+    env.advance(0);
+    eventually("run 2 to start on the same host", || async {
+        (started.all() == [1, 2]).then_some(())
+    })
+    .await;
+    release_first.add_permits(1);
+    // Run 1's outcome is rejected; the step stays with run 2.
+    env.barrier().await;
+    let s = env.step(id, "twice").await;
+    assert_eq!((s.state, s.run), (StepState::Running, 2));
+    assert!(env.client.cancel(id, false).await.unwrap());
+    eventually("run 2 to see the cancellation", || async {
+        (cancelled.all() == [2]).then_some(())
+    })
+    .await;
+    assert_eq!(env.finished(id).await.state, TaskState::Cancelled);
+    env.barrier().await;
+    assert_eq!(started.all(), [1, 2], "no third run");
     w.stop().await;
 }
