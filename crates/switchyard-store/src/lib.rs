@@ -37,7 +37,8 @@ impl Default for StoreOptions {
 }
 
 /// Opens a store from a URL: `memory`, `sqlite:PATH` / `sqlite://PATH`
-/// (`sqlite::memory:` for a private in-memory database), or
+/// (`sqlite::memory:` for a private in-memory database; optional
+/// `?synchronous=full|normal|extra`, default `full`, see [`sqlite`]), or
 /// `postgres://...` / `postgresql://...` (optional `?wakeup=polling|event-driven|hybrid`
 /// and `poll_ms=N`, see [`postgres`]).
 ///

@@ -8,6 +8,22 @@
 //!   is lost (server restart, network) is replaced on the next use; opening
 //!   one retries with exponential backoff for up to [`CONNECT_PATIENCE`].
 //!   Each connection turns JIT compilation off (see [`SESSION_SETUP`]).
+//! * **Session timeouts.** So that nothing hangs on a stuck peer, every
+//!   pooled connection sets `lock_timeout` ([`LOCK_TIMEOUT`], 30 s: a
+//!   statement waiting longer for a row lock fails with `55P03
+//!   lock_not_available`, reported as the transient [`Error::Store`], which
+//!   workers retry) and `idle_in_transaction_session_timeout`
+//!   ([`IDLE_IN_TRANSACTION_TIMEOUT`], 60 s: the server ends a session that
+//!   leaves a transaction open that long, releasing its locks), and TCP
+//!   keepalives are on ([`KEEPALIVES_IDLE`] idle, then a probe every
+//!   [`KEEPALIVES_INTERVAL`]), so a dead server or network is noticed. The
+//!   URL overrides them: `?lock_timeout=5s&idle_in_transaction_session_timeout=0`
+//!   (a number with an optional unit `us`, `ms`, `s`, `min`, `h` or `d`;
+//!   milliseconds without one; `0` disables), and tokio-postgres' own
+//!   `keepalives`, `keepalives_idle`, `keepalives_interval` and
+//!   `keepalives_retries` parameters (seconds). A setting given in the
+//!   libpq-style `options` parameter (`options=-c%20lock_timeout%3D10s`)
+//!   wins over both.
 //! * **One transaction per call.** Every write method runs in one explicit
 //!   transaction (`READ COMMITTED`), so a `complete(batch)`, a `spawn(batch)`
 //!   or a heartbeat is group-committed: one commit for the whole batch. A
@@ -52,8 +68,10 @@
 //!     safety net.
 //!   - `hybrid`: LISTEN/NOTIFY plus a poll every `poll_ms` (default 1000).
 //!
-//!   These parameters are removed from the URL before connecting; the rest
-//!   is handed to `tokio-postgres` (no TLS support in this build).
+//!   These parameters (and `lock_timeout` and
+//!   `idle_in_transaction_session_timeout`) are removed from the URL before
+//!   connecting; the rest is handed to `tokio-postgres` (no TLS support in
+//!   this build).
 //! * **Migrations** ([`MIGRATIONS`]) are versioned in `sy_migrations` and
 //!   applied at open (unless disabled) and by [`Store::migrate`] inside a
 //!   transaction holding `pg_advisory_xact_lock(`[`MIGRATION_LOCK`]`)`, so
@@ -116,6 +134,16 @@ pub const CHANNEL: &str = "switchyard";
 pub const MIGRATION_LOCK: i64 = 0x5359_4d49_4752;
 /// `limit` 0 means this many.
 const DEFAULT_LIMIT: usize = 100;
+/// Default `lock_timeout` of pooled connections (see the module docs).
+pub const LOCK_TIMEOUT: &str = "30s";
+/// Default `idle_in_transaction_session_timeout` of pooled connections.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
+/// Default TCP keepalive idle time (unless the URL sets `keepalives_idle`).
+pub const KEEPALIVES_IDLE: Duration = Duration::from_secs(60);
+/// Default TCP keepalive probe interval (unless the URL sets `keepalives_interval`).
+pub const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+/// Default unanswered probes before the connection is dropped.
+pub const KEEPALIVES_RETRIES: u32 = 6;
 
 /// The schema, one entry per version (version = index + 1). Never edit an
 /// entry once released: add a new one.
@@ -341,7 +369,10 @@ fn pg_error(op: &str, e: &tokio_postgres::Error) -> Error {
     }
 }
 
-/// Worth running the whole transaction again.
+/// Worth running the whole transaction again. A `lock_timeout`
+/// (`55P03 lock_not_available`) is not re-run here, which would make a
+/// caller wait several timeouts: it is answered at once as
+/// [`Error::Store`], which the caller (a worker) retries with its backoff.
 fn transient(e: &tokio_postgres::Error) -> bool {
     matches!(
         e.code(),
@@ -418,6 +449,61 @@ struct ParsedUrl {
     display: String,
     wakeup: Wakeup,
     poll: Duration,
+    /// Session settings (name, value) for every pooled connection.
+    session: Vec<(&'static str, String)>,
+    /// The URL sets these tokio-postgres parameters itself.
+    keepalives: bool,
+    keepalives_idle: bool,
+    keepalives_interval: bool,
+    keepalives_retries: bool,
+}
+
+/// The session settings the URL may override, with their defaults.
+const SESSION_TIMEOUTS: [(&str, &str); 2] = [
+    ("lock_timeout", LOCK_TIMEOUT),
+    (
+        "idle_in_transaction_session_timeout",
+        IDLE_IN_TRANSACTION_TIMEOUT,
+    ),
+];
+
+/// A PostgreSQL time setting: digits and an optional unit.
+fn valid_timeout(v: &str) -> bool {
+    let unit = v.trim_start_matches(|c: char| c.is_ascii_digit());
+    unit.len() < v.len() && ["", "us", "ms", "s", "min", "h", "d"].contains(&unit)
+}
+
+/// Whether a libpq-style `options` string (`-c name=value`, `-cname=value`
+/// or `--name=value`) sets `name`.
+fn options_set(options: Option<&str>, name: &str) -> bool {
+    let Some(options) = options else {
+        return false;
+    };
+    let mut words = options.split_whitespace();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next().unwrap_or("")
+        } else if let Some(rest) = w.strip_prefix("--").or_else(|| w.strip_prefix("-c")) {
+            rest
+        } else {
+            continue;
+        };
+        if let Some((k, _)) = setting.split_once('=') {
+            if k.replace('-', "_").eq_ignore_ascii_case(name) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The `SET` statements for `session`, leaving out what `options` sets.
+fn session_sql(session: &[(&'static str, String)], options: Option<&str>) -> String {
+    session
+        .iter()
+        .filter(|(name, _)| !options_set(options, name))
+        .map(|(name, value)| format!("SET {name} = '{value}'; "))
+        .collect()
 }
 
 fn parse_url(url: &str) -> Result<ParsedUrl> {
@@ -428,10 +514,26 @@ fn parse_url(url: &str) -> Result<ParsedUrl> {
     let mut wakeup = Wakeup::Hybrid;
     let mut poll_ms: Option<u64> = None;
     let mut rest = Vec::new();
+    let mut session: Vec<(&'static str, String)> = SESSION_TIMEOUTS
+        .iter()
+        .map(|(k, v)| (*k, v.to_string()))
+        .collect();
+    let mut overridden = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "wakeup" => wakeup = v.parse()?,
+            "lock_timeout" | "idle_in_transaction_session_timeout" => {
+                if !valid_timeout(v) {
+                    return Err(Error::Config(format!(
+                        "store URL parameter `{k}`: `{v}` is not a time (a number with an optional unit us, ms, s, min, h or d; 0 disables)"
+                    )));
+                }
+                for (name, value) in session.iter_mut().filter(|(name, _)| *name == k) {
+                    *value = v.to_string();
+                    overridden.push(format!("{name}={v}"));
+                }
+            }
             "poll_ms" => {
                 let ms: u64 = v.parse().map_err(|_| {
                     Error::Config(format!(
@@ -479,15 +581,21 @@ fn parse_url(url: &str) -> Result<ParsedUrl> {
         .filter(|p| !p.starts_with("password="))
         .collect();
     let mut display = format!("{display_base}?wakeup={}", wakeup.as_str());
-    for p in visible {
+    for p in overridden.iter().map(String::as_str).chain(visible) {
         display.push('&');
         display.push_str(p);
     }
+    let given = |key: &str| rest.iter().any(|p| p.split('=').next() == Some(key));
     Ok(ParsedUrl {
-        connect,
         display,
         wakeup,
         poll,
+        session,
+        keepalives: given("keepalives"),
+        keepalives_idle: given("keepalives_idle"),
+        keepalives_interval: given("keepalives_interval"),
+        keepalives_retries: given("keepalives_retries"),
+        connect,
     })
 }
 
@@ -543,13 +651,21 @@ impl Conn {
 /// no JIT and no such setting.)
 pub const SESSION_SETUP: &str = "SET jit = off";
 
-async fn connect_once(config: &Config) -> std::result::Result<Conn, tokio_postgres::Error> {
+/// Connects and applies `session` (the URL's session settings, see
+/// [`session_sql`]) and [`SESSION_SETUP`].
+async fn connect_once(
+    config: &Config,
+    session: &str,
+) -> std::result::Result<Conn, tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("postgres connection closed: {e}");
         }
     });
+    if !session.is_empty() {
+        client.batch_execute(session).await?;
+    }
     if let Err(e) = client.batch_execute(SESSION_SETUP).await {
         if e.code() != Some(&SqlState::UNDEFINED_OBJECT) {
             return Err(e);
@@ -563,6 +679,8 @@ async fn connect_once(config: &Config) -> std::result::Result<Conn, tokio_postgr
 
 struct Pool {
     config: Config,
+    /// `SET` statements run on each new connection ([`session_sql`]).
+    session: String,
     idle: Mutex<Vec<Conn>>,
     permits: Arc<Semaphore>,
 }
@@ -604,7 +722,7 @@ impl Pool {
         let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
         let mut delay = Duration::from_millis(25);
         loop {
-            match connect_once(&self.config).await {
+            match connect_once(&self.config, &self.session).await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     if tokio::time::Instant::now() + delay > deadline {
@@ -857,6 +975,19 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("switchyard");
         }
+        if !parsed.keepalives {
+            config.keepalives(true);
+        }
+        if !parsed.keepalives_idle {
+            config.keepalives_idle(KEEPALIVES_IDLE);
+        }
+        if !parsed.keepalives_interval {
+            config.keepalives_interval(KEEPALIVES_INTERVAL);
+        }
+        if !parsed.keepalives_retries {
+            config.keepalives_retries(KEEPALIVES_RETRIES);
+        }
+        let session = session_sql(&parsed.session, config.get_options());
         // The wall clock defers to the database server clock; test clocks are used as given.
         let clock = if options.clock.is_wall_clock() {
             None
@@ -865,11 +996,12 @@ impl PostgresStore {
         };
         let pool = Arc::new(Pool {
             config: config.clone(),
+            session: session.clone(),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(POOL_SIZE)),
         });
         // Fail fast on a bad URL or an unreachable server at open.
-        let first = connect_once(&config).await.map_err(|e| {
+        let first = connect_once(&config, &session).await.map_err(|e| {
             Error::Config(format!(
                 "cannot connect to PostgreSQL at `{}`: {e}",
                 parsed.display
@@ -902,6 +1034,19 @@ impl PostgresStore {
     /// The configured wake-up mode.
     pub fn wakeup(&self) -> Wakeup {
         self.wakeup
+    }
+
+    /// `current_setting(name)` on a pooled connection (for tests of the
+    /// session setup).
+    #[doc(hidden)]
+    pub async fn session_setting(&self, name: &str) -> Result<String> {
+        read_op!(self, "session_setting", false, |c| async {
+            let row = c
+                .client
+                .query_one("SELECT current_setting($1)", &[&name])
+                .await?;
+            Ok::<String, Fail>(row.get(0))
+        })
     }
 
     /// One transaction for a batch of checkpoint writes ([`checkpoints_tx`]).
@@ -2895,5 +3040,58 @@ mod tests {
             parse_url("postgres://h/db?poll_ms=x"),
             Err(Error::Config(_))
         ));
+    }
+
+    #[test]
+    fn session_timeouts_have_defaults_and_url_overrides() {
+        let p = parse_url("postgres://h/db").unwrap();
+        assert_eq!(
+            session_sql(&p.session, None),
+            "SET lock_timeout = '30s'; SET idle_in_transaction_session_timeout = '60s'; "
+        );
+        assert!(!p.keepalives_idle);
+        let p = parse_url(
+            "postgres://h/db?lock_timeout=5s&keepalives_idle=7&idle_in_transaction_session_timeout=0&sslmode=disable",
+        )
+        .unwrap();
+        assert_eq!(
+            p.connect,
+            "postgres://h/db?keepalives_idle=7&sslmode=disable"
+        );
+        assert!(p.keepalives_idle && !p.keepalives_interval);
+        assert_eq!(
+            session_sql(&p.session, None),
+            "SET lock_timeout = '5s'; SET idle_in_transaction_session_timeout = '0'; "
+        );
+        assert!(p.display.contains("lock_timeout=5s"), "{}", p.display);
+        // What libpq-style `options` sets is left to it.
+        for options in [
+            "-c lock_timeout=1s",
+            "-clock_timeout=1s",
+            "--lock-timeout=1s -c geqo=off",
+        ] {
+            assert_eq!(
+                session_sql(&p.session, Some(options)),
+                "SET idle_in_transaction_session_timeout = '0'; ",
+                "{options}"
+            );
+        }
+        assert_eq!(
+            session_sql(&p.session, Some("-c deadlock_timeout=1s")),
+            "SET lock_timeout = '5s'; SET idle_in_transaction_session_timeout = '0'; "
+        );
+        for bad in [
+            "lock_timeout=soon",
+            "lock_timeout=",
+            "idle_in_transaction_session_timeout=1s';DROP",
+        ] {
+            match parse_url(&format!("postgres://h/db?{bad}")) {
+                Err(Error::Config(m)) => assert!(m.contains(bad.split('=').next().unwrap()), "{m}"),
+                other => panic!(
+                    "{bad}: expected a config error, got {:?}",
+                    other.map(|p| p.display)
+                ),
+            }
+        }
     }
 }

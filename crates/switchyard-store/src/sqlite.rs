@@ -26,6 +26,25 @@
 //!   second connection would see a different database, so its reads go
 //!   through the writer thread too.
 //! * **Times** come from the store's clock only, never from SQLite.
+//! * **Durability.** A write is acknowledged only after `COMMIT`, and by
+//!   default (`PRAGMA synchronous = FULL`) a commit is on disk before that:
+//!   an acknowledged write survives a power loss or an OS crash. The URL may
+//!   trade this for speed with `sqlite:PATH?synchronous=normal`: in WAL mode
+//!   commits are then synced only at checkpoints, so the last commits before
+//!   a power loss (never an application crash) can be lost, though the
+//!   database stays consistent. `?synchronous=extra` is also accepted (see
+//!   [`Synchronous`]). Other query parameters are rejected.
+//! * **A bounded WAL.** A separate thread runs passive checkpoints (they
+//!   never block anyone), but a passive checkpoint cannot restart the WAL
+//!   while readers or the writer keep using it, so under continuous load the
+//!   `-wal` file would grow without end (1.29 GB after a million steps).
+//!   Between two transactions, the writer therefore runs a
+//!   `wal_checkpoint(TRUNCATE)` when the file has grown past half of
+//!   [`WAL_SIZE_LIMIT`]. It holds off this store's new reads meanwhile (a
+//!   stream of overlapping reads would otherwise keep the WAL in use
+//!   forever), waits at most [`WAL_TRUNCATE_PATIENCE`] for readers, and
+//!   tries again a second later if they stayed (another process's, say).
+//!   `journal_size_limit` caps what a restarted WAL keeps on disk.
 //!
 //! # Schema
 //!
@@ -47,7 +66,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rusqlite::types::{Type, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::de::DeserializeOwned;
@@ -70,6 +89,14 @@ pub const WRITE_BATCH_CAP: usize = 1024;
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often hosts look for work committed by other processes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// What a `-wal` file may keep on disk (`PRAGMA journal_size_limit`); the
+/// writer truncates the WAL once it grows past half of this.
+pub const WAL_SIZE_LIMIT: u64 = 64 << 20;
+/// How long the writer's truncating checkpoint waits for readers.
+pub const WAL_TRUNCATE_PATIENCE: Duration = Duration::from_millis(500);
+/// After a truncating checkpoint that readers kept from finishing, the
+/// writer waits this long before the next attempt.
+const WAL_TRUNCATE_RETRY: Duration = Duration::from_secs(1);
 /// Idle read connections kept per store.
 const READ_POOL_SIZE: usize = 4;
 /// `limit` 0 means this many.
@@ -335,7 +362,67 @@ fn event_row(r: &Row) -> rusqlite::Result<EventRecord> {
 // Connections and migrations
 // ---------------------------------------------------------------------------
 
-fn configure(conn: &Connection, writer: bool) -> rusqlite::Result<()> {
+/// How hard a commit works to be durable (`PRAGMA synchronous`), chosen
+/// with `?synchronous=` in the store URL (case-insensitive).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum Synchronous {
+    /// Commits are synced at checkpoints only (WAL): faster, but the last
+    /// acknowledged commits can be lost on power loss or an OS crash.
+    Normal,
+    /// Every commit is synced before it is acknowledged (the default).
+    #[default]
+    Full,
+    /// As `Full`, and the directory is synced too when a journal is deleted.
+    Extra,
+}
+
+impl Synchronous {
+    /// The URL (and pragma) spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Full => "full",
+            Self::Extra => "extra",
+        }
+    }
+}
+
+impl std::str::FromStr for Synchronous {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "normal" => Ok(Self::Normal),
+            "full" => Ok(Self::Full),
+            "extra" => Ok(Self::Extra),
+            _ => Err(Error::Config(format!(
+                "store URL parameter `synchronous`: unknown value `{s}` (expected full, normal or extra)"
+            ))),
+        }
+    }
+}
+
+/// Splits `PATH?synchronous=...` (what follows `sqlite:`) into the path and
+/// its settings. Only `synchronous` is known; any other parameter is an error.
+fn parse_path(spec: &str) -> Result<(&str, Synchronous)> {
+    let Some((path, query)) = spec.split_once('?') else {
+        return Ok((spec, Synchronous::default()));
+    };
+    let mut synchronous = Synchronous::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "synchronous" => synchronous = v.parse()?,
+            _ => {
+                return Err(Error::Config(format!(
+                    "store URL parameter `{k}` is not known to the SQLite store (it accepts synchronous=full|normal|extra)"
+                )))
+            }
+        }
+    }
+    Ok((path, synchronous))
+}
+
+fn configure(conn: &Connection, writer: bool, sync: Synchronous) -> rusqlite::Result<()> {
     // The busy timeout must be set first: switching to WAL needs a lock
     // another process may be holding.
     conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -346,18 +433,19 @@ fn configure(conn: &Connection, writer: bool) -> rusqlite::Result<()> {
             tracing::warn!(mode, "sqlite: could not switch the database to WAL mode");
         }
     }
-    conn.execute_batch(
-        "PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -32768;",
-    )?;
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {}; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -32768;",
+        sync.as_str()
+    ))?;
     if !writer {
         conn.execute_batch("PRAGMA query_only = ON;")?;
     }
     Ok(())
 }
 
-fn open_connection(path: &Path, writer: bool) -> Result<Connection> {
+fn open_connection(path: &Path, writer: bool, sync: Synchronous) -> Result<Connection> {
     let conn = Connection::open(path)
-        .and_then(|c| configure(&c, writer).map(|()| c))
+        .and_then(|c| configure(&c, writer, sync).map(|()| c))
         .map_err(|e| {
             Error::Config(format!(
                 "cannot open SQLite database `{}`: {e}",
@@ -527,9 +615,12 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Passive checkpoints (they never block the writer or readers) until the
-/// store closes, then a last one.
-fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+/// store closes, then a last one. `turn` is held while checkpointing: SQLite
+/// lets one checkpoint run at a time and fails any other at once, so the
+/// writer's truncating checkpoint ([`WalBound`]) waits its turn on it.
+fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>, turn: Arc<Mutex<()>>) {
     let checkpoint = || {
+        let _turn = turn.lock();
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %e, "sqlite: checkpoint skipped");
         }
@@ -545,11 +636,78 @@ fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
     }
 }
 
+/// Keeps the `-wal` file of a file database bounded (see the module docs):
+/// checked by the writer between two transactions.
+struct WalBound {
+    /// The `-wal` file.
+    file: PathBuf,
+    /// Truncate once the file is larger than this.
+    truncate_at: u64,
+    /// No attempt before this (after one that readers kept from finishing).
+    retry_at: Option<std::time::Instant>,
+    /// Shared with the checkpoint thread (see [`checkpoint_loop`]).
+    turn: Arc<Mutex<()>>,
+    /// Held (shared) by this store's reads ([`ReadPool::gate`]).
+    gate: Arc<RwLock<()>>,
+}
+
+impl WalBound {
+    fn new(db: &Path, limit: u64, turn: Arc<Mutex<()>>, gate: Arc<RwLock<()>>) -> Self {
+        let mut file = db.as_os_str().to_owned();
+        file.push("-wal");
+        Self {
+            file: PathBuf::from(file),
+            truncate_at: limit / 2,
+            retry_at: None,
+            turn,
+            gate,
+        }
+    }
+
+    fn check(&mut self, conn: &Connection) {
+        if self.retry_at.is_some_and(|t| std::time::Instant::now() < t) {
+            return;
+        }
+        match std::fs::metadata(&self.file) {
+            Ok(m) if m.len() > self.truncate_at => {}
+            _ => return,
+        }
+        // Blocks this process's writes (we are the writer) and reads (the
+        // gate: a stream of overlapping reads would keep the WAL in use
+        // forever), and waits, for a bounded time, for readers still using
+        // the WAL (other processes' ones too).
+        let Some(_readers) = self.gate.try_write_for(WAL_TRUNCATE_PATIENCE) else {
+            self.retry_at = Some(std::time::Instant::now() + WAL_TRUNCATE_RETRY);
+            return;
+        };
+        let _turn = self.turn.lock();
+        let _ = conn.busy_timeout(WAL_TRUNCATE_PATIENCE);
+        let outcome = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        });
+        let _ = conn.busy_timeout(BUSY_TIMEOUT);
+        match outcome {
+            Ok(0) => self.retry_at = None,
+            Ok(_) => {
+                tracing::debug!(
+                    "sqlite: readers kept the WAL from being truncated; trying again later"
+                );
+                self.retry_at = Some(std::time::Instant::now() + WAL_TRUNCATE_RETRY);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sqlite: truncating the WAL failed; trying again later");
+                self.retry_at = Some(std::time::Instant::now() + WAL_TRUNCATE_RETRY);
+            }
+        }
+    }
+}
+
 fn writer_loop(
     conn: Connection,
     rx: mpsc::Receiver<Box<dyn Command>>,
     clock: Arc<dyn Clock>,
     signals: Arc<Signals>,
+    mut wal: Option<WalBound>,
 ) {
     let mut batch: Vec<Box<dyn Command>> = Vec::with_capacity(WRITE_BATCH_CAP);
     while let Ok(first) = rx.recv() {
@@ -561,6 +719,9 @@ fn writer_loop(
             }
         }
         run_batch(&conn, &mut batch, clock.as_ref(), &signals);
+        if let Some(wal) = &mut wal {
+            wal.check(&conn);
+        }
     }
 }
 
@@ -686,6 +847,10 @@ fn rollback_savepoint(conn: &Connection) {
 
 struct ReadPool {
     path: PathBuf,
+    synchronous: Synchronous,
+    /// Held (shared) during each read; the writer takes it exclusively to
+    /// truncate the WAL ([`WalBound`]).
+    gate: Arc<RwLock<()>>,
     idle: Mutex<Vec<Connection>>,
 }
 
@@ -694,13 +859,15 @@ impl ReadPool {
         let popped = self.idle.lock().pop();
         let conn = match popped {
             Some(c) => c,
-            None => open_connection(&self.path, false)?,
+            None => open_connection(&self.path, false, self.synchronous)?,
         };
         // One snapshot for reads that take several statements.
+        let gate = self.gate.read();
         let result = conn
             .unchecked_transaction()
             .map_err(Fail::from)
             .and_then(|tx| f(&tx));
+        drop(gate);
         let mut idle = self.idle.lock();
         if idle.len() < READ_POOL_SIZE {
             idle.push(conn);
@@ -716,6 +883,7 @@ impl ReadPool {
 /// The SQLite store (see the module docs).
 pub struct SqliteStore {
     url: String,
+    synchronous: Synchronous,
     clock: Arc<dyn Clock>,
     signals: Arc<Signals>,
     sender: Option<mpsc::Sender<Box<dyn Command>>>,
@@ -743,18 +911,31 @@ impl SqliteStore {
     /// is returned (and `options` are ignored), so everything in the process
     /// shares one writer and one set of [`Signals`].
     pub async fn open(path: &str, options: StoreOptions) -> Result<Arc<SqliteStore>> {
+        let (path, synchronous) = parse_path(path)?;
         if is_memory(path) {
-            return Self::open_unshared(path, options).await;
+            return Self::open_unshared_with(path, synchronous, options).await;
         }
         let path = path.to_owned();
         blocking(move || {
             let canonical = canonical_path(&path)?;
             let mut reg = registry().lock();
             if let Some(store) = reg.get(&canonical).and_then(Weak::upgrade) {
+                if store.synchronous != synchronous {
+                    tracing::warn!(
+                        url = %store.url,
+                        asked = synchronous.as_str(),
+                        "sqlite: the file is already open in this process; its synchronous mode stays"
+                    );
+                }
                 return Ok(store);
             }
             reg.retain(|_, w| w.strong_count() > 0);
-            let store = Arc::new(Self::open_blocking(Some(canonical.clone()), options)?);
+            let store = Arc::new(Self::open_blocking(
+                Some(canonical.clone()),
+                options,
+                synchronous,
+                WAL_SIZE_LIMIT,
+            )?);
             reg.insert(canonical, Arc::downgrade(&store));
             Ok(store)
         })
@@ -766,6 +947,15 @@ impl SqliteStore {
     /// tests of multi-process behaviour.
     #[doc(hidden)]
     pub async fn open_unshared(path: &str, options: StoreOptions) -> Result<Arc<SqliteStore>> {
+        let (path, synchronous) = parse_path(path)?;
+        Self::open_unshared_with(path, synchronous, options).await
+    }
+
+    async fn open_unshared_with(
+        path: &str,
+        synchronous: Synchronous,
+        options: StoreOptions,
+    ) -> Result<Arc<SqliteStore>> {
         let path = path.to_owned();
         blocking(move || {
             let file = if is_memory(&path) {
@@ -773,17 +963,39 @@ impl SqliteStore {
             } else {
                 Some(canonical_path(&path)?)
             };
-            Ok(Arc::new(Self::open_blocking(file, options)?))
+            Ok(Arc::new(Self::open_blocking(
+                file,
+                options,
+                synchronous,
+                WAL_SIZE_LIMIT,
+            )?))
         })
         .await
     }
 
-    fn open_blocking(file: Option<PathBuf>, options: StoreOptions) -> Result<SqliteStore> {
+    /// The synchronous mode its connections run with.
+    pub fn synchronous(&self) -> Synchronous {
+        self.synchronous
+    }
+
+    fn open_blocking(
+        file: Option<PathBuf>,
+        options: StoreOptions,
+        synchronous: Synchronous,
+        wal_limit: u64,
+    ) -> Result<SqliteStore> {
         let (conn, url) = match &file {
-            Some(p) => (open_connection(p, true)?, format!("sqlite:{}", p.display())),
+            Some(p) => (
+                open_connection(p, true, synchronous)?,
+                format!(
+                    "sqlite:{}?synchronous={}",
+                    p.display(),
+                    synchronous.as_str()
+                ),
+            ),
             None => {
                 let conn = Connection::open_in_memory()
-                    .and_then(|c| configure(&c, true).map(|()| c))
+                    .and_then(|c| configure(&c, true, synchronous).map(|()| c))
                     .map_err(|e| {
                         Error::Store(format!("sqlite: cannot open an in-memory database: {e}"))
                     })?;
@@ -798,15 +1010,19 @@ impl SqliteStore {
         }
         // WAL checkpoints run on their own thread and connection, so the
         // writer (the one serial part) never stalls copying pages back.
+        let turn = Arc::new(Mutex::new(()));
         let checkpointer = match &file {
             Some(path) => {
-                conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")
-                    .map_err(|e| Error::Store(format!("sqlite: configuring `{url}`: {e}")))?;
-                let ck = open_connection(path, true)?;
+                conn.execute_batch(&format!(
+                    "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {wal_limit};"
+                ))
+                .map_err(|e| Error::Store(format!("sqlite: configuring `{url}`: {e}")))?;
+                let ck = open_connection(path, true, synchronous)?;
                 let (stop, wait) = mpsc::channel::<()>();
+                let turn = turn.clone();
                 let handle = std::thread::Builder::new()
                     .name("switchyard-sqlite-checkpoint".into())
-                    .spawn(move || checkpoint_loop(ck, wait))
+                    .spawn(move || checkpoint_loop(ck, wait, turn))
                     .map_err(|e| {
                         Error::Store(format!("sqlite: cannot start the checkpoint thread: {e}"))
                     })?;
@@ -814,12 +1030,18 @@ impl SqliteStore {
             }
             None => None,
         };
+        let gate = Arc::new(RwLock::new(()));
+        let wal = file
+            .as_deref()
+            .map(|p| WalBound::new(p, wal_limit, turn, gate.clone()));
         let readers = match file {
             Some(path) => {
                 // Open one reader now so a bad file fails here, not on first read.
-                let first = open_connection(&path, false)?;
+                let first = open_connection(&path, false, synchronous)?;
                 Some(Arc::new(ReadPool {
                     path,
+                    synchronous,
+                    gate,
                     idle: Mutex::new(vec![first]),
                 }))
             }
@@ -831,11 +1053,12 @@ impl SqliteStore {
             let (clock, signals) = (options.clock.clone(), signals.clone());
             std::thread::Builder::new()
                 .name("switchyard-sqlite-writer".into())
-                .spawn(move || writer_loop(conn, rx, clock, signals))
+                .spawn(move || writer_loop(conn, rx, clock, signals, wal))
                 .map_err(|e| Error::Store(format!("sqlite: cannot start the writer thread: {e}")))?
         };
         Ok(SqliteStore {
             url,
+            synchronous,
             clock: options.clock,
             signals,
             sender: Some(sender),
@@ -2591,5 +2814,178 @@ mod tests {
         assert!(matches!(answer(rd), Ok(Ok(()))));
         assert!(conn.is_autocommit());
         assert_eq!(hosts(&conn), ["a", "d"]);
+    }
+
+    /// `PRAGMA synchronous` of the writer's and of a reader's connection.
+    async fn synchronous_of(store: &SqliteStore) -> (i64, i64) {
+        let q = |conn: &Connection| -> DbResult<i64> {
+            Ok(conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+        };
+        let w = store.write("pragma", move |c, _, _| q(c)).await.unwrap();
+        let r = store.read("pragma", q).await.unwrap();
+        (w, r)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn synchronous_is_full_unless_the_url_says_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        // PRAGMA synchronous: 1 NORMAL, 2 FULL, 3 EXTRA.
+        for (query, expected, name) in [
+            ("", 2, "full"),
+            ("?synchronous=normal", 1, "normal"),
+            ("?synchronous=NORMAL", 1, "normal"),
+            ("?synchronous=Full", 2, "full"),
+            ("?synchronous=extra", 3, "extra"),
+        ] {
+            let file = path(&format!("s{expected}{}.db", query.len()));
+            let store = SqliteStore::open(&format!("{file}{query}"), StoreOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(
+                synchronous_of(&store).await,
+                (expected, expected),
+                "{query}"
+            );
+            assert_eq!(store.synchronous().as_str(), name);
+            assert!(
+                store.url().ends_with(&format!("?synchronous={name}")),
+                "{}",
+                store.url()
+            );
+        }
+        // Through the public URL form too.
+        let store = crate::open(&format!("sqlite:{}?synchronous=normal", path("u.db")))
+            .await
+            .unwrap();
+        assert!(
+            store.url().ends_with("u.db?synchronous=normal"),
+            "{}",
+            store.url()
+        );
+        for (query, names) in [
+            ("?synchronous=off", ["`synchronous`", "`off`"]),
+            ("?synchronous=", ["`synchronous`", "full, normal or extra"]),
+            ("?sync=full", ["`sync`", "synchronous=full|normal|extra"]),
+        ] {
+            match SqliteStore::open(
+                &format!("{}{query}", path("bad.db")),
+                StoreOptions::default(),
+            )
+            .await
+            {
+                Err(Error::Config(m)) => {
+                    for n in names {
+                        assert!(m.contains(n), "{query}: {m}");
+                    }
+                }
+                other => panic!("{query}: expected a config error, got {other:?}"),
+            }
+        }
+        assert!(
+            !dir.path().join("bad.db").exists(),
+            "a bad URL creates no file"
+        );
+    }
+
+    /// A steady load of spawns, claims, completions and reads, several at a
+    /// time: the `-wal` file must stay within its bound throughout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_stays_bounded_under_continuous_load() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        const LIMIT: u64 = 2 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("wal.db");
+        let store = {
+            let db = db.clone();
+            blocking(move || {
+                SqliteStore::open_blocking(
+                    Some(db),
+                    StoreOptions::default(),
+                    Synchronous::Normal,
+                    LIMIT,
+                )
+            })
+            .await
+            .map(Arc::new)
+            .unwrap()
+        };
+        let wal = dir.path().join("wal.db-wal");
+        let stop = Arc::new(AtomicBool::new(false));
+        let largest = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let (stop, largest, wal) = (stop.clone(), largest.clone(), wal.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(m) = std::fs::metadata(&wal) {
+                        largest.fetch_max(m.len(), Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let reader = {
+            let (store, stop) = (store.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    store.count_steps().await.unwrap();
+                }
+            })
+        };
+        let workers: Vec<_> = (0..6)
+            .map(|w| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let host = format!("host-{w}");
+                    let handler = format!("h{w}");
+                    let payload = "x".repeat(400);
+                    for i in 0..300 {
+                        let tasks = (0..4)
+                            .map(|k| {
+                                NewTask::new(
+                                    &handler,
+                                    serde_json::json!({ "i": i, "k": k, "p": payload }),
+                                )
+                            })
+                            .collect();
+                        store.spawn(tasks).await.unwrap();
+                        let claimed = store
+                            .claim(&host, &[(handler.clone(), 4)], 60_000)
+                            .await
+                            .unwrap();
+                        let done = claimed
+                            .steps
+                            .iter()
+                            .map(|s| Completion {
+                                lease: Lease {
+                                    step_id: s.step_id,
+                                    task_id: s.task_id,
+                                    attempt: s.attempt,
+                                    host_id: host.clone(),
+                                },
+                                resolution: switchyard_core::Resolution::Completed(
+                                    serde_json::json!({ "out": payload }),
+                                ),
+                            })
+                            .collect();
+                        store.complete(done).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.await.unwrap();
+        sampler.join().unwrap();
+        let end = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let largest = largest.load(Ordering::Relaxed).max(end);
+        let completed = store.count_steps().await.unwrap()["completed"];
+        assert_eq!(completed, 6 * 300 * 4);
+        assert!(
+            largest <= LIMIT,
+            "the WAL reached {largest} bytes (bound {LIMIT}), {end} at the end"
+        );
     }
 }

@@ -864,3 +864,89 @@ async fn expiries(c: &tokio_postgres::Client, steps: &[switchyard_core::ClaimedS
     }
     out
 }
+
+/// Every pooled connection gets `lock_timeout` and
+/// `idle_in_transaction_session_timeout`; the URL overrides them, and a
+/// setting in libpq-style `options` wins over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_timeouts() {
+    use switchyard_store::postgres::PostgresStore;
+    let url = pg_harness::database().await;
+    for (query, lock, idle) in [
+        ("", "30s", "1min"),
+        (
+            "?lock_timeout=5s&idle_in_transaction_session_timeout=0",
+            "5s",
+            "0",
+        ),
+        ("?lock_timeout=250", "250ms", "1min"),
+        (
+            "?lock_timeout=5s&options=-c%20lock_timeout%3D7s",
+            "7s",
+            "1min",
+        ),
+    ] {
+        let store = PostgresStore::open(&format!("{url}{query}"), StoreOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("{query}: {e}"));
+        // More than one pooled connection: each is set up.
+        let (a, b) = tokio::join!(
+            store.session_setting("lock_timeout"),
+            store.session_setting("lock_timeout")
+        );
+        assert_eq!(
+            (a.unwrap().as_str(), b.unwrap().as_str()),
+            (lock, lock),
+            "{query}"
+        );
+        assert_eq!(
+            store
+                .session_setting("idle_in_transaction_session_timeout")
+                .await
+                .unwrap(),
+            idle,
+            "{query}"
+        );
+    }
+    match open(&format!("{url}?lock_timeout=forever")).await {
+        Err(Error::Config(m)) => assert!(m.contains("`lock_timeout`"), "{m}"),
+        other => panic!("expected a config error, got {:?}", other.map(|s| s.url())),
+    }
+}
+
+/// A row lock held elsewhere makes a write fail after `lock_timeout` with
+/// the transient `Error::Store` (55P03) instead of waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_row_lock_fails_a_write_after_lock_timeout() {
+    let url = pg_harness::database().await;
+    let store = open(&format!("{url}?lock_timeout=300ms")).await.unwrap();
+    let id = store
+        .spawn(vec![NewTask::new("locked", json!(1))])
+        .await
+        .unwrap()[0]
+        .task_id;
+    let holder = raw_client(&url).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .execute("SELECT 1 FROM sy_tasks WHERE id = $1 FOR UPDATE", &[&id.0])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), store.cancel_task(id, false))
+        .await
+        .expect("the write must give up, not wait for the lock");
+    match outcome {
+        Err(Error::Store(m)) => assert!(m.contains("55P03"), "{m}"),
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert!(
+        store.cancel_task(id, false).await.unwrap(),
+        "works once the lock is gone"
+    );
+}

@@ -293,6 +293,15 @@ async fn bench(args: &BenchArgs, store: DynStore) -> Result<String, CliError> {
     let mut out = Map::new();
     out.insert("lang".into(), json!(args.lang));
     out.insert("store".into(), json!(store.kind()));
+    if store.kind() == "sqlite" {
+        // The SQLite store reports its mode in its URL (`...?synchronous=full`).
+        let url = store.url();
+        let mode = url
+            .split_once('?')
+            .and_then(|(_, q)| q.split('&').find_map(|p| p.strip_prefix("synchronous=")))
+            .unwrap_or("n/a");
+        out.insert("sqlite_synchronous".into(), json!(mode));
+    }
     out.insert("workload".into(), json!(args.workload.name()));
     out.insert("steps".into(), json!(n));
     out.insert("concurrency".into(), json!(args.concurrency));
