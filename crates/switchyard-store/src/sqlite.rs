@@ -2961,6 +2961,7 @@ mod tests {
                                     step_id: s.step_id,
                                     task_id: s.task_id,
                                     attempt: s.attempt,
+                                    run: s.run,
                                     host_id: host.clone(),
                                 },
                                 resolution: switchyard_core::Resolution::Completed(
