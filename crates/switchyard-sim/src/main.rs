@@ -6,6 +6,8 @@
 //!                                          and a second run to confirm replay
 //! options: --no-collisions --no-many-waits (skip the known-bug triggers)
 //!          --quiet (only the summary)
+//!          --check-replay (run every seed twice with a trace and report
+//!          seeds whose second run differs)
 //! ```
 
 use std::collections::BTreeMap;
@@ -22,6 +24,7 @@ fn main() -> ExitCode {
     let mut one: Option<u64> = None;
     let mut knobs = Knobs::default();
     let mut quiet = false;
+    let mut check_replay = false;
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> u64 {
             args.next()
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
             "--no-collisions" => knobs.collisions = false,
             "--no-many-waits" => knobs.many_waits = false,
             "--quiet" => quiet = true,
+            "--check-replay" => check_replay = true,
             "-h" | "--help" => {
                 println!("usage: switchyard-sim [--seeds N] [--start S] [--seed N] [--no-collisions] [--no-many-waits] [--quiet]");
                 return ExitCode::SUCCESS;
@@ -78,14 +82,19 @@ fn main() -> ExitCode {
         };
     }
     let opts = Options {
-        trace: false,
+        trace: check_replay,
         knobs,
     };
     let t0 = Instant::now();
+    let mut diverged = Vec::new();
     let mut by_invariant: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     let mut failed = 0u64;
     for seed in start..start + seeds {
         let r = run_seed(seed, &opts);
+        if check_replay && run_seed(seed, &opts).trace != r.trace {
+            println!("seed {seed}: REPLAY DIFFERS");
+            diverged.push(seed);
+        }
         if r.violations.is_empty() {
             continue;
         }
@@ -117,7 +126,10 @@ fn main() -> ExitCode {
         let shown: Vec<String> = s.iter().take(8).map(u64::to_string).collect();
         println!("  {inv}: {} seeds, e.g. {}", s.len(), shown.join(", "));
     }
-    if failed == 0 {
+    if check_replay {
+        println!("replay: {} of {seeds} seeds diverged {diverged:?}", diverged.len());
+    }
+    if failed == 0 && diverged.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
