@@ -127,7 +127,10 @@ fn main() -> ExitCode {
         println!("  {inv}: {} seeds, e.g. {}", s.len(), shown.join(", "));
     }
     if check_replay {
-        println!("replay: {} of {seeds} seeds diverged {diverged:?}", diverged.len());
+        println!(
+            "replay: {} of {seeds} seeds diverged {diverged:?}",
+            diverged.len()
+        );
     }
     if failed == 0 && diverged.is_empty() {
         ExitCode::SUCCESS
