@@ -433,7 +433,7 @@ impl RetryPolicy {
             .powi(attempt.saturating_sub(1).min(62) as i32);
         let base = (self.initial_backoff.as_secs_f64() * exp).min(self.max_backoff.as_secs_f64());
         let spread = if self.jitter > 0.0 {
-            rand::random::<f64>() * 2.0 - 1.0
+            crate::ids::with_rng(|r| rand::Rng::gen::<f64>(r)) * 2.0 - 1.0
         } else {
             0.0
         };

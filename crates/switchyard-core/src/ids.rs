@@ -11,10 +11,35 @@
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rand::Rng;
+use rand::{Rng, RngCore, SeedableRng};
 use uuid::Uuid;
 
 use crate::Millis;
+
+thread_local! {
+    /// Set by [`seed_thread_rng`]: replaces the OS-seeded generator on this
+    /// thread (deterministic simulation only).
+    static SEEDED: RefCell<Option<rand::rngs::StdRng>> = const { RefCell::new(None) };
+}
+
+/// Deterministic-simulation seam (`crates/switchyard-sim`), not an API:
+/// with `Some(seed)`, the random bits of ids ([`IdGen`], [`new_v7`]) and the
+/// retry jitter drawn on this thread come from a generator seeded with
+/// `seed`, so a single-threaded run replays exactly; `None` restores the
+/// OS-seeded thread generator.
+#[doc(hidden)]
+pub fn seed_thread_rng(seed: Option<u64>) {
+    SEEDED.with(|s| *s.borrow_mut() = seed.map(rand::rngs::StdRng::seed_from_u64));
+}
+
+/// Runs `f` with this thread's generator: the seeded one if
+/// [`seed_thread_rng`] set one, else `rand`'s thread-local generator.
+pub(crate) fn with_rng<T>(f: impl FnOnce(&mut dyn RngCore) -> T) -> T {
+    SEEDED.with(|s| match s.borrow_mut().as_mut() {
+        Some(r) => f(r),
+        None => f(&mut rand::thread_rng()),
+    })
+}
 
 /// A monotonic UUIDv7 generator for callers with their own clock (the
 /// memory store uses the store's clock).
@@ -33,17 +58,18 @@ impl IdGen {
     /// The next id at `now` (milliseconds since the Unix epoch). Ids from
     /// one generator increase even if `now` goes backwards.
     pub fn next(&mut self, now: Millis) -> Uuid {
-        let mut rng = rand::thread_rng();
         let ms = (now.max(0) as u64).min((1 << 48) - 1);
-        if ms > self.last_ms {
-            self.last_ms = ms;
-            // 41 random bits leave at least 2^41 ids of room in this millisecond.
-            self.counter = rng.gen::<u64>() >> 23;
-        } else {
-            self.counter += 1;
-        }
+        let r: u32 = with_rng(|rng| {
+            if ms > self.last_ms {
+                self.last_ms = ms;
+                // 41 random bits leave at least 2^41 ids of room in this millisecond.
+                self.counter = rng.gen::<u64>() >> 23;
+            } else {
+                self.counter += 1;
+            }
+            rng.gen()
+        });
         let c = self.counter & ((1 << 42) - 1);
-        let r: u32 = rng.gen();
         let v = (u128::from(self.last_ms) << 80)
             | (0x7 << 76)
             | (u128::from(c >> 30) << 64)
