@@ -64,7 +64,7 @@ fn attempt_costs(world: &World, step: switchyard_core::StepId) -> (usize, usize,
             && last
                 .accepted_error
                 .as_deref()
-                .is_some_and(|m| m.contains("attempts exhausted"))
+                .is_some_and(|m| m.contains("no attempts are left"))
         {
             costly -= 1;
         }
@@ -127,13 +127,13 @@ pub async fn final_checks(inner: &Arc<dyn Store>, world: &World) {
                 .as_ref()
                 .map(|e| e.message.clone())
                 .unwrap_or_default();
+            let max = max_attempts(&s.handler);
             if s.state != StepState::Failed
-                || !(msg.contains("no attempts left") || msg.contains("attempts exhausted"))
+                || !msg.starts_with(&format!("attempt {max} of {max} failed: "))
             {
                 continue;
             }
             let (costly, suspended, runs) = attempt_costs(world, s.id);
-            let max = max_attempts(&s.handler);
             if (costly as u32) < max {
                 world.violation(
                     "suspension-costs-attempt",

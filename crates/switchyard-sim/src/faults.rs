@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use serde_json::Value;
 use switchyard_core::{
     ChildOutcome, ClaimBatch, Completion, Error, EventRecord, HeartbeatReply, HostInfo, Lease,
-    Millis, NewTask, Resolution, Result, Signals, Spawned, StateCounts, StepId, StepState, Store,
-    TaskDetail, TaskFilter, TaskId, TaskRecord,
+    Millis, NewTask, Resolution, Result, RunRef, Signals, Spawned, StateCounts, StepId, StepState,
+    Store, TaskDetail, TaskFilter, TaskId, TaskRecord,
 };
 
 use crate::world::{RunObs, World, RUN};
@@ -121,17 +121,17 @@ impl FaultStore {
         }
     }
 
-    /// The store's view of a step: (state, attempt, lease owner).
+    /// The store's view of a step: (state, run, lease owner).
     async fn step_state(
         &self,
         task: TaskId,
         step: StepId,
-    ) -> Option<(StepState, u32, Option<String>)> {
+    ) -> Option<(StepState, u64, Option<String>)> {
         let d = self.inner.task_detail(task).await.ok()??;
         d.steps
             .into_iter()
             .find(|s| s.id == step)
-            .map(|s| (s.state, s.attempt, s.lease_owner))
+            .map(|s| (s.state, s.run, s.lease_owner))
     }
 
     /// Fencing check for a handler's write that was accepted (emit, spawn):
@@ -141,11 +141,11 @@ impl FaultStore {
             return;
         };
         let current = self.step_state(tag.task, tag.step).await;
-        let ok = matches!(&current, Some((StepState::Running, a, Some(h))) if *a == tag.attempt && *h == tag.host_id);
+        let ok = matches!(&current, Some((StepState::Running, r, Some(h))) if *r == tag.run && *h == tag.host_id);
         if !ok {
             let now = match &current {
-                Some((s, a, h)) => format!(
-                    "step is {s}, attempt {a}, lease {}",
+                Some((s, r, h)) => format!(
+                    "step is {s}, run {r}, lease {}",
                     h.as_deref()
                         .map(|h| self.world.host_name(h))
                         .unwrap_or("-".into())
@@ -155,7 +155,8 @@ impl FaultStore {
             self.world.violation(
                 invariant,
                 format!(
-                    "{what} accepted from run (attempt {}, {}) of step {} in task {} that is not current ({now})",
+                    "{what} accepted from run {} (attempt {}, {}) of step {} in task {} that is not current ({now})",
+                    tag.run,
                     tag.attempt,
                     self.world.host_name(&tag.host_id),
                     tag.step,
@@ -171,10 +172,10 @@ impl FaultStore {
             let step = c.lease.step_id;
             self.world.trace(|| {
                 format!(
-                    "complete {} step {} attempt {} {kind}: {}",
+                    "complete {} step {} run {} {kind}: {}",
                     self.name(),
                     step,
-                    c.lease.attempt,
+                    c.lease.run,
                     if r.is_ok() { "accepted" } else { "rejected" }
                 )
             });
@@ -188,13 +189,13 @@ impl FaultStore {
                 let last = runs.len().checked_sub(1);
                 match runs
                     .iter()
-                    .rposition(|r| r.attempt == c.lease.attempt && r.host_id == c.lease.host_id)
+                    .rposition(|r| r.run == c.lease.run && r.host_id == c.lease.host_id)
                 {
                     None => bad.push((
                         "stale-run-completion",
                         format!(
-                            "completion ({kind}) of step {step} accepted for attempt {} that no claim granted",
-                            c.lease.attempt
+                            "completion ({kind}) of step {step} accepted for run {} that no claim granted",
+                            c.lease.run
                         ),
                     )),
                     Some(j) => {
@@ -202,9 +203,9 @@ impl FaultStore {
                             bad.push((
                                 "stale-run-completion",
                                 format!(
-                                    "completion ({kind}) of step {step} accepted from run #{} (attempt {}) while run #{} is current",
+                                    "completion ({kind}) of step {step} accepted from run #{} (run {}) while run #{} is current",
                                     j + 1,
-                                    c.lease.attempt,
+                                    c.lease.run,
                                     runs.len()
                                 ),
                             ));
@@ -213,9 +214,9 @@ impl FaultStore {
                             bad.push((
                                 "one-completion-per-run",
                                 format!(
-                                    "second accepted completion ({kind}, first was {prev}) for run #{} (attempt {}) of step {step}",
+                                    "second accepted completion ({kind}, first was {prev}) for run #{} (run {}) of step {step}",
                                     j + 1,
-                                    c.lease.attempt
+                                    c.lease.run
                                 ),
                             ));
                         }
@@ -277,71 +278,19 @@ impl Store for FaultStore {
     }
 
     async fn spawn(&self, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
-        let after = self.pre("spawn", true).await?;
-        let r = self.inner.spawn(tasks.clone()).await;
-        if let Ok(spawned) = &r {
-            for (t, s) in tasks.iter().zip(spawned) {
-                if !s.created {
-                    continue;
-                }
-                let seq = self.world.next_seq();
-                let parent = t.parent.as_ref().map(|p| p.task_id);
-                let expect = crate::workload::expect_of(&t.handler, &t.input);
-                self.world.trace(|| {
-                    format!(
-                        "spawn {} task {} ({}) parent {:?}",
-                        self.name(),
-                        s.task_id,
-                        t.handler,
-                        parent
-                    )
-                });
-                let cascaded = {
-                    let mut o = self.world.obs.lock();
-                    o.tasks.insert(
-                        s.task_id,
-                        crate::world::TaskInfo {
-                            handler: t.handler.clone(),
-                            expect,
-                            parent,
-                            cancelled: false,
-                            cascade_at: None,
-                            created_at: seq,
-                        },
-                    );
-                    // The nearest ancestor cancelled with cascade, if any.
-                    let mut cur = parent;
-                    let mut found = None;
-                    while let Some(id) = cur {
-                        let Some(info) = o.tasks.get(&id) else { break };
-                        if info.cascade_at.is_some() {
-                            found = Some(id);
-                            break;
-                        }
-                        cur = info.parent;
-                    }
-                    found
-                };
-                if let Some(a) = cascaded {
-                    self.world.violation(
-                        "cascade-cancel",
-                        format!(
-                            "child task {} ({}) created after its ancestor {a} was cancelled with cascade",
-                            s.task_id, t.handler
-                        ),
-                    );
-                }
-            }
-            if tasks
-                .iter()
-                .zip(spawned)
-                .any(|(t, s)| s.created && t.parent.is_some())
-            {
-                self.check_fenced("spawn of a child task", "fenced-spawn")
-                    .await;
-            }
-        }
-        self.post("spawn", after, r)
+        self.spawn_maybe_fenced(None, tasks).await
+    }
+
+    async fn spawn_fenced(&self, fence: &Lease, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
+        self.spawn_maybe_fenced(Some(fence), tasks).await
+    }
+
+    async fn emit_event_fenced(&self, fence: &Lease, name: &str, payload: Value) -> Result<bool> {
+        self.emit_maybe_fenced(Some(fence), name, payload).await
+    }
+
+    async fn emit_event(&self, name: &str, payload: Value) -> Result<bool> {
+        self.emit_maybe_fenced(None, name, payload).await
     }
 
     async fn claim(
@@ -360,6 +309,7 @@ impl Store for FaultStore {
                 o.step_handler.insert(s.step_id, s.handler.clone());
                 o.runs.entry(s.step_id).or_default().push(RunObs {
                     attempt: s.attempt,
+                    run: s.run,
                     host_id: host_id.to_string(),
                     accepted: None,
                     accepted_error: None,
@@ -370,12 +320,13 @@ impl Store for FaultStore {
             for s in &b.steps {
                 self.world.trace(|| {
                     format!(
-                        "claim {} step {} `{}` of task {} attempt {}",
+                        "claim {} step {} `{}` of task {} attempt {} run {}",
                         self.name(),
                         s.step_id,
                         s.name,
                         s.task_id,
-                        s.attempt
+                        s.attempt,
+                        s.run
                     )
                 });
             }
@@ -395,7 +346,7 @@ impl Store for FaultStore {
     async fn heartbeat(
         &self,
         host: &HostInfo,
-        running: &[StepId],
+        running: &[RunRef],
         lease_ms: i64,
     ) -> Result<HeartbeatReply> {
         self.note_host(&host.id);
@@ -473,18 +424,6 @@ impl Store for FaultStore {
         let after = self.pre("checkpoints", false).await?;
         let r = self.inner.checkpoints(task_id).await;
         self.post("checkpoints", after, r)
-    }
-
-    async fn emit_event(&self, name: &str, payload: Value) -> Result<bool> {
-        let after = self.pre("emit_event", true).await?;
-        let r = self.inner.emit_event(name, payload).await;
-        if let Ok(stored) = r {
-            self.world
-                .trace(|| format!("emit {} {name:?} stored={stored}", self.name()));
-            self.check_fenced(&format!("emit of event `{name}`"), "fenced-emit")
-                .await;
-        }
-        self.post("emit_event", after, r)
     }
 
     async fn get_event(&self, name: &str) -> Result<Option<EventRecord>> {
@@ -569,38 +508,134 @@ impl Store for FaultStore {
 }
 
 impl FaultStore {
+    async fn spawn_maybe_fenced(
+        &self,
+        fence: Option<&Lease>,
+        tasks: Vec<NewTask>,
+    ) -> Result<Vec<Spawned>> {
+        let after = self.pre("spawn", true).await?;
+        let r = match fence {
+            Some(f) => self.inner.spawn_fenced(f, tasks.clone()).await,
+            None => self.inner.spawn(tasks.clone()).await,
+        };
+
+        if let Ok(spawned) = &r {
+            for (t, s) in tasks.iter().zip(spawned) {
+                if !s.created {
+                    continue;
+                }
+                let seq = self.world.next_seq();
+                let parent = t.parent.as_ref().map(|p| p.task_id);
+                let expect = crate::workload::expect_of(&t.handler, &t.input);
+                self.world.trace(|| {
+                    format!(
+                        "spawn {} task {} ({}) parent {:?}",
+                        self.name(),
+                        s.task_id,
+                        t.handler,
+                        parent
+                    )
+                });
+                let cascaded = {
+                    let mut o = self.world.obs.lock();
+                    o.tasks.insert(
+                        s.task_id,
+                        crate::world::TaskInfo {
+                            handler: t.handler.clone(),
+                            expect,
+                            parent,
+                            cancelled: false,
+                            cascade_at: None,
+                            created_at: seq,
+                        },
+                    );
+                    // The nearest ancestor cancelled with cascade, if any.
+                    let mut cur = parent;
+                    let mut found = None;
+                    while let Some(id) = cur {
+                        let Some(info) = o.tasks.get(&id) else { break };
+                        if info.cascade_at.is_some() {
+                            found = Some(id);
+                            break;
+                        }
+                        cur = info.parent;
+                    }
+                    found
+                };
+                if let Some(a) = cascaded {
+                    self.world.violation(
+                        "cascade-cancel",
+                        format!(
+                            "child task {} ({}) created after its ancestor {a} was cancelled with cascade",
+                            s.task_id, t.handler
+                        ),
+                    );
+                }
+            }
+            if tasks
+                .iter()
+                .zip(spawned)
+                .any(|(t, s)| s.created && t.parent.is_some())
+            {
+                self.check_fenced("spawn of a child task", "fenced-spawn")
+                    .await;
+            }
+        }
+        self.post("spawn", after, r)
+    }
+
+    async fn emit_maybe_fenced(
+        &self,
+        fence: Option<&Lease>,
+        name: &str,
+        payload: Value,
+    ) -> Result<bool> {
+        let after = self.pre("emit_event", true).await?;
+        let r = match fence {
+            Some(f) => self.inner.emit_event_fenced(f, name, payload).await,
+            None => self.inner.emit_event(name, payload).await,
+        };
+        if let Ok(stored) = r {
+            self.world
+                .trace(|| format!("emit {} {name:?} stored={stored}", self.name()));
+            self.check_fenced(&format!("emit of event `{name}`"), "fenced-emit")
+                .await;
+        }
+        self.post("emit_event", after, r)
+    }
+
     /// A host's heartbeat must list every step it holds a live lease for
     /// whose handler body has started: otherwise the host lost track of a
     /// run it still owns (its lease will lapse although the host is alive).
-    async fn check_heartbeat_covers(&self, host_id: &str, running: &[StepId]) {
+    async fn check_heartbeat_covers(&self, host_id: &str, running: &[RunRef]) {
         // `ctx.heartbeat()` from a handler lists only its own step.
         if RUN.try_with(|_| ()).is_ok() || self.world.obs.lock().runs.is_empty() {
             return;
         }
-        let cands: Vec<(TaskId, StepId, u32)> = {
+        let cands: Vec<(TaskId, StepId, u64)> = {
             let o = self.world.obs.lock();
             o.runs
                 .iter()
                 .filter_map(|(step, rs)| {
                     let r = rs.last()?;
                     (r.host_id == host_id && r.body_entered && r.accepted.is_none())
-                        .then(|| Some((*o.step_task.get(step)?, *step, r.attempt)))
+                        .then(|| Some((*o.step_task.get(step)?, *step, r.run)))
                         .flatten()
                 })
                 .collect()
         };
         let mut cands = cands;
         cands.sort();
-        for (task, step, attempt) in cands {
-            if running.contains(&step) {
+        for (task, step, run) in cands {
+            if running.contains(&RunRef { step_id: step, run }) {
                 continue;
             }
-            if let Some((StepState::Running, a, Some(h))) = self.step_state(task, step).await {
-                if a == attempt && h == host_id {
+            if let Some((StepState::Running, r, Some(h))) = self.step_state(task, step).await {
+                if r == run && h == host_id {
                     self.world.violation(
                         "heartbeat-tracks-runs",
                         format!(
-                            "{} heartbeats without step {step} of task {task} although it holds the step's lease (attempt {attempt}) and the run's handler started: the host lost track of the run and its lease will lapse",
+                            "{} heartbeats without step {step} of task {task} although it holds the step's lease (run {run}) and the run's handler started: the host lost track of the run and its lease will lapse",
                             self.world.host_name(host_id)
                         ),
                     );

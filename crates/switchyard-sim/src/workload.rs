@@ -192,6 +192,7 @@ fn tag_of(ctx: &Context) -> RunTag {
         task: ctx.task_id(),
         step: ctx.step_id(),
         attempt: ctx.attempt(),
+        run: ctx.run(),
         host_id: ctx.lease().host_id.clone(),
     }
 }

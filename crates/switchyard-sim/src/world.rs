@@ -22,8 +22,10 @@ pub struct RunTag {
     pub task: TaskId,
     /// The step.
     pub step: StepId,
-    /// The attempt the run was claimed as.
+    /// The attempt the run belongs to.
     pub attempt: u32,
+    /// The run number (fencing token) the run was claimed with.
+    pub run: u64,
     /// The host id the run's lease names.
     pub host_id: String,
 }
@@ -73,6 +75,8 @@ pub struct TaskInfo {
 pub struct RunObs {
     /// Attempt number the claim carried.
     pub attempt: u32,
+    /// Run number the claim carried.
+    pub run: u64,
     /// Host id the lease was granted to.
     pub host_id: String,
     /// The accepted outcome (`completed`, `suspended`, `retry`, ...), if any.
@@ -119,8 +123,8 @@ pub struct Obs {
     pub cp_bodies: Vec<(TaskId, String, u64)>,
     /// Per-op execution counters (inject-once / inject-n-times faults).
     pub counters: HashMap<String, u32>,
-    /// Handler bodies currently executing per step: (attempt, host id).
-    pub active: HashMap<StepId, Vec<(u32, String)>>,
+    /// Handler bodies currently executing per step: (run, host id).
+    pub active: HashMap<StepId, Vec<(u64, String)>>,
     /// Two bodies of one step overlapped (legitimate after a lost lease;
     /// counted, not a violation).
     pub overlaps: u64,
@@ -260,12 +264,12 @@ impl World {
         if let Some(r) = o.runs.get_mut(&tag.step).and_then(|rs| {
             rs.iter_mut()
                 .rev()
-                .find(|r| r.attempt == tag.attempt && r.host_id == tag.host_id)
+                .find(|r| r.run == tag.run && r.host_id == tag.host_id)
         }) {
             r.body_entered = true;
         }
         let a = o.active.entry(tag.step).or_default();
-        a.push((tag.attempt, tag.host_id.clone()));
+        a.push((tag.run, tag.host_id.clone()));
         if a.len() > 1 {
             o.overlaps += 1;
         }
@@ -277,7 +281,7 @@ impl World {
         if let Some(a) = o.active.get_mut(&tag.step) {
             if let Some(i) = a
                 .iter()
-                .position(|(at, h)| *at == tag.attempt && *h == tag.host_id)
+                .position(|(r, h)| *r == tag.run && *h == tag.host_id)
             {
                 a.remove(i);
             }
