@@ -65,6 +65,18 @@ pub fn duration_from_secs(what: &str, secs: f64) -> Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A delay hint given in seconds (a `retry_after`, a `Retry-After`
+/// header) where a bad value is ignored rather than refused: `None` for NaN
+/// or negative, at most [`MAX_DURATION`] (infinite included). Never panics.
+pub fn hint_secs(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(
+        secs.min(MAX_DURATION.as_secs_f64()),
+    ))
+}
+
 /// Refuses a [`Duration`] longer than [`MAX_DURATION`] with
 /// [`Error::InvalidInput`] naming `what` (Rust callers can pass
 /// `Duration::MAX`).

@@ -404,8 +404,7 @@ impl ApiError {
             .trim()
             .parse::<f64>()
             .ok()
-            .filter(|s| *s >= 0.0)
-            .map(Duration::from_secs_f64)
+            .and_then(crate::client::hint_secs)
     }
 }
 
@@ -469,7 +468,9 @@ impl RetryPolicy {
         } else {
             0.0
         };
-        Duration::from_secs_f64((base * (1.0 + self.jitter * spread)).max(0.0))
+        // A multiplier or jitter out of range (NaN, huge) must not panic:
+        // clamp to zero .. MAX_DURATION.
+        crate::client::hint_secs(base * (1.0 + self.jitter * spread)).unwrap_or_default()
     }
 }
 

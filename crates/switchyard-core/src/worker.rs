@@ -341,6 +341,37 @@ impl WorkerBuilder {
         if self.opts.lease < Duration::from_millis(50) {
             return Err(Error::Config("lease must be at least 50 ms".into()));
         }
+        // Durations past the core's maximum would overflow millisecond
+        // arithmetic (a lease of `Duration::MAX` wrapped to a negative one).
+        let o = &self.opts;
+        let too_long = |what: &str, d: Duration| {
+            crate::client::check_duration(what, d)
+                .map(|_| ())
+                .map_err(|e| Error::Config(e.to_string()))
+        };
+        too_long("lease", o.lease)?;
+        too_long("heartbeat", o.heartbeat)?;
+        too_long("shutdown_grace", o.shutdown_grace)?;
+        too_long("shutdown_flush", o.shutdown_flush)?;
+        if o.concurrency == 0 || o.claim_batch == 0 {
+            return Err(Error::Config(
+                "concurrency and claim_batch must be at least 1".into(),
+            ));
+        }
+        for (name, _, h) in &self.regs {
+            if let Some(t) = h.timeout {
+                too_long(&format!("handler `{name}`: timeout"), t)?;
+            }
+            too_long(&format!("handler `{name}`: linger"), h.linger)?;
+            too_long(
+                &format!("handler `{name}`: initial_backoff"),
+                h.retry.initial_backoff,
+            )?;
+            too_long(
+                &format!("handler `{name}`: max_backoff"),
+                h.retry.max_backoff,
+            )?;
+        }
         Ok(Worker {
             store: self.store,
             opts: self.opts,
@@ -1203,9 +1234,11 @@ async fn retry_or_fail(
         Ok(n) => n,
         Err(_) => crate::clock::Clock::now(&crate::clock::SystemClock),
     };
+    // A `retry_after` of `Duration::MAX` from Rust code must not wrap.
+    let delay = delay.min(crate::client::MAX_DURATION).as_millis() as i64;
     Resolution::Retry {
         error: error_info(kind, message, trace, step.attempt),
-        run_at: now + delay.as_millis() as i64,
+        run_at: now.saturating_add(delay),
     }
 }
 
