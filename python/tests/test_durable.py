@@ -392,3 +392,43 @@ def test_core_logs_reach_python_logging(make_worker, client, caplog):
     core = [r for r in caplog.records if r.name == "switchyard.core"]
     assert any("host started" in r.getMessage() and w.host_id in r.getMessage() for r in core)
     assert any("host stopped" in r.getMessage() for r in core)
+
+
+def test_bad_durations_raise_invalid_input_and_do_not_crash(make_worker, client):
+    # Issue item 5: negative, NaN, infinite or absurd (1e20 s panicked in
+    # Rust) timeouts and sleeps raise InvalidInput naming the argument.
+    w = make_worker()
+
+    @w.step("bad.durations", retry=ONCE)
+    def bad(inp, ctx):
+        out = []
+        for t in (-1, float("nan"), float("inf"), 1e20):
+            try:
+                ctx.await_event("never", timeout=t)
+                out.append("no error")
+            except switchyard.InvalidInput as e:
+                out.append(str(e))
+        try:
+            ctx.sleep(1e20)
+            out.append("no error")
+        except switchyard.InvalidInput as e:
+            out.append(str(e))
+        return out
+
+    @w.step("bad.sleep", retry=ONCE)
+    def bad_sleep(inp, ctx):
+        ctx.sleep(1e20)
+
+    w.start()
+    out = client.result(client.spawn("bad.durations", {}), timeout=10)
+    assert len(out) == 5, out
+    for msg in out[:3]:
+        assert "await_event timeout must be a non-negative number of seconds" in msg, out
+    assert "await_event timeout must be at most 100 years" in out[3], out
+    assert "sleep duration must be at most 100 years" in out[4], out
+    tid = client.spawn("bad.sleep", {})
+    t = client.wait(tid, timeout=10)
+    assert t["state"] == "failed"
+    assert t["error"]["kind"] == "invalid_input", t["error"]
+    with pytest.raises(switchyard.InvalidInput):
+        client.wait(tid, timeout=float("nan"))

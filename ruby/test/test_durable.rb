@@ -268,4 +268,31 @@ class TestDurable < Minitest::Test
     end
     refute client.cancel(id), "already finished"
   end
+
+  # Issue item 5: negative, NaN, infinite and absurd (1e20 s panicked in
+  # Rust) timeouts and sleeps raise Switchyard::InvalidInput.
+  def test_bad_durations_raise_invalid_input
+    w = make_worker
+    w.step("bad.durations") do |_i, ctx|
+      out = [-1, Float::NAN, Float::INFINITY, 1e20].map do |t|
+        ctx.await_event("never", timeout: t)
+        "no error"
+      rescue Switchyard::InvalidInput => e
+        e.message
+      end
+      begin
+        ctx.sleep(1e20)
+        out << "no error"
+      rescue Switchyard::InvalidInput => e
+        out << e.message
+      end
+      out
+    end
+    w.start
+    out = client.result(client.spawn("bad.durations"), timeout: WAIT)
+    assert_equal 5, out.size, out.inspect
+    out[0, 3].each { |m| assert_match(/await_event timeout must be a non-negative number/, m) }
+    assert_match(/await_event timeout must be at most 100 years/, out[3])
+    assert_match(/sleep duration must be at most 100 years/, out[4])
+  end
 end

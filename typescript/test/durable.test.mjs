@@ -259,3 +259,34 @@ test("durable operations reject bad input with errors naming it", async (t) => {
   assert.match(errors[4], /^checkpoint: InvalidInput: checkpoint `big` value is not JSON-serialisable/);
   assert.match(errors[5], /^emitEvent: \w+: .*(name|empty)/i);
 });
+
+test("absurd durations throw InvalidInput from the core and do not crash", async (t) => {
+  // Issue item 5: 1e20 s panicked in Rust (Duration::from_secs_f64);
+  // negative, NaN and infinite ones are refused too.
+  const { client } = await setup(t, (w) => {
+    w.step("bad.durations", async (_i, ctx) => {
+      const errors = [];
+      const expectFail = async (what, f) => {
+        try {
+          await f();
+          errors.push(`${what}: no error`);
+        } catch (e) {
+          if (isSuspension(e)) throw e;
+          errors.push(`${what}: ${e.constructor.name}: ${e.message}`);
+        }
+      };
+      for (const timeout of [-1, Number.NaN, Infinity, 1e20]) {
+        await expectFail(`awaitEvent ${timeout}`, () => ctx.awaitEvent("never", { timeout }));
+      }
+      await expectFail("sleep 1e20", () => ctx.sleep(1e20));
+      return errors;
+    });
+  });
+  const errors = await client.result(await client.spawn("bad.durations", {}), { timeout: 10 });
+  assert.equal(errors.length, 5, JSON.stringify(errors));
+  for (const e of errors.slice(0, 3)) {
+    assert.match(e, /: InvalidInput: awaitEvent timeout must be a non-negative number/);
+  }
+  assert.match(errors[3], /^awaitEvent 1e\+20: InvalidInput: .*awaitEvent timeout must be at most 100 years/);
+  assert.match(errors[4], /^sleep 1e20: InvalidInput: .*sleep duration must be at most 100 years/);
+});

@@ -159,7 +159,11 @@ impl NativeClient {
         either(
             async move {
                 let id = parse_id(&id)?;
-                Ok(core(c.wait(id, secs(timeout_secs)).await))
+                let timeout = match secs("timeout", timeout_secs) {
+                    Ok(t) => t,
+                    Err(e) => return Ok(core::<()>(Err(e))),
+                };
+                Ok(core(c.wait(id, timeout).await))
             }
             .await,
         )
@@ -173,7 +177,11 @@ impl NativeClient {
         either(
             async move {
                 let id = parse_id(&id)?;
-                Ok(core(c.result(id, secs(timeout_secs)).await))
+                let timeout = match secs("timeout", timeout_secs) {
+                    Ok(t) => t,
+                    Err(e) => return Ok(core::<()>(Err(e))),
+                };
+                Ok(core(c.result(id, timeout).await))
             }
             .await,
         )
@@ -215,7 +223,8 @@ impl NativeClient {
     }
 }
 
-/// Seconds from JS (non-finite or negative means zero).
-pub(crate) fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(if s.is_finite() && s > 0.0 { s } else { 0.0 })
+/// Seconds from JS, refused (InvalidInput naming `what`) when negative,
+/// NaN, infinite or over the core's maximum.
+pub(crate) fn secs(what: &str, s: f64) -> switchyard_core::Result<Duration> {
+    switchyard_core::client::duration_from_secs(what, s)
 }

@@ -137,14 +137,18 @@ impl NativeContext {
     #[napi]
     pub async fn await_event(&self, name: String, timeout_secs: Option<f64>) -> String {
         let ctx = self.ctx.clone();
-        step(ctx.await_event(&name, timeout_secs.map(secs)).await)
+        let timeout = timeout_secs
+            .map(|s| secs("awaitEvent timeout", s))
+            .transpose();
+        step(async move { ctx.await_event(&name, timeout?).await }.await)
     }
 
     /// Durable sleep.
     #[napi]
     pub async fn sleep(&self, seconds: f64) -> String {
         let ctx = self.ctx.clone();
-        step(ctx.sleep(secs(seconds)).await)
+        let d = secs("sleep duration", seconds);
+        step(async move { ctx.sleep(d?).await }.await)
     }
 
     /// Durable sleep until `at_ms` (milliseconds since the epoch).

@@ -133,8 +133,7 @@ fn seconds(what: &str, s: f64) -> Result<Duration> {
 }
 
 fn retry_after(s: Option<f64>) -> Option<Duration> {
-    s.filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+    s.and_then(switchyard_core::client::hint_secs)
 }
 
 /// The reply an outcome from the TypeScript glue stands for. An outcome is

@@ -1,10 +1,10 @@
 //! `switchyard._native.NativeClient`: spawn, emit, wait, cancel, retry, inspect.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use switchyard_core::client::duration_from_secs;
 use switchyard_core::{Client, NewTask, TaskFilter, TaskId, TaskState};
 
 use crate::convert::{record_to_py, to_py, to_value};
@@ -196,7 +196,7 @@ impl NativeClient {
     fn wait<'py>(&self, py: Python<'py>, id: &str, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
         let id = parse_id(py, id)?;
         let c = self.client.clone();
-        let d = Duration::from_secs_f64(timeout.max(0.0));
+        let d = duration_from_secs("timeout", timeout).map_err(|e| core_err(py, e))?;
         let t = block_core(py, async move { c.wait(id, d).await })?;
         record_to_py(py, &t)
     }
@@ -204,7 +204,7 @@ impl NativeClient {
     fn result<'py>(&self, py: Python<'py>, id: &str, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
         let id = parse_id(py, id)?;
         let c = self.client.clone();
-        let d = Duration::from_secs_f64(timeout.max(0.0));
+        let d = duration_from_secs("timeout", timeout).map_err(|e| core_err(py, e))?;
         let v = block_core(py, async move { c.result(id, d).await })?;
         to_py(py, &v)
     }

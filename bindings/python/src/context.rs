@@ -33,8 +33,10 @@ impl CancelWatch {
     }
 }
 
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(if s.is_finite() && s > 0.0 { s } else { 0.0 })
+/// Seconds from Python, refused (InvalidInput naming `what`) when negative,
+/// NaN, infinite or over the core's maximum.
+fn secs(what: &str, s: f64) -> switchyard_core::Result<Duration> {
+    switchyard_core::client::duration_from_secs(what, s)
 }
 
 #[pymethods]
@@ -134,14 +136,15 @@ impl NativeContext {
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let ctx = self.ctx.clone();
-        let t = timeout.map(secs);
-        let v = block_step(py, async move { ctx.await_event(&name, t).await })?;
+        let t = timeout.map(|s| secs("await_event timeout", s)).transpose();
+        let v = block_step(py, async move { ctx.await_event(&name, t?).await })?;
         to_py(py, &v)
     }
 
     fn sleep(&self, py: Python<'_>, seconds: f64) -> PyResult<()> {
         let ctx = self.ctx.clone();
-        block_step(py, async move { ctx.sleep(secs(seconds)).await })
+        let d = secs("sleep duration", seconds);
+        block_step(py, async move { ctx.sleep(d?).await })
     }
 
     fn sleep_until(&self, py: Python<'_>, at_ms: i64) -> PyResult<()> {

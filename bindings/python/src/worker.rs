@@ -276,9 +276,7 @@ fn error_kind(
     Ok(match kind {
         "retryable" => StepError::Retryable {
             message,
-            retry_after: retry_after
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(Duration::from_secs_f64),
+            retry_after: retry_after.and_then(switchyard_core::client::hint_secs),
             trace,
         },
         "permanent" => StepError::Permanent { message, trace },
@@ -357,9 +355,7 @@ fn reply(handler: &str, o: &Bound<'_, PyAny>) -> PyResult<Reply> {
             let message: String = t.get_item(3)?.extract()?;
             Reply::Api(ApiError::Http {
                 status,
-                retry_after: retry_after
-                    .filter(|s| s.is_finite() && *s >= 0.0)
-                    .map(Duration::from_secs_f64),
+                retry_after: retry_after.and_then(switchyard_core::client::hint_secs),
                 message,
             })
         }

@@ -208,7 +208,7 @@ fn task_from_hash(ruby: &Ruby, t: Value, i: usize) -> Result<NewTask, Error> {
 }
 
 fn timeout(ruby: &Ruby, t: f64) -> Result<Duration, Error> {
-    crate::worker::secs(ruby, "timeout", t)
+    switchyard_core::client::duration_from_secs("timeout", t).map_err(|e| core_err(ruby, e))
 }
 
 /// The client half of the API; thread-safe.

@@ -12,6 +12,14 @@ use switchyard_core::{ChildSpec, Context};
 use crate::convert::{record_to_ruby, to_json, to_ruby};
 use crate::{block_step, guard};
 
+/// Seconds from Ruby for a durable operation, refused with
+/// `Switchyard::InvalidInput` when negative, NaN, infinite or over the
+/// core's maximum.
+fn in_secs(ruby: &Ruby, what: &str, s: f64) -> Result<Duration, Error> {
+    switchyard_core::client::duration_from_secs(what, s)
+        .map_err(|e| crate::errors::core_err(ruby, e))
+}
+
 /// Durable context handle given to Ruby handlers.
 #[magnus::wrap(class = "Switchyard::Context", free_immediately, size)]
 pub struct RbContext {
@@ -98,7 +106,7 @@ impl RbContext {
     ) -> Result<Value, Error> {
         guard(ruby, || {
             let t = match timeout {
-                Some(s) => Some(crate::worker::secs(ruby, "timeout", s)?),
+                Some(s) => Some(in_secs(ruby, "await_event timeout", s)?),
                 None => None,
             };
             let ctx = rb_self.ctx.clone();
@@ -109,7 +117,7 @@ impl RbContext {
 
     fn sleep(ruby: &Ruby, rb_self: &Self, seconds: f64) -> Result<(), Error> {
         guard(ruby, || {
-            let d: Duration = crate::worker::secs(ruby, "seconds", seconds)?;
+            let d: Duration = in_secs(ruby, "sleep duration", seconds)?;
             let ctx = rb_self.ctx.clone();
             block_step(ruby, async move { ctx.sleep(d).await })
         })

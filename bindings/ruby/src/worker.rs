@@ -429,8 +429,7 @@ fn tag_error(ruby: &Ruby, what: String) -> Error {
 fn opt_secs(v: Value) -> Option<Duration> {
     f64::try_convert(v)
         .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .and_then(switchyard_core::client::hint_secs)
 }
 
 fn opt_string(v: Value) -> Option<String> {

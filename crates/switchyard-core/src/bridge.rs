@@ -183,16 +183,14 @@ impl HandlerSpec {
     }
 }
 
-/// A duration given in seconds by a binding: finite and not negative, or
-/// an error naming `what`.
+/// A duration given in seconds by a binding: finite, not negative and at
+/// most [`crate::client::MAX_DURATION`], or an error naming `what` (the
+/// message of [`crate::client::duration_from_secs`]).
 pub fn seconds(what: &str, v: f64) -> Result<Duration, String> {
-    if v.is_finite() && v >= 0.0 {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(format!(
-            "{what} must be a non-negative number of seconds, got {v}"
-        ))
-    }
+    crate::client::duration_from_secs(what, v).map_err(|e| match e {
+        crate::Error::InvalidInput(m) => m,
+        other => other.to_string(),
+    })
 }
 
 /// `max_attempts` → `maxAttempts`, for bindings whose options are camelCase.

@@ -38,6 +38,71 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Longest duration accepted anywhere a user gives one (await timeouts,
+/// sleeps, handler timeouts, linger, backoff, lease, grace periods, waits):
+/// 100 years of 365.25 days. Longer ones are refused with
+/// [`Error::InvalidInput`]; they would overflow the stored millisecond
+/// deadlines (or panic in `Duration::from_secs_f64`) and mean "never"
+/// anyway.
+pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000);
+
+/// Turns a number of seconds given by a user (every binding's timeouts and
+/// sleeps) into a [`Duration`], refusing what cannot be one: NaN, infinite,
+/// negative, or longer than [`MAX_DURATION`]. The error is
+/// [`Error::InvalidInput`] naming `what` and the value.
+pub fn duration_from_secs(what: &str, secs: f64) -> Result<Duration> {
+    if !(secs.is_finite() && secs >= 0.0) {
+        return Err(Error::InvalidInput(format!(
+            "{what} must be a non-negative number of seconds, got {secs}"
+        )));
+    }
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(Error::InvalidInput(format!(
+            "{what} must be at most 100 years ({} s), got {secs}",
+            MAX_DURATION.as_secs()
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A delay hint given in seconds (a `retry_after`, a `Retry-After`
+/// header) where a bad value is ignored rather than refused: `None` for NaN
+/// or negative, at most [`MAX_DURATION`] (infinite included). Never panics.
+pub fn hint_secs(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(
+        secs.min(MAX_DURATION.as_secs_f64()),
+    ))
+}
+
+/// Refuses a [`Duration`] longer than [`MAX_DURATION`] with
+/// [`Error::InvalidInput`] naming `what` (Rust callers can pass
+/// `Duration::MAX`).
+pub fn check_duration(what: &str, d: Duration) -> Result<Duration> {
+    if d > MAX_DURATION {
+        return Err(Error::InvalidInput(format!(
+            "{what} must be at most 100 years ({} s), got {} s",
+            MAX_DURATION.as_secs(),
+            d.as_secs()
+        )));
+    }
+    Ok(d)
+}
+
+/// `now + d` in store milliseconds, refusing `d` over [`MAX_DURATION`] and
+/// any overflow with [`Error::InvalidInput`] naming `what`.
+pub fn deadline_after(what: &str, now: Millis, d: Duration) -> Result<Millis> {
+    let d = check_duration(what, d)?;
+    i64::try_from(d.as_millis())
+        .ok()
+        .and_then(|ms| now.checked_add(ms))
+        .ok_or_else(|| {
+            Error::InvalidInput(format!("{what} of {} s overflows the clock", d.as_secs()))
+        })
+}
+
 struct Counter(usize);
 
 impl Write for Counter {
@@ -123,6 +188,15 @@ impl Client {
                     "header `{k}` is longer than 8192 bytes"
                 )));
             }
+            // Header values are stored as text: NUL (which PostgreSQL text
+            // cannot hold) and other control characters are refused here,
+            // tabs allowed as in HTTP header values.
+            if v.chars().any(|c| c.is_control() && c != '\t') {
+                return Err(Error::InvalidInput(format!(
+                    "header `{k}` value `{}` contains control characters",
+                    v.escape_debug()
+                )));
+            }
         }
         Ok(())
     }
@@ -192,7 +266,7 @@ impl Client {
     /// In-process completions wake the wait at once; others are seen by
     /// polling the store.
     pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<TaskRecord> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + check_duration("wait timeout", timeout)?;
         let signals = self.store.signals().clone();
         let poll = self.store.poll_interval().min(Duration::from_millis(100));
         loop {

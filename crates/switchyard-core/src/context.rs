@@ -285,6 +285,9 @@ impl Context {
     /// deadline and the timeout are checkpointed, so replays agree.
     pub async fn await_event(&self, name: &str, timeout: Option<Duration>) -> StepResult<Value> {
         crate::client::validate_name("event name", name)?;
+        if let Some(t) = timeout {
+            crate::client::check_duration("await_event timeout", t)?;
+        }
         let key = self.next_key(&format!("$await:{}/{name}", self.inner.step.name));
         if let Some(v) = self.lookup(&key).await? {
             return match v.get("event") {
@@ -301,7 +304,8 @@ impl Context {
                 match self.lookup(&dkey).await?.and_then(|v| v.as_i64()) {
                     Some(d) => Some(d),
                     None => {
-                        let d = self.now().await? + t.as_millis() as i64;
+                        let now = self.now().await?;
+                        let d = crate::client::deadline_after("await_event timeout", now, t)?;
                         self.save(&dkey, json!(d)).await?;
                         Some(d)
                     }
@@ -329,12 +333,17 @@ impl Context {
 
     /// Durable sleep: suspends the step until `duration` after the first
     /// call (on the store's clock); survives restarts.
+    ///
+    /// A duration over [`crate::client::MAX_DURATION`] fails the step with
+    /// [`StepError::InvalidInput`].
     pub async fn sleep(&self, duration: Duration) -> StepResult<()> {
+        crate::client::check_duration("sleep duration", duration)?;
         let key = self.next_key(&format!("$sleep:{}", self.inner.step.name));
         let wake = match self.lookup(&key).await?.and_then(|v| v.as_i64()) {
             Some(w) => w,
             None => {
-                let w = self.now().await? + duration.as_millis() as i64;
+                let now = self.now().await?;
+                let w = crate::client::deadline_after("sleep duration", now, duration)?;
                 self.save(&key, json!(w)).await?;
                 w
             }
@@ -345,12 +354,22 @@ impl Context {
     /// Durable sleep until `at` (milliseconds since the epoch, store clock).
     ///
     /// The first call's `at` is checkpointed and wins on replay, so an `at`
-    /// computed from the wall clock on each run still wakes.
+    /// computed from the wall clock on each run still wakes. An `at` more
+    /// than [`crate::client::MAX_DURATION`] after now fails the step with
+    /// [`StepError::InvalidInput`].
     pub async fn sleep_until(&self, at: Millis) -> StepResult<()> {
         let key = self.next_key(&format!("$sleep:{}", self.inner.step.name));
         let wake = match self.lookup(&key).await?.and_then(|v| v.as_i64()) {
             Some(w) => w,
             None => {
+                let now = self.now().await?;
+                let limit =
+                    crate::client::deadline_after("sleep_until", now, crate::client::MAX_DURATION)?;
+                if at > limit {
+                    return Err(StepError::invalid_input(format!(
+                        "sleep_until: {at} ms since the epoch is more than 100 years from now ({now})"
+                    )));
+                }
                 self.save(&key, json!(at)).await?;
                 at
             }

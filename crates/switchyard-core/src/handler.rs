@@ -250,6 +250,39 @@ impl Decision {
         Ok(Self::Steps { steps, final_step })
     }
 
+    /// Checks every name a decision hands to the store (each step's `name`,
+    /// `handler` and `depends_on` entries, and `final_step`) with
+    /// [`crate::client::validate_name`]: non-empty, at most
+    /// [`crate::client::MAX_NAME_LEN`] bytes, no control characters (NUL
+    /// included). A store could not key on such a name (PostgreSQL text
+    /// holds no NUL and refuses the whole write batch), so the worker fails
+    /// the deciding step with this error before anything is written. The
+    /// error names the step by position and the field, e.g.
+    /// ``decision step #3 `name` contains control characters``.
+    pub fn validate_names(&self) -> crate::Result<()> {
+        use crate::client::validate_name;
+        let Self::Steps { steps, final_step } = self else {
+            return Ok(());
+        };
+        for (i, s) in steps.iter().enumerate() {
+            validate_name(&format!("decision step #{i} `name`"), &s.name)?;
+            validate_name(
+                &format!("decision step #{i} (`{}`) `handler`", s.name),
+                &s.handler,
+            )?;
+            for (j, d) in s.depends_on.iter().enumerate() {
+                validate_name(
+                    &format!("decision step #{i} (`{}`) `depends_on[{j}]`", s.name),
+                    d,
+                )?;
+            }
+        }
+        if let Some(f) = final_step {
+            validate_name("decision `final_step`", f)?;
+        }
+        Ok(())
+    }
+
     /// Fan-out: splits `total` items into cursor ranges of `batch_size`
     /// (`{"start", "end", "size", "index", "input"}`), each run as a parallel
     /// step of `handler` named `{handler}#{index}`, followed by a convergence
@@ -372,8 +405,7 @@ impl ApiError {
             .trim()
             .parse::<f64>()
             .ok()
-            .filter(|s| *s >= 0.0)
-            .map(Duration::from_secs_f64)
+            .and_then(crate::client::hint_secs)
     }
 }
 
@@ -437,7 +469,9 @@ impl RetryPolicy {
         } else {
             0.0
         };
-        Duration::from_secs_f64((base * (1.0 + self.jitter * spread)).max(0.0))
+        // A multiplier or jitter out of range (NaN, huge) must not panic:
+        // clamp to zero .. MAX_DURATION.
+        crate::client::hint_secs(base * (1.0 + self.jitter * spread)).unwrap_or_default()
     }
 }
 

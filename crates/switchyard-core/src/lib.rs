@@ -29,4 +29,5 @@ pub use handler::{
 };
 pub use worker::{
     wait_for_signal, RunningWorker, ShutdownSignals, Worker, WorkerBuilder, WorkerOptions,
+    DEFAULT_SHUTDOWN_FLUSH,
 };

@@ -11,6 +11,32 @@
 //! outcomes whose leases every heartbeat would renew. Claims and completions
 //! are batched. Rust-owned timers enforce handler timeouts and lease
 //! heartbeats; a handler that panics fails only its own step.
+//!
+//! Recording outcomes. An outcome no store could write fails only its own
+//! step: a decision's step, handler and dependency names are checked like
+//! every other name before anything is written
+//! ([`crate::Decision::validate_names`]); and when the store still refuses a
+//! whole batch of completions with an error that is not transient (the
+//! stores report refused data, such as PostgreSQL SQLSTATE classes 22, 23
+//! and 54, as [`Error::InvalidInput`]), the completer writes the batch in
+//! halves until the item that fails alone is found, and fails that step
+//! with the store's reason (`ErrorKind::InvalidInput`). If even that
+//! failure is refused it is logged and dropped; the step runs again when
+//! its lease expires. Transient store errors ([`Error::Store`]: lost
+//! connections, serialization failures, deadlocks) are retried with
+//! backoff for as long as the host runs, because nothing acknowledged may
+//! be lost.
+//!
+//! Stopping. [`RunningWorker::stop`] returns within
+//! [`WorkerOptions::shutdown_grace`] plus [`WorkerOptions::shutdown_flush`]
+//! (default [`DEFAULT_SHUTDOWN_FLUSH`], 10 s) plus about a second, even
+//! when the store does not answer: running steps get the grace period, then
+//! are cancelled and handed back; the outcomes they produced are recorded
+//! for at most the flush time, after which the completer stops retrying and
+//! logs (at error level) how many outcomes and which steps were not
+//! recorded. Those steps are still `running` in the store and become ready
+//! again when their leases expire. The last heartbeat and the host's
+//! deregistration are best effort within the same bound.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -31,6 +57,10 @@ use crate::handler::*;
 use crate::model::*;
 use crate::store::DynStore;
 
+/// Default of [`WorkerOptions::shutdown_flush`]: how long a stopping host
+/// keeps retrying to record outcomes in a failing store.
+pub const DEFAULT_SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
+
 /// Host-wide options.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -43,6 +73,12 @@ pub struct WorkerOptions {
     /// On shutdown, how long running steps may finish before they are
     /// cancelled and handed back.
     pub shutdown_grace: Duration,
+    /// On shutdown, after the grace period, how long the host keeps trying
+    /// to record the outcomes it holds while the store fails (default
+    /// [`DEFAULT_SHUTDOWN_FLUSH`]). Outcomes still unrecorded then are
+    /// dropped and logged; their steps become ready again when their leases
+    /// expire. See the module docs.
+    pub shutdown_flush: Duration,
     /// Most steps claimed per handler per claim.
     pub claim_batch: usize,
     /// Largest accepted payload (results, checkpoints, events, spawn inputs).
@@ -56,6 +92,7 @@ impl Default for WorkerOptions {
             lease: Duration::from_secs(30),
             heartbeat: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            shutdown_flush: DEFAULT_SHUTDOWN_FLUSH,
             claim_batch: 512,
             max_payload_bytes: crate::client::DEFAULT_MAX_PAYLOAD,
         }
@@ -133,6 +170,9 @@ pub(crate) struct Shared {
     slot_freed: Notify,
     stopping: CancellationToken,
     abort: CancellationToken,
+    /// Fired when a stopping host's flush budget is spent: the completer
+    /// stops retrying and drops what it could not record.
+    give_up: CancellationToken,
 }
 
 impl Shared {
@@ -219,6 +259,12 @@ impl WorkerBuilder {
     /// Graceful-shutdown deadline.
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.opts.shutdown_grace = d;
+        self
+    }
+    /// How long a stopping host keeps retrying to record its outcomes
+    /// while the store fails ([`WorkerOptions::shutdown_flush`]).
+    pub fn shutdown_flush(mut self, d: Duration) -> Self {
+        self.opts.shutdown_flush = d;
         self
     }
     /// Most steps per claim per handler.
@@ -310,6 +356,37 @@ impl WorkerBuilder {
         if self.opts.lease < Duration::from_millis(50) {
             return Err(Error::Config("lease must be at least 50 ms".into()));
         }
+        // Durations past the core's maximum would overflow millisecond
+        // arithmetic (a lease of `Duration::MAX` wrapped to a negative one).
+        let o = &self.opts;
+        let too_long = |what: &str, d: Duration| {
+            crate::client::check_duration(what, d)
+                .map(|_| ())
+                .map_err(|e| Error::Config(e.to_string()))
+        };
+        too_long("lease", o.lease)?;
+        too_long("heartbeat", o.heartbeat)?;
+        too_long("shutdown_grace", o.shutdown_grace)?;
+        too_long("shutdown_flush", o.shutdown_flush)?;
+        if o.concurrency == 0 || o.claim_batch == 0 {
+            return Err(Error::Config(
+                "concurrency and claim_batch must be at least 1".into(),
+            ));
+        }
+        for (name, _, h) in &self.regs {
+            if let Some(t) = h.timeout {
+                too_long(&format!("handler `{name}`: timeout"), t)?;
+            }
+            too_long(&format!("handler `{name}`: linger"), h.linger)?;
+            too_long(
+                &format!("handler `{name}`: initial_backoff"),
+                h.retry.initial_backoff,
+            )?;
+            too_long(
+                &format!("handler `{name}`: max_backoff"),
+                h.retry.max_backoff,
+            )?;
+        }
         Ok(Worker {
             store: self.store,
             opts: self.opts,
@@ -389,6 +466,7 @@ impl Worker {
             slot_freed: Notify::new(),
             stopping: CancellationToken::new(),
             abort: CancellationToken::new(),
+            give_up: CancellationToken::new(),
         });
         for reg in &shared.order {
             if let Capability::Batch(_) = reg.cap {
@@ -406,20 +484,54 @@ impl Worker {
         let s = shared.clone();
         let main = tokio::spawn(async move {
             s.stopping.cancelled().await;
-            let _ = claimer.await;
-            drain(&s).await;
+            let grace_end = tokio::time::Instant::now() + s.opts.shutdown_grace;
+            // The claimer returns as soon as it sees `stopping`, unless it
+            // is inside a claim that a failing store does not answer.
+            let mut claimer = claimer;
+            if tokio::time::timeout_at(grace_end, &mut claimer)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a claim did not return within the shutdown grace period; abandoning it (its steps return when their leases expire)");
+                claimer.abort();
+            }
+            drain(&s, grace_end).await;
+            // Record what the handlers produced, for at most `shutdown_flush`
+            // (the completer retries a failing store until then).
+            let flush_end = tokio::time::Instant::now() + s.opts.shutdown_flush;
             let (tx, rx) = oneshot::channel();
             let _ = s.completions.send(CompletionMsg::Flush(tx));
-            let _ = rx.await;
+            if tokio::time::timeout_at(flush_end, rx).await.is_err() {
+                s.give_up.cancel();
+            }
             beat_stop.cancel();
-            let _ = heart.await;
+            // The last heartbeat and the deregistration are best effort: a
+            // store that does not answer gets until the flush deadline (at
+            // least a second) before the host stops without them.
+            let best_effort_end =
+                flush_end.max(tokio::time::Instant::now() + Duration::from_secs(1));
+            let mut heart = heart;
+            if tokio::time::timeout_at(best_effort_end, &mut heart)
+                .await
+                .is_err()
+            {
+                heart.abort();
+            }
             cancels.abort();
             for reg in &s.order {
                 reg.batch_tx.lock().take();
             }
-            if let Err(e) = s.store().deregister_host(&s.env.host.id).await {
-                tracing::warn!(error = %e, "could not deregister host");
+            match tokio::time::timeout_at(
+                best_effort_end,
+                s.store().deregister_host(&s.env.host.id),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not deregister host"),
+                Err(_) => tracing::warn!("could not deregister host: the store did not answer"),
             }
+            s.give_up.cancel();
             completer.abort();
             tracing::info!(host = %s.env.host.id, "host stopped");
         });
@@ -1024,14 +1136,28 @@ async fn finish(
                 result: v,
             })
         }
-        RunEnd::Finished(Ok(Output::Decision(Decision::Steps { steps, final_step }))) => {
-            let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
-            let result = json!({ "created": names });
-            Some(Resolution::Decided {
-                steps,
-                final_step,
-                result,
-            })
+        RunEnd::Finished(Ok(Output::Decision(d @ Decision::Steps { .. }))) => {
+            // A name no store can key on fails this step alone, before it
+            // reaches a write batch shared with other steps' outcomes.
+            if let Err(e) = d.validate_names() {
+                Some(Resolution::Failed(error_info(
+                    ErrorKind::InvalidInput,
+                    e.to_string(),
+                    None,
+                    step.attempt,
+                )))
+            } else {
+                let Decision::Steps { steps, final_step } = d else {
+                    unreachable!("matched above")
+                };
+                let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+                let result = json!({ "created": names });
+                Some(Resolution::Decided {
+                    steps,
+                    final_step,
+                    result,
+                })
+            }
         }
         RunEnd::Finished(Err(StepError::Suspend(wait))) => Some(Resolution::Suspended(wait)),
         RunEnd::Finished(Err(StepError::LeaseLost)) => None,
@@ -1139,9 +1265,11 @@ async fn retry_or_fail(
         Ok(n) => n,
         Err(_) => crate::clock::Clock::now(&crate::clock::SystemClock),
     };
+    // A `retry_after` of `Duration::MAX` from Rust code must not wrap.
+    let delay = delay.min(crate::client::MAX_DURATION).as_millis() as i64;
     Resolution::Retry {
         error: error_info(kind, message, trace, step.attempt),
-        run_at: now + delay.as_millis() as i64,
+        run_at: now.saturating_add(delay),
     }
 }
 
@@ -1170,62 +1298,12 @@ async fn completer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completi
         }
         if !buf.is_empty() {
             let taken = buf.len();
-            let mut delay = Duration::from_millis(20);
-            loop {
-                match shared.store().complete(buf.clone()).await {
-                    Ok(results) => {
-                        let mut refused = Vec::new();
-                        for (c, r) in buf.iter().zip(results) {
-                            match r {
-                                // The outcome itself is invalid (a decision naming an
-                                // unknown dependency, a result over the size limit):
-                                // the step fails at once with the reason.
-                                Err(
-                                    e @ (Error::InvalidInput(_) | Error::PayloadTooLarge { .. }),
-                                ) if !matches!(c.resolution, Resolution::Failed(_)) => {
-                                    tracing::warn!(step = %c.lease.step_id, error = %e, "outcome refused; failing the step");
-                                    let error = error_info(
-                                        ErrorKind::InvalidInput,
-                                        e.to_string(),
-                                        None,
-                                        c.lease.attempt,
-                                    );
-                                    refused.push(Completion {
-                                        lease: c.lease.clone(),
-                                        resolution: Resolution::Failed(error),
-                                    });
-                                }
-                                Err(e) => {
-                                    tracing::warn!(step = %c.lease.step_id, error = %e, "completion rejected")
-                                }
-                                Ok(_) => {}
-                            }
-                        }
-                        if refused.is_empty() {
-                            break;
-                        }
-                        {
-                            let mut running = shared.running.lock();
-                            for c in &buf {
-                                running.remove(&lease_run(&c.lease));
-                            }
-                        }
-                        buf = refused;
-                        delay = Duration::from_millis(20);
-                        continue;
-                    }
-                    Err(e) => {
-                        // Nothing acknowledged may be lost: keep the batch and retry.
-                        tracing::warn!(error = %e, n = buf.len(), "recording completions failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            let runs: Vec<RunRef> = buf.iter().map(|c| lease_run(&c.lease)).collect();
+            record(&shared, std::mem::take(&mut buf)).await;
             {
                 let mut running = shared.running.lock();
-                for c in buf.drain(..) {
-                    running.remove(&lease_run(&c.lease));
+                for run in &runs {
+                    running.remove(run);
                 }
             }
             shared.pending.fetch_sub(taken, Ordering::AcqRel);
@@ -1235,6 +1313,134 @@ async fn completer(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completi
         for f in flushes.drain(..) {
             let _ = f.send(());
         }
+    }
+}
+
+/// Whether a failed `complete` is worth retrying with the same batch: the
+/// store could not be reached or the transaction lost a race (deadlock,
+/// serialization failure, lock timeout), reported as [`Error::Store`].
+/// Anything else (the stores report refused data as
+/// [`Error::InvalidInput`]) means some item of the batch cannot be written.
+fn transient(e: &Error) -> bool {
+    matches!(e, Error::Store(_) | Error::Timeout(_) | Error::Shutdown)
+}
+
+/// Records one batch of outcomes.
+///
+/// * A transient failure retries the same batch with backoff, for as long
+///   as it takes, until a stopping host's flush budget is spent
+///   ([`Shared::give_up`]); then what is left is dropped and logged.
+/// * A batch the store refuses outright is split in halves, each written
+///   alone, so that only the outcome the store cannot take fails: alone, it
+///   becomes a `Failed` resolution of its step with the store's reason.
+/// * An item refused by the store (per-item error) with invalid input fails
+///   its step the same way.
+/// * A `Failed` resolution that is refused too is dropped and logged; the
+///   step's lease expires and it runs again.
+async fn record(shared: &Shared, batch: Vec<Completion>) {
+    // Parts still to write, the next one last (so the batch's order holds).
+    let mut todo: Vec<Vec<Completion>> = vec![batch];
+    let mut delay = Duration::from_millis(20);
+    while let Some(part) = todo.pop() {
+        let outcome = tokio::select! {
+            biased;
+            r = shared.store().complete(part.clone()) => Some(r),
+            _ = shared.give_up.cancelled() => None,
+        };
+        let result = match outcome {
+            Some(r) => r,
+            None => {
+                todo.push(part);
+                log_dropped(&todo);
+                return;
+            }
+        };
+        match result {
+            Ok(results) => {
+                delay = Duration::from_millis(20);
+                let mut refused = Vec::new();
+                for (c, r) in part.iter().zip(results) {
+                    match r {
+                        // The outcome itself is invalid (a decision naming an
+                        // unknown dependency, a result over the size limit):
+                        // the step fails at once with the reason.
+                        Err(e @ (Error::InvalidInput(_) | Error::PayloadTooLarge { .. }))
+                            if !matches!(c.resolution, Resolution::Failed(_)) =>
+                        {
+                            tracing::warn!(step = %c.lease.step_id, error = %e, "outcome refused; failing the step");
+                            refused.push(refused_outcome(c, &e));
+                        }
+                        Err(e) => {
+                            tracing::warn!(step = %c.lease.step_id, error = %e, "completion rejected")
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                if !refused.is_empty() {
+                    todo.push(refused);
+                }
+            }
+            Err(e) if transient(&e) => {
+                // Nothing acknowledged may be lost: keep the batch and retry
+                // (until a stopping host's flush budget is spent).
+                tracing::warn!(error = %e, n = part.len(), "recording completions failed; retrying");
+                todo.push(part);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.give_up.cancelled() => {
+                        log_dropped(&todo);
+                        return;
+                    }
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) if part.len() > 1 => {
+                // Some item poisons the whole write: write the halves alone.
+                tracing::warn!(error = %e, n = part.len(), "the store refused a batch of completions; recording its items in smaller batches");
+                let mut first = part;
+                let second = first.split_off(first.len() / 2);
+                todo.push(second);
+                todo.push(first);
+            }
+            Err(e) => {
+                let c = &part[0];
+                if matches!(c.resolution, Resolution::Failed(_)) {
+                    tracing::error!(step = %c.lease.step_id, error = %e, "the store refused to record a step's failure; dropping it (the step runs again when its lease expires)");
+                } else {
+                    tracing::warn!(step = %c.lease.step_id, error = %e, "outcome refused; failing the step");
+                    todo.push(vec![refused_outcome(c, &e)]);
+                }
+            }
+        }
+    }
+}
+
+/// The `Failed` resolution recorded instead of an outcome the store refused.
+fn refused_outcome(c: &Completion, e: &Error) -> Completion {
+    Completion {
+        lease: c.lease.clone(),
+        resolution: Resolution::Failed(error_info(
+            ErrorKind::InvalidInput,
+            e.to_string(),
+            None,
+            c.lease.attempt,
+        )),
+    }
+}
+
+/// Logs the outcomes a stopping host drops once its flush budget is spent.
+fn log_dropped(left: &[Vec<Completion>]) {
+    let steps: Vec<String> = left
+        .iter()
+        .flatten()
+        .map(|c| c.lease.step_id.to_string())
+        .collect();
+    if !steps.is_empty() {
+        tracing::error!(
+            outcomes = steps.len(),
+            steps = %steps.join(", "),
+            "shutdown flush time spent and the store still fails; these outcomes were not recorded (their steps become ready again when their leases expire)"
+        );
     }
 }
 
@@ -1279,8 +1485,7 @@ async fn cancel_listener(shared: Arc<Shared>) {
 
 /// Waits for running steps up to the grace period, then cancels the rest
 /// (they are handed back with `Released`).
-async fn drain(shared: &Arc<Shared>) {
-    let deadline = tokio::time::Instant::now() + shared.opts.shutdown_grace;
+async fn drain(shared: &Arc<Shared>, deadline: tokio::time::Instant) {
     loop {
         let freed = shared.slot_freed.notified();
         tokio::pin!(freed);

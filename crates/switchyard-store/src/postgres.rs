@@ -358,13 +358,26 @@ impl From<Error> for Fail {
 
 type DbResult<T> = std::result::Result<T, Fail>;
 
+/// The error a failed statement leaves the store as. SQLSTATE classes 22
+/// (data exception: a NUL in text, a value out of range), 23 (integrity
+/// constraint violation) and 54 (program limit exceeded: a key too long to
+/// index) mean the data written was refused and writing it again cannot
+/// succeed: they become [`Error::InvalidInput`], so a caller writing a batch
+/// (the worker's completer) can tell the batch holds a poison item and
+/// write the items alone instead of retrying the batch. Everything else
+/// (lost connections, serialization failures, deadlocks, lock timeouts,
+/// shutdowns) stays [`Error::Store`], which callers retry.
 fn pg_error(op: &str, e: &tokio_postgres::Error) -> Error {
     match e.as_db_error() {
-        Some(db) => Error::Store(format!(
-            "postgres {op}: {} ({})",
-            db.message(),
-            db.code().code()
-        )),
+        Some(db) => {
+            let code = db.code().code();
+            let msg = format!("postgres {op}: {} ({code})", db.message());
+            if matches!(code.get(..2), Some("22" | "23" | "54")) {
+                Error::InvalidInput(msg)
+            } else {
+                Error::Store(msg)
+            }
+        }
         None => Error::Store(format!("postgres {op}: {e}")),
     }
 }

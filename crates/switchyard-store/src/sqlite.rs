@@ -241,6 +241,21 @@ impl From<Error> for Fail {
 impl Fail {
     fn into_error(self, op: &str) -> Error {
         match self {
+            // The data was refused (a constraint, a value too big or of the
+            // wrong type): writing it again cannot succeed, so it is not
+            // reported as a (retryable) store error; see `pg_error` in the
+            // PostgreSQL store.
+            Fail::Sql(rusqlite::Error::SqliteFailure(f, m))
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::ConstraintViolation
+                        | rusqlite::ErrorCode::TooBig
+                        | rusqlite::ErrorCode::TypeMismatch
+                ) =>
+            {
+                let e = rusqlite::Error::SqliteFailure(f, m);
+                Error::InvalidInput(format!("sqlite {op}: {e}"))
+            }
             Fail::Sql(e) => Error::Store(format!("sqlite {op}: {e}")),
             Fail::App(e) => e,
         }

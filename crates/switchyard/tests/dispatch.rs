@@ -33,6 +33,7 @@ store_tests!(
     decision_complete_finishes_the_task,
     decision_fan_out,
     invalid_decision_fails_with_invalid_input,
+    unstorable_decision_names_fail_only_their_step,
     api_classification,
     api_rate_limit_all_complete,
     api_rate_limit_holds_back_when_bucket_is_empty,
@@ -572,6 +573,123 @@ async fn decision_fan_out(env: Env) {
         json!({ "names": ["part#0", "part#1", "part#2"], "sum": 45, "batches": 3, "total": 10 })
     );
     assert_eq!(env.detail(id).await.steps.len(), 5);
+    w.stop().await;
+}
+
+/// Issue item 4: a decision naming a step, handler or dependency with a NUL
+/// or a 3 KB name (which PostgreSQL refuses for the whole completion batch)
+/// fails only its own step with `InvalidInput` naming the field; the other
+/// decisions finishing at the same time (so recorded in the same batches)
+/// create their steps.
+async fn unstorable_decision_names_fail_only_their_step(env: Env) {
+    let long = "n".repeat(3000);
+    // (name, handler, dependency of the second step, expected message parts)
+    let cases: Vec<(String, String, String, [&str; 2])> = vec![
+        (
+            "a\0b".into(),
+            "noop".into(),
+            "x".into(),
+            ["decision step #0 `name`", "control characters"],
+        ),
+        (
+            long.clone(),
+            "noop".into(),
+            "x".into(),
+            ["decision step #0 `name`", "3000 bytes long"],
+        ),
+        (
+            "x".into(),
+            "no\0op".into(),
+            "x".into(),
+            ["decision step #0 (`x`) `handler`", "control characters"],
+        ),
+        (
+            "x".into(),
+            long.clone(),
+            "x".into(),
+            ["decision step #0 (`x`) `handler`", "3000 bytes long"],
+        ),
+        (
+            "x".into(),
+            "noop".into(),
+            "gh\0st".into(),
+            [
+                "decision step #1 (`y`) `depends_on[0]`",
+                "control characters",
+            ],
+        ),
+        (
+            "x".into(),
+            "noop".into(),
+            long.clone(),
+            ["decision step #1 (`y`) `depends_on[0]`", "3000 bytes long"],
+        ),
+    ];
+    let good = 6;
+    let all = cases.len() + good;
+    let decided = Arc::new(tokio::sync::Barrier::new(all));
+    let w = env
+        .worker()
+        .decision("plan", HandlerOptions::default(), move |input, _| {
+            let decided = decided.clone();
+            async move {
+                let s = |k: &str| input[k].as_str().unwrap().to_string();
+                // Every decision returns at once, so outcomes share batches.
+                decided.wait().await;
+                Ok(Decision::steps(vec![
+                    NewStep {
+                        name: s("name"),
+                        handler: s("handler"),
+                        input: json!(1),
+                        depends_on: vec![],
+                    },
+                    NewStep {
+                        name: "y".into(),
+                        handler: "noop".into(),
+                        input: json!(2),
+                        depends_on: vec![s("dep")],
+                    },
+                ]))
+            }
+        })
+        .step("noop", HandlerOptions::default(), |input, _| async move {
+            Ok(input)
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let mut bad = Vec::new();
+    for (name, handler, dep, _) in &cases {
+        let input = json!({ "name": name, "handler": handler, "dep": dep });
+        bad.push(env.client.spawn("plan", input).await.unwrap());
+    }
+    let mut fine = Vec::new();
+    for _ in 0..good {
+        let input = json!({ "name": "x", "handler": "noop", "dep": "x" });
+        fine.push(env.client.spawn("plan", input).await.unwrap());
+    }
+    for (id, (.., want)) in bad.iter().zip(&cases) {
+        let t = env.finished(*id).await;
+        assert_eq!(t.state, TaskState::Failed, "{want:?}");
+        let e = t.error.unwrap();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{want:?}: {}", e.message);
+        for part in want {
+            assert!(
+                e.message.contains(part),
+                "`{}` should mention `{part}`",
+                e.message
+            );
+        }
+        let d = env.detail(*id).await;
+        assert_eq!(d.steps.len(), 1, "nothing of the decision was written");
+        assert_eq!(d.steps[0].state, StepState::Failed);
+    }
+    for id in fine {
+        assert_eq!(env.result(id).await, json!(2));
+        assert_eq!(env.detail(id).await.steps.len(), 3);
+    }
     w.stop().await;
 }
 

@@ -28,6 +28,7 @@ store_tests!(
     await_timeout_is_checkpointed,
     sleep_resumes_only_after_the_clock_passes,
     sleep_until_keeps_the_first_deadline_on_replay,
+    absurd_durations_fail_the_step_without_panicking,
     emit_from_inside_a_handler,
     spawned_child_is_idempotent_on_replay,
     delegate_and_delegate_parallel,
@@ -455,6 +456,76 @@ async fn sleep_until_keeps_the_first_deadline_on_replay(env: Env) {
     at.store(t0 + 60_000, std::sync::atomic::Ordering::SeqCst);
     env.advance(30_000);
     assert_eq!(env.result(id).await, json!("rang"));
+    w.stop().await;
+}
+
+/// Issue item 5: await timeouts and sleeps that are negative, NaN,
+/// infinite or absurdly long (1e17 s overflowed the stored deadline; 1e20 s
+/// and `Duration::MAX` panicked) fail the step with `InvalidInput` naming
+/// the argument; nothing panics. Seconds go through
+/// `client::duration_from_secs`, the function every binding uses.
+async fn absurd_durations_fail_the_step_without_panicking(env: Env) {
+    use switchyard::client::duration_from_secs;
+    let cases: Vec<&str> = vec![
+        "await -1",
+        "await NaN",
+        "await inf",
+        "await 1e17",
+        "await 1e20",
+        "await MAX",
+        "sleep -1",
+        "sleep NaN",
+        "sleep inf",
+        "sleep 1e17",
+        "sleep 1e20",
+        "sleep MAX",
+        "sleep_until i64::MAX",
+    ];
+    let w = env
+        .worker()
+        .step("wait", HandlerOptions::default(), |input, ctx| async move {
+            let case = input.as_str().unwrap().to_string();
+            let (op, arg) = case.split_once(' ').unwrap();
+            let d = match arg {
+                "MAX" => Duration::MAX,
+                "1e17" => Duration::from_secs(100_000_000_000_000_000),
+                "i64::MAX" => return ctx.sleep_until(i64::MAX).await.map(|()| json!("woke")),
+                n => duration_from_secs(&format!("{op} duration"), n.parse().unwrap())?,
+            };
+            match op {
+                "await" => ctx.await_event("never", Some(d)).await,
+                _ => ctx.sleep(d).await.map(|()| json!("woke")),
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for case in &cases {
+        ids.push(env.client.spawn("wait", json!(case)).await.unwrap());
+    }
+    for (id, case) in ids.into_iter().zip(&cases) {
+        let t = env.finished(id).await;
+        assert_eq!(t.state, TaskState::Failed, "{case}");
+        let e = t.error.unwrap();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{case}: {}", e.message);
+        let (op, arg) = case.split_once(' ').unwrap();
+        let what = match (op, arg) {
+            ("sleep_until", _) => "sleep_until",
+            ("await", "1e17" | "MAX") => "await_event timeout",
+            ("sleep", "1e17" | "MAX") => "sleep duration",
+            _ => op,
+        };
+        assert!(e.message.contains(what), "{case}: {}", e.message);
+        let why = match arg {
+            "-1" | "NaN" | "inf" => "must be a non-negative number of seconds",
+            "sleep_until" | "i64::MAX" => "more than 100 years",
+            _ => "at most 100 years",
+        };
+        assert!(e.message.contains(why), "{case}: {}", e.message);
+    }
     w.stop().await;
 }
 
