@@ -225,8 +225,9 @@ pub trait Store: Send + Sync + 'static {
     /// Cancels a running task: state `cancelled`, every non-terminal step
     /// `cancelled` (running ones are announced on [`Signals::cancelled`] and
     /// reported as lost by the next heartbeat), task finish applies. With
-    /// `cascade`, unfinished descendants are cancelled too. Returns false if
-    /// the task had already finished; [`Error::NotFound`] if it does not exist.
+    /// `cascade`, unfinished descendants are cancelled too, also when the
+    /// task itself had already finished. Returns false if the task had
+    /// already finished; [`Error::NotFound`] if it does not exist.
     async fn cancel_task(&self, id: TaskId, cascade: bool) -> Result<bool>;
 
     /// Re-runs a `failed` or `cancelled` task: state `running`, error

@@ -2830,6 +2830,24 @@ pub async fn cancel_task_cascade(factory: Factory) {
         "another tree is untouched"
     );
     expect_announced(&mut rx, &[pp2.step_id, c2s.step_id]).await;
+
+    // A parent that already finished: the cascade still reaches its
+    // unfinished descendants (the call answers false for the parent).
+    let p3 = h.spawn_handler("cc_parent").await;
+    let pp3 = h.claim_one("cc_parent").await;
+    let c4 = h.spawn_child("cc_child", &pp3, None, 0).await;
+    h.resolve(&pp3, Resolution::Completed(json!("parent done")))
+        .await;
+    assert_eq!(h.task(p3).await.state, TaskState::Completed);
+    assert!(!h.store.cancel_task(p3, false).await.unwrap());
+    assert_eq!(h.task(c4).await.state, TaskState::Running, "no cascade asked");
+    assert!(!h.store.cancel_task(p3, true).await.unwrap());
+    assert_eq!(h.task(c4).await.state, TaskState::Cancelled);
+    assert_eq!(
+        h.task(p3).await.state,
+        TaskState::Completed,
+        "the finished parent keeps its outcome"
+    );
 }
 
 /// `retry_task` on a failed or cancelled task: `running`, error cleared;

@@ -1030,10 +1030,11 @@ impl Inner {
             .tasks
             .get(&id)
             .ok_or_else(|| Error::NotFound(format!("task {id}")))?;
-        if task.rec.state.is_terminal() {
-            return Ok(false);
+        let running = !task.rec.state.is_terminal();
+        if running {
+            self.cancel_one(id, now, fx);
         }
-        self.cancel_one(id, now, fx);
+        // A cascade reaches the unfinished descendants of a finished task too.
         if cascade {
             let mut stack = self.tasks[&id].children.clone();
             while let Some(child) = stack.pop() {
@@ -1046,7 +1047,7 @@ impl Inner {
                 }
             }
         }
-        Ok(true)
+        Ok(running)
     }
 
     fn retry_task(&mut self, id: TaskId, now: Millis, fx: &mut Effects) -> Result<()> {

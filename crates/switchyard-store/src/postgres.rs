@@ -2102,22 +2102,25 @@ async fn cancel_tx(
     let meta = task_meta(c, id.0)
         .await?
         .ok_or_else(|| Fail::App(Error::NotFound(format!("task {id}"))))?;
-    if !meta.running {
+    if !meta.running && !cascade {
         return Ok(false);
     }
     let error = cancelled_error();
-    cancel_live_steps(c, now, fx, id.0).await?;
-    finish_task(
-        c,
-        now,
-        fx,
-        id.0,
-        &meta,
-        TaskState::Cancelled,
-        None,
-        Some(&error),
-    )
-    .await?;
+    if meta.running {
+        cancel_live_steps(c, now, fx, id.0).await?;
+        finish_task(
+            c,
+            now,
+            fx,
+            id.0,
+            &meta,
+            TaskState::Cancelled,
+            None,
+            Some(&error),
+        )
+        .await?;
+    }
+    // A cascade reaches the unfinished descendants of a finished task too.
     if cascade {
         let mut queue = vec![id.0];
         // Finished children are walked too: they may have unfinished children.
@@ -2150,7 +2153,7 @@ async fn cancel_tx(
             }
         }
     }
-    Ok(true)
+    Ok(meta.running)
 }
 
 async fn retry_tx(c: &mut Conn, now: Millis, fx: &mut Effects, id: TaskId) -> DbResult<()> {

@@ -2077,21 +2077,24 @@ fn cancel_tx(
 ) -> DbResult<bool> {
     let meta =
         task_meta(conn, id)?.ok_or_else(|| Fail::App(Error::NotFound(format!("task {id}"))))?;
-    if !meta.running {
+    if !meta.running && !cascade {
         return Ok(false);
     }
     let error = cancelled_error();
-    cancel_live_steps(conn, now, fx, id)?;
-    finish_task(
-        conn,
-        now,
-        fx,
-        id,
-        &meta,
-        TaskState::Cancelled,
-        None,
-        Some(&error),
-    )?;
+    if meta.running {
+        cancel_live_steps(conn, now, fx, id)?;
+        finish_task(
+            conn,
+            now,
+            fx,
+            id,
+            &meta,
+            TaskState::Cancelled,
+            None,
+            Some(&error),
+        )?;
+    }
+    // A cascade reaches the unfinished descendants of a finished task too.
     if cascade {
         let mut children = conn.prepare_cached("SELECT id FROM tasks WHERE parent_task_id = ?1")?;
         let mut queue = vec![id];
@@ -2119,7 +2122,7 @@ fn cancel_tx(
             }
         }
     }
-    Ok(true)
+    Ok(meta.running)
 }
 
 /// Deletes up to `batch` finished tasks older than `before` whose parent task
