@@ -8,6 +8,9 @@
 //!   second call with the same name in one run under `{step}/charge#2`.
 //! * awaits, sleeps, spawns and delegations use `$`-prefixed keys the same way.
 //!
+//! Keys are structural (see [`crate::keys`]): no step name, checkpoint name
+//! or event name can stand for another one, an occurrence or an internal key.
+//!
 //! A suspension is returned as [`StepError::Suspend`]: handlers propagate it
 //! with `?`, which unwinds the run and frees the host slot.
 
@@ -174,16 +177,13 @@ impl Context {
         &self.inner.env.store
     }
 
-    /// The next key for `base` in this run: `base`, then `base#2`, ...
-    fn next_key(&self, base: &str) -> String {
+    /// The next key for `base` (a first-occurrence key from
+    /// [`crate::keys`]) in this run: `base`, then `base#2`, ...
+    fn next_key(&self, base: String) -> String {
         let mut c = self.inner.counters.lock();
-        let n = c.entry(base.to_string()).or_insert(0);
+        let n = c.entry(base.clone()).or_insert(0);
         *n += 1;
-        if *n == 1 {
-            base.to_string()
-        } else {
-            format!("{base}#{n}")
-        }
+        crate::keys::occurrence(&base, *n)
     }
 
     async fn lookup(&self, key: &str) -> StepResult<Option<Value>> {
@@ -231,16 +231,16 @@ impl Context {
     /// if any. With [`Self::checkpoint_save`] this is the building block for
     /// bindings, whose `fn` runs in another language.
     pub async fn checkpoint_lookup(&self, name: &str) -> StepResult<(String, Option<Value>)> {
-        if name.is_empty() || name.starts_with('$') {
-            return Err(StepError::invalid_input(format!(
-                "checkpoint name `{name}` must be non-empty and not start with `$`"
-            )));
+        if name.is_empty() {
+            return Err(StepError::invalid_input(
+                "checkpoint name must be non-empty",
+            ));
         }
         // Names are keys in every store; one that a store cannot index or
         // store (PostgreSQL text holds no NUL) must fail this step alone,
         // before it reaches a write batch shared with other steps.
         crate::client::validate_name("checkpoint name", name)?;
-        let key = self.next_key(&format!("{}/{name}", self.inner.step.name));
+        let key = self.next_key(crate::keys::checkpoint(&self.inner.step.name, name));
         let v = self.lookup(&key).await?;
         Ok((key, v))
     }
@@ -288,7 +288,7 @@ impl Context {
         if let Some(t) = timeout {
             crate::client::check_duration("await_event timeout", t)?;
         }
-        let key = self.next_key(&format!("$await:{}/{name}", self.inner.step.name));
+        let key = self.next_key(crate::keys::await_event(&self.inner.step.name, name));
         if let Some(v) = self.lookup(&key).await? {
             return match v.get("event") {
                 Some(p) => Ok(p.clone()),
@@ -300,7 +300,7 @@ impl Context {
         let deadline = match timeout {
             None => None,
             Some(t) => {
-                let dkey = format!("{key}:deadline");
+                let dkey = crate::keys::deadline(&key);
                 match self.lookup(&dkey).await?.and_then(|v| v.as_i64()) {
                     Some(d) => Some(d),
                     None => {
@@ -338,7 +338,7 @@ impl Context {
     /// [`StepError::InvalidInput`].
     pub async fn sleep(&self, duration: Duration) -> StepResult<()> {
         crate::client::check_duration("sleep duration", duration)?;
-        let key = self.next_key(&format!("$sleep:{}", self.inner.step.name));
+        let key = self.next_key(crate::keys::internal("sleep", &self.inner.step.name));
         let wake = match self.lookup(&key).await?.and_then(|v| v.as_i64()) {
             Some(w) => w,
             None => {
@@ -358,7 +358,7 @@ impl Context {
     /// than [`crate::client::MAX_DURATION`] after now fails the step with
     /// [`StepError::InvalidInput`].
     pub async fn sleep_until(&self, at: Millis) -> StepResult<()> {
-        let key = self.next_key(&format!("$sleep:{}", self.inner.step.name));
+        let key = self.next_key(crate::keys::internal("sleep", &self.inner.step.name));
         let wake = match self.lookup(&key).await?.and_then(|v| v.as_i64()) {
             Some(w) => w,
             None => {
@@ -418,7 +418,7 @@ impl Context {
     /// Spawns a child task that the step does not wait for. Replays return
     /// the same child (the spawn is idempotent by call order).
     pub async fn spawn(&self, handler: &str, input: Value) -> StepResult<TaskId> {
-        let key = self.next_key(&format!("$spawn:{}", self.inner.step.name));
+        let key = self.next_key(crate::keys::internal("spawn", &self.inner.step.name));
         let idem = format!("{}/{key}", self.task_id());
         let parent = ParentRef {
             task_id: self.task_id(),
@@ -442,9 +442,19 @@ impl Context {
         &self,
         children: Vec<ChildSpec>,
     ) -> StepResult<Vec<ChildOutcome>> {
-        let key = self.next_key(&format!("$group:{}", self.inner.step.name));
-        let group = format!("{}/{key}", self.task_id());
-        if self.lookup(&key).await?.is_none() {
+        let key = self.next_key(crate::keys::internal("group", &self.inner.step.name));
+        // A replay uses the group it recorded (its name is derived from the
+        // key when the group is made).
+        let recorded = self.lookup(&key).await?;
+        let group = match recorded
+            .as_ref()
+            .and_then(|v| v.get("group"))
+            .and_then(Value::as_str)
+        {
+            Some(g) => g.to_string(),
+            None => format!("{}/{key}", self.task_id()),
+        };
+        if recorded.is_none() {
             let mut tasks = Vec::with_capacity(children.len());
             for (i, c) in children.into_iter().enumerate() {
                 let parent = ParentRef {

@@ -2840,7 +2840,11 @@ pub async fn cancel_task_cascade(factory: Factory) {
         .await;
     assert_eq!(h.task(p3).await.state, TaskState::Completed);
     assert!(!h.store.cancel_task(p3, false).await.unwrap());
-    assert_eq!(h.task(c4).await.state, TaskState::Running, "no cascade asked");
+    assert_eq!(
+        h.task(c4).await.state,
+        TaskState::Running,
+        "no cascade asked"
+    );
     assert!(!h.store.cancel_task(p3, true).await.unwrap());
     assert_eq!(h.task(c4).await.state, TaskState::Cancelled);
     assert_eq!(

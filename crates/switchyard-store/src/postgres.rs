@@ -312,7 +312,42 @@ ALTER TABLE sy_steps ADD COLUMN run bigint NOT NULL DEFAULT 0;
 UPDATE sy_steps SET run = attempt WHERE state = 'running';
 ALTER TABLE sy_checkpoints RENAME COLUMN attempt TO run;
 "#,
+    // 8: structural replay keys (`switchyard_core::keys`). The keys whose
+    // names need escaping are rewritten by `upgrade_checkpoint_keys` in the
+    // same transaction; this statement only records the step.
+    "SELECT 1;",
 ];
+
+/// The schema version whose migration rewrites checkpoint keys.
+const KEYS_VERSION: usize = 8;
+
+/// Rewrites the checkpoint keys of older versions into structural keys
+/// (`switchyard_core::keys::upgrade_legacy`, which needs the name of the
+/// step that wrote each one). Only keys with a character that is escaped
+/// now can change, so only those are read.
+async fn upgrade_checkpoint_keys(c: &mut Conn) -> DbResult<()> {
+    let rows = c
+        .client
+        .query(
+            "SELECT c.task_id, c.key, s.name FROM sy_checkpoints c JOIN sy_steps s ON s.id = c.step_id \
+             WHERE c.key ~ '[\\\\#:$]' OR s.name ~ '[\\\\#$]' OR c.key ~ '/.*/'",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        let (task, key, step): (Uuid, String, String) = (r.get(0), r.get(1), r.get(2));
+        let new = switchyard_core::keys::upgrade_legacy(&key, &step);
+        if new != key {
+            c.client
+                .execute(
+                    "UPDATE sy_checkpoints SET key = $3 WHERE task_id = $1 AND key = $2",
+                    &[&task, &key, &new],
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
 
 /// Retention (see [`Store::cleanup`]): up to `$2` finished tasks older than
 /// `$1` whose parent task is gone, with their steps, dependencies and
@@ -1140,6 +1175,9 @@ async fn apply_migrations(c: &mut Conn, now: Option<Millis>) -> DbResult<u32> {
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
             c.client.batch_execute(sql).await?;
+            if i + 1 == KEYS_VERSION {
+                upgrade_checkpoint_keys(c).await?;
+            }
             c.client
                 .execute(
                     &format!(

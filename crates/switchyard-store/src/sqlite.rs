@@ -212,7 +212,35 @@ ALTER TABLE steps ADD COLUMN run INTEGER NOT NULL DEFAULT 0;
 UPDATE steps SET run = attempt;
 ALTER TABLE checkpoints RENAME COLUMN attempt TO run;
 "#,
+    // 4: structural replay keys (`switchyard_core::keys`). The keys whose
+    // names need escaping are rewritten by `upgrade_checkpoint_keys` in the
+    // same transaction; this statement only records the step.
+    "SELECT 1;",
 ];
+
+/// The schema version whose migration rewrites checkpoint keys.
+const KEYS_VERSION: usize = 4;
+
+/// Rewrites the checkpoint keys of older versions into structural keys
+/// (`switchyard_core::keys::upgrade_legacy`, which needs the name of the
+/// step that wrote each one). Most keys are already in that form and are
+/// left alone.
+fn upgrade_checkpoint_keys(conn: &Connection) -> DbResult<()> {
+    let rows: Vec<(i64, String, String)> = conn
+        .prepare(
+            "SELECT c.rowid, c.key, s.name FROM checkpoints c JOIN steps s ON s.id = c.step_id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut update = conn.prepare("UPDATE checkpoints SET key = ?2 WHERE rowid = ?1")?;
+    for (rowid, key, step) in rows {
+        let new = switchyard_core::keys::upgrade_legacy(&key, &step);
+        if new != key {
+            update.execute(params![rowid, new])?;
+        }
+    }
+    Ok(())
+}
 
 // ---------------------------------------------------------------------------
 // Errors
@@ -487,6 +515,9 @@ fn apply_migrations(conn: &Connection, now: Millis) -> DbResult<u32> {
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         conn.execute_batch(sql)?;
+        if i + 1 == KEYS_VERSION {
+            upgrade_checkpoint_keys(conn)?;
+        }
         conn.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
             params![i as u32 + 1, now],

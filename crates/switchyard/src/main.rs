@@ -120,7 +120,7 @@ enum TasksCommand {
     /// List tasks, newest first.
     List(TasksListArgs),
     /// Show one task: steps, checkpoints, waits, children, and why it may be stuck.
-    Show(IdArg),
+    Show(ShowArgs),
 }
 
 /// Arguments of `switchyard tasks list`.
@@ -162,6 +162,16 @@ pub struct CancelArgs {
 pub struct IdArg {
     /// The task id.
     pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// The task id.
+    pub id: String,
+    /// Also list the context's internal entries (await deadlines, sleeps,
+    /// spawns, delegation groups) among the checkpoints.
+    #[arg(long)]
+    pub internal: bool,
 }
 
 fn init_tracing() {
@@ -221,7 +231,7 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Spawn(a) => c::spawn(&url, json, a).await,
         Command::Emit(a) => c::emit(&url, json, a).await,
         Command::Tasks(TasksCommand::List(a)) => c::tasks_list(&url, json, a).await,
-        Command::Tasks(TasksCommand::Show(a)) => c::tasks_show(&url, json, &a.id).await,
+        Command::Tasks(TasksCommand::Show(a)) => c::tasks_show(&url, json, &a.id, a.internal).await,
         Command::Events(EventsCommand::List { limit }) => c::events_list(&url, json, limit).await,
         Command::Cancel(a) => c::cancel(&url, json, &a.id, a.cascade).await,
         Command::Retry(a) => c::retry(&url, json, &a.id).await,

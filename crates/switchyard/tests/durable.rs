@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 use switchyard::{
-    ChildSpec, Decision, ErrorKind, HandlerOptions, NewTask, StepError, StepState, TaskId,
+    ChildSpec, Decision, ErrorKind, HandlerOptions, NewStep, NewTask, StepError, StepState, TaskId,
     TaskState,
 };
 use tokio::sync::Semaphore;
@@ -44,6 +44,7 @@ store_tests!(
     waiting_never_costs_an_attempt,
     a_cancelled_run_cannot_emit_spawn_or_heartbeat,
     same_host_reclaim_keeps_runs_apart,
+    replay_keys_cannot_collide,
 );
 
 async fn checkpoint_runs_once_per_task(env: Env) {
@@ -1334,5 +1335,129 @@ async fn same_host_reclaim_keeps_runs_apart(env: Env) {
     assert_eq!(env.finished(id).await.state, TaskState::Cancelled);
     env.barrier().await;
     assert_eq!(started.all(), [1, 2], "no third run");
+    w.stop().await;
+}
+
+/// Issue 20, item 3: a checkpoint named `x#2` is not the second `x`, step
+/// `s` with checkpoint `a/b` is not step `s/a` with checkpoint `b`, and
+/// `await_event("e:deadline")` after a timed `await_event("e")` waits for
+/// its own event instead of reading the first wait's deadline. Every body
+/// runs once and returns its own value, also on replay.
+async fn replay_keys_cannot_collide(env: Env) {
+    let bodies = Log::<String>::new();
+    let b = bodies.clone();
+    let w = env
+        .worker()
+        .decision("plan", HandlerOptions::default(), |_, _| async {
+            let step = |name: &str, input: &str, deps: &[&str]| NewStep {
+                name: name.into(),
+                handler: "keyed".into(),
+                input: json!(input),
+                depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            };
+            Ok(Decision::steps(vec![
+                step("s", "a/b", &[]),
+                step("s/a", "b", &["s"]),
+            ]))
+        })
+        .step("keyed", HandlerOptions::default(), move |input, ctx| {
+            let b = b.clone();
+            async move {
+                let name = input.as_str().unwrap_or_default().to_string();
+                let mut got = Vec::new();
+                for cp in [name.as_str(), "x", "x", "x#2"] {
+                    let label = format!("{}:{cp}", ctx.step_name());
+                    let b = b.clone();
+                    let v: String = ctx
+                        .checkpoint(cp, || async move {
+                            b.push(label.clone());
+                            Ok(label)
+                        })
+                        .await?;
+                    got.push(v);
+                }
+                // The timeout is a value here; the suspension must still propagate.
+                let first = match ctx
+                    .await_event(
+                        &format!("{}-e", ctx.task_id()),
+                        Some(Duration::from_secs(60)),
+                    )
+                    .await
+                {
+                    Err(StepError::Suspend(w)) => return Err(StepError::Suspend(w)),
+                    other => other,
+                };
+                let second = ctx
+                    .await_event(&format!("{}-e:deadline", ctx.task_id()), None)
+                    .await?;
+                got.push(format!("{first:?}"));
+                got.push(second.to_string());
+                Ok(json!(got))
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let id = env.client.spawn("plan", json!({})).await.unwrap();
+    // Step `s`: its first wait times out, the second waits for its own event.
+    env.wait_step(id, "s", StepState::Suspended).await;
+    env.advance(60_001);
+    eventually("`s` to wait for its second event", || async {
+        let s = env.step(id, "s").await;
+        eprintln!(
+            "s: {:?} run {} attempt {} wait {:?} err {:?}",
+            s.state, s.run, s.attempt, s.wait, s.error
+        );
+        (s.state == StepState::Suspended && s.run == 2).then_some(())
+    })
+    .await;
+    env.client
+        .emit(&format!("{id}-e:deadline"), json!("own event"))
+        .await
+        .unwrap();
+    // Step `s/a`: both events exist by now.
+    env.client
+        .emit(&format!("{id}-e"), json!("first"))
+        .await
+        .unwrap();
+    let out = env.result(id).await;
+    let mut ran = bodies.all();
+    ran.sort();
+    assert_eq!(
+        ran,
+        ["s/a:b", "s/a:x", "s/a:x", "s/a:x#2", "s:a/b", "s:x", "s:x", "s:x#2"],
+        "every checkpoint body ran exactly once"
+    );
+    assert_eq!(
+        out,
+        json!([
+            "s/a:b",
+            "s/a:x",
+            "s/a:x",
+            "s/a:x#2",
+            "Ok(String(\"first\"))",
+            "\"own event\""
+        ])
+    );
+    let s = env.step(id, "s").await;
+    assert_eq!(s.state, StepState::Completed);
+    assert_eq!(
+        s.result,
+        Some(json!([
+            "s:a/b",
+            "s:x",
+            "s:x",
+            "s:x#2",
+            format!(
+                "{:?}",
+                Err::<Value, _>(StepError::AwaitTimeout {
+                    event: format!("{id}-e")
+                })
+            ),
+            "\"own event\""
+        ]))
+    );
     w.stop().await;
 }

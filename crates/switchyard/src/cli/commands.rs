@@ -344,11 +344,16 @@ fn build_show<'a>(detail: &'a TaskDetail, hosts: &[HostInfo], now: Millis) -> Sh
 }
 
 /// `switchyard tasks show`.
-pub async fn tasks_show(url: &str, json: bool, id: &str) -> CmdResult {
+pub async fn tasks_show(url: &str, json: bool, id: &str, internal: bool) -> CmdResult {
     let id = parse_id(id)?;
     let store = open_store(url).await?;
     let client = Client::new(store.clone());
-    let detail = client.inspect(id).await?;
+    let mut detail = client.inspect(id).await?;
+    if !internal {
+        detail
+            .checkpoints
+            .retain(|c| !switchyard::keys::is_internal(&c.key));
+    }
     let hosts = client.workers().await?;
     let now = store.now().await?;
     let doc = build_show(&detail, &hosts, now);
