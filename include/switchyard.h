@@ -48,6 +48,8 @@ typedef enum {
   // Step callbacks: the outcome comes later through the `sy_completion`
   // that `sy_ctx_defer` handed out.
   SY_PENDING = 14,
+  // The step's task was cancelled: stop and return this status.
+  SY_CANCELLED = 15,
 } sy_status;
 
 // A client: spawn tasks, emit events, wait for results, cancel.
@@ -347,8 +349,9 @@ sy_status sy_ctx_delegate_parallel(sy_ctx *ctx,
 // name (release with `sy_buf_free`).
 sy_status sy_ctx_dependency_results(sy_ctx *ctx, sy_buf *results, sy_error **err);
 
-// Extends the lease during long work; `SY_LEASE_LOST` if the step was
-// cancelled or taken over (stop and return it).
+// Extends the lease during long work; `SY_CANCELLED` if the task was
+// cancelled, `SY_LEASE_LOST` if the step was taken over (stop and return
+// the status).
 sy_status sy_ctx_heartbeat(sy_ctx *ctx, sy_error **err);
 
 // All defaults (every field zero).
