@@ -36,7 +36,8 @@ def build(worker)
         begin
           ctx.heartbeat if (bin % 50).zero?
         rescue Switchyard::LeaseLost
-          # Cancelled (or taken over): ctx.cancelled? is true from now on.
+          # Taken over by another host (a cancellation raises
+          # Switchyard::Cancelled instead): ctx.cancelled? is true from now on.
         end
         bin += 1
       end
