@@ -274,8 +274,13 @@ sy_status sy_ctx_task_id(sy_ctx *ctx, sy_buf *task_id, sy_error **err);
 // invalid contexts.
 const char *sy_ctx_step_name(sy_ctx *ctx);
 
-// The attempt number of this run (1 for the first); 0 for invalid contexts.
+// The attempt this run belongs to (1 until a run fails; a resume after a
+// suspension continues the same attempt); 0 for invalid contexts.
 uint32_t sy_ctx_attempt(sy_ctx *ctx);
+
+// This run's number: grows with every claim of the step (resumes
+// included) and is never reused; 0 for invalid contexts.
+uint64_t sy_ctx_run(sy_ctx *ctx);
 
 // Emits an event from inside a step (first write wins); `stored` may be NULL.
 sy_status sy_ctx_emit(sy_ctx *ctx,

@@ -41,7 +41,15 @@ class _Base:
 
     @property
     def attempt(self) -> int:
+        """The attempt this run belongs to: 1 until a run fails; a resume
+        after a suspension continues the same attempt."""
         return self._n.attempt
+
+    @property
+    def run(self) -> int:
+        """This run's number: grows with every claim of the step (resumes
+        included) and is never reused."""
+        return self._n.run
 
     @property
     def priority(self) -> int:

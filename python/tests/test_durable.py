@@ -432,3 +432,38 @@ def test_bad_durations_raise_invalid_input_and_do_not_crash(make_worker, client)
     assert t["error"]["kind"] == "invalid_input", t["error"]
     with pytest.raises(switchyard.InvalidInput):
         client.wait(tid, timeout=float("nan"))
+
+
+def test_waiting_fifty_times_costs_no_attempt(make_worker, client):
+    """Issue 20: a step that awaits 50 events, or sleeps 50 times, completes
+    under the default retry policy (5 attempts) on attempt 1; every resume is
+    a new run."""
+    w = make_worker()
+
+    @w.step("approvals")
+    def approvals(inp, ctx):
+        got = [ctx.await_event(f"{inp['prefix']}-{i}") for i in range(50)]
+        return {"sum": sum(got), "attempt": ctx.attempt, "run": ctx.run}
+
+    @w.step("naps")
+    async def naps(inp, ctx):
+        for _ in range(50):
+            await ctx.sleep(0.001)
+        return {"attempt": ctx.attempt, "run": ctx.run}
+
+    w.start()
+    sleeper = client.spawn("naps", {})
+    tid = client.spawn("approvals", {"prefix": "fifty"})
+    for i in range(50):
+        until(
+            lambda: any(
+                s["state"] == "suspended" and s["run"] == i + 1 and s["attempt"] == 0
+                for s in client.inspect(tid)["steps"]
+            )
+        )
+        client.emit(f"fifty-{i}", 1)
+    assert client.result(tid, timeout=30) == {"sum": 50, "attempt": 1, "run": 51}
+    out = client.result(sleeper, timeout=30)
+    assert out["attempt"] == 1
+    # A sleep whose time has already come returns without suspending.
+    assert 2 <= out["run"] <= 51

@@ -295,4 +295,33 @@ class TestDurable < Minitest::Test
     assert_match(/await_event timeout must be at most 100 years/, out[3])
     assert_match(/sleep duration must be at most 100 years/, out[4])
   end
+
+  # Issue 20: a step that awaits 50 events, or sleeps 50 times, completes
+  # under the default retry policy (5 attempts) on attempt 1.
+  def test_waiting_fifty_times_costs_no_attempt
+    w = make_worker
+    w.step("approvals") do |input, ctx|
+      sum = (0...50).sum { |i| ctx.await_event("#{input['prefix']}-#{i}") }
+      { sum: sum, attempt: ctx.attempt, run: ctx.run }
+    end
+    w.step("naps") do |_i, ctx|
+      50.times { ctx.sleep(0.001) }
+      { attempt: ctx.attempt, run: ctx.run }
+    end
+    w.start
+    sleeper = client.spawn("naps", {})
+    id = client.spawn("approvals", { prefix: "fifty" })
+    50.times do |i|
+      wait_for("suspension #{i + 1}") do
+        s = step_of(id)
+        s["state"] == "suspended" && s["run"] == i + 1 && s["attempt"].zero?
+      end
+      client.emit("fifty-#{i}", 1)
+    end
+    assert_equal({ "sum" => 50, "attempt" => 1, "run" => 51 }, client.result(id, timeout: WAIT))
+    out = client.result(sleeper, timeout: WAIT)
+    assert_equal 1, out["attempt"]
+    # A sleep whose time has already come returns without suspending.
+    assert_includes 2..51, out["run"]
+  end
 end

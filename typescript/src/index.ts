@@ -29,6 +29,7 @@ interface NativeContext {
   readonly stepName: string;
   readonly handler: string;
   readonly attempt: number;
+  readonly run: number;
   readonly priority: number;
   readonly headersJson: string;
   readonly timeLeft: number | null;
@@ -347,9 +348,15 @@ export class Context {
   get handler(): string {
     return this.#n.handler;
   }
-  /** 1 on the first run. */
+  /** The attempt this run belongs to: 1 until a run fails; a resume after a
+   * suspension continues the same attempt. */
   get attempt(): number {
     return this.#n.attempt;
+  }
+  /** This run's number: grows with every claim of the step (resumes
+   * included) and is never reused. */
+  get run(): number {
+    return this.#n.run;
   }
   /** The task's priority. */
   get priority(): number {

@@ -290,3 +290,31 @@ test("absurd durations throw InvalidInput from the core and do not crash", async
   assert.match(errors[3], /^awaitEvent 1e\+20: InvalidInput: .*awaitEvent timeout must be at most 100 years/);
   assert.match(errors[4], /^sleep 1e20: InvalidInput: .*sleep duration must be at most 100 years/);
 });
+
+test("a step that awaits 50 events or sleeps 50 times costs no attempt", async (t) => {
+  const { client } = await setup(t, (w) => {
+    w.step("approvals", async (input, ctx) => {
+      let sum = 0;
+      for (let i = 0; i < 50; i++) sum += await ctx.awaitEvent(`${input.prefix}-${i}`);
+      return { sum, attempt: ctx.attempt, run: ctx.run };
+    });
+    w.step("naps", async (_i, ctx) => {
+      for (let i = 0; i < 50; i++) await ctx.sleep(0.001);
+      return { attempt: ctx.attempt, run: ctx.run };
+    });
+  });
+  const sleeper = await client.spawn("naps", {});
+  const id = await client.spawn("approvals", { prefix: "fifty" });
+  for (let i = 0; i < 50; i++) {
+    await until(async () => {
+      const s = await stepOf(client, id, "approvals");
+      return s?.state === "suspended" && s.run === i + 1 && s.attempt === 0;
+    }, 10_000, `suspension ${i + 1}`);
+    await client.emit(`fifty-${i}`, 1);
+  }
+  assert.deepEqual(await client.result(id, { timeout: 30 }), { sum: 50, attempt: 1, run: 51 });
+  const out = await client.result(sleeper, { timeout: 30 });
+  assert.equal(out.attempt, 1);
+  // A sleep whose time has already come returns without suspending.
+  assert.ok(out.run >= 2 && out.run <= 51, `runs: ${out.run}`);
+});

@@ -329,13 +329,24 @@ pub unsafe extern "C" fn sy_ctx_step_name(ctx: *mut sy_ctx) -> *const c_char {
     .unwrap_or(c"".as_ptr())
 }
 
-/// The attempt number of this run (1 for the first); 0 for invalid contexts.
+/// The attempt this run belongs to (1 until a run fails; a resume after a
+/// suspension continues the same attempt); 0 for invalid contexts.
 #[no_mangle]
 pub unsafe extern "C" fn sy_ctx_attempt(ctx: *mut sy_ctx) -> u32 {
     catch_unwind(AssertUnwindSafe(|| {
         unsafe { ctx_mut(ctx) }
             .map(|c| c.ctx.attempt())
             .unwrap_or(0)
+    }))
+    .unwrap_or(0)
+}
+
+/// This run's number: grows with every claim of the step (resumes
+/// included) and is never reused; 0 for invalid contexts.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_run(ctx: *mut sy_ctx) -> u64 {
+    catch_unwind(AssertUnwindSafe(|| {
+        unsafe { ctx_mut(ctx) }.map(|c| c.ctx.run()).unwrap_or(0)
     }))
     .unwrap_or(0)
 }

@@ -131,6 +131,22 @@ static int32_t twice(const char *input, size_t len, sy_ctx *ctx, void *user_data
     return SY_ERROR_RETRYABLE; /* no output: a default message */
 }
 
+/* Sleeps 8 times in a row under the default policy (5 attempts): every
+ * resume is a new run of the same attempt. */
+static int32_t napper(const char *input, size_t len, sy_ctx *ctx, void *user_data) {
+    (void)input, (void)len, (void)user_data;
+    sy_error *err = NULL;
+    for (int i = 0; i < 8; i++) {
+        sy_status st = sy_ctx_sleep(ctx, 1, &err);
+        if (st != SY_OK) {
+            sy_error_free(err);
+            return st;
+        }
+    }
+    return set_json(ctx, "{\"attempt\":%ld,\"ran\":%ld}", (long)sy_ctx_attempt(ctx),
+                    (long)(sy_ctx_run(ctx) >= 2));
+}
+
 /* Runs until cancelled. */
 static int32_t slow(const char *input, size_t len, sy_ctx *ctx, void *user_data) {
     (void)input, (void)len, (void)user_data;
@@ -381,6 +397,7 @@ static void durable_checks(void) {
     EXPECT(sy_worker_step(worker, "sum", NULL, sum, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "waiter", NULL, waiter, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "parent", NULL, parent, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "napper", NULL, napper, NULL, &err), SY_OK, NULL);
     o = sy_handler_options_default();
     o.rate_limit = 1000, o.rate_burst = 10, o.max_attempts = 3;
     EXPECT(sy_worker_api(worker, "api", &o, api, NULL, &err), SY_OK, NULL);
@@ -466,6 +483,10 @@ static void durable_checks(void) {
     RUN("parent", "{}", SY_OK, "{\"one\":{\"y\":2},\"parallel_ok\":true}");
     sy_buf_free(&id);
 
+    /* Eight sleeps in a row cost no attempt. */
+    RUN("napper", "{}", SY_OK, "{\"attempt\":1,\"ran\":1}");
+    sy_buf_free(&id);
+
     /* API: 429 then success; 404 fails at once. */
     RUN("api", "{}", SY_OK, "\"attempt\":2");
     sy_buf_free(&id);
@@ -513,6 +534,7 @@ static void durable_checks(void) {
     EXPECT(sy_ctx_set_http_error(NULL, 500, -1, "m", &err), SY_INVALID_ARGUMENT, "ctx is NULL");
     EXPECT(sy_ctx_defer(NULL, NULL, &err), SY_INVALID_ARGUMENT, "completion is NULL");
     CHECK(sy_ctx_attempt(NULL) == 0);
+    CHECK(sy_ctx_run(NULL) == 0);
     CHECK(strcmp(sy_ctx_step_name(NULL), "") == 0);
 
     /* A forked child cannot use the parent's runtime: every call says so.

@@ -50,10 +50,17 @@ impl NativeContext {
     pub fn handler(&self) -> String {
         self.ctx.handler().to_string()
     }
-    /// 1 on the first run.
+    /// The attempt this run belongs to: 1 until a run fails; a resume after
+    /// a suspension continues the same attempt.
     #[napi(getter)]
     pub fn attempt(&self) -> u32 {
         self.ctx.attempt()
+    }
+    /// This run's number: grows with every claim of the step (resumes
+    /// included) and is never reused.
+    #[napi(getter)]
+    pub fn run(&self) -> f64 {
+        self.ctx.run() as f64
     }
     /// The task's priority.
     #[napi(getter)]

@@ -62,6 +62,10 @@ impl NativeContext {
         self.ctx.attempt()
     }
     #[getter]
+    fn run(&self) -> u64 {
+        self.ctx.run()
+    }
+    #[getter]
     fn priority(&self) -> i32 {
         self.ctx.priority()
     }

@@ -46,6 +46,9 @@ impl RbContext {
     fn attempt(&self) -> u32 {
         self.ctx.attempt()
     }
+    fn run(&self) -> u64 {
+        self.ctx.run()
+    }
     fn priority(&self) -> i32 {
         self.ctx.priority()
     }
@@ -209,6 +212,7 @@ pub fn define(ruby: &Ruby, switchyard: RModule) -> Result<(), Error> {
     c.define_method("step", method!(RbContext::step, 0))?;
     c.define_method("handler", method!(RbContext::handler, 0))?;
     c.define_method("attempt", method!(RbContext::attempt, 0))?;
+    c.define_method("run", method!(RbContext::run, 0))?;
     c.define_method("priority", method!(RbContext::priority, 0))?;
     c.define_method("headers", method!(RbContext::headers, 0))?;
     c.define_method("time_left", method!(RbContext::time_left, 0))?;
