@@ -7,27 +7,24 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use switchyard::{
-    open, ClaimBatch, Client, Completion, DynStore, Error, ErrorKind, EventRecord, HandlerOptions,
-    HeartbeatReply, HostInfo, Lease, Millis, NewTask, Resolution, Result, Signals, Spawned,
-    StateCounts, StepState, Store, TaskDetail, TaskFilter, TaskId, TaskRecord, TaskState, Worker,
+    Client, Completion, DynStore, Error, ErrorKind, HandlerOptions, NewTask, Resolution, Result,
+    StepState, TaskId, TaskState, Worker,
 };
 use tokio::sync::Semaphore;
 
-use common::{eventually, Tally};
+use common::{eventually, Hooked, Hooks, Tally};
 
 type Fault = Box<dyn Fn(&[Completion]) -> Option<Error> + Send + Sync>;
 
-/// A memory store whose `complete` waits for a permit of `gate`, then
-/// fails with what `fault` returns for the batch (if anything).
-struct Faulty {
-    inner: DynStore,
+/// Holds every `complete` until a permit of `gate` is added, then fails
+/// it with what `fault` returns for the batch (if anything).
+struct Refuse {
     gate: Semaphore,
     fault: Fault,
     /// Calls of `complete`.
@@ -36,50 +33,23 @@ struct Faulty {
     refused_batches: Arc<Tally>,
 }
 
-impl Faulty {
-    async fn new(permits: usize, fault: Fault) -> Arc<Self> {
-        Arc::new(Self {
-            inner: open("memory").await.unwrap(),
-            gate: Semaphore::new(permits),
-            fault,
-            completing: Tally::new(),
-            refused_batches: Tally::new(),
-        })
-    }
+async fn faulty(permits: usize, fault: Fault) -> Arc<Hooked<Refuse>> {
+    Hooked::memory(Refuse {
+        gate: Semaphore::new(permits),
+        fault,
+        completing: Tally::new(),
+        refused_batches: Tally::new(),
+    })
+    .await
 }
 
 #[async_trait]
-impl Store for Faulty {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    fn url(&self) -> String {
-        self.inner.url()
-    }
-    fn signals(&self) -> &Arc<Signals> {
-        self.inner.signals()
-    }
-    fn poll_interval(&self) -> Duration {
-        self.inner.poll_interval()
-    }
-    async fn now(&self) -> Result<Millis> {
-        self.inner.now().await
-    }
-    async fn migrate(&self) -> Result<u32> {
-        self.inner.migrate().await
-    }
-    async fn spawn(&self, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
-        self.inner.spawn(tasks).await
-    }
-    async fn claim(
+impl Hooks for Refuse {
+    async fn complete(
         &self,
-        host_id: &str,
-        wants: &[(String, usize)],
-        lease_ms: i64,
-    ) -> Result<ClaimBatch> {
-        self.inner.claim(host_id, wants, lease_ms).await
-    }
-    async fn complete(&self, completions: Vec<Completion>) -> Result<Vec<Result<()>>> {
+        inner: &DynStore,
+        completions: Vec<Completion>,
+    ) -> Result<Vec<Result<()>>> {
         self.completing.bump();
         let permit = self.gate.acquire().await.expect("gate open");
         permit.forget();
@@ -89,82 +59,7 @@ impl Store for Faulty {
             }
             return Err(e);
         }
-        self.inner.complete(completions).await
-    }
-    async fn heartbeat(
-        &self,
-        host: &HostInfo,
-        running: &[switchyard::RunRef],
-        lease_ms: i64,
-    ) -> Result<HeartbeatReply> {
-        self.inner.heartbeat(host, running, lease_ms).await
-    }
-    async fn deregister_host(&self, host_id: &str) -> Result<()> {
-        self.inner.deregister_host(host_id).await
-    }
-    async fn recover_expired(&self) -> Result<u64> {
-        self.inner.recover_expired().await
-    }
-    async fn put_checkpoint(
-        &self,
-        lease: &Lease,
-        key: &str,
-        value: Value,
-        lease_ms: i64,
-    ) -> Result<()> {
-        self.inner.put_checkpoint(lease, key, value, lease_ms).await
-    }
-    async fn checkpoints(&self, task_id: TaskId) -> Result<BTreeMap<String, Value>> {
-        self.inner.checkpoints(task_id).await
-    }
-    async fn emit_event(&self, name: &str, payload: Value) -> Result<bool> {
-        self.inner.emit_event(name, payload).await
-    }
-    async fn emit_event_fenced(&self, fence: &Lease, name: &str, payload: Value) -> Result<bool> {
-        self.inner.emit_event_fenced(fence, name, payload).await
-    }
-    async fn spawn_fenced(&self, fence: &Lease, tasks: Vec<NewTask>) -> Result<Vec<Spawned>> {
-        self.inner.spawn_fenced(fence, tasks).await
-    }
-    async fn get_event(&self, name: &str) -> Result<Option<EventRecord>> {
-        self.inner.get_event(name).await
-    }
-    async fn list_events(&self, limit: usize) -> Result<Vec<EventRecord>> {
-        self.inner.list_events(limit).await
-    }
-    async fn group_outcomes(&self, group: &str) -> Result<Vec<switchyard::ChildOutcome>> {
-        self.inner.group_outcomes(group).await
-    }
-    async fn step_results(
-        &self,
-        task_id: TaskId,
-        names: &[String],
-    ) -> Result<BTreeMap<String, Value>> {
-        self.inner.step_results(task_id, names).await
-    }
-    async fn cancel_task(&self, id: TaskId, cascade: bool) -> Result<bool> {
-        self.inner.cancel_task(id, cascade).await
-    }
-    async fn retry_task(&self, id: TaskId) -> Result<()> {
-        self.inner.retry_task(id).await
-    }
-    async fn cleanup(&self, finished_before: Millis, batch: usize) -> Result<u64> {
-        self.inner.cleanup(finished_before, batch).await
-    }
-    async fn get_task(&self, id: TaskId) -> Result<Option<TaskRecord>> {
-        self.inner.get_task(id).await
-    }
-    async fn task_detail(&self, id: TaskId) -> Result<Option<TaskDetail>> {
-        self.inner.task_detail(id).await
-    }
-    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>> {
-        self.inner.list_tasks(filter).await
-    }
-    async fn list_hosts(&self) -> Result<Vec<HostInfo>> {
-        self.inner.list_hosts().await
-    }
-    async fn count_steps(&self) -> Result<StateCounts> {
-        self.inner.count_steps().await
+        inner.complete(completions).await
     }
 }
 
@@ -176,7 +71,7 @@ const POISON: &str = "poison";
 /// store's reason and every other outcome of the batch is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_outcome_fails_only_its_step() {
-    let faulty = Faulty::new(
+    let faulty = faulty(
         0,
         Box::new(|batch: &[Completion]| {
             batch
@@ -239,12 +134,12 @@ async fn a_refused_outcome_fails_only_its_step() {
         .map(|s| s.task_id)
         .collect();
     // Hold the first write until every outcome has reached the completer.
-    faulty.completing.reach(1).await;
+    faulty.hooks.completing.reach(1).await;
     eventually("every handler to return", || async {
         (worker.inflight() == 0).then_some(())
     })
     .await;
-    faulty.gate.add_permits(10_000);
+    faulty.hooks.gate.add_permits(10_000);
     for (i, id) in ids.iter().enumerate() {
         let t = client.wait(*id, Duration::from_secs(10)).await.unwrap();
         if i == early {
@@ -262,7 +157,7 @@ async fn a_refused_outcome_fails_only_its_step() {
         }
     }
     assert!(
-        faulty.refused_batches.get() >= 1,
+        faulty.hooks.refused_batches.get() >= 1,
         "the poison outcome was never refused together with others"
     );
     tokio::time::timeout(Duration::from_secs(60), worker.stop())
@@ -276,7 +171,7 @@ async fn a_refused_outcome_fails_only_its_step() {
 /// until their leases expire).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_returns_when_the_store_never_records() {
-    let faulty = Faulty::new(
+    let faulty = faulty(
         usize::MAX >> 4,
         Box::new(|_: &[Completion]| Some(Error::Store("simulated: connection refused".into()))),
     )
@@ -302,7 +197,7 @@ async fn stop_returns_when_the_store_never_records() {
         .unwrap();
     let id = client.spawn("quick", json!(1)).await.unwrap();
     ran.reach(1).await;
-    faulty.completing.reach(2).await;
+    faulty.hooks.completing.reach(2).await;
     // Generous: the bound is 1 s grace + 2 s flush + about a second.
     tokio::time::timeout(Duration::from_secs(60), worker.stop())
         .await

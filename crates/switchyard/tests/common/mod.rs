@@ -8,10 +8,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
 use serde_json::{json, Value};
 use switchyard::{
-    open_with, Client, DynStore, FakeClock, HandlerOptions, Millis, RetryPolicy, StepRecord,
-    StepState, StoreOptions, TaskDetail, TaskId, TaskRecord, Worker, WorkerBuilder,
+    open_with, ChildOutcome, ClaimBatch, Client, Completion, DynStore, EventRecord, FakeClock,
+    HandlerOptions, HeartbeatReply, HostInfo, Lease, Millis, NewTask, Result as SyResult,
+    RetryPolicy, RunRef, Signals, Spawned, StateCounts, StepRecord, StepState, Store, StoreOptions,
+    TaskDetail, TaskFilter, TaskId, TaskRecord, Worker, WorkerBuilder,
 };
 use switchyard_store::pg_server::PgServer;
 use tempfile::TempDir;
@@ -315,5 +320,151 @@ impl Gauge {
     }
     pub fn max(&self) -> usize {
         self.max.load(Ordering::SeqCst)
+    }
+}
+
+/// What a test's wrapper store ([`Hooked`]) does differently from the store
+/// it wraps; every other call goes to the inner store unchanged.
+#[async_trait]
+pub trait Hooks: Send + Sync + 'static {
+    /// Sees each batch the inner store handed out.
+    fn claimed(&self, _batch: &ClaimBatch) {}
+    /// Records outcomes (by default: the inner store's `complete`).
+    async fn complete(
+        &self,
+        inner: &DynStore,
+        completions: Vec<Completion>,
+    ) -> SyResult<Vec<SyResult<()>>> {
+        inner.complete(completions).await
+    }
+}
+
+/// A store that delegates every call to `inner`, except what `hooks`
+/// changes (counting claims, holding or refusing completions).
+pub struct Hooked<H> {
+    pub inner: DynStore,
+    pub hooks: H,
+}
+
+impl<H: Hooks> Hooked<H> {
+    /// `hooks` around a fresh memory store.
+    pub async fn memory(hooks: H) -> Arc<Self> {
+        Arc::new(Self {
+            inner: switchyard::open("memory").await.expect("memory store"),
+            hooks,
+        })
+    }
+}
+
+#[async_trait]
+impl<H: Hooks> Store for Hooked<H> {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn url(&self) -> String {
+        self.inner.url()
+    }
+    fn signals(&self) -> &Arc<Signals> {
+        self.inner.signals()
+    }
+    fn poll_interval(&self) -> Duration {
+        self.inner.poll_interval()
+    }
+    async fn now(&self) -> SyResult<Millis> {
+        self.inner.now().await
+    }
+    async fn migrate(&self) -> SyResult<u32> {
+        self.inner.migrate().await
+    }
+    async fn spawn(&self, tasks: Vec<NewTask>) -> SyResult<Vec<Spawned>> {
+        self.inner.spawn(tasks).await
+    }
+    async fn claim(
+        &self,
+        host_id: &str,
+        wants: &[(String, usize)],
+        lease_ms: i64,
+    ) -> SyResult<ClaimBatch> {
+        let batch = self.inner.claim(host_id, wants, lease_ms).await?;
+        self.hooks.claimed(&batch);
+        Ok(batch)
+    }
+    async fn complete(&self, completions: Vec<Completion>) -> SyResult<Vec<SyResult<()>>> {
+        self.hooks.complete(&self.inner, completions).await
+    }
+    async fn heartbeat(
+        &self,
+        host: &HostInfo,
+        running: &[RunRef],
+        lease_ms: i64,
+    ) -> SyResult<HeartbeatReply> {
+        self.inner.heartbeat(host, running, lease_ms).await
+    }
+    async fn deregister_host(&self, host_id: &str) -> SyResult<()> {
+        self.inner.deregister_host(host_id).await
+    }
+    async fn recover_expired(&self) -> SyResult<u64> {
+        self.inner.recover_expired().await
+    }
+    async fn put_checkpoint(
+        &self,
+        lease: &Lease,
+        key: &str,
+        value: Value,
+        lease_ms: i64,
+    ) -> SyResult<()> {
+        self.inner.put_checkpoint(lease, key, value, lease_ms).await
+    }
+    async fn checkpoints(&self, task_id: TaskId) -> SyResult<BTreeMap<String, Value>> {
+        self.inner.checkpoints(task_id).await
+    }
+    async fn emit_event(&self, name: &str, payload: Value) -> SyResult<bool> {
+        self.inner.emit_event(name, payload).await
+    }
+    async fn emit_event_fenced(&self, fence: &Lease, name: &str, payload: Value) -> SyResult<bool> {
+        self.inner.emit_event_fenced(fence, name, payload).await
+    }
+    async fn spawn_fenced(&self, fence: &Lease, tasks: Vec<NewTask>) -> SyResult<Vec<Spawned>> {
+        self.inner.spawn_fenced(fence, tasks).await
+    }
+    async fn get_event(&self, name: &str) -> SyResult<Option<EventRecord>> {
+        self.inner.get_event(name).await
+    }
+    async fn list_events(&self, limit: usize) -> SyResult<Vec<EventRecord>> {
+        self.inner.list_events(limit).await
+    }
+    async fn group_outcomes(&self, group: &str) -> SyResult<Vec<ChildOutcome>> {
+        self.inner.group_outcomes(group).await
+    }
+    async fn step_results(
+        &self,
+        task_id: TaskId,
+        names: &[String],
+    ) -> SyResult<BTreeMap<String, Value>> {
+        self.inner.step_results(task_id, names).await
+    }
+    async fn cancel_task(&self, id: TaskId, cascade: bool) -> SyResult<bool> {
+        self.inner.cancel_task(id, cascade).await
+    }
+    async fn retry_task(&self, id: TaskId) -> SyResult<()> {
+        self.inner.retry_task(id).await
+    }
+    async fn cleanup(&self, finished_before: Millis, batch: usize) -> SyResult<u64> {
+        self.inner.cleanup(finished_before, batch).await
+    }
+    async fn get_task(&self, id: TaskId) -> SyResult<Option<TaskRecord>> {
+        self.inner.get_task(id).await
+    }
+    async fn task_detail(&self, id: TaskId) -> SyResult<Option<TaskDetail>> {
+        self.inner.task_detail(id).await
+    }
+    async fn list_tasks(&self, filter: &TaskFilter) -> SyResult<Vec<TaskRecord>> {
+        self.inner.list_tasks(filter).await
+    }
+    async fn list_hosts(&self) -> SyResult<Vec<HostInfo>> {
+        self.inner.list_hosts().await
+    }
+    async fn count_steps(&self) -> SyResult<StateCounts> {
+        self.inner.count_steps().await
     }
 }
