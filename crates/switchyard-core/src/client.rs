@@ -277,7 +277,10 @@ impl Client {
             if t.state.is_terminal() {
                 return Ok(t);
             }
+            // Biased (as every select in the core): no hidden random choice,
+            // so the simulation replays a seed exactly.
             tokio::select! {
+                biased;
                 _ = &mut finished => {},
                 _ = tokio::time::sleep(poll) => {},
                 _ = tokio::time::sleep_until(deadline) => {

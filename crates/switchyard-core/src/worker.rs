@@ -590,6 +590,7 @@ impl ShutdownSignals {
         match &mut self.streams {
             Some((int, term)) => {
                 tokio::select! {
+                    biased;
                     _ = int.recv() => {},
                     _ = term.recv() => {},
                 }
@@ -773,8 +774,9 @@ async fn claim_loop(shared: Arc<Shared>) {
                 Err(e) => {
                     tracing::warn!(error = %e, "claim failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {},
+                        biased;
                         _ = shared.stopping.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {},
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
@@ -795,10 +797,11 @@ async fn claim_loop(shared: Arc<Shared>) {
         }
         offered = 0;
         tokio::select! {
+            biased;
+            _ = shared.stopping.cancelled() => return,
             _ = &mut ready => {},
             _ = &mut freed => {},
             _ = tokio::time::sleep(wait) => {},
-            _ = shared.stopping.cancelled() => return,
         }
     }
 }
@@ -1386,6 +1389,7 @@ async fn record(shared: &Shared, batch: Vec<Completion>) {
                 tracing::warn!(error = %e, n = part.len(), "recording completions failed; retrying");
                 todo.push(part);
                 tokio::select! {
+                    biased;
                     _ = tokio::time::sleep(delay) => {}
                     _ = shared.give_up.cancelled() => {
                         log_dropped(&todo);
@@ -1450,8 +1454,9 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
     tick.tick().await;
     loop {
         tokio::select! {
-            _ = tick.tick() => {},
+            biased;
             _ = stop.cancelled() => return,
+            _ = tick.tick() => {},
         }
         let ids: Vec<RunRef> = shared.running.lock().keys().copied().collect();
         let mut host = shared.env.host.clone();
@@ -1494,6 +1499,7 @@ async fn drain(shared: &Arc<Shared>, deadline: tokio::time::Instant) {
             return;
         }
         tokio::select! {
+            biased;
             _ = &mut freed => {},
             _ = tokio::time::sleep_until(deadline) => break,
         }

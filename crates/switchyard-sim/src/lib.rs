@@ -14,9 +14,10 @@
 //! Every random choice comes from one RNG seeded with the seed, the store
 //! clock follows tokio's paused clock from a fixed epoch, and the core's own
 //! random bits (ids, retry jitter) come from a generator seeded through
-//! `switchyard_core::ids::seed_thread_rng`, so a seed replays its run. The
-//! one source left is tokio's `select!` branch order, seeded only when built
-//! with `--cfg tokio_unstable` (see the crate README).
+//! `switchyard_core::ids::seed_thread_rng`, so a seed replays its run. Every
+//! `select!` in the core is `biased;`, so tokio's random branch order
+//! (seeded only when built with `--cfg tokio_unstable`) plays no part (see
+//! the crate README).
 #![warn(missing_docs)]
 
 use std::sync::{Arc, Once};
