@@ -163,6 +163,12 @@ pub trait Store: Send + Sync + 'static {
         lease_ms: i64,
     ) -> Result<HeartbeatReply>;
 
+    /// Which of `steps` are `cancelled`, in any order. Hosts ask this for
+    /// their running steps every poll interval (at most 100 ms), so a cancel
+    /// made in another process reaches the handler promptly; it must be a
+    /// cheap read.
+    async fn cancelled_steps(&self, steps: &[StepId]) -> Result<Vec<StepId>>;
+
     /// Removes a host registration (clean shutdown).
     async fn deregister_host(&self, host_id: &str) -> Result<()>;
 

@@ -1477,13 +1477,40 @@ async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// Longest time a cancel made in another process takes to reach a running
+/// handler (at most the store's poll interval, if shorter).
+pub const CANCEL_POLL: Duration = Duration::from_millis(100);
+
+/// Stops the runs of cancelled steps: at once for cancels made through this
+/// process's store handle ([`Signals::cancelled`]), and within
+/// [`CANCEL_POLL`] for cancels made elsewhere (another process, another
+/// machine), by asking the store which running steps were cancelled. (The
+/// heartbeat reports them too, but only once per heartbeat interval.)
 async fn cancel_listener(shared: Arc<Shared>) {
     let mut rx = shared.store().signals().cancelled.subscribe();
+    let mut tick = tokio::time::interval(shared.store().poll_interval().min(CANCEL_POLL));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match rx.recv().await {
-            Ok(ids) => shared.mark_cancelled(&ids),
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(_) => return,
+        tokio::select! {
+            biased;
+            m = rx.recv() => match m {
+                Ok(ids) => shared.mark_cancelled(&ids),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            },
+            _ = tick.tick() => {
+                let mut steps: Vec<StepId> =
+                    shared.running.lock().keys().map(|r| r.step_id).collect();
+                if steps.is_empty() {
+                    continue;
+                }
+                steps.sort_unstable();
+                steps.dedup();
+                match shared.store().cancelled_steps(&steps).await {
+                    Ok(ids) => shared.mark_cancelled(&ids),
+                    Err(e) => tracing::debug!(error = %e, "checking for cancelled steps failed"),
+                }
+            }
         }
     }
 }

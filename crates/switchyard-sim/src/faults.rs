@@ -377,6 +377,12 @@ impl Store for FaultStore {
         self.post("heartbeat", after, r)
     }
 
+    async fn cancelled_steps(&self, steps: &[StepId]) -> Result<Vec<StepId>> {
+        let after = self.pre("cancelled_steps", false).await?;
+        let r = self.inner.cancelled_steps(steps).await;
+        self.post("cancelled_steps", after, r)
+    }
+
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
         let after = self.pre("deregister_host", true).await?;
         let r = self.inner.deregister_host(host_id).await;

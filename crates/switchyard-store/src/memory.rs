@@ -1396,6 +1396,20 @@ impl Store for MemoryStore {
         Ok(self.write(|inner, now, _| inner.heartbeat(host, running, lease_ms, now)))
     }
 
+    async fn cancelled_steps(&self, steps: &[StepId]) -> Result<Vec<StepId>> {
+        let inner = self.inner.lock();
+        Ok(steps
+            .iter()
+            .filter(|id| {
+                inner
+                    .steps
+                    .get(id)
+                    .is_some_and(|s| s.rec.state == StepState::Cancelled)
+            })
+            .copied()
+            .collect())
+    }
+
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
         self.inner.lock().hosts.remove(host_id);
         Ok(())

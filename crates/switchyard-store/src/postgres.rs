@@ -2824,6 +2824,22 @@ impl Store for PostgresStore {
         ))
     }
 
+    async fn cancelled_steps(&self, steps: &[StepId]) -> Result<Vec<StepId>> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = steps.iter().map(|s| s.0).collect();
+        read_op!(self, "cancelled_steps", false, |c| async {
+            Ok::<_, Fail>(
+                c.query(CANCELLED_AMONG, &[&ids])
+                    .await?
+                    .iter()
+                    .map(|r| StepId(r.get(0)))
+                    .collect(),
+            )
+        })
+    }
+
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
         write_tx!(self, "deregister_host", |c, _now, _fx| async {
             c.exec("DELETE FROM sy_hosts WHERE id = $1", &[&host_id])

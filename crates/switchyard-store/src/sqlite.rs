@@ -2555,6 +2555,24 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn cancelled_steps(&self, steps: &[StepId]) -> Result<Vec<StepId>> {
+        let steps = steps.to_vec();
+        self.read("cancelled_steps", move |conn| {
+            let mut state = conn.prepare_cached(STEP_STATE)?;
+            let mut out = Vec::new();
+            for id in steps {
+                let s: Option<String> = state
+                    .query_row([id.0.as_bytes()], |r| r.get(0))
+                    .optional()?;
+                if s.as_deref() == Some("cancelled") {
+                    out.push(id);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
         let host = host_id.to_owned();
         self.write("deregister_host", move |conn, _, _| {

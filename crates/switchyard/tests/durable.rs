@@ -1461,3 +1461,82 @@ async fn replay_keys_cannot_collide(env: Env) {
     );
     w.stop().await;
 }
+
+/// Issue 20, item 8: a cancel made in another process (here a second store
+/// handle, which shares no in-process signal with the host's) reaches the
+/// running handler through the store within its poll interval, not at the
+/// next heartbeat (an hour here), and the handler sees a cancellation.
+async fn cancel_from_another_process_reaches_the_handler(
+    host: switchyard::DynStore,
+    other: switchyard::DynStore,
+) {
+    let started = Tally::new();
+    let seen = Log::<std::time::Instant>::new();
+    let (s, o) = (started.clone(), seen.clone());
+    let w = switchyard::Worker::builder(host.clone())
+        .heartbeat(Duration::from_secs(3600))
+        .shutdown_grace(Duration::from_millis(200))
+        .step("long", HandlerOptions::default(), move |_, ctx| {
+            let (s, o) = (s.clone(), o.clone());
+            async move {
+                s.bump();
+                ctx.cancelled().await;
+                o.push(std::time::Instant::now());
+                Err(StepError::Cancelled)
+            }
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let client = switchyard::Client::new(other);
+    let id = client.spawn("long", json!({})).await.unwrap();
+    started.reach(1).await;
+    let t0 = std::time::Instant::now();
+    assert!(client.cancel(id, false).await.unwrap());
+    eventually("the handler to see the cancellation", || async {
+        seen.all().first().copied()
+    })
+    .await;
+    eprintln!(
+        "{}: cancel reached the handler after {:?}",
+        host.kind(),
+        seen.all()[0].duration_since(t0)
+    );
+    assert_eq!(
+        client
+            .wait(id, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .state,
+        TaskState::Cancelled
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_from_another_process_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.db").display().to_string();
+    let host = switchyard::open(&format!("sqlite:{path}")).await.unwrap();
+    let other = switchyard_store::sqlite::SqliteStore::open_unshared(
+        &path,
+        switchyard::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    cancel_from_another_process_reaches_the_handler(host, other).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_from_another_process_postgres() {
+    let url = switchyard_store::pg_server::PgServer::shared()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .fresh_database()
+        .await
+        .unwrap();
+    let host = switchyard::open(&url).await.unwrap();
+    let other = switchyard::open(&url).await.unwrap();
+    cancel_from_another_process_reaches_the_handler(host, other).await;
+}

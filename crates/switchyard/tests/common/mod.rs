@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use switchyard::{
     open_with, ChildOutcome, ClaimBatch, Client, Completion, DynStore, EventRecord, FakeClock,
     HandlerOptions, HeartbeatReply, HostInfo, Lease, Millis, NewTask, Result as SyResult,
-    RetryPolicy, RunRef, Signals, Spawned, StateCounts, StepRecord, StepState, Store, StoreOptions,
-    TaskDetail, TaskFilter, TaskId, TaskRecord, Worker, WorkerBuilder,
+    RetryPolicy, RunRef, Signals, Spawned, StateCounts, StepId, StepRecord, StepState, Store,
+    StoreOptions, TaskDetail, TaskFilter, TaskId, TaskRecord, Worker, WorkerBuilder,
 };
 use switchyard_store::pg_server::PgServer;
 use tempfile::TempDir;
@@ -399,6 +399,9 @@ impl<H: Hooks> Store for Hooked<H> {
         lease_ms: i64,
     ) -> SyResult<HeartbeatReply> {
         self.inner.heartbeat(host, running, lease_ms).await
+    }
+    async fn cancelled_steps(&self, steps: &[StepId]) -> SyResult<Vec<StepId>> {
+        self.inner.cancelled_steps(steps).await
     }
     async fn deregister_host(&self, host_id: &str) -> SyResult<()> {
         self.inner.deregister_host(host_id).await
