@@ -491,6 +491,18 @@ pub async fn kill_first_host_midway(
     tasks: usize,
     held: usize,
 ) -> anyhow::Result<(Host, HashSet<String>, u64)> {
+    kill_first_host_midway_with_lease(scratch, store, bin, tasks, held, 1000).await
+}
+
+/// [`kill_first_host_midway`] with the first host's lease.
+pub async fn kill_first_host_midway_with_lease(
+    scratch: &Scratch,
+    store: &DynStore,
+    bin: &Path,
+    tasks: usize,
+    held: usize,
+    lease_ms: u64,
+) -> anyhow::Result<(Host, HashSet<String>, u64)> {
     let client = Client::new(store.clone());
     let held_ids: HashSet<String> = spawn_work(&client, held, json!({"hold": true}), 10)
         .await?
@@ -499,10 +511,9 @@ pub async fn kill_first_host_midway(
         .collect();
     spawn_work(&client, tasks - held, json!({"sleep_ms": 2}), 0).await?;
 
-    // A short lease so the survivors take over the dead host's steps soon.
     let mut first = scratch
         .host("first")
-        .lease_ms(1000)
+        .lease_ms(lease_ms)
         .concurrency(16)
         .hold_ms(600_000)
         .start(bin)

@@ -177,3 +177,37 @@ async fn killed_host_steps_are_recovered_and_completed_exactly_once() -> anyhow:
     );
     Ok(())
 }
+
+/// Issue 20, item 9: the steps of a host whose process is gone are
+/// recovered by a host on the same machine without waiting for their
+/// leases. With two-minute leases, every task (the dead host's held steps
+/// included) still completes within 45 s of the kill: only the dead-host
+/// check can have recovered them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_host_on_this_machine_is_recovered_before_its_leases_expire() -> anyhow::Result<()> {
+    const LEASE_MS: u64 = 120_000;
+    let tasks = 300;
+    let scratch = Scratch::new()?;
+    let store = scratch.open().await?;
+    let (_first, _held, _) =
+        kill_first_host_midway_with_lease(&scratch, &store, bin(), tasks, HELD, LEASE_MS).await?;
+    let killed_at = std::time::Instant::now();
+    let mut second = scratch
+        .host("second")
+        .lease_ms(LEASE_MS)
+        .concurrency(16)
+        .start(bin())
+        .await?;
+    let counts = wait_all_completed(&store, tasks as u64, Duration::from_secs(45)).await?;
+    eprintln!(
+        "dead host: every task completed {:?} after the kill (leases: {LEASE_MS} ms)",
+        killed_at.elapsed()
+    );
+    second.stop(Duration::from_secs(20)).await?;
+    assert_eq!(
+        counts.get("completed").copied(),
+        Some(tasks as u64),
+        "{counts:?}"
+    );
+    Ok(())
+}

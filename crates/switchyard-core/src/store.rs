@@ -169,6 +169,12 @@ pub trait Store: Send + Sync + 'static {
     /// cheap read.
     async fn cancelled_steps(&self, steps: &[StepId]) -> Result<Vec<StepId>>;
 
+    /// A host known to be dead: the leases of every step running under
+    /// `host_id` expire now (the next [`Store::recover_expired`] makes them
+    /// ready, costing the attempt as any lost lease does) and its
+    /// registration is removed. Returns how many leases were expired.
+    async fn expire_host(&self, host_id: &str) -> Result<u64>;
+
     /// Removes a host registration (clean shutdown).
     async fn deregister_host(&self, host_id: &str) -> Result<()>;
 

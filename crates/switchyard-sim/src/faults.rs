@@ -383,6 +383,12 @@ impl Store for FaultStore {
         self.post("cancelled_steps", after, r)
     }
 
+    async fn expire_host(&self, host_id: &str) -> Result<u64> {
+        let after = self.pre("expire_host", true).await?;
+        let r = self.inner.expire_host(host_id).await;
+        self.post("expire_host", after, r)
+    }
+
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
         let after = self.pre("deregister_host", true).await?;
         let r = self.inner.deregister_host(host_id).await;

@@ -139,6 +139,8 @@ macro_rules! contract_suite {
                 runs_grow_and_suspensions_cost_no_attempt,
                 same_host_reclaim_fences_the_old_run,
                 cancelled_runs_cannot_write,
+                expire_host_recovers_only_that_hosts_steps,
+                cancelled_steps_lists_cancelled_ones,
                 emit_event_first_write_wins,
                 emit_event_wakes_every_waiter,
                 delegation_group_outcomes_and_parent_wake,
@@ -2307,6 +2309,65 @@ pub async fn same_host_reclaim_fences_the_old_run(factory: Factory) {
         Err(Error::LeaseLost(new.step_id))
     );
     assert!(h.store.get_event("late-ev").await.unwrap().is_none());
+}
+
+/// `expire_host` ends the leases of the steps one host runs (recovered by
+/// the next `recover_expired`) and removes its registration; another host's
+/// steps keep their leases.
+pub async fn expire_host_recovers_only_that_hosts_steps(factory: Factory) {
+    let h = H::open(&factory).await;
+    let dead = h.spawn_handler("eh").await;
+    let alive = h.spawn_handler("eh").await;
+    let d = h.claim_batch(HOST, &[("eh", 1)], LEASE_MS).await.steps;
+    let a = h.claim_batch(HOST_B, &[("eh", 1)], LEASE_MS).await.steps;
+    assert_eq!((d.len(), a.len()), (1, 1));
+    let (d, a) = (&d[0], &a[0]);
+    h.heartbeat(HOST, &[run_of(d)], LEASE_MS).await;
+    h.heartbeat(HOST_B, &[run_of(a)], LEASE_MS).await;
+    assert_eq!(h.store.expire_host(HOST).await.unwrap(), 1);
+    assert_eq!(h.store.recover_expired().await.unwrap(), 1);
+    let rec = h.step(d.task_id, "eh").await;
+    assert_eq!(
+        (rec.state, rec.attempt),
+        (StepState::Ready, 1),
+        "the lost run cost its attempt"
+    );
+    assert_eq!(h.step(a.task_id, "eh").await.state, StepState::Running);
+    let hosts: Vec<String> = h
+        .store
+        .list_hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.id)
+        .collect();
+    assert_eq!(hosts, [HOST_B.to_string()]);
+    assert_lease_lost(
+        &h.complete(lease(d, HOST), Resolution::Completed(json!(1)))
+            .await,
+        d.step_id,
+        "the dead host's run",
+    );
+    h.complete(lease(a, HOST_B), Resolution::Completed(json!(2)))
+        .await
+        .expect("the live host's run completes");
+    assert_eq!(h.task(alive).await.state, TaskState::Completed);
+    assert_eq!(h.task(dead).await.state, TaskState::Running);
+    assert_eq!(h.store.expire_host("no-such-host").await.unwrap(), 0);
+}
+
+/// `cancelled_steps` answers which of the given steps are cancelled.
+pub async fn cancelled_steps_lists_cancelled_ones(factory: Factory) {
+    let h = H::open(&factory).await;
+    let keep = h.spawn_handler("cs").await;
+    let drop = h.spawn_handler("cs").await;
+    let steps = h.claim("cs", 2).await;
+    assert!(h.store.cancel_task(drop, false).await.unwrap());
+    let ids: Vec<StepId> = steps.iter().map(|s| s.step_id).collect();
+    let dropped = find(&steps, drop).step_id;
+    assert_eq!(h.store.cancelled_steps(&ids).await.unwrap(), [dropped]);
+    assert_eq!(h.store.cancelled_steps(&[]).await.unwrap(), []);
+    assert_eq!(h.task(keep).await.state, TaskState::Running);
 }
 
 /// Writes of a run whose task was cancelled are refused as cancelled (not as

@@ -1410,6 +1410,23 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn expire_host(&self, host_id: &str) -> Result<u64> {
+        Ok(self.write(|inner, now, _| {
+            inner.hosts.remove(host_id);
+            let mut n = 0;
+            let Inner { running, steps, .. } = inner;
+            for id in running.iter() {
+                if let Some(s) = steps.get_mut(id) {
+                    if s.rec.lease_owner.as_deref() == Some(host_id) {
+                        s.rec.lease_expires_at = Some(now);
+                        n += 1;
+                    }
+                }
+            }
+            n
+        }))
+    }
+
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
         self.inner.lock().hosts.remove(host_id);
         Ok(())

@@ -2840,6 +2840,22 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn expire_host(&self, host_id: &str) -> Result<u64> {
+        write_tx!(self, "expire_host", |c, now, _fx| async {
+            // `lease_expires_at IS NOT NULL` is "running" for the lease index.
+            let n = c
+                .exec(
+                    "UPDATE sy_steps SET lease_expires_at = $2 \
+                     WHERE lease_expires_at IS NOT NULL AND lease_owner = $1",
+                    &[&host_id, &now],
+                )
+                .await?;
+            c.exec("DELETE FROM sy_hosts WHERE id = $1", &[&host_id])
+                .await?;
+            Ok::<u64, Fail>(n)
+        })
+    }
+
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
         write_tx!(self, "deregister_host", |c, _now, _fx| async {
             c.exec("DELETE FROM sy_hosts WHERE id = $1", &[&host_id])

@@ -2573,6 +2573,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn expire_host(&self, host_id: &str) -> Result<u64> {
+        let host = host_id.to_owned();
+        self.write("expire_host", move |conn, now, _| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE steps SET lease_expires_at = ?2 WHERE state = 'running' AND lease_owner = ?1",
+                )?
+                .execute(params![host, now])?;
+            conn.prepare_cached("DELETE FROM hosts WHERE id = ?1")?
+                .execute([&host])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
         let host = host_id.to_owned();
         self.write("deregister_host", move |conn, _, _| {

@@ -403,6 +403,9 @@ impl<H: Hooks> Store for Hooked<H> {
     async fn cancelled_steps(&self, steps: &[StepId]) -> SyResult<Vec<StepId>> {
         self.inner.cancelled_steps(steps).await
     }
+    async fn expire_host(&self, host_id: &str) -> SyResult<u64> {
+        self.inner.expire_host(host_id).await
+    }
     async fn deregister_host(&self, host_id: &str) -> SyResult<()> {
         self.inner.deregister_host(host_id).await
     }
