@@ -1548,7 +1548,12 @@ pub const CANCEL_POLL: Duration = Duration::from_millis(100);
 /// heartbeat reports them too, but only once per heartbeat interval.)
 async fn cancel_listener(shared: Arc<Shared>) {
     let mut rx = shared.store().signals().cancelled.subscribe();
-    let mut tick = tokio::time::interval(shared.store().poll_interval().min(CANCEL_POLL));
+    // Nothing outside this process changes a memory store: no polling.
+    let poll = match shared.store().kind() {
+        "memory" => Duration::from_secs(24 * 3600),
+        _ => shared.store().poll_interval().min(CANCEL_POLL),
+    };
+    let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
