@@ -448,7 +448,7 @@ def test_waiting_fifty_times_costs_no_attempt(make_worker, client):
     @w.step("naps")
     async def naps(inp, ctx):
         for _ in range(50):
-            await ctx.sleep(0.001)
+            await ctx.sleep(0.02)
         return {"attempt": ctx.attempt, "run": ctx.run}
 
     w.start()

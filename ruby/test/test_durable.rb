@@ -305,7 +305,7 @@ class TestDurable < Minitest::Test
       { sum: sum, attempt: ctx.attempt, run: ctx.run }
     end
     w.step("naps") do |_i, ctx|
-      50.times { ctx.sleep(0.001) }
+      50.times { ctx.sleep(0.02) }
       { attempt: ctx.attempt, run: ctx.run }
     end
     w.start

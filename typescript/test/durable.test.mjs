@@ -299,7 +299,7 @@ test("a step that awaits 50 events or sleeps 50 times costs no attempt", async (
       return { sum, attempt: ctx.attempt, run: ctx.run };
     });
     w.step("naps", async (_i, ctx) => {
-      for (let i = 0; i < 50; i++) await ctx.sleep(0.001);
+      for (let i = 0; i < 50; i++) await ctx.sleep(0.02);
       return { attempt: ctx.attempt, run: ctx.run };
     });
   });

@@ -131,22 +131,6 @@ static int32_t twice(const char *input, size_t len, sy_ctx *ctx, void *user_data
     return SY_ERROR_RETRYABLE; /* no output: a default message */
 }
 
-/* Sleeps 8 times in a row under the default policy (5 attempts): every
- * resume is a new run of the same attempt. */
-static int32_t napper(const char *input, size_t len, sy_ctx *ctx, void *user_data) {
-    (void)input, (void)len, (void)user_data;
-    sy_error *err = NULL;
-    for (int i = 0; i < 8; i++) {
-        sy_status st = sy_ctx_sleep(ctx, 1, &err);
-        if (st != SY_OK) {
-            sy_error_free(err);
-            return st;
-        }
-    }
-    return set_json(ctx, "{\"attempt\":%ld,\"ran\":%ld}", (long)sy_ctx_attempt(ctx),
-                    (long)(sy_ctx_run(ctx) >= 2));
-}
-
 /* Runs until cancelled. */
 static int32_t slow(const char *input, size_t len, sy_ctx *ctx, void *user_data) {
     (void)input, (void)len, (void)user_data;
@@ -171,6 +155,22 @@ static int32_t set_json(sy_ctx *ctx, const char *fmt, long a, long b) {
     int n = snprintf(out, sizeof out, fmt, a, b);
     sy_ctx_set_output(ctx, out, (size_t)n, NULL);
     return SY_OK;
+}
+
+/* Sleeps 8 times in a row under the default policy (5 attempts): every
+ * resume is a new run of the same attempt. */
+static int32_t napper(const char *input, size_t len, sy_ctx *ctx, void *user_data) {
+    (void)input, (void)len, (void)user_data;
+    sy_error *err = NULL;
+    for (int i = 0; i < 8; i++) {
+        sy_status st = sy_ctx_sleep(ctx, 200, &err);
+        if (st != SY_OK) {
+            sy_error_free(err);
+            return st;
+        }
+    }
+    return set_json(ctx, "{\"attempt\":%ld,\"ran\":%ld}", (long)sy_ctx_attempt(ctx),
+                    (long)(sy_ctx_run(ctx) >= 2));
 }
 
 /* Decision: checkpoint, then two `add` steps converging on `sum`. */
