@@ -136,8 +136,12 @@ export declare class Context {
     get stepName(): string;
     /** The handler's name. */
     get handler(): string;
-    /** 1 on the first run. */
+    /** The attempt this run belongs to: 1 until a run fails; a resume after a
+     * suspension continues the same attempt. */
     get attempt(): number;
+    /** This run's number: grows with every claim of the step (resumes
+     * included) and is never reused. */
+    get run(): number;
     /** The task's priority. */
     get priority(): number;
     /** The task's headers. */
