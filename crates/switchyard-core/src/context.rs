@@ -231,11 +231,6 @@ impl Context {
     /// if any. With [`Self::checkpoint_save`] this is the building block for
     /// bindings, whose `fn` runs in another language.
     pub async fn checkpoint_lookup(&self, name: &str) -> StepResult<(String, Option<Value>)> {
-        if name.is_empty() {
-            return Err(StepError::invalid_input(
-                "checkpoint name must be non-empty",
-            ));
-        }
         // Names are keys in every store; one that a store cannot index or
         // store (PostgreSQL text holds no NUL) must fail this step alone,
         // before it reaches a write batch shared with other steps.
