@@ -104,6 +104,21 @@ typedef struct {
   uint32_t rate_burst;
 } sy_handler_options;
 
+// Options of a worker (`sy_worker_new_with`). Start from
+// `sy_worker_options_default()`; a zero field means "the default".
+typedef struct {
+  // Steps run at once, and callback threads (default 64).
+  size_t concurrency;
+  // Lease length in milliseconds (default 30000): a host that stops
+  // heartbeating loses its steps after this.
+  uint64_t lease_ms;
+  // On stop, how long running callbacks may finish before their steps
+  // are cancelled and handed back, in milliseconds (default 10000).
+  uint64_t shutdown_grace_ms;
+  // Largest accepted input/result in bytes (default: the core's).
+  size_t max_payload_bytes;
+} sy_worker_options;
+
 // A step, decision or API callback. `input` is the step's JSON input
 // (NUL-terminated, `input_len` bytes without the NUL), valid during the
 // call. Return `SY_OK` after `sy_ctx_set_output` with the JSON result (no
@@ -362,12 +377,22 @@ sy_status sy_ctx_heartbeat(sy_ctx *ctx, sy_error **err);
 // All defaults (every field zero).
 sy_handler_options sy_handler_options_default(void);
 
+// All defaults (every field zero).
+sy_worker_options sy_worker_options_default(void);
+
 // Creates a worker on a store; `concurrency` (at least 1) is both the
-// number of steps run at once and the number of callback threads.
+// number of steps run at once and the number of callback threads. The
+// other options take their defaults (see `sy_worker_new_with`).
 sy_status sy_worker_new(const sy_store *store,
                         size_t concurrency,
                         sy_worker **worker,
                         sy_error **err);
+
+// Creates a worker on a store with `options` (NULL: all defaults).
+sy_status sy_worker_new_with(const sy_store *store,
+                             const sy_worker_options *options,
+                             sy_worker **worker,
+                             sy_error **err);
 
 // Registers a plain step handler `name` served by `callback` (see
 // `sy_step_fn`); `opts` may be NULL (defaults); `user_data` is passed back
@@ -437,8 +462,13 @@ sy_status sy_completion_free(sy_completion *completion);
 sy_status sy_worker_start(const sy_worker *worker, sy_error **err);
 
 // Stops the host gracefully (no more claims; running steps get the grace
-// period) and joins the callback threads. Stopping a stopped or never
-// started worker is `SY_OK`. Not from inside a callback (`SY_CONFLICT`).
+// period, then are handed back to be run again) and joins the callback
+// threads. A callback still running 2 s after the grace period (one that
+// ignores `sy_ctx_is_cancelled`) does not hold the call up: it is left
+// running on a detached thread, so it must not rely on anything its
+// caller frees after `sy_worker_stop`/`sy_worker_free` returns. Stopping a
+// stopped or never started worker is `SY_OK`. Not from inside a callback
+// (`SY_CONFLICT`).
 sy_status sy_worker_stop(const sy_worker *worker, sy_error **err);
 
 // Stops (as `sy_worker_stop`) and releases a worker. `SY_INVALID_ARGUMENT`

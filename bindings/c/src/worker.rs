@@ -12,9 +12,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::Value;
-use switchyard_core::bridge::{HandlerSpec, Inbox, InboxHandler, Job, JobKind, Reply};
+use switchyard_core::bridge::{HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply};
 use switchyard_core::{
-    ApiError, Context, Decision, DynStore, HandlerOptions, RunningWorker, StepError, Worker,
+    ApiError, Context, Decision, DynStore, HandlerOptions, RunningWorker, StepError,
 };
 
 use crate::ctx::sy_ctx;
@@ -110,18 +110,58 @@ struct Registration {
     kind: JobKind,
     callback: Callback,
     user_data: usize,
-    options: HandlerOptions,
 }
 
 struct Running {
     host: Arc<RunningWorker>,
     threads: Vec<JoinHandle<()>>,
+    /// One message per callback thread that has left.
+    exits: std::sync::mpsc::Receiver<()>,
 }
+
+/// How long `sy_worker_stop` waits, after the grace period, for callbacks
+/// still running (ones that ignore `sy_ctx_is_cancelled`) before it returns
+/// and leaves them running on detached threads.
+const STOP_JOIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// Options of a worker (`sy_worker_new_with`). Start from
+/// `sy_worker_options_default()`; a zero field means "the default".
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct sy_worker_options {
+    /// Steps run at once, and callback threads (default 64).
+    pub concurrency: usize,
+    /// Lease length in milliseconds (default 30000): a host that stops
+    /// heartbeating loses its steps after this.
+    pub lease_ms: u64,
+    /// On stop, how long running callbacks may finish before their steps
+    /// are cancelled and handed back, in milliseconds (default 10000).
+    pub shutdown_grace_ms: u64,
+    /// Largest accepted input/result in bytes (default: the core's).
+    pub max_payload_bytes: usize,
+}
+
+/// All defaults (every field zero).
+#[no_mangle]
+pub extern "C" fn sy_worker_options_default() -> sy_worker_options {
+    sy_worker_options {
+        concurrency: 0,
+        lease_ms: 0,
+        shutdown_grace_ms: 0,
+        max_payload_bytes: 0,
+    }
+}
+
+/// The default of `sy_worker_options.concurrency`.
+const DEFAULT_CONCURRENCY: usize = 64;
 
 /// A host whose handlers are C callbacks.
 pub struct sy_worker {
     store: DynStore,
     concurrency: usize,
+    /// The host's settings and handlers, as every binding keeps them.
+    plan: Mutex<HostPlan>,
+    /// The callbacks behind the plan's handlers.
     regs: Mutex<Vec<Arc<Registration>>>,
     inbox: Arc<Inbox>,
     running: Mutex<Option<Running>>,
@@ -132,7 +172,8 @@ thread_local! {
 }
 
 /// Creates a worker on a store; `concurrency` (at least 1) is both the
-/// number of steps run at once and the number of callback threads.
+/// number of steps run at once and the number of callback threads. The
+/// other options take their defaults (see `sy_worker_new_with`).
 #[no_mangle]
 pub unsafe extern "C" fn sy_worker_new(
     store: *const sy_store,
@@ -141,24 +182,70 @@ pub unsafe extern "C" fn sy_worker_new(
     err: *mut *mut sy_error,
 ) -> sy_status {
     guard(err, || {
-        let slot = out("worker", worker)?;
-        *slot = std::ptr::null_mut();
-        let s = unsafe { handle(Kind::Store, "store", store) }?;
         if concurrency == 0 {
             return Err(Fail::arg("concurrency must be at least 1"));
         }
-        *slot = register(
-            Kind::Worker,
-            sy_worker {
-                store: s.store.clone(),
-                concurrency,
-                regs: Mutex::new(Vec::new()),
-                inbox: Inbox::new(),
-                running: Mutex::new(None),
-            },
-        );
-        Ok(())
+        let opts = sy_worker_options {
+            concurrency,
+            ..sy_worker_options_default()
+        };
+        new_worker(store, &opts, worker)
     })
+}
+
+/// Creates a worker on a store with `options` (NULL: all defaults).
+#[no_mangle]
+pub unsafe extern "C" fn sy_worker_new_with(
+    store: *const sy_store,
+    options: *const sy_worker_options,
+    worker: *mut *mut sy_worker,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        // SAFETY: NULL or a readable options struct.
+        let opts = unsafe { options.as_ref() }
+            .copied()
+            .unwrap_or_else(|| sy_worker_options_default());
+        new_worker(store, &opts, worker)
+    })
+}
+
+fn new_worker(
+    store: *const sy_store,
+    o: &sy_worker_options,
+    worker: *mut *mut sy_worker,
+) -> Result<(), Fail> {
+    let slot = out("worker", worker)?;
+    *slot = std::ptr::null_mut();
+    let s = unsafe { handle(Kind::Store, "store", store) }?;
+    let ms = |name: &str, v: u64, default: u64| -> Result<Duration, Fail> {
+        let v = if v == 0 { default } else { v };
+        switchyard_core::bridge::seconds(&format!("options.{name}"), v as f64 / 1000.0)
+            .map_err(Fail::arg)
+    };
+    let concurrency = if o.concurrency == 0 {
+        DEFAULT_CONCURRENCY
+    } else {
+        o.concurrency
+    };
+    let plan = HostPlan::new(
+        concurrency,
+        ms("lease_ms", o.lease_ms, 30_000)?,
+        ms("shutdown_grace_ms", o.shutdown_grace_ms, 10_000)?,
+        (o.max_payload_bytes != 0).then_some(o.max_payload_bytes),
+    );
+    *slot = register(
+        Kind::Worker,
+        sy_worker {
+            store: s.store.clone(),
+            concurrency,
+            plan: Mutex::new(plan),
+            regs: Mutex::new(Vec::new()),
+            inbox: Inbox::new(),
+            running: Mutex::new(None),
+        },
+    );
+    Ok(())
 }
 
 fn options(
@@ -216,15 +303,16 @@ unsafe fn add_handler(
         ));
     }
     let mut regs = w.regs.lock().unwrap_or_else(|p| p.into_inner());
-    if regs.iter().any(|r| r.name == name) {
-        return Err(Fail::arg(format!("handler `{name}` is registered twice")));
-    }
+    w.plan
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .register(name.clone(), kind, options, w.inbox.clone())
+        .map_err(Fail::arg)?;
     regs.push(Arc::new(Registration {
         name,
         kind,
         callback,
         user_data: user_data as usize,
-        options,
     }));
     Ok(())
 }
@@ -415,6 +503,11 @@ fn input_text(input: &Value) -> Option<CString> {
 }
 
 fn run_job(regs: &[Arc<Registration>], mut job: Job) {
+    if job.abandoned() {
+        // The core gave up on it (timed out, cancelled, handed back) while
+        // it was queued: its callback never starts.
+        return;
+    }
     let Some(reg) = regs.iter().find(|r| r.name == job.handler) else {
         let msg = format!("no C callback for handler `{}`", job.handler);
         let n = job.items.len();
@@ -720,20 +813,18 @@ pub unsafe extern "C" fn sy_worker_start(
                 "no handler is registered",
             ));
         }
-        let mut b = Worker::builder(w.store.clone()).concurrency(w.concurrency);
-        for r in &regs {
-            b = b.handler(
-                r.name.clone(),
-                InboxHandler::capability(w.inbox.clone(), &r.name, r.kind, "C"),
-                r.options.clone(),
-            );
-        }
-        let built = b.build()?;
+        let built = w
+            .plan
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .build(w.store.clone(), "C")?;
         let host = block(async move { built.start().await })??;
         let mut threads = Vec::with_capacity(w.concurrency);
+        let (exited, exits) = std::sync::mpsc::channel::<()>();
         for i in 0..w.concurrency {
             let inbox = w.inbox.clone();
             let regs = regs.clone();
+            let exited = exited.clone();
             let t = std::thread::Builder::new()
                 .name(format!("switchyard-c-{i}"))
                 .spawn(move || {
@@ -742,6 +833,7 @@ pub unsafe extern "C" fn sy_worker_start(
                             run_job(&regs, job);
                         }
                     }
+                    let _ = exited.send(());
                 })
                 .map_err(|e| {
                     Fail::new(sy_status::SY_INTERNAL, format!("spawning a thread: {e}"))
@@ -751,6 +843,7 @@ pub unsafe extern "C" fn sy_worker_start(
         *running = Some(Running {
             host: Arc::new(host),
             threads,
+            exits,
         });
         Ok(())
     })
@@ -769,8 +862,29 @@ fn stop(w: &sy_worker) -> Result<(), Fail> {
         // Running steps get the grace period; callback threads keep serving.
         let res = block(async move { host.stop().await });
         w.inbox.close();
-        for t in r.threads {
+        // Callback threads leave once the inbox is drained and their
+        // callback returns; one that ignores cancellation past the grace
+        // period is left running, detached, rather than hanging the caller.
+        let deadline = std::time::Instant::now() + STOP_JOIN_LIMIT;
+        let mut left = r.threads.len();
+        while left > 0 {
+            let wait = deadline.saturating_duration_since(std::time::Instant::now());
+            match r.exits.recv_timeout(wait) {
+                Ok(()) => left -= 1,
+                Err(_) => break,
+            }
+        }
+        let (done, stuck): (Vec<_>, Vec<_>) = r.threads.into_iter().partition(|t| t.is_finished());
+        for t in done {
             let _ = t.join();
+        }
+        if !stuck.is_empty() {
+            // The C library has no logger: stderr is where C programs look.
+            eprintln!(
+                "switchyard: sy_worker_stop: {} callback(s) still running {:?} after the grace period; left running on detached threads",
+                stuck.len(),
+                STOP_JOIN_LIMIT
+            );
         }
         res?;
     }
@@ -779,8 +893,13 @@ fn stop(w: &sy_worker) -> Result<(), Fail> {
 }
 
 /// Stops the host gracefully (no more claims; running steps get the grace
-/// period) and joins the callback threads. Stopping a stopped or never
-/// started worker is `SY_OK`. Not from inside a callback (`SY_CONFLICT`).
+/// period, then are handed back to be run again) and joins the callback
+/// threads. A callback still running 2 s after the grace period (one that
+/// ignores `sy_ctx_is_cancelled`) does not hold the call up: it is left
+/// running on a detached thread, so it must not rely on anything its
+/// caller frees after `sy_worker_stop`/`sy_worker_free` returns. Stopping a
+/// stopped or never started worker is `SY_OK`. Not from inside a callback
+/// (`SY_CONFLICT`).
 #[no_mangle]
 pub unsafe extern "C" fn sy_worker_stop(
     worker: *const sy_worker,

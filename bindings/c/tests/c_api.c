@@ -569,6 +569,81 @@ static void durable_checks(void) {
     CHECK(system(cmd) == 0);
 }
 
+/* ------------------------------------------------------------------------
+ * Jobs the core gave up on are never started, and sy_worker_stop does not
+ * wait forever for a callback that ignores cancellation. */
+
+static int stubborn_a = 0, stubborn_b = 0, stubborn_a_done = 0;
+
+/* "a" sleeps 5 s without looking at cancellation; "b" returns at once. */
+static int32_t stubborn(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ctx, (void)ud;
+    if (strstr(input, "\"a\"")) {
+        __atomic_add_fetch(&stubborn_a, 1, __ATOMIC_SEQ_CST);
+        sleep_ms(5000);
+        __atomic_store_n(&stubborn_a_done, 1, __ATOMIC_SEQ_CST);
+    } else {
+        __atomic_add_fetch(&stubborn_b, 1, __ATOMIC_SEQ_CST);
+    }
+    return SY_OK;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void stop_checks(void) {
+    sy_store *store = NULL;
+    sy_client *client = NULL;
+    sy_worker *worker = NULL;
+    sy_buf a = {0}, b = {0}, res = {0};
+    EXPECT(sy_store_open("memory", &store, &err), SY_OK, NULL);
+    EXPECT(sy_client_new(store, &client, &err), SY_OK, NULL);
+    sy_worker_options wo = sy_worker_options_default();
+    wo.concurrency = 1;
+    wo.shutdown_grace_ms = 200;
+    EXPECT(sy_worker_new_with(store, &wo, &worker, &err), SY_OK, NULL);
+    sy_worker *bad = NULL;
+    wo.shutdown_grace_ms = (uint64_t)1 << 62;
+    EXPECT(sy_worker_new_with(store, &wo, &bad, &err), SY_INVALID_ARGUMENT, "options.shutdown_grace_ms");
+    CHECK(bad == NULL);
+    wo.shutdown_grace_ms = 200;
+    sy_handler_options ho = sy_handler_options_default();
+    ho.timeout_ms = 200;
+    ho.max_attempts = 1;
+    EXPECT(sy_worker_step(worker, "stubborn", &ho, stubborn, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_start(worker, &err), SY_OK, NULL);
+    /* "a" holds the only callback thread for 5 s and times out after
+     * 200 ms; "b" is then dispatched, waits in the queue behind it and
+     * times out there: its callback must never start. */
+    EXPECT(sy_client_spawn(client, "stubborn", "{\"who\":\"a\"}", &a, &err), SY_OK, NULL);
+    while (__atomic_load_n(&stubborn_a, __ATOMIC_SEQ_CST) == 0) sleep_ms(5);
+    EXPECT(sy_client_spawn(client, "stubborn", "{\"who\":\"b\"}", &b, &err), SY_OK, NULL);
+    EXPECT(sy_client_result(client, (const char *)a.ptr, 30000, &res, &err), SY_CONFLICT, "timed out after 200 ms");
+    EXPECT(sy_client_result(client, (const char *)b.ptr, 30000, &res, &err), SY_CONFLICT, "timed out after 200 ms");
+    /* Stop while "a" still sleeps: the grace period, then at most 2 s. */
+    double t0 = now_s();
+    EXPECT(sy_worker_stop(worker, &err), SY_OK, NULL);
+    double took = now_s() - t0;
+    printf("ok: sy_worker_stop returned after %.2f s with a callback still running\n", took);
+    CHECK(took < 4.0);
+    CHECK(!__atomic_load_n(&stubborn_a_done, __ATOMIC_SEQ_CST));
+    /* Let the detached callback finish before checking and freeing. */
+    for (int i = 0; i < 1000 && !__atomic_load_n(&stubborn_a_done, __ATOMIC_SEQ_CST); i++) sleep_ms(10);
+    sleep_ms(300);
+    CHECK(__atomic_load_n(&stubborn_a_done, __ATOMIC_SEQ_CST));
+    CHECK(__atomic_load_n(&stubborn_a, __ATOMIC_SEQ_CST) == 1);
+    CHECK(__atomic_load_n(&stubborn_b, __ATOMIC_SEQ_CST) == 0);
+    printf("ok: a job abandoned while queued never started its callback\n");
+    sy_buf_free(&a);
+    sy_buf_free(&b);
+    CHECK(sy_worker_free(worker) == SY_OK);
+    CHECK(sy_client_free(client) == SY_OK);
+    CHECK(sy_store_free(store) == SY_OK);
+}
+
 int main(void) {
     sy_store *store = NULL;
     sy_client *client = NULL;
@@ -695,6 +770,7 @@ int main(void) {
     EXPECT(sy_ctx_checkpoint_put(NULL, "c", "1", &err), SY_INVALID_ARGUMENT, "ctx is NULL");
 
     durable_checks();
+    stop_checks();
 
     /* Stop, double stop, frees, double frees. */
     EXPECT(sy_worker_stop(worker, &err), SY_OK, NULL);

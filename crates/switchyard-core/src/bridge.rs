@@ -407,6 +407,15 @@ struct State {
     last_take: Option<Instant>,
 }
 
+impl State {
+    /// Drops the queued jobs the core has given up on (see [`Inbox::take`]);
+    /// true if any job is left.
+    fn live(s: &mut Self) -> bool {
+        s.queue.retain(|j| !j.abandoned());
+        !s.queue.is_empty()
+    }
+}
+
 /// The queue between the dispatcher and one foreign runtime.
 pub struct Inbox {
     state: Mutex<State>,
@@ -495,9 +504,22 @@ impl Inbox {
         Ok(rx)
     }
 
+    /// Up to `max` jobs from the front of the queue, leaving out (and
+    /// dropping) the ones the core has given up on while they were queued
+    /// (timed out, cancelled, handed back at shutdown): no binding ever
+    /// starts those. A binding that holds taken jobs a while before running
+    /// them (a batch) checks [`Job::abandoned`] again just before each.
     fn take(s: &mut State, max: usize) -> Vec<Job> {
-        let n = s.queue.len().min(max.max(1));
-        s.queue.drain(..n).collect()
+        let max = max.max(1);
+        let mut jobs = Vec::with_capacity(max.min(s.queue.len()));
+        while jobs.len() < max {
+            match s.queue.pop_front() {
+                Some(job) if job.abandoned() => drop(job),
+                Some(job) => jobs.push(job),
+                None => break,
+            }
+        }
+        jobs
     }
 
     /// Blocks the calling thread until jobs are available (returns up to
@@ -513,7 +535,7 @@ impl Inbox {
         let mut s = self.lock();
         let seen = s.interrupts;
         loop {
-            if !s.queue.is_empty() {
+            if State::live(&mut s) {
                 let jobs = Self::take(&mut s, max);
                 if !s.queue.is_empty() && s.waiting > 0 && !s.wake_pending {
                     // More work than this thread took: wake the next one.
@@ -546,7 +568,7 @@ impl Inbox {
     /// Non-blocking: up to `max` jobs now.
     pub fn try_recv_batch(&self, max: usize) -> Result<Vec<Job>, Closed> {
         let mut s = self.lock();
-        if s.queue.is_empty() && s.closed {
+        if !State::live(&mut s) && s.closed {
             return Err(Closed);
         }
         Ok(Self::take(&mut s, max))
@@ -563,7 +585,7 @@ impl Inbox {
             notified.as_mut().enable();
             {
                 let mut s = self.lock();
-                if !s.queue.is_empty() {
+                if State::live(&mut s) {
                     return Some(Self::take(&mut s, max));
                 }
                 if s.closed {
@@ -640,7 +662,7 @@ impl Consumer {
     pub fn try_next(&mut self, max: usize) -> Result<Vec<Job>, Closed> {
         let inbox = self.inbox.clone();
         let mut s = inbox.lock();
-        if s.queue.is_empty() {
+        if !State::live(&mut s) {
             return if s.closed {
                 Err(Closed)
             } else {
@@ -667,7 +689,7 @@ impl Consumer {
         let mut sentinel = false;
         let outcome = loop {
             let now = Instant::now();
-            if !s.queue.is_empty() {
+            if State::live(&mut s) {
                 let stalled = s.last_take.is_none_or(|t| now >= t + inbox.stall);
                 if s.busy == 0 || stalled {
                     break Ok(self.take(&mut s, max));
@@ -992,6 +1014,55 @@ mod tests {
             assert!(waited < Duration::from_secs(20));
         }
         assert_eq!(busy.try_next(1).map(|j| j.len()), Err(Closed));
+    }
+
+    /// A job the core gave up on while it was queued (its reply receiver
+    /// is gone: timeout, cancellation, shutdown) is never handed to a
+    /// binding, whichever way the binding takes jobs.
+    #[test]
+    fn abandoned_jobs_are_never_handed_out() {
+        fn ids(jobs: Vec<Job>) -> Vec<u64> {
+            jobs.into_iter().map(|j| j.id).collect()
+        }
+        let inbox = Inbox::serial();
+        let (a, b, c) = (job(&inbox), job(&inbox), job(&inbox));
+        drop(a);
+        drop(c);
+        let mut consumer = Consumer::new(inbox.clone());
+        assert_eq!(ids(consumer.try_next(8).unwrap()), vec![2]);
+        drop(b);
+
+        let dropped = job(&inbox);
+        drop(dropped);
+        let got = wait_on_thread(&inbox, Duration::from_millis(300));
+        let (n, _) = got
+            .recv_timeout(Duration::from_secs(20))
+            .expect("slice ends");
+        assert_eq!(
+            n,
+            Ok(0),
+            "a consumer waiting on an abandoned job gets nothing"
+        );
+
+        let inbox = Inbox::new();
+        let (d, _e) = (job(&inbox), job(&inbox));
+        drop(d);
+        assert_eq!(
+            ids(inbox.recv_batch(8, Duration::from_secs(5)).unwrap()),
+            vec![2]
+        );
+        let f = job(&inbox);
+        drop(f);
+        assert!(inbox.try_recv_batch(8).unwrap().is_empty());
+        let (g, _h) = (job(&inbox), job(&inbox));
+        drop(g);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let got = rt.block_on(inbox.recv_batch_async(8)).unwrap();
+        assert_eq!(ids(got), vec![5]);
+        inbox.close();
+        assert!(rt.block_on(inbox.recv_batch_async(8)).is_none());
     }
 
     fn job_refused(inbox: &Inbox) -> bool {
