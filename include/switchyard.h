@@ -102,6 +102,11 @@ typedef struct {
   double rate_limit;
   // API handlers only: burst size of the rate limit (default 1).
   uint32_t rate_burst;
+  // First retry delay in milliseconds (default 1000); later retries
+  // double it, with jitter.
+  uint64_t initial_backoff_ms;
+  // Largest retry delay in milliseconds (default 300000).
+  uint64_t max_backoff_ms;
 } sy_handler_options;
 
 // Options of a worker (`sy_worker_new_with`). Start from

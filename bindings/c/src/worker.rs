@@ -83,6 +83,11 @@ pub struct sy_handler_options {
     pub rate_limit: f64,
     /// API handlers only: burst size of the rate limit (default 1).
     pub rate_burst: u32,
+    /// First retry delay in milliseconds (default 1000); later retries
+    /// double it, with jitter.
+    pub initial_backoff_ms: u64,
+    /// Largest retry delay in milliseconds (default 300000).
+    pub max_backoff_ms: u64,
 }
 
 /// All defaults (every field zero).
@@ -96,6 +101,8 @@ pub extern "C" fn sy_handler_options_default() -> sy_handler_options {
         linger_ms: 0,
         rate_limit: 0.0,
         rate_burst: 0,
+        initial_backoff_ms: 0,
+        max_backoff_ms: 0,
     }
 }
 
@@ -261,8 +268,8 @@ fn options(
         concurrency: (o.concurrency != 0).then_some(o.concurrency),
         timeout: ms(o.timeout_ms),
         max_attempts: (o.max_attempts != 0).then_some(o.max_attempts),
-        initial_backoff: None,
-        max_backoff: None,
+        initial_backoff: ms(o.initial_backoff_ms),
+        max_backoff: ms(o.max_backoff_ms),
         max_batch: (o.max_batch != 0).then_some(o.max_batch),
         linger: ms(o.linger_ms),
         rate_limit: (o.rate_limit != 0.0).then_some(o.rate_limit),
@@ -272,6 +279,8 @@ fn options(
         "timeout" => "options.timeout_ms".to_string(),
         "linger" => "options.linger_ms".to_string(),
         "burst" => "options.rate_burst".to_string(),
+        "initial_backoff" => "options.initial_backoff_ms".to_string(),
+        "max_backoff" => "options.max_backoff_ms".to_string(),
         other => format!("options.{other}"),
     };
     spec.build(name, kind, worker_concurrency, field)

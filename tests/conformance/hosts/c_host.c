@@ -1,0 +1,254 @@
+/* The C host of the conformance suite (tests/conformance/).
+ *
+ *   c_host --store sqlite:PATH --handlers FILE --log PATH
+ *
+ * FILE has one line per handler of scenarios.json, written by the driver:
+ *   name timeout_ms max_attempts initial_backoff_ms max_backoff_ms
+ * (0 = the default). Registers them, prints `ready` once started, and runs
+ * until SIGTERM. Handlers append `<task_id> <label>` lines to the log where
+ * a scenario counts how often something ran. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "switchyard.h"
+
+static const char *log_path;
+static volatile sig_atomic_t stop_requested = 0;
+
+static void on_term(int sig) { (void)sig; stop_requested = 1; }
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static void note(sy_ctx *ctx, const char *label) {
+    sy_buf id = {0};
+    if (sy_ctx_task_id(ctx, &id, NULL) != SY_OK) return;
+    FILE *f = fopen(log_path, "a");
+    if (f) {
+        fprintf(f, "%s %s\n", (const char *)id.ptr, label);
+        fclose(f);
+    }
+    sy_buf_free(&id);
+}
+
+static int32_t output(sy_ctx *ctx, const char *text) {
+    sy_ctx_set_output(ctx, text, strlen(text), NULL);
+    return SY_OK;
+}
+
+static int32_t fail(sy_ctx *ctx, int32_t status, const char *message) {
+    sy_ctx_set_output(ctx, message, strlen(message), NULL);
+    return status;
+}
+
+/* The integer after `"key":` in a JSON text (0 if absent). */
+static long num(const char *json, const char *key) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":", key);
+    const char *p = strstr(json, pat);
+    return p ? strtol(p + strlen(pat), NULL, 10) : 0;
+}
+
+/* The string after `"key":"` (no escapes), copied into out. */
+static void str(const char *json, const char *key, char *out, size_t cap) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":\"", key);
+    const char *p = strstr(json, pat);
+    out[0] = 0;
+    if (!p) return;
+    p += strlen(pat);
+    size_t n = 0;
+    while (p[n] && p[n] != '"' && n + 1 < cap) n++;
+    memcpy(out, p, n);
+    out[n] = 0;
+}
+
+/* checkpoint(name) { note(label); value }: the stored value, or value. */
+static int32_t checkpoint(sy_ctx *ctx, const char *name, const char *label, const char *value,
+                          char *out, size_t cap) {
+    sy_buf v = {0};
+    bool found = false;
+    int32_t st = sy_ctx_checkpoint_get(ctx, name, &v, &found, NULL);
+    if (st != SY_OK) return st;
+    if (found) {
+        snprintf(out, cap, "%s", (const char *)v.ptr);
+        sy_buf_free(&v);
+        return SY_OK;
+    }
+    note(ctx, label);
+    st = sy_ctx_checkpoint_put(ctx, name, value, NULL);
+    if (st != SY_OK) return st;
+    snprintf(out, cap, "%s", value);
+    return SY_OK;
+}
+
+static int32_t conf_value(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    char *buf = malloc(strlen(input) + 16);
+    sprintf(buf, "{\"echo\":%s}", input);
+    output(ctx, buf);
+    free(buf);
+    return SY_OK;
+}
+
+static int32_t conf_permanent(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    return fail(ctx, SY_ERROR_PERMANENT, "nope");
+}
+
+static int32_t conf_flaky(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    char buf[64];
+    uint32_t attempt = sy_ctx_attempt(ctx);
+    if (attempt < 3) {
+        snprintf(buf, sizeof buf, "flaky on attempt %u", attempt);
+        return fail(ctx, SY_ERROR_RETRYABLE, buf);
+    }
+    snprintf(buf, sizeof buf, "{\"attempt\":%u}", attempt);
+    return output(ctx, buf);
+}
+
+static int32_t conf_crash(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    /* C has no exceptions: an unexpected status is its "throw". */
+    sy_ctx_set_output(ctx, "boom", 4, NULL);
+    return 12345;
+}
+
+static int32_t conf_checkpoint_once(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    char charged[64], buf[96];
+    int32_t st = checkpoint(ctx, "charge", "charge", "42", charged, sizeof charged);
+    if (st != SY_OK) return st;
+    if (sy_ctx_attempt(ctx) == 1) return fail(ctx, SY_ERROR_RETRYABLE, "failed after the charge");
+    snprintf(buf, sizeof buf, "{\"charged\":%s}", charged);
+    return output(ctx, buf);
+}
+
+static int32_t conf_same_name(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    char a[64], b[64], buf[160];
+    int32_t st = checkpoint(ctx, "x", "first", "1", a, sizeof a);
+    if (st != SY_OK) return st;
+    st = checkpoint(ctx, "x", "second", "2", b, sizeof b);
+    if (st != SY_OK) return st;
+    snprintf(buf, sizeof buf, "[%s,%s]", a, b);
+    return output(ctx, buf);
+}
+
+static int32_t conf_await(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    char event[128];
+    str(input, "event", event, sizeof event);
+    sy_buf payload = {0};
+    int32_t st = sy_ctx_await_event(ctx, event, 60000, &payload, NULL);
+    if (st != SY_OK) return st;
+    char *buf = malloc(payload.len + 16);
+    sprintf(buf, "{\"got\":%s}", (const char *)payload.ptr);
+    output(ctx, buf);
+    free(buf);
+    sy_buf_free(&payload);
+    return SY_OK;
+}
+
+static int32_t conf_await_timeout(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    sy_buf payload = {0};
+    int32_t st = sy_ctx_await_event(ctx, "never.sent", 200, &payload, NULL);
+    if (st != SY_OK) return st;
+    sy_buf_free(&payload);
+    return output(ctx, "\"unreachable\"");
+}
+
+static int32_t conf_suspensions(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    long n = num(input, "n");
+    for (long i = 0; i < n; i++) {
+        int32_t st = sy_ctx_sleep(ctx, 20, NULL);
+        if (st != SY_OK) return st;
+    }
+    char buf[64];
+    snprintf(buf, sizeof buf, "{\"slept\":%ld}", n);
+    return output(ctx, buf);
+}
+
+static int32_t conf_timeout(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    sleep_ms(5000);
+    return output(ctx, "\"too late\"");
+}
+
+static const struct {
+    const char *name;
+    sy_step_fn fn;
+} bodies[] = {
+    {"conf_value", conf_value},
+    {"conf_permanent", conf_permanent},
+    {"conf_flaky", conf_flaky},
+    {"conf_crash", conf_crash},
+    {"conf_checkpoint_once", conf_checkpoint_once},
+    {"conf_same_name", conf_same_name},
+    {"conf_await", conf_await},
+    {"conf_await_timeout", conf_await_timeout},
+    {"conf_suspensions", conf_suspensions},
+    {"conf_timeout", conf_timeout},
+};
+
+static void die(const char *what, sy_error *err) {
+    fprintf(stderr, "c_host: %s: %s\n", what, sy_error_message(err));
+    exit(1);
+}
+
+int main(int argc, char **argv) {
+    const char *store_url = NULL, *handlers = NULL;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--store")) store_url = argv[i + 1];
+        else if (!strcmp(argv[i], "--handlers")) handlers = argv[i + 1];
+        else if (!strcmp(argv[i], "--log")) log_path = argv[i + 1];
+    }
+    if (!store_url || !handlers || !log_path) {
+        fprintf(stderr, "usage: c_host --store URL --handlers FILE --log PATH\n");
+        return 2;
+    }
+    signal(SIGTERM, on_term);
+    signal(SIGINT, on_term);
+    sy_error *err = NULL;
+    sy_store *store = NULL;
+    sy_worker *worker = NULL;
+    if (sy_store_open(store_url, &store, &err) != SY_OK) die("opening the store", err);
+    sy_worker_options wo = sy_worker_options_default();
+    wo.concurrency = 16;
+    if (sy_worker_new_with(store, &wo, &worker, &err) != SY_OK) die("creating the worker", err);
+    FILE *f = fopen(handlers, "r");
+    if (!f) die("reading the handlers file", NULL);
+    char name[128];
+    unsigned long long timeout_ms, attempts, initial_ms, max_ms;
+    while (fscanf(f, "%127s %llu %llu %llu %llu", name, &timeout_ms, &attempts, &initial_ms, &max_ms) == 5) {
+        sy_step_fn fn = NULL;
+        for (size_t i = 0; i < sizeof bodies / sizeof bodies[0]; i++)
+            if (!strcmp(bodies[i].name, name)) fn = bodies[i].fn;
+        if (!fn) {
+            fprintf(stderr, "c_host: no handler `%s`\n", name);
+            return 1;
+        }
+        sy_handler_options o = sy_handler_options_default();
+        o.timeout_ms = timeout_ms;
+        o.max_attempts = (uint32_t)attempts;
+        o.initial_backoff_ms = initial_ms;
+        o.max_backoff_ms = max_ms;
+        if (sy_worker_step(worker, name, &o, fn, NULL, &err) != SY_OK) die(name, err);
+    }
+    fclose(f);
+    if (sy_worker_start(worker, &err) != SY_OK) die("starting", err);
+    printf("ready\n");
+    fflush(stdout);
+    while (!stop_requested) sleep_ms(20);
+    if (sy_worker_free(worker) != SY_OK) return 1;
+    if (sy_store_free(store) != SY_OK) return 1;
+    return 0;
+}

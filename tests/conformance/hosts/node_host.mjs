@@ -1,0 +1,70 @@
+// The Node host of the conformance suite (tests/conformance/).
+//
+//   node node_host.mjs --store sqlite:PATH --scenarios scenarios.json --log PATH
+//
+// Run from a project where the `switchyard` package is installed. Registers
+// every handler of the scenario file with the options the file gives it,
+// prints `ready` once started, and runs until SIGTERM. Handlers append
+// `<task_id> <label>` lines to the log where a scenario counts how often
+// something ran.
+import { appendFileSync, readFileSync } from "node:fs";
+import { setTimeout as sleep } from "node:timers/promises";
+import { Worker, PermanentError, RetryableError } from "switchyard";
+
+const args = {};
+for (let i = 2; i < process.argv.length; i += 2) args[process.argv[i].replace(/^--/, "")] = process.argv[i + 1];
+const spec = JSON.parse(readFileSync(args.scenarios, "utf8"));
+const note = (ctx, label) => appendFileSync(args.log, `${ctx.taskId} ${label}\n`);
+
+const bodies = {
+  conf_value: async (input) => ({ echo: input }),
+  conf_permanent: async () => {
+    throw new PermanentError("nope");
+  },
+  conf_flaky: async (input, ctx) => {
+    if (ctx.attempt < 3) throw new RetryableError(`flaky on attempt ${ctx.attempt}`);
+    return { attempt: ctx.attempt };
+  },
+  conf_crash: async () => {
+    throw new Error("boom");
+  },
+  conf_checkpoint_once: async (input, ctx) => {
+    const charged = await ctx.checkpoint("charge", () => {
+      note(ctx, "charge");
+      return 42;
+    });
+    if (ctx.attempt === 1) throw new RetryableError("failed after the charge");
+    return { charged };
+  },
+  conf_same_name: async (input, ctx) => {
+    const a = await ctx.checkpoint("x", () => (note(ctx, "first"), 1));
+    const b = await ctx.checkpoint("x", () => (note(ctx, "second"), 2));
+    return [a, b];
+  },
+  conf_await: async (input, ctx) => ({ got: await ctx.awaitEvent(input.event, { timeout: 60 }) }),
+  conf_await_timeout: async (input, ctx) => {
+    await ctx.awaitEvent("never.sent", { timeout: 0.2 });
+    return "unreachable";
+  },
+  conf_suspensions: async (input, ctx) => {
+    for (let i = 0; i < input.n; i++) await ctx.sleep(0.02);
+    return { slept: input.n };
+  },
+  conf_timeout: async () => {
+    await sleep(5000);
+    return "too late";
+  },
+};
+
+const worker = new Worker({ store: args.store, concurrency: 16 });
+for (const [name, o] of Object.entries(spec.handlers)) {
+  const options = {};
+  if (o.timeout !== undefined) options.timeout = o.timeout;
+  if (o.max_attempts !== undefined) {
+    options.retry = { maxAttempts: o.max_attempts, initialBackoff: o.initial_backoff, maxBackoff: o.max_backoff };
+  }
+  worker.step(name, bodies[name], options);
+}
+await worker.start();
+console.log("ready");
+await worker.run();

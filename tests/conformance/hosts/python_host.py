@@ -1,0 +1,147 @@
+"""The Python host of the conformance suite (tests/conformance/).
+
+    python python_host.py --store sqlite:PATH --scenarios scenarios.json --log PATH [--async]
+
+Registers every handler of the scenario file with the options the file gives
+it (as sync handlers, or ``async def`` ones with --async), prints ``ready``
+once registered, and runs until SIGTERM. Handlers append ``<task_id> <label>``
+lines to the log where a scenario counts how often something ran.
+"""
+
+import argparse
+import json
+import threading
+import time
+
+import switchyard
+
+p = argparse.ArgumentParser()
+p.add_argument("--store", required=True)
+p.add_argument("--scenarios", required=True)
+p.add_argument("--log", required=True)
+p.add_argument("--async", dest="use_async", action="store_true")
+args = p.parse_args()
+
+with open(args.scenarios) as f:
+    spec = json.load(f)
+log_lock = threading.Lock()
+
+
+def note(ctx, label):
+    with log_lock, open(args.log, "a") as f:
+        f.write(f"{ctx.task_id} {label}\n")
+
+
+def sync_bodies():
+    def conf_value(input, ctx):
+        return {"echo": input}
+
+    def conf_permanent(input, ctx):
+        raise switchyard.PermanentError("nope")
+
+    def conf_flaky(input, ctx):
+        if ctx.attempt < 3:
+            raise switchyard.RetryableError(f"flaky on attempt {ctx.attempt}")
+        return {"attempt": ctx.attempt}
+
+    def conf_crash(input, ctx):
+        raise RuntimeError("boom")
+
+    def conf_checkpoint_once(input, ctx):
+        def charge():
+            note(ctx, "charge")
+            return 42
+
+        charged = ctx.checkpoint("charge", charge)
+        if ctx.attempt == 1:
+            raise switchyard.RetryableError("failed after the charge")
+        return {"charged": charged}
+
+    def conf_same_name(input, ctx):
+        a = ctx.checkpoint("x", lambda: (note(ctx, "first"), 1)[1])
+        b = ctx.checkpoint("x", lambda: (note(ctx, "second"), 2)[1])
+        return [a, b]
+
+    def conf_await(input, ctx):
+        return {"got": ctx.await_event(input["event"], timeout=60)}
+
+    def conf_await_timeout(input, ctx):
+        ctx.await_event("never.sent", timeout=0.2)
+        return "unreachable"
+
+    def conf_suspensions(input, ctx):
+        for _ in range(input["n"]):
+            ctx.sleep(0.02)
+        return {"slept": input["n"]}
+
+    def conf_timeout(input, ctx):
+        time.sleep(5)
+        return "too late"
+
+    return locals()
+
+
+def async_bodies():
+    import asyncio
+
+    async def conf_value(input, ctx):
+        return {"echo": input}
+
+    async def conf_permanent(input, ctx):
+        raise switchyard.PermanentError("nope")
+
+    async def conf_flaky(input, ctx):
+        if ctx.attempt < 3:
+            raise switchyard.RetryableError(f"flaky on attempt {ctx.attempt}")
+        return {"attempt": ctx.attempt}
+
+    async def conf_crash(input, ctx):
+        raise RuntimeError("boom")
+
+    async def conf_checkpoint_once(input, ctx):
+        def charge():
+            note(ctx, "charge")
+            return 42
+
+        charged = await ctx.checkpoint("charge", charge)
+        if ctx.attempt == 1:
+            raise switchyard.RetryableError("failed after the charge")
+        return {"charged": charged}
+
+    async def conf_same_name(input, ctx):
+        a = await ctx.checkpoint("x", lambda: (note(ctx, "first"), 1)[1])
+        b = await ctx.checkpoint("x", lambda: (note(ctx, "second"), 2)[1])
+        return [a, b]
+
+    async def conf_await(input, ctx):
+        return {"got": await ctx.await_event(input["event"], timeout=60)}
+
+    async def conf_await_timeout(input, ctx):
+        await ctx.await_event("never.sent", timeout=0.2)
+        return "unreachable"
+
+    async def conf_suspensions(input, ctx):
+        for _ in range(input["n"]):
+            await ctx.sleep(0.02)
+        return {"slept": input["n"]}
+
+    async def conf_timeout(input, ctx):
+        await asyncio.sleep(5)
+        return "too late"
+
+    return locals()
+
+
+bodies = async_bodies() if args.use_async else sync_bodies()
+worker = switchyard.Worker(args.store, concurrency=16)
+for name, opts in spec["handlers"].items():
+    retry = None
+    if "max_attempts" in opts:
+        retry = switchyard.Retry(
+            max_attempts=opts["max_attempts"],
+            initial_backoff=opts.get("initial_backoff", 1.0),
+            max_backoff=opts.get("max_backoff", 300.0),
+        )
+    worker.step(name, timeout=opts.get("timeout"), retry=retry)(bodies[name])
+print("ready", flush=True)
+worker.run()

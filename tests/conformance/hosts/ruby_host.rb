@@ -1,0 +1,74 @@
+# The Ruby host of the conformance suite (tests/conformance/).
+#
+#   ruby ruby_host.rb --store sqlite:PATH --scenarios scenarios.json --log PATH
+#
+# Registers every handler of the scenario file with the options the file
+# gives it, prints `ready` once started, and runs until SIGTERM. Handlers
+# append `<task_id> <label>` lines to the log where a scenario counts how
+# often something ran.
+require "json"
+require "switchyard"
+
+args = ARGV.each_slice(2).to_h { |k, v| [k.delete_prefix("--"), v] }
+spec = JSON.parse(File.read(args.fetch("scenarios")))
+LOG = args.fetch("log")
+LOG_LOCK = Mutex.new
+
+def note(ctx, label)
+  LOG_LOCK.synchronize { File.open(LOG, "a") { |f| f.puts("#{ctx.task_id} #{label}") } }
+end
+
+BODIES = {
+  "conf_value" => ->(input, _ctx) { { "echo" => input } },
+  "conf_permanent" => ->(_input, _ctx) { raise Switchyard::PermanentError, "nope" },
+  "conf_flaky" => lambda do |_input, ctx|
+    raise Switchyard::RetryableError, "flaky on attempt #{ctx.attempt}" if ctx.attempt < 3
+
+    { "attempt" => ctx.attempt }
+  end,
+  "conf_crash" => ->(_input, _ctx) { raise "boom" },
+  "conf_checkpoint_once" => lambda do |_input, ctx|
+    charged = ctx.checkpoint("charge") do
+      note(ctx, "charge")
+      42
+    end
+    raise Switchyard::RetryableError, "failed after the charge" if ctx.attempt == 1
+
+    { "charged" => charged }
+  end,
+  "conf_same_name" => lambda do |_input, ctx|
+    a = ctx.checkpoint("x") { note(ctx, "first"); 1 }
+    b = ctx.checkpoint("x") { note(ctx, "second"); 2 }
+    [a, b]
+  end,
+  "conf_await" => ->(input, ctx) { { "got" => ctx.await_event(input["event"], timeout: 60) } },
+  "conf_await_timeout" => lambda do |_input, ctx|
+    ctx.await_event("never.sent", timeout: 0.2)
+    "unreachable"
+  end,
+  "conf_suspensions" => lambda do |input, ctx|
+    input["n"].times { ctx.sleep(0.02) }
+    { "slept" => input["n"] }
+  end,
+  "conf_timeout" => lambda do |_input, _ctx|
+    Kernel.sleep(5)
+    "too late"
+  end
+}.freeze
+
+worker = Switchyard::Worker.new(store: args.fetch("store"), concurrency: 16)
+spec.fetch("handlers").each do |name, o|
+  opts = {}
+  opts[:timeout] = o["timeout"] if o.key?("timeout")
+  if o.key?("max_attempts")
+    opts[:retry] = Switchyard::Retry.new(max_attempts: o["max_attempts"],
+                                         initial_backoff: o["initial_backoff"] || 1.0,
+                                         max_backoff: o["max_backoff"] || 300.0)
+  end
+  body = BODIES.fetch(name)
+  worker.step(name, **opts) { |input, ctx| body.call(input, ctx) }
+end
+worker.start
+$stdout.puts "ready"
+$stdout.flush
+worker.run

@@ -1,0 +1,152 @@
+//! The Rust host of the conformance suite (`tests/conformance/`).
+//!
+//! ```text
+//! conformance_host --store sqlite:PATH --scenarios tests/conformance/scenarios.json --log PATH
+//! ```
+//!
+//! Registers every handler of the scenario file with the options the file
+//! gives it, prints `ready` on stdout once claiming, and runs until SIGTERM.
+//! Handlers append `<task_id> <label>` lines to the log where a scenario
+//! counts how often something ran.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use serde_json::{json, Value};
+use switchyard::bridge::{HandlerSpec, JobKind};
+use switchyard::{Context, StepError, StepResult, Worker};
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long)]
+    store: String,
+    #[arg(long)]
+    scenarios: PathBuf,
+    #[arg(long)]
+    log: PathBuf,
+}
+
+type Log = Arc<Mutex<std::fs::File>>;
+
+fn note(log: &Log, ctx: &Context, label: &str) {
+    let mut f = log.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = writeln!(f, "{} {label}", ctx.task_id());
+}
+
+async fn body(name: &str, input: Value, ctx: Context, log: Log) -> StepResult {
+    match name {
+        "conf_value" => Ok(json!({ "echo": input })),
+        "conf_permanent" => Err(StepError::permanent("nope")),
+        "conf_flaky" => {
+            if ctx.attempt() < 3 {
+                Err(StepError::retryable(format!(
+                    "flaky on attempt {}",
+                    ctx.attempt()
+                )))
+            } else {
+                Ok(json!({ "attempt": ctx.attempt() }))
+            }
+        }
+        "conf_crash" => panic!("boom"),
+        "conf_checkpoint_once" => {
+            let charged = ctx
+                .checkpoint("charge", || async {
+                    note(&log, &ctx, "charge");
+                    Ok(json!(42))
+                })
+                .await?;
+            if ctx.attempt() == 1 {
+                return Err(StepError::retryable("failed after the charge"));
+            }
+            Ok(json!({ "charged": charged }))
+        }
+        "conf_same_name" => {
+            let a: Value = ctx
+                .checkpoint("x", || async {
+                    note(&log, &ctx, "first");
+                    Ok(json!(1))
+                })
+                .await?;
+            let b: Value = ctx
+                .checkpoint("x", || async {
+                    note(&log, &ctx, "second");
+                    Ok(json!(2))
+                })
+                .await?;
+            Ok(json!([a, b]))
+        }
+        "conf_await" => {
+            let event = input["event"].as_str().unwrap_or_default().to_owned();
+            let got = ctx
+                .await_event(&event, Some(Duration::from_secs(60)))
+                .await?;
+            Ok(json!({ "got": got }))
+        }
+        "conf_await_timeout" => {
+            ctx.await_event("never.sent", Some(Duration::from_millis(200)))
+                .await?;
+            Ok(json!("unreachable"))
+        }
+        "conf_suspensions" => {
+            let n = input["n"].as_u64().unwrap_or(0);
+            for _ in 0..n {
+                ctx.sleep(Duration::from_millis(20)).await?;
+            }
+            Ok(json!({ "slept": n }))
+        }
+        "conf_timeout" => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok(json!("too late"))
+        }
+        other => Err(StepError::permanent(format!(
+            "the Rust conformance host has no handler `{other}`"
+        ))),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let file: Value = serde_json::from_slice(
+        &std::fs::read(&args.scenarios).with_context(|| format!("{:?}", args.scenarios))?,
+    )?;
+    let log: Log = Arc::new(Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&args.log)?,
+    ));
+    let store = switchyard::open(&args.store).await?;
+    let mut b = Worker::builder(store).concurrency(16);
+    for (name, o) in file["handlers"].as_object().context("handlers")? {
+        let spec = HandlerSpec {
+            timeout: o["timeout"].as_f64(),
+            max_attempts: o["max_attempts"].as_u64().map(|m| m as u32),
+            initial_backoff: o["initial_backoff"].as_f64(),
+            max_backoff: o["max_backoff"].as_f64(),
+            ..HandlerSpec::default()
+        };
+        let opts = spec
+            .build(name, JobKind::Step, 16, |f| f.to_string())
+            .map_err(anyhow::Error::msg)?;
+        let (name2, log) = (name.clone(), log.clone());
+        b = b.step(name.clone(), opts, move |input, ctx| {
+            let (name, log) = (name2.clone(), log.clone());
+            async move { body(&name, input, ctx, log).await }
+        });
+    }
+    let host = b.build()?.start().await?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    host.stop().await;
+    Ok(())
+}

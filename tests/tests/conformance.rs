@@ -1,0 +1,289 @@
+//! The conformance suite (`tests/conformance/`): every scenario of
+//! `scenarios.json` runs against a host process in each language, and each
+//! outcome — final state, result, error kind and message, attempts, runs,
+//! how often a checkpoint body ran — must be the one the scenario expects,
+//! the same in every language.
+//!
+//! Languages: `SWITCHYARD_CONFORMANCE` (comma-separated; default `rust`):
+//! `rust` (the `conformance_host` binary), `python-sync`, `python-async`
+//! (`hosts/python_host.py`, run by `SWITCHYARD_PYTHON`, default `python3`,
+//! with the wheel installed), `node` (`hosts/node_host.mjs`, copied into
+//! `SWITCHYARD_NODE_DIR`, a project with the package installed), `ruby`
+//! (`hosts/ruby_host.rb`, gems from `SWITCHYARD_RUBY_GEMS`), `c` (the
+//! program built from `hosts/c_host.c`, at `SWITCHYARD_C_HOST`).
+//! `make test-conformance` builds and installs each package the way users
+//! do and runs all six.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use serde_json::Value;
+use switchyard::{Client, TaskId, TaskState};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance")
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// The command that starts `lang`'s host, with its language-specific
+/// arguments (the driver adds `--store` and `--log`). `scratch` is a
+/// directory the host may use.
+fn host_command(lang: &str, scratch: &Path, file: &Value) -> anyhow::Result<Command> {
+    let scenarios = dir().join("scenarios.json");
+    let hosts = dir().join("hosts");
+    let python = || env_or("SWITCHYARD_PYTHON", "python3");
+    let mut c = match lang {
+        "rust" => Command::new(env!("CARGO_BIN_EXE_conformance_host")),
+        "python-sync" => {
+            let mut c = Command::new(python());
+            c.arg(hosts.join("python_host.py"));
+            c
+        }
+        "python-async" => {
+            let mut c = Command::new(python());
+            c.arg(hosts.join("python_host.py")).arg("--async");
+            c
+        }
+        "node" => {
+            // ESM resolves `switchyard` from the script's own directory: the
+            // host runs from the project the package is installed in.
+            let project = PathBuf::from(std::env::var("SWITCHYARD_NODE_DIR").context(
+                "SWITCHYARD_NODE_DIR (a project with the switchyard package installed)",
+            )?);
+            let script = project.join("conformance_host.mjs");
+            std::fs::copy(hosts.join("node_host.mjs"), &script)?;
+            let mut c = Command::new(env_or("SWITCHYARD_NODE", "node"));
+            c.arg(script);
+            c
+        }
+        "ruby" => {
+            let mut c = Command::new(env_or("SWITCHYARD_RUBY", "ruby"));
+            if let Ok(gems) = std::env::var("SWITCHYARD_RUBY_GEMS") {
+                c.env_remove("GEM_PATH").env("GEM_HOME", gems);
+            }
+            c.arg(hosts.join("ruby_host.rb"));
+            c
+        }
+        "c" => {
+            // C reads no JSON: the handlers' options go in a line each.
+            let list = scratch.join("handlers.txt");
+            let ms = |v: &Value| v.as_f64().map_or(0, |s| (s * 1000.0).round() as u64);
+            let mut text = String::new();
+            for (name, o) in file["handlers"].as_object().context("handlers")? {
+                text += &format!(
+                    "{name} {} {} {} {}\n",
+                    ms(&o["timeout"]),
+                    o["max_attempts"].as_u64().unwrap_or(0),
+                    ms(&o["initial_backoff"]),
+                    ms(&o["max_backoff"])
+                );
+            }
+            std::fs::write(&list, text)?;
+            let mut c = Command::new(
+                std::env::var("SWITCHYARD_C_HOST")
+                    .context("SWITCHYARD_C_HOST (the built tests/conformance/hosts/c_host.c)")?,
+            );
+            c.arg("--handlers").arg(list);
+            return Ok(c);
+        }
+        other => bail!("no conformance host for language `{other}`"),
+    };
+    c.arg("--scenarios").arg(scenarios);
+    Ok(c)
+}
+
+/// What one scenario ended as, in the terms scenarios expect.
+fn observe(
+    detail: &switchyard::TaskDetail,
+    log: &str,
+    expect: &serde_json::Map<String, Value>,
+) -> Vec<String> {
+    let mut wrong = Vec::new();
+    let task = &detail.task;
+    let state = format!("{:?}", task.state).to_lowercase();
+    if let Some(want) = expect.get("state").and_then(Value::as_str) {
+        if state != want {
+            wrong.push(format!(
+                "state {state} (want {want}); error: {:?}",
+                task.error.as_ref().map(|e| &e.message)
+            ));
+        }
+    }
+    if let Some(want) = expect.get("result") {
+        if task.result.as_ref() != Some(want) {
+            wrong.push(format!("result {:?} (want {want})", task.result));
+        }
+    }
+    let step = detail.steps.first();
+    let error = step.and_then(|s| s.error.as_ref()).or(task.error.as_ref());
+    if let Some(want) = expect.get("error_kind").and_then(Value::as_str) {
+        let got = error.map(|e| format!("{:?}", e.kind).to_lowercase());
+        if got.as_deref() != Some(want) {
+            wrong.push(format!("error kind {got:?} (want {want})"));
+        }
+    }
+    if let Some(want) = expect.get("error_contains").and_then(Value::as_str) {
+        let got = error.map(|e| e.message.as_str()).unwrap_or("");
+        if !got.contains(want) {
+            wrong.push(format!(
+                "error message {got:?} (want it to contain {want:?})"
+            ));
+        }
+    }
+    if let Some(want) = expect.get("attempts").and_then(Value::as_u64) {
+        let got = step.map(|s| u64::from(s.attempt));
+        if got != Some(want) {
+            wrong.push(format!("attempts {got:?} (want {want})"));
+        }
+    }
+    if let Some(want) = expect.get("runs").and_then(Value::as_u64) {
+        let got = step.map(|s| s.run);
+        if got != Some(want) {
+            wrong.push(format!("runs {got:?} (want {want})"));
+        }
+    }
+    if let Some(want) = expect.get("log").and_then(Value::as_object) {
+        let prefix = format!("{} ", task.id);
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for line in log.lines() {
+            if let Some(label) = line.strip_prefix(&prefix) {
+                *counts.entry(label).or_default() += 1;
+            }
+        }
+        for (label, n) in want {
+            let got = counts.get(label.as_str()).copied().unwrap_or(0);
+            if Some(got) != n.as_u64() {
+                wrong.push(format!("`{label}` ran {got} times (want {n})"));
+            }
+        }
+    }
+    wrong
+}
+
+/// Runs every scenario against `lang`'s host; one line per mismatch.
+async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
+    let scratch = tempfile::tempdir()?;
+    let db = scratch.path().join("conformance.db");
+    let store_url = format!("sqlite:{}", db.display());
+    let log = scratch.path().join("conformance.log");
+    std::fs::write(&log, "")?;
+    let store = switchyard::open(&store_url).await?;
+    let client = Client::new(store);
+
+    let mut cmd = host_command(lang, scratch.path(), file)?;
+    cmd.arg("--store")
+        .arg(&store_url)
+        .arg("--log")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut host = cmd
+        .spawn()
+        .with_context(|| format!("starting the {lang} host"))?;
+    let stdout = host.stdout.take().context("host stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await;
+    match ready {
+        Ok(Ok(Some(l))) if l.trim() == "ready" => {}
+        other => {
+            let _ = host.start_kill();
+            let out = host.wait_with_output().await?;
+            bail!(
+                "the {lang} host did not start ({other:?}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    let scenarios = file["scenarios"].as_array().context("scenarios")?;
+    let mut started: Vec<(String, TaskId)> = Vec::new();
+    for s in scenarios {
+        let name = s["name"].as_str().context("scenario name")?.to_owned();
+        for (event, payload) in s["emit_before"].as_object().into_iter().flatten() {
+            client.emit(event, payload.clone()).await?;
+        }
+        let handler = s["handler"].as_str().context("scenario handler")?;
+        let id = client.spawn(handler, s["input"].clone()).await?;
+        started.push((name, id));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for s in scenarios {
+        for (event, payload) in s["emit_after"].as_object().into_iter().flatten() {
+            client.emit(event, payload.clone()).await?;
+        }
+    }
+    let mut wrong = Vec::new();
+    for ((name, id), s) in started.iter().zip(scenarios) {
+        let done = client.wait(*id, Duration::from_secs(60)).await;
+        if let Err(e) = done {
+            wrong.push(format!("{lang}: {name}: did not finish: {e}"));
+            continue;
+        }
+        let detail = client.inspect(*id).await?;
+        if !matches!(
+            detail.task.state,
+            TaskState::Completed | TaskState::Failed | TaskState::Cancelled
+        ) {
+            wrong.push(format!("{lang}: {name}: ended {:?}", detail.task.state));
+            continue;
+        }
+        let logged = std::fs::read_to_string(&log)?;
+        let expect = s["expect"].as_object().context("expect")?;
+        for w in observe(&detail, &logged, expect) {
+            wrong.push(format!("{lang}: {name}: {w}"));
+        }
+    }
+
+    let pid = host
+        .id()
+        .ok_or_else(|| anyhow!("the {lang} host already exited"))?;
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let out = tokio::time::timeout(Duration::from_secs(30), host.wait_with_output())
+        .await
+        .with_context(|| format!("the {lang} host did not stop on SIGTERM"))??;
+    if !out.status.success() {
+        wrong.push(format!(
+            "{lang}: the host exited with {} on SIGTERM: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(wrong)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_language_passes_every_scenario() {
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(dir().join("scenarios.json")).unwrap()).unwrap();
+    let langs = std::env::var("SWITCHYARD_CONFORMANCE").unwrap_or_else(|_| "rust".into());
+    let mut wrong = Vec::new();
+    for lang in langs.split(',').map(str::trim).filter(|l| !l.is_empty()) {
+        match run_language(lang, &file).await {
+            Ok(w) => {
+                println!(
+                    "{lang}: {} scenarios, {} mismatches",
+                    file["scenarios"].as_array().map_or(0, Vec::len),
+                    w.len()
+                );
+                wrong.extend(w);
+            }
+            Err(e) => wrong.push(format!("{lang}: {e:#}")),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "conformance mismatches:\n{}",
+        wrong.join("\n")
+    );
+}
