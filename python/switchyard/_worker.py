@@ -1,7 +1,8 @@
 """The Worker: register Python handlers and serve them from the Rust core.
 
-Sync handlers run on a pool of Python threads that wait for work inside Rust
-with the GIL released. A thread that is running handlers takes the jobs
+Sync handlers run on a pool of Python threads (one per unit of
+``concurrency`` unless ``threads`` says otherwise) that wait for work inside
+Rust with the GIL released. A thread that is running handlers takes the jobs
 already queued without giving up the GIL; idle threads are woken only when no
 thread is taking jobs, or when the queue stalls because every busy thread sits
 in a blocking handler (the core's serial-inbox policy). ``async def`` handlers run on one long-lived asyncio loop, many at a
@@ -125,35 +126,66 @@ class _Handler:
     is_async: bool
 
 
-def _trace(e: BaseException) -> str:
+# Raised by a handler, these stop the host instead of failing the step.
+_EXIT = (SystemExit, KeyboardInterrupt)
+
+
+def _unprintable(e: BaseException, inner: BaseException) -> str:
+    return f"<exception {type(e).__name__}: str() raised {type(inner).__name__}>"
+
+
+def _str(e: BaseException) -> str:
+    """``str(e)``, or a placeholder when the exception's ``__str__`` raises:
+    describing a failure must never fail (the step would never be answered)."""
+    try:
+        return str(e)
+    except BaseException as inner:  # noqa: BLE001
+        return _unprintable(e, inner)
+
+
+def _trace(e: BaseException) -> Optional[str]:
     # Start at the user's code: drop this module's own frames at the top.
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(e), e, tb))
+    try:
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next
+        return "".join(traceback.format_exception(type(e), e, tb))
+    except BaseException:  # noqa: BLE001 - a traceback is optional
+        return None
 
 
 def _error(e: BaseException, handler: str) -> Tuple[Any, ...]:
+    try:
+        return _classify(e, handler)
+    except BaseException as inner:  # noqa: BLE001 - an odd exception still fails only its step
+        return ("error", "retryable", f"<exception {type(e).__name__}: describing it raised {type(inner).__name__}>", None, None)
+
+
+def _classify(e: BaseException, handler: str) -> Tuple[Any, ...]:
     if isinstance(e, _Suspend):
         return ("suspend", e.wait)
     if isinstance(e, LeaseLost):
-        return ("error", "lease_lost", str(e), None, None)
+        return ("error", "lease_lost", _str(e), None, None)
     if isinstance(e, HttpError):
         return ("http", e.status, e.retry_after, e.message)
     if isinstance(e, NetworkError):
-        return ("network", str(e))
+        return ("network", _str(e))
     if isinstance(e, (Cancelled, asyncio.CancelledError)):
-        return ("error", "cancelled", str(e) or "cancelled", None, None)
+        return ("error", "cancelled", _str(e) or "cancelled", None, None)
     if isinstance(e, InvalidInput):
-        return ("error", "invalid_input", str(e), None, None)
+        return ("error", "invalid_input", _str(e), None, None)
     if isinstance(e, (PermanentError, TimeoutError)):
         # An await timeout that escapes the handler is final: a replay would
         # take the same (checkpointed) path.
-        return ("error", "permanent", str(e) or type(e).__name__, _trace(e), None)
+        return ("error", "permanent", _str(e) or type(e).__name__, _trace(e), None)
     if isinstance(e, RetryableError):
-        return ("error", "retryable", str(e) or type(e).__name__, _trace(e), e.retry_after)
-    log.warning("handler %s raised %s: %s", handler, type(e).__name__, e)
-    return ("error", "retryable", f"{type(e).__name__}: {e}", _trace(e), None)
+        return ("error", "retryable", _str(e) or type(e).__name__, _trace(e), e.retry_after)
+    try:
+        message = f"{type(e).__name__}: {e}"
+    except BaseException as inner:  # noqa: BLE001
+        message = _unprintable(e, inner)
+    log.warning("handler %s raised %s", handler, message)
+    return ("error", "retryable", message, _trace(e), None)
 
 
 def _ok(kind: str, value: Any, handler: str) -> Tuple[Any, ...]:
@@ -174,6 +206,27 @@ class Worker:
     ... def greet(input, ctx):
     ...     return {"hello": input["name"]}
     >>> worker.run()  # blocks; Ctrl-C / SIGTERM shut down gracefully
+
+    ``concurrency`` is how many steps the host runs at once. Sync handlers
+    run on ``threads`` Python threads, by default one per unit of
+    ``concurrency``, so that many blocking handlers can be inside their
+    bodies at the same time; with fewer threads a claimed step may wait for
+    a free thread (its timeout already running). Idle threads wait in Rust
+    with the GIL released and are woken only when needed.
+
+    ``shutdown_grace`` bounds :meth:`stop`: running steps get that long to
+    finish before they are handed back to the store (without costing an
+    attempt), and :meth:`stop` waits about as long for handler bodies it
+    started, including those the core already gave up on (timed out or
+    cancelled), before it returns.
+
+    A handler that raises ``SystemExit`` (``sys.exit()``) or
+    ``KeyboardInterrupt`` does not fail its step: the host shuts down
+    gracefully as if :meth:`stop` were called, the step is handed back at the
+    end of the grace period without costing an attempt (another host, or
+    this one restarted, runs it again), and the exception is re-raised once
+    the host has stopped: by :meth:`run` / :meth:`run_async`, or, after
+    :meth:`start`, by :meth:`stop` (so also at the end of a ``with`` block).
     """
 
     def __init__(
@@ -188,14 +241,30 @@ class Worker:
     ) -> None:
         self.store = store or default_store()
         self._native = _native.NativeWorker(self.store, concurrency, lease, shutdown_grace, max_payload_bytes)
+        if threads is not None and threads < 1:
+            raise ValueError("threads must be at least 1")
         self._handlers: Dict[str, _Handler] = {}
-        self._threads_n = threads or min(32, max(4, concurrency))
+        self._threads_n = threads or concurrency
+        self._grace = shutdown_grace
         self._threads: List[threading.Thread] = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
         self._tasks: "set[asyncio.Future[None]]" = set()
         self._started = False
         self._stopped = threading.Event()
+        # Guards the fields below.
+        self._lock = threading.Lock()
+        # Handler bodies running now (sync and async); notified when one ends.
+        self._bodies = 0
+        self._bodies_done = threading.Condition(self._lock)
+        self._stopping = False
+        # The first SystemExit / KeyboardInterrupt raised by a handler, until
+        # it has been re-raised to the caller.
+        self._fatal: Optional[BaseException] = None
+        self._fatal_seen = False
+        # Jobs of handlers that raised it: kept unanswered (an answer would
+        # cost an attempt) until the host hands their steps back.
+        self._held: List["_native.NativeJob"] = []
 
     # -- registration -------------------------------------------------------
     def _register(self, name: str, kind: str, fn: Callable[..., Any], retry: Union[None, int, Retry], **opts: Any) -> None:
@@ -311,9 +380,28 @@ class Worker:
 
     def stop(self) -> None:
         """Graceful shutdown: no more claims; running steps get the grace
-        period, then are handed back. Blocks until done."""
-        if not self._started or self._stopped.is_set():
+        period, then are handed back. Blocks until the host has stopped and
+        the handler bodies it started have returned, waiting for those at
+        most until ``shutdown_grace`` (plus a second) after the call; a body
+        still running then is left behind on its daemon thread.
+
+        If a handler raised ``SystemExit`` or ``KeyboardInterrupt`` (see the
+        class docs), that exception is raised here once the host has stopped.
+        """
+        if self._started:
+            self._shutdown()
+        self._raise_fatal()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            first = not self._stopping
+            self._stopping = True
+        if not first:
+            # Another thread is stopping the host: wait for it to finish.
+            while not self._stopped.wait(0.25):
+                pass
             return
+        began = time.monotonic()
         try:
             # Handler threads keep serving while the core drains; the inboxes
             # close afterwards and the threads see ``None`` and exit.
@@ -323,26 +411,63 @@ class Worker:
             # daemon threads behind.
             self._stopped.set()
             raise
-        # The core has drained (or given up after the grace period); a
-        # handler that ignores cancellation gets a few more seconds, then is
-        # left behind on its daemon thread.
-        deadline = time.monotonic() + 5.0
+        # The core has drained (or handed back what was still running after
+        # the grace period). Bodies it no longer waits for (timed out,
+        # cancelled, handed back) may still be running: wait for them too,
+        # until the grace period (counted from this call) plus a second.
+        deadline = max(began + self._grace, time.monotonic()) + 1.0
+        here = threading.current_thread()
+        mine = 1 if here in self._threads else 0  # stop() called from a handler
+        with self._lock:
+            while self._bodies > mine:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("switchyard: %d handler(s) still running after the shutdown grace period; leaving them behind", self._bodies - mine)
+                    break
+                self._bodies_done.wait(left)
         loop = self._loop
         for t in self._threads:
-            if t is not self._loop_thread:
+            if t is not self._loop_thread and t is not here:
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
         if loop is not None and self._loop_thread is not None and not loop.is_closed():
             loop.call_soon_threadsafe(loop.stop)
-            self._loop_thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self._loop_thread is not here:
+                self._loop_thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            # The core has handed their steps back: nothing waits for them.
+            self._held.clear()
         self._stopped.set()
         _forward_core_logs()
         log.info("switchyard worker stopped")
+
+    def _raise_fatal(self) -> None:
+        with self._lock:
+            e, self._fatal = self._fatal, None
+        if e is not None:
+            raise e
+
+    def _exit_requested(self, e: BaseException, job: "_native.NativeJob") -> None:
+        """A handler raised SystemExit or KeyboardInterrupt: keep its job
+        unanswered and stop the host, which hands the step back."""
+        with self._lock:
+            self._held.append(job)
+            first = not self._fatal_seen
+            if first:
+                self._fatal_seen = True
+                self._fatal = e
+        if first:
+            log.warning("handler %s raised %s: stopping the worker", job.handler, type(e).__name__)
+            threading.Thread(target=self._shutdown, name="switchyard-stop", daemon=True).start()
 
     def run(self) -> None:
         """Serves until Ctrl-C (SIGINT) or SIGTERM, then shuts down gracefully.
 
         On the main thread SIGTERM is turned into ``KeyboardInterrupt`` while
-        this runs (the previous handler is restored afterwards).
+        this runs (the previous handler is restored afterwards); a signal
+        ends ``run()`` normally. A ``SystemExit`` or ``KeyboardInterrupt``
+        raised by a handler stops the host gracefully and is then re-raised
+        from here (so ``sys.exit(3)`` in a handler exits the process with
+        status 3 once the worker has stopped).
         """
         previous = None
         if threading.current_thread() is threading.main_thread():
@@ -367,7 +492,9 @@ class Worker:
                     signal.signal(signal.SIGTERM, previous)
 
     async def run_async(self) -> None:
-        """Serves until cancelled, then shuts down gracefully."""
+        """Serves until cancelled, then shuts down gracefully. Like
+        :meth:`run`, re-raises a handler's ``SystemExit`` or
+        ``KeyboardInterrupt`` once the host has stopped."""
         self.start()
         try:
             while not self._stopped.is_set():
@@ -389,6 +516,16 @@ class Worker:
     async def __aexit__(self, *exc: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.stop)
 
+    # -- handler bodies -----------------------------------------------------
+    def _body_begins(self) -> None:
+        with self._lock:
+            self._bodies += 1
+
+    def _body_ends(self) -> None:
+        with self._lock:
+            self._bodies -= 1
+            self._bodies_done.notify_all()
+
     # -- sync handlers ------------------------------------------------------
     def _sync_loop(self) -> None:
         # One job at a time: queued jobs are taken without releasing the GIL,
@@ -405,22 +542,34 @@ class Worker:
                     self._run_sync(job)
                 except BaseException:  # noqa: BLE001 - never lose a serving thread
                     log.exception("switchyard: internal error while running %r", job)
+            # Hold no job while waiting for the next: an unanswered job must
+            # be dropped (which fails its step) rather than kept alive.
+            jobs = job = None
 
     def _run_sync(self, job: "_native.NativeJob") -> None:
+        # A job may have waited in the inbox (or behind earlier jobs of its
+        # batch) until the core gave up on it: timed out, cancelled or handed
+        # back at shutdown. Its step is no longer ours to run.
+        if job.abandoned:
+            log.debug("switchyard: skipping %r, abandoned by the core before it started", job)
+            return
         h = self._handlers[job.handler]
         items = job.items
-        if h.kind == "batch":
-            try:
+        self._body_begins()
+        try:
+            if h.kind == "batch":
                 results = h.fn([BatchItem(inp, Context(c)) for inp, c in items])
                 outcomes = self._batch_outcomes(h, results, len(items))
-            except BaseException as e:  # noqa: BLE001 - a handler failure fails only its steps
-                outcomes = [_error(e, h.name)] * len(items)
-        else:
-            inp, c = items[0]
-            try:
+            else:
+                inp, c = items[0]
                 outcomes = [_ok(h.kind, h.fn(inp, Context(c)), h.name)]
-            except BaseException as e:  # noqa: BLE001
-                outcomes = [_error(e, h.name)]
+        except _EXIT as e:
+            self._exit_requested(e, job)
+            return
+        except BaseException as e:  # noqa: BLE001 - a handler failure fails only its steps
+            outcomes = [_error(e, h.name)] * len(items)
+        finally:
+            self._body_ends()
         job.finish(outcomes)
 
     @staticmethod
@@ -462,31 +611,35 @@ class Worker:
             task.add_done_callback(self._tasks.discard)
 
     async def _run_async(self, job: "_native.NativeJob") -> None:
+        if job.abandoned:  # see _run_sync
+            log.debug("switchyard: skipping %r, abandoned by the core before it started", job)
+            return
         h = self._handlers[job.handler]
         items = job.items
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         watches = []
-        if task is not None and h.kind != "batch":
-            # Push cancellation: a cancelled task cancels this asyncio task
-            # (the handler sees CancelledError). Batch items are cancelled
-            # one by one through ``ctx.is_cancelled()`` instead.
-            for _, c in items:
-                watches.append(c.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel)))
+        self._body_begins()
         try:
+            if task is not None and h.kind != "batch":
+                # Push cancellation: a cancelled task cancels this asyncio task
+                # (the handler sees CancelledError). Batch items are cancelled
+                # one by one through ``ctx.is_cancelled()`` instead.
+                for _, c in items:
+                    watches.append(c.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel)))
             if h.kind == "batch":
-                try:
-                    results = await h.fn([BatchItem(inp, AsyncContext(c)) for inp, c in items])
-                    outcomes = self._batch_outcomes(h, results, len(items))
-                except BaseException as e:  # noqa: BLE001
-                    outcomes = [_error(e, h.name)] * len(items)
+                results = await h.fn([BatchItem(inp, AsyncContext(c)) for inp, c in items])
+                outcomes = self._batch_outcomes(h, results, len(items))
             else:
                 inp, c = items[0]
-                try:
-                    outcomes = [_ok(h.kind, await h.fn(inp, AsyncContext(c)), h.name)]
-                except BaseException as e:  # noqa: BLE001
-                    outcomes = [_error(e, h.name)]
+                outcomes = [_ok(h.kind, await h.fn(inp, AsyncContext(c)), h.name)]
+        except _EXIT as e:
+            self._exit_requested(e, job)
+            return
+        except BaseException as e:  # noqa: BLE001 - a handler failure fails only its steps
+            outcomes = [_error(e, h.name)] * len(items)
         finally:
             for w in watches:
                 w.close()
+            self._body_ends()
         job.finish(outcomes)

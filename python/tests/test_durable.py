@@ -156,26 +156,6 @@ def test_concurrency_option_limits_parallel_runs(make_worker, client):
     assert peak[0] == 1
 
 
-def test_keyboard_interrupt_in_handler_does_not_kill_the_host(make_worker, client):
-    w = make_worker()
-
-    @w.step("kbd", retry=FAST)
-    def kbd(inp, ctx):
-        if ctx.attempt == 1:
-            raise KeyboardInterrupt
-        return "survived"
-
-    @w.step("akbd", retry=FAST)
-    async def akbd(inp, ctx):
-        if ctx.attempt == 1:
-            raise KeyboardInterrupt
-        return "survived too"
-
-    w.start()
-    assert client.result(client.spawn("kbd", {}), timeout=10) == "survived"
-    assert client.result(client.spawn("akbd", {}), timeout=10) == "survived too"
-
-
 def test_bad_return_values_fail_naming_the_type(make_worker, client):
     w = make_worker()
 
