@@ -24,7 +24,7 @@ demo: python-wheel node-package ruby-gem
 build:
 	$(CARGO) build --release -p switchyard
 
-test: lint test-rust test-python test-c test-node test-ruby
+test: lint test-rust test-python test-c test-node test-ruby test-conformance
 
 # clippy --workspace compiles the Ruby extension (rb-sys needs ruby-dev and
 # libclang).
@@ -48,6 +48,7 @@ include mk/python.mk
 include mk/c.mk
 include mk/node.mk
 include mk/ruby.mk
+include mk/conformance.mk
 
 bench:
 	bench/run --lang rust --store memory --steps 200000
