@@ -306,6 +306,11 @@ impl RbWorker {
             let out = ruby.ary_new_capa(jobs.len());
             let mut watches = Vec::with_capacity(jobs.len());
             for mut job in jobs {
+                let tokens = job
+                    .items
+                    .iter()
+                    .map(|i| i.ctx.cancellation_token())
+                    .collect();
                 let entry = ruby.ary_new_capa(4);
                 let items = std::mem::take(&mut job.items);
                 let batch = job.kind == JobKind::Batch;
@@ -322,6 +327,7 @@ impl RbWorker {
                     handler: job.handler.clone(),
                     job: Mutex::new(Some(job)),
                     done,
+                    tokens,
                 };
                 entry.push(rjob)?;
                 entry.push(handler)?;
@@ -446,6 +452,8 @@ pub struct RbJob {
     job: Mutex<Option<Job>>,
     /// Ends the cancellation watch once the job is answered.
     done: CancellationToken,
+    /// The cancellation tokens of its steps' runs (for [`RbJob::hand_back`]).
+    tokens: Vec<CancellationToken>,
 }
 
 impl Drop for RbJob {
@@ -613,6 +621,32 @@ impl RbJob {
         }
     }
 
+    /// Hands the job's steps back without an outcome, the way shutdown
+    /// does (no attempt is counted): their runs are cancelled and the job
+    /// stays unanswered until the core gives up on it (a cancelled run
+    /// within the core's cancel grace, a batch when shutdown's grace ends),
+    /// then the core releases the steps. For a handler that raised
+    /// `Interrupt`, `SignalException` or `SystemExit`: the Ruby side then
+    /// stops the worker. No-op once answered.
+    fn hand_back(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
+        guard(ruby, || {
+            rb_self.done.cancel();
+            let Some(job) = rb_self.job.lock().take() else {
+                return Ok(());
+            };
+            for t in &rb_self.tokens {
+                t.cancel();
+            }
+            crate::runtime(ruby)?.spawn(async move {
+                // Answering (or dropping) the job would record an outcome.
+                while !job.abandoned() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            Ok(())
+        })
+    }
+
     /// True if the core stopped waiting (timeout, cancellation, shutdown).
     fn abandoned(&self) -> bool {
         self.job
@@ -653,5 +687,6 @@ pub fn define(ruby: &Ruby, _switchyard: RModule, native: RModule) -> Result<(), 
     j.define_method("handler", method!(RbJob::handler, 0))?;
     j.define_method("id", method!(RbJob::id, 0))?;
     j.define_method("release", method!(RbJob::release, 1))?;
+    j.define_method("hand_back", method!(RbJob::hand_back, 0))?;
     Ok(())
 }
