@@ -290,4 +290,119 @@ class TestWorker < Minitest::Test
     w.stop
     refute w.running?
   end
+
+  # An exception whose #message, #to_s and #inspect all raise.
+  class BadError < StandardError
+    def message = raise("no message for you")
+    def to_s = raise("no to_s either")
+    def inspect = raise("nor inspect")
+  end
+
+  # One handler thread only: had the bad exception killed it, nothing
+  # would run the steps after it.
+  def test_an_exception_whose_message_raises_fails_only_its_step
+    w = make_worker(threads: 1)
+    w.step("bad", retry: 1) { |_i, _c| raise BadError }
+    w.step("good") { |i, _c| i }
+    w.start
+    bad = client.spawn("bad")
+    t = client.wait(bad, timeout: WAIT)
+    assert_equal "failed", t["state"]
+    assert_match(/#<TestWorker::BadError: message raised RuntimeError>/, t["error"]["message"])
+    assert_equal 7, client.result(client.spawn("good", 7), timeout: WAIT)
+    assert w.running?
+  end
+
+  def handed_back?(id)
+    s = step_of(id)
+    s["state"] == "ready" && s["attempt"].zero? && s["error"].nil?
+  end
+
+  # Interrupt in a handler stops the worker as #stop does and hands the
+  # step back: it costs no attempt and the next host runs it as attempt 1.
+  def test_interrupt_in_a_handler_stops_the_worker_and_hands_the_step_back
+    w = make_worker(threads: 2)
+    w.step("halt", retry: 1) { |_i, _c| raise Interrupt }
+    w.start
+    id = client.spawn("halt")
+    e = nil
+    _out, err = capture_io do
+      wait_for("the worker stopped itself") { !w.running? }
+      w.stop # waits for the stop under way
+      e = w.stop_cause
+    end
+    assert_kind_of Interrupt, e
+    assert_match(/raised Interrupt.*stopping the worker/, err)
+    assert_empty client.workers, "the host deregistered"
+    wait_for("the step was handed back without an attempt") { handed_back?(id) }
+
+    w2 = make_worker
+    w2.step("halt") { |_i, ctx| "attempt #{ctx.attempt}" }
+    w2.start
+    assert_equal "attempt 1", client.result(id, timeout: WAIT)
+  end
+
+  # The same for SystemExit (`exit` in a handler), under #run: run
+  # re-raises it once the worker has stopped, so the program exits with
+  # the handler's status.
+  def test_exit_in_a_handler_stops_run_gracefully_and_reraises
+    w = make_worker(threads: 2)
+    w.step("quit", retry: 1) { |_i, _c| exit 3 }
+    before = Signal.trap("TERM", "DEFAULT")
+    Signal.trap("TERM", before)
+    runner = Thread.new { w.run }
+    runner.report_on_exception = false
+    Thread.pass until w.running? || !runner.alive?
+    id = client.spawn("quit")
+    e = nil
+    capture_io { e = assert_raises(SystemExit) { Timeout.timeout(WAIT) { runner.join } } }
+    assert_equal 3, e.status
+    refute w.running?
+    wait_for("the step was handed back without an attempt") { handed_back?(id) }
+  end
+
+  # A handler thread that dies anyway is replaced, and the step it held is
+  # retried at once. One thread: without a replacement nothing would run.
+  def test_a_dead_handler_thread_is_replaced_and_its_step_retried
+    w = make_worker(threads: 1)
+    w.step("fragile", retry: { max_attempts: 3, initial_backoff: 0.01 }) do |_i, ctx|
+      Thread.current.kill if ctx.attempt == 1
+      "survived on attempt #{ctx.attempt}"
+    end
+    w.step("canary") { |i, _c| i }
+    w.start
+    _out, err = capture_io do
+      id = client.spawn("fragile")
+      assert_equal "survived on attempt 2", client.result(id, timeout: WAIT)
+      assert_equal 1, client.result(client.spawn("canary", 1), timeout: WAIT)
+
+      # An exception raised into an idle thread (it waits inside Rust).
+      threads = w.instance_variable_get(:@threads)
+      victim = threads.first
+      victim.raise(RuntimeError, "raised from outside")
+      wait_for("the thread died") { !victim.alive? }
+      assert_equal 2, client.result(client.spawn("canary", 2), timeout: WAIT)
+    end
+    assert_match(/switchyard-0 was killed; starting a new one/, err)
+    assert_match(/switchyard-0 died with RuntimeError: raised from outside; starting a new one/, err)
+    assert_equal 2, w.instance_variable_get(:@threads).count(&:alive?), "one handler thread and the cancel watcher"
+  end
+
+  # #stop joins every thread even if one died with an exception, and
+  # reports the death instead of raising it.
+  def test_stop_joins_every_thread_when_one_died_with_an_exception
+    w = make_worker(threads: 3)
+    w.step("x") { |i, _c| i }
+    w.start
+    assert_equal 1, client.result(client.spawn("x", 1), timeout: WAIT)
+    dead = Thread.new { raise ArgumentError, "died early" }
+    dead.report_on_exception = false
+    Thread.pass while dead.alive?
+    threads = w.instance_variable_get(:@threads)
+    threads.unshift(dead)
+    _out, err = capture_io { w.stop }
+    assert_match(/had died with ArgumentError: died early/, err)
+    assert(threads.none?(&:alive?), "every handler thread was joined")
+    refute w.running?
+  end
 end

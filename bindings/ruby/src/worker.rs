@@ -5,6 +5,7 @@
 //! queued jobs with the GVL held; idle threads wait without the GVL and are
 //! woken only when needed) and answers each job once, without blocking.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +92,22 @@ pub struct RbWorker {
     inbox: Arc<Inbox>,
     running: Mutex<Option<Arc<RunningWorker>>>,
     cancels: Arc<CancelQueue>,
+    /// The process that started it, 0 before (see [`crate::check_owner`]).
+    /// A worker made but not started before `fork` may start in the child.
+    started_in: AtomicU32,
+}
+
+impl Drop for RbWorker {
+    fn drop(&mut self) {
+        let pid = self.started_in.load(Ordering::Relaxed);
+        if pid != 0 && pid != std::process::id() {
+            // Freed in a forked child: the host's tasks, store and queued
+            // jobs belong to the parent's threads, which do not exist here;
+            // dropping them could wait for those threads forever. Leak them.
+            std::mem::forget(self.running.lock().clone());
+            std::mem::forget(self.inbox.clone());
+        }
+    }
 }
 
 /// One handler thread's handle on the worker's inbox.
@@ -149,6 +166,7 @@ impl RbWorker {
             inbox: Inbox::serial(),
             running: Mutex::new(None),
             cancels: Arc::default(),
+            started_in: AtomicU32::new(0),
         })
     }
 
@@ -196,6 +214,7 @@ impl RbWorker {
     /// Opens the store and starts the host; returns its id.
     fn start(ruby: &Ruby, rb_self: &Self) -> Result<String, Error> {
         guard(ruby, || {
+            rb_self.check_owner(ruby)?;
             if rb_self.running.lock().is_some() {
                 return Err(error(
                     ruby,
@@ -212,8 +231,19 @@ impl RbWorker {
             let running = crate::block_core(ruby, async move { worker.start().await })?;
             let id = running.host_id().to_string();
             *rb_self.running.lock() = Some(Arc::new(running));
+            rb_self
+                .started_in
+                .store(std::process::id(), Ordering::Relaxed);
             Ok(id)
         })
+    }
+
+    /// Refuses a worker started in a process this one was forked from.
+    fn check_owner(&self, ruby: &Ruby) -> Result<(), Error> {
+        match self.started_in.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            pid => crate::check_owner(ruby, pid),
+        }
     }
 
     fn host_id(&self) -> Option<String> {
@@ -262,6 +292,7 @@ impl RbWorker {
         timeout: f64,
     ) -> Result<Option<RArray>, Error> {
         guard(ruby, || {
+            rb_self.check_owner(ruby)?;
             let slice = secs(ruby, "timeout", timeout)?;
             let rt = crate::runtime(ruby)?;
             let jobs = match rb_self.take(ruby, consumer, max, slice)? {
@@ -275,6 +306,11 @@ impl RbWorker {
             let out = ruby.ary_new_capa(jobs.len());
             let mut watches = Vec::with_capacity(jobs.len());
             for mut job in jobs {
+                let tokens = job
+                    .items
+                    .iter()
+                    .map(|i| i.ctx.cancellation_token())
+                    .collect();
                 let entry = ruby.ary_new_capa(4);
                 let items = std::mem::take(&mut job.items);
                 let batch = job.kind == JobKind::Batch;
@@ -291,6 +327,7 @@ impl RbWorker {
                     handler: job.handler.clone(),
                     job: Mutex::new(Some(job)),
                     done,
+                    tokens,
                 };
                 entry.push(rjob)?;
                 entry.push(handler)?;
@@ -380,6 +417,7 @@ impl RbWorker {
     /// without the GVL: the handler threads keep serving meanwhile.
     fn stop(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
         guard(ruby, || {
+            rb_self.check_owner(ruby)?;
             let running = rb_self.running.lock().clone();
             if let Some(r) = running {
                 block(ruby, async move { r.stop().await })?;
@@ -414,6 +452,8 @@ pub struct RbJob {
     job: Mutex<Option<Job>>,
     /// Ends the cancellation watch once the job is answered.
     done: CancellationToken,
+    /// The cancellation tokens of its steps' runs (for [`RbJob::hand_back`]).
+    tokens: Vec<CancellationToken>,
 }
 
 impl Drop for RbJob {
@@ -581,6 +621,32 @@ impl RbJob {
         }
     }
 
+    /// Hands the job's steps back without an outcome, the way shutdown
+    /// does (no attempt is counted): their runs are cancelled and the job
+    /// stays unanswered until the core gives up on it (a cancelled run
+    /// within the core's cancel grace, a batch when shutdown's grace ends),
+    /// then the core releases the steps. For a handler that raised
+    /// `Interrupt`, `SignalException` or `SystemExit`: the Ruby side then
+    /// stops the worker. No-op once answered.
+    fn hand_back(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
+        guard(ruby, || {
+            rb_self.done.cancel();
+            let Some(job) = rb_self.job.lock().take() else {
+                return Ok(());
+            };
+            for t in &rb_self.tokens {
+                t.cancel();
+            }
+            crate::runtime(ruby)?.spawn(async move {
+                // Answering (or dropping) the job would record an outcome.
+                while !job.abandoned() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+            Ok(())
+        })
+    }
+
     /// True if the core stopped waiting (timeout, cancellation, shutdown).
     fn abandoned(&self) -> bool {
         self.job
@@ -621,5 +687,6 @@ pub fn define(ruby: &Ruby, _switchyard: RModule, native: RModule) -> Result<(), 
     j.define_method("handler", method!(RbJob::handler, 0))?;
     j.define_method("id", method!(RbJob::id, 0))?;
     j.define_method("release", method!(RbJob::release, 1))?;
+    j.define_method("hand_back", method!(RbJob::hand_back, 0))?;
     Ok(())
 }

@@ -12,6 +12,25 @@ module Switchyard
   # batch). The core enforces timeouts, leases and retries. The main thread
   # only waits (for a signal or #stop), so Ctrl-C and SIGTERM are seen at
   # once.
+  #
+  # What a handler raises:
+  # * a StandardError (or any Exception other than those below) fails only
+  #   its step, retried per the handler's retry policy; an exception whose
+  #   +#message+ itself raises is recorded as
+  #   <tt>#<BadError: message raised RuntimeError></tt>;
+  # * +Interrupt+, any other +SignalException+, or +SystemExit+ (+exit+ in a
+  #   handler) stops the worker gracefully, as #stop does: its step is
+  #   handed back without costing an attempt (the core releases it within
+  #   about two seconds; a batch when +shutdown_grace+ is over) and runs
+  #   again later, and other running steps get +shutdown_grace+ to finish.
+  #   A warning names the exception. #run then re-raises it once stopped
+  #   (so +exit 3+ in a handler ends a #run-based program with status 3
+  #   after a graceful stop); after #start, #stop_cause returns it.
+  #
+  # A handler thread that dies anyway (+Thread#kill+, an exception in the
+  # glue) is replaced at once, with a warning, and the steps it held are
+  # answered with a retryable error naming what happened, so they run
+  # again now rather than staying +running+ until a timeout.
   class Worker
     Handler = Struct.new(:name, :kind, :block)
 
@@ -23,6 +42,10 @@ module Switchyard
     }.freeze
 
     attr_reader :store
+
+    # The Interrupt, SignalException or SystemExit that a handler raised and
+    # that stopped the worker (nil otherwise).
+    attr_reader :stop_cause
 
     DEFER_CANCEL = { Interrupted => :never }.freeze
     ALLOW_CANCEL = { Interrupted => :immediate }.freeze
@@ -95,15 +118,10 @@ module Switchyard
         @pid = Process.pid
       end
       Worker.track(self)
-      @threads = Array.new(@threads_n) do |i|
-        Thread.new do
-          Thread.current.name = "switchyard-#{i}"
-          serve
-        end
-      end
-      @threads << Thread.new do
-        Thread.current.name = "switchyard-cancel"
-        watch_cancels
+      @lock.synchronize do
+        @respawn = true
+        @threads = Array.new(@threads_n) { |i| supervised("switchyard-#{i}") { serve } }
+        @threads << supervised("switchyard-cancel") { watch_cancels }
       end
       self
     end
@@ -129,13 +147,8 @@ module Switchyard
         # Handler threads keep serving while the core drains; the inbox
         # closes afterwards and the threads see nil and exit.
         @native.stop
-        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 5
-        @threads.each do |t|
-          left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
-          # A handler that ignores cancellation past the grace period is
-          # left no further: its step was already handed back.
-          t.kill unless t.join([left, 0].max)
-        end
+        @lock.synchronize { @respawn = false }
+        join_threads(Process.clock_gettime(Process::CLOCK_MONOTONIC) + 5)
       ensure
         @state = :stopped
         @finished.close
@@ -164,12 +177,91 @@ module Switchyard
       # Stop on a helper thread: the main thread keeps only waiting (in
       # Ruby, where signals reach it), never blocked inside Rust.
       Thread.new { stop }.join
+      raise @stop_cause if @stop_cause
+
       nil
     ensure
       previous&.each { |sig, handler| Signal.trap(sig, handler || "DEFAULT") }
     end
 
     private
+
+    # Joins every handler thread (replacements included) by +deadline+,
+    # killing those still running then: a handler that ignores cancellation
+    # past the grace period is left no further, its step was already handed
+    # back. A thread that died with an exception is reported, not raised.
+    def join_threads(deadline)
+      joined = {}
+      loop do
+        pending = @lock.synchronize { @threads.reject { |t| joined[t] } }
+        break if pending.empty?
+
+        pending.each do |t|
+          joined[t] = true
+          begin
+            left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+            t.kill unless t.join([left, 0].max)
+          rescue Exception => e # rubocop:disable Lint/RescueException
+            # Raised by join on behalf of the dead thread; anything else
+            # (an interrupt of the stopping thread) goes on.
+            raise if t.alive? || !t.status.nil?
+
+            warn "switchyard: handler thread #{t.name} had died with #{Worker.class_of(e)}: #{Worker.message_of(e)}"
+          end
+        end
+      end
+    end
+
+    # A handler thread running +body+ that is replaced if it ends while the
+    # worker serves (killed, or an exception escaped the serving loop).
+    def supervised(name, &body)
+      Thread.new do
+        Thread.current.name = name
+        Thread.current.report_on_exception = false
+        clean = false
+        begin
+          body.call
+          clean = true
+        rescue Exception => e # rubocop:disable Lint/RescueException
+          nil
+        ensure
+          replace(Thread.current, name, e, &body) unless clean
+        end
+      end
+    end
+
+    def replace(dead, name, cause, &body)
+      @lock.synchronize do
+        how = cause ? "died with #{Worker.class_of(cause)}: #{Worker.message_of(cause)}" : "was killed"
+        unless @respawn
+          warn "switchyard: handler thread #{name} #{how} while the worker stopped" if cause
+          return
+        end
+        warn "switchyard: handler thread #{name} #{how}; starting a new one"
+        fresh = supervised(name, &body)
+        i = @threads.index(dead)
+        i ? @threads[i] = fresh : @threads << fresh
+      end
+    rescue ThreadError => e # e.g. the VM is exiting
+      warn "switchyard: could not replace handler thread #{name}: #{e.message}"
+    end
+
+    # A handler raised Interrupt, SignalException or SystemExit: hand its
+    # job back and stop the worker (from another thread: #stop joins this
+    # one).
+    def stop_for(job, e)
+      job.hand_back
+      first = @lock.synchronize do
+        next false if @stop_cause || @state != :running
+
+        @stop_cause = e
+        true
+      end
+      return unless first
+
+      warn "switchyard: a handler raised #{e.class} (#{Worker.message_of(e)}); stopping the worker, its step is handed back"
+      Thread.new { stop }
+    end
 
     def stop_at_exit
       stop if @pid == Process.pid
@@ -205,8 +297,15 @@ module Switchyard
       batch = @batch
       consumer = native.consumer
       while (jobs = native.next_jobs(consumer, batch, 1.0))
-        jobs.each do |job, name, input, ctx|
-          run_job(handlers.fetch(name), job, input, ctx)
+        done = false
+        begin
+          jobs.each do |job, name, input, ctx|
+            run_job(handlers.fetch(name), job, input, ctx)
+          end
+          done = true
+        ensure
+          # The thread is dying with jobs of this batch unanswered.
+          jobs.each { |job, *| job.release("the handler thread ended before answering (killed, or an error in the glue)") } unless done
         end
       end
     end
@@ -265,8 +364,7 @@ module Switchyard
         begin
           value = call_cancellable(job, h, input, ctx)
         rescue Exception => e # rubocop:disable Lint/RescueException
-          job.finish([Worker.outcome_for(e, h.name)])
-          raise if e.is_a?(SignalException) || e.is_a?(SystemExit)
+          fail_job(job, e, h.name, 1)
         else
           job.ok(value)
         end
@@ -280,8 +378,7 @@ module Switchyard
                     end
           job.finish([outcome])
         rescue Exception => e # rubocop:disable Lint/RescueException
-          job.finish([Worker.outcome_for(e, h.name)])
-          raise if e.is_a?(SignalException) || e.is_a?(SystemExit)
+          fail_job(job, e, h.name, 1)
         end
       when :batch
         items = input.map { |i, c| BatchItem.new(i, c) }
@@ -295,10 +392,18 @@ module Switchyard
                      end
           job.finish(outcomes)
         rescue Exception => e # rubocop:disable Lint/RescueException
-          o = Worker.outcome_for(e, h.name)
-          job.finish(Array.new(items.size) { o })
-          raise if e.is_a?(SignalException) || e.is_a?(SystemExit)
+          fail_job(job, e, h.name, items.size)
         end
+      end
+    end
+
+    # Answers +job+ (of +n+ steps) for exception +e+ raised by its handler.
+    def fail_job(job, e, name, n)
+      if Worker.stops_process?(e)
+        stop_for(job, e)
+      else
+        o = Worker.outcome_for(e, name)
+        job.finish(Array.new(n) { o })
       end
     end
 
@@ -330,25 +435,56 @@ module Switchyard
       end
 
       # @api private
-      # The outcome for an exception raised by handler +name+.
-      def outcome_for(e, name)
+      # True for exceptions that mean "stop the process" (see the class docs).
+      def stops_process?(e)
+        e.is_a?(SignalException) || e.is_a?(SystemExit)
+      end
+
+      # @api private
+      # The outcome for an exception raised by handler +name+. Never raises:
+      # an exception whose methods raise gets a placeholder message.
+      def outcome_for(e, _name = nil)
         case e
         when Suspend then [:suspend, e.wait]
-        when LeaseLost then [:error, :lease_lost, e.message, nil, nil]
+        when LeaseLost then [:error, :lease_lost, message_of(e), nil, nil]
         when HttpError then [:http, e.status, e.retry_after, e.body]
-        when NetworkError then [:network, e.message]
-        when Cancelled then [:error, :cancelled, e.message, nil, nil]
-        when InvalidInput then [:error, :invalid_input, e.message, nil, nil]
-        when PermanentError, AwaitTimeout then [:error, :permanent, e.message, trace(e), nil]
-        when RetryableError then [:error, :retryable, e.message, trace(e), e.retry_after]
-        else [:error, :retryable, "#{e.class}: #{e.message}", trace(e), nil]
+        when NetworkError then [:network, message_of(e)]
+        when Cancelled then [:error, :cancelled, message_of(e), nil, nil]
+        when InvalidInput then [:error, :invalid_input, message_of(e), nil, nil]
+        when PermanentError, AwaitTimeout then [:error, :permanent, message_of(e), trace(e), nil]
+        when RetryableError then [:error, :retryable, message_of(e), trace(e), e.retry_after]
+        else [:error, :retryable, "#{class_of(e)}: #{message_of(e)}", trace(e), nil]
         end
+      rescue Exception => x # rubocop:disable Lint/RescueException
+        [:error, :retryable, "#<#{class_of(e)}: raised #{class_of(x)} while being reported>", nil, nil]
+      end
+
+      # @api private
+      # +e.message+ as a String, or a placeholder if it raises (or its
+      # +#to_s+ does).
+      def message_of(e)
+        m = e.message
+        m.is_a?(String) ? m : String(m)
+      rescue Exception => x # rubocop:disable Lint/RescueException
+        "#<#{class_of(e)}: message raised #{class_of(x)}>"
+      end
+
+      # The name of +e+'s class, without calling anything +e+ overrides.
+      def class_of(e)
+        Kernel.instance_method(:class).bind_call(e).name || "Exception"
+      rescue Exception # rubocop:disable Lint/RescueException
+        "Exception"
       end
 
       # The Ruby backtrace as stored on the step.
       def trace(e)
-        lines = ["#{e.class}: #{e.message}"]
-        lines.concat((e.backtrace || []).map { |l| "    #{l}" })
+        lines = ["#{class_of(e)}: #{message_of(e)}"]
+        bt = begin
+          e.backtrace
+        rescue Exception # rubocop:disable Lint/RescueException
+          nil
+        end
+        lines.concat(Array(bt).map { |l| "    #{l}" })
         lines.join("\n")
       end
     end
