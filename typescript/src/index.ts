@@ -59,6 +59,8 @@ interface NativeWorker {
   context(jobId: number, index: number): NativeContext;
   /** `outcomes`: JSON array, one entry per id (see `Outcome`). */
   complete(ids: number[], outcomes: string): void;
+  /** Blocks until the steps JS holds are handed back (the environment is going away). */
+  handBack(): void;
   shutdown(): void;
   stop(): Promise<void>;
   readonly hostId: string | null;
@@ -921,6 +923,12 @@ export class Worker {
   #closed: Promise<void> | undefined;
   #starting: Promise<string> | undefined;
   #closedResolve: (() => void) | undefined;
+  /** The process exits while this worker runs: answers already made go
+   * back, then the steps still running are handed back (blocking). */
+  readonly #leave = (): void => {
+    this.#flush();
+    this.#native.handBack();
+  };
   #doneIds: number[] = [];
   /** The JSON text of each answer (see `Outcome`). */
   #doneTexts: string[] = [];
@@ -1016,6 +1024,7 @@ export class Worker {
       throw e;
     }
     this.#state = "running";
+    watchExit(this.#leave);
   }
 
   /** Graceful shutdown: no more claims; running steps get the grace period,
@@ -1036,6 +1045,7 @@ export class Worker {
       await this.#native.stop();
       this.#flush();
     } finally {
+      live.delete(this.#leave);
       this.#state = "closed";
       this.#closedResolve?.();
     }
@@ -1160,6 +1170,22 @@ export class Worker {
     this.#doneTexts = [];
     this.#native.complete(ids, text);
   }
+}
+
+/** What each running worker does when the process exits under it: Node
+ * runs no cleanup hooks on `process.exit()` (a terminated worker thread
+ * gets the native side's cleanup hook instead). */
+const live = new Set<() => void>();
+let exitListener = false;
+
+function watchExit(leave: () => void): void {
+  live.add(leave);
+  if (exitListener) return;
+  exitListener = true;
+  process.on("exit", () => {
+    for (const leave of live) leave();
+    live.clear();
+  });
 }
 
 // ---------------------------------------------------------------------------
