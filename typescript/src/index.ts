@@ -18,6 +18,7 @@
  * thread-safe function call per batch.
  */
 
+import { types as utilTypes } from "node:util";
 import { isMainThread } from "node:worker_threads";
 
 // ---------------------------------------------------------------------------
@@ -58,6 +59,8 @@ interface NativeWorker {
   context(jobId: number, index: number): NativeContext;
   /** `outcomes`: JSON array, one entry per id (see `Outcome`). */
   complete(ids: number[], outcomes: string): void;
+  /** Blocks until the steps JS holds are handed back (the environment is going away). */
+  handBack(): void;
   shutdown(): void;
   stop(): Promise<void>;
   readonly hostId: string | null;
@@ -617,64 +620,286 @@ function failure(kind: string, message: string, trace: string | null = null, ret
   return [ERROR, kind, message, trace, retryAfter];
 }
 
-function errorOutcome(e: unknown, handler: string): Outcome {
-  if (e instanceof Suspension) return [SUSPEND, e.wait];
-  if (e instanceof HttpError) return [HTTP, e.status, e.retryAfter ?? null, e.message];
-  if (e instanceof NetworkError) return [NETWORK, e.message];
-  if (e instanceof CancelledError || (e instanceof Error && e.name === "AbortError")) {
-    return failure("cancelled", e.message || "cancelled");
+/** `v` as text for a message, never throwing: a value that cannot be
+ * rendered (a Proxy, a throwing `toString`) becomes `<unrenderable NOUN: type>`. */
+function render(v: unknown, noun: string): string {
+  if (typeof v === "string") return JSON.stringify(v);
+  if (v === null || (typeof v !== "object" && typeof v !== "function")) return String(v);
+  // Nothing may touch a Proxy: any of its traps can throw.
+  if (utilTypes.isProxy(v)) return `<unrenderable ${noun}: Proxy>`;
+  try {
+    const s = String(v);
+    if (typeof s === "string") return s;
+  } catch {
+    // below
   }
-  if (e instanceof InvalidInput) return failure("invalid_input", e.message);
-  if (e instanceof LeaseLost) return failure("lease_lost", e.message);
+  let tag: string = typeof v;
+  try {
+    tag = Object.prototype.toString.call(v).slice(8, -1);
+  } catch {
+    // a throwing Symbol.toStringTag getter
+  }
+  return `<unrenderable ${noun}: ${tag}>`;
+}
+
+/** `o[key]` as text (rendered if it is not a string), or `fallback` when it
+ * is undefined or reading it throws. */
+function textOf(o: unknown, key: string, fallback: string): string {
+  let v: unknown;
+  try {
+    v = (o as any)[key];
+  } catch {
+    return fallback;
+  }
+  if (typeof v === "string") return v;
+  return v === undefined ? fallback : render(v, key);
+}
+
+/** `o[key]` if it is a finite number, else null (also when reading it throws). */
+function numberOf(o: unknown, key: string): number | null {
+  try {
+    const v = (o as any)[key];
+    return typeof v === "number" && Number.isFinite(v) ? v : null;
+  } catch {
+    return null;
+  }
+}
+
+function stackOf(e: unknown): string | null {
+  const s = textOf(e, "stack", "");
+  return s === "" ? null : s;
+}
+
+/** What a thrown (or rejected) `e` fails its step with. Never throws:
+ * whatever `e` is, only its own step fails. */
+function errorOutcome(e: unknown, handler: string): Outcome {
+  try {
+    return classify(e, handler);
+  } catch {
+    // Looking at `e` threw (a Proxy trap, a getter).
+    return failure(
+      "retryable",
+      `handler \`${handler}\` threw (or rejected with) ${render(e, "rejection")}; throw an Error to get a stack trace`,
+    );
+  }
+}
+
+function classify(e: unknown, handler: string): Outcome {
+  if (e !== null && (typeof e === "object" || typeof e === "function") && utilTypes.isProxy(e)) {
+    return failure(
+      "retryable",
+      `handler \`${handler}\` threw (or rejected with) a non-Error value: ${render(e, "rejection")}; throw an Error to get a stack trace`,
+    );
+  }
+  if (e instanceof Suspension) return [SUSPEND, e.wait];
+  const message = (fallback: string) => textOf(e, "message", fallback);
+  if (e instanceof HttpError) return [HTTP, numberOf(e, "status"), numberOf(e, "retryAfter"), message("<unrenderable message>")];
+  if (e instanceof NetworkError) return [NETWORK, message("<unrenderable message>")];
+  if (e instanceof CancelledError || (e instanceof Error && textOf(e, "name", "") === "AbortError")) {
+    return failure("cancelled", message("") || "cancelled");
+  }
+  if (e instanceof InvalidInput) return failure("invalid_input", message("<unrenderable message>"));
+  if (e instanceof LeaseLost) return failure("lease_lost", message("<unrenderable message>"));
   if (e instanceof PermanentError || e instanceof AwaitTimeoutError) {
     // An await timeout that escapes the handler is final: a replay would
     // take the same (checkpointed) path.
-    return failure("permanent", e.message || e.name, e.stack ?? null);
+    return failure("permanent", message("") || textOf(e, "name", "PermanentError"), stackOf(e));
   }
   if (e instanceof RetryableError) {
-    return failure("retryable", e.message || e.name, e.stack ?? null, e.retryAfter ?? null);
+    return failure("retryable", message("") || textOf(e, "name", "RetryableError"), stackOf(e), numberOf(e, "retryAfter"));
   }
   if (e instanceof Error) {
-    return failure("retryable", `${e.name}: ${e.message}`, e.stack ?? null);
-  }
-  let shown: string;
-  try {
-    shown = typeof e === "string" ? JSON.stringify(e) : String(e);
-  } catch {
-    shown = Object.prototype.toString.call(e);
+    return failure("retryable", `${textOf(e, "name", "Error")}: ${message("<unrenderable message>")}`, stackOf(e));
   }
   return failure(
     "retryable",
-    `handler \`${handler}\` threw (or rejected with) a non-Error value: ${shown}; throw an Error to get a stack trace`,
+    `handler \`${handler}\` threw (or rejected with) a non-Error value: ${render(e, "rejection")}; throw an Error to get a stack trace`,
   );
 }
 
-function okOutcome(kind: HandlerKind, v: unknown, handler: string): Outcome {
-  if (kind === "decision") {
-    if (!(v instanceof Decision)) {
-      return failure(
-        "permanent",
-        `decision handler \`${handler}\` returned ${v === null ? "null" : typeof v}, not a Decision (use Decision.create or Decision.complete)`,
-      );
-    }
-    if (v.done) return [COMPLETE, v.value ?? null];
-    return [
-      DECIDE,
-      v.steps.map((s) => ({ name: s.name, handler: s.handler, input: s.input ?? null, depends_on: s.dependsOn ?? [] })),
-      v.finalStep,
-    ];
-  }
-  return [VALUE, v === undefined ? null : v];
+/** Why JSON cannot represent a value faithfully: what it is, where (a path
+ * from the value's root, built on the way out) and what to do instead. */
+interface NotJson {
+  what: string;
+  hint: string;
+  path: string[];
 }
 
-/** `o` if it can be serialised, else the error that fails its step alone. */
-function serialisable(o: Outcome, handler: string): Outcome {
-  try {
-    JSON.stringify(o);
-    return o;
-  } catch (e) {
-    return failure("permanent", `the result of handler \`${handler}\` is not JSON-serialisable: ${(e as Error).message}`);
+/** `toJSON` was found: check the value again while serialising it. */
+const HAS_TO_JSON = Symbol("toJSON");
+
+function notJson(what: string, hint: string): NotJson {
+  return { what, hint, path: [] };
+}
+
+/** What JSON would silently turn into something else, or drop: a BigInt (it
+ * throws), a symbol, a function, NaN or ±Infinity, a Map, a Set and other
+ * objects whose contents are not properties. `undefined` is allowed: an
+ * absent result is null, an absent field is left out. Null when `v` itself
+ * is fine (its contents are checked by the caller). */
+function problemOf(v: unknown): NotJson | null {
+  switch (typeof v) {
+    case "string":
+    case "boolean":
+    case "undefined":
+      return null;
+    case "number":
+      return Number.isFinite(v) ? null : notJson(String(v), "JSON has no NaN or Infinity; return null or a string instead");
+    case "bigint":
+      return notJson("a BigInt", "convert it (e.g. String(n), or Number(n) if it is small enough)");
+    case "symbol":
+      return notJson("a Symbol", "JSON drops symbols; return a string instead");
+    case "function":
+      return notJson("a function", "JSON drops functions; return data instead");
   }
+  if (v === null) return null;
+  if (utilTypes.isMap(v)) return notJson("a Map", "convert it (e.g. Object.fromEntries(map))");
+  if (utilTypes.isSet(v)) return notJson("a Set", "convert it (e.g. [...set])");
+  if (utilTypes.isWeakMap(v) || utilTypes.isWeakSet(v)) return notJson("a WeakMap or WeakSet", "return data instead");
+  if (utilTypes.isPromise(v)) return notJson("a Promise", "await it first");
+  if (utilTypes.isRegExp(v)) return notJson("a RegExp", "convert it (e.g. re.source)");
+  if (utilTypes.isAnyArrayBuffer(v) || (utilTypes.isArrayBufferView(v) && typeof (v as any).toJSON !== "function")) {
+    return notJson("binary data (an ArrayBuffer or typed array)", "convert it (e.g. Array.from(bytes), or base64)");
+  }
+  return null;
+}
+
+/** True for the values JSON represents as they are (the common case, checked inline). */
+function plainLeaf(v: unknown): boolean {
+  return typeof v === "string" || typeof v === "boolean" || v === null || (typeof v === "number" && Number.isFinite(v));
+}
+
+/** The first part of `v` JSON cannot represent, `HAS_TO_JSON` if a
+ * `toJSON` method is in the way, or null. `seen` holds the objects on the
+ * path from the root (a circular structure refers back to one). */
+function findNotJson(v: unknown, seen: object[]): NotJson | typeof HAS_TO_JSON | null {
+  if (v === null || typeof v !== "object") return problemOf(v);
+  const o = v as Record<string, unknown>;
+  const proto = Object.getPrototypeOf(o);
+  // Plain objects and arrays (nearly every result) skip the type checks.
+  if (proto !== Object.prototype && proto !== null && !Array.isArray(o)) {
+    const p = problemOf(o);
+    if (p !== null) return p;
+    if (o instanceof Date) {
+      return Number.isNaN(o.getTime()) ? notJson("an invalid Date", "return null or a valid Date instead") : null;
+    }
+  }
+  if (typeof o.toJSON === "function") return HAS_TO_JSON;
+  if (seen.includes(o)) return notJson("a circular structure (a value that contains itself)", "return a tree of plain values");
+  seen.push(o);
+  if (Array.isArray(o)) {
+    for (let i = 0; i < o.length; i++) {
+      if (plainLeaf(o[i])) continue;
+      const q = findNotJson(o[i], seen);
+      if (q === HAS_TO_JSON) return q;
+      if (q !== null) {
+        q.path.push(`[${i}]`);
+        return q;
+      }
+    }
+  } else {
+    for (const k of Object.keys(o)) {
+      if (plainLeaf(o[k])) continue;
+      const q = findNotJson(o[k], seen);
+      if (q === HAS_TO_JSON) return q;
+      if (q !== null) {
+        q.path.push(/^[A-Za-z_$][\w$]*$/.test(k) ? `.${k}` : `[${JSON.stringify(k)}]`);
+        return q;
+      }
+    }
+  }
+  seen.pop();
+  return null;
+}
+
+class NotJsonError extends Error {
+  constructor(readonly problem: NotJson) {
+    super(problem.what);
+  }
+}
+
+/** JSON text of a handler's result. Throws `NotJsonError` for a part JSON
+ * cannot represent faithfully (see `problemOf`), or what serialising threw. */
+function resultJson(v: unknown): string {
+  const found = findNotJson(v, []);
+  if (found === null) return JSON.stringify(v) ?? "null";
+  if (found !== HAS_TO_JSON) throw new NotJsonError(found);
+  // `toJSON` runs once, inside JSON.stringify: check what it produced there.
+  return (
+    JSON.stringify(v, function (this: any, key: string, value: unknown) {
+      const p = problemOf(value);
+      if (p !== null) {
+        if (key !== "") p.path.push(Array.isArray(this) ? `[${key}]` : `.${key}`);
+        throw new NotJsonError(p);
+      }
+      return value;
+    }) ?? "null"
+  );
+}
+
+/** The failure for a result of handler `handler` that `resultJson` refused. */
+function notJsonOutcome(e: unknown, handler: string): Outcome {
+  try {
+    return describeNotJson(e, handler);
+  } catch {
+    return failure("permanent", `handler \`${handler}\` returned a value that is not JSON-serialisable`);
+  }
+}
+
+function describeNotJson(e: unknown, handler: string): Outcome {
+  const proxy = e !== null && (typeof e === "object" || typeof e === "function") && utilTypes.isProxy(e);
+  if (!proxy && e instanceof NotJsonError) {
+    const { what, hint, path } = e.problem;
+    const at = path.length > 0 ? ` at ${path.reverse().join("")}` : "";
+    return failure("permanent", `handler \`${handler}\` returned ${what}${at}, which is not JSON-serialisable; ${hint}`);
+  }
+  let why: string;
+  if (!proxy && e instanceof Error) {
+    why = `${textOf(e, "name", "Error")}: ${textOf(e, "message", "<unrenderable message>")}`;
+  } else {
+    why = render(e, "exception");
+  }
+  return failure(
+    "permanent",
+    `handler \`${handler}\` returned a value that is not JSON-serialisable: converting it to JSON (its toJSON or a getter) threw ${why}`,
+  );
+}
+
+/** The JSON text of a successful outcome of handler `h`; a result JSON
+ * cannot represent fails the step permanently instead. */
+function okText(h: Registered, v: unknown): string {
+  try {
+    if (h.kind === "decision") {
+      if (!(v instanceof Decision)) {
+        return JSON.stringify(
+          failure(
+            "permanent",
+            `decision handler \`${h.name}\` returned ${v === null ? "null" : typeof v}, not a Decision (use Decision.create or Decision.complete)`,
+          ),
+        );
+      }
+      if (v.done) return `[${COMPLETE},${resultJson(v.value ?? null)}]`;
+      const steps = v.steps.map((s) => ({ name: s.name, handler: s.handler, input: s.input ?? null, depends_on: s.dependsOn ?? [] }));
+      return `[${DECIDE},${resultJson(steps)},${JSON.stringify(v.finalStep ?? null)}]`;
+    }
+    return `[${VALUE},${resultJson(v)}]`;
+  } catch (e) {
+    return JSON.stringify(notJsonOutcome(e, h.name));
+  }
+}
+
+/** The JSON text of an error outcome; never throws. */
+function errorText(e: unknown, h: Registered): string {
+  try {
+    return JSON.stringify(errorOutcome(e, h.name));
+  } catch {
+    return lastResort(h);
+  }
+}
+
+/** For an outcome that could not be made at all (never expected). */
+function lastResort(h: Registered): string {
+  return JSON.stringify(failure("permanent", `handler \`${h.name}\`: its outcome could not be turned into JSON`));
 }
 
 function isThenable(v: unknown): v is PromiseLike<unknown> {
@@ -698,9 +923,15 @@ export class Worker {
   #closed: Promise<void> | undefined;
   #starting: Promise<string> | undefined;
   #closedResolve: (() => void) | undefined;
+  /** The process exits while this worker runs: answers already made go
+   * back, then the steps still running are handed back (blocking). */
+  readonly #leave = (): void => {
+    this.#flush();
+    this.#native.handBack();
+  };
   #doneIds: number[] = [];
-  #doneOutcomes: unknown[] = [];
-  #doneHandlers: Registered[] = [];
+  /** The JSON text of each answer (see `Outcome`). */
+  #doneTexts: string[] = [];
   #flushScheduled = false;
 
   constructor(options: WorkerOptions = {}) {
@@ -793,6 +1024,7 @@ export class Worker {
       throw e;
     }
     this.#state = "running";
+    watchExit(this.#leave);
   }
 
   /** Graceful shutdown: no more claims; running steps get the grace period,
@@ -813,6 +1045,7 @@ export class Worker {
       await this.#native.stop();
       this.#flush();
     } finally {
+      live.delete(this.#leave);
       this.#state = "closed";
       this.#closedResolve?.();
     }
@@ -842,61 +1075,85 @@ export class Worker {
   }
 
   /** Called by the core (through a thread-safe function) with a batch of
-   * jobs: starts every handler at once; answers arrive through `#finish`. */
+   * jobs: starts every handler at once; answers arrive through `#finish`.
+   * Never throws: whatever one handler does fails only its own step. */
   #dispatch(batch: string): void {
     const jobs: unknown[] = JSON.parse(batch);
     for (let i = 0; i < jobs.length; i += 3) {
       const id = jobs[i] as number;
       const h = this.#byIndex[jobs[i + 1] as number];
       if (h.kind === "batch") {
-        this.#runBatch(id, h, jobs[i + 2] as unknown[]);
+        void this.#runBatch(id, h, jobs[i + 2] as unknown[]);
         continue;
       }
       let r: unknown;
       try {
         r = h.fn(jobs[i + 2], new Context(this.#native, id, 0));
-        if (isThenable(r)) {
-          // One reaction per step; a foreign thenable is adopted first.
-          const p = r instanceof Promise ? r : Promise.resolve(r);
-          p.then(
-            (v) => this.#finish(id, h, okOutcome(h.kind, v, h.name)),
-            (e) => this.#finish(id, h, errorOutcome(e, h.name)),
-          );
-          continue;
-        }
       } catch (e) {
-        this.#finish(id, h, errorOutcome(e, h.name));
+        this.#finish(id, errorText(e, h));
         continue;
       }
-      this.#finish(id, h, okOutcome(h.kind, r, h.name));
+      let thenable: boolean;
+      try {
+        thenable = isThenable(r);
+      } catch {
+        // Its `then` cannot even be read: a hostile value, reported by okText.
+        thenable = false;
+      }
+      if (thenable) {
+        let p: Promise<unknown>;
+        try {
+          // One reaction per step; a foreign thenable is adopted first.
+          p = r instanceof Promise ? r : Promise.resolve(r);
+        } catch (e) {
+          this.#finish(id, errorText(e, h));
+          continue;
+        }
+        // Neither reaction throws (okText and errorText never do).
+        p.then(
+          (v) => this.#finish(id, okText(h, v)),
+          (e) => this.#finish(id, errorText(e, h)),
+        );
+        continue;
+      }
+      this.#finish(id, okText(h, r));
     }
   }
 
   async #runBatch(id: number, h: Registered, inputs: unknown[]): Promise<void> {
     const items = inputs.map((input, i) => ({ input, ctx: new Context(this.#native, id, i) }));
+    const all = (text: string) => `[${items.map(() => text).join(",")}]`;
     let results: unknown;
     try {
       results = await h.fn(items);
     } catch (e) {
-      const o = errorOutcome(e, h.name);
-      return this.#finish(id, h, items.map(() => o));
+      return this.#finish(id, all(errorText(e, h)));
     }
-    if (!Array.isArray(results) || results.length !== items.length) {
-      const got = Array.isArray(results) ? `${results.length} results` : typeof results;
-      const o = failure("permanent", `batch handler \`${h.name}\` returned ${got} for ${items.length} steps`);
-      return this.#finish(id, h, items.map(() => o));
+    let texts: string[];
+    try {
+      if (!Array.isArray(results) || results.length !== items.length) {
+        const got = Array.isArray(results) ? `${results.length} results` : typeof results;
+        const o = failure("permanent", `batch handler \`${h.name}\` returned ${got} for ${items.length} steps`);
+        return this.#finish(id, all(JSON.stringify(o)));
+      }
+      texts = results.map((r: unknown) => {
+        let isError: boolean;
+        try {
+          isError = r instanceof Error;
+        } catch {
+          return errorText(r, h);
+        }
+        return isError ? errorText(r, h) : okText(h, r);
+      });
+    } catch (e) {
+      return this.#finish(id, all(errorText(e, h)));
     }
-    this.#finish(
-      id,
-      h,
-      results.map((r) => (r instanceof Error ? errorOutcome(r, h.name) : okOutcome("batch", r, h.name))),
-    );
+    this.#finish(id, `[${texts.join(",")}]`);
   }
 
-  #finish(id: number, h: Registered, outcome: unknown): void {
+  #finish(id: number, text: string): void {
     this.#doneIds.push(id);
-    this.#doneOutcomes.push(outcome);
-    this.#doneHandlers.push(h);
+    this.#doneTexts.push(text);
     if (!this.#flushScheduled) {
       this.#flushScheduled = true;
       // Answers finished in the same turn of the event loop go back in one call.
@@ -908,27 +1165,27 @@ export class Worker {
     this.#flushScheduled = false;
     if (this.#doneIds.length === 0) return;
     const ids = this.#doneIds;
-    const outcomes = this.#doneOutcomes;
-    const handlers = this.#doneHandlers;
+    const text = `[${this.#doneTexts.join(",")}]`;
     this.#doneIds = [];
-    this.#doneOutcomes = [];
-    this.#doneHandlers = [];
-    let text: string;
-    try {
-      text = JSON.stringify(outcomes);
-    } catch {
-      // Some value cannot be serialised: it fails its own step only.
-      text = JSON.stringify(
-        outcomes.map((o, i) => {
-          const name = handlers[i].name;
-          return handlers[i].kind === "batch"
-            ? (o as Outcome[]).map((x) => serialisable(x, name))
-            : serialisable(o as Outcome, name);
-        }),
-      );
-    }
+    this.#doneTexts = [];
     this.#native.complete(ids, text);
   }
+}
+
+/** What each running worker does when the process exits under it: Node
+ * runs no cleanup hooks on `process.exit()` (a terminated worker thread
+ * gets the native side's cleanup hook instead). */
+const live = new Set<() => void>();
+let exitListener = false;
+
+function watchExit(leave: () => void): void {
+  live.add(leave);
+  if (exitListener) return;
+  exitListener = true;
+  process.on("exit", () => {
+    for (const leave of live) leave();
+    live.clear();
+  });
 }
 
 // ---------------------------------------------------------------------------

@@ -160,6 +160,50 @@ test("terminating a worker thread hands its in-flight step back", async (t) => {
   assert.equal(res.by, "main thread");
 });
 
+/** The task's step after a host that held it went away: it must be ready
+ * again with its attempt unchanged, then run to completion on another host,
+ * with nothing recorded against it and the task not cancelled. */
+async function takenOverWithoutCost(t, url, client, id) {
+  const worker = new Worker({ store: url, handleSignals: false });
+  worker.step("long", async (_i, ctx) => ({ attempt: ctx.attempt, run: ctx.run }));
+  await worker.start();
+  t.after(() => worker.close());
+  // Well within the 30 s lease and the 120 s grace of the host that left.
+  const res = await client.result(id, { timeout: 10 });
+  assert.equal(res.attempt, 1, "handing the step back cost no attempt");
+  assert.equal(res.run, 2, "the second run of the step");
+  const rec = await client.get(id);
+  assert.equal(rec.state, "completed");
+  const d = await client.inspect(id);
+  assert.equal(d.steps.length, 1);
+  assert.equal(d.steps[0].error ?? null, null, `no error recorded: ${JSON.stringify(d.steps[0])}`);
+}
+
+test("a process exiting while its step runs hands the step back without costing an attempt", async (t) => {
+  const { url } = tempStore(t);
+  const client = new Client({ store: url });
+  const id = await client.spawn("long", {});
+  const p = node(t, [join(here, "fixtures", "exit_while_running.mjs"), url]);
+  await p.next(new RegExp(`started ${id} attempt 1`));
+  const r = await exitedWithin(p, 20_000, "the exiting worker");
+  assert.deepEqual(r, { code: 0, signal: null }, p.err());
+  await takenOverWithoutCost(t, url, client, id);
+});
+
+test("a terminated worker thread hands its running step back without costing an attempt", async (t) => {
+  const { url } = tempStore(t);
+  const client = new Client({ store: url });
+  const id = await client.spawn("long", {});
+  const th = new ThreadWorker(join(here, "fixtures", "exit_while_running.mjs"), { workerData: { store: url } });
+  t.after(() => th.terminate());
+  await new Promise((resolve, reject) => {
+    th.on("message", (m) => m === `started ${id} attempt 1` && resolve());
+    th.once("error", reject);
+  });
+  await th.terminate();
+  await takenOverWithoutCost(t, url, client, id);
+});
+
 // A Python worker (the wheel built by `make python-wheel`) when available.
 const python = process.env.SWITCHYARD_PYTHON;
 const havePython = (() => {

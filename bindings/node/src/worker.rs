@@ -2,9 +2,10 @@
 //!
 //! The core pushes jobs into one [`Inbox`]; a feeder task awaits
 //! [`Inbox::recv_batch_async`] and hands each batch to JS through one
-//! thread-safe function call (the catching variant, so a throwing dispatcher
-//! fails the batch's steps instead of killing the process). JS starts every
-//! handler at once and answers finished jobs in batches through
+//! thread-safe function call (the catching variant: the dispatcher itself
+//! never throws, since the glue turns whatever a handler throws, rejects
+//! with or returns into that step's outcome, so a failed call is taken for
+//! the environment going away, see below). JS starts every handler at once and answers finished jobs in batches through
 //! [`NativeWorker::complete`], which never blocks. Jobs are answered as they
 //! finish rather than per batch, so one slow handler does not hold the slots
 //! of the fast ones handed over with it.
@@ -28,6 +29,18 @@
 //!   with one entry per id, the job's outcome (an array of outcomes for
 //!   batch handlers). An outcome is an array whose first element says what
 //!   it is (see [`decode`]).
+//!
+//! # When the JS environment goes away
+//!
+//! A process that exits, or a worker thread that is terminated, while JS
+//! holds steps cannot answer them any more. [`Lifeline::hand_back`] (run by
+//! the environment's cleanup hook, and by `handBack()` from the glue's
+//! `process.on("exit")` listener, since Node does not run cleanup hooks on
+//! `process.exit()`) stops claiming, stops dispatching, and cancels the
+//! held runs without answering them: the core then records them
+//! `Released` (ready again, no attempt spent), exactly as it does for runs
+//! still going when a shutdown's grace period ends. It blocks until that is
+//! recorded, because the runtime goes away with the environment.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -49,6 +62,10 @@ use crate::errors::{core_err, ok};
 
 /// Jobs handed to JS per thread-safe call, at most.
 const MAX_BATCH: usize = 256;
+
+/// How long a failed dispatch waits for the environment's cleanup hook
+/// before failing its jobs (see `feed`).
+const DISPATCH_ERROR_WAIT: Duration = Duration::from_secs(1);
 
 /// The JS dispatcher: `(batch: string) => void` (see the module docs).
 type Dispatch = ThreadsafeFunction<String, (), String, Status, false>;
@@ -109,9 +126,80 @@ impl Pending {
         let n = self.job.items.len();
         self.answer((0..n).map(|_| Reply::Error(e.clone())).collect());
     }
+
+    /// Cancels the job's runs without answering it: the core hands them
+    /// back (`Released`) once they fail to end within its cancellation
+    /// grace.
+    fn hold(&self) {
+        for item in &self.job.items {
+            item.ctx.cancellation_token().cancel();
+        }
+    }
 }
 
 type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
+
+/// The most [`Lifeline::hand_back`] waits for the host to record the held
+/// steps: the core's cancellation grace (2 s) plus time for the store.
+const HAND_BACK_LIMIT: Duration = Duration::from_secs(15);
+
+/// What handing the held steps back needs (see the module docs); shared by
+/// the worker, its feeder and the environment's cleanup hook.
+struct Lifeline {
+    inbox: Arc<Inbox>,
+    running: Arc<Mutex<Option<Arc<RunningWorker>>>>,
+    pending: PendingMap,
+    stopping: CancellationToken,
+    /// Cancelled (under the `pending` lock) once JS can no longer answer:
+    /// jobs are then held instead of dispatched.
+    gone: CancellationToken,
+}
+
+impl Lifeline {
+    /// JS can no longer answer: no more claims or dispatches, and every job
+    /// JS holds, or is handed from now on, is held for release. Returns at
+    /// once.
+    fn abandon(&self) {
+        self.stopping.cancel();
+        {
+            let map = self.pending.lock();
+            self.gone.cancel();
+            for p in map.values() {
+                p.hold();
+            }
+        }
+        if let Some(r) = self.running.lock().as_ref() {
+            r.shutdown();
+        }
+    }
+
+    /// [`Self::abandon`], then blocks the calling (JS) thread until the host
+    /// has recorded the held steps as released, at most [`HAND_BACK_LIMIT`].
+    fn hand_back(&self) {
+        self.abandon();
+        let running = self.running.lock().clone();
+        if let Some(r) = running {
+            let wait = async {
+                // Runs end (and are handed back) after the core's grace for
+                // cancelled runs; `flush` then waits until that is stored.
+                while r.inflight() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                r.flush().await;
+                // Returns at once if `stop()` is already waiting for it.
+                r.wait().await;
+            };
+            // The runtime may already be gone (it is shut down with the last
+            // environment); there is nothing left to wait for then.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                block_on(async { tokio::time::timeout(HAND_BACK_LIMIT, wait).await })
+            }));
+        }
+        self.inbox.close();
+        let left: Vec<Pending> = self.pending.lock().drain().map(|(_, p)| p).collect();
+        drop(left);
+    }
+}
 
 /// A host for JS handlers.
 #[napi]
@@ -126,6 +214,7 @@ pub struct NativeWorker {
     feeder: Mutex<Option<tokio::task::JoinHandle<()>>>,
     completions: Mutex<Option<Completions>>,
     stopping: CancellationToken,
+    lifeline: Arc<Lifeline>,
 }
 
 fn seconds(what: &str, s: f64) -> Result<Duration> {
@@ -323,14 +412,9 @@ fn bad_answer(why: String) -> StepError {
 
 type Completions = tokio::sync::mpsc::UnboundedSender<(Vec<u64>, String)>;
 
-async fn feed(
-    running: Arc<RunningWorker>,
-    inbox: Arc<Inbox>,
-    pending: PendingMap,
-    handlers: HashMap<String, usize>,
-    dispatch: Dispatch,
-) {
-    while let Some(jobs) = inbox.recv_batch_async(MAX_BATCH).await {
+async fn feed(life: Arc<Lifeline>, handlers: HashMap<String, usize>, dispatch: Dispatch) {
+    let pending = &life.pending;
+    while let Some(jobs) = life.inbox.recv_batch_async(MAX_BATCH).await {
         let mut text = String::with_capacity(32 * jobs.len());
         text.push('[');
         let mut ids = Vec::with_capacity(jobs.len());
@@ -367,28 +451,51 @@ async fn feed(
                     text.push(']');
                 }
                 ids.push(job.id);
-                map.insert(job.id, Pending { job, done: None });
+                let p = Pending { job, done: None };
+                if life.gone.is_cancelled() {
+                    // JS can no longer answer (see the module docs).
+                    p.hold();
+                }
+                map.insert(p.job.id, p);
+            }
+            if life.gone.is_cancelled() {
+                continue;
             }
         }
         if ids.is_empty() {
             continue;
         }
         text.push(']');
-        match dispatch.call_async_catch(text).await {
+        // A call made as the environment goes away may never run: stop
+        // waiting for it then (its jobs are held by `abandon`).
+        let called = tokio::select! {
+            r = dispatch.call_async_catch(text) => r,
+            _ = life.gone.cancelled() => continue,
+        };
+        match called {
             Ok(()) => {}
-            Err(e) if e.status == Status::Closing => {
-                // The JS environment is going away (a worker thread was
-                // terminated, or the process exits) without `close()`: stop
-                // claiming and hand the steps back without costing an attempt.
-                running.shutdown();
-                inbox.close();
-                fail_all(&pending, &ids, StepError::Cancelled);
+            // The JS environment is going away (a worker thread was
+            // terminated, or the process exits) without `close()`: hand the
+            // steps back without costing an attempt.
+            Err(e) if e.status == Status::Closing => life.abandon(),
+            // The dispatcher never throws (the glue catches whatever a
+            // handler does), so this is nearly always the environment torn
+            // down under the call: a terminated worker thread shows up as a
+            // pending exception, and its cleanup hook follows at once to
+            // hold these jobs. Anything else fails them.
+            Err(e) => {
+                let life = life.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = life.gone.cancelled() => {}
+                        _ = tokio::time::sleep(DISPATCH_ERROR_WAIT) => fail_all(
+                            &life.pending,
+                            &ids,
+                            StepError::retryable(format!("the JS dispatcher failed: {e}")),
+                        ),
+                    }
+                });
             }
-            Err(e) => fail_all(
-                &pending,
-                &ids,
-                StepError::retryable(format!("the JS dispatcher failed: {e}")),
-            ),
         }
     }
 }
@@ -411,19 +518,17 @@ impl NativeWorker {
         let inbox = Inbox::new();
         let running: Arc<Mutex<Option<Arc<RunningWorker>>>> = Arc::default();
         let stopping = CancellationToken::new();
+        let pending: PendingMap = Arc::new(Mutex::new(HashMap::new()));
+        let lifeline = Arc::new(Lifeline {
+            inbox: inbox.clone(),
+            running: running.clone(),
+            pending: pending.clone(),
+            stopping: stopping.clone(),
+            gone: CancellationToken::new(),
+        });
         // When the JS environment goes away without `close()` (a worker
-        // thread is terminated), stop claiming and refuse new jobs so their
-        // steps are handed back instead of waiting for lease expiry.
-        env.add_env_cleanup_hook(
-            (inbox.clone(), running.clone(), stopping.clone()),
-            |(inbox, running, stopping)| {
-                stopping.cancel();
-                if let Some(r) = running.lock().as_ref() {
-                    r.shutdown();
-                }
-                inbox.close();
-            },
-        )?;
+        // thread is terminated), hand the held steps back (module docs).
+        env.add_env_cleanup_hook(lifeline.clone(), |life| life.hand_back())?;
         Ok(Self {
             store_url,
             plan: Mutex::new(HostPlan::new(
@@ -435,10 +540,11 @@ impl NativeWorker {
             inbox,
             names: Mutex::new(Vec::new()),
             running,
-            pending: Arc::new(Mutex::new(HashMap::new())),
+            pending,
             feeder: Mutex::new(None),
             completions: Mutex::new(None),
             stopping,
+            lifeline,
         })
     }
 
@@ -537,13 +643,7 @@ impl NativeWorker {
             .enumerate()
             .map(|(i, n)| (n.clone(), i))
             .collect();
-        let feeder = tokio::spawn(feed(
-            running,
-            self.inbox.clone(),
-            self.pending.clone(),
-            handlers,
-            dispatch,
-        ));
+        let feeder = tokio::spawn(feed(self.lifeline.clone(), handlers, dispatch));
         *self.feeder.lock() = Some(feeder);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u64>, String)>();
         let pending = self.pending.clone();
@@ -611,6 +711,15 @@ impl NativeWorker {
         };
         answer_batch(&self.pending, ids, outcomes);
         Ok(())
+    }
+
+    /// For when the JS environment is going away (`process.on("exit")`):
+    /// stops at once without the grace period, hands the steps JS holds
+    /// back without costing an attempt, and blocks until that is recorded
+    /// (see the module docs). JS answers that arrive later are ignored.
+    #[napi]
+    pub fn hand_back(&self) {
+        self.lifeline.hand_back();
     }
 
     /// Begins a graceful shutdown and returns at once.
