@@ -125,7 +125,11 @@ fn observe(
     let step = detail.steps.first();
     let error = step.and_then(|s| s.error.as_ref()).or(task.error.as_ref());
     if let Some(want) = expect.get("error_kind").and_then(Value::as_str) {
-        let got = error.map(|e| format!("{:?}", e.kind).to_lowercase());
+        // The kind as the store spells it (`invalid_input`, not `InvalidInput`).
+        let got = error.map(|e| match serde_json::to_value(e.kind) {
+            Ok(Value::String(k)) => k,
+            _ => format!("{:?}", e.kind),
+        });
         if got.as_deref() != Some(want) {
             wrong.push(format!("error kind {got:?} (want {want})"));
         }
@@ -166,6 +170,43 @@ fn observe(
         }
     }
     wrong
+}
+
+/// A scenario's `cancel`: waits (up to 30 s) until the handler logged
+/// `after_log` (a label) and the task's step is in `step_state`, whichever
+/// of the two are given, then `after_ms` more, then cancels the task, which
+/// must still be running then.
+async fn cancel_when(client: &Client, log: &Path, id: TaskId, c: &Value) -> anyhow::Result<()> {
+    let label = c["after_log"].as_str().map(|l| format!("{id} {l}"));
+    let step_state = c["step_state"].as_str();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let logged = match &label {
+            Some(l) => std::fs::read_to_string(log)?.lines().any(|line| line == l),
+            None => true,
+        };
+        let in_state = match step_state {
+            Some(want) => {
+                let detail = client.inspect(id).await?;
+                let got = detail.steps.first().map(|s| format!("{:?}", s.state).to_lowercase());
+                got.as_deref() == Some(want)
+            }
+            None => true,
+        };
+        if logged && in_state {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the task never got there (after_log {label:?}, step_state {step_state:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ms = c["after_ms"].as_u64().unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    if !client.cancel(id, false).await? {
+        bail!("the task had already finished when cancelled");
+    }
+    Ok(())
 }
 
 /// Runs every scenario against `lang`'s host; one line per mismatch.
@@ -216,6 +257,15 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
         let id = client.spawn(handler, s["input"].clone()).await?;
         started.push((name, id));
     }
+    // `cancel` scenarios: once the handler logged `after_log` and/or the
+    // step reached `step_state`, wait `after_ms` more and cancel the task.
+    let mut cancels = BTreeMap::new();
+    for (s, (_, id)) in scenarios.iter().zip(&started) {
+        if let Some(c) = s.get("cancel").filter(|c| c.is_object()) {
+            let (client, log, id, c) = (client.clone(), log.clone(), *id, c.clone());
+            cancels.insert(id, tokio::spawn(async move { cancel_when(&client, &log, id, &c).await }));
+        }
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     for s in scenarios {
         for (event, payload) in s["emit_after"].as_object().into_iter().flatten() {
@@ -224,6 +274,19 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
     }
     let mut wrong = Vec::new();
     for ((name, id), s) in started.iter().zip(scenarios) {
+        if let Some(cancel) = cancels.remove(id) {
+            match cancel.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    wrong.push(format!("{lang}: {name}: could not cancel: {e:#}"));
+                    continue;
+                }
+                Err(e) => {
+                    wrong.push(format!("{lang}: {name}: the cancelling task died: {e}"));
+                    continue;
+                }
+            }
+        }
         let done = client.wait(*id, Duration::from_secs(60)).await;
         if let Err(e) = done {
             wrong.push(format!("{lang}: {name}: did not finish: {e}"));

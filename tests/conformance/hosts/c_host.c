@@ -183,6 +183,100 @@ static int32_t conf_timeout(const char *input, size_t len, sy_ctx *ctx, void *ud
     return output(ctx, "\"too late\"");
 }
 
+static int32_t conf_invalid(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    sy_ctx_fail(ctx, SY_INVALID_ARGUMENT, "missing field `amount`", -1, NULL);
+    return SY_INVALID_ARGUMENT;
+}
+
+static int32_t conf_delegate_fails(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    sy_buf r = {0};
+    int32_t st = sy_ctx_delegate(ctx, "conf_permanent", "{}", &r, NULL);
+    if (st != SY_OK) return st;
+    char *buf = malloc(r.len + 16);
+    sprintf(buf, "{\"child\":%s}", (const char *)r.ptr);
+    output(ctx, buf);
+    free(buf);
+    sy_buf_free(&r);
+    return SY_OK;
+}
+
+/* The JSON value starting at p (an object, array, or scalar; no braces
+ * inside strings), copied into out. */
+static void value_at(const char *p, char *out, size_t cap) {
+    size_t n = 0;
+    int depth = 0;
+    while (p[n]) {
+        char c = p[n];
+        if (c == '{' || c == '[') depth++;
+        else if (c == '}' || c == ']') {
+            if (depth == 0) break;
+            depth--;
+        } else if (c == ',' && depth == 0) break;
+        n++;
+        if (depth == 0 && (c == '}' || c == ']')) break;
+    }
+    if (n + 1 > cap) n = cap - 1;
+    memcpy(out, p, n);
+    out[n] = 0;
+}
+
+static int32_t conf_delegate_parallel_fails(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    sy_buf out = {0};
+    int32_t st = sy_ctx_delegate_parallel(
+        ctx, "[{\"handler\":\"conf_value\",\"input\":{\"i\":1}},{\"handler\":\"conf_permanent\",\"input\":{}}]",
+        &out, NULL);
+    if (st != SY_OK) return st;
+    const char *json = (const char *)out.ptr;
+    /* The outcomes are {"task_id","state","result","error"} in order. */
+    char states[128] = "", first[256] = "null", message[256] = "";
+    const char *p = json;
+    while ((p = strstr(p, "\"state\":\"")) != NULL) {
+        p += strlen("\"state\":\"");
+        size_t n = strcspn(p, "\"");
+        snprintf(states + strlen(states), sizeof states - strlen(states), "%s\"%.*s\"",
+                 states[0] ? "," : "", (int)n, p);
+    }
+    p = strstr(json, "\"result\":");
+    if (p) value_at(p + strlen("\"result\":"), first, sizeof first);
+    p = strstr(json, "\"message\":\"");
+    if (p) {
+        p += strlen("\"message\":\"");
+        snprintf(message, sizeof message, "\"%.*s\"", (int)strcspn(p, "\""), p);
+    } else {
+        snprintf(message, sizeof message, "null");
+    }
+    char buf[768];
+    snprintf(buf, sizeof buf, "{\"states\":[%s],\"first\":%s,\"second_error\":%s}", states, first, message);
+    sy_buf_free(&out);
+    return output(ctx, buf);
+}
+
+static int32_t conf_cancel_running(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    note(ctx, "started");
+    for (int i = 0; i < 500; i++) {
+        if (sy_ctx_is_cancelled(ctx)) {
+            note(ctx, "saw cancel");
+            return SY_CANCELLED;
+        }
+        sleep_ms(20);
+    }
+    return output(ctx, "\"never cancelled\"");
+}
+
+static int32_t conf_cancel_suspended(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    note(ctx, "started");
+    sy_buf payload = {0};
+    int32_t st = sy_ctx_await_event(ctx, "never.comes", 60000, &payload, NULL);
+    if (st != SY_OK) return st;
+    sy_buf_free(&payload);
+    return output(ctx, "\"unreachable\"");
+}
+
 static const struct {
     const char *name;
     sy_step_fn fn;
@@ -197,6 +291,11 @@ static const struct {
     {"conf_await_timeout", conf_await_timeout},
     {"conf_suspensions", conf_suspensions},
     {"conf_timeout", conf_timeout},
+    {"conf_invalid", conf_invalid},
+    {"conf_delegate_fails", conf_delegate_fails},
+    {"conf_delegate_parallel_fails", conf_delegate_parallel_fails},
+    {"conf_cancel_running", conf_cancel_running},
+    {"conf_cancel_suspended", conf_cancel_suspended},
 };
 
 static void die(const char *what, sy_error *err) {

@@ -9,7 +9,7 @@
 // something ran.
 import { appendFileSync, readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
-import { Worker, PermanentError, RetryableError } from "switchyard";
+import { Worker, PermanentError, RetryableError, InvalidInput, CancelledError } from "switchyard";
 
 const args = {};
 for (let i = 2; i < process.argv.length; i += 2) args[process.argv[i].replace(/^--/, "")] = process.argv[i + 1];
@@ -53,6 +53,37 @@ const bodies = {
   conf_timeout: async () => {
     await sleep(5000);
     return "too late";
+  },
+  conf_invalid: async () => {
+    throw new InvalidInput("missing field `amount`");
+  },
+  conf_delegate_fails: async (input, ctx) => ({ child: await ctx.delegate("conf_permanent", {}) }),
+  conf_delegate_parallel_fails: async (input, ctx) => {
+    const out = await ctx.delegateParallel([
+      { handler: "conf_value", input: { i: 1 } },
+      { handler: "conf_permanent", input: {} },
+    ]);
+    return {
+      states: out.map((o) => o.state),
+      first: out[0].result,
+      second_error: out[1].error?.message ?? null,
+    };
+  },
+  conf_cancel_running: async (input, ctx) => {
+    note(ctx, "started");
+    for (let i = 0; i < 500; i++) {
+      if (ctx.isCancelled) {
+        note(ctx, "saw cancel");
+        throw new CancelledError("cancelled");
+      }
+      await sleep(20);
+    }
+    return "never cancelled";
+  },
+  conf_cancel_suspended: async (input, ctx) => {
+    note(ctx, "started");
+    await ctx.awaitEvent("never.comes", { timeout: 60 });
+    return "unreachable";
   },
 };
 

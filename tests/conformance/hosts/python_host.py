@@ -32,6 +32,15 @@ def note(ctx, label):
         f.write(f"{ctx.task_id} {label}\n")
 
 
+def summary(outcomes):
+    """What conf_delegate_parallel_fails returns from the children's outcomes."""
+    return {
+        "states": [o["state"] for o in outcomes],
+        "first": outcomes[0]["result"],
+        "second_error": (outcomes[1]["error"] or {}).get("message"),
+    }
+
+
 def sync_bodies():
     def conf_value(input, ctx):
         return {"echo": input}
@@ -77,6 +86,30 @@ def sync_bodies():
     def conf_timeout(input, ctx):
         time.sleep(5)
         return "too late"
+
+    def conf_invalid(input, ctx):
+        raise switchyard.InvalidInput("missing field `amount`")
+
+    def conf_delegate_fails(input, ctx):
+        return {"child": ctx.delegate("conf_permanent", {})}
+
+    def conf_delegate_parallel_fails(input, ctx):
+        out = ctx.delegate_parallel([("conf_value", {"i": 1}), ("conf_permanent", {})])
+        return summary(out)
+
+    def conf_cancel_running(input, ctx):
+        note(ctx, "started")
+        for _ in range(500):
+            if ctx.is_cancelled():
+                note(ctx, "saw cancel")
+                raise switchyard.Cancelled("cancelled")
+            time.sleep(0.02)
+        return "never cancelled"
+
+    def conf_cancel_suspended(input, ctx):
+        note(ctx, "started")
+        ctx.await_event("never.comes", timeout=60)
+        return "unreachable"
 
     return locals()
 
@@ -128,6 +161,32 @@ def async_bodies():
     async def conf_timeout(input, ctx):
         await asyncio.sleep(5)
         return "too late"
+
+    async def conf_invalid(input, ctx):
+        raise switchyard.InvalidInput("missing field `amount`")
+
+    async def conf_delegate_fails(input, ctx):
+        return {"child": await ctx.delegate("conf_permanent", {})}
+
+    async def conf_delegate_parallel_fails(input, ctx):
+        out = await ctx.delegate_parallel([("conf_value", {"i": 1}), ("conf_permanent", {})])
+        return summary(out)
+
+    async def conf_cancel_running(input, ctx):
+        # A cancelled task cancels this asyncio task: the sleep raises
+        # CancelledError (is_cancelled is checked too, for completeness).
+        note(ctx, "started")
+        for _ in range(500):
+            if ctx.is_cancelled():
+                note(ctx, "saw cancel")
+                raise switchyard.Cancelled("cancelled")
+            await asyncio.sleep(0.02)
+        return "never cancelled"
+
+    async def conf_cancel_suspended(input, ctx):
+        note(ctx, "started")
+        await ctx.await_event("never.comes", timeout=60)
+        return "unreachable"
 
     return locals()
 

@@ -53,6 +53,32 @@ BODIES = {
   "conf_timeout" => lambda do |_input, _ctx|
     Kernel.sleep(5)
     "too late"
+  end,
+  "conf_invalid" => ->(_input, _ctx) { raise Switchyard::InvalidInput, "missing field `amount`" },
+  "conf_delegate_fails" => ->(_input, ctx) { { "child" => ctx.delegate("conf_permanent", {}) } },
+  "conf_delegate_parallel_fails" => lambda do |_input, ctx|
+    out = ctx.delegate_parallel([["conf_value", { "i" => 1 }], ["conf_permanent", {}]])
+    {
+      "states" => out.map { |o| o["state"] },
+      "first" => out[0]["result"],
+      "second_error" => (out[1]["error"] || {})["message"]
+    }
+  end,
+  "conf_cancel_running" => lambda do |_input, ctx|
+    note(ctx, "started")
+    500.times do
+      if ctx.cancelled?
+        note(ctx, "saw cancel")
+        raise Switchyard::Cancelled, "cancelled"
+      end
+      Kernel.sleep(0.02)
+    end
+    "never cancelled"
+  end,
+  "conf_cancel_suspended" => lambda do |_input, ctx|
+    note(ctx, "started")
+    ctx.await_event("never.comes", timeout: 60)
+    "unreachable"
   end
 }.freeze
 

@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use serde_json::{json, Value};
 use switchyard::bridge::{HandlerSpec, JobKind};
-use switchyard::{Context, StepError, StepResult, Worker};
+use switchyard::{ChildSpec, Context, StepError, StepResult, Worker};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -101,6 +101,45 @@ async fn body(name: &str, input: Value, ctx: Context, log: Log) -> StepResult {
         "conf_timeout" => {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok(json!("too late"))
+        }
+        "conf_invalid" => Err(StepError::invalid_input("missing field `amount`")),
+        "conf_delegate_fails" => {
+            let got = ctx.delegate("conf_permanent", json!({})).await?;
+            Ok(json!({ "child": got }))
+        }
+        "conf_delegate_parallel_fails" => {
+            let out = ctx
+                .delegate_parallel(vec![
+                    ChildSpec::new("conf_value", json!({ "i": 1 })),
+                    ChildSpec::new("conf_permanent", json!({})),
+                ])
+                .await?;
+            let states: Vec<String> = out
+                .iter()
+                .map(|o| format!("{:?}", o.state).to_lowercase())
+                .collect();
+            Ok(json!({
+                "states": states,
+                "first": out[0].result,
+                "second_error": out[1].error.as_ref().map(|e| e.message.clone()),
+            }))
+        }
+        "conf_cancel_running" => {
+            note(&log, &ctx, "started");
+            for _ in 0..500 {
+                if ctx.is_cancelled() {
+                    note(&log, &ctx, "saw cancel");
+                    return Err(StepError::Cancelled);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(json!("never cancelled"))
+        }
+        "conf_cancel_suspended" => {
+            note(&log, &ctx, "started");
+            ctx.await_event("never.comes", Some(Duration::from_secs(60)))
+                .await?;
+            Ok(json!("unreachable"))
         }
         other => Err(StepError::permanent(format!(
             "the Rust conformance host has no handler `{other}`"
