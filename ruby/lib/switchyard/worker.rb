@@ -300,6 +300,10 @@ module Switchyard
         done = false
         begin
           jobs.each do |job, name, input, ctx|
+            # Taken in a batch: the core may have given up on a later job
+            # (timed out, cancelled) before its turn; it never starts then.
+            next if job.abandoned?
+
             run_job(handlers.fetch(name), job, input, ctx)
           end
           done = true
