@@ -3,8 +3,8 @@
  *   c_host --store sqlite:PATH --handlers FILE --log PATH
  *
  * FILE has one line per handler of scenarios.json, written by the driver:
- *   name timeout_ms max_attempts initial_backoff_ms max_backoff_ms
- * (0 = the default). Registers them, prints `ready` once started, and runs
+ *   name timeout_ms max_attempts initial_backoff_ms max_backoff_ms kind
+ * (0 = the default; kind is step, decision or api). Registers them, prints `ready` once started, and runs
  * until SIGTERM. Handlers append `<task_id> <label>` lines to the log where
  * a scenario counts how often something ran. */
 #include <signal.h>
@@ -23,6 +23,13 @@ static void on_term(int sig) { (void)sig; stop_requested = 1; }
 static void sleep_ms(long ms) {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
+}
+
+/* Milliseconds since the epoch. */
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void note(sy_ctx *ctx, const char *label) {
@@ -277,6 +284,27 @@ static int32_t conf_cancel_suspended(const char *input, size_t len, sy_ctx *ctx,
     return output(ctx, "\"unreachable\"");
 }
 
+static int32_t conf_wrong_return(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    return output(ctx, "42");
+}
+
+static int32_t conf_api_429(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    char now[32], t0[64], buf[96];
+    snprintf(now, sizeof now, "%lld", now_ms());
+    int32_t st = checkpoint(ctx, "t0", "t0", now, t0, sizeof t0);
+    if (st != SY_OK) return st;
+    uint32_t attempt = sy_ctx_attempt(ctx);
+    if (attempt == 1) {
+        sy_ctx_set_http_error(ctx, 429, 1000, "slow down", NULL);
+        return SY_ERROR_RETRYABLE;
+    }
+    snprintf(buf, sizeof buf, "{\"attempt\":%u,\"waited\":%s}", attempt,
+             now_ms() - atoll(t0) >= 900 ? "true" : "false");
+    return output(ctx, buf);
+}
+
 static const struct {
     const char *name;
     sy_step_fn fn;
@@ -296,6 +324,8 @@ static const struct {
     {"conf_delegate_parallel_fails", conf_delegate_parallel_fails},
     {"conf_cancel_running", conf_cancel_running},
     {"conf_cancel_suspended", conf_cancel_suspended},
+    {"conf_wrong_return", conf_wrong_return},
+    {"conf_api_429", conf_api_429},
 };
 
 static void die(const char *what, sy_error *err) {
@@ -325,9 +355,10 @@ int main(int argc, char **argv) {
     if (sy_worker_new_with(store, &wo, &worker, &err) != SY_OK) die("creating the worker", err);
     FILE *f = fopen(handlers, "r");
     if (!f) die("reading the handlers file", NULL);
-    char name[128];
+    char name[128], kind[16];
     unsigned long long timeout_ms, attempts, initial_ms, max_ms;
-    while (fscanf(f, "%127s %llu %llu %llu %llu", name, &timeout_ms, &attempts, &initial_ms, &max_ms) == 5) {
+    while (fscanf(f, "%127s %llu %llu %llu %llu %15s", name, &timeout_ms, &attempts, &initial_ms, &max_ms, kind) ==
+           6) {
         sy_step_fn fn = NULL;
         for (size_t i = 0; i < sizeof bodies / sizeof bodies[0]; i++)
             if (!strcmp(bodies[i].name, name)) fn = bodies[i].fn;
@@ -340,7 +371,11 @@ int main(int argc, char **argv) {
         o.max_attempts = (uint32_t)attempts;
         o.initial_backoff_ms = initial_ms;
         o.max_backoff_ms = max_ms;
-        if (sy_worker_step(worker, name, &o, fn, NULL, &err) != SY_OK) die(name, err);
+        sy_status st;
+        if (!strcmp(kind, "decision")) st = sy_worker_decision(worker, name, &o, fn, NULL, &err);
+        else if (!strcmp(kind, "api")) st = sy_worker_api(worker, name, &o, fn, NULL, &err);
+        else st = sy_worker_step(worker, name, &o, fn, NULL, &err);
+        if (st != SY_OK) die(name, err);
     }
     fclose(f);
     if (sy_worker_start(worker, &err) != SY_OK) die("starting", err);

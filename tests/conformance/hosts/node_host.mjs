@@ -9,7 +9,7 @@
 // something ran.
 import { appendFileSync, readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
-import { Worker, PermanentError, RetryableError, InvalidInput, CancelledError } from "switchyard";
+import { Worker, PermanentError, RetryableError, InvalidInput, CancelledError, HttpError } from "switchyard";
 
 const args = {};
 for (let i = 2; i < process.argv.length; i += 2) args[process.argv[i].replace(/^--/, "")] = process.argv[i + 1];
@@ -85,6 +85,12 @@ const bodies = {
     await ctx.awaitEvent("never.comes", { timeout: 60 });
     return "unreachable";
   },
+  conf_wrong_return: async () => 42,
+  conf_api_429: async (input, ctx) => {
+    const t0 = await ctx.checkpoint("t0", () => Date.now());
+    if (ctx.attempt === 1) throw new HttpError(429, "slow down", { retryAfter: 1 });
+    return { attempt: ctx.attempt, waited: Date.now() - t0 >= 900 };
+  },
 };
 
 const worker = new Worker({ store: args.store, concurrency: 16 });
@@ -94,7 +100,7 @@ for (const [name, o] of Object.entries(spec.handlers)) {
   if (o.max_attempts !== undefined) {
     options.retry = { maxAttempts: o.max_attempts, initialBackoff: o.initial_backoff, maxBackoff: o.max_backoff };
   }
-  worker.step(name, bodies[name], options);
+  worker[o.kind ?? "step"](name, bodies[name], options); // step, decision, api
 }
 await worker.start();
 console.log("ready");

@@ -111,6 +111,15 @@ def sync_bodies():
         ctx.await_event("never.comes", timeout=60)
         return "unreachable"
 
+    def conf_wrong_return(input, ctx):
+        return 42
+
+    def conf_api_429(input, ctx):
+        t0 = ctx.checkpoint("t0", lambda: time.time() * 1000)
+        if ctx.attempt == 1:
+            raise switchyard.HttpError(429, "slow down", retry_after=1.0)
+        return {"attempt": ctx.attempt, "waited": time.time() * 1000 - t0 >= 900}
+
     return locals()
 
 
@@ -188,6 +197,15 @@ def async_bodies():
         await ctx.await_event("never.comes", timeout=60)
         return "unreachable"
 
+    async def conf_wrong_return(input, ctx):
+        return 42
+
+    async def conf_api_429(input, ctx):
+        t0 = await ctx.checkpoint("t0", lambda: time.time() * 1000)
+        if ctx.attempt == 1:
+            raise switchyard.HttpError(429, "slow down", retry_after=1.0)
+        return {"attempt": ctx.attempt, "waited": time.time() * 1000 - t0 >= 900}
+
     return locals()
 
 
@@ -201,6 +219,7 @@ for name, opts in spec["handlers"].items():
             initial_backoff=opts.get("initial_backoff", 1.0),
             max_backoff=opts.get("max_backoff", 300.0),
         )
-    worker.step(name, timeout=opts.get("timeout"), retry=retry)(bodies[name])
+    register = getattr(worker, opts.get("kind", "step"))  # step, decision, api
+    register(name, timeout=opts.get("timeout"), retry=retry)(bodies[name])
 print("ready", flush=True)
 worker.run()

@@ -79,6 +79,14 @@ BODIES = {
     note(ctx, "started")
     ctx.await_event("never.comes", timeout: 60)
     "unreachable"
+  end,
+  "conf_wrong_return" => ->(_input, _ctx) { 42 },
+  "conf_api_429" => lambda do |_input, ctx|
+    now = -> { Time.now.to_f * 1000 }
+    t0 = ctx.checkpoint("t0") { now.call }
+    raise Switchyard::HttpError.new(429, "slow down", retry_after: 1.0) if ctx.attempt == 1
+
+    { "attempt" => ctx.attempt, "waited" => now.call - t0 >= 900 }
   end
 }.freeze
 
@@ -92,7 +100,8 @@ spec.fetch("handlers").each do |name, o|
                                          max_backoff: o["max_backoff"] || 300.0)
   end
   body = BODIES.fetch(name)
-  worker.step(name, **opts) { |input, ctx| body.call(input, ctx) }
+  kind = o.fetch("kind", "step") # step, decision, api
+  worker.public_send(kind, name, **opts) { |input, ctx| body.call(input, ctx) }
 end
 worker.start
 $stdout.puts "ready"

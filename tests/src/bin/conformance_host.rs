@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use serde_json::{json, Value};
 use switchyard::bridge::{HandlerSpec, JobKind};
-use switchyard::{ChildSpec, Context, StepError, StepResult, Worker};
+use switchyard::{ApiError, ChildSpec, Context, Decision, StepError, StepResult, Worker};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -147,6 +147,49 @@ async fn body(name: &str, input: Value, ctx: Context, log: Log) -> StepResult {
     }
 }
 
+/// The decision handlers (`"kind": "decision"` in the scenario file).
+async fn decision(name: &str, _input: Value, _ctx: Context) -> StepResult<Decision> {
+    match name {
+        // Rust's types rule out returning something else than a Decision: the
+        // nearest a Rust handler gets is a decision document built as JSON
+        // that is not one.
+        "conf_wrong_return" => Decision::from_json(json!(42)).map_err(|e| {
+            StepError::permanent(format!("the Rust decision handler `{name}`: {e}"))
+        }),
+        other => Err(StepError::permanent(format!(
+            "the Rust conformance host has no decision handler `{other}`"
+        ))),
+    }
+}
+
+/// The API-shaped handlers (`"kind": "api"`).
+async fn api(name: &str, _input: Value, ctx: Context) -> Result<Value, ApiError> {
+    match name {
+        "conf_api_429" => {
+            let now = || {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+            };
+            let t0: f64 = ctx
+                .checkpoint("t0", || async move { Ok(now()) })
+                .await
+                .map_err(ApiError::Step)?;
+            if ctx.attempt() == 1 {
+                return Err(ApiError::Http {
+                    status: 429,
+                    retry_after: Some(Duration::from_secs(1)),
+                    message: "slow down".into(),
+                });
+            }
+            Ok(json!({ "attempt": ctx.attempt(), "waited": now() - t0 >= 900.0 }))
+        }
+        other => Err(ApiError::Step(StepError::permanent(format!(
+            "the Rust conformance host has no API handler `{other}`"
+        )))),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -169,14 +212,25 @@ async fn main() -> anyhow::Result<()> {
             max_backoff: o["max_backoff"].as_f64(),
             ..HandlerSpec::default()
         };
+        let kind = JobKind::from_name(o["kind"].as_str().unwrap_or("step")).map_err(anyhow::Error::msg)?;
         let opts = spec
-            .build(name, JobKind::Step, 16, |f| f.to_string())
+            .build(name, kind, 16, |f| f.to_string())
             .map_err(anyhow::Error::msg)?;
         let (name2, log) = (name.clone(), log.clone());
-        b = b.step(name.clone(), opts, move |input, ctx| {
-            let (name, log) = (name2.clone(), log.clone());
-            async move { body(&name, input, ctx, log).await }
-        });
+        b = match kind {
+            JobKind::Decision => b.decision(name.clone(), opts, move |input, ctx| {
+                let name = name2.clone();
+                async move { decision(&name, input, ctx).await }
+            }),
+            JobKind::Api => b.api(name.clone(), opts, move |input, ctx| {
+                let name = name2.clone();
+                async move { api(&name, input, ctx).await }
+            }),
+            _ => b.step(name.clone(), opts, move |input, ctx| {
+                let (name, log) = (name2.clone(), log.clone());
+                async move { body(&name, input, ctx, log).await }
+            }),
+        };
     }
     let host = b.build()?.start().await?;
     println!("ready");
