@@ -79,12 +79,14 @@ fn host_command(lang: &str, scratch: &Path, file: &Value) -> anyhow::Result<Comm
             let mut text = String::new();
             for (name, o) in file["handlers"].as_object().context("handlers")? {
                 text += &format!(
-                    "{name} {} {} {} {} {}\n",
+                    "{name} {} {} {} {} {} {} {}\n",
                     ms(&o["timeout"]),
                     o["max_attempts"].as_u64().unwrap_or(0),
                     ms(&o["initial_backoff"]),
                     ms(&o["max_backoff"]),
-                    o["kind"].as_str().unwrap_or("step")
+                    o["kind"].as_str().unwrap_or("step"),
+                    o["max_batch"].as_u64().unwrap_or(0),
+                    ms(&o["linger"])
                 );
             }
             std::fs::write(&list, text)?;

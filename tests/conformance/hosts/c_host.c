@@ -3,8 +3,8 @@
  *   c_host --store sqlite:PATH --handlers FILE --log PATH
  *
  * FILE has one line per handler of scenarios.json, written by the driver:
- *   name timeout_ms max_attempts initial_backoff_ms max_backoff_ms kind
- * (0 = the default; kind is step, decision or api). Registers them, prints `ready` once started, and runs
+ *   name timeout_ms max_attempts initial_backoff_ms max_backoff_ms kind max_batch linger_ms
+ * (0 = the default; kind is step, decision, api or batch). Registers them, prints `ready` once started, and runs
  * until SIGTERM. Handlers append `<task_id> <label>` lines to the log where
  * a scenario counts how often something ran. */
 #include <signal.h>
@@ -305,6 +305,22 @@ static int32_t conf_api_429(const char *input, size_t len, sy_ctx *ctx, void *ud
     return output(ctx, buf);
 }
 
+static int32_t conf_batch(const sy_item *items, size_t count, void *ud) {
+    (void)ud;
+    for (size_t i = 0; i < count; i++) {
+        long n = num(items[i].input, "n");
+        char buf[64];
+        if (n < 0) {
+            snprintf(buf, sizeof buf, "negative: %ld", n);
+            sy_ctx_fail(items[i].ctx, SY_ERROR_PERMANENT, buf, -1, NULL);
+        } else {
+            snprintf(buf, sizeof buf, "{\"double\":%ld}", n * 2);
+            sy_ctx_set_output(items[i].ctx, buf, strlen(buf), NULL);
+        }
+    }
+    return SY_OK;
+}
+
 static const struct {
     const char *name;
     sy_step_fn fn;
@@ -356,9 +372,24 @@ int main(int argc, char **argv) {
     FILE *f = fopen(handlers, "r");
     if (!f) die("reading the handlers file", NULL);
     char name[128], kind[16];
-    unsigned long long timeout_ms, attempts, initial_ms, max_ms;
-    while (fscanf(f, "%127s %llu %llu %llu %llu %15s", name, &timeout_ms, &attempts, &initial_ms, &max_ms, kind) ==
-           6) {
+    unsigned long long timeout_ms, attempts, initial_ms, max_ms, max_batch, linger_ms;
+    while (fscanf(f, "%127s %llu %llu %llu %llu %15s %llu %llu", name, &timeout_ms, &attempts, &initial_ms, &max_ms,
+                  kind, &max_batch, &linger_ms) == 8) {
+        sy_handler_options o = sy_handler_options_default();
+        o.timeout_ms = timeout_ms;
+        o.max_attempts = (uint32_t)attempts;
+        o.initial_backoff_ms = initial_ms;
+        o.max_backoff_ms = max_ms;
+        o.max_batch = (size_t)max_batch;
+        o.linger_ms = linger_ms;
+        if (!strcmp(kind, "batch")) {
+            if (strcmp(name, "conf_batch")) {
+                fprintf(stderr, "c_host: no batch handler `%s`\n", name);
+                return 1;
+            }
+            if (sy_worker_batch(worker, name, &o, conf_batch, NULL, &err) != SY_OK) die(name, err);
+            continue;
+        }
         sy_step_fn fn = NULL;
         for (size_t i = 0; i < sizeof bodies / sizeof bodies[0]; i++)
             if (!strcmp(bodies[i].name, name)) fn = bodies[i].fn;
@@ -366,11 +397,6 @@ int main(int argc, char **argv) {
             fprintf(stderr, "c_host: no handler `%s`\n", name);
             return 1;
         }
-        sy_handler_options o = sy_handler_options_default();
-        o.timeout_ms = timeout_ms;
-        o.max_attempts = (uint32_t)attempts;
-        o.initial_backoff_ms = initial_ms;
-        o.max_backoff_ms = max_ms;
         sy_status st;
         if (!strcmp(kind, "decision")) st = sy_worker_decision(worker, name, &o, fn, NULL, &err);
         else if (!strcmp(kind, "api")) st = sy_worker_api(worker, name, &o, fn, NULL, &err);

@@ -86,6 +86,8 @@ const bodies = {
     return "unreachable";
   },
   conf_wrong_return: async () => 42,
+  conf_batch: async (items) =>
+    items.map(({ input }) => (input.n < 0 ? new PermanentError(`negative: ${input.n}`) : { double: input.n * 2 })),
   conf_api_429: async (input, ctx) => {
     const t0 = await ctx.checkpoint("t0", () => Date.now());
     if (ctx.attempt === 1) throw new HttpError(429, "slow down", { retryAfter: 1 });
@@ -100,7 +102,9 @@ for (const [name, o] of Object.entries(spec.handlers)) {
   if (o.max_attempts !== undefined) {
     options.retry = { maxAttempts: o.max_attempts, initialBackoff: o.initial_backoff, maxBackoff: o.max_backoff };
   }
-  worker[o.kind ?? "step"](name, bodies[name], options); // step, decision, api
+  if (o.max_batch !== undefined) options.maxBatch = o.max_batch;
+  if (o.linger !== undefined) options.linger = o.linger;
+  worker[o.kind ?? "step"](name, bodies[name], options); // step, decision, api, batch
 }
 await worker.start();
 console.log("ready");

@@ -41,6 +41,13 @@ def summary(outcomes):
     }
 
 
+def batch_item(input):
+    """conf_batch's outcome for one item: a value, or an exception for it alone."""
+    if input["n"] < 0:
+        return switchyard.PermanentError(f"negative: {input['n']}")
+    return {"double": input["n"] * 2}
+
+
 def sync_bodies():
     def conf_value(input, ctx):
         return {"echo": input}
@@ -113,6 +120,9 @@ def sync_bodies():
 
     def conf_wrong_return(input, ctx):
         return 42
+
+    def conf_batch(items):
+        return [batch_item(i.input) for i in items]
 
     def conf_api_429(input, ctx):
         t0 = ctx.checkpoint("t0", lambda: time.time() * 1000)
@@ -200,6 +210,9 @@ def async_bodies():
     async def conf_wrong_return(input, ctx):
         return 42
 
+    async def conf_batch(items):
+        return [batch_item(i.input) for i in items]
+
     async def conf_api_429(input, ctx):
         t0 = await ctx.checkpoint("t0", lambda: time.time() * 1000)
         if ctx.attempt == 1:
@@ -219,7 +232,10 @@ for name, opts in spec["handlers"].items():
             initial_backoff=opts.get("initial_backoff", 1.0),
             max_backoff=opts.get("max_backoff", 300.0),
         )
-    register = getattr(worker, opts.get("kind", "step"))  # step, decision, api
-    register(name, timeout=opts.get("timeout"), retry=retry)(bodies[name])
+    kind = opts.get("kind", "step")  # step, decision, api, batch
+    extra = {}
+    if kind == "batch":
+        extra = {k: opts[k] for k in ("max_batch", "linger") if k in opts}
+    getattr(worker, kind)(name, timeout=opts.get("timeout"), retry=retry, **extra)(bodies[name])
 print("ready", flush=True)
 worker.run()

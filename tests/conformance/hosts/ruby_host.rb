@@ -81,6 +81,12 @@ BODIES = {
     "unreachable"
   end,
   "conf_wrong_return" => ->(_input, _ctx) { 42 },
+  "conf_batch" => lambda do |items|
+    items.map do |item|
+      n = item.input["n"]
+      n.negative? ? Switchyard::PermanentError.new("negative: #{n}") : { "double" => n * 2 }
+    end
+  end,
   "conf_api_429" => lambda do |_input, ctx|
     now = -> { Time.now.to_f * 1000 }
     t0 = ctx.checkpoint("t0") { now.call }
@@ -100,8 +106,14 @@ spec.fetch("handlers").each do |name, o|
                                          max_backoff: o["max_backoff"] || 300.0)
   end
   body = BODIES.fetch(name)
-  kind = o.fetch("kind", "step") # step, decision, api
-  worker.public_send(kind, name, **opts) { |input, ctx| body.call(input, ctx) }
+  kind = o.fetch("kind", "step") # step, decision, api, batch
+  if kind == "batch"
+    opts[:max_batch] = o["max_batch"] if o.key?("max_batch")
+    opts[:linger] = o["linger"] if o.key?("linger")
+    worker.batch(name, **opts) { |items| body.call(items) }
+  else
+    worker.public_send(kind, name, **opts) { |input, ctx| body.call(input, ctx) }
+  end
 end
 worker.start
 $stdout.puts "ready"

@@ -18,7 +18,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use serde_json::{json, Value};
 use switchyard::bridge::{HandlerSpec, JobKind};
-use switchyard::{ApiError, ChildSpec, Context, Decision, StepError, StepResult, Worker};
+use switchyard::{ApiError, BatchItem, ChildSpec, Context, Decision, StepError, StepResult, Worker};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -190,6 +190,26 @@ async fn api(name: &str, _input: Value, ctx: Context) -> Result<Value, ApiError>
     }
 }
 
+/// The batch handlers (`"kind": "batch"`): one outcome per item.
+async fn batch(name: &str, items: Vec<BatchItem>) -> Vec<StepResult> {
+    items
+        .into_iter()
+        .map(|item| match name {
+            "conf_batch" => {
+                let n = item.input["n"].as_i64().unwrap_or(0);
+                if n < 0 {
+                    Err(StepError::permanent(format!("negative: {n}")))
+                } else {
+                    Ok(json!({ "double": n * 2 }))
+                }
+            }
+            other => Err(StepError::permanent(format!(
+                "the Rust conformance host has no batch handler `{other}`"
+            ))),
+        })
+        .collect()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -210,6 +230,8 @@ async fn main() -> anyhow::Result<()> {
             max_attempts: o["max_attempts"].as_u64().map(|m| m as u32),
             initial_backoff: o["initial_backoff"].as_f64(),
             max_backoff: o["max_backoff"].as_f64(),
+            max_batch: o["max_batch"].as_u64().map(|m| m as usize),
+            linger: o["linger"].as_f64(),
             ..HandlerSpec::default()
         };
         let kind = JobKind::from_name(o["kind"].as_str().unwrap_or("step")).map_err(anyhow::Error::msg)?;
@@ -221,6 +243,10 @@ async fn main() -> anyhow::Result<()> {
             JobKind::Decision => b.decision(name.clone(), opts, move |input, ctx| {
                 let name = name2.clone();
                 async move { decision(&name, input, ctx).await }
+            }),
+            JobKind::Batch => b.batch(name.clone(), opts, move |items| {
+                let name = name2.clone();
+                async move { batch(&name, items).await }
             }),
             JobKind::Api => b.api(name.clone(), opts, move |input, ctx| {
                 let name = name2.clone();
