@@ -276,6 +276,7 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
         }
     }
     let mut wrong = Vec::new();
+    let mut eventually = Vec::new();
     for ((name, id), s) in started.iter().zip(scenarios) {
         if let Some(cancel) = cancels.remove(id) {
             match cancel.await {
@@ -307,6 +308,29 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
         let expect = s["expect"].as_object().context("expect")?;
         for w in observe(&detail, &logged, expect) {
             wrong.push(format!("{lang}: {name}: {w}"));
+        }
+        if let Some(want) = s["expect"].get("log_eventually") {
+            eventually.push((name, detail, want));
+        }
+    }
+    // `log_eventually`: log lines a handler may write after its task was
+    // recorded finished (e.g. once it noticed the cancellation), given up
+    // to 5 s more.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    for (name, detail, want) in eventually {
+        let mut expect = serde_json::Map::new();
+        expect.insert("log".into(), want.clone());
+        loop {
+            let logged = std::fs::read_to_string(&log)?;
+            let w = observe(&detail, &logged, &expect);
+            if w.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                wrong.extend(w.into_iter().map(|w| format!("{lang}: {name}: eventually: {w}")));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -195,11 +195,15 @@ def async_bodies():
         # A cancelled task cancels this asyncio task: the sleep raises
         # CancelledError (is_cancelled is checked too, for completeness).
         note(ctx, "started")
-        for _ in range(500):
-            if ctx.is_cancelled():
-                note(ctx, "saw cancel")
-                raise switchyard.Cancelled("cancelled")
-            await asyncio.sleep(0.02)
+        try:
+            for _ in range(500):
+                if ctx.is_cancelled():
+                    note(ctx, "saw cancel")
+                    raise switchyard.Cancelled("cancelled")
+                await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            note(ctx, "saw cancel")
+            raise
         return "never cancelled"
 
     async def conf_cancel_suspended(input, ctx):

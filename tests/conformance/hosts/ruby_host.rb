@@ -65,13 +65,20 @@ BODIES = {
     }
   end,
   "conf_cancel_running" => lambda do |_input, ctx|
+    # A cancelled task raises Switchyard::Cancelled into this thread (push
+    # cancellation); cancelled? is checked too, for completeness.
     note(ctx, "started")
-    500.times do
-      if ctx.cancelled?
-        note(ctx, "saw cancel")
-        raise Switchyard::Cancelled, "cancelled"
+    begin
+      500.times do
+        if ctx.cancelled?
+          note(ctx, "saw cancel")
+          raise Switchyard::Cancelled, "cancelled"
+        end
+        Kernel.sleep(0.02)
       end
-      Kernel.sleep(0.02)
+    rescue Switchyard::Cancelled
+      note(ctx, "saw cancel")
+      raise
     end
     "never cancelled"
   end,
