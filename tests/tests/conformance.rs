@@ -191,7 +191,10 @@ async fn cancel_when(client: &Client, log: &Path, id: TaskId, c: &Value) -> anyh
         let in_state = match step_state {
             Some(want) => {
                 let detail = client.inspect(id).await?;
-                let got = detail.steps.first().map(|s| format!("{:?}", s.state).to_lowercase());
+                let got = detail
+                    .steps
+                    .first()
+                    .map(|s| format!("{:?}", s.state).to_lowercase());
                 got.as_deref() == Some(want)
             }
             None => true,
@@ -266,7 +269,10 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
     for (s, (_, id)) in scenarios.iter().zip(&started) {
         if let Some(c) = s.get("cancel").filter(|c| c.is_object()) {
             let (client, log, id, c) = (client.clone(), log.clone(), *id, c.clone());
-            cancels.insert(id, tokio::spawn(async move { cancel_when(&client, &log, id, &c).await }));
+            cancels.insert(
+                id,
+                tokio::spawn(async move { cancel_when(&client, &log, id, &c).await }),
+            );
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -327,7 +333,10 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
-                wrong.extend(w.into_iter().map(|w| format!("{lang}: {name}: eventually: {w}")));
+                wrong.extend(
+                    w.into_iter()
+                        .map(|w| format!("{lang}: {name}: eventually: {w}")),
+                );
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

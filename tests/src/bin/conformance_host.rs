@@ -18,7 +18,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use serde_json::{json, Value};
 use switchyard::bridge::{HandlerSpec, JobKind};
-use switchyard::{ApiError, BatchItem, ChildSpec, Context, Decision, StepError, StepResult, Worker};
+use switchyard::{
+    ApiError, BatchItem, ChildSpec, Context, Decision, StepError, StepResult, Worker,
+};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -153,9 +155,8 @@ async fn decision(name: &str, _input: Value, _ctx: Context) -> StepResult<Decisi
         // Rust's types rule out returning something else than a Decision: the
         // nearest a Rust handler gets is a decision document built as JSON
         // that is not one.
-        "conf_wrong_return" => Decision::from_json(json!(42)).map_err(|e| {
-            StepError::permanent(format!("the Rust decision handler `{name}`: {e}"))
-        }),
+        "conf_wrong_return" => Decision::from_json(json!(42))
+            .map_err(|e| StepError::permanent(format!("the Rust decision handler `{name}`: {e}"))),
         other => Err(StepError::permanent(format!(
             "the Rust conformance host has no decision handler `{other}`"
         ))),
@@ -234,7 +235,8 @@ async fn main() -> anyhow::Result<()> {
             linger: o["linger"].as_f64(),
             ..HandlerSpec::default()
         };
-        let kind = JobKind::from_name(o["kind"].as_str().unwrap_or("step")).map_err(anyhow::Error::msg)?;
+        let kind =
+            JobKind::from_name(o["kind"].as_str().unwrap_or("step")).map_err(anyhow::Error::msg)?;
         let opts = spec
             .build(name, kind, 16, |f| f.to_string())
             .map_err(anyhow::Error::msg)?;
