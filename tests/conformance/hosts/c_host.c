@@ -190,6 +190,14 @@ static int32_t conf_timeout(const char *input, size_t len, sy_ctx *ctx, void *ud
     return output(ctx, "\"too late\"");
 }
 
+static int32_t conf_unrenderable(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    /* C's nearest: an error message that is not UTF-8. */
+    static const char bad[] = "bad \xff\xfe bytes";
+    sy_ctx_set_output(ctx, bad, sizeof bad - 1, NULL);
+    return 12345;
+}
+
 static int32_t conf_invalid(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     (void)input, (void)len, (void)ud;
     sy_ctx_fail(ctx, SY_INVALID_ARGUMENT, "missing field `amount`", -1, NULL);
@@ -335,6 +343,7 @@ static const struct {
     {"conf_await_timeout", conf_await_timeout},
     {"conf_suspensions", conf_suspensions},
     {"conf_timeout", conf_timeout},
+    {"conf_unrenderable", conf_unrenderable},
     {"conf_invalid", conf_invalid},
     {"conf_delegate_fails", conf_delegate_fails},
     {"conf_delegate_parallel_fails", conf_delegate_parallel_fails},

@@ -54,6 +54,19 @@ const bodies = {
     await sleep(5000);
     return "too late";
   },
+  conf_unrenderable: async () => {
+    // An Error whose message and string form throw when read.
+    const e = new Error("x");
+    Object.defineProperty(e, "message", {
+      get() {
+        throw new Error("no message for you");
+      },
+    });
+    e.toString = () => {
+      throw new Error("no string either");
+    };
+    throw e;
+  },
   conf_invalid: async () => {
     throw new InvalidInput("missing field `amount`");
   },

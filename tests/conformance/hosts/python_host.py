@@ -48,6 +48,16 @@ def batch_item(input):
     return {"double": input["n"] * 2}
 
 
+class Unrenderable(Exception):
+    """An exception whose message cannot be rendered."""
+
+    def __str__(self):
+        raise ValueError("no message for you")
+
+    def __repr__(self):
+        raise ValueError("no repr either")
+
+
 def sync_bodies():
     def conf_value(input, ctx):
         return {"echo": input}
@@ -93,6 +103,9 @@ def sync_bodies():
     def conf_timeout(input, ctx):
         time.sleep(5)
         return "too late"
+
+    def conf_unrenderable(input, ctx):
+        raise Unrenderable()
 
     def conf_invalid(input, ctx):
         raise switchyard.InvalidInput("missing field `amount`")
@@ -180,6 +193,9 @@ def async_bodies():
     async def conf_timeout(input, ctx):
         await asyncio.sleep(5)
         return "too late"
+
+    async def conf_unrenderable(input, ctx):
+        raise Unrenderable()
 
     async def conf_invalid(input, ctx):
         raise switchyard.InvalidInput("missing field `amount`")

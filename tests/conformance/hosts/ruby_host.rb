@@ -18,6 +18,13 @@ def note(ctx, label)
   LOG_LOCK.synchronize { File.open(LOG, "a") { |f| f.puts("#{ctx.task_id} #{label}") } }
 end
 
+# An exception whose message cannot be rendered.
+class Unrenderable < StandardError
+  def message = raise(ArgumentError, "no message for you")
+  def to_s = raise(ArgumentError, "no string either")
+  def inspect = raise(ArgumentError, "no inspect either")
+end
+
 BODIES = {
   "conf_value" => ->(input, _ctx) { { "echo" => input } },
   "conf_permanent" => ->(_input, _ctx) { raise Switchyard::PermanentError, "nope" },
@@ -54,6 +61,7 @@ BODIES = {
     Kernel.sleep(5)
     "too late"
   end,
+  "conf_unrenderable" => ->(_input, _ctx) { raise Unrenderable },
   "conf_invalid" => ->(_input, _ctx) { raise Switchyard::InvalidInput, "missing field `amount`" },
   "conf_delegate_fails" => ->(_input, ctx) { { "child" => ctx.delegate("conf_permanent", {}) } },
   "conf_delegate_parallel_fails" => lambda do |_input, ctx|

@@ -104,6 +104,8 @@ async fn body(name: &str, input: Value, ctx: Context, log: Log) -> StepResult {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok(json!("too late"))
         }
+        // A panic whose payload is neither a &str nor a String.
+        "conf_unrenderable" => std::panic::panic_any(42_u8),
         "conf_invalid" => Err(StepError::invalid_input("missing field `amount`")),
         "conf_delegate_fails" => {
             let got = ctx.delegate("conf_permanent", json!({})).await?;
