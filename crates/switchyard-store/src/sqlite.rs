@@ -50,7 +50,7 @@
 //!   size. A restart, unlike a truncation, leaves the file allocated, so
 //!   the writer does not grow it again from zero each time: most pages
 //!   were already copied back by the checkpoint thread, and the restart
-//!   costs about a millisecond (a truncation cost 30–40 ms and 7% of the
+//!   costs about a millisecond (a truncation cost 30–40 ms and 10% of the
 //!   100,000-step bench's throughput).
 //!
 //! # Schema
