@@ -167,25 +167,52 @@ class TestProcess < Minitest::Test
     refute_match(/host started/, err, "info records are filtered out by default")
   end
 
-  def test_a_forked_child_refuses_the_parents_runtime
-    client.spawn("x") # the runtime exists in this process now
-    rd, wr = IO.pipe
+  # A forked child creates its own client and worker (the core starts a
+  # runtime for it; the parent's is left alone), starts a worker made
+  # before fork, works on the same file and exits normally; a client made
+  # in the parent fails clearly there.
+  FORK = <<~RUBY
+    require "switchyard"
+    $stdout.sync = true
+    store = ARGV[0]
+    parent = Switchyard::Client.new(store: store)
+    parent.spawn("x", { "from" => "parent" })
+    early = Switchyard::Worker.new(store: store, threads: 1, shutdown_grace: 1) # made before fork, started after
+    early.step("triple") { |i, _ctx| i * 3 }
     pid = fork do
-      rd.close
       begin
-        Switchyard::Client.new(store: @store)
-        wr.puts "no error"
+        parent.list
+        puts "parent client in child: no error"
       rescue Switchyard::Error => e
-        wr.puts e.message
+        puts "parent client in child: \#{e.message}"
       end
-      wr.close
-      exit!(0)
+      c = Switchyard::Client.new(store: store)
+      puts "child task: \#{c.spawn("x", { "from" => "child" })}"
+      w = Switchyard::Worker.new(store: store, threads: 2, shutdown_grace: 1)
+      w.step("double") { |i, _ctx| i * 2 }
+      w.start
+      puts "child result: \#{c.result(c.spawn("double", 21), timeout: 20)}"
+      early.start
+      puts "early worker in child: \#{c.result(c.spawn("triple", 5), timeout: 20)}"
+      early.stop
+      w.stop
+      exit 0
     end
-    wr.close
-    msg = Timeout.timeout(WAIT) { rd.read }
-    Process.wait(pid)
-    assert_match(/cannot be used in a forked child/, msg)
-    # The parent is unaffected.
-    assert_equal 1, client.list.size
+    _, status = Process.wait2(pid)
+    puts "child exit: \#{status.exitstatus.inspect}"
+    puts "parent after fork: \#{parent.list.size}"
+  RUBY
+
+  def test_a_forked_child_creates_its_own_client_and_worker
+    out, err, status = Open3.capture3(gem_env, "timeout", "-k", "5", "60", RbConfig.ruby, ruby_script(FORK), @store)
+    assert status.success?, "exit #{status.exitstatus}; stdout: #{out}; stderr: #{err}"
+    assert_match(/^child exit: 0$/, out, err)
+    assert_match(/^parent client in child: this switchyard object was created in process \d+ and cannot be used in a forked child/, out)
+    assert_match(/^child result: 42$/, out)
+    assert_match(/^early worker in child: 15$/, out)
+    assert_match(/^parent after fork: 4$/, out)
+    child_task = out[/^child task: (\S+)$/, 1]
+    refute_nil child_task, out
+    assert_equal({ "from" => "child" }, client.get(child_task)["input"])
   end
 end

@@ -1,5 +1,6 @@
 //! `Switchyard::Native::Client`: spawn, emit, wait, cancel, retry, inspect.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use magnus::{function, method, prelude::*, Error, RArray, RModule, Ruby, Value};
@@ -14,15 +15,69 @@ fn parse_id(ruby: &Ruby, id: &str) -> Result<TaskId, Error> {
     id.parse().map_err(|e| core_err(ruby, e))
 }
 
+/// Opens `url`, shared in the process with the other clients and workers
+/// on the same URL. In a forked child, stores are shared among the child's
+/// own objects only: the process-wide registries may still hold stores of
+/// the parent, whose writer threads do not exist here.
 pub(crate) fn open_store(ruby: &Ruby, url: &str) -> Result<switchyard_core::DynStore, Error> {
-    // Fails in a forked child before a store of the parent is handed out.
     crate::runtime(ruby)?;
-    let url = url.to_string();
-    block_core(
-        ruby,
-        async move { switchyard_store::open_shared(&url).await },
-    )
+    let url = url.trim().to_string();
+    if !crate::forked() {
+        return block_core(
+            ruby,
+            async move { switchyard_store::open_shared(&url).await },
+        );
+    }
+    let pid = std::process::id();
+    let shared = |stores: &mut Vec<ChildStore>| {
+        stores.retain(|s| s.pid == pid && s.store.strong_count() > 0);
+        stores
+            .iter()
+            .find(|s| s.url == url)
+            .and_then(|s| s.store.upgrade())
+    };
+    if let Some(s) = shared(&mut CHILD_STORES.lock()) {
+        return Ok(s);
+    }
+    let u = url.clone();
+    let store = block_core(ruby, async move {
+        match u
+            .strip_prefix("sqlite://")
+            .or_else(|| u.strip_prefix("sqlite:"))
+        {
+            // A writer of this process's own, as another process has.
+            Some(path) if !path.is_empty() => {
+                let s = switchyard_store::sqlite::SqliteStore::open_unshared(
+                    path,
+                    switchyard_store::StoreOptions::default(),
+                )
+                .await?;
+                Ok(s as switchyard_core::DynStore)
+            }
+            _ => switchyard_store::open(&u).await,
+        }
+    })?;
+    let mut stores = CHILD_STORES.lock();
+    // Another thread may have opened the same URL meanwhile: keep the first.
+    if let Some(s) = shared(&mut stores) {
+        return Ok(s);
+    }
+    stores.push(ChildStore {
+        pid,
+        url,
+        store: Arc::downgrade(&store),
+    });
+    Ok(store)
 }
+
+/// A store opened in a forked child (see [`open_store`]).
+struct ChildStore {
+    pid: u32,
+    url: String,
+    store: std::sync::Weak<dyn switchyard_core::Store>,
+}
+
+static CHILD_STORES: parking_lot::Mutex<Vec<ChildStore>> = parking_lot::Mutex::new(Vec::new());
 
 fn invalid(ruby: &Ruby, msg: String) -> Error {
     crate::errors::error(ruby, "InvalidInput", msg)
@@ -215,6 +270,18 @@ fn timeout(ruby: &Ruby, t: f64) -> Result<Duration, Error> {
 #[magnus::wrap(class = "Switchyard::Native::Client", free_immediately, size)]
 pub struct RbClient {
     client: Client,
+    /// The process that created it (see [`crate::check_owner`]).
+    pid: u32,
+}
+
+impl Drop for RbClient {
+    fn drop(&mut self) {
+        if self.pid != std::process::id() {
+            // Freed in a forked child: the store's threads are the parent's
+            // and dropping it would wait for them forever. Leak it.
+            std::mem::forget(self.client.clone());
+        }
+    }
 }
 
 impl RbClient {
@@ -225,8 +292,17 @@ impl RbClient {
             if let Some(n) = max_payload {
                 client = client.with_max_payload(n);
             }
-            Ok(Self { client })
+            Ok(Self {
+                client,
+                pid: std::process::id(),
+            })
         })
+    }
+
+    /// The client, refused in a process forked from the one that made it.
+    fn client(&self, ruby: &Ruby) -> Result<Client, Error> {
+        crate::check_owner(ruby, self.pid)?;
+        Ok(self.client.clone())
     }
 
     fn store_url(&self) -> String {
@@ -243,7 +319,7 @@ impl RbClient {
     ) -> Result<(String, bool), Error> {
         guard(ruby, || {
             let t = task_with_input(ruby, opts, input, "task", "input")?;
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             let s = block_core(ruby, async move { c.spawn_task(t).await })?;
             Ok((s.task_id.to_string(), s.created))
         })
@@ -259,7 +335,7 @@ impl RbClient {
                 let t: Value = tasks.entry(i as isize)?;
                 v.push(task_from_hash(ruby, t, i)?);
             }
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             let out = block_core(ruby, async move { c.spawn_many(v).await })?;
             Ok(out.into_iter().map(|s| s.task_id.to_string()).collect())
         })
@@ -268,7 +344,7 @@ impl RbClient {
     fn emit(ruby: &Ruby, rb_self: &Self, name: String, payload: Value) -> Result<bool, Error> {
         guard(ruby, || {
             let p = to_json(ruby, payload, "event payload")?;
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             block_core(ruby, async move { c.emit(&name, p).await })
         })
     }
@@ -276,7 +352,7 @@ impl RbClient {
     fn get(ruby: &Ruby, rb_self: &Self, id: String) -> Result<Value, Error> {
         guard(ruby, || {
             let id = parse_id(ruby, &id)?;
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             let t = block_core(ruby, async move { c.get(id).await })?;
             record_to_ruby(ruby, &t)
         })
@@ -285,7 +361,7 @@ impl RbClient {
     fn inspect_task(ruby: &Ruby, rb_self: &Self, id: String) -> Result<Value, Error> {
         guard(ruby, || {
             let id = parse_id(ruby, &id)?;
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             let t = block_core(ruby, async move { c.inspect(id).await })?;
             record_to_ruby(ruby, &t)
         })
@@ -308,7 +384,7 @@ impl RbClient {
                 handler,
                 limit,
             };
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             let v = block_core(ruby, async move { c.list(&f).await })?;
             record_to_ruby(ruby, &v)
         })
@@ -318,7 +394,7 @@ impl RbClient {
         guard(ruby, || {
             let id = parse_id(ruby, &id)?;
             let d = timeout(ruby, t)?;
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             let v = block_core(ruby, async move { c.wait(id, d).await })?;
             record_to_ruby(ruby, &v)
         })
@@ -328,7 +404,7 @@ impl RbClient {
         guard(ruby, || {
             let id = parse_id(ruby, &id)?;
             let d = timeout(ruby, t)?;
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             let v = block_core(ruby, async move { c.result(id, d).await })?;
             to_ruby(ruby, &v)
         })
@@ -337,7 +413,7 @@ impl RbClient {
     fn cancel(ruby: &Ruby, rb_self: &Self, id: String, cascade: bool) -> Result<bool, Error> {
         guard(ruby, || {
             let id = parse_id(ruby, &id)?;
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             block_core(ruby, async move { c.cancel(id, cascade).await })
         })
     }
@@ -345,14 +421,14 @@ impl RbClient {
     fn retry(ruby: &Ruby, rb_self: &Self, id: String) -> Result<(), Error> {
         guard(ruby, || {
             let id = parse_id(ruby, &id)?;
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             block_core(ruby, async move { c.retry(id).await })
         })
     }
 
     fn workers(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
         guard(ruby, || {
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             let v = block_core(ruby, async move { c.workers().await })?;
             record_to_ruby(ruby, &v)
         })
@@ -360,7 +436,7 @@ impl RbClient {
 
     fn events(ruby: &Ruby, rb_self: &Self, limit: usize) -> Result<Value, Error> {
         guard(ruby, || {
-            let c = rb_self.client.clone();
+            let c = rb_self.client(ruby)?;
             let v = block_core(ruby, async move { c.events(limit).await })?;
             record_to_ruby(ruby, &v)
         })
@@ -369,7 +445,7 @@ impl RbClient {
     /// Number of steps per state (for progress and tests).
     fn count_steps(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
         guard(ruby, || {
-            let s = rb_self.client.store().clone();
+            let s = rb_self.client(ruby)?.store().clone();
             let v = block(ruby, async move { s.count_steps().await })?
                 .map_err(|e| core_err(ruby, e))?;
             record_to_ruby(ruby, &v)

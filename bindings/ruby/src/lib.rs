@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use magnus::{function, prelude::*, Error, Ruby};
@@ -23,9 +24,34 @@ mod errors;
 mod worker;
 
 /// The process's tokio runtime (the core's, shared by every binding in the
-/// process); refused with a clear error in a forked child.
+/// process; a forked child gets its own).
 pub(crate) fn runtime(ruby: &Ruby) -> Result<&'static tokio::runtime::Runtime, Error> {
     switchyard_core::bridge::runtime().map_err(|e| errors::error(ruby, "Error", e.to_string()))
+}
+
+/// The process that loaded the extension (see [`forked`]).
+static LOADED_IN: AtomicU32 = AtomicU32::new(0);
+
+/// True in a process forked from the one that loaded the extension: the
+/// stores that process opened (and the core's registries of open stores)
+/// were copied into this one without their threads.
+pub(crate) fn forked() -> bool {
+    LOADED_IN.load(Ordering::Relaxed) != std::process::id()
+}
+
+/// Refuses an object (client, started worker) created in process `owner`
+/// when used in a process forked from it: its store and runtime threads
+/// exist only in `owner`.
+pub(crate) fn check_owner(ruby: &Ruby, owner: u32) -> Result<(), Error> {
+    if owner == std::process::id() {
+        Ok(())
+    } else {
+        Err(errors::error(
+            ruby,
+            "Error",
+            switchyard_core::bridge::ForkedChild { owner }.to_string(),
+        ))
+    }
 }
 
 struct Call<F, R> {
@@ -282,6 +308,7 @@ fn install_logging() {
 
 #[magnus::init(name = "switchyard_native")]
 fn init(ruby: &Ruby) -> Result<(), Error> {
+    LOADED_IN.store(std::process::id(), Ordering::Relaxed);
     install_logging();
     let m = ruby.define_module("Switchyard")?;
     let native = m.define_module("Native")?;

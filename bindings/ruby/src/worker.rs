@@ -5,6 +5,7 @@
 //! queued jobs with the GVL held; idle threads wait without the GVL and are
 //! woken only when needed) and answers each job once, without blocking.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +92,22 @@ pub struct RbWorker {
     inbox: Arc<Inbox>,
     running: Mutex<Option<Arc<RunningWorker>>>,
     cancels: Arc<CancelQueue>,
+    /// The process that started it, 0 before (see [`crate::check_owner`]).
+    /// A worker made but not started before `fork` may start in the child.
+    started_in: AtomicU32,
+}
+
+impl Drop for RbWorker {
+    fn drop(&mut self) {
+        let pid = self.started_in.load(Ordering::Relaxed);
+        if pid != 0 && pid != std::process::id() {
+            // Freed in a forked child: the host's tasks, store and queued
+            // jobs belong to the parent's threads, which do not exist here;
+            // dropping them could wait for those threads forever. Leak them.
+            std::mem::forget(self.running.lock().clone());
+            std::mem::forget(self.inbox.clone());
+        }
+    }
 }
 
 /// One handler thread's handle on the worker's inbox.
@@ -149,6 +166,7 @@ impl RbWorker {
             inbox: Inbox::serial(),
             running: Mutex::new(None),
             cancels: Arc::default(),
+            started_in: AtomicU32::new(0),
         })
     }
 
@@ -196,6 +214,7 @@ impl RbWorker {
     /// Opens the store and starts the host; returns its id.
     fn start(ruby: &Ruby, rb_self: &Self) -> Result<String, Error> {
         guard(ruby, || {
+            rb_self.check_owner(ruby)?;
             if rb_self.running.lock().is_some() {
                 return Err(error(
                     ruby,
@@ -212,8 +231,19 @@ impl RbWorker {
             let running = crate::block_core(ruby, async move { worker.start().await })?;
             let id = running.host_id().to_string();
             *rb_self.running.lock() = Some(Arc::new(running));
+            rb_self
+                .started_in
+                .store(std::process::id(), Ordering::Relaxed);
             Ok(id)
         })
+    }
+
+    /// Refuses a worker started in a process this one was forked from.
+    fn check_owner(&self, ruby: &Ruby) -> Result<(), Error> {
+        match self.started_in.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            pid => crate::check_owner(ruby, pid),
+        }
     }
 
     fn host_id(&self) -> Option<String> {
@@ -262,6 +292,7 @@ impl RbWorker {
         timeout: f64,
     ) -> Result<Option<RArray>, Error> {
         guard(ruby, || {
+            rb_self.check_owner(ruby)?;
             let slice = secs(ruby, "timeout", timeout)?;
             let rt = crate::runtime(ruby)?;
             let jobs = match rb_self.take(ruby, consumer, max, slice)? {
@@ -386,6 +417,7 @@ impl RbWorker {
     /// without the GVL: the handler threads keep serving meanwhile.
     fn stop(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
         guard(ruby, || {
+            rb_self.check_owner(ruby)?;
             let running = rb_self.running.lock().clone();
             if let Some(r) = running {
                 block(ruby, async move { r.stop().await })?;
