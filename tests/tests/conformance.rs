@@ -79,14 +79,15 @@ fn host_command(lang: &str, scratch: &Path, file: &Value) -> anyhow::Result<Comm
             let mut text = String::new();
             for (name, o) in file["handlers"].as_object().context("handlers")? {
                 text += &format!(
-                    "{name} {} {} {} {} {} {} {}\n",
+                    "{name} {} {} {} {} {} {} {} {}\n",
                     ms(&o["timeout"]),
                     o["max_attempts"].as_u64().unwrap_or(0),
                     ms(&o["initial_backoff"]),
                     ms(&o["max_backoff"]),
                     o["kind"].as_str().unwrap_or("step"),
                     o["max_batch"].as_u64().unwrap_or(0),
-                    ms(&o["linger"])
+                    ms(&o["linger"]),
+                    o["concurrency"].as_u64().unwrap_or(0)
                 );
             }
             std::fs::write(&list, text)?;
@@ -215,6 +216,29 @@ async fn cancel_when(client: &Client, log: &Path, id: TaskId, c: &Value) -> anyh
     Ok(())
 }
 
+/// A scenario's `spawn_after`: waits (up to 30 s) until the task of the
+/// earlier scenario named `scenario` logged `log` (a label).
+async fn spawn_after(
+    started: &[(String, TaskId)],
+    log: &Path,
+    after: &Value,
+) -> anyhow::Result<()> {
+    let name = after["scenario"].as_str().context("spawn_after.scenario")?;
+    let (_, id) = started
+        .iter()
+        .find(|(n, _)| n == name)
+        .with_context(|| format!("spawn_after: no earlier scenario `{name}`"))?;
+    let line = format!("{id} {}", after["log"].as_str().context("spawn_after.log")?);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(log)?.lines().any(|l| l == line) {
+        if tokio::time::Instant::now() > deadline {
+            bail!("spawn_after: `{name}` never logged {line:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 /// Runs every scenario against `lang`'s host; one line per mismatch.
 async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
     let scratch = tempfile::tempdir()?;
@@ -258,6 +282,9 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
         let name = s["name"].as_str().context("scenario name")?.to_owned();
         for (event, payload) in s["emit_before"].as_object().into_iter().flatten() {
             client.emit(event, payload.clone()).await?;
+        }
+        if let Some(after) = s.get("spawn_after").filter(|a| a.is_object()) {
+            spawn_after(&started, &log, after).await?;
         }
         let handler = s["handler"].as_str().context("scenario handler")?;
         let id = client.spawn(handler, s["input"].clone()).await?;

@@ -3,7 +3,7 @@
  *   c_host --store sqlite:PATH --handlers FILE --log PATH
  *
  * FILE has one line per handler of scenarios.json, written by the driver:
- *   name timeout_ms max_attempts initial_backoff_ms max_backoff_ms kind max_batch linger_ms
+ *   name timeout_ms max_attempts initial_backoff_ms max_backoff_ms kind max_batch linger_ms concurrency
  * (0 = the default; kind is step, decision, api or batch). Registers them, prints `ready` once started, and runs
  * until SIGTERM. Handlers append `<task_id> <label>` lines to the log where
  * a scenario counts how often something ran. */
@@ -198,6 +198,17 @@ static int32_t conf_unrenderable(const char *input, size_t len, sy_ctx *ctx, voi
     return 12345;
 }
 
+/* Holds its handler's only slot for input.ms milliseconds. */
+static int32_t conf_queued(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    note(ctx, "started");
+    long ms = num(input, "ms");
+    sleep_ms(ms);
+    char buf[64];
+    snprintf(buf, sizeof buf, "{\"slept\":%ld}", ms);
+    return output(ctx, buf);
+}
+
 static int32_t conf_invalid(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     (void)input, (void)len, (void)ud;
     sy_ctx_fail(ctx, SY_INVALID_ARGUMENT, "missing field `amount`", -1, NULL);
@@ -351,6 +362,8 @@ static const struct {
     {"conf_cancel_suspended", conf_cancel_suspended},
     {"conf_wrong_return", conf_wrong_return},
     {"conf_api_429", conf_api_429},
+    {"conf_queued_timeout", conf_queued},
+    {"conf_queued_cancel", conf_queued},
 };
 
 static void die(const char *what, sy_error *err) {
@@ -381,9 +394,9 @@ int main(int argc, char **argv) {
     FILE *f = fopen(handlers, "r");
     if (!f) die("reading the handlers file", NULL);
     char name[128], kind[16];
-    unsigned long long timeout_ms, attempts, initial_ms, max_ms, max_batch, linger_ms;
-    while (fscanf(f, "%127s %llu %llu %llu %llu %15s %llu %llu", name, &timeout_ms, &attempts, &initial_ms, &max_ms,
-                  kind, &max_batch, &linger_ms) == 8) {
+    unsigned long long timeout_ms, attempts, initial_ms, max_ms, max_batch, linger_ms, concurrency;
+    while (fscanf(f, "%127s %llu %llu %llu %llu %15s %llu %llu %llu", name, &timeout_ms, &attempts, &initial_ms,
+                  &max_ms, kind, &max_batch, &linger_ms, &concurrency) == 9) {
         sy_handler_options o = sy_handler_options_default();
         o.timeout_ms = timeout_ms;
         o.max_attempts = (uint32_t)attempts;
@@ -391,6 +404,7 @@ int main(int argc, char **argv) {
         o.max_backoff_ms = max_ms;
         o.max_batch = (size_t)max_batch;
         o.linger_ms = linger_ms;
+        o.concurrency = (size_t)concurrency;
         if (!strcmp(kind, "batch")) {
             if (strcmp(name, "conf_batch")) {
                 fprintf(stderr, "c_host: no batch handler `%s`\n", name);

@@ -67,6 +67,12 @@ const bodies = {
     };
     throw e;
   },
+  // Holds its handler's only slot for input.ms milliseconds.
+  conf_queued_timeout: async (input, ctx) => {
+    note(ctx, "started");
+    await sleep(input.ms);
+    return { slept: input.ms };
+  },
   conf_invalid: async () => {
     throw new InvalidInput("missing field `amount`");
   },
@@ -108,6 +114,8 @@ const bodies = {
   },
 };
 
+bodies.conf_queued_cancel = bodies.conf_queued_timeout;
+
 const worker = new Worker({ store: args.store, concurrency: 16 });
 for (const [name, o] of Object.entries(spec.handlers)) {
   const options = {};
@@ -117,6 +125,7 @@ for (const [name, o] of Object.entries(spec.handlers)) {
   }
   if (o.max_batch !== undefined) options.maxBatch = o.max_batch;
   if (o.linger !== undefined) options.linger = o.linger;
+  if (o.concurrency !== undefined) options.concurrency = o.concurrency;
   worker[o.kind ?? "step"](name, bodies[name], options); // step, decision, api, batch
 }
 await worker.start();

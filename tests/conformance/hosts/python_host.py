@@ -107,6 +107,14 @@ def sync_bodies():
     def conf_unrenderable(input, ctx):
         raise Unrenderable()
 
+    def conf_queued_timeout(input, ctx):
+        # Holds its handler's only slot for input["ms"] milliseconds.
+        note(ctx, "started")
+        time.sleep(input["ms"] / 1000)
+        return {"slept": input["ms"]}
+
+    conf_queued_cancel = conf_queued_timeout
+
     def conf_invalid(input, ctx):
         raise switchyard.InvalidInput("missing field `amount`")
 
@@ -197,6 +205,13 @@ def async_bodies():
     async def conf_unrenderable(input, ctx):
         raise Unrenderable()
 
+    async def conf_queued_timeout(input, ctx):
+        note(ctx, "started")
+        await asyncio.sleep(input["ms"] / 1000)
+        return {"slept": input["ms"]}
+
+    conf_queued_cancel = conf_queued_timeout
+
     async def conf_invalid(input, ctx):
         raise switchyard.InvalidInput("missing field `amount`")
 
@@ -256,6 +271,8 @@ for name, opts in spec["handlers"].items():
     extra = {}
     if kind == "batch":
         extra = {k: opts[k] for k in ("max_batch", "linger") if k in opts}
+    if "concurrency" in opts:
+        extra["concurrency"] = opts["concurrency"]
     getattr(worker, kind)(name, timeout=opts.get("timeout"), retry=retry, **extra)(bodies[name])
 print("ready", flush=True)
 worker.run()

@@ -62,6 +62,13 @@ BODIES = {
     "too late"
   end,
   "conf_unrenderable" => ->(_input, _ctx) { raise Unrenderable },
+  # Holds its handler's only slot for input["ms"] milliseconds.
+  "conf_queued_timeout" => QUEUED = lambda do |input, ctx|
+    note(ctx, "started")
+    Kernel.sleep(input["ms"] / 1000.0)
+    { "slept" => input["ms"] }
+  end,
+  "conf_queued_cancel" => QUEUED,
   "conf_invalid" => ->(_input, _ctx) { raise Switchyard::InvalidInput, "missing field `amount`" },
   "conf_delegate_fails" => ->(_input, ctx) { { "child" => ctx.delegate("conf_permanent", {}) } },
   "conf_delegate_parallel_fails" => lambda do |_input, ctx|
@@ -115,6 +122,7 @@ worker = Switchyard::Worker.new(store: args.fetch("store"), concurrency: 16)
 spec.fetch("handlers").each do |name, o|
   opts = {}
   opts[:timeout] = o["timeout"] if o.key?("timeout")
+  opts[:concurrency] = o["concurrency"] if o.key?("concurrency")
   if o.key?("max_attempts")
     opts[:retry] = Switchyard::Retry.new(max_attempts: o["max_attempts"],
                                          initial_backoff: o["initial_backoff"] || 1.0,

@@ -104,6 +104,13 @@ async fn body(name: &str, input: Value, ctx: Context, log: Log) -> StepResult {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok(json!("too late"))
         }
+        // Holds its handler's only slot for `ms` milliseconds.
+        "conf_queued_timeout" | "conf_queued_cancel" => {
+            note(&log, &ctx, "started");
+            let ms = input["ms"].as_u64().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(json!({ "slept": ms }))
+        }
         // A panic whose payload is neither a &str nor a String.
         "conf_unrenderable" => std::panic::panic_any(42_u8),
         "conf_invalid" => Err(StepError::invalid_input("missing field `amount`")),
@@ -235,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
             max_backoff: o["max_backoff"].as_f64(),
             max_batch: o["max_batch"].as_u64().map(|m| m as usize),
             linger: o["linger"].as_f64(),
+            concurrency: o["concurrency"].as_u64().map(|c| c as usize),
             ..HandlerSpec::default()
         };
         let kind =
