@@ -204,6 +204,7 @@ static int32_t conf_queued(const char *input, size_t len, sy_ctx *ctx, void *ud)
     note(ctx, "started");
     long ms = num(input, "ms");
     sleep_ms(ms);
+    note(ctx, "finished");
     char buf[64];
     snprintf(buf, sizeof buf, "{\"slept\":%ld}", ms);
     return output(ctx, buf);
@@ -340,10 +341,54 @@ static int32_t conf_batch(const sy_item *items, size_t count, void *ud) {
     return SY_OK;
 }
 
+/* C has no exceptions: a status other than SY_OK fails the whole call. C
+ * gives no message for a whole call, so each item gets it as its output. */
+static int32_t conf_batch_fails(const sy_item *items, size_t count, void *ud) {
+    (void)ud;
+    static const char msg[] = "the whole batch failed";
+    for (size_t i = 0; i < count; i++) sy_ctx_set_output(items[i].ctx, msg, sizeof msg - 1, NULL);
+    return SY_ERROR_PERMANENT;
+}
+
+/* Two parts, then their sum, which depends on both. */
+static int32_t conf_plan(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    return output(ctx, "{\"steps\":["
+                       "{\"name\":\"a\",\"handler\":\"conf_plan_part\",\"input\":{\"n\":2}},"
+                       "{\"name\":\"b\",\"handler\":\"conf_plan_part\",\"input\":{\"n\":3}},"
+                       "{\"name\":\"sum\",\"handler\":\"conf_plan_sum\",\"input\":{},\"depends_on\":[\"a\",\"b\"]}"
+                       "],\"final_step\":\"sum\"}");
+}
+
+static int32_t conf_plan_part(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    char buf[32];
+    snprintf(buf, sizeof buf, "%ld", num(input, "n") * 10);
+    return output(ctx, buf);
+}
+
+static int32_t conf_plan_sum(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    sy_buf deps = {0};
+    int32_t st = sy_ctx_dependency_results(ctx, &deps, NULL);
+    if (st != SY_OK) return st;
+    /* {"a":20,"b":30} */
+    const char *json = (const char *)deps.ptr;
+    long a = num(json, "a"), b = num(json, "b");
+    char buf[96];
+    snprintf(buf, sizeof buf, "{\"sum\":%ld,\"from\":[%s%s%s]}", a + b, strstr(json, "\"a\":") ? "\"a\"" : "",
+             strstr(json, "\"a\":") && strstr(json, "\"b\":") ? "," : "", strstr(json, "\"b\":") ? "\"b\"" : "");
+    sy_buf_free(&deps);
+    return output(ctx, buf);
+}
+
 static const struct {
     const char *name;
     sy_step_fn fn;
 } bodies[] = {
+    {"conf_plan", conf_plan},
+    {"conf_plan_part", conf_plan_part},
+    {"conf_plan_sum", conf_plan_sum},
     {"conf_value", conf_value},
     {"conf_permanent", conf_permanent},
     {"conf_flaky", conf_flaky},
@@ -406,11 +451,14 @@ int main(int argc, char **argv) {
         o.linger_ms = linger_ms;
         o.concurrency = (size_t)concurrency;
         if (!strcmp(kind, "batch")) {
-            if (strcmp(name, "conf_batch")) {
+            sy_batch_fn batch = !strcmp(name, "conf_batch") ? conf_batch
+                                : !strcmp(name, "conf_batch_fails") ? conf_batch_fails
+                                                                    : NULL;
+            if (!batch) {
                 fprintf(stderr, "c_host: no batch handler `%s`\n", name);
                 return 1;
             }
-            if (sy_worker_batch(worker, name, &o, conf_batch, NULL, &err) != SY_OK) die(name, err);
+            if (sy_worker_batch(worker, name, &o, batch, NULL, &err) != SY_OK) die(name, err);
             continue;
         }
         sy_step_fn fn = NULL;

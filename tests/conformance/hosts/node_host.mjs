@@ -9,7 +9,7 @@
 // something ran.
 import { appendFileSync, readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
-import { Worker, PermanentError, RetryableError, InvalidInput, CancelledError, HttpError } from "switchyard";
+import { Worker, Decision, step, PermanentError, RetryableError, InvalidInput, CancelledError, HttpError } from "switchyard";
 
 const args = {};
 for (let i = 2; i < process.argv.length; i += 2) args[process.argv[i].replace(/^--/, "")] = process.argv[i + 1];
@@ -71,6 +71,7 @@ const bodies = {
   conf_queued_timeout: async (input, ctx) => {
     note(ctx, "started");
     await sleep(input.ms);
+    note(ctx, "finished");
     return { slept: input.ms };
   },
   conf_invalid: async () => {
@@ -107,6 +108,24 @@ const bodies = {
   conf_wrong_return: async () => 42,
   conf_batch: async (items) =>
     items.map(({ input }) => (input.n < 0 ? new PermanentError(`negative: ${input.n}`) : { double: input.n * 2 })),
+  conf_batch_fails: async () => {
+    throw new PermanentError("the whole batch failed");
+  },
+  // Two parts, then their sum, which depends on both.
+  conf_plan: async () =>
+    Decision.create(
+      [
+        step("a", { handler: "conf_plan_part", input: { n: 2 } }),
+        step("b", { handler: "conf_plan_part", input: { n: 3 } }),
+        step("sum", { handler: "conf_plan_sum", input: {}, dependsOn: ["a", "b"] }),
+      ],
+      "sum",
+    ),
+  conf_plan_part: async (input) => input.n * 10,
+  conf_plan_sum: async (input, ctx) => {
+    const deps = await ctx.dependencyResults();
+    return { sum: Object.values(deps).reduce((a, b) => a + b, 0), from: Object.keys(deps).sort() };
+  },
   conf_api_429: async (input, ctx) => {
     const t0 = await ctx.checkpoint("t0", () => Date.now());
     if (ctx.attempt === 1) throw new HttpError(429, "slow down", { retryAfter: 1 });

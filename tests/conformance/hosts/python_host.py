@@ -48,6 +48,22 @@ def batch_item(input):
     return {"double": input["n"] * 2}
 
 
+def plan():
+    """What conf_plan decides: two parts, then their sum, which depends on both."""
+    return switchyard.Decision.create(
+        [
+            switchyard.step("a", handler="conf_plan_part", input={"n": 2}),
+            switchyard.step("b", handler="conf_plan_part", input={"n": 3}),
+            switchyard.step("sum", handler="conf_plan_sum", input={}, depends_on=["a", "b"]),
+        ],
+        final_step="sum",
+    )
+
+
+def plan_sum(deps):
+    return {"sum": sum(deps.values()), "from": sorted(deps)}
+
+
 class Unrenderable(Exception):
     """An exception whose message cannot be rendered."""
 
@@ -111,6 +127,7 @@ def sync_bodies():
         # Holds its handler's only slot for input["ms"] milliseconds.
         note(ctx, "started")
         time.sleep(input["ms"] / 1000)
+        note(ctx, "finished")
         return {"slept": input["ms"]}
 
     conf_queued_cancel = conf_queued_timeout
@@ -144,6 +161,18 @@ def sync_bodies():
 
     def conf_batch(items):
         return [batch_item(i.input) for i in items]
+
+    def conf_batch_fails(items):
+        raise switchyard.PermanentError("the whole batch failed")
+
+    def conf_plan(input, ctx):
+        return plan()
+
+    def conf_plan_part(input, ctx):
+        return input["n"] * 10
+
+    def conf_plan_sum(input, ctx):
+        return plan_sum(ctx.dependency_results())
 
     def conf_api_429(input, ctx):
         t0 = ctx.checkpoint("t0", lambda: time.time() * 1000)
@@ -208,6 +237,7 @@ def async_bodies():
     async def conf_queued_timeout(input, ctx):
         note(ctx, "started")
         await asyncio.sleep(input["ms"] / 1000)
+        note(ctx, "finished")
         return {"slept": input["ms"]}
 
     conf_queued_cancel = conf_queued_timeout
@@ -247,6 +277,18 @@ def async_bodies():
 
     async def conf_batch(items):
         return [batch_item(i.input) for i in items]
+
+    async def conf_batch_fails(items):
+        raise switchyard.PermanentError("the whole batch failed")
+
+    async def conf_plan(input, ctx):
+        return plan()
+
+    async def conf_plan_part(input, ctx):
+        return input["n"] * 10
+
+    async def conf_plan_sum(input, ctx):
+        return plan_sum(await ctx.dependency_results())
 
     async def conf_api_429(input, ctx):
         t0 = await ctx.checkpoint("t0", lambda: time.time() * 1000)

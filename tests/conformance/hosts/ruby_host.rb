@@ -66,6 +66,7 @@ BODIES = {
   "conf_queued_timeout" => QUEUED = lambda do |input, ctx|
     note(ctx, "started")
     Kernel.sleep(input["ms"] / 1000.0)
+    note(ctx, "finished")
     { "slept" => input["ms"] }
   end,
   "conf_queued_cancel" => QUEUED,
@@ -108,6 +109,23 @@ BODIES = {
       n = item.input["n"]
       n.negative? ? Switchyard::PermanentError.new("negative: #{n}") : { "double" => n * 2 }
     end
+  end,
+  "conf_batch_fails" => ->(_items) { raise Switchyard::PermanentError, "the whole batch failed" },
+  # Two parts, then their sum, which depends on both.
+  "conf_plan" => lambda do |_input, _ctx|
+    Switchyard::Decision.create(
+      [
+        Switchyard.step("a", handler: "conf_plan_part", input: { "n" => 2 }),
+        Switchyard.step("b", handler: "conf_plan_part", input: { "n" => 3 }),
+        Switchyard.step("sum", handler: "conf_plan_sum", input: {}, depends_on: %w[a b])
+      ],
+      final_step: "sum"
+    )
+  end,
+  "conf_plan_part" => ->(input, _ctx) { input["n"] * 10 },
+  "conf_plan_sum" => lambda do |_input, ctx|
+    deps = ctx.dependency_results
+    { "sum" => deps.values.sum, "from" => deps.keys.sort }
   end,
   "conf_api_429" => lambda do |_input, ctx|
     now = -> { Time.now.to_f * 1000 }

@@ -19,7 +19,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 use switchyard::bridge::{HandlerSpec, JobKind};
 use switchyard::{
-    ApiError, BatchItem, ChildSpec, Context, Decision, StepError, StepResult, Worker,
+    ApiError, BatchItem, ChildSpec, Context, Decision, NewStep, StepError, StepResult, Worker,
 };
 
 #[derive(Parser, Debug)]
@@ -109,7 +109,15 @@ async fn body(name: &str, input: Value, ctx: Context, log: Log) -> StepResult {
             note(&log, &ctx, "started");
             let ms = input["ms"].as_u64().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms)).await;
+            note(&log, &ctx, "finished");
             Ok(json!({ "slept": ms }))
+        }
+        // The steps conf_plan plans: a part, and their sum.
+        "conf_plan_part" => Ok(json!(input["n"].as_i64().unwrap_or(0) * 10)),
+        "conf_plan_sum" => {
+            let deps = ctx.dependency_results().await?;
+            let sum: i64 = deps.values().filter_map(Value::as_i64).sum();
+            Ok(json!({ "sum": sum, "from": deps.keys().collect::<Vec<_>>() }))
         }
         // A panic whose payload is neither a &str nor a String.
         "conf_unrenderable" => std::panic::panic_any(42_u8),
@@ -161,6 +169,30 @@ async fn body(name: &str, input: Value, ctx: Context, log: Log) -> StepResult {
 /// The decision handlers (`"kind": "decision"` in the scenario file).
 async fn decision(name: &str, _input: Value, _ctx: Context) -> StepResult<Decision> {
     match name {
+        // Two parts, then their sum, which depends on both.
+        "conf_plan" => Ok(Decision::Steps {
+            steps: vec![
+                NewStep {
+                    name: "a".into(),
+                    handler: "conf_plan_part".into(),
+                    input: json!({ "n": 2 }),
+                    depends_on: vec![],
+                },
+                NewStep {
+                    name: "b".into(),
+                    handler: "conf_plan_part".into(),
+                    input: json!({ "n": 3 }),
+                    depends_on: vec![],
+                },
+                NewStep {
+                    name: "sum".into(),
+                    handler: "conf_plan_sum".into(),
+                    input: json!({}),
+                    depends_on: vec!["a".into(), "b".into()],
+                },
+            ],
+            final_step: Some("sum".into()),
+        }),
         // Rust's types rule out returning something else than a Decision: the
         // nearest a Rust handler gets is a decision document built as JSON
         // that is not one.
@@ -205,6 +237,9 @@ async fn batch(name: &str, items: Vec<BatchItem>) -> Vec<StepResult> {
     items
         .into_iter()
         .map(|item| match name {
+            // Rust's batch handlers answer per item and have no whole-call
+            // error: the nearest is the same error for every item.
+            "conf_batch_fails" => Err(StepError::permanent("the whole batch failed")),
             "conf_batch" => {
                 let n = item.input["n"].as_i64().unwrap_or(0);
                 if n < 0 {
