@@ -139,16 +139,27 @@ def test_suspended_task_survives_a_worker_restart(store, client):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_forked_child_fails_clearly(store):
+def test_a_forked_child_opens_its_own_client_and_refuses_the_parents(store):
     c = switchyard.Client(store)
     c.spawn("x", {})
     pid = os.fork()
     if pid == 0:
-        code = 1
+        code = 0
         try:
-            switchyard.Client(store)
-        except RuntimeError as e:
-            code = 0 if "fork" in str(e) else 2
+            try:
+                c.spawn("x", {"from": "parent client in child"})
+                code = 2  # the parent's store has no threads here: must refuse
+            except switchyard.Error as e:
+                if "forked child" not in str(e):
+                    code = 3
+            mine = switchyard.Client(store)
+            mine.spawn("x", {"from": "child"})
+        except BaseException:
+            code = code or 4
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+    inputs = [t["input"] for t in c.list(handler="x")]
+    assert {"from": "child"} in inputs
+    assert {"from": "parent client in child"} not in inputs
+    c.spawn("x", {"from": "parent after fork"})

@@ -1,6 +1,5 @@
 //! `Switchyard::Native::Client`: spawn, emit, wait, cancel, retry, inspect.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use magnus::{function, method, prelude::*, Error, RArray, RModule, Ruby, Value};
@@ -16,68 +15,16 @@ fn parse_id(ruby: &Ruby, id: &str) -> Result<TaskId, Error> {
 }
 
 /// Opens `url`, shared in the process with the other clients and workers
-/// on the same URL. In a forked child, stores are shared among the child's
-/// own objects only: the process-wide registries may still hold stores of
-/// the parent, whose writer threads do not exist here.
+/// on the same URL (a forked child gets stores of its own: the registry is
+/// per process).
 pub(crate) fn open_store(ruby: &Ruby, url: &str) -> Result<switchyard_core::DynStore, Error> {
     crate::runtime(ruby)?;
     let url = url.trim().to_string();
-    if !crate::forked() {
-        return block_core(
-            ruby,
-            async move { switchyard_store::open_shared(&url).await },
-        );
-    }
-    let pid = std::process::id();
-    let shared = |stores: &mut Vec<ChildStore>| {
-        stores.retain(|s| s.pid == pid && s.store.strong_count() > 0);
-        stores
-            .iter()
-            .find(|s| s.url == url)
-            .and_then(|s| s.store.upgrade())
-    };
-    if let Some(s) = shared(&mut CHILD_STORES.lock()) {
-        return Ok(s);
-    }
-    let u = url.clone();
-    let store = block_core(ruby, async move {
-        match u
-            .strip_prefix("sqlite://")
-            .or_else(|| u.strip_prefix("sqlite:"))
-        {
-            // A writer of this process's own, as another process has.
-            Some(path) if !path.is_empty() => {
-                let s = switchyard_store::sqlite::SqliteStore::open_unshared(
-                    path,
-                    switchyard_store::StoreOptions::default(),
-                )
-                .await?;
-                Ok(s as switchyard_core::DynStore)
-            }
-            _ => switchyard_store::open(&u).await,
-        }
-    })?;
-    let mut stores = CHILD_STORES.lock();
-    // Another thread may have opened the same URL meanwhile: keep the first.
-    if let Some(s) = shared(&mut stores) {
-        return Ok(s);
-    }
-    stores.push(ChildStore {
-        pid,
-        url,
-        store: Arc::downgrade(&store),
-    });
-    Ok(store)
+    block_core(
+        ruby,
+        async move { switchyard_store::open_shared(&url).await },
+    )
 }
-
-/// A store opened in a forked child (see [`open_store`]).
-struct ChildStore {
-    pid: u32,
-    url: String,
-    store: std::sync::Weak<dyn switchyard_core::Store>,
-}
-
-static CHILD_STORES: parking_lot::Mutex<Vec<ChildStore>> = parking_lot::Mutex::new(Vec::new());
 
 fn invalid(ruby: &Ruby, msg: String) -> Error {
     crate::errors::error(ruby, "InvalidInput", msg)

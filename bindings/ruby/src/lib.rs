@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, Ordering};
+
 use std::sync::{Arc, Condvar, Mutex};
 
 use magnus::{function, prelude::*, Error, Ruby};
@@ -27,16 +27,6 @@ mod worker;
 /// process; a forked child gets its own).
 pub(crate) fn runtime(ruby: &Ruby) -> Result<&'static tokio::runtime::Runtime, Error> {
     switchyard_core::bridge::runtime().map_err(|e| errors::error(ruby, "Error", e.to_string()))
-}
-
-/// The process that loaded the extension (see [`forked`]).
-static LOADED_IN: AtomicU32 = AtomicU32::new(0);
-
-/// True in a process forked from the one that loaded the extension: the
-/// stores that process opened (and the core's registries of open stores)
-/// were copied into this one without their threads.
-pub(crate) fn forked() -> bool {
-    LOADED_IN.load(Ordering::Relaxed) != std::process::id()
 }
 
 /// Refuses an object (client, started worker) created in process `owner`
@@ -308,7 +298,6 @@ fn install_logging() {
 
 #[magnus::init(name = "switchyard_native")]
 fn init(ruby: &Ruby) -> Result<(), Error> {
-    LOADED_IN.store(std::process::id(), Ordering::Relaxed);
     install_logging();
     let m = ruby.define_module("Switchyard")?;
     let native = m.define_module("Native")?;

@@ -54,13 +54,17 @@ pub async fn open(url: &str) -> Result<DynStore> {
 /// store: `memory` then means one store (not one per object), and
 /// in-process completions wake waiting clients at once instead of being
 /// found by polling.
+///
+/// Shared within one process only: a forked child inherits the parent's
+/// entries, whose stores it cannot use, and opens its own.
 pub async fn open_shared(url: &str) -> Result<DynStore> {
-    static STORES: Mutex<BTreeMap<String, Weak<dyn Store>>> = Mutex::new(BTreeMap::new());
-    let key = url.trim().to_string();
+    static STORES: Mutex<BTreeMap<(u32, String), Weak<dyn Store>>> = Mutex::new(BTreeMap::new());
+    let url = url.trim().to_string();
+    let key = (std::process::id(), url.clone());
     if let Some(s) = STORES.lock().get(&key).and_then(Weak::upgrade) {
         return Ok(s);
     }
-    let store = open(&key).await?;
+    let store = open(&url).await?;
     let mut stores = STORES.lock();
     stores.retain(|_, w| w.strong_count() > 0);
     // Another caller may have opened the same URL meanwhile: keep the first.

@@ -731,10 +731,20 @@ struct Pool {
     session: String,
     idle: Mutex<Vec<Conn>>,
     permits: Arc<Semaphore>,
+    /// The process that opened the store: its connections (sockets shared
+    /// with the parent after a fork) and tasks exist only there.
+    owner: u32,
 }
 
 impl Pool {
     async fn get(self: &Arc<Self>) -> Result<Pooled> {
+        let here = std::process::id();
+        if here != self.owner {
+            return Err(Error::Config(format!(
+                "postgres: this store was opened in process {} and cannot be used in a forked child ({here}); open stores, clients and workers after fork, in the child",
+                self.owner
+            )));
+        }
         let permit = self
             .permits
             .clone()
@@ -1047,6 +1057,7 @@ impl PostgresStore {
             session: session.clone(),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(POOL_SIZE)),
+            owner: std::process::id(),
         });
         // Fail fast on a bad URL or an unreachable server at open.
         let first = connect_once(&config, &session).await.map_err(|e| {

@@ -583,11 +583,15 @@ fn is_memory(path: &str) -> bool {
     matches!(path.trim(), ":memory:" | "sqlite::memory:")
 }
 
-/// The stores open in this process, by file. A B-tree: its nodes are
+/// The stores open in this process, by (process, canonical path): keyed by
+/// process too, since a forked child inherits the parent's entries, whose
+/// stores it cannot use, and opens its own. A B-tree: its nodes are
 /// reachable from their start, so leak checkers (valgrind, for the C ABI)
 /// do not call the registry "possibly lost" at exit.
-fn registry() -> &'static Mutex<BTreeMap<PathBuf, Weak<SqliteStore>>> {
-    static REGISTRY: OnceLock<Mutex<BTreeMap<PathBuf, Weak<SqliteStore>>>> = OnceLock::new();
+type Registry = Mutex<BTreeMap<(u32, PathBuf), Weak<SqliteStore>>>;
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(Default::default)
 }
 
@@ -1043,6 +1047,9 @@ pub struct SqliteStore {
     readers: Option<Arc<ReadPool>>,
     /// Dropping it stops the checkpointer (after a last checkpoint).
     checkpointer: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    /// The process that opened it: its threads exist only there, so a
+    /// forked child may not use it (see [`SqliteStore::owned`]).
+    owner: u32,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -1069,8 +1076,9 @@ impl SqliteStore {
         let path = path.to_owned();
         blocking(move || {
             let canonical = canonical_path(&path)?;
+            let key = (std::process::id(), canonical.clone());
             let mut reg = registry().lock();
-            if let Some(store) = reg.get(&canonical).and_then(Weak::upgrade) {
+            if let Some(store) = reg.get(&key).and_then(Weak::upgrade) {
                 if store.synchronous != synchronous {
                     tracing::warn!(
                         url = %store.url,
@@ -1087,7 +1095,7 @@ impl SqliteStore {
                 synchronous,
                 WAL_SIZE_LIMIT,
             )?);
-            reg.insert(canonical, Arc::downgrade(&store));
+            reg.insert(key, Arc::downgrade(&store));
             Ok(store)
         })
         .await
@@ -1221,7 +1229,22 @@ impl SqliteStore {
             writer: Some(writer),
             readers,
             checkpointer,
+            owner: std::process::id(),
         })
+    }
+
+    /// Refuses use from a forked child: the store's writer, reader and
+    /// checkpoint threads exist only in the process that opened it (a call
+    /// from the child would wait forever for them).
+    fn owned(&self, op: &str) -> Result<()> {
+        let here = std::process::id();
+        if here == self.owner {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "sqlite {op}: this store was opened in process {} and cannot be used in a forked child ({here}); open stores, clients and workers after fork, in the child",
+            self.owner
+        )))
     }
 
     /// Runs `f` on the writer thread, inside the group-commit transaction;
@@ -1231,6 +1254,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection, Millis, &mut Effects) -> DbResult<T> + Send + 'static,
     {
+        self.owned(op)?;
         let (reply, answer) = oneshot::channel();
         let sender = self.sender.as_ref().ok_or(Error::Shutdown)?;
         sender
@@ -1247,6 +1271,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> DbResult<T> + Send + 'static,
     {
+        self.owned(op)?;
         match &self.readers {
             None => self.write(op, move |conn, _, _| f(conn)).await,
             Some(pool) => {
@@ -1259,6 +1284,16 @@ impl SqliteStore {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
+        if std::process::id() != self.owner {
+            // A forked child's copy: the threads to stop and join exist only
+            // in the parent (joining would wait forever); the connections'
+            // locks belong to the parent too. Leave it all alone.
+            std::mem::forget(self.sender.take());
+            std::mem::forget(self.writer.take());
+            std::mem::forget(self.readers.take());
+            std::mem::forget(self.checkpointer.take());
+            return;
+        }
         // Closing the channel ends the writer after its current batch; joining
         // makes "dropped" mean "closed", so a reopen sees everything.
         drop(self.sender.take());
@@ -3078,6 +3113,50 @@ mod tests {
             !dir.path().join("bad.db").exists(),
             "a bad URL creates no file"
         );
+    }
+
+    /// A store seen from a process other than the one that opened it (a
+    /// forked child) refuses reads and writes with a clear error instead of
+    /// waiting forever for threads that do not exist there, and dropping it
+    /// there does not try to join them; that process opens a store of its
+    /// own for the same file. (The fork itself is exercised by the Python
+    /// and Ruby suites; here the store is told it was opened elsewhere.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_from_another_process_refuses_to_work_and_is_not_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("{}", dir.path().join("fork.db").display());
+        let parent = SqliteStore::open(&url, StoreOptions::default())
+            .await
+            .unwrap();
+        parent
+            .spawn(vec![NewTask::new("h", serde_json::json!(1))])
+            .await
+            .unwrap();
+        let mut copy = SqliteStore::open_unshared(&url, StoreOptions::default())
+            .await
+            .unwrap();
+        let real_owner = std::mem::replace(&mut Arc::get_mut(&mut copy).unwrap().owner, 1);
+        for e in [
+            copy.count_steps().await.map(|_| ()).unwrap_err(),
+            copy.spawn(vec![NewTask::new("h", serde_json::json!(2))])
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+        ] {
+            assert!(
+                matches!(&e, Error::Config(m) if m.contains("forked child") && m.contains("process 1 ")),
+                "{e:?}"
+            );
+        }
+        // Dropped "in the child": its threads are left alone (no hang).
+        let t = std::time::Instant::now();
+        drop(copy);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let _ = real_owner;
+        // The registry is per process: another pid never gets this one.
+        let key = (std::process::id() + 1, canonical_path(&url).unwrap());
+        assert!(registry().lock().get(&key).is_none());
+        assert_eq!(parent.count_steps().await.unwrap()["ready"], 1);
     }
 
     /// A steady load of spawns, claims, completions and reads, several at a
