@@ -149,7 +149,7 @@ def test_a_forked_child_opens_its_own_client_and_refuses_the_parents(store):
             try:
                 c.spawn("x", {"from": "parent client in child"})
                 code = 2  # the parent's store has no threads here: must refuse
-            except switchyard.Error as e:
+            except switchyard.ConfigError as e:
                 if "forked child" not in str(e):
                     code = 3
             mine = switchyard.Client(store)
