@@ -280,6 +280,46 @@ class TestWorker < Minitest::Test
     assert_match(/was interrupted before answering/, JSON.generate(client.inspect(id)))
   end
 
+  # One serving thread takes jobs in batches. A "hold" step keeps it busy
+  # while four "slow" steps are dispatched, so it then takes them in one
+  # batch; the first slow body holds the thread past the others' 0.8 s
+  # timeout, so the three left in its batch were given up on before their
+  # turn and must never start their bodies.
+  def test_jobs_the_core_gave_up_on_never_start
+    w = make_worker(concurrency: 5, threads: 1, batch: 4)
+    started = Queue.new
+    holding = Queue.new
+    w.step("hold") do |_input, _ctx|
+      holding << true
+      Kernel.sleep(0.5)
+      "held"
+    end
+    w.step("slow", timeout: 0.8, retry: 1) do |input, _ctx|
+      started << input["i"]
+      t = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      begin
+        Kernel.sleep(0.05) while Process.clock_gettime(Process::CLOCK_MONOTONIC) - t < 1.5
+      rescue Switchyard::Cancelled
+        retry # hold the thread, cancelled or not
+      end
+      "done"
+    end
+    w.start
+    hold = client.spawn("hold")
+    pop(holding)
+    ids = (0...4).map { |i| client.spawn("slow", { i: i }) }
+    assert_equal "held", client.result(hold, timeout: WAIT)
+    ids.each do |id|
+      t = client.wait(id, timeout: WAIT)
+      assert_equal "failed", t["state"]
+      assert_match(/timed out after 800 ms/, t["error"]["message"])
+    end
+    Kernel.sleep(2.0) # long enough for a wrongly started body to show up
+    bodies = []
+    bodies << started.pop until started.empty?
+    assert_equal 1, bodies.size, "bodies started: #{bodies.inspect}"
+  end
+
   def test_stop_is_idempotent_and_start_twice_is_refused
     w = make_worker
     w.step("x") { 1 }
