@@ -194,6 +194,7 @@ impl From<Error> for Fail {
             Error::Config(_) => SY_CONFIG,
             Error::Store(_) => SY_STORE,
             Error::Shutdown => SY_SHUTDOWN,
+            Error::TaskFailed { .. } | Error::TaskCancelled { .. } => SY_CONFLICT,
         };
         Self::new(status, e.to_string())
     }

@@ -25,6 +25,7 @@ pub fn core_err(e: &Error) -> String {
         Error::Config(_) => "Config",
         Error::Store(_) => "Store",
         Error::Shutdown => "Shutdown",
+        Error::TaskFailed { .. } | Error::TaskCancelled { .. } => "Conflict",
     };
     json!({ "err": { "kind": kind, "message": e.to_string() } }).to_string()
 }

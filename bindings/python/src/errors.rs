@@ -41,6 +41,7 @@ pub fn core_err(py: Python<'_>, e: Error) -> PyErr {
         Error::Config(_) => "ConfigError",
         Error::Store(_) => "StoreError",
         Error::Shutdown => "ShutdownError",
+        Error::TaskFailed { .. } | Error::TaskCancelled { .. } => "Conflict",
     };
     raise(py, class, msg_args(e.to_string()))
 }

@@ -44,6 +44,7 @@ pub fn core_err(ruby: &Ruby, e: CoreError) -> Error {
         CoreError::Config(_) => "ConfigError",
         CoreError::Store(_) => "StoreError",
         CoreError::Shutdown => "ShutdownError",
+        CoreError::TaskFailed { .. } | CoreError::TaskCancelled { .. } => "Conflict",
     };
     error(ruby, name, e.to_string())
 }

@@ -290,19 +290,11 @@ impl Client {
         }
     }
 
-    /// Waits for the task and returns its result; a failed or cancelled
-    /// task is an error carrying the task's error message.
+    /// Waits for the task and returns its result. A failed task is
+    /// [`Error::TaskFailed`] (its recorded error), a cancelled one
+    /// [`Error::TaskCancelled`].
     pub async fn result(&self, id: TaskId, timeout: Duration) -> Result<Value> {
-        let t = self.wait(id, timeout).await?;
-        match t.state {
-            TaskState::Completed => Ok(t.result.unwrap_or(Value::Null)),
-            state => Err(Error::Conflict(format!(
-                "task {id} {state}: {}",
-                t.error
-                    .map(|e| e.message)
-                    .unwrap_or_else(|| "no error recorded".into())
-            ))),
-        }
+        outcome(self.wait(id, timeout).await?)
     }
 
     /// Cancels a task (and, with `cascade`, its descendants). Returns false
@@ -324,5 +316,33 @@ impl Client {
     /// Cached events, newest first.
     pub async fn events(&self, limit: usize) -> Result<Vec<EventRecord>> {
         self.store.list_events(limit).await
+    }
+}
+
+/// A finished task's outcome: its result, or the error that ended it
+/// ([`Error::TaskFailed`], [`Error::TaskCancelled`]). Every binding's
+/// `result()` goes through this.
+pub fn outcome(t: TaskRecord) -> Result<Value> {
+    match t.state {
+        TaskState::Completed => Ok(t.result.unwrap_or(Value::Null)),
+        TaskState::Cancelled => Err(Error::TaskCancelled {
+            task: t.id,
+            message: t
+                .error
+                .map(|e| e.message)
+                .unwrap_or_else(|| "cancelled".into()),
+        }),
+        TaskState::Failed => {
+            Err(Error::TaskFailed {
+                task: t.id,
+                error: Box::new(t.error.unwrap_or_else(|| {
+                    ErrorInfo::new(ErrorKind::Permanent, "no error was recorded")
+                })),
+            })
+        }
+        state => Err(Error::Conflict(format!(
+            "task {} is still {state}: it has no outcome yet",
+            t.id
+        ))),
     }
 }

@@ -45,6 +45,10 @@ struct Inner {
     deadline: Option<Instant>,
     cache: tokio::sync::Mutex<Option<BTreeMap<String, Value>>>,
     counters: parking_lot::Mutex<HashMap<String, u32>>,
+    /// Durable control flow (suspension, lost lease, cancellation) that a
+    /// context call raised into a foreign handler; its answer
+    /// [`crate::bridge::Reply::Raised`] passes it on without converting it.
+    raised: parking_lot::Mutex<Option<StepError>>,
 }
 
 /// A child task to delegate to.
@@ -104,8 +108,19 @@ impl Context {
                 deadline,
                 cache: tokio::sync::Mutex::new(None),
                 counters: parking_lot::Mutex::new(HashMap::new()),
+                raised: parking_lot::Mutex::new(None),
             }),
         }
+    }
+
+    /// Keeps control flow a context call raised into foreign code.
+    pub(crate) fn hold_raised(&self, e: StepError) {
+        *self.inner.raised.lock() = Some(e);
+    }
+
+    /// The control flow kept by [`Self::hold_raised`], once.
+    pub(crate) fn take_raised(&self) -> Option<StepError> {
+        self.inner.raised.lock().take()
     }
 
     /// The task.

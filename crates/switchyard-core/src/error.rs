@@ -1,6 +1,6 @@
 //! The public error type.
 
-use crate::model::StepId;
+use crate::model::{ErrorInfo, StepId, TaskId};
 
 /// Errors returned by the core, the stores and the clients.
 #[derive(thiserror::Error, Debug, Clone, PartialEq)]
@@ -49,6 +49,24 @@ pub enum Error {
     /// The host or client is shutting down.
     #[error("shutting down")]
     Shutdown,
+    /// The task waited for failed: `Client::result` and every helper that
+    /// waits for a task's outcome report it with what the store recorded
+    /// (kind, message, traceback, the attempt it happened on).
+    #[error("task {task} failed on attempt {}: {}: {}", error.attempt, error.kind, error.message)]
+    TaskFailed {
+        /// The task.
+        task: TaskId,
+        /// Its recorded error.
+        error: Box<ErrorInfo>,
+    },
+    /// The task waited for was cancelled.
+    #[error("task {task} was cancelled: {message}")]
+    TaskCancelled {
+        /// The task.
+        task: TaskId,
+        /// Why, as recorded (e.g. "cancelled by a client").
+        message: String,
+    },
 }
 
 /// Shorthand for results with [`Error`].

@@ -176,6 +176,38 @@ pub enum ErrorKind {
     Cancelled,
 }
 
+impl ErrorKind {
+    /// Every kind.
+    pub const ALL: &'static [ErrorKind] = &[
+        Self::Retryable,
+        Self::Permanent,
+        Self::InvalidInput,
+        Self::Timeout,
+        Self::Panic,
+        Self::LeaseExpired,
+        Self::Cancelled,
+    ];
+
+    /// The snake_case name used in the store, in JSON and in every language.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retryable => "retryable",
+            Self::Permanent => "permanent",
+            Self::InvalidInput => "invalid_input",
+            Self::Timeout => "timeout",
+            Self::Panic => "panic",
+            Self::LeaseExpired => "lease_expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error recorded on a step or task: what happened, where, and the
 /// language's own trace (Python traceback, JS stack, Ruby backtrace).
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]

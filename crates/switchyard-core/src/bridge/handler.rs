@@ -1,0 +1,157 @@
+//! `InboxHandler`: a capability that round-trips through an inbox.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use super::{Inbox, JobItem, JobKind, Reply};
+use crate::context::Context;
+use crate::handler::*;
+
+/// A handler implemented in a foreign language: runs by pushing jobs into
+/// its runtime's inbox.
+pub struct InboxHandler {
+    inbox: Arc<Inbox>,
+    name: String,
+    lang: &'static str,
+}
+
+impl InboxHandler {
+    /// The capability for handler `name` of kind `kind`, served by `inbox`;
+    /// `lang` names the language in error messages.
+    pub fn capability(
+        inbox: Arc<Inbox>,
+        name: &str,
+        kind: JobKind,
+        lang: &'static str,
+    ) -> Capability {
+        let h = Arc::new(Self {
+            inbox,
+            name: name.to_string(),
+            lang,
+        });
+        match kind {
+            JobKind::Step => Capability::Plain(h),
+            JobKind::Decision => Capability::Decision(h),
+            JobKind::Api => Capability::Api(h),
+            JobKind::Batch => Capability::Batch(h),
+        }
+    }
+
+    async fn roundtrip(&self, kind: JobKind, items: Vec<JobItem>) -> Result<Vec<Reply>, StepError> {
+        let n = items.len();
+        let ctxs: Vec<Context> = items.iter().map(|i| i.ctx.clone()).collect();
+        let rx = self
+            .inbox
+            .push(&self.name, kind, items)
+            .map_err(|_| StepError::Cancelled)?;
+        let replies = rx.await.map_err(|_| {
+            StepError::retryable(format!(
+                "the {} handler `{}` dropped the step without answering",
+                self.lang, self.name
+            ))
+        })?;
+        if replies.len() != n {
+            return Err(StepError::permanent(format!(
+                "the {} handler `{}` answered {} outcomes for {n} steps",
+                self.lang,
+                self.name,
+                replies.len()
+            )));
+        }
+        Ok(replies
+            .into_iter()
+            .zip(&ctxs)
+            .map(|(r, ctx)| r.resolve(ctx))
+            .collect())
+    }
+
+    async fn one(&self, kind: JobKind, input: Value, ctx: Context) -> Result<Reply, StepError> {
+        let mut r = self.roundtrip(kind, vec![JobItem { input, ctx }]).await?;
+        Ok(r.pop().expect("roundtrip checked the count"))
+    }
+
+    fn wrong(&self, what: &str) -> StepError {
+        StepError::permanent(format!(
+            "the {} handler `{}` returned {what}",
+            self.lang, self.name
+        ))
+    }
+}
+
+/// [`InboxHandler::roundtrip`] resolves every `Raised`; should one slip
+/// through anyway, it fails its step rather than the host.
+fn unresolved(r: Reply) -> StepError {
+    StepError::permanent(format!("an unresolved control-flow answer: {r:?}"))
+}
+
+#[async_trait]
+impl Handler for InboxHandler {
+    async fn run(&self, input: Value, ctx: Context) -> StepResult {
+        match self.one(JobKind::Step, input, ctx).await? {
+            Reply::Value(v) => Ok(v),
+            Reply::Error(e) => Err(e),
+            Reply::Api(e) => Err(e.classify()),
+            Reply::Decision(_) => {
+                Err(self.wrong("a decision, but it is registered as a plain step"))
+            }
+            r @ Reply::Raised { .. } => Err(unresolved(r)),
+        }
+    }
+}
+
+#[async_trait]
+impl DecisionCapable for InboxHandler {
+    async fn decide(&self, input: Value, ctx: Context) -> StepResult<Decision> {
+        match self.one(JobKind::Decision, input, ctx).await? {
+            Reply::Decision(d) => Ok(d),
+            Reply::Error(e) => Err(e),
+            Reply::Api(e) => Err(e.classify()),
+            Reply::Value(_) => {
+                Err(self.wrong("a plain value, but a decision handler must return a decision"))
+            }
+            r @ Reply::Raised { .. } => Err(unresolved(r)),
+        }
+    }
+}
+
+#[async_trait]
+impl APICapable for InboxHandler {
+    async fn call(&self, input: Value, ctx: Context) -> Result<Value, ApiError> {
+        match self.one(JobKind::Api, input, ctx).await? {
+            Reply::Value(v) => Ok(v),
+            Reply::Api(e) => Err(e),
+            Reply::Error(e) => Err(ApiError::Step(e)),
+            Reply::Decision(_) => Err(ApiError::Step(self.wrong("a decision from an API handler"))),
+            r @ Reply::Raised { .. } => Err(ApiError::Step(unresolved(r))),
+        }
+    }
+}
+
+#[async_trait]
+impl BatchableCapable for InboxHandler {
+    async fn run_batch(&self, items: Vec<BatchItem>) -> Vec<StepResult> {
+        let n = items.len();
+        let items = items
+            .into_iter()
+            .map(|i| JobItem {
+                input: i.input,
+                ctx: i.ctx,
+            })
+            .collect();
+        match self.roundtrip(JobKind::Batch, items).await {
+            Ok(replies) => replies
+                .into_iter()
+                .map(|r| match r {
+                    Reply::Value(v) => Ok(v),
+                    Reply::Error(e) => Err(e),
+                    Reply::Api(e) => Err(e.classify()),
+                    Reply::Decision(_) => Err(self.wrong("a decision from a batch handler")),
+                    r @ Reply::Raised { .. } => Err(unresolved(r)),
+                })
+                .collect(),
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! What a binding collects before its host starts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Inbox, InboxHandler, JobKind};
+use crate::handler::*;
+
+/// What a language binding collects before its host starts: the host's
+/// settings and the handlers registered so far, each served through an
+/// inbox. One place for the checks and the worker set-up that the Python,
+/// Ruby and Node glue each did on their own.
+pub struct HostPlan {
+    /// Steps run at once by the host (and the default per handler).
+    pub concurrency: usize,
+    /// Lease length.
+    pub lease: Duration,
+    /// How long running steps may finish during a graceful shutdown.
+    pub shutdown_grace: Duration,
+    /// Largest accepted input/result, if limited.
+    pub max_payload: Option<usize>,
+    regs: Vec<(String, JobKind, HandlerOptions, Arc<Inbox>)>,
+}
+
+impl HostPlan {
+    /// A plan with no handlers yet.
+    pub fn new(
+        concurrency: usize,
+        lease: Duration,
+        shutdown_grace: Duration,
+        max_payload: Option<usize>,
+    ) -> Self {
+        Self {
+            concurrency,
+            lease,
+            shutdown_grace,
+            max_payload,
+            regs: Vec::new(),
+        }
+    }
+
+    /// Adds handler `name`, served through `inbox`; a name registered
+    /// before is refused at once (rather than when the host starts).
+    pub fn register(
+        &mut self,
+        name: String,
+        kind: JobKind,
+        opts: HandlerOptions,
+        inbox: Arc<Inbox>,
+    ) -> Result<(), String> {
+        if self.regs.iter().any(|(n, ..)| *n == name) {
+            return Err(format!("handler `{name}` is registered twice"));
+        }
+        self.regs.push((name, kind, opts, inbox));
+        Ok(())
+    }
+
+    /// The host on `store` with every registered handler; `lang` names the
+    /// language in the handlers' error messages.
+    pub fn build(
+        &self,
+        store: crate::DynStore,
+        lang: &'static str,
+    ) -> crate::Result<crate::Worker> {
+        let mut b = crate::Worker::builder(store)
+            .concurrency(self.concurrency)
+            .lease(self.lease)
+            .shutdown_grace(self.shutdown_grace);
+        if let Some(m) = self.max_payload {
+            b = b.max_payload_bytes(m);
+        }
+        for (name, kind, opts, inbox) in &self.regs {
+            b = b.handler(
+                name.clone(),
+                InboxHandler::capability(inbox.clone(), name, *kind, lang),
+                opts.clone(),
+            );
+        }
+        b.build()
+    }
+}

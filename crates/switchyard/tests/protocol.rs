@@ -1,0 +1,163 @@
+//! The foreign-handler protocol (`bridge`): a handler served through an
+//! inbox by a plain thread, the way every binding serves one. Durable
+//! control flow raised by a context call comes back as the class of the
+//! exception that ended the handler, and the core passes on the error it
+//! kept (a suspension's wait included) without any conversion.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use switchyard::bridge::{raise, Consumer, ErrorClass, HostPlan, Inbox, JobKind, Reply};
+use switchyard::{Client, Error, HandlerOptions, StepError, StepState, TaskState};
+
+/// What the "foreign" handler does with one job.
+fn serve(inbox: Arc<Inbox>, rt: tokio::runtime::Handle) {
+    let mut c = Consumer::new(inbox);
+    while let Ok(jobs) = c.next(8, Duration::from_millis(50)) {
+        for job in jobs {
+            let replies = job
+                .items
+                .iter()
+                .map(|item| {
+                    let ctx = &item.ctx;
+                    match job.handler.as_str() {
+                        // Waits 50 times in a row, then returns the count.
+                        "waits" => {
+                            for i in 0..50 {
+                                if let Err(e) =
+                                    rt.block_on(ctx.await_event(&format!("go-{i}"), None))
+                                {
+                                    let r = raise(ctx, e);
+                                    return Reply::error(r.class, r.message, None, None);
+                                }
+                            }
+                            Reply::Value(json!(50))
+                        }
+                        // Raises Suspend by hand: no context call asked for it.
+                        "fake" => Reply::error(ErrorClass::Suspend, "by hand".into(), None, None),
+                        // Catches an await timeout and carries on.
+                        "catches" => match rt
+                            .block_on(ctx.await_event("never", Some(Duration::from_millis(10))))
+                        {
+                            Err(e) => {
+                                let r = raise(ctx, e);
+                                if r.class == ErrorClass::AwaitTimeout {
+                                    Reply::Value(json!({"timed_out": r.event}))
+                                } else {
+                                    Reply::error(r.class, r.message, None, None)
+                                }
+                            }
+                            Ok(v) => Reply::Value(v),
+                        },
+                        // Lets an await timeout escape: fails permanently.
+                        "escapes" => match rt
+                            .block_on(ctx.await_event("never", Some(Duration::from_millis(10))))
+                        {
+                            Err(e) => {
+                                let r = raise(ctx, e);
+                                Reply::error(r.class, r.message, Some("trace".into()), None)
+                            }
+                            Ok(v) => Reply::Value(v),
+                        },
+                        other => Reply::error(
+                            ErrorClass::Permanent,
+                            format!("no handler {other}"),
+                            None,
+                            None,
+                        ),
+                    }
+                })
+                .collect();
+            job.complete(replies);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_flow_raised_into_a_foreign_handler_is_passed_on_unconverted() {
+    let store = switchyard::open("memory:").await.unwrap();
+    let inbox = Inbox::serial();
+    let mut plan = HostPlan::new(4, Duration::from_secs(30), Duration::from_secs(1), None);
+    for h in ["waits", "fake", "catches", "escapes"] {
+        plan.register(
+            h.into(),
+            JobKind::Step,
+            HandlerOptions::default(),
+            inbox.clone(),
+        )
+        .unwrap();
+    }
+    let worker = plan
+        .build(store.clone(), "Test")
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let rt = tokio::runtime::Handle::current();
+    let server = {
+        let inbox = inbox.clone();
+        std::thread::spawn(move || serve(inbox, rt))
+    };
+    let client = Client::new(store);
+
+    let waits = client.spawn("waits", Value::Null).await.unwrap();
+    for i in 0..50 {
+        // Each event is emitted once the step's run i+1 has suspended on it.
+        loop {
+            let s = &client.inspect(waits).await.unwrap().steps[0];
+            if s.state == StepState::Suspended && s.run == i + 1 {
+                break;
+            }
+            assert!(!s.state.is_terminal(), "{s:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        client.emit(&format!("go-{i}"), Value::Null).await.unwrap();
+    }
+    assert_eq!(
+        client.result(waits, Duration::from_secs(30)).await.unwrap(),
+        json!(50)
+    );
+    let t = client.inspect(waits).await.unwrap();
+    // 51 runs, all within the first attempt: suspensions cost none.
+    assert_eq!(
+        (t.steps[0].attempt, t.steps[0].run),
+        (1, 51),
+        "{:?}",
+        t.steps[0]
+    );
+
+    let fake = client.spawn("fake", Value::Null).await.unwrap();
+    match client.result(fake, Duration::from_secs(10)).await {
+        Err(Error::TaskFailed { error, .. }) => {
+            assert!(
+                error.message.contains("raised Suspend but no context call"),
+                "{error:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let catches = client.spawn("catches", Value::Null).await.unwrap();
+    assert_eq!(
+        client
+            .result(catches, Duration::from_secs(10))
+            .await
+            .unwrap(),
+        json!({"timed_out": "never"})
+    );
+
+    let escapes = client.spawn("escapes", Value::Null).await.unwrap();
+    match client.result(escapes, Duration::from_secs(10)).await {
+        Err(Error::TaskFailed { error, .. }) => {
+            assert_eq!(error.message, "timed out waiting for event `never`");
+            assert_eq!(client.get(escapes).await.unwrap().state, TaskState::Failed);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    worker.stop().await;
+    inbox.close();
+    server.join().unwrap();
+    let _ = StepError::LeaseLost;
+}
