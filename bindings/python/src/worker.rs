@@ -153,6 +153,7 @@ impl NativeWorker {
             self.sync_inbox.clone()
         };
         plan.register(name, kind, opts, inbox)
+            .map(|_| ())
             .map_err(PyValueError::new_err)
     }
 

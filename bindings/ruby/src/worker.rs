@@ -207,6 +207,7 @@ impl RbWorker {
                 .build(&name, kind, plan.concurrency, str::to_string)
                 .map_err(|e| arg_error(ruby, e))?;
             plan.register(name, kind, opts, rb_self.inbox.clone())
+                .map(|_| ())
                 .map_err(|e| error(ruby, "ConfigError", e))
         })
     }

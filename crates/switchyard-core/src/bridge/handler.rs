@@ -13,21 +13,25 @@ use crate::handler::*;
 /// its runtime's inbox.
 pub struct InboxHandler {
     inbox: Arc<Inbox>,
+    id: usize,
     name: String,
     lang: &'static str,
 }
 
 impl InboxHandler {
-    /// The capability for handler `name` of kind `kind`, served by `inbox`;
+    /// The capability for handler `name` (id `id`, see
+    /// [`super::HostPlan::register`]) of kind `kind`, served by `inbox`;
     /// `lang` names the language in error messages.
     pub fn capability(
         inbox: Arc<Inbox>,
+        id: usize,
         name: &str,
         kind: JobKind,
         lang: &'static str,
     ) -> Capability {
         let h = Arc::new(Self {
             inbox,
+            id,
             name: name.to_string(),
             lang,
         });
@@ -44,7 +48,7 @@ impl InboxHandler {
         let ctxs: Vec<Context> = items.iter().map(|i| i.ctx.clone()).collect();
         let rx = self
             .inbox
-            .push(&self.name, kind, items)
+            .push(self.id, &self.name, kind, items)
             .map_err(|_| StepError::Cancelled)?;
         let replies = rx.await.map_err(|_| {
             StepError::retryable(format!(

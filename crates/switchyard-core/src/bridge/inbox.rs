@@ -91,6 +91,7 @@ impl Inbox {
 
     pub(super) fn push(
         &self,
+        handler_id: usize,
         handler: &str,
         kind: JobKind,
         items: Vec<JobItem>,
@@ -98,6 +99,7 @@ impl Inbox {
         let (tx, rx) = oneshot::channel();
         let job = Job {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            handler_id,
             handler: handler.to_string(),
             kind,
             items,
@@ -380,7 +382,7 @@ mod tests {
 
     fn job(inbox: &Inbox) -> oneshot::Receiver<Vec<Reply>> {
         inbox
-            .push("h", JobKind::Step, Vec::new())
+            .push(0, "h", JobKind::Step, Vec::new())
             .expect("open inbox")
     }
 
@@ -560,7 +562,7 @@ mod tests {
     }
 
     fn job_refused(inbox: &Inbox) -> bool {
-        inbox.push("h", JobKind::Step, Vec::new()).is_err()
+        inbox.push(0, "h", JobKind::Step, Vec::new()).is_err()
     }
 
     #[test]

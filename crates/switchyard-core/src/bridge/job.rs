@@ -43,7 +43,9 @@ pub enum Reply {
 pub struct Job {
     /// Unique within the process.
     pub id: u64,
-    /// The handler to run.
+    /// The handler's id, as [`super::HostPlan::register`] returned it.
+    pub handler_id: usize,
+    /// The handler's name.
     pub handler: String,
     /// Its capability.
     pub kind: JobKind,

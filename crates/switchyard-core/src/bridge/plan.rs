@@ -39,20 +39,33 @@ impl HostPlan {
         }
     }
 
-    /// Adds handler `name`, served through `inbox`; a name registered
-    /// before is refused at once (rather than when the host starts).
+    /// Adds handler `name`, served through `inbox`, and returns its id:
+    /// every [`super::Job`] for it carries that id ([`super::Job::handler_id`]),
+    /// so a binding finds its function by index, never by name. Ids are
+    /// 0, 1, 2… in registration order. A name registered before is refused
+    /// at once (rather than when the host starts).
     pub fn register(
         &mut self,
         name: String,
         kind: JobKind,
         opts: HandlerOptions,
         inbox: Arc<Inbox>,
-    ) -> Result<(), String> {
+    ) -> Result<usize, String> {
         if self.regs.iter().any(|(n, ..)| *n == name) {
             return Err(format!("handler `{name}` is registered twice"));
         }
         self.regs.push((name, kind, opts, inbox));
-        Ok(())
+        Ok(self.regs.len() - 1)
+    }
+
+    /// How many handlers are registered.
+    pub fn len(&self) -> usize {
+        self.regs.len()
+    }
+
+    /// True before the first registration.
+    pub fn is_empty(&self) -> bool {
+        self.regs.is_empty()
     }
 
     /// The host on `store` with every registered handler; `lang` names the
@@ -69,10 +82,10 @@ impl HostPlan {
         if let Some(m) = self.max_payload {
             b = b.max_payload_bytes(m);
         }
-        for (name, kind, opts, inbox) in &self.regs {
+        for (id, (name, kind, opts, inbox)) in self.regs.iter().enumerate() {
             b = b.handler(
                 name.clone(),
-                InboxHandler::capability(inbox.clone(), name, *kind, lang),
+                InboxHandler::capability(inbox.clone(), id, name, *kind, lang),
                 opts.clone(),
             );
         }
