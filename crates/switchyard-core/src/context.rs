@@ -25,8 +25,8 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::handler::{StepError, StepResult};
 use crate::model::*;
+use crate::outcome::{StepError, StepResult};
 use crate::store::DynStore;
 
 /// What every context of one host shares.

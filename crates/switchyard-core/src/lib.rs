@@ -20,6 +20,8 @@ pub mod bridge;
 pub mod client;
 pub mod context;
 pub mod handler;
+pub mod outcome;
+pub mod validate;
 pub mod worker;
 
 pub use client::Client;

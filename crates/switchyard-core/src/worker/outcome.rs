@@ -1,0 +1,183 @@
+//! How a run ended → the completion the store records (retry policy, payload limits).
+
+use super::*;
+
+/// Turns how a run ended into the resolution the store records.
+pub(super) async fn finish(
+    shared: &Arc<Shared>,
+    reg: &Reg,
+    step: &ClaimedStep,
+    running: &Running,
+    end: RunEnd,
+) {
+    let lease = lease_of(shared, step);
+    let resolution = match end {
+        RunEnd::Cancelled => {
+            if running.lost.load(Ordering::Acquire) {
+                // Cancelled or taken over: the store already moved on.
+                shared.running.lock().remove(&run_ref(step));
+                return;
+            }
+            Some(Resolution::Released)
+        }
+        RunEnd::Finished(Ok(Output::Value(v))) => Some(match check_payload(shared, "result", &v) {
+            Ok(()) => Resolution::Completed(v),
+            Err(e) => Resolution::Failed(error_info(
+                ErrorKind::Permanent,
+                e.to_string(),
+                None,
+                step.attempt,
+            )),
+        }),
+        RunEnd::Finished(Ok(Output::Decision(Decision::Complete(v)))) => {
+            Some(Resolution::Decided {
+                steps: vec![],
+                final_step: None,
+                result: v,
+            })
+        }
+        RunEnd::Finished(Ok(Output::Decision(d @ Decision::Steps { .. }))) => {
+            // A name no store can key on fails this step alone, before it
+            // reaches a write batch shared with other steps' outcomes.
+            if let Err(e) = d.validate_names() {
+                Some(Resolution::Failed(error_info(
+                    ErrorKind::InvalidInput,
+                    e.to_string(),
+                    None,
+                    step.attempt,
+                )))
+            } else {
+                let Decision::Steps { steps, final_step } = d else {
+                    unreachable!("matched above")
+                };
+                let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+                let result = json!({ "created": names });
+                Some(Resolution::Decided {
+                    steps,
+                    final_step,
+                    result,
+                })
+            }
+        }
+        RunEnd::Finished(Err(StepError::Suspend(wait))) => Some(Resolution::Suspended(wait)),
+        RunEnd::Finished(Err(StepError::LeaseLost)) => None,
+        RunEnd::Finished(Err(StepError::Retryable {
+            message,
+            retry_after,
+            trace,
+        })) => Some(
+            retry_or_fail(
+                shared,
+                reg,
+                step,
+                ErrorKind::Retryable,
+                message,
+                trace,
+                retry_after,
+            )
+            .await,
+        ),
+        RunEnd::Finished(Err(e)) => {
+            let trace = match &e {
+                StepError::Permanent { trace, .. } => trace.clone(),
+                _ => None,
+            };
+            let message = match &e {
+                StepError::Permanent { message, .. } => message.clone(),
+                other => other.to_string(),
+            };
+            Some(Resolution::Failed(error_info(
+                e.kind(),
+                message,
+                trace,
+                step.attempt,
+            )))
+        }
+        RunEnd::Panicked(msg) => Some(
+            retry_or_fail(
+                shared,
+                reg,
+                step,
+                ErrorKind::Panic,
+                format!("handler panicked: {msg}"),
+                None,
+                None,
+            )
+            .await,
+        ),
+        RunEnd::TimedOut(t) => Some({
+            // Tell cooperative (and foreign) code still running that the core gave up.
+            running.token.cancel();
+            retry_or_fail(
+                shared,
+                reg,
+                step,
+                ErrorKind::Timeout,
+                format!(
+                    "handler `{}` timed out after {} ms",
+                    reg.name,
+                    t.as_millis()
+                ),
+                None,
+                None,
+            )
+            .await
+        }),
+    };
+    match resolution {
+        Some(resolution) => shared.send_completion(Completion { lease, resolution }),
+        None => {
+            shared.running.lock().remove(&run_ref(step));
+        }
+    }
+}
+
+pub(super) fn error_info(
+    kind: ErrorKind,
+    message: String,
+    trace: Option<String>,
+    attempt: u32,
+) -> ErrorInfo {
+    ErrorInfo {
+        kind,
+        message,
+        trace,
+        attempt,
+    }
+}
+
+pub(super) async fn retry_or_fail(
+    shared: &Shared,
+    reg: &Reg,
+    step: &ClaimedStep,
+    kind: ErrorKind,
+    message: String,
+    trace: Option<String>,
+    retry_after: Option<Duration>,
+) -> Resolution {
+    let policy = &reg.opts.retry;
+    if step.attempt >= policy.max_attempts {
+        let message = format!(
+            "attempt {} of {} failed: {message}",
+            step.attempt, policy.max_attempts
+        );
+        return Resolution::Failed(error_info(kind, message, trace, step.attempt));
+    }
+    let delay = policy
+        .backoff(step.attempt)
+        .max(retry_after.unwrap_or_default());
+    let now = match shared.store().now().await {
+        Ok(n) => n,
+        Err(_) => crate::clock::Clock::now(&crate::clock::SystemClock),
+    };
+    // A `retry_after` of `Duration::MAX` from Rust code must not wrap.
+    let delay = delay.min(crate::client::MAX_DURATION).as_millis() as i64;
+    Resolution::Retry {
+        error: error_info(kind, message, trace, step.attempt),
+        run_at: now.saturating_add(delay),
+    }
+}
+
+pub(crate) fn check_payload(shared: &Shared, what: &str, v: &Value) -> Result<()> {
+    crate::client::check_size(what, v, shared.env.max_payload)
+}
