@@ -239,21 +239,20 @@ async fn spawn_after(
     Ok(())
 }
 
-/// Runs every scenario against `lang`'s host; one line per mismatch.
-async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
-    let scratch = tempfile::tempdir()?;
-    let db = scratch.path().join("conformance.db");
-    let store_url = format!("sqlite:{}", db.display());
-    let log = scratch.path().join("conformance.log");
-    std::fs::write(&log, "")?;
-    let store = switchyard::open(&store_url).await?;
-    let client = Client::new(store);
-
-    let mut cmd = host_command(lang, scratch.path(), file)?;
+/// Starts `lang`'s host on `store_url` and waits (up to 120 s) until it
+/// prints `ready`.
+async fn start_host(
+    lang: &str,
+    scratch: &Path,
+    file: &Value,
+    store_url: &str,
+    log: &Path,
+) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = host_command(lang, scratch, file)?;
     cmd.arg("--store")
-        .arg(&store_url)
+        .arg(store_url)
         .arg("--log")
-        .arg(&log)
+        .arg(log)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -265,7 +264,7 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
     let mut lines = BufReader::new(stdout).lines();
     let ready = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await;
     match ready {
-        Ok(Ok(Some(l))) if l.trim() == "ready" => {}
+        Ok(Ok(Some(l))) if l.trim() == "ready" => Ok(host),
         other => {
             let _ = host.start_kill();
             let out = host.wait_with_output().await?;
@@ -275,10 +274,128 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
             );
         }
     }
+}
 
-    let scenarios = file["scenarios"].as_array().context("scenarios")?;
+/// Stops the host with SIGTERM; it must exit 0 within 30 s. A mismatch is
+/// returned as a line.
+async fn stop_host(lang: &str, host: tokio::process::Child) -> anyhow::Result<Option<String>> {
+    let pid = host
+        .id()
+        .ok_or_else(|| anyhow!("the {lang} host already exited"))?;
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let out = tokio::time::timeout(Duration::from_secs(30), host.wait_with_output())
+        .await
+        .with_context(|| format!("the {lang} host did not stop on SIGTERM within 30 s"))??;
+    Ok((!out.status.success()).then(|| {
+        format!(
+            "{lang}: the host exited with {} on SIGTERM: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }))
+}
+
+/// The `shutdown` phase: spawns `tasks` tasks of `handler` (whose
+/// concurrency is below that, so some run and the rest wait), stops the host
+/// once `running` of them logged `start`, creates the release file the
+/// handler looks for (`<log>.release`), starts a new host and checks that
+/// every task completes with `expect`, that each task that had started in
+/// the first host ran again (`start` twice) and each that had not ran once.
+#[allow(clippy::too_many_arguments)]
+async fn shutdown_phase(
+    lang: &str,
+    scratch: &Path,
+    file: &Value,
+    sh: &Value,
+    client: &Client,
+    store_url: &str,
+    log: &Path,
+    host: tokio::process::Child,
+) -> anyhow::Result<(tokio::process::Child, Vec<String>)> {
+    let handler = sh["handler"].as_str().context("shutdown.handler")?;
+    let n = sh["tasks"].as_u64().context("shutdown.tasks")? as usize;
+    let running = sh["running"].as_u64().context("shutdown.running")? as usize;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(client.spawn(handler, serde_json::json!({ "i": i })).await?);
+    }
+    let started = |text: &str, id: &TaskId| {
+        let line = format!("{id} start");
+        text.lines().filter(|l| *l == line).count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log)?;
+        if ids.iter().filter(|id| started(&text, id) > 0).count() >= running {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{running} of the {n} tasks never started");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut wrong = Vec::new();
+    if let Some(w) = stop_host(lang, host).await? {
+        wrong.push(w);
+    }
+    let text = std::fs::read_to_string(log)?;
+    let ran_before: Vec<bool> = ids.iter().map(|id| started(&text, id) > 0).collect();
+    std::fs::write(log.with_extension("log.release"), "")?;
+    let host = start_host(lang, scratch, file, store_url, log).await?;
+    let expect = sh["expect"].as_object().context("shutdown.expect")?;
+    for (i, id) in ids.iter().enumerate() {
+        if let Err(e) = client.wait(*id, Duration::from_secs(60)).await {
+            wrong.push(format!("task {i} did not finish: {e}"));
+            continue;
+        }
+        let detail = client.inspect(*id).await?;
+        let text = std::fs::read_to_string(log)?;
+        for w in observe(&detail, &text, expect) {
+            wrong.push(format!("task {i}: {w}"));
+        }
+        let want = if ran_before[i] { 2 } else { 1 };
+        let got = started(&text, id);
+        if got != want {
+            wrong.push(format!(
+                "task {i} started {got} times (want {want}: {} the first host)",
+                if ran_before[i] {
+                    "it had started in"
+                } else {
+                    "it had not started in"
+                }
+            ));
+        }
+    }
+    Ok((host, wrong))
+}
+
+/// Runs every scenario against `lang`'s host; one line per mismatch.
+async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
+    let scratch = tempfile::tempdir()?;
+    let db = scratch.path().join("conformance.db");
+    let store_url = format!("sqlite:{}", db.display());
+    let log = scratch.path().join("conformance.log");
+    std::fs::write(&log, "")?;
+    let store = switchyard::open(&store_url).await?;
+    let client = Client::new(store);
+
+    let mut host = start_host(lang, scratch.path(), file, &store_url, &log).await?;
+
+    // `skip`: languages a scenario does not apply to (its `note` says why).
+    let scenarios: Vec<&Value> = file["scenarios"]
+        .as_array()
+        .context("scenarios")?
+        .iter()
+        .filter(|s| {
+            !s["skip"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|l| l.as_str() == Some(lang)))
+        })
+        .collect();
+    println!("{lang}: {} scenarios", scenarios.len());
     let mut started: Vec<(String, TaskId)> = Vec::new();
-    for s in scenarios {
+    for s in &scenarios {
         let name = s["name"].as_str().context("scenario name")?.to_owned();
         for (event, payload) in s["emit_before"].as_object().into_iter().flatten() {
             client.emit(event, payload.clone()).await?;
@@ -303,14 +420,14 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for s in scenarios {
+    for s in &scenarios {
         for (event, payload) in s["emit_after"].as_object().into_iter().flatten() {
             client.emit(event, payload.clone()).await?;
         }
     }
     let mut wrong = Vec::new();
     let mut eventually = Vec::new();
-    for ((name, id), s) in started.iter().zip(scenarios) {
+    for ((name, id), s) in started.iter().zip(&scenarios) {
         if let Some(cancel) = cancels.remove(id) {
             match cancel.await {
                 Ok(Ok(())) => {}
@@ -370,20 +487,35 @@ async fn run_language(lang: &str, file: &Value) -> anyhow::Result<Vec<String>> {
         }
     }
 
-    let pid = host
-        .id()
-        .ok_or_else(|| anyhow!("the {lang} host already exited"))?;
-    // SAFETY: plain kill(2) on our child's pid.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let out = tokio::time::timeout(Duration::from_secs(30), host.wait_with_output())
+    // Shutdown with work in flight and queued (`shutdown`): stop the host
+    // while some steps run and others wait, start a new one, and every task
+    // completes without the shutdown costing an attempt.
+    if let Some(sh) = file.get("shutdown").filter(|s| s.is_object()) {
+        match shutdown_phase(
+            lang,
+            scratch.path(),
+            file,
+            sh,
+            &client,
+            &store_url,
+            &log,
+            host,
+        )
         .await
-        .with_context(|| format!("the {lang} host did not stop on SIGTERM"))??;
-    if !out.status.success() {
-        wrong.push(format!(
-            "{lang}: the host exited with {} on SIGTERM: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
+        {
+            Ok((h, w)) => {
+                host = h;
+                wrong.extend(w.into_iter().map(|w| format!("{lang}: shutdown: {w}")));
+            }
+            Err(e) => {
+                wrong.push(format!("{lang}: shutdown: {e:#}"));
+                return Ok(wrong);
+            }
+        }
+    }
+
+    if let Some(w) = stop_host(lang, host).await? {
+        wrong.push(w);
     }
     Ok(wrong)
 }
@@ -397,11 +529,7 @@ async fn every_language_passes_every_scenario() {
     for lang in langs.split(',').map(str::trim).filter(|l| !l.is_empty()) {
         match run_language(lang, &file).await {
             Ok(w) => {
-                println!(
-                    "{lang}: {} scenarios, {} mismatches",
-                    file["scenarios"].as_array().map_or(0, Vec::len),
-                    w.len()
-                );
+                println!("{lang}: {} mismatches", w.len());
                 wrong.extend(w);
             }
             Err(e) => wrong.push(format!("{lang}: {e:#}")),

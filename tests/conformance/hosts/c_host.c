@@ -198,6 +198,46 @@ static int32_t conf_unrenderable(const char *input, size_t len, sy_ctx *ctx, voi
     return 12345;
 }
 
+/* C's most hostile throw: an unknown status whose message holds a NUL. */
+static int32_t conf_hostile(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    static const char msg[] = "before\0after";
+    sy_ctx_set_output(ctx, msg, sizeof msg - 1, NULL);
+    return -7;
+}
+
+/* Holds its slot until the driver's release file exists, or until cancelled
+ * (shutdown), for at most 15 s. */
+static int32_t conf_hold(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    note(ctx, "start");
+    char release[4096];
+    snprintf(release, sizeof release, "%s.release", log_path);
+    for (int i = 0; i < 750; i++) {
+        FILE *f = fopen(release, "r");
+        if (f) {
+            fclose(f);
+            return output(ctx, "{\"released\":true}");
+        }
+        if (sy_ctx_is_cancelled(ctx)) {
+            note(ctx, "stopped");
+            return output(ctx, "\"stopped\"");
+        }
+        sleep_ms(20);
+    }
+    return output(ctx, "\"never released\"");
+}
+
+/* A result with no JSON form: C's nearest are outputs that are not JSON. */
+static int32_t conf_unrepresentable(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    const char *text = strstr(input, "\"nan\"") ? "NaN"
+                       : strstr(input, "\"cycle\"") ? "{\"self\": "
+                                                    : "\"\xff\xfe\"";
+    sy_ctx_set_output(ctx, text, strlen(text), NULL);
+    return SY_OK;
+}
+
 /* Holds its handler's only slot for input.ms milliseconds. */
 static int32_t conf_queued(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     (void)len, (void)ud;
@@ -400,6 +440,9 @@ static const struct {
     {"conf_suspensions", conf_suspensions},
     {"conf_timeout", conf_timeout},
     {"conf_unrenderable", conf_unrenderable},
+    {"conf_hostile", conf_hostile},
+    {"conf_hold", conf_hold},
+    {"conf_unrepresentable", conf_unrepresentable},
     {"conf_invalid", conf_invalid},
     {"conf_delegate_fails", conf_delegate_fails},
     {"conf_delegate_parallel_fails", conf_delegate_parallel_fails},
@@ -435,6 +478,7 @@ int main(int argc, char **argv) {
     if (sy_store_open(store_url, &store, &err) != SY_OK) die("opening the store", err);
     sy_worker_options wo = sy_worker_options_default();
     wo.concurrency = 16;
+    wo.shutdown_grace_ms = 1000;
     if (sy_worker_new_with(store, &wo, &worker, &err) != SY_OK) die("creating the worker", err);
     FILE *f = fopen(handlers, "r");
     if (!f) die("reading the handlers file", NULL);

@@ -7,7 +7,7 @@
 // prints `ready` once started, and runs until SIGTERM. Handlers append
 // `<task_id> <label>` lines to the log where a scenario counts how often
 // something ran.
-import { appendFileSync, readFileSync } from "node:fs";
+import { appendFileSync, existsSync, readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Worker, Decision, step, PermanentError, RetryableError, InvalidInput, CancelledError, HttpError } from "switchyard";
 
@@ -66,6 +66,42 @@ const bodies = {
       throw new Error("no string either");
     };
     throw e;
+  },
+  conf_hostile: async () => {
+    // A Proxy of an Error whose every trap throws.
+    const trap = () => {
+      throw new Error("trap");
+    };
+    throw new Proxy(new Error("x"), {
+      get: trap,
+      has: trap,
+      ownKeys: trap,
+      getOwnPropertyDescriptor: trap,
+      getPrototypeOf: trap,
+    });
+  },
+  // Holds its slot until the driver's release file exists, or until
+  // cancelled (shutdown), for at most 15 s.
+  conf_hold: async (input, ctx) => {
+    note(ctx, "start");
+    for (let i = 0; i < 750; i++) {
+      if (existsSync(`${args.log}.release`)) return { released: true };
+      if (ctx.isCancelled) {
+        note(ctx, "stopped");
+        return "stopped";
+      }
+      await sleep(20);
+    }
+    return "never released";
+  },
+  conf_unrepresentable: async (input) => {
+    if (input.what === "nan") return NaN;
+    if (input.what === "cycle") {
+      const o = {};
+      o.self = o;
+      return o;
+    }
+    return Symbol("opaque");
   },
   // Holds its handler's only slot for input.ms milliseconds.
   conf_queued_timeout: async (input, ctx) => {
@@ -135,7 +171,7 @@ const bodies = {
 
 bodies.conf_queued_cancel = bodies.conf_queued_timeout;
 
-const worker = new Worker({ store: args.store, concurrency: 16 });
+const worker = new Worker({ store: args.store, concurrency: 16, shutdownGrace: 1 });
 for (const [name, o] of Object.entries(spec.handlers)) {
   const options = {};
   if (o.timeout !== undefined) options.timeout = o.timeout;

@@ -10,6 +10,7 @@ lines to the log where a scenario counts how often something ran.
 
 import argparse
 import json
+import os
 import threading
 import time
 
@@ -74,6 +75,31 @@ class Unrenderable(Exception):
         raise ValueError("no repr either")
 
 
+class Hostile(Exception):
+    """An exception every attribute read of which raises (message, class,
+    traceback, args...), and whose str() and repr() raise too."""
+
+    def __getattribute__(self, name):
+        raise RuntimeError(f"no attribute {name} for you")
+
+    def __str__(self):
+        raise RuntimeError("no str")
+
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+def unrepresentable(what):
+    """conf_unrepresentable's result: a value with no JSON form."""
+    if what == "nan":
+        return float("nan")
+    if what == "cycle":
+        d = {}
+        d["self"] = d
+        return d
+    return object()
+
+
 def sync_bodies():
     def conf_value(input, ctx):
         return {"echo": input}
@@ -122,6 +148,25 @@ def sync_bodies():
 
     def conf_unrenderable(input, ctx):
         raise Unrenderable()
+
+    def conf_hostile(input, ctx):
+        raise Hostile()
+
+    def conf_hold(input, ctx):
+        # Holds its slot until the driver's release file exists, or until
+        # cancelled (shutdown), for at most 15 s.
+        note(ctx, "start")
+        for _ in range(750):
+            if os.path.exists(args.log + ".release"):
+                return {"released": True}
+            if ctx.is_cancelled():
+                note(ctx, "stopped")
+                return "stopped"
+            time.sleep(0.02)
+        return "never released"
+
+    def conf_unrepresentable(input, ctx):
+        return unrepresentable(input["what"])
 
     def conf_queued_timeout(input, ctx):
         # Holds its handler's only slot for input["ms"] milliseconds.
@@ -234,6 +279,27 @@ def async_bodies():
     async def conf_unrenderable(input, ctx):
         raise Unrenderable()
 
+    async def conf_hostile(input, ctx):
+        raise Hostile()
+
+    async def conf_hold(input, ctx):
+        note(ctx, "start")
+        try:
+            for _ in range(750):
+                if os.path.exists(args.log + ".release"):
+                    return {"released": True}
+                if ctx.is_cancelled():
+                    note(ctx, "stopped")
+                    return "stopped"
+                await asyncio.sleep(0.02)
+        except asyncio.CancelledError:
+            note(ctx, "stopped")
+            raise
+        return "never released"
+
+    async def conf_unrepresentable(input, ctx):
+        return unrepresentable(input["what"])
+
     async def conf_queued_timeout(input, ctx):
         note(ctx, "started")
         await asyncio.sleep(input["ms"] / 1000)
@@ -300,7 +366,7 @@ def async_bodies():
 
 
 bodies = async_bodies() if args.use_async else sync_bodies()
-worker = switchyard.Worker(args.store, concurrency=16)
+worker = switchyard.Worker(args.store, concurrency=16, shutdown_grace=1.0)
 for name, opts in spec["handlers"].items():
     retry = None
     if "max_attempts" in opts:

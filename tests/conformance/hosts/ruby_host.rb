@@ -25,6 +25,25 @@ class Unrenderable < StandardError
   def inspect = raise(ArgumentError, "no inspect either")
 end
 
+# An exception whose every rendering raises, its backtrace included.
+class Hostile < StandardError
+  def message = raise(ArgumentError, "no message")
+  def to_s = raise(ArgumentError, "no string")
+  def inspect = raise(ArgumentError, "no inspect")
+  def full_message(*) = raise(ArgumentError, "no full message")
+  def backtrace = raise(ArgumentError, "no backtrace")
+  def backtrace_locations = raise(ArgumentError, "no backtrace locations")
+end
+
+# conf_unrepresentable's result: a value with no JSON form.
+def unrepresentable(what)
+  case what
+  when "nan" then Float::NAN
+  when "cycle" then {}.tap { |h| h["self"] = h }
+  else Object.new
+  end
+end
+
 BODIES = {
   "conf_value" => ->(input, _ctx) { { "echo" => input } },
   "conf_permanent" => ->(_input, _ctx) { raise Switchyard::PermanentError, "nope" },
@@ -62,6 +81,22 @@ BODIES = {
     "too late"
   end,
   "conf_unrenderable" => ->(_input, _ctx) { raise Unrenderable },
+  "conf_hostile" => ->(_input, _ctx) { raise Hostile },
+  # Holds its slot until the driver's release file exists, or until
+  # cancelled (shutdown), for at most 15 s.
+  "conf_hold" => lambda do |_input, ctx|
+    note(ctx, "start")
+    750.times do
+      return { "released" => true } if File.exist?("#{LOG}.release")
+      if ctx.cancelled?
+        note(ctx, "stopped")
+        return "stopped"
+      end
+      Kernel.sleep(0.02)
+    end
+    "never released"
+  end,
+  "conf_unrepresentable" => ->(input, _ctx) { unrepresentable(input["what"]) },
   # Holds its handler's only slot for input["ms"] milliseconds.
   "conf_queued_timeout" => QUEUED = lambda do |input, ctx|
     note(ctx, "started")
@@ -136,7 +171,7 @@ BODIES = {
   end
 }.freeze
 
-worker = Switchyard::Worker.new(store: args.fetch("store"), concurrency: 16)
+worker = Switchyard::Worker.new(store: args.fetch("store"), concurrency: 16, shutdown_grace: 1.0)
 spec.fetch("handlers").each do |name, o|
   opts = {}
   opts[:timeout] = o["timeout"] if o.key?("timeout")

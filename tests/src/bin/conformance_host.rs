@@ -34,6 +34,9 @@ struct Args {
 
 type Log = Arc<Mutex<std::fs::File>>;
 
+/// The file whose existence releases `conf_hold` (`<log>.release`).
+static RELEASE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 fn note(log: &Log, ctx: &Context, label: &str) {
     let mut f = log.lock().unwrap_or_else(|p| p.into_inner());
     let _ = writeln!(f, "{} {label}", ctx.task_id());
@@ -121,6 +124,25 @@ async fn body(name: &str, input: Value, ctx: Context, log: Log) -> StepResult {
         }
         // A panic whose payload is neither a &str nor a String.
         "conf_unrenderable" => std::panic::panic_any(42_u8),
+        "conf_hold" => {
+            // Holds its slot until the driver's release file exists, or until
+            // cancelled (shutdown), for at most 15 s.
+            note(&log, &ctx, "start");
+            let release = RELEASE.get().expect("set in main");
+            for _ in 0..750 {
+                if release.exists() {
+                    return Ok(json!({ "released": true }));
+                }
+                if ctx.is_cancelled() {
+                    note(&log, &ctx, "stopped");
+                    return Ok(json!("stopped"));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Ok(json!("never released"))
+        }
+        // Rust's most hostile throw: a panic whose payload is no string.
+        "conf_hostile" => std::panic::panic_any(vec![0_u8; 3]),
         "conf_invalid" => Err(StepError::invalid_input("missing field `amount`")),
         "conf_delegate_fails" => {
             let got = ctx.delegate("conf_permanent", json!({})).await?;
@@ -261,6 +283,7 @@ async fn main() -> anyhow::Result<()> {
     let file: Value = serde_json::from_slice(
         &std::fs::read(&args.scenarios).with_context(|| format!("{:?}", args.scenarios))?,
     )?;
+    let _ = RELEASE.set(PathBuf::from(format!("{}.release", args.log.display())));
     let log: Log = Arc::new(Mutex::new(
         std::fs::OpenOptions::new()
             .create(true)
@@ -268,7 +291,9 @@ async fn main() -> anyhow::Result<()> {
             .open(&args.log)?,
     ));
     let store = switchyard::open(&args.store).await?;
-    let mut b = Worker::builder(store).concurrency(16);
+    let mut b = Worker::builder(store)
+        .concurrency(16)
+        .shutdown_grace(std::time::Duration::from_secs(1));
     for (name, o) in file["handlers"].as_object().context("handlers")? {
         let spec = HandlerSpec {
             timeout: o["timeout"].as_f64(),
