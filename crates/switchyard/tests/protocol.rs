@@ -161,3 +161,107 @@ async fn control_flow_raised_into_a_foreign_handler_is_passed_on_unconverted() {
     server.join().unwrap();
     let _ = StepError::LeaseLost;
 }
+
+/// One job at a time: takes it, waits (up to 10 s) for its cancellation
+/// notice, reports (handler, noticed) and answers.
+fn serve_until_noticed(inbox: Arc<Inbox>, report: std::sync::mpsc::Sender<(String, bool)>) {
+    while let Ok(jobs) = inbox.recv_batch(1, Duration::from_millis(50)) {
+        for job in jobs {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut noticed = false;
+            while !noticed && std::time::Instant::now() < deadline {
+                match inbox.recv_cancels(Duration::from_millis(50)) {
+                    Ok(ids) => noticed = ids.contains(&job.id),
+                    Err(_) => break,
+                }
+            }
+            let _ = report.send((job.handler.clone(), noticed));
+            job.complete(vec![Reply::Value(Value::Null)]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_is_told_through_the_inbox_when_cancelled_timed_out_or_stopped() {
+    let store = switchyard::open("memory:").await.unwrap();
+    let inbox = Inbox::new();
+    inbox.watch_cancels();
+    let mut plan = HostPlan::new(4, Duration::from_secs(30), Duration::from_millis(300), None);
+    plan.register(
+        "hold".into(),
+        JobKind::Step,
+        HandlerOptions::default(),
+        inbox.clone(),
+    )
+    .unwrap();
+    let slow = HandlerOptions {
+        timeout: Some(Duration::from_millis(300)),
+        retry: switchyard::RetryPolicy {
+            max_attempts: 1,
+            ..Default::default()
+        },
+        ..HandlerOptions::default()
+    };
+    plan.register("slow".into(), JobKind::Step, slow, inbox.clone())
+        .unwrap();
+    let worker = plan
+        .build(store.clone(), "Test")
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let (tx, reports) = std::sync::mpsc::channel();
+    let server = {
+        let inbox = inbox.clone();
+        std::thread::spawn(move || serve_until_noticed(inbox, tx))
+    };
+    let client = Client::new(store);
+    let next = || {
+        reports
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a report")
+    };
+
+    // Cancelled by a client while the binding runs it.
+    let held = client.spawn("hold", Value::Null).await.unwrap();
+    loop {
+        let s = &client.inspect(held).await.unwrap().steps[0];
+        if s.state == StepState::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(client.cancel(held, false).await.unwrap());
+    assert_eq!(next(), ("hold".to_string(), true));
+
+    // Timed out by the core.
+    let slow = client.spawn("slow", Value::Null).await.unwrap();
+    assert_eq!(next(), ("slow".to_string(), true));
+    match client.result(slow, Duration::from_secs(10)).await {
+        Err(Error::TaskFailed { error, .. }) => assert!(error.message.contains("timed out")),
+        other => panic!("{other:?}"),
+    }
+
+    // Handed back at shutdown (grace 300 ms).
+    let stopped = client.spawn("hold", Value::Null).await.unwrap();
+    loop {
+        let s = &client.inspect(stopped).await.unwrap().steps[0];
+        if s.state == StepState::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let stop = tokio::spawn(async move { worker.stop().await });
+    assert_eq!(next(), ("hold".to_string(), true));
+    stop.await.unwrap();
+    let s = &client.inspect(stopped).await.unwrap().steps[0];
+    assert_eq!(
+        (s.state, s.attempt),
+        (StepState::Ready, 0),
+        "handed back: {s:?}"
+    );
+    inbox.close();
+    server.join().unwrap();
+}

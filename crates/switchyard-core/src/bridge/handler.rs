@@ -46,11 +46,32 @@ impl InboxHandler {
     async fn roundtrip(&self, kind: JobKind, items: Vec<JobItem>) -> Result<Vec<Reply>, StepError> {
         let n = items.len();
         let ctxs: Vec<Context> = items.iter().map(|i| i.ctx.clone()).collect();
-        let rx = self
+        let (id, mut rx) = self
             .inbox
             .push(self.id, &self.name, kind, items)
             .map_err(|_| StepError::Cancelled)?;
-        let replies = rx.await.map_err(|_| {
+        // Until the job is answered, a cancelled run (or this future being
+        // dropped: timeout, cancel grace over, shutdown) sends the binding a
+        // cancellation notice for it.
+        let mut notice = Notice {
+            inbox: &self.inbox,
+            id,
+            armed: true,
+        };
+        let cancelled = async {
+            let waits = ctxs.iter().map(|c| Box::pin(c.cancelled()));
+            futures::future::select_all(waits).await;
+        };
+        let answered = tokio::select! {
+            biased;
+            r = &mut rx => r,
+            _ = cancelled => {
+                notice.fire();
+                rx.await
+            }
+        };
+        notice.armed = false;
+        let replies = answered.map_err(|_| {
             StepError::retryable(format!(
                 "the {} handler `{}` dropped the step without answering",
                 self.lang, self.name
@@ -81,6 +102,27 @@ impl InboxHandler {
             "the {} handler `{}` returned {what}",
             self.lang, self.name
         ))
+    }
+}
+
+/// Sends job `id`'s cancellation notice once, when fired or dropped armed.
+struct Notice<'a> {
+    inbox: &'a Inbox,
+    id: u64,
+    armed: bool,
+}
+
+impl Notice<'_> {
+    fn fire(&mut self) {
+        if std::mem::take(&mut self.armed) {
+            self.inbox.notice_cancel(self.id);
+        }
+    }
+}
+
+impl Drop for Notice<'_> {
+    fn drop(&mut self) {
+        self.fire();
     }
 }
 

@@ -31,6 +31,10 @@ struct State {
     sentinel: bool,
     /// When a consumer last took a job.
     last_take: Option<Instant>,
+    /// Cancellation notices not yet taken (see [`Inbox::recv_cancels`]).
+    cancels: VecDeque<u64>,
+    /// Someone reads the notices ([`Inbox::watch_cancels`]).
+    watched: bool,
 }
 
 impl State {
@@ -42,11 +46,28 @@ impl State {
     }
 }
 
+/// Most cancellation notices kept unread; older ones are dropped (a notice
+/// is advice: `Context::is_cancelled` and `Job::abandoned` stay true).
+pub const MAX_CANCEL_NOTICES: usize = 65_536;
+
 /// The queue between the dispatcher and one foreign runtime.
+///
+/// Besides jobs it carries **cancellation notices**, the one way every
+/// binding learns that a job it runs should stop: when a run of a taken job
+/// is cancelled (task cancelled, timeout, lease lost, shutdown) or the core
+/// stops waiting for the job, the job's id is queued for
+/// [`Inbox::recv_cancels`] / [`Inbox::recv_cancels_async`] once a binding
+/// asked for them with [`Inbox::watch_cancels`]. The binding then interrupts
+/// that job its own way (cancels an asyncio task, raises into a Ruby
+/// thread, aborts a JS signal, ...).
 pub struct Inbox {
     state: Mutex<State>,
     cond: Condvar,
+    /// Wakes threads waiting for cancellation notices.
+    cancel_cond: Condvar,
     notify: Notify,
+    /// Wakes an event loop waiting for cancellation notices.
+    cancel_notify: Notify,
     next_id: AtomicU64,
     /// Read through [`Consumer`]s, which wake each other (see the module docs).
     serial: bool,
@@ -76,7 +97,9 @@ impl Inbox {
         Arc::new(Self {
             state: Mutex::default(),
             cond: Condvar::new(),
+            cancel_cond: Condvar::new(),
             notify: Notify::new(),
+            cancel_notify: Notify::new(),
             next_id: AtomicU64::new(1),
             serial,
             stall,
@@ -95,15 +118,18 @@ impl Inbox {
         handler: &str,
         kind: JobKind,
         items: Vec<JobItem>,
-    ) -> Result<oneshot::Receiver<Vec<Reply>>, Closed> {
+    ) -> Result<(u64, oneshot::Receiver<Vec<Reply>>), Closed> {
         let (tx, rx) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tokens = items.iter().map(|i| i.ctx.cancellation_token()).collect();
         let job = Job {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             handler_id,
             handler: handler.to_string(),
             kind,
             items,
             reply: tx,
+            tokens,
         };
         let wake = {
             let mut s = self.lock();
@@ -129,7 +155,81 @@ impl Inbox {
             self.cond.notify_one();
         }
         self.notify.notify_one();
-        Ok(rx)
+        Ok((id, rx))
+    }
+
+    /// Starts keeping cancellation notices for [`Self::recv_cancels`] (off
+    /// by default, so a binding that never reads them keeps none).
+    pub fn watch_cancels(&self) {
+        self.lock().watched = true;
+    }
+
+    /// Queues the notice that job `id` should stop (see the type's docs).
+    pub(super) fn notice_cancel(&self, id: u64) {
+        {
+            let mut s = self.lock();
+            if !s.watched || s.closed {
+                return;
+            }
+            if s.cancels.len() >= MAX_CANCEL_NOTICES {
+                s.cancels.pop_front();
+            }
+            s.cancels.push_back(id);
+        }
+        self.cancel_cond.notify_all();
+        self.cancel_notify.notify_one();
+    }
+
+    /// The ids of jobs that should stop, waiting at most `slice` for one;
+    /// none after `slice` or [`Self::interrupt`]; `Err(Closed)` once the
+    /// inbox is closed. Ids of jobs a binding is not running can be ignored.
+    /// Thread affinity as [`Self::recv_batch`].
+    pub fn recv_cancels(&self, slice: Duration) -> Result<Vec<u64>, Closed> {
+        let deadline = Instant::now() + slice;
+        let mut s = self.lock();
+        let seen = s.interrupts;
+        loop {
+            if !s.cancels.is_empty() {
+                return Ok(s.cancels.drain(..).collect());
+            }
+            if s.closed {
+                return Err(Closed);
+            }
+            let now = Instant::now();
+            if now >= deadline || s.interrupts != seen {
+                return Ok(Vec::new());
+            }
+            s = self
+                .cancel_cond
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The notices already queued, without waiting.
+    pub fn try_recv_cancels(&self) -> Vec<u64> {
+        self.lock().cancels.drain(..).collect()
+    }
+
+    /// [`Self::recv_cancels`] for an event loop: the next notices, or
+    /// `None` once the inbox is closed.
+    pub async fn recv_cancels_async(&self) -> Option<Vec<u64>> {
+        loop {
+            let notified = self.cancel_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut s = self.lock();
+                if !s.cancels.is_empty() {
+                    return Some(s.cancels.drain(..).collect());
+                }
+                if s.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Up to `max` jobs from the front of the queue, leaving out (and
@@ -231,7 +331,9 @@ impl Inbox {
     pub fn interrupt(&self) {
         self.lock().interrupts += 1;
         self.cond.notify_all();
+        self.cancel_cond.notify_all();
         self.notify.notify_waiters();
+        self.cancel_notify.notify_waiters();
     }
 
     /// Closes the inbox: waiters return `Closed` once the queue is drained,
@@ -239,7 +341,9 @@ impl Inbox {
     pub fn close(&self) {
         self.lock().closed = true;
         self.cond.notify_all();
+        self.cancel_cond.notify_all();
         self.notify.notify_waiters();
+        self.cancel_notify.notify_waiters();
     }
 
     /// True once closed.
@@ -384,6 +488,7 @@ mod tests {
         inbox
             .push(0, "h", JobKind::Step, Vec::new())
             .expect("open inbox")
+            .1
     }
 
     /// Runs `next` on another thread; its result arrives on the channel.

@@ -52,6 +52,9 @@ pub struct Job {
     /// The steps (one unless `kind` is [`JobKind::Batch`]).
     pub items: Vec<JobItem>,
     pub(super) reply: oneshot::Sender<Vec<Reply>>,
+    /// The cancellation tokens of the items' runs (kept here: bindings move
+    /// the items out).
+    pub(super) tokens: Vec<tokio_util::sync::CancellationToken>,
 }
 
 impl std::fmt::Debug for Job {
@@ -72,8 +75,11 @@ impl Job {
         let _ = self.reply.send(replies);
     }
 
-    /// True if the core no longer waits for this job (timed out or cancelled).
+    /// True if the core no longer waits for this job, or has asked every
+    /// one of its runs to stop (timed out, cancelled, handed back at
+    /// shutdown): such a job is never started.
     pub fn abandoned(&self) -> bool {
         self.reply.is_closed()
+            || (!self.tokens.is_empty() && self.tokens.iter().all(|t| t.is_cancelled()))
     }
 }
