@@ -265,3 +265,71 @@ async fn a_running_job_is_told_through_the_inbox_when_cancelled_timed_out_or_sto
     inbox.close();
     server.join().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_lifecycle_is_the_same_for_every_binding() {
+    use switchyard::bridge::{HandlerSpec, Host};
+    let store = switchyard::open("memory:").await.unwrap();
+    let host = Host::new(
+        "Test",
+        HostPlan::new(2, Duration::from_secs(30), Duration::from_millis(200), None),
+    );
+    let (a, b) = (Inbox::new(), Inbox::new());
+    let spec = HandlerSpec::default();
+    assert_eq!(
+        host.register("one".into(), JobKind::Step, &spec, &a, str::to_string),
+        Ok(0)
+    );
+    assert_eq!(
+        host.register("two".into(), JobKind::Step, &spec, &b, str::to_string),
+        Ok(1)
+    );
+    let twice = host.register("one".into(), JobKind::Step, &spec, &a, str::to_string);
+    assert!(twice.unwrap_err().contains("registered twice"));
+    let bad = HandlerSpec {
+        timeout: Some(f64::NAN),
+        ..HandlerSpec::default()
+    };
+    let e = host.register("three".into(), JobKind::Step, &bad, &a, |f| {
+        format!("<{f}>")
+    });
+    assert!(
+        e.unwrap_err().contains("<timeout>"),
+        "options are named the binding's way"
+    );
+    assert!(!host.is_running());
+
+    let id = host.start(store.clone()).await.unwrap();
+    assert_eq!(host.host_id().as_deref(), Some(id.as_str()));
+    assert!(host.is_running());
+    assert!(matches!(
+        host.start(store.clone()).await,
+        Err(Error::Conflict(_))
+    ));
+    let late = host.register("late".into(), JobKind::Step, &spec, &a, str::to_string);
+    assert!(late.unwrap_err().contains("before the worker starts"));
+
+    // A job for handler 1 carries its id.
+    let client = Client::new(store);
+    client.spawn("two", json!(7)).await.unwrap();
+    let jobs = loop {
+        let jobs = b.recv_batch(1, Duration::from_millis(100)).unwrap();
+        if !jobs.is_empty() {
+            break jobs;
+        }
+    };
+    assert_eq!((jobs[0].handler_id, jobs[0].handler.as_str()), (1, "two"));
+    drop(jobs); // dropped unanswered: handed back as a retryable failure
+
+    host.stop().await;
+    assert!(!host.is_running());
+    assert!(
+        a.recv_batch(1, Duration::from_millis(10)).is_err(),
+        "inboxes closed"
+    );
+    assert!(
+        b.recv_batch(1, Duration::from_millis(10)).is_err(),
+        "inboxes closed"
+    );
+    host.stop().await; // twice is harmless
+}

@@ -29,6 +29,7 @@
 //! * event loops (Node) await [`Inbox::recv_batch_async`].
 
 mod handler;
+mod host;
 mod inbox;
 mod job;
 mod options;
@@ -37,6 +38,7 @@ mod protocol;
 mod runtime;
 
 pub use handler::InboxHandler;
+pub use host::Host;
 pub use inbox::{Closed, Consumer, Inbox, STALL};
 pub use job::{Job, JobItem, Reply};
 pub use options::{camel_case, seconds, HandlerSpec, JobKind};

@@ -1,0 +1,118 @@
+//! `Host`: the lifecycle every binding's worker shares — registration,
+//! start and a bounded stop — so no binding keeps its own copy of the
+//! "refuse registration once started", "start once", "stop the worker, then
+//! close the inboxes" logic.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{HandlerSpec, HostPlan, Inbox, JobKind};
+use crate::error::{Error, Result};
+use crate::store::DynStore;
+use crate::worker::RunningWorker;
+
+/// A foreign-language host: its plan, the inboxes its handlers are served
+/// through, and the running worker once started.
+pub struct Host {
+    lang: &'static str,
+    plan: Mutex<HostPlan>,
+    inboxes: Mutex<Vec<Arc<Inbox>>>,
+    running: Mutex<Option<Arc<RunningWorker>>>,
+}
+
+impl Host {
+    /// A host with `plan`'s settings; `lang` names the language in errors.
+    pub fn new(lang: &'static str, plan: HostPlan) -> Self {
+        Self {
+            lang,
+            plan: Mutex::new(plan),
+            inboxes: Mutex::new(Vec::new()),
+            running: Mutex::new(None),
+        }
+    }
+
+    /// Registers handler `name` of kind `kind`, served through `inbox`, with
+    /// the options of `spec` (checked by [`HandlerSpec::build`]; `field`
+    /// spells an option's name the way the binding's users write it).
+    /// Returns the handler's id (see [`HostPlan::register`]). Refused once
+    /// the host has started, and for a name registered before.
+    pub fn register(
+        &self,
+        name: String,
+        kind: JobKind,
+        spec: &HandlerSpec,
+        inbox: &Arc<Inbox>,
+        field: impl Fn(&'static str) -> String,
+    ) -> std::result::Result<usize, String> {
+        if self.running.lock().is_some() {
+            return Err(format!(
+                "handler `{name}`: register handlers before the worker starts"
+            ));
+        }
+        let mut plan = self.plan.lock();
+        let opts = spec.build(&name, kind, plan.concurrency, field)?;
+        let id = plan.register(name, kind, opts, inbox.clone())?;
+        let mut inboxes = self.inboxes.lock();
+        if !inboxes.iter().any(|i| Arc::ptr_eq(i, inbox)) {
+            inboxes.push(inbox.clone());
+        }
+        Ok(id)
+    }
+
+    /// Starts the host on `store`; returns its host id. A second start is
+    /// [`Error::Conflict`].
+    pub async fn start(&self, store: DynStore) -> Result<String> {
+        if self.running.lock().is_some() {
+            return Err(Error::Conflict("the worker is already running".into()));
+        }
+        let worker = self.plan.lock().build(store, self.lang)?;
+        let running = Arc::new(worker.start().await?);
+        let id = running.host_id().to_string();
+        let mut slot = self.running.lock();
+        if slot.is_some() {
+            // Started twice at once: keep the first, stop this one.
+            drop(slot);
+            running.stop().await;
+            return Err(Error::Conflict("the worker is already running".into()));
+        }
+        *slot = Some(running);
+        Ok(id)
+    }
+
+    /// The host id, once started.
+    pub fn host_id(&self) -> Option<String> {
+        self.running
+            .lock()
+            .as_ref()
+            .map(|r| r.host_id().to_string())
+    }
+
+    /// True between a start and the end of a stop.
+    pub fn is_running(&self) -> bool {
+        self.running.lock().is_some() && !self.inboxes.lock().iter().all(|i| i.is_closed())
+    }
+
+    /// Begins a graceful shutdown and returns at once.
+    pub fn shutdown(&self) {
+        if let Some(r) = self.running.lock().as_ref() {
+            r.shutdown();
+        }
+    }
+
+    /// Stops the host: no more claims, running steps get the shutdown
+    /// grace, the rest are handed back (bounded: see
+    /// [`RunningWorker::stop`]); then every inbox is closed, so the
+    /// binding's serving threads or loop see `Closed` once drained. The
+    /// binding's threads must keep serving jobs while this runs. Safe to
+    /// call twice, and before a start (it only closes the inboxes).
+    pub async fn stop(&self) {
+        let running = self.running.lock().clone();
+        if let Some(r) = running {
+            r.stop().await;
+        }
+        for inbox in self.inboxes.lock().iter() {
+            inbox.close();
+        }
+    }
+}
