@@ -69,14 +69,19 @@ impl Host {
         let worker = self.plan.lock().build(store, self.lang)?;
         let running = Arc::new(worker.start().await?);
         let id = running.host_id().to_string();
-        let mut slot = self.running.lock();
-        if slot.is_some() {
+        let lost_race = {
+            let mut slot = self.running.lock();
+            let taken = slot.is_some();
+            if !taken {
+                *slot = Some(running.clone());
+            }
+            taken
+        };
+        if lost_race {
             // Started twice at once: keep the first, stop this one.
-            drop(slot);
             running.stop().await;
             return Err(Error::Conflict("the worker is already running".into()));
         }
-        *slot = Some(running);
         Ok(id)
     }
 
