@@ -55,7 +55,7 @@ use serde_json::Value;
 use switchyard_core::bridge::{
     camel_case, ErrorClass, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply,
 };
-use switchyard_core::{RunningWorker, StepError};
+use switchyard_core::RunningWorker;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::open_store;
@@ -124,9 +124,13 @@ impl Pending {
         self.job.complete(replies);
     }
 
-    fn fail(self, e: StepError) {
+    fn fail(self, class: ErrorClass, message: &str) {
         let n = self.job.items.len();
-        self.answer((0..n).map(|_| Reply::Error(e.clone())).collect());
+        self.answer(
+            (0..n)
+                .map(|_| Reply::error(class, message.to_string(), None, None))
+                .collect(),
+        );
     }
 
     /// Cancels the job's runs without answering it: the core hands them
@@ -239,9 +243,8 @@ fn seconds(what: &str, s: f64) -> Result<Duration> {
 /// included) fails the step with a message naming the handler.
 fn decode(handler: &str, outcome: Value) -> Reply {
     let bad = |what: String| {
-        Reply::Error(StepError::permanent(format!(
-            "handler `{handler}`: bad outcome from the TypeScript glue: {what}"
-        )))
+        let message = format!("handler `{handler}`: bad outcome from the TypeScript glue: {what}");
+        Reply::error(ErrorClass::Permanent, message, None, None)
     };
     let Value::Array(mut a) = outcome else {
         return bad(format!("expected an array, got {outcome}"));
@@ -332,11 +335,11 @@ fn replace_lone_surrogates(text: &str) -> String {
 }
 
 /// Answers every item of the jobs with the same error.
-fn fail_all(pending: &PendingMap, ids: &[u64], e: StepError) {
+fn fail_all(pending: &PendingMap, ids: &[u64], class: ErrorClass, message: &str) {
     let mut map = pending.lock();
     for id in ids {
         if let Some(p) = map.remove(id) {
-            p.fail(e.clone());
+            p.fail(class, message);
         }
     }
 }
@@ -349,9 +352,12 @@ fn answer_batch(pending: &PendingMap, ids: Vec<u64>, text: String) {
         Ok(o) if o.len() == ids.len() => o,
         Ok(o) => {
             let e = format!("{} outcomes for {} jobs", o.len(), ids.len());
-            return fail_all(pending, &ids, bad_answer(e));
+            return fail_all(pending, &ids, ErrorClass::Permanent, &bad_answer(e));
         }
-        Err(e) => return fail_all(pending, &ids, bad_answer(e.to_string())),
+        Err(e) => {
+            let why = bad_answer(e.to_string());
+            return fail_all(pending, &ids, ErrorClass::Permanent, &why);
+        }
     };
     let mut answered = Vec::with_capacity(ids.len());
     {
@@ -376,8 +382,8 @@ fn answer_batch(pending: &PendingMap, ids: Vec<u64>, text: String) {
     }
 }
 
-fn bad_answer(why: String) -> StepError {
-    StepError::permanent(format!("bad answer from the TypeScript glue: {why}"))
+fn bad_answer(why: String) -> String {
+    format!("bad answer from the TypeScript glue: {why}")
 }
 
 type Completions = tokio::sync::mpsc::UnboundedSender<(Vec<u64>, String)>;
@@ -457,7 +463,8 @@ async fn feed(life: Arc<Lifeline>, dispatch: Dispatch) {
                         _ = tokio::time::sleep(DISPATCH_ERROR_WAIT) => fail_all(
                             &life.pending,
                             &ids,
-                            StepError::retryable(format!("the JS dispatcher failed: {e}")),
+                            ErrorClass::Retryable,
+                            &format!("the JS dispatcher failed: {e}"),
                         ),
                     }
                 });
