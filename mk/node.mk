@@ -78,6 +78,7 @@ test-node: node-package
 	cp -r $(CURDIR)/examples/typescript $(NODE_SCRATCH)/examples
 	$(NODE_TS)/node_modules/.bin/tsc -p $(NODE_SCRATCH)/examples --typeRoots $(NODE_TS)/node_modules/@types --types node
 	cd $(NODE_SCRATCH) && SWITCHYARD_CLI=$(NODE_TARGET_DIR)/release/switchyard \
+	  SWITCHYARD_README=$(CURDIR)/README.md \
 	  SWITCHYARD_TESTHOST=$(NODE_TARGET_DIR)/release/testhost \
 	  SWITCHYARD_PYTHON=$(NODE_PYTHON) \
 	  timeout -k 10 900 $(NODE) --test --test-reporter=spec $(NODE_TEST_ARGS) test/*.test.mjs

@@ -50,22 +50,37 @@ export declare class AwaitTimeoutError extends SwitchyardError {
         cause?: unknown;
     });
 }
-/** The task was cancelled. `ctx.signal.reason` is one of these. */
+/** The task this step runs for was cancelled (thrown by a ctx call; the
+ * step stops). `ctx.signal.reason` is one of these. */
 export declare class CancelledError extends SwitchyardError {
 }
-/** `client.result`: the task failed; `error` is what the step recorded
- * (`kind`, `message`, `trace` with the JS stack trace, `attempt`). */
+/** What a step recorded when it failed. */
+export interface TaskError {
+    kind: string;
+    message: string;
+    trace: string | null;
+    attempt: number;
+}
+/** `client.result` (and everything that waits for a task's outcome): the
+ * task failed. `kind`, `message`, `traceback` and `attempt` are what its
+ * step recorded (`traceback`: the JS stack trace); `error` is all of it. */
 export declare class TaskFailedError extends SwitchyardError {
     readonly taskId: string;
-    readonly error: {
-        kind?: string;
-        message?: string;
-        trace?: string | null;
-        attempt?: number;
-    } | null;
+    readonly kind: string;
+    readonly traceback: string | null;
+    readonly attempt: number;
+    readonly error: TaskError;
     constructor(message: string, options: {
         taskId: string;
-        error: TaskFailedError["error"];
+        error: TaskError;
+    });
+}
+/** `client.result` (and everything that waits for a task's outcome): the
+ * task was cancelled. */
+export declare class TaskCancelledError extends SwitchyardError {
+    readonly taskId: string;
+    constructor(message: string, options: {
+        taskId: string;
     });
 }
 /** A client wait (`result`, `wait`) ran out of time. */
@@ -272,8 +287,8 @@ export interface WorkerOptions {
 export declare function defaultStore(): string;
 /**
  * A host for JS handlers. Register handlers, then `await worker.run()`
- * (until SIGINT/SIGTERM or `close()`), or `await worker.start()` and later
- * `await worker.close()`.
+ * (until SIGINT/SIGTERM or `stop()`), or `await worker.start()` and later
+ * `await worker.stop()` (`close()` is an alias).
  */
 export declare class Worker {
     #private;
@@ -296,8 +311,10 @@ export declare class Worker {
     start(): Promise<void>;
     /** Graceful shutdown: no more claims; running steps get the grace period,
      * then are handed back. Afterwards nothing keeps the event loop alive. */
+    stop(): Promise<void>;
+    /** Alias of `stop()`. */
     close(): Promise<void>;
-    /** Serves until `close()` is called or SIGINT/SIGTERM arrives (then shuts
+    /** Serves until `stop()` is called or SIGINT/SIGTERM arrives (then shuts
      * down gracefully). On a worker thread no signal handlers are installed. */
     run(): Promise<void>;
 }
@@ -339,7 +356,8 @@ export declare class Client {
     /** Emits an event (first write wins); true if this call stored it. */
     emit(name: string, payload?: unknown): Promise<boolean>;
     /** Waits for the task to finish and resolves to its result; rejects with
-     * the task's error, `CancelledError`, or `WaitTimeoutError` after `timeout` seconds (default 30). */
+     * `TaskFailedError`, `TaskCancelledError`, or `WaitTimeoutError` after
+     * `timeout` seconds (default 30). */
     result<T = unknown>(taskId: string, options?: {
         timeout?: number;
     }): Promise<T>;

@@ -16,6 +16,7 @@ export const {
   CancelledError,
   WaitTimeoutError,
   TaskFailedError,
+  TaskCancelledError,
   NotFound,
   Conflict,
   LeaseLost,

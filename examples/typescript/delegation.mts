@@ -65,7 +65,7 @@ async function main(): Promise<void> {
     console.log(`result: ${JSON.stringify(result)}`);
     console.log(`response event report.ready: ${JSON.stringify(ready.payload)}`);
   } finally {
-    await worker.close();
+    await worker.stop();
   }
 }
 

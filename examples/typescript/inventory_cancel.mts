@@ -10,7 +10,7 @@
 //
 //   node inventory_cancel.mjs [--store sqlite:inv.db]
 import { setTimeout as delay } from "node:timers/promises";
-import { CancelledError, Client, Worker } from "switchyard";
+import { Client, TaskCancelledError, Worker } from "switchyard";
 import { storeFromArgs, until } from "./common.mjs";
 
 const BINS = 10_000;
@@ -74,7 +74,7 @@ async function main(): Promise<void> {
         throw new Error("the watch completed");
       },
       (e) => {
-        if (!(e instanceof CancelledError)) throw e;
+        if (!(e instanceof TaskCancelledError)) throw e;
       },
     );
     for (const child of (await client.inspect(watchTask)).children) {
@@ -83,7 +83,7 @@ async function main(): Promise<void> {
     }
     console.log(`done: scan stopped at bin ${seen.stoppedAt} of ${BINS}; watch and its scan cancelled`);
   } finally {
-    await worker.close();
+    await worker.stop();
   }
 }
 

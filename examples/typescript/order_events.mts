@@ -93,7 +93,7 @@ async function main(): Promise<void> {
     say("client", `result: ${JSON.stringify(result)}`);
     if (result.status !== "delivered" || result.delivery.signed_by !== "Ada") throw new Error("unexpected result");
   } finally {
-    await worker.close();
+    await worker.stop();
   }
 }
 

@@ -89,6 +89,7 @@ interface NativeModule {
   NativeWorker: new (store: string, options?: Record<string, unknown>) => NativeWorker;
   NativeClient: { open(url: string, maxPayloadBytes?: number | null): Promise<NativeClient> };
   nativeVersion(): string;
+  /** An envelope of the core's plan. */
   fanOut(handler: string, total: number, batchSize: number, input: string, converge: string): string;
 }
 
@@ -130,17 +131,41 @@ export class AwaitTimeoutError extends SwitchyardError {
     this.event = options?.event;
   }
 }
-/** The task was cancelled. `ctx.signal.reason` is one of these. */
+/** The task this step runs for was cancelled (thrown by a ctx call; the
+ * step stops). `ctx.signal.reason` is one of these. */
 export class CancelledError extends SwitchyardError {}
-/** `client.result`: the task failed; `error` is what the step recorded
- * (`kind`, `message`, `trace` with the JS stack trace, `attempt`). */
+/** What a step recorded when it failed. */
+export interface TaskError {
+  kind: string;
+  message: string;
+  trace: string | null;
+  attempt: number;
+}
+/** `client.result` (and everything that waits for a task's outcome): the
+ * task failed. `kind`, `message`, `traceback` and `attempt` are what its
+ * step recorded (`traceback`: the JS stack trace); `error` is all of it. */
 export class TaskFailedError extends SwitchyardError {
   readonly taskId: string;
-  readonly error: { kind?: string; message?: string; trace?: string | null; attempt?: number } | null;
-  constructor(message: string, options: { taskId: string; error: TaskFailedError["error"] }) {
+  readonly kind: string;
+  readonly traceback: string | null;
+  readonly attempt: number;
+  readonly error: TaskError;
+  constructor(message: string, options: { taskId: string; error: TaskError }) {
     super(message);
     this.taskId = options.taskId;
     this.error = options.error;
+    this.kind = options.error.kind;
+    this.traceback = options.error.trace;
+    this.attempt = options.error.attempt;
+  }
+}
+/** `client.result` (and everything that waits for a task's outcome): the
+ * task was cancelled. */
+export class TaskCancelledError extends SwitchyardError {
+  readonly taskId: string;
+  constructor(message: string, options: { taskId: string }) {
+    super(message);
+    this.taskId = options.taskId;
   }
 }
 /** A client wait (`result`, `wait`) ran out of time. */
@@ -173,60 +198,70 @@ export class HttpError extends SwitchyardError {
 export class NetworkError extends SwitchyardError {}
 
 /** A durable operation suspended the step. Never catch it: let it propagate
- * (or rethrow it) so the step frees its slot and resumes by replay. */
-class Suspension extends SwitchyardError {
-  readonly wait: unknown;
-  constructor(wait: unknown) {
-    super("the step suspends: let this error propagate out of the handler");
-    this.wait = wait;
-  }
-}
+ * (or rethrow it) so the step frees its slot and resumes by replay. It
+ * carries nothing: the core keeps what the step waits for. */
+class Suspension extends SwitchyardError {}
 
 /** True for the internal error that suspends a step (rethrow it if you catch errors broadly). */
 export function isSuspension(e: unknown): boolean {
   return e instanceof Suspension;
 }
 
+/** An envelope's error: `class` is the core's vocabulary name. */
 interface ErrBody {
-  kind: string;
+  class: string;
   message: string;
-  wait?: unknown;
-  event?: string;
+  task?: string | null;
+  error?: { kind: string; message: string; trace?: string | null; attempt?: number } | null;
+  event?: string | null;
 }
 
+/** The one map from the core's error classes to TypeScript errors. */
+const CLASSES: Record<string, (e: ErrBody) => Error> = {
+  PermanentError: (e) => new PermanentError(e.message),
+  RetryableError: (e) => new RetryableError(e.message),
+  InvalidInput: (e) => new InvalidInput(e.message),
+  PayloadTooLarge: (e) => new PayloadTooLarge(e.message),
+  AwaitTimeout: (e) => new AwaitTimeoutError(e.message, { event: e.event ?? undefined }),
+  Cancelled: (e) => new CancelledError(e.message),
+  LeaseLost: (e) => new LeaseLost(e.message),
+  Suspend: (e) => new Suspension(e.message),
+  TaskFailed: (e) =>
+    new TaskFailedError(e.message, {
+      taskId: e.task ?? "",
+      error: {
+        kind: e.error?.kind ?? "permanent",
+        message: e.error?.message ?? e.message,
+        trace: e.error?.trace ?? null,
+        attempt: e.error?.attempt ?? 0,
+      },
+    }),
+  TaskCancelled: (e) => new TaskCancelledError(e.message, { taskId: e.task ?? "" }),
+  TimeoutError: (e) => new WaitTimeoutError(e.message),
+  NotFound: (e) => new NotFound(e.message),
+  Conflict: (e) => new Conflict(e.message),
+  ConfigError: (e) => new ConfigError(e.message),
+  StoreError: (e) => new StoreError(e.message),
+  ShutdownError: (e) => new ShutdownError(e.message),
+};
+
 function toError(e: ErrBody): Error {
-  switch (e.kind) {
-    case "Suspend":
-      return new Suspension(e.wait);
-    case "AwaitTimeout":
-      return new AwaitTimeoutError(e.message, { event: e.event });
-    case "Cancelled":
-      return new CancelledError(e.message);
-    case "InvalidInput":
-      return new InvalidInput(e.message);
-    case "PayloadTooLarge":
-      return new PayloadTooLarge(e.message);
-    case "Permanent":
-      return new PermanentError(e.message);
-    case "Retryable":
-      return new RetryableError(e.message);
-    case "NotFound":
-      return new NotFound(e.message);
-    case "Conflict":
-      return new Conflict(e.message);
-    case "LeaseLost":
-      return new LeaseLost(e.message);
-    case "Timeout":
-      return new WaitTimeoutError(e.message);
-    case "Config":
-      return new ConfigError(e.message);
-    case "Shutdown":
-      return new ShutdownError(e.message);
-    case "Store":
-      return new StoreError(e.message);
-    default:
-      return new SwitchyardError(e.message);
-  }
+  const make = Object.hasOwn(CLASSES, e.class) ? CLASSES[e.class] : undefined;
+  return make ? make(e) : new SwitchyardError(`${e.class}: ${e.message}`);
+}
+
+/** The core's class name of a TypeScript error (what a handler's outcome
+ * carries); null for errors that are not the vocabulary's. */
+function classOf(e: Error): string | null {
+  if (e instanceof Suspension) return "Suspend";
+  if (e instanceof CancelledError) return "Cancelled";
+  if (e instanceof PayloadTooLarge) return "PayloadTooLarge";
+  if (e instanceof InvalidInput) return "InvalidInput";
+  if (e instanceof LeaseLost) return "LeaseLost";
+  if (e instanceof AwaitTimeoutError) return "AwaitTimeout";
+  if (e instanceof PermanentError) return "PermanentError";
+  if (e instanceof RetryableError) return "RetryableError";
+  return null;
 }
 
 function unwrap(text: string): any {
@@ -513,7 +548,7 @@ export class Decision {
   /** Splits `total` items into cursor ranges run as parallel `handler`
    * steps, then a `converge` step that receives their results. */
   static fanOut(handler: string, total: number, batchSize: number, input: unknown = null, converge = "converge"): Decision {
-    const plan = JSON.parse(native.fanOut(handler, total, batchSize, toJson(input, "fanOut input"), converge));
+    const plan = unwrap(native.fanOut(handler, total, batchSize, toJson(input, "fanOut input"), converge));
     if (plan.complete !== undefined) return Decision.complete(plan.complete);
     const steps = (plan.steps as any[]).map((s) => ({
       name: s.name,
@@ -605,19 +640,22 @@ interface Registered {
 }
 
 // What a finished step answers, as the native addon reads it (the table is
-// in bindings/node/src/worker.rs, `decode`): an array whose first element
-// is the kind of outcome. A batch job answers an array of these.
+// in bindings/node/src/worker.rs, `decode`; each kind is one of the core's
+// `Reply` constructors): an array whose first element is the kind of
+// outcome. A batch job answers an array of these.
 const VALUE = 0;
 const ERROR = 1;
-const SUSPEND = 2;
 const COMPLETE = 3;
 const DECIDE = 4;
 const HTTP = 5;
 const NETWORK = 6;
+const UNREPRESENTABLE = 7;
 type Outcome = unknown[];
 
-function failure(kind: string, message: string, trace: string | null = null, retryAfter: number | null = null): Outcome {
-  return [ERROR, kind, message, trace, retryAfter];
+/** An error of the core's class `cls` (e.g. "RetryableError"): the core
+ * decides what it means. */
+function failure(cls: string, message: string, trace: string | null = null, retryAfter: number | null = null): Outcome {
+  return [ERROR, cls, message, trace, retryAfter];
 }
 
 /** `v` as text for a message, never throwing: a value that cannot be
@@ -678,7 +716,7 @@ function errorOutcome(e: unknown, handler: string): Outcome {
   } catch {
     // Looking at `e` threw (a Proxy trap, a getter).
     return failure(
-      "retryable",
+      "RetryableError",
       `handler \`${handler}\` threw (or rejected with) ${render(e, "rejection")}; throw an Error to get a stack trace`,
     );
   }
@@ -687,32 +725,26 @@ function errorOutcome(e: unknown, handler: string): Outcome {
 function classify(e: unknown, handler: string): Outcome {
   if (e !== null && (typeof e === "object" || typeof e === "function") && utilTypes.isProxy(e)) {
     return failure(
-      "retryable",
+      "RetryableError",
       `handler \`${handler}\` threw (or rejected with) a non-Error value: ${render(e, "rejection")}; throw an Error to get a stack trace`,
     );
   }
-  if (e instanceof Suspension) return [SUSPEND, e.wait];
   const message = (fallback: string) => textOf(e, "message", fallback);
   if (e instanceof HttpError) return [HTTP, numberOf(e, "status"), numberOf(e, "retryAfter"), message("<unrenderable message>")];
   if (e instanceof NetworkError) return [NETWORK, message("<unrenderable message>")];
-  if (e instanceof CancelledError || (e instanceof Error && textOf(e, "name", "") === "AbortError")) {
-    return failure("cancelled", message("") || "cancelled");
-  }
-  if (e instanceof InvalidInput) return failure("invalid_input", message("<unrenderable message>"));
-  if (e instanceof LeaseLost) return failure("lease_lost", message("<unrenderable message>"));
-  if (e instanceof PermanentError || e instanceof AwaitTimeoutError) {
-    // An await timeout that escapes the handler is final: a replay would
-    // take the same (checkpointed) path.
-    return failure("permanent", message("") || textOf(e, "name", "PermanentError"), stackOf(e));
-  }
-  if (e instanceof RetryableError) {
-    return failure("retryable", message("") || textOf(e, "name", "RetryableError"), stackOf(e), numberOf(e, "retryAfter"));
+  // An abort (ctx.signal passed to fetch, timers...) stops the step like a cancellation.
+  const cls = e instanceof Error ? (classOf(e) ?? (textOf(e, "name", "") === "AbortError" ? "Cancelled" : null)) : null;
+  if (cls !== null) {
+    // An await timeout that escapes the handler is final (the core decides);
+    // a message-less error is named by its class.
+    const name = textOf(e, "name", cls);
+    return failure(cls, message("") || name, stackOf(e), cls === "RetryableError" ? numberOf(e, "retryAfter") : null);
   }
   if (e instanceof Error) {
-    return failure("retryable", `${textOf(e, "name", "Error")}: ${message("<unrenderable message>")}`, stackOf(e));
+    return failure("RetryableError", `${textOf(e, "name", "Error")}: ${message("<unrenderable message>")}`, stackOf(e));
   }
   return failure(
-    "retryable",
+    "RetryableError",
     `handler \`${handler}\` threw (or rejected with) a non-Error value: ${render(e, "rejection")}; throw an Error to get a stack trace`,
   );
 }
@@ -842,7 +874,7 @@ function notJsonOutcome(e: unknown, handler: string): Outcome {
   try {
     return describeNotJson(e, handler);
   } catch {
-    return failure("permanent", `handler \`${handler}\` returned a value that is not JSON-serialisable`);
+    return failure("PermanentError", `handler \`${handler}\` returned a value that is not JSON-serialisable`);
   }
 }
 
@@ -851,7 +883,7 @@ function describeNotJson(e: unknown, handler: string): Outcome {
   if (!proxy && e instanceof NotJsonError) {
     const { what, hint, path } = e.problem;
     const at = path.length > 0 ? ` at ${path.reverse().join("")}` : "";
-    return failure("permanent", `handler \`${handler}\` returned ${what}${at}, which is not JSON-serialisable; ${hint}`);
+    return [UNREPRESENTABLE, `${what}${at} [${hint}]`];
   }
   let why: string;
   if (!proxy && e instanceof Error) {
@@ -860,7 +892,7 @@ function describeNotJson(e: unknown, handler: string): Outcome {
     why = render(e, "exception");
   }
   return failure(
-    "permanent",
+    "PermanentError",
     `handler \`${handler}\` returned a value that is not JSON-serialisable: converting it to JSON (its toJSON or a getter) threw ${why}`,
   );
 }
@@ -873,7 +905,7 @@ function okText(h: Registered, v: unknown): string {
       if (!(v instanceof Decision)) {
         return JSON.stringify(
           failure(
-            "permanent",
+            "PermanentError",
             `decision handler \`${h.name}\` returned ${v === null ? "null" : typeof v}, not a Decision (use Decision.create or Decision.complete)`,
           ),
         );
@@ -899,7 +931,7 @@ function errorText(e: unknown, h: Registered): string {
 
 /** For an outcome that could not be made at all (never expected). */
 function lastResort(h: Registered): string {
-  return JSON.stringify(failure("permanent", `handler \`${h.name}\`: its outcome could not be turned into JSON`));
+  return JSON.stringify(failure("PermanentError", `handler \`${h.name}\`: its outcome could not be turned into JSON`));
 }
 
 function isThenable(v: unknown): v is PromiseLike<unknown> {
@@ -908,8 +940,8 @@ function isThenable(v: unknown): v is PromiseLike<unknown> {
 
 /**
  * A host for JS handlers. Register handlers, then `await worker.run()`
- * (until SIGINT/SIGTERM or `close()`), or `await worker.start()` and later
- * `await worker.close()`.
+ * (until SIGINT/SIGTERM or `stop()`), or `await worker.start()` and later
+ * `await worker.stop()` (`close()` is an alias).
  */
 export class Worker {
   /** The store URL. */
@@ -1029,7 +1061,7 @@ export class Worker {
 
   /** Graceful shutdown: no more claims; running steps get the grace period,
    * then are handed back. Afterwards nothing keeps the event loop alive. */
-  async close(): Promise<void> {
+  async stop(): Promise<void> {
     if (this.#state === "new") {
       this.#state = "closed";
       return;
@@ -1051,14 +1083,19 @@ export class Worker {
     }
   }
 
-  /** Serves until `close()` is called or SIGINT/SIGTERM arrives (then shuts
+  /** Alias of `stop()`. */
+  close(): Promise<void> {
+    return this.stop();
+  }
+
+  /** Serves until `stop()` is called or SIGINT/SIGTERM arrives (then shuts
    * down gracefully). On a worker thread no signal handlers are installed. */
   async run(): Promise<void> {
     if (this.#state === "new") await this.start();
     const signals = this.#handleSignals && isMainThread;
     const onSignal = (signal: string) => {
       // A second signal while draining gets Node's default action (exit).
-      this.close().catch((e) => process.emitWarning(`switchyard: shutdown after ${signal} failed: ${String(e)}`));
+      this.stop().catch((e) => process.emitWarning(`switchyard: shutdown after ${signal} failed: ${String(e)}`));
     };
     if (signals) {
       process.once("SIGINT", onSignal);
@@ -1133,7 +1170,7 @@ export class Worker {
     try {
       if (!Array.isArray(results) || results.length !== items.length) {
         const got = Array.isArray(results) ? `${results.length} results` : typeof results;
-        const o = failure("permanent", `batch handler \`${h.name}\` returned ${got} for ${items.length} steps`);
+        const o = failure("PermanentError", `batch handler \`${h.name}\` returned ${got} for ${items.length} steps`);
         return this.#finish(id, all(JSON.stringify(o)));
       }
       texts = results.map((r: unknown) => {
@@ -1219,18 +1256,23 @@ export interface ClientOptions {
   maxPayloadBytes?: number;
 }
 
+/** The core's key for each option; any other key goes to the core as it
+ * is, which refuses it by name (as it refuses `parent`). */
+const TASK_KEYS: Record<string, string> = {
+  idempotencyKey: "idempotency_key",
+  responseEvent: "response_event",
+  runAt: "run_at",
+};
+
 function taskObject(t: TaskSpec, what: string): Record<string, unknown> {
   if (t === null || typeof t !== "object") throw new InvalidInput(`${what} must be an object with a handler`);
-  const runAt = t.runAt instanceof Date ? t.runAt.getTime() : t.runAt;
-  return {
-    handler: name(`${what}: handler`, t.handler),
-    input: t.input ?? null,
-    priority: t.priority ?? 0,
-    idempotency_key: t.idempotencyKey ?? null,
-    response_event: t.responseEvent ?? null,
-    headers: t.headers ?? {},
-    run_at: runAt ?? null,
-  };
+  const out: Record<string, unknown> = { input: null };
+  for (const [k, v] of Object.entries(t)) {
+    if (v === undefined) continue;
+    out[Object.hasOwn(TASK_KEYS, k) ? TASK_KEYS[k] : k] = k === "runAt" && v instanceof Date ? v.getTime() : v;
+  }
+  out.handler = name(`${what}: handler`, t.handler);
+  return out;
 }
 
 function taskJson(t: TaskSpec, what: string): string {
@@ -1284,14 +1326,11 @@ export class Client {
     return unwrap(await n.emit(name, toJson(payload, "event payload")));
   }
   /** Waits for the task to finish and resolves to its result; rejects with
-   * the task's error, `CancelledError`, or `WaitTimeoutError` after `timeout` seconds (default 30). */
+   * `TaskFailedError`, `TaskCancelledError`, or `WaitTimeoutError` after
+   * `timeout` seconds (default 30). */
   async result<T = unknown>(taskId: string, options: { timeout?: number } = {}): Promise<T> {
     const n = await this.#native;
-    const t = unwrap(await n.wait(taskId, nonNeg("timeout", options.timeout ?? 30)));
-    if (t.state === "completed") return (t.result ?? null) as T;
-    const message = `task ${taskId} ${t.state}: ${t.error?.message ?? "no error recorded"}`;
-    if (t.state === "cancelled") throw new CancelledError(message);
-    throw new TaskFailedError(message, { taskId, error: camelRecord(t.error ?? null) });
+    return (unwrap(await n.result(taskId, nonNeg("timeout", options.timeout ?? 30))) ?? null) as T;
   }
   /** Waits for the task to finish and resolves to its record. */
   async wait(taskId: string, options: { timeout?: number } = {}): Promise<Record<string, any>> {

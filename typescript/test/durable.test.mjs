@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { AwaitTimeoutError, CancelledError, TaskFailedError, isSuspension } from "switchyard";
+import { AwaitTimeoutError, CancelledError, TaskCancelledError, TaskFailedError, isSuspension } from "switchyard";
 import { setup, until, stepOf, tempStore } from "./helpers.mjs";
 
 test("checkpoint runs once; awaitEvent suspends and the replay resumes", async (t) => {
@@ -169,7 +169,7 @@ test("cancelling a task fires ctx.signal with a CancelledError", async (t) => {
   const id = await client.spawn("long", {});
   await running;
   assert.equal(await client.cancel(id), true);
-  await assert.rejects(client.result(id, { timeout: 10 }), CancelledError);
+  await assert.rejects(client.result(id, { timeout: 10 }), TaskCancelledError);
   // The store records the cancel before the signal reaches the handler.
   await until(() => reason !== undefined, 10_000, "the signal to fire");
   assert.ok(reason instanceof CancelledError);

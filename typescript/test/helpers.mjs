@@ -12,13 +12,13 @@ export function tempStore(t, name = "test.db") {
   return { url: `sqlite:${join(dir, name)}`, dir };
 }
 
-/** A started worker (closed after the test) and a client on one store. */
+/** A started worker (stopped after the test) and a client on one store. */
 export async function setup(t, register, options = {}) {
   const { url, dir } = tempStore(t);
   const worker = new Worker({ store: url, concurrency: 16, shutdownGrace: 2, ...options });
   register(worker);
   await worker.start();
-  t.after(() => worker.close());
+  t.after(() => worker.stop());
   return { worker, client: new Client({ store: url }), store: url, dir };
 }
 

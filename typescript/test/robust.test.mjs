@@ -212,7 +212,7 @@ test("results JSON cannot represent fail their own step permanently, naming the 
   for (const [i, [k, [, want]]] of Object.entries(cases).entries()) {
     const err = await failure(client, ids[i]);
     assert.match(err.message, want, `${k}: ${err.message}`);
-    assert.match(err.message, /not JSON/, `${k}: ${err.message}`);
+    assert.match(err.message, /no JSON form/, `${k}: ${err.message}`);
     assert.equal(err.kind, "permanent", `${k} fails permanently`);
     assert.equal(calls[k], 1, `${k} is not retried`);
   }

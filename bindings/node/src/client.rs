@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use napi_derive::napi;
+use switchyard_core::bridge::{new_task, new_tasks};
 use switchyard_core::{Client, DynStore, Error, NewTask, TaskFilter, TaskId, TaskState};
 
 use crate::errors::{core, core_err, parse_env};
@@ -17,20 +18,10 @@ fn parse_id(id: &str) -> Result<TaskId, String> {
     id.parse().map_err(|e: Error| core_err(&e))
 }
 
-/// Parses one task description (`NewTask` JSON, snake_case keys).
+/// One task from the TypeScript side (snake_case keys), checked by the
+/// core's one parser (unknown keys and `parent` refused).
 fn parse_task(what: &str, json: &str) -> Result<NewTask, String> {
-    task_from(what, parse_env(what, json)?)
-}
-
-fn task_from(what: &str, v: serde_json::Value) -> Result<NewTask, String> {
-    let mut t: NewTask = serde_json::from_value(v).map_err(|e| {
-        core_err(&Error::InvalidInput(format!(
-            "{what}: needs `handler` (string) and `input`; optional `priority`, \
-             `idempotencyKey`, `responseEvent`, `headers`, `runAt`: {e}"
-        )))
-    })?;
-    t.parent = None;
-    Ok(t)
+    new_task(what, parse_env(what, json)?).map_err(|e| core_err(&e))
 }
 
 fn either(r: Result<String, String>) -> String {
@@ -65,7 +56,7 @@ impl NativeClient {
         self.client.store().url()
     }
 
-    /// `task`: `NewTask` JSON. Resolves to `{task_id, created}`.
+    /// `task`: a task as JSON (see [`new_task`]). Resolves to `{task_id, created}`.
     #[napi]
     pub async fn spawn(&self, task: String) -> String {
         let c = self.client.clone();
@@ -78,7 +69,7 @@ impl NativeClient {
         )
     }
 
-    /// `tasks`: a JSON array of `NewTask` (one string: one crossing and one
+    /// `tasks`: a JSON array of tasks (one string: one crossing and one
     /// parse for the whole batch). Resolves to `[{task_id, created}]`.
     #[napi]
     pub async fn spawn_many(&self, tasks: String) -> String {
@@ -86,18 +77,7 @@ impl NativeClient {
         either(
             async move {
                 let v = parse_env("spawnMany tasks", &tasks)?;
-                let items = match v {
-                    serde_json::Value::Array(items) => items,
-                    _ => {
-                        return Err(core_err(&Error::InvalidInput(
-                            "spawnMany needs an array of tasks".into(),
-                        )))
-                    }
-                };
-                let mut out = Vec::with_capacity(items.len());
-                for (i, t) in items.into_iter().enumerate() {
-                    out.push(task_from(&format!("spawnMany: task #{i}"), t)?);
-                }
+                let out = new_tasks(v).map_err(|e| core_err(&e))?;
                 Ok(core(c.spawn_many(out).await))
             }
             .await,

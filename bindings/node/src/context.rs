@@ -120,10 +120,10 @@ impl NativeContext {
     #[napi]
     pub async fn checkpoint_lookup(&self, name: String) -> String {
         let ctx = self.ctx.clone();
+        let r = ctx.checkpoint_lookup(&name).await;
         step(
-            ctx.checkpoint_lookup(&name).await.map(
-                |(key, v)| serde_json::json!({ "key": key, "found": v.is_some(), "value": v }),
-            ),
+            &ctx,
+            r.map(|(key, v)| serde_json::json!({ "key": key, "found": v.is_some(), "value": v })),
         )
     }
 
@@ -134,7 +134,7 @@ impl NativeContext {
         either(
             async move {
                 let v = parse_env(&format!("checkpoint `{key}` value"), &value)?;
-                Ok(step(ctx.checkpoint_save(&key, v).await))
+                Ok(step(&ctx, ctx.checkpoint_save(&key, v).await))
             }
             .await,
         )
@@ -147,7 +147,8 @@ impl NativeContext {
         let timeout = timeout_secs
             .map(|s| secs("awaitEvent timeout", s))
             .transpose();
-        step(async move { ctx.await_event(&name, timeout?).await }.await)
+        let r = async { ctx.await_event(&name, timeout?).await }.await;
+        step(&ctx, r)
     }
 
     /// Durable sleep.
@@ -155,14 +156,15 @@ impl NativeContext {
     pub async fn sleep(&self, seconds: f64) -> String {
         let ctx = self.ctx.clone();
         let d = secs("sleep duration", seconds);
-        step(async move { ctx.sleep(d?).await }.await)
+        let r = async { ctx.sleep(d?).await }.await;
+        step(&ctx, r)
     }
 
     /// Durable sleep until `at_ms` (milliseconds since the epoch).
     #[napi]
     pub async fn sleep_until(&self, at_ms: i64) -> String {
         let ctx = self.ctx.clone();
-        step(ctx.sleep_until(at_ms).await)
+        step(&ctx, ctx.sleep_until(at_ms).await)
     }
 
     /// Emits an event; true if this call stored it.
@@ -172,7 +174,7 @@ impl NativeContext {
         either(
             async move {
                 let p = parse_env("event payload", &payload)?;
-                Ok(step(ctx.emit_event(&name, p).await))
+                Ok(step(&ctx, ctx.emit_event(&name, p).await))
             }
             .await,
         )
@@ -185,7 +187,8 @@ impl NativeContext {
         either(
             async move {
                 let i = parse_env("child input", &input)?;
-                Ok(step(ctx.spawn(&handler, i).await.map(|id| id.to_string())))
+                let r = ctx.spawn(&handler, i).await;
+                Ok(step(&ctx, r.map(|id| id.to_string())))
             }
             .await,
         )
@@ -198,7 +201,7 @@ impl NativeContext {
         either(
             async move {
                 let i = parse_env("child input", &input)?;
-                Ok(step(ctx.delegate(&handler, i).await))
+                Ok(step(&ctx, ctx.delegate(&handler, i).await))
             }
             .await,
         )
@@ -222,7 +225,7 @@ impl NativeContext {
                     .into_iter()
                     .map(|(h, i)| ChildSpec::new(h, i))
                     .collect();
-                Ok(step(ctx.delegate_parallel(specs).await))
+                Ok(step(&ctx, ctx.delegate_parallel(specs).await))
             }
             .await,
         )
@@ -232,13 +235,13 @@ impl NativeContext {
     #[napi]
     pub async fn heartbeat(&self) -> String {
         let ctx = self.ctx.clone();
-        step(ctx.heartbeat().await)
+        step(&ctx, ctx.heartbeat().await)
     }
 
     /// Results of the steps this step depends on, by name.
     #[napi]
     pub async fn dependency_results(&self) -> String {
         let ctx = self.ctx.clone();
-        step(ctx.dependency_results().await)
+        step(&ctx, ctx.dependency_results().await)
     }
 }

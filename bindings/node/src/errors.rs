@@ -1,82 +1,54 @@
-//! The one place that maps core errors to what the TypeScript side throws.
-//! Fallible async calls resolve to a JSON envelope rather than rejecting
-//! with a `napi::Error`: the envelope carries the error *kind* (and, for a
-//! suspension, the wait) so `typescript/src/errors.ts` can build the right
-//! subclass of `SwitchyardError` with the core's message.
+//! Envelopes: fallible async calls resolve to `{"ok": value}` or `{"err":
+//! {"class", "message", "task"?, "error"?, "event"?}}` rather than rejecting
+//! with a `napi::Error`. `class` is the core's vocabulary name
+//! ([`ErrorClass::name`]); `toError` in `typescript/src/index.ts` is the one
+//! map from a class to a TypeScript error. Nothing here decides a class: the
+//! core does ([`Raised::from`], [`raise`]).
 
 use serde_json::{json, Value};
-use switchyard_core::{Error, StepError};
+use switchyard_core::bridge::{raise, Raised};
+use switchyard_core::{Context, Error};
 
 /// `{"ok": v}`.
 pub fn ok(v: Value) -> String {
     json!({ "ok": v }).to_string()
 }
 
-/// `{"err": {...}}` for a core error.
-pub fn core_err(e: &Error) -> String {
-    let kind = match e {
-        Error::InvalidInput(_) => "InvalidInput",
-        Error::NotFound(_) => "NotFound",
-        Error::LeaseLost(_) => "LeaseLost",
-        Error::Cancelled(_) => "Cancelled",
-        Error::PayloadTooLarge { .. } => "PayloadTooLarge",
-        Error::Conflict(_) => "Conflict",
-        Error::Timeout(_) => "Timeout",
-        Error::Config(_) => "Config",
-        Error::Store(_) => "Store",
-        Error::Shutdown => "Shutdown",
-        Error::TaskFailed { .. } | Error::TaskCancelled { .. } => "Conflict",
-    };
-    json!({ "err": { "kind": kind, "message": e.to_string() } }).to_string()
+fn raised(r: Raised) -> String {
+    json!({ "err": {
+        "class": r.class.name(),
+        "message": r.message,
+        "task": r.task.map(|t| t.to_string()),
+        "error": r.error,
+        "event": r.event,
+    } })
+    .to_string()
 }
 
-/// `{"err": {...}}` for a step error raised out of a durable operation.
-pub fn step_err(e: &StepError) -> String {
-    let err = match e {
-        StepError::Suspend(wait) => json!({
-            "kind": "Suspend",
-            "message": "the step suspends (rethrow this error)",
-            "wait": serde_json::to_value(wait).unwrap_or(Value::Null),
-        }),
-        StepError::AwaitTimeout { event } => json!({
-            "kind": "AwaitTimeout",
-            "message": format!("timed out waiting for event `{event}`"),
-            "event": event,
-        }),
-        StepError::LeaseLost => {
-            json!({"kind": "LeaseLost", "message": "the step's lease was lost"})
-        }
-        StepError::Cancelled => json!({"kind": "Cancelled", "message": "the task was cancelled"}),
-        StepError::InvalidInput(m) => json!({"kind": "InvalidInput", "message": m}),
-        StepError::Permanent { message, .. } => json!({"kind": "Permanent", "message": message}),
-        StepError::Retryable { message, .. } => json!({"kind": "Retryable", "message": message}),
-    };
-    json!({ "err": err }).to_string()
+/// `{"err": {...}}` for a core error.
+pub fn core_err(e: &Error) -> String {
+    raised(Raised::from(e.clone()))
 }
 
 /// Envelope for a core result.
 pub fn core<T: serde::Serialize>(r: switchyard_core::Result<T>) -> String {
     match r {
         Ok(v) => ok(serde_json::to_value(v).unwrap_or(Value::Null)),
-        Err(e) => core_err(&e),
+        Err(e) => raised(Raised::from(e)),
     }
 }
 
-/// Envelope for a durable-operation result.
-pub fn step<T: serde::Serialize>(r: switchyard_core::StepResult<T>) -> String {
+/// Envelope for a context call of `ctx`: durable control flow stays in
+/// `ctx` (see [`raise`]).
+pub fn step<T: serde::Serialize>(ctx: &Context, r: switchyard_core::StepResult<T>) -> String {
     match r {
         Ok(v) => ok(serde_json::to_value(v).unwrap_or(Value::Null)),
-        Err(e) => step_err(&e),
+        Err(e) => raised(raise(ctx, e)),
     }
 }
 
-/// Parses JSON text produced by the TypeScript side; a failure names `what`.
-pub fn parse(what: &str, text: &str) -> napi::Result<Value> {
-    serde_json::from_str(text)
-        .map_err(|e| napi::Error::from_reason(format!("{what} is not valid JSON: {e}")))
-}
-
-/// Like [`parse`], as an envelope error for async calls.
+/// Parses JSON text produced by the TypeScript side, as an envelope error
+/// naming `what`.
 pub fn parse_env(what: &str, text: &str) -> Result<Value, String> {
     serde_json::from_str(text).map_err(|e| {
         core_err(&Error::InvalidInput(format!(

@@ -9,8 +9,9 @@
 //! Every entry point that waits on the core is `async` (a Promise in JS), so
 //! the JS thread stays free to run the handlers the core calls into.
 //! Fallible core calls resolve to an envelope (`{"ok": value}` or
-//! `{"err": {"kind", "message", ...}}`, see [`errors`]) that the TypeScript
-//! side turns into its error classes.
+//! `{"err": {"class", "message", ...}}`, see [`errors`]) that the TypeScript
+//! side turns into its error classes; the class is the core's
+//! ([`switchyard_core::bridge::ErrorClass`]).
 //!
 //! Thread affinity: `#[napi]` functions run on the JS thread of the calling
 //! environment (main thread or a `worker_threads` Worker); `async` bodies run
@@ -29,8 +30,8 @@ pub fn native_version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
-/// The core's fan-out plan ([`switchyard_core::Decision::fan_out`]) as JSON:
-/// `{"steps": [...], "final_step": name}`.
+/// The core's fan-out plan ([`switchyard_core::bridge::fan_out`]) as an
+/// envelope: `{"ok": {"steps": [...], "final_step": name}}`.
 #[napi]
 pub fn fan_out(
     handler: String,
@@ -38,26 +39,12 @@ pub fn fan_out(
     batch_size: i64,
     input_json: String,
     converge: String,
-) -> napi::Result<String> {
-    if total < 0 || batch_size < 1 {
-        return Err(napi::Error::from_reason(format!(
-            "fanOut: total must be >= 0 and batchSize >= 1 (got {total} and {batch_size})"
-        )));
-    }
-    let input = errors::parse("fanOut input", &input_json)?;
-    match switchyard_core::Decision::fan_out(
-        &handler,
-        total as u64,
-        batch_size as u64,
-        input,
-        &converge,
-    ) {
-        switchyard_core::Decision::Steps { steps, final_step } => {
-            Ok(serde_json::json!({ "steps": steps, "final_step": final_step }).to_string())
-        }
-        switchyard_core::Decision::Complete(v) => {
-            Ok(serde_json::json!({ "complete": v }).to_string())
-        }
+) -> String {
+    match errors::parse_env("fanOut input", &input_json) {
+        Ok(input) => errors::core(switchyard_core::bridge::fan_out(
+            &handler, total, batch_size, input, &converge,
+        )),
+        Err(e) => e,
     }
 }
 

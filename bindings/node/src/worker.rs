@@ -52,8 +52,10 @@ use napi::threadsafe_function::ThreadsafeFunction;
 use napi_derive::napi;
 use parking_lot::Mutex;
 use serde_json::Value;
-use switchyard_core::bridge::{camel_case, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply};
-use switchyard_core::{ApiError, Decision, NewStep, RunningWorker, StepError, WaitFor};
+use switchyard_core::bridge::{
+    camel_case, ErrorClass, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply,
+};
+use switchyard_core::RunningWorker;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::open_store;
@@ -122,9 +124,13 @@ impl Pending {
         self.job.complete(replies);
     }
 
-    fn fail(self, e: StepError) {
+    fn fail(self, class: ErrorClass, message: &str) {
         let n = self.job.items.len();
-        self.answer((0..n).map(|_| Reply::Error(e.clone())).collect());
+        self.answer(
+            (0..n)
+                .map(|_| Reply::error(class, message.to_string(), None, None))
+                .collect(),
+        );
     }
 
     /// Cancels the job's runs without answering it: the core hands them
@@ -207,8 +213,6 @@ pub struct NativeWorker {
     store_url: String,
     plan: Mutex<HostPlan>,
     inbox: Arc<Inbox>,
-    /// Handler names in registration order (their index is what JS sees).
-    names: Mutex<Vec<String>>,
     running: Arc<Mutex<Option<Arc<RunningWorker>>>>,
     pending: PendingMap,
     feeder: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -221,30 +225,26 @@ fn seconds(what: &str, s: f64) -> Result<Duration> {
     switchyard_core::bridge::seconds(what, s).map_err(Error::from_reason)
 }
 
-fn retry_after(s: Option<f64>) -> Option<Duration> {
-    s.and_then(switchyard_core::client::hint_secs)
-}
-
-/// The reply an outcome from the TypeScript glue stands for. An outcome is
+/// The reply an outcome from the TypeScript glue stands for, built with the
+/// core's constructors (the core decides what each means). An outcome is
 /// an array whose first element is its kind:
 ///
-/// | outcome | meaning |
+/// | outcome | reply |
 /// | --- | --- |
-/// | `[0, value]` | a value (plain, API and batch handlers) |
-/// | `[1, kind, message, trace, retryAfter]` | a step error; `kind` is `retryable`, `permanent`, `invalid_input`, `cancelled`, `lease_lost` or `await_timeout` |
-/// | `[2, wait]` | the step suspends (the wait the core put in the suspension error) |
-/// | `[3, value]` | a decision that completes the step |
-/// | `[4, steps, finalStep]` | a decision that creates steps |
-/// | `[5, status, retryAfter, message]` | an HTTP-shaped failure (API handlers) |
-/// | `[6, message]` | a network failure (API handlers) |
+/// | `[0, value]` | [`Reply::Value`] |
+/// | `[1, class, message, trace, retryAfter]` | [`Reply::error`]; `class` is a vocabulary name ([`ErrorClass::name`]) |
+/// | `[3, value]` | [`Reply::complete`] |
+/// | `[4, steps, finalStep]` | [`Reply::decision_steps`] |
+/// | `[5, status, retryAfter, message]` | [`Reply::http`] |
+/// | `[6, message]` | [`Reply::network`] |
+/// | `[7, what]` | [`Reply::unrepresentable`] |
 ///
-/// `retryAfter` is in seconds or null. Anything else fails the step with a
-/// message naming the handler.
+/// `retryAfter` is in seconds or null. Anything else (an unknown class
+/// included) fails the step with a message naming the handler.
 fn decode(handler: &str, outcome: Value) -> Reply {
     let bad = |what: String| {
-        Reply::Error(StepError::permanent(format!(
-            "handler `{handler}`: bad outcome from the TypeScript glue: {what}"
-        )))
+        let message = format!("handler `{handler}`: bad outcome from the TypeScript glue: {what}");
+        Reply::error(ErrorClass::Permanent, message, None, None)
     };
     let Value::Array(mut a) = outcome else {
         return bad(format!("expected an array, got {outcome}"));
@@ -258,62 +258,35 @@ fn decode(handler: &str, outcome: Value) -> Reply {
         Value::Null => String::new(),
         other => other.to_string(),
     };
-    let secs = |v: Value| retry_after(v.as_f64());
+    let opt = |v: Value| match v {
+        Value::Null => None,
+        t => Some(text(t)),
+    };
     match code {
         0 => Reply::Value(arg(1)),
         1 => {
-            let kind = text(arg(1));
-            let message = text(arg(2));
-            let trace = match arg(3) {
-                Value::Null => None,
-                t => Some(text(t)),
+            let name = text(arg(1));
+            let Some(&class) = ErrorClass::ALL.iter().find(|c| c.name() == name) else {
+                return bad(format!("unknown error class `{name}`"));
             };
-            Reply::Error(match kind.as_str() {
-                "retryable" => StepError::Retryable {
-                    message,
-                    retry_after: secs(arg(4)),
-                    trace,
-                },
-                "invalid_input" => StepError::InvalidInput(message),
-                "cancelled" => StepError::Cancelled,
-                "lease_lost" => StepError::LeaseLost,
-                "await_timeout" => StepError::AwaitTimeout { event: message },
-                _ => StepError::Permanent { message, trace },
-            })
+            let (message, trace) = (text(arg(2)), opt(arg(3)));
+            Reply::error(class, message, trace, arg(4).as_f64())
         }
-        2 => match serde_json::from_value::<WaitFor>(arg(1)) {
-            Ok(w) => Reply::Error(StepError::Suspend(w)),
-            Err(e) => Reply::Error(StepError::permanent(format!(
-                "handler `{handler}`: a suspension was forged or corrupted: {e}"
-            ))),
-        },
-        3 => Reply::Decision(Decision::Complete(arg(1))),
+        3 => Reply::complete(arg(1)),
         4 => {
-            let final_step = match arg(2) {
-                Value::Null => None,
-                f => Some(text(f)),
-            };
-            match serde_json::from_value::<Vec<NewStep>>(arg(1)) {
-                Ok(steps) => Reply::Decision(Decision::Steps { steps, final_step }),
-                Err(e) => Reply::Error(StepError::permanent(format!(
-                    "decision of handler `{handler}`: each step needs `name`, `handler`, \
-                     `input` and optional `dependsOn`: {e}"
-                ))),
-            }
+            let final_step = opt(arg(2));
+            Reply::decision_steps(handler, arg(1), final_step)
         }
         5 => {
             let status = arg(1).as_u64().and_then(|s| u16::try_from(s).ok());
             let Some(status) = status else {
                 return bad("an HTTP status must be a number from 0 to 65535".into());
             };
-            let retry_after = secs(arg(2));
-            Reply::Api(ApiError::Http {
-                status,
-                retry_after,
-                message: text(arg(3)),
-            })
+            let retry_after = arg(2).as_f64();
+            Reply::http(status, retry_after, text(arg(3)))
         }
-        6 => Reply::Api(ApiError::Network(text(arg(1)))),
+        6 => Reply::network(text(arg(1))),
+        7 => Reply::unrepresentable("JavaScript", handler, &text(arg(1))),
         other => bad(format!("unknown outcome kind {other}")),
     }
 }
@@ -362,11 +335,11 @@ fn replace_lone_surrogates(text: &str) -> String {
 }
 
 /// Answers every item of the jobs with the same error.
-fn fail_all(pending: &PendingMap, ids: &[u64], e: StepError) {
+fn fail_all(pending: &PendingMap, ids: &[u64], class: ErrorClass, message: &str) {
     let mut map = pending.lock();
     for id in ids {
         if let Some(p) = map.remove(id) {
-            p.fail(e.clone());
+            p.fail(class, message);
         }
     }
 }
@@ -379,9 +352,12 @@ fn answer_batch(pending: &PendingMap, ids: Vec<u64>, text: String) {
         Ok(o) if o.len() == ids.len() => o,
         Ok(o) => {
             let e = format!("{} outcomes for {} jobs", o.len(), ids.len());
-            return fail_all(pending, &ids, bad_answer(e));
+            return fail_all(pending, &ids, ErrorClass::Permanent, &bad_answer(e));
         }
-        Err(e) => return fail_all(pending, &ids, bad_answer(e.to_string())),
+        Err(e) => {
+            let why = bad_answer(e.to_string());
+            return fail_all(pending, &ids, ErrorClass::Permanent, &why);
+        }
     };
     let mut answered = Vec::with_capacity(ids.len());
     {
@@ -406,13 +382,13 @@ fn answer_batch(pending: &PendingMap, ids: Vec<u64>, text: String) {
     }
 }
 
-fn bad_answer(why: String) -> StepError {
-    StepError::permanent(format!("bad answer from the TypeScript glue: {why}"))
+fn bad_answer(why: String) -> String {
+    format!("bad answer from the TypeScript glue: {why}")
 }
 
 type Completions = tokio::sync::mpsc::UnboundedSender<(Vec<u64>, String)>;
 
-async fn feed(life: Arc<Lifeline>, handlers: HashMap<String, usize>, dispatch: Dispatch) {
+async fn feed(life: Arc<Lifeline>, dispatch: Dispatch) {
     let pending = &life.pending;
     while let Some(jobs) = life.inbox.recv_batch_async(MAX_BATCH).await {
         let mut text = String::with_capacity(32 * jobs.len());
@@ -425,12 +401,8 @@ async fn feed(life: Arc<Lifeline>, handlers: HashMap<String, usize>, dispatch: D
                     // Timed out or cancelled while queued: nothing to run.
                     continue;
                 }
-                let Some(&h) = handlers.get(&job.handler) else {
-                    // The core only dispatches handlers registered here.
-                    let e = StepError::permanent(format!("no JS handler `{}`", job.handler));
-                    Pending { job, done: None }.fail(e);
-                    continue;
-                };
+                // The handler's id is its index on the JS side too.
+                let h = job.handler_id;
                 if !ids.is_empty() {
                     text.push(',');
                 }
@@ -491,7 +463,8 @@ async fn feed(life: Arc<Lifeline>, handlers: HashMap<String, usize>, dispatch: D
                         _ = tokio::time::sleep(DISPATCH_ERROR_WAIT) => fail_all(
                             &life.pending,
                             &ids,
-                            StepError::retryable(format!("the JS dispatcher failed: {e}")),
+                            ErrorClass::Retryable,
+                            &format!("the JS dispatcher failed: {e}"),
                         ),
                     }
                 });
@@ -538,7 +511,6 @@ impl NativeWorker {
                 o.max_payload_bytes.map(|n| n as usize),
             )),
             inbox,
-            names: Mutex::new(Vec::new()),
             running,
             pending,
             feeder: Mutex::new(None),
@@ -581,9 +553,9 @@ impl NativeWorker {
         let opts = spec
             .build(&name, kind, plan.concurrency, camel_case)
             .map_err(Error::from_reason)?;
-        plan.register(name.clone(), kind, opts, self.inbox.clone())
+        // The id is the handler's index in JS (registration order).
+        plan.register(name, kind, opts, self.inbox.clone())
             .map_err(Error::from_reason)?;
-        self.names.lock().push(name);
         Ok(())
     }
 
@@ -636,14 +608,7 @@ impl NativeWorker {
             running.stop().await;
             return core_err(&switchyard_core::Error::Shutdown);
         }
-        let handlers = self
-            .names
-            .lock()
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.clone(), i))
-            .collect();
-        let feeder = tokio::spawn(feed(self.lifeline.clone(), handlers, dispatch));
+        let feeder = tokio::spawn(feed(self.lifeline.clone(), dispatch));
         *self.feeder.lock() = Some(feeder);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u64>, String)>();
         let pending = self.pending.clone();
