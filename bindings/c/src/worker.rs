@@ -25,8 +25,10 @@ use crate::*;
 /// output means `null`; for a decision, the decision document), or
 /// `SY_ERROR_RETRYABLE` / `SY_ERROR_PERMANENT` with the output as the error
 /// message, or pass on the status of a context call that failed (e.g.
-/// `SY_SUSPENDED`), or `SY_PENDING` after `sy_ctx_defer`. Any other value
-/// is a retryable failure.
+/// `SY_SUSPENDED`: the step parks; `SY_AWAIT_TIMEOUT`: it fails for good;
+/// without an output the message is the call's), or `SY_PENDING` after
+/// `sy_ctx_defer`. `SY_INVALID_ARGUMENT` fails the step for good too; any
+/// other value is a retryable failure.
 ///
 /// Thread affinity: runs on a thread owned by the library, possibly many at
 /// once (up to the handler's concurrency) with the same `user_data`.

@@ -414,6 +414,12 @@ static int32_t waits(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     return set_json(ctx, "{\"attempt\":%ld,\"run\":%ld}", (long)sy_ctx_attempt(ctx), (long)sy_ctx_run(ctx));
 }
 
+/* Returns the status its input names, with no output. */
+static int32_t by_status(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ctx, (void)ud;
+    return (int32_t)num(input, "status");
+}
+
 static int32_t noop(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     (void)input, (void)len, (void)ctx, (void)ud;
     return SY_OK;
@@ -456,6 +462,9 @@ static void durable_checks(void) {
     EXPECT(sy_worker_step(worker, "catcher", NULL, catcher, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "fake_suspend", NULL, fake_suspend, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "waits", NULL, waits, NULL, &err), SY_OK, NULL);
+    o = sy_handler_options_default();
+    o.max_attempts = 2, o.initial_backoff_ms = 10, o.max_backoff_ms = 10;
+    EXPECT(sy_worker_step(worker, "by_status", &o, by_status, NULL, &err), SY_OK, NULL);
     o = sy_handler_options_default();
     o.rate_limit = 1000, o.rate_burst = 10, o.max_attempts = 3;
     EXPECT(sy_worker_api(worker, "api", &o, api, NULL, &err), SY_OK, NULL);
@@ -511,7 +520,7 @@ static void durable_checks(void) {
     EXPECT(sy_client_spawn_many(client, "{\"handler\":\"add\"}", &res, &err), SY_INVALID_ARGUMENT, "must be a list");
     EXPECT(sy_client_spawn_many(client, "[{\"input\":1}]", &res, &err), SY_INVALID_ARGUMENT, "handler");
     /* A misspelt key is refused, not dropped; `parent` is not the client's. */
-    EXPECT(sy_client_spawn_many(client, "[{\"handler\":\"add\",\"input\":1},{\"handler\":\"add\",\"prio\":3}]",
+    EXPECT(sy_client_spawn_many(client, "[{\"handler\":\"add\",\"input\":1},{\"handler\":\"add\",\"input\":2,\"prio\":3}]",
                                 &res, &err), SY_INVALID_ARGUMENT, "task #1: unknown key `prio`");
     CHECK(res.ptr == NULL);
     EXPECT(sy_client_spawn_many(client, "[{\"handler\":\"add\",\"input\":1,\"parent\":{}}]", &res, &err),
@@ -545,6 +554,15 @@ static void durable_checks(void) {
     /* One passed on (SY_AWAIT_TIMEOUT returned) fails the step permanently,
      * with the await's message. */
     RUN("waiter", "{\"quick\":1,\"timeout_ms\":100}", SY_TASK_FAILED, "permanent: timed out waiting for event `never.sent`");
+    sy_buf_free(&id);
+
+    /* A status returned is its error class: SY_INVALID_ARGUMENT is never
+     * retried; a value that is no status is retryable. */
+    RUN("by_status", "{\"status\":1}", SY_TASK_FAILED,
+        "failed on attempt 1: invalid_input: invalid input: the C handler `by_status` failed with status 1 (SY_INVALID_ARGUMENT)");
+    sy_buf_free(&id);
+    RUN("by_status", "{\"status\":99}", SY_TASK_FAILED,
+        "failed on attempt 2: retryable: attempt 2 of 2 failed: the C handler `by_status` failed with status 99 (SY_UNKNOWN)");
     sy_buf_free(&id);
 
     /* SY_SUSPENDED returned by hand fails the step, with the core's message. */

@@ -22,11 +22,11 @@ table="$(awk '/^## Vocabulary/{on=1; next} on && /^## /{exit} on && /^\|/{print;
 [ -n "$table" ] || { echo "vocabulary.sh: no table under '## Vocabulary' in README.md" >&2; exit 1; }
 
 # The C column, by its header.
-col="$(printf '%s\n' "$table" | head -1 | awk -F'|' '{for (i = 1; i <= NF; i++) { gsub(/^ +| +$/, "", $i); if ($i == "C") print i }}')"
+col="$(printf '%s\n' "$table" | awk -F'|' 'NR == 1 {for (i = 1; i <= NF; i++) { gsub(/^ +| +$/, "", $i); if ($i == "C") print i }}')"
 [ -n "$col" ] || { echo "vocabulary.sh: the Vocabulary table has no C column" >&2; exit 1; }
 
 # Every `name` in that column, past the header and separator rows.
-names="$(printf '%s\n' "$table" | tail -n +3 | awk -F'|' -v c="$col" '{print $c}' | grep -o '`[^`]*`' | tr -d '`')"
+names="$(printf '%s\n' "$table" | awk -F'|' -v c="$col" 'NR > 2 {print $c}' | grep -o '`[^`]*`' | tr -d '`')"
 [ -n "$names" ] || { echo "vocabulary.sh: the C column is empty" >&2; exit 1; }
 
 functions=() statuses=()
