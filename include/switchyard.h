@@ -21,10 +21,11 @@ typedef enum {
   SY_NOT_FOUND = 2,
   // The database failed (usually transient).
   SY_STORE = 3,
-  // A wait ran out of time.
+  // A client's wait ran out of time (`sy_client_result`); an await in a
+  // step that ran out of time is `SY_AWAIT_TIMEOUT`.
   SY_TIMEOUT = 4,
-  // Not allowed in the current state (e.g. the task failed or was
-  // cancelled, the worker is already running, stopping from a callback).
+  // Not allowed in the current state (e.g. the worker is already
+  // running, stopping from a callback, a task that is not failed retried).
   SY_CONFLICT = 5,
   // Invalid configuration (e.g. an unknown store URL).
   SY_CONFIG = 6,
@@ -50,6 +51,17 @@ typedef enum {
   SY_PENDING = 14,
   // The step's task was cancelled: stop and return this status.
   SY_CANCELLED = 15,
+  // `sy_ctx_await_event` ran out of time (the event was not emitted
+  // within `timeout_ms`). Carry on, or return it: the step then fails
+  // permanently with the await's message.
+  SY_AWAIT_TIMEOUT = 16,
+  // The task waited for failed (`sy_client_result`): the message is its
+  // error; `sy_error_detail_json` gives the task id, the error's kind,
+  // message and traceback, and the attempt it happened on.
+  SY_TASK_FAILED = 17,
+  // The task waited for was cancelled (`sy_client_result`);
+  // `sy_error_detail_json` gives its id.
+  SY_TASK_CANCELLED = 18,
 } sy_status;
 
 // A client: spawn tasks, emit events, wait for results, cancel.
@@ -63,7 +75,8 @@ typedef struct sy_completion sy_completion;
 // The durable context of one step run; valid only during the callback.
 typedef struct sy_ctx sy_ctx;
 
-// An error: a status and a message. Release with `sy_error_free`.
+// An error: a status, a message and, for some statuses, details as JSON.
+// Release with `sy_error_free`.
 typedef struct sy_error sy_error;
 
 // An opened store (`memory`, `sqlite:...`, `postgres://...`).
@@ -130,8 +143,10 @@ typedef struct {
 // output means `null`; for a decision, the decision document), or
 // `SY_ERROR_RETRYABLE` / `SY_ERROR_PERMANENT` with the output as the error
 // message, or pass on the status of a context call that failed (e.g.
-// `SY_SUSPENDED`), or `SY_PENDING` after `sy_ctx_defer`. Any other value
-// is a retryable failure.
+// `SY_SUSPENDED`: the step parks; `SY_AWAIT_TIMEOUT`: it fails for good;
+// without an output the message is the call's), or `SY_PENDING` after
+// `sy_ctx_defer`. `SY_INVALID_ARGUMENT` fails the step for good too; any
+// other value is a retryable failure.
 //
 // Thread affinity: runs on a thread owned by the library, possibly many at
 // once (up to the handler's concurrency) with the same `user_data`.
@@ -165,6 +180,14 @@ const char *sy_error_message(const sy_error *err);
 // The error's status; `SY_OK` for NULL.
 sy_status sy_error_status(const sy_error *err);
 
+// The error's details as a JSON object (valid until `sy_error_free`), or
+// NULL when it has none (and for NULL). `SY_TASK_FAILED`: `{"task_id",
+// "kind", "message", "traceback", "attempt"}` as the store recorded them
+// (`kind` is e.g. "permanent", "retryable", "timeout"; `traceback` may be
+// null). `SY_TASK_CANCELLED`: `{"task_id", "kind": "cancelled", "message"}`.
+// `SY_AWAIT_TIMEOUT`: `{"event"}`, the event that was awaited.
+const char *sy_error_detail_json(const sy_error *err);
+
 // Releases an error (NULL is ignored).
 void sy_error_free(sy_error *err);
 
@@ -172,8 +195,9 @@ void sy_error_free(sy_error *err);
 // NULL is ignored.
 void sy_buf_free(sy_buf *buf);
 
-// A static name for a status, e.g. "SY_NOT_FOUND".
-const char *sy_status_name(sy_status status);
+// A static name for a status, e.g. "SY_NOT_FOUND"; "SY_UNKNOWN" for a
+// value that is no status.
+const char *sy_status_name(int32_t status);
 
 // Opens a store by URL (`memory`, `sqlite:PATH`, `postgres://...`).
 // Share one `sy_store` between a client and a worker of the same process.
@@ -206,9 +230,10 @@ sy_status sy_client_emit(const sy_client *client,
                          sy_error **err);
 
 // Waits up to `timeout_ms` for the task and stores its JSON result in
-// `result` (release with `sy_buf_free`). A failed or cancelled task is
-// `SY_CONFLICT` with the task's error message; still running after the
-// timeout is `SY_TIMEOUT`.
+// `result` (release with `sy_buf_free`). A failed task is `SY_TASK_FAILED`
+// and a cancelled one `SY_TASK_CANCELLED`, with the task's error as the
+// message and its details in `sy_error_detail_json`; still running after
+// the timeout is `SY_TIMEOUT`.
 sy_status sy_client_result(const sy_client *client,
                            const char *task_id,
                            uint64_t timeout_ms,
@@ -225,7 +250,8 @@ sy_status sy_client_cancel(const sy_client *client,
 
 // Spawns many tasks in one transaction. `tasks_json` is a JSON list of
 // `{"handler", "input", "priority"?, "idempotency_key"?, "headers"?,
-// "response_event"?, "run_at"?}`; `task_ids` receives a JSON list of their
+// "response_event"?, "run_at"?}` (an unknown key, or `parent`, is
+// `SY_INVALID_ARGUMENT` naming it); `task_ids` receives a JSON list of their
 // ids, in order (release with `sy_buf_free`).
 sy_status sy_client_spawn_many(const sy_client *client,
                                const char *tasks_json,
@@ -259,7 +285,7 @@ sy_status sy_ctx_set_output(sy_ctx *ctx, const char *data, size_t len, sy_error 
 // `SY_ERROR_PERMANENT` (never retried) or `SY_INVALID_ARGUMENT` (the input
 // is invalid: never retried).
 sy_status sy_ctx_fail(sy_ctx *ctx,
-                      sy_status status,
+                      int32_t status,
                       const char *message,
                       int64_t retry_after_ms,
                       sy_error **err);
@@ -303,6 +329,13 @@ uint32_t sy_ctx_attempt(sy_ctx *ctx);
 uint64_t sy_ctx_run(sy_ctx *ctx);
 
 // Emits an event from inside a step (first write wins); `stored` may be NULL.
+sy_status sy_ctx_emit_event(sy_ctx *ctx,
+                            const char *name,
+                            const char *payload_json,
+                            bool *stored,
+                            sy_error **err);
+
+// Deprecated: the old name of `sy_ctx_emit_event` (the same function).
 sy_status sy_ctx_emit(sy_ctx *ctx,
                       const char *name,
                       const char *payload_json,
@@ -329,9 +362,9 @@ sy_status sy_ctx_checkpoint_put(sy_ctx *ctx,
 // Waits for event `name`: `SY_OK` with its payload in `payload` (release
 // with `sy_buf_free`) if it was emitted, before or after this call;
 // `SY_SUSPENDED` if not yet (return it: the step is parked and runs again
-// when the event arrives); `SY_TIMEOUT` once `timeout_ms` (negative: no
-// limit) has passed since the first call. The deadline is checkpointed, so
-// replays agree.
+// when the event arrives); `SY_AWAIT_TIMEOUT` once `timeout_ms` (negative:
+// no limit) has passed since the first call (carry on, or return it: the
+// step fails permanently). The deadline is checkpointed, so replays agree.
 sy_status sy_ctx_await_event(sy_ctx *ctx,
                              const char *name,
                              int64_t timeout_ms,
@@ -353,7 +386,8 @@ sy_status sy_ctx_spawn(sy_ctx *ctx,
 
 // Delegates to a child task and waits for it: `SY_OK` with its JSON result
 // in `result` (release with `sy_buf_free`), `SY_SUSPENDED` while it runs
-// (return it), `SY_ERROR_PERMANENT` if it failed or was cancelled.
+// (return it), `SY_ERROR_PERMANENT` if it failed or was cancelled (the
+// error's message says which; return it to fail this step with it).
 sy_status sy_ctx_delegate(sy_ctx *ctx,
                           const char *handler,
                           const char *input_json,

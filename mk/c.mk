@@ -6,7 +6,9 @@
 # `make test-c` builds the `switchyard-c` crate (libswitchyard.so and
 # libswitchyard.a), checks that the committed include/switchyard.h matches
 # what cbindgen generates (installing cbindgen 0.29 with cargo if missing),
-# compiles the C API test and the example with gcc against the header, runs
+# checks that every C name of the README's Vocabulary table is in the header
+# (bindings/c/tests/vocabulary.sh), compiles the C API test and the example
+# with gcc against the header, runs
 # the test under valgrind (leaks and invalid accesses fail it; the only
 # suppressions are tokio runtime threads alive at exit, see
 # bindings/c/tests/valgrind.supp) and runs the example linked both against
@@ -49,6 +51,7 @@ c-header:
 
 test-c: deps-c c-lib c-header-check
 	mkdir -p $(C_OUT)
+	C_CC=$(C_CC) C_OUT=$(C_OUT) bindings/c/tests/vocabulary.sh $(C_LIB_DIR)
 	$(C_CC) $(C_FLAGS) bindings/c/tests/c_api.c -L$(C_LIB_DIR) -lswitchyard -o $(C_OUT)/c_api
 	$(C_CC) $(C_FLAGS) examples/c/hello.c -L$(C_LIB_DIR) -lswitchyard -o $(C_OUT)/hello
 	$(C_CC) $(C_FLAGS) examples/c/hello.c $(C_LIB_DIR)/libswitchyard.a $(C_STATIC_LIBS) -o $(C_OUT)/hello-static

@@ -1,10 +1,10 @@
 //! The durable context, inside a handler callback and on its thread.
 //!
-//! Context calls that fail record the step error with the status they
-//! return; a callback that passes that status on (`return st;`) fails or
-//! parks the step with that error (`SY_SUSPENDED`, `SY_LEASE_LOST`,
-//! `SY_CANCELLED`,
-//! `SY_TIMEOUT` for an await that timed out, a delegated child's failure).
+//! A context call that fails returns the status of what the core raised
+//! (`bridge::raise`); durable control flow (`SY_SUSPENDED`,
+//! `SY_LEASE_LOST`, `SY_CANCELLED`, `SY_AWAIT_TIMEOUT`) is kept by the core
+//! in the context, so a callback that passes the status on (`return st;`)
+//! parks or stops the step with the core's own error.
 
 use std::collections::HashMap;
 use std::ffi::c_char;
@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
-use switchyard_core::bridge::JobKind;
-use switchyard_core::{ApiError, ChildSpec, Context, StepError, StepResult, TaskId};
+use switchyard_core::bridge::{raise, ErrorClass, JobKind, Reply};
+use switchyard_core::{ChildSpec, Context, StepResult, TaskId};
 
 use crate::worker::{sy_completion, Answer, Deferred};
 use crate::*;
@@ -105,34 +105,18 @@ unsafe fn bytes(data: *const c_char, len: usize) -> Result<Vec<u8>, Fail> {
     Ok(unsafe { std::slice::from_raw_parts(data as *const u8, len) }.to_vec())
 }
 
-/// The status a failed context call returns for a step error.
-fn step_status(e: &StepError) -> sy_status {
-    match e {
-        StepError::LeaseLost => sy_status::SY_LEASE_LOST,
-        StepError::Cancelled => sy_status::SY_CANCELLED,
-        StepError::Suspend(_) => sy_status::SY_SUSPENDED,
-        StepError::AwaitTimeout { .. } => sy_status::SY_TIMEOUT,
-        StepError::Permanent { .. } | StepError::InvalidInput(_) => sy_status::SY_ERROR_PERMANENT,
-        _ => sy_status::SY_ERROR_RETRYABLE,
-    }
-}
-
-/// Runs a context operation; a step error is recorded for the callback to
-/// pass on, and returned as the call's status.
+/// Runs a context operation; what a failure raises (the core keeps durable
+/// control flow) is the call's status, and its message is remembered as
+/// the message of a callback that passes that status on.
 fn ctx_step<T: Send + 'static>(
     c: &mut sy_ctx,
     fut: impl std::future::Future<Output = StepResult<T>> + Send + 'static,
 ) -> Result<T, Fail> {
-    match block(fut)? {
-        Ok(v) => Ok(v),
-        Err(StepError::InvalidInput(m)) => Err(Fail::arg(m)),
-        Err(e) => {
-            let status = step_status(&e);
-            let f = Fail::new(status, e.to_string());
-            c.answer.failed = Some((status, e));
-            Err(f)
-        }
-    }
+    block(fut)?.map_err(|e| {
+        let f = Fail::from(raise(&c.ctx, e));
+        c.answer.raised = Some((f.status, f.message.clone()));
+        f
+    })
 }
 
 /// The shape of the context calls that hand back data: empties the out
@@ -187,7 +171,7 @@ pub unsafe extern "C" fn sy_ctx_set_output(
 #[no_mangle]
 pub unsafe extern "C" fn sy_ctx_fail(
     ctx: *mut sy_ctx,
-    status: sy_status,
+    status: i32,
     message: *const c_char,
     retry_after_ms: i64,
     err: *mut *mut sy_error,
@@ -195,22 +179,19 @@ pub unsafe extern "C" fn sy_ctx_fail(
     guard(err, || {
         let c = unsafe { ctx_mut(ctx) }?;
         let message = unsafe { text("message", message) }?.to_string();
-        let e = match status {
-            sy_status::SY_ERROR_RETRYABLE if retry_after_ms >= 0 => {
-                StepError::retry_after(message, Duration::from_millis(retry_after_ms as u64))
-            }
-            sy_status::SY_ERROR_RETRYABLE => StepError::retryable(message),
-            sy_status::SY_ERROR_PERMANENT => StepError::permanent(message),
-            sy_status::SY_INVALID_ARGUMENT => StepError::invalid_input(message),
-            other => {
+        let class = match sy_status::from_code(status).and_then(sy_status::class) {
+            Some(
+                c @ (ErrorClass::Retryable | ErrorClass::Permanent | ErrorClass::InvalidInput),
+            ) => c,
+            _ => {
                 return Err(Fail::arg(format!(
                     "status must be SY_ERROR_RETRYABLE, SY_ERROR_PERMANENT or SY_INVALID_ARGUMENT, not {}",
-                    // SAFETY: sy_status_name returns a static NUL-terminated string.
-                    unsafe { std::ffi::CStr::from_ptr(sy_status_name(other)) }.to_string_lossy()
+                    status_name(status).to_string_lossy()
                 )));
             }
         };
-        c.answer.fail = Some(e);
+        let retry_after = (retry_after_ms >= 0).then(|| retry_after_ms as f64 / 1000.0);
+        c.answer.fail = Some(Reply::error(class, message, None, retry_after));
         Ok(())
     })
 }
@@ -231,14 +212,10 @@ pub unsafe extern "C" fn sy_ctx_set_http_error(
     guard(err, || {
         let c = unsafe { ctx_mut(ctx) }?;
         let message = unsafe { text("message", message) }?.to_string();
+        let retry_after = (retry_after_ms >= 0).then(|| retry_after_ms as f64 / 1000.0);
         c.answer.http = Some(match http_status {
-            0 => ApiError::Network(message),
-            100..=599 => ApiError::Http {
-                status: http_status,
-                retry_after: (retry_after_ms >= 0)
-                    .then(|| Duration::from_millis(retry_after_ms as u64)),
-                message,
-            },
+            0 => Reply::network(message),
+            100..=599 => Reply::http(http_status, retry_after, message),
             other => {
                 return Err(Fail::arg(format!(
                     "http_status {other} is not an HTTP status"
@@ -353,7 +330,29 @@ pub unsafe extern "C" fn sy_ctx_run(ctx: *mut sy_ctx) -> u64 {
 
 /// Emits an event from inside a step (first write wins); `stored` may be NULL.
 #[no_mangle]
+pub unsafe extern "C" fn sy_ctx_emit_event(
+    ctx: *mut sy_ctx,
+    name: *const c_char,
+    payload_json: *const c_char,
+    stored: *mut bool,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    unsafe { emit_event(ctx, name, payload_json, stored, err) }
+}
+
+/// Deprecated: the old name of `sy_ctx_emit_event` (the same function).
+#[no_mangle]
 pub unsafe extern "C" fn sy_ctx_emit(
+    ctx: *mut sy_ctx,
+    name: *const c_char,
+    payload_json: *const c_char,
+    stored: *mut bool,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    unsafe { emit_event(ctx, name, payload_json, stored, err) }
+}
+
+unsafe fn emit_event(
     ctx: *mut sy_ctx,
     name: *const c_char,
     payload_json: *const c_char,
@@ -434,9 +433,9 @@ pub unsafe extern "C" fn sy_ctx_checkpoint_put(
 /// Waits for event `name`: `SY_OK` with its payload in `payload` (release
 /// with `sy_buf_free`) if it was emitted, before or after this call;
 /// `SY_SUSPENDED` if not yet (return it: the step is parked and runs again
-/// when the event arrives); `SY_TIMEOUT` once `timeout_ms` (negative: no
-/// limit) has passed since the first call. The deadline is checkpointed, so
-/// replays agree.
+/// when the event arrives); `SY_AWAIT_TIMEOUT` once `timeout_ms` (negative:
+/// no limit) has passed since the first call (carry on, or return it: the
+/// step fails permanently). The deadline is checkpointed, so replays agree.
 #[no_mangle]
 pub unsafe extern "C" fn sy_ctx_await_event(
     ctx: *mut sy_ctx,
@@ -494,7 +493,8 @@ pub unsafe extern "C" fn sy_ctx_spawn(
 
 /// Delegates to a child task and waits for it: `SY_OK` with its JSON result
 /// in `result` (release with `sy_buf_free`), `SY_SUSPENDED` while it runs
-/// (return it), `SY_ERROR_PERMANENT` if it failed or was cancelled.
+/// (return it), `SY_ERROR_PERMANENT` if it failed or was cancelled (the
+/// error's message says which; return it to fail this step with it).
 #[no_mangle]
 pub unsafe extern "C" fn sy_ctx_delegate(
     ctx: *mut sy_ctx,

@@ -38,8 +38,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::Value;
-use switchyard_core::{Client, DynStore, Error, NewTask, TaskId};
+use serde_json::{json, Value};
+use switchyard_core::bridge::{ErrorClass, Raised};
+use switchyard_core::{Client, DynStore, Error, TaskId};
 
 /// Status codes returned by every fallible function (and by step callbacks).
 #[repr(C)]
@@ -54,10 +55,11 @@ pub enum sy_status {
     SY_NOT_FOUND = 2,
     /// The database failed (usually transient).
     SY_STORE = 3,
-    /// A wait ran out of time.
+    /// A client's wait ran out of time (`sy_client_result`); an await in a
+    /// step that ran out of time is `SY_AWAIT_TIMEOUT`.
     SY_TIMEOUT = 4,
-    /// Not allowed in the current state (e.g. the task failed or was
-    /// cancelled, the worker is already running, stopping from a callback).
+    /// Not allowed in the current state (e.g. the worker is already
+    /// running, stopping from a callback, a task that is not failed retried).
     SY_CONFLICT = 5,
     /// Invalid configuration (e.g. an unknown store URL).
     SY_CONFIG = 6,
@@ -83,12 +85,90 @@ pub enum sy_status {
     SY_PENDING = 14,
     /// The step's task was cancelled: stop and return this status.
     SY_CANCELLED = 15,
+    /// `sy_ctx_await_event` ran out of time (the event was not emitted
+    /// within `timeout_ms`). Carry on, or return it: the step then fails
+    /// permanently with the await's message.
+    SY_AWAIT_TIMEOUT = 16,
+    /// The task waited for failed (`sy_client_result`): the message is its
+    /// error; `sy_error_detail_json` gives the task id, the error's kind,
+    /// message and traceback, and the attempt it happened on.
+    SY_TASK_FAILED = 17,
+    /// The task waited for was cancelled (`sy_client_result`);
+    /// `sy_error_detail_json` gives its id.
+    SY_TASK_CANCELLED = 18,
 }
 
-/// An error: a status and a message. Release with `sy_error_free`.
+/// Every status, for conversions from the `int32_t` a C caller passes.
+const STATUSES: [sy_status; 19] = {
+    use sy_status::*;
+    [
+        SY_OK,
+        SY_INVALID_ARGUMENT,
+        SY_NOT_FOUND,
+        SY_STORE,
+        SY_TIMEOUT,
+        SY_CONFLICT,
+        SY_CONFIG,
+        SY_PAYLOAD_TOO_LARGE,
+        SY_LEASE_LOST,
+        SY_SHUTDOWN,
+        SY_INTERNAL,
+        SY_ERROR_RETRYABLE,
+        SY_ERROR_PERMANENT,
+        SY_SUSPENDED,
+        SY_PENDING,
+        SY_CANCELLED,
+        SY_AWAIT_TIMEOUT,
+        SY_TASK_FAILED,
+        SY_TASK_CANCELLED,
+    ]
+};
+
+impl sy_status {
+    /// The status of the core's error class (README "Vocabulary": the C
+    /// column is `ErrorClass::status_name`).
+    fn of(class: ErrorClass) -> Self {
+        use sy_status::*;
+        match class {
+            ErrorClass::Permanent => SY_ERROR_PERMANENT,
+            ErrorClass::Retryable => SY_ERROR_RETRYABLE,
+            ErrorClass::InvalidInput => SY_INVALID_ARGUMENT,
+            ErrorClass::PayloadTooLarge => SY_PAYLOAD_TOO_LARGE,
+            ErrorClass::AwaitTimeout => SY_AWAIT_TIMEOUT,
+            ErrorClass::Cancelled => SY_CANCELLED,
+            ErrorClass::LeaseLost => SY_LEASE_LOST,
+            ErrorClass::Suspend => SY_SUSPENDED,
+            ErrorClass::TaskFailed => SY_TASK_FAILED,
+            ErrorClass::TaskCancelled => SY_TASK_CANCELLED,
+            ErrorClass::Timeout => SY_TIMEOUT,
+            ErrorClass::NotFound => SY_NOT_FOUND,
+            ErrorClass::Conflict => SY_CONFLICT,
+            ErrorClass::Config => SY_CONFIG,
+            ErrorClass::Store => SY_STORE,
+            ErrorClass::Shutdown => SY_SHUTDOWN,
+        }
+    }
+
+    /// The status a C caller passed as an integer, if it is one.
+    fn from_code(code: i32) -> Option<Self> {
+        STATUSES.into_iter().find(|s| *s as i32 == code)
+    }
+
+    /// The error class of a status a callback returned, if it names one.
+    fn class(self) -> Option<ErrorClass> {
+        ErrorClass::ALL
+            .iter()
+            .copied()
+            .find(|c| Self::of(*c) == self)
+    }
+}
+
+/// An error: a status, a message and, for some statuses, details as JSON.
+/// Release with `sy_error_free`.
 pub struct sy_error {
     status: sy_status,
     message: std::ffi::CString,
+    detail: Option<std::ffi::CString>,
 }
 
 /// An owned byte buffer (JSON text or an id) allocated by the library.
@@ -166,6 +246,8 @@ unsafe fn unregister<T>(kind: Kind, p: *mut T) -> Option<Box<T>> {
 struct Fail {
     status: sy_status,
     message: String,
+    /// `sy_error_detail_json`'s document.
+    detail: Option<Value>,
 }
 
 impl Fail {
@@ -173,6 +255,7 @@ impl Fail {
         Self {
             status,
             message: message.into(),
+            detail: None,
         }
     }
     fn arg(message: impl Into<String>) -> Self {
@@ -180,23 +263,37 @@ impl Fail {
     }
 }
 
+/// What the core raises becomes a status (its class's), its message and
+/// its details.
+impl From<Raised> for Fail {
+    fn from(r: Raised) -> Self {
+        let detail = match (r.task, &r.error, &r.event) {
+            (Some(task), Some(e), _) => Some(json!({
+                "task_id": task.to_string(),
+                "kind": e.kind,
+                "message": e.message,
+                "traceback": e.trace,
+                "attempt": e.attempt,
+            })),
+            (Some(task), None, _) => Some(json!({
+                "task_id": task.to_string(),
+                "kind": "cancelled",
+                "message": r.message,
+            })),
+            (None, _, Some(event)) => Some(json!({ "event": event })),
+            _ => None,
+        };
+        Self {
+            status: sy_status::of(r.class),
+            message: r.message,
+            detail,
+        }
+    }
+}
+
 impl From<Error> for Fail {
     fn from(e: Error) -> Self {
-        use sy_status::*;
-        let status = match &e {
-            Error::InvalidInput(_) => SY_INVALID_ARGUMENT,
-            Error::NotFound(_) => SY_NOT_FOUND,
-            Error::LeaseLost(_) => SY_LEASE_LOST,
-            Error::Cancelled(_) => SY_CANCELLED,
-            Error::PayloadTooLarge { .. } => SY_PAYLOAD_TOO_LARGE,
-            Error::Conflict(_) => SY_CONFLICT,
-            Error::Timeout(_) => SY_TIMEOUT,
-            Error::Config(_) => SY_CONFIG,
-            Error::Store(_) => SY_STORE,
-            Error::Shutdown => SY_SHUTDOWN,
-            Error::TaskFailed { .. } | Error::TaskCancelled { .. } => SY_CONFLICT,
-        };
-        Self::new(status, e.to_string())
+        Raised::from(e).into()
     }
 }
 
@@ -226,10 +323,11 @@ fn guard(err: *mut *mut sy_error, f: impl FnOnce() -> Result<(), Fail>) -> sy_st
         }
     };
     if !err.is_null() {
-        let message = std::ffi::CString::new(fail.message.replace('\0', " ")).unwrap_or_default();
+        let c_text = |t: String| std::ffi::CString::new(t.replace('\0', " ")).unwrap_or_default();
         let e = Box::into_raw(Box::new(sy_error {
             status: fail.status,
-            message,
+            message: c_text(fail.message),
+            detail: fail.detail.map(|d| c_text(d.to_string())),
         }));
         // SAFETY: as above.
         unsafe { *err = e };
@@ -344,6 +442,20 @@ pub unsafe extern "C" fn sy_error_status(err: *const sy_error) -> sy_status {
     }
 }
 
+/// The error's details as a JSON object (valid until `sy_error_free`), or
+/// NULL when it has none (and for NULL). `SY_TASK_FAILED`: `{"task_id",
+/// "kind", "message", "traceback", "attempt"}` as the store recorded them
+/// (`kind` is e.g. "permanent", "retryable", "timeout"; `traceback` may be
+/// null). `SY_TASK_CANCELLED`: `{"task_id", "kind": "cancelled", "message"}`.
+/// `SY_AWAIT_TIMEOUT`: `{"event"}`, the event that was awaited.
+#[no_mangle]
+pub unsafe extern "C" fn sy_error_detail_json(err: *const sy_error) -> *const c_char {
+    match unsafe { err.as_ref() }.and_then(|e| e.detail.as_ref()) {
+        Some(d) => d.as_ptr(),
+        None => std::ptr::null(),
+    }
+}
+
 /// Releases an error (NULL is ignored).
 #[no_mangle]
 pub unsafe extern "C" fn sy_error_free(err: *mut sy_error) {
@@ -368,11 +480,19 @@ pub unsafe extern "C" fn sy_buf_free(buf: *mut sy_buf) {
     b.len = 0;
 }
 
-/// A static name for a status, e.g. "SY_NOT_FOUND".
+/// A static name for a status, e.g. "SY_NOT_FOUND"; "SY_UNKNOWN" for a
+/// value that is no status.
 #[no_mangle]
-pub extern "C" fn sy_status_name(status: sy_status) -> *const c_char {
+pub extern "C" fn sy_status_name(status: i32) -> *const c_char {
+    status_name(status).as_ptr()
+}
+
+fn status_name(code: i32) -> &'static CStr {
     use sy_status::*;
-    let s: &'static CStr = match status {
+    let Some(status) = sy_status::from_code(code) else {
+        return c"SY_UNKNOWN";
+    };
+    match status {
         SY_OK => c"SY_OK",
         SY_INVALID_ARGUMENT => c"SY_INVALID_ARGUMENT",
         SY_NOT_FOUND => c"SY_NOT_FOUND",
@@ -389,8 +509,10 @@ pub extern "C" fn sy_status_name(status: sy_status) -> *const c_char {
         SY_SUSPENDED => c"SY_SUSPENDED",
         SY_PENDING => c"SY_PENDING",
         SY_CANCELLED => c"SY_CANCELLED",
-    };
-    s.as_ptr()
+        SY_AWAIT_TIMEOUT => c"SY_AWAIT_TIMEOUT",
+        SY_TASK_FAILED => c"SY_TASK_FAILED",
+        SY_TASK_CANCELLED => c"SY_TASK_CANCELLED",
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -500,9 +622,10 @@ pub unsafe extern "C" fn sy_client_emit(
 }
 
 /// Waits up to `timeout_ms` for the task and stores its JSON result in
-/// `result` (release with `sy_buf_free`). A failed or cancelled task is
-/// `SY_CONFLICT` with the task's error message; still running after the
-/// timeout is `SY_TIMEOUT`.
+/// `result` (release with `sy_buf_free`). A failed task is `SY_TASK_FAILED`
+/// and a cancelled one `SY_TASK_CANCELLED`, with the task's error as the
+/// message and its details in `sy_error_detail_json`; still running after
+/// the timeout is `SY_TIMEOUT`.
 #[no_mangle]
 pub unsafe extern "C" fn sy_client_result(
     client: *const sy_client,
@@ -544,7 +667,8 @@ pub unsafe extern "C" fn sy_client_cancel(
 
 /// Spawns many tasks in one transaction. `tasks_json` is a JSON list of
 /// `{"handler", "input", "priority"?, "idempotency_key"?, "headers"?,
-/// "response_event"?, "run_at"?}`; `task_ids` receives a JSON list of their
+/// "response_event"?, "run_at"?}` (an unknown key, or `parent`, is
+/// `SY_INVALID_ARGUMENT` naming it); `task_ids` receives a JSON list of their
 /// ids, in order (release with `sy_buf_free`).
 #[no_mangle]
 pub unsafe extern "C" fn sy_client_spawn_many(
@@ -556,17 +680,7 @@ pub unsafe extern "C" fn sy_client_spawn_many(
     guard(err, || {
         let slot = buf_out("task_ids", task_ids)?;
         let c = unsafe { client_of(client) }?;
-        let tasks: Vec<NewTask> =
-            serde_json::from_value(unsafe { json("tasks_json", tasks_json) }?).map_err(|e| {
-                Fail::arg(format!(
-                    "tasks_json must be a list of {{\"handler\", \"input\", ...}}: {e}"
-                ))
-            })?;
-        if tasks.iter().any(|t| t.parent.is_some()) {
-            return Err(Fail::arg(
-                "tasks_json: `parent` is set by ctx delegation, not by clients",
-            ));
-        }
+        let tasks = switchyard_core::bridge::new_tasks(unsafe { json("tasks_json", tasks_json) }?)?;
         let spawned = block(async move { c.spawn_many(tasks).await })??;
         let ids: Vec<String> = spawned.iter().map(|s| s.task_id.to_string()).collect();
         *slot = json_buf(&ids)?;
@@ -626,4 +740,30 @@ pub unsafe extern "C" fn sy_client_count_steps(
         *slot = json_buf(&n)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every class of the core's vocabulary has its own status, named as
+    /// the core names it (README "Vocabulary", C column), and a callback
+    /// returning that status raises that class.
+    #[test]
+    fn every_error_class_has_its_status() {
+        for &class in ErrorClass::ALL {
+            let status = sy_status::of(class);
+            assert_eq!(
+                status_name(status as i32).to_str().unwrap(),
+                class.status_name(),
+                "{class:?}"
+            );
+            assert_eq!(status.class(), Some(class));
+        }
+        for s in STATUSES {
+            assert_eq!(sy_status::from_code(s as i32), Some(s));
+            assert_ne!(status_name(s as i32), c"SY_UNKNOWN");
+        }
+        assert_eq!(status_name(STATUSES.len() as i32), c"SY_UNKNOWN");
+    }
 }

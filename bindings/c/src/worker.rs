@@ -1,9 +1,10 @@
 //! Workers whose handlers are C callbacks, and asynchronous completion.
 //!
 //! The dispatcher pushes jobs into the worker's [`Inbox`]; `concurrency`
-//! library-owned threads take them one at a time and call the callbacks.
-//! How a callback's answer becomes a step outcome is decided in one place,
-//! [`outcome`], for synchronous returns, batch items and completions alike.
+//! library-owned threads take them one at a time and call the callback at
+//! the job's `handler_id`. A callback's status and output become the core's
+//! [`Reply`] in one place, [`outcome`], for synchronous returns, batch items
+//! and completions alike: the status names the error class.
 
 use std::cell::Cell;
 use std::ffi::{c_char, c_void, CString};
@@ -12,10 +13,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::Value;
-use switchyard_core::bridge::{HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply};
-use switchyard_core::{
-    ApiError, Context, Decision, DynStore, HandlerOptions, RunningWorker, StepError,
-};
+use switchyard_core::bridge::{ErrorClass, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply};
+use switchyard_core::{Context, Decision, DynStore, HandlerOptions, RunningWorker};
 
 use crate::ctx::sy_ctx;
 use crate::*;
@@ -26,8 +25,10 @@ use crate::*;
 /// output means `null`; for a decision, the decision document), or
 /// `SY_ERROR_RETRYABLE` / `SY_ERROR_PERMANENT` with the output as the error
 /// message, or pass on the status of a context call that failed (e.g.
-/// `SY_SUSPENDED`), or `SY_PENDING` after `sy_ctx_defer`. Any other value
-/// is a retryable failure.
+/// `SY_SUSPENDED`: the step parks; `SY_AWAIT_TIMEOUT`: it fails for good;
+/// without an output the message is the call's), or `SY_PENDING` after
+/// `sy_ctx_defer`. `SY_INVALID_ARGUMENT` fails the step for good too; any
+/// other value is a retryable failure.
 ///
 /// Thread affinity: runs on a thread owned by the library, possibly many at
 /// once (up to the handler's concurrency) with the same `user_data`.
@@ -112,11 +113,18 @@ enum Callback {
     Batch(unsafe extern "C" fn(*const sy_item, usize, *mut c_void) -> i32),
 }
 
+/// The callback behind a handler, at the handler's id.
+#[derive(Clone, Copy)]
 struct Registration {
-    name: String,
-    kind: JobKind,
     callback: Callback,
     user_data: usize,
+}
+
+/// The host's settings and handlers, as every binding keeps them, and the
+/// callback of each handler at its id.
+struct Plan {
+    host: HostPlan,
+    callbacks: Vec<Registration>,
 }
 
 struct Running {
@@ -166,10 +174,7 @@ const DEFAULT_CONCURRENCY: usize = 64;
 pub struct sy_worker {
     store: DynStore,
     concurrency: usize,
-    /// The host's settings and handlers, as every binding keeps them.
-    plan: Mutex<HostPlan>,
-    /// The callbacks behind the plan's handlers.
-    regs: Mutex<Vec<Arc<Registration>>>,
+    plan: Mutex<Plan>,
     inbox: Arc<Inbox>,
     running: Mutex<Option<Running>>,
 }
@@ -246,8 +251,10 @@ fn new_worker(
         sy_worker {
             store: s.store.clone(),
             concurrency,
-            plan: Mutex::new(plan),
-            regs: Mutex::new(Vec::new()),
+            plan: Mutex::new(Plan {
+                host: plan,
+                callbacks: Vec::new(),
+            }),
             inbox: Inbox::new(),
             running: Mutex::new(None),
         },
@@ -311,18 +318,16 @@ unsafe fn add_handler(
             "register handlers before the worker starts",
         ));
     }
-    let mut regs = w.regs.lock().unwrap_or_else(|p| p.into_inner());
-    w.plan
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .register(name.clone(), kind, options, w.inbox.clone())
+    let mut plan = w.plan.lock().unwrap_or_else(|p| p.into_inner());
+    let id = plan
+        .host
+        .register(name, kind, options, w.inbox.clone())
         .map_err(Fail::arg)?;
-    regs.push(Arc::new(Registration {
-        name,
-        kind,
+    debug_assert_eq!(id, plan.callbacks.len());
+    plan.callbacks.push(Registration {
         callback,
         user_data: user_data as usize,
-    }));
+    });
     Ok(())
 }
 
@@ -433,75 +438,74 @@ pub(crate) struct Answer {
     /// The bytes given to `sy_ctx_set_output`.
     pub output: Vec<u8>,
     /// Set by `sy_ctx_fail`: this outcome wins.
-    pub fail: Option<StepError>,
-    /// Set by `sy_ctx_set_http_error`.
-    pub http: Option<ApiError>,
-    /// The error of the last context call that failed, with its status:
-    /// used when the callback passes that status on.
-    pub failed: Option<(sy_status, StepError)>,
+    pub fail: Option<Reply>,
+    /// Set by `sy_ctx_set_http_error`: the outcome of an error status.
+    pub http: Option<Reply>,
+    /// The status and message of the last context call that failed: the
+    /// message of a callback that passes that status on without an output.
+    pub raised: Option<(sy_status, String)>,
 }
 
 /// Turns a callback's status and answer into the step's outcome.
 pub(crate) fn outcome(kind: JobKind, handler: &str, code: i32, a: Answer) -> Reply {
-    if let Some(e) = a.fail {
-        return Reply::Error(e);
+    if let Some(r) = a.fail {
+        return r;
     }
-    if code == sy_status::SY_OK as i32 {
-        let v: Value = if a.output.is_empty() {
-            Value::Null
-        } else {
-            match serde_json::from_slice(&a.output) {
-                Ok(v) => v,
-                Err(e) => {
-                    return Reply::Error(StepError::permanent(format!(
-                        "the C handler `{handler}` set an output that is not valid JSON: {e}"
-                    )))
-                }
-            }
-        };
-        if kind != JobKind::Decision {
-            return Reply::Value(v);
-        }
-        return match Decision::from_json(v) {
-            Ok(d) => Reply::Decision(d),
-            Err(e) => Reply::Error(StepError::permanent(format!(
-                "the C decision handler `{handler}`: {e}"
-            ))),
-        };
+    let status = sy_status::from_code(code);
+    if status == Some(sy_status::SY_OK) {
+        return value(kind, handler, &a.output);
     }
-    if let Some((status, e)) = a.failed {
-        if code == status as i32 {
-            return Reply::Error(e);
-        }
-    }
-    if let Some(h) = a.http {
-        return match kind {
-            JobKind::Api => Reply::Api(h),
-            _ => Reply::Error(h.classify()),
-        };
-    }
-    let text = String::from_utf8_lossy(&a.output).into_owned();
-    let message = if text.is_empty() {
-        format!("the C handler `{handler}` failed with status {code}")
-    } else {
-        text
-    };
-    if code == sy_status::SY_ERROR_PERMANENT as i32 {
-        Reply::Error(StepError::permanent(message))
-    } else if code == sy_status::SY_SUSPENDED as i32 {
-        Reply::Error(StepError::permanent(format!(
-            "the C handler `{handler}` returned SY_SUSPENDED but no context call asked for it \
-             (only a context call that returned SY_SUSPENDED may be passed on)"
-        )))
-    } else if code == sy_status::SY_CANCELLED as i32 {
-        Reply::Error(StepError::Cancelled)
-    } else if code == sy_status::SY_PENDING as i32 {
-        Reply::Error(StepError::permanent(format!(
+    if status == Some(sy_status::SY_PENDING) {
+        return permanent(format!(
             "the C handler `{handler}` returned SY_PENDING but no context call asked for it \
              (call sy_ctx_defer first)"
-        )))
+        ));
+    }
+    // Any other status is an error of its class (unknown ones: retryable).
+    let class = status
+        .and_then(sy_status::class)
+        .unwrap_or(ErrorClass::Retryable);
+    if let (Some(http), false) = (a.http, class.is_control_flow()) {
+        return http;
+    }
+    let message = match (a.output.is_empty(), a.raised) {
+        (false, _) => String::from_utf8_lossy(&a.output).into_owned(),
+        (true, Some((s, m))) if Some(s) == status => m,
+        _ => format!(
+            "the C handler `{handler}` failed with status {code} ({})",
+            status_name(code).to_string_lossy()
+        ),
+    };
+    Reply::error(class, message, None, None)
+}
+
+/// A permanent failure the binding reports itself.
+fn permanent(message: impl Into<String>) -> Reply {
+    Reply::error(ErrorClass::Permanent, message.into(), None, None)
+}
+
+/// The answer for `SY_OK`: the output as JSON (none: `null`), a decision
+/// document for decision handlers.
+fn value(kind: JobKind, handler: &str, output: &[u8]) -> Reply {
+    let v: Value = if output.is_empty() {
+        Value::Null
     } else {
-        Reply::Error(StepError::retryable(message))
+        match serde_json::from_slice(output) {
+            Ok(v) => v,
+            Err(e) => {
+                return permanent(format!(
+                    "the C handler `{handler}` set an output that is not valid JSON: {e}"
+                ))
+            }
+        }
+    };
+    if kind != JobKind::Decision {
+        return Reply::Value(v);
+    }
+    match Decision::from_json(v) {
+        Ok(Decision::Complete(v)) => Reply::complete(v),
+        Ok(d) => Reply::Decision(d),
+        Err(e) => permanent(format!("the C decision handler `{handler}`: {e}")),
     }
 }
 
@@ -511,29 +515,30 @@ fn input_text(input: &Value) -> Option<CString> {
         .and_then(|s| CString::new(s).ok())
 }
 
-fn run_job(regs: &[Arc<Registration>], mut job: Job) {
+fn run_job(callbacks: &[Registration], mut job: Job) {
     if job.abandoned() {
         // The core gave up on it (timed out, cancelled, handed back) while
         // it was queued: its callback never starts.
         return;
     }
-    let Some(reg) = regs.iter().find(|r| r.name == job.handler) else {
+    let Some(reg) = callbacks.get(job.handler_id).copied() else {
         let msg = format!("no C callback for handler `{}`", job.handler);
         let n = job.items.len();
-        job.complete(
-            (0..n)
-                .map(|_| Reply::Error(StepError::permanent(msg.clone())))
-                .collect(),
-        );
+        job.complete((0..n).map(|_| permanent(msg.clone())).collect());
         return;
     };
     let items: Vec<(Value, Context)> = job.items.drain(..).map(|i| (i.input, i.ctx)).collect();
+    let on = On {
+        reg,
+        kind: job.kind,
+        handler: job.handler.clone(),
+    };
     IN_CALLBACK.with(|c| c.set(true));
     match reg.callback {
         Callback::One(f) => {
             let mut replies = Vec::with_capacity(items.len());
             for (input, ctx) in items {
-                match run_one(reg, f, input, ctx) {
+                match run_one(&on, f, input, ctx) {
                     Ran::Reply(r) => replies.push(r),
                     Ran::Deferred(d) => {
                         // One item per non-batch job: the completion answers it.
@@ -547,7 +552,7 @@ fn run_job(regs: &[Arc<Registration>], mut job: Job) {
             job.complete(replies);
         }
         Callback::Batch(f) => {
-            let replies = run_batch(reg, f, items);
+            let replies = run_batch(&on, f, items);
             IN_CALLBACK.with(|c| c.set(false));
             job.complete(replies);
         }
@@ -559,29 +564,39 @@ enum Ran {
     Deferred(Arc<Deferred>),
 }
 
-fn new_ctx(reg: &Registration, ctx: Context) -> *mut sy_ctx {
-    crate::ctx::ctx_register(sy_ctx::new(ctx, reg.kind, &reg.name))
+/// The handler a job is for.
+struct On {
+    reg: Registration,
+    kind: JobKind,
+    handler: String,
+}
+
+/// The input a step cannot pass to C.
+fn bad_input() -> Reply {
+    permanent("the step input cannot be passed to C (it contains a NUL character)")
+}
+
+fn new_ctx(on: &On, ctx: Context) -> *mut sy_ctx {
+    crate::ctx::ctx_register(sy_ctx::new(ctx, on.kind, &on.handler))
 }
 
 fn run_one(
-    reg: &Registration,
+    on: &On,
     f: unsafe extern "C" fn(*const c_char, usize, *mut sy_ctx, *mut c_void) -> i32,
     input: Value,
     ctx: Context,
 ) -> Ran {
     let Some(input) = input_text(&input) else {
-        return Ran::Reply(Reply::Error(StepError::permanent(
-            "the step input cannot be passed to C (it contains a NUL character)",
-        )));
+        return Ran::Reply(bad_input());
     };
-    let c = new_ctx(reg, ctx);
+    let c = new_ctx(on, ctx);
     // SAFETY: the callback was registered by the C caller for this signature.
     let code = unsafe {
         f(
             input.as_ptr(),
             input.as_bytes().len(),
             c,
-            reg.user_data as *mut c_void,
+            on.reg.user_data as *mut c_void,
         )
     };
     let c = crate::ctx::ctx_unregister(c);
@@ -592,13 +607,13 @@ fn run_one(
             if let Some(d) = other {
                 d.answered_by_callback();
             }
-            Ran::Reply(outcome(reg.kind, &reg.name, code, answer))
+            Ran::Reply(outcome(on.kind, &on.handler, code, answer))
         }
     }
 }
 
 fn run_batch(
-    reg: &Registration,
+    on: &On,
     f: unsafe extern "C" fn(*const sy_item, usize, *mut c_void) -> i32,
     items: Vec<(Value, Context)>,
 ) -> Vec<Reply> {
@@ -612,7 +627,7 @@ fn run_batch(
             CString::default()
         });
         texts.push(t);
-        ctxs.push(new_ctx(reg, ctx));
+        ctxs.push(new_ctx(on, ctx));
     }
     let c_items: Vec<sy_item> = texts
         .iter()
@@ -625,18 +640,16 @@ fn run_batch(
         .collect();
     // SAFETY: the callback was registered for this signature; the items and
     // their strings outlive the call.
-    let code = unsafe { f(c_items.as_ptr(), n, reg.user_data as *mut c_void) };
+    let code = unsafe { f(c_items.as_ptr(), n, on.reg.user_data as *mut c_void) };
     ctxs.into_iter()
         .zip(bad)
         .map(|(c, bad)| {
             let c = crate::ctx::ctx_unregister(c);
             let (answer, _) = c.finish();
             if bad {
-                return Reply::Error(StepError::permanent(
-                    "the step input cannot be passed to C (it contains a NUL character)",
-                ));
+                return bad_input();
             }
-            outcome(reg.kind, &reg.name, code, answer)
+            outcome(on.kind, &on.handler, code, answer)
         })
         .collect()
 }
@@ -749,9 +762,9 @@ pub unsafe extern "C" fn sy_completion_complete(
         let c = unsafe { unregister(Kind::Completion, completion) }
             .ok_or_else(|| Fail::arg("completion is not a live handle (already completed?)"))?;
         if data.is_null() && len > 0 {
-            let _ = c.deferred.answer(Reply::Error(StepError::permanent(
-                "sy_completion_complete was given NULL data",
-            )));
+            let _ = c
+                .deferred
+                .answer(permanent("sy_completion_complete was given NULL data"));
             return Err(Fail::arg("data is NULL"));
         }
         let output = if len == 0 {
@@ -788,10 +801,15 @@ pub unsafe extern "C" fn sy_completion_free(completion: *mut sy_completion) -> s
     guard(std::ptr::null_mut(), || {
         let c = unsafe { unregister(Kind::Completion, completion) }
             .ok_or_else(|| Fail::arg("completion is not a live handle"))?;
-        let _ = c.deferred.answer(Reply::Error(StepError::retryable(format!(
-            "the C handler `{}` released its completion without completing it",
-            c.deferred.handler
-        ))));
+        let _ = c.deferred.answer(Reply::error(
+            ErrorClass::Retryable,
+            format!(
+                "the C handler `{}` released its completion without completing it",
+                c.deferred.handler
+            ),
+            None,
+            None,
+        ));
         Ok(())
     })
 }
@@ -815,31 +833,29 @@ pub unsafe extern "C" fn sy_worker_start(
                 "the worker was already started (a worker starts once)",
             ));
         }
-        let regs: Vec<Arc<Registration>> = w.regs.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if regs.is_empty() {
+        let plan = w.plan.lock().unwrap_or_else(|p| p.into_inner());
+        if plan.host.is_empty() {
             return Err(Fail::new(
                 sy_status::SY_CONFLICT,
                 "no handler is registered",
             ));
         }
-        let built = w
-            .plan
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .build(w.store.clone(), "C")?;
+        let callbacks: Arc<[Registration]> = plan.callbacks.clone().into();
+        let built = plan.host.build(w.store.clone(), "C")?;
+        drop(plan);
         let host = block(async move { built.start().await })??;
         let mut threads = Vec::with_capacity(w.concurrency);
         let (exited, exits) = std::sync::mpsc::channel::<()>();
         for i in 0..w.concurrency {
             let inbox = w.inbox.clone();
-            let regs = regs.clone();
+            let callbacks = callbacks.clone();
             let exited = exited.clone();
             let t = std::thread::Builder::new()
                 .name(format!("switchyard-c-{i}"))
                 .spawn(move || {
                     while let Ok(jobs) = inbox.recv_batch(1, Duration::from_millis(200)) {
                         for job in jobs {
-                            run_job(&regs, job);
+                            run_job(&callbacks, job);
                         }
                     }
                     let _ = exited.send(());

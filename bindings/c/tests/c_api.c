@@ -25,6 +25,8 @@ static int checks = 0;
     } while (0)
 
 
+static char last_message[1024]; /* of the last EXPECT */
+
 static void expect(sy_status got, sy_error *err, sy_status want, const char *part, int line) {
     checks++;
     const char *msg = sy_error_message(err);
@@ -35,6 +37,7 @@ static void expect(sy_status got, sy_error *err, sy_status want, const char *par
         exit(1);
     }
     printf("ok %d: line %d: %s%s%s\n", checks, line, sy_status_name(got), *msg ? ": " : "", msg);
+    snprintf(last_message, sizeof last_message, "%s", msg);
     sy_error_free(err);
 }
 #define EXPECT(call, want, part)                       \
@@ -72,15 +75,18 @@ static int32_t echo(const char *input, size_t len, sy_ctx *ctx, void *user_data)
     if (sy_ctx_task_id(ctx, &id, &err) != SY_OK || id.len != 36) return SY_ERROR_PERMANENT;
     sy_buf_free(&id);
     bool stored = false;
-    if (sy_ctx_emit(ctx, "echo.seen", "{\"ok\":true}", &stored, &err) != SY_OK) {
+    if (sy_ctx_emit_event(ctx, "echo.seen", "{\"ok\":true}", &stored, &err) != SY_OK) {
         sy_ctx_set_output(ctx, sy_error_message(err), strlen(sy_error_message(err)), NULL);
         sy_error_free(err);
         return SY_ERROR_PERMANENT;
     }
     /* Errors inside a callback: invalid JSON, NULL name. */
-    if (sy_ctx_emit(ctx, "x", "{bad", NULL, &err) != SY_INVALID_ARGUMENT) return SY_ERROR_PERMANENT;
+    if (sy_ctx_emit_event(ctx, "x", "{bad", NULL, &err) != SY_INVALID_ARGUMENT) return SY_ERROR_PERMANENT;
     sy_error_free(err);
-    if (sy_ctx_emit(ctx, NULL, "1", NULL, &err) != SY_INVALID_ARGUMENT) return SY_ERROR_PERMANENT;
+    /* The deprecated name is the same function. */
+    if (sy_ctx_emit(ctx, "echo.alias", "1", &stored, &err) != SY_OK || !stored) return SY_ERROR_PERMANENT;
+    sy_error_free(err);
+    if (sy_ctx_emit_event(ctx, NULL, "1", NULL, &err) != SY_INVALID_ARGUMENT) return SY_ERROR_PERMANENT;
     sy_error_free(err);
     /* The context belongs to the callback's thread. */
     pthread_t t;
@@ -250,7 +256,7 @@ static int32_t waiter(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     st = sy_ctx_await_event(ctx, strstr(input, "\"quick\"") ? "never.sent" : "c.go",
                             timeout ? timeout : -1, &payload, &err);
     sy_error_free(err);
-    if (st != SY_OK) return st; /* SY_SUSPENDED or SY_TIMEOUT, passed on */
+    if (st != SY_OK) return st; /* SY_SUSPENDED or SY_AWAIT_TIMEOUT, passed on */
     sy_ctx_set_output(ctx, (const char *)payload.ptr, payload.len, NULL);
     sy_buf_free(&payload);
     return SY_OK;
@@ -258,12 +264,12 @@ static int32_t waiter(const char *input, size_t len, sy_ctx *ctx, void *ud) {
 
 /* Delegates to `add` (one child, then two in parallel) and spawns one. */
 static int32_t parent(const char *input, size_t len, sy_ctx *ctx, void *ud) {
-    (void)input, (void)len, (void)ud;
+    (void)len, (void)ud;
     sy_error *err = NULL;
     sy_buf one = {0}, all = {0}, child = {0};
-    sy_status st = sy_ctx_delegate(ctx, "add", "{\"x\":1}", &one, &err);
+    sy_status st = sy_ctx_delegate(ctx, "add", strstr(input, "\"fail\"") ? "{\"x\":-1}" : "{\"x\":1}", &one, &err);
     sy_error_free(err);
-    if (st != SY_OK) return st;
+    if (st != SY_OK) return st; /* SY_SUSPENDED, or SY_ERROR_PERMANENT: the child failed */
     st = sy_ctx_delegate_parallel(ctx, "[{\"handler\":\"add\",\"input\":{\"x\":5}},"
                                        "{\"handler\":\"add\",\"input\":{\"x\":-1}}]", &all, &err);
     sy_error_free(err);
@@ -359,6 +365,61 @@ static int32_t deferred(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     return SY_PENDING;
 }
 
+/* Catches an await that timed out (SY_AWAIT_TIMEOUT, with the event in the
+ * error's details) and carries on. */
+static int32_t catcher(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    sy_error *err = NULL;
+    sy_buf payload = {0};
+    sy_status st = sy_ctx_await_event(ctx, "never.caught", 50, &payload, &err);
+    if (st == SY_SUSPENDED) {
+        sy_error_free(err);
+        return st;
+    }
+    const char *d = sy_error_detail_json(err);
+    long ok = st == SY_AWAIT_TIMEOUT && sy_error_status(err) == SY_AWAIT_TIMEOUT &&
+              strstr(sy_error_message(err), "never.caught") != NULL && d != NULL &&
+              strcmp(d, "{\"event\":\"never.caught\"}") == 0;
+    if (!ok) fprintf(stderr, "catcher: %s: %s (%s)\n", sy_status_name(st), sy_error_message(err), d ? d : "no detail");
+    sy_error_free(err);
+    sy_buf_free(&payload);
+    return set_json(ctx, "{\"caught\":%ld}", ok, 0);
+}
+
+/* Returns SY_SUSPENDED though no context call asked for it. */
+static int32_t fake_suspend(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ctx, (void)ud;
+    return SY_SUSPENDED;
+}
+
+static int waits_parked = 0; /* suspensions of `waits` so far */
+
+/* Awaits 50 events in a row (go-0 ... go-49), each emitted by the test
+ * after the previous suspension: 51 runs of one attempt. */
+static int32_t waits(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    for (int i = 0; i < 50; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "go-%d", i);
+        sy_buf payload = {0};
+        sy_error *err = NULL;
+        sy_status st = sy_ctx_await_event(ctx, name, -1, &payload, &err);
+        sy_error_free(err);
+        if (st != SY_OK) {
+            if (st == SY_SUSPENDED) __atomic_add_fetch(&waits_parked, 1, __ATOMIC_SEQ_CST);
+            return st;
+        }
+        sy_buf_free(&payload);
+    }
+    return set_json(ctx, "{\"attempt\":%ld,\"run\":%ld}", (long)sy_ctx_attempt(ctx), (long)sy_ctx_run(ctx));
+}
+
+/* Returns the status its input names, with no output. */
+static int32_t by_status(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ctx, (void)ud;
+    return (int32_t)num(input, "status");
+}
+
 static int32_t noop(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     (void)input, (void)len, (void)ctx, (void)ud;
     return SY_OK;
@@ -398,6 +459,12 @@ static void durable_checks(void) {
     EXPECT(sy_worker_step(worker, "waiter", NULL, waiter, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "parent", NULL, parent, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "napper", NULL, napper, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "catcher", NULL, catcher, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "fake_suspend", NULL, fake_suspend, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "waits", NULL, waits, NULL, &err), SY_OK, NULL);
+    o = sy_handler_options_default();
+    o.max_attempts = 2, o.initial_backoff_ms = 10, o.max_backoff_ms = 10;
+    EXPECT(sy_worker_step(worker, "by_status", &o, by_status, NULL, &err), SY_OK, NULL);
     o = sy_handler_options_default();
     o.rate_limit = 1000, o.rate_burst = 10, o.max_attempts = 3;
     EXPECT(sy_worker_api(worker, "api", &o, api, NULL, &err), SY_OK, NULL);
@@ -434,7 +501,7 @@ static void durable_checks(void) {
     EXPECT(sy_client_count_steps(client, NULL, &err), SY_INVALID_ARGUMENT, "counts is NULL");
     RUN("plan", "{\"done\":1}", SY_OK, "\"early\":1");
     sy_buf_free(&id);
-    RUN("plan", "{\"bad\":1}", SY_CONFLICT, "each step needs `name`, `handler`");
+    RUN("plan", "{\"bad\":1}", SY_TASK_FAILED, "each step needs `name`, `handler`");
     sy_buf_free(&id);
 
     /* Many batch items at once: fewer calls than items, one failing alone. */
@@ -449,14 +516,20 @@ static void durable_checks(void) {
     EXPECT(sy_client_result(client, first, 30000, &res, &err), SY_OK, NULL);
     CHECK(strcmp((const char *)res.ptr, "{\"y\":2}") == 0);
     sy_buf_free(&res);
-    EXPECT(sy_client_result(client, second, 30000, &res, &err), SY_CONFLICT, "negative input");
+    EXPECT(sy_client_result(client, second, 30000, &res, &err), SY_TASK_FAILED, "negative input");
     EXPECT(sy_client_spawn_many(client, "{\"handler\":\"add\"}", &res, &err), SY_INVALID_ARGUMENT, "must be a list");
     EXPECT(sy_client_spawn_many(client, "[{\"input\":1}]", &res, &err), SY_INVALID_ARGUMENT, "handler");
+    /* A misspelt key is refused, not dropped; `parent` is not the client's. */
+    EXPECT(sy_client_spawn_many(client, "[{\"handler\":\"add\",\"input\":1},{\"handler\":\"add\",\"input\":2,\"prio\":3}]",
+                                &res, &err), SY_INVALID_ARGUMENT, "task #1: unknown key `prio`");
+    CHECK(res.ptr == NULL);
+    EXPECT(sy_client_spawn_many(client, "[{\"handler\":\"add\",\"input\":1,\"parent\":{}}]", &res, &err),
+           SY_INVALID_ARGUMENT, "task #0: `parent`");
     CHECK(batch_items >= 4 && batch_calls >= 1);
 
     /* Retry of a failed task: it fails again the same way (input negative). */
     EXPECT(sy_client_retry(client, second, &err), SY_OK, NULL);
-    EXPECT(sy_client_result(client, second, 30000, &res, &err), SY_CONFLICT, "negative input");
+    EXPECT(sy_client_result(client, second, 30000, &res, &err), SY_TASK_FAILED, "negative input");
     EXPECT(sy_client_retry(client, first, &err), SY_CONFLICT, "");
     EXPECT(sy_client_retry(client, "nope", &err), SY_INVALID_ARGUMENT, "nope");
     EXPECT(sy_client_inspect(client, "01a208c8-9154-723f-b462-c8823cc81823", &res, &err), SY_NOT_FOUND, "");
@@ -475,12 +548,49 @@ static void durable_checks(void) {
     /* An event emitted earlier is returned at once (replayed on resume). */
     RUN("waiter", "{\"later\":1}", SY_OK, "\"go\":7");
     sy_buf_free(&id);
-    /* An await that times out fails the step (the callback passes it on). */
-    RUN("waiter", "{\"quick\":1,\"timeout_ms\":100}", SY_CONFLICT, "timed out waiting for event `never.sent`");
+    /* An await timeout caught by the callback: it carries on. */
+    RUN("catcher", "{}", SY_OK, "{\"caught\":1}");
+    sy_buf_free(&id);
+    /* One passed on (SY_AWAIT_TIMEOUT returned) fails the step permanently,
+     * with the await's message. */
+    RUN("waiter", "{\"quick\":1,\"timeout_ms\":100}", SY_TASK_FAILED, "permanent: timed out waiting for event `never.sent`");
+    sy_buf_free(&id);
+
+    /* A status returned is its error class: SY_INVALID_ARGUMENT is never
+     * retried; a value that is no status is retryable. */
+    RUN("by_status", "{\"status\":1}", SY_TASK_FAILED,
+        "failed on attempt 1: invalid_input: invalid input: the C handler `by_status` failed with status 1 (SY_INVALID_ARGUMENT)");
+    sy_buf_free(&id);
+    RUN("by_status", "{\"status\":99}", SY_TASK_FAILED,
+        "failed on attempt 2: retryable: attempt 2 of 2 failed: the C handler `by_status` failed with status 99 (SY_UNKNOWN)");
+    sy_buf_free(&id);
+
+    /* SY_SUSPENDED returned by hand fails the step, with the core's message. */
+    RUN("fake_suspend", "{}", SY_TASK_FAILED, "raised Suspend but no context call asked it to");
+    sy_buf_free(&id);
+
+    /* 50 suspensions in a row: one attempt, 51 runs. */
+    EXPECT(sy_client_spawn(client, "waits", "null", &id, &err), SY_OK, NULL);
+    for (int i = 0; i < 50; i++) {
+        for (int t = 0; t < 30000 && __atomic_load_n(&waits_parked, __ATOMIC_SEQ_CST) < i + 1; t++) sleep_ms(1);
+        CHECK(__atomic_load_n(&waits_parked, __ATOMIC_SEQ_CST) == i + 1);
+        char name[32];
+        snprintf(name, sizeof name, "go-%d", i);
+        sy_error *err = NULL;
+        CHECK(sy_client_emit(client, name, "null", NULL, &err) == SY_OK);
+    }
+    EXPECT(sy_client_result(client, (const char *)id.ptr, 60000, &res, &err), SY_OK, NULL);
+    CHECK(strcmp((const char *)res.ptr, "{\"attempt\":1,\"run\":51}") == 0);
+    printf("ok: 50 suspensions in a row -> %s\n", (const char *)res.ptr);
+    sy_buf_free(&res);
     sy_buf_free(&id);
 
     /* Delegation and spawn from a step. */
     RUN("parent", "{}", SY_OK, "{\"one\":{\"y\":2},\"parallel_ok\":true}");
+    sy_buf_free(&id);
+    /* A child's failure passed on (no output): the step fails with its message. */
+    RUN("parent", "{\"fail\":1}", SY_TASK_FAILED, "permanent: delegated task");
+    CHECK(strstr(last_message, "(add) failed: negative input") != NULL);
     sy_buf_free(&id);
 
     /* Eight sleeps in a row cost no attempt. */
@@ -490,15 +600,15 @@ static void durable_checks(void) {
     /* API: 429 then success; 404 fails at once. */
     RUN("api", "{}", SY_OK, "\"attempt\":2");
     sy_buf_free(&id);
-    RUN("api", "{\"missing\":1}", SY_CONFLICT, "HTTP 404: no such customer");
+    RUN("api", "{\"missing\":1}", SY_TASK_FAILED, "HTTP 404: no such customer");
     sy_buf_free(&id);
 
     /* Asynchronous completion from another thread. */
     RUN("deferred", "{\"x\":9}", SY_OK, "{\"later\":9}");
     sy_buf_free(&id);
-    RUN("deferred", "{\"abandon\":1}", SY_CONFLICT, "released its completion without completing it");
+    RUN("deferred", "{\"abandon\":1}", SY_TASK_FAILED, "released its completion without completing it");
     sy_buf_free(&id);
-    RUN("deferred", "{\"pending_only\":1}", SY_CONFLICT, "call sy_ctx_defer first");
+    RUN("deferred", "{\"pending_only\":1}", SY_TASK_FAILED, "call sy_ctx_defer first");
     sy_buf_free(&id);
     RUN("deferred", "{\"self\":1}", SY_OK, "{\"self\":1}");
     sy_buf_free(&id);
@@ -513,7 +623,7 @@ static void durable_checks(void) {
     EXPECT(sy_client_cancel(client, (const char *)id.ptr, false, NULL, &err), SY_OK, NULL);
     for (int i = 0; i < 3000 && !sy_completion_is_cancelled(held); i++) sleep_ms(10);
     CHECK(sy_completion_is_cancelled(held));
-    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_CONFLICT, "cancelled");
+    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_TASK_CANCELLED, "cancelled");
     sleep_ms(2500);
     EXPECT(sy_completion_complete(held, SY_OK, "1", 1, &err), SY_CONFLICT, "no longer waiting");
     EXPECT(sy_completion_complete(held, SY_OK, "1", 1, &err), SY_INVALID_ARGUMENT, "not a live handle");
@@ -621,8 +731,8 @@ static void stop_checks(void) {
     EXPECT(sy_client_spawn(client, "stubborn", "{\"who\":\"a\"}", &a, &err), SY_OK, NULL);
     while (__atomic_load_n(&stubborn_a, __ATOMIC_SEQ_CST) == 0) sleep_ms(5);
     EXPECT(sy_client_spawn(client, "stubborn", "{\"who\":\"b\"}", &b, &err), SY_OK, NULL);
-    EXPECT(sy_client_result(client, (const char *)a.ptr, 30000, &res, &err), SY_CONFLICT, "timed out after 200 ms");
-    EXPECT(sy_client_result(client, (const char *)b.ptr, 30000, &res, &err), SY_CONFLICT, "timed out after 200 ms");
+    EXPECT(sy_client_result(client, (const char *)a.ptr, 30000, &res, &err), SY_TASK_FAILED, "timed out after 200 ms");
+    EXPECT(sy_client_result(client, (const char *)b.ptr, 30000, &res, &err), SY_TASK_FAILED, "timed out after 200 ms");
     /* Stop while "a" still sleeps: the grace period, then at most 2 s. */
     double t0 = now_s();
     EXPECT(sy_worker_stop(worker, &err), SY_OK, NULL);
@@ -655,6 +765,12 @@ int main(void) {
 
     /* Errors, buffers, names. */
     CHECK(strcmp(sy_status_name(SY_NOT_FOUND), "SY_NOT_FOUND") == 0);
+    CHECK(strcmp(sy_status_name(SY_AWAIT_TIMEOUT), "SY_AWAIT_TIMEOUT") == 0);
+    CHECK(strcmp(sy_status_name(SY_TASK_FAILED), "SY_TASK_FAILED") == 0);
+    CHECK(strcmp(sy_status_name(SY_TASK_CANCELLED), "SY_TASK_CANCELLED") == 0);
+    CHECK(strcmp(sy_status_name(999), "SY_UNKNOWN") == 0);
+    CHECK(strcmp(sy_status_name(-1), "SY_UNKNOWN") == 0);
+    CHECK(sy_error_detail_json(NULL) == NULL);
     CHECK(strcmp(sy_error_message(NULL), "") == 0);
     CHECK(sy_error_status(NULL) == SY_OK);
     sy_error_free(NULL);
@@ -724,17 +840,43 @@ int main(void) {
     CHECK(flag);
     EXPECT(sy_client_cancel(client, (const char *)id.ptr, true, &flag, &err), SY_OK, NULL);
     CHECK(!flag);
-    EXPECT(sy_client_result(client, (const char *)id.ptr, 1000, &res, &err), SY_CONFLICT, "cancelled");
+    EXPECT(sy_client_result(client, (const char *)id.ptr, 1000, &res, &err), SY_TASK_CANCELLED, "cancelled");
+    {
+        /* The details: which task. */
+        sy_error *err = NULL;
+        CHECK(sy_client_result(client, (const char *)id.ptr, 1000, &res, &err) == SY_TASK_CANCELLED);
+        const char *d = sy_error_detail_json(err);
+        char want[64];
+        snprintf(want, sizeof want, "\"task_id\":\"%s\"", (const char *)id.ptr);
+        CHECK(d != NULL && strstr(d, want) != NULL && strstr(d, "\"kind\":\"cancelled\"") != NULL);
+        printf("ok: SY_TASK_CANCELLED: %s\n", d);
+        sy_error_free(err);
+    }
     sy_buf_free(&id);
     EXPECT(sy_client_cancel(client, "nope", false, &flag, &err), SY_INVALID_ARGUMENT, "nope");
     EXPECT(sy_client_cancel(NULL, "nope", false, &flag, &err), SY_INVALID_ARGUMENT, "client is NULL");
 
     /* Failures reported by callbacks. */
     EXPECT(sy_client_spawn(client, "boom", "{}", &id, &err), SY_OK, NULL);
-    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_CONFLICT, "out of widgets");
+    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_TASK_FAILED, "out of widgets");
+    {
+        /* The details: the task, and its error as recorded. */
+        sy_error *err = NULL;
+        CHECK(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err) == SY_TASK_FAILED);
+        const char *d = sy_error_detail_json(err);
+        char want[64];
+        snprintf(want, sizeof want, "\"task_id\":\"%s\"", (const char *)id.ptr);
+        CHECK(d != NULL && strstr(d, want) != NULL);
+        CHECK(strstr(d, "\"kind\":\"permanent\"") != NULL);
+        CHECK(strstr(d, "\"message\":\"boom: out of widgets\"") != NULL);
+        CHECK(strstr(d, "\"traceback\":null") != NULL);
+        CHECK(strstr(d, "\"attempt\":1") != NULL);
+        printf("ok: SY_TASK_FAILED: %s: %s\n", sy_error_message(err), d);
+        sy_error_free(err);
+    }
     sy_buf_free(&id);
     EXPECT(sy_client_spawn(client, "garbage", "{}", &id, &err), SY_OK, NULL);
-    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_CONFLICT, "not valid JSON");
+    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_TASK_FAILED, "not valid JSON");
     sy_buf_free(&id);
 
     /* Checkpoints survive a retry. */
@@ -748,7 +890,7 @@ int main(void) {
     EXPECT(sy_client_spawn(client, "slow", "{}", &id, &err), SY_OK, NULL);
     sleep_ms(300);
     EXPECT(sy_client_cancel(client, (const char *)id.ptr, false, NULL, &err), SY_OK, NULL);
-    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_CONFLICT, "cancelled");
+    EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_TASK_CANCELLED, "cancelled");
     sy_buf_free(&id);
 
     /* Events from a client: first write wins. */
@@ -758,6 +900,8 @@ int main(void) {
     CHECK(!flag);
     EXPECT(sy_client_emit(client, "echo.seen", "null", &flag, &err), SY_OK, NULL);
     CHECK(!flag); /* emitted by the echo callback */
+    EXPECT(sy_client_emit(client, "echo.alias", "null", &flag, &err), SY_OK, NULL);
+    CHECK(!flag); /* emitted by the echo callback, through sy_ctx_emit */
     EXPECT(sy_client_emit(client, "e", "nope", &flag, &err), SY_INVALID_ARGUMENT, "not valid JSON");
     EXPECT(sy_client_emit(client, NULL, "1", &flag, &err), SY_INVALID_ARGUMENT, "name is NULL");
 
@@ -765,6 +909,7 @@ int main(void) {
     CHECK(!sy_ctx_is_cancelled(NULL));
     EXPECT(sy_ctx_set_output(NULL, "1", 1, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
     EXPECT(sy_ctx_task_id((sy_ctx *)&bogus, &id, &err), SY_INVALID_ARGUMENT, "not a live handle");
+    EXPECT(sy_ctx_emit_event(NULL, "e", "1", NULL, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
     EXPECT(sy_ctx_emit(NULL, "e", "1", NULL, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
     EXPECT(sy_ctx_checkpoint_get(NULL, "c", &res, &flag, &err), SY_INVALID_ARGUMENT, "ctx is NULL");
     EXPECT(sy_ctx_checkpoint_put(NULL, "c", "1", &err), SY_INVALID_ARGUMENT, "ctx is NULL");
