@@ -3,7 +3,9 @@
 Handlers raise :class:`PermanentError` (never retried), :class:`RetryableError`
 (retried after the policy's backoff or ``retry_after`` seconds) or
 :class:`InvalidInput` (fails at once). Any other exception is retryable, with
-its traceback stored on the step.
+its traceback stored on the step. Waiting for a task's outcome raises
+:class:`TaskFailed` or :class:`TaskCancelled`. The names are the README's
+vocabulary, the same in every language.
 """
 
 from __future__ import annotations
