@@ -194,7 +194,15 @@ fn number(e: &Bound<'_, PyAny>, attr: &str) -> Option<f64> {
 fn classify(c: &Classes, handler: &str, e: &Bound<'_, PyAny>) -> PyResult<Reply> {
     let py = e.py();
     if e.is_instance(c.http.bind(py))? {
-        let status: u16 = e.getattr("status")?.extract()?;
+        let status = e.getattr("status")?;
+        let Ok(status) = status.extract::<u16>() else {
+            let message = format!(
+                "handler `{handler}` raised HttpError with status {}, which is not an HTTP \
+                 status code",
+                text(&status)
+            );
+            return Ok(Reply::error(ErrorClass::Permanent, message, None, None));
+        };
         let message = match e.getattr("message") {
             Ok(m) if !m.is_none() => text(&m),
             _ => String::new(),
