@@ -7,21 +7,25 @@ tasks live in an embedded SQLite file by default (``sqlite:switchyard.db``).
 from . import _native
 from ._client import Client
 from ._context import AsyncContext, Context
-from ._worker import BatchItem, Decision, HttpError, NetworkError, Retry, Worker, default_store, step
+from ._worker import BatchItem, Decision, Retry, Worker, default_store, step
 from .errors import (
     AwaitTimeout,
     Cancelled,
     ConfigError,
     Conflict,
     Error,
+    HttpError,
     InvalidInput,
     LeaseLost,
+    NetworkError,
     NotFound,
     PayloadTooLarge,
     PermanentError,
     RetryableError,
     ShutdownError,
     StoreError,
+    TaskCancelled,
+    TaskFailed,
     TimeoutError,
 )
 
@@ -49,6 +53,8 @@ __all__ = [
     "RetryableError",
     "ShutdownError",
     "StoreError",
+    "TaskCancelled",
+    "TaskFailed",
     "TimeoutError",
     "Worker",
     "default_store",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
@@ -32,7 +33,14 @@ class _Base:
         return self._n.step_id
 
     @property
+    def step_name(self) -> str:
+        """The name of the step being run."""
+        return self._n.step_name
+
+    @property
     def step(self) -> str:
+        """Deprecated alias of :attr:`step_name`."""
+        warnings.warn("ctx.step is deprecated: use ctx.step_name", DeprecationWarning, stacklevel=2)
         return self._n.step_name
 
     @property
@@ -69,7 +77,7 @@ class _Base:
         return self._n.is_cancelled()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} task={self.task_id} step={self.step} attempt={self.attempt}>"
+        return f"<{type(self).__name__} task={self.task_id} step={self.step_name} attempt={self.attempt}>"
 
 
 Child = Union[Tuple[str, Any], Mapping[str, Any]]
@@ -102,7 +110,7 @@ class Context(_Base):
 
     def await_event(self, name: str, timeout: Optional[float] = None) -> Any:
         """Returns the payload of event ``name`` (emitted before or after this call).
-        Suspends the step until it arrives; raises ``switchyard.TimeoutError``
+        Suspends the step until it arrives; raises ``switchyard.AwaitTimeout``
         after ``timeout`` seconds (checkpointed)."""
         return self._n.await_event(name, timeout)
 

@@ -20,21 +20,12 @@ import os
 import signal
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import _native
 from ._context import AsyncContext, Context
-from .errors import (
-    Cancelled,
-    InvalidInput,
-    LeaseLost,
-    PermanentError,
-    RetryableError,
-    TimeoutError,
-    _Suspend,
-)
+from .errors import HttpError, NetworkError
 
 log = logging.getLogger("switchyard")
 _core_log = logging.getLogger("switchyard.core")
@@ -64,21 +55,6 @@ class Retry:
     max_backoff: float = 300.0
 
 
-class HttpError(Exception):
-    """Raised by ``@worker.api`` handlers for a non-2xx answer: 429 is retried
-    after ``retry_after``, other 4xx fail permanently, 5xx are retried."""
-
-    def __init__(self, status: int, message: str = "", retry_after: Optional[float] = None) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-
-
-class NetworkError(Exception):
-    """Raised by ``@worker.api`` handlers when the request got no answer (retried)."""
-
-
 def step(name: str, handler: Optional[str] = None, input: Any = None, depends_on: Sequence[str] = ()) -> Dict[str, Any]:
     """A step for a :class:`Decision`: ``handler`` defaults to ``name``."""
     return {"name": name, "handler": handler or name, "input": input, "depends_on": list(depends_on)}
@@ -105,7 +81,9 @@ class Decision:
     @staticmethod
     def fan_out(handler: str, total: int, batch_size: int, input: Any = None, converge: str = "converge") -> "Decision":
         """Splits ``total`` items into cursor ranges run as parallel ``handler`` steps,
-        then a ``converge`` step that receives their results (planned by the core)."""
+        then a ``converge`` step that receives their results (planned by the
+        core, which refuses a negative ``total``, a ``batch_size`` below 1 and
+        plans of more than 100,000 batches with ``InvalidInput``)."""
         steps, final_step = _native.fan_out(handler, total, batch_size, input, converge)
         return Decision(steps=steps, final_step=final_step)
 
@@ -128,74 +106,6 @@ class _Handler:
 
 # Raised by a handler, these stop the host instead of failing the step.
 _EXIT = (SystemExit, KeyboardInterrupt)
-
-
-def _unprintable(e: BaseException, inner: BaseException) -> str:
-    return f"<exception {type(e).__name__}: str() raised {type(inner).__name__}>"
-
-
-def _str(e: BaseException) -> str:
-    """``str(e)``, or a placeholder when the exception's ``__str__`` raises:
-    describing a failure must never fail (the step would never be answered)."""
-    try:
-        return str(e)
-    except BaseException as inner:  # noqa: BLE001
-        return _unprintable(e, inner)
-
-
-def _trace(e: BaseException) -> Optional[str]:
-    # Start at the user's code: drop this module's own frames at the top.
-    try:
-        tb = e.__traceback__
-        while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
-            tb = tb.tb_next
-        return "".join(traceback.format_exception(type(e), e, tb))
-    except BaseException:  # noqa: BLE001 - a traceback is optional
-        return None
-
-
-def _error(e: BaseException, handler: str) -> Tuple[Any, ...]:
-    try:
-        return _classify(e, handler)
-    except BaseException as inner:  # noqa: BLE001 - an odd exception still fails only its step
-        return ("error", "retryable", f"<exception {type(e).__name__}: describing it raised {type(inner).__name__}>", None, None)
-
-
-def _classify(e: BaseException, handler: str) -> Tuple[Any, ...]:
-    if isinstance(e, _Suspend):
-        return ("suspend", e.wait)
-    if isinstance(e, LeaseLost):
-        return ("error", "lease_lost", _str(e), None, None)
-    if isinstance(e, HttpError):
-        return ("http", e.status, e.retry_after, e.message)
-    if isinstance(e, NetworkError):
-        return ("network", _str(e))
-    if isinstance(e, (Cancelled, asyncio.CancelledError)):
-        return ("error", "cancelled", _str(e) or "cancelled", None, None)
-    if isinstance(e, InvalidInput):
-        return ("error", "invalid_input", _str(e), None, None)
-    if isinstance(e, (PermanentError, TimeoutError)):
-        # An await timeout that escapes the handler is final: a replay would
-        # take the same (checkpointed) path.
-        return ("error", "permanent", _str(e) or type(e).__name__, _trace(e), None)
-    if isinstance(e, RetryableError):
-        return ("error", "retryable", _str(e) or type(e).__name__, _trace(e), e.retry_after)
-    try:
-        message = f"{type(e).__name__}: {e}"
-    except BaseException as inner:  # noqa: BLE001
-        message = _unprintable(e, inner)
-    log.warning("handler %s raised %s", handler, message)
-    return ("error", "retryable", message, _trace(e), None)
-
-
-def _ok(kind: str, value: Any, handler: str) -> Tuple[Any, ...]:
-    if kind == "decision":
-        if not isinstance(value, Decision):
-            return ("error", "permanent", f"decision handler `{handler}` returned {type(value).__name__}, not switchyard.Decision", None, None)
-        if value.done:
-            return ("complete", value.value)
-        return ("decision", value.steps, value.final_step)
-    return ("value", value)
 
 
 class Worker:
@@ -244,6 +154,8 @@ class Worker:
         if threads is not None and threads < 1:
             raise ValueError("threads must be at least 1")
         self._handlers: Dict[str, _Handler] = {}
+        # By the id the core gave each handler at registration (jobs carry it).
+        self._by_id: List[_Handler] = []
         self._threads_n = threads or concurrency
         self._grace = shutdown_grace
         self._threads: List[threading.Thread] = []
@@ -275,8 +187,11 @@ class Worker:
             retry = Retry(max_attempts=retry)
         if retry is not None:
             opts.update(max_attempts=retry.max_attempts, initial_backoff=retry.initial_backoff, max_backoff=retry.max_backoff)
-        self._native.register(name, kind, is_async, **opts)
-        self._handlers[name] = _Handler(name, fn, kind, is_async)
+        handler_id = self._native.register(name, kind, is_async, **opts)
+        h = _Handler(name, fn, kind, is_async)
+        self._handlers[name] = h
+        assert handler_id == len(self._by_id), "the core numbers handlers in order"
+        self._by_id.append(h)
 
     def step(
         self,
@@ -546,39 +461,38 @@ class Worker:
             # be dropped (which fails its step) rather than kept alive.
             jobs = job = None
 
-    def _run_sync(self, job: "_native.NativeJob") -> None:
-        # A job may have waited in the inbox (or behind earlier jobs of its
-        # batch) until the core gave up on it: timed out, cancelled or handed
-        # back at shutdown. Its step is no longer ours to run.
+    def _begin(self, job: "_native.NativeJob", ctx: Any) -> Optional[Callable[[], Any]]:
+        """The call of the job's handler with its arguments, or None for a job
+        the core gave up on before it started: it may have waited in the inbox
+        (or behind earlier jobs of its batch) until it timed out, was
+        cancelled or handed back at shutdown. Its step is no longer ours."""
         if job.abandoned:
             log.debug("switchyard: skipping %r, abandoned by the core before it started", job)
-            return
-        h = self._handlers[job.handler]
+            return None
+        h = self._by_id[job.handler_id]
         items = job.items
+        if h.kind == "batch":
+            batch = [BatchItem(inp, ctx(c)) for inp, c in items]
+            return lambda: h.fn(batch)
+        inp, c = items[0]
+        return lambda: h.fn(inp, ctx(c))
+
+    def _run_sync(self, job: "_native.NativeJob") -> None:
+        call = self._begin(job, Context)
+        if call is None:
+            return
+        answer = job.ok
         self._body_begins()
         try:
-            if h.kind == "batch":
-                results = h.fn([BatchItem(inp, Context(c)) for inp, c in items])
-                outcomes = self._batch_outcomes(h, results, len(items))
-            else:
-                inp, c = items[0]
-                outcomes = [_ok(h.kind, h.fn(inp, Context(c)), h.name)]
+            out = call()
         except _EXIT as e:
             self._exit_requested(e, job)
             return
         except BaseException as e:  # noqa: BLE001 - a handler failure fails only its steps
-            outcomes = [_error(e, h.name)] * len(items)
+            answer, out = job.raised, e
         finally:
             self._body_ends()
-        job.finish(outcomes)
-
-    @staticmethod
-    def _batch_outcomes(h: _Handler, results: Any, n: int) -> List[Tuple[Any, ...]]:
-        results = list(results)
-        if len(results) != n:
-            msg = f"batch handler `{h.name}` returned {len(results)} results for {n} steps"
-            return [("error", "permanent", msg, None, None)] * n
-        return [_error(r, h.name) if isinstance(r, BaseException) else ("value", r) for r in results]
+        answer(out)
 
     # -- async handlers -----------------------------------------------------
     def _async_main(self, ready: threading.Event) -> None:
@@ -611,35 +525,29 @@ class Worker:
             task.add_done_callback(self._tasks.discard)
 
     async def _run_async(self, job: "_native.NativeJob") -> None:
-        if job.abandoned:  # see _run_sync
-            log.debug("switchyard: skipping %r, abandoned by the core before it started", job)
+        call = self._begin(job, AsyncContext)
+        if call is None:
             return
-        h = self._handlers[job.handler]
-        items = job.items
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         watches = []
+        answer = job.ok
         self._body_begins()
         try:
-            if task is not None and h.kind != "batch":
+            if task is not None and job.kind != "batch":
                 # Push cancellation: a cancelled task cancels this asyncio task
                 # (the handler sees CancelledError). Batch items are cancelled
                 # one by one through ``ctx.is_cancelled()`` instead.
-                for _, c in items:
+                for _, c in job.items:
                     watches.append(c.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel)))
-            if h.kind == "batch":
-                results = await h.fn([BatchItem(inp, AsyncContext(c)) for inp, c in items])
-                outcomes = self._batch_outcomes(h, results, len(items))
-            else:
-                inp, c = items[0]
-                outcomes = [_ok(h.kind, await h.fn(inp, AsyncContext(c)), h.name)]
+            out = await call()
         except _EXIT as e:
             self._exit_requested(e, job)
             return
         except BaseException as e:  # noqa: BLE001 - a handler failure fails only its steps
-            outcomes = [_error(e, h.name)] * len(items)
+            answer, out = job.raised, e
         finally:
             for w in watches:
                 w.close()
             self._body_ends()
-        job.finish(outcomes)
+        answer(out)

@@ -17,7 +17,7 @@ def test_cancel_and_retry_without_a_worker(client):
     assert client.cancel(t) is True
     assert client.get(t)["state"] == "cancelled"
     assert client.cancel(t) is False  # already finished
-    with pytest.raises(switchyard.Conflict):
+    with pytest.raises(switchyard.TaskCancelled):
         client.result(t, timeout=1)
     client.retry(t)
     assert client.get(t)["state"] == "running"

@@ -80,7 +80,7 @@ def test_sync_emit_heartbeat_and_headers(make_worker, client):
     @w.step("announce")
     def announce(inp, ctx):
         ctx.heartbeat()
-        first = ctx.emit_event("announced", {"by": ctx.step})
+        first = ctx.emit_event("announced", {"by": ctx.step_name})
         again = ctx.emit("announced", "ignored")  # first write wins
         return {"first": first, "again": again, "headers": ctx.headers, "priority": ctx.priority,
                 "handler": ctx.handler, "time_left": ctx.time_left is not None}

@@ -277,3 +277,37 @@ def test_stop_waits_for_bodies_handed_back_at_the_end_of_the_grace(make_worker, 
     assert started.wait(15)
     w.stop()
     assert finished.is_set(), "stop() returned while a handler body was still running"
+
+
+def test_odd_exceptions_fail_only_their_step_saying_why(make_worker, client):
+    # An HttpError whose status is no HTTP status, a batch result that is not
+    # a list, a decision that is not a Decision: each fails its own step
+    # permanently with a message naming what was wrong.
+    w = make_worker()
+
+    @w.api("badstatus", retry=Retry(max_attempts=3, initial_backoff=0.01))
+    def badstatus(inp, ctx):
+        raise switchyard.HttpError(10**6, "odd")
+
+    @w.batch("notalist", retry=Retry(max_attempts=1))
+    def notalist(items):
+        return 42
+
+    @w.decision("notadecision", retry=Retry(max_attempts=3, initial_backoff=0.01))
+    def notadecision(inp, ctx):
+        return {"steps": []}
+
+    w.start()
+    expect = {
+        "badstatus": "raised HttpError with status 1000000, which is not an HTTP status code",
+        "notalist": "TypeError: 'int' object is not iterable",
+        "notadecision": "returned dict, not switchyard.Decision",
+    }
+    for name, needle in expect.items():
+        with pytest.raises(switchyard.TaskFailed) as e:
+            client.result(client.spawn(name, {}), timeout=10)
+        assert needle in e.value.message, (name, e.value)
+    for name in ("badstatus", "notadecision"):
+        with pytest.raises(switchyard.TaskFailed) as e:
+            client.result(client.spawn(name, {}), timeout=10)
+        assert (e.value.kind, e.value.attempt) == ("permanent", 1), e.value

@@ -88,7 +88,7 @@ def test_errors_classify(make_worker, client):
     steps = client.inspect(b)["steps"]
     assert "ValueError" in steps[0]["error"]["trace"] and "Traceback" in steps[0]["error"]["trace"]
     assert client.get(i)["error"]["kind"] == "invalid_input"
-    with pytest.raises(switchyard.Conflict):
+    with pytest.raises(switchyard.TaskFailed):
         client.result(p, timeout=1)
 
 
@@ -161,7 +161,7 @@ def test_await_timeout_is_checkpointed(make_worker, client):
     def patient(inp, ctx):
         try:
             got = ctx.await_event("never", timeout=0.05)
-        except switchyard.TimeoutError:
+        except switchyard.AwaitTimeout:
             got = "timed out"
         outcomes.append(got)
         if ctx.attempt == 1:

@@ -3,20 +3,33 @@
 //! (`switchyard.Context` / `AsyncContext`) adds `checkpoint(name, fn)` on top
 //! of `checkpoint_lookup` / `checkpoint_save` because `fn` is Python code.
 
+use std::future::Future;
 use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyList;
-use switchyard_core::{ChildSpec, Context};
+use switchyard_core::{ChildSpec, Context, StepResult};
 use tokio_util::sync::CancellationToken;
 
-use crate::block_step;
 use crate::convert::{record_to_py, to_py, to_value};
 
 /// Durable context handle given to Python handlers.
 #[pyclass(module = "switchyard._native", frozen)]
 pub struct NativeContext {
     pub(crate) ctx: Context,
+}
+
+impl NativeContext {
+    /// Waits for context call `fut` with the GIL released. A step error
+    /// becomes the exception of [`switchyard_core::bridge::raise`] (durable
+    /// control flow stays kept in the context).
+    fn wait<T: Send + 'static>(
+        &self,
+        py: Python<'_>,
+        fut: impl Future<Output = StepResult<T>> + Send + 'static,
+    ) -> PyResult<T> {
+        crate::block(py, fut)?.map_err(|e| crate::errors::step_err(py, &self.ctx, e))
+    }
 }
 
 /// Stops a cancellation callback registered with `NativeContext.on_cancel`.
@@ -114,7 +127,7 @@ impl NativeContext {
         name: String,
     ) -> PyResult<(String, bool, Bound<'py, PyAny>)> {
         let ctx = self.ctx.clone();
-        let (key, v) = block_step(py, async move { ctx.checkpoint_lookup(&name).await })?;
+        let (key, v) = self.wait(py, async move { ctx.checkpoint_lookup(&name).await })?;
         match v {
             Some(v) => Ok((key, true, to_py(py, &v)?)),
             None => Ok((key, false, py.None().into_bound(py))),
@@ -129,7 +142,7 @@ impl NativeContext {
     ) -> PyResult<()> {
         let v = to_value(value, &format!("checkpoint `{key}` value"))?;
         let ctx = self.ctx.clone();
-        block_step(py, async move { ctx.checkpoint_save(&key, v).await })
+        self.wait(py, async move { ctx.checkpoint_save(&key, v).await })
     }
 
     #[pyo3(signature = (name, timeout=None))]
@@ -141,19 +154,19 @@ impl NativeContext {
     ) -> PyResult<Bound<'py, PyAny>> {
         let ctx = self.ctx.clone();
         let t = timeout.map(|s| secs("await_event timeout", s)).transpose();
-        let v = block_step(py, async move { ctx.await_event(&name, t?).await })?;
+        let v = self.wait(py, async move { ctx.await_event(&name, t?).await })?;
         to_py(py, &v)
     }
 
     fn sleep(&self, py: Python<'_>, seconds: f64) -> PyResult<()> {
         let ctx = self.ctx.clone();
         let d = secs("sleep duration", seconds);
-        block_step(py, async move { ctx.sleep(d?).await })
+        self.wait(py, async move { ctx.sleep(d?).await })
     }
 
     fn sleep_until(&self, py: Python<'_>, at_ms: i64) -> PyResult<()> {
         let ctx = self.ctx.clone();
-        block_step(py, async move { ctx.sleep_until(at_ms).await })
+        self.wait(py, async move { ctx.sleep_until(at_ms).await })
     }
 
     fn emit_event(
@@ -164,13 +177,13 @@ impl NativeContext {
     ) -> PyResult<bool> {
         let p = to_value(payload, "event payload")?;
         let ctx = self.ctx.clone();
-        block_step(py, async move { ctx.emit_event(&name, p).await })
+        self.wait(py, async move { ctx.emit_event(&name, p).await })
     }
 
     fn spawn(&self, py: Python<'_>, handler: String, input: &Bound<'_, PyAny>) -> PyResult<String> {
         let i = to_value(input, "child input")?;
         let ctx = self.ctx.clone();
-        let id = block_step(py, async move { ctx.spawn(&handler, i).await })?;
+        let id = self.wait(py, async move { ctx.spawn(&handler, i).await })?;
         Ok(id.to_string())
     }
 
@@ -182,7 +195,7 @@ impl NativeContext {
     ) -> PyResult<Bound<'py, PyAny>> {
         let i = to_value(input, "child input")?;
         let ctx = self.ctx.clone();
-        let v = block_step(py, async move { ctx.delegate(&handler, i).await })?;
+        let v = self.wait(py, async move { ctx.delegate(&handler, i).await })?;
         to_py(py, &v)
     }
 
@@ -206,18 +219,18 @@ impl NativeContext {
             ));
         }
         let ctx = self.ctx.clone();
-        let out = block_step(py, async move { ctx.delegate_parallel(specs).await })?;
+        let out = self.wait(py, async move { ctx.delegate_parallel(specs).await })?;
         record_to_py(py, &out)
     }
 
     fn heartbeat(&self, py: Python<'_>) -> PyResult<()> {
         let ctx = self.ctx.clone();
-        block_step(py, async move { ctx.heartbeat().await })
+        self.wait(py, async move { ctx.heartbeat().await })
     }
 
     fn dependency_results<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let ctx = self.ctx.clone();
-        let v = block_step(py, async move { ctx.dependency_results().await })?;
+        let v = self.wait(py, async move { ctx.dependency_results().await })?;
         record_to_py(py, &v)
     }
 }

@@ -72,35 +72,23 @@ pub(crate) fn block_core<T: Send + 'static>(
     block(py, fut)?.map_err(|e| errors::core_err(py, e))
 }
 
-/// Like [`block`], mapping a step error (suspension included) to Python.
-pub(crate) fn block_step<T: Send + 'static>(
-    py: Python<'_>,
-    fut: impl Future<Output = switchyard_core::StepResult<T>> + Send + 'static,
-) -> PyResult<T> {
-    block(py, fut)?.map_err(|e| errors::step_err(py, e))
-}
-
-/// The core's fan-out plan ([`switchyard_core::Decision::fan_out`]): the
-/// steps (dicts with `name`, `handler`, `input`, `depends_on`) and the final
-/// step's name.
+/// The core's bounded fan-out plan ([`switchyard_core::bridge::fan_out`]):
+/// the steps (dicts with `name`, `handler`, `input`, `depends_on`) and the
+/// final step's name.
 #[pyfunction]
 fn fan_out<'py>(
     py: Python<'py>,
     handler: &str,
-    total: u64,
-    batch_size: u64,
+    total: i64,
+    batch_size: i64,
     input: &Bound<'py, PyAny>,
     converge: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Option<String>)> {
-    let input = convert::to_value(input, "input")?;
-    match switchyard_core::Decision::fan_out(handler, total, batch_size, input, converge) {
-        switchyard_core::Decision::Steps { steps, final_step } => {
-            let steps = serde_json::to_value(&steps)
-                .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
-            Ok((convert::to_py(py, &steps)?, final_step))
-        }
-        switchyard_core::Decision::Complete(_) => unreachable!("fan_out always plans steps"),
-    }
+    let input = convert::to_value(input, "fan_out input")?;
+    let plan = switchyard_core::bridge::fan_out(handler, total, batch_size, input, converge)
+        .map_err(|e| errors::core_err(py, e))?;
+    let final_step = plan["final_step"].as_str().map(str::to_string);
+    Ok((convert::to_py(py, &plan["steps"])?, final_step))
 }
 
 #[pymodule]

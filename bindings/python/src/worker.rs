@@ -10,16 +10,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyBaseException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
-use switchyard_core::bridge::{Consumer, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply};
-use switchyard_core::{ApiError, Decision, NewStep, RunningWorker, StepError, WaitFor};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyList, PyTuple, PyType};
+use serde_json::Value;
+use switchyard_core::bridge::{
+    Consumer, ErrorClass, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply,
+};
+use switchyard_core::RunningWorker;
 
 use crate::block_core;
 use crate::client::open_store;
 use crate::context::NativeContext;
 use crate::convert::{to_py, to_value};
+use crate::errors::reply_for;
 
 /// A host for Python handlers.
 #[pyclass(module = "switchyard._native", frozen)]
@@ -108,7 +113,8 @@ impl NativeWorker {
         })
     }
 
-    /// Registers a handler served by this process's Python code.
+    /// Registers a handler served by this process's Python code; returns its
+    /// id (0, 1, 2… in order), which its jobs carry as `handler_id`.
     #[pyo3(signature = (name, kind, is_async, concurrency=None, timeout=None, max_attempts=None, initial_backoff=None, max_backoff=None, max_batch=None, linger=None, rate_limit=None, burst=None))]
     #[allow(clippy::too_many_arguments)]
     fn register(
@@ -125,7 +131,7 @@ impl NativeWorker {
         linger: Option<f64>,
         rate_limit: Option<f64>,
         burst: Option<u32>,
-    ) -> PyResult<()> {
+    ) -> PyResult<usize> {
         if self.running.lock().is_some() {
             return Err(PyRuntimeError::new_err(
                 "register handlers before the worker starts",
@@ -153,7 +159,6 @@ impl NativeWorker {
             self.sync_inbox.clone()
         };
         plan.register(name, kind, opts, inbox)
-            .map(|_| ())
             .map_err(PyValueError::new_err)
     }
 
@@ -236,14 +241,18 @@ impl NativeWorker {
     }
 }
 
-/// One unit of work for a Python handler: one step, or a batch.
+/// One unit of work for a Python handler: one step, or a batch. Answered
+/// once, by [`NativeJob::ok`] or [`NativeJob::raised`].
 #[pyclass(module = "switchyard._native", frozen)]
 pub struct NativeJob {
     job: Mutex<Option<Job>>,
+    /// The handler's id, as `NativeWorker.register` returned it.
+    #[pyo3(get)]
+    handler_id: usize,
     #[pyo3(get)]
     handler: String,
-    #[pyo3(get)]
-    kind: &'static str,
+    kind: JobKind,
+    n: usize,
     #[pyo3(get)]
     items: Py<PyList>,
 }
@@ -251,126 +260,128 @@ pub struct NativeJob {
 impl NativeJob {
     fn new(py: Python<'_>, mut job: Job) -> PyResult<Self> {
         let items = PyList::empty(py);
+        let n = job.items.len();
         for item in job.items.drain(..) {
             let input = to_py(py, &item.input)?;
             let ctx = Py::new(py, NativeContext { ctx: item.ctx })?;
             items.append(PyTuple::new(py, [input, ctx.into_bound(py).into_any()])?)?;
         }
-        let handler = job.handler.clone();
-        let kind = job.kind.name();
         // Items were moved out for Python; the job keeps the reply channel.
         Ok(Self {
+            handler_id: job.handler_id,
+            handler: job.handler.clone(),
+            kind: job.kind,
+            n,
             job: Mutex::new(Some(job)),
-            handler,
-            kind,
             items: items.unbind(),
+        })
+    }
+
+    fn answer(&self, replies: Vec<Reply>) -> PyResult<()> {
+        let job = self
+            .job
+            .lock()
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this job was already answered"))?;
+        job.complete(replies);
+        Ok(())
+    }
+
+    /// The answer for a value.
+    fn value(&self, v: &Bound<'_, PyAny>) -> Reply {
+        self.json(v, "a value").map_or_else(|r| r, Reply::Value)
+    }
+
+    /// `v` as JSON, or the failure naming what has no JSON form.
+    fn json(&self, v: &Bound<'_, PyAny>, what: &str) -> Result<Value, Reply> {
+        to_value(v, what).map_err(|e| {
+            Reply::unrepresentable("Python", &self.handler, &e.value(v.py()).to_string())
+        })
+    }
+
+    /// The answer for what a decision handler returned.
+    fn decision(&self, d: &Bound<'_, PyAny>) -> PyResult<Reply> {
+        let py = d.py();
+        let class = DECISION.import(py, "switchyard._worker", "Decision")?;
+        if !d.is_instance(class.as_any())? {
+            return Ok(Reply::error(
+                ErrorClass::Permanent,
+                format!(
+                    "decision handler `{}` returned {}, not switchyard.Decision",
+                    self.handler,
+                    d.get_type().name()?
+                ),
+                None,
+                None,
+            ));
+        }
+        if d.getattr("done")?.is_truthy()? {
+            return Ok(match self.json(&d.getattr("value")?, "a value") {
+                Ok(v) => Reply::complete(v),
+                Err(r) => r,
+            });
+        }
+        let Ok(final_step) = d.getattr("final_step")?.extract::<Option<String>>() else {
+            return Ok(Reply::error(
+                ErrorClass::Permanent,
+                format!(
+                    "decision of handler `{}`: final_step must be a step name (str) or None",
+                    self.handler
+                ),
+                None,
+                None,
+            ));
+        };
+        Ok(match self.json(&d.getattr("steps")?, "a decision") {
+            Ok(steps) => Reply::decision_steps(&self.handler, steps, final_step),
+            Err(r) => r,
+        })
+    }
+
+    /// The answers for what the handler returned, one per item.
+    fn replies(&self, result: &Bound<'_, PyAny>) -> PyResult<Vec<Reply>> {
+        let one = |r: Reply| vec![r];
+        Ok(match self.kind {
+            JobKind::Decision => one(self.decision(result)?),
+            JobKind::Batch => {
+                let results = result.try_iter()?.collect::<PyResult<Vec<_>>>()?;
+                if results.len() != self.n {
+                    let message = format!(
+                        "batch handler `{}` returned {} results for {} steps",
+                        self.handler,
+                        results.len(),
+                        self.n
+                    );
+                    return Ok(vec![
+                        Reply::error(ErrorClass::Permanent, message, None, None);
+                        self.n
+                    ]);
+                }
+                results
+                    .iter()
+                    .map(|r| {
+                        if r.is_instance_of::<PyBaseException>() {
+                            reply_for(&self.handler, r)
+                        } else {
+                            self.value(r)
+                        }
+                    })
+                    .collect()
+            }
+            _ => one(self.value(result)),
         })
     }
 }
 
-fn error_kind(
-    kind: &str,
-    message: String,
-    trace: Option<String>,
-    retry_after: Option<f64>,
-) -> PyResult<StepError> {
-    Ok(match kind {
-        "retryable" => StepError::Retryable {
-            message,
-            retry_after: retry_after.and_then(switchyard_core::client::hint_secs),
-            trace,
-        },
-        "permanent" => StepError::Permanent { message, trace },
-        "invalid_input" => StepError::InvalidInput(message),
-        "cancelled" => StepError::Cancelled,
-        "await_timeout" => StepError::AwaitTimeout { event: message },
-        "lease_lost" => StepError::LeaseLost,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown error kind `{other}`"
-            )))
-        }
-    })
-}
-
-fn decision(
-    handler: &str,
-    steps: &Bound<'_, PyAny>,
-    final_step: Option<String>,
-) -> PyResult<Decision> {
-    let what = format!("decision of handler `{handler}`");
-    let v = to_value(steps, &what)?;
-    let steps: Vec<NewStep> = serde_json::from_value(v).map_err(|e| {
-        PyTypeError::new_err(format!(
-            "{what}: each step needs `name`, `handler`, `input` and optional `depends_on`: {e}"
-        ))
-    })?;
-    Ok(Decision::Steps { steps, final_step })
-}
-
-/// Converts one outcome tuple built by the Python glue into a reply.
-fn reply(handler: &str, o: &Bound<'_, PyAny>) -> PyResult<Reply> {
-    let t = o
-        .cast::<PyTuple>()
-        .map_err(|_| PyTypeError::new_err("outcome must be a tuple"))?;
-    let tag: String = t.get_item(0)?.extract()?;
-    Ok(match tag.as_str() {
-        "value" => match to_value(&t.get_item(1)?, &format!("result of handler `{handler}`")) {
-            Ok(v) => Reply::Value(v),
-            // A non-serialisable result fails the step, naming the type.
-            Err(e) => Reply::Error(StepError::permanent(Python::attach(|py| {
-                e.value(py).to_string()
-            }))),
-        },
-        "error" => {
-            let kind: String = t.get_item(1)?.extract()?;
-            let message: String = t.get_item(2)?.extract()?;
-            let trace: Option<String> = t.get_item(3)?.extract()?;
-            let retry_after: Option<f64> = t.get_item(4)?.extract()?;
-            Reply::Error(error_kind(&kind, message, trace, retry_after)?)
-        }
-        "suspend" => {
-            let wait: String = t.get_item(1)?.extract()?;
-            let wait: WaitFor =
-                serde_json::from_str(&wait).map_err(|e| PyValueError::new_err(e.to_string()))?;
-            Reply::Error(StepError::Suspend(wait))
-        }
-        "complete" => match to_value(&t.get_item(1)?, &format!("result of decision `{handler}`")) {
-            Ok(v) => Reply::Decision(Decision::Complete(v)),
-            Err(e) => Reply::Error(StepError::permanent(Python::attach(|py| {
-                e.value(py).to_string()
-            }))),
-        },
-        "decision" => {
-            let final_step: Option<String> = t.get_item(2)?.extract()?;
-            match decision(handler, &t.get_item(1)?, final_step) {
-                Ok(d) => Reply::Decision(d),
-                Err(e) => Reply::Error(StepError::permanent(Python::attach(|py| {
-                    e.value(py).to_string()
-                }))),
-            }
-        }
-        "http" => {
-            let status: u16 = t.get_item(1)?.extract()?;
-            let retry_after: Option<f64> = t.get_item(2)?.extract()?;
-            let message: String = t.get_item(3)?.extract()?;
-            Reply::Api(ApiError::Http {
-                status,
-                retry_after: retry_after.and_then(switchyard_core::client::hint_secs),
-                message,
-            })
-        }
-        "network" => Reply::Api(ApiError::Network(t.get_item(1)?.extract()?)),
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown outcome tag `{other}`"
-            )))
-        }
-    })
-}
+static DECISION: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 #[pymethods]
 impl NativeJob {
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.kind.name()
+    }
+
     /// True if the core stopped waiting (timeout, cancellation, shutdown).
     #[getter]
     fn abandoned(&self) -> bool {
@@ -381,30 +392,32 @@ impl NativeJob {
             .unwrap_or(true)
     }
 
-    /// Answers the job with one outcome tuple per item:
-    /// `("value", v)`, `("error", kind, message, trace, retry_after)`,
-    /// `("suspend", wait_json)`, `("complete", v)`, `("decision", steps, final_step)`,
-    /// `("http", status, retry_after, message)`, `("network", message)`.
-    /// Never blocks. A second call is an error.
-    fn finish(&self, outcomes: &Bound<'_, PyList>) -> PyResult<()> {
-        let job = self
-            .job
-            .lock()
-            .take()
-            .ok_or_else(|| PyRuntimeError::new_err("this job was already finished"))?;
-        let mut replies = Vec::with_capacity(outcomes.len());
-        for o in outcomes.iter() {
-            replies.push(reply(&self.handler, &o).unwrap_or_else(|e| {
-                Reply::Error(StepError::permanent(format!(
-                    "bad outcome from the Python glue: {e}"
-                )))
-            }));
-        }
-        job.complete(replies);
-        Ok(())
+    /// Answers with what the handler returned: a value, a `Decision` for
+    /// decision handlers, a list with one value or exception per item for
+    /// batch handlers. What cannot be stored fails its step, saying why.
+    /// Never blocks. A second answer is an error.
+    fn ok(&self, result: &Bound<'_, PyAny>) -> PyResult<()> {
+        let replies = match self.replies(result) {
+            Ok(r) => r,
+            // Looking at the result raised (a batch result that is not a
+            // list, say): as if the handler had raised that.
+            Err(e) => vec![reply_for(&self.handler, e.value(result.py()).as_any()); self.n],
+        };
+        self.answer(replies)
+    }
+
+    /// Answers with the exception that ended the handler (every item of a
+    /// batch fails with it). Never blocks. A second answer is an error.
+    fn raised(&self, exception: &Bound<'_, PyAny>) -> PyResult<()> {
+        let reply = reply_for(&self.handler, exception);
+        self.answer(vec![reply; self.n])
     }
 
     fn __repr__(&self) -> String {
-        format!("<NativeJob handler={} kind={}>", self.handler, self.kind)
+        format!(
+            "<NativeJob handler={} kind={}>",
+            self.handler,
+            self.kind.name()
+        )
     }
 }
