@@ -46,6 +46,8 @@ class TestClient < Minitest::Test
     assert_match(/`run_at` must be epoch milliseconds/, e.message)
     e = assert_raises(Switchyard::InvalidInput) { client.spawn("h", run_at: "soon") }
     assert_match(/`run_at` must be epoch milliseconds/, e.message)
+    e = assert_raises(TypeError) { client.spawn_many([{ handler: "h" }, { 1 => "h" }]) }
+    assert_match(/task #1: keys must be strings or symbols, not Integer/, e.message)
   end
 
   def test_bad_input_is_named

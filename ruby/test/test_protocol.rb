@@ -98,6 +98,16 @@ class TestProtocol < Minitest::Test
     assert_equal [1, 51], [s["attempt"], s["run"]], "51 runs, all in the first attempt"
   end
 
+  def test_fan_out_plans_come_from_the_core_and_are_bounded
+    d = Switchyard::Decision.fan_out("chunk", 5, 2, converge: "total")
+    assert_equal 4, d.steps.size
+    assert_equal "total", d.final_step
+    e = assert_raises(Switchyard::InvalidInput) { Switchyard::Decision.fan_out("chunk", -1, 2) }
+    assert_match(/total must not be negative/, e.message)
+    e = assert_raises(Switchyard::InvalidInput) { Switchyard::Decision.fan_out("chunk", 10**12, 1) }
+    assert_match(/larger batches/, e.message)
+  end
+
   # Client#result waits without the GVL: another Ruby thread keeps running
   # all along (its longest pause is measured, not just its total count).
   def test_a_client_wait_lets_other_threads_run

@@ -39,7 +39,15 @@ fn task_json(ruby: &Ruby, t: Value, what: &str) -> Result<Json, Error> {
     h.foreach(|k: Value, v: Value| {
         let key = match Symbol::from_value(k) {
             Some(s) => s.name()?.into_owned(),
-            None => String::try_convert(k)?,
+            None => String::try_convert(k).map_err(|_| {
+                Error::new(
+                    ruby.exception_type_error(),
+                    // SAFETY: the name is copied before any other Ruby call.
+                    format!("{what}: keys must be strings or symbols, not {}", unsafe {
+                        k.classname()
+                    }),
+                )
+            })?,
         };
         let v = if key == "run_at" && v.is_kind_of(ruby.class_time()) {
             let secs: f64 = v.funcall::<_, _, Value>("to_r", ())?.funcall("to_f", ())?;
