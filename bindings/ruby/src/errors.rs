@@ -47,7 +47,7 @@ pub fn init(ruby: &Ruby, m: RModule) -> Result<(), Error> {
             .len();
         vocab.push((depth, c, Opaque::from(class)));
     }
-    vocab.sort_by(|a, b| b.0.cmp(&a.0));
+    vocab.sort_by_key(|v| std::cmp::Reverse(v.0));
     let classes = Classes {
         vocab: vocab.into_iter().map(|(_, c, o)| (c, o)).collect(),
         base: get("Error")?.into(),
