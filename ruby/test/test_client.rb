@@ -22,11 +22,15 @@ class TestClient < Minitest::Test
     assert_equal 2, ids.uniq.size
     before = client.list.size
     e = assert_raises(Switchyard::InvalidInput) { client.spawn_many([{ handler: "ok" }, { handler: "" }]) }
-    assert_match(/task #1/, e.message)
-    e = assert_raises(ArgumentError) { client.spawn_many([{ handler: "ok", colour: "red" }]) }
-    assert_match(/colour/, e.message)
-    e = assert_raises(ArgumentError) { client.spawn_many(["nope"]) }
-    assert_match(/task #0 must be a Hash/, e.message)
+    assert_match(/handler must not be empty/, e.message)
+    e = assert_raises(Switchyard::InvalidInput) { client.spawn_many([{ handler: "ok" }, { handler: 1 }]) }
+    assert_match(/task #1: `handler` must be a string/, e.message)
+    e = assert_raises(Switchyard::InvalidInput) { client.spawn_many([{ handler: "ok", colour: "red" }]) }
+    assert_match(/task #0: unknown key `colour`/, e.message)
+    e = assert_raises(Switchyard::InvalidInput) { client.spawn_many(["nope"]) }
+    assert_match(/task #0 must be an object/, e.message)
+    e = assert_raises(Switchyard::InvalidInput) { client.spawn_many([{ handler: "h", parent: "x" }]) }
+    assert_match(/`parent`/, e.message)
     assert_equal before, client.list.size, "nothing was spawned"
     assert_equal [], client.spawn_many([])
     later, keyed = client.spawn_many([
@@ -36,10 +40,14 @@ class TestClient < Minitest::Test
     assert_operator client.inspect(later)["steps"][0]["run_at"], :>, (Time.now.to_f * 1000).to_i + 3_000_000
     assert_equal({ "k" => "v" }, client.get(later)["headers"])
     assert_equal keyed, client.spawn_many([{ handler: "h", idempotency_key: "once" }]).first
-    e = assert_raises(ArgumentError) { client.spawn_many([{ input: 1 }]) }
-    assert_match(/task #0 has no `handler`/, e.message)
-    e = assert_raises(ArgumentError) { client.spawn_many([{ handler: "h", run_at: "soon" }]) }
-    assert_match(/run_at/, e.message)
+    e = assert_raises(Switchyard::InvalidInput) { client.spawn_many([{ input: 1 }]) }
+    assert_match(/task #0: `handler` is missing/, e.message)
+    e = assert_raises(Switchyard::InvalidInput) { client.spawn_many([{ handler: "h", run_at: "soon" }]) }
+    assert_match(/`run_at` must be epoch milliseconds/, e.message)
+    e = assert_raises(Switchyard::InvalidInput) { client.spawn("h", run_at: "soon") }
+    assert_match(/`run_at` must be epoch milliseconds/, e.message)
+    e = assert_raises(TypeError) { client.spawn_many([{ handler: "h" }, { 1 => "h" }]) }
+    assert_match(/task #1: keys must be strings or symbols, not Integer/, e.message)
   end
 
   def test_bad_input_is_named
@@ -66,12 +74,11 @@ class TestClient < Minitest::Test
 
   def test_result_timeout_failure_cancel_retry_list_inspect
     id = client.spawn("unserved", { n: 1 })
-    e = assert_raises(Switchyard::AwaitTimeout) { client.result(id, timeout: 0.05) }
+    e = assert_raises(Switchyard::TimeoutError) { client.result(id, timeout: 0.05) }
     assert_match(/still \w+ after 50 ms/, e.message)
-    assert_same Switchyard::TimeoutError, Switchyard::AwaitTimeout
     assert client.cancel(id)
     assert_equal "cancelled", client.get(id)["state"]
-    e = assert_raises(Switchyard::Conflict) { client.result(id, timeout: 1) }
+    e = assert_raises(Switchyard::TaskCancelled) { client.result(id, timeout: 1) }
     assert_match(/cancelled/, e.message)
     assert_nil client.retry(id)
     refute_equal "cancelled", client.get(id)["state"]

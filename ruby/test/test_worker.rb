@@ -9,7 +9,7 @@ class TestWorker < Minitest::Test
     w = make_worker
     seen = Queue.new
     w.step("greet") do |input, ctx|
-      seen << [input, ctx.class, ctx.handler, ctx.step, ctx.attempt]
+      seen << [input, ctx.class, ctx.handler, ctx.step_name, ctx.attempt]
       { hello: input["name"], tags: [:a, 1, 2.5, nil, true] }
     end
     w.start
@@ -31,7 +31,7 @@ class TestWorker < Minitest::Test
     t = client.wait(id, timeout: WAIT)
     assert_equal "failed", t["state"]
     assert_match(/Object is not JSON-serialisable/, t["error"]["message"])
-    assert_match(/result of handler `bad`/, t["error"]["message"])
+    assert_match(/the Ruby handler `bad` returned/, t["error"]["message"])
   end
 
   def test_permanent_error_fails_at_once_with_backtrace
@@ -47,7 +47,7 @@ class TestWorker < Minitest::Test
     assert_equal 1, err["attempt"]
     assert_match(/Switchyard::PermanentError: card declined/, err["trace"])
     assert_match(/test_worker\.rb:\d+/, err["trace"])
-    e = assert_raises(Switchyard::Conflict) { client.result(id, timeout: WAIT) }
+    e = assert_raises(Switchyard::TaskFailed) { client.result(id, timeout: WAIT) }
     assert_match(/card declined/, e.message)
   end
 

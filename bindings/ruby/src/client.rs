@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use magnus::{function, method, prelude::*, Error, RArray, RModule, Ruby, Value};
+use magnus::{function, method, prelude::*, Error, RArray, RHash, RModule, Ruby, Symbol, Value};
 use serde_json::Value as Json;
-use switchyard_core::{Client, NewTask, TaskFilter, TaskId, TaskState};
+use switchyard_core::bridge;
+use switchyard_core::{Client, TaskFilter, TaskId, TaskState};
 
 use crate::convert::{record_to_ruby, to_json, to_ruby};
 use crate::errors::core_err;
@@ -26,187 +27,38 @@ pub(crate) fn open_store(ruby: &Ruby, url: &str) -> Result<switchyard_core::DynS
     )
 }
 
-fn invalid(ruby: &Ruby, msg: String) -> Error {
-    crate::errors::error(ruby, "InvalidInput", msg)
-}
-
-/// Builds a task from a JSON object with `handler`, `input` and optional
-/// `priority`, `idempotency_key`, `response_event`, `headers`, `run_at_ms`.
-fn task_from(ruby: &Ruby, v: Json, what: &str) -> Result<NewTask, Error> {
-    let Json::Object(mut m) = v else {
-        return Err(invalid(ruby, format!("{what} must be a Hash")));
+/// A task as JSON for the core's parser ([`bridge::new_task`]): a Hash
+/// (symbol or string keys) converted as is, except a Time `run_at`, which
+/// becomes epoch milliseconds. Anything else is converted as it is and the
+/// core says what is wrong with it.
+fn task_json(ruby: &Ruby, t: Value, what: &str) -> Result<Json, Error> {
+    let Some(h) = RHash::from_value(t) else {
+        return to_json(ruby, t, what);
     };
-    let handler = match m.remove("handler") {
-        Some(Json::String(h)) => h,
-        Some(_) => return Err(invalid(ruby, format!("{what}: `handler` must be a String"))),
-        None => return Err(invalid(ruby, format!("{what} has no `handler`"))),
-    };
-    let mut t = NewTask::new(handler, m.remove("input").unwrap_or(Json::Null));
-    let s = |m: &mut serde_json::Map<String, Json>, k: &str| -> Result<Option<String>, Error> {
-        match m.remove(k) {
-            None | Some(Json::Null) => Ok(None),
-            Some(Json::String(s)) => Ok(Some(s)),
-            Some(_) => Err(invalid(ruby, format!("{what}: `{k}` must be a String"))),
-        }
-    };
-    t.idempotency_key = s(&mut m, "idempotency_key")?;
-    t.response_event = s(&mut m, "response_event")?;
-    match m.remove("priority") {
-        None | Some(Json::Null) => {}
-        Some(p) => {
-            t.priority = p
-                .as_i64()
-                .and_then(|p| i32::try_from(p).ok())
-                .ok_or_else(|| {
-                    invalid(ruby, format!("{what}: `priority` must be a 32-bit Integer"))
-                })?
-        }
-    }
-    match m.remove("run_at_ms") {
-        None | Some(Json::Null) => {}
-        Some(p) => {
-            t.run_at = Some(p.as_i64().ok_or_else(|| {
-                invalid(
-                    ruby,
-                    format!("{what}: `run_at` must be a Time or epoch milliseconds"),
-                )
-            })?)
-        }
-    }
-    match m.remove("headers") {
-        None | Some(Json::Null) => {}
-        Some(Json::Object(h)) => {
-            for (k, v) in h {
-                match v {
-                    Json::String(s) => {
-                        t.headers.insert(k, s);
-                    }
-                    _ => {
-                        return Err(invalid(
-                            ruby,
-                            format!("{what}: header `{k}` must be a String"),
-                        ))
-                    }
-                }
-            }
-        }
-        Some(_) => return Err(invalid(ruby, format!("{what}: `headers` must be a Hash"))),
-    }
-    if let Some(k) = m.keys().next() {
-        return Err(invalid(ruby, format!("{what}: unknown option `{k}`")));
-    }
-    Ok(t)
-}
-
-/// A task from its options and its input, each converted with its own name.
-fn task_with_input(
-    ruby: &Ruby,
-    opts: Value,
-    input: Value,
-    what: &str,
-    input_what: &str,
-) -> Result<NewTask, Error> {
-    let mut o = to_json(ruby, opts, what)?;
-    let input = to_json(ruby, input, input_what)?;
-    if let Json::Object(m) = &mut o {
-        m.insert("input".into(), input);
-    }
-    task_from(ruby, o, what)
-}
-
-fn key_name(k: Value) -> Result<String, Error> {
-    if let Some(s) = magnus::Symbol::from_value(k) {
-        return Ok(s.name()?.into_owned());
-    }
-    String::try_convert(k)
-}
-
-fn arg(ruby: &Ruby, msg: String) -> Error {
-    Error::new(ruby.exception_arg_error(), msg)
-}
-
-/// Milliseconds since the epoch from a Time or an Integer.
-fn epoch_ms(ruby: &Ruby, v: Value, what: &str) -> Result<i64, Error> {
-    if let Some(i) = magnus::Integer::from_value(v) {
-        return i.to_i64();
-    }
-    if v.is_kind_of(ruby.class_time()) {
-        let secs: f64 = v.funcall::<_, _, Value>("to_r", ())?.funcall("to_f", ())?;
-        return Ok((secs * 1000.0).floor() as i64);
-    }
-    Err(arg(
-        ruby,
-        format!("{what}: `run_at` must be a Time or epoch milliseconds"),
-    ))
-}
-
-/// One task of `spawn_many` from a Ruby Hash.
-fn task_from_hash(ruby: &Ruby, t: Value, i: usize) -> Result<NewTask, Error> {
-    let what = format!("task #{i}");
-    let h = magnus::RHash::from_value(t).ok_or_else(|| {
-        arg(
-            ruby,
-            format!("{what} must be a Hash, not {}", unsafe { t.classname() }),
-        )
-    })?;
-    let mut task = NewTask::new("", Json::Null);
-    let mut handler = None;
-    let opt_s = |v: Value, k: &str| -> Result<Option<String>, Error> {
-        if v.is_nil() {
-            Ok(None)
-        } else {
-            String::try_convert(v)
-                .map(Some)
-                .map_err(|_| arg(ruby, format!("{what}: `{k}` must be a String")))
-        }
-    };
+    let mut m = serde_json::Map::new();
     h.foreach(|k: Value, v: Value| {
-        let key = key_name(k)?;
-        match key.as_str() {
-            "handler" => {
-                handler = Some(match magnus::Symbol::from_value(v) {
-                    Some(s) => s.name()?.into_owned(),
-                    None => String::try_convert(v)
-                        .map_err(|_| arg(ruby, format!("{what}: `handler` must be a String")))?,
-                })
-            }
-            "input" => task.input = to_json(ruby, v, &format!("{what} input"))?,
-            "priority" => {
-                if !v.is_nil() {
-                    task.priority = i32::try_convert(v).map_err(|_| {
-                        arg(ruby, format!("{what}: `priority` must be a 32-bit Integer"))
-                    })?
-                }
-            }
-            "idempotency_key" => task.idempotency_key = opt_s(v, "idempotency_key")?,
-            "response_event" => task.response_event = opt_s(v, "response_event")?,
-            "run_at" => {
-                if !v.is_nil() {
-                    task.run_at = Some(epoch_ms(ruby, v, &what)?)
-                }
-            }
-            "headers" => {
-                if !v.is_nil() {
-                    let Json::Object(m) = to_json(ruby, v, &format!("{what} headers"))? else {
-                        return Err(arg(ruby, format!("{what}: `headers` must be a Hash")));
-                    };
-                    for (k, x) in m {
-                        let Json::String(x) = x else {
-                            return Err(arg(
-                                ruby,
-                                format!("{what}: header `{k}` must be a String"),
-                            ));
-                        };
-                        task.headers.insert(k, x);
-                    }
-                }
-            }
-            other => return Err(arg(ruby, format!("{what}: unknown option `{other}`"))),
-        }
+        let key = match Symbol::from_value(k) {
+            Some(s) => s.name()?.into_owned(),
+            None => String::try_convert(k).map_err(|_| {
+                Error::new(
+                    ruby.exception_type_error(),
+                    // SAFETY: the name is copied before any other Ruby call.
+                    format!("{what}: keys must be strings or symbols, not {}", unsafe {
+                        k.classname()
+                    }),
+                )
+            })?,
+        };
+        let v = if key == "run_at" && v.is_kind_of(ruby.class_time()) {
+            let secs: f64 = v.funcall::<_, _, Value>("to_r", ())?.funcall("to_f", ())?;
+            Json::from((secs * 1000.0).floor() as i64)
+        } else {
+            to_json(ruby, v, &format!("{what}: `{key}`"))?
+        };
+        m.insert(key, v);
         Ok(magnus::r_hash::ForEach::Continue)
     })?;
-    task.handler = handler.ok_or_else(|| arg(ruby, format!("{what} has no `handler`")))?;
-    Ok(task)
+    Ok(Json::Object(m))
 }
 
 fn timeout(ruby: &Ruby, t: f64) -> Result<Duration, Error> {
@@ -256,7 +108,7 @@ impl RbClient {
         self.client.store().url()
     }
 
-    /// `opts`: a Hash as for [`task_from`] without the input, converted on
+    /// `opts`: a task Hash ([`task_json`]) without the input, converted on
     /// its own so errors name it. Returns `[id, created]`.
     fn spawn(
         ruby: &Ruby,
@@ -265,7 +117,12 @@ impl RbClient {
         input: Value,
     ) -> Result<(String, bool), Error> {
         guard(ruby, || {
-            let t = task_with_input(ruby, opts, input, "task", "input")?;
+            let mut o = task_json(ruby, opts, "task")?;
+            let input = to_json(ruby, input, "input")?;
+            if let Json::Object(m) = &mut o {
+                m.insert("input".into(), input);
+            }
+            let t = bridge::new_task("task", o).map_err(|e| core_err(ruby, e))?;
             let c = rb_self.client(ruby)?;
             let s = block_core(ruby, async move { c.spawn_task(t).await })?;
             Ok((s.task_id.to_string(), s.created))
@@ -274,14 +131,15 @@ impl RbClient {
 
     /// `tasks`: Hashes with `handler`, `input` and optional `priority`,
     /// `idempotency_key`, `response_event`, `headers`, `run_at` (symbol or
-    /// string keys), read directly: spawning many tasks is a hot path.
+    /// string keys; see [`task_json`]).
     fn spawn_many(ruby: &Ruby, rb_self: &Self, tasks: RArray) -> Result<Vec<String>, Error> {
         guard(ruby, || {
             let mut v = Vec::with_capacity(tasks.len());
             for i in 0..tasks.len() {
                 let t: Value = tasks.entry(i as isize)?;
-                v.push(task_from_hash(ruby, t, i)?);
+                v.push(task_json(ruby, t, &format!("task #{i}"))?);
             }
+            let v = bridge::new_tasks(Json::Array(v)).map_err(|e| core_err(ruby, e))?;
             let c = rb_self.client(ruby)?;
             let out = block_core(ruby, async move { c.spawn_many(v).await })?;
             Ok(out.into_iter().map(|s| s.task_id.to_string()).collect())

@@ -37,7 +37,7 @@ impl RbContext {
     fn step_id(&self) -> String {
         self.ctx.step_id().to_string()
     }
-    fn step(&self) -> String {
+    fn step_name(&self) -> String {
         self.ctx.step_name().to_string()
     }
     fn handler(&self) -> String {
@@ -67,7 +67,9 @@ impl RbContext {
     fn checkpoint_lookup(ruby: &Ruby, rb_self: &Self, name: String) -> Result<RArray, Error> {
         guard(ruby, || {
             let ctx = rb_self.ctx.clone();
-            let (key, v) = block_step(ruby, async move { ctx.checkpoint_lookup(&name).await })?;
+            let (key, v) = block_step(ruby, &rb_self.ctx, async move {
+                ctx.checkpoint_lookup(&name).await
+            })?;
             let out = ruby.ary_new_capa(3);
             out.push(key)?;
             match v {
@@ -96,7 +98,9 @@ impl RbContext {
             let v = to_json(ruby, value, &format!("checkpoint `{key}` value"))?;
             let back = to_ruby(ruby, &v)?;
             let ctx = rb_self.ctx.clone();
-            block_step(ruby, async move { ctx.checkpoint_save(&key, v).await })?;
+            block_step(ruby, &rb_self.ctx, async move {
+                ctx.checkpoint_save(&key, v).await
+            })?;
             Ok(back)
         })
     }
@@ -113,7 +117,9 @@ impl RbContext {
                 None => None,
             };
             let ctx = rb_self.ctx.clone();
-            let v = block_step(ruby, async move { ctx.await_event(&name, t).await })?;
+            let v = block_step(ruby, &rb_self.ctx, async move {
+                ctx.await_event(&name, t).await
+            })?;
             to_ruby(ruby, &v)
         })
     }
@@ -122,14 +128,18 @@ impl RbContext {
         guard(ruby, || {
             let d: Duration = in_secs(ruby, "sleep duration", seconds)?;
             let ctx = rb_self.ctx.clone();
-            block_step(ruby, async move { ctx.sleep(d).await })
+            block_step(ruby, &rb_self.ctx, async move { ctx.sleep(d).await })
         })
     }
 
     fn sleep_until_ms(ruby: &Ruby, rb_self: &Self, at_ms: i64) -> Result<(), Error> {
         guard(ruby, || {
             let ctx = rb_self.ctx.clone();
-            block_step(ruby, async move { ctx.sleep_until(at_ms).await })
+            block_step(
+                ruby,
+                &rb_self.ctx,
+                async move { ctx.sleep_until(at_ms).await },
+            )
         })
     }
 
@@ -142,7 +152,11 @@ impl RbContext {
         guard(ruby, || {
             let p = to_json(ruby, payload, "event payload")?;
             let ctx = rb_self.ctx.clone();
-            block_step(ruby, async move { ctx.emit_event(&name, p).await })
+            block_step(
+                ruby,
+                &rb_self.ctx,
+                async move { ctx.emit_event(&name, p).await },
+            )
         })
     }
 
@@ -150,7 +164,11 @@ impl RbContext {
         guard(ruby, || {
             let i = to_json(ruby, input, "child input")?;
             let ctx = rb_self.ctx.clone();
-            let id = block_step(ruby, async move { ctx.spawn(&handler, i).await })?;
+            let id = block_step(
+                ruby,
+                &rb_self.ctx,
+                async move { ctx.spawn(&handler, i).await },
+            )?;
             Ok(id.to_string())
         })
     }
@@ -164,7 +182,9 @@ impl RbContext {
         guard(ruby, || {
             let i = to_json(ruby, input, "child input")?;
             let ctx = rb_self.ctx.clone();
-            let v = block_step(ruby, async move { ctx.delegate(&handler, i).await })?;
+            let v = block_step(ruby, &rb_self.ctx, async move {
+                ctx.delegate(&handler, i).await
+            })?;
             to_ruby(ruby, &v)
         })
     }
@@ -184,7 +204,9 @@ impl RbContext {
                 ));
             }
             let ctx = rb_self.ctx.clone();
-            let out = block_step(ruby, async move { ctx.delegate_parallel(specs).await })?;
+            let out = block_step(ruby, &rb_self.ctx, async move {
+                ctx.delegate_parallel(specs).await
+            })?;
             record_to_ruby(ruby, &out)
         })
     }
@@ -192,14 +214,18 @@ impl RbContext {
     fn heartbeat(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
         guard(ruby, || {
             let ctx = rb_self.ctx.clone();
-            block_step(ruby, async move { ctx.heartbeat().await })
+            block_step(ruby, &rb_self.ctx, async move { ctx.heartbeat().await })
         })
     }
 
     fn dependency_results(ruby: &Ruby, rb_self: &Self) -> Result<Value, Error> {
         guard(ruby, || {
             let ctx = rb_self.ctx.clone();
-            let v = block_step(ruby, async move { ctx.dependency_results().await })?;
+            let v = block_step(
+                ruby,
+                &rb_self.ctx,
+                async move { ctx.dependency_results().await },
+            )?;
             record_to_ruby(ruby, &v)
         })
     }
@@ -209,7 +235,7 @@ pub fn define(ruby: &Ruby, switchyard: RModule) -> Result<(), Error> {
     let c = switchyard.define_class("Context", ruby.class_object())?;
     c.define_method("task_id", method!(RbContext::task_id, 0))?;
     c.define_method("step_id", method!(RbContext::step_id, 0))?;
-    c.define_method("step", method!(RbContext::step, 0))?;
+    c.define_method("step_name", method!(RbContext::step_name, 0))?;
     c.define_method("handler", method!(RbContext::handler, 0))?;
     c.define_method("attempt", method!(RbContext::attempt, 0))?;
     c.define_method("run", method!(RbContext::run, 0))?;

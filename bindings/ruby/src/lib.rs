@@ -26,7 +26,7 @@ mod worker;
 /// The process's tokio runtime (the core's, shared by every binding in the
 /// process; a forked child gets its own).
 pub(crate) fn runtime(ruby: &Ruby) -> Result<&'static tokio::runtime::Runtime, Error> {
-    switchyard_core::bridge::runtime().map_err(|e| errors::error(ruby, "Error", e.to_string()))
+    switchyard_core::bridge::runtime().map_err(|e| errors::base_error(ruby, e.to_string()))
 }
 
 /// Refuses an object (client, started worker) created in process `owner`
@@ -36,9 +36,8 @@ pub(crate) fn check_owner(ruby: &Ruby, owner: u32) -> Result<(), Error> {
     if owner == std::process::id() {
         Ok(())
     } else {
-        Err(errors::error(
+        Err(errors::base_error(
             ruby,
-            "Error",
             switchyard_core::bridge::ForkedChild { owner }.to_string(),
         ))
     }
@@ -110,9 +109,8 @@ where
         // Ruby skips the call when an interrupt is already pending.
         (Ok(_), None) => {
             ruby.thread_check_ints()?;
-            Err(errors::error(
+            Err(errors::base_error(
                 ruby,
-                "Error",
                 "switchyard: the blocking call was interrupted".to_string(),
             ))
         }
@@ -207,9 +205,8 @@ pub(crate) fn block<T: Send + 'static>(
                     if let Some(v) = slot.lock().value.take() {
                         return Ok(v);
                     }
-                    return Err(errors::error(
+                    return Err(errors::base_error(
                         ruby,
-                        "Error",
                         "switchyard: the operation ended inside the core without an answer (a panic)"
                             .to_string(),
                     ));
@@ -237,42 +234,32 @@ pub(crate) fn block_core<T: Send + 'static>(
     block(ruby, fut)?.map_err(|e| errors::core_err(ruby, e))
 }
 
-/// Like [`block`], mapping a step error (suspension included) to Ruby.
+/// Like [`block`] for a call of context `ctx`: a step error raises what the
+/// core says ([`errors::step_err`]; durable control flow stays in `ctx`).
 pub(crate) fn block_step<T: Send + 'static>(
     ruby: &Ruby,
+    ctx: &switchyard_core::Context,
     fut: impl Future<Output = switchyard_core::StepResult<T>> + Send + 'static,
 ) -> Result<T, Error> {
-    block(ruby, fut)?.map_err(|e| errors::step_err(ruby, e))
+    block(ruby, fut)?.map_err(|e| errors::step_err(ruby, ctx, e))
 }
 
-/// The core's fan-out plan ([`switchyard_core::Decision::fan_out`]):
-/// `[steps, final_step]`, steps as hashes with `name`, `handler`, `input`,
-/// `depends_on`.
+/// The core's fan-out plan ([`switchyard_core::bridge::fan_out`]): a Hash
+/// with `steps` and `final_step` (or `complete` when there is nothing to
+/// plan).
 fn fan_out(
     ruby: &Ruby,
     handler: String,
-    total: u64,
-    batch_size: u64,
+    total: i64,
+    batch_size: i64,
     input: magnus::Value,
     converge: String,
-) -> Result<magnus::RArray, Error> {
+) -> Result<magnus::Value, Error> {
     guard(ruby, || {
         let input = convert::to_json(ruby, input, "fan_out input")?;
-        match switchyard_core::Decision::fan_out(&handler, total, batch_size, input, &converge) {
-            switchyard_core::Decision::Steps { steps, final_step } => {
-                let steps = serde_json::to_value(&steps)
-                    .map_err(|e| errors::error(ruby, "Error", e.to_string()))?;
-                let out = ruby.ary_new_capa(2);
-                out.push(convert::to_ruby(ruby, &steps)?)?;
-                out.push(final_step)?;
-                Ok(out)
-            }
-            switchyard_core::Decision::Complete(_) => Err(errors::error(
-                ruby,
-                "Error",
-                "fan_out planned no steps".into(),
-            )),
-        }
+        let plan = switchyard_core::bridge::fan_out(&handler, total, batch_size, input, &converge)
+            .map_err(|e| errors::core_err(ruby, e))?;
+        convert::to_ruby(ruby, &plan)
     })
 }
 
@@ -300,6 +287,7 @@ fn install_logging() {
 fn init(ruby: &Ruby) -> Result<(), Error> {
     install_logging();
     let m = ruby.define_module("Switchyard")?;
+    errors::init(ruby, m)?;
     let native = m.define_module("Native")?;
     native.define_module_function("fan_out", function!(fan_out, 5))?;
     native.define_module_function("panic_for_test", function!(panic_for_test, 1))?;

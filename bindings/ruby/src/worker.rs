@@ -9,21 +9,19 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use magnus::{
-    function, method, prelude::*, value::ReprValue, Error, RArray, RHash, RModule, Ruby, Symbol,
-    Value,
-};
+use magnus::{function, method, prelude::*, Error, RArray, RHash, RModule, Ruby, Value};
 use parking_lot::Mutex;
+use serde_json::Value as Json;
 use switchyard_core::bridge::{
-    Closed, Consumer, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply,
+    Closed, Consumer, ErrorClass, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply,
 };
-use switchyard_core::{ApiError, Decision, NewStep, RunningWorker, StepError, WaitFor};
+use switchyard_core::RunningWorker;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::open_store;
 use crate::context::RbContext;
 use crate::convert::{to_json, to_ruby};
-use crate::errors::{core_err, error};
+use crate::errors::{base_error, core_err, error, reply_for};
 use crate::{block, guard, nogvl};
 
 /// Jobs whose step was cancelled while a Ruby block runs it: the core's
@@ -172,19 +170,20 @@ impl RbWorker {
 
     /// Registers handler `name` of `kind` with options (a Hash with symbol
     /// keys: concurrency, timeout, max_attempts, initial_backoff,
-    /// max_backoff, max_batch, linger, rate_limit, burst).
+    /// max_backoff, max_batch, linger, rate_limit, burst) and returns its id
+    /// (0, 1, 2… in order), which its jobs carry.
     fn register(
         ruby: &Ruby,
         rb_self: &Self,
         name: String,
         kind: String,
         o: RHash,
-    ) -> Result<(), Error> {
+    ) -> Result<usize, Error> {
         guard(ruby, || {
             if rb_self.running.lock().is_some() {
                 return Err(error(
                     ruby,
-                    "ConfigError",
+                    ErrorClass::Config,
                     "register handlers before the worker starts".into(),
                 ));
             }
@@ -207,8 +206,7 @@ impl RbWorker {
                 .build(&name, kind, plan.concurrency, str::to_string)
                 .map_err(|e| arg_error(ruby, e))?;
             plan.register(name, kind, opts, rb_self.inbox.clone())
-                .map(|_| ())
-                .map_err(|e| error(ruby, "ConfigError", e))
+                .map_err(|e| error(ruby, ErrorClass::Config, e))
         })
     }
 
@@ -219,7 +217,7 @@ impl RbWorker {
             if rb_self.running.lock().is_some() {
                 return Err(error(
                     ruby,
-                    "ConfigError",
+                    ErrorClass::Config,
                     "the worker was already started".into(),
                 ));
             }
@@ -281,8 +279,9 @@ impl RbWorker {
     }
 
     /// Takes up to `max` jobs for the thread holding `consumer`, waiting at
-    /// most `timeout` seconds without the GVL. Each job is `[job, handler, input, ctx]` (batch jobs:
-    /// `[job, handler, [[input, ctx], ...], nil]`). Returns nil once the
+    /// most `timeout` seconds without the GVL. Each job is `[job,
+    /// handler_id, input, ctx]` (batch jobs: `[job, handler_id, [[input,
+    /// ctx], ...], nil]`). Returns nil once the
     /// worker has stopped. An interrupt (`Thread#kill`, `Thread#raise`)
     /// ends the wait at once.
     fn next_jobs(
@@ -315,7 +314,7 @@ impl RbWorker {
                 let entry = ruby.ary_new_capa(4);
                 let items = std::mem::take(&mut job.items);
                 let batch = job.kind == JobKind::Batch;
-                let handler = ruby.to_symbol(&job.handler);
+                let handler = job.handler_id;
                 let done = CancellationToken::new();
                 if !batch {
                     if let Some(token) = items.first().map(|i| i.ctx.cancellation_token()) {
@@ -463,113 +462,11 @@ impl Drop for RbJob {
     }
 }
 
-fn tag_error(ruby: &Ruby, what: String) -> Error {
-    arg_error(ruby, format!("bad outcome from the Ruby glue: {what}"))
-}
-
-fn opt_secs(v: Value) -> Option<Duration> {
-    f64::try_convert(v)
-        .ok()
-        .and_then(switchyard_core::client::hint_secs)
-}
-
-fn opt_string(v: Value) -> Option<String> {
-    if v.is_nil() {
-        None
-    } else {
-        String::try_convert(v).ok()
-    }
-}
-
-fn error_kind(
-    ruby: &Ruby,
-    kind: &str,
-    message: String,
-    trace: Option<String>,
-    retry_after: Option<Duration>,
-) -> Result<StepError, Error> {
-    Ok(match kind {
-        "retryable" => StepError::Retryable {
-            message,
-            retry_after,
-            trace,
-        },
-        "permanent" => StepError::Permanent { message, trace },
-        "invalid_input" => StepError::InvalidInput(message),
-        "cancelled" => StepError::Cancelled,
-        "await_timeout" => StepError::AwaitTimeout { event: message },
-        "lease_lost" => StepError::LeaseLost,
-        other => return Err(tag_error(ruby, format!("unknown error kind `{other}`"))),
-    })
-}
-
-/// A value the handler returned; a value that does not convert fails the
-/// step permanently, naming the class.
-fn value_reply(ruby: &Ruby, v: Value, what: &str) -> Reply {
-    match to_json(ruby, v, what) {
-        Ok(j) => Reply::Value(j),
-        Err(e) => Reply::Error(StepError::permanent(e.to_string())),
-    }
-}
-
-fn decision(
-    ruby: &Ruby,
-    handler: &str,
-    steps: Value,
-    final_step: Option<String>,
-) -> Result<Decision, String> {
-    let what = format!("decision of handler `{handler}`");
-    let v = to_json(ruby, steps, &what).map_err(|e| e.to_string())?;
-    let steps: Vec<NewStep> = serde_json::from_value(v).map_err(|e| {
-        format!("{what}: each step needs `name`, `handler`, `input` and optional `depends_on`: {e}")
-    })?;
-    Ok(Decision::Steps { steps, final_step })
-}
-
-/// Converts one outcome array built by the Ruby glue into a reply:
-/// `[:value, v]`, `[:error, kind, message, trace, retry_after]`,
-/// `[:suspend, wait_json]`, `[:complete, v]`, `[:decision, steps, final_step]`,
-/// `[:http, status, retry_after, message]`, `[:network, message]`.
-fn reply(ruby: &Ruby, handler: &str, o: Value) -> Result<Reply, Error> {
-    let a = RArray::from_value(o)
-        .ok_or_else(|| tag_error(ruby, "an outcome must be an Array".into()))?;
-    let at = |i: isize| -> Result<Value, Error> { a.entry(i) };
-    let tag = Symbol::try_convert(at(0)?)?.name()?.into_owned();
-    Ok(match tag.as_str() {
-        "value" => value_reply(ruby, at(1)?, &format!("result of handler `{handler}`")),
-        "error" => {
-            let kind = Symbol::try_convert(at(1)?)?.name()?.into_owned();
-            let message = opt_string(at(2)?).unwrap_or_default();
-            Reply::Error(error_kind(
-                ruby,
-                &kind,
-                message,
-                opt_string(at(3)?),
-                opt_secs(at(4)?),
-            )?)
-        }
-        "suspend" => {
-            let wait: String = String::try_convert(at(1)?)?;
-            let wait: WaitFor =
-                serde_json::from_str(&wait).map_err(|e| tag_error(ruby, e.to_string()))?;
-            Reply::Error(StepError::Suspend(wait))
-        }
-        "complete" => match value_reply(ruby, at(1)?, &format!("result of decision `{handler}`")) {
-            Reply::Value(v) => Reply::Decision(Decision::Complete(v)),
-            other => other,
-        },
-        "decision" => match decision(ruby, handler, at(1)?, opt_string(at(2)?)) {
-            Ok(d) => Reply::Decision(d),
-            Err(m) => Reply::Error(StepError::permanent(m)),
-        },
-        "http" => Reply::Api(ApiError::Http {
-            status: u16::try_convert(at(1)?)?,
-            retry_after: opt_secs(at(2)?),
-            message: opt_string(at(3)?).unwrap_or_default(),
-        }),
-        "network" => Reply::Api(ApiError::Network(opt_string(at(1)?).unwrap_or_default())),
-        other => return Err(tag_error(ruby, format!("unknown outcome tag `{other}`"))),
-    })
+/// A value a handler returned; one with no JSON form fails the step
+/// permanently, saying what it was.
+fn value_reply(ruby: &Ruby, handler: &str, v: Value) -> Result<Json, Reply> {
+    to_json(ruby, v, "a result")
+        .map_err(|e| Reply::unrepresentable("Ruby", handler, &e.to_string()))
 }
 
 impl RbJob {
@@ -578,31 +475,83 @@ impl RbJob {
         self.job
             .lock()
             .take()
-            .ok_or_else(|| error(ruby, "Error", "this job was already finished".into()))
+            .ok_or_else(|| base_error(ruby, "this job was already finished".into()))
     }
 
-    /// Fast path: answers a one-item job with a value. Never blocks.
+    /// Answers a one-item job with the value its block returned. Never
+    /// blocks.
     fn ok(ruby: &Ruby, rb_self: &Self, v: Value) -> Result<(), Error> {
         guard(ruby, || {
             let job = rb_self.take(ruby)?;
-            let r = value_reply(ruby, v, &format!("result of handler `{}`", rb_self.handler));
+            let r = value_reply(ruby, &rb_self.handler, v).map_or_else(|r| r, Reply::Value);
             job.complete(vec![r]);
             Ok(())
         })
     }
 
-    /// Answers the job with one outcome per item. Never blocks. A second
-    /// call is an error; a malformed outcome fails its step permanently.
-    fn finish(ruby: &Ruby, rb_self: &Self, outcomes: RArray) -> Result<(), Error> {
+    /// Answers every step of the job with exception `e` that its block
+    /// raised (`message` and `trace` as the Ruby side rendered them).
+    fn fail(
+        ruby: &Ruby,
+        rb_self: &Self,
+        e: Value,
+        message: String,
+        trace: Option<String>,
+    ) -> Result<(), Error> {
         guard(ruby, || {
             let job = rb_self.take(ruby)?;
-            let mut replies = Vec::with_capacity(outcomes.len());
-            for i in 0..outcomes.len() {
-                let o: Value = outcomes.entry(i as isize)?;
-                replies.push(
-                    reply(ruby, &rb_self.handler, o)
-                        .unwrap_or_else(|e| Reply::Error(StepError::permanent(e.to_string()))),
-                );
+            let r = reply_for(ruby, e, message, trace);
+            job.complete(vec![r; rb_self.items]);
+            Ok(())
+        })
+    }
+
+    /// Answers a decision job with "complete the task with `v`".
+    fn complete(ruby: &Ruby, rb_self: &Self, v: Value) -> Result<(), Error> {
+        guard(ruby, || {
+            let job = rb_self.take(ruby)?;
+            let r = value_reply(ruby, &rb_self.handler, v).map_or_else(|r| r, Reply::complete);
+            job.complete(vec![r]);
+            Ok(())
+        })
+    }
+
+    /// Answers a decision job with the steps it plans (Hashes with `name`,
+    /// `handler`, `input`, `depends_on`), finishing with `final_step`.
+    fn decide(
+        ruby: &Ruby,
+        rb_self: &Self,
+        steps: Value,
+        final_step: Option<String>,
+    ) -> Result<(), Error> {
+        guard(ruby, || {
+            let job = rb_self.take(ruby)?;
+            let handler = &rb_self.handler;
+            let r = match to_json(ruby, steps, &format!("decision of handler `{handler}`")) {
+                Ok(steps) => Reply::decision_steps(handler, steps, final_step),
+                Err(e) => Reply::error(ErrorClass::Permanent, e.to_string(), None, None),
+            };
+            job.complete(vec![r]);
+            Ok(())
+        })
+    }
+
+    /// Answers a batch job: `results` has one value or Exception per step;
+    /// `rendered[i]` is `[message, trace]` for an Exception, as the Ruby
+    /// side rendered it.
+    fn finish(ruby: &Ruby, rb_self: &Self, results: RArray, rendered: RArray) -> Result<(), Error> {
+        guard(ruby, || {
+            let job = rb_self.take(ruby)?;
+            let exception = ruby.exception_exception();
+            let mut replies = Vec::with_capacity(results.len());
+            for i in 0..results.len() {
+                let v: Value = results.entry(i as isize)?;
+                replies.push(if v.is_kind_of(exception) {
+                    let (message, trace): (String, Option<String>) = rendered.entry(i as isize)?;
+                    reply_for(ruby, v, message, trace)
+                } else {
+                    value_reply(ruby, &rb_self.handler, v).map_or_else(|r| r, Reply::Value)
+                });
             }
             job.complete(replies);
             Ok(())
@@ -616,7 +565,7 @@ impl RbJob {
         self.done.cancel();
         if let Some(job) = self.job.lock().take() {
             let replies = (0..self.items)
-                .map(|_| Reply::Error(StepError::retryable(why.clone())))
+                .map(|_| Reply::error(ErrorClass::Retryable, why.clone(), None, None))
                 .collect();
             job.complete(replies);
         }
@@ -683,7 +632,10 @@ pub fn define(ruby: &Ruby, _switchyard: RModule, native: RModule) -> Result<(), 
     w.define_method("inflight", method!(RbWorker::inflight, 0))?;
     let j = native.define_class("Job", ruby.class_object())?;
     j.define_method("ok", method!(RbJob::ok, 1))?;
-    j.define_method("finish", method!(RbJob::finish, 1))?;
+    j.define_method("fail", method!(RbJob::fail, 3))?;
+    j.define_method("complete", method!(RbJob::complete, 1))?;
+    j.define_method("decide", method!(RbJob::decide, 2))?;
+    j.define_method("finish", method!(RbJob::finish, 2))?;
     j.define_method("abandoned?", method!(RbJob::abandoned, 0))?;
     j.define_method("handler", method!(RbJob::handler, 0))?;
     j.define_method("id", method!(RbJob::id, 0))?;

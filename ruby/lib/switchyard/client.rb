@@ -36,13 +36,17 @@ module Switchyard
       @native.emit(name.to_s, payload)
     end
 
-    # Waits for the task and returns its result; raises Switchyard::Conflict
-    # if it failed or was cancelled, Switchyard::AwaitTimeout on timeout.
+    # Waits for the task and returns its result; raises
+    # Switchyard::TaskFailed (with +task_id+, +kind+, +traceback+,
+    # +attempt+) if it failed, Switchyard::TaskCancelled if it was
+    # cancelled, Switchyard::TimeoutError if it is still running after
+    # +timeout+ seconds. Other Ruby threads run while it waits.
     def result(task_id, timeout: 30)
       @native.result(task_id.to_s, Float(timeout))
     end
 
-    # Waits until the task finishes and returns it (any final state).
+    # Waits until the task finishes and returns it (any final state);
+    # Switchyard::TimeoutError after +timeout+ seconds.
     def wait(task_id, timeout: 30)
       @native.wait(task_id.to_s, Float(timeout))
     end
@@ -94,14 +98,9 @@ module Switchyard
 
     # @api private
     def self.task(handler:, priority: 0, idempotency_key: nil, response_event: nil, headers: nil, run_at: nil)
-      run_at_ms = case run_at
-                  when nil then nil
-                  when Time then (run_at.to_r * 1000).to_i
-                  else Integer(run_at)
-                  end
       { "handler" => handler.to_s, "priority" => priority,
         "idempotency_key" => idempotency_key, "response_event" => response_event,
-        "headers" => headers, "run_at_ms" => run_at_ms }
+        "headers" => headers, "run_at" => run_at }
     end
   end
 end

@@ -68,8 +68,13 @@ module Switchyard
       _delegate_parallel(pairs)
     end
 
+    # Deprecated: the old name of #step_name.
+    def step
+      step_name
+    end
+
     def inspect
-      "#<Switchyard::Context task=#{task_id} step=#{step} attempt=#{attempt}>"
+      "#<Switchyard::Context task=#{task_id} step=#{step_name} attempt=#{attempt}>"
     end
     alias to_s inspect
   end

@@ -31,16 +31,13 @@ module Switchyard
     # Splits +total+ items into cursor ranges run as parallel +handler+
     # steps, then a +converge+ step that receives their results through
     # +ctx.dependency_results+ (planned by the core).
+    # Bounded: +total+ must not be negative, +batch_size+ at least 1, and
+    # the plan at most 100,000 steps (Switchyard::InvalidInput otherwise).
     def self.fan_out(handler, total, batch_size, input: nil, converge: "converge")
-      steps, final_step = Native.fan_out(handler.to_s, Integer(total), Integer(batch_size), input, converge.to_s)
-      new(steps: steps, final_step: final_step)
-    end
+      plan = Native.fan_out(handler.to_s, Integer(total), Integer(batch_size), input, converge.to_s)
+      return complete(plan["complete"]) if plan.key?("complete")
 
-    # @api private
-    def outcome
-      return [:complete, @value] if @done
-
-      [:decision, @steps, @final_step]
+      new(steps: plan["steps"], final_step: plan["final_step"])
     end
   end
 

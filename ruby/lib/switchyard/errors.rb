@@ -26,14 +26,51 @@ module Switchyard
   class PayloadTooLarge < InvalidInput; end
 
   # +ctx.await_event+ ran out of time (checkpointed: a replay raises it
-  # again), or a client wait ran out of time. If a handler lets it escape,
-  # the step fails permanently.
-  class AwaitTimeout < Error; end
+  # again); +event+ names the event. A handler may rescue it; if it
+  # escapes, the step fails permanently.
+  class AwaitTimeout < Error
+    attr_reader :event
 
-  # The same class under the name the core's client errors use.
-  TimeoutError = AwaitTimeout
+    def initialize(message = nil, event: nil)
+      super(message)
+      @event = event
+    end
+  end
 
-  # The task was cancelled.
+  # A client's wait ran out of time (+Client#result+, +Client#wait+): the
+  # task is still running. Not the same as AwaitTimeout.
+  class TimeoutError < Error; end
+
+  # The task waited for (+Client#result+) failed. +task_id+, and the error
+  # recorded for it: +kind+ ("permanent", "retryable", "timeout"...),
+  # +traceback+ (the handler's backtrace, or nil), +attempt+ (the attempt it
+  # happened on). +message+ is the core's wording, which includes the
+  # recorded message.
+  class TaskFailed < Error
+    attr_reader :task_id, :kind, :traceback, :attempt
+
+    def initialize(message = nil, task_id: nil, kind: nil, traceback: nil, attempt: nil)
+      super(message)
+      @task_id = task_id
+      @kind = kind
+      @traceback = traceback
+      @attempt = attempt
+    end
+  end
+
+  # The task waited for (+Client#result+) was cancelled.
+  class TaskCancelled < Error
+    attr_reader :task_id
+
+    def initialize(message = nil, task_id: nil)
+      super(message)
+      @task_id = task_id
+    end
+  end
+
+  # The task was cancelled: raised by durable operations of a cancelled run
+  # (and, as Interrupted, into its thread). A handler that lets it escape
+  # just stops.
   class Cancelled < Error; end
 
   # Raised into a handler's thread when the core cancels its run (push
@@ -44,8 +81,8 @@ module Switchyard
   # No task with that id exists.
   class NotFound < Error; end
 
-  # The operation does not fit the task's state (retrying a running task,
-  # asking for the result of a failed task).
+  # The operation does not fit the task's state (e.g. retrying a running
+  # task).
   class Conflict < Error; end
 
   # Invalid configuration: a bad store URL, option or registration.
@@ -64,14 +101,11 @@ module Switchyard
 
   # Raised by durable operations to suspend the step (await, sleep,
   # delegation). Not an error: it unwinds the handler so its slot is freed,
-  # and the step resumes later by replay. An Exception, not a StandardError,
-  # so that a bare +rescue+ in handler code does not swallow it.
-  class Suspend < Exception # rubocop:disable Lint/InheritException
-    # The wait, as JSON understood by the core.
-    def wait
-      message
-    end
-  end
+  # and the step resumes later by replay; the core keeps what the step
+  # waits for. An Exception, not a StandardError, so that a bare +rescue+
+  # in handler code does not swallow it. Raised by hand (no durable
+  # operation asked for it), it fails the step permanently.
+  class Suspend < Exception; end # rubocop:disable Lint/InheritException
 
   # Raised by +worker.api+ handlers for a non-2xx answer: 429 is retried
   # after +retry_after+, other 4xx fail permanently, 5xx are retried.

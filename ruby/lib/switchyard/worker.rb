@@ -60,7 +60,7 @@ module Switchyard
       @store = (store || Switchyard.default_store).to_s
       concurrency = Integer(concurrency)
       @native = Native::Worker.new(@store, concurrency, Float(lease), Float(shutdown_grace), max_payload_bytes)
-      @handlers = {}
+      @handlers = [] # by handler id (what Native::Worker#register returns)
       @threads_n = Integer(threads || [concurrency, 16].min)
       raise ArgumentError, "threads must be at least 1" if @threads_n < 1
 
@@ -286,8 +286,8 @@ module Switchyard
         native[:max_backoff] = h[:max_backoff]
       else raise ArgumentError, "#{kind}(#{name.inspect}): retry must be an Integer, a Switchyard::Retry or a Hash"
       end
-      @native.register(name, kind.to_s, native)
-      @handlers[name.to_sym] = Handler.new(name, kind, block)
+      id = @native.register(name, kind.to_s, native)
+      @handlers[id] = Handler.new(name, kind, block)
       self
     end
 
@@ -299,12 +299,12 @@ module Switchyard
       while (jobs = native.next_jobs(consumer, batch, 1.0))
         done = false
         begin
-          jobs.each do |job, name, input, ctx|
+          jobs.each do |job, id, input, ctx|
             # Taken in a batch: the core may have given up on a later job
             # (timed out, cancelled) before its turn; it never starts then.
             next if job.abandoned?
 
-            run_job(handlers.fetch(name), job, input, ctx)
+            run_job(handlers.fetch(id), job, input, ctx)
           end
           done = true
         ensure
@@ -362,52 +362,54 @@ module Switchyard
       job.release("the #{h.kind} handler `#{h.name}` was interrupted before answering (its thread was killed)")
     end
 
+    # Answers +job+ through the native constructors (the core builds the
+    # reply): a value, a decision, or the exception the block raised.
     def answer(h, job, input, ctx)
       case h.kind
       when :step, :api
         begin
           value = call_cancellable(job, h, input, ctx)
         rescue Exception => e # rubocop:disable Lint/RescueException
-          fail_job(job, e, h.name, 1)
+          fail_job(job, e)
         else
           job.ok(value)
         end
       when :decision
         begin
           d = call_cancellable(job, h, input, ctx)
-          outcome = if d.is_a?(Decision)
-                      d.outcome
-                    else
-                      [:error, :permanent, "decision handler `#{h.name}` returned #{d.class}, not Switchyard::Decision", nil, nil]
-                    end
-          job.finish([outcome])
         rescue Exception => e # rubocop:disable Lint/RescueException
-          fail_job(job, e, h.name, 1)
+          fail_job(job, e)
+        else
+          if !d.is_a?(Decision)
+            fail_job(job, PermanentError.new("decision handler `#{h.name}` returned #{Worker.class_of(d)}, not Switchyard::Decision"))
+          elsif d.complete?
+            job.complete(d.value)
+          else
+            job.decide(d.steps, d.final_step)
+          end
         end
       when :batch
         items = input.map { |i, c| BatchItem.new(i, c) }
         begin
           results = h.block.call(items).to_a
-          outcomes = if results.size == items.size
-                       results.map { |r| r.is_a?(Exception) ? Worker.outcome_for(r, h.name) : [:value, r] }
-                     else
-                       msg = "batch handler `#{h.name}` returned #{results.size} results for #{items.size} steps"
-                       Array.new(items.size) { [:error, :permanent, msg, nil, nil] }
-                     end
-          job.finish(outcomes)
         rescue Exception => e # rubocop:disable Lint/RescueException
-          fail_job(job, e, h.name, items.size)
+          fail_job(job, e)
+        else
+          if results.size == items.size
+            job.finish(results, results.map { |r| r.is_a?(Exception) ? Worker.render(r) : nil })
+          else
+            fail_job(job, PermanentError.new("batch handler `#{h.name}` returned #{results.size} results for #{items.size} steps"))
+          end
         end
       end
     end
 
-    # Answers +job+ (of +n+ steps) for exception +e+ raised by its handler.
-    def fail_job(job, e, name, n)
+    # Answers every step of +job+ with exception +e+ raised by its handler.
+    def fail_job(job, e)
       if Worker.stops_process?(e)
         stop_for(job, e)
       else
-        o = Worker.outcome_for(e, name)
-        job.finish(Array.new(n) { o })
+        job.fail(e, *Worker.render(e))
       end
     end
 
@@ -445,22 +447,9 @@ module Switchyard
       end
 
       # @api private
-      # The outcome for an exception raised by handler +name+. Never raises:
-      # an exception whose methods raise gets a placeholder message.
-      def outcome_for(e, _name = nil)
-        case e
-        when Suspend then [:suspend, e.wait]
-        when LeaseLost then [:error, :lease_lost, message_of(e), nil, nil]
-        when HttpError then [:http, e.status, e.retry_after, e.body]
-        when NetworkError then [:network, message_of(e)]
-        when Cancelled then [:error, :cancelled, message_of(e), nil, nil]
-        when InvalidInput then [:error, :invalid_input, message_of(e), nil, nil]
-        when PermanentError, AwaitTimeout then [:error, :permanent, message_of(e), trace(e), nil]
-        when RetryableError then [:error, :retryable, message_of(e), trace(e), e.retry_after]
-        else [:error, :retryable, "#{class_of(e)}: #{message_of(e)}", trace(e), nil]
-        end
-      rescue Exception => x # rubocop:disable Lint/RescueException
-        [:error, :retryable, "#<#{class_of(e)}: raised #{class_of(x)} while being reported>", nil, nil]
+      # [message, backtrace] of +e+ as stored on the step. Never raises.
+      def render(e)
+        [message_of(e), trace(e)]
       end
 
       # @api private
