@@ -23,9 +23,9 @@ use serde::Serialize;
 use switchyard_core::client::duration_from_secs;
 use switchyard_core::{Client, NewTask, TaskFilter, TaskId, TaskState};
 
+use crate::block_core;
 use crate::convert::{record_to_py, to_py, to_value};
 use crate::errors::core_err;
-use crate::block_core;
 
 pub(crate) fn parse_id(py: Python<'_>, id: &str) -> PyResult<TaskId> {
     id.parse().map_err(|e| core_err(py, e))
