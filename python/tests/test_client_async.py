@@ -268,6 +268,46 @@ def test_sync_waits_release_the_gil(client):
         w.join(30)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_async_calls_in_a_forked_child(store):
+    parent = switchyard.Client(store)
+    # Async calls made here before the fork (this process's wake-ups started).
+    assert asyncio.run(parent.spawn_many_async([{"handler": "x", "input": "parent"}]))
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+
+            async def child():
+                try:
+                    await parent.spawn_async("x", "parent client in child")
+                    return 2  # the parent's store has no threads here: must refuse
+                except switchyard.ConfigError as e:
+                    if "forked child" not in str(e):
+                        return 3
+                mine = switchyard.Client(store)
+                t = await mine.spawn_async("x", "child")
+                return 0 if (await mine.get_async(t))["input"] == "child" else 5
+
+            code = asyncio.run(asyncio.wait_for(child(), 20))
+        except BaseException:
+            code = code or 4
+        os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.05)
+    assert os.WEXITSTATUS(status) == 0
+    assert sorted(t["input"] for t in parent.list(handler="x")) == ["child", "parent"]
+
+
 PROGRAM = """
 import asyncio
 from typing import Any, Dict, List
