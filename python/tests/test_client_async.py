@@ -4,6 +4,7 @@ results and errors, declared so ``mypy --strict`` accepts awaiting it.
 Against the installed wheel and a real SQLite file."""
 
 import asyncio
+import gc
 import inspect
 import os
 import subprocess
@@ -183,6 +184,25 @@ def test_cancelling_an_awaiting_task_leaves_the_client_usable(make_worker, clien
 
     asyncio.run(main())
     assert client.get(client.spawn("echo", 1))["state"] in ("running", "completed")
+
+
+def test_a_cancelled_wait_is_aborted_in_the_core():
+    # The core call behind a cancelled await stops at once instead of running
+    # to its timeout: it holds the client (and so the process's `memory`
+    # store) no longer.
+    async def main():
+        c = switchyard.Client("memory")
+        t = await c.spawn_async("nobody", None)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(c.result_async(t, timeout=60), 0.05)
+        return t
+
+    t = asyncio.run(main())
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while t in [x["id"] for x in switchyard.Client("memory").list()]:
+        assert time.monotonic() < deadline, "the cancelled wait still holds the store"
+        time.sleep(0.05)
 
 
 def test_many_concurrent_coroutines_all_complete(make_worker, client):
