@@ -21,17 +21,18 @@ PYTEST_ARGS ?=
 
 .PHONY: test-python python-venv python-wheel python-cli
 
-python-venv: $(PY_VENV_ABS)/.ready
+python-venv: $(PY_VENV_ABS)/.ready-mypy
 
 # Debian ships venv/ensurepip separately: install it when it is missing.
-$(PY_VENV_ABS)/.ready:
+# The stamp names the newest dependency, so older venvs get it installed.
+$(PY_VENV_ABS)/.ready-mypy:
 	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 	  echo "installing python3-venv"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; \
 	fi
 	$(PYTHON) -m venv $(PY_VENV_ABS)
 	$(PY_VENV_ABS)/bin/python -m pip install --quiet --upgrade pip
-	$(PY_VENV_ABS)/bin/python -m pip install --quiet 'maturin>=1.5,<2' 'pytest>=7'
+	$(PY_VENV_ABS)/bin/python -m pip install --quiet 'maturin>=1.5,<2' 'pytest>=7' 'mypy>=1.5'
 	touch $@
 
 python-wheel: python-venv

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
-import functools
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _native
@@ -26,7 +24,10 @@ def _ms(when: When) -> Optional[int]:
 class Client:
     """Talks to a store: ``Client("sqlite:app.db")``. Thread-safe.
 
-    Every method has an ``_async`` twin (``await client.result_async(id)``).
+    Every method has an ``_async`` twin (``await client.result_async(id)``):
+    a coroutine whose call runs on the core's own runtime, not on a thread
+    pool, so pending waits never delay other calls. Cancelling the awaiting
+    task abandons the call.
     """
 
     def __init__(self, store: Optional[str] = None, *, max_payload_bytes: Optional[int] = None) -> None:
@@ -95,16 +96,58 @@ class Client:
         return self._n.count_steps()
 
 
-def _async_twin(name: str) -> Any:
-    sync = getattr(Client, name)
+    # The async twins: same arguments, results and exceptions as above.
 
-    @functools.wraps(sync)
-    async def twin(self: Client, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(sync, self, *args, **kwargs))
+    async def spawn_async(
+        self,
+        handler: str,
+        input: Any = None,
+        *,
+        priority: int = 0,
+        idempotency_key: Optional[str] = None,
+        response_event: Optional[str] = None,
+        headers: Optional[Mapping[str, str]] = None,
+        run_at: When = None,
+    ) -> str:
+        task_id, _created = await self._n.spawn_async(
+            handler, input, priority, idempotency_key, response_event, dict(headers) if headers else None, _ms(run_at)
+        )
+        return task_id
 
-    twin.__name__ = f"{name}_async"
-    return twin
+    async def spawn_many_async(self, tasks: Sequence[Mapping[str, Any]]) -> List[str]:
+        return [tid for tid, _ in await self._n.spawn_many_async([dict(t) for t in tasks])]
 
+    async def emit_async(self, name: str, payload: Any = None) -> bool:
+        return await self._n.emit_async(name, payload)
 
-for _name in ("spawn", "spawn_many", "emit", "result", "wait", "get", "inspect", "list", "cancel", "retry", "workers", "events"):
-    setattr(Client, f"{_name}_async", _async_twin(_name))
+    async def result_async(self, task_id: str, timeout: float = 30.0) -> Any:
+        return await self._n.result_async(task_id, timeout)
+
+    async def wait_async(self, task_id: str, timeout: float = 30.0) -> Dict[str, Any]:
+        return await self._n.wait_async(task_id, timeout)
+
+    async def get_async(self, task_id: str) -> Dict[str, Any]:
+        return await self._n.get_async(task_id)
+
+    async def inspect_async(self, task_id: str) -> Dict[str, Any]:
+        return await self._n.inspect_async(task_id)
+
+    async def list_async(
+        self, state: Optional[str] = None, handler: Optional[str] = None, limit: int = 100
+    ) -> List[Dict[str, Any]]:
+        return await self._n.list_async(state, handler, limit)
+
+    async def cancel_async(self, task_id: str, cascade: bool = False) -> bool:
+        return await self._n.cancel_async(task_id, cascade)
+
+    async def retry_async(self, task_id: str) -> None:
+        await self._n.retry_async(task_id)
+
+    async def workers_async(self) -> List[Dict[str, Any]]:
+        return await self._n.workers_async()
+
+    async def events_async(self, limit: int = 100) -> List[Dict[str, Any]]:
+        return await self._n.events_async(limit)
+
+    async def count_steps_async(self) -> Dict[str, int]:
+        return await self._n.count_steps_async()
