@@ -62,8 +62,10 @@ class Client:
         return self._n.emit(name, payload)
 
     def result(self, task_id: str, timeout: float = 30.0) -> Any:
-        """Waits for the task and returns its result; raises ``Conflict`` if it
-        failed or was cancelled, ``switchyard.TimeoutError`` on timeout."""
+        """Waits for the task and returns its result; raises ``TaskFailed``
+        (``task_id``, ``kind``, ``message``, ``traceback``, ``attempt``) if it
+        failed, ``TaskCancelled`` if it was cancelled, and
+        ``switchyard.TimeoutError`` if this wait ran out."""
         return self._n.result(task_id, timeout)
 
     def wait(self, task_id: str, timeout: float = 30.0) -> Dict[str, Any]:
