@@ -22,7 +22,7 @@ class TestClient < Minitest::Test
     assert_equal 2, ids.uniq.size
     before = client.list.size
     e = assert_raises(Switchyard::InvalidInput) { client.spawn_many([{ handler: "ok" }, { handler: "" }]) }
-    assert_match(/handler must not be empty/, e.message)
+    assert_match(/task #1: handler must not be empty/, e.message)
     e = assert_raises(Switchyard::InvalidInput) { client.spawn_many([{ handler: "ok" }, { handler: 1 }]) }
     assert_match(/task #1: `handler` must be a string/, e.message)
     e = assert_raises(Switchyard::InvalidInput) { client.spawn_many([{ handler: "ok", colour: "red" }]) }

@@ -362,7 +362,7 @@ pub fn new_task(what: &str, v: Value) -> Result<NewTask, Error> {
         Some(_) => return Err(bad("`handler` must be a string".into())),
         None => return Err(bad("`handler` is missing".into())),
     };
-    validate_name("handler", &handler)?;
+    validate_name("handler", &handler).map_err(|e| bad(inner(e)))?;
     let mut t = NewTask::new(handler, m.remove("input").unwrap_or(Value::Null));
     let string = |m: &mut Map<String, Value>, k: &str| match m.remove(k) {
         None | Some(Value::Null) => Ok(None),
@@ -372,7 +372,7 @@ pub fn new_task(what: &str, v: Value) -> Result<NewTask, Error> {
     t.idempotency_key = string(&mut m, "idempotency_key")?;
     t.response_event = string(&mut m, "response_event")?;
     if let Some(e) = &t.response_event {
-        validate_name("response_event", e)?;
+        validate_name("response_event", e).map_err(|e| bad(inner(e)))?;
     }
     match m.remove("priority") {
         None | Some(Value::Null) => {}
@@ -417,6 +417,14 @@ pub fn new_task(what: &str, v: Value) -> Result<NewTask, Error> {
         )));
     }
     Ok(t)
+}
+
+/// The message of an input error, without the "invalid input: " prefix.
+fn inner(e: Error) -> String {
+    match e {
+        Error::InvalidInput(m) => m,
+        other => other.to_string(),
+    }
 }
 
 /// Tasks from a JSON array (see [`new_task`]); each is named `task #i`.
@@ -552,7 +560,8 @@ mod tests {
         assert!(
             err(serde_json::json!({"handler": "h", "headers": {"a": 1}})).contains("header `a`")
         );
-        assert!(err(serde_json::json!({"handler": ""})).contains("handler"));
+        let empty = err(serde_json::json!({"handler": ""}));
+        assert_eq!(empty, "invalid input: task #2: handler must not be empty");
         assert!(
             new_tasks(serde_json::json!([{"handler": "h"}, {"handler": 1}]))
                 .unwrap_err()
