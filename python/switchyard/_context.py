@@ -3,20 +3,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union, cast
 
 from . import _native
 
 T = TypeVar("T")
-
-# Durable operations block in Rust with the GIL released; async handlers run
-# them on this pool so the event loop is never blocked.
-_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="switchyard-ctx")
-
 
 class _Base:
     __slots__ = ("_n",)
@@ -152,52 +145,51 @@ class Context(_Base):
         return self._n.dependency_results()
 
 
-async def _run(fn: Callable[..., T], *args: Any) -> T:
-    return await asyncio.get_running_loop().run_in_executor(_POOL, fn, *args)
-
-
 class AsyncContext(_Base):
-    """Durable context for ``async def`` handlers: every operation is awaitable."""
+    """Durable context for ``async def`` handlers: every operation is awaitable.
+
+    Each is a coroutine whose call runs on the core's own runtime (no thread
+    pool): any number of handlers may wait in durable calls at once."""
 
     __slots__ = ()
 
     async def checkpoint(self, name: str, fn: Callable[[], Union[T, Awaitable[T]]]) -> T:
-        key, found, value = await _run(self._n.checkpoint_lookup, name)
+        key, found, value = await self._n.checkpoint_lookup_async(name)
         if found:
-            return value
+            return cast(T, value)
         value = fn()
         if inspect.isawaitable(value):
             value = await value
-        await _run(self._n.checkpoint_save, key, value)
-        return value
+        await self._n.checkpoint_save_async(key, value)
+        return cast(T, value)
 
     async def await_event(self, name: str, timeout: Optional[float] = None) -> Any:
-        return await _run(self._n.await_event, name, timeout)
+        return await self._n.await_event_async(name, timeout)
 
     async def sleep(self, seconds: float) -> None:
-        await _run(self._n.sleep, seconds)
+        await self._n.sleep_async(seconds)
 
     async def sleep_until(self, at_ms: int) -> None:
-        await _run(self._n.sleep_until, at_ms)
+        await self._n.sleep_until_async(at_ms)
 
     async def emit_event(self, name: str, payload: Any = None) -> bool:
-        return await _run(self._n.emit_event, name, payload)
+        return await self._n.emit_event_async(name, payload)
 
     async def emit(self, name: str, payload: Any = None) -> bool:
         """Alias of :meth:`emit_event`."""
-        return await _run(self._n.emit_event, name, payload)
+        return await self._n.emit_event_async(name, payload)
 
     async def spawn(self, handler: str, input: Any = None) -> str:
-        return await _run(self._n.spawn, handler, input)
+        return await self._n.spawn_async(handler, input)
 
     async def delegate(self, handler: str, input: Any = None) -> Any:
-        return await _run(self._n.delegate, handler, input)
+        return await self._n.delegate_async(handler, input)
 
     async def delegate_parallel(self, children: Sequence[Child]) -> List[Dict[str, Any]]:
-        return await _run(self._n.delegate_parallel, _children(children))
+        return await self._n.delegate_parallel_async(_children(children))
 
     async def heartbeat(self) -> None:
-        await _run(self._n.heartbeat)
+        await self._n.heartbeat_async()
 
     async def dependency_results(self) -> Dict[str, Any]:
-        return await _run(self._n.dependency_results)
+        return await self._n.dependency_results_async()

@@ -447,3 +447,30 @@ def test_waiting_fifty_times_costs_no_attempt(make_worker, client):
     assert out["attempt"] == 1
     # A sleep whose time has already come returns without suspending.
     assert 2 <= out["run"] <= 51
+
+
+def test_async_durable_calls_run_without_a_thread_pool(make_worker, client):
+    # 80 async handlers, all inside durable calls at once: the calls are
+    # coroutines driven by the core (no pool thread, no cap of 32).
+    w = make_worker(concurrency=80)
+    started = {"n": 0}
+    gate = []
+
+    @w.step("many", concurrency=80)
+    async def many(inp, ctx):
+        if not gate:
+            gate.append(asyncio.Event())
+        started["n"] += 1
+        if started["n"] == 80:
+            gate[0].set()
+        await gate[0].wait()
+        v = await ctx.checkpoint("v", lambda: inp * 2)
+        await ctx.emit_event(f"many.{inp}", v)
+        await ctx.heartbeat()
+        return v
+
+    w.start()
+    ids = client.spawn_many([{"handler": "many", "input": i} for i in range(80)])
+    assert [client.result(t, timeout=30) for t in ids] == [i * 2 for i in range(80)]
+    pool = [t.name for t in threading.enumerate() if t.name.startswith("switchyard-ctx")]
+    assert pool == [], f"durable calls ran on pool threads: {pool}"

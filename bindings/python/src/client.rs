@@ -69,14 +69,23 @@ fn call<T>(fut: impl Future<Output = switchyard_core::Result<T>> + Send + 'stati
 /// coroutine: the event loop thread only polls a join handle. Dropping the
 /// returned future (the awaiting task was cancelled) aborts the call.
 async fn run_core<T: Send + 'static>(fut: Call<T>) -> PyResult<T> {
+    off_core(fut)
+        .await?
+        .map_err(|e| Python::attach(|py| core_err(py, e)))
+}
+
+/// Runs `fut` on the bindings' runtime and awaits its output from a Python
+/// coroutine (the client's calls and the async context's durable calls).
+/// Dropping the returned future aborts the call.
+pub(crate) async fn off_core<T: Send + 'static>(
+    fut: impl Future<Output = T> + Send + 'static,
+) -> PyResult<T> {
     let task = AbortOnDrop(crate::runtime()?.spawn(fut));
-    match OffCore(task).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Python::attach(|py| core_err(py, e))),
-        Err(e) => Err(PyRuntimeError::new_err(format!(
+    OffCore(task).await.map_err(|e| {
+        PyRuntimeError::new_err(format!(
             "switchyard: the operation ended inside the core without an answer ({e})"
-        ))),
-    }
+        ))
+    })
 }
 
 /// [`run_core`], then the record as Python objects.

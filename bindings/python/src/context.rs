@@ -30,6 +30,18 @@ impl NativeContext {
     ) -> PyResult<T> {
         crate::block(py, fut)?.map_err(|e| crate::errors::step_err(py, &self.ctx, e))
     }
+
+    /// [`Self::wait`] for `async def` handlers: a coroutine whose call runs
+    /// on the core's runtime (no thread pool, so the number of durable calls
+    /// in flight is bounded only by the handlers running).
+    async fn wait_async<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = StepResult<T>> + Send + 'static,
+    ) -> PyResult<T> {
+        crate::client::off_core(fut)
+            .await?
+            .map_err(|e| Python::attach(|py| crate::errors::step_err(py, &self.ctx, e)))
+    }
 }
 
 /// Stops a cancellation callback registered with `NativeContext.on_cancel`.
@@ -44,6 +56,23 @@ impl CancelWatch {
     fn close(&self) {
         self.done.cancel();
     }
+}
+
+/// `children` of `delegate_parallel`: `(handler, input)` pairs.
+fn children_of(children: &Bound<'_, PyList>) -> PyResult<Vec<ChildSpec>> {
+    let mut specs = Vec::with_capacity(children.len());
+    for (i, c) in children.iter().enumerate() {
+        let (handler, input): (String, Bound<'_, PyAny>) = c.extract().map_err(|_| {
+            pyo3::exceptions::PyTypeError::new_err(format!(
+                "delegate_parallel: child #{i} must be a (handler, input) pair"
+            ))
+        })?;
+        specs.push(ChildSpec::new(
+            handler,
+            to_value(&input, &format!("child #{i} input"))?,
+        ));
+    }
+    Ok(specs)
 }
 
 /// Seconds from Python, refused (InvalidInput naming `what`) when negative,
@@ -206,18 +235,7 @@ impl NativeContext {
         py: Python<'py>,
         children: &Bound<'py, PyList>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let mut specs = Vec::with_capacity(children.len());
-        for (i, c) in children.iter().enumerate() {
-            let (handler, input): (String, Bound<'py, PyAny>) = c.extract().map_err(|_| {
-                pyo3::exceptions::PyTypeError::new_err(format!(
-                    "delegate_parallel: child #{i} must be a (handler, input) pair"
-                ))
-            })?;
-            specs.push(ChildSpec::new(
-                handler,
-                to_value(&input, &format!("child #{i} input"))?,
-            ));
-        }
+        let specs = children_of(children)?;
         let ctx = self.ctx.clone();
         let out = self.wait(py, async move { ctx.delegate_parallel(specs).await })?;
         record_to_py(py, &out)
@@ -232,5 +250,93 @@ impl NativeContext {
         let ctx = self.ctx.clone();
         let v = self.wait(py, async move { ctx.dependency_results().await })?;
         record_to_py(py, &v)
+    }
+
+    async fn checkpoint_lookup_async(&self, name: String) -> PyResult<(String, bool, Py<PyAny>)> {
+        let ctx = self.ctx.clone();
+        let (key, v) = self
+            .wait_async(async move { ctx.checkpoint_lookup(&name).await })
+            .await?;
+        Python::attach(|py| match v {
+            Some(v) => Ok((key, true, to_py(py, &v)?.unbind())),
+            None => Ok((key, false, py.None())),
+        })
+    }
+
+    async fn checkpoint_save_async(&self, key: String, value: Py<PyAny>) -> PyResult<()> {
+        let v =
+            Python::attach(|py| to_value(value.bind(py), &format!("checkpoint `{key}` value")))?;
+        let ctx = self.ctx.clone();
+        self.wait_async(async move { ctx.checkpoint_save(&key, v).await })
+            .await
+    }
+
+    #[pyo3(signature = (name, timeout=None))]
+    async fn await_event_async(&self, name: String, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        let ctx = self.ctx.clone();
+        let t = timeout.map(|s| secs("await_event timeout", s)).transpose();
+        let v = self
+            .wait_async(async move { ctx.await_event(&name, t?).await })
+            .await?;
+        Python::attach(|py| to_py(py, &v).map(Bound::unbind))
+    }
+
+    async fn sleep_async(&self, seconds: f64) -> PyResult<()> {
+        let ctx = self.ctx.clone();
+        let d = secs("sleep duration", seconds);
+        self.wait_async(async move { ctx.sleep(d?).await }).await
+    }
+
+    async fn sleep_until_async(&self, at_ms: i64) -> PyResult<()> {
+        let ctx = self.ctx.clone();
+        self.wait_async(async move { ctx.sleep_until(at_ms).await })
+            .await
+    }
+
+    async fn emit_event_async(&self, name: String, payload: Py<PyAny>) -> PyResult<bool> {
+        let p = Python::attach(|py| to_value(payload.bind(py), "event payload"))?;
+        let ctx = self.ctx.clone();
+        self.wait_async(async move { ctx.emit_event(&name, p).await })
+            .await
+    }
+
+    async fn spawn_async(&self, handler: String, input: Py<PyAny>) -> PyResult<String> {
+        let i = Python::attach(|py| to_value(input.bind(py), "child input"))?;
+        let ctx = self.ctx.clone();
+        let id = self
+            .wait_async(async move { ctx.spawn(&handler, i).await })
+            .await?;
+        Ok(id.to_string())
+    }
+
+    async fn delegate_async(&self, handler: String, input: Py<PyAny>) -> PyResult<Py<PyAny>> {
+        let i = Python::attach(|py| to_value(input.bind(py), "child input"))?;
+        let ctx = self.ctx.clone();
+        let v = self
+            .wait_async(async move { ctx.delegate(&handler, i).await })
+            .await?;
+        Python::attach(|py| to_py(py, &v).map(Bound::unbind))
+    }
+
+    async fn delegate_parallel_async(&self, children: Py<PyList>) -> PyResult<Py<PyAny>> {
+        let specs = Python::attach(|py| children_of(children.bind(py)))?;
+        let ctx = self.ctx.clone();
+        let out = self
+            .wait_async(async move { ctx.delegate_parallel(specs).await })
+            .await?;
+        Python::attach(|py| record_to_py(py, &out).map(Bound::unbind))
+    }
+
+    async fn heartbeat_async(&self) -> PyResult<()> {
+        let ctx = self.ctx.clone();
+        self.wait_async(async move { ctx.heartbeat().await }).await
+    }
+
+    async fn dependency_results_async(&self) -> PyResult<Py<PyAny>> {
+        let ctx = self.ctx.clone();
+        let v = self
+            .wait_async(async move { ctx.dependency_results().await })
+            .await?;
+        Python::attach(|py| record_to_py(py, &v).map(Bound::unbind))
     }
 }
