@@ -160,7 +160,7 @@ class TestProcess < Minitest::Test
     script = ruby_script(code)
     _out, err, status = Open3.capture3(gem_env.merge("SWITCHYARD_LOG" => "switchyard_core=info"), RbConfig.ruby, script, @store)
     assert status.success?, err
-    assert_match(/INFO switchyard_core::worker: host started/, err)
+    assert_match(/INFO switchyard_core::worker(::\w+)*: host started/, err)
     assert_match(/host stopped/, err)
     _out, err, status = Open3.capture3(gem_env.merge("SWITCHYARD_LOG" => nil), RbConfig.ruby, script, @store)
     assert status.success?, err

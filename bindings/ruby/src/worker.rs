@@ -24,64 +24,6 @@ use crate::convert::{to_json, to_ruby};
 use crate::errors::{base_error, core_err, error, reply_for};
 use crate::{block, guard, nogvl};
 
-/// Jobs whose step was cancelled while a Ruby block runs it: the core's
-/// cancellation token fired (task cancelled, timeout, shutdown past the
-/// grace period). A Ruby watcher thread takes their ids without the GVL and
-/// interrupts the handler thread (`Thread#raise` of `Switchyard::Cancelled`).
-#[derive(Default)]
-struct CancelQueue {
-    state: std::sync::Mutex<CancelState>,
-    cond: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct CancelState {
-    ids: Vec<u64>,
-    closed: bool,
-    interrupts: u64,
-}
-
-impl CancelQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, CancelState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-    fn push(&self, id: u64) {
-        self.lock().ids.push(id);
-        self.cond.notify_all();
-    }
-    fn close(&self) {
-        self.lock().closed = true;
-        self.cond.notify_all();
-    }
-    fn interrupt(&self) {
-        self.lock().interrupts += 1;
-        self.cond.notify_all();
-    }
-    /// Ids cancelled so far (waits up to `slice`); None once closed.
-    fn take(&self, slice: Duration) -> Option<Vec<u64>> {
-        let deadline = std::time::Instant::now() + slice;
-        let mut s = self.lock();
-        let seen = s.interrupts;
-        loop {
-            if !s.ids.is_empty() {
-                return Some(std::mem::take(&mut s.ids));
-            }
-            if s.closed {
-                return None;
-            }
-            let now = std::time::Instant::now();
-            if s.interrupts != seen || now >= deadline {
-                return Some(Vec::new());
-            }
-            s = self
-                .cond
-                .wait_timeout(s, deadline - now)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-        }
-    }
-}
-
 /// A host for Ruby handlers.
 #[magnus::wrap(class = "Switchyard::Native::Worker", free_immediately, size)]
 pub struct RbWorker {
@@ -89,7 +31,6 @@ pub struct RbWorker {
     plan: Mutex<HostPlan>,
     inbox: Arc<Inbox>,
     running: Mutex<Option<Arc<RunningWorker>>>,
-    cancels: Arc<CancelQueue>,
     /// The process that started it, 0 before (see [`crate::check_owner`]).
     /// A worker made but not started before `fork` may start in the child.
     started_in: AtomicU32,
@@ -153,6 +94,9 @@ impl RbWorker {
         if concurrency == 0 {
             return Err(arg_error(ruby, "concurrency must be at least 1".into()));
         }
+        let inbox = Inbox::serial();
+        // Push cancellation comes through the inbox (`next_cancels`).
+        inbox.watch_cancels();
         Ok(Self {
             store_url: store,
             plan: Mutex::new(HostPlan::new(
@@ -161,9 +105,8 @@ impl RbWorker {
                 secs(ruby, "shutdown_grace", shutdown_grace)?,
                 max_payload,
             )),
-            inbox: Inbox::serial(),
+            inbox,
             running: Mutex::new(None),
-            cancels: Arc::default(),
             started_in: AtomicU32::new(0),
         })
     }
@@ -294,7 +237,7 @@ impl RbWorker {
         guard(ruby, || {
             rb_self.check_owner(ruby)?;
             let slice = secs(ruby, "timeout", timeout)?;
-            let rt = crate::runtime(ruby)?;
+            crate::runtime(ruby)?;
             let jobs = match rb_self.take(ruby, consumer, max, slice)? {
                 Ok(j) => j,
                 Err(Closed) => return Ok(None),
@@ -304,7 +247,6 @@ impl RbWorker {
                 ruby.thread_check_ints()?;
             }
             let out = ruby.ary_new_capa(jobs.len());
-            let mut watches = Vec::with_capacity(jobs.len());
             for mut job in jobs {
                 let tokens = job
                     .items
@@ -315,18 +257,11 @@ impl RbWorker {
                 let items = std::mem::take(&mut job.items);
                 let batch = job.kind == JobKind::Batch;
                 let handler = job.handler_id;
-                let done = CancellationToken::new();
-                if !batch {
-                    if let Some(token) = items.first().map(|i| i.ctx.cancellation_token()) {
-                        watches.push((job.id, token, done.clone()));
-                    }
-                }
                 let rjob = RbJob {
                     id: job.id,
                     items: items.len(),
                     handler: job.handler.clone(),
                     job: Mutex::new(Some(job)),
-                    done,
                     tokens,
                 };
                 entry.push(rjob)?;
@@ -349,49 +284,23 @@ impl RbWorker {
                 }
                 out.push(entry)?;
             }
-            if !watches.is_empty() {
-                rb_self.watch(rt, watches);
-            }
             Ok(Some(out))
         })
     }
 
-    /// Push cancellation: one core task per batch of jobs waits on their
-    /// cancellation tokens and queues the id of each job cancelled while its
-    /// block runs, for the Ruby watcher thread. A job's watch ends when it
-    /// is answered (or dropped). One task per batch, not per job, keeps this
-    /// off the hot path.
-    fn watch(
-        &self,
-        rt: &tokio::runtime::Runtime,
-        watches: Vec<(u64, CancellationToken, CancellationToken)>,
-    ) {
-        let q = self.cancels.clone();
-        rt.spawn(async move {
-            let mut pending: futures::stream::FuturesUnordered<_> = watches
-                .into_iter()
-                .map(|(id, token, done)| async move {
-                    tokio::select! {
-                        _ = token.cancelled() => Some(id),
-                        _ = done.cancelled() => None,
-                    }
-                })
-                .collect();
-            while let Some(r) = futures::StreamExt::next(&mut pending).await {
-                if let Some(id) = r {
-                    q.push(id);
-                }
-            }
-        });
-    }
-
-    /// Ids of jobs whose run was cancelled (see [`CancelQueue`]), waiting
-    /// at most `timeout` seconds without the GVL; nil once stopped.
+    /// Ids of jobs that should stop (the core's cancellation notices, see
+    /// [`Inbox::recv_cancels`]), waiting at most `timeout` seconds without
+    /// the GVL; nil once stopped. The watcher thread raises `Interrupted`
+    /// into the thread running each.
     fn next_cancels(ruby: &Ruby, rb_self: &Self, timeout: f64) -> Result<Option<Vec<u64>>, Error> {
         guard(ruby, || {
             let slice = secs(ruby, "timeout", timeout)?;
-            let q = rb_self.cancels.clone();
-            let got = nogvl(ruby, || q.take(slice), || rb_self.cancels.interrupt())?;
+            let inbox = rb_self.inbox.clone();
+            let got = nogvl(
+                ruby,
+                || inbox.recv_cancels(slice).ok(),
+                || rb_self.inbox.interrupt(),
+            )?;
             if got.as_ref().is_some_and(|v| v.is_empty()) {
                 ruby.thread_check_ints()?;
             }
@@ -402,7 +311,6 @@ impl RbWorker {
     /// Wakes threads blocked in `next_jobs` (they return an empty list).
     fn interrupt(&self) {
         self.inbox.interrupt();
-        self.cancels.interrupt();
     }
 
     /// Begins a graceful shutdown and returns at once.
@@ -423,7 +331,6 @@ impl RbWorker {
                 block(ruby, async move { r.stop().await })?;
             }
             rb_self.inbox.close();
-            rb_self.cancels.close();
             Ok(())
         })
     }
@@ -450,16 +357,8 @@ pub struct RbJob {
     items: usize,
     handler: String,
     job: Mutex<Option<Job>>,
-    /// Ends the cancellation watch once the job is answered.
-    done: CancellationToken,
     /// The cancellation tokens of its steps' runs (for [`RbJob::hand_back`]).
     tokens: Vec<CancellationToken>,
-}
-
-impl Drop for RbJob {
-    fn drop(&mut self) {
-        self.done.cancel();
-    }
 }
 
 /// A value a handler returned; one with no JSON form fails the step
@@ -471,7 +370,6 @@ fn value_reply(ruby: &Ruby, handler: &str, v: Value) -> Result<Json, Reply> {
 
 impl RbJob {
     fn take(&self, ruby: &Ruby) -> Result<Job, Error> {
-        self.done.cancel();
         self.job
             .lock()
             .take()
@@ -562,7 +460,6 @@ impl RbJob {
     /// glue failed) with a retryable error, so the step is retried now
     /// instead of when the handler times out. No-op once answered.
     fn release(&self, why: String) {
-        self.done.cancel();
         if let Some(job) = self.job.lock().take() {
             let replies = (0..self.items)
                 .map(|_| Reply::error(ErrorClass::Retryable, why.clone(), None, None))
@@ -580,7 +477,6 @@ impl RbJob {
     /// stops the worker. No-op once answered.
     fn hand_back(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
         guard(ruby, || {
-            rb_self.done.cancel();
             let Some(job) = rb_self.job.lock().take() else {
                 return Ok(());
             };

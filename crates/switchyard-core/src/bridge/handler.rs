@@ -58,10 +58,9 @@ impl InboxHandler {
             id,
             armed: true,
         };
-        let cancelled = async {
-            let waits = ctxs.iter().map(|c| Box::pin(c.cancelled()));
-            futures::future::select_all(waits).await;
-        };
+        // Every run of the job asked to stop (a batch is not interrupted
+        // for one cancelled item; its item fails alone).
+        let cancelled = futures::future::join_all(ctxs.iter().map(|c| c.cancelled()));
         let answered = tokio::select! {
             biased;
             r = &mut rx => r,

@@ -53,9 +53,9 @@ pub const MAX_CANCEL_NOTICES: usize = 65_536;
 /// The queue between the dispatcher and one foreign runtime.
 ///
 /// Besides jobs it carries **cancellation notices**, the one way every
-/// binding learns that a job it runs should stop: when a run of a taken job
-/// is cancelled (task cancelled, timeout, lease lost, shutdown) or the core
-/// stops waiting for the job, the job's id is queued for
+/// binding learns that a job it runs should stop: when the runs of a taken
+/// job are cancelled (task cancelled, timeout, lease lost, shutdown; for a
+/// batch, all of its items') or the core stops waiting for the job, the job's id is queued for
 /// [`Inbox::recv_cancels`] / [`Inbox::recv_cancels_async`] once a binding
 /// asked for them with [`Inbox::watch_cancels`]. The binding then interrupts
 /// that job its own way (cancels an asyncio task, raises into a Ruby
@@ -121,7 +121,6 @@ impl Inbox {
     ) -> Result<(u64, oneshot::Receiver<Vec<Reply>>), Closed> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let tokens = items.iter().map(|i| i.ctx.cancellation_token()).collect();
         let job = Job {
             id,
             handler_id,
@@ -129,7 +128,6 @@ impl Inbox {
             kind,
             items,
             reply: tx,
-            tokens,
         };
         let wake = {
             let mut s = self.lock();

@@ -52,9 +52,6 @@ pub struct Job {
     /// The steps (one unless `kind` is [`JobKind::Batch`]).
     pub items: Vec<JobItem>,
     pub(super) reply: oneshot::Sender<Vec<Reply>>,
-    /// The cancellation tokens of the items' runs (kept here: bindings move
-    /// the items out).
-    pub(super) tokens: Vec<tokio_util::sync::CancellationToken>,
 }
 
 impl std::fmt::Debug for Job {
@@ -75,11 +72,13 @@ impl Job {
         let _ = self.reply.send(replies);
     }
 
-    /// True if the core no longer waits for this job, or has asked every
-    /// one of its runs to stop (timed out, cancelled, handed back at
-    /// shutdown): such a job is never started.
+    /// True if the core no longer waits for this job (timed out, cancelled,
+    /// handed back at shutdown): such a job is never started. (A job whose
+    /// runs were asked to stop but are still within their cancel grace is
+    /// not abandoned yet: dropping it then would record a failure; the
+    /// binding learns of it from the cancellation notice and
+    /// `Context::is_cancelled`.)
     pub fn abandoned(&self) -> bool {
         self.reply.is_closed()
-            || (!self.tokens.is_empty() && self.tokens.iter().all(|t| t.is_cancelled()))
     }
 }
