@@ -16,9 +16,8 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyList, PyTuple, PyType};
 use serde_json::Value;
 use switchyard_core::bridge::{
-    Consumer, ErrorClass, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply,
+    Consumer, ErrorClass, HandlerSpec, Host, HostPlan, Inbox, Job, JobKind, Reply,
 };
-use switchyard_core::RunningWorker;
 
 use crate::block_core;
 use crate::client::open_store;
@@ -30,10 +29,10 @@ use crate::errors::reply_for;
 #[pyclass(module = "switchyard._native", frozen)]
 pub struct NativeWorker {
     store_url: String,
-    plan: Mutex<HostPlan>,
+    /// Registration, start and bounded stop: the core's lifecycle.
+    host: Arc<Host>,
     sync_inbox: Arc<Inbox>,
     async_inbox: Arc<Inbox>,
-    running: Mutex<Option<Arc<RunningWorker>>>,
 }
 
 fn positive_secs(what: &str, s: f64) -> PyResult<Duration> {
@@ -101,15 +100,17 @@ impl NativeWorker {
         }
         Ok(Self {
             store_url: store,
-            plan: Mutex::new(HostPlan::new(
-                concurrency,
-                positive_secs("lease", lease)?,
-                positive_secs("shutdown_grace", shutdown_grace)?,
-                max_payload_bytes,
+            host: Arc::new(Host::new(
+                "Python",
+                HostPlan::new(
+                    concurrency,
+                    positive_secs("lease", lease)?,
+                    positive_secs("shutdown_grace", shutdown_grace)?,
+                    max_payload_bytes,
+                ),
             )),
             sync_inbox: Inbox::serial(),
             async_inbox: Inbox::new(),
-            running: Mutex::new(None),
         })
     }
 
@@ -132,7 +133,7 @@ impl NativeWorker {
         rate_limit: Option<f64>,
         burst: Option<u32>,
     ) -> PyResult<usize> {
-        if self.running.lock().is_some() {
+        if self.host.host_id().is_some() {
             return Err(PyRuntimeError::new_err(
                 "register handlers before the worker starts",
             ));
@@ -149,42 +150,29 @@ impl NativeWorker {
             rate_limit,
             burst,
         };
-        let mut plan = self.plan.lock();
-        let opts = spec
-            .build(&name, kind, plan.concurrency, str::to_string)
-            .map_err(PyValueError::new_err)?;
         let inbox = if is_async {
-            self.async_inbox.clone()
+            &self.async_inbox
         } else {
-            self.sync_inbox.clone()
+            &self.sync_inbox
         };
-        plan.register(name, kind, opts, inbox)
+        self.host
+            .register(name, kind, &spec, inbox, str::to_string)
             .map_err(PyValueError::new_err)
     }
 
     /// Opens the store and starts the host (handlers must be registered).
     fn start(&self, py: Python<'_>) -> PyResult<String> {
-        if self.running.lock().is_some() {
+        if self.host.host_id().is_some() {
             return Err(PyRuntimeError::new_err("the worker is already running"));
         }
         let store = open_store(py, &self.store_url)?;
-        let worker = self
-            .plan
-            .lock()
-            .build(store, "Python")
-            .map_err(|e| crate::errors::core_err(py, e))?;
-        let running = block_core(py, async move { worker.start().await })?;
-        let id = running.host_id().to_string();
-        *self.running.lock() = Some(Arc::new(running));
-        Ok(id)
+        let host = self.host.clone();
+        block_core(py, async move { host.start(store).await })
     }
 
     #[getter]
     fn host_id(&self) -> Option<String> {
-        self.running
-            .lock()
-            .as_ref()
-            .map(|r| r.host_id().to_string())
+        self.host.host_id()
     }
 
     /// Takes up to `max` jobs from the async inbox (the asyncio feeder
@@ -217,19 +205,16 @@ impl NativeWorker {
 
     /// Begins a graceful shutdown and returns at once.
     fn shutdown(&self) {
-        if let Some(r) = self.running.lock().as_ref() {
-            r.shutdown();
-        }
+        self.host.shutdown();
     }
 
     /// Stops the host: no more claims, running steps get the grace period,
     /// then the inboxes close so handler threads exit. Waits with the GIL
     /// released; the handler threads must keep serving jobs meanwhile.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        let running = self.running.lock().clone();
-        if let Some(r) = running {
-            crate::block(py, async move { r.stop().await })?;
-        }
+        let host = self.host.clone();
+        crate::block(py, async move { host.stop().await })?;
+        // Inboxes with no handler registered are closed here too.
         self.sync_inbox.close();
         self.async_inbox.close();
         Ok(())
@@ -237,7 +222,7 @@ impl NativeWorker {
 
     #[getter]
     fn running(&self) -> bool {
-        self.running.lock().is_some() && !self.sync_inbox.is_closed()
+        self.host.is_running()
     }
 }
 
