@@ -162,6 +162,8 @@ class Worker:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
         self._tasks: "set[asyncio.Future[None]]" = set()
+        # Async jobs running, by job id (for the core's cancellation notices).
+        self._job_tasks: "Dict[int, asyncio.Future[Any]]" = {}
         self._started = False
         self._stopped = threading.Event()
         # Guards the fields below.
@@ -290,6 +292,9 @@ class Worker:
             p = threading.Thread(target=self._async_puller, name="switchyard-asyncio-feed", daemon=True)
             p.start()
             self._threads.append(p)
+            c = threading.Thread(target=self._async_canceller, name="switchyard-asyncio-cancel", daemon=True)
+            c.start()
+            self._threads.append(c)
         _forward_core_logs()
         log.info("switchyard worker %s started with handlers %s", self.host_id, sorted(self._handlers))
 
@@ -517,6 +522,24 @@ class Worker:
             if jobs:
                 loop.call_soon_threadsafe(self._schedule, jobs)
 
+    def _async_canceller(self) -> None:
+        # Push cancellation: the core's notices name the jobs whose runs were
+        # cancelled (task cancelled, timeout, shutdown); their asyncio tasks
+        # are cancelled (the handler sees CancelledError).
+        native, loop = self._native, self._loop
+        assert loop is not None
+        while True:
+            ids = native.next_async_cancels(0.25)
+            if ids is None:
+                return
+            for job_id in ids:
+                loop.call_soon_threadsafe(self._cancel_job, job_id)
+
+    def _cancel_job(self, job_id: int) -> None:
+        task = self._job_tasks.get(job_id)
+        if task is not None:
+            task.cancel()
+
     def _schedule(self, jobs: List["_native.NativeJob"]) -> None:
         for job in jobs:
             # The loop keeps only weak references to tasks: hold them until done.
@@ -528,18 +551,18 @@ class Worker:
         call = self._begin(job, AsyncContext)
         if call is None:
             return
-        loop = asyncio.get_running_loop()
         task = asyncio.current_task()
-        watches = []
         answer = job.ok
         self._body_begins()
+        watched = task is not None and job.kind != "batch"
         try:
-            if task is not None and job.kind != "batch":
-                # Push cancellation: a cancelled task cancels this asyncio task
-                # (the handler sees CancelledError). Batch items are cancelled
-                # one by one through ``ctx.is_cancelled()`` instead.
-                for _, c in job.items:
-                    watches.append(c.on_cancel(lambda: loop.call_soon_threadsafe(task.cancel)))
+            if watched:
+                # Push cancellation (see _async_canceller). Batch items are
+                # cancelled one by one through ``ctx.is_cancelled()`` instead.
+                # A notice that came before this registration is seen here.
+                self._job_tasks[job.id] = task
+                if job.items and all(c.is_cancelled() for _, c in job.items):
+                    task.cancel()
             out = await call()
         except _EXIT as e:
             self._exit_requested(e, job)
@@ -547,7 +570,7 @@ class Worker:
         except BaseException as e:  # noqa: BLE001 - a handler failure fails only its steps
             answer, out = job.raised, e
         finally:
-            for w in watches:
-                w.close()
+            if watched:
+                self._job_tasks.pop(job.id, None)
             self._body_ends()
         answer(out)

@@ -9,7 +9,6 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use switchyard_core::{ChildSpec, Context, StepResult};
-use tokio_util::sync::CancellationToken;
 
 use crate::convert::{record_to_py, to_py, to_value};
 
@@ -41,20 +40,6 @@ impl NativeContext {
         crate::client::off_core(fut)
             .await?
             .map_err(|e| Python::attach(|py| crate::errors::step_err(py, &self.ctx, e)))
-    }
-}
-
-/// Stops a cancellation callback registered with `NativeContext.on_cancel`.
-#[pyclass(module = "switchyard._native", frozen)]
-pub struct CancelWatch {
-    done: CancellationToken,
-}
-
-#[pymethods]
-impl CancelWatch {
-    /// Unregisters the callback (call when the handler finished).
-    fn close(&self) {
-        self.done.cancel();
     }
 }
 
@@ -123,30 +108,6 @@ impl NativeContext {
 
     fn is_cancelled(&self) -> bool {
         self.ctx.is_cancelled()
-    }
-
-    /// Calls `callback()` (from a core thread, with the GIL) when the step is
-    /// cancelled; returns a watch whose `close()` unregisters it.
-    fn on_cancel(&self, callback: Py<PyAny>) -> PyResult<CancelWatch> {
-        let token = self.ctx.cancellation_token();
-        let done = CancellationToken::new();
-        let d = done.clone();
-        crate::runtime()?.spawn(async move {
-            tokio::select! {
-                _ = token.cancelled() => {
-                    // Waiting for the GIL must not stall a core worker thread.
-                    tokio::task::spawn_blocking(move || {
-                        Python::attach(|py| {
-                            if let Err(e) = callback.call0(py) {
-                                e.print(py);
-                            }
-                        })
-                    });
-                }
-                _ = d.cancelled() => {}
-            }
-        });
-        Ok(CancelWatch { done })
     }
 
     /// Returns `(key, found, value)` for checkpoint `name` (numbered by call order).

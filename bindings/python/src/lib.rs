@@ -98,7 +98,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<worker::NativeJob>()?;
     m.add_class::<worker::NativeConsumer>()?;
     m.add_class::<context::NativeContext>()?;
-    m.add_class::<context::CancelWatch>()?;
     m.add_function(wrap_pyfunction!(logs::take_logs, m)?)?;
     m.add_function(wrap_pyfunction!(fan_out, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

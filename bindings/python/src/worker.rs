@@ -110,7 +110,12 @@ impl NativeWorker {
                 ),
             )),
             sync_inbox: Inbox::serial(),
-            async_inbox: Inbox::new(),
+            async_inbox: {
+                // Push cancellation of async handlers comes through the inbox.
+                let inbox = Inbox::new();
+                inbox.watch_cancels();
+                inbox
+            },
         })
     }
 
@@ -175,6 +180,17 @@ impl NativeWorker {
         self.host.host_id()
     }
 
+    /// Ids of async jobs that should stop (the core's cancellation
+    /// notices), waiting at most `timeout` seconds with the GIL released;
+    /// None once the worker has stopped. The asyncio side cancels the task
+    /// running each.
+    #[pyo3(signature = (timeout=0.25))]
+    fn next_async_cancels(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Vec<u64>>> {
+        let inbox = self.async_inbox.clone();
+        let slice = positive_secs("timeout", timeout)?;
+        Ok(py.detach(move || inbox.recv_cancels(slice).ok()))
+    }
+
     /// Takes up to `max` jobs from the async inbox (the asyncio feeder
     /// thread), waiting at most `timeout` seconds with the GIL released.
     /// Returns None once the worker has stopped.
@@ -231,6 +247,9 @@ impl NativeWorker {
 #[pyclass(module = "switchyard._native", frozen)]
 pub struct NativeJob {
     job: Mutex<Option<Job>>,
+    /// The job's id (what the inbox's cancellation notices name).
+    #[pyo3(get)]
+    id: u64,
     /// The handler's id, as `NativeWorker.register` returned it.
     #[pyo3(get)]
     handler_id: usize,
@@ -253,6 +272,7 @@ impl NativeJob {
         }
         // Items were moved out for Python; the job keeps the reply channel.
         Ok(Self {
+            id: job.id,
             handler_id: job.handler_id,
             handler: job.handler.clone(),
             kind: job.kind,
