@@ -13,9 +13,8 @@ use magnus::{function, method, prelude::*, Error, RArray, RHash, RModule, Ruby, 
 use parking_lot::Mutex;
 use serde_json::Value as Json;
 use switchyard_core::bridge::{
-    Closed, Consumer, ErrorClass, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply,
+    Closed, Consumer, ErrorClass, HandlerSpec, Host, HostPlan, Inbox, Job, JobKind, Reply,
 };
-use switchyard_core::RunningWorker;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::open_store;
@@ -28,9 +27,9 @@ use crate::{block, guard, nogvl};
 #[magnus::wrap(class = "Switchyard::Native::Worker", free_immediately, size)]
 pub struct RbWorker {
     store_url: String,
-    plan: Mutex<HostPlan>,
+    /// Registration, start and bounded stop: the core's lifecycle.
+    host: Arc<Host>,
     inbox: Arc<Inbox>,
-    running: Mutex<Option<Arc<RunningWorker>>>,
     /// The process that started it, 0 before (see [`crate::check_owner`]).
     /// A worker made but not started before `fork` may start in the child.
     started_in: AtomicU32,
@@ -43,7 +42,7 @@ impl Drop for RbWorker {
             // Freed in a forked child: the host's tasks, store and queued
             // jobs belong to the parent's threads, which do not exist here;
             // dropping them could wait for those threads forever. Leak them.
-            std::mem::forget(self.running.lock().clone());
+            std::mem::forget(self.host.clone());
             std::mem::forget(self.inbox.clone());
         }
     }
@@ -99,14 +98,16 @@ impl RbWorker {
         inbox.watch_cancels();
         Ok(Self {
             store_url: store,
-            plan: Mutex::new(HostPlan::new(
-                concurrency,
-                secs(ruby, "lease", lease)?,
-                secs(ruby, "shutdown_grace", shutdown_grace)?,
-                max_payload,
+            host: Arc::new(Host::new(
+                "Ruby",
+                HostPlan::new(
+                    concurrency,
+                    secs(ruby, "lease", lease)?,
+                    secs(ruby, "shutdown_grace", shutdown_grace)?,
+                    max_payload,
+                ),
             )),
             inbox,
-            running: Mutex::new(None),
             started_in: AtomicU32::new(0),
         })
     }
@@ -123,7 +124,7 @@ impl RbWorker {
         o: RHash,
     ) -> Result<usize, Error> {
         guard(ruby, || {
-            if rb_self.running.lock().is_some() {
+            if rb_self.host.host_id().is_some() {
                 return Err(error(
                     ruby,
                     ErrorClass::Config,
@@ -144,11 +145,13 @@ impl RbWorker {
                 rate_limit: opt::<f64>(ruby, o, "rate_limit", &name)?,
                 burst: opt::<u32>(ruby, o, "burst", &name)?,
             };
-            let mut plan = rb_self.plan.lock();
-            let opts = spec
-                .build(&name, kind, plan.concurrency, str::to_string)
+            // A bad option is an ArgumentError; a name registered twice a
+            // ConfigError (the host's only other refusal here).
+            spec.build(&name, kind, 1, str::to_string)
                 .map_err(|e| arg_error(ruby, e))?;
-            plan.register(name, kind, opts, rb_self.inbox.clone())
+            rb_self
+                .host
+                .register(name, kind, &spec, &rb_self.inbox, str::to_string)
                 .map_err(|e| error(ruby, ErrorClass::Config, e))
         })
     }
@@ -157,7 +160,7 @@ impl RbWorker {
     fn start(ruby: &Ruby, rb_self: &Self) -> Result<String, Error> {
         guard(ruby, || {
             rb_self.check_owner(ruby)?;
-            if rb_self.running.lock().is_some() {
+            if rb_self.host.host_id().is_some() {
                 return Err(error(
                     ruby,
                     ErrorClass::Config,
@@ -165,14 +168,8 @@ impl RbWorker {
                 ));
             }
             let store = open_store(ruby, &rb_self.store_url)?;
-            let worker = rb_self
-                .plan
-                .lock()
-                .build(store, "Ruby")
-                .map_err(|e| core_err(ruby, e))?;
-            let running = crate::block_core(ruby, async move { worker.start().await })?;
-            let id = running.host_id().to_string();
-            *rb_self.running.lock() = Some(Arc::new(running));
+            let host = rb_self.host.clone();
+            let id = crate::block_core(ruby, async move { host.start(store).await })?;
             rb_self
                 .started_in
                 .store(std::process::id(), Ordering::Relaxed);
@@ -189,10 +186,7 @@ impl RbWorker {
     }
 
     fn host_id(&self) -> Option<String> {
-        self.running
-            .lock()
-            .as_ref()
-            .map(|r| r.host_id().to_string())
+        self.host.host_id()
     }
 
     /// Up to `max` jobs for the thread holding `consumer`: those already
@@ -315,9 +309,7 @@ impl RbWorker {
 
     /// Begins a graceful shutdown and returns at once.
     fn shutdown(&self) {
-        if let Some(r) = self.running.lock().as_ref() {
-            r.shutdown();
-        }
+        self.host.shutdown();
     }
 
     /// Stops the host: no more claims, running steps get the grace period,
@@ -326,25 +318,20 @@ impl RbWorker {
     fn stop(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
         guard(ruby, || {
             rb_self.check_owner(ruby)?;
-            let running = rb_self.running.lock().clone();
-            if let Some(r) = running {
-                block(ruby, async move { r.stop().await })?;
-            }
+            let host = rb_self.host.clone();
+            block(ruby, async move { host.stop().await })?;
+            // The inbox closes with the host; also when nothing was registered.
             rb_self.inbox.close();
             Ok(())
         })
     }
 
     fn is_running(&self) -> bool {
-        self.running.lock().is_some() && !self.inbox.is_closed()
+        self.host.is_running()
     }
 
     fn inflight(&self) -> usize {
-        self.running
-            .lock()
-            .as_ref()
-            .map(|r| r.inflight())
-            .unwrap_or(0)
+        self.host.inflight()
     }
 }
 

@@ -93,6 +93,11 @@ impl Host {
             .map(|r| r.host_id().to_string())
     }
 
+    /// Steps running in this host now (0 before a start).
+    pub fn inflight(&self) -> usize {
+        self.running.lock().as_ref().map_or(0, |r| r.inflight())
+    }
+
     /// True between a start and the end of a stop.
     pub fn is_running(&self) -> bool {
         self.running.lock().is_some() && !self.inboxes.lock().iter().all(|i| i.is_closed())
