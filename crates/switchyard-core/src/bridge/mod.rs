@@ -43,5 +43,7 @@ pub use inbox::{Closed, Consumer, Inbox, STALL};
 pub use job::{Job, JobItem, Reply};
 pub use options::{camel_case, seconds, HandlerSpec, JobKind};
 pub use plan::HostPlan;
-pub use protocol::{fan_out, new_task, new_tasks, raise, ErrorClass, Raised, MAX_FAN_OUT};
+pub use protocol::{
+    child_specs, fan_out, new_task, new_tasks, raise, ErrorClass, Raised, MAX_FAN_OUT,
+};
 pub use runtime::{runtime, runtime_owner, ForkedChild};

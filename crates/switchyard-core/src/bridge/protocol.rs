@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 
 use super::Reply;
 use crate::client::{hint_secs, validate_name};
-use crate::context::Context;
+use crate::context::{ChildSpec, Context};
 use crate::error::Error;
 use crate::handler::{ApiError, Decision, StepError};
 use crate::model::NewStep;
@@ -439,6 +439,49 @@ pub fn new_tasks(v: Value) -> Result<Vec<NewTask>, Error> {
         .collect()
 }
 
+/// The children of `delegate_parallel` from foreign data: a JSON array
+/// whose items are `{"handler": ..., "input": ...}` objects (no other keys)
+/// or `[handler, input]` pairs. Errors name the child (`child #i`).
+pub fn child_specs(v: Value) -> Result<Vec<ChildSpec>, Error> {
+    let bad = |i: usize, m: &str| Error::InvalidInput(format!("delegate_parallel: child #{i} {m}"));
+    let Value::Array(items) = v else {
+        return Err(Error::InvalidInput(
+            "delegate_parallel: children must be a list".into(),
+        ));
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let (handler, input) = match item {
+                Value::Object(mut m) => {
+                    let handler = m.remove("handler");
+                    let input = m.remove("input").unwrap_or(Value::Null);
+                    if let Some(k) = m.keys().next() {
+                        return Err(bad(i, &format!("has an unknown key `{k}`")));
+                    }
+                    (handler, input)
+                }
+                Value::Array(mut pair) if pair.len() == 2 => {
+                    let input = pair.pop().unwrap_or(Value::Null);
+                    (pair.pop(), input)
+                }
+                _ => {
+                    return Err(bad(
+                        i,
+                        "must be {\"handler\", \"input\"} or a [handler, input] pair",
+                    ))
+                }
+            };
+            let Some(Value::String(handler)) = handler else {
+                return Err(bad(i, "needs a string `handler`"));
+            };
+            validate_name("handler", &handler).map_err(|e| bad(i, &format!("({})", inner(e))))?;
+            Ok(ChildSpec::new(handler, input))
+        })
+        .collect()
+}
+
 /// The most batches a fan-out may plan (each is a step of one task).
 pub const MAX_FAN_OUT: u64 = 100_000;
 
@@ -484,6 +527,38 @@ pub fn fan_out(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn child_specs_take_objects_and_pairs_and_name_the_bad_child() {
+        let v = serde_json::json!([
+            {"handler": "a", "input": 1},
+            ["b", {"x": 2}],
+            {"handler": "c"}
+        ]);
+        let c = child_specs(v).unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(
+            (c[0].handler.as_str(), &c[0].input),
+            ("a", &serde_json::json!(1))
+        );
+        assert_eq!(
+            (c[1].handler.as_str(), &c[1].input),
+            ("b", &serde_json::json!({"x": 2}))
+        );
+        assert_eq!((c[2].handler.as_str(), &c[2].input), ("c", &Value::Null));
+        let err = |v: Value| child_specs(v).unwrap_err().to_string();
+        assert!(err(serde_json::json!({"handler": "a"})).contains("must be a list"));
+        assert!(
+            err(serde_json::json!([["a", 1], {"handler": "b", "parent": 1}]))
+                .contains("child #1 has an unknown key `parent`")
+        );
+        assert!(
+            err(serde_json::json!([{"input": 1}])).contains("child #0 needs a string `handler`")
+        );
+        assert!(err(serde_json::json!([[1, 2]])).contains("child #0 needs a string `handler`"));
+        assert!(err(serde_json::json!([["a"]])).contains("child #0 must be"));
+        assert!(err(serde_json::json!([["", 1]])).contains("child #0"));
+    }
 
     #[test]
     fn every_class_has_a_distinct_name_and_status() {
