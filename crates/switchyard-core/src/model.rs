@@ -168,7 +168,10 @@ pub enum ErrorKind {
     InvalidInput,
     /// The handler exceeded its timeout (retryable).
     Timeout,
-    /// The handler panicked (retryable).
+    /// Recorded for a panicking handler by versions before 0.1's issue 21;
+    /// a panic is now `Retryable` (as an unexpected exception is in every
+    /// language), with a message starting `handler panicked:`. Kept so
+    /// stores written by those versions still read.
     Panic,
     /// The host's lease expired before the step finished (retryable).
     LeaseExpired,

@@ -98,7 +98,9 @@ pub(super) async fn finish(
                 shared,
                 reg,
                 step,
-                ErrorKind::Panic,
+                // A panic is an unexpected failure, recorded as every
+                // language records an unexpected exception: retryable.
+                ErrorKind::Retryable,
                 format!("handler panicked: {msg}"),
                 None,
                 None,
