@@ -382,6 +382,9 @@ pub struct ClaimedStep {
     pub lease_expires_at: Millis,
     /// Whether the step has dependencies (convergence steps).
     pub has_dependencies: bool,
+    /// When the step was due to run (its `run_at`), so a host can tell how
+    /// long it waited to be claimed (the queue-wait metric).
+    pub ready_at: Millis,
 }
 
 /// Identifies one lease: the step, the run and the host holding it.

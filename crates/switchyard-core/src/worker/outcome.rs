@@ -127,7 +127,10 @@ pub(super) async fn finish(
         }),
     };
     match resolution {
-        Some(resolution) => shared.send_completion(Completion { lease, resolution }),
+        Some(resolution) => {
+            shared.metrics.resolved(&reg.m, &resolution);
+            shared.send_completion(Completion { lease, resolution })
+        }
         None => {
             shared.running.lock().remove(&run_ref(step));
         }
