@@ -217,6 +217,27 @@ test("cancel notices abort a running handler and the one queued behind its full 
   assert.equal((await stepOf(client, queued, "gate.hold")).run, 0, "the queued step was never claimed");
 });
 
+test("a signal first read after its cancel notice arrived is already aborted", async (t) => {
+  let seen;
+  const { client } = await setup(t, (w) => {
+    w.step("late.look", async (_i, ctx) => {
+      // Never touches ctx.signal until well after the cancel reached JS.
+      await until(() => ctx.isCancelled, 10_000, "the run to be cancelled");
+      await new Promise((r) => setTimeout(r, 300));
+      seen = { aborted: ctx.signal.aborted, reason: ctx.signal.reason };
+      throw ctx.signal.reason ?? new Error("not aborted");
+    });
+  });
+  const id = await client.spawn("late.look", {});
+  await until(async () => (await stepOf(client, id, "late.look"))?.state === "running", 10_000, "the step to run");
+  await new Promise((r) => setTimeout(r, 100));
+  assert.equal(await client.cancel(id), true);
+  await until(() => seen !== undefined, 10_000, "the handler to look at its signal");
+  assert.equal(seen.aborted, true);
+  assert.ok(seen.reason instanceof CancelledError);
+  assert.equal(seen.reason.message, "the task was cancelled");
+});
+
 test("a job whose run was cancelled before JS took it is never started", async (t) => {
   // The JS thread is kept busy (a synchronous handler) while the host claims
   // a second step, which waits in the inbox, and another process cancels
@@ -239,9 +260,10 @@ test("a job whose run was cancelled before JS took it is never started", async (
         if (Date.now() > deadline) throw new Error("the victim was never claimed");
       }
       run("cancel", victim);
-      // Long enough for the host's cancellation poll to stop the run
-      // (well inside the core's 2 s cancellation grace).
-      const until = Date.now() + 700;
+      // Long enough for the host's cancellation poll (every 0.1 s) to stop
+      // the run; the core's 2 s cancellation grace counts from then, so the
+      // job is still waiting, not dropped, when JS is free again.
+      const until = Date.now() + 1500;
       while (Date.now() < until);
       return "done";
     });
