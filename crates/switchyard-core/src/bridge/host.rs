@@ -114,6 +114,16 @@ impl Host {
         self.running.lock().as_ref().map_or(0, |r| r.inflight())
     }
 
+    /// Waits until every outcome handed to the host so far is recorded in
+    /// the store, or the host has stopped (see [`RunningWorker::flush`]);
+    /// returns at once before a start.
+    pub async fn flush(&self) {
+        let running = self.running.lock().clone();
+        if let Some(r) = running {
+            r.flush().await;
+        }
+    }
+
     /// True between a start and the end of a stop.
     pub fn is_running(&self) -> bool {
         self.running.lock().is_some() && !self.inboxes.lock().iter().all(|i| i.is_closed())
