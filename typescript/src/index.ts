@@ -67,6 +67,7 @@ interface NativeWorker {
   stop(): Promise<void>;
   readonly hostId: string | null;
   readonly inFlight: number;
+  readonly healthAddr: string | null;
   readonly running: boolean;
 }
 
@@ -80,6 +81,7 @@ interface NativeClient {
   list(state: string | null | undefined, handler: string | null | undefined, limit: number): Promise<string>;
   wait(id: string, timeoutSecs: number): Promise<string>;
   result(id: string, timeoutSecs: number): Promise<string>;
+  awaitEvent(name: string, timeoutSecs: number): Promise<string>;
   cancel(id: string, cascade: boolean): Promise<string>;
   retry(id: string): Promise<string>;
   workers(): Promise<string>;
@@ -623,6 +625,10 @@ export interface WorkerOptions {
   shutdownGrace?: number;
   /** Largest input, result or checkpoint in bytes. */
   maxPayloadBytes?: number;
+  /** Serve `/healthz`, `/readyz` and `/metrics` on this address, e.g.
+   * `"127.0.0.1:9464"` (port 0 picks a free one: see `healthAddr`). Off by
+   * default. */
+  healthListen?: string;
   /** Shut down gracefully on SIGINT/SIGTERM while `run()` waits (default true). */
   handleSignals?: boolean;
 }
@@ -981,6 +987,7 @@ export class Worker {
     if (options.lease !== undefined) o.lease = nonNeg("lease", options.lease);
     if (options.shutdownGrace !== undefined) o.shutdownGrace = nonNeg("shutdownGrace", options.shutdownGrace);
     if (options.maxPayloadBytes !== undefined) o.maxPayloadBytes = options.maxPayloadBytes;
+    if (options.healthListen !== undefined) o.healthListen = options.healthListen;
     this.#handleSignals = options.handleSignals ?? true;
     try {
       this.#native = new native.NativeWorker(this.store, o);
@@ -1036,6 +1043,11 @@ export class Worker {
   /** The host id once started. */
   get hostId(): string | null {
     return this.#native.hostId;
+  }
+  /** Where `/healthz`, `/readyz` and `/metrics` are served once started
+   * with `healthListen` (`"127.0.0.1:41234"`), else null. */
+  get healthAddr(): string | null {
+    return this.#native.healthAddr ?? null;
   }
   /** Steps running in this host now. */
   get inFlight(): number {
@@ -1355,6 +1367,16 @@ export class Client {
   async result<T = unknown>(taskId: string, options: { timeout?: number } = {}): Promise<T> {
     const n = await this.#native;
     return (unwrap(await n.result(taskId, nonNeg("timeout", options.timeout ?? 30))) ?? null) as T;
+  }
+  /** Waits, from outside any task, until event `name` is emitted and
+   * resolves to its payload (at once if it already was; the first emit
+   * wins): how a caller waits for a task's `responseEvent` (`{ task_id,
+   * state, result, error }`) without polling. Rejects with
+   * `WaitTimeoutError` naming the event after `timeout` seconds (default
+   * 30), `InvalidInput` for a bad name. */
+  async awaitEvent<T = unknown>(name: string, options: { timeout?: number } = {}): Promise<T> {
+    const n = await this.#native;
+    return (unwrap(await n.awaitEvent(name, nonNeg("timeout", options.timeout ?? 30))) ?? null) as T;
   }
   /** Waits for the task to finish and resolves to its record. */
   async wait(taskId: string, options: { timeout?: number } = {}): Promise<Record<string, any>> {

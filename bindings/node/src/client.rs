@@ -167,6 +167,23 @@ impl NativeClient {
         )
     }
 
+    /// Waits, from outside any task, until event `name` is emitted; its
+    /// payload (see [`switchyard_core::Client::await_event`]).
+    #[napi]
+    pub async fn await_event(&self, name: String, timeout_secs: f64) -> String {
+        let c = self.client.clone();
+        either(
+            async move {
+                let timeout = match secs("timeout", timeout_secs) {
+                    Ok(t) => t,
+                    Err(e) => return Ok(core::<()>(Err(e))),
+                };
+                Ok(core(c.await_event(&name, timeout).await))
+            }
+            .await,
+        )
+    }
+
     /// Cancels a task (and its children with `cascade`).
     #[napi]
     pub async fn cancel(&self, id: String, cascade: bool) -> String {

@@ -63,7 +63,7 @@ use napi_derive::napi;
 use parking_lot::Mutex;
 use serde_json::Value;
 use switchyard_core::bridge::{
-    camel_case, ErrorClass, HandlerSpec, Host, HostPlan, Inbox, Job, JobKind, Reply,
+    camel_case, listen_address, ErrorClass, HandlerSpec, Host, HostPlan, Inbox, Job, JobKind, Reply,
 };
 use switchyard_core::Context;
 use tokio_util::sync::CancellationToken;
@@ -94,6 +94,8 @@ pub struct NativeWorkerOptions {
     pub shutdown_grace: Option<f64>,
     /// Largest input/result/checkpoint in bytes.
     pub max_payload_bytes: Option<u32>,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (off if absent).
+    pub health_listen: Option<String>,
 }
 
 /// Per-handler settings (seconds for durations).
@@ -566,20 +568,23 @@ impl NativeWorker {
             lease: None,
             shutdown_grace: None,
             max_payload_bytes: None,
+            health_listen: None,
         });
         let concurrency = o.concurrency.unwrap_or(64) as usize;
         if concurrency == 0 {
             return Err(Error::from_reason("concurrency must be at least 1"));
         }
-        let host = Arc::new(Host::new(
-            "JavaScript",
-            HostPlan::new(
-                concurrency,
-                seconds("lease", o.lease.unwrap_or(30.0))?,
-                seconds("shutdownGrace", o.shutdown_grace.unwrap_or(10.0))?,
-                o.max_payload_bytes.map(|n| n as usize),
-            ),
-        ));
+        let mut plan = HostPlan::new(
+            concurrency,
+            seconds("lease", o.lease.unwrap_or(30.0))?,
+            seconds("shutdownGrace", o.shutdown_grace.unwrap_or(10.0))?,
+            o.max_payload_bytes.map(|n| n as usize),
+        );
+        if let Some(a) = &o.health_listen {
+            plan.health_listen =
+                Some(listen_address("healthListen", a).map_err(Error::from_reason)?);
+        }
+        let host = Arc::new(Host::new("JavaScript", plan));
         let inbox = Inbox::new();
         // Cancellation reaches JS through the inbox's notices (module docs).
         inbox.watch_cancels();
@@ -689,6 +694,13 @@ impl NativeWorker {
     #[napi(getter)]
     pub fn host_id(&self) -> Option<String> {
         self.host.host_id()
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, once started
+    /// with `healthListen`.
+    #[napi(getter)]
+    pub fn health_addr(&self) -> Option<String> {
+        self.host.health_addr().map(|a| a.to_string())
     }
 
     /// Steps running in this host now.
