@@ -151,6 +151,7 @@ macro_rules! contract_suite {
                 retry_task_reruns_unfinished_steps,
                 retry_task_conflicts,
                 list_tasks_filters_and_orders,
+                list_tasks_combined_filters_and_cursor,
                 list_tasks_default_limit,
                 hosts_list_and_deregister,
                 count_steps_by_state,
@@ -3040,6 +3041,180 @@ pub async fn retry_task_conflicts(factory: Factory) {
 // ---------------------------------------------------------------------------
 // Queries
 // ---------------------------------------------------------------------------
+
+/// `list_tasks` filters that combine (root only, children of a parent,
+/// idempotency key, created and finished time ranges, tasks with a step in
+/// a given state) and the keyset cursor (`after`): pages follow each other
+/// without gaps or repeats, also under a filter; an unknown cursor task is
+/// [`Error::NotFound`].
+pub async fn list_tasks_combined_filters_and_cursor(factory: Factory) {
+    let h = H::open(&factory).await;
+    let t0 = h.now();
+    let parent = h
+        .spawn(NewTask::new("lc_parent", json!(null)).idempotency_key("lc-key"))
+        .await;
+    h.advance(10);
+    let plain = h.spawn_handler("lc_plain").await;
+    h.advance(10);
+    let step = h.claim_one("lc_parent").await;
+    let c1 = h.spawn_child("lc_child", &step, Some("g"), 0).await;
+    h.advance(10);
+    let c2 = h.spawn_child("lc_child", &step, Some("g"), 1).await;
+    h.resolve(
+        &step,
+        Resolution::Suspended(WaitFor {
+            group: Some("g".into()),
+            ..WaitFor::default()
+        }),
+    )
+    .await;
+    h.advance(10);
+    let t_done = h.now();
+    let s = h.claim_one("lc_plain").await;
+    h.resolve(&s, Resolution::Completed(json!(1))).await;
+    h.advance(10);
+
+    let store = &h.store;
+    let list = |filter: TaskFilter| async move {
+        store
+            .list_tasks(&filter)
+            .await
+            .expect("list_tasks")
+            .into_iter()
+            .map(|t| t.id)
+            .collect::<Vec<_>>()
+    };
+    let all = list(TaskFilter::default()).await;
+    assert_eq!(all, [c2, c1, plain, parent], "newest first");
+    let root = TaskFilter {
+        root_only: true,
+        ..TaskFilter::default()
+    };
+    assert_eq!(list(root.clone()).await, [plain, parent]);
+    let children = TaskFilter {
+        parent: Some(parent),
+        ..TaskFilter::default()
+    };
+    assert_eq!(list(children.clone()).await, [c2, c1]);
+    assert!(
+        list(TaskFilter {
+            parent: Some(plain),
+            ..TaskFilter::default()
+        })
+        .await
+        .is_empty(),
+        "a task without children has none"
+    );
+    assert_eq!(
+        list(TaskFilter {
+            idempotency_key: Some("lc-key".into()),
+            ..TaskFilter::default()
+        })
+        .await,
+        [parent]
+    );
+    assert_eq!(
+        list(TaskFilter {
+            created_after: Some(t0 + 10),
+            created_before: Some(t0 + 30),
+            ..TaskFilter::default()
+        })
+        .await,
+        [c1, plain],
+        "created_after is inclusive, created_before exclusive"
+    );
+    assert_eq!(
+        list(TaskFilter {
+            finished_after: Some(t_done),
+            ..TaskFilter::default()
+        })
+        .await,
+        [plain],
+        "a finished-time bound keeps finished tasks only"
+    );
+    assert!(list(TaskFilter {
+        finished_before: Some(t_done),
+        ..TaskFilter::default()
+    })
+    .await
+    .is_empty());
+    assert_eq!(
+        list(TaskFilter {
+            step_state: Some(StepState::Suspended),
+            ..TaskFilter::default()
+        })
+        .await,
+        [parent],
+        "the parent waits on its group"
+    );
+    assert_eq!(
+        list(TaskFilter {
+            step_state: Some(StepState::Ready),
+            ..root.clone()
+        })
+        .await,
+        Vec::<TaskId>::new(),
+        "combined: no root task has a ready step"
+    );
+    assert_eq!(
+        list(TaskFilter {
+            state: Some(TaskState::Running),
+            handler: Some("lc_child".into()),
+            ..children.clone()
+        })
+        .await,
+        [c2, c1]
+    );
+
+    // The cursor: pages of 1 walk the whole listing, in order, then stop.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = list(TaskFilter {
+            limit: 1,
+            after,
+            ..TaskFilter::default()
+        })
+        .await;
+        if page.is_empty() {
+            break;
+        }
+        assert_eq!(page.len(), 1);
+        after = Some(page[0]);
+        seen.push(page[0]);
+    }
+    assert_eq!(seen, all);
+    // Under a filter, the cursor may be a task the filter would not list.
+    assert_eq!(
+        list(TaskFilter {
+            after: Some(plain),
+            ..root.clone()
+        })
+        .await,
+        [parent]
+    );
+    assert_eq!(
+        list(TaskFilter {
+            after: Some(c2),
+            limit: 1,
+            ..children
+        })
+        .await,
+        [c1]
+    );
+    let err = h
+        .store
+        .list_tasks(&TaskFilter {
+            after: Some(TaskId::new()),
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NotFound(ref m) if m.contains("cursor")),
+        "an unknown cursor task is NotFound naming the cursor, got {err:?}"
+    );
+}
 
 /// `list_tasks`: newest first, filtered by state and root handler, `limit`
 /// applied; `get_task`/`task_detail` answer `None` for unknown ids.

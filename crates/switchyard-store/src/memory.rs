@@ -1587,14 +1587,45 @@ impl Store for MemoryStore {
             filter.limit
         };
         let inner = self.inner.lock();
-        Ok(inner
-            .task_order
+        // Keyset pagination: start after the cursor task's position.
+        let end = match filter.after {
+            None => inner.task_order.len(),
+            Some(after) => inner
+                .task_order
+                .iter()
+                .rposition(|id| *id == after)
+                .ok_or_else(|| Error::NotFound(format!("cursor task {after}")))?,
+        };
+        let has_step_in = |t: &TaskRow, state: StepState| {
+            std::iter::once(&t.root)
+                .chain(t.steps.iter())
+                .filter_map(|sid| inner.steps.get(sid))
+                .any(|s| s.rec.state == state)
+        };
+        Ok(inner.task_order[..end]
             .iter()
             .rev()
             .filter_map(|id| inner.tasks.get(id))
             .filter(|t| filter.state.is_none() || filter.state == Some(t.rec.state))
             .filter(|t| {
                 filter.handler.as_ref().is_none() || filter.handler.as_ref() == Some(&t.rec.handler)
+            })
+            .filter(|t| !filter.root_only || t.rec.parent.is_none())
+            .filter(|t| {
+                filter.parent.is_none() || t.rec.parent.as_ref().map(|p| p.task_id) == filter.parent
+            })
+            .filter(|t| {
+                filter.idempotency_key.is_none() || t.rec.idempotency_key == filter.idempotency_key
+            })
+            .filter(|t| filter.created_after.is_none_or(|a| t.rec.created_at >= a))
+            .filter(|t| filter.created_before.is_none_or(|b| t.rec.created_at < b))
+            .filter(|t| !filter.wants_finished() || t.rec.state.is_terminal())
+            .filter(|t| filter.finished_after.is_none_or(|a| t.rec.updated_at >= a))
+            .filter(|t| filter.finished_before.is_none_or(|b| t.rec.updated_at < b))
+            .filter(|t| {
+                filter
+                    .step_state
+                    .is_none_or(|st| t.rec.state == TaskState::Running && has_step_in(t, st))
             })
             .take(limit)
             .map(|t| inner.task_record(t))

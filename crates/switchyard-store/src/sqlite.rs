@@ -2542,38 +2542,84 @@ fn task_detail_tx(conn: &Connection, id: TaskId) -> DbResult<Option<TaskDetail>>
 }
 
 fn list_tasks_tx(conn: &Connection, filter: &TaskFilter) -> DbResult<Vec<TaskRecord>> {
+    use rusqlite::types::Value as Sql;
     let limit = if filter.limit == 0 {
         DEFAULT_LIMIT
     } else {
         filter.limit
     };
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let state = filter.state.map(TaskState::as_str);
-    let sql = match (state.is_some(), filter.handler.is_some()) {
-        (false, false) => concat!(
-            "SELECT ",
-            task_cols!(),
-            " FROM tasks WHERE ?1 IS NULL AND ?2 IS NULL ORDER BY seq DESC LIMIT ?3"
-        ),
-        (true, false) => concat!(
-            "SELECT ",
-            task_cols!(),
-            " FROM tasks WHERE state = ?1 AND ?2 IS NULL ORDER BY seq DESC LIMIT ?3"
-        ),
-        (false, true) => concat!(
-            "SELECT ",
-            task_cols!(),
-            " FROM tasks WHERE ?1 IS NULL AND handler = ?2 ORDER BY seq DESC LIMIT ?3"
-        ),
-        (true, true) => concat!(
-            "SELECT ",
-            task_cols!(),
-            " FROM tasks WHERE state = ?1 AND handler = ?2 ORDER BY seq DESC LIMIT ?3"
-        ),
-    };
+    // Only the conditions that are set go into the statement, so each
+    // combination is planned with the indexes it can use; the cursor is a
+    // keyset on `seq` (the listing order), never an offset.
+    let mut conds: Vec<&str> = Vec::new();
+    let mut args: Vec<Sql> = Vec::new();
+    if let Some(after) = filter.after {
+        let seq: Option<i64> = conn
+            .prepare_cached("SELECT seq FROM tasks WHERE id = ?1")?
+            .query_row([after.0.as_bytes()], |r| r.get(0))
+            .optional()?;
+        let Some(seq) = seq else {
+            return Err(Error::NotFound(format!("cursor task {after}")).into());
+        };
+        conds.push("seq < ?");
+        args.push(Sql::Integer(seq));
+    }
+    if let Some(state) = filter.state {
+        conds.push("state = ?");
+        args.push(Sql::Text(state.as_str().into()));
+    }
+    if let Some(h) = &filter.handler {
+        conds.push("handler = ?");
+        args.push(Sql::Text(h.clone()));
+    }
+    if filter.root_only {
+        conds.push("parent_task_id IS NULL");
+    }
+    if let Some(p) = filter.parent {
+        conds.push("parent_task_id = ?");
+        args.push(Sql::Blob(p.0.as_bytes().to_vec()));
+    }
+    if let Some(k) = &filter.idempotency_key {
+        conds.push("idempotency_key = ?");
+        args.push(Sql::Text(k.clone()));
+    }
+    if let Some(t) = filter.created_after {
+        conds.push("created_at >= ?");
+        args.push(Sql::Integer(t));
+    }
+    if let Some(t) = filter.created_before {
+        conds.push("created_at < ?");
+        args.push(Sql::Integer(t));
+    }
+    if filter.wants_finished() {
+        conds.push("state <> 'running'");
+    }
+    if let Some(t) = filter.finished_after {
+        conds.push("updated_at >= ?");
+        args.push(Sql::Integer(t));
+    }
+    if let Some(t) = filter.finished_before {
+        conds.push("updated_at < ?");
+        args.push(Sql::Integer(t));
+    }
+    if let Some(st) = filter.step_state {
+        conds.push(
+            "state = 'running' AND EXISTS (SELECT 1 FROM steps s WHERE s.task_id = tasks.id \
+             AND s.state = ?)",
+        );
+        args.push(Sql::Text(st.as_str().into()));
+    }
+    let mut sql = String::from(concat!("SELECT ", task_cols!(), " FROM tasks"));
+    if !conds.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conds.join(" AND "));
+    }
+    sql.push_str(" ORDER BY seq DESC LIMIT ?");
+    args.push(Sql::Integer(limit));
     let rows = conn
-        .prepare_cached(sql)?
-        .query_map(params![state, filter.handler, limit], task_row)?
+        .prepare_cached(&sql)?
+        .query_map(rusqlite::params_from_iter(args), task_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }
