@@ -126,7 +126,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         )
     };
     if let Ok(secs) = t.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 && secs < 1e12 {
+        if (0.0..1e12).contains(&secs) {
             return Ok(Duration::from_secs_f64(secs));
         }
         return Err(bad());

@@ -3182,6 +3182,10 @@ pub async fn list_tasks_combined_filters_and_cursor(factory: Factory) {
         assert_eq!(page.len(), 1);
         after = Some(page[0]);
         seen.push(page[0]);
+        assert!(
+            seen.len() <= all.len(),
+            "the cursor does not advance: {seen:?}"
+        );
     }
     assert_eq!(seen, all);
     // Under a filter, the cursor may be a task the filter would not list.

@@ -47,10 +47,19 @@ pub fn tokens() -> Vec<ApiToken> {
     ]
 }
 
-/// A server over a fresh SQLite file (or `SWITCHYARD_SERVE_TEST_STORE`).
+/// A server over a fresh SQLite file, or with
+/// `SWITCHYARD_SERVE_TEST_STORE=postgres` a fresh database on a throwaway
+/// PostgreSQL server (`switchyard_store::pg_server`).
 pub async fn start(tokens: Vec<ApiToken>, max_body_bytes: usize) -> Api {
-    let (url, dir) = match std::env::var("SWITCHYARD_SERVE_TEST_STORE") {
-        Ok(u) if !u.is_empty() => (u, None),
+    let (url, dir) = match std::env::var("SWITCHYARD_SERVE_TEST_STORE").as_deref() {
+        Ok("postgres") => {
+            let url = switchyard_store::pg_server::PgServer::shared()
+                .unwrap_or_else(|e| panic!("{e}"))
+                .fresh_database()
+                .await
+                .expect("create a test database");
+            (url, None)
+        }
         _ => {
             let dir = tempfile::TempDir::new().expect("temp dir");
             let url = format!("sqlite:{}", dir.path().join("api.db").display());
