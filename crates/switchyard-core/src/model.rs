@@ -672,5 +672,18 @@ pub struct ChildOutcome {
     pub error: Option<ErrorInfo>,
 }
 
+/// Steps of one handler, for `GET /api/v1/handlers`
+/// ([`crate::Store::handler_stats`]).
+#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize)]
+pub struct HandlerStats {
+    /// The handler.
+    pub handler: String,
+    /// Number of its steps in each state (states with none are left out).
+    pub steps: StateCounts,
+    /// The earliest `run_at` of its `ready` steps (how long the oldest
+    /// ready step has been due), if it has any.
+    pub oldest_ready_at: Option<Millis>,
+}
+
 /// Counts of steps by state, for progress and metrics.
 pub type StateCounts = BTreeMap<String, u64>;

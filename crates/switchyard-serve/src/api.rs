@@ -43,6 +43,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/events/{name}", get(get_event))
         .route("/api/v1/events/{name}/await", get(await_event))
         .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/handlers", get(list_handlers))
         .route("/api/v1/cleanup", post(cleanup))
 }
 
@@ -300,6 +301,34 @@ pub struct Host {
 pub struct HostList {
     /// Newest heartbeat first.
     hosts: Vec<Host>,
+}
+
+/// One handler.
+#[derive(Serialize, ToSchema)]
+pub struct Handler {
+    /// Handler name.
+    name: String,
+    /// Ids of the registered hosts serving it.
+    hosts: Vec<String>,
+    /// Steps ready to run (including those due later after a backoff).
+    ready: u64,
+    /// Steps running.
+    running: u64,
+    /// Steps waiting on an event, a sleep or children.
+    suspended: u64,
+    /// Steps failed permanently.
+    failed: u64,
+    /// Step counts by every state.
+    steps: std::collections::BTreeMap<String, u64>,
+    /// How long its oldest ready step has been due (ms), if it has one.
+    oldest_ready_age_ms: Option<i64>,
+}
+
+/// Every handler known to the store.
+#[derive(Serialize, ToSchema)]
+pub struct HandlerList {
+    /// By name.
+    handlers: Vec<Handler>,
 }
 
 /// Which tasks to retry: failed tasks matching the filter, at most `max`.
@@ -680,20 +709,24 @@ pub async fn emit_event(
     }))
 }
 
-/// Cached events, newest first.
+/// Cached events, newest first; `prefix` keeps those whose name starts
+/// with it (plain text, no wildcards).
 #[utoipa::path(get, path = "/api/v1/events", tag = "events",
-    params(("limit" = Option<usize>, Query, description = "1 to 1000, default 100")),
+    params(("prefix" = Option<String>, Query, description = "only names starting with this"),
+           ("limit" = Option<usize>, Query, description = "1 to 1000, default 100")),
     responses((status = 200, body = EventList), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list_events(
     State(state): State<AppState>,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<EventList>> {
-    let p = params(q, &["limit"])?;
+    let p = params(q, &["prefix", "limit"])?;
     let limit = p.number("limit", 1, MAX_PAGE)?.unwrap_or(100);
-    Ok(Json(EventList {
-        events: state.client.events(limit).await?,
-    }))
+    let events = match p.string("prefix")? {
+        None => state.client.events(limit).await?,
+        Some(prefix) => state.store.list_events_prefixed(&prefix, limit).await?,
+    };
+    Ok(Json(EventList { events }))
 }
 
 /// One cached event (404 if it was never emitted).
@@ -776,6 +809,52 @@ pub async fn list_hosts(State(state): State<AppState>) -> ApiResult<Json<HostLis
                 last_heartbeat: h.last_heartbeat,
             })
             .collect(),
+    }))
+}
+
+/// Every handler known to the store (it has steps, or a registered host
+/// serves it): the hosts serving it, its step counts by state and how long
+/// its oldest ready step has been due.
+#[utoipa::path(get, path = "/api/v1/handlers", tag = "hosts",
+    responses((status = 200, body = HandlerList)),
+    security(("bearer" = [])))]
+pub async fn list_handlers(State(state): State<AppState>) -> ApiResult<Json<HandlerList>> {
+    let now = state.store.now().await?;
+    let hosts = state.client.workers().await?;
+    let stats = state.store.handler_stats().await?;
+    let mut by: std::collections::BTreeMap<String, Handler> = std::collections::BTreeMap::new();
+    fn entry<'a>(
+        by: &'a mut std::collections::BTreeMap<String, Handler>,
+        name: &str,
+    ) -> &'a mut Handler {
+        by.entry(name.to_string()).or_insert_with(|| Handler {
+            name: name.to_string(),
+            hosts: Vec::new(),
+            ready: 0,
+            running: 0,
+            suspended: 0,
+            failed: 0,
+            steps: Default::default(),
+            oldest_ready_age_ms: None,
+        })
+    }
+    for s in stats {
+        let h = entry(&mut by, &s.handler);
+        let n = |k: &str| s.steps.get(k).copied().unwrap_or(0);
+        h.ready = n("ready");
+        h.running = n("running");
+        h.suspended = n("suspended");
+        h.failed = n("failed");
+        h.oldest_ready_age_ms = s.oldest_ready_at.map(|at| now.saturating_sub(at).max(0));
+        h.steps = s.steps;
+    }
+    for host in &hosts {
+        for name in &host.handlers {
+            entry(&mut by, name).hosts.push(host.id.clone());
+        }
+    }
+    Ok(Json(HandlerList {
+        handlers: by.into_values().collect(),
     }))
 }
 

@@ -686,3 +686,81 @@ async fn hosts_and_cleanup() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_by_prefix_and_handlers() {
+    let api = start(tokens(), MB).await.with_token(WRITE);
+    for name in ["order.1", "order.2", "pay.1", "order%"] {
+        api.post("/api/v1/events", &format!(r#"{{"name":"{name}"}}"#))
+            .await;
+    }
+    let names = |q: &'static str| {
+        let api = &api;
+        async move {
+            let (s, v) = api.get(&format!("/api/v1/events{q}")).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["name"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(names("?prefix=order.").await, ["order.2", "order.1"]);
+    assert_eq!(names("?prefix=order%25").await, ["order%"], "plain text");
+    assert_eq!(names("?prefix=order&limit=1").await, ["order%"]);
+    assert_eq!(names("").await.len(), 4);
+    api.expect_error(
+        Method::GET,
+        "/api/v1/events?prefix=",
+        None,
+        StatusCode::BAD_REQUEST,
+        "`prefix` is empty",
+    )
+    .await;
+
+    // Handlers: from steps and from registered hosts.
+    let now = api.store.now().await.unwrap();
+    api.store
+        .heartbeat(
+            &HostInfo {
+                id: "host-9".into(),
+                pid: 1,
+                hostname: "box".into(),
+                handlers: vec!["ha".into(), "idle".into()],
+                started_at: now,
+                last_heartbeat: now,
+            },
+            &[],
+            30_000,
+        )
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        api.spawn(r#"{"handler":"ha"}"#).await;
+    }
+    api.spawn(r#"{"handler":"hb"}"#).await;
+    api.fail("hb", "no").await;
+    let _running = api.claim("ha").await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (s, v) = api.get("/api/v1/handlers").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let hs = v["handlers"].as_array().unwrap();
+    let names: Vec<&str> = hs.iter().map(|h| h["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ha", "hb", "idle"]);
+    let ha = &hs[0];
+    assert_eq!(
+        (ha["ready"].as_u64(), ha["running"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(ha["hosts"], json!(["host-9"]));
+    assert!(ha["oldest_ready_age_ms"].as_i64().unwrap() >= 30, "{ha}");
+    assert_eq!(hs[1]["failed"], 1);
+    assert!(hs[1]["oldest_ready_age_ms"].is_null());
+    assert_eq!(hs[1]["hosts"], json!([]));
+    assert_eq!(
+        (hs[2]["ready"].as_u64(), hs[2]["hosts"].clone()),
+        (Some(0), json!(["host-9"]))
+    );
+}

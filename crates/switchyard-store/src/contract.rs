@@ -152,6 +152,8 @@ macro_rules! contract_suite {
                 retry_task_conflicts,
                 list_tasks_filters_and_orders,
                 list_tasks_combined_filters_and_cursor,
+                list_events_by_prefix,
+                handler_stats_counts_and_oldest_ready,
                 list_tasks_default_limit,
                 hosts_list_and_deregister,
                 count_steps_by_state,
@@ -3218,6 +3220,75 @@ pub async fn list_tasks_combined_filters_and_cursor(factory: Factory) {
         matches!(err, Error::NotFound(ref m) if m.contains("cursor")),
         "an unknown cursor task is NotFound naming the cursor, got {err:?}"
     );
+}
+
+/// `list_events_prefixed`: names starting with the prefix, taken as plain
+/// text (`%` and `_` are not wildcards), newest first, `limit` applied.
+pub async fn list_events_by_prefix(factory: Factory) {
+    let h = H::open(&factory).await;
+    for name in [
+        "order.1", "order.2", "orders", "pay.1", "order%x", "o_der.3",
+    ] {
+        assert!(h.store.emit_event(name, json!(name)).await.unwrap());
+        h.advance(1);
+    }
+    let names = |prefix: &'static str, limit: usize| {
+        let store = &h.store;
+        async move {
+            store
+                .list_events_prefixed(prefix, limit)
+                .await
+                .expect("list_events_prefixed")
+                .into_iter()
+                .map(|e| e.name)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(names("order.", 0).await, ["order.2", "order.1"]);
+    assert_eq!(
+        names("order", 0).await,
+        ["order%x", "orders", "order.2", "order.1"]
+    );
+    assert_eq!(names("order%", 0).await, ["order%x"], "% is plain text");
+    assert_eq!(names("o_d", 0).await, ["o_der.3"], "_ is plain text");
+    assert_eq!(names("order", 2).await, ["order%x", "orders"]);
+    assert!(names("nothing", 0).await.is_empty());
+    assert_eq!(names("", 0).await.len(), 6, "the empty prefix lists all");
+}
+
+/// `handler_stats`: per handler, step counts by state and the earliest
+/// `run_at` of its ready steps.
+pub async fn handler_stats_counts_and_oldest_ready(factory: Factory) {
+    let h = H::open(&factory).await;
+    assert!(h.store.handler_stats().await.unwrap().is_empty());
+    let t0 = h.now();
+    h.spawn_handler("hs_a").await;
+    h.advance(100);
+    h.spawn_handler("hs_a").await;
+    h.spawn_handler("hs_a").await;
+    h.spawn_handler("hs_b").await;
+    let s = h.claim_one("hs_b").await;
+    h.resolve(
+        &s,
+        Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "no")),
+    )
+    .await;
+    let running = h.claim_one("hs_a").await;
+    let stats = h.store.handler_stats().await.unwrap();
+    assert_eq!(stats.len(), 2, "{stats:#?}");
+    let a = stats.iter().find(|s| s.handler == "hs_a").expect("hs_a");
+    assert_eq!(a.steps.get("ready"), Some(&2));
+    assert_eq!(a.steps.get("running"), Some(&1));
+    assert_eq!(
+        a.oldest_ready_at,
+        Some(t0 + 100),
+        "the first task's step is running; the oldest ready one is due at t0+100"
+    );
+    let b = stats.iter().find(|s| s.handler == "hs_b").expect("hs_b");
+    assert_eq!(b.steps.get("failed"), Some(&1));
+    assert_eq!(b.steps.get("ready"), None);
+    assert_eq!(b.oldest_ready_at, None);
+    drop(running);
 }
 
 /// `list_tasks`: newest first, filtered by state and root handler, `limit`

@@ -1494,6 +1494,38 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit = if limit == 0 { DEFAULT_LIMIT } else { limit };
+        let inner = self.inner.lock();
+        Ok(inner
+            .event_order
+            .iter()
+            .rev()
+            .filter(|n| n.starts_with(prefix))
+            .take(limit)
+            .filter_map(|n| inner.events.get(n).cloned())
+            .collect())
+    }
+
+    async fn handler_stats(&self) -> Result<Vec<switchyard_core::HandlerStats>> {
+        let inner = self.inner.lock();
+        let mut by: BTreeMap<String, switchyard_core::HandlerStats> = BTreeMap::new();
+        for s in inner.steps.values() {
+            let h =
+                by.entry(s.rec.handler.clone())
+                    .or_insert_with(|| switchyard_core::HandlerStats {
+                        handler: s.rec.handler.clone(),
+                        ..Default::default()
+                    });
+            *h.steps.entry(s.rec.state.as_str().to_string()).or_insert(0) += 1;
+            if s.rec.state == StepState::Ready {
+                let at = s.rec.run_at.unwrap_or(s.rec.created_at);
+                h.oldest_ready_at = Some(h.oldest_ready_at.map_or(at, |o| o.min(at)));
+            }
+        }
+        Ok(by.into_values().collect())
+    }
+
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
         let inner = self.inner.lock();
         let Some(g) = inner.groups.get(group) else {

@@ -3036,6 +3036,54 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit =
+            i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);
+        read_op!(self, "list_events_prefixed", false, |c| async {
+            // left(), not LIKE: the prefix is plain text (`%` and `_` too).
+            let rows = c
+                .query(
+                    "SELECT name, payload, created_at FROM sy_events \
+                     WHERE left(name, length($1)) = $1 ORDER BY seq DESC LIMIT $2",
+                    &[&prefix, &limit],
+                )
+                .await?;
+            Ok::<_, Fail>(rows.iter().map(event_row).collect::<Result<Vec<_>>>()?)
+        })
+    }
+
+    async fn handler_stats(&self) -> Result<Vec<switchyard_core::HandlerStats>> {
+        // A full scan: for the admin API, not for a hot path.
+        read_op!(self, "handler_stats", false, |c| async {
+            let mut by: BTreeMap<String, switchyard_core::HandlerStats> = BTreeMap::new();
+            for r in c
+                .query(
+                    "SELECT handler, state, count(*), \
+                     min(CASE WHEN state = 'ready' THEN coalesce(run_at, created_at) END) \
+                     FROM sy_steps GROUP BY handler, state",
+                    &[],
+                )
+                .await?
+            {
+                let handler: String = r.get(0);
+                let state: String = r.get(1);
+                let n: i64 = r.get(2);
+                let oldest: Option<i64> = r.get(3);
+                let h =
+                    by.entry(handler.clone())
+                        .or_insert_with(|| switchyard_core::HandlerStats {
+                            handler,
+                            ..Default::default()
+                        });
+                h.steps.insert(state, u64::try_from(n).unwrap_or(0));
+                if oldest.is_some() {
+                    h.oldest_ready_at = oldest;
+                }
+            }
+            Ok::<_, Fail>(by.into_values().collect::<Vec<_>>())
+        })
+    }
+
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
         read_op!(self, "group_outcomes", false, |c| async {
             let mut out = Vec::new();

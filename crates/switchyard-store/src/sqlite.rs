@@ -2883,6 +2883,58 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit =
+            i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);
+        let prefix = prefix.to_owned();
+        self.read("list_events_prefixed", move |conn| {
+            // substr, not LIKE: the prefix is plain text (`%` and `_` too).
+            Ok(conn
+                .prepare_cached(
+                    "SELECT name, payload, created_at FROM events \
+                     WHERE substr(name, 1, length(?1)) = ?1 ORDER BY rowid DESC LIMIT ?2",
+                )?
+                .query_map(params![prefix, limit], event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn handler_stats(&self) -> Result<Vec<switchyard_core::HandlerStats>> {
+        // A full scan: for the admin API, not for a hot path.
+        self.read("handler_stats", |conn| {
+            let mut by: BTreeMap<String, switchyard_core::HandlerStats> = BTreeMap::new();
+            let mut stmt = conn.prepare_cached(
+                "SELECT handler, state, count(*), \
+                 min(CASE WHEN state = 'ready' THEN coalesce(run_at, created_at) END) \
+                 FROM steps GROUP BY handler, state",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (handler, state, n, oldest) = row?;
+                let h =
+                    by.entry(handler.clone())
+                        .or_insert_with(|| switchyard_core::HandlerStats {
+                            handler,
+                            ..Default::default()
+                        });
+                h.steps.insert(state, n);
+                if oldest.is_some() {
+                    h.oldest_ready_at = oldest;
+                }
+            }
+            Ok(by.into_values().collect())
+        })
+        .await
+    }
+
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
         let group = group.to_owned();
         self.read("group_outcomes", move |conn| {
