@@ -2542,6 +2542,19 @@ fn task_detail_tx(conn: &Connection, id: TaskId) -> DbResult<Option<TaskDetail>>
 }
 
 fn list_tasks_tx(conn: &Connection, filter: &TaskFilter) -> DbResult<Vec<TaskRecord>> {
+    let (sql, args) = list_tasks_sql(conn, filter)?;
+    let rows = conn
+        .prepare_cached(&sql)?
+        .query_map(rusqlite::params_from_iter(args), task_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// The statement and arguments of a task listing.
+fn list_tasks_sql(
+    conn: &Connection,
+    filter: &TaskFilter,
+) -> DbResult<(String, Vec<rusqlite::types::Value>)> {
     use rusqlite::types::Value as Sql;
     let limit = if filter.limit == 0 {
         DEFAULT_LIMIT
@@ -2617,11 +2630,7 @@ fn list_tasks_tx(conn: &Connection, filter: &TaskFilter) -> DbResult<Vec<TaskRec
     }
     sql.push_str(" ORDER BY seq DESC LIMIT ?");
     args.push(Sql::Integer(limit));
-    let rows = conn
-        .prepare_cached(&sql)?
-        .query_map(rusqlite::params_from_iter(args), task_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+    Ok((sql, args))
 }
 
 // ---------------------------------------------------------------------------
@@ -3101,6 +3110,51 @@ mod tests {
 
     fn answer(rx: oneshot::Receiver<Result<()>>) -> std::result::Result<Result<()>, &'static str> {
         rx.blocking_recv().map_err(|_| "no answer")
+    }
+
+    /// A page after a cursor is a keyset search on the primary key, never
+    /// a scan from the start or a sort: it costs the same at any depth.
+    #[test]
+    fn task_pages_after_a_cursor_search_the_primary_key() {
+        let conn = writer();
+        let id = TaskId::new();
+        conn.execute(
+            "INSERT INTO tasks (id, handler, input, state, priority, final_step, created_at, \
+             updated_at) VALUES (?1, 'h', 'null', 'running', 0, 'h', 0, 0)",
+            [id.0.as_bytes()],
+        )
+        .unwrap();
+        for filter in [
+            TaskFilter {
+                after: Some(id),
+                ..TaskFilter::default()
+            },
+            TaskFilter {
+                after: Some(id),
+                state: Some(TaskState::Failed),
+                handler: Some("h".into()),
+                root_only: true,
+                ..TaskFilter::default()
+            },
+        ] {
+            let (sql, args) = list_tasks_sql(&conn, &filter).unwrap();
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let plan = plan.join("; ");
+            assert!(
+                plan.contains("(rowid<?)") || plan.contains("seq<?"),
+                "{filter:?}: the cursor is not a keyset search: {plan}"
+            );
+            assert!(
+                !plan.contains("TEMP B-TREE"),
+                "{filter:?}: the page is sorted, not read in order: {plan}"
+            );
+        }
     }
 
     #[test]
