@@ -13,7 +13,10 @@
 //!   validated whole first, so nothing is half-applied.
 //! * Routes ([`api`]): tasks (list with filters and a keyset cursor, detail,
 //!   spawn, spawn many, cancel, retry, bulk retry, result long-poll),
-//!   events (emit, get, list, await long-poll), hosts, cleanup.
+//!   events (emit, get, list by prefix, await long-poll), hosts, handlers,
+//!   cleanup.
+//! * gRPC health ([`health`]): the standard `grpc.health.v1` service on
+//!   [`ServeSettings::grpc_listen`], reporting whether the store answers.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,6 +30,7 @@ use tokio::net::TcpListener;
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod health;
 pub mod openapi;
 pub mod query;
 
@@ -66,7 +70,7 @@ impl std::fmt::Debug for ApiToken {
 pub struct ServeSettings {
     /// Where the REST API listens (port 0: any free port).
     pub listen: SocketAddr,
-    /// Where the gRPC health service listens (not served yet: must be `None`).
+    /// Where the gRPC health service (`grpc.health.v1`) listens; `None`: off.
     pub grpc_listen: Option<SocketAddr>,
     /// Largest request body accepted (413 above).
     pub max_body_bytes: usize,
@@ -102,11 +106,6 @@ impl ServeSettings {
                  address (127.0.0.1), or pass --insecure",
                 self.listen
             )));
-        }
-        if self.grpc_listen.is_some() {
-            return Err(ServeError::Config(
-                "--grpc-listen: the gRPC health service is not available in this build".into(),
-            ));
         }
         if self.max_body_bytes == 0 {
             return Err(ServeError::Config(
@@ -181,6 +180,8 @@ pub fn router(store: DynStore, settings: &ServeSettings) -> Router {
 /// when `listen` asked for port 0.
 pub struct Server {
     listener: TcpListener,
+    grpc: Option<TcpListener>,
+    store: DynStore,
     app: Router,
 }
 
@@ -194,13 +195,35 @@ impl Server {
                 format!("cannot listen on {}: {e}", settings.listen),
             ))
         })?;
-        let app = router(store, &settings);
-        Ok(Self { listener, app })
+        let grpc = match settings.grpc_listen {
+            None => None,
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                ServeError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} (--grpc-listen): {e}"),
+                ))
+            })?),
+        };
+        let app = router(store.clone(), &settings);
+        Ok(Self {
+            listener,
+            grpc,
+            store,
+            app,
+        })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> Result<SocketAddr, ServeError> {
         Ok(self.listener.local_addr()?)
+    }
+
+    /// The bound address of the gRPC health service, if it is on.
+    pub fn grpc_addr(&self) -> Result<Option<SocketAddr>, ServeError> {
+        Ok(match &self.grpc {
+            None => None,
+            Some(l) => Some(l.local_addr()?),
+        })
     }
 
     /// Serves until `shutdown` resolves, then finishes the requests in
@@ -209,9 +232,35 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        axum::serve(self.listener, self.app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let grpc = self.grpc.map(|listener| {
+            tokio::spawn(health::serve(
+                self.store.clone(),
+                listener,
+                stopped(stop_rx.clone()),
+            ))
+        });
+        let http = axum::serve(self.listener, self.app)
+            .with_graceful_shutdown(stopped(stop_rx))
+            .await;
+        if let Some(g) = grpc {
+            match g.await {
+                Ok(r) => r?,
+                Err(e) => {
+                    return Err(ServeError::Io(std::io::Error::other(format!(
+                        "the gRPC health service failed: {e}"
+                    ))))
+                }
+            }
+        }
+        http?;
         Ok(())
     }
 }

@@ -91,7 +91,8 @@ pub struct ServeArgs {
     /// address unless --insecure is given.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Address of the gRPC health service (not available in this build).
+    /// Address of the standard gRPC health service (`grpc.health.v1`),
+    /// reporting whether the store answers. Off unless given.
     #[arg(long, value_name = "ADDR")]
     pub grpc_listen: Option<String>,
     /// Allow a non-loopback --listen address without API tokens: anyone who

@@ -439,10 +439,19 @@ fn serve_refuses_non_loopback_without_tokens() {
     let out = cli.run(&["serve", "--listen", "localhost"]);
     assert_eq!(code(&out), 2);
     assert!(text(&out.stderr).contains("--listen: `localhost` is not an address"));
+    let out = cli.run(&["serve", "--grpc-listen", "nowhere"]);
+    assert_eq!(code(&out), 2);
+    assert!(text(&out.stderr).contains("--grpc-listen: `nowhere` is not an address"));
 
     // On loopback (and with --insecure anywhere) it starts and answers.
     for args in [
-        &["serve", "--listen", "127.0.0.1:0"][..],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ][..],
         &["serve", "--listen", "0.0.0.0:0", "--insecure"][..],
     ] {
         use std::io::{BufRead, BufReader, Read, Write};
@@ -453,9 +462,17 @@ fn serve_refuses_non_loopback_without_tokens() {
             .spawn()
             .expect("start serve");
         let mut line = String::new();
-        BufReader::new(child.stderr.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        stderr.read_line(&mut line).unwrap();
+        if args.contains(&"--grpc-listen") {
+            let mut grpc = String::new();
+            stderr.read_line(&mut grpc).unwrap();
+            let g = grpc
+                .trim()
+                .strip_prefix("switchyard serve: gRPC health on ")
+                .unwrap_or_else(|| panic!("unexpected second line `{grpc}`"));
+            std::net::TcpStream::connect(g).expect("the gRPC port listens");
+        }
         let addr = line
             .trim()
             .strip_prefix("switchyard serve: listening on http://")

@@ -40,6 +40,12 @@ pub async fn serve(url: &str, a: ServeArgs) -> CmdResult {
         .local_addr()
         .map_err(|e| CliError::failure(e.to_string()))?;
     eprintln!("switchyard serve: listening on http://{addr}");
+    if let Some(g) = server
+        .grpc_addr()
+        .map_err(|e| CliError::failure(e.to_string()))?
+    {
+        eprintln!("switchyard serve: gRPC health on {g}");
+    }
     server
         .run(switchyard::wait_for_signal())
         .await
