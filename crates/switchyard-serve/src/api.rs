@@ -651,7 +651,8 @@ pub async fn bulk_retry(
 }
 
 /// Long-poll for a task's outcome: answers as soon as the task finishes, or
-/// after `wait` (default 0: at once) with `finished: false`.
+/// after `wait` (default 0: at once) or when the server stops, with
+/// `finished: false`.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/result", tag = "tasks",
     params(("id" = String, Path, description = "task id"),
            ("wait" = Option<String>, Query, description = "how long to wait: `30s`, `500ms`, ... (at most 300s)")),
@@ -672,9 +673,17 @@ pub async fn task_result(
     let t = if wait.is_zero() {
         state.client.get(id).await?
     } else {
-        match state.client.wait(id, wait).await {
+        let waited = tokio::select! {
+            biased;
+            _ = state.stopping.cancelled() => Err(switchyard_core::Error::Shutdown),
+            r = state.client.wait(id, wait) => r,
+        };
+        match waited {
             Ok(t) => t,
-            Err(switchyard_core::Error::Timeout(_)) => state.client.get(id).await?,
+            // Out of time, or the server is stopping: the state as it is.
+            Err(switchyard_core::Error::Timeout(_) | switchyard_core::Error::Shutdown) => {
+                state.client.get(id).await?
+            }
             Err(e) => return Err(e.into()),
         }
     };
@@ -747,7 +756,8 @@ pub async fn get_event(
 }
 
 /// Long-poll for an event from outside any task: answers as soon as it is
-/// emitted (or at once if it was), or after `timeout` with `event: null`.
+/// emitted (or at once if it was), or after `timeout` (or when the server
+/// stops) with `event: null`.
 #[utoipa::path(get, path = "/api/v1/events/{name}/await", tag = "events",
     params(("name" = String, Path, description = "event name"),
            ("timeout" = Option<String>, Query, description = "`30s`, `500ms`, ... (default 30s, at most 300s)")),
@@ -775,11 +785,12 @@ pub async fn await_event(
         if let Some(e) = state.store.get_event(&name).await? {
             return Ok(Json(AwaitedEvent { event: Some(e) }));
         }
-        if tokio::time::Instant::now() >= deadline {
+        if tokio::time::Instant::now() >= deadline || state.stopping.is_cancelled() {
             return Ok(Json(AwaitedEvent { event: None }));
         }
         tokio::select! {
             biased;
+            _ = state.stopping.cancelled() => {},
             _ = &mut woken => {},
             _ = tokio::time::sleep(poll) => {},
             _ = tokio::time::sleep_until(deadline) => {},

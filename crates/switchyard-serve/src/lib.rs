@@ -155,16 +155,24 @@ pub struct AppState {
     pub tokens: Arc<Vec<ApiToken>>,
     /// Request body limit.
     pub max_body_bytes: usize,
+    /// Cancelled when the server stops: long-polls answer at once.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 /// The complete router: `/api/v1/...` behind authentication, with the body
 /// limit applied.
-pub fn router(store: DynStore, settings: &ServeSettings) -> Router {
+/// `stopping` ends the long-polls in flight when cancelled.
+pub fn router(
+    store: DynStore,
+    settings: &ServeSettings,
+    stopping: tokio_util::sync::CancellationToken,
+) -> Router {
     let state = AppState {
         client: switchyard_core::Client::new(store.clone()),
         store,
         tokens: Arc::new(settings.tokens.clone()),
         max_body_bytes: settings.max_body_bytes,
+        stopping,
     };
     api::routes()
         .fallback(api::not_found)
@@ -183,6 +191,7 @@ pub struct Server {
     grpc: Option<TcpListener>,
     store: DynStore,
     app: Router,
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Server {
@@ -204,12 +213,14 @@ impl Server {
                 ))
             })?),
         };
-        let app = router(store.clone(), &settings);
+        let stopping = tokio_util::sync::CancellationToken::new();
+        let app = router(store.clone(), &settings, stopping.clone());
         Ok(Self {
             listener,
             grpc,
             store,
             app,
+            stopping,
         })
     }
 
@@ -227,29 +238,30 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then finishes the requests in
-    /// flight (long-polls included, bounded by their own timeouts).
+    /// flight; long-polls answer at once with what they have.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
+        let stopping = self.stopping.clone();
         tokio::spawn(async move {
             shutdown.await;
-            let _ = stop_tx.send(true);
+            // Long-polls in flight answer now; then both servers stop.
+            stopping.cancel();
         });
         let grpc = self.grpc.map(|listener| {
             tokio::spawn(health::serve(
                 self.store.clone(),
                 listener,
-                stopped(stop_rx.clone()),
+                self.stopping.clone().cancelled_owned(),
             ))
         });
         let http = axum::serve(self.listener, self.app)
-            .with_graceful_shutdown(stopped(stop_rx))
+            .with_graceful_shutdown(self.stopping.clone().cancelled_owned())
             .await;
+        // The shutdown future may be dropped unfinished (an error): stop
+        // the gRPC service too.
+        self.stopping.cancel();
         if let Some(g) = grpc {
             match g.await {
                 Ok(r) => r?,

@@ -201,6 +201,18 @@ async fn spawn_bad_json_and_oversize_bodies() {
     // Only the first spawn happened.
     let (_, v) = api.get("/api/v1/tasks").await;
     assert_eq!(ids(&v), [id.to_string()]);
+    // The body is JSON whatever the content type says (`curl -d` sends
+    // application/x-www-form-urlencoded).
+    let resp = api
+        .http
+        .post(format!("{}/api/v1/tasks", api.base))
+        .bearer_auth(WRITE)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"handler":"curl"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -763,4 +775,54 @@ async fn events_by_prefix_and_handlers() {
         (hs[2]["ready"].as_u64(), hs[2]["hosts"].clone()),
         (Some(0), json!(["host-9"]))
     );
+}
+
+/// Stopping the server answers the long-polls in flight at once (with what
+/// they have) instead of holding the shutdown for their whole timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_long_polls() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("s.db").display());
+    let store = switchyard_store::open(&url).await.unwrap();
+    let server = Server::bind(
+        store.clone(),
+        ServeSettings::new("127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}", server.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    let id = switchyard_core::Client::new(store)
+        .spawn("slow", json!(null))
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let poll = |path: String| {
+        let http = http.clone();
+        tokio::spawn(async move {
+            let r = http.get(path).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        })
+    };
+    let result = poll(format!("{base}/api/v1/tasks/{id}/result?wait=120s"));
+    let event = poll(format!("{base}/api/v1/events/never/await?timeout=120s"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    tx.send(()).unwrap();
+    let (s, v) = result.await.unwrap();
+    assert_eq!(
+        (s, v["finished"].clone(), v["state"].clone()),
+        (StatusCode::OK, json!(false), json!("running"))
+    );
+    let (s, v) = event.await.unwrap();
+    assert_eq!((s, v), (StatusCode::OK, json!({"event": null})));
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the server stopped")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
