@@ -231,6 +231,10 @@ pub trait Store: Send + Sync + 'static {
     /// every handler that has steps.
     async fn handler_stats(&self) -> Result<Vec<HandlerStats>>;
 
+    /// Number of `running` steps leased by each host (hosts with none are
+    /// left out): the steps in flight.
+    async fn running_by_host(&self) -> Result<BTreeMap<String, u64>>;
+
     /// The children of a delegation group, ordered by their index.
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>>;
 

@@ -292,8 +292,11 @@ pub struct Host {
     started_at: i64,
     /// Its last heartbeat (ms since the Unix epoch).
     last_heartbeat: i64,
-    /// Milliseconds since its last heartbeat, on the store's clock.
+    /// Milliseconds since its last heartbeat, on the store's clock (a host
+    /// that stopped heartbeating is listed until its leases are reaped).
     heartbeat_age_ms: i64,
+    /// Steps it is running now (leased to it).
+    steps_in_flight: u64,
 }
 
 /// Registered hosts.
@@ -807,11 +810,13 @@ pub async fn await_event(
 pub async fn list_hosts(State(state): State<AppState>) -> ApiResult<Json<HostList>> {
     let now = state.store.now().await?;
     let hosts = state.client.workers().await?;
+    let running = state.store.running_by_host().await?;
     Ok(Json(HostList {
         hosts: hosts
             .into_iter()
             .map(|h: HostInfo| Host {
                 heartbeat_age_ms: now.saturating_sub(h.last_heartbeat).max(0),
+                steps_in_flight: running.get(&h.id).copied().unwrap_or(0),
                 id: h.id,
                 pid: h.pid,
                 hostname: h.hostname,

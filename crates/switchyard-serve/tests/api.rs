@@ -643,9 +643,17 @@ async fn hosts_and_cleanup() {
         )
         .await
         .unwrap();
+    api.spawn(r#"{"handler":"h1"}"#).await;
+    let claimed = api
+        .store
+        .claim("host-1", &[("h1".to_string(), 1)], 30_000)
+        .await
+        .unwrap();
+    assert_eq!(claimed.steps.len(), 1);
     let (s, v) = api.get("/api/v1/hosts").await;
     assert_eq!(s, StatusCode::OK);
     let h = &v["hosts"][0];
+    assert_eq!(h["steps_in_flight"], 1, "{h}");
     assert_eq!(
         (h["id"].as_str(), h["pid"].as_u64(), h["hostname"].as_str()),
         (Some("host-1"), Some(77), Some("box"))

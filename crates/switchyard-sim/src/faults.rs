@@ -456,6 +456,10 @@ impl Store for FaultStore {
         self.inner.handler_stats().await
     }
 
+    async fn running_by_host(&self) -> Result<BTreeMap<String, u64>> {
+        self.inner.running_by_host().await
+    }
+
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
         let after = self.pre("group_outcomes", false).await?;
         let r = self.inner.group_outcomes(group).await;

@@ -3257,7 +3257,7 @@ pub async fn list_events_by_prefix(factory: Factory) {
 }
 
 /// `handler_stats`: per handler, step counts by state and the earliest
-/// `run_at` of its ready steps.
+/// `run_at` of its ready steps; `running_by_host`: steps in flight per host.
 pub async fn handler_stats_counts_and_oldest_ready(factory: Factory) {
     let h = H::open(&factory).await;
     assert!(h.store.handler_stats().await.unwrap().is_empty());
@@ -3288,7 +3288,21 @@ pub async fn handler_stats_counts_and_oldest_ready(factory: Factory) {
     assert_eq!(b.steps.get("failed"), Some(&1));
     assert_eq!(b.steps.get("ready"), None);
     assert_eq!(b.oldest_ready_at, None);
-    drop(running);
+    // Steps in flight per host.
+    let on_b = h.claim_batch(HOST_B, &[("hs_a", 1)], LEASE_MS).await.steps;
+    assert_eq!(on_b.len(), 1);
+    let by_host = h.store.running_by_host().await.unwrap();
+    assert_eq!(
+        by_host.into_iter().collect::<Vec<_>>(),
+        [(HOST.to_string(), 1), (HOST_B.to_string(), 1)]
+    );
+    h.resolve(&running, Resolution::Completed(json!(1))).await;
+    let by_host = h.store.running_by_host().await.unwrap();
+    assert_eq!(
+        by_host.into_iter().collect::<Vec<_>>(),
+        [(HOST_B.to_string(), 1)],
+        "a finished step is no longer in flight"
+    );
 }
 
 /// `list_tasks`: newest first, filtered by state and root handler, `limit`

@@ -1507,6 +1507,19 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn running_by_host(&self) -> Result<BTreeMap<String, u64>> {
+        let inner = self.inner.lock();
+        let mut by = BTreeMap::new();
+        for s in inner.steps.values() {
+            if s.rec.state == StepState::Running {
+                if let Some(host) = &s.rec.lease_owner {
+                    *by.entry(host.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+        Ok(by)
+    }
+
     async fn handler_stats(&self) -> Result<Vec<switchyard_core::HandlerStats>> {
         let inner = self.inner.lock();
         let mut by: BTreeMap<String, switchyard_core::HandlerStats> = BTreeMap::new();

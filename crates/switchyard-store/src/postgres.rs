@@ -3052,6 +3052,24 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn running_by_host(&self) -> Result<BTreeMap<String, u64>> {
+        read_op!(self, "running_by_host", false, |c| async {
+            let mut by = BTreeMap::new();
+            for r in c
+                .query(
+                    "SELECT lease_owner, count(*) FROM sy_steps \
+                     WHERE state = 'running' AND lease_owner IS NOT NULL GROUP BY lease_owner",
+                    &[],
+                )
+                .await?
+            {
+                let n: i64 = r.get(1);
+                by.insert(r.get::<_, String>(0), u64::try_from(n).unwrap_or(0));
+            }
+            Ok::<_, Fail>(by)
+        })
+    }
+
     async fn handler_stats(&self) -> Result<Vec<switchyard_core::HandlerStats>> {
         // A full scan: for the admin API, not for a hot path.
         read_op!(self, "handler_stats", false, |c| async {

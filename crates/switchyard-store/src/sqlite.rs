@@ -2909,6 +2909,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn running_by_host(&self) -> Result<BTreeMap<String, u64>> {
+        self.read("running_by_host", |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT lease_owner, count(*) FROM steps \
+                     WHERE state = 'running' AND lease_owner IS NOT NULL GROUP BY lease_owner",
+                )?
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?
+                .collect::<rusqlite::Result<BTreeMap<_, _>>>()?)
+        })
+        .await
+    }
+
     async fn handler_stats(&self) -> Result<Vec<switchyard_core::HandlerStats>> {
         // A full scan: for the admin API, not for a hot path.
         self.read("handler_stats", |conn| {

@@ -445,6 +445,9 @@ impl<H: Hooks> Store for Hooked<H> {
     async fn handler_stats(&self) -> SyResult<Vec<switchyard::HandlerStats>> {
         self.inner.handler_stats().await
     }
+    async fn running_by_host(&self) -> SyResult<std::collections::BTreeMap<String, u64>> {
+        self.inner.running_by_host().await
+    }
     async fn group_outcomes(&self, group: &str) -> SyResult<Vec<ChildOutcome>> {
         self.inner.group_outcomes(group).await
     }
