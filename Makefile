@@ -34,6 +34,8 @@ lint: deps-ruby
 
 test-rust: deps-postgres
 	$(CARGO) test --workspace $(FEATURES)
+	# The REST API's HTTP suite again, on a throwaway PostgreSQL.
+	SWITCHYARD_SERVE_TEST_STORE=postgres $(CARGO) test -p switchyard-serve --test api
 
 # The PostgreSQL tests start their own throwaway server (initdb in a temp dir,
 # a free port on 127.0.0.1); they need the server binaries installed.
