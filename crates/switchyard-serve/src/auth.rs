@@ -14,16 +14,47 @@ use subtle::ConstantTimeEq;
 use crate::error::ApiError;
 use crate::{AppState, Scope};
 
+/// `a == b` in time that depends only on the longer length: both are
+/// compared zero-padded to that length, and the lengths separately, so
+/// neither the content nor a length mismatch ends the comparison early.
+fn ct_equal(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().max(b.len());
+    let mut pa = vec![0u8; n];
+    let mut pb = vec![0u8; n];
+    pa[..a.len()].copy_from_slice(a);
+    pb[..b.len()].copy_from_slice(b);
+    let same_len = (a.len() as u64).ct_eq(&(b.len() as u64));
+    bool::from(pa.ct_eq(&pb) & same_len)
+}
+
 /// The token a request presented, if any matched.
 fn find<'a>(state: &'a AppState, presented: &[u8]) -> Option<&'a crate::ApiToken> {
     let mut found = None;
     // Every token is compared (no early exit), each in constant time.
     for t in state.tokens.iter() {
-        if bool::from(t.secret.as_bytes().ct_eq(presented)) {
+        if ct_equal(t.secret.as_bytes(), presented) {
             found = Some(t);
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ct_equal;
+
+    #[test]
+    fn constant_time_equality() {
+        assert!(ct_equal(b"secret-token", b"secret-token"));
+        assert!(ct_equal(b"", b""));
+        assert!(!ct_equal(b"secret-token", b"secret-tokem"));
+        assert!(
+            !ct_equal(b"secret-token", b"secret-token\0"),
+            "zero padding is not equality"
+        );
+        assert!(!ct_equal(b"secret", b"secret-token"));
+        assert!(!ct_equal(b"secret-token", b""));
+    }
 }
 
 /// The middleware: 401 without a valid token, 403 for a read token on a
