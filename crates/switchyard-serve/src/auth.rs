@@ -39,24 +39,6 @@ fn find<'a>(state: &'a AppState, presented: &[u8]) -> Option<&'a crate::ApiToken
     found
 }
 
-#[cfg(test)]
-mod tests {
-    use super::ct_equal;
-
-    #[test]
-    fn constant_time_equality() {
-        assert!(ct_equal(b"secret-token", b"secret-token"));
-        assert!(ct_equal(b"", b""));
-        assert!(!ct_equal(b"secret-token", b"secret-tokem"));
-        assert!(
-            !ct_equal(b"secret-token", b"secret-token\0"),
-            "zero padding is not equality"
-        );
-        assert!(!ct_equal(b"secret", b"secret-token"));
-        assert!(!ct_equal(b"secret-token", b""));
-    }
-}
-
 /// The middleware: 401 without a valid token, 403 for a read token on a
 /// mutation. With no tokens configured every request passes.
 pub async fn authenticate(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -94,4 +76,22 @@ pub async fn authenticate(State(state): State<AppState>, req: Request, next: Nex
     }
     tracing::debug!(token = %token.name, method = %req.method(), path = %req.uri().path(), "request");
     next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ct_equal;
+
+    #[test]
+    fn constant_time_equality() {
+        assert!(ct_equal(b"secret-token", b"secret-token"));
+        assert!(ct_equal(b"", b""));
+        assert!(!ct_equal(b"secret-token", b"secret-tokem"));
+        assert!(
+            !ct_equal(b"secret-token", b"secret-token\0"),
+            "zero padding is not equality"
+        );
+        assert!(!ct_equal(b"secret", b"secret-token"));
+        assert!(!ct_equal(b"secret-token", b""));
+    }
 }
