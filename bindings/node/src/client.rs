@@ -125,6 +125,7 @@ impl NativeClient {
                     state,
                     handler,
                     limit: limit as usize,
+                    ..TaskFilter::default()
                 };
                 Ok(core(c.list(&f).await))
             }

@@ -312,6 +312,7 @@ impl NativeClient {
             state,
             handler,
             limit,
+            ..TaskFilter::default()
         };
         Ok(call(async move { c.list(&f).await }))
     }

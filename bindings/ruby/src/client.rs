@@ -188,6 +188,7 @@ impl RbClient {
                 state,
                 handler,
                 limit,
+                ..TaskFilter::default()
             };
             let c = rb_self.client(ruby)?;
             let v = block_core(ruby, async move { c.list(&f).await })?;

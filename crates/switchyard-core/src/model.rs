@@ -634,6 +634,35 @@ pub struct TaskFilter {
     pub handler: Option<String>,
     /// At most this many (newest first); 0 means the store's default of 100.
     pub limit: usize,
+    /// Only running tasks with at least one step in this state (e.g.
+    /// `suspended`: tasks waiting on an event, a sleep or children).
+    pub step_state: Option<StepState>,
+    /// Only tasks without a parent (spawned by a client, not by a step).
+    pub root_only: bool,
+    /// Only children (spawned or delegated) of this task.
+    pub parent: Option<TaskId>,
+    /// Only the task with this idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Only tasks created at or after this time.
+    pub created_after: Option<Millis>,
+    /// Only tasks created before this time.
+    pub created_before: Option<Millis>,
+    /// Only finished tasks that finished (`updated_at`) at or after this time.
+    pub finished_after: Option<Millis>,
+    /// Only finished tasks that finished before this time.
+    pub finished_before: Option<Millis>,
+    /// Keyset pagination: only tasks that come after this one in the
+    /// listing order (older ones). The task must exist
+    /// ([`crate::Error::NotFound`] otherwise). Never an offset: each page
+    /// costs the same however deep it is.
+    pub after: Option<TaskId>,
+}
+
+impl TaskFilter {
+    /// True if a finished-time bound is set (only finished tasks match).
+    pub fn wants_finished(&self) -> bool {
+        self.finished_after.is_some() || self.finished_before.is_some()
+    }
 }
 
 /// How a child of a delegation group ended.
@@ -647,6 +676,19 @@ pub struct ChildOutcome {
     pub result: Option<Value>,
     /// Its error, if failed or cancelled.
     pub error: Option<ErrorInfo>,
+}
+
+/// Steps of one handler, for `GET /api/v1/handlers`
+/// ([`crate::Store::handler_stats`]).
+#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize)]
+pub struct HandlerStats {
+    /// The handler.
+    pub handler: String,
+    /// Number of its steps in each state (states with none are left out).
+    pub steps: StateCounts,
+    /// The earliest `run_at` of its `ready` steps (how long the oldest
+    /// ready step has been due), if it has any.
+    pub oldest_ready_at: Option<Millis>,
 }
 
 /// Counts of steps by state, for progress and metrics.

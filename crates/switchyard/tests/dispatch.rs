@@ -883,6 +883,7 @@ async fn api_rate_limit_holds_back_when_bucket_is_empty(env: Env) {
                 state: Some(TaskState::Completed),
                 handler: Some("scarce".into()),
                 limit: 0,
+                ..TaskFilter::default()
             })
             .await
             .unwrap();
