@@ -87,7 +87,8 @@ pub async fn open_with(url: &str, options: StoreOptions) -> Result<DynStore> {
     {
         if path.is_empty() {
             return Err(Error::Config(format!(
-                "store URL `{url}` names no file (use sqlite:PATH)"
+                "store URL `{}` names no file (use sqlite:PATH)",
+                switchyard_core::redact_url(url)
             )));
         }
         let store = sqlite::SqliteStore::open(path, options).await?;
@@ -98,6 +99,7 @@ pub async fn open_with(url: &str, options: StoreOptions) -> Result<DynStore> {
         return Ok(store);
     }
     Err(Error::Config(format!(
-        "unrecognised store URL `{url}` (expected `memory`, `sqlite:PATH` or `postgres://...`)"
+        "unrecognised store URL `{}` (expected `memory`, `sqlite:PATH` or `postgres://...`)",
+        switchyard_core::redact_url(url)
     )))
 }

@@ -634,6 +634,9 @@ fn parse_url(url: &str) -> Result<ParsedUrl> {
         display.push_str(p);
     }
     let given = |key: &str| rest.iter().any(|p| p.split('=').next() == Some(key));
+    // What is left of a secret (`sslpassword=`, a password given in an
+    // unusual form) is masked too.
+    let display = switchyard_core::redact_url(&display);
     Ok(ParsedUrl {
         display,
         wakeup,
@@ -3127,6 +3130,13 @@ mod tests {
         assert_eq!(p.poll, Duration::from_millis(20));
         assert_eq!(p.connect, "postgres://u:secret@h:5432/db?sslmode=disable");
         assert!(!p.display.contains("secret"), "{}", p.display);
+        let p = parse_url("postgres://h/db?sslpassword=keypw&password=plainpw").unwrap();
+        assert!(
+            !p.display.contains("keypw") && !p.display.contains("plainpw"),
+            "{}",
+            p.display
+        );
+        assert!(p.display.contains("sslpassword=***"), "{}", p.display);
         let p = parse_url("postgresql://h/db").unwrap();
         assert_eq!(p.wakeup, Wakeup::Hybrid);
         assert!(matches!(
