@@ -537,11 +537,10 @@ fn secs_to_duration(secs: f64) -> std::result::Result<Duration, String> {
 
 /// `"30s"`, `"500ms"`: whole seconds when exact, else milliseconds.
 pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 1000 == 0 && d.subsec_nanos() % 1_000_000 == 0 {
-        format!("{}s", ms / 1000)
-    } else if d.subsec_nanos() % 1_000_000 == 0 {
-        format!("{ms}ms")
+    if Duration::from_secs(d.as_secs()) == d {
+        format!("{}s", d.as_secs())
+    } else if Duration::from_millis(d.as_millis() as u64) == d {
+        format!("{}ms", d.as_millis())
     } else {
         format!("{}s", d.as_secs_f64())
     }
@@ -745,22 +744,20 @@ impl Config {
         env.extract::<Config>().map_err(describe)?;
         let figment = figment.merge(store_shorthand()).merge(env_provider());
         let config: Config = figment.extract().map_err(describe)?;
-        config.validate().map_err(|e| match e {
-            CheckError { key, message } => {
-                let path: Vec<String> = key.split('.').map(str::to_string).collect();
-                // Array items (`serve.tokens.1.name`) have no metadata of
-                // their own: the nearest enclosing value's is used.
-                let md = (1..=path.len())
-                    .rev()
-                    .find_map(|n| figment.find_metadata(&path[..n].join(".")));
-                let from = match md {
-                    Some(md) => origin(Some(md), &path),
-                    None => "(default)".into(),
-                };
-                Error::Config(redact_url(&format!(
-                    "configuration key `{key}` {from}: {message}"
-                )))
-            }
+        config.validate().map_err(|CheckError { key, message }| {
+            let path: Vec<String> = key.split('.').map(str::to_string).collect();
+            // Array items (`serve.tokens.1.name`) have no metadata of their
+            // own: the nearest enclosing value's is used.
+            let md = (1..=path.len())
+                .rev()
+                .find_map(|n| figment.find_metadata(&path[..n].join(".")));
+            let from = match md {
+                Some(md) => origin(Some(md), &path),
+                None => "(default)".into(),
+            };
+            Error::Config(redact_url(&format!(
+                "configuration key `{key}` {from}: {message}"
+            )))
         })?;
         Ok(config)
     }

@@ -216,7 +216,8 @@ fn store_passwords_never_appear_in_errors() {
     let d = Dir::new();
     let url = format!("postgres://alice:{PASSWORD}@127.0.0.1:1/nope");
     let file = d.write("pg.toml", &format!("[store]\nurl = \"{url}\"\n"));
-    let runs: Vec<(Vec<&str>, Vec<(&str, &str)>)> = vec![
+    type Env<'a> = Vec<(&'a str, &'a str)>;
+    let runs: Vec<(Vec<&str>, Env)> = vec![
         (vec!["--store", &url, "tasks", "list"], vec![]),
         (vec!["--store", &url, "workers", "--json"], vec![]),
         (vec!["tasks", "list"], vec![("SWITCHYARD_STORE", &url)]),
@@ -248,4 +249,43 @@ fn store_passwords_never_appear_in_errors() {
     );
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(!all.contains(PASSWORD), "{all}");
+}
+
+/// The Rust API: `worker_from_config` opens the configured store and
+/// applies `[host]`; the host runs a task there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_worker_from_config_uses_the_store_and_host_settings() {
+    use std::time::Duration;
+    let d = Dir::new();
+    let db = d.path("rust.db");
+    let file = d.write(
+        "host.toml",
+        &format!(
+            "[store]\nurl = \"sqlite:{}\"\n[host]\nconcurrency = 3\nlease = \"2s\"\nheartbeat = \"250ms\"\nshutdown_grace = \"1s\"\n",
+            db.display()
+        ),
+    );
+    let config = switchyard::Config::load(Some(&file)).unwrap();
+    let worker = switchyard::worker_from_config(&config)
+        .await
+        .unwrap()
+        .step(
+            "double",
+            switchyard::HandlerOptions::default(),
+            |input, _ctx| async move { Ok(serde_json::json!(input.as_i64().unwrap_or(0) * 2)) },
+        )
+        .build()
+        .unwrap();
+    let o = worker.options();
+    assert_eq!(o.concurrency, 3);
+    assert_eq!(o.lease, Duration::from_secs(2));
+    assert_eq!(o.heartbeat, Duration::from_millis(250));
+    assert_eq!(o.shutdown_grace, Duration::from_secs(1));
+    let running = worker.start().await.unwrap();
+    let client = switchyard::Client::new(switchyard::open(&config.store.url).await.unwrap());
+    let id = client.spawn("double", serde_json::json!(21)).await.unwrap();
+    let out = client.result(id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(out, serde_json::json!(42));
+    running.stop().await;
+    assert!(db.exists());
 }

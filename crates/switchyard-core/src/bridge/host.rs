@@ -93,6 +93,16 @@ impl Host {
             .map(|r| r.host_id().to_string())
     }
 
+    /// Steps run at once by the host (its plan's concurrency).
+    pub fn concurrency(&self) -> usize {
+        self.plan.lock().concurrency
+    }
+
+    /// How long running steps may finish during a graceful shutdown.
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        self.plan.lock().shutdown_grace
+    }
+
     /// Steps running in this host now (0 before a start).
     pub fn inflight(&self) -> usize {
         self.running.lock().as_ref().map_or(0, |r| r.inflight())

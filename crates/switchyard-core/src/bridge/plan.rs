@@ -19,6 +19,9 @@ pub struct HostPlan {
     pub shutdown_grace: Duration,
     /// Largest accepted input/result, if limited.
     pub max_payload: Option<usize>,
+    /// Heartbeat period (`None`: derived from the lease, see
+    /// [`crate::WorkerBuilder::lease`]).
+    pub heartbeat: Option<Duration>,
     regs: Vec<(String, JobKind, HandlerOptions, Arc<Inbox>)>,
 }
 
@@ -35,8 +38,20 @@ impl HostPlan {
             lease,
             shutdown_grace,
             max_payload,
+            heartbeat: None,
             regs: Vec::new(),
         }
+    }
+
+    /// A plan with the host settings of a configuration's `[host]` section
+    /// ([`crate::config::HostConfig`]: concurrency, lease, heartbeat,
+    /// shutdown grace), the one mapping every binding's
+    /// `Worker.from_config` uses. `host.name` and `host.health_listen` are
+    /// not applied (not shown or served yet).
+    pub fn from_config(host: &crate::config::HostConfig) -> Self {
+        let mut plan = Self::new(host.concurrency, host.lease, host.shutdown_grace, None);
+        plan.heartbeat = host.heartbeat;
+        plan
     }
 
     /// Adds handler `name`, served through `inbox`, and returns its id:
@@ -79,6 +94,9 @@ impl HostPlan {
             .concurrency(self.concurrency)
             .lease(self.lease)
             .shutdown_grace(self.shutdown_grace);
+        if let Some(h) = self.heartbeat {
+            b = b.heartbeat(h);
+        }
         if let Some(m) = self.max_payload {
             b = b.max_payload_bytes(m);
         }

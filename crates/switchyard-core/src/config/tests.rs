@@ -2,6 +2,9 @@
 //! figment `Jail`: a temporary working directory and an environment that
 //! is restored afterwards, one jail at a time.
 
+// figment's `Jail` closures return its (large) error type.
+#![allow(clippy::result_large_err)]
+
 use super::*;
 use figment::Jail;
 

@@ -49,6 +49,20 @@ impl WorkerBuilder {
         self.opts.max_payload_bytes = n;
         self
     }
+    /// The host settings of a configuration's `[host]` section
+    /// ([`crate::config::HostConfig`]): concurrency, lease, heartbeat (when
+    /// set; else derived from the lease) and shutdown grace. `host.name`
+    /// and `host.health_listen` are not applied (not shown or served yet).
+    pub fn host_config(self, host: &crate::config::HostConfig) -> Self {
+        let b = self
+            .concurrency(host.concurrency)
+            .lease(host.lease)
+            .shutdown_grace(host.shutdown_grace);
+        match host.heartbeat {
+            Some(h) => b.heartbeat(h),
+            None => b,
+        }
+    }
     /// All options at once.
     pub fn options(mut self, o: WorkerOptions) -> Self {
         self.opts = o;
@@ -182,6 +196,11 @@ impl Worker {
             opts: WorkerOptions::default(),
             regs: Vec::new(),
         }
+    }
+
+    /// The host-wide options it will run with.
+    pub fn options(&self) -> &WorkerOptions {
+        &self.opts
     }
 
     /// Starts the host on the current tokio runtime and returns a handle.
