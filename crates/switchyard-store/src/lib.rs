@@ -103,3 +103,23 @@ pub async fn open_with(url: &str, options: StoreOptions) -> Result<DynStore> {
         switchyard_core::redact_url(url)
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    /// A URL no store recognises is named in the error without its password.
+    #[tokio::test]
+    async fn open_errors_never_show_a_password() {
+        for url in [
+            "mysql://alice:s3cr3tpw@127.0.0.1:1/db",
+            "redis://h?password=s3cr3tpw",
+        ] {
+            let e = match crate::open(url).await {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{url} opened"),
+            };
+            assert!(e.contains("unrecognised store URL"), "{e}");
+            assert!(!e.contains("s3cr3tpw"), "{e}");
+            assert!(e.contains("***"), "{e}");
+        }
+    }
+}
