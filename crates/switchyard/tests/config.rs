@@ -261,7 +261,7 @@ async fn a_rust_worker_from_config_uses_the_store_and_host_settings() {
     let file = d.write(
         "host.toml",
         &format!(
-            "[store]\nurl = \"sqlite:{}\"\n[host]\nconcurrency = 3\nlease = \"2s\"\nheartbeat = \"250ms\"\nshutdown_grace = \"1s\"\n",
+            "[store]\nurl = \"sqlite:{}\"\n[host]\nname = \"orders-1\"\nconcurrency = 3\nlease = \"2s\"\nheartbeat = \"250ms\"\nshutdown_grace = \"1s\"\n",
             db.display()
         ),
     );
@@ -286,6 +286,24 @@ async fn a_rust_worker_from_config_uses_the_store_and_host_settings() {
     let id = client.spawn("double", serde_json::json!(21)).await.unwrap();
     let out = client.result(id, Duration::from_secs(10)).await.unwrap();
     assert_eq!(out, serde_json::json!(42));
+    // The host's name is listed by `switchyard workers`.
+    let url = config.store.url.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        let d = Dir::new();
+        let json = d.run(&["--store", &url, "workers", "--json"], &[]);
+        let table = d.run(&["--store", &url, "workers"], &[]);
+        (json, table)
+    })
+    .await
+    .unwrap();
+    assert!(listed.0.status.success(), "{}", text(&listed.0.stderr));
+    let hosts: Value = serde_json::from_slice(&listed.0.stdout).unwrap();
+    assert_eq!(hosts[0]["name"], "orders-1", "{hosts}");
+    let table = text(&listed.1.stdout);
+    assert!(
+        table.contains("NAME") && table.contains("orders-1"),
+        "{table}"
+    );
     running.stop().await;
     assert!(db.exists());
 }

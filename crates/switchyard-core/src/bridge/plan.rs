@@ -22,6 +22,8 @@ pub struct HostPlan {
     /// Heartbeat period (`None`: derived from the lease, see
     /// [`crate::WorkerBuilder::lease`]).
     pub heartbeat: Option<Duration>,
+    /// The host's name in host listings, if any.
+    pub name: Option<String>,
     regs: Vec<(String, JobKind, HandlerOptions, Arc<Inbox>)>,
 }
 
@@ -39,18 +41,20 @@ impl HostPlan {
             shutdown_grace,
             max_payload,
             heartbeat: None,
+            name: None,
             regs: Vec::new(),
         }
     }
 
     /// A plan with the host settings of a configuration's `[host]` section
     /// ([`crate::config::HostConfig`]: concurrency, lease, heartbeat,
-    /// shutdown grace), the one mapping every binding's
-    /// `Worker.from_config` uses. `host.name` and `host.health_listen` are
-    /// not applied (not shown or served yet).
+    /// shutdown grace, name), the one mapping every binding's
+    /// `Worker.from_config` uses. `host.health_listen` is not applied (not
+    /// served yet).
     pub fn from_config(host: &crate::config::HostConfig) -> Self {
         let mut plan = Self::new(host.concurrency, host.lease, host.shutdown_grace, None);
         plan.heartbeat = host.heartbeat;
+        plan.name = host.name.clone();
         plan
     }
 
@@ -96,6 +100,9 @@ impl HostPlan {
             .shutdown_grace(self.shutdown_grace);
         if let Some(h) = self.heartbeat {
             b = b.heartbeat(h);
+        }
+        if let Some(n) = &self.name {
+            b = b.name(n.clone());
         }
         if let Some(m) = self.max_payload {
             b = b.max_payload_bytes(m);

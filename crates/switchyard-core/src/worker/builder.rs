@@ -44,6 +44,11 @@ impl WorkerBuilder {
         self.opts.claim_batch = n.max(1);
         self
     }
+    /// A name for the host, shown in host listings (`switchyard workers`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.opts.name = Some(name.into());
+        self
+    }
     /// Payload size limit.
     pub fn max_payload_bytes(mut self, n: usize) -> Self {
         self.opts.max_payload_bytes = n;
@@ -51,13 +56,14 @@ impl WorkerBuilder {
     }
     /// The host settings of a configuration's `[host]` section
     /// ([`crate::config::HostConfig`]): concurrency, lease, heartbeat (when
-    /// set; else derived from the lease) and shutdown grace. `host.name`
-    /// and `host.health_listen` are not applied (not shown or served yet).
+    /// set; else derived from the lease), shutdown grace and name.
+    /// `host.health_listen` is not applied (not served yet).
     pub fn host_config(self, host: &crate::config::HostConfig) -> Self {
-        let b = self
+        let mut b = self
             .concurrency(host.concurrency)
             .lease(host.lease)
             .shutdown_grace(host.shutdown_grace);
+        b.opts.name = host.name.clone();
         match host.heartbeat {
             Some(h) => b.heartbeat(h),
             None => b,
@@ -210,6 +216,7 @@ impl Worker {
             id: uuid::Uuid::now_v7().to_string(),
             pid: std::process::id(),
             hostname: hostname(),
+            name: self.opts.name.clone(),
             handlers: self.regs.iter().map(|r| r.0.clone()).collect(),
             started_at: now,
             last_heartbeat: now,

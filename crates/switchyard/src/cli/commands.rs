@@ -640,6 +640,7 @@ pub async fn workers(url: &str, json: bool) -> CmdResult {
     }
     let mut t = Table::new(&[
         "ID",
+        "NAME",
         "PID",
         "HOSTNAME",
         "LIVE",
@@ -650,6 +651,7 @@ pub async fn workers(url: &str, json: bool) -> CmdResult {
     for h in &hosts {
         t.row(vec![
             h.id.clone(),
+            h.name.clone().unwrap_or_else(|| "-".into()),
             h.pid.to_string(),
             h.hostname.clone(),
             if is_live(h, now) { "yes" } else { "no" }.into(),
