@@ -167,7 +167,9 @@ export declare class Context {
     get isCancelled(): boolean;
     /** Fired with a `CancelledError` reason when the core stops wanting this
      * run: the task was cancelled, the handler's timeout passed, or the worker
-     * shut down before the run ended. Pass it to `fetch`, timers and the like. */
+     * shut down before the run ended. Pass it to `fetch`, timers and the like.
+     * The items of a batch handler are aborted together, once every item's
+     * run was asked to stop; `isCancelled` tells about one item. */
     get signal(): AbortSignal;
     /** Runs `fn` once per task, ever: a replay returns the stored value. */
     checkpoint<T>(name: string, fn: () => T | Promise<T>): Promise<T>;
@@ -305,7 +307,7 @@ export declare class Worker {
     api<I = any, O = unknown>(name: string, handler: StepHandler<I, O>, options?: ApiOptions): this;
     /** The host id once started. */
     get hostId(): string | null;
-    /** Steps currently held by JS handlers. */
+    /** Steps running in this host now. */
     get inFlight(): number;
     /** Starts serving and resolves once the host is running. */
     start(): Promise<void>;

@@ -215,6 +215,15 @@ impl RbClient {
         })
     }
 
+    fn await_event(ruby: &Ruby, rb_self: &Self, name: String, t: f64) -> Result<Value, Error> {
+        guard(ruby, || {
+            let d = timeout(ruby, t)?;
+            let c = rb_self.client(ruby)?;
+            let v = block_core(ruby, async move { c.await_event(&name, d).await })?;
+            to_ruby(ruby, &v)
+        })
+    }
+
     fn cancel(ruby: &Ruby, rb_self: &Self, id: String, cascade: bool) -> Result<bool, Error> {
         guard(ruby, || {
             let id = parse_id(ruby, &id)?;
@@ -270,6 +279,7 @@ pub fn define(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     c.define_method("list", method!(RbClient::list, 3))?;
     c.define_method("wait", method!(RbClient::wait, 2))?;
     c.define_method("result", method!(RbClient::result, 2))?;
+    c.define_method("await_event", method!(RbClient::await_event, 2))?;
     c.define_method("cancel", method!(RbClient::cancel, 2))?;
     c.define_method("retry", method!(RbClient::retry, 1))?;
     c.define_method("workers", method!(RbClient::workers, 0))?;

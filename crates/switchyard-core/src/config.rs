@@ -389,7 +389,7 @@ pub struct HostConfig {
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub shutdown_grace: Duration,
     /// Address of the host's `/healthz`, `/readyz` and `/metrics`
-    /// (`None`: off). Parsed and validated; not served yet.
+    /// (`None`: off; port 0 picks a free port).
     #[serde(
         deserialize_with = "de_opt_addr",
         skip_serializing_if = "Option::is_none"

@@ -168,7 +168,10 @@ pub enum ErrorKind {
     InvalidInput,
     /// The handler exceeded its timeout (retryable).
     Timeout,
-    /// The handler panicked (retryable).
+    /// Recorded for a panicking handler by versions before 0.1's issue 21;
+    /// a panic is now `Retryable` (as an unexpected exception is in every
+    /// language), with a message starting `handler panicked:`. Kept so
+    /// stores written by those versions still read.
     Panic,
     /// The host's lease expired before the step finished (retryable).
     LeaseExpired,
@@ -379,6 +382,9 @@ pub struct ClaimedStep {
     pub lease_expires_at: Millis,
     /// Whether the step has dependencies (convergence steps).
     pub has_dependencies: bool,
+    /// When the step was due to run (its `run_at`), so a host can tell how
+    /// long it waited to be claimed (the queue-wait metric).
+    pub ready_at: Millis,
 }
 
 /// Identifies one lease: the step, the run and the host holding it.

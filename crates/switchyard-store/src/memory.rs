@@ -651,6 +651,7 @@ impl Inner {
                             priority: r.priority,
                             lease_expires_at: expires,
                             has_dependencies: !r.depends_on.is_empty(),
+                            ready_at: r.run_at.unwrap_or(r.created_at),
                         },
                     ));
                 }

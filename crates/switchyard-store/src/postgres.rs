@@ -1708,6 +1708,7 @@ async fn claim_tx(
             .await?;
         for r in rows {
             let headers: Option<String> = r.get(5);
+            let run_at = r.get::<_, Option<i64>>(8).unwrap_or(now);
             claimed.push(RawClaim {
                 step: ClaimedStep {
                     step_id: StepId(r.get(0)),
@@ -1721,8 +1722,9 @@ async fn claim_tx(
                     priority: r.get(7),
                     lease_expires_at: expires,
                     has_dependencies: r.get(10),
+                    ready_at: run_at,
                 },
-                run_at: r.get::<_, Option<i64>>(8).unwrap_or(now),
+                run_at,
                 seq: r.get(9),
             });
         }

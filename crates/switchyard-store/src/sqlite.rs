@@ -2664,6 +2664,7 @@ impl Store for SqliteStore {
                     priority: c.priority,
                     lease_expires_at,
                     has_dependencies: c.has_dependencies,
+                    ready_at: c.run_at,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -261,7 +261,7 @@ async fn a_rust_worker_from_config_uses_the_store_and_host_settings() {
     let file = d.write(
         "host.toml",
         &format!(
-            "[store]\nurl = \"sqlite:{}\"\n[host]\nname = \"orders-1\"\nconcurrency = 3\nlease = \"2s\"\nheartbeat = \"250ms\"\nshutdown_grace = \"1s\"\n",
+            "[store]\nurl = \"sqlite:{}\"\n[host]\nname = \"orders-1\"\nconcurrency = 3\nlease = \"2s\"\nheartbeat = \"250ms\"\nshutdown_grace = \"1s\"\nhealth_listen = \"127.0.0.1:0\"\n",
             db.display()
         ),
     );
@@ -281,7 +281,11 @@ async fn a_rust_worker_from_config_uses_the_store_and_host_settings() {
     assert_eq!(o.lease, Duration::from_secs(2));
     assert_eq!(o.heartbeat, Duration::from_millis(250));
     assert_eq!(o.shutdown_grace, Duration::from_secs(1));
+    assert_eq!(o.health_listen, Some("127.0.0.1:0".parse().unwrap()));
     let running = worker.start().await.unwrap();
+    // host.health_listen is served (port 0: a free one).
+    let health = running.health_addr().expect("health endpoint started");
+    assert_ne!(health.port(), 0);
     let client = switchyard::Client::new(switchyard::open(&config.store.url).await.unwrap());
     let id = client.spawn("double", serde_json::json!(21)).await.unwrap();
     let out = client.result(id, Duration::from_secs(10)).await.unwrap();

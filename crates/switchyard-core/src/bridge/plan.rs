@@ -24,6 +24,9 @@ pub struct HostPlan {
     pub heartbeat: Option<Duration>,
     /// The host's name in host listings, if any.
     pub name: Option<String>,
+    /// Where the host serves `/healthz`, `/readyz` and `/metrics` (off
+    /// when None; see [`crate::WorkerOptions::health_listen`]).
+    pub health_listen: Option<std::net::SocketAddr>,
     regs: Vec<(String, JobKind, HandlerOptions, Arc<Inbox>)>,
 }
 
@@ -42,19 +45,20 @@ impl HostPlan {
             max_payload,
             heartbeat: None,
             name: None,
+            health_listen: None,
             regs: Vec::new(),
         }
     }
 
     /// A plan with the host settings of a configuration's `[host]` section
     /// ([`crate::config::HostConfig`]: concurrency, lease, heartbeat,
-    /// shutdown grace, name), the one mapping every binding's
-    /// `Worker.from_config` uses. `host.health_listen` is not applied (not
-    /// served yet).
+    /// shutdown grace, name, health_listen), the one mapping every
+    /// binding's `Worker.from_config` uses.
     pub fn from_config(host: &crate::config::HostConfig) -> Self {
         let mut plan = Self::new(host.concurrency, host.lease, host.shutdown_grace, None);
         plan.heartbeat = host.heartbeat;
         plan.name = host.name.clone();
+        plan.health_listen = host.health_listen;
         plan
     }
 
@@ -97,12 +101,16 @@ impl HostPlan {
         let mut b = crate::Worker::builder(store)
             .concurrency(self.concurrency)
             .lease(self.lease)
-            .shutdown_grace(self.shutdown_grace);
+            .shutdown_grace(self.shutdown_grace)
+            .language(lang);
         if let Some(h) = self.heartbeat {
             b = b.heartbeat(h);
         }
         if let Some(n) = &self.name {
             b = b.name(n.clone());
+        }
+        if let Some(a) = self.health_listen {
+            b = b.health_listen(a);
         }
         if let Some(m) = self.max_payload {
             b = b.max_payload_bytes(m);

@@ -49,6 +49,17 @@ impl WorkerBuilder {
         self.opts.name = Some(name.into());
         self
     }
+    /// Serves `/healthz`, `/readyz` and `/metrics` on `addr` (see
+    /// [`WorkerOptions::health_listen`]).
+    pub fn health_listen(mut self, addr: std::net::SocketAddr) -> Self {
+        self.opts.health_listen = Some(addr);
+        self
+    }
+    /// The host's language in its metrics (`rust` unless a binding says).
+    pub fn language(mut self, lang: &'static str) -> Self {
+        self.opts.language = lang;
+        self
+    }
     /// Payload size limit.
     pub fn max_payload_bytes(mut self, n: usize) -> Self {
         self.opts.max_payload_bytes = n;
@@ -56,14 +67,15 @@ impl WorkerBuilder {
     }
     /// The host settings of a configuration's `[host]` section
     /// ([`crate::config::HostConfig`]): concurrency, lease, heartbeat (when
-    /// set; else derived from the lease), shutdown grace and name.
-    /// `host.health_listen` is not applied (not served yet).
+    /// set; else derived from the lease), shutdown grace, name and
+    /// health/metrics address.
     pub fn host_config(self, host: &crate::config::HostConfig) -> Self {
         let mut b = self
             .concurrency(host.concurrency)
             .lease(host.lease)
             .shutdown_grace(host.shutdown_grace);
         b.opts.name = host.name.clone();
+        b.opts.health_listen = host.health_listen;
         match host.heartbeat {
             Some(h) => b.heartbeat(h),
             None => b,
@@ -232,6 +244,7 @@ impl Worker {
             max_payload: self.opts.max_payload_bytes,
         });
         let (ctx_tx, ctx_rx) = mpsc::unbounded_channel();
+        let metrics = HostMetrics::new(&env.host.id, self.opts.language);
         let regs: Vec<Arc<Reg>> = self
             .regs
             .into_iter()
@@ -243,6 +256,7 @@ impl Worker {
                     })
                 });
                 Arc::new(Reg {
+                    m: metrics.handler(&name),
                     name,
                     cap,
                     opts,
@@ -265,7 +279,21 @@ impl Worker {
             stopping: CancellationToken::new(),
             abort: CancellationToken::new(),
             give_up: CancellationToken::new(),
+            metrics,
+            heartbeat_ok: AtomicBool::new(true),
+            serving_done: CancellationToken::new(),
         });
+        let health_addr = match shared.opts.health_listen {
+            Some(addr) => match health::start(shared.clone(), addr).await {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    // Nothing runs yet: leave the store as if never started.
+                    let _ = shared.store().deregister_host(&shared.env.host.id).await;
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         for reg in &shared.order {
             if let Capability::Batch(_) = reg.cap {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -333,11 +361,13 @@ impl Worker {
             }
             s.give_up.cancel();
             completer.abort();
+            s.serving_done.cancel();
             tracing::info!(host = %s.env.host.id, "host stopped");
         });
         Ok(RunningWorker {
             shared,
             main: Mutex::new(Some(main)),
+            health_addr,
         })
     }
 
