@@ -149,8 +149,29 @@ class Worker:
         shutdown_grace: float = 10.0,
         max_payload_bytes: Optional[int] = None,
     ) -> None:
-        self.store = store or default_store()
-        self._native = _native.NativeWorker(self.store, concurrency, lease, shutdown_grace, max_payload_bytes)
+        native = _native.NativeWorker(store or default_store(), concurrency, lease, shutdown_grace, max_payload_bytes)
+        self._init(native, threads)
+
+    @classmethod
+    def from_config(cls, path: "Optional[Union[str, os.PathLike[str]]]" = None, *, threads: Optional[int] = None) -> "Worker":
+        """A worker configured like every Switchyard host: the file at ``path``,
+        else the one named by ``SWITCHYARD_CONFIG``, else none, then the
+        ``SWITCHYARD_*`` environment variables (``SWITCHYARD_STORE``,
+        ``SWITCHYARD_HOST__CONCURRENCY``, ...). It uses the configured store
+        (``[store]``) and host settings (``[host]``: concurrency, lease,
+        heartbeat, shutdown_grace). An unknown key or a value of the wrong type
+        raises ``switchyard.ConfigError`` naming the key and where it came from.
+        """
+        native = _native.NativeWorker.from_config(None if path is None else os.fspath(path))
+        self = cls.__new__(cls)
+        self._init(native, threads)
+        return self
+
+    def _init(self, native: "_native.NativeWorker", threads: Optional[int]) -> None:
+        self._native = native
+        self.store = native.store_url
+        concurrency = native.concurrency
+        shutdown_grace = native.shutdown_grace
         if threads is not None and threads < 1:
             raise ValueError("threads must be at least 1")
         self._handlers: Dict[str, _Handler] = {}

@@ -23,7 +23,7 @@ use crate::block_core;
 use crate::client::open_store;
 use crate::context::NativeContext;
 use crate::convert::{to_py, to_value};
-use crate::errors::reply_for;
+use crate::errors::{core_err, reply_for};
 
 /// A host for Python handlers.
 #[pyclass(module = "switchyard._native", frozen)]
@@ -84,6 +84,22 @@ impl NativeConsumer {
     }
 }
 
+impl NativeWorker {
+    fn with_plan(store_url: String, plan: HostPlan) -> Self {
+        Self {
+            store_url,
+            host: Arc::new(Host::new("Python", plan)),
+            sync_inbox: Inbox::serial(),
+            async_inbox: {
+                // Push cancellation of async handlers comes through the inbox.
+                let inbox = Inbox::new();
+                inbox.watch_cancels();
+                inbox
+            },
+        }
+    }
+}
+
 #[pymethods]
 impl NativeWorker {
     #[new]
@@ -98,25 +114,44 @@ impl NativeWorker {
         if concurrency == 0 {
             return Err(PyValueError::new_err("concurrency must be at least 1"));
         }
-        Ok(Self {
-            store_url: store,
-            host: Arc::new(Host::new(
-                "Python",
-                HostPlan::new(
-                    concurrency,
-                    positive_secs("lease", lease)?,
-                    positive_secs("shutdown_grace", shutdown_grace)?,
-                    max_payload_bytes,
-                ),
-            )),
-            sync_inbox: Inbox::serial(),
-            async_inbox: {
-                // Push cancellation of async handlers comes through the inbox.
-                let inbox = Inbox::new();
-                inbox.watch_cancels();
-                inbox
-            },
-        })
+        Ok(Self::with_plan(
+            store,
+            HostPlan::new(
+                concurrency,
+                positive_secs("lease", lease)?,
+                positive_secs("shutdown_grace", shutdown_grace)?,
+                max_payload_bytes,
+            ),
+        ))
+    }
+
+    /// A worker from the configuration (`switchyard_core::config`): the
+    /// file at `path`, else `SWITCHYARD_CONFIG`, else none, then the
+    /// `SWITCHYARD_*` environment; its store and `[host]` settings.
+    #[staticmethod]
+    #[pyo3(signature = (path=None))]
+    fn from_config(py: Python<'_>, path: Option<std::path::PathBuf>) -> PyResult<Self> {
+        let config = switchyard_core::Config::load(path.as_deref()).map_err(|e| core_err(py, e))?;
+        let url = config.store.open_url().map_err(|e| core_err(py, e))?;
+        Ok(Self::with_plan(url, HostPlan::from_config(&config.host)))
+    }
+
+    /// The store URL the worker opens (with its password, if any: never print it).
+    #[getter]
+    fn store_url(&self) -> String {
+        self.store_url.clone()
+    }
+
+    /// Steps run at once by the host.
+    #[getter]
+    fn concurrency(&self) -> usize {
+        self.host.concurrency()
+    }
+
+    /// Seconds running steps may finish during a graceful shutdown.
+    #[getter]
+    fn shutdown_grace(&self) -> f64 {
+        self.host.shutdown_grace().as_secs_f64()
     }
 
     /// Registers a handler served by this process's Python code; returns its

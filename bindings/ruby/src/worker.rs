@@ -93,23 +93,52 @@ impl RbWorker {
         if concurrency == 0 {
             return Err(arg_error(ruby, "concurrency must be at least 1".into()));
         }
+        Ok(Self::with_plan(
+            store,
+            HostPlan::new(
+                concurrency,
+                secs(ruby, "lease", lease)?,
+                secs(ruby, "shutdown_grace", shutdown_grace)?,
+                max_payload,
+            ),
+        ))
+    }
+
+    fn with_plan(store_url: String, plan: HostPlan) -> Self {
         let inbox = Inbox::serial();
         // Push cancellation comes through the inbox (`next_cancels`).
         inbox.watch_cancels();
-        Ok(Self {
-            store_url: store,
-            host: Arc::new(Host::new(
-                "Ruby",
-                HostPlan::new(
-                    concurrency,
-                    secs(ruby, "lease", lease)?,
-                    secs(ruby, "shutdown_grace", shutdown_grace)?,
-                    max_payload,
-                ),
-            )),
+        Self {
+            store_url,
+            host: Arc::new(Host::new("Ruby", plan)),
             inbox,
             started_in: AtomicU32::new(0),
-        })
+        }
+    }
+
+    /// A worker from the configuration (`switchyard_core::config`): the
+    /// file at `path`, else `SWITCHYARD_CONFIG`, else none, then the
+    /// `SWITCHYARD_*` environment; its store and `[host]` settings.
+    fn from_config(ruby: &Ruby, path: Option<String>) -> Result<Self, Error> {
+        let config = switchyard_core::Config::load(path.as_deref().map(std::path::Path::new))
+            .map_err(|e| core_err(ruby, e))?;
+        let url = config.store.open_url().map_err(|e| core_err(ruby, e))?;
+        Ok(Self::with_plan(url, HostPlan::from_config(&config.host)))
+    }
+
+    /// The store URL the worker opens (with its password, if any).
+    fn store_url(&self) -> String {
+        self.store_url.clone()
+    }
+
+    /// Steps run at once by the host.
+    fn concurrency(&self) -> usize {
+        self.host.concurrency()
+    }
+
+    /// Seconds running steps may finish during a graceful shutdown.
+    fn shutdown_grace(&self) -> f64 {
+        self.host.shutdown_grace().as_secs_f64()
     }
 
     /// Registers handler `name` of `kind` with options (a Hash with symbol
@@ -501,6 +530,10 @@ impl RbJob {
 pub fn define(ruby: &Ruby, _switchyard: RModule, native: RModule) -> Result<(), Error> {
     let w = native.define_class("Worker", ruby.class_object())?;
     w.define_singleton_method("new", function!(RbWorker::new, 5))?;
+    w.define_singleton_method("from_config", function!(RbWorker::from_config, 1))?;
+    w.define_method("store_url", method!(RbWorker::store_url, 0))?;
+    w.define_method("concurrency", method!(RbWorker::concurrency, 0))?;
+    w.define_method("shutdown_grace", method!(RbWorker::shutdown_grace, 0))?;
     w.define_method("register", method!(RbWorker::register, 3))?;
     w.define_method("start", method!(RbWorker::start, 0))?;
     w.define_method("host_id", method!(RbWorker::host_id, 0))?;

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod clock;
+pub mod config;
 pub mod error;
 pub mod ids;
 pub mod keys;
@@ -13,6 +14,7 @@ pub mod model;
 pub mod store;
 
 pub use clock::{Clock, FakeClock, SystemClock};
+pub use config::{redact_url, Config, Secret};
 pub use error::{Error, Result};
 pub use model::*;
 pub use store::{DynStore, Signals, Store};

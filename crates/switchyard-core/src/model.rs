@@ -481,6 +481,9 @@ pub struct HostInfo {
     pub pid: u32,
     /// Machine name.
     pub hostname: String,
+    /// The host's configured name (`host.name`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Handlers registered in this host.
     pub handlers: Vec<String>,
     /// When it started.

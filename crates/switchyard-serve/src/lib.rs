@@ -34,15 +34,9 @@ pub mod health;
 pub mod openapi;
 pub mod query;
 
-/// What a token may do. `Write` implies `Read`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// GET requests only.
-    Read,
-    /// Every request.
-    Write,
-}
+/// What a token may do (`Write` implies `Read`): the configuration's
+/// scope, `[[serve.tokens]] scope = "read" | "write"`.
+pub use switchyard_core::config::Scope;
 
 /// A bearer token (mirrors `[[serve.tokens]]` of `switchyard.toml`).
 #[derive(Clone)]
@@ -85,6 +79,29 @@ pub struct ServeSettings {
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
 impl ServeSettings {
+    /// The settings of `[serve]` in `switchyard.toml` ([`ServeConfig`]),
+    /// listening on `listen` (the configuration's `serve.listen` unless the
+    /// command line says otherwise).
+    ///
+    /// [`ServeConfig`]: switchyard_core::config::ServeConfig
+    pub fn from_config(listen: SocketAddr, c: &switchyard_core::config::ServeConfig) -> Self {
+        Self {
+            listen,
+            grpc_listen: c.grpc_listen,
+            max_body_bytes: c.max_body_bytes,
+            insecure: c.insecure,
+            tokens: c
+                .tokens
+                .iter()
+                .map(|t| ApiToken {
+                    name: t.name.clone(),
+                    secret: t.secret.expose().to_string(),
+                    scope: t.scope,
+                })
+                .collect(),
+        }
+    }
+
     /// Settings listening on `listen`, no tokens, default body limit.
     pub fn new(listen: SocketAddr) -> Self {
         Self {

@@ -451,6 +451,7 @@ fn host_info(id: &str, now: Millis) -> HostInfo {
         id: id.to_string(),
         pid: 4242,
         hostname: "box-1".to_string(),
+        name: (id == "host-1").then(|| "orders-1".to_string()),
         handlers: vec!["alpha".to_string(), "beta".to_string()],
         started_at: now,
         last_heartbeat: 0,
@@ -3445,6 +3446,8 @@ pub async fn hosts_list_and_deregister(factory: Factory) {
     let one = &hosts[1];
     assert_eq!(one.pid, 4242);
     assert_eq!(one.hostname, "box-1");
+    assert_eq!(one.name.as_deref(), Some("orders-1"));
+    assert_eq!(hosts[0].name, None);
     assert_eq!(one.handlers, ["alpha", "beta"]);
     assert_eq!(one.started_at, t);
 

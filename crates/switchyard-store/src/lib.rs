@@ -87,7 +87,8 @@ pub async fn open_with(url: &str, options: StoreOptions) -> Result<DynStore> {
     {
         if path.is_empty() {
             return Err(Error::Config(format!(
-                "store URL `{url}` names no file (use sqlite:PATH)"
+                "store URL `{}` names no file (use sqlite:PATH)",
+                switchyard_core::redact_url(url)
             )));
         }
         let store = sqlite::SqliteStore::open(path, options).await?;
@@ -98,6 +99,27 @@ pub async fn open_with(url: &str, options: StoreOptions) -> Result<DynStore> {
         return Ok(store);
     }
     Err(Error::Config(format!(
-        "unrecognised store URL `{url}` (expected `memory`, `sqlite:PATH` or `postgres://...`)"
+        "unrecognised store URL `{}` (expected `memory`, `sqlite:PATH` or `postgres://...`)",
+        switchyard_core::redact_url(url)
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    /// A URL no store recognises is named in the error without its password.
+    #[tokio::test]
+    async fn open_errors_never_show_a_password() {
+        for url in [
+            "mysql://alice:s3cr3tpw@127.0.0.1:1/db",
+            "redis://h?password=s3cr3tpw",
+        ] {
+            let e = match crate::open(url).await {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("{url} opened"),
+            };
+            assert!(e.contains("unrecognised store URL"), "{e}");
+            assert!(!e.contains("s3cr3tpw"), "{e}");
+            assert!(e.contains("***"), "{e}");
+        }
+    }
 }

@@ -2008,6 +2008,7 @@ mod tests {
             id: HOST.into(),
             pid: 1,
             hostname: "x".into(),
+            name: None,
             handlers: vec!["h".into()],
             started_at: 0,
             last_heartbeat: 0,

@@ -316,6 +316,8 @@ ALTER TABLE sy_checkpoints RENAME COLUMN attempt TO run;
     // names need escaping are rewritten by `upgrade_checkpoint_keys` in the
     // same transaction; this statement only records the step.
     "SELECT 1;",
+    // 9: a host's configured name (`host.name`), shown in host listings.
+    "ALTER TABLE sy_hosts ADD COLUMN name text;",
 ];
 
 /// The schema version whose migration rewrites checkpoint keys.
@@ -634,6 +636,9 @@ fn parse_url(url: &str) -> Result<ParsedUrl> {
         display.push_str(p);
     }
     let given = |key: &str| rest.iter().any(|p| p.split('=').next() == Some(key));
+    // What is left of a secret (`sslpassword=`, a password given in an
+    // unusual form) is masked too.
+    let display = switchyard_core::redact_url(&display);
     Ok(ParsedUrl {
         display,
         wakeup,
@@ -1358,9 +1363,9 @@ const WAKE_EVENT_WAITERS: &str =
        wait_group = NULL, updated_at = $2 WHERE state = 'suspended' AND wait_event = $1";
 const RESET_STEP: &str = "UPDATE sy_steps SET state = $2, attempt = 0, run_at = $3, pending_deps = $4, lease_owner = NULL, \
        lease_expires_at = NULL, wait = NULL, wait_event = NULL, wait_group = NULL, updated_at = $5 WHERE id = $1";
-const UPSERT_HOST: &str = "INSERT INTO sy_hosts (id, pid, hostname, handlers, started_at, last_heartbeat) \
-     VALUES ($1, $2, $3, $4, $5, $6) \
-     ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, hostname = excluded.hostname, \
+const UPSERT_HOST: &str = "INSERT INTO sy_hosts (id, pid, hostname, handlers, started_at, last_heartbeat, name) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, hostname = excluded.hostname, name = excluded.name, \
        handlers = excluded.handlers, started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat";
 /// Renews the leases `$1` of host `$2` until `$3` and answers which of them
 /// the host still holds. Rows another transaction has locked (a completion
@@ -2282,6 +2287,7 @@ async fn heartbeat_tx(
             &handlers,
             &host.started_at,
             &now,
+            &host.name,
         ],
     )
     .await?;
@@ -3189,7 +3195,7 @@ impl Store for PostgresStore {
             let mut out = Vec::new();
             for r in c
                 .query(
-                    "SELECT id, pid, hostname, handlers, started_at, last_heartbeat FROM sy_hosts \
+                    "SELECT id, pid, hostname, handlers, started_at, last_heartbeat, name FROM sy_hosts \
                      ORDER BY last_heartbeat DESC, id",
                     &[],
                 )
@@ -3202,6 +3208,7 @@ impl Store for PostgresStore {
                     handlers: decode("host handlers", r.get(3))?,
                     started_at: r.get(4),
                     last_heartbeat: r.get(5),
+                    name: r.get(6),
                 });
             }
             Ok::<_, Fail>(out)
@@ -3235,6 +3242,13 @@ mod tests {
         assert_eq!(p.poll, Duration::from_millis(20));
         assert_eq!(p.connect, "postgres://u:secret@h:5432/db?sslmode=disable");
         assert!(!p.display.contains("secret"), "{}", p.display);
+        let p = parse_url("postgres://h/db?sslpassword=keypw&password=plainpw").unwrap();
+        assert!(
+            !p.display.contains("keypw") && !p.display.contains("plainpw"),
+            "{}",
+            p.display
+        );
+        assert!(p.display.contains("sslpassword=***"), "{}", p.display);
         let p = parse_url("postgresql://h/db").unwrap();
         assert_eq!(p.wakeup, Wakeup::Hybrid);
         assert!(matches!(

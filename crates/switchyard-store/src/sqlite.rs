@@ -224,6 +224,8 @@ ALTER TABLE checkpoints RENAME COLUMN attempt TO run;
     // names need escaping are rewritten by `upgrade_checkpoint_keys` in the
     // same transaction; this statement only records the step.
     "SELECT 1;",
+    // 5: a host's configured name (`host.name`), shown in host listings.
+    "ALTER TABLE hosts ADD COLUMN name TEXT;",
 ];
 
 /// The schema version whose migration rewrites checkpoint keys.
@@ -1429,8 +1431,8 @@ const WAKE_EVENT_WAITERS: &str = "UPDATE steps SET state = 'ready', run_at = ?2,
              updated_at = ?2 WHERE state = 'suspended' AND wait_event = ?1";
 const RESET_STEP: &str = "UPDATE steps SET state = ?2, attempt = 0, run_at = ?3, pending_deps = ?4, lease_owner = NULL, \
          lease_expires_at = NULL, wait = NULL, wait_event = NULL, wait_group = NULL, updated_at = ?5 WHERE seq = ?1";
-const UPSERT_HOST: &str = "INSERT INTO hosts (id, pid, hostname, handlers, started_at, last_heartbeat) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-         ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, hostname = excluded.hostname, \
+const UPSERT_HOST: &str = "INSERT INTO hosts (id, pid, hostname, handlers, started_at, last_heartbeat, name) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+         ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, hostname = excluded.hostname, name = excluded.name, \
          handlers = excluded.handlers, started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat";
 const EXTEND_LEASE: &str = "UPDATE steps SET lease_expires_at = ?3 WHERE id = ?1 AND state = 'running' AND lease_owner = ?2 AND run = ?4";
 const STEP_STATE: &str = "SELECT state FROM steps WHERE id = ?1";
@@ -2390,7 +2392,8 @@ fn heartbeat_tx(
         host.hostname,
         handlers,
         host.started_at,
-        now
+        now,
+        host.name
     ])?;
     let mut extend = conn.prepare_cached(EXTEND_LEASE)?;
     let expires = now.saturating_add(lease_ms);
@@ -3050,7 +3053,7 @@ impl Store for SqliteStore {
         self.read("list_hosts", |conn| {
             Ok(conn
                 .prepare_cached(
-                    "SELECT id, pid, hostname, handlers, started_at, last_heartbeat FROM hosts \
+                    "SELECT id, pid, hostname, handlers, started_at, last_heartbeat, name FROM hosts \
                      ORDER BY last_heartbeat DESC, id",
                 )?
                 .query_map([], |r| {
@@ -3061,6 +3064,7 @@ impl Store for SqliteStore {
                         handlers: json_col(r, 3)?,
                         started_at: r.get(4)?,
                         last_heartbeat: r.get(5)?,
+                        name: r.get(6)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?)
@@ -3091,7 +3095,10 @@ mod tests {
         let (reply, answer) = oneshot::channel();
         let id = id.to_owned();
         let f = move |conn: &Connection, now: Millis, _: &mut Effects| -> DbResult<()> {
-            conn.execute(UPSERT_HOST, params![id, 1, "h", "[]", now, now])?;
+            conn.execute(
+                UPSERT_HOST,
+                params![id, 1, "h", "[]", now, now, None::<String>],
+            )?;
             match then {
                 "fail" => Err(Fail::App(Error::InvalidInput(format!("{id} refused")))),
                 "panic" => panic!("{id} panicked"),

@@ -820,6 +820,7 @@ async fn heartbeat_skips_rows_held_by_another_transaction() {
         id: "h".to_string(),
         pid: 1,
         hostname: "box".to_string(),
+        name: None,
         handlers: vec!["beat".to_string()],
         started_at: 0,
         last_heartbeat: 0,

@@ -40,3 +40,23 @@ pub fn store_url_from_env() -> String {
         .filter(|s| !s.trim().is_empty())
         .unwrap_or_else(|| DEFAULT_STORE.into())
 }
+
+/// A worker on the configuration's store, with its `[host]` settings
+/// (concurrency, lease, heartbeat, shutdown grace): register handlers on
+/// it, then build and start it.
+///
+/// ```no_run
+/// # async fn demo() -> switchyard::Result<()> {
+/// let config = switchyard::Config::load(None)?; // --config, SWITCHYARD_CONFIG, SWITCHYARD_*
+/// let worker = switchyard::worker_from_config(&config)
+///     .await?
+///     .step("greet", switchyard::HandlerOptions::default(), |input, _ctx| async move { Ok(input) })
+///     .build()?
+///     .start()
+///     .await?;
+/// # worker.stop().await; Ok(()) }
+/// ```
+pub async fn worker_from_config(config: &Config) -> Result<WorkerBuilder> {
+    let store = open(&config.store.open_url()?).await?;
+    Ok(Worker::builder(store).host_config(&config.host))
+}

@@ -25,11 +25,16 @@ use cli::commands::{CliError, Outcome};
 #[derive(Parser, Debug)]
 #[command(name = "switchyard", version, about, propagate_version = true)]
 struct Cli {
-    /// Store URL: `memory`, `sqlite:PATH`, `postgres://...`. Default:
-    /// $SWITCHYARD_STORE, else `sqlite:switchyard.db`. For `bench`, `sqlite`
+    /// Store URL: `memory`, `sqlite:PATH`, `postgres://...`. Overrides
+    /// `store.url` of the configuration (file, $SWITCHYARD_STORE,
+    /// $SWITCHYARD_STORE__URL; default `sqlite:switchyard.db`). For `bench`, `sqlite`
     /// or `postgres` alone means a throwaway database.
     #[arg(long, global = true, value_name = "URL")]
     store: Option<String>,
+    /// Configuration file (TOML). Default: $SWITCHYARD_CONFIG, else none
+    /// (defaults and `SWITCHYARD_<SECTION>__<KEY>` environment variables).
+    #[arg(long, global = true, value_name = "PATH", env = "SWITCHYARD_CONFIG")]
+    config: Option<std::path::PathBuf>,
     /// Print one JSON document on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -70,6 +75,9 @@ enum Command {
     /// stopped and removed when stdin closes or on Ctrl-C/SIGTERM. For
     /// trying the PostgreSQL store and for tests, never for real data.
     DevPostgres,
+    /// Print the effective configuration (file, environment and --store
+    /// applied) as TOML, or JSON with --json; secrets are shown as `***`.
+    Config,
 }
 
 /// Arguments of `switchyard cleanup`.
@@ -87,12 +95,15 @@ pub struct CleanupArgs {
 /// Arguments of `switchyard serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Address of the REST API. Without API tokens it must be a loopback
-    /// address unless --insecure is given.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
-    pub listen: String,
+    /// Address of the REST API (default: `serve.listen` of the
+    /// configuration, else 127.0.0.1:8080). Without API tokens
+    /// (`[[serve.tokens]]` in the configuration; never on the command line)
+    /// it must be a loopback address unless --insecure is given.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
     /// Address of the standard gRPC health service (`grpc.health.v1`),
-    /// reporting whether the store answers. Off unless given.
+    /// reporting whether the store answers (default: `serve.grpc_listen`;
+    /// off unless given).
     #[arg(long, value_name = "ADDR")]
     pub grpc_listen: Option<String>,
     /// Allow a non-loopback --listen address without API tokens: anyone who
@@ -246,7 +257,18 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
     if let Command::DevPostgres = cli.command {
         return cli::dev::dev_postgres(json).await;
     }
-    let url = cli.store.unwrap_or_else(switchyard::store_url_from_env);
+    let mut config = switchyard::Config::load(cli.config.as_deref())
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    if let Some(url) = cli.store {
+        config.store.url = url;
+    }
+    if let Command::Config = cli.command {
+        return c::show_config(&config, json);
+    }
+    let url = config
+        .store
+        .open_url()
+        .map_err(|e| CliError::usage(e.to_string()))?;
     match cli.command {
         Command::Migrate => c::migrate(&url, json).await,
         Command::Spawn(a) => c::spawn(&url, json, a).await,
@@ -258,7 +280,9 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Retry(a) => c::retry(&url, json, &a.id).await,
         Command::Workers => c::workers(&url, json).await,
         Command::Cleanup(a) => c::cleanup(&url, json, a).await,
-        Command::Serve(a) => cli::serve::serve(&url, a).await,
-        Command::Bench(_) | Command::DevPostgres => unreachable!("handled above"),
+        Command::Serve(a) => cli::serve::serve(&url, a, &config.serve).await,
+        Command::Bench(_) | Command::DevPostgres | Command::Config => {
+            unreachable!("handled above")
+        }
     }
 }

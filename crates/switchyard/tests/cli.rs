@@ -492,3 +492,92 @@ fn serve_refuses_non_loopback_without_tokens() {
         );
     }
 }
+
+/// `serve` takes its tokens, addresses and body limit from the
+/// configuration file (never from the command line): no token is 401, a read
+/// token on a mutation 403, a write token spawns; the secrets never appear
+/// in its output; with tokens configured a non-loopback address is allowed.
+#[test]
+fn serve_takes_tokens_from_the_configuration() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let cli = Cli::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("switchyard.toml");
+    let (read, write) = ("read-secret-0123456789", "write-secret-0123456789");
+    std::fs::write(
+        &config,
+        format!(
+            "[serve]\nlisten = \"0.0.0.0:0\"\nmax_body_bytes = 4096\n\n\
+             [[serve.tokens]]\nname = \"dashboard\"\nsecret = \"{read}\"\nscope = \"read\"\n\n\
+             [[serve.tokens]]\nname = \"ci\"\nsecret = \"{write}\"\nscope = \"write\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("SWITCHYARD_STORE", cli.url())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start serve");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = String::new();
+    let mut addr = None;
+    for _ in 0..3 {
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        lines.push_str(&line);
+        if let Some(a) = line
+            .trim()
+            .strip_prefix("switchyard serve: listening on http://")
+        {
+            addr = Some(a.replace("0.0.0.0", "127.0.0.1"));
+            break;
+        }
+    }
+    let addr = addr.unwrap_or_else(|| panic!("no address in:\n{lines}"));
+    let call = |method: &str, path: &str, token: Option<&str>, body: &str| {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let spawn = r#"{"handler":"h","input":1}"#;
+    let a = call("GET", "/api/v1/tasks", None, "");
+    assert!(a.starts_with("HTTP/1.1 401"), "{a}");
+    let a = call("GET", "/api/v1/tasks", Some(read), "");
+    assert!(a.starts_with("HTTP/1.1 200"), "{a}");
+    let a = call("POST", "/api/v1/tasks", Some(read), spawn);
+    assert!(a.starts_with("HTTP/1.1 403"), "{a}");
+    let a = call("POST", "/api/v1/tasks", Some(write), spawn);
+    assert!(a.starts_with("HTTP/1.1 201"), "{a}");
+    let big = format!(r#"{{"handler":"h","input":"{}"}}"#, "x".repeat(5000));
+    let a = call("POST", "/api/v1/tasks", Some(write), &big);
+    assert!(
+        a.starts_with("HTTP/1.1 413"),
+        "max_body_bytes from the file: {a}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut rest = String::new();
+    let _ = stderr.read_to_string(&mut rest);
+    lines.push_str(&rest);
+    assert!(
+        lines.contains("dashboard") && lines.contains("ci"),
+        "{lines}"
+    );
+    assert!(
+        !lines.contains(read) && !lines.contains(write),
+        "a secret leaked:\n{lines}"
+    );
+}

@@ -1382,6 +1382,7 @@ fn host(id: &str) -> HostInfo {
         id: id.into(),
         pid: std::process::id(),
         hostname: "test".into(),
+        name: None,
         handlers: vec!["manual".into()],
         started_at: 0,
         last_heartbeat: 0,

@@ -57,9 +57,29 @@ module Switchyard
     # giving up the GVL, and no job waits behind a slow block on its thread).
     def initialize(store: nil, concurrency: 64, threads: nil, lease: 30.0, shutdown_grace: 10.0,
                    max_payload_bytes: nil, batch: 1)
-      @store = (store || Switchyard.default_store).to_s
-      concurrency = Integer(concurrency)
-      @native = Native::Worker.new(@store, concurrency, Float(lease), Float(shutdown_grace), max_payload_bytes)
+      store = (store || Switchyard.default_store).to_s
+      native = Native::Worker.new(store, Integer(concurrency), Float(lease), Float(shutdown_grace), max_payload_bytes)
+      setup(native, threads, batch)
+    end
+
+    # A worker configured like every Switchyard host: the file at +path+
+    # (a String or Pathname), else the one named by SWITCHYARD_CONFIG, else
+    # none, then the SWITCHYARD_* environment variables (SWITCHYARD_STORE,
+    # SWITCHYARD_HOST__CONCURRENCY, ...). It uses the configured store
+    # ([store]) and host settings ([host]: concurrency, lease, heartbeat,
+    # shutdown_grace). An unknown key or a value of the wrong type raises
+    # Switchyard::ConfigError naming the key and where it came from.
+    def self.from_config(path = nil, threads: nil, batch: 1)
+      native = Native::Worker.from_config(path.nil? ? nil : File.path(path))
+      worker = allocate
+      worker.send(:setup, native, threads, batch)
+      worker
+    end
+
+    private def setup(native, threads, batch)
+      @native = native
+      @store = native.store_url
+      concurrency = native.concurrency
       @handlers = [] # by handler id (what Native::Worker#register returns)
       @threads_n = Integer(threads || [concurrency, 16].min)
       raise ArgumentError, "threads must be at least 1" if @threads_n < 1

@@ -93,6 +93,16 @@ impl Host {
             .map(|r| r.host_id().to_string())
     }
 
+    /// Steps run at once by the host (its plan's concurrency).
+    pub fn concurrency(&self) -> usize {
+        self.plan.lock().concurrency
+    }
+
+    /// How long running steps may finish during a graceful shutdown.
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        self.plan.lock().shutdown_grace
+    }
+
     /// Where the health/metrics endpoint listens, once started with one.
     pub fn health_addr(&self) -> Option<std::net::SocketAddr> {
         self.running.lock().as_ref().and_then(|r| r.health_addr())

@@ -19,6 +19,11 @@ pub struct HostPlan {
     pub shutdown_grace: Duration,
     /// Largest accepted input/result, if limited.
     pub max_payload: Option<usize>,
+    /// Heartbeat period (`None`: derived from the lease, see
+    /// [`crate::WorkerBuilder::lease`]).
+    pub heartbeat: Option<Duration>,
+    /// The host's name in host listings, if any.
+    pub name: Option<String>,
     /// Where the host serves `/healthz`, `/readyz` and `/metrics` (off
     /// when None; see [`crate::WorkerOptions::health_listen`]).
     pub health_listen: Option<std::net::SocketAddr>,
@@ -38,9 +43,23 @@ impl HostPlan {
             lease,
             shutdown_grace,
             max_payload,
+            heartbeat: None,
+            name: None,
             health_listen: None,
             regs: Vec::new(),
         }
+    }
+
+    /// A plan with the host settings of a configuration's `[host]` section
+    /// ([`crate::config::HostConfig`]: concurrency, lease, heartbeat,
+    /// shutdown grace, name, health_listen), the one mapping every
+    /// binding's `Worker.from_config` uses.
+    pub fn from_config(host: &crate::config::HostConfig) -> Self {
+        let mut plan = Self::new(host.concurrency, host.lease, host.shutdown_grace, None);
+        plan.heartbeat = host.heartbeat;
+        plan.name = host.name.clone();
+        plan.health_listen = host.health_listen;
+        plan
     }
 
     /// Adds handler `name`, served through `inbox`, and returns its id:
@@ -84,6 +103,12 @@ impl HostPlan {
             .lease(self.lease)
             .shutdown_grace(self.shutdown_grace)
             .language(lang);
+        if let Some(h) = self.heartbeat {
+            b = b.heartbeat(h);
+        }
+        if let Some(n) = &self.name {
+            b = b.name(n.clone());
+        }
         if let Some(a) = self.health_listen {
             b = b.health_listen(a);
         }

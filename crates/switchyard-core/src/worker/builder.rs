@@ -44,6 +44,11 @@ impl WorkerBuilder {
         self.opts.claim_batch = n.max(1);
         self
     }
+    /// A name for the host, shown in host listings (`switchyard workers`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.opts.name = Some(name.into());
+        self
+    }
     /// Serves `/healthz`, `/readyz` and `/metrics` on `addr` (see
     /// [`WorkerOptions::health_listen`]).
     pub fn health_listen(mut self, addr: std::net::SocketAddr) -> Self {
@@ -59,6 +64,22 @@ impl WorkerBuilder {
     pub fn max_payload_bytes(mut self, n: usize) -> Self {
         self.opts.max_payload_bytes = n;
         self
+    }
+    /// The host settings of a configuration's `[host]` section
+    /// ([`crate::config::HostConfig`]): concurrency, lease, heartbeat (when
+    /// set; else derived from the lease), shutdown grace, name and
+    /// health/metrics address.
+    pub fn host_config(self, host: &crate::config::HostConfig) -> Self {
+        let mut b = self
+            .concurrency(host.concurrency)
+            .lease(host.lease)
+            .shutdown_grace(host.shutdown_grace);
+        b.opts.name = host.name.clone();
+        b.opts.health_listen = host.health_listen;
+        match host.heartbeat {
+            Some(h) => b.heartbeat(h),
+            None => b,
+        }
     }
     /// All options at once.
     pub fn options(mut self, o: WorkerOptions) -> Self {
@@ -195,6 +216,11 @@ impl Worker {
         }
     }
 
+    /// The host-wide options it will run with.
+    pub fn options(&self) -> &WorkerOptions {
+        &self.opts
+    }
+
     /// Starts the host on the current tokio runtime and returns a handle.
     pub async fn start(self) -> Result<RunningWorker> {
         let now = self.store.now().await?;
@@ -202,6 +228,7 @@ impl Worker {
             id: uuid::Uuid::now_v7().to_string(),
             pid: std::process::id(),
             hostname: hostname(),
+            name: self.opts.name.clone(),
             handlers: self.regs.iter().map(|r| r.0.clone()).collect(),
             started_at: now,
             last_heartbeat: now,

@@ -92,6 +92,8 @@ pub struct WorkerOptions {
     pub claim_batch: usize,
     /// Largest accepted payload (results, checkpoints, events, spawn inputs).
     pub max_payload_bytes: usize,
+    /// A name for the host, shown in host listings (`switchyard workers`).
+    pub name: Option<String>,
     /// Where to serve `/healthz`, `/readyz` and `/metrics` (off when None;
     /// port 0 picks a free port, see [`RunningWorker::health_addr`]).
     pub health_listen: Option<std::net::SocketAddr>,
@@ -109,6 +111,7 @@ impl Default for WorkerOptions {
             shutdown_flush: DEFAULT_SHUTDOWN_FLUSH,
             claim_batch: 512,
             max_payload_bytes: crate::client::DEFAULT_MAX_PAYLOAD,
+            name: None,
             health_listen: None,
             language: "rust",
         }

@@ -79,13 +79,15 @@ pub type CmdResult = Result<Outcome, CliError>;
 /// message ("unable to open database file") does not say why.
 pub async fn open_store(url: &str) -> Result<DynStore, CliError> {
     let trimmed = url.trim();
+    // Every message below names the URL without its password.
+    let shown = switchyard::redact_url(trimmed);
     if let Some(path) = trimmed
         .strip_prefix("sqlite://")
         .or_else(|| trimmed.strip_prefix("sqlite:"))
     {
         if std::path::Path::new(path).is_dir() {
             return Err(CliError::failure(format!(
-                "cannot open store `{trimmed}`: `{path}` is a directory, not an SQLite database file"
+                "cannot open store `{shown}`: `{path}` is a directory, not an SQLite database file"
             )));
         }
     }
@@ -93,7 +95,7 @@ pub async fn open_store(url: &str) -> Result<DynStore, CliError> {
         let code = if matches!(e, Error::Config(_)) { 2 } else { 1 };
         CliError {
             code,
-            message: format!("cannot open store `{trimmed}`: {e}"),
+            message: switchyard::redact_url(&format!("cannot open store `{shown}`: {e}")),
         }
     })
 }
@@ -117,6 +119,16 @@ fn print_text(s: &str) -> Result<(), CliError> {
 fn parse_id(text: &str) -> Result<TaskId, CliError> {
     TaskId::from_str(text)
         .map_err(|_| CliError::usage(format!("`{text}` is not a valid task id (expected a UUID)")))
+}
+
+/// `switchyard config`: the effective configuration, secrets as `***`.
+pub fn show_config(config: &switchyard::Config, json: bool) -> CmdResult {
+    if json {
+        print_json(&config.redacted())?;
+    } else {
+        print_text(&config.to_toml_redacted())?;
+    }
+    Ok(Outcome::Success)
 }
 
 /// `switchyard migrate`.
@@ -629,6 +641,7 @@ pub async fn workers(url: &str, json: bool) -> CmdResult {
     }
     let mut t = Table::new(&[
         "ID",
+        "NAME",
         "PID",
         "HOSTNAME",
         "LIVE",
@@ -639,6 +652,7 @@ pub async fn workers(url: &str, json: bool) -> CmdResult {
     for h in &hosts {
         t.row(vec![
             h.id.clone(),
+            h.name.clone().unwrap_or_else(|| "-".into()),
             h.pid.to_string(),
             h.hostname.clone(),
             if is_live(h, now) { "yes" } else { "no" }.into(),

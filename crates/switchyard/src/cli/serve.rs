@@ -7,28 +7,30 @@ use crate::ServeArgs;
 
 /// Checks the settings before opening the store, so a refused address costs
 /// nothing; then serves until Ctrl-C or SIGTERM.
-pub async fn serve(url: &str, a: ServeArgs) -> CmdResult {
-    let listen: SocketAddr = a.listen.parse().map_err(|_| {
-        CliError::usage(format!(
-            "--listen: `{}` is not an address like 127.0.0.1:8080",
-            a.listen
-        ))
-    })?;
-    let grpc_listen = match &a.grpc_listen {
-        None => None,
-        Some(g) => Some(g.parse::<SocketAddr>().map_err(|_| {
+pub async fn serve(url: &str, a: ServeArgs, config: &switchyard::config::ServeConfig) -> CmdResult {
+    let listen: SocketAddr = match &a.listen {
+        Some(l) => l.parse().map_err(|_| {
+            CliError::usage(format!(
+                "--listen: `{l}` is not an address like 127.0.0.1:8080"
+            ))
+        })?,
+        None => config
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+    };
+    let mut settings = switchyard_serve::ServeSettings::from_config(listen, config);
+    if let Some(g) = &a.grpc_listen {
+        settings.grpc_listen = Some(g.parse::<SocketAddr>().map_err(|_| {
             CliError::usage(format!(
                 "--grpc-listen: `{g}` is not an address like 127.0.0.1:50051"
             ))
-        })?),
-    };
-    let settings = switchyard_serve::ServeSettings {
-        grpc_listen,
-        insecure: a.insecure,
-        // Tokens come from the configuration file, never from the command
-        // line; until it is wired in, `serve` runs without tokens.
-        ..switchyard_serve::ServeSettings::new(listen)
-    };
+        })?);
+    }
+    settings.insecure |= a.insecure;
+    if !settings.tokens.is_empty() {
+        let names: Vec<&str> = settings.tokens.iter().map(|t| t.name.as_str()).collect();
+        eprintln!("switchyard serve: API tokens: {}", names.join(", "));
+    }
     settings
         .check()
         .map_err(|e| CliError::usage(e.to_string()))?;
