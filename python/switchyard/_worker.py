@@ -148,8 +148,11 @@ class Worker:
         lease: float = 30.0,
         shutdown_grace: float = 10.0,
         max_payload_bytes: Optional[int] = None,
+        health_listen: Optional[str] = None,
     ) -> None:
-        native = _native.NativeWorker(store or default_store(), concurrency, lease, shutdown_grace, max_payload_bytes)
+        native = _native.NativeWorker(
+            store or default_store(), concurrency, lease, shutdown_grace, max_payload_bytes, health_listen
+        )
         self._init(native, threads)
 
     @classmethod
@@ -289,6 +292,13 @@ class Worker:
     @property
     def host_id(self) -> Optional[str]:
         return self._native.host_id
+
+    @property
+    def health_addr(self) -> Optional[str]:
+        """Where ``/healthz``, ``/readyz`` and ``/metrics`` are served once
+        started with ``health_listen="127.0.0.1:9464"`` (port 0 picks a free
+        port), else None."""
+        return self._native.health_addr
 
     def start(self) -> None:
         """Starts serving in background threads and returns."""

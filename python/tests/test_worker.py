@@ -374,3 +374,38 @@ def _until(cond, timeout=10.0):
 
 def _wait_state(client, tid, state):
     _until(lambda: any(s["state"] == state for s in client.inspect(tid)["steps"]))
+
+
+def test_health_listen_serves_health_and_metrics(make_worker, client):
+    import time
+    import urllib.error
+    import urllib.request
+
+    w = make_worker(health_listen="127.0.0.1:0")
+
+    @w.step("echo")
+    def echo(inp, ctx):
+        return inp
+
+    assert w.health_addr is None
+    w.start()
+    addr = w.health_addr
+    assert addr is not None and addr.startswith("127.0.0.1:")
+    tid = client.spawn("echo", {"m": "PAYLOAD-MARKER-py"})
+    client.result(tid, timeout=10)
+    assert urllib.request.urlopen(f"http://{addr}/healthz").read() == b"ok\n"
+    assert urllib.request.urlopen(f"http://{addr}/readyz").status == 200
+    text = ""
+    for _ in range(200):
+        text = urllib.request.urlopen(f"http://{addr}/metrics").read().decode()
+        if 'switchyard_steps_completed_total{handler="echo"} 1' in text:
+            break
+        time.sleep(0.01)
+    assert 'switchyard_steps_completed_total{handler="echo"} 1' in text
+    assert 'lang="Python"' in text
+    assert "PAYLOAD-MARKER-py" not in text
+    w.stop()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://{addr}/healthz", timeout=2)
+    with pytest.raises(ValueError, match="health_listen must be an address"):
+        switchyard.Worker("memory", health_listen="localhost:80")

@@ -445,4 +445,30 @@ class TestWorker < Minitest::Test
     assert(threads.none?(&:alive?), "every handler thread was joined")
     refute w.running?
   end
+
+  def test_health_listen_serves_health_and_metrics
+    require "net/http"
+    w = make_worker(health_listen: "127.0.0.1:0")
+    w.step("echo") { |input, _ctx| input }
+    assert_nil w.health_addr
+    w.start
+    addr = w.health_addr
+    assert_match(/\A127\.0\.0\.1:\d+\z/, addr)
+    host, port = addr.split(":")
+    id = client.spawn("echo", { m: "PAYLOAD-MARKER-rb" })
+    client.result(id, timeout: WAIT)
+    assert_equal "ok\n", Net::HTTP.get(host, "/healthz", Integer(port))
+    text = ""
+    200.times do
+      text = Net::HTTP.get(host, "/metrics", Integer(port))
+      break if text.include?('switchyard_steps_completed_total{handler="echo"} 1')
+
+      sleep 0.01
+    end
+    assert_includes text, 'switchyard_steps_completed_total{handler="echo"} 1'
+    assert_includes text, 'lang="Ruby"'
+    refute_includes text, "PAYLOAD-MARKER-rb"
+    e = assert_raises(ArgumentError) { Switchyard::Worker.new(store: "memory", health_listen: "localhost:80") }
+    assert_match(/health_listen must be an address/, e.message)
+  end
 end

@@ -103,26 +103,31 @@ impl NativeWorker {
 #[pymethods]
 impl NativeWorker {
     #[new]
-    #[pyo3(signature = (store, concurrency=64, lease=30.0, shutdown_grace=10.0, max_payload_bytes=None))]
+    #[pyo3(signature = (store, concurrency=64, lease=30.0, shutdown_grace=10.0, max_payload_bytes=None, health_listen=None))]
     fn new(
         store: String,
         concurrency: usize,
         lease: f64,
         shutdown_grace: f64,
         max_payload_bytes: Option<usize>,
+        health_listen: Option<String>,
     ) -> PyResult<Self> {
         if concurrency == 0 {
             return Err(PyValueError::new_err("concurrency must be at least 1"));
         }
-        Ok(Self::with_plan(
-            store,
-            HostPlan::new(
-                concurrency,
-                positive_secs("lease", lease)?,
-                positive_secs("shutdown_grace", shutdown_grace)?,
-                max_payload_bytes,
-            ),
-        ))
+        let mut plan = HostPlan::new(
+            concurrency,
+            positive_secs("lease", lease)?,
+            positive_secs("shutdown_grace", shutdown_grace)?,
+            max_payload_bytes,
+        );
+        if let Some(a) = health_listen {
+            plan.health_listen = Some(
+                switchyard_core::bridge::listen_address("health_listen", &a)
+                    .map_err(PyValueError::new_err)?,
+            );
+        }
+        Ok(Self::with_plan(store, plan))
     }
 
     /// A worker from the configuration (`switchyard_core::config`): the
@@ -213,6 +218,13 @@ impl NativeWorker {
     #[getter]
     fn host_id(&self) -> Option<String> {
         self.host.host_id()
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, once started
+    /// with `health_listen`.
+    #[getter]
+    fn health_addr(&self) -> Option<String> {
+        self.host.health_addr().map(|a| a.to_string())
     }
 
     /// Ids of async jobs that should stop (the core's cancellation

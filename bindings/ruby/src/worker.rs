@@ -89,19 +89,24 @@ impl RbWorker {
         lease: f64,
         shutdown_grace: f64,
         max_payload: Option<usize>,
+        health_listen: Option<String>,
     ) -> Result<Self, Error> {
         if concurrency == 0 {
             return Err(arg_error(ruby, "concurrency must be at least 1".into()));
         }
-        Ok(Self::with_plan(
-            store,
-            HostPlan::new(
-                concurrency,
-                secs(ruby, "lease", lease)?,
-                secs(ruby, "shutdown_grace", shutdown_grace)?,
-                max_payload,
-            ),
-        ))
+        let mut plan = HostPlan::new(
+            concurrency,
+            secs(ruby, "lease", lease)?,
+            secs(ruby, "shutdown_grace", shutdown_grace)?,
+            max_payload,
+        );
+        if let Some(a) = health_listen {
+            plan.health_listen = Some(
+                switchyard_core::bridge::listen_address("health_listen", &a)
+                    .map_err(|m| arg_error(ruby, m))?,
+            );
+        }
+        Ok(Self::with_plan(store, plan))
     }
 
     fn with_plan(store_url: String, plan: HostPlan) -> Self {
@@ -216,6 +221,12 @@ impl RbWorker {
 
     fn host_id(&self) -> Option<String> {
         self.host.host_id()
+    }
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, once started
+    /// with `health_listen`.
+    fn health_addr(&self) -> Option<String> {
+        self.host.health_addr().map(|a| a.to_string())
     }
 
     /// Up to `max` jobs for the thread holding `consumer`: those already
@@ -529,7 +540,7 @@ impl RbJob {
 
 pub fn define(ruby: &Ruby, _switchyard: RModule, native: RModule) -> Result<(), Error> {
     let w = native.define_class("Worker", ruby.class_object())?;
-    w.define_singleton_method("new", function!(RbWorker::new, 5))?;
+    w.define_singleton_method("new", function!(RbWorker::new, 6))?;
     w.define_singleton_method("from_config", function!(RbWorker::from_config, 1))?;
     w.define_method("store_url", method!(RbWorker::store_url, 0))?;
     w.define_method("concurrency", method!(RbWorker::concurrency, 0))?;
@@ -537,6 +548,7 @@ pub fn define(ruby: &Ruby, _switchyard: RModule, native: RModule) -> Result<(), 
     w.define_method("register", method!(RbWorker::register, 3))?;
     w.define_method("start", method!(RbWorker::start, 0))?;
     w.define_method("host_id", method!(RbWorker::host_id, 0))?;
+    w.define_method("health_addr", method!(RbWorker::health_addr, 0))?;
     w.define_method("consumer", method!(RbWorker::consumer, 0))?;
     w.define_method("next_jobs", method!(RbWorker::next_jobs, 3))?;
     native.define_class("Consumer", ruby.class_object())?;

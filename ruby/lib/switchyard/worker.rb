@@ -56,9 +56,10 @@ module Switchyard
     # thread running blocks keeps taking queued jobs one by one without
     # giving up the GVL, and no job waits behind a slow block on its thread).
     def initialize(store: nil, concurrency: 64, threads: nil, lease: 30.0, shutdown_grace: 10.0,
-                   max_payload_bytes: nil, batch: 1)
+                   max_payload_bytes: nil, batch: 1, health_listen: nil)
       store = (store || Switchyard.default_store).to_s
-      native = Native::Worker.new(store, Integer(concurrency), Float(lease), Float(shutdown_grace), max_payload_bytes)
+      native = Native::Worker.new(store, Integer(concurrency), Float(lease), Float(shutdown_grace), max_payload_bytes,
+                                  health_listen&.to_s)
       setup(native, threads, batch)
     end
 
@@ -121,6 +122,12 @@ module Switchyard
 
     def host_id
       @native.host_id
+    end
+
+    # Where /healthz, /readyz and /metrics are served once started with
+    # +health_listen: "127.0.0.1:9464"+ (port 0 picks a free port), else nil.
+    def health_addr
+      @native.health_addr
     end
 
     def running?
