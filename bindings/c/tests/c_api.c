@@ -1,6 +1,7 @@
 /* Exercises every function of include/switchyard.h, errors included.
  * Run by `make test-c` under valgrind (no leaks, no invalid accesses).
  * Prints one line per check; exits 1 on the first failed check. */
+#include <dirent.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -805,6 +806,60 @@ static void stop_checks(void) {
     CHECK(sy_store_free(store) == SY_OK);
 }
 
+/* ------------------------------------------------------------------------
+ * Idle callback threads sleep until there is a job or the worker stops. */
+
+/* Context switches so far of this process's callback threads. */
+static long callback_thread_switches(int *threads) {
+    long total = 0;
+    *threads = 0;
+    DIR *d = opendir("/proc/self/task");
+    CHECK(d != NULL);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        char path[300], line[256];
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue; /* the thread has left */
+        int ours = fgets(line, sizeof line, f) && strncmp(line, "switchyard-c-", 13) == 0;
+        fclose(f);
+        if (!ours) continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/status", e->d_name);
+        if (!(f = fopen(path, "r"))) continue;
+        while (fgets(line, sizeof line, f)) {
+            if (strncmp(line, "voluntary_ctxt_switches:", 24) == 0 ||
+                strncmp(line, "nonvoluntary_ctxt_switches:", 27) == 0)
+                total += strtol(strchr(line, ':') + 1, NULL, 10);
+        }
+        fclose(f);
+        (*threads)++;
+    }
+    closedir(d);
+    return total;
+}
+
+static void idle_checks(void) {
+    sy_store *store = NULL;
+    sy_worker *worker = NULL;
+    EXPECT(sy_store_open("memory", &store, &err), SY_OK, NULL);
+    EXPECT(sy_worker_new(store, 32, &worker, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "noop", NULL, noop, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_start(worker, &err), SY_OK, NULL);
+    sleep_ms(300);
+    int threads = 0, again = 0;
+    long before = callback_thread_switches(&threads);
+    sleep_ms(1000);
+    long woke = callback_thread_switches(&again) - before;
+    printf("ok: %d idle callback threads switched %ld times in 1 s\n", threads, woke);
+    /* This worker's 32, and the 2 of the one main() keeps running. */
+    CHECK(threads == 34 && again == 34);
+    /* Waking every 200 ms would be 5 a second each (170). */
+    CHECK(woke < 34);
+    CHECK(sy_worker_free(worker) == SY_OK);
+    CHECK(sy_store_free(store) == SY_OK);
+}
+
 int main(void) {
     sy_store *store = NULL;
     sy_client *client = NULL;
@@ -970,6 +1025,7 @@ int main(void) {
 
     durable_checks();
     stop_checks();
+    idle_checks();
 
     /* Stop, double stop, frees, double frees. */
     EXPECT(sy_worker_stop(worker, &err), SY_OK, NULL);
