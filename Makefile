@@ -6,7 +6,7 @@ CARGO ?= cargo
 # Contract tests of the stores are compiled in only for tests.
 FEATURES := --features switchyard-store/contract
 
-.PHONY: demo test lint test-rust bench build deps-postgres
+.PHONY: demo test lint test-rust bench build deps-postgres deps-prometheus
 
 # Root runs apt-get directly; anyone else through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -32,8 +32,19 @@ lint: deps-ruby
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
 
-test-rust: deps-postgres
+test-rust: deps-postgres deps-prometheus
 	$(CARGO) test --workspace $(FEATURES)
+	# The REST API's HTTP suite again, on a throwaway PostgreSQL.
+	SWITCHYARD_SERVE_TEST_STORE=postgres $(CARGO) test -p switchyard-serve --test api
+
+# The metrics tests check every host's /metrics with `promtool check metrics`
+# (Debian's prometheus package).
+deps-prometheus:
+	@if command -v promtool >/dev/null 2>&1; then :; else \
+		echo "installing promtool (apt-get install prometheus)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
 
 # The PostgreSQL tests start their own throwaway server (initdb in a temp dir,
 # a free port on 127.0.0.1); they need the server binaries installed.

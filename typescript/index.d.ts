@@ -167,7 +167,9 @@ export declare class Context {
     get isCancelled(): boolean;
     /** Fired with a `CancelledError` reason when the core stops wanting this
      * run: the task was cancelled, the handler's timeout passed, or the worker
-     * shut down before the run ended. Pass it to `fetch`, timers and the like. */
+     * shut down before the run ended. Pass it to `fetch`, timers and the like.
+     * The items of a batch handler are aborted together, once every item's
+     * run was asked to stop; `isCancelled` tells about one item. */
     get signal(): AbortSignal;
     /** Runs `fn` once per task, ever: a replay returns the stored value. */
     checkpoint<T>(name: string, fn: () => T | Promise<T>): Promise<T>;
@@ -280,6 +282,10 @@ export interface WorkerOptions {
     shutdownGrace?: number;
     /** Largest input, result or checkpoint in bytes. */
     maxPayloadBytes?: number;
+    /** Serve `/healthz`, `/readyz` and `/metrics` on this address, e.g.
+     * `"127.0.0.1:9464"` (port 0 picks a free one: see `healthAddr`). Off by
+     * default. */
+    healthListen?: string;
     /** Shut down gracefully on SIGINT/SIGTERM while `run()` waits (default true). */
     handleSignals?: boolean;
 }
@@ -305,7 +311,10 @@ export declare class Worker {
     api<I = any, O = unknown>(name: string, handler: StepHandler<I, O>, options?: ApiOptions): this;
     /** The host id once started. */
     get hostId(): string | null;
-    /** Steps currently held by JS handlers. */
+    /** Where `/healthz`, `/readyz` and `/metrics` are served once started
+     * with `healthListen` (`"127.0.0.1:41234"`), else null. */
+    get healthAddr(): string | null;
+    /** Steps running in this host now. */
     get inFlight(): number;
     /** Starts serving and resolves once the host is running. */
     start(): Promise<void>;
@@ -359,6 +368,15 @@ export declare class Client {
      * `TaskFailedError`, `TaskCancelledError`, or `WaitTimeoutError` after
      * `timeout` seconds (default 30). */
     result<T = unknown>(taskId: string, options?: {
+        timeout?: number;
+    }): Promise<T>;
+    /** Waits, from outside any task, until event `name` is emitted and
+     * resolves to its payload (at once if it already was; the first emit
+     * wins): how a caller waits for a task's `responseEvent` (`{ task_id,
+     * state, result, error }`) without polling. Rejects with
+     * `WaitTimeoutError` naming the event after `timeout` seconds (default
+     * 30), `InvalidInput` for a bad name. */
+    awaitEvent<T = unknown>(name: string, options?: {
         timeout?: number;
     }): Promise<T>;
     /** Waits for the task to finish and resolves to its record. */

@@ -68,6 +68,15 @@ class Client:
         ``switchyard.TimeoutError`` if this wait ran out."""
         return self._n.result(task_id, timeout)
 
+    def await_event(self, name: str, timeout: float = 30.0) -> Any:
+        """Waits, from outside any task, until event ``name`` is emitted and
+        returns its payload (at once if it already was; the first emit wins).
+        This is how a caller waits for a task's ``response_event``
+        (``{"task_id", "state", "result", "error"}``) without polling. Raises
+        ``switchyard.TimeoutError`` naming the event if it is not emitted in
+        time, ``InvalidInput`` for a bad name or timeout."""
+        return self._n.await_event(name, timeout)
+
     def wait(self, task_id: str, timeout: float = 30.0) -> Dict[str, Any]:
         """Waits until the task finishes and returns it (any final state)."""
         return self._n.wait(task_id, timeout)
@@ -124,6 +133,9 @@ class Client:
 
     async def result_async(self, task_id: str, timeout: float = 30.0) -> Any:
         return await self._n.result_async(task_id, timeout)
+
+    async def await_event_async(self, name: str, timeout: float = 30.0) -> Any:
+        return await self._n.await_event_async(name, timeout)
 
     async def wait_async(self, task_id: str, timeout: float = 30.0) -> Dict[str, Any]:
         return await self._n.wait_async(task_id, timeout)

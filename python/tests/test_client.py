@@ -136,3 +136,49 @@ def test_memory_store_is_shared_in_process(make_worker):
     with w:
         assert client.result(client.spawn("mem", 41), timeout=10) == 42
         assert switchyard.Client("memory").get(client.list()[0]["id"])["result"] == 42
+
+
+def test_await_event_from_outside_a_task(make_worker, client):
+    """Client.await_event: a caller waits for a task's response_event (sync
+    and async), gets an event emitted earlier at once, and a clear timeout."""
+    import asyncio
+    import threading
+
+    w = make_worker()
+
+    @w.step("answer")
+    def answer(inp, ctx):
+        return {"answer": inp["q"]}
+
+    w.start()
+    got = {}
+
+    def wait_for_reply():
+        got["reply"] = client.await_event("reply.py", timeout=20)
+
+    t = threading.Thread(target=wait_for_reply)
+    t.start()
+    tid = client.spawn("answer", {"q": 7}, response_event="reply.py")
+    t.join(20)
+    assert got["reply"]["task_id"] == tid
+    assert got["reply"]["state"] == "completed"
+    assert got["reply"]["result"] == {"answer": 7}
+    assert got["reply"]["error"] is None
+
+    client.emit("plain.py", {"n": 1})
+    client.emit("plain.py", {"n": 2})
+    assert client.await_event("plain.py", timeout=5) == {"n": 1}
+    with pytest.raises(switchyard.TimeoutError, match="`never.py`"):
+        client.await_event("never.py", timeout=0.2)
+    with pytest.raises(switchyard.InvalidInput):
+        client.await_event("", timeout=1)
+
+    async def twin():
+        waiting = asyncio.ensure_future(client.await_event_async("reply.async", 20))
+        await asyncio.sleep(0.05)
+        tid2 = await client.spawn_async("answer", {"q": 8}, response_event="reply.async")
+        reply = await waiting
+        return tid2, reply
+
+    tid2, reply = asyncio.run(twin())
+    assert reply["task_id"] == tid2 and reply["result"] == {"answer": 8}

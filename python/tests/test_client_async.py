@@ -343,6 +343,7 @@ async def main(c: switchyard.Client) -> None:
     stored: bool = await c.emit_async("e", {"p": 1})
     value: Any = await c.result_async(tid, timeout=1.0)
     task: Dict[str, Any] = await c.wait_async(tid, timeout=1.0)
+    event: Any = await c.await_event_async("e", timeout=1.0)
     got: Dict[str, Any] = await c.get_async(tid)
     detail: Dict[str, Any] = await c.inspect_async(tid)
     tasks: List[Dict[str, Any]] = await c.list_async(state="failed", handler="h", limit=10)

@@ -114,4 +114,24 @@ class TestClient < Minitest::Test
   ensure
     ENV["SWITCHYARD_STORE"] = old
   end
+
+  def test_await_event_from_outside_a_task
+    w = make_worker
+    w.step("answer") { |input, _ctx| { answer: input["q"] } }
+    w.start
+    waiter = Thread.new { client.await_event("reply.rb", timeout: WAIT) }
+    sleep 0.05
+    id = client.spawn("answer", { q: 7 }, response_event: "reply.rb")
+    reply = waiter.value
+    assert_equal id, reply["task_id"]
+    assert_equal "completed", reply["state"]
+    assert_equal({ "answer" => 7 }, reply["result"])
+    assert_nil reply["error"]
+    client.emit("plain.rb", { n: 1 })
+    client.emit("plain.rb", { n: 2 })
+    assert_equal({ "n" => 1 }, client.await_event("plain.rb", timeout: 5))
+    e = assert_raises(Switchyard::TimeoutError) { client.await_event("never.rb", timeout: 0.2) }
+    assert_match(/`never.rb`/, e.message)
+    assert_raises(Switchyard::InvalidInput) { client.await_event("", timeout: 1) }
+  end
 end

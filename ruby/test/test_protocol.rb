@@ -20,7 +20,8 @@ class TestProtocol < Minitest::Test
     assert_equal id, e.task_id
     assert_equal "permanent", e.kind, "a subclass of PermanentError is permanent"
     assert_equal 1, e.attempt, "never retried"
-    assert_match(/card declined/, e.message)
+    assert_equal "card declined", e.error_message
+    assert_equal "task #{id} failed on attempt 1: permanent: card declined", e.message
     assert_match(/TestProtocol::CardDeclined: card declined/, e.traceback)
     assert_match(/test_protocol\.rb:\d+/, e.traceback)
   end

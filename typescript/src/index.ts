@@ -35,7 +35,6 @@ interface NativeContext {
   readonly headersJson: string;
   readonly timeLeft: number | null;
   readonly isCancelled: boolean;
-  cancelled(): Promise<string>;
   checkpointLookup(name: string): Promise<string>;
   checkpointSave(key: string, value: string): Promise<string>;
   awaitEvent(name: string, timeoutSecs?: number | null): Promise<string>;
@@ -53,8 +52,11 @@ interface NativeWorker {
   register(name: string, kind: string, options?: Record<string, unknown>): void;
   /** `dispatch` gets each batch as JSON text: a flat array `[jobId,
    * handlerIndex, input, ...]` (for batch handlers `input` is the array of
-   * the items' inputs); handler indexes follow the `register` calls. */
-  start(dispatch: (batch: string) => void): Promise<string>;
+   * the items' inputs); handler indexes follow the `register` calls.
+   * `cancel` gets the core's cancellation notices for jobs JS holds, never
+   * before their job: a flat array `[jobId, reason, ...]`, `reason` being
+   * "cancelled", "timeout" or "shutdown". */
+  start(dispatch: (batch: string) => void, cancel: (notices: string) => void): Promise<string>;
   /** The durable context of item `index` of job `jobId`, while it runs. */
   context(jobId: number, index: number): NativeContext;
   /** `outcomes`: JSON array, one entry per id (see `Outcome`). */
@@ -65,6 +67,7 @@ interface NativeWorker {
   stop(): Promise<void>;
   readonly hostId: string | null;
   readonly inFlight: number;
+  readonly healthAddr: string | null;
   readonly running: boolean;
 }
 
@@ -78,6 +81,7 @@ interface NativeClient {
   list(state: string | null | undefined, handler: string | null | undefined, limit: number): Promise<string>;
   wait(id: string, timeoutSecs: number): Promise<string>;
   result(id: string, timeoutSecs: number): Promise<string>;
+  awaitEvent(name: string, timeoutSecs: number): Promise<string>;
   cancel(id: string, cascade: boolean): Promise<string>;
   retry(id: string): Promise<string>;
   workers(): Promise<string>;
@@ -339,6 +343,13 @@ export interface AwaitOptions {
   timeout?: number;
 }
 
+/** The message of `ctx.signal.reason` for each reason a notice gives. */
+const REASONS: Record<string, string> = {
+  cancelled: "the task was cancelled",
+  timeout: "the handler's timeout passed",
+  shutdown: "the worker shut down before the step finished",
+};
+
 /**
  * The durable context of one step run. Durable operations are keyed by name
  * and call order, so a replay (after a suspension, a retry or a crash) gets
@@ -351,6 +362,8 @@ export class Context {
   readonly #index: number;
   #native: NativeContext | undefined;
   #abort: AbortController | undefined;
+  /** Set by a cancellation notice that came before `signal` was asked for. */
+  #reason: CancelledError | undefined;
 
   /** @internal */
   constructor(worker: NativeWorker, job: number, index: number) {
@@ -414,29 +427,22 @@ export class Context {
   }
   /** Fired with a `CancelledError` reason when the core stops wanting this
    * run: the task was cancelled, the handler's timeout passed, or the worker
-   * shut down before the run ended. Pass it to `fetch`, timers and the like. */
+   * shut down before the run ended. Pass it to `fetch`, timers and the like.
+   * The items of a batch handler are aborted together, once every item's
+   * run was asked to stop; `isCancelled` tells about one item. */
   get signal(): AbortSignal {
     if (this.#abort === undefined) {
-      const ac = new AbortController();
-      this.#abort = ac;
-      let n: NativeContext;
-      try {
-        n = this.#n;
-      } catch {
-        // The run has ended: nothing will cancel it any more.
-        return ac.signal;
-      }
       // Created on first use: a handler that never looks costs nothing.
-      n.cancelled().then(
-        (why) => {
-          if (why === "cancelled") ac.abort(new CancelledError("the task was cancelled"));
-          else if (why === "timeout") ac.abort(new CancelledError("the handler's timeout passed"));
-          else if (why === "shutdown") ac.abort(new CancelledError("the worker shut down before the step finished"));
-        },
-        () => undefined,
-      );
+      this.#abort = new AbortController();
+      if (this.#reason !== undefined) this.#abort.abort(this.#reason);
     }
     return this.#abort.signal;
+  }
+  /** @internal The worker got the core's cancellation notice for this run's job. */
+  _abort(why: string): void {
+    if (this.#reason !== undefined) return;
+    this.#reason = new CancelledError(REASONS[why] ?? REASONS.cancelled);
+    this.#abort?.abort(this.#reason);
   }
 
   /** Runs `fn` once per task, ever: a replay returns the stored value. */
@@ -486,13 +492,8 @@ export class Context {
   /** Runs child tasks in parallel and returns one outcome per child, in order
    * (failures are reported per child). */
   async delegateParallel(children: Array<Child | [string, unknown]>): Promise<ChildOutcome[]> {
-    if (!Array.isArray(children)) throw new InvalidInput("delegateParallel needs an array of children");
-    const pairs = children.map((c, i) => {
-      if (Array.isArray(c)) return [name(`child #${i} handler`, c[0]), c[1] ?? null];
-      if (c === null || typeof c !== "object") throw new InvalidInput(`child #${i} must be {handler, input}`);
-      return [name(`child #${i} handler`, c.handler), c.input ?? null];
-    });
-    return camelRecord(unwrap(await this.#n.delegateParallel(toJson(pairs, "children"))));
+    // The core parses the children and names a bad one.
+    return camelRecord(unwrap(await this.#n.delegateParallel(toJson(children, "delegateParallel children"))));
   }
   /** Extends the lease for long work. */
   async heartbeat(): Promise<void> {
@@ -624,6 +625,10 @@ export interface WorkerOptions {
   shutdownGrace?: number;
   /** Largest input, result or checkpoint in bytes. */
   maxPayloadBytes?: number;
+  /** Serve `/healthz`, `/readyz` and `/metrics` on this address, e.g.
+   * `"127.0.0.1:9464"` (port 0 picks a free one: see `healthAddr`). Off by
+   * default. */
+  healthListen?: string;
   /** Shut down gracefully on SIGINT/SIGTERM while `run()` waits (default true). */
   handleSignals?: boolean;
 }
@@ -961,6 +966,9 @@ export class Worker {
     this.#flush();
     this.#native.handBack();
   };
+  /** The contexts of the jobs JS runs, by job id, for the core's
+   * cancellation notices (an array for a batch job). */
+  readonly #live = new Map<number, Context | Context[]>();
   #doneIds: number[] = [];
   /** The JSON text of each answer (see `Outcome`). */
   #doneTexts: string[] = [];
@@ -979,6 +987,7 @@ export class Worker {
     if (options.lease !== undefined) o.lease = nonNeg("lease", options.lease);
     if (options.shutdownGrace !== undefined) o.shutdownGrace = nonNeg("shutdownGrace", options.shutdownGrace);
     if (options.maxPayloadBytes !== undefined) o.maxPayloadBytes = options.maxPayloadBytes;
+    if (options.healthListen !== undefined) o.healthListen = options.healthListen;
     this.#handleSignals = options.handleSignals ?? true;
     try {
       this.#native = new native.NativeWorker(this.store, o);
@@ -1035,7 +1044,12 @@ export class Worker {
   get hostId(): string | null {
     return this.#native.hostId;
   }
-  /** Steps currently held by JS handlers. */
+  /** Where `/healthz`, `/readyz` and `/metrics` are served once started
+   * with `healthListen` (`"127.0.0.1:41234"`), else null. */
+  get healthAddr(): string | null {
+    return this.#native.healthAddr ?? null;
+  }
+  /** Steps running in this host now. */
   get inFlight(): number {
     return this.#native.inFlight;
   }
@@ -1048,7 +1062,10 @@ export class Worker {
     this.#state = "starting";
     this.#closed = new Promise((r) => (this.#closedResolve = r));
     try {
-      this.#starting = this.#native.start((jobs) => this.#dispatch(jobs));
+      this.#starting = this.#native.start(
+        (jobs) => this.#dispatch(jobs),
+        (notices) => this.#cancel(notices),
+      );
       unwrap(await this.#starting);
     } catch (e) {
       this.#state = "closed";
@@ -1124,8 +1141,10 @@ export class Worker {
         continue;
       }
       let r: unknown;
+      const ctx = new Context(this.#native, id, 0);
+      this.#live.set(id, ctx);
       try {
-        r = h.fn(jobs[i + 2], new Context(this.#native, id, 0));
+        r = h.fn(jobs[i + 2], ctx);
       } catch (e) {
         this.#finish(id, errorText(e, h));
         continue;
@@ -1159,6 +1178,7 @@ export class Worker {
 
   async #runBatch(id: number, h: Registered, inputs: unknown[]): Promise<void> {
     const items = inputs.map((input, i) => ({ input, ctx: new Context(this.#native, id, i) }));
+    this.#live.set(id, items.map((i) => i.ctx));
     const all = (text: string) => `[${items.map(() => text).join(",")}]`;
     let results: unknown;
     try {
@@ -1188,7 +1208,23 @@ export class Worker {
     this.#finish(id, `[${texts.join(",")}]`);
   }
 
+  /** Called by the core with its cancellation notices: the runs of these
+   * jobs were all asked to stop, so their contexts' signals fire. A notice
+   * always comes after its job's dispatch; one for a job already finished
+   * is ignored. */
+  #cancel(notices: string): void {
+    const n: unknown[] = JSON.parse(notices);
+    for (let i = 0; i < n.length; i += 2) {
+      const ctx = this.#live.get(n[i] as number);
+      if (ctx === undefined) continue;
+      const why = n[i + 1] as string;
+      if (Array.isArray(ctx)) for (const c of ctx) c._abort(why);
+      else ctx._abort(why);
+    }
+  }
+
   #finish(id: number, text: string): void {
+    this.#live.delete(id);
     this.#doneIds.push(id);
     this.#doneTexts.push(text);
     if (!this.#flushScheduled) {
@@ -1331,6 +1367,16 @@ export class Client {
   async result<T = unknown>(taskId: string, options: { timeout?: number } = {}): Promise<T> {
     const n = await this.#native;
     return (unwrap(await n.result(taskId, nonNeg("timeout", options.timeout ?? 30))) ?? null) as T;
+  }
+  /** Waits, from outside any task, until event `name` is emitted and
+   * resolves to its payload (at once if it already was; the first emit
+   * wins): how a caller waits for a task's `responseEvent` (`{ task_id,
+   * state, result, error }`) without polling. Rejects with
+   * `WaitTimeoutError` naming the event after `timeout` seconds (default
+   * 30), `InvalidInput` for a bad name. */
+  async awaitEvent<T = unknown>(name: string, options: { timeout?: number } = {}): Promise<T> {
+    const n = await this.#native;
+    return (unwrap(await n.awaitEvent(name, nonNeg("timeout", options.timeout ?? 30))) ?? null) as T;
   }
   /** Waits for the task to finish and resolves to its record. */
   async wait(taskId: string, options: { timeout?: number } = {}): Promise<Record<string, any>> {

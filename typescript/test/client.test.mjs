@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Client, InvalidInput, NotFound, WaitTimeoutError, Conflict, StoreError, SwitchyardError } from "switchyard";
+import { Client, Worker, InvalidInput, NotFound, WaitTimeoutError, Conflict, StoreError, SwitchyardError } from "switchyard";
 import { setup, tempStore, deferred } from "./helpers.mjs";
 
 test("spawn with an idempotency key returns the first task", async (t) => {
@@ -81,4 +81,41 @@ test("payload limits are enforced", async (t) => {
   const { url } = tempStore(t);
   const client = new Client({ store: url, maxPayloadBytes: 64 });
   await assert.rejects(client.spawn("x", { big: "y".repeat(200) }), (e) => e instanceof InvalidInput && /payload|large|bytes/i.test(e.message));
+});
+
+test("awaitEvent waits from outside any task for a response event", async (t) => {
+  const { client } = await setup(t, (w) => w.step("answer", async (i) => ({ answer: i.q })));
+  const waiting = client.awaitEvent("reply.ts", { timeout: 20 });
+  await new Promise((r) => setTimeout(r, 50));
+  const id = await client.spawn("answer", { q: 7 }, { responseEvent: "reply.ts" });
+  const reply = await waiting;
+  assert.equal(reply.task_id, id);
+  assert.equal(reply.state, "completed");
+  assert.deepEqual(reply.result, { answer: 7 });
+  assert.equal(reply.error, null);
+  await client.emit("plain.ts", { n: 1 });
+  await client.emit("plain.ts", { n: 2 });
+  assert.deepEqual(await client.awaitEvent("plain.ts", { timeout: 5 }), { n: 1 });
+  await assert.rejects(client.awaitEvent("never.ts", { timeout: 0.2 }), (e) => e instanceof WaitTimeoutError && /`never\.ts`/.test(e.message));
+  await assert.rejects(client.awaitEvent("", { timeout: 1 }), InvalidInput);
+});
+
+test("healthListen serves /healthz, /readyz and /metrics of a Node host", async (t) => {
+  const { worker, client } = await setup(t, (w) => w.step("echo", async (i) => i), { healthListen: "127.0.0.1:0" });
+  const addr = worker.healthAddr;
+  assert.match(addr, /^127\.0\.0\.1:\d+$/);
+  const id = await client.spawn("echo", { secret: "PAYLOAD-MARKER-ts" });
+  await client.result(id, { timeout: 10 });
+  assert.equal(await (await fetch(`http://${addr}/healthz`)).text(), "ok\n");
+  assert.equal((await fetch(`http://${addr}/readyz`)).status, 200);
+  let text = "";
+  // The outcome is recorded by the completer just after the result is visible.
+  for (let i = 0; i < 200 && !/switchyard_steps_completed_total\{handler="echo"\} 1/.test(text); i++) {
+    text = await (await fetch(`http://${addr}/metrics`)).text();
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  assert.match(text, /switchyard_steps_completed_total\{handler="echo"\} 1/);
+  assert.match(text, /switchyard_host_info\{host_id="[^"]+",lang="JavaScript"\} 1/);
+  assert.ok(!text.includes("PAYLOAD-MARKER-ts"));
+  assert.throws(() => new Worker({ store: "memory", healthListen: "localhost:80" }), /healthListen must be an address/);
 });

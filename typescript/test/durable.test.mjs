@@ -176,6 +176,107 @@ test("cancelling a task fires ctx.signal with a CancelledError", async (t) => {
   assert.equal((await client.get(id)).state, "cancelled");
 });
 
+test("cancel notices abort a running handler and the one queued behind its full slot never starts", async (t) => {
+  // One slot: "gate.hold" holds it awaiting its signal, the next step of the
+  // handler waits unclaimed behind it. Cancelling both must abort the first
+  // through the core's notice and never start the second.
+  const started = [];
+  const reasons = [];
+  let held;
+  const holding = new Promise((r) => (held = r));
+  const { client } = await setup(t, (w) => {
+    w.step(
+      "gate.hold",
+      async (input, ctx) => {
+        started.push(input.n);
+        if (input.n === 3) return "next";
+        held();
+        await new Promise((_, reject) =>
+          ctx.signal.addEventListener("abort", () => {
+            reasons.push(ctx.signal.reason);
+            reject(ctx.signal.reason);
+          }),
+        );
+      },
+      { concurrency: 1 },
+    );
+  });
+  const first = await client.spawn("gate.hold", { n: 1 });
+  await holding;
+  const queued = await client.spawn("gate.hold", { n: 2 });
+  assert.equal(await client.cancel(queued), true);
+  assert.equal(await client.cancel(first), true);
+  await assert.rejects(client.result(first, { timeout: 10 }), TaskCancelledError);
+  await assert.rejects(client.result(queued, { timeout: 10 }), TaskCancelledError);
+  await until(() => reasons.length === 1, 10_000, "the running handler's signal to fire");
+  assert.ok(reasons[0] instanceof CancelledError);
+  assert.equal(reasons[0].message, "the task was cancelled");
+  // Another step of the handler gets the freed slot; the cancelled one never ran.
+  assert.equal(await client.result(await client.spawn("gate.hold", { n: 3 }), { timeout: 10 }), "next");
+  assert.deepEqual(started, [1, 3]);
+  assert.equal((await stepOf(client, queued, "gate.hold")).run, 0, "the queued step was never claimed");
+});
+
+test("a signal first read after its cancel notice arrived is already aborted", async (t) => {
+  let seen;
+  const { client } = await setup(t, (w) => {
+    w.step("late.look", async (_i, ctx) => {
+      // Never touches ctx.signal until well after the cancel reached JS.
+      await until(() => ctx.isCancelled, 10_000, "the run to be cancelled");
+      await new Promise((r) => setTimeout(r, 300));
+      seen = { aborted: ctx.signal.aborted, reason: ctx.signal.reason };
+      throw ctx.signal.reason ?? new Error("not aborted");
+    });
+  });
+  const id = await client.spawn("late.look", {});
+  await until(async () => (await stepOf(client, id, "late.look"))?.state === "running", 10_000, "the step to run");
+  await new Promise((r) => setTimeout(r, 100));
+  assert.equal(await client.cancel(id), true);
+  await until(() => seen !== undefined, 10_000, "the handler to look at its signal");
+  assert.equal(seen.aborted, true);
+  assert.ok(seen.reason instanceof CancelledError);
+  assert.equal(seen.reason.message, "the task was cancelled");
+});
+
+test("a job whose run was cancelled before JS took it is never started", async (t) => {
+  // The JS thread is kept busy (a synchronous handler) while the host claims
+  // a second step, which waits in the inbox, and another process cancels
+  // it: by the time JS could take it, its run was asked to stop and its
+  // notice named a job JS did not hold. It must be answered cancelled
+  // without its handler ever being called.
+  const cli = process.env.SWITCHYARD_CLI;
+  if (!cli) return t.skip("SWITCHYARD_CLI not set");
+  const { execFileSync } = await import("node:child_process");
+  const late = [];
+  let victim;
+  const { client, store } = await setup(t, (w) => {
+    w.step("busy.js", () => {
+      const run = (...args) => execFileSync(cli, ["--store", store, "--json", ...args], { encoding: "utf8" });
+      const spawned = JSON.parse(run("spawn", "busy.victim", "--input", "{}"));
+      victim = spawned.task_id ?? spawned.id;
+      // Until the host has claimed the victim (it sits in the inbox: JS is busy here).
+      const deadline = Date.now() + 10_000;
+      while (JSON.parse(run("tasks", "show", victim)).steps?.[0]?.state !== "running") {
+        if (Date.now() > deadline) throw new Error("the victim was never claimed");
+      }
+      run("cancel", victim);
+      // Long enough for the host's cancellation poll (every 0.1 s) to stop
+      // the run; the core's 2 s cancellation grace counts from then, so the
+      // job is still waiting, not dropped, when JS is free again.
+      const until = Date.now() + 1500;
+      while (Date.now() < until);
+      return "done";
+    });
+    w.step("busy.victim", (_i, ctx) => {
+      late.push(ctx.signal.aborted);
+      return "ran";
+    });
+  });
+  assert.equal(await client.result(await client.spawn("busy.js", {}), { timeout: 15 }), "done");
+  await assert.rejects(client.result(victim, { timeout: 10 }), TaskCancelledError);
+  assert.deepEqual(late, [], "the cancelled job's handler was called");
+});
+
 test("a handler's timeout fires ctx.signal and fails the attempt", async (t) => {
   const reasons = [];
   const { client } = await setup(t, (w) => {
@@ -255,7 +356,7 @@ test("durable operations reject bad input with errors naming it", async (t) => {
   assert.match(errors[0], /^awaitEvent: InvalidInput: awaitEvent timeout must be a non-negative number/);
   assert.match(errors[1], /^sleep: InvalidInput: sleep must be a non-negative number/);
   assert.match(errors[2], /^sleepUntil: InvalidInput: sleepUntil needs a Date/);
-  assert.match(errors[3], /^delegateParallel: InvalidInput: child #0 handler must be a non-empty string/);
+  assert.match(errors[3], /^delegateParallel: InvalidInput: .*delegate_parallel: child #0 needs a string `handler`/);
   assert.match(errors[4], /^checkpoint: InvalidInput: checkpoint `big` value is not JSON-serialisable/);
   assert.match(errors[5], /^emitEvent: \w+: .*(name|empty)/i);
 });

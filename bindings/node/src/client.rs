@@ -125,6 +125,7 @@ impl NativeClient {
                     state,
                     handler,
                     limit: limit as usize,
+                    ..TaskFilter::default()
                 };
                 Ok(core(c.list(&f).await))
             }
@@ -162,6 +163,23 @@ impl NativeClient {
                     Err(e) => return Ok(core::<()>(Err(e))),
                 };
                 Ok(core(c.result(id, timeout).await))
+            }
+            .await,
+        )
+    }
+
+    /// Waits, from outside any task, until event `name` is emitted; its
+    /// payload (see [`switchyard_core::Client::await_event`]).
+    #[napi]
+    pub async fn await_event(&self, name: String, timeout_secs: f64) -> String {
+        let c = self.client.clone();
+        either(
+            async move {
+                let timeout = match secs("timeout", timeout_secs) {
+                    Ok(t) => t,
+                    Err(e) => return Ok(core::<()>(Err(e))),
+                };
+                Ok(core(c.await_event(&name, timeout).await))
             }
             .await,
         )

@@ -1,12 +1,11 @@
 //! `NativeContext`: the durable context of one step run. Every durable
 //! operation is async and resolves to an envelope; the TypeScript `Context`
 //! adds `checkpoint(name, fn)` on top of `checkpointLookup` /
-//! `checkpointSave` because `fn` is JS code, and `signal` on top of
-//! [`NativeContext::cancelled`].
+//! `checkpointSave` because `fn` is JS code. Its `signal` is fired by the
+//! worker's cancellation notices (see `worker.rs`), not through the context.
 
 use napi_derive::napi;
-use switchyard_core::{ChildSpec, Context};
-use tokio_util::sync::CancellationToken;
+use switchyard_core::Context;
 
 use crate::client::secs;
 use crate::errors::{core_err, parse_env, step};
@@ -15,13 +14,6 @@ use crate::errors::{core_err, parse_env, step};
 #[napi]
 pub struct NativeContext {
     pub(crate) ctx: Context,
-    /// Cancelled when the job was answered, so `cancelled()` never outlives
-    /// the run (a pending Promise from Rust keeps the event loop alive).
-    pub(crate) done: CancellationToken,
-    /// Cancelled when the worker begins to stop: the core then cancels runs
-    /// still going after the grace period, which is a shutdown, not a
-    /// cancelled task.
-    pub(crate) stopping: CancellationToken,
 }
 
 fn either(r: Result<String, String>) -> String {
@@ -81,38 +73,6 @@ impl NativeContext {
     #[napi(getter)]
     pub fn is_cancelled(&self) -> bool {
         self.ctx.is_cancelled()
-    }
-
-    /// Resolves when the core stops wanting this run: `"cancelled"` (the
-    /// task was cancelled), `"timeout"` (the handler's timeout passed: the
-    /// core has already failed the attempt), `"shutdown"` (the host stopped
-    /// before the run ended), or `""` once the job was answered.
-    #[napi]
-    pub async fn cancelled(&self) -> String {
-        let token = self.ctx.cancellation_token();
-        let done = self.done.clone();
-        let stopping = self.stopping.clone();
-        let deadline = self.ctx.deadline();
-        let timeout = async move {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        let why = tokio::select! {
-            biased;
-            _ = done.cancelled() => "",
-            // The core also cancels the token of a run it gave up on: say why.
-            _ = token.cancelled() => if stopping.is_cancelled() {
-                "shutdown"
-            } else if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                "timeout"
-            } else {
-                "cancelled"
-            },
-            _ = timeout => "timeout",
-        };
-        why.to_string()
     }
 
     /// Resolves to `{"ok": {"key", "found", "value"}}` for checkpoint `name`
@@ -207,24 +167,17 @@ impl NativeContext {
         )
     }
 
-    /// `children`: JSON array of `[handler, input]` pairs. Resolves to one
-    /// outcome per child (`task_id`, `state`, `result`, `error`), in order.
+    /// `children`: JSON array of `{handler, input}` objects or `[handler,
+    /// input]` pairs (parsed by the core's [`switchyard_core::bridge::child_specs`]).
+    /// Resolves to one outcome per child (`task_id`, `state`, `result`,
+    /// `error`), in order.
     #[napi]
     pub async fn delegate_parallel(&self, children: String) -> String {
         let ctx = self.ctx.clone();
         either(
             async move {
                 let v = parse_env("delegateParallel children", &children)?;
-                let pairs: Vec<(String, serde_json::Value)> =
-                    serde_json::from_value(v).map_err(|e| {
-                        core_err(&switchyard_core::Error::InvalidInput(format!(
-                            "delegateParallel: each child must be {{handler, input}}: {e}"
-                        )))
-                    })?;
-                let specs = pairs
-                    .into_iter()
-                    .map(|(h, i)| ChildSpec::new(h, i))
-                    .collect();
+                let specs = switchyard_core::bridge::child_specs(v).map_err(|e| core_err(&e))?;
                 Ok(step(&ctx, ctx.delegate_parallel(specs).await))
             }
             .await,

@@ -1,4 +1,5 @@
-//! `NativeWorker`: a host whose handlers are JS functions.
+//! `NativeWorker`: a host whose handlers are JS functions, on the core's
+//! [`Host`] (registration, start, bounded stop).
 //!
 //! The core pushes jobs into one [`Inbox`]; a feeder task awaits
 //! [`Inbox::recv_batch_async`] and hands each batch to JS through one
@@ -21,6 +22,15 @@
 //!   handler, input, ...]`: `handler` is the handler's index in registration
 //!   order; `input` is the step's input, or for batch handlers the array of
 //!   the items' inputs.
+//! * Cancellation notices (Rust → JS) go to the second thread-safe function,
+//!   `cancel`, as a flat JSON array `[id, reason, id, reason, ...]`:
+//!   the ids of jobs JS holds whose runs were all asked to stop (the
+//!   core's [`Inbox::recv_cancels_async`] notices), `reason` being
+//!   `"cancelled"`, `"timeout"` or `"shutdown"`. The feeder task makes both
+//!   calls and awaits each, so a notice never reaches JS before its job. A
+//!   job whose runs were all cancelled before it was handed over is never
+//!   started: the feeder answers it as a handler that threw the signal's
+//!   `CancelledError` would have.
 //! * Durable contexts are not sent: most handlers never touch theirs, and a
 //!   wrapped native object per step costs more than the step. JS asks for
 //!   one on first use with [`NativeWorker::context`] (`job id`, item index);
@@ -53,9 +63,9 @@ use napi_derive::napi;
 use parking_lot::Mutex;
 use serde_json::Value;
 use switchyard_core::bridge::{
-    camel_case, ErrorClass, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply,
+    camel_case, listen_address, ErrorClass, HandlerSpec, Host, HostPlan, Inbox, Job, JobKind, Reply,
 };
-use switchyard_core::RunningWorker;
+use switchyard_core::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::open_store;
@@ -69,7 +79,8 @@ const MAX_BATCH: usize = 256;
 /// before failing its jobs (see `feed`).
 const DISPATCH_ERROR_WAIT: Duration = Duration::from_secs(1);
 
-/// The JS dispatcher: `(batch: string) => void` (see the module docs).
+/// The JS dispatcher, `(batch: string) => void`, and the JS side of the
+/// cancellation notices, `(notices: string) => void` (see the module docs).
 type Dispatch = ThreadsafeFunction<String, (), String, Status, false>;
 
 /// Host-wide settings.
@@ -83,6 +94,8 @@ pub struct NativeWorkerOptions {
     pub shutdown_grace: Option<f64>,
     /// Largest input/result/checkpoint in bytes.
     pub max_payload_bytes: Option<u32>,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (off if absent).
+    pub health_listen: Option<String>,
 }
 
 /// Per-handler settings (seconds for durations).
@@ -111,16 +124,10 @@ pub struct NativeHandlerOptions {
 
 struct Pending {
     job: Job,
-    /// Cancelled once the job is answered, so a context's `cancelled()`
-    /// Promise never outlives the run; made with the first context.
-    done: Option<CancellationToken>,
 }
 
 impl Pending {
     fn answer(self, replies: Vec<Reply>) {
-        if let Some(d) = &self.done {
-            d.cancel();
-        }
         self.job.complete(replies);
     }
 
@@ -153,7 +160,7 @@ const HAND_BACK_LIMIT: Duration = Duration::from_secs(15);
 /// the worker, its feeder and the environment's cleanup hook.
 struct Lifeline {
     inbox: Arc<Inbox>,
-    running: Arc<Mutex<Option<Arc<RunningWorker>>>>,
+    host: Arc<Host>,
     pending: PendingMap,
     stopping: CancellationToken,
     /// Cancelled (under the `pending` lock) once JS can no longer answer:
@@ -174,33 +181,29 @@ impl Lifeline {
                 p.hold();
             }
         }
-        if let Some(r) = self.running.lock().as_ref() {
-            r.shutdown();
-        }
+        self.host.shutdown();
     }
 
     /// [`Self::abandon`], then blocks the calling (JS) thread until the host
     /// has recorded the held steps as released, at most [`HAND_BACK_LIMIT`].
     fn hand_back(&self) {
         self.abandon();
-        let running = self.running.lock().clone();
-        if let Some(r) = running {
-            let wait = async {
-                // Runs end (and are handed back) after the core's grace for
-                // cancelled runs; `flush` then waits until that is stored.
-                while r.inflight() > 0 {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                r.flush().await;
-                // Returns at once if `stop()` is already waiting for it.
-                r.wait().await;
-            };
-            // The runtime may already be gone (it is shut down with the last
-            // environment); there is nothing left to wait for then.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                block_on(async { tokio::time::timeout(HAND_BACK_LIMIT, wait).await })
-            }));
-        }
+        let host = &self.host;
+        let wait = async {
+            // Runs end (and are handed back) after the core's grace for
+            // cancelled runs; `flush` then waits until that is stored.
+            while host.inflight() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            host.flush().await;
+            // Returns soon if `stop()` is already waiting for the host.
+            host.stop().await;
+        };
+        // The runtime may already be gone (it is shut down with the last
+        // environment); there is nothing left to wait for then.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            block_on(async { tokio::time::timeout(HAND_BACK_LIMIT, wait).await })
+        }));
         self.inbox.close();
         let left: Vec<Pending> = self.pending.lock().drain().map(|(_, p)| p).collect();
         drop(left);
@@ -211,9 +214,8 @@ impl Lifeline {
 #[napi]
 pub struct NativeWorker {
     store_url: String,
-    plan: Mutex<HostPlan>,
+    host: Arc<Host>,
     inbox: Arc<Inbox>,
-    running: Arc<Mutex<Option<Arc<RunningWorker>>>>,
     pending: PendingMap,
     feeder: Mutex<Option<tokio::task::JoinHandle<()>>>,
     completions: Mutex<Option<Completions>>,
@@ -388,87 +390,170 @@ fn bad_answer(why: String) -> String {
 
 type Completions = tokio::sync::mpsc::UnboundedSender<(Vec<u64>, String)>;
 
-async fn feed(life: Arc<Lifeline>, dispatch: Dispatch) {
-    let pending = &life.pending;
-    while let Some(jobs) = life.inbox.recv_batch_async(MAX_BATCH).await {
-        let mut text = String::with_capacity(32 * jobs.len());
-        text.push('[');
-        let mut ids = Vec::with_capacity(jobs.len());
-        {
-            let mut map = pending.lock();
-            for mut job in jobs {
-                if job.abandoned() {
-                    // Timed out or cancelled while queued: nothing to run.
-                    continue;
-                }
-                // The handler's id is its index on the JS side too.
-                let h = job.handler_id;
-                if !ids.is_empty() {
-                    text.push(',');
-                }
-                let _ = write!(text, "{},{h},", job.id);
-                let batch = job.kind == JobKind::Batch;
-                if batch {
-                    text.push('[');
-                }
-                for (i, item) in job.items.iter_mut().enumerate() {
-                    if i > 0 {
-                        text.push(',');
-                    }
-                    // Written once, here; the context keeps the step.
-                    let input = item.input.take();
-                    let _ = write!(text, "{input}");
-                }
-                if batch {
-                    text.push(']');
-                }
-                ids.push(job.id);
-                let p = Pending { job, done: None };
-                if life.gone.is_cancelled() {
-                    // JS can no longer answer (see the module docs).
-                    p.hold();
-                }
-                map.insert(p.job.id, p);
+/// Why the core stopped wanting a run: `"shutdown"` once the worker began
+/// to stop (the core then cancels runs still going after the grace period),
+/// `"timeout"` once the handler's timeout has passed, else `"cancelled"`
+/// (the task was cancelled, or the lease lost).
+fn reason(ctx: &Context, stopping: &CancellationToken) -> &'static str {
+    if stopping.is_cancelled() {
+        "shutdown"
+    } else if ctx
+        .deadline()
+        .is_some_and(|d| std::time::Instant::now() >= d)
+    {
+        "timeout"
+    } else {
+        "cancelled"
+    }
+}
+
+/// What the glue's `CancelledError` says for each [`reason`].
+fn reason_message(why: &str) -> &'static str {
+    match why {
+        "shutdown" => "the worker shut down before the step finished",
+        "timeout" => "the handler's timeout passed",
+        _ => "the task was cancelled",
+    }
+}
+
+/// The one task that talks to JS: hands over jobs and cancellation notices
+/// in the order it learns of them, awaiting each call, so a notice never
+/// overtakes its job (see the module docs).
+async fn feed(life: Arc<Lifeline>, dispatch: Dispatch, cancel: Dispatch) {
+    let (mut jobs_open, mut notices_open) = (true, true);
+    while jobs_open || notices_open {
+        tokio::select! {
+            biased;
+            n = life.inbox.recv_cancels_async(), if notices_open => match n {
+                Some(ids) => notify(&life, &cancel, ids).await,
+                None => notices_open = false,
+            },
+            j = life.inbox.recv_batch_async(MAX_BATCH), if jobs_open => match j {
+                Some(jobs) => hand_over(&life, &dispatch, jobs).await,
+                None => jobs_open = false,
+            },
+        }
+    }
+}
+
+/// Passes on the notices for jobs JS holds; the others were answered
+/// already, or never handed over (see [`hand_over`]).
+async fn notify(life: &Lifeline, cancel: &Dispatch, ids: Vec<u64>) {
+    if life.gone.is_cancelled() {
+        return;
+    }
+    let mut text = String::from("[");
+    {
+        let map = life.pending.lock();
+        for id in ids {
+            let Some(ctx) = map.get(&id).and_then(|p| p.job.items.first()) else {
+                continue;
+            };
+            if text.len() > 1 {
+                text.push(',');
             }
-            if life.gone.is_cancelled() {
+            let _ = write!(text, "{id},\"{}\"", reason(&ctx.ctx, &life.stopping));
+        }
+    }
+    if text.len() == 1 {
+        return;
+    }
+    text.push(']');
+    // As for jobs: a call made as the environment goes away may never run,
+    // and then there is nothing left to abort.
+    tokio::select! {
+        _ = cancel.call_async_catch(text) => {}
+        _ = life.gone.cancelled() => {}
+    }
+}
+
+async fn hand_over(life: &Arc<Lifeline>, dispatch: &Dispatch, jobs: Vec<Job>) {
+    let pending = &life.pending;
+    let mut text = String::with_capacity(32 * jobs.len());
+    text.push('[');
+    let mut ids = Vec::with_capacity(jobs.len());
+    {
+        let mut map = pending.lock();
+        for mut job in jobs {
+            if job.abandoned() {
+                // Timed out or cancelled while queued: nothing to run.
                 continue;
             }
-        }
-        if ids.is_empty() {
-            continue;
-        }
-        text.push(']');
-        // A call made as the environment goes away may never run: stop
-        // waiting for it then (its jobs are held by `abandon`).
-        let called = tokio::select! {
-            r = dispatch.call_async_catch(text) => r,
-            _ = life.gone.cancelled() => continue,
-        };
-        match called {
-            Ok(()) => {}
-            // The JS environment is going away (a worker thread was
-            // terminated, or the process exits) without `close()`: hand the
-            // steps back without costing an attempt.
-            Err(e) if e.status == Status::Closing => life.abandon(),
-            // The dispatcher never throws (the glue catches whatever a
-            // handler does), so this is nearly always the environment torn
-            // down under the call: a terminated worker thread shows up as a
-            // pending exception, and its cleanup hook follows at once to
-            // hold these jobs. Anything else fails them.
-            Err(e) => {
-                let life = life.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = life.gone.cancelled() => {}
-                        _ = tokio::time::sleep(DISPATCH_ERROR_WAIT) => fail_all(
-                            &life.pending,
-                            &ids,
-                            ErrorClass::Retryable,
-                            &format!("the JS dispatcher failed: {e}"),
-                        ),
-                    }
-                });
+            if !life.gone.is_cancelled() && job.items.iter().all(|i| i.ctx.is_cancelled()) {
+                // Every run was asked to stop before JS got the job (its
+                // notice, if already read, named a job JS did not hold):
+                // never started, answered as an aborted handler would be.
+                let why = reason_message(reason(&job.items[0].ctx, &life.stopping));
+                Pending { job }.fail(ErrorClass::Cancelled, why);
+                continue;
             }
+            // The handler's id is its index on the JS side too.
+            let h = job.handler_id;
+            if !ids.is_empty() {
+                text.push(',');
+            }
+            let _ = write!(text, "{},{h},", job.id);
+            let batch = job.kind == JobKind::Batch;
+            if batch {
+                text.push('[');
+            }
+            for (i, item) in job.items.iter_mut().enumerate() {
+                if i > 0 {
+                    text.push(',');
+                }
+                // Written once, here; the context keeps the step.
+                let input = item.input.take();
+                let _ = write!(text, "{input}");
+            }
+            if batch {
+                text.push(']');
+            }
+            ids.push(job.id);
+            let p = Pending { job };
+            if life.gone.is_cancelled() {
+                // JS can no longer answer (see the module docs).
+                p.hold();
+            }
+            map.insert(p.job.id, p);
+        }
+        if life.gone.is_cancelled() {
+            return;
+        }
+    }
+    if ids.is_empty() {
+        return;
+    }
+    text.push(']');
+    // A call made as the environment goes away may never run: stop
+    // waiting for it then (its jobs are held by `abandon`).
+    let called = tokio::select! {
+        r = dispatch.call_async_catch(text) => r,
+        _ = life.gone.cancelled() => return,
+    };
+    match called {
+        Ok(()) => {}
+        // The JS environment is going away (a worker thread was
+        // terminated, or the process exits) without `close()`: hand the
+        // steps back without costing an attempt.
+        Err(e) if e.status == Status::Closing => life.abandon(),
+        // The dispatcher never throws (the glue catches whatever a
+        // handler does), so this is nearly always the environment torn
+        // down under the call: a terminated worker thread shows up as a
+        // pending exception, and its cleanup hook follows at once to
+        // hold these jobs. Anything else fails them.
+        Err(e) => {
+            let life = life.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = life.gone.cancelled() => {}
+                    _ = tokio::time::sleep(DISPATCH_ERROR_WAIT) => fail_all(
+                        &life.pending,
+                        &ids,
+                        ErrorClass::Retryable,
+                        &format!("the JS dispatcher failed: {e}"),
+                    ),
+                }
+            });
         }
     }
 }
@@ -483,18 +568,31 @@ impl NativeWorker {
             lease: None,
             shutdown_grace: None,
             max_payload_bytes: None,
+            health_listen: None,
         });
         let concurrency = o.concurrency.unwrap_or(64) as usize;
         if concurrency == 0 {
             return Err(Error::from_reason("concurrency must be at least 1"));
         }
+        let mut plan = HostPlan::new(
+            concurrency,
+            seconds("lease", o.lease.unwrap_or(30.0))?,
+            seconds("shutdownGrace", o.shutdown_grace.unwrap_or(10.0))?,
+            o.max_payload_bytes.map(|n| n as usize),
+        );
+        if let Some(a) = &o.health_listen {
+            plan.health_listen =
+                Some(listen_address("healthListen", a).map_err(Error::from_reason)?);
+        }
+        let host = Arc::new(Host::new("JavaScript", plan));
         let inbox = Inbox::new();
-        let running: Arc<Mutex<Option<Arc<RunningWorker>>>> = Arc::default();
+        // Cancellation reaches JS through the inbox's notices (module docs).
+        inbox.watch_cancels();
         let stopping = CancellationToken::new();
         let pending: PendingMap = Arc::new(Mutex::new(HashMap::new()));
         let lifeline = Arc::new(Lifeline {
             inbox: inbox.clone(),
-            running: running.clone(),
+            host: host.clone(),
             pending: pending.clone(),
             stopping: stopping.clone(),
             gone: CancellationToken::new(),
@@ -504,14 +602,8 @@ impl NativeWorker {
         env.add_env_cleanup_hook(lifeline.clone(), |life| life.hand_back())?;
         Ok(Self {
             store_url,
-            plan: Mutex::new(HostPlan::new(
-                concurrency,
-                seconds("lease", o.lease.unwrap_or(30.0))?,
-                seconds("shutdownGrace", o.shutdown_grace.unwrap_or(10.0))?,
-                o.max_payload_bytes.map(|n| n as usize),
-            )),
+            host,
             inbox,
-            running,
             pending,
             feeder: Mutex::new(None),
             completions: Mutex::new(None),
@@ -528,7 +620,7 @@ impl NativeWorker {
         kind: String,
         options: Option<NativeHandlerOptions>,
     ) -> Result<()> {
-        if self.running.lock().is_some() || self.inbox.is_closed() {
+        if self.inbox.is_closed() {
             return Err(Error::from_reason(
                 "register handlers before the worker starts",
             ));
@@ -549,66 +641,43 @@ impl NativeWorker {
             rate_limit: o.rate_limit,
             burst: o.burst,
         };
-        let mut plan = self.plan.lock();
-        let opts = spec
-            .build(&name, kind, plan.concurrency, camel_case)
-            .map_err(Error::from_reason)?;
         // The id is the handler's index in JS (registration order).
-        plan.register(name, kind, opts, self.inbox.clone())
+        self.host
+            .register(name, kind, &spec, &self.inbox, camel_case)
             .map_err(Error::from_reason)?;
         Ok(())
     }
 
     /// Opens the store, starts the host and begins handing jobs to
-    /// `dispatch`. Resolves to an envelope with the host id.
+    /// `dispatch` and cancellation notices to `cancel`. Resolves to an
+    /// envelope with the host id.
     ///
-    /// While running, the thread-safe function keeps the event loop alive;
-    /// `stop` releases it.
-    /// `dispatch` receives each batch of jobs as JSON text (see the module
-    /// docs); handler indexes follow the order of `register` calls.
-    #[napi(ts_args_type = "dispatch: (batch: string) => void")]
-    pub async fn start(&self, dispatch: Dispatch) -> String {
-        if self.running.lock().is_some() || self.inbox.is_closed() {
-            return core_err(&switchyard_core::Error::Config(
-                "the worker was already started".into(),
+    /// While running, the thread-safe functions keep the event loop alive;
+    /// `stop` releases them.
+    /// `dispatch` receives each batch of jobs as JSON text, `cancel` the
+    /// notices (see the module docs); handler indexes follow the order of
+    /// `register` calls.
+    #[napi(ts_args_type = "dispatch: (batch: string) => void, cancel: (notices: string) => void")]
+    pub async fn start(&self, dispatch: Dispatch, cancel: Dispatch) -> String {
+        if self.inbox.is_closed() {
+            return core_err(&switchyard_core::Error::Conflict(
+                "the worker was stopped: create a new one".into(),
             ));
         }
         let store = match open_store(&self.store_url).await {
             Ok(s) => s,
             Err(e) => return core_err(&e),
         };
-        let built = self.plan.lock().build(store, "JavaScript");
-        let worker = match built {
-            Ok(w) => w,
+        let id = match self.host.start(store).await {
+            Ok(id) => id,
             Err(e) => return core_err(&e),
         };
-        let running = match worker.start().await {
-            Ok(r) => Arc::new(r),
-            Err(e) => return core_err(&e),
-        };
-        let id = running.host_id().to_string();
-        let raced = {
-            let mut slot = self.running.lock();
-            if slot.is_some() {
-                true
-            } else {
-                *slot = Some(running.clone());
-                false
-            }
-        };
-        if raced {
-            // Two concurrent start() calls: keep the first.
-            running.stop().await;
-            return core_err(&switchyard_core::Error::Config(
-                "the worker was already started".into(),
-            ));
-        }
         if self.stopping.is_cancelled() {
             // stop() ran while the store was opening.
-            running.stop().await;
+            self.host.stop().await;
             return core_err(&switchyard_core::Error::Shutdown);
         }
-        let feeder = tokio::spawn(feed(self.lifeline.clone(), dispatch));
+        let feeder = tokio::spawn(feed(self.lifeline.clone(), dispatch, cancel));
         *self.feeder.lock() = Some(feeder);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u64>, String)>();
         let pending = self.pending.clone();
@@ -624,36 +693,36 @@ impl NativeWorker {
     /// The host id once started.
     #[napi(getter)]
     pub fn host_id(&self) -> Option<String> {
-        self.running
-            .lock()
-            .as_ref()
-            .map(|r| r.host_id().to_string())
+        self.host.host_id()
     }
 
-    /// Steps currently held by JS handlers.
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, once started
+    /// with `healthListen`.
+    #[napi(getter)]
+    pub fn health_addr(&self) -> Option<String> {
+        self.host.health_addr().map(|a| a.to_string())
+    }
+
+    /// Steps running in this host now.
     #[napi(getter)]
     pub fn in_flight(&self) -> u32 {
-        self.pending.lock().len() as u32
+        self.host.inflight() as u32
     }
 
     /// The durable context of item `index` of job `job`, made on first use
     /// (see the module docs). Fails once the job was answered.
     #[napi]
     pub fn context(&self, job: i64, index: u32) -> Result<NativeContext> {
-        let mut map = self.pending.lock();
+        let map = self.pending.lock();
         let ended = || {
             Error::from_reason(
                 "this step's run has ended: a ctx can be used only while its handler runs",
             )
         };
-        let p = map.get_mut(&(job as u64)).ok_or_else(ended)?;
+        let p = map.get(&(job as u64)).ok_or_else(ended)?;
         let item = p.job.items.get(index as usize).ok_or_else(ended)?;
-        let ctx = item.ctx.clone();
-        let done = p.done.get_or_insert_with(CancellationToken::new).clone();
         Ok(NativeContext {
-            ctx,
-            done,
-            stopping: self.stopping.clone(),
+            ctx: item.ctx.clone(),
         })
     }
 
@@ -691,22 +760,20 @@ impl NativeWorker {
     #[napi]
     pub fn shutdown(&self) {
         self.stopping.cancel();
-        if let Some(r) = self.running.lock().as_ref() {
-            r.shutdown();
-        }
+        self.host.shutdown();
     }
 
-    /// Stops the host: no more claims, running steps get the grace period
-    /// (JS handlers keep running meanwhile, since this does not block the
-    /// JS thread), then the inbox closes and the thread-safe function is
-    /// released so nothing keeps the event loop alive.
+    /// Stops the host (bounded, see [`Host::stop`]): no more claims,
+    /// running steps get the grace period (JS handlers keep running
+    /// meanwhile, since this does not block the JS thread; the runs still
+    /// going after it get their cancellation notices), then the inbox
+    /// closes and the thread-safe functions are released so nothing keeps
+    /// the event loop alive.
     #[napi]
     pub async fn stop(&self) {
         self.stopping.cancel();
-        let running = self.running.lock().clone();
-        if let Some(r) = running {
-            r.stop().await;
-        }
+        self.host.stop().await;
+        // Before a start the host has no inbox to close.
         self.inbox.close();
         let feeder = self.feeder.lock().take();
         if let Some(f) = feeder {
@@ -715,17 +782,12 @@ impl NativeWorker {
         // Answers still queued are delivered by the completer before it ends.
         self.completions.lock().take();
         // The core stopped waiting for anything still held by JS.
-        let left: Vec<Pending> = self.pending.lock().drain().map(|(_, p)| p).collect();
-        for p in left {
-            if let Some(d) = &p.done {
-                d.cancel();
-            }
-        }
+        self.pending.lock().clear();
     }
 
     /// True while started and not stopped.
     #[napi(getter)]
     pub fn running(&self) -> bool {
-        self.running.lock().is_some() && !self.inbox.is_closed()
+        self.host.is_running()
     }
 }

@@ -312,6 +312,7 @@ impl NativeClient {
             state,
             handler,
             limit,
+            ..TaskFilter::default()
         };
         Ok(call(async move { c.list(&f).await }))
     }
@@ -338,6 +339,17 @@ impl NativeClient {
         let d = duration_from_secs("timeout", timeout).map_err(|e| core_err(py, e))?;
         let c = self.client.clone();
         Ok(call(async move { c.result(id, d).await }))
+    }
+
+    fn await_event_call(
+        &self,
+        py: Python<'_>,
+        name: String,
+        timeout: f64,
+    ) -> PyResult<Call<serde_json::Value>> {
+        let d = duration_from_secs("timeout", timeout).map_err(|e| core_err(py, e))?;
+        let c = self.client.clone();
+        Ok(call(async move { c.await_event(&name, d).await }))
     }
 
     fn cancel_call(&self, py: Python<'_>, id: &str, cascade: bool) -> PyResult<Call<bool>> {
@@ -515,6 +527,24 @@ impl NativeClient {
 
     async fn result_async(&self, id: String, timeout: f64) -> PyResult<Py<PyAny>> {
         let v = run_core(Python::attach(|py| self.result_call(py, &id, timeout))?).await?;
+        Python::attach(|py| to_py(py, &v).map(Bound::unbind))
+    }
+
+    fn await_event<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        timeout: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let v = block_core(py, self.await_event_call(py, name, timeout)?)?;
+        to_py(py, &v)
+    }
+
+    async fn await_event_async(&self, name: String, timeout: f64) -> PyResult<Py<PyAny>> {
+        let v = run_core(Python::attach(|py| {
+            self.await_event_call(py, name, timeout)
+        })?)
+        .await?;
         Python::attach(|py| to_py(py, &v).map(Bound::unbind))
     }
 

@@ -188,6 +188,7 @@ impl RbClient {
                 state,
                 handler,
                 limit,
+                ..TaskFilter::default()
             };
             let c = rb_self.client(ruby)?;
             let v = block_core(ruby, async move { c.list(&f).await })?;
@@ -211,6 +212,15 @@ impl RbClient {
             let d = timeout(ruby, t)?;
             let c = rb_self.client(ruby)?;
             let v = block_core(ruby, async move { c.result(id, d).await })?;
+            to_ruby(ruby, &v)
+        })
+    }
+
+    fn await_event(ruby: &Ruby, rb_self: &Self, name: String, t: f64) -> Result<Value, Error> {
+        guard(ruby, || {
+            let d = timeout(ruby, t)?;
+            let c = rb_self.client(ruby)?;
+            let v = block_core(ruby, async move { c.await_event(&name, d).await })?;
             to_ruby(ruby, &v)
         })
     }
@@ -270,6 +280,7 @@ pub fn define(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     c.define_method("list", method!(RbClient::list, 3))?;
     c.define_method("wait", method!(RbClient::wait, 2))?;
     c.define_method("result", method!(RbClient::result, 2))?;
+    c.define_method("await_event", method!(RbClient::await_event, 2))?;
     c.define_method("cancel", method!(RbClient::cancel, 2))?;
     c.define_method("retry", method!(RbClient::retry, 1))?;
     c.define_method("workers", method!(RbClient::workers, 0))?;

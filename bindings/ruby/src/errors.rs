@@ -90,7 +90,7 @@ pub fn base_error(ruby: &Ruby, msg: String) -> Error {
 }
 
 /// What the core says to raise, as a Ruby exception: `TaskFailed` with
-/// `task_id`, `kind`, `traceback`, `attempt`; `TaskCancelled` with
+/// `task_id`, `kind`, `error_message`, `traceback`, `attempt`; `TaskCancelled` with
 /// `task_id`; `AwaitTimeout` with `event`.
 pub fn raise(ruby: &Ruby, r: Raised) -> Error {
     let Some(k) = class(ruby, r.class) else {
@@ -101,7 +101,7 @@ pub fn raise(ruby: &Ruby, r: Raised) -> Error {
         (ErrorClass::TaskFailed, Some(e), _) => k.new_instance((
             r.message,
             kwargs!(ruby, "task_id" => task, "kind" => e.kind.as_str(),
-                "traceback" => e.trace, "attempt" => e.attempt),
+                "error_message" => e.message, "traceback" => e.trace, "attempt" => e.attempt),
         )),
         (ErrorClass::TaskCancelled, ..) => {
             k.new_instance((r.message, kwargs!(ruby, "task_id" => task)))

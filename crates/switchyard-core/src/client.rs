@@ -184,6 +184,43 @@ impl Client {
     pub async fn events(&self, limit: usize) -> Result<Vec<EventRecord>> {
         self.store.list_events(limit).await
     }
+
+    /// Waits, from outside any task, until event `name` has been emitted
+    /// and returns its payload (at once if it already was: events are kept,
+    /// first emit wins, as for `ctx.await_event`). A caller waits for a
+    /// task's `response_event` this way without polling. Not emitted within
+    /// `timeout`: [`Error::Timeout`]. Wakes on the store's signals (a
+    /// PostgreSQL NOTIFY, an emit in this process) and polls at most every
+    /// 100 ms otherwise.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future only stops waiting.
+    pub async fn await_event(&self, name: &str, timeout: Duration) -> Result<Value> {
+        validate_name("event name", name)?;
+        let deadline =
+            tokio::time::Instant::now() + check_duration("await_event timeout", timeout)?;
+        let signals = self.store.signals().clone();
+        let poll = self.store.poll_interval().min(Duration::from_millis(100));
+        loop {
+            let ready = signals.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(e) = self.store.get_event(name).await? {
+                return Ok(e.payload);
+            }
+            tokio::select! {
+                biased;
+                _ = &mut ready => {},
+                _ = tokio::time::sleep(poll) => {},
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Error::Timeout(format!(
+                        "event `{name}` was not emitted within {} ms",
+                        timeout.as_millis()
+                    )));
+                }
+            }
+        }
+    }
 }
 
 /// A finished task's outcome: its result, or the error that ended it

@@ -168,7 +168,10 @@ pub enum ErrorKind {
     InvalidInput,
     /// The handler exceeded its timeout (retryable).
     Timeout,
-    /// The handler panicked (retryable).
+    /// Recorded for a panicking handler by versions before 0.1's issue 21;
+    /// a panic is now `Retryable` (as an unexpected exception is in every
+    /// language), with a message starting `handler panicked:`. Kept so
+    /// stores written by those versions still read.
     Panic,
     /// The host's lease expired before the step finished (retryable).
     LeaseExpired,
@@ -379,6 +382,9 @@ pub struct ClaimedStep {
     pub lease_expires_at: Millis,
     /// Whether the step has dependencies (convergence steps).
     pub has_dependencies: bool,
+    /// When the step was due to run (its `run_at`), so a host can tell how
+    /// long it waited to be claimed (the queue-wait metric).
+    pub ready_at: Millis,
 }
 
 /// Identifies one lease: the step, the run and the host holding it.
@@ -628,6 +634,35 @@ pub struct TaskFilter {
     pub handler: Option<String>,
     /// At most this many (newest first); 0 means the store's default of 100.
     pub limit: usize,
+    /// Only running tasks with at least one step in this state (e.g.
+    /// `suspended`: tasks waiting on an event, a sleep or children).
+    pub step_state: Option<StepState>,
+    /// Only tasks without a parent (spawned by a client, not by a step).
+    pub root_only: bool,
+    /// Only children (spawned or delegated) of this task.
+    pub parent: Option<TaskId>,
+    /// Only the task with this idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Only tasks created at or after this time.
+    pub created_after: Option<Millis>,
+    /// Only tasks created before this time.
+    pub created_before: Option<Millis>,
+    /// Only finished tasks that finished (`updated_at`) at or after this time.
+    pub finished_after: Option<Millis>,
+    /// Only finished tasks that finished before this time.
+    pub finished_before: Option<Millis>,
+    /// Keyset pagination: only tasks that come after this one in the
+    /// listing order (older ones). The task must exist
+    /// ([`crate::Error::NotFound`] otherwise). Never an offset: each page
+    /// costs the same however deep it is.
+    pub after: Option<TaskId>,
+}
+
+impl TaskFilter {
+    /// True if a finished-time bound is set (only finished tasks match).
+    pub fn wants_finished(&self) -> bool {
+        self.finished_after.is_some() || self.finished_before.is_some()
+    }
 }
 
 /// How a child of a delegation group ended.
@@ -641,6 +676,19 @@ pub struct ChildOutcome {
     pub result: Option<Value>,
     /// Its error, if failed or cancelled.
     pub error: Option<ErrorInfo>,
+}
+
+/// Steps of one handler, for `GET /api/v1/handlers`
+/// ([`crate::Store::handler_stats`]).
+#[derive(Clone, PartialEq, Debug, Default, Serialize, Deserialize)]
+pub struct HandlerStats {
+    /// The handler.
+    pub handler: String,
+    /// Number of its steps in each state (states with none are left out).
+    pub steps: StateCounts,
+    /// The earliest `run_at` of its `ready` steps (how long the oldest
+    /// ready step has been due), if it has any.
+    pub oldest_ready_at: Option<Millis>,
 }
 
 /// Counts of steps by state, for progress and metrics.

@@ -223,6 +223,18 @@ pub trait Store: Send + Sync + 'static {
     /// Cached events, newest first (`limit` 0 = 100).
     async fn list_events(&self, limit: usize) -> Result<Vec<EventRecord>>;
 
+    /// Cached events whose name starts with `prefix` (plain text: no
+    /// wildcards), newest first (`limit` 0 = 100).
+    async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>>;
+
+    /// Per handler: step counts by state and the oldest ready step, for
+    /// every handler that has steps.
+    async fn handler_stats(&self) -> Result<Vec<HandlerStats>>;
+
+    /// Number of `running` steps leased by each host (hosts with none are
+    /// left out): the steps in flight.
+    async fn running_by_host(&self) -> Result<BTreeMap<String, u64>>;
+
     /// The children of a delegation group, ordered by their index.
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>>;
 

@@ -448,6 +448,18 @@ impl Store for FaultStore {
         self.inner.list_events(limit).await
     }
 
+    async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>> {
+        self.inner.list_events_prefixed(prefix, limit).await
+    }
+
+    async fn handler_stats(&self) -> Result<Vec<switchyard_core::HandlerStats>> {
+        self.inner.handler_stats().await
+    }
+
+    async fn running_by_host(&self) -> Result<BTreeMap<String, u64>> {
+        self.inner.running_by_host().await
+    }
+
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
         let after = self.pre("group_outcomes", false).await?;
         let r = self.inner.group_outcomes(group).await;

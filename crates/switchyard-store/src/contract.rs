@@ -151,6 +151,9 @@ macro_rules! contract_suite {
                 retry_task_reruns_unfinished_steps,
                 retry_task_conflicts,
                 list_tasks_filters_and_orders,
+                list_tasks_combined_filters_and_cursor,
+                list_events_by_prefix,
+                handler_stats_counts_and_oldest_ready,
                 list_tasks_default_limit,
                 hosts_list_and_deregister,
                 count_steps_by_state,
@@ -3040,6 +3043,267 @@ pub async fn retry_task_conflicts(factory: Factory) {
 // ---------------------------------------------------------------------------
 // Queries
 // ---------------------------------------------------------------------------
+
+/// `list_tasks` filters that combine (root only, children of a parent,
+/// idempotency key, created and finished time ranges, tasks with a step in
+/// a given state) and the keyset cursor (`after`): pages follow each other
+/// without gaps or repeats, also under a filter; an unknown cursor task is
+/// [`Error::NotFound`].
+pub async fn list_tasks_combined_filters_and_cursor(factory: Factory) {
+    let h = H::open(&factory).await;
+    let t0 = h.now();
+    let parent = h
+        .spawn(NewTask::new("lc_parent", json!(null)).idempotency_key("lc-key"))
+        .await;
+    h.advance(10);
+    let plain = h.spawn_handler("lc_plain").await;
+    h.advance(10);
+    let step = h.claim_one("lc_parent").await;
+    let c1 = h.spawn_child("lc_child", &step, Some("g"), 0).await;
+    h.advance(10);
+    let c2 = h.spawn_child("lc_child", &step, Some("g"), 1).await;
+    h.resolve(
+        &step,
+        Resolution::Suspended(WaitFor {
+            group: Some("g".into()),
+            ..WaitFor::default()
+        }),
+    )
+    .await;
+    h.advance(10);
+    let t_done = h.now();
+    let s = h.claim_one("lc_plain").await;
+    h.resolve(&s, Resolution::Completed(json!(1))).await;
+    h.advance(10);
+
+    let store = &h.store;
+    let list = |filter: TaskFilter| async move {
+        store
+            .list_tasks(&filter)
+            .await
+            .expect("list_tasks")
+            .into_iter()
+            .map(|t| t.id)
+            .collect::<Vec<_>>()
+    };
+    let all = list(TaskFilter::default()).await;
+    assert_eq!(all, [c2, c1, plain, parent], "newest first");
+    let root = TaskFilter {
+        root_only: true,
+        ..TaskFilter::default()
+    };
+    assert_eq!(list(root.clone()).await, [plain, parent]);
+    let children = TaskFilter {
+        parent: Some(parent),
+        ..TaskFilter::default()
+    };
+    assert_eq!(list(children.clone()).await, [c2, c1]);
+    assert!(
+        list(TaskFilter {
+            parent: Some(plain),
+            ..TaskFilter::default()
+        })
+        .await
+        .is_empty(),
+        "a task without children has none"
+    );
+    assert_eq!(
+        list(TaskFilter {
+            idempotency_key: Some("lc-key".into()),
+            ..TaskFilter::default()
+        })
+        .await,
+        [parent]
+    );
+    assert_eq!(
+        list(TaskFilter {
+            created_after: Some(t0 + 10),
+            created_before: Some(t0 + 30),
+            ..TaskFilter::default()
+        })
+        .await,
+        [c1, plain],
+        "created_after is inclusive, created_before exclusive"
+    );
+    assert_eq!(
+        list(TaskFilter {
+            finished_after: Some(t_done),
+            ..TaskFilter::default()
+        })
+        .await,
+        [plain],
+        "a finished-time bound keeps finished tasks only"
+    );
+    assert!(list(TaskFilter {
+        finished_before: Some(t_done),
+        ..TaskFilter::default()
+    })
+    .await
+    .is_empty());
+    assert_eq!(
+        list(TaskFilter {
+            step_state: Some(StepState::Suspended),
+            ..TaskFilter::default()
+        })
+        .await,
+        [parent],
+        "the parent waits on its group"
+    );
+    assert_eq!(
+        list(TaskFilter {
+            step_state: Some(StepState::Ready),
+            ..root.clone()
+        })
+        .await,
+        Vec::<TaskId>::new(),
+        "combined: no root task has a ready step"
+    );
+    assert_eq!(
+        list(TaskFilter {
+            state: Some(TaskState::Running),
+            handler: Some("lc_child".into()),
+            ..children.clone()
+        })
+        .await,
+        [c2, c1]
+    );
+
+    // The cursor: pages of 1 walk the whole listing, in order, then stop.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = list(TaskFilter {
+            limit: 1,
+            after,
+            ..TaskFilter::default()
+        })
+        .await;
+        if page.is_empty() {
+            break;
+        }
+        assert_eq!(page.len(), 1);
+        after = Some(page[0]);
+        seen.push(page[0]);
+        assert!(
+            seen.len() <= all.len(),
+            "the cursor does not advance: {seen:?}"
+        );
+    }
+    assert_eq!(seen, all);
+    // Under a filter, the cursor may be a task the filter would not list.
+    assert_eq!(
+        list(TaskFilter {
+            after: Some(plain),
+            ..root.clone()
+        })
+        .await,
+        [parent]
+    );
+    assert_eq!(
+        list(TaskFilter {
+            after: Some(c2),
+            limit: 1,
+            ..children
+        })
+        .await,
+        [c1]
+    );
+    let err = h
+        .store
+        .list_tasks(&TaskFilter {
+            after: Some(TaskId::new()),
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NotFound(ref m) if m.contains("cursor")),
+        "an unknown cursor task is NotFound naming the cursor, got {err:?}"
+    );
+}
+
+/// `list_events_prefixed`: names starting with the prefix, taken as plain
+/// text (`%` and `_` are not wildcards), newest first, `limit` applied.
+pub async fn list_events_by_prefix(factory: Factory) {
+    let h = H::open(&factory).await;
+    for name in [
+        "order.1", "order.2", "orders", "pay.1", "order%x", "o_der.3",
+    ] {
+        assert!(h.store.emit_event(name, json!(name)).await.unwrap());
+        h.advance(1);
+    }
+    let names = |prefix: &'static str, limit: usize| {
+        let store = &h.store;
+        async move {
+            store
+                .list_events_prefixed(prefix, limit)
+                .await
+                .expect("list_events_prefixed")
+                .into_iter()
+                .map(|e| e.name)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(names("order.", 0).await, ["order.2", "order.1"]);
+    assert_eq!(
+        names("order", 0).await,
+        ["order%x", "orders", "order.2", "order.1"]
+    );
+    assert_eq!(names("order%", 0).await, ["order%x"], "% is plain text");
+    assert_eq!(names("o_d", 0).await, ["o_der.3"], "_ is plain text");
+    assert_eq!(names("order", 2).await, ["order%x", "orders"]);
+    assert!(names("nothing", 0).await.is_empty());
+    assert_eq!(names("", 0).await.len(), 6, "the empty prefix lists all");
+}
+
+/// `handler_stats`: per handler, step counts by state and the earliest
+/// `run_at` of its ready steps; `running_by_host`: steps in flight per host.
+pub async fn handler_stats_counts_and_oldest_ready(factory: Factory) {
+    let h = H::open(&factory).await;
+    assert!(h.store.handler_stats().await.unwrap().is_empty());
+    let t0 = h.now();
+    h.spawn_handler("hs_a").await;
+    h.advance(100);
+    h.spawn_handler("hs_a").await;
+    h.spawn_handler("hs_a").await;
+    h.spawn_handler("hs_b").await;
+    let s = h.claim_one("hs_b").await;
+    h.resolve(
+        &s,
+        Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, "no")),
+    )
+    .await;
+    let running = h.claim_one("hs_a").await;
+    let stats = h.store.handler_stats().await.unwrap();
+    assert_eq!(stats.len(), 2, "{stats:#?}");
+    let a = stats.iter().find(|s| s.handler == "hs_a").expect("hs_a");
+    assert_eq!(a.steps.get("ready"), Some(&2));
+    assert_eq!(a.steps.get("running"), Some(&1));
+    assert_eq!(
+        a.oldest_ready_at,
+        Some(t0 + 100),
+        "the first task's step is running; the oldest ready one is due at t0+100"
+    );
+    let b = stats.iter().find(|s| s.handler == "hs_b").expect("hs_b");
+    assert_eq!(b.steps.get("failed"), Some(&1));
+    assert_eq!(b.steps.get("ready"), None);
+    assert_eq!(b.oldest_ready_at, None);
+    // Steps in flight per host.
+    let on_b = h.claim_batch(HOST_B, &[("hs_a", 1)], LEASE_MS).await.steps;
+    assert_eq!(on_b.len(), 1);
+    let by_host = h.store.running_by_host().await.unwrap();
+    assert_eq!(
+        by_host.into_iter().collect::<Vec<_>>(),
+        [(HOST.to_string(), 1), (HOST_B.to_string(), 1)]
+    );
+    h.resolve(&running, Resolution::Completed(json!(1))).await;
+    let by_host = h.store.running_by_host().await.unwrap();
+    assert_eq!(
+        by_host.into_iter().collect::<Vec<_>>(),
+        [(HOST_B.to_string(), 1)],
+        "a finished step is no longer in flight"
+    );
+}
 
 /// `list_tasks`: newest first, filtered by state and root handler, `limit`
 /// applied; `get_task`/`task_detail` answer `None` for unknown ids.

@@ -651,6 +651,7 @@ impl Inner {
                             priority: r.priority,
                             lease_expires_at: expires,
                             has_dependencies: !r.depends_on.is_empty(),
+                            ready_at: r.run_at.unwrap_or(r.created_at),
                         },
                     ));
                 }
@@ -1494,6 +1495,51 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit = if limit == 0 { DEFAULT_LIMIT } else { limit };
+        let inner = self.inner.lock();
+        Ok(inner
+            .event_order
+            .iter()
+            .rev()
+            .filter(|n| n.starts_with(prefix))
+            .take(limit)
+            .filter_map(|n| inner.events.get(n).cloned())
+            .collect())
+    }
+
+    async fn running_by_host(&self) -> Result<BTreeMap<String, u64>> {
+        let inner = self.inner.lock();
+        let mut by = BTreeMap::new();
+        for s in inner.steps.values() {
+            if s.rec.state == StepState::Running {
+                if let Some(host) = &s.rec.lease_owner {
+                    *by.entry(host.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+        Ok(by)
+    }
+
+    async fn handler_stats(&self) -> Result<Vec<switchyard_core::HandlerStats>> {
+        let inner = self.inner.lock();
+        let mut by: BTreeMap<String, switchyard_core::HandlerStats> = BTreeMap::new();
+        for s in inner.steps.values() {
+            let h =
+                by.entry(s.rec.handler.clone())
+                    .or_insert_with(|| switchyard_core::HandlerStats {
+                        handler: s.rec.handler.clone(),
+                        ..Default::default()
+                    });
+            *h.steps.entry(s.rec.state.as_str().to_string()).or_insert(0) += 1;
+            if s.rec.state == StepState::Ready {
+                let at = s.rec.run_at.unwrap_or(s.rec.created_at);
+                h.oldest_ready_at = Some(h.oldest_ready_at.map_or(at, |o| o.min(at)));
+            }
+        }
+        Ok(by.into_values().collect())
+    }
+
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
         let inner = self.inner.lock();
         let Some(g) = inner.groups.get(group) else {
@@ -1587,14 +1633,45 @@ impl Store for MemoryStore {
             filter.limit
         };
         let inner = self.inner.lock();
-        Ok(inner
-            .task_order
+        // Keyset pagination: start after the cursor task's position.
+        let end = match filter.after {
+            None => inner.task_order.len(),
+            Some(after) => inner
+                .task_order
+                .iter()
+                .rposition(|id| *id == after)
+                .ok_or_else(|| Error::NotFound(format!("cursor task {after}")))?,
+        };
+        let has_step_in = |t: &TaskRow, state: StepState| {
+            std::iter::once(&t.root)
+                .chain(t.steps.iter())
+                .filter_map(|sid| inner.steps.get(sid))
+                .any(|s| s.rec.state == state)
+        };
+        Ok(inner.task_order[..end]
             .iter()
             .rev()
             .filter_map(|id| inner.tasks.get(id))
             .filter(|t| filter.state.is_none() || filter.state == Some(t.rec.state))
             .filter(|t| {
                 filter.handler.as_ref().is_none() || filter.handler.as_ref() == Some(&t.rec.handler)
+            })
+            .filter(|t| !filter.root_only || t.rec.parent.is_none())
+            .filter(|t| {
+                filter.parent.is_none() || t.rec.parent.as_ref().map(|p| p.task_id) == filter.parent
+            })
+            .filter(|t| {
+                filter.idempotency_key.is_none() || t.rec.idempotency_key == filter.idempotency_key
+            })
+            .filter(|t| filter.created_after.is_none_or(|a| t.rec.created_at >= a))
+            .filter(|t| filter.created_before.is_none_or(|b| t.rec.created_at < b))
+            .filter(|t| !filter.wants_finished() || t.rec.state.is_terminal())
+            .filter(|t| filter.finished_after.is_none_or(|a| t.rec.updated_at >= a))
+            .filter(|t| filter.finished_before.is_none_or(|b| t.rec.updated_at < b))
+            .filter(|t| {
+                filter
+                    .step_state
+                    .is_none_or(|st| t.rec.state == TaskState::Running && has_step_in(t, st))
             })
             .take(limit)
             .map(|t| inner.task_record(t))

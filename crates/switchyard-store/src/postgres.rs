@@ -1703,6 +1703,7 @@ async fn claim_tx(
             .await?;
         for r in rows {
             let headers: Option<String> = r.get(5);
+            let run_at = r.get::<_, Option<i64>>(8).unwrap_or(now);
             claimed.push(RawClaim {
                 step: ClaimedStep {
                     step_id: StepId(r.get(0)),
@@ -1716,8 +1717,9 @@ async fn claim_tx(
                     priority: r.get(7),
                     lease_expires_at: expires,
                     has_dependencies: r.get(10),
+                    ready_at: run_at,
                 },
-                run_at: r.get::<_, Option<i64>>(8).unwrap_or(now),
+                run_at,
                 seq: r.get(9),
             });
         }
@@ -2700,34 +2702,74 @@ async fn list_tasks_q(c: &mut Conn, filter: &TaskFilter) -> DbResult<Vec<TaskRec
         filter.limit
     };
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let state = filter.state.map(TaskState::as_str);
-    let rows = match (state, &filter.handler) {
-        (None, None) => {
-            c.query(task_select!("ORDER BY seq DESC LIMIT $1"), &[&limit])
-                .await?
-        }
-        (Some(s), None) => {
-            c.query(
-                task_select!("WHERE state = $1 ORDER BY seq DESC LIMIT $2"),
-                &[&s, &limit],
-            )
-            .await?
-        }
-        (None, Some(h)) => {
-            c.query(
-                task_select!("WHERE handler = $1 ORDER BY seq DESC LIMIT $2"),
-                &[h, &limit],
-            )
-            .await?
-        }
-        (Some(s), Some(h)) => {
-            c.query(
-                task_select!("WHERE state = $1 AND handler = $2 ORDER BY seq DESC LIMIT $3"),
-                &[&s, h, &limit],
-            )
-            .await?
-        }
+    // Only the conditions that are set go into the statement; the cursor is
+    // a keyset on `seq` (the listing order), never an offset.
+    let mut conds: Vec<String> = Vec::new();
+    let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut arg = |conds: &mut Vec<String>, cond: &str, v: Box<dyn ToSql + Sync + Send>| {
+        args.push(v);
+        conds.push(cond.replace('?', &format!("${}", args.len())));
     };
+    if let Some(after) = filter.after {
+        let row = c
+            .opt("SELECT seq FROM sy_tasks WHERE id = $1", &[&after.0])
+            .await?;
+        let Some(row) = row else {
+            return Err(Error::NotFound(format!("cursor task {after}")).into());
+        };
+        let seq: i64 = row.get(0);
+        arg(&mut conds, "seq < ?", Box::new(seq));
+    }
+    if let Some(state) = filter.state {
+        arg(&mut conds, "state = ?", Box::new(state.as_str()));
+    }
+    if let Some(h) = &filter.handler {
+        arg(&mut conds, "handler = ?", Box::new(h.clone()));
+    }
+    if filter.root_only {
+        conds.push("parent_task_id IS NULL".into());
+    }
+    if let Some(p) = filter.parent {
+        arg(&mut conds, "parent_task_id = ?", Box::new(p.0));
+    }
+    if let Some(k) = &filter.idempotency_key {
+        arg(&mut conds, "idempotency_key = ?", Box::new(k.clone()));
+    }
+    if let Some(t) = filter.created_after {
+        arg(&mut conds, "created_at >= ?", Box::new(t));
+    }
+    if let Some(t) = filter.created_before {
+        arg(&mut conds, "created_at < ?", Box::new(t));
+    }
+    if filter.wants_finished() {
+        conds.push("state <> 'running'".into());
+    }
+    if let Some(t) = filter.finished_after {
+        arg(&mut conds, "updated_at >= ?", Box::new(t));
+    }
+    if let Some(t) = filter.finished_before {
+        arg(&mut conds, "updated_at < ?", Box::new(t));
+    }
+    if let Some(st) = filter.step_state {
+        arg(
+            &mut conds,
+            "state = 'running' AND EXISTS (SELECT 1 FROM sy_steps s WHERE s.task_id = sy_tasks.id \
+             AND s.state = ?)",
+            Box::new(st.as_str()),
+        );
+    }
+    let mut sql = String::from(task_select!(""));
+    if !conds.is_empty() {
+        sql.push_str("WHERE ");
+        sql.push_str(&conds.join(" AND "));
+    }
+    args.push(Box::new(limit));
+    sql.push_str(&format!(" ORDER BY seq DESC LIMIT ${}", args.len()));
+    let params: Vec<&(dyn ToSql + Sync)> = args
+        .iter()
+        .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+        .collect();
+    let rows = c.client.query(sql.as_str(), &params).await?;
     Ok(rows.iter().map(task_row).collect::<Result<Vec<_>>>()?)
 }
 
@@ -2993,6 +3035,72 @@ impl Store for PostgresStore {
                 )
                 .await?;
             Ok::<_, Fail>(rows.iter().map(event_row).collect::<Result<Vec<_>>>()?)
+        })
+    }
+
+    async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit =
+            i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);
+        read_op!(self, "list_events_prefixed", false, |c| async {
+            // left(), not LIKE: the prefix is plain text (`%` and `_` too).
+            let rows = c
+                .query(
+                    "SELECT name, payload, created_at FROM sy_events \
+                     WHERE left(name, length($1)) = $1 ORDER BY seq DESC LIMIT $2",
+                    &[&prefix, &limit],
+                )
+                .await?;
+            Ok::<_, Fail>(rows.iter().map(event_row).collect::<Result<Vec<_>>>()?)
+        })
+    }
+
+    async fn running_by_host(&self) -> Result<BTreeMap<String, u64>> {
+        read_op!(self, "running_by_host", false, |c| async {
+            let mut by = BTreeMap::new();
+            for r in c
+                .query(
+                    "SELECT lease_owner, count(*) FROM sy_steps \
+                     WHERE state = 'running' AND lease_owner IS NOT NULL GROUP BY lease_owner",
+                    &[],
+                )
+                .await?
+            {
+                let n: i64 = r.get(1);
+                by.insert(r.get::<_, String>(0), u64::try_from(n).unwrap_or(0));
+            }
+            Ok::<_, Fail>(by)
+        })
+    }
+
+    async fn handler_stats(&self) -> Result<Vec<switchyard_core::HandlerStats>> {
+        // A full scan: for the admin API, not for a hot path.
+        read_op!(self, "handler_stats", false, |c| async {
+            let mut by: BTreeMap<String, switchyard_core::HandlerStats> = BTreeMap::new();
+            for r in c
+                .query(
+                    "SELECT handler, state, count(*), \
+                     min(CASE WHEN state = 'ready' THEN coalesce(run_at, created_at) END) \
+                     FROM sy_steps GROUP BY handler, state",
+                    &[],
+                )
+                .await?
+            {
+                let handler: String = r.get(0);
+                let state: String = r.get(1);
+                let n: i64 = r.get(2);
+                let oldest: Option<i64> = r.get(3);
+                let h =
+                    by.entry(handler.clone())
+                        .or_insert_with(|| switchyard_core::HandlerStats {
+                            handler,
+                            ..Default::default()
+                        });
+                h.steps.insert(state, u64::try_from(n).unwrap_or(0));
+                if oldest.is_some() {
+                    h.oldest_ready_at = oldest;
+                }
+            }
+            Ok::<_, Fail>(by.into_values().collect::<Vec<_>>())
         })
     }
 

@@ -2542,40 +2542,95 @@ fn task_detail_tx(conn: &Connection, id: TaskId) -> DbResult<Option<TaskDetail>>
 }
 
 fn list_tasks_tx(conn: &Connection, filter: &TaskFilter) -> DbResult<Vec<TaskRecord>> {
+    let (sql, args) = list_tasks_sql(conn, filter)?;
+    let rows = conn
+        .prepare_cached(&sql)?
+        .query_map(rusqlite::params_from_iter(args), task_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// The statement and arguments of a task listing.
+fn list_tasks_sql(
+    conn: &Connection,
+    filter: &TaskFilter,
+) -> DbResult<(String, Vec<rusqlite::types::Value>)> {
+    use rusqlite::types::Value as Sql;
     let limit = if filter.limit == 0 {
         DEFAULT_LIMIT
     } else {
         filter.limit
     };
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let state = filter.state.map(TaskState::as_str);
-    let sql = match (state.is_some(), filter.handler.is_some()) {
-        (false, false) => concat!(
-            "SELECT ",
-            task_cols!(),
-            " FROM tasks WHERE ?1 IS NULL AND ?2 IS NULL ORDER BY seq DESC LIMIT ?3"
-        ),
-        (true, false) => concat!(
-            "SELECT ",
-            task_cols!(),
-            " FROM tasks WHERE state = ?1 AND ?2 IS NULL ORDER BY seq DESC LIMIT ?3"
-        ),
-        (false, true) => concat!(
-            "SELECT ",
-            task_cols!(),
-            " FROM tasks WHERE ?1 IS NULL AND handler = ?2 ORDER BY seq DESC LIMIT ?3"
-        ),
-        (true, true) => concat!(
-            "SELECT ",
-            task_cols!(),
-            " FROM tasks WHERE state = ?1 AND handler = ?2 ORDER BY seq DESC LIMIT ?3"
-        ),
-    };
-    let rows = conn
-        .prepare_cached(sql)?
-        .query_map(params![state, filter.handler, limit], task_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(rows)
+    // Only the conditions that are set go into the statement, so each
+    // combination is planned with the indexes it can use; the cursor is a
+    // keyset on `seq` (the listing order), never an offset.
+    let mut conds: Vec<&str> = Vec::new();
+    let mut args: Vec<Sql> = Vec::new();
+    if let Some(after) = filter.after {
+        let seq: Option<i64> = conn
+            .prepare_cached("SELECT seq FROM tasks WHERE id = ?1")?
+            .query_row([after.0.as_bytes()], |r| r.get(0))
+            .optional()?;
+        let Some(seq) = seq else {
+            return Err(Error::NotFound(format!("cursor task {after}")).into());
+        };
+        conds.push("seq < ?");
+        args.push(Sql::Integer(seq));
+    }
+    if let Some(state) = filter.state {
+        conds.push("state = ?");
+        args.push(Sql::Text(state.as_str().into()));
+    }
+    if let Some(h) = &filter.handler {
+        conds.push("handler = ?");
+        args.push(Sql::Text(h.clone()));
+    }
+    if filter.root_only {
+        conds.push("parent_task_id IS NULL");
+    }
+    if let Some(p) = filter.parent {
+        conds.push("parent_task_id = ?");
+        args.push(Sql::Blob(p.0.as_bytes().to_vec()));
+    }
+    if let Some(k) = &filter.idempotency_key {
+        conds.push("idempotency_key = ?");
+        args.push(Sql::Text(k.clone()));
+    }
+    if let Some(t) = filter.created_after {
+        conds.push("created_at >= ?");
+        args.push(Sql::Integer(t));
+    }
+    if let Some(t) = filter.created_before {
+        conds.push("created_at < ?");
+        args.push(Sql::Integer(t));
+    }
+    if filter.wants_finished() {
+        conds.push("state <> 'running'");
+    }
+    if let Some(t) = filter.finished_after {
+        conds.push("updated_at >= ?");
+        args.push(Sql::Integer(t));
+    }
+    if let Some(t) = filter.finished_before {
+        conds.push("updated_at < ?");
+        args.push(Sql::Integer(t));
+    }
+    if let Some(st) = filter.step_state {
+        conds.push(
+            "state = 'running' AND EXISTS (SELECT 1 FROM steps s WHERE s.task_id = tasks.id \
+             AND s.state = ?)",
+        );
+        args.push(Sql::Text(st.as_str().into()));
+    }
+    let mut sql = String::from(concat!("SELECT ", task_cols!(), " FROM tasks"));
+    if !conds.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conds.join(" AND "));
+    }
+    sql.push_str(" ORDER BY seq DESC LIMIT ?");
+    args.push(Sql::Integer(limit));
+    Ok((sql, args))
 }
 
 // ---------------------------------------------------------------------------
@@ -2661,6 +2716,7 @@ impl Store for SqliteStore {
                     priority: c.priority,
                     lease_expires_at,
                     has_dependencies: c.has_dependencies,
+                    ready_at: c.run_at,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -2837,6 +2893,71 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>> {
+        let limit =
+            i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);
+        let prefix = prefix.to_owned();
+        self.read("list_events_prefixed", move |conn| {
+            // substr, not LIKE: the prefix is plain text (`%` and `_` too).
+            Ok(conn
+                .prepare_cached(
+                    "SELECT name, payload, created_at FROM events \
+                     WHERE substr(name, 1, length(?1)) = ?1 ORDER BY rowid DESC LIMIT ?2",
+                )?
+                .query_map(params![prefix, limit], event_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn running_by_host(&self) -> Result<BTreeMap<String, u64>> {
+        self.read("running_by_host", |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT lease_owner, count(*) FROM steps \
+                     WHERE state = 'running' AND lease_owner IS NOT NULL GROUP BY lease_owner",
+                )?
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?
+                .collect::<rusqlite::Result<BTreeMap<_, _>>>()?)
+        })
+        .await
+    }
+
+    async fn handler_stats(&self) -> Result<Vec<switchyard_core::HandlerStats>> {
+        // A full scan: for the admin API, not for a hot path.
+        self.read("handler_stats", |conn| {
+            let mut by: BTreeMap<String, switchyard_core::HandlerStats> = BTreeMap::new();
+            let mut stmt = conn.prepare_cached(
+                "SELECT handler, state, count(*), \
+                 min(CASE WHEN state = 'ready' THEN coalesce(run_at, created_at) END) \
+                 FROM steps GROUP BY handler, state",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (handler, state, n, oldest) = row?;
+                let h =
+                    by.entry(handler.clone())
+                        .or_insert_with(|| switchyard_core::HandlerStats {
+                            handler,
+                            ..Default::default()
+                        });
+                h.steps.insert(state, n);
+                if oldest.is_some() {
+                    h.oldest_ready_at = oldest;
+                }
+            }
+            Ok(by.into_values().collect())
+        })
+        .await
+    }
+
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
         let group = group.to_owned();
         self.read("group_outcomes", move |conn| {
@@ -3003,6 +3124,51 @@ mod tests {
 
     fn answer(rx: oneshot::Receiver<Result<()>>) -> std::result::Result<Result<()>, &'static str> {
         rx.blocking_recv().map_err(|_| "no answer")
+    }
+
+    /// A page after a cursor is a keyset search on the primary key, never
+    /// a scan from the start or a sort: it costs the same at any depth.
+    #[test]
+    fn task_pages_after_a_cursor_search_the_primary_key() {
+        let conn = writer();
+        let id = TaskId::new();
+        conn.execute(
+            "INSERT INTO tasks (id, handler, input, state, priority, final_step, created_at, \
+             updated_at) VALUES (?1, 'h', 'null', 'running', 0, 'h', 0, 0)",
+            [id.0.as_bytes()],
+        )
+        .unwrap();
+        for filter in [
+            TaskFilter {
+                after: Some(id),
+                ..TaskFilter::default()
+            },
+            TaskFilter {
+                after: Some(id),
+                state: Some(TaskState::Failed),
+                handler: Some("h".into()),
+                root_only: true,
+                ..TaskFilter::default()
+            },
+        ] {
+            let (sql, args) = list_tasks_sql(&conn, &filter).unwrap();
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let plan = plan.join("; ");
+            assert!(
+                plan.contains("(rowid<?)") || plan.contains("seq<?"),
+                "{filter:?}: the cursor is not a keyset search: {plan}"
+            );
+            assert!(
+                !plan.contains("TEMP B-TREE"),
+                "{filter:?}: the page is sorted, not read in order: {plan}"
+            );
+        }
     }
 
     #[test]

@@ -233,6 +233,7 @@ async fn several_stores_share_a_workload() {
             state: Some(TaskState::Completed),
             handler: None,
             limit: N + 10,
+            ..TaskFilter::default()
         })
         .await
         .unwrap();
@@ -293,6 +294,7 @@ async fn server_restart_mid_run() {
                     state: Some(TaskState::Running),
                     handler: None,
                     limit: 1,
+                    ..TaskFilter::default()
                 })
                 .await;
             match left {

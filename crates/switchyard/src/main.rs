@@ -15,6 +15,7 @@ mod cli {
     pub mod commands;
     pub mod dev;
     pub mod output;
+    pub mod serve;
 }
 
 use cli::bench::BenchArgs;
@@ -59,6 +60,9 @@ enum Command {
     /// Delete finished tasks (and their steps and checkpoints) older than a
     /// given age, in bounded batches. Cached events are kept.
     Cleanup(CleanupArgs),
+    /// Serve the REST API (`/api/v1`, OpenAPI at `/api/v1/openapi.json`)
+    /// over the store until Ctrl-C or SIGTERM.
+    Serve(ServeArgs),
     /// Measure throughput and latency with an in-process host.
     Bench(BenchArgs),
     /// Start a throwaway PostgreSQL server (initdb in a temporary directory,
@@ -78,6 +82,23 @@ pub struct CleanupArgs {
     /// Tasks deleted per transaction.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub batch: usize,
+}
+
+/// Arguments of `switchyard serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address of the REST API. Without API tokens it must be a loopback
+    /// address unless --insecure is given.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Address of the standard gRPC health service (`grpc.health.v1`),
+    /// reporting whether the store answers. Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub grpc_listen: Option<String>,
+    /// Allow a non-loopback --listen address without API tokens: anyone who
+    /// can reach it may spawn and cancel tasks.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// Arguments of `switchyard spawn`.
@@ -237,6 +258,7 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Retry(a) => c::retry(&url, json, &a.id).await,
         Command::Workers => c::workers(&url, json).await,
         Command::Cleanup(a) => c::cleanup(&url, json, a).await,
+        Command::Serve(a) => cli::serve::serve(&url, a).await,
         Command::Bench(_) | Command::DevPostgres => unreachable!("handled above"),
     }
 }

@@ -420,3 +420,75 @@ fn dev_postgres_serves_until_stdin_closes_or_sigterm() {
         );
     }
 }
+
+/// `switchyard serve` without API tokens refuses a non-loopback address
+/// (exit 2, before opening the store), unless `--insecure`; on loopback it
+/// serves the API until killed.
+#[test]
+fn serve_refuses_non_loopback_without_tokens() {
+    let cli = Cli::new();
+    let out = cli.run(&["serve", "--listen", "0.0.0.0:0"]);
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0 without API tokens")
+            && err.contains("--insecure"),
+        "{err}"
+    );
+    assert!(!cli.db.exists(), "the store was not opened");
+    let out = cli.run(&["serve", "--listen", "localhost"]);
+    assert_eq!(code(&out), 2);
+    assert!(text(&out.stderr).contains("--listen: `localhost` is not an address"));
+    let out = cli.run(&["serve", "--grpc-listen", "nowhere"]);
+    assert_eq!(code(&out), 2);
+    assert!(text(&out.stderr).contains("--grpc-listen: `nowhere` is not an address"));
+
+    // On loopback (and with --insecure anywhere) it starts and answers.
+    for args in [
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ][..],
+        &["serve", "--listen", "0.0.0.0:0", "--insecure"][..],
+    ] {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(args)
+            .env("SWITCHYARD_STORE", cli.url())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start serve");
+        let mut line = String::new();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        stderr.read_line(&mut line).unwrap();
+        if args.contains(&"--grpc-listen") {
+            let mut grpc = String::new();
+            stderr.read_line(&mut grpc).unwrap();
+            let g = grpc
+                .trim()
+                .strip_prefix("switchyard serve: gRPC health on ")
+                .unwrap_or_else(|| panic!("unexpected second line `{grpc}`"));
+            std::net::TcpStream::connect(g).expect("the gRPC port listens");
+        }
+        let addr = line
+            .trim()
+            .strip_prefix("switchyard serve: listening on http://")
+            .unwrap_or_else(|| panic!("{args:?}: unexpected first line `{line}`"))
+            .replace("0.0.0.0", "127.0.0.1");
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        s.write_all(b"GET /api/v1/tasks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.contains(r#"{"tasks":[],"next_cursor":null}"#),
+            "{answer}"
+        );
+    }
+}

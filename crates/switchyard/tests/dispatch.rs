@@ -351,7 +351,12 @@ async fn panic_fails_only_its_step(env: Env) {
     let t = env.finished(bomb).await;
     assert_eq!(t.state, TaskState::Failed);
     let err = t.error.unwrap();
-    assert_eq!(err.kind, ErrorKind::Panic);
+    assert_eq!(err.kind, ErrorKind::Retryable);
+    assert!(
+        err.message.contains("failed: handler panicked: "),
+        "{}",
+        err.message
+    );
     assert!(
         err.message.contains("kaboom in the handler"),
         "{}",
@@ -878,6 +883,7 @@ async fn api_rate_limit_holds_back_when_bucket_is_empty(env: Env) {
                 state: Some(TaskState::Completed),
                 handler: Some("scarce".into()),
                 limit: 0,
+                ..TaskFilter::default()
             })
             .await
             .unwrap();

@@ -13,8 +13,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 use switchyard::{
-    ChildSpec, Decision, ErrorKind, HandlerOptions, NewStep, NewTask, StepError, StepState, TaskId,
-    TaskState,
+    ChildSpec, Decision, Error, ErrorKind, HandlerOptions, NewStep, NewTask, StepError, StepState,
+    TaskId, TaskState,
 };
 use tokio::sync::Semaphore;
 
@@ -36,6 +36,7 @@ store_tests!(
     nested_delegation_three_deep,
     fan_out_resumes_from_checkpointed_cursor,
     response_event_carries_result_and_error,
+    client_await_event_waits_for_a_response_event,
     cancel_stops_running_step,
     cancel_suspended_step,
     cancel_cascades_to_descendants,
@@ -889,6 +890,59 @@ async fn response_event_carries_result_and_error(env: Env) {
     assert_eq!(got["got"]["state"], json!("failed"));
     assert!(got["got"]["result"].is_null());
     assert_eq!(got["got"]["error"]["message"], json!("cannot answer"));
+    w.stop().await;
+}
+
+async fn client_await_event_waits_for_a_response_event(env: Env) {
+    let w = env
+        .worker()
+        .step("answer", HandlerOptions::default(), |input, _| async move {
+            Ok(json!({ "answer": input["q"] }))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let long = Duration::from_secs(20);
+    // Waiting first: the caller is woken when the task's response lands.
+    let c = env.client.clone();
+    let waiter = tokio::spawn(async move { c.await_event("reply-a", long).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let id = env
+        .client
+        .spawn_task(NewTask::new("answer", json!({ "q": 7 })).response_event("reply-a"))
+        .await
+        .unwrap()
+        .task_id;
+    let got = waiter.await.unwrap().unwrap();
+    assert_eq!(got["task_id"], json!(id.to_string()));
+    assert_eq!(got["state"], json!("completed"));
+    assert_eq!(got["result"], json!({ "answer": 7 }));
+    // Emitted before the wait: returned at once; the first emit wins.
+    env.client.emit("plain", json!(1)).await.unwrap();
+    env.client.emit("plain", json!(2)).await.unwrap();
+    assert_eq!(
+        env.client.await_event("plain", long).await.unwrap(),
+        json!(1)
+    );
+    // Never emitted: a timeout naming the event.
+    let err = env
+        .client
+        .await_event("never", Duration::from_millis(150))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout(_)), "{err:?}");
+    assert!(err.to_string().contains("`never`"), "{err}");
+    // A name no store keys on: invalid input, not a wait.
+    let err = env.client.await_event("", long).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+    let err = env
+        .client
+        .await_event("x", Duration::MAX)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
     w.stop().await;
 }
 

@@ -45,6 +45,17 @@ module Switchyard
       @native.result(task_id.to_s, Float(timeout))
     end
 
+    # Waits, from outside any task, until event +name+ is emitted and
+    # returns its payload (at once if it already was; the first emit wins):
+    # how a caller waits for a task's +response_event+ (a Hash with
+    # "task_id", "state", "result", "error") without polling.
+    # Switchyard::TimeoutError naming the event after +timeout+ seconds;
+    # Switchyard::InvalidInput for a bad name. Other Ruby threads run while
+    # it waits.
+    def await_event(name, timeout: 30)
+      @native.await_event(name.to_s, Float(timeout))
+    end
+
     # Waits until the task finishes and returns it (any final state);
     # Switchyard::TimeoutError after +timeout+ seconds.
     def wait(task_id, timeout: 30)

@@ -44,15 +44,17 @@ module Switchyard
   # The task waited for (+Client#result+) failed. +task_id+, and the error
   # recorded for it: +kind+ ("permanent", "retryable", "timeout"...),
   # +traceback+ (the handler's backtrace, or nil), +attempt+ (the attempt it
-  # happened on). +message+ is the core's wording, which includes the
-  # recorded message.
+  # happened on), +error_message+ (the recorded message alone, what
+  # Python's +TaskFailed.message+ and TypeScript's +error.message+ hold).
+  # +message+ is the core's whole sentence, which includes it.
   class TaskFailed < Error
-    attr_reader :task_id, :kind, :traceback, :attempt
+    attr_reader :task_id, :kind, :error_message, :traceback, :attempt
 
-    def initialize(message = nil, task_id: nil, kind: nil, traceback: nil, attempt: nil)
+    def initialize(message = nil, task_id: nil, kind: nil, error_message: nil, traceback: nil, attempt: nil)
       super(message)
       @task_id = task_id
       @kind = kind
+      @error_message = error_message
       @traceback = traceback
       @attempt = attempt
     end

@@ -93,9 +93,35 @@ impl Host {
             .map(|r| r.host_id().to_string())
     }
 
+    /// Where the health/metrics endpoint listens, once started with one.
+    pub fn health_addr(&self) -> Option<std::net::SocketAddr> {
+        self.running.lock().as_ref().and_then(|r| r.health_addr())
+    }
+
+    /// Sets where the health/metrics endpoint listens; refused once started.
+    pub fn set_health_listen(&self, addr: Option<std::net::SocketAddr>) -> Result<()> {
+        if self.running.lock().is_some() {
+            return Err(Error::Conflict(
+                "health_listen: set it before the worker starts".into(),
+            ));
+        }
+        self.plan.lock().health_listen = addr;
+        Ok(())
+    }
+
     /// Steps running in this host now (0 before a start).
     pub fn inflight(&self) -> usize {
         self.running.lock().as_ref().map_or(0, |r| r.inflight())
+    }
+
+    /// Waits until every outcome handed to the host so far is recorded in
+    /// the store, or the host has stopped (see [`RunningWorker::flush`]);
+    /// returns at once before a start.
+    pub async fn flush(&self) {
+        let running = self.running.lock().clone();
+        if let Some(r) = running {
+            r.flush().await;
+        }
     }
 
     /// True between a start and the end of a stop.

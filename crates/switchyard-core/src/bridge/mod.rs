@@ -41,7 +41,7 @@ pub use handler::InboxHandler;
 pub use host::Host;
 pub use inbox::{Closed, Consumer, Inbox, STALL};
 pub use job::{Job, JobItem, Reply};
-pub use options::{camel_case, seconds, HandlerSpec, JobKind};
+pub use options::{camel_case, listen_address, seconds, HandlerSpec, JobKind};
 pub use plan::HostPlan;
 pub use protocol::{
     child_specs, fan_out, new_task, new_tasks, raise, ErrorClass, Raised, MAX_FAN_OUT,

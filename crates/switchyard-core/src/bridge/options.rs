@@ -157,6 +157,17 @@ pub fn seconds(what: &str, v: f64) -> Result<Duration, String> {
     })
 }
 
+/// A listen address from foreign data (`what` names the option in the
+/// error): `host:port` with an IP address, e.g. `127.0.0.1:9464` or
+/// `[::1]:0` (port 0 picks a free port).
+pub fn listen_address(what: &str, v: &str) -> Result<std::net::SocketAddr, String> {
+    v.trim().parse().map_err(|_| {
+        format!(
+            "{what} must be an address like 127.0.0.1:9464 (an IP address and a port), not {v:?}"
+        )
+    })
+}
+
 /// `max_attempts` → `maxAttempts`, for bindings whose options are camelCase.
 pub fn camel_case(name: &'static str) -> String {
     let mut out = String::with_capacity(name.len());
@@ -176,6 +187,17 @@ pub fn camel_case(name: &'static str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn listen_addresses_are_ip_and_port() {
+        use super::listen_address;
+        assert_eq!(listen_address("x", "127.0.0.1:9464").unwrap().port(), 9464);
+        assert!(listen_address("x", "[::1]:0").is_ok());
+        let e = listen_address("healthListen", "localhost:80").unwrap_err();
+        assert!(e.starts_with("healthListen must be an address"), "{e}");
+        assert!(listen_address("x", "127.0.0.1").is_err());
+        assert!(listen_address("x", "127.0.0.1:99999").is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -19,6 +19,9 @@ pub struct HostPlan {
     pub shutdown_grace: Duration,
     /// Largest accepted input/result, if limited.
     pub max_payload: Option<usize>,
+    /// Where the host serves `/healthz`, `/readyz` and `/metrics` (off
+    /// when None; see [`crate::WorkerOptions::health_listen`]).
+    pub health_listen: Option<std::net::SocketAddr>,
     regs: Vec<(String, JobKind, HandlerOptions, Arc<Inbox>)>,
 }
 
@@ -35,6 +38,7 @@ impl HostPlan {
             lease,
             shutdown_grace,
             max_payload,
+            health_listen: None,
             regs: Vec::new(),
         }
     }
@@ -78,7 +82,11 @@ impl HostPlan {
         let mut b = crate::Worker::builder(store)
             .concurrency(self.concurrency)
             .lease(self.lease)
-            .shutdown_grace(self.shutdown_grace);
+            .shutdown_grace(self.shutdown_grace)
+            .language(lang);
+        if let Some(a) = self.health_listen {
+            b = b.health_listen(a);
+        }
         if let Some(m) = self.max_payload {
             b = b.max_payload_bytes(m);
         }

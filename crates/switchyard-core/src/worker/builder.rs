@@ -44,6 +44,17 @@ impl WorkerBuilder {
         self.opts.claim_batch = n.max(1);
         self
     }
+    /// Serves `/healthz`, `/readyz` and `/metrics` on `addr` (see
+    /// [`WorkerOptions::health_listen`]).
+    pub fn health_listen(mut self, addr: std::net::SocketAddr) -> Self {
+        self.opts.health_listen = Some(addr);
+        self
+    }
+    /// The host's language in its metrics (`rust` unless a binding says).
+    pub fn language(mut self, lang: &'static str) -> Self {
+        self.opts.language = lang;
+        self
+    }
     /// Payload size limit.
     pub fn max_payload_bytes(mut self, n: usize) -> Self {
         self.opts.max_payload_bytes = n;
@@ -206,6 +217,7 @@ impl Worker {
             max_payload: self.opts.max_payload_bytes,
         });
         let (ctx_tx, ctx_rx) = mpsc::unbounded_channel();
+        let metrics = HostMetrics::new(&env.host.id, self.opts.language);
         let regs: Vec<Arc<Reg>> = self
             .regs
             .into_iter()
@@ -217,6 +229,7 @@ impl Worker {
                     })
                 });
                 Arc::new(Reg {
+                    m: metrics.handler(&name),
                     name,
                     cap,
                     opts,
@@ -239,7 +252,21 @@ impl Worker {
             stopping: CancellationToken::new(),
             abort: CancellationToken::new(),
             give_up: CancellationToken::new(),
+            metrics,
+            heartbeat_ok: AtomicBool::new(true),
+            serving_done: CancellationToken::new(),
         });
+        let health_addr = match shared.opts.health_listen {
+            Some(addr) => match health::start(shared.clone(), addr).await {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    // Nothing runs yet: leave the store as if never started.
+                    let _ = shared.store().deregister_host(&shared.env.host.id).await;
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         for reg in &shared.order {
             if let Capability::Batch(_) = reg.cap {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -307,11 +334,13 @@ impl Worker {
             }
             s.give_up.cancel();
             completer.abort();
+            s.serving_done.cancel();
             tracing::info!(host = %s.env.host.id, "host stopped");
         });
         Ok(RunningWorker {
             shared,
             main: Mutex::new(Some(main)),
+            health_addr,
         })
     }
 

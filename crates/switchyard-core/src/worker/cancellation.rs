@@ -48,7 +48,11 @@ pub(super) async fn cancel_listener(shared: Arc<Shared>) {
                 }
                 steps.sort_unstable();
                 steps.dedup();
-                match shared.store().cancelled_steps(&steps).await {
+                let found = shared
+                    .metrics
+                    .store_call(StoreCall::CancelledSteps, shared.store().cancelled_steps(&steps))
+                    .await;
+                match found {
                     Ok(ids) => shared.mark_cancelled(&ids),
                     Err(e) => tracing::debug!(error = %e, "checking for cancelled steps failed"),
                 }

@@ -69,8 +69,18 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
 
         let mut next_due = None;
         if !wants.is_empty() {
-            match store.claim(&shared.env.host.id, &wants, lease_ms).await {
+            let claimed = shared
+                .metrics
+                .store_call(
+                    StoreCall::Claim,
+                    store.claim(&shared.env.host.id, &wants, lease_ms),
+                )
+                .await;
+            match claimed {
                 Ok(batch) => {
+                    if !batch.steps.is_empty() {
+                        shared.metrics.claim_batch.observe(batch.steps.len() as f64);
+                    }
                     tracing::trace!(?wants, got = batch.steps.len(), next_due = ?batch.next_due, "claimed");
                     backoff = Duration::from_millis(10);
                     next_due = batch.next_due;
@@ -126,9 +136,9 @@ pub(super) async fn claim_loop(shared: Arc<Shared>) {
         tokio::select! {
             biased;
             _ = shared.stopping.cancelled() => return,
-            _ = &mut ready => {},
-            _ = &mut freed => {},
-            _ = tokio::time::sleep(wait) => {},
+            _ = &mut ready => shared.metrics.woke(Wake::Notify),
+            _ = &mut freed => shared.metrics.woke(Wake::Slot),
+            _ = tokio::time::sleep(wait) => shared.metrics.woke(Wake::Poll),
         }
     }
 }
@@ -173,6 +183,12 @@ pub(super) fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
     reg.inflight.fetch_add(1, Ordering::AcqRel);
     shared.inflight.fetch_add(1, Ordering::AcqRel);
     reg.take_tokens(1);
+    reg.m.claimed.inc();
+    // Claimed at (the store's clock) = lease end - lease length.
+    let claimed_at = step.lease_expires_at.saturating_sub(shared.env.lease_ms);
+    reg.m
+        .queue_wait
+        .observe(claimed_at.saturating_sub(step.ready_at).max(0) as f64 / 1000.0);
     if step.attempt > reg.opts.retry.max_attempts {
         // Only a lost lease uses an attempt without a recorded outcome: the
         // last attempt's host stopped renewing its lease.
@@ -185,10 +201,9 @@ pub(super) fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
         );
         error.attempt = step.attempt;
         let lease = lease_of(shared, &step);
-        shared.send_completion(Completion {
-            lease,
-            resolution: Resolution::Failed(error),
-        });
+        let resolution = Resolution::Failed(error);
+        shared.metrics.resolved(&reg.m, &resolution);
+        shared.send_completion(Completion { lease, resolution });
         shared.release_slot(&reg, 1);
         return;
     }
@@ -208,6 +223,7 @@ pub(super) fn dispatch(shared: &Arc<Shared>, step: ClaimedStep) {
 }
 
 pub(super) fn release_unstarted(shared: &Arc<Shared>, reg: &Reg, step: ClaimedStep) {
+    reg.m.released.inc();
     let lease = lease_of(shared, &step);
     shared.send_completion(Completion {
         lease,

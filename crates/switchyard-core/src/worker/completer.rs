@@ -69,7 +69,10 @@ pub(super) async fn record(shared: &Shared, batch: Vec<Completion>) {
     while let Some(part) = todo.pop() {
         let outcome = tokio::select! {
             biased;
-            r = shared.store().complete(part.clone()) => Some(r),
+            r = shared.metrics.store_call(StoreCall::Complete, async {
+                shared.metrics.completion_batch.observe(part.len() as f64);
+                shared.store().complete(part.clone()).await
+            }) => Some(r),
             _ = shared.give_up.cancelled() => None,
         };
         let result = match outcome {

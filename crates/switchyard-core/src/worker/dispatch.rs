@@ -85,11 +85,13 @@ pub(super) async fn guarded<T>(
 
 pub(super) fn begin(
     shared: &Arc<Shared>,
-    reg: &Reg,
+    reg: &Arc<Reg>,
     step: &ClaimedStep,
 ) -> (Context, Arc<Running>) {
+    reg.m.started.inc();
     let token = CancellationToken::new();
     let running = Arc::new(Running {
+        reg: reg.clone(),
         token: token.clone(),
         lost: AtomicBool::new(false),
         started: tokio::time::Instant::now(),
@@ -127,6 +129,9 @@ pub(super) async fn run_one(shared: Arc<Shared>, reg: Arc<Reg>, step: ClaimedSte
             .map(|r| r.map(Output::Value).map_err(ApiError::classify)),
         Capability::Batch(_) => unreachable!("batch steps go through the batcher"),
     };
+    reg.m
+        .run_time
+        .observe(running.started.elapsed().as_secs_f64());
     let end = end.map_or_else(|e| e, RunEnd::Finished);
     // A run that ended after its step was cancelled or taken over has nothing to record.
     let end = if running.lost.load(Ordering::Acquire) {
@@ -190,6 +195,12 @@ pub(super) async fn run_batch(shared: Arc<Shared>, reg: Arc<Reg>, steps: Vec<Cla
         &shared.abort,
     )
     .await;
+    if let Some(first) = runs.first() {
+        let took = first.started.elapsed().as_secs_f64();
+        for _ in 0..n {
+            reg.m.run_time.observe(took);
+        }
+    }
     let ends: Vec<RunEnd> = match result {
         Ok(outcomes) if outcomes.len() == n => outcomes
             .into_iter()

@@ -15,15 +15,23 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken)
         let ids: Vec<RunRef> = shared.running.lock().keys().copied().collect();
         let mut host = shared.env.host.clone();
         host.last_heartbeat = shared.store().now().await.unwrap_or(host.last_heartbeat);
-        match shared
-            .store()
-            .heartbeat(&host, &ids, shared.env.lease_ms)
-            .await
-        {
+        let beat = shared
+            .metrics
+            .store_call(
+                StoreCall::Heartbeat,
+                shared.store().heartbeat(&host, &ids, shared.env.lease_ms),
+            )
+            .await;
+        shared.heartbeat_ok.store(beat.is_ok(), Ordering::Release);
+        match beat {
             Ok(reply) => shared.mark_lost(&reply.lost),
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
-        match shared.store().recover_expired().await {
+        let recovered = shared
+            .metrics
+            .store_call(StoreCall::RecoverExpired, shared.store().recover_expired())
+            .await;
+        match recovered {
             Ok(0) => {}
             Ok(n) => tracing::info!(steps = n, "recovered steps whose lease expired"),
             Err(e) => tracing::warn!(error = %e, "lease recovery failed"),

@@ -92,6 +92,11 @@ pub struct WorkerOptions {
     pub claim_batch: usize,
     /// Largest accepted payload (results, checkpoints, events, spawn inputs).
     pub max_payload_bytes: usize,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (off when None;
+    /// port 0 picks a free port, see [`RunningWorker::health_addr`]).
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// The host's language, as the `lang` label of `switchyard_host_info`.
+    pub language: &'static str,
 }
 
 impl Default for WorkerOptions {
@@ -104,6 +109,8 @@ impl Default for WorkerOptions {
             shutdown_flush: DEFAULT_SHUTDOWN_FLUSH,
             claim_batch: 512,
             max_payload_bytes: crate::client::DEFAULT_MAX_PAYLOAD,
+            health_listen: None,
+            language: "rust",
         }
     }
 }
@@ -120,6 +127,7 @@ struct Reg {
     inflight: AtomicUsize,
     bucket: Option<Mutex<Bucket>>,
     batch_tx: Mutex<Option<mpsc::UnboundedSender<ClaimedStep>>>,
+    m: HandlerMetrics,
 }
 
 impl Reg {
@@ -153,6 +161,8 @@ impl Reg {
 }
 
 struct Running {
+    /// Its handler (for the counts of lost and cancelled runs).
+    reg: Arc<Reg>,
     token: CancellationToken,
     lost: AtomicBool,
     /// When the handler started (the cancellation poll skips young runs).
@@ -184,6 +194,11 @@ pub(crate) struct Shared {
     /// Fired when a stopping host's flush budget is spent: the completer
     /// stops retrying and drops what it could not record.
     give_up: CancellationToken,
+    metrics: HostMetrics,
+    /// Whether the last heartbeat reached the store (`/readyz`).
+    heartbeat_ok: AtomicBool,
+    /// Fired when the host has stopped: the health endpoint closes.
+    serving_done: CancellationToken,
 }
 
 impl Shared {
@@ -223,6 +238,7 @@ impl Shared {
         let running = self.running.lock();
         for run in runs {
             if let Some(r) = running.get(run) {
+                r.reg.m.leases_lost.inc();
                 r.lost.store(true, Ordering::Release);
                 r.token.cancel();
             }
@@ -234,6 +250,7 @@ impl Shared {
         let running = self.running.lock();
         for (run, r) in running.iter() {
             if steps.contains(&run.step_id) {
+                r.reg.m.cancelled.inc();
                 r.lost.store(true, Ordering::Release);
                 r.token.cancel();
             }
@@ -246,7 +263,9 @@ mod cancellation;
 mod claims;
 mod completer;
 mod dispatch;
+mod health;
 mod leases;
+mod metrics;
 mod outcome;
 mod running;
 mod shutdown;
@@ -257,6 +276,7 @@ use claims::*;
 use completer::*;
 use dispatch::*;
 use leases::*;
+use metrics::*;
 use outcome::*;
 use running::*;
 pub use running::{wait_for_signal, RunningWorker, ShutdownSignals};

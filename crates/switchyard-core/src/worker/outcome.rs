@@ -98,7 +98,9 @@ pub(super) async fn finish(
                 shared,
                 reg,
                 step,
-                ErrorKind::Panic,
+                // A panic is an unexpected failure, recorded as every
+                // language records an unexpected exception: retryable.
+                ErrorKind::Retryable,
                 format!("handler panicked: {msg}"),
                 None,
                 None,
@@ -125,7 +127,10 @@ pub(super) async fn finish(
         }),
     };
     match resolution {
-        Some(resolution) => shared.send_completion(Completion { lease, resolution }),
+        Some(resolution) => {
+            shared.metrics.resolved(&reg.m, &resolution);
+            shared.send_completion(Completion { lease, resolution })
+        }
         None => {
             shared.running.lock().remove(&run_ref(step));
         }

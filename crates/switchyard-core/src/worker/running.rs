@@ -64,12 +64,23 @@ pub async fn wait_for_signal() {
 pub struct RunningWorker {
     pub(super) shared: Arc<Shared>,
     pub(super) main: Mutex<Option<JoinHandle<()>>>,
+    pub(super) health_addr: Option<std::net::SocketAddr>,
 }
 
 impl RunningWorker {
     /// This host's id.
     pub fn host_id(&self) -> &str {
         &self.shared.env.host.id
+    }
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (None unless
+    /// [`WorkerOptions::health_listen`] was set).
+    pub fn health_addr(&self) -> Option<std::net::SocketAddr> {
+        self.health_addr
+    }
+    /// This host's metrics in the Prometheus text format (what `/metrics`
+    /// serves), also without the endpoint.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render(&self.shared)
     }
     /// Steps running now.
     pub fn inflight(&self) -> usize {
@@ -113,6 +124,7 @@ impl RunningWorker {
 impl Drop for RunningWorker {
     fn drop(&mut self) {
         self.shared.stopping.cancel();
+        self.shared.serving_done.cancel();
     }
 }
 

@@ -72,7 +72,7 @@ pub enum Outcome {
     Failure,
 }
 
-type CmdResult = Result<Outcome, CliError>;
+pub type CmdResult = Result<Outcome, CliError>;
 
 /// Opens the store named by `url`, with an error naming the URL. A
 /// directory given as an SQLite path is refused here because SQLite's own
@@ -256,6 +256,7 @@ pub async fn tasks_list(url: &str, json: bool, a: TasksListArgs) -> CmdResult {
             state,
             handler: a.handler.clone(),
             limit: a.limit,
+            ..TaskFilter::default()
         })
         .await?;
     if json {

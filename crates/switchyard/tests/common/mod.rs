@@ -439,6 +439,15 @@ impl<H: Hooks> Store for Hooked<H> {
     async fn list_events(&self, limit: usize) -> SyResult<Vec<EventRecord>> {
         self.inner.list_events(limit).await
     }
+    async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> SyResult<Vec<EventRecord>> {
+        self.inner.list_events_prefixed(prefix, limit).await
+    }
+    async fn handler_stats(&self) -> SyResult<Vec<switchyard::HandlerStats>> {
+        self.inner.handler_stats().await
+    }
+    async fn running_by_host(&self) -> SyResult<std::collections::BTreeMap<String, u64>> {
+        self.inner.running_by_host().await
+    }
     async fn group_outcomes(&self, group: &str) -> SyResult<Vec<ChildOutcome>> {
         self.inner.group_outcomes(group).await
     }
