@@ -395,7 +395,9 @@ sy_status sy_ctx_delegate(sy_ctx *ctx,
                           sy_error **err);
 
 // Delegates to child tasks run in parallel and waits for all of them.
-// `children_json` is a list of `{"handler", "input"}`. `SY_OK` when all
+// `children_json` is a list of `{"handler", "input"}` objects or
+// `[handler, input]` pairs (`SY_INVALID_ARGUMENT` names a bad child, e.g.
+// "child #1 needs a string `handler`"). `SY_OK` when all
 // have finished, with `outcomes` (release with `sy_buf_free`) a JSON list
 // of `{"task_id", "state", "result", "error"}` in order (a failed child
 // does not fail this step); `SY_SUSPENDED` while any runs (return it).

@@ -11,10 +11,8 @@ use std::ffi::c_char;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::Value;
-use switchyard_core::bridge::{raise, ErrorClass, JobKind, Reply};
-use switchyard_core::{ChildSpec, Context, StepResult, TaskId};
+use switchyard_core::bridge::{child_specs, raise, ErrorClass, JobKind, Reply};
+use switchyard_core::{Context, StepResult, TaskId};
 
 use crate::worker::{sy_completion, Answer, Deferred};
 use crate::*;
@@ -511,15 +509,10 @@ pub unsafe extern "C" fn sy_ctx_delegate(
     unsafe { ctx_call(err, ctx, ("result", result), op, json_put) }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Child {
-    handler: String,
-    input: Value,
-}
-
 /// Delegates to child tasks run in parallel and waits for all of them.
-/// `children_json` is a list of `{"handler", "input"}`. `SY_OK` when all
+/// `children_json` is a list of `{"handler", "input"}` objects or
+/// `[handler, input]` pairs (`SY_INVALID_ARGUMENT` names a bad child, e.g.
+/// "child #1 needs a string `handler`"). `SY_OK` when all
 /// have finished, with `outcomes` (release with `sy_buf_free`) a JSON list
 /// of `{"task_id", "state", "result", "error"}` in order (a failed child
 /// does not fail this step); `SY_SUSPENDED` while any runs (return it).
@@ -532,15 +525,7 @@ pub unsafe extern "C" fn sy_ctx_delegate_parallel(
 ) -> sy_status {
     let children = unsafe { json("children_json", children_json) };
     let op = |c: Context| {
-        let children: Vec<Child> = serde_json::from_value(children?).map_err(|e| {
-            Fail::arg(format!(
-                "children_json must be a list of {{\"handler\", \"input\"}}: {e}"
-            ))
-        })?;
-        let specs = children
-            .into_iter()
-            .map(|c| ChildSpec::new(c.handler, c.input))
-            .collect();
+        let specs = child_specs(children?)?;
         Ok(async move { c.delegate_parallel(specs).await })
     };
     unsafe { ctx_call(err, ctx, ("outcomes", outcomes), op, json_put) }

@@ -13,8 +13,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::Value;
-use switchyard_core::bridge::{ErrorClass, HandlerSpec, HostPlan, Inbox, Job, JobKind, Reply};
-use switchyard_core::{Context, Decision, DynStore, HandlerOptions, RunningWorker};
+use switchyard_core::bridge::{
+    ErrorClass, HandlerSpec, Host, HostPlan, Inbox, Job, JobKind, Reply,
+};
+use switchyard_core::{Context, DynStore};
 
 use crate::ctx::sy_ctx;
 use crate::*;
@@ -120,16 +122,9 @@ struct Registration {
     user_data: usize,
 }
 
-/// The host's settings and handlers, as every binding keeps them, and the
-/// callback of each handler at its id.
-struct Plan {
-    host: HostPlan,
-    callbacks: Vec<Registration>,
-}
-
-struct Running {
-    host: Arc<RunningWorker>,
-    threads: Vec<JoinHandle<()>>,
+/// The callback threads of a started worker.
+struct Threads {
+    handles: Vec<JoinHandle<()>>,
     /// One message per callback thread that has left.
     exits: std::sync::mpsc::Receiver<()>,
 }
@@ -138,6 +133,11 @@ struct Running {
 /// still running (ones that ignore `sy_ctx_is_cancelled`) before it returns
 /// and leaves them running on detached threads.
 const STOP_JOIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// How long an idle callback thread waits for a job before it waits
+/// again. Waking every 200 ms cost each idle host `concurrency` × 5 context
+/// switches a second (about 1,300 a second with 256 threads).
+const IDLE_SLICE: Duration = Duration::from_secs(3600);
 
 /// Options of a worker (`sy_worker_new_with`). Start from
 /// `sy_worker_options_default()`; a zero field means "the default".
@@ -174,9 +174,15 @@ const DEFAULT_CONCURRENCY: usize = 64;
 pub struct sy_worker {
     store: DynStore,
     concurrency: usize,
-    plan: Mutex<Plan>,
+    /// Registration, start and bounded stop: the core's lifecycle.
+    host: Arc<Host>,
     inbox: Arc<Inbox>,
-    running: Mutex<Option<Running>>,
+    /// The callback of each handler at its id. Registration and start both
+    /// hold this lock, so no handler is registered between the snapshot a
+    /// start takes and the host it starts.
+    callbacks: Mutex<Vec<Registration>>,
+    /// The callback threads, once started (taken by the first stop).
+    threads: Mutex<Option<Threads>>,
 }
 
 thread_local! {
@@ -251,27 +257,21 @@ fn new_worker(
         sy_worker {
             store: s.store.clone(),
             concurrency,
-            plan: Mutex::new(Plan {
-                host: plan,
-                callbacks: Vec::new(),
-            }),
+            host: Arc::new(Host::new("C", plan)),
             inbox: Inbox::new(),
-            running: Mutex::new(None),
+            callbacks: Mutex::new(Vec::new()),
+            threads: Mutex::new(None),
         },
     );
     Ok(())
 }
 
-fn options(
-    name: &str,
-    kind: JobKind,
-    worker_concurrency: usize,
-    o: Option<&sy_handler_options>,
-) -> Result<HandlerOptions, Fail> {
+/// The handler options as the core's spec.
+fn spec(o: Option<&sy_handler_options>) -> HandlerSpec {
     let o = o.copied().unwrap_or_else(|| sy_handler_options_default());
     let nonzero = |v: u64| (v != 0).then_some(v);
     let ms = |v: u64| nonzero(v).map(|v| v as f64 / 1000.0);
-    let spec = HandlerSpec {
+    HandlerSpec {
         concurrency: (o.concurrency != 0).then_some(o.concurrency),
         timeout: ms(o.timeout_ms),
         max_attempts: (o.max_attempts != 0).then_some(o.max_attempts),
@@ -281,17 +281,19 @@ fn options(
         linger: ms(o.linger_ms),
         rate_limit: (o.rate_limit != 0.0).then_some(o.rate_limit),
         burst: (o.rate_burst != 0).then_some(o.rate_burst),
-    };
-    let field = |f: &'static str| match f {
+    }
+}
+
+/// An option's name as C users write it.
+fn field(f: &'static str) -> String {
+    match f {
         "timeout" => "options.timeout_ms".to_string(),
         "linger" => "options.linger_ms".to_string(),
         "burst" => "options.rate_burst".to_string(),
         "initial_backoff" => "options.initial_backoff_ms".to_string(),
         "max_backoff" => "options.max_backoff_ms".to_string(),
         other => format!("options.{other}"),
-    };
-    spec.build(name, kind, worker_concurrency, field)
-        .map_err(Fail::arg)
+    }
 }
 
 unsafe fn add_handler(
@@ -307,24 +309,23 @@ unsafe fn add_handler(
     let callback = callback.ok_or_else(|| Fail::arg("callback is NULL"))?;
     switchyard_core::client::validate_name("handler name", &name)?;
     // SAFETY: NULL or a readable options struct.
-    let options = options(&name, kind, w.concurrency, unsafe { opts.as_ref() })?;
-    if w.running
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .is_some()
-    {
+    let spec = spec(unsafe { opts.as_ref() });
+    let mut callbacks = w.callbacks.lock().unwrap_or_else(|p| p.into_inner());
+    if w.host.host_id().is_some() || w.inbox.is_closed() {
         return Err(Fail::new(
             sy_status::SY_CONFLICT,
             "register handlers before the worker starts",
         ));
     }
-    let mut plan = w.plan.lock().unwrap_or_else(|p| p.into_inner());
-    let id = plan
+    // Bad options and a name registered twice are invalid arguments (the
+    // host's other refusal, a started host, was checked above under the
+    // lock that start takes too).
+    let id = w
         .host
-        .register(name, kind, options, w.inbox.clone())
+        .register(name, kind, &spec, &w.inbox, field)
         .map_err(Fail::arg)?;
-    debug_assert_eq!(id, plan.callbacks.len());
-    plan.callbacks.push(Registration {
+    debug_assert_eq!(id, callbacks.len());
+    callbacks.push(Registration {
         callback,
         user_data: user_data as usize,
     });
@@ -502,10 +503,58 @@ fn value(kind: JobKind, handler: &str, output: &[u8]) -> Reply {
     if kind != JobKind::Decision {
         return Reply::Value(v);
     }
-    match Decision::from_json(v) {
-        Ok(Decision::Complete(v)) => Reply::complete(v),
-        Ok(d) => Reply::Decision(d),
-        Err(e) => permanent(format!("the C decision handler `{handler}`: {e}")),
+    decision(handler, v)
+}
+
+/// A decision document, `{"steps": [...], "final_step"?: name}` or
+/// `{"complete": value}`, as the core's answer: the steps are checked by
+/// [`Reply::decision_steps`], as for every binding.
+fn decision(handler: &str, v: Value) -> Reply {
+    let bad = |m: String| permanent(format!("the C decision handler `{handler}`: {m}"));
+    let Value::Object(mut m) = v else {
+        return bad(format!(
+            "a decision must be an object with `steps` or `complete`, not {}",
+            json_kind(&v)
+        ));
+    };
+    if let Some(done) = m.remove("complete") {
+        return match m.keys().next() {
+            Some(k) => bad(format!(
+                "a `complete` decision has no other keys (found `{k}`)"
+            )),
+            None => Reply::complete(done),
+        };
+    }
+    let Some(steps) = m.remove("steps") else {
+        return bad("a decision needs `steps` (a list) or `complete` (the result)".into());
+    };
+    let final_step = match m.remove("final_step") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(other) => {
+            return bad(format!(
+                "`final_step` must be a step name, not {}",
+                json_kind(&other)
+            ))
+        }
+    };
+    if let Some(k) = m.keys().next() {
+        return bad(format!(
+            "unknown key `{k}` in a decision (expected `steps`, `final_step` or `complete`)"
+        ));
+    }
+    Reply::decision_steps(handler, steps, final_step)
+}
+
+/// What kind of JSON value `v` is, for error messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -826,50 +875,55 @@ pub unsafe extern "C" fn sy_worker_start(
 ) -> sy_status {
     guard(err, || {
         let w = unsafe { handle(Kind::Worker, "worker", worker) }?;
-        let mut running = w.running.lock().unwrap_or_else(|p| p.into_inner());
-        if running.is_some() || w.inbox.is_closed() {
+        let registered = w.callbacks.lock().unwrap_or_else(|p| p.into_inner());
+        if w.host.host_id().is_some() || w.inbox.is_closed() {
             return Err(Fail::new(
                 sy_status::SY_CONFLICT,
                 "the worker was already started (a worker starts once)",
             ));
         }
-        let plan = w.plan.lock().unwrap_or_else(|p| p.into_inner());
-        if plan.host.is_empty() {
+        if registered.is_empty() {
             return Err(Fail::new(
                 sy_status::SY_CONFLICT,
                 "no handler is registered",
             ));
         }
-        let callbacks: Arc<[Registration]> = plan.callbacks.clone().into();
-        let built = plan.host.build(w.store.clone(), "C")?;
-        drop(plan);
-        let host = block(async move { built.start().await })??;
-        let mut threads = Vec::with_capacity(w.concurrency);
+        let callbacks: Arc<[Registration]> = registered.clone().into();
+        let (host, store) = (w.host.clone(), w.store.clone());
+        block(async move { host.start(store).await })??;
+        drop(registered);
+        let mut handles = Vec::with_capacity(w.concurrency);
         let (exited, exits) = std::sync::mpsc::channel::<()>();
         for i in 0..w.concurrency {
             let inbox = w.inbox.clone();
             let callbacks = callbacks.clone();
             let exited = exited.clone();
-            let t = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("switchyard-c-{i}"))
                 .spawn(move || {
-                    while let Ok(jobs) = inbox.recv_batch(1, Duration::from_millis(200)) {
+                    // Closing the inbox wakes every waiter: an idle thread
+                    // has no reason to wake up before that.
+                    while let Ok(jobs) = inbox.recv_batch(1, IDLE_SLICE) {
                         for job in jobs {
                             run_job(&callbacks, job);
                         }
                     }
                     let _ = exited.send(());
-                })
-                .map_err(|e| {
-                    Fail::new(sy_status::SY_INTERNAL, format!("spawning a thread: {e}"))
-                })?;
-            threads.push(t);
+                });
+            match spawned {
+                Ok(t) => handles.push(t),
+                Err(e) => {
+                    // Keep the threads that did start, so a stop joins them.
+                    *w.threads.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Threads { handles, exits });
+                    return Err(Fail::new(
+                        sy_status::SY_INTERNAL,
+                        format!("spawning a thread: {e}"),
+                    ));
+                }
+            }
         }
-        *running = Some(Running {
-            host: Arc::new(host),
-            threads,
-            exits,
-        });
+        *w.threads.lock().unwrap_or_else(|p| p.into_inner()) = Some(Threads { handles, exits });
         Ok(())
     })
 }
@@ -881,39 +935,38 @@ fn stop(w: &sy_worker) -> Result<(), Fail> {
             "a worker cannot be stopped from inside a handler callback",
         ));
     }
-    let r = w.running.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(r) = r {
-        let host = r.host.clone();
-        // Running steps get the grace period; callback threads keep serving.
-        let res = block(async move { host.stop().await });
-        w.inbox.close();
-        // Callback threads leave once the inbox is drained and their
-        // callback returns; one that ignores cancellation past the grace
-        // period is left running, detached, rather than hanging the caller.
-        let deadline = std::time::Instant::now() + STOP_JOIN_LIMIT;
-        let mut left = r.threads.len();
-        while left > 0 {
-            let wait = deadline.saturating_duration_since(std::time::Instant::now());
-            match r.exits.recv_timeout(wait) {
-                Ok(()) => left -= 1,
-                Err(_) => break,
-            }
+    // No more claims, running steps get the grace period, the rest are
+    // handed back; then the inbox is closed. Callback threads keep serving
+    // meanwhile. Before a start this only closes the inbox.
+    let host = w.host.clone();
+    block(async move { host.stop().await })?;
+    let Some(t) = w.threads.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return Ok(());
+    };
+    // Callback threads leave once the inbox is drained and their callback
+    // returns; one that ignores cancellation past the grace period is left
+    // running, detached, rather than hanging the caller.
+    let deadline = std::time::Instant::now() + STOP_JOIN_LIMIT;
+    let mut left = t.handles.len();
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        match t.exits.recv_timeout(wait) {
+            Ok(()) => left -= 1,
+            Err(_) => break,
         }
-        let (done, stuck): (Vec<_>, Vec<_>) = r.threads.into_iter().partition(|t| t.is_finished());
-        for t in done {
-            let _ = t.join();
-        }
-        if !stuck.is_empty() {
-            // The C library has no logger: stderr is where C programs look.
-            eprintln!(
-                "switchyard: sy_worker_stop: {} callback(s) still running {:?} after the grace period; left running on detached threads",
-                stuck.len(),
-                STOP_JOIN_LIMIT
-            );
-        }
-        res?;
     }
-    w.inbox.close();
+    let (done, stuck): (Vec<_>, Vec<_>) = t.handles.into_iter().partition(|t| t.is_finished());
+    for t in done {
+        let _ = t.join();
+    }
+    if !stuck.is_empty() {
+        // The C library has no logger: stderr is where C programs look.
+        eprintln!(
+            "switchyard: sy_worker_stop: {} callback(s) still running {:?} after the grace period; left running on detached threads",
+            stuck.len(),
+            STOP_JOIN_LIMIT
+        );
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 /* Exercises every function of include/switchyard.h, errors included.
  * Run by `make test-c` under valgrind (no leaks, no invalid accesses).
  * Prints one line per check; exits 1 on the first failed check. */
+#include <dirent.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -137,10 +138,12 @@ static int32_t twice(const char *input, size_t len, sy_ctx *ctx, void *user_data
     return SY_ERROR_RETRYABLE; /* no output: a default message */
 }
 
-/* Runs until cancelled. */
+/* Runs until cancelled; counts the runs that saw it. */
+static int slow_saw_cancel = 0;
 static int32_t slow(const char *input, size_t len, sy_ctx *ctx, void *user_data) {
     (void)input, (void)len, (void)user_data;
     for (int i = 0; i < 3000 && !sy_ctx_is_cancelled(ctx); i++) sleep_ms(10);
+    if (sy_ctx_is_cancelled(ctx)) __atomic_add_fetch(&slow_saw_cancel, 1, __ATOMIC_SEQ_CST);
     return SY_ERROR_RETRYABLE;
 }
 
@@ -194,6 +197,17 @@ static int32_t plan(const char *input, size_t len, sy_ctx *ctx, void *ud) {
         return SY_OK;
     }
     if (strstr(input, "\"done\"")) return set_json(ctx, "{\"complete\":{\"early\":%ld}}", 1, 0);
+    /* Documents that are no decision: the error names what is wrong. */
+    const char *wrong = strstr(input, "\"list\"")     ? "[1]"
+                        : strstr(input, "\"extra\"")  ? "{\"steps\":[],\"then\":1}"
+                        : strstr(input, "\"final\"")  ? "{\"steps\":[],\"final_step\":3}"
+                        : strstr(input, "\"both\"")   ? "{\"complete\":1,\"steps\":[]}"
+                        : strstr(input, "\"none\"")   ? "{}"
+                                                        : NULL;
+    if (wrong) {
+        sy_ctx_set_output(ctx, wrong, strlen(wrong), NULL);
+        return SY_OK;
+    }
     long x = num(input, "x");
     char d[512];
     int n = snprintf(d, sizeof d,
@@ -270,7 +284,16 @@ static int32_t parent(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     sy_status st = sy_ctx_delegate(ctx, "add", strstr(input, "\"fail\"") ? "{\"x\":-1}" : "{\"x\":1}", &one, &err);
     sy_error_free(err);
     if (st != SY_OK) return st; /* SY_SUSPENDED, or SY_ERROR_PERMANENT: the child failed */
-    st = sy_ctx_delegate_parallel(ctx, "[{\"handler\":\"add\",\"input\":{\"x\":5}},"
+    /* A bad child is named; nothing is delegated. */
+    st = sy_ctx_delegate_parallel(ctx, "[[\"add\",{\"x\":5}],{\"handler\":7}]", &all, &err);
+    int named = st == SY_INVALID_ARGUMENT && strstr(sy_error_message(err), "child #1 needs a string `handler`");
+    sy_error_free(err);
+    if (!named) {
+        sy_buf_free(&one);
+        return SY_ERROR_PERMANENT;
+    }
+    /* Children as `[handler, input]` pairs or `{"handler", "input"}` objects. */
+    st = sy_ctx_delegate_parallel(ctx, "[[\"add\",{\"x\":5}],"
                                        "{\"handler\":\"add\",\"input\":{\"x\":-1}}]", &all, &err);
     sy_error_free(err);
     if (st != SY_OK) {
@@ -501,7 +524,19 @@ static void durable_checks(void) {
     EXPECT(sy_client_count_steps(client, NULL, &err), SY_INVALID_ARGUMENT, "counts is NULL");
     RUN("plan", "{\"done\":1}", SY_OK, "\"early\":1");
     sy_buf_free(&id);
-    RUN("plan", "{\"bad\":1}", SY_TASK_FAILED, "each step needs `name`, `handler`");
+    /* The steps are checked by the core (Reply::decision_steps), as for
+     * every binding; the document around them here. */
+    RUN("plan", "{\"bad\":1}", SY_TASK_FAILED, "decision of handler `plan`: each step needs `name`, `handler`");
+    sy_buf_free(&id);
+    RUN("plan", "{\"list\":1}", SY_TASK_FAILED, "the C decision handler `plan`: a decision must be an object with `steps` or `complete`, not a list");
+    sy_buf_free(&id);
+    RUN("plan", "{\"extra\":1}", SY_TASK_FAILED, "unknown key `then` in a decision");
+    sy_buf_free(&id);
+    RUN("plan", "{\"final\":1}", SY_TASK_FAILED, "`final_step` must be a step name, not a number");
+    sy_buf_free(&id);
+    RUN("plan", "{\"both\":1}", SY_TASK_FAILED, "a `complete` decision has no other keys (found `steps`)");
+    sy_buf_free(&id);
+    RUN("plan", "{\"none\":1}", SY_TASK_FAILED, "a decision needs `steps` (a list) or `complete`");
     sy_buf_free(&id);
 
     /* Many batch items at once: fewer calls than items, one failing alone. */
@@ -698,6 +733,15 @@ static int32_t stubborn(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     return SY_OK;
 }
 
+/* Polls for cancellation: how many runs saw it. */
+static int polite_saw = 0;
+static int32_t polite(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    for (int i = 0; i < 500 && !sy_ctx_is_cancelled(ctx); i++) sleep_ms(2);
+    if (sy_ctx_is_cancelled(ctx)) __atomic_add_fetch(&polite_saw, 1, __ATOMIC_SEQ_CST);
+    return SY_OK;
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -724,7 +768,15 @@ static void stop_checks(void) {
     ho.timeout_ms = 200;
     ho.max_attempts = 1;
     EXPECT(sy_worker_step(worker, "stubborn", &ho, stubborn, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "polite", &ho, polite, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_start(worker, &err), SY_OK, NULL);
+    /* A running callback is told that its step timed out. */
+    EXPECT(sy_client_spawn(client, "polite", "{}", &a, &err), SY_OK, NULL);
+    EXPECT(sy_client_result(client, (const char *)a.ptr, 30000, &res, &err), SY_TASK_FAILED, "timed out after 200 ms");
+    sy_buf_free(&a);
+    for (int i = 0; i < 300 && !__atomic_load_n(&polite_saw, __ATOMIC_SEQ_CST); i++) sleep_ms(10);
+    CHECK(__atomic_load_n(&polite_saw, __ATOMIC_SEQ_CST) == 1);
+    printf("ok: a timed-out callback sees sy_ctx_is_cancelled\n");
     /* "a" holds the only callback thread for 5 s and times out after
      * 200 ms; "b" is then dispatched, waits in the queue behind it and
      * times out there: its callback must never start. */
@@ -751,6 +803,60 @@ static void stop_checks(void) {
     sy_buf_free(&b);
     CHECK(sy_worker_free(worker) == SY_OK);
     CHECK(sy_client_free(client) == SY_OK);
+    CHECK(sy_store_free(store) == SY_OK);
+}
+
+/* ------------------------------------------------------------------------
+ * Idle callback threads sleep until there is a job or the worker stops. */
+
+/* Context switches so far of this process's callback threads. */
+static long callback_thread_switches(int *threads) {
+    long total = 0;
+    *threads = 0;
+    DIR *d = opendir("/proc/self/task");
+    CHECK(d != NULL);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        char path[300], line[256];
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f) continue; /* the thread has left */
+        int ours = fgets(line, sizeof line, f) && strncmp(line, "switchyard-c-", 13) == 0;
+        fclose(f);
+        if (!ours) continue;
+        snprintf(path, sizeof path, "/proc/self/task/%s/status", e->d_name);
+        if (!(f = fopen(path, "r"))) continue;
+        while (fgets(line, sizeof line, f)) {
+            if (strncmp(line, "voluntary_ctxt_switches:", 24) == 0 ||
+                strncmp(line, "nonvoluntary_ctxt_switches:", 27) == 0)
+                total += strtol(strchr(line, ':') + 1, NULL, 10);
+        }
+        fclose(f);
+        (*threads)++;
+    }
+    closedir(d);
+    return total;
+}
+
+static void idle_checks(void) {
+    sy_store *store = NULL;
+    sy_worker *worker = NULL;
+    EXPECT(sy_store_open("memory", &store, &err), SY_OK, NULL);
+    EXPECT(sy_worker_new(store, 32, &worker, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "noop", NULL, noop, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_start(worker, &err), SY_OK, NULL);
+    sleep_ms(300);
+    int threads = 0, again = 0;
+    long before = callback_thread_switches(&threads);
+    sleep_ms(1000);
+    long woke = callback_thread_switches(&again) - before;
+    printf("ok: %d idle callback threads switched %ld times in 1 s\n", threads, woke);
+    /* This worker's 32, and the 2 of the one main() keeps running. */
+    CHECK(threads == 34 && again == 34);
+    /* Waking every 200 ms would be 5 a second each (170). */
+    CHECK(woke < 34);
+    CHECK(sy_worker_free(worker) == SY_OK);
     CHECK(sy_store_free(store) == SY_OK);
 }
 
@@ -892,6 +998,9 @@ int main(void) {
     EXPECT(sy_client_cancel(client, (const char *)id.ptr, false, NULL, &err), SY_OK, NULL);
     EXPECT(sy_client_result(client, (const char *)id.ptr, 30000, &res, &err), SY_TASK_CANCELLED, "cancelled");
     sy_buf_free(&id);
+    for (int i = 0; i < 300 && !__atomic_load_n(&slow_saw_cancel, __ATOMIC_SEQ_CST); i++) sleep_ms(10);
+    CHECK(__atomic_load_n(&slow_saw_cancel, __ATOMIC_SEQ_CST) == 1);
+    printf("ok: a cancelled callback sees sy_ctx_is_cancelled\n");
 
     /* Events from a client: first write wins. */
     EXPECT(sy_client_emit(client, "order.paid", "{\"amount\":3}", &flag, &err), SY_OK, NULL);
@@ -916,6 +1025,7 @@ int main(void) {
 
     durable_checks();
     stop_checks();
+    idle_checks();
 
     /* Stop, double stop, frees, double frees. */
     EXPECT(sy_worker_stop(worker, &err), SY_OK, NULL);
