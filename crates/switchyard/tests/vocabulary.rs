@@ -40,6 +40,8 @@ fn names() -> Vec<&'static str> {
     let _ = Context::attempt;
     let _ = Context::run;
     let _ = Client::result;
+    let _ = Client::await_event;
+    let _ = RunningWorker::health_addr;
     let _ = |e: StepError| match e {
         StepError::Permanent { .. }
         | StepError::Retryable { .. }
@@ -76,6 +78,8 @@ fn names() -> Vec<&'static str> {
         "Context::attempt",
         "Context::run",
         "Client::result",
+        "Client::await_event",
+        "RunningWorker::health_addr",
         "StepError::Permanent",
         "StepError::Retryable",
         "StepError::InvalidInput",
