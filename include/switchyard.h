@@ -135,6 +135,10 @@ typedef struct {
   uint64_t shutdown_grace_ms;
   // Largest accepted input/result in bytes (default: the core's).
   size_t max_payload_bytes;
+  // Where to serve `/healthz`, `/readyz` and `/metrics`, e.g.
+  // "127.0.0.1:9464" (port 0 picks a free port, see
+  // `sy_worker_health_addr`); NULL (the default): off.
+  const char *health_listen;
 } sy_worker_options;
 
 // A step, decision or API callback. `input` is the step's JSON input
@@ -239,6 +243,18 @@ sy_status sy_client_result(const sy_client *client,
                            uint64_t timeout_ms,
                            sy_buf *result,
                            sy_error **err);
+
+// Waits, from outside any task, up to `timeout_ms` until event `name` is
+// emitted and stores its JSON payload in `payload` (release with
+// `sy_buf_free`); at once if it already was (the first emit wins). This is
+// how a caller waits for a task's `response_event` without polling. Not
+// emitted in time: `SY_TIMEOUT` naming the event; a bad name:
+// `SY_INVALID_ARGUMENT`.
+sy_status sy_client_await_event(const sy_client *client,
+                                const char *name,
+                                uint64_t timeout_ms,
+                                sy_buf *payload,
+                                sy_error **err);
 
 // Cancels a task (with `cascade`, its descendants too). `cancelled` (may
 // be NULL) is false if it had already finished.
@@ -500,6 +516,12 @@ sy_status sy_completion_free(sy_completion *completion);
 
 // Starts the host: claims steps and runs the callbacks on `concurrency`
 // library-owned threads. Returns once the host is running.
+// Where `/healthz`, `/readyz` and `/metrics` are served, once started
+// with `options.health_listen`: `addr` gets the address as text, e.g.
+// "127.0.0.1:41234" (release with `sy_buf_free`). `SY_NOT_FOUND` if the
+// endpoint is off or the worker has not started.
+sy_status sy_worker_health_addr(const sy_worker *worker, sy_buf *addr, sy_error **err);
+
 sy_status sy_worker_start(const sy_worker *worker, sy_error **err);
 
 // Stops the host gracefully (no more claims; running steps get the grace

@@ -644,6 +644,33 @@ pub unsafe extern "C" fn sy_client_result(
     })
 }
 
+/// Waits, from outside any task, up to `timeout_ms` until event `name` is
+/// emitted and stores its JSON payload in `payload` (release with
+/// `sy_buf_free`); at once if it already was (the first emit wins). This is
+/// how a caller waits for a task's `response_event` without polling. Not
+/// emitted in time: `SY_TIMEOUT` naming the event; a bad name:
+/// `SY_INVALID_ARGUMENT`.
+#[no_mangle]
+pub unsafe extern "C" fn sy_client_await_event(
+    client: *const sy_client,
+    name: *const c_char,
+    timeout_ms: u64,
+    payload: *mut sy_buf,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = buf_out("payload", payload)?;
+        let c = unsafe { client_of(client) }?;
+        let name = unsafe { text("name", name) }?.to_string();
+        let v = block(async move {
+            c.await_event(&name, Duration::from_millis(timeout_ms))
+                .await
+        })??;
+        *slot = json_buf(&v)?;
+        Ok(())
+    })
+}
+
 /// Cancels a task (with `cascade`, its descendants too). `cancelled` (may
 /// be NULL) is false if it had already finished.
 #[no_mangle]

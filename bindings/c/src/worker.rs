@@ -154,6 +154,10 @@ pub struct sy_worker_options {
     pub shutdown_grace_ms: u64,
     /// Largest accepted input/result in bytes (default: the core's).
     pub max_payload_bytes: usize,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics`, e.g.
+    /// "127.0.0.1:9464" (port 0 picks a free port, see
+    /// `sy_worker_health_addr`); NULL (the default): off.
+    pub health_listen: *const c_char,
 }
 
 /// All defaults (every field zero).
@@ -164,6 +168,7 @@ pub extern "C" fn sy_worker_options_default() -> sy_worker_options {
         lease_ms: 0,
         shutdown_grace_ms: 0,
         max_payload_bytes: 0,
+        health_listen: std::ptr::null(),
     }
 }
 
@@ -246,12 +251,19 @@ fn new_worker(
     } else {
         o.concurrency
     };
-    let plan = HostPlan::new(
+    let mut plan = HostPlan::new(
         concurrency,
         ms("lease_ms", o.lease_ms, 30_000)?,
         ms("shutdown_grace_ms", o.shutdown_grace_ms, 10_000)?,
         (o.max_payload_bytes != 0).then_some(o.max_payload_bytes),
     );
+    if !o.health_listen.is_null() {
+        let a = unsafe { text("options.health_listen", o.health_listen) }?;
+        plan.health_listen = Some(
+            switchyard_core::bridge::listen_address("options.health_listen", a)
+                .map_err(Fail::arg)?,
+        );
+    }
     *slot = register(
         Kind::Worker,
         sy_worker {
@@ -868,6 +880,30 @@ pub unsafe extern "C" fn sy_completion_free(completion: *mut sy_completion) -> s
 
 /// Starts the host: claims steps and runs the callbacks on `concurrency`
 /// library-owned threads. Returns once the host is running.
+/// Where `/healthz`, `/readyz` and `/metrics` are served, once started
+/// with `options.health_listen`: `addr` gets the address as text, e.g.
+/// "127.0.0.1:41234" (release with `sy_buf_free`). `SY_NOT_FOUND` if the
+/// endpoint is off or the worker has not started.
+#[no_mangle]
+pub unsafe extern "C" fn sy_worker_health_addr(
+    worker: *const sy_worker,
+    addr: *mut sy_buf,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let slot = buf_out("addr", addr)?;
+        let w = unsafe { handle(Kind::Worker, "worker", worker) }?;
+        let a = w.host.health_addr().ok_or_else(|| {
+            Fail::new(
+                sy_status::SY_NOT_FOUND,
+                "no health endpoint: set options.health_listen and start the worker",
+            )
+        })?;
+        *slot = make_buf(a.to_string().into_bytes());
+        Ok(())
+    })
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn sy_worker_start(
     worker: *const sy_worker,

@@ -1,12 +1,15 @@
 /* Exercises every function of include/switchyard.h, errors included.
  * Run by `make test-c` under valgrind (no leaks, no invalid accesses).
  * Prints one line per check; exits 1 on the first failed check. */
+#include <arpa/inet.h>
 #include <dirent.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -860,6 +863,80 @@ static void idle_checks(void) {
     CHECK(sy_store_free(store) == SY_OK);
 }
 
+/* GET `path` from `addr` ("127.0.0.1:PORT"); the whole answer in `out`. */
+static int http_get(const char *addr, const char *path, char *out, size_t cap) {
+    char host[64];
+    snprintf(host, sizeof host, "%s", addr);
+    char *colon = strrchr(host, ':');
+    if (!colon) return -1;
+    *colon = 0;
+    struct sockaddr_in sa = {0};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)atoi(colon + 1));
+    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) return -1;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(fd);
+        return -1;
+    }
+    char req[256];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", path);
+    if (write(fd, req, (size_t)n) != n) {
+        close(fd);
+        return -1;
+    }
+    size_t got = 0;
+    ssize_t r;
+    while (got + 1 < cap && (r = read(fd, out + got, cap - 1 - got)) > 0) got += (size_t)r;
+    out[got] = 0;
+    close(fd);
+    return 0;
+}
+
+/* options.health_listen serves the core's endpoint (lang="C"); the client
+ * waits for an event from outside any task. */
+static void health_checks(void) {
+    static char page[1 << 16];
+    sy_store *store = NULL;
+    sy_client *client = NULL;
+    sy_worker *worker = NULL, *bad = NULL;
+    sy_buf addr = {0}, payload = {0};
+    EXPECT(sy_store_open("memory", &store, &err), SY_OK, NULL);
+    EXPECT(sy_client_new(store, &client, &err), SY_OK, NULL);
+    sy_worker_options wo = sy_worker_options_default();
+    wo.concurrency = 2;
+    wo.health_listen = "localhost:80";
+    EXPECT(sy_worker_new_with(store, &wo, &bad, &err), SY_INVALID_ARGUMENT,
+           "options.health_listen must be an address");
+    wo.health_listen = "127.0.0.1:0";
+    EXPECT(sy_worker_new_with(store, &wo, &worker, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "noop", NULL, noop, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_health_addr(worker, &addr, &err), SY_NOT_FOUND, "no health endpoint");
+    EXPECT(sy_worker_start(worker, &err), SY_OK, NULL);
+    EXPECT(sy_worker_health_addr(worker, &addr, &err), SY_OK, NULL);
+    CHECK(strncmp((const char *)addr.ptr, "127.0.0.1:", 10) == 0);
+    CHECK(http_get((const char *)addr.ptr, "/healthz", page, sizeof page) == 0);
+    CHECK(strstr(page, "HTTP/1.1 200") == page && strstr(page, "\r\n\r\nok\n"));
+    CHECK(http_get((const char *)addr.ptr, "/metrics", page, sizeof page) == 0);
+    CHECK(strstr(page, "lang=\"C\"") != NULL);
+    CHECK(strstr(page, "switchyard_slots_free{handler=\"noop\"} 2") != NULL);
+
+    EXPECT(sy_client_emit(client, "c.reply", "{\"n\":1}", NULL, &err), SY_OK, NULL);
+    EXPECT(sy_client_emit(client, "c.reply", "{\"n\":2}", NULL, &err), SY_OK, NULL);
+    EXPECT(sy_client_await_event(client, "c.reply", 5000, &payload, &err), SY_OK, NULL);
+    CHECK(strcmp((const char *)payload.ptr, "{\"n\":1}") == 0);
+    sy_buf_free(&payload);
+    EXPECT(sy_client_await_event(client, "c.never", 100, &payload, &err), SY_TIMEOUT, "`c.never`");
+    EXPECT(sy_client_await_event(client, "", 100, &payload, &err), SY_INVALID_ARGUMENT, "event name");
+    EXPECT(sy_client_await_event(client, NULL, 100, &payload, &err), SY_INVALID_ARGUMENT, "name is NULL");
+
+    sy_buf_free(&addr);
+    CHECK(sy_worker_free(worker) == SY_OK);
+    CHECK(sy_client_free(client) == SY_OK);
+    CHECK(sy_store_free(store) == SY_OK);
+}
+
 int main(void) {
     sy_store *store = NULL;
     sy_client *client = NULL;
@@ -1026,6 +1103,7 @@ int main(void) {
     durable_checks();
     stop_checks();
     idle_checks();
+    health_checks();
 
     /* Stop, double stop, frees, double frees. */
     EXPECT(sy_worker_stop(worker, &err), SY_OK, NULL);
