@@ -515,59 +515,7 @@ fn value(kind: JobKind, handler: &str, output: &[u8]) -> Reply {
     if kind != JobKind::Decision {
         return Reply::Value(v);
     }
-    decision(handler, v)
-}
-
-/// A decision document, `{"steps": [...], "final_step"?: name}` or
-/// `{"complete": value}`, as the core's answer: the steps are checked by
-/// [`Reply::decision_steps`], as for every binding.
-fn decision(handler: &str, v: Value) -> Reply {
-    let bad = |m: String| permanent(format!("the C decision handler `{handler}`: {m}"));
-    let Value::Object(mut m) = v else {
-        return bad(format!(
-            "a decision must be an object with `steps` or `complete`, not {}",
-            json_kind(&v)
-        ));
-    };
-    if let Some(done) = m.remove("complete") {
-        return match m.keys().next() {
-            Some(k) => bad(format!(
-                "a `complete` decision has no other keys (found `{k}`)"
-            )),
-            None => Reply::complete(done),
-        };
-    }
-    let Some(steps) = m.remove("steps") else {
-        return bad("a decision needs `steps` (a list) or `complete` (the result)".into());
-    };
-    let final_step = match m.remove("final_step") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s),
-        Some(other) => {
-            return bad(format!(
-                "`final_step` must be a step name, not {}",
-                json_kind(&other)
-            ))
-        }
-    };
-    if let Some(k) = m.keys().next() {
-        return bad(format!(
-            "unknown key `{k}` in a decision (expected `steps`, `final_step` or `complete`)"
-        ));
-    }
-    Reply::decision_steps(handler, steps, final_step)
-}
-
-/// What kind of JSON value `v` is, for error messages.
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
+    Reply::decision_json(handler, v)
 }
 
 fn input_text(input: &Value) -> Option<CString> {

@@ -531,7 +531,7 @@ static void durable_checks(void) {
      * every binding; the document around them here. */
     RUN("plan", "{\"bad\":1}", SY_TASK_FAILED, "decision of handler `plan`: each step needs `name`, `handler`");
     sy_buf_free(&id);
-    RUN("plan", "{\"list\":1}", SY_TASK_FAILED, "the C decision handler `plan`: a decision must be an object with `steps` or `complete`, not a list");
+    RUN("plan", "{\"list\":1}", SY_TASK_FAILED, "decision of handler `plan`: a decision must be an object with `steps` or `complete`, not a list");
     sy_buf_free(&id);
     RUN("plan", "{\"extra\":1}", SY_TASK_FAILED, "unknown key `then` in a decision");
     sy_buf_free(&id);

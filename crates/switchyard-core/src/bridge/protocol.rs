@@ -295,6 +295,19 @@ impl Reply {
         }
     }
 
+    /// A decision from its whole JSON document, for bindings that receive
+    /// it as one value (C): `{"steps": [...], "final_step"?: name}` or
+    /// `{"complete": value}` (see [`Decision::from_json`]). A bad document
+    /// fails the step permanently, naming the handler and what is wrong.
+    pub fn decision_json(handler: &str, v: Value) -> Self {
+        match Decision::from_json(v) {
+            Ok(d) => Self::Decision(d),
+            Err(m) => Self::Error(StepError::permanent(format!(
+                "decision of handler `{handler}`: {m}"
+            ))),
+        }
+    }
+
     /// A decision that completes the task with `v`.
     pub fn complete(v: Value) -> Self {
         Self::Decision(Decision::Complete(v))
