@@ -529,9 +529,9 @@ static void durable_checks(void) {
     sy_buf_free(&id);
     /* The steps are checked by the core (Reply::decision_steps), as for
      * every binding; the document around them here. */
-    RUN("plan", "{\"bad\":1}", SY_TASK_FAILED, "decision of handler `plan`: each step needs `name`, `handler`");
+    RUN("plan", "{\"bad\":1}", SY_TASK_FAILED, "decision handler `plan`: each step needs `name`, `handler`");
     sy_buf_free(&id);
-    RUN("plan", "{\"list\":1}", SY_TASK_FAILED, "decision of handler `plan`: a decision must be an object with `steps` or `complete`, not a list");
+    RUN("plan", "{\"list\":1}", SY_TASK_FAILED, "decision handler `plan`: a decision must be an object with `steps` or `complete`, not a list");
     sy_buf_free(&id);
     RUN("plan", "{\"extra\":1}", SY_TASK_FAILED, "unknown key `then` in a decision");
     sy_buf_free(&id);

@@ -303,7 +303,7 @@ impl Reply {
         match Decision::from_json(v) {
             Ok(d) => Self::Decision(d),
             Err(m) => Self::Error(StepError::permanent(format!(
-                "decision of handler `{handler}`: {m}"
+                "decision handler `{handler}`: {m}"
             ))),
         }
     }
