@@ -56,6 +56,8 @@ def test_list_inspect_and_retry_after_a_fix(make_worker, client):
     assert client.list(state="failed") == []
     assert client.count_steps().get("completed") == 1
     assert [h["handlers"] for h in client.workers()] == [["flaky"]]
+    (host,) = client.workers()
+    assert (host["language"], host["slots"]) == ("python", w.concurrency)
 
 
 def test_spawn_options(make_worker, client):

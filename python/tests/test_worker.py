@@ -402,7 +402,7 @@ def test_health_listen_serves_health_and_metrics(make_worker, client):
             break
         time.sleep(0.01)
     assert 'switchyard_steps_completed_total{handler="echo"} 1' in text
-    assert 'lang="Python"' in text
+    assert 'lang="python"' in text
     assert "PAYLOAD-MARKER-py" not in text
     w.stop()
     with pytest.raises(urllib.error.URLError):

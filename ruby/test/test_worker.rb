@@ -466,7 +466,7 @@ class TestWorker < Minitest::Test
       sleep 0.01
     end
     assert_includes text, 'switchyard_steps_completed_total{handler="echo"} 1'
-    assert_includes text, 'lang="Ruby"'
+    assert_includes text, 'lang="ruby"'
     refute_includes text, "PAYLOAD-MARKER-rb"
     e = assert_raises(ArgumentError) { Switchyard::Worker.new(store: "memory", health_listen: "localhost:80") }
     assert_match(/health_listen must be an address/, e.message)

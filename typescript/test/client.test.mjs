@@ -33,6 +33,12 @@ test("spawnMany, list, get and inspect", async (t) => {
   assert.equal(counts.completed, 2);
   const workers = await client.workers();
   assert.ok(workers.length >= 1);
+  assert.deepEqual(
+    workers.map((h) => h.language),
+    workers.map(() => "node"),
+    "every host here is this Node process",
+  );
+  assert.ok(workers.every((h) => Number.isInteger(h.slots) && h.slots >= 1), JSON.stringify(workers));
 });
 
 test("result times out, cancel and retry", async (t) => {
@@ -115,7 +121,7 @@ test("healthListen serves /healthz, /readyz and /metrics of a Node host", async 
     await new Promise((r) => setTimeout(r, 10));
   }
   assert.match(text, /switchyard_steps_completed_total\{handler="echo"\} 1/);
-  assert.match(text, /switchyard_host_info\{host_id="[^"]+",lang="JavaScript"\} 1/);
+  assert.match(text, /switchyard_host_info\{host_id="[^"]+",lang="node"\} 1/);
   assert.ok(!text.includes("PAYLOAD-MARKER-ts"));
   assert.throws(() => new Worker({ store: "memory", healthListen: "localhost:80" }), /healthListen must be an address/);
 });

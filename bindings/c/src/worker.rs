@@ -269,7 +269,7 @@ fn new_worker(
         sy_worker {
             store: s.store.clone(),
             concurrency,
-            host: Arc::new(Host::new("C", plan)),
+            host: Arc::new(Host::new(switchyard_core::bridge::Language::C, plan)),
             inbox: Inbox::new(),
             callbacks: Mutex::new(Vec::new()),
             threads: Mutex::new(None),

@@ -894,7 +894,7 @@ static int http_get(const char *addr, const char *path, char *out, size_t cap) {
     return 0;
 }
 
-/* options.health_listen serves the core's endpoint (lang="C"); the client
+/* options.health_listen serves the core's endpoint (lang="c"); the client
  * waits for an event from outside any task. */
 static void health_checks(void) {
     static char page[1 << 16];
@@ -919,7 +919,7 @@ static void health_checks(void) {
     CHECK(http_get((const char *)addr.ptr, "/healthz", page, sizeof page) == 0);
     CHECK(strstr(page, "HTTP/1.1 200") == page && strstr(page, "\r\n\r\nok\n"));
     CHECK(http_get((const char *)addr.ptr, "/metrics", page, sizeof page) == 0);
-    CHECK(strstr(page, "lang=\"C\"") != NULL);
+    CHECK(strstr(page, "lang=\"c\"") != NULL);
     CHECK(strstr(page, "switchyard_slots_free{handler=\"noop\"} 2") != NULL);
 
     EXPECT(sy_client_emit(client, "c.reply", "{\"n\":1}", NULL, &err), SY_OK, NULL);

@@ -584,7 +584,7 @@ impl NativeWorker {
             plan.health_listen =
                 Some(listen_address("healthListen", a).map_err(Error::from_reason)?);
         }
-        let host = Arc::new(Host::new("JavaScript", plan));
+        let host = Arc::new(Host::new(switchyard_core::bridge::Language::Node, plan));
         let inbox = Inbox::new();
         // Cancellation reaches JS through the inbox's notices (module docs).
         inbox.watch_cancels();

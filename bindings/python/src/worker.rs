@@ -88,7 +88,7 @@ impl NativeWorker {
     fn with_plan(store_url: String, plan: HostPlan) -> Self {
         Self {
             store_url,
-            host: Arc::new(Host::new("Python", plan)),
+            host: Arc::new(Host::new(switchyard_core::bridge::Language::Python, plan)),
             sync_inbox: Inbox::serial(),
             async_inbox: {
                 // Push cancellation of async handlers comes through the inbox.

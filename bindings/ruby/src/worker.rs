@@ -115,7 +115,7 @@ impl RbWorker {
         inbox.watch_cancels();
         Self {
             store_url,
-            host: Arc::new(Host::new("Ruby", plan)),
+            host: Arc::new(Host::new(switchyard_core::bridge::Language::Ruby, plan)),
             inbox,
             started_in: AtomicU32::new(0),
         }

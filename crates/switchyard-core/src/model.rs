@@ -490,7 +490,33 @@ pub struct HostInfo {
     pub started_at: Millis,
     /// Last heartbeat.
     pub last_heartbeat: Millis,
+    /// The language its handlers are written in (`rust`, `python`, `ruby`,
+    /// `node`, `c`); `None` for registrations older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Steps it runs at once (its concurrency).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u64>,
+    /// When its registration ended; `None` while it is registered.
+    /// [`Store::list_hosts`](crate::Store::list_hosts) lists registered hosts
+    /// only, [`Store::ended_hosts`](crate::Store::ended_hosts) the ended ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Millis>,
+    /// How it ended: [`HOST_STOPPED`] (it deregistered at shutdown) or
+    /// [`HOST_DEAD`] (another host found its process gone and expired its
+    /// leases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
 }
+
+/// [`HostInfo::end_reason`] of a host that stopped cleanly.
+pub const HOST_STOPPED: &str = "stopped";
+/// [`HostInfo::end_reason`] of a host whose process was found gone.
+pub const HOST_DEAD: &str = "dead";
+/// How long stores keep the registration of an ended host (24 hours) for
+/// [`Store::ended_hosts`](crate::Store::ended_hosts); older ones are deleted
+/// when another host ends.
+pub const ENDED_HOST_RETENTION_MS: Millis = 24 * 60 * 60 * 1000;
 
 /// One run of a step, as a host reports it in a heartbeat.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]

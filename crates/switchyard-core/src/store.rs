@@ -172,10 +172,12 @@ pub trait Store: Send + Sync + 'static {
     /// A host known to be dead: the leases of every step running under
     /// `host_id` expire now (the next [`Store::recover_expired`] makes them
     /// ready, costing the attempt as any lost lease does) and its
-    /// registration is removed. Returns how many leases were expired.
+    /// registration ends as [`HOST_DEAD`](crate::model::HOST_DEAD). Returns
+    /// how many leases were expired.
     async fn expire_host(&self, host_id: &str) -> Result<u64>;
 
-    /// Removes a host registration (clean shutdown).
+    /// Ends a host registration (clean shutdown:
+    /// [`HOST_STOPPED`](crate::model::HOST_STOPPED)).
     async fn deregister_host(&self, host_id: &str) -> Result<()>;
 
     /// Makes every `running` step whose lease expired `ready` again (run_at
@@ -292,8 +294,17 @@ pub trait Store: Send + Sync + 'static {
     /// Tasks, newest first.
     async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskRecord>>;
 
-    /// Registered hosts, newest heartbeat first.
+    /// Registered hosts, newest heartbeat first (hosts whose registration
+    /// ended are left out: see [`Store::ended_hosts`]).
     async fn list_hosts(&self) -> Result<Vec<HostInfo>>;
+
+    /// Hosts whose registration ended ([`Store::deregister_host`],
+    /// [`Store::expire_host`]) at or after `since`, most recently ended
+    /// first, with [`HostInfo::ended_at`] and [`HostInfo::end_reason`] set.
+    /// Ended registrations are kept for
+    /// [`ENDED_HOST_RETENTION_MS`](crate::model::ENDED_HOST_RETENTION_MS);
+    /// a host that heartbeats again is registered again.
+    async fn ended_hosts(&self, since: Millis) -> Result<Vec<HostInfo>>;
 
     /// Number of steps in each state (states with none are left out).
     async fn count_steps(&self) -> Result<StateCounts>;

@@ -286,24 +286,39 @@ pub struct Host {
     pid: u32,
     /// Machine name.
     hostname: String,
+    /// Its configured name (`host.name`), if any.
+    name: Option<String>,
+    /// `live` (registered), `stopped` (deregistered at shutdown) or `dead`
+    /// (its process was found gone and its leases expired).
+    state: String,
+    /// The language of its handlers (`rust`, `python`, `ruby`, `node`, `c`).
+    language: Option<String>,
+    /// Steps it can run at once (its concurrency).
+    slots: Option<u64>,
     /// Handlers it serves.
     handlers: Vec<String>,
     /// When it started (ms since the Unix epoch).
     started_at: i64,
     /// Its last heartbeat (ms since the Unix epoch).
     last_heartbeat: i64,
-    /// Milliseconds since its last heartbeat, on the store's clock (a host
-    /// that stopped heartbeating is listed until its leases are reaped).
+    /// Milliseconds since its last heartbeat, on the store's clock (a live
+    /// host that stopped heartbeating is listed until it is found dead; its
+    /// steps come back when their leases expire).
     heartbeat_age_ms: i64,
+    /// When it stopped or was found dead (ms since the Unix epoch).
+    ended_at: Option<i64>,
     /// Steps it is running now (leased to it).
     steps_in_flight: u64,
 }
 
-/// Registered hosts.
+/// Live hosts, then the hosts that ended recently.
 #[derive(Serialize, ToSchema)]
 pub struct HostList {
-    /// Newest heartbeat first.
+    /// Live hosts, newest heartbeat first.
     hosts: Vec<Host>,
+    /// Hosts that stopped or were found dead within `ended_within`, most
+    /// recently ended first.
+    ended: Vec<Host>,
 }
 
 /// One handler.
@@ -803,28 +818,48 @@ pub async fn await_event(
 
 // --- hosts and cleanup -----------------------------------------------------
 
-/// Registered hosts with their handlers and last heartbeat.
+/// Live hosts (language, slots, handlers, steps in flight, last heartbeat)
+/// and the hosts that stopped or were found dead within `ended_within`.
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
-    responses((status = 200, body = HostList)),
+    params(("ended_within" = Option<String>, Query, description = "how far back to list ended hosts: `1h` (default), `10m`, ... at most `24h`; `0s` for none")),
+    responses((status = 200, body = HostList), (status = 400, body = ErrorBody)),
     security(("bearer" = [])))]
-pub async fn list_hosts(State(state): State<AppState>) -> ApiResult<Json<HostList>> {
+pub async fn list_hosts(
+    State(state): State<AppState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<HostList>> {
+    let p = params(q, &["ended_within"])?;
+    let retention = Duration::from_millis(switchyard_core::ENDED_HOST_RETENTION_MS as u64);
+    let within = p
+        .duration("ended_within", retention)?
+        .unwrap_or(Duration::from_secs(3600));
     let now = state.store.now().await?;
     let hosts = state.client.workers().await?;
+    let ended = if within.is_zero() {
+        Vec::new()
+    } else {
+        let since = now.saturating_sub(i64::try_from(within.as_millis()).unwrap_or(i64::MAX));
+        state.store.ended_hosts(since).await?
+    };
     let running = state.store.running_by_host().await?;
+    let show = |h: HostInfo| Host {
+        heartbeat_age_ms: now.saturating_sub(h.last_heartbeat).max(0),
+        steps_in_flight: running.get(&h.id).copied().unwrap_or(0),
+        state: h.end_reason.clone().unwrap_or_else(|| "live".to_string()),
+        id: h.id,
+        pid: h.pid,
+        hostname: h.hostname,
+        name: h.name,
+        language: h.language,
+        slots: h.slots,
+        handlers: h.handlers,
+        started_at: h.started_at,
+        last_heartbeat: h.last_heartbeat,
+        ended_at: h.ended_at,
+    };
     Ok(Json(HostList {
-        hosts: hosts
-            .into_iter()
-            .map(|h: HostInfo| Host {
-                heartbeat_age_ms: now.saturating_sub(h.last_heartbeat).max(0),
-                steps_in_flight: running.get(&h.id).copied().unwrap_or(0),
-                id: h.id,
-                pid: h.pid,
-                hostname: h.hostname,
-                handlers: h.handlers,
-                started_at: h.started_at,
-                last_heartbeat: h.last_heartbeat,
-            })
-            .collect(),
+        hosts: hosts.into_iter().map(show).collect(),
+        ended: ended.into_iter().map(show).collect(),
     }))
 }
 

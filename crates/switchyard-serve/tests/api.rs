@@ -634,10 +634,14 @@ async fn hosts_and_cleanup() {
                 id: "host-1".into(),
                 pid: 77,
                 hostname: "box".into(),
-                name: None,
+                name: Some("edge-1".into()),
                 handlers: vec!["h1".into(), "h2".into()],
                 started_at: now,
                 last_heartbeat: now,
+                language: Some("python".into()),
+                slots: Some(16),
+                ended_at: None,
+                end_reason: None,
             },
             &[],
             30_000,
@@ -661,6 +665,84 @@ async fn hosts_and_cleanup() {
     );
     assert_eq!(h["handlers"], json!(["h1", "h2"]));
     assert!(h["heartbeat_age_ms"].as_i64().unwrap() >= 0);
+    assert_eq!(
+        (
+            &h["name"],
+            &h["state"],
+            &h["language"],
+            &h["slots"],
+            &h["ended_at"]
+        ),
+        (
+            &json!("edge-1"),
+            &json!("live"),
+            &json!("python"),
+            &json!(16),
+            &json!(null)
+        )
+    );
+    assert_eq!(v["ended"], json!([]));
+
+    // Hosts that stop or are found dead are listed as ended (and no longer
+    // live) for `ended_within`; one that heartbeats again is live again.
+    let host = |id: &str| HostInfo {
+        id: id.into(),
+        pid: 5,
+        hostname: "box".into(),
+        name: None,
+        handlers: vec!["h9".into()],
+        started_at: now,
+        last_heartbeat: now,
+        language: Some("ruby".into()),
+        slots: Some(2),
+        ended_at: None,
+        end_reason: None,
+    };
+    for id in ["gone-1", "gone-2"] {
+        api.store.heartbeat(&host(id), &[], 30_000).await.unwrap();
+    }
+    api.store.deregister_host("gone-1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    api.store.expire_host("gone-2").await.unwrap();
+    let (_, v) = api.get("/api/v1/hosts").await;
+    let ids = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&v["hosts"]), ["host-1"]);
+    assert_eq!(
+        ids(&v["ended"]),
+        ["gone-2", "gone-1"],
+        "most recently ended first"
+    );
+    assert_eq!(
+        (&v["ended"][0]["state"], &v["ended"][1]["state"]),
+        (&json!("dead"), &json!("stopped"))
+    );
+    assert_eq!(v["ended"][0]["language"], "ruby");
+    assert!(v["ended"][0]["ended_at"].as_i64().unwrap() >= now);
+    let (_, v) = api.get("/api/v1/hosts?ended_within=0s").await;
+    assert_eq!(v["ended"], json!([]));
+    api.expect_error(
+        Method::GET,
+        "/api/v1/hosts?ended_within=2d",
+        None,
+        StatusCode::BAD_REQUEST,
+        "`ended_within`",
+    )
+    .await;
+    api.store
+        .heartbeat(&host("gone-1"), &[], 30_000)
+        .await
+        .unwrap();
+    let (_, v) = api.get("/api/v1/hosts").await;
+    assert!(ids(&v["hosts"]).contains(&"gone-1".to_string()), "{v}");
+    assert_eq!(ids(&v["ended"]), ["gone-2"]);
+    api.store.deregister_host("gone-1").await.unwrap();
+    api.store.deregister_host("gone-1").await.unwrap();
 
     let done = api.spawn(r#"{"handler":"cu"}"#).await;
     let running = api.spawn(r#"{"handler":"cr"}"#).await;
@@ -753,6 +835,10 @@ async fn events_by_prefix_and_handlers() {
                 handlers: vec!["ha".into(), "idle".into()],
                 started_at: now,
                 last_heartbeat: now,
+                language: None,
+                slots: None,
+                ended_at: None,
+                end_reason: None,
             },
             &[],
             30_000,

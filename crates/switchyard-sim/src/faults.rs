@@ -526,6 +526,10 @@ impl Store for FaultStore {
         self.inner.list_hosts().await
     }
 
+    async fn ended_hosts(&self, since: Millis) -> Result<Vec<HostInfo>> {
+        self.inner.ended_hosts(since).await
+    }
+
     async fn count_steps(&self) -> Result<StateCounts> {
         self.inner.count_steps().await
     }

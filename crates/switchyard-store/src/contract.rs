@@ -455,6 +455,10 @@ fn host_info(id: &str, now: Millis) -> HostInfo {
         handlers: vec!["alpha".to_string(), "beta".to_string()],
         started_at: now,
         last_heartbeat: 0,
+        language: (id == "host-1").then(|| "python".to_string()),
+        slots: (id == "host-1").then_some(8),
+        ended_at: None,
+        end_reason: None,
     }
 }
 
@@ -2316,7 +2320,7 @@ pub async fn same_host_reclaim_fences_the_old_run(factory: Factory) {
 }
 
 /// `expire_host` ends the leases of the steps one host runs (recovered by
-/// the next `recover_expired`) and removes its registration; another host's
+/// the next `recover_expired`) and ends its registration; another host's
 /// steps keep their leases.
 pub async fn expire_host_recovers_only_that_hosts_steps(factory: Factory) {
     let h = H::open(&factory).await;
@@ -3429,7 +3433,8 @@ pub async fn list_tasks_default_limit(factory: Factory) {
 }
 
 /// `heartbeat` registers hosts (`last_heartbeat` = now), `list_hosts` lists
-/// them newest heartbeat first, `deregister_host` removes one.
+/// them newest heartbeat first, `deregister_host` ends one (listed by
+/// `ended_hosts` for a day).
 pub async fn hosts_list_and_deregister(factory: Factory) {
     let h = H::open(&factory).await;
     assert!(h.store.list_hosts().await.unwrap().is_empty());
@@ -3450,6 +3455,12 @@ pub async fn hosts_list_and_deregister(factory: Factory) {
     assert_eq!(hosts[0].name, None);
     assert_eq!(one.handlers, ["alpha", "beta"]);
     assert_eq!(one.started_at, t);
+    assert_eq!(
+        (one.language.as_deref(), one.slots),
+        (Some("python"), Some(8))
+    );
+    assert_eq!((hosts[0].language.as_deref(), hosts[0].slots), (None, None));
+    assert_eq!((one.ended_at, one.end_reason.as_deref()), (None, None));
 
     h.advance(10);
     h.heartbeat("host-1", &[], LEASE_MS).await;
@@ -3472,6 +3483,76 @@ pub async fn hosts_list_and_deregister(factory: Factory) {
         .map(|x| x.id)
         .collect();
     assert_eq!(order, ["host-2"]);
+
+    // Ended registrations: kept for `ended_hosts`, newest end first, with
+    // how they ended; a host that heartbeats again is registered again.
+    let ended = |since: Millis| {
+        let store = h.store.clone();
+        async move {
+            store
+                .ended_hosts(since)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|x| (x.id, x.ended_at, x.end_reason))
+                .collect::<Vec<_>>()
+        }
+    };
+    let stopped_at = h.now();
+    assert_eq!(
+        ended(t).await,
+        [(
+            "host-1".to_string(),
+            Some(stopped_at),
+            Some("stopped".to_string())
+        )]
+    );
+    let gone = h.store.ended_hosts(t).await.unwrap().remove(0);
+    assert_eq!(
+        (gone.language.as_deref(), gone.slots, gone.pid),
+        (Some("python"), Some(8), 4242)
+    );
+    h.advance(5);
+    assert_eq!(h.store.expire_host("host-2").await.unwrap(), 0);
+    h.store.deregister_host("host-2").await.unwrap();
+    assert_eq!(
+        ended(t).await,
+        [
+            (
+                "host-2".to_string(),
+                Some(stopped_at + 5),
+                Some("dead".to_string())
+            ),
+            (
+                "host-1".to_string(),
+                Some(stopped_at),
+                Some("stopped".to_string())
+            ),
+        ],
+        "ending twice keeps the first end"
+    );
+    assert_eq!(
+        ended(stopped_at + 1).await.len(),
+        1,
+        "`since` bounds the list"
+    );
+    assert!(h.store.list_hosts().await.unwrap().is_empty());
+    h.heartbeat("host-1", &[], LEASE_MS).await;
+    let back = h.store.list_hosts().await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!((back[0].id.as_str(), back[0].ended_at), ("host-1", None));
+    assert_eq!(
+        ended(t).await.len(),
+        1,
+        "a host that came back is not ended"
+    );
+
+    // Retention: ended registrations older than a day are forgotten when
+    // another host ends.
+    h.advance(switchyard_core::ENDED_HOST_RETENTION_MS + 1);
+    h.store.deregister_host("host-1").await.unwrap();
+    let left: Vec<String> = ended(0).await.into_iter().map(|x| x.0).collect();
+    assert_eq!(left, ["host-1"], "host-2 ended more than a day ago");
 }
 
 /// `count_steps` counts steps by state, leaving out states with none.

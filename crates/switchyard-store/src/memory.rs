@@ -54,6 +54,7 @@ use switchyard_core::{
     ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewStep, NewTask, Resolution,
     Result, RunRef, Signals, Spawned, StateCounts, StepId, StepRecord, StepState, Store,
     SystemClock, TaskDetail, TaskFilter, TaskId, TaskRecord, TaskState, WaitFor,
+    ENDED_HOST_RETENTION_MS, HOST_DEAD, HOST_STOPPED,
 };
 
 /// Default page size of the list calls when the caller passes 0.
@@ -1195,6 +1196,20 @@ impl Inner {
         expired.len() as u64
     }
 
+    /// Ends host `id`'s registration (kept for `ended_hosts`) and deletes
+    /// the ended registrations older than the retention.
+    fn end_host(&mut self, id: &str, reason: &str, now: Millis) {
+        if let Some(h) = self.hosts.get_mut(id) {
+            if h.ended_at.is_none() {
+                h.ended_at = Some(now);
+                h.end_reason = Some(reason.to_owned());
+            }
+        }
+        let horizon = now.saturating_sub(ENDED_HOST_RETENTION_MS);
+        self.hosts
+            .retain(|_, h| h.ended_at.is_none_or(|at| at >= horizon));
+    }
+
     fn heartbeat(
         &mut self,
         host: &HostInfo,
@@ -1204,6 +1219,8 @@ impl Inner {
     ) -> HeartbeatReply {
         let mut info = host.clone();
         info.last_heartbeat = now;
+        info.ended_at = None;
+        info.end_reason = None;
         self.hosts.insert(host.id.clone(), info);
         let expires = now.saturating_add(lease_ms);
         let mut reply = HeartbeatReply::default();
@@ -1413,7 +1430,7 @@ impl Store for MemoryStore {
 
     async fn expire_host(&self, host_id: &str) -> Result<u64> {
         Ok(self.write(|inner, now, _| {
-            inner.hosts.remove(host_id);
+            inner.end_host(host_id, HOST_DEAD, now);
             let mut n = 0;
             let Inner { running, steps, .. } = inner;
             for id in running.iter() {
@@ -1429,7 +1446,7 @@ impl Store for MemoryStore {
     }
 
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
-        self.inner.lock().hosts.remove(host_id);
+        self.write(|inner, now, _| inner.end_host(host_id, HOST_STOPPED, now));
         Ok(())
     }
 
@@ -1680,12 +1697,29 @@ impl Store for MemoryStore {
 
     async fn list_hosts(&self) -> Result<Vec<HostInfo>> {
         let inner = self.inner.lock();
-        let mut hosts: Vec<HostInfo> = inner.hosts.values().cloned().collect();
+        let mut hosts: Vec<HostInfo> = inner
+            .hosts
+            .values()
+            .filter(|h| h.ended_at.is_none())
+            .cloned()
+            .collect();
         hosts.sort_by(|a, b| {
             b.last_heartbeat
                 .cmp(&a.last_heartbeat)
                 .then_with(|| a.id.cmp(&b.id))
         });
+        Ok(hosts)
+    }
+
+    async fn ended_hosts(&self, since: Millis) -> Result<Vec<HostInfo>> {
+        let inner = self.inner.lock();
+        let mut hosts: Vec<HostInfo> = inner
+            .hosts
+            .values()
+            .filter(|h| h.ended_at.is_some_and(|at| at >= since))
+            .cloned()
+            .collect();
+        hosts.sort_by(|a, b| b.ended_at.cmp(&a.ended_at).then_with(|| a.id.cmp(&b.id)));
         Ok(hosts)
     }
 
@@ -2012,6 +2046,10 @@ mod tests {
             handlers: vec!["h".into()],
             started_at: 0,
             last_heartbeat: 0,
+            language: None,
+            slots: None,
+            ended_at: None,
+            end_reason: None,
         };
         assert_eq!(
             s.heartbeat(&host, &[run_of(&c)], LEASE).await.unwrap().lost,

@@ -110,7 +110,7 @@ use switchyard_core::{
     CheckpointRecord, ChildOutcome, ClaimBatch, ClaimedStep, Clock, Completion, Error, ErrorInfo,
     ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewTask, ParentRef, Result,
     RunRef, Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail, TaskFilter,
-    TaskId, TaskRecord, TaskState,
+    TaskId, TaskRecord, TaskState, ENDED_HOST_RETENTION_MS, HOST_DEAD, HOST_STOPPED,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::error::SqlState;
@@ -318,6 +318,14 @@ ALTER TABLE sy_checkpoints RENAME COLUMN attempt TO run;
     "SELECT 1;",
     // 9: a host's configured name (`host.name`), shown in host listings.
     "ALTER TABLE sy_hosts ADD COLUMN name text;",
+    // 10: hosts listings show the language and slots of a host, and hosts
+    // whose registration ended (stopped or found dead) for a day.
+    r#"
+ALTER TABLE sy_hosts ADD COLUMN language text;
+ALTER TABLE sy_hosts ADD COLUMN slots bigint;
+ALTER TABLE sy_hosts ADD COLUMN ended_at bigint;
+ALTER TABLE sy_hosts ADD COLUMN end_reason text;
+"#,
 ];
 
 /// The schema version whose migration rewrites checkpoint keys.
@@ -1363,10 +1371,22 @@ const WAKE_EVENT_WAITERS: &str =
        wait_group = NULL, updated_at = $2 WHERE state = 'suspended' AND wait_event = $1";
 const RESET_STEP: &str = "UPDATE sy_steps SET state = $2, attempt = 0, run_at = $3, pending_deps = $4, lease_owner = NULL, \
        lease_expires_at = NULL, wait = NULL, wait_event = NULL, wait_group = NULL, updated_at = $5 WHERE id = $1";
-const UPSERT_HOST: &str = "INSERT INTO sy_hosts (id, pid, hostname, handlers, started_at, last_heartbeat, name) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+const UPSERT_HOST: &str = "INSERT INTO sy_hosts (id, pid, hostname, handlers, started_at, last_heartbeat, name, language, slots) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
      ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, hostname = excluded.hostname, name = excluded.name, \
-       handlers = excluded.handlers, started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat";
+       handlers = excluded.handlers, started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat, \
+       language = excluded.language, slots = excluded.slots, ended_at = NULL, end_reason = NULL";
+/// Ends host `$1`'s registration at `$2` for reason `$3`.
+const END_HOST: &str =
+    "UPDATE sy_hosts SET ended_at = $2, end_reason = $3 WHERE id = $1 AND ended_at IS NULL";
+/// Deletes the registrations that ended before `$1`.
+const FORGET_ENDED_HOSTS: &str = "DELETE FROM sy_hosts WHERE ended_at < $1";
+/// The columns [`host_row`] reads.
+macro_rules! host_columns {
+    () => {
+        "id, pid, hostname, handlers, started_at, last_heartbeat, name, language, slots, ended_at, end_reason"
+    };
+}
 /// Renews the leases `$1` of host `$2` until `$3` and answers which of them
 /// the host still holds. Rows another transaction has locked (a completion
 /// of the same steps being recorded, a takeover) are skipped, not waited
@@ -2270,6 +2290,37 @@ async fn retry_tx(c: &mut Conn, now: Millis, fx: &mut Effects, id: TaskId) -> Db
     Ok(())
 }
 
+/// Ends host `id`'s registration (kept for `ended_hosts`) and forgets the
+/// registrations that ended longer ago than the retention.
+async fn end_host(c: &mut Conn, id: &str, reason: &str, now: Millis) -> DbResult<()> {
+    c.exec(END_HOST, &[&id, &now, &reason]).await?;
+    c.exec(
+        FORGET_ENDED_HOSTS,
+        &[&now.saturating_sub(ENDED_HOST_RETENTION_MS)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A row of `host_columns!()`.
+fn host_row(r: &tokio_postgres::Row) -> std::result::Result<HostInfo, Fail> {
+    Ok(HostInfo {
+        id: r.get(0),
+        pid: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+        hostname: r.get(2),
+        handlers: decode("host handlers", r.get(3))?,
+        started_at: r.get(4),
+        last_heartbeat: r.get(5),
+        name: r.get(6),
+        language: r.get(7),
+        slots: r
+            .get::<_, Option<i64>>(8)
+            .map(|n| u64::try_from(n).unwrap_or(0)),
+        ended_at: r.get(9),
+        end_reason: r.get(10),
+    })
+}
+
 async fn heartbeat_tx(
     c: &mut Conn,
     now: Millis,
@@ -2288,6 +2339,8 @@ async fn heartbeat_tx(
             &host.started_at,
             &now,
             &host.name,
+            &host.language,
+            &host.slots.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
         ],
     )
     .await?;
@@ -2909,17 +2962,14 @@ impl Store for PostgresStore {
                     &[&host_id, &now],
                 )
                 .await?;
-            c.exec("DELETE FROM sy_hosts WHERE id = $1", &[&host_id])
-                .await?;
+            end_host(c, host_id, HOST_DEAD, now).await?;
             Ok::<u64, Fail>(n)
         })
     }
 
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
-        write_tx!(self, "deregister_host", |c, _now, _fx| async {
-            c.exec("DELETE FROM sy_hosts WHERE id = $1", &[&host_id])
-                .await
-                .map(|_| ())
+        write_tx!(self, "deregister_host", |c, now, _fx| async {
+            end_host(c, host_id, HOST_STOPPED, now).await
         })
     }
 
@@ -3192,26 +3242,37 @@ impl Store for PostgresStore {
 
     async fn list_hosts(&self) -> Result<Vec<HostInfo>> {
         read_op!(self, "list_hosts", false, |c| async {
-            let mut out = Vec::new();
-            for r in c
+            let rows = c
                 .query(
-                    "SELECT id, pid, hostname, handlers, started_at, last_heartbeat, name FROM sy_hosts \
-                     ORDER BY last_heartbeat DESC, id",
+                    concat!(
+                        "SELECT ",
+                        host_columns!(),
+                        " FROM sy_hosts WHERE ended_at IS NULL ORDER BY last_heartbeat DESC, id"
+                    ),
                     &[],
                 )
-                .await?
-            {
-                out.push(HostInfo {
-                    id: r.get(0),
-                    pid: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
-                    hostname: r.get(2),
-                    handlers: decode("host handlers", r.get(3))?,
-                    started_at: r.get(4),
-                    last_heartbeat: r.get(5),
-                    name: r.get(6),
-                });
-            }
-            Ok::<_, Fail>(out)
+                .await?;
+            rows.iter()
+                .map(host_row)
+                .collect::<std::result::Result<Vec<_>, Fail>>()
+        })
+    }
+
+    async fn ended_hosts(&self, since: Millis) -> Result<Vec<HostInfo>> {
+        read_op!(self, "ended_hosts", false, |c| async {
+            let rows = c
+                .query(
+                    concat!(
+                        "SELECT ",
+                        host_columns!(),
+                        " FROM sy_hosts WHERE ended_at >= $1 ORDER BY ended_at DESC, id"
+                    ),
+                    &[&since],
+                )
+                .await?;
+            rows.iter()
+                .map(host_row)
+                .collect::<std::result::Result<Vec<_>, Fail>>()
         })
     }
 

@@ -83,7 +83,7 @@ use switchyard_core::{
     CheckpointRecord, ChildOutcome, ClaimBatch, ClaimedStep, Clock, Completion, Error, ErrorInfo,
     ErrorKind, EventRecord, HeartbeatReply, HostInfo, Lease, Millis, NewTask, ParentRef, Result,
     RunRef, Signals, Spawned, StateCounts, StepId, StepRecord, Store, TaskDetail, TaskFilter,
-    TaskId, TaskRecord, TaskState,
+    TaskId, TaskRecord, TaskState, ENDED_HOST_RETENTION_MS, HOST_DEAD, HOST_STOPPED,
 };
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -226,6 +226,14 @@ ALTER TABLE checkpoints RENAME COLUMN attempt TO run;
     "SELECT 1;",
     // 5: a host's configured name (`host.name`), shown in host listings.
     "ALTER TABLE hosts ADD COLUMN name TEXT;",
+    // 6: hosts listings show the language and slots of a host, and hosts
+    // whose registration ended (stopped or found dead) for a day.
+    r#"
+ALTER TABLE hosts ADD COLUMN language TEXT;
+ALTER TABLE hosts ADD COLUMN slots INTEGER;
+ALTER TABLE hosts ADD COLUMN ended_at INTEGER;
+ALTER TABLE hosts ADD COLUMN end_reason TEXT;
+"#,
 ];
 
 /// The schema version whose migration rewrites checkpoint keys.
@@ -1431,9 +1439,22 @@ const WAKE_EVENT_WAITERS: &str = "UPDATE steps SET state = 'ready', run_at = ?2,
              updated_at = ?2 WHERE state = 'suspended' AND wait_event = ?1";
 const RESET_STEP: &str = "UPDATE steps SET state = ?2, attempt = 0, run_at = ?3, pending_deps = ?4, lease_owner = NULL, \
          lease_expires_at = NULL, wait = NULL, wait_event = NULL, wait_group = NULL, updated_at = ?5 WHERE seq = ?1";
-const UPSERT_HOST: &str = "INSERT INTO hosts (id, pid, hostname, handlers, started_at, last_heartbeat, name) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+const UPSERT_HOST: &str = "INSERT INTO hosts (id, pid, hostname, handlers, started_at, last_heartbeat, name, language, slots) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
          ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, hostname = excluded.hostname, name = excluded.name, \
-         handlers = excluded.handlers, started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat";
+         handlers = excluded.handlers, started_at = excluded.started_at, last_heartbeat = excluded.last_heartbeat, \
+         language = excluded.language, slots = excluded.slots, ended_at = NULL, end_reason = NULL";
+/// Ends host `?1`'s registration at `?2` for reason `?3`.
+const END_HOST: &str =
+    "UPDATE hosts SET ended_at = ?2, end_reason = ?3 WHERE id = ?1 AND ended_at IS NULL";
+/// Deletes the registrations that ended before `?1`.
+const FORGET_ENDED_HOSTS: &str = "DELETE FROM hosts WHERE ended_at < ?1";
+/// The columns [`host_row`] reads.
+macro_rules! host_columns {
+    () => {
+        "id, pid, hostname, handlers, started_at, last_heartbeat, name, language, slots, ended_at, end_reason"
+    };
+}
 const EXTEND_LEASE: &str = "UPDATE steps SET lease_expires_at = ?3 WHERE id = ?1 AND state = 'running' AND lease_owner = ?2 AND run = ?4";
 const STEP_STATE: &str = "SELECT state FROM steps WHERE id = ?1";
 const UPSERT_CHECKPOINT: &str = "INSERT INTO checkpoints (task_id, key, value, step_id, run, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
@@ -2378,6 +2399,35 @@ fn retry_tx(conn: &Connection, now: Millis, fx: &mut Effects, id: TaskId) -> DbR
     Ok(())
 }
 
+/// Ends host `id`'s registration (kept for `ended_hosts`) and forgets the
+/// registrations that ended longer ago than the retention.
+fn end_host(conn: &Connection, id: &str, reason: &str, now: Millis) -> DbResult<()> {
+    conn.prepare_cached(END_HOST)?
+        .execute(params![id, now, reason])?;
+    conn.prepare_cached(FORGET_ENDED_HOSTS)?
+        .execute([now.saturating_sub(ENDED_HOST_RETENTION_MS)])?;
+    Ok(())
+}
+
+/// A row of `host_columns!()`.
+fn host_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostInfo> {
+    Ok(HostInfo {
+        id: r.get(0)?,
+        pid: r.get(1)?,
+        hostname: r.get(2)?,
+        handlers: json_col(r, 3)?,
+        started_at: r.get(4)?,
+        last_heartbeat: r.get(5)?,
+        name: r.get(6)?,
+        language: r.get(7)?,
+        slots: r
+            .get::<_, Option<i64>>(8)?
+            .map(|n| u64::try_from(n).unwrap_or(0)),
+        ended_at: r.get(9)?,
+        end_reason: r.get(10)?,
+    })
+}
+
 fn heartbeat_tx(
     conn: &Connection,
     now: Millis,
@@ -2393,7 +2443,9 @@ fn heartbeat_tx(
         handlers,
         host.started_at,
         now,
-        host.name
+        host.name,
+        host.language,
+        host.slots.map(|n| i64::try_from(n).unwrap_or(i64::MAX))
     ])?;
     let mut extend = conn.prepare_cached(EXTEND_LEASE)?;
     let expires = now.saturating_add(lease_ms);
@@ -2785,8 +2837,7 @@ impl Store for SqliteStore {
                     "UPDATE steps SET lease_expires_at = ?2 WHERE state = 'running' AND lease_owner = ?1",
                 )?
                 .execute(params![host, now])?;
-            conn.prepare_cached("DELETE FROM hosts WHERE id = ?1")?
-                .execute([&host])?;
+            end_host(conn, &host, HOST_DEAD, now)?;
             Ok(n as u64)
         })
         .await
@@ -2794,10 +2845,8 @@ impl Store for SqliteStore {
 
     async fn deregister_host(&self, host_id: &str) -> Result<()> {
         let host = host_id.to_owned();
-        self.write("deregister_host", move |conn, _, _| {
-            conn.prepare_cached("DELETE FROM hosts WHERE id = ?1")?
-                .execute([host])?;
-            Ok(())
+        self.write("deregister_host", move |conn, now, _| {
+            end_host(conn, &host, HOST_STOPPED, now)
         })
         .await
     }
@@ -3052,21 +3101,26 @@ impl Store for SqliteStore {
     async fn list_hosts(&self) -> Result<Vec<HostInfo>> {
         self.read("list_hosts", |conn| {
             Ok(conn
-                .prepare_cached(
-                    "SELECT id, pid, hostname, handlers, started_at, last_heartbeat, name FROM hosts \
-                     ORDER BY last_heartbeat DESC, id",
-                )?
-                .query_map([], |r| {
-                    Ok(HostInfo {
-                        id: r.get(0)?,
-                        pid: r.get(1)?,
-                        hostname: r.get(2)?,
-                        handlers: json_col(r, 3)?,
-                        started_at: r.get(4)?,
-                        last_heartbeat: r.get(5)?,
-                        name: r.get(6)?,
-                    })
-                })?
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    host_columns!(),
+                    " FROM hosts WHERE ended_at IS NULL ORDER BY last_heartbeat DESC, id"
+                ))?
+                .query_map([], host_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn ended_hosts(&self, since: Millis) -> Result<Vec<HostInfo>> {
+        self.read("ended_hosts", move |conn| {
+            Ok(conn
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    host_columns!(),
+                    " FROM hosts WHERE ended_at >= ?1 ORDER BY ended_at DESC, id"
+                ))?
+                .query_map([since], host_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?)
         })
         .await
@@ -3097,7 +3151,17 @@ mod tests {
         let f = move |conn: &Connection, now: Millis, _: &mut Effects| -> DbResult<()> {
             conn.execute(
                 UPSERT_HOST,
-                params![id, 1, "h", "[]", now, now, None::<String>],
+                params![
+                    id,
+                    1,
+                    "h",
+                    "[]",
+                    now,
+                    now,
+                    None::<String>,
+                    None::<String>,
+                    None::<i64>
+                ],
             )?;
             match then {
                 "fail" => Err(Fail::App(Error::InvalidInput(format!("{id} refused")))),

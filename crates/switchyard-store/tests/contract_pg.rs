@@ -824,6 +824,10 @@ async fn heartbeat_skips_rows_held_by_another_transaction() {
         handlers: vec!["beat".to_string()],
         started_at: 0,
         last_heartbeat: 0,
+        language: None,
+        slots: None,
+        ended_at: None,
+        end_reason: None,
     };
     let ids: Vec<switchyard_core::RunRef> = steps
         .iter()

@@ -303,6 +303,20 @@ async fn show_lists_attempts_errors_checkpoints_waits_and_workers() {
         .map(|h| h.as_str().unwrap())
         .collect();
     assert!(handlers.contains(&"flaky") && handlers.contains(&"waiter"));
+    assert_eq!(hosts[0]["language"], "rust");
+    assert!(
+        hosts[0]["slots"].as_u64().is_some_and(|n| n >= 1),
+        "{}",
+        hosts[0]
+    );
+    let table = run(vec!["workers".into()]).await;
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    let lang = header
+        .iter()
+        .position(|c| *c == "LANG")
+        .expect("a LANG column");
+    assert_eq!(row[lang], "rust", "{table}");
     worker.stop().await;
 }
 

@@ -1386,6 +1386,10 @@ fn host(id: &str) -> HostInfo {
         handlers: vec!["manual".into()],
         started_at: 0,
         last_heartbeat: 0,
+        language: None,
+        slots: None,
+        ended_at: None,
+        end_reason: None,
     }
 }
 

@@ -89,7 +89,7 @@ async fn control_flow_raised_into_a_foreign_handler_is_passed_on_unconverted() {
         .unwrap();
     }
     let worker = plan
-        .build(store.clone(), "Test")
+        .build(store.clone(), switchyard::bridge::Language::C)
         .unwrap()
         .start()
         .await
@@ -205,7 +205,7 @@ async fn a_running_job_is_told_through_the_inbox_when_cancelled_timed_out_or_sto
     plan.register("slow".into(), JobKind::Step, slow, inbox.clone())
         .unwrap();
     let worker = plan
-        .build(store.clone(), "Test")
+        .build(store.clone(), switchyard::bridge::Language::C)
         .unwrap()
         .start()
         .await
@@ -271,7 +271,7 @@ async fn the_host_lifecycle_is_the_same_for_every_binding() {
     use switchyard::bridge::{HandlerSpec, Host};
     let store = switchyard::open("memory:").await.unwrap();
     let host = Host::new(
-        "Test",
+        switchyard::bridge::Language::C,
         HostPlan::new(2, Duration::from_secs(30), Duration::from_millis(200), None),
     );
     let (a, b) = (Inbox::new(), Inbox::new());

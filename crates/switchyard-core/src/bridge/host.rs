@@ -12,18 +12,54 @@ use crate::error::{Error, Result};
 use crate::store::DynStore;
 use crate::worker::RunningWorker;
 
+/// The language of a foreign host's handlers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Language {
+    /// Python (the `switchyard` wheel).
+    Python,
+    /// Ruby (the gem).
+    Ruby,
+    /// JavaScript or TypeScript on Node.js (the npm package).
+    Node,
+    /// C (the C ABI library).
+    C,
+}
+
+impl Language {
+    /// Its id in host listings and the `lang` label of metrics: `python`,
+    /// `ruby`, `node`, `c` (Rust hosts are `rust`).
+    pub fn id(self) -> &'static str {
+        match self {
+            Self::Python => "python",
+            Self::Ruby => "ruby",
+            Self::Node => "node",
+            Self::C => "c",
+        }
+    }
+
+    /// Its name in error messages: `Python`, `Ruby`, `JavaScript`, `C`.
+    pub fn display(self) -> &'static str {
+        match self {
+            Self::Python => "Python",
+            Self::Ruby => "Ruby",
+            Self::Node => "JavaScript",
+            Self::C => "C",
+        }
+    }
+}
+
 /// A foreign-language host: its plan, the inboxes its handlers are served
 /// through, and the running worker once started.
 pub struct Host {
-    lang: &'static str,
+    lang: Language,
     plan: Mutex<HostPlan>,
     inboxes: Mutex<Vec<Arc<Inbox>>>,
     running: Mutex<Option<Arc<RunningWorker>>>,
 }
 
 impl Host {
-    /// A host with `plan`'s settings; `lang` names the language in errors.
-    pub fn new(lang: &'static str, plan: HostPlan) -> Self {
+    /// A host of `lang` handlers with `plan`'s settings.
+    pub fn new(lang: Language, plan: HostPlan) -> Self {
         Self {
             lang,
             plan: Mutex::new(plan),

@@ -38,7 +38,7 @@ mod protocol;
 mod runtime;
 
 pub use handler::InboxHandler;
-pub use host::Host;
+pub use host::{Host, Language};
 pub use inbox::{Closed, Consumer, Inbox, STALL};
 pub use job::{Job, JobItem, Reply};
 pub use options::{camel_case, listen_address, seconds, HandlerSpec, JobKind};

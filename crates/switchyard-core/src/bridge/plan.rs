@@ -91,18 +91,18 @@ impl HostPlan {
         self.regs.is_empty()
     }
 
-    /// The host on `store` with every registered handler; `lang` names the
-    /// language in the handlers' error messages.
+    /// The host on `store` with every registered handler, written in `lang`
+    /// (its id in host listings and metrics, its name in error messages).
     pub fn build(
         &self,
         store: crate::DynStore,
-        lang: &'static str,
+        lang: super::Language,
     ) -> crate::Result<crate::Worker> {
         let mut b = crate::Worker::builder(store)
             .concurrency(self.concurrency)
             .lease(self.lease)
             .shutdown_grace(self.shutdown_grace)
-            .language(lang);
+            .language(lang.id());
         if let Some(h) = self.heartbeat {
             b = b.heartbeat(h);
         }
@@ -118,7 +118,7 @@ impl HostPlan {
         for (id, (name, kind, opts, inbox)) in self.regs.iter().enumerate() {
             b = b.handler(
                 name.clone(),
-                InboxHandler::capability(inbox.clone(), id, name, *kind, lang),
+                InboxHandler::capability(inbox.clone(), id, name, *kind, lang.display()),
                 opts.clone(),
             );
         }

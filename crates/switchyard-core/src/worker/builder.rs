@@ -232,6 +232,10 @@ impl Worker {
             handlers: self.regs.iter().map(|r| r.0.clone()).collect(),
             started_at: now,
             last_heartbeat: now,
+            language: Some(self.opts.language.to_string()),
+            slots: Some(self.opts.concurrency as u64),
+            ended_at: None,
+            end_reason: None,
         };
         let lease_ms = self.opts.lease.as_millis() as i64;
         // Register before claiming so `switchyard workers` and unknown-handler

@@ -479,6 +479,10 @@ impl<H: Hooks> Store for Hooked<H> {
     async fn list_hosts(&self) -> SyResult<Vec<HostInfo>> {
         self.inner.list_hosts().await
     }
+
+    async fn ended_hosts(&self, since: Millis) -> SyResult<Vec<HostInfo>> {
+        self.inner.ended_hosts(since).await
+    }
     async fn count_steps(&self) -> SyResult<StateCounts> {
         self.inner.count_steps().await
     }
