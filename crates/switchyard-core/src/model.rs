@@ -509,6 +509,11 @@ pub struct HostInfo {
     pub end_reason: Option<String>,
 }
 
+/// A registered host counts as live if it heartbeated within this window
+/// (`switchyard workers`, the live-hosts gauge of `switchyard serve`): three
+/// default heartbeats (5 s) plus slack for a slow store.
+pub const LIVE_HOST_WINDOW_MS: Millis = 30_000;
+
 /// [`HostInfo::end_reason`] of a host that stopped cleanly.
 pub const HOST_STOPPED: &str = "stopped";
 /// [`HostInfo::end_reason`] of a host whose process was found gone.

@@ -45,6 +45,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/handlers", get(list_handlers))
         .route("/api/v1/cleanup", post(cleanup))
+        .route("/metrics", get(crate::metrics::metrics))
 }
 
 /// Unknown paths: a JSON 404.

@@ -14,7 +14,7 @@
 //! * Routes ([`api`]): tasks (list with filters and a keyset cursor, detail,
 //!   spawn, spawn many, cancel, retry, bulk retry, result long-poll),
 //!   events (emit, get, list by prefix, await long-poll), hosts, handlers,
-//!   cleanup.
+//!   cleanup; `/metrics` ([`metrics`]): store-wide gauges.
 //! * gRPC health ([`health`]): the standard `grpc.health.v1` service on
 //!   [`ServeSettings::grpc_listen`], reporting whether the store answers.
 
@@ -31,6 +31,7 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod metrics;
 pub mod openapi;
 pub mod query;
 

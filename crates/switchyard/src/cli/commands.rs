@@ -21,9 +21,8 @@ use switchyard::{
 use super::output::{opt_time, relative, short_json, time, Table};
 use crate::{CleanupArgs, EmitArgs, SpawnArgs, TasksListArgs};
 
-/// A host counts as live if it heartbeated within this window: three
-/// default heartbeats (5 s) plus slack for a slow store.
-pub const LIVE_WINDOW_MS: Millis = 30_000;
+/// A host counts as live if it heartbeated within this window.
+pub use switchyard::LIVE_HOST_WINDOW_MS as LIVE_WINDOW_MS;
 
 /// A failure to report on stderr, with the process exit code.
 #[derive(Debug)]
