@@ -135,24 +135,25 @@ impl Client {
     pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<TaskRecord> {
         let deadline = tokio::time::Instant::now() + check_duration("wait timeout", timeout)?;
         let signals = self.store.signals().clone();
-        let poll = self.store.poll_interval().min(Duration::from_millis(100));
-        loop {
-            let finished = signals.finished.notified();
-            tokio::pin!(finished);
-            finished.as_mut().enable();
-            let t = self.get(id).await?;
-            if t.state.is_terminal() {
-                return Ok(t);
-            }
-            // Biased (as every select in the core): no hidden random choice,
-            // so the simulation replays a seed exactly.
-            tokio::select! {
-                biased;
-                _ = &mut finished => {},
-                _ = tokio::time::sleep(poll) => {},
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(Error::Timeout(format!("task {id} is still {} after {} ms", t.state, timeout.as_millis())));
-                }
+        let finished = poll_until(
+            &self.store,
+            &signals.finished,
+            deadline,
+            move || async move {
+                let t = self.get(id).await?;
+                Ok(t.state.is_terminal().then_some(t))
+            },
+        )
+        .await?;
+        match finished {
+            Some(t) => Ok(t),
+            None => {
+                let t = self.get(id).await?;
+                Err(Error::Timeout(format!(
+                    "task {id} is still {} after {} ms",
+                    t.state,
+                    timeout.as_millis()
+                )))
             }
         }
     }
@@ -200,25 +201,54 @@ impl Client {
         let deadline =
             tokio::time::Instant::now() + check_duration("await_event timeout", timeout)?;
         let signals = self.store.signals().clone();
-        let poll = self.store.poll_interval().min(Duration::from_millis(100));
-        loop {
-            let ready = signals.ready.notified();
-            tokio::pin!(ready);
-            ready.as_mut().enable();
-            if let Some(e) = self.store.get_event(name).await? {
-                return Ok(e.payload);
-            }
-            tokio::select! {
-                biased;
-                _ = &mut ready => {},
-                _ = tokio::time::sleep(poll) => {},
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(Error::Timeout(format!(
-                        "event `{name}` was not emitted within {} ms",
-                        timeout.as_millis()
-                    )));
-                }
-            }
+        // An in-process emit wakes the steps waiting for it through `ready`.
+        let store = &self.store;
+        let event = poll_until(store, &signals.ready, deadline, move || async move {
+            Ok(store.get_event(name).await?.map(|e| e.payload))
+        })
+        .await?;
+        event.ok_or_else(|| {
+            Error::Timeout(format!(
+                "event `{name}` was not emitted within {} ms",
+                timeout.as_millis()
+            ))
+        })
+    }
+}
+
+/// Reads `check` until it answers `Some`: again as soon as `wake` is
+/// notified (a change made in this process) and at least every poll
+/// interval (at most 100 ms: changes made by other processes), until
+/// `deadline` (then `None`). The loop of every wait of the client
+/// ([`Client::wait`], [`Client::await_event`]) and of the REST API's
+/// long-polls.
+pub async fn poll_until<T, F, Fut>(
+    store: &DynStore,
+    wake: &tokio::sync::Notify,
+    deadline: tokio::time::Instant,
+    mut check: F,
+) -> Result<Option<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let poll = store.poll_interval().min(Duration::from_millis(100));
+    loop {
+        // Registered before the read, so a change between the read and the
+        // sleep still wakes it.
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if let Some(found) = check().await? {
+            return Ok(Some(found));
+        }
+        // Biased (as every select in the core): no hidden random choice,
+        // so the simulation replays a seed exactly.
+        tokio::select! {
+            biased;
+            _ = &mut woken => {},
+            _ = tokio::time::sleep(poll) => {},
+            _ = tokio::time::sleep_until(deadline) => return Ok(None),
         }
     }
 }

@@ -599,11 +599,7 @@ impl Visitor<'_> for AddrVisitor {
         f.write_str("an address IP:PORT (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<SocketAddr, E> {
-        v.trim().parse().map_err(|_| {
-            E::custom(format!(
-                "`{v}` is not an address IP:PORT (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")"
-            ))
-        })
+        crate::bridge::listen_address("the value", v).map_err(E::custom)
     }
 }
 

@@ -223,7 +223,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_event(&self, name: &str) -> Result<Option<EventRecord>>;
 
     /// Cached events, newest first (`limit` 0 = 100).
-    async fn list_events(&self, limit: usize) -> Result<Vec<EventRecord>>;
+    async fn list_events(&self, limit: usize) -> Result<Vec<EventRecord>> {
+        self.list_events_prefixed("", limit).await
+    }
 
     /// Cached events whose name starts with `prefix` (plain text: no
     /// wildcards), newest first (`limit` 0 = 100).

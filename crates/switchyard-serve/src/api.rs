@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use switchyard_core::client::poll_until;
 use switchyard_core::{
     bridge, EventRecord, HostInfo, Spawned, StepState, TaskDetail, TaskFilter, TaskId, TaskRecord,
     TaskState,
@@ -794,27 +795,17 @@ pub async fn await_event(
         .unwrap_or(Duration::from_secs(30));
     let deadline = tokio::time::Instant::now() + timeout;
     let signals = state.store.signals().clone();
-    let poll = state.store.poll_interval().min(Duration::from_millis(100));
-    loop {
-        // An in-process emit wakes waiting steps through `ready`; other
-        // processes' emits are seen by polling.
-        let woken = signals.ready.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        if let Some(e) = state.store.get_event(&name).await? {
-            return Ok(Json(AwaitedEvent { event: Some(e) }));
-        }
-        if tokio::time::Instant::now() >= deadline || state.stopping.is_cancelled() {
-            return Ok(Json(AwaitedEvent { event: None }));
-        }
-        tokio::select! {
-            biased;
-            _ = state.stopping.cancelled() => {},
-            _ = &mut woken => {},
-            _ = tokio::time::sleep(poll) => {},
-            _ = tokio::time::sleep_until(deadline) => {},
-        }
-    }
+    let (store, name) = (&state.store, name.as_str());
+    // An in-process emit wakes waiting steps through `ready`; other
+    // processes' emits are seen by polling. A stopping server answers at once.
+    let event = tokio::select! {
+        biased;
+        _ = state.stopping.cancelled() => None,
+        found = poll_until(store, &signals.ready, deadline, move || async move {
+            store.get_event(name).await
+        }) => found?,
+    };
+    Ok(Json(AwaitedEvent { event }))
 }
 
 // --- hosts and cleanup -----------------------------------------------------

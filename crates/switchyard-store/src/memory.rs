@@ -1500,18 +1500,6 @@ impl Store for MemoryStore {
         Ok(self.inner.lock().events.get(name).cloned())
     }
 
-    async fn list_events(&self, limit: usize) -> Result<Vec<EventRecord>> {
-        let limit = if limit == 0 { DEFAULT_LIMIT } else { limit };
-        let inner = self.inner.lock();
-        Ok(inner
-            .event_order
-            .iter()
-            .rev()
-            .take(limit)
-            .filter_map(|n| inner.events.get(n).cloned())
-            .collect())
-    }
-
     async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>> {
         let limit = if limit == 0 { DEFAULT_LIMIT } else { limit };
         let inner = self.inner.lock();

@@ -3080,20 +3080,6 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn list_events(&self, limit: usize) -> Result<Vec<EventRecord>> {
-        let limit =
-            i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);
-        read_op!(self, "list_events", false, |c| async {
-            let rows = c
-                .query(
-                    "SELECT name, payload, created_at FROM sy_events ORDER BY seq DESC LIMIT $1",
-                    &[&limit],
-                )
-                .await?;
-            Ok::<_, Fail>(rows.iter().map(event_row).collect::<Result<Vec<_>>>()?)
-        })
-    }
-
     async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>> {
         let limit =
             i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);

@@ -2931,20 +2931,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_events(&self, limit: usize) -> Result<Vec<EventRecord>> {
-        let limit =
-            i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);
-        self.read("list_events", move |conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT name, payload, created_at FROM events ORDER BY rowid DESC LIMIT ?1",
-                )?
-                .query_map([limit], event_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?)
-        })
-        .await
-    }
-
     async fn list_events_prefixed(&self, prefix: &str, limit: usize) -> Result<Vec<EventRecord>> {
         let limit =
             i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);

@@ -452,10 +452,10 @@ fn serve_refuses_non_loopback_without_tokens() {
     assert!(!cli.db.exists(), "the store was not opened");
     let out = cli.run(&["serve", "--listen", "localhost"]);
     assert_eq!(code(&out), 2);
-    assert!(text(&out.stderr).contains("--listen: `localhost` is not an address"));
+    assert!(text(&out.stderr).contains("--listen must be an address like 127.0.0.1:9464 (an IP address and a port), not \"localhost\""));
     let out = cli.run(&["serve", "--grpc-listen", "nowhere"]);
     assert_eq!(code(&out), 2);
-    assert!(text(&out.stderr).contains("--grpc-listen: `nowhere` is not an address"));
+    assert!(text(&out.stderr).contains("--grpc-listen must be an address like 127.0.0.1:9464 (an IP address and a port), not \"nowhere\""));
 
     // On loopback (and with --insecure anywhere) it starts and answers.
     for args in [

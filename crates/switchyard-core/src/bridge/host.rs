@@ -144,17 +144,6 @@ impl Host {
         self.running.lock().as_ref().and_then(|r| r.health_addr())
     }
 
-    /// Sets where the health/metrics endpoint listens; refused once started.
-    pub fn set_health_listen(&self, addr: Option<std::net::SocketAddr>) -> Result<()> {
-        if self.running.lock().is_some() {
-            return Err(Error::Conflict(
-                "health_listen: set it before the worker starts".into(),
-            ));
-        }
-        self.plan.lock().health_listen = addr;
-        Ok(())
-    }
-
     /// Steps running in this host now (0 before a start).
     pub fn inflight(&self) -> usize {
         self.running.lock().as_ref().map_or(0, |r| r.inflight())

@@ -157,9 +157,10 @@ pub fn seconds(what: &str, v: f64) -> Result<Duration, String> {
     })
 }
 
-/// A listen address from foreign data (`what` names the option in the
-/// error): `host:port` with an IP address, e.g. `127.0.0.1:9464` or
-/// `[::1]:0` (port 0 picks a free port).
+/// The one parser of listen addresses (bindings' `health_listen`, the
+/// configuration's `*listen` keys, `switchyard serve --listen`; `what` names
+/// the option in the error): `host:port` with an IP address, e.g.
+/// `127.0.0.1:9464` or `[::1]:0` (port 0 picks a free port).
 pub fn listen_address(what: &str, v: &str) -> Result<std::net::SocketAddr, String> {
     v.trim().parse().map_err(|_| {
         format!(

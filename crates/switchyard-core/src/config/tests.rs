@@ -247,7 +247,7 @@ fn wrong_types_are_refused_naming_the_key_and_where_it_came_from() {
         j.create_file("a.toml", "[serve]\nlisten = \"localhost\"\n")?;
         let e = load_err(Some(Path::new("a.toml")));
         assert!(
-            e.contains("`serve.listen`") && e.contains("not an address"),
+            e.contains("`serve.listen`") && e.contains("must be an address like"),
             "{e}"
         );
 

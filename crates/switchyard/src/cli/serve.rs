@@ -9,22 +9,15 @@ use crate::ServeArgs;
 /// nothing; then serves until Ctrl-C or SIGTERM.
 pub async fn serve(url: &str, a: ServeArgs, config: &switchyard::config::ServeConfig) -> CmdResult {
     let listen: SocketAddr = match &a.listen {
-        Some(l) => l.parse().map_err(|_| {
-            CliError::usage(format!(
-                "--listen: `{l}` is not an address like 127.0.0.1:8080"
-            ))
-        })?,
+        Some(l) => switchyard::bridge::listen_address("--listen", l).map_err(CliError::usage)?,
         None => config
             .listen
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
     };
     let mut settings = switchyard_serve::ServeSettings::from_config(listen, config);
     if let Some(g) = &a.grpc_listen {
-        settings.grpc_listen = Some(g.parse::<SocketAddr>().map_err(|_| {
-            CliError::usage(format!(
-                "--grpc-listen: `{g}` is not an address like 127.0.0.1:50051"
-            ))
-        })?);
+        settings.grpc_listen =
+            Some(switchyard::bridge::listen_address("--grpc-listen", g).map_err(CliError::usage)?);
     }
     settings.insecure |= a.insecure;
     if !settings.tokens.is_empty() {
