@@ -34,8 +34,8 @@ lint: deps-ruby
 
 test-rust: deps-postgres deps-prometheus
 	$(CARGO) test --workspace $(FEATURES)
-	# The REST API's HTTP suite again, on a throwaway PostgreSQL.
-	SWITCHYARD_SERVE_TEST_STORE=postgres $(CARGO) test -p switchyard-serve --test api
+	# The REST API's HTTP suite and load test again, on a throwaway PostgreSQL.
+	SWITCHYARD_SERVE_TEST_STORE=postgres $(CARGO) test -p switchyard-serve --test api --test load
 
 # The metrics tests check every host's /metrics with `promtool check metrics`
 # (Debian's prometheus package).
