@@ -16,7 +16,8 @@
 //! 3. **Latency**, with the server started again, one request after another:
 //!    `GET /api/v1/tasks/{id}` of random ids, and listings of 50: by state
 //!    and handler, by the rare handler, a narrow window of creation times,
-//!    the window in which the old tasks finished, an idempotency key, and
+//!    a window of creation times holding every task, the window in which
+//!    the old tasks finished, an idempotency key, and
 //!    pages after a cursor at a random depth (alone and with a handler).
 //!    Each listing is sampled up to 200 times or for 10 s, whichever comes
 //!    first (at least 5 samples).
@@ -176,7 +177,7 @@ where
         });
     }
     while let Some(r) = set.join_next().await {
-        r.map_err(|e| fail(e))?.map_err(fail)?;
+        r.map_err(fail)?.map_err(fail)?;
     }
     Ok(start.elapsed().as_secs_f64())
 }
@@ -221,6 +222,9 @@ where
     out.sort();
     Ok(out)
 }
+
+/// The path of a listing's `i`-th sample.
+type PathFn<'a> = Box<dyn FnMut(usize) -> String + 'a>;
 
 /// What the load phase left for the latency phase.
 struct Loaded {
@@ -405,7 +409,7 @@ pub async fn bench(args: &BenchArgs, store: DynStore, url: &str) -> Result<Strin
     record("get", &s);
 
     let h = |k: usize| format!("bench.{run}.h{k}");
-    let lists: Vec<(&str, Box<dyn FnMut(usize) -> String + '_>)> = vec![
+    let lists: Vec<(&str, PathFn<'_>)> = vec![
         (
             "list_handler",
             Box::new(|i| {
@@ -424,6 +428,15 @@ pub async fn bench(args: &BenchArgs, store: DynStore, url: &str) -> Result<Strin
             Box::new(|_| {
                 let (a, b) = loaded.created_window;
                 format!("/api/v1/tasks?created_after={a}&created_before={b}&limit={PAGE}")
+            }),
+        ),
+        (
+            "list_created_wide",
+            Box::new(|_| {
+                format!(
+                    "/api/v1/tasks?created_after=0&created_before={}&limit={PAGE}",
+                    now_ms() + 1
+                )
             }),
         ),
         (
