@@ -318,7 +318,18 @@ ALTER TABLE sy_checkpoints RENAME COLUMN attempt TO run;
     "SELECT 1;",
     // 9: a host's configured name (`host.name`), shown in host listings.
     "ALTER TABLE sy_hosts ADD COLUMN name text;",
-    // 10: hosts listings show the language and slots of a host, and hosts
+    // 10: indexes for task listings at scale. A listing by a rare handler or
+    // by an old window of creation times walked sy_tasks_seq newest first
+    // through the whole table (measured with `bench/run --lang http`).
+    // Neither `handler`, `seq` nor `created_at` ever changes, so a task's
+    // finish stays a HOT update (see 3). Finish times get no index: one on
+    // `updated_at` (or with `state` in its predicate) would make every
+    // finish a non-HOT update with an insertion into every index.
+    r#"
+CREATE INDEX sy_tasks_handler ON sy_tasks(handler, seq);
+CREATE INDEX sy_tasks_created ON sy_tasks(created_at);
+"#,
+    // 11: hosts listings show the language and slots of a host, and hosts
     // whose registration ended (stopped or found dead) for a day.
     r#"
 ALTER TABLE sy_hosts ADD COLUMN language text;

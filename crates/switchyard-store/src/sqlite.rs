@@ -226,7 +226,23 @@ ALTER TABLE checkpoints RENAME COLUMN attempt TO run;
     "SELECT 1;",
     // 5: a host's configured name (`host.name`), shown in host listings.
     "ALTER TABLE hosts ADD COLUMN name TEXT;",
-    // 6: hosts listings show the language and slots of a host, and hosts
+    // 6: indexes for task listings at scale. Without them a listing by a
+    // handler, by a window of creation times or by a window of finish times
+    // walked the whole table newest first until it had its page: at a
+    // million tasks, a rare handler or an old window took a full scan per
+    // page (measured with `bench/run --lang http`). `tasks_handler` is read
+    // in listing order (its entries end with the rowid, `seq`), so a
+    // handler's pages, after a cursor too, are range searches with no sort.
+    // `tasks_finished` holds finished tasks only: a task enters it once, when
+    // it finishes (running tasks' updates never touch it), and it is the
+    // range that `finished_after`/`finished_before` (which imply
+    // `state <> 'running'`) search.
+    r#"
+CREATE INDEX tasks_handler ON tasks(handler);
+CREATE INDEX tasks_created ON tasks(created_at);
+CREATE INDEX tasks_finished ON tasks(updated_at) WHERE state <> 'running';
+"#,
+    // 7: hosts listings show the language and slots of a host, and hosts
     // whose registration ended (stopped or found dead) for a day.
     r#"
 ALTER TABLE hosts ADD COLUMN language TEXT;
@@ -2652,23 +2668,32 @@ fn list_tasks_sql(
         conds.push("idempotency_key = ?");
         args.push(Sql::Text(k.clone()));
     }
+    let window = time_window_index(conn, filter)?;
+    // A `+` keeps the planner off a time index (see `time_window_index`).
+    let plus = |index: &str| if window == Some(index) { "" } else { "+" };
+    let created = plus("tasks_created");
+    let finished = plus("tasks_finished");
+    let created_after = format!("{created}created_at >= ?");
+    let created_before = format!("{created}created_at < ?");
+    let finished_after = format!("{finished}updated_at >= ?");
+    let finished_before = format!("{finished}updated_at < ?");
     if let Some(t) = filter.created_after {
-        conds.push("created_at >= ?");
+        conds.push(&created_after);
         args.push(Sql::Integer(t));
     }
     if let Some(t) = filter.created_before {
-        conds.push("created_at < ?");
+        conds.push(&created_before);
         args.push(Sql::Integer(t));
     }
     if filter.wants_finished() {
         conds.push("state <> 'running'");
     }
     if let Some(t) = filter.finished_after {
-        conds.push("updated_at >= ?");
+        conds.push(&finished_after);
         args.push(Sql::Integer(t));
     }
     if let Some(t) = filter.finished_before {
-        conds.push("updated_at < ?");
+        conds.push(&finished_before);
         args.push(Sql::Integer(t));
     }
     if let Some(st) = filter.step_state {
@@ -2679,6 +2704,10 @@ fn list_tasks_sql(
         args.push(Sql::Text(st.as_str().into()));
     }
     let mut sql = String::from(concat!("SELECT ", task_cols!(), " FROM tasks"));
+    if let Some(index) = window {
+        sql.push_str(" INDEXED BY ");
+        sql.push_str(index);
+    }
     if !conds.is_empty() {
         sql.push_str(" WHERE ");
         sql.push_str(&conds.join(" AND "));
@@ -2686,6 +2715,56 @@ fn list_tasks_sql(
     sql.push_str(" ORDER BY seq DESC LIMIT ?");
     args.push(Sql::Integer(limit));
     Ok((sql, args))
+}
+
+/// A window of creation or finish times holding fewer tasks than this is
+/// read through its index and sorted; a wider one in listing order.
+const NARROW_WINDOW: i64 = 10_000;
+
+/// The time index a listing should read, if any: `tasks_created` or
+/// `tasks_finished` when the filter has a window of creation (else finish)
+/// times holding fewer than [`NARROW_WINDOW`] tasks, and no handler,
+/// parent or idempotency key (whose indexes are equality searches).
+///
+/// Without statistics SQLite plans any range as selective, so it would
+/// read a window covering most of the table through the index and sort
+/// all of it for one page (seconds at a million tasks, where walking the
+/// table newest first finds the page at once). A count through the index,
+/// stopped at [`NARROW_WINDOW`], tells the two apart; a wide window is then
+/// read in listing order, as before the indexes existed.
+fn time_window_index(conn: &Connection, filter: &TaskFilter) -> DbResult<Option<&'static str>> {
+    if filter.handler.is_some() || filter.parent.is_some() || filter.idempotency_key.is_some() {
+        return Ok(None);
+    }
+    let (index, probe, lo, hi) =
+        if filter.created_after.is_some() || filter.created_before.is_some() {
+            (
+                "tasks_created",
+                "SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_created \
+             WHERE created_at >= ?1 AND created_at < ?2 LIMIT ?3)",
+                filter.created_after,
+                filter.created_before,
+            )
+        } else if filter.finished_after.is_some() || filter.finished_before.is_some() {
+            (
+                "tasks_finished",
+                "SELECT count(*) FROM (SELECT 1 FROM tasks INDEXED BY tasks_finished \
+             WHERE state <> 'running' AND updated_at >= ?1 AND updated_at < ?2 LIMIT ?3)",
+                filter.finished_after,
+                filter.finished_before,
+            )
+        } else {
+            return Ok(None);
+        };
+    let n: i64 = conn.prepare_cached(probe)?.query_row(
+        params![
+            lo.unwrap_or(i64::MIN),
+            hi.unwrap_or(i64::MAX),
+            NARROW_WINDOW
+        ],
+        |r| r.get(0),
+    )?;
+    Ok((n < NARROW_WINDOW).then_some(index))
 }
 
 // ---------------------------------------------------------------------------
@@ -3218,12 +3297,105 @@ mod tests {
                 .unwrap();
             let plan = plan.join("; ");
             assert!(
-                plan.contains("(rowid<?)") || plan.contains("seq<?"),
+                plan.contains("rowid<?)") || plan.contains("seq<?"),
                 "{filter:?}: the cursor is not a keyset search: {plan}"
             );
             assert!(
                 !plan.contains("TEMP B-TREE"),
                 "{filter:?}: the page is sorted, not read in order: {plan}"
+            );
+        }
+    }
+
+    fn plan(conn: &Connection, filter: &TaskFilter) -> String {
+        let (sql, args) = list_tasks_sql(conn, filter).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        plan.join("; ")
+    }
+
+    /// Listings by handler, creation window and finish window search an
+    /// index (migration 6) instead of walking the table newest first until
+    /// the page is full, which at a million tasks meant a full scan for a
+    /// rare handler or an old window; a handler's pages, after a cursor too,
+    /// are read in listing order with no sort.
+    #[test]
+    fn task_listings_by_handler_and_time_search_an_index() {
+        let conn = writer();
+        let id = TaskId::new();
+        conn.execute(
+            "INSERT INTO tasks (id, handler, input, state, priority, final_step, created_at, \
+             updated_at) VALUES (?1, 'h', 'null', 'running', 0, 'h', 0, 0)",
+            [id.0.as_bytes()],
+        )
+        .unwrap();
+        let by_handler = [
+            TaskFilter {
+                handler: Some("h".into()),
+                ..TaskFilter::default()
+            },
+            TaskFilter {
+                handler: Some("h".into()),
+                state: Some(TaskState::Running),
+                after: Some(id),
+                ..TaskFilter::default()
+            },
+        ];
+        for filter in &by_handler {
+            let plan = plan(&conn, filter);
+            assert!(
+                plan.contains("USING INDEX tasks_handler (handler=?"),
+                "{filter:?}: the handler index is not searched: {plan}"
+            );
+            assert!(
+                !plan.contains("TEMP B-TREE"),
+                "{filter:?}: the page is sorted, not read in order: {plan}"
+            );
+        }
+        let by_time = [
+            (
+                TaskFilter {
+                    created_after: Some(1),
+                    created_before: Some(2),
+                    ..TaskFilter::default()
+                },
+                "USING INDEX tasks_created (created_at>? AND created_at<?)",
+            ),
+            (
+                TaskFilter {
+                    finished_after: Some(1),
+                    finished_before: Some(2),
+                    ..TaskFilter::default()
+                },
+                "USING INDEX tasks_finished (updated_at>? AND updated_at<?)",
+            ),
+        ];
+        for (filter, index) in &by_time {
+            let plan = plan(&conn, filter);
+            assert!(
+                plan.contains(index),
+                "{filter:?}: `{index}` is not searched: {plan}"
+            );
+        }
+        // A window holding most of the table is read newest first, in
+        // listing order, not through the index and sorted whole.
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+             INSERT INTO tasks (id, handler, input, state, priority, final_step, created_at, \
+             updated_at) SELECT randomblob(16), 'h', 'null', 'cancelled', 0, 'h', 1, 1 FROM n",
+            [NARROW_WINDOW],
+        )
+        .unwrap();
+        for (filter, index) in &by_time {
+            let plan = plan(&conn, filter);
+            assert!(
+                !plan.contains(index) && !plan.contains("TEMP B-TREE"),
+                "{filter:?}: a wide window is sorted whole: {plan}"
             );
         }
     }

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod cli {
     pub mod bench;
+    pub mod bench_http;
     pub mod commands;
     pub mod dev;
     pub mod output;

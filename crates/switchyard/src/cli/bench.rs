@@ -42,7 +42,8 @@ use switchyard_store::pg_server::PgServer;
 use super::commands::{open_store, CliError, Outcome};
 
 /// The languages whose handlers the benchmark can host today.
-const AVAILABLE_LANGS: &[&str] = &["rust"];
+/// (`http` benchmarks the REST API instead: see [`super::bench_http`].)
+const AVAILABLE_LANGS: &[&str] = &["rust", "http"];
 
 /// Concurrency of the latency handler (the host gets this many slots on
 /// top of `--concurrency`).
@@ -75,7 +76,8 @@ impl Workload {
 /// Arguments of `switchyard bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Language of the benchmark handlers (only `rust` is built so far).
+    /// Language of the benchmark handlers (only `rust` is built so far), or
+    /// `http`: the REST API of a `switchyard serve` child process.
     #[arg(long, default_value = "rust")]
     pub lang: String,
     /// Tasks to spawn and complete in the throughput phase.
@@ -94,6 +96,17 @@ pub struct BenchArgs {
     /// Latency measurements (one after another, on an idle host).
     #[arg(long, value_name = "N", default_value_t = 200)]
     pub trials: usize,
+    /// `--lang http`: tasks in the store while GETs and listings are
+    /// measured (loaded directly through the store).
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    pub tasks: usize,
+    /// `--lang http`: concurrent REST clients of the spawn phase.
+    #[arg(long, value_name = "C", default_value_t = 64)]
+    pub clients: usize,
+    /// `--lang http`: tasks spawned one per request in the spawn phase
+    /// (as many again through `POST /api/v1/tasks/batch`).
+    #[arg(long, value_name = "N", default_value_t = 50_000)]
+    pub spawns: usize,
 }
 
 /// Counts handler completions and wakes the benchmark at the target.
@@ -112,16 +125,16 @@ impl Finish {
     }
 }
 
-fn progress(msg: impl AsRef<str>) {
+pub(super) fn progress(msg: impl AsRef<str>) {
     eprintln!("bench: {}", msg.as_ref());
 }
 
-fn round3(x: f64) -> f64 {
+pub(super) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
 /// Nearest-rank percentile of sorted samples, in milliseconds.
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+pub(super) fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -179,6 +192,7 @@ pub async fn run(args: BenchArgs, url: String) -> Result<Outcome, CliError> {
         (trimmed.to_string(), None)
     };
     let result = match open_store(&url).await {
+        Ok(store) if args.lang == "http" => super::bench_http::bench(&args, store, &url).await,
         Ok(store) => bench(&args, store).await,
         Err(e) => Err(e),
     };
