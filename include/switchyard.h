@@ -291,6 +291,21 @@ sy_status sy_client_retry(const sy_client *client, const char *task_id, sy_error
 // `{"completed": 10, "ready": 2}` (release with `sy_buf_free`).
 sy_status sy_client_count_steps(const sy_client *client, sy_buf *counts, sy_error **err);
 
+// Creates a worker from the configuration: the file at `path` (NULL: the
+// one named by `SWITCHYARD_CONFIG`, else none), then the `SWITCHYARD_*`
+// environment overrides. Opens the configured store (`store.url`) and
+// takes the `[host]` settings (`name`, `concurrency` (also the number of
+// callback threads), `lease`, `heartbeat`, `shutdown_grace`,
+// `health_listen`). An unknown key, a value of the wrong type or one that
+// cannot work is `SY_CONFIG`, the error naming the key and the file or
+// environment variable; a missing file too.
+sy_status sy_worker_new_from_config(const char *path, sy_worker **worker, sy_error **err);
+
+// Stores the hosts registered in the store (running or recently seen:
+// id, name, language, heartbeat, ...) as a JSON array in `workers`
+// (release with `sy_buf_free`).
+sy_status sy_client_workers(const sy_client *client, sy_buf *workers, sy_error **err);
+
 // Sets the callback's output: the JSON result (with `SY_OK`) or the error
 // message (with `SY_ERROR_*`). The bytes are copied; a second call replaces.
 sy_status sy_ctx_set_output(sy_ctx *ctx, const char *data, size_t len, sy_error **err);

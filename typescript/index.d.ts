@@ -168,8 +168,8 @@ export declare class Context {
     /** Fired with a `CancelledError` reason when the core stops wanting this
      * run: the task was cancelled, the handler's timeout passed, or the worker
      * shut down before the run ended. Pass it to `fetch`, timers and the like.
-     * The items of a batch handler are aborted together, once every item's
-     * run was asked to stop; `isCancelled` tells about one item. */
+     * For a batch handler each item's signal fires when its own run is asked
+     * to stop (its task cancelled, say), the others running on. */
     get signal(): AbortSignal;
     /** Runs `fn` once per task, ever: a replay returns the stored value. */
     checkpoint<T>(name: string, fn: () => T | Promise<T>): Promise<T>;
@@ -301,6 +301,22 @@ export declare class Worker {
     /** The store URL. */
     readonly store: string;
     constructor(options?: WorkerOptions);
+    /**
+     * A worker from the configuration (the same `switchyard.toml` the CLI and
+     * every binding read): the file at `path`, else `SWITCHYARD_CONFIG`, else
+     * none, then the `SWITCHYARD_*` environment overrides. Uses its store
+     * (`store.url`) and `[host]` settings (`name`, `concurrency`, `lease`,
+     * `heartbeat`, `shutdown_grace`, `health_listen`). Throws `ConfigError`
+     * (as Python and Ruby do) naming the key and the file or environment
+     * variable for an unknown key, a value of the wrong type or one that
+     * cannot work. `store` is the configured URL (with its password, if any:
+     * never print it).
+     */
+    static fromConfig(path?: string, options?: {
+        handleSignals?: boolean;
+    }): Worker;
+    /** Steps run at once by the host. */
+    get concurrency(): number;
     /** Registers a plain handler `(input, ctx) => result | Promise<result>`. */
     step<I = any, O = unknown>(name: string, handler: StepHandler<I, O>, options?: HandlerOptions): this;
     /** Registers a batch handler `(items) => results` (one result or Error per item). */

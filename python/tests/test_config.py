@@ -89,3 +89,36 @@ def test_from_config_errors_never_show_the_store_password(tmp_path):
         w.start()
     assert "s3cr3tpw" not in str(e.value)
     assert "alice" in str(e.value)
+
+
+def test_from_config_applies_log_level_to_the_forwarded_core_records(tmp_path, caplog):
+    caplog.set_level("DEBUG", logger="switchyard")
+
+    def host_records(level):
+        cfg = write(
+            tmp_path,
+            f"log-{level}.toml",
+            f'[store]\nurl = "sqlite:{tmp_path}/log-{level}.db"\n\n[log]\nlevel = "{level}"\n',
+        )
+        w = switchyard.Worker.from_config(cfg)
+
+        @w.step("quiet")
+        def quiet(inp, ctx):
+            return inp
+
+        w.start()
+        w.stop()
+        return [r.getMessage() for r in caplog.records if r.name == "switchyard.core" and w.host_id in r.getMessage()]
+
+    try:
+        # log.level = "warn": the host's INFO records are filtered out in Rust.
+        assert host_records("warn") == []
+        assert any("host started" in m for m in host_records("info"))
+    finally:
+        # The subscriber is the process's: back to the default level.
+        host_records("info")
+
+    cfg = write(tmp_path, "loud.toml", '[log]\nlevel = "loud"\n')
+    with pytest.raises(switchyard.ConfigError) as e:
+        switchyard.Worker.from_config(cfg)
+    assert "log.level" in str(e.value) and "loud.toml" in str(e.value)

@@ -94,4 +94,30 @@ class TestConfig < Minitest::Test
     refute_includes e.message, "s3cr3tpw"
     assert_includes e.message, "alice"
   end
+
+  # The process's log subscriber is global: each level runs in a child.
+  def test_from_config_applies_log_level_unless_switchyard_log_is_set
+    code = <<~RUBY
+      require "switchyard"
+      w = Switchyard::Worker.from_config(ARGV[0])
+      w.step("x") { 1 }
+      w.start
+      w.stop
+    RUBY
+    script = ruby_script(code)
+    run = lambda do |level, env = {}|
+      cfg = write("log-#{level}.toml", "[store]\nurl = \"#{@store}\"\n\n[log]\nlevel = \"#{level}\"\n")
+      _out, err, status = Open3.capture3(gem_env.merge("SWITCHYARD_LOG" => nil).merge(env), RbConfig.ruby, script, cfg)
+      assert status.success?, err
+      err
+    end
+    assert_match(/INFO switchyard_core::worker(::\w+)*: host started/, run.call("info"))
+    refute_match(/host started/, run.call("warn"))
+    refute_match(/host started/, run.call("info", "SWITCHYARD_LOG" => "warn"), "SWITCHYARD_LOG wins")
+
+    cfg = write("loud.toml", "[log]\nlevel = \"loud\"\n")
+    e = assert_raises(Switchyard::ConfigError) { Switchyard::Worker.from_config(cfg) }
+    assert_includes e.message, "log.level"
+    assert_includes e.message, "loud.toml"
+  end
 end

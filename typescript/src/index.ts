@@ -55,7 +55,8 @@ interface NativeWorker {
    * the items' inputs); handler indexes follow the `register` calls.
    * `cancel` gets the core's cancellation notices for jobs JS holds, never
    * before their job: a flat array `[jobId, reason, ...]`, `reason` being
-   * "cancelled", "timeout" or "shutdown". */
+   * "cancelled", "timeout" or "shutdown". A batch item asked to stop on
+   * its own is named `[jobId, itemIndex]` in place of `jobId`. */
   start(dispatch: (batch: string) => void, cancel: (notices: string) => void): Promise<string>;
   /** The durable context of item `index` of job `jobId`, while it runs. */
   context(jobId: number, index: number): NativeContext;
@@ -69,6 +70,8 @@ interface NativeWorker {
   readonly inFlight: number;
   readonly healthAddr: string | null;
   readonly running: boolean;
+  readonly concurrency: number;
+  readonly storeUrl: string;
 }
 
 interface NativeClient {
@@ -90,7 +93,11 @@ interface NativeClient {
 }
 
 interface NativeModule {
-  NativeWorker: new (store: string, options?: Record<string, unknown>) => NativeWorker;
+  NativeWorker: {
+    new (store: string, options?: Record<string, unknown>): NativeWorker;
+    /** Throws the configuration's error (naming the key and the file). */
+    fromConfig(path?: string | null): NativeWorker;
+  };
   NativeClient: { open(url: string, maxPayloadBytes?: number | null): Promise<NativeClient> };
   nativeVersion(): string;
   /** An envelope of the core's plan. */
@@ -428,8 +435,8 @@ export class Context {
   /** Fired with a `CancelledError` reason when the core stops wanting this
    * run: the task was cancelled, the handler's timeout passed, or the worker
    * shut down before the run ended. Pass it to `fetch`, timers and the like.
-   * The items of a batch handler are aborted together, once every item's
-   * run was asked to stop; `isCancelled` tells about one item. */
+   * For a batch handler each item's signal fires when its own run is asked
+   * to stop (its task cancelled, say), the others running on. */
   get signal(): AbortSignal {
     if (this.#abort === undefined) {
       // Created on first use: a handler that never looks costs nothing.
@@ -943,6 +950,9 @@ function isThenable(v: unknown): v is PromiseLike<unknown> {
   return v !== null && (typeof v === "object" || typeof v === "function") && typeof (v as any).then === "function";
 }
 
+/** Set by `Worker.fromConfig` for the constructor it calls. */
+let adopted: NativeWorker | undefined;
+
 /**
  * A host for JS handlers. Register handlers, then `await worker.run()`
  * (until SIGINT/SIGTERM or `stop()`), or `await worker.start()` and later
@@ -978,6 +988,14 @@ export class Worker {
     if (options === null || typeof options !== "object") {
       throw new InvalidInput("new Worker(options): options must be an object like { store: 'sqlite:app.db' }");
     }
+    if (adopted !== undefined) {
+      // Worker.fromConfig: the native worker is built from the configuration.
+      this.#native = adopted;
+      adopted = undefined;
+      this.store = this.#native.storeUrl;
+      this.#handleSignals = options.handleSignals ?? true;
+      return;
+    }
     this.store = options.store ?? defaultStore();
     if (typeof this.store !== "string") throw new InvalidInput("store must be a URL string");
     if (options.concurrency !== undefined && !(Number.isInteger(options.concurrency) && options.concurrency >= 1)) {
@@ -994,6 +1012,41 @@ export class Worker {
     } catch (e) {
       throw new InvalidInput((e as Error).message);
     }
+  }
+
+  /**
+   * A worker from the configuration (the same `switchyard.toml` the CLI and
+   * every binding read): the file at `path`, else `SWITCHYARD_CONFIG`, else
+   * none, then the `SWITCHYARD_*` environment overrides. Uses its store
+   * (`store.url`) and `[host]` settings (`name`, `concurrency`, `lease`,
+   * `heartbeat`, `shutdown_grace`, `health_listen`). Throws `ConfigError`
+   * (as Python and Ruby do) naming the key and the file or environment
+   * variable for an unknown key, a value of the wrong type or one that
+   * cannot work. `store` is the configured URL (with its password, if any:
+   * never print it).
+   */
+  static fromConfig(path?: string, options: { handleSignals?: boolean } = {}): Worker {
+    if (path !== undefined && path !== null && typeof path !== "string") {
+      throw new InvalidInput(`Worker.fromConfig(path): path must be a string, got ${typeof path}`);
+    }
+    let n: NativeWorker;
+    try {
+      n = native.NativeWorker.fromConfig(path ?? null);
+    } catch (e) {
+      // As in every binding: the core's class for configuration errors.
+      throw new ConfigError((e as Error).message);
+    }
+    adopted = n;
+    try {
+      return new Worker({ handleSignals: options?.handleSignals });
+    } finally {
+      adopted = undefined;
+    }
+  }
+
+  /** Steps run at once by the host. */
+  get concurrency(): number {
+    return this.#native.concurrency;
   }
 
   #register(name: string, kind: HandlerKind, fn: unknown, options: Record<string, any> | undefined): this {
@@ -1209,15 +1262,22 @@ export class Worker {
   }
 
   /** Called by the core with its cancellation notices: the runs of these
-   * jobs were all asked to stop, so their contexts' signals fire. A notice
+   * jobs were all asked to stop, so their contexts' signals fire; a notice
+   * naming `[jobId, index]` is for one item of a batch job. A notice
    * always comes after its job's dispatch; one for a job already finished
    * is ignored. */
   #cancel(notices: string): void {
     const n: unknown[] = JSON.parse(notices);
     for (let i = 0; i < n.length; i += 2) {
-      const ctx = this.#live.get(n[i] as number);
-      if (ctx === undefined) continue;
+      const key = n[i];
       const why = n[i + 1] as string;
+      if (Array.isArray(key)) {
+        const ctx = this.#live.get(key[0] as number);
+        if (Array.isArray(ctx)) ctx[key[1] as number]?._abort(why);
+        continue;
+      }
+      const ctx = this.#live.get(key as number);
+      if (ctx === undefined) continue;
       if (Array.isArray(ctx)) for (const c of ctx) c._abort(why);
       else ctx._abort(why);
     }

@@ -420,3 +420,49 @@ test("a step that awaits 50 events or sleeps 50 times costs no attempt", async (
   // A sleep whose time has already come returns without suspending.
   assert.ok(out.run >= 2 && out.run <= 51, `runs: ${out.run}`);
 });
+
+test("cancelling one task of a running batch aborts only its item's signal; the others complete", async (t) => {
+  let batchSize;
+  let started;
+  const running = new Promise((r) => (started = r));
+  let release;
+  const released = new Promise((r) => (release = r));
+  const aborted = new Map();
+  const { client } = await setup(t, (w) => {
+    w.batch(
+      "batch.hold",
+      async (items) => {
+        batchSize = items.length;
+        started();
+        return Promise.all(
+          items.map(
+            ({ input, ctx }) =>
+              new Promise((resolve) => {
+                ctx.signal.addEventListener("abort", () => {
+                  aborted.set(input.i, ctx.signal.reason);
+                  resolve(ctx.signal.reason);
+                });
+                released.then(() => resolve({ done: input.i }));
+              }),
+          ),
+        );
+      },
+      { maxBatch: 3, linger: 1 },
+    );
+  });
+  const ids = await client.spawnMany([0, 1, 2].map((i) => ({ handler: "batch.hold", input: { i } })));
+  await running;
+  assert.equal(batchSize, 3, "the three tasks run as one batch");
+  assert.equal(await client.cancel(ids[1]), true);
+  await until(() => aborted.has(1), 10_000, "the cancelled item's signal to fire");
+  assert.ok(aborted.get(1) instanceof CancelledError);
+  assert.equal(aborted.get(1).message, "the task was cancelled");
+  // The other items' runs go on: their signals have not fired.
+  await new Promise((r) => setTimeout(r, 200));
+  assert.deepEqual([...aborted.keys()], [1]);
+  release();
+  assert.deepEqual(await client.result(ids[0], { timeout: 10 }), { done: 0 });
+  assert.deepEqual(await client.result(ids[2], { timeout: 10 }), { done: 2 });
+  await assert.rejects(client.result(ids[1], { timeout: 10 }), TaskCancelledError);
+  assert.deepEqual([...aborted.keys()], [1]);
+});

@@ -192,8 +192,10 @@ pub struct sy_client {
     client: Client,
 }
 
+mod config;
 mod ctx;
 mod worker;
+pub use config::*;
 pub use ctx::*;
 pub use worker::*;
 

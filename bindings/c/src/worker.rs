@@ -264,18 +264,21 @@ fn new_worker(
                 .map_err(Fail::arg)?,
         );
     }
-    *slot = register(
-        Kind::Worker,
-        sy_worker {
-            store: s.store.clone(),
-            concurrency,
-            host: Arc::new(Host::new(switchyard_core::bridge::Language::C, plan)),
-            inbox: Inbox::new(),
-            callbacks: Mutex::new(Vec::new()),
-            threads: Mutex::new(None),
-        },
-    );
+    *slot = register(Kind::Worker, worker_on(s.store.clone(), plan));
     Ok(())
+}
+
+/// A worker on `store` with `plan` (its concurrency is the number of
+/// callback threads); also `sy_worker_new_from_config`'s.
+pub(crate) fn worker_on(store: DynStore, plan: HostPlan) -> sy_worker {
+    sy_worker {
+        store,
+        concurrency: plan.concurrency,
+        host: Arc::new(Host::new(switchyard_core::bridge::Language::C, plan)),
+        inbox: Inbox::new(),
+        callbacks: Mutex::new(Vec::new()),
+        threads: Mutex::new(None),
+    }
 }
 
 /// The handler options as the core's spec.

@@ -937,6 +937,95 @@ static void health_checks(void) {
     CHECK(sy_store_free(store) == SY_OK);
 }
 
+/* Writes `text` to DIR/NAME; the path goes to `path`. */
+static void write_file(const char *dir, const char *name, const char *text, char *path, size_t cap) {
+    snprintf(path, cap, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    CHECK(fputs(text, f) >= 0);
+    CHECK(fclose(f) == 0);
+}
+
+/* sy_worker_new_from_config: the configured store, host name and
+ * concurrency are used; a bad key or type is SY_CONFIG naming the key and
+ * the file. */
+static void config_checks(void) {
+    static char page[1 << 16];
+    char dir[] = "/tmp/switchyard-c-config-XXXXXX";
+    char text[1024], good[512], path[512], url[512];
+    sy_store *store = NULL;
+    sy_client *client = NULL;
+    sy_worker *worker = NULL;
+    sy_buf addr = {0}, hosts = {0};
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(url, sizeof url, "sqlite:%s/config.db", dir);
+    snprintf(text, sizeof text,
+             "[store]\nurl = \"%s\"\n\n[host]\nname = \"c-from-config\"\nconcurrency = 3\n"
+             "health_listen = \"127.0.0.1:0\"\n",
+             url);
+    write_file(dir, "switchyard.toml", text, good, sizeof good);
+
+    EXPECT(sy_worker_new_from_config(good, NULL, &err), SY_INVALID_ARGUMENT, "worker is NULL");
+    EXPECT(sy_worker_new_from_config(good, &worker, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "noop", NULL, noop, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_start(worker, &err), SY_OK, NULL);
+    /* concurrency = 3: the handler's slots. */
+    EXPECT(sy_worker_health_addr(worker, &addr, &err), SY_OK, NULL);
+    CHECK(http_get((const char *)addr.ptr, "/metrics", page, sizeof page) == 0);
+    CHECK(strstr(page, "switchyard_slots_free{handler=\"noop\"} 3") != NULL);
+    /* The configured store, with the host under its configured name. */
+    EXPECT(sy_store_open(url, &store, &err), SY_OK, NULL);
+    EXPECT(sy_client_new(store, &client, &err), SY_OK, NULL);
+    EXPECT(sy_client_workers(client, NULL, &err), SY_INVALID_ARGUMENT, "workers is NULL");
+    EXPECT(sy_client_workers(client, &hosts, &err), SY_OK, NULL);
+    CHECK(strstr((const char *)hosts.ptr, "\"name\":\"c-from-config\"") != NULL);
+    CHECK(strstr((const char *)hosts.ptr, "\"noop\"") != NULL);
+    sy_buf_free(&hosts);
+    sy_buf_free(&addr);
+    EXPECT(sy_worker_stop(worker, &err), SY_OK, NULL);
+    CHECK(sy_worker_free(worker) == SY_OK);
+    worker = NULL;
+
+    /* NULL: the file named by SWITCHYARD_CONFIG, with SWITCHYARD_* overrides. */
+    CHECK(setenv("SWITCHYARD_CONFIG", good, 1) == 0);
+    CHECK(setenv("SWITCHYARD_HOST__NAME", "c-from-env", 1) == 0);
+    EXPECT(sy_worker_new_from_config(NULL, &worker, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "noop", NULL, noop, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_start(worker, &err), SY_OK, NULL);
+    EXPECT(sy_client_workers(client, &hosts, &err), SY_OK, NULL);
+    CHECK(strstr((const char *)hosts.ptr, "\"name\":\"c-from-env\"") != NULL);
+    sy_buf_free(&hosts);
+    EXPECT(sy_worker_stop(worker, &err), SY_OK, NULL);
+    CHECK(sy_worker_free(worker) == SY_OK);
+    worker = NULL;
+    CHECK(unsetenv("SWITCHYARD_HOST__NAME") == 0);
+    CHECK(unsetenv("SWITCHYARD_CONFIG") == 0);
+
+    /* Unknown keys and wrong types name the key and the file. */
+    write_file(dir, "typo.toml", "[host]\nconcurency = 3\n", path, sizeof path);
+    EXPECT(sy_worker_new_from_config(path, &worker, &err), SY_CONFIG, "host.concurency");
+    CHECK(strstr(last_message, "typo.toml") != NULL);
+    CHECK(worker == NULL);
+    write_file(dir, "type.toml", "[host]\nconcurrency = \"many\"\n", path, sizeof path);
+    EXPECT(sy_worker_new_from_config(path, &worker, &err), SY_CONFIG, "host.concurrency");
+    CHECK(strstr(last_message, "type.toml") != NULL);
+    CHECK(worker == NULL);
+    EXPECT(sy_worker_new_from_config("/nonexistent/switchyard.toml", &worker, &err), SY_CONFIG,
+           "/nonexistent/switchyard.toml");
+
+    CHECK(sy_client_free(client) == SY_OK);
+    CHECK(sy_store_free(store) == SY_OK);
+    DIR *d = opendir(dir);
+    CHECK(d != NULL);
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        if (e->d_name[0] == '.') continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+    CHECK(rmdir(dir) == 0);
+}
+
 int main(void) {
     sy_store *store = NULL;
     sy_client *client = NULL;
@@ -1104,6 +1193,7 @@ int main(void) {
     stop_checks();
     idle_checks();
     health_checks();
+    config_checks();
 
     /* Stop, double stop, frees, double frees. */
     EXPECT(sy_worker_stop(worker, &err), SY_OK, NULL);

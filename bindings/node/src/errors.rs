@@ -56,3 +56,12 @@ pub fn parse_env(what: &str, text: &str) -> Result<Value, String> {
         )))
     })
 }
+
+/// The message of a core error thrown from a constructor (the TypeScript
+/// side throws it as `InvalidInput`).
+pub fn message(e: &Error) -> String {
+    match e {
+        Error::InvalidInput(m) => m.clone(),
+        other => other.to_string(),
+    }
+}

@@ -26,8 +26,11 @@
 //!   `cancel`, as a flat JSON array `[id, reason, id, reason, ...]`:
 //!   the ids of jobs JS holds whose runs were all asked to stop (the
 //!   core's [`Inbox::recv_cancels_async`] notices), `reason` being
-//!   `"cancelled"`, `"timeout"` or `"shutdown"`. The feeder task makes both
-//!   calls and awaits each, so a notice never reaches JS before its job. A
+//!   `"cancelled"`, `"timeout"` or `"shutdown"`. A batch item whose own run
+//!   was asked to stop while others of its job still run is named by
+//!   `[id, index]` in place of `id` (the core's item notices,
+//!   [`Inbox::watch_item_cancels`]), so only that item's signal fires. The
+//!   feeder task makes both calls and awaits each, so a notice never reaches JS before its job. A
 //!   job whose runs were all cancelled before it was handed over is never
 //!   started: the feeder answers it as a handler that threw the signal's
 //!   `CancelledError` would have.
@@ -63,7 +66,8 @@ use napi_derive::napi;
 use parking_lot::Mutex;
 use serde_json::Value;
 use switchyard_core::bridge::{
-    camel_case, listen_address, ErrorClass, HandlerSpec, Host, HostPlan, Inbox, Job, JobKind, Reply,
+    camel_case, listen_address, CancelNotices, ErrorClass, HandlerSpec, Host, HostPlan, Inbox, Job,
+    JobKind, Reply,
 };
 use switchyard_core::Context;
 use tokio_util::sync::CancellationToken;
@@ -424,8 +428,8 @@ async fn feed(life: Arc<Lifeline>, dispatch: Dispatch, cancel: Dispatch) {
     while jobs_open || notices_open {
         tokio::select! {
             biased;
-            n = life.inbox.recv_cancels_async(), if notices_open => match n {
-                Some(ids) => notify(&life, &cancel, ids).await,
+            n = life.inbox.recv_cancel_notices_async(), if notices_open => match n {
+                Some(n) => notify(&life, &cancel, n).await,
                 None => notices_open = false,
             },
             j = life.inbox.recv_batch_async(MAX_BATCH), if jobs_open => match j {
@@ -437,15 +441,26 @@ async fn feed(life: Arc<Lifeline>, dispatch: Dispatch, cancel: Dispatch) {
 }
 
 /// Passes on the notices for jobs JS holds; the others were answered
-/// already, or never handed over (see [`hand_over`]).
-async fn notify(life: &Lifeline, cancel: &Dispatch, ids: Vec<u64>) {
+/// already, or never handed over (see [`hand_over`]). A batch item's own
+/// notice names it as `[id, index]` in place of the job id.
+async fn notify(life: &Lifeline, cancel: &Dispatch, notices: CancelNotices) {
     if life.gone.is_cancelled() {
         return;
     }
     let mut text = String::from("[");
     {
         let map = life.pending.lock();
-        for id in ids {
+        for (id, index) in notices.items {
+            let Some(item) = map.get(&id).and_then(|p| p.job.items.get(index)) else {
+                continue;
+            };
+            if text.len() > 1 {
+                text.push(',');
+            }
+            let why = reason(&item.ctx, &life.stopping);
+            let _ = write!(text, "[{id},{index}],\"{why}\"");
+        }
+        for id in notices.jobs {
             let Some(ctx) = map.get(&id).and_then(|p| p.job.items.first()) else {
                 continue;
             };
@@ -558,6 +573,39 @@ async fn hand_over(life: &Arc<Lifeline>, dispatch: &Dispatch, jobs: Vec<Job>) {
     }
 }
 
+impl NativeWorker {
+    fn with_plan(env: Env, store_url: String, plan: HostPlan) -> Result<Self> {
+        let host = Arc::new(Host::new(switchyard_core::bridge::Language::Node, plan));
+        let inbox = Inbox::new();
+        // Cancellation reaches JS through the inbox's notices (module docs).
+        inbox.watch_cancels();
+        // ...and a batch item's own, so its signal fires alone.
+        inbox.watch_item_cancels();
+        let stopping = CancellationToken::new();
+        let pending: PendingMap = Arc::new(Mutex::new(HashMap::new()));
+        let lifeline = Arc::new(Lifeline {
+            inbox: inbox.clone(),
+            host: host.clone(),
+            pending: pending.clone(),
+            stopping: stopping.clone(),
+            gone: CancellationToken::new(),
+        });
+        // When the JS environment goes away without `close()` (a worker
+        // thread is terminated), hand the held steps back (module docs).
+        env.add_env_cleanup_hook(lifeline.clone(), |life| life.hand_back())?;
+        Ok(Self {
+            store_url,
+            host,
+            inbox,
+            pending,
+            feeder: Mutex::new(None),
+            completions: Mutex::new(None),
+            stopping,
+            lifeline,
+        })
+    }
+}
+
 #[napi]
 impl NativeWorker {
     /// A worker on the store at `store_url` (opened by `start`).
@@ -584,34 +632,35 @@ impl NativeWorker {
             plan.health_listen =
                 Some(listen_address("healthListen", a).map_err(Error::from_reason)?);
         }
-        let host = Arc::new(Host::new(switchyard_core::bridge::Language::Node, plan));
-        let inbox = Inbox::new();
-        // Cancellation reaches JS through the inbox's notices (module docs).
-        inbox.watch_cancels();
-        let stopping = CancellationToken::new();
-        let pending: PendingMap = Arc::new(Mutex::new(HashMap::new()));
-        let lifeline = Arc::new(Lifeline {
-            inbox: inbox.clone(),
-            host: host.clone(),
-            pending: pending.clone(),
-            stopping: stopping.clone(),
-            gone: CancellationToken::new(),
-        });
-        // When the JS environment goes away without `close()` (a worker
-        // thread is terminated), hand the held steps back (module docs).
-        env.add_env_cleanup_hook(lifeline.clone(), |life| life.hand_back())?;
-        Ok(Self {
-            store_url,
-            host,
-            inbox,
-            pending,
-            feeder: Mutex::new(None),
-            completions: Mutex::new(None),
-            stopping,
-            lifeline,
-        })
+        Self::with_plan(env, store_url, plan)
     }
 
+    /// A worker from the configuration (`switchyard_core::config`): the
+    /// file at `path`, else `SWITCHYARD_CONFIG`, else none, then the
+    /// `SWITCHYARD_*` environment; its store and `[host]` settings (the
+    /// addon installs no log subscriber, so `log.level` is not applied).
+    #[napi(factory)]
+    pub fn from_config(env: Env, path: Option<String>) -> Result<Self> {
+        let config = switchyard_core::Config::load(path.as_deref().map(std::path::Path::new))
+            .map_err(|e| Error::from_reason(crate::errors::message(&e)))?;
+        let url = config
+            .store
+            .open_url()
+            .map_err(|e| Error::from_reason(crate::errors::message(&e)))?;
+        Self::with_plan(env, url, HostPlan::from_config(&config.host))
+    }
+
+    /// Steps run at once by the host.
+    #[napi(getter)]
+    pub fn concurrency(&self) -> u32 {
+        self.host.concurrency() as u32
+    }
+
+    /// The store URL the worker opens (with its password, if any: never print it).
+    #[napi(getter)]
+    pub fn store_url(&self) -> String {
+        self.store_url.clone()
+    }
     /// Registers handler `name` of `kind` (step, batch, decision, api).
     #[napi]
     pub fn register(

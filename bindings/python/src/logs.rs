@@ -8,13 +8,14 @@
 use std::collections::VecDeque;
 use std::fmt::{Debug, Write as _};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use pyo3::prelude::*;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::reload;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Records waiting for Python: (logging level, target, message).
@@ -85,12 +86,37 @@ impl<S: Subscriber> Layer<S> for Forward {
     }
 }
 
+/// Replaces the forwarding layer's filter (see [`apply`]); set once the
+/// layer is the process's subscriber.
+type Reload = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+static RELOAD: OnceLock<Reload> = OnceLock::new();
+
 /// Installs the forwarding layer as the process's tracing subscriber (INFO
 /// and above), unless another one is installed already.
 pub fn install() {
-    let _ = tracing_subscriber::registry()
-        .with(Forward.with_filter(LevelFilter::INFO))
-        .try_init();
+    let (filter, handle) = reload::Layer::new(EnvFilter::new("info"));
+    if tracing_subscriber::registry()
+        .with(Forward.with_filter(filter))
+        .try_init()
+        .is_ok()
+    {
+        let _ = RELOAD.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
+    }
+}
+
+/// Applies the configured `log.level` (`Worker.from_config`) to the records
+/// forwarded from now on (the process has one subscriber: the last
+/// configuration loaded wins). Python's `logging` levels filter them again.
+/// Does nothing if another subscriber was installed before this module's.
+pub fn apply(log: &switchyard_core::config::LogConfig) {
+    let Some(reload) = RELOAD.get() else {
+        return;
+    };
+    if let Ok(f) = EnvFilter::try_new(log.filter()) {
+        let _ = reload(f);
+    }
 }
 
 /// Takes the queued core log records: `(level, target, message)` tuples,

@@ -132,12 +132,14 @@ impl NativeWorker {
 
     /// A worker from the configuration (`switchyard_core::config`): the
     /// file at `path`, else `SWITCHYARD_CONFIG`, else none, then the
-    /// `SWITCHYARD_*` environment; its store and `[host]` settings.
+    /// `SWITCHYARD_*` environment; its store and `[host]` settings, and its
+    /// `log.level` for the core records forwarded to `logging`.
     #[staticmethod]
     #[pyo3(signature = (path=None))]
     fn from_config(py: Python<'_>, path: Option<std::path::PathBuf>) -> PyResult<Self> {
         let config = switchyard_core::Config::load(path.as_deref()).map_err(|e| core_err(py, e))?;
         let url = config.store.open_url().map_err(|e| core_err(py, e))?;
+        crate::logs::apply(&config.log);
         Ok(Self::with_plan(url, HostPlan::from_config(&config.host)))
     }
 

@@ -270,17 +270,48 @@ fn panic_for_test(ruby: &Ruby, msg: String) -> Result<(), Error> {
 }
 
 /// Core log records (`tracing`) go to stderr, filtered by `SWITCHYARD_LOG`
-/// (`warn` by default; e.g. `SWITCHYARD_LOG=switchyard_core=debug`). They
+/// (`warn` by default; e.g. `SWITCHYARD_LOG=switchyard_core=debug`), else,
+/// once `Worker.from_config` ran, by the configured `log.level`. They
 /// are written by the core's threads and never touch Ruby. Does nothing if
 /// the process already has a global subscriber.
 fn install_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+    {
+        let _ = RELOAD_LOG.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
+    }
+}
+
+/// Replaces the stderr log filter (see [`apply_log_level`]); set once this
+/// library's subscriber is the process's.
+type ReloadLog = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+static RELOAD_LOG: std::sync::OnceLock<ReloadLog> = std::sync::OnceLock::new();
+
+/// Applies the configured `log.level` (`Worker.from_config`) unless
+/// `SWITCHYARD_LOG` is set (it wins); the process has one subscriber, so
+/// the last configuration loaded wins. Does nothing if another subscriber
+/// was installed before this library's.
+pub(crate) fn apply_log_level(log: &switchyard_core::config::LogConfig) {
+    let Some(reload) = RELOAD_LOG.get() else {
+        return;
+    };
+    if let Ok(f) = tracing_subscriber::EnvFilter::try_new(log.effective_filter(&["SWITCHYARD_LOG"]))
+    {
+        let _ = reload(f);
+    }
 }
 
 #[magnus::init(name = "switchyard_native")]

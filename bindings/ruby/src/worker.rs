@@ -123,11 +123,13 @@ impl RbWorker {
 
     /// A worker from the configuration (`switchyard_core::config`): the
     /// file at `path`, else `SWITCHYARD_CONFIG`, else none, then the
-    /// `SWITCHYARD_*` environment; its store and `[host]` settings.
+    /// `SWITCHYARD_*` environment; its store and `[host]` settings, and its
+    /// `log.level` for the core's log records (unless `SWITCHYARD_LOG` is set).
     fn from_config(ruby: &Ruby, path: Option<String>) -> Result<Self, Error> {
         let config = switchyard_core::Config::load(path.as_deref().map(std::path::Path::new))
             .map_err(|e| core_err(ruby, e))?;
         let url = config.store.open_url().map_err(|e| core_err(ruby, e))?;
+        crate::apply_log_level(&config.log);
         Ok(Self::with_plan(url, HostPlan::from_config(&config.host)))
     }
 

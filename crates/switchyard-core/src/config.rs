@@ -496,6 +496,30 @@ impl Default for LogConfig {
     }
 }
 
+impl LogConfig {
+    /// `level` as `tracing` filter directives (`EnvFilter` syntax): the one
+    /// place a host turns `log.level` into its subscriber's filter.
+    /// [`Config::load`] has already refused a level that is not one.
+    pub fn filter(&self) -> String {
+        self.level
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The filter a host applies: the first of the environment variables
+    /// `overrides` (e.g. `RUST_LOG`, `SWITCHYARD_LOG`) that is set and not
+    /// empty, else [`Self::filter`].
+    pub fn effective_filter(&self, overrides: &[&str]) -> String {
+        overrides
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|s| !s.trim().is_empty()))
+            .unwrap_or_else(|| self.filter())
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Durations and addresses
 // ---------------------------------------------------------------------------

@@ -207,8 +207,18 @@ pub struct ShowArgs {
     pub internal: bool,
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// The log filter: `RUST_LOG`, else `SWITCHYARD_LOG`, else the configured
+/// `log.level` (`warn` for the commands that read no configuration).
+fn init_tracing(log: Option<&switchyard::config::LogConfig>) {
+    const OVERRIDES: [&str; 2] = ["RUST_LOG", "SWITCHYARD_LOG"];
+    let directives = match log {
+        Some(log) => log.effective_filter(&OVERRIDES),
+        None => switchyard::config::LogConfig {
+            level: "warn".into(),
+        }
+        .effective_filter(&OVERRIDES),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -218,7 +228,6 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -253,13 +262,23 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
                 .ok()
                 .filter(|s| !s.trim().is_empty())
         });
+        init_tracing(None);
         return cli::bench::run(args, url.unwrap_or_else(|| "sqlite".into())).await;
     }
     if let Command::DevPostgres = cli.command {
+        init_tracing(None);
         return cli::dev::dev_postgres(json).await;
     }
-    let mut config = switchyard::Config::load(cli.config.as_deref())
-        .map_err(|e| CliError::usage(e.to_string()))?;
+    let config = switchyard::Config::load(cli.config.as_deref());
+    // Set once per process, before anything logs: the configured level
+    // when the configuration loads, else the default.
+    init_tracing(config.as_ref().ok().map(|c| &c.log));
+    let mut config = config.map_err(|e| CliError::usage(e.to_string()))?;
+    tracing::debug!(
+        file = ?cli.config,
+        log = %config.log.filter(),
+        "switchyard: configuration loaded"
+    );
     if let Some(url) = cli.store {
         config.store.url = url;
     }

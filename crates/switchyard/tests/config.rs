@@ -311,3 +311,61 @@ async fn a_rust_worker_from_config_uses_the_store_and_host_settings() {
     running.stop().await;
     assert!(db.exists());
 }
+
+#[test]
+fn log_level_from_the_configuration_sets_the_cli_log_filter() {
+    let d = Dir::new();
+    let db = d.path("log.db");
+    let with_level = |name: &str, level: &str| {
+        d.write(
+            name,
+            &format!(
+                "[store]\nurl = \"sqlite:{}\"\n\n[log]\nlevel = \"{level}\"\n",
+                db.display()
+            ),
+        )
+    };
+    let debug = with_level("debug.toml", "debug");
+    let plain = d.write(
+        "plain.toml",
+        &format!("[store]\nurl = \"sqlite:{}\"\n", db.display()),
+    );
+    let line = "switchyard: configuration loaded";
+
+    // log.level = "debug": the CLI's debug lines reach stderr.
+    let out = d.run(&["--config", p(&debug), "tasks", "list"], &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(line), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("DEBUG"), "{}", text(&out.stderr));
+
+    // The default level (info) shows none.
+    let out = d.run(&["--config", p(&plain), "tasks", "list"], &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains(line), "{}", text(&out.stderr));
+
+    // RUST_LOG and SWITCHYARD_LOG win over the file.
+    for var in ["RUST_LOG", "SWITCHYARD_LOG"] {
+        let out = d.run(&["--config", p(&debug), "tasks", "list"], &[(var, "warn")]);
+        assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+        assert!(
+            !text(&out.stderr).contains(line),
+            "{var}: {}",
+            text(&out.stderr)
+        );
+    }
+    // ...and the environment's SWITCHYARD_LOG__LEVEL is the configuration's.
+    let out = d.run(
+        &["--config", p(&plain), "tasks", "list"],
+        &[("SWITCHYARD_LOG__LEVEL", "debug")],
+    );
+    assert!(text(&out.stderr).contains(line), "{}", text(&out.stderr));
+
+    // An invalid level is refused, naming log.level and the file.
+    let bad = with_level("bad.toml", "loud");
+    let out = d.run(&["--config", p(&bad), "tasks", "list"], &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("log.level"), "{err}");
+    assert!(err.contains("bad.toml"), "{err}");
+    assert!(err.contains("not a log level"), "{err}");
+}

@@ -59,14 +59,41 @@ impl InboxHandler {
             armed: true,
         };
         // Every run of the job asked to stop (a batch is not interrupted
-        // for one cancelled item; its item fails alone).
-        let cancelled = futures::future::join_all(ctxs.iter().map(|c| c.cancelled()));
-        let answered = tokio::select! {
-            biased;
-            r = &mut rx => r,
-            _ = cancelled => {
-                notice.fire();
-                rx.await
+        // for one cancelled item; its item fails alone, and a binding that
+        // watches item notices hears of it, see `Inbox::watch_item_cancels`).
+        let answered = if kind == JobKind::Batch && n > 1 {
+            let mut each: futures::stream::FuturesUnordered<_> = ctxs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| async move {
+                    c.cancelled().await;
+                    i
+                })
+                .collect();
+            let mut left = n;
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut rx => break r,
+                    Some(i) = futures::StreamExt::next(&mut each), if left > 0 => {
+                        left -= 1;
+                        if left == 0 {
+                            notice.fire();
+                            break rx.await;
+                        }
+                        self.inbox.notice_item_cancel(id, i);
+                    }
+                }
+            }
+        } else {
+            let cancelled = futures::future::join_all(ctxs.iter().map(|c| c.cancelled()));
+            tokio::select! {
+                biased;
+                r = &mut rx => r,
+                _ = cancelled => {
+                    notice.fire();
+                    rx.await
+                }
             }
         };
         notice.armed = false;

@@ -35,6 +35,11 @@ struct State {
     cancels: VecDeque<u64>,
     /// Someone reads the notices ([`Inbox::watch_cancels`]).
     watched: bool,
+    /// Batch-item notices not yet taken, `(job id, item index)` (see
+    /// [`Inbox::watch_item_cancels`]).
+    item_cancels: VecDeque<(u64, usize)>,
+    /// Someone reads the batch-item notices.
+    items_watched: bool,
 }
 
 impl State {
@@ -59,7 +64,10 @@ pub const MAX_CANCEL_NOTICES: usize = 65_536;
 /// [`Inbox::recv_cancels`] / [`Inbox::recv_cancels_async`] once a binding
 /// asked for them with [`Inbox::watch_cancels`]. The binding then interrupts
 /// that job its own way (cancels an asyncio task, raises into a Ruby
-/// thread, aborts a JS signal, ...).
+/// thread, aborts a JS signal, ...). A binding that can stop one item of a
+/// batch on its own also asks for the items' notices
+/// ([`Inbox::watch_item_cancels`]): item `i` of job `id` is named as soon as
+/// its run alone is asked to stop.
 pub struct Inbox {
     state: Mutex<State>,
     cond: Condvar,
@@ -73,6 +81,17 @@ pub struct Inbox {
     serial: bool,
     /// See [`STALL`].
     stall: Duration,
+}
+
+/// What [`Inbox::recv_cancel_notices_async`] returns: ids of jobs whose
+/// runs were all asked to stop, and `(job id, item index)` of batch items
+/// asked to stop alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CancelNotices {
+    /// Jobs whose runs were all asked to stop.
+    pub jobs: Vec<u64>,
+    /// `(job id, item index)` of batch items asked to stop alone.
+    pub items: Vec<(u64, usize)>,
 }
 
 /// The inbox was closed: the host is stopping.
@@ -160,6 +179,63 @@ impl Inbox {
     /// by default, so a binding that never reads them keeps none).
     pub fn watch_cancels(&self) {
         self.lock().watched = true;
+    }
+
+    /// Also keeps a notice per **batch item** whose run was asked to stop
+    /// while other items of its job still run, read with
+    /// [`Self::recv_cancel_notices_async`] (or [`Self::try_recv_item_cancels`]).
+    /// Off by default: a binding that only interrupts whole jobs keeps none,
+    /// and the job's own notice (once every item was asked to stop) is sent
+    /// either way.
+    pub fn watch_item_cancels(&self) {
+        self.lock().items_watched = true;
+    }
+
+    /// Queues the notice that item `index` of batch job `id` should stop
+    /// (see [`Self::watch_item_cancels`]).
+    pub(super) fn notice_item_cancel(&self, id: u64, index: usize) {
+        {
+            let mut s = self.lock();
+            if !s.items_watched || s.closed {
+                return;
+            }
+            if s.item_cancels.len() >= MAX_CANCEL_NOTICES {
+                s.item_cancels.pop_front();
+            }
+            s.item_cancels.push_back((id, index));
+        }
+        self.cancel_cond.notify_all();
+        self.cancel_notify.notify_one();
+    }
+
+    /// The batch-item notices already queued, `(job id, item index)`,
+    /// without waiting.
+    pub fn try_recv_item_cancels(&self) -> Vec<(u64, usize)> {
+        self.lock().item_cancels.drain(..).collect()
+    }
+
+    /// [`Self::recv_cancels_async`] with the batch-item notices too (see
+    /// [`Self::watch_item_cancels`]): the next job notices and item notices
+    /// (either may be empty, not both), or `None` once the inbox is closed.
+    pub async fn recv_cancel_notices_async(&self) -> Option<CancelNotices> {
+        loop {
+            let notified = self.cancel_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut s = self.lock();
+                if !s.cancels.is_empty() || !s.item_cancels.is_empty() {
+                    return Some(CancelNotices {
+                        jobs: s.cancels.drain(..).collect(),
+                        items: s.item_cancels.drain(..).collect(),
+                    });
+                }
+                if s.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Queues the notice that job `id` should stop (see the type's docs).
@@ -512,6 +588,34 @@ mod tests {
             assert!(Instant::now() < deadline, "{n} waiters never showed up");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn batch_item_notices_are_kept_only_when_watched_and_come_with_the_job_notices() {
+        let inbox = Inbox::new();
+        inbox.watch_cancels();
+        inbox.notice_item_cancel(7, 1);
+        assert!(inbox.try_recv_item_cancels().is_empty(), "not watched");
+        inbox.watch_item_cancels();
+        inbox.notice_item_cancel(7, 1);
+        inbox.notice_cancel(8);
+        inbox.notice_item_cancel(9, 0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let got = rt.block_on(inbox.recv_cancel_notices_async());
+        assert_eq!(
+            got,
+            Some(CancelNotices {
+                jobs: vec![8],
+                items: vec![(7, 1), (9, 0)],
+            })
+        );
+        inbox.close();
+        assert_eq!(rt.block_on(inbox.recv_cancel_notices_async()), None);
+        inbox.notice_item_cancel(7, 2);
+        assert!(inbox.try_recv_item_cancels().is_empty(), "closed");
     }
 
     #[test]

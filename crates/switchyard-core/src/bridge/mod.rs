@@ -39,7 +39,7 @@ mod runtime;
 
 pub use handler::InboxHandler;
 pub use host::{Host, Language};
-pub use inbox::{Closed, Consumer, Inbox, STALL};
+pub use inbox::{CancelNotices, Closed, Consumer, Inbox, STALL};
 pub use job::{Job, JobItem, Reply};
 pub use options::{camel_case, listen_address, seconds, HandlerSpec, JobKind};
 pub use plan::HostPlan;
