@@ -125,8 +125,8 @@ struct Registration {
 /// The callback threads of a started worker.
 struct Threads {
     handles: Vec<JoinHandle<()>>,
-    /// One message per callback thread that has left.
-    exits: std::sync::mpsc::Receiver<()>,
+    /// The index of each callback thread that has left.
+    exits: std::sync::mpsc::Receiver<usize>,
 }
 
 /// How long `sy_worker_stop` waits, after the grace period, for callbacks
@@ -880,7 +880,7 @@ pub unsafe extern "C" fn sy_worker_start(
         block(async move { host.start(store).await })??;
         drop(registered);
         let mut handles = Vec::with_capacity(w.concurrency);
-        let (exited, exits) = std::sync::mpsc::channel::<()>();
+        let (exited, exits) = std::sync::mpsc::channel::<usize>();
         for i in 0..w.concurrency {
             let inbox = w.inbox.clone();
             let callbacks = callbacks.clone();
@@ -895,7 +895,7 @@ pub unsafe extern "C" fn sy_worker_start(
                             run_job(&callbacks, job);
                         }
                     }
-                    let _ = exited.send(());
+                    let _ = exited.send(i);
                 });
             match spawned {
                 Ok(t) => handles.push(t),
@@ -934,16 +934,25 @@ fn stop(w: &sy_worker) -> Result<(), Fail> {
     // returns; one that ignores cancellation past the grace period is left
     // running, detached, rather than hanging the caller.
     let deadline = std::time::Instant::now() + STOP_JOIN_LIMIT;
-    let mut left = t.handles.len();
-    while left > 0 {
+    let mut exited = std::collections::HashSet::new();
+    while exited.len() < t.handles.len() {
         let wait = deadline.saturating_duration_since(std::time::Instant::now());
         match t.exits.recv_timeout(wait) {
-            Ok(()) => left -= 1,
+            Ok(i) => {
+                exited.insert(i);
+            }
             Err(_) => break,
         }
     }
-    let (done, stuck): (Vec<_>, Vec<_>) = t.handles.into_iter().partition(|t| t.is_finished());
-    for t in done {
+    // A thread that has sent its exit is returning: join it. Only the
+    // threads that did not send one in time are left (`is_finished` would
+    // also count a thread between its send and its return as stuck).
+    let (done, stuck): (Vec<_>, Vec<_>) = t
+        .handles
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| exited.contains(i));
+    for (_, t) in done {
         let _ = t.join();
     }
     if !stuck.is_empty() {
