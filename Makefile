@@ -34,8 +34,8 @@ lint: deps-ruby
 
 test-rust: deps-postgres deps-prometheus
 	$(CARGO) test --workspace $(FEATURES)
-	# The REST API's HTTP, /metrics and load suites again, on a throwaway PostgreSQL.
-	SWITCHYARD_SERVE_TEST_STORE=postgres $(CARGO) test -p switchyard-serve --test api --test metrics --test load
+	# The REST API's HTTP, /metrics, load and schema suites again, on a throwaway PostgreSQL.
+	SWITCHYARD_SERVE_TEST_STORE=postgres $(CARGO) test -p switchyard-serve --test api --test metrics --test load --test schemas
 
 # The metrics tests check every host's /metrics with `promtool check metrics`
 # (Debian's prometheus package).
