@@ -27,20 +27,38 @@ C_STATIC_LIBS := -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
 C_VALGRIND := valgrind --child-silent-after-fork=yes --leak-check=full --errors-for-leak-kinds=definite,possible \
 	--error-exitcode=1 --suppressions=bindings/c/tests/valgrind.supp
 
-.PHONY: test-c c-lib c-header c-header-check deps-c c-bench
+.PHONY: test-c c-lib c-header c-header-check deps-c c-bench c-install install
+
+# `make install PREFIX=/opt/sy` (default /usr/local; DESTDIR honoured):
+# lib/libswitchyard.so and .a (debug info stripped), include/switchyard.h
+# and lib/pkgconfig/switchyard.pc, so C programs build with
+# `pkg-config --cflags --libs switchyard`.
+PREFIX ?= /usr/local
+C_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
 # Root runs apt-get directly; anyone else through sudo.
 C_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 deps-c:
-	@if command -v $(C_CC) >/dev/null && command -v valgrind >/dev/null; then :; else \
-		echo "installing gcc and valgrind (apt-get)"; \
+	@if command -v $(C_CC) >/dev/null && command -v valgrind >/dev/null && command -v pkg-config >/dev/null; then :; else \
+		echo "installing gcc, valgrind and pkg-config (apt-get)"; \
 		$(C_SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		$(C_SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev valgrind >/dev/null; \
+		$(C_SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev valgrind pkg-config >/dev/null; \
 	fi
 
 c-lib:
 	$(CARGO) build --release -p switchyard-c
+
+install: c-install
+
+c-install: c-lib
+	install -d $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/include
+	install -m 755 $(C_LIB_DIR)/libswitchyard.so $(DESTDIR)$(PREFIX)/lib/libswitchyard.so
+	install -m 644 $(C_LIB_DIR)/libswitchyard.a $(DESTDIR)$(PREFIX)/lib/libswitchyard.a
+	strip --strip-debug $(DESTDIR)$(PREFIX)/lib/libswitchyard.so $(DESTDIR)$(PREFIX)/lib/libswitchyard.a
+	install -m 644 include/switchyard.h $(DESTDIR)$(PREFIX)/include/switchyard.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(C_VERSION)|' -e 's|@STATIC_LIBS@|$(C_STATIC_LIBS)|' \
+	  bindings/c/switchyard.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/switchyard.pc
 
 # Fails if include/switchyard.h is stale; `make c-header` regenerates it.
 c-header-check:
@@ -72,6 +90,20 @@ test-c: deps-c c-lib c-header-check
 	  $(C_OUT)/hello-static sqlite:$(C_OUT)/loop.db > /dev/null 2> $(C_OUT)/hello.err || exit 1; \
 	  if grep -q 'still running' $(C_OUT)/hello.err; then cat $(C_OUT)/hello.err; exit 1; fi; \
 	done; rm -rf $(C_OUT)/loop.db*
+	# Installed the way a user installs it, and the example built with
+	# pkg-config against the installed files only (no -Iinclude).
+	rm -rf $(C_OUT)/prefix
+	$(MAKE) --no-print-directory -f mk/c.mk c-install PREFIX=$(C_OUT)/prefix CARGO=$(CARGO)
+	PKG_CONFIG_PATH=$(C_OUT)/prefix/lib/pkgconfig pkg-config --modversion switchyard | grep -qx '$(C_VERSION)'
+	$(C_CC) -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror examples/c/hello.c \
+	  $$(PKG_CONFIG_PATH=$(C_OUT)/prefix/lib/pkgconfig pkg-config --cflags --libs switchyard) -o $(C_OUT)/hello-pc
+	LD_LIBRARY_PATH=$(C_OUT)/prefix/lib $(C_OUT)/hello-pc memory | grep -q '"greeting":"Hello, C!"'
+	$(C_CC) -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror examples/c/hello.c \
+	  $$(PKG_CONFIG_PATH=$(C_OUT)/prefix/lib/pkgconfig pkg-config --cflags switchyard) \
+	  $(C_OUT)/prefix/lib/libswitchyard.a $$(PKG_CONFIG_PATH=$(C_OUT)/prefix/lib/pkgconfig pkg-config --static --libs-only-l switchyard | sed 's/-lswitchyard//') \
+	  -o $(C_OUT)/hello-pc-static
+	$(C_OUT)/hello-pc-static memory | grep -q '"greeting":"Hello, C!"'
+	@echo "installed C library: $$(du -h $(C_OUT)/prefix/lib/libswitchyard.so | cut -f1) .so, $$(du -h $(C_OUT)/prefix/lib/libswitchyard.a | cut -f1) .a (stripped of debug info)"
 
 # The C benchmark (bench/run --lang c), linked statically like a C program
 # that ships without the shared library.
