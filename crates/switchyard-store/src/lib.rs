@@ -25,6 +25,12 @@ pub struct StoreOptions {
     pub clock: Arc<dyn Clock>,
     /// Run migrations on open (default true).
     pub migrate: bool,
+    /// Create the SQLite database file if it does not exist (default true).
+    /// When false, opening a missing file fails with [`Error::NotFound`]
+    /// naming the path and nothing is created: the file is opened without
+    /// SQLite's create flag, so no check races with a concurrent creation.
+    /// Other stores ignore it.
+    pub create: bool,
 }
 
 impl Default for StoreOptions {
@@ -32,6 +38,7 @@ impl Default for StoreOptions {
         Self {
             clock: Arc::new(SystemClock),
             migrate: true,
+            create: true,
         }
     }
 }

@@ -3,8 +3,9 @@
 //! and benchmark.
 //!
 //! Exit codes: 0 on success, 2 for usage errors and invalid input (clap's own
-//! errors included), 1 for every other failure (store unreadable, task not
-//! found, conflicting state, timeouts).
+//! errors included), 3 when the store is missing (read-only commands never
+//! create one), unreachable or unavailable, 1 for every other failure (task
+//! not found, conflicting state, timeouts).
 
 use std::process::ExitCode;
 

@@ -117,6 +117,7 @@ fn bad_input_exits_non_zero_naming_the_problem() {
     );
 
     // An unknown task id is a failure, not a crash.
+    assert_eq!(code(&cli.run(&["migrate"])), 0);
     let out = cli.run(&["tasks", "show", "01a20000-0000-7000-8000-000000000000"]);
     assert_eq!(code(&out), 1);
     assert!(!text(&out.stderr).is_empty());
@@ -594,4 +595,38 @@ fn serve_takes_tokens_from_the_configuration() {
         !lines.contains(read) && !lines.contains(write),
         "a secret leaked:\n{lines}"
     );
+}
+
+#[test]
+fn read_only_commands_never_create_the_store() {
+    let cli = Cli::new();
+    let id = "01a20000-0000-7000-8000-000000000000";
+    for args in [
+        vec!["tasks", "list"],
+        vec!["tasks", "show", id],
+        vec!["events", "list"],
+        vec!["workers"],
+    ] {
+        let out = cli.run(&args);
+        let err = text(&out.stderr);
+        assert_eq!(code(&out), 3, "{args:?}: {err}");
+        assert!(
+            err.contains(&cli.db.display().to_string()),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("does not exist"), "{args:?}: {err}");
+        assert!(err.contains("switchyard"), "{args:?}: {err}");
+        assert!(err.contains("migrate"), "{args:?}: {err}");
+        assert!(!cli.db.exists(), "{args:?} created {}", cli.db.display());
+    }
+    // Writing commands still create it; then reading works.
+    let out = cli.run(&["migrate"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(cli.db.exists());
+    let out = cli.run(&["tasks", "list"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let other = Cli::new();
+    let out = other.run(&["emit", "ev"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(other.db.exists());
 }

@@ -73,10 +73,20 @@ pub enum Outcome {
 
 pub type CmdResult = Result<Outcome, CliError>;
 
+/// Whether opening a store may create it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// Writing commands: a missing SQLite file is created (and migrated).
+    Create,
+    /// Read-only commands: a missing SQLite file is an error and is not
+    /// created (the store opens it without SQLite's create flag).
+    Existing,
+}
+
 /// Opens the store named by `url`, with an error naming the URL. A
 /// directory given as an SQLite path is refused here because SQLite's own
 /// message ("unable to open database file") does not say why.
-pub async fn open_store(url: &str) -> Result<DynStore, CliError> {
+pub async fn open_store(url: &str, mode: Open) -> Result<DynStore, CliError> {
     let trimmed = url.trim();
     // Every message below names the URL without its password.
     let shown = switchyard::redact_url(trimmed);
@@ -90,14 +100,38 @@ pub async fn open_store(url: &str) -> Result<DynStore, CliError> {
             )));
         }
     }
-    switchyard::open(trimmed).await.map_err(|e| {
-        let code = if matches!(e, Error::Config(_)) { 2 } else { 1 };
+    let options = switchyard::StoreOptions {
+        create: mode == Open::Create,
+        ..switchyard::StoreOptions::default()
+    };
+    switchyard::open_with(trimmed, options).await.map_err(|e| {
+        let message = match &e {
+            Error::NotFound(what) => format!(
+                "cannot open store `{shown}`: {what}; this command only reads and does not \
+                 create it: create it with `switchyard --store {shown} migrate` (or by \
+                 starting a worker on it), or check the path"
+            ),
+            other => format!("cannot open store `{shown}`: {other}"),
+        };
         CliError {
-            code,
-            message: switchyard::redact_url(&format!("cannot open store `{shown}`: {e}")),
+            code: open_exit_code(&e),
+            message: switchyard::redact_url(&message),
         }
     })
 }
+
+/// The exit code of a failure to open a store: 2 for an invalid URL or
+/// option, 3 when the store is missing or unreachable, 1 otherwise.
+fn open_exit_code(e: &Error) -> u8 {
+    match e {
+        Error::Config(_) | Error::InvalidInput(_) => 2,
+        Error::NotFound(_) | Error::Store(_) => UNAVAILABLE,
+        _ => 1,
+    }
+}
+
+/// Exit code for a store that is missing, unreachable or unavailable.
+pub const UNAVAILABLE: u8 = 3;
 
 fn print_json<T: Serialize + ?Sized>(v: &T) -> Result<(), CliError> {
     let text = serde_json::to_string(v)
@@ -132,7 +166,7 @@ pub fn show_config(config: &switchyard::Config, json: bool) -> CmdResult {
 
 /// `switchyard migrate`.
 pub async fn migrate(url: &str, json: bool) -> CmdResult {
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Create).await?;
     let version = store.migrate().await?;
     if json {
         print_json(&json!({ "store": store.url(), "schema_version": version }))?;
@@ -174,7 +208,7 @@ pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
         None => None,
     };
 
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Create).await?;
     let client = Client::new(store);
     let spawned = client.spawn_task(task).await?;
     let id = spawned.task_id;
@@ -228,7 +262,7 @@ pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
 pub async fn emit(url: &str, json: bool, a: EmitArgs) -> CmdResult {
     validate_name("event name", &a.name)?;
     let payload = parse_json("--payload", &a.payload)?;
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Create).await?;
     let stored = Client::new(store).emit(&a.name, payload).await?;
     if json {
         print_json(&json!({ "name": a.name, "stored": stored }))?;
@@ -261,7 +295,7 @@ pub async fn tasks_list(url: &str, json: bool, a: TasksListArgs) -> CmdResult {
     if a.limit == 0 {
         return Err(CliError::usage("--limit must be at least 1"));
     }
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Existing).await?;
     let tasks = Client::new(store)
         .list(&TaskFilter {
             state,
@@ -358,7 +392,7 @@ fn build_show<'a>(detail: &'a TaskDetail, hosts: &[HostInfo], now: Millis) -> Sh
 /// `switchyard tasks show`.
 pub async fn tasks_show(url: &str, json: bool, id: &str, internal: bool) -> CmdResult {
     let id = parse_id(id)?;
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Existing).await?;
     let client = Client::new(store.clone());
     let mut detail = client.inspect(id).await?;
     if !internal {
@@ -558,7 +592,7 @@ pub async fn events_list(url: &str, json: bool, limit: usize) -> CmdResult {
     if limit == 0 {
         return Err(CliError::usage("--limit must be at least 1"));
     }
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Existing).await?;
     let events = Client::new(store).events(limit).await?;
     if json {
         print_json(&events)?;
@@ -579,7 +613,7 @@ pub async fn events_list(url: &str, json: bool, limit: usize) -> CmdResult {
 /// `switchyard cancel`.
 pub async fn cancel(url: &str, json: bool, id: &str, cascade: bool) -> CmdResult {
     let id = parse_id(id)?;
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Create).await?;
     let client = Client::new(store);
     let cancelled = client.cancel(id, cascade).await?;
     if json {
@@ -609,7 +643,7 @@ pub async fn cancel(url: &str, json: bool, id: &str, cascade: bool) -> CmdResult
 /// `switchyard retry`.
 pub async fn retry(url: &str, json: bool, id: &str) -> CmdResult {
     let id = parse_id(id)?;
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Create).await?;
     Client::new(store).retry(id).await?;
     if json {
         print_json(&json!({ "task_id": id, "retried": true }))?;
@@ -623,7 +657,7 @@ pub async fn retry(url: &str, json: bool, id: &str) -> CmdResult {
 
 /// `switchyard workers`.
 pub async fn workers(url: &str, json: bool) -> CmdResult {
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Existing).await?;
     let hosts = Client::new(store.clone()).workers().await?;
     let now = store.now().await?;
     if json {
@@ -705,7 +739,7 @@ pub async fn cleanup(url: &str, json: bool, a: CleanupArgs) -> CmdResult {
     if a.batch == 0 {
         return Err(CliError::usage("--batch: must be at least 1"));
     }
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Create).await?;
     // The store's clock is the only clock.
     let before = store.now().await?.saturating_sub(age);
     let started = std::time::Instant::now();
