@@ -630,3 +630,47 @@ fn read_only_commands_never_create_the_store() {
     assert_eq!(code(&out), 0, "{}", text(&out.stderr));
     assert!(other.db.exists());
 }
+
+/// A store that cannot be reached or refuses us exits 3 with the cause:
+/// the server's message and SQLSTATE, or the socket error.
+#[test]
+fn unreachable_postgres_exits_3_with_the_cause() {
+    let server = switchyard_store::pg_server::PgServer::shared().unwrap_or_else(|e| panic!("{e}"));
+    let cli = Cli::new();
+    let unknown = server.url_of("no_such_database_here");
+    let out = cli.run(&["--store", &unknown, "tasks", "list"]);
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), 3, "{err}");
+    assert!(
+        err.contains("database \"no_such_database_here\" does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("3D000"), "{err}");
+    assert!(!err.contains("configuration error"), "{err}");
+
+    // An unknown role: the server's text and 28000.
+    let role = format!(
+        "postgres://nobody_here:pw_x@127.0.0.1:{}/postgres",
+        server.port()
+    );
+    let out = cli.run(&["--store", &role, "migrate"]);
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), 3, "{role}: {err}");
+    assert!(err.contains("nobody_here"), "{err}");
+    assert!(err.contains("SQLSTATE 28"), "{err}");
+    assert!(!err.contains("pw_x"), "{err}");
+
+    // Nothing listens on a port just freed: the connection is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://u:secret_pw@127.0.0.1:{port}/db");
+    let out = cli.run(&["--store", &url, "workers"]);
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), 3, "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+    assert!(!err.contains("secret_pw"), "{err}");
+    assert!(!err.contains("configuration error"), "{err}");
+}

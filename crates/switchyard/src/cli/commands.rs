@@ -27,7 +27,8 @@ pub use switchyard::LIVE_HOST_WINDOW_MS as LIVE_WINDOW_MS;
 /// A failure to report on stderr, with the process exit code.
 #[derive(Debug)]
 pub struct CliError {
-    /// 2 for usage errors and invalid input, 1 otherwise.
+    /// 2 for usage errors and invalid input, 3 when the store is missing,
+    /// unreachable or failing, 1 otherwise.
     pub code: u8,
     /// What went wrong, naming the argument or resource.
     pub message: String,
@@ -56,6 +57,10 @@ impl From<Error> for CliError {
             Error::InvalidInput(_) | Error::PayloadTooLarge { .. } | Error::Config(_) => {
                 Self::usage(e.to_string())
             }
+            Error::Store(_) => Self {
+                code: UNAVAILABLE,
+                message: e.to_string(),
+            },
             other => Self::failure(other.to_string()),
         }
     }
