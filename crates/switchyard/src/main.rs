@@ -160,12 +160,20 @@ enum TasksCommand {
 /// Arguments of `switchyard tasks list`.
 #[derive(Args, Debug)]
 pub struct TasksListArgs {
-    /// Only tasks in this state (running, completed, failed, cancelled).
+    /// Only tasks in this state: running, completed, failed, cancelled, or
+    /// suspended (running tasks with a step waiting on an event, a sleep or
+    /// children).
     #[arg(long, value_name = "S")]
     pub state: Option<String>,
     /// Only tasks whose root handler is this.
     #[arg(long, value_name = "H")]
     pub handler: Option<String>,
+    /// Only root tasks (spawned by a client, not by a step).
+    #[arg(long, conflicts_with = "parent")]
+    pub root: bool,
+    /// Only children (spawned or delegated) of this task.
+    #[arg(long, value_name = "ID")]
+    pub parent: Option<String>,
     /// At most this many.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub limit: usize,
@@ -178,6 +186,9 @@ enum EventsCommand {
         /// At most this many.
         #[arg(long, value_name = "N", default_value_t = 100)]
         limit: usize,
+        /// Only events whose name starts with this prefix.
+        #[arg(long, value_name = "PREFIX")]
+        name: Option<String>,
     },
 }
 
@@ -277,7 +288,9 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Emit(a) => c::emit(&url, json, a).await,
         Command::Tasks(TasksCommand::List(a)) => c::tasks_list(&url, json, a).await,
         Command::Tasks(TasksCommand::Show(a)) => c::tasks_show(&url, json, &a.id, a.internal).await,
-        Command::Events(EventsCommand::List { limit }) => c::events_list(&url, json, limit).await,
+        Command::Events(EventsCommand::List { limit, name }) => {
+            c::events_list(&url, json, limit, name.as_deref()).await
+        }
         Command::Cancel(a) => c::cancel(&url, json, &a.id, a.cascade).await,
         Command::Retry(a) => c::retry(&url, json, &a.id).await,
         Command::Workers => c::workers(&url, json).await,

@@ -674,3 +674,115 @@ fn unreachable_postgres_exits_3_with_the_cause() {
     assert!(!err.contains("secret_pw"), "{err}");
     assert!(!err.contains("configuration error"), "{err}");
 }
+
+/// Runs the binary on `url` (blocking; for async tests via spawn_blocking)
+/// and returns stdout, asserting success.
+fn run_ok(url: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .args(["--store", url])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+async fn run_json(url: &str, args: &[&str]) -> Value {
+    let url = url.to_string();
+    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    args.push("--json".into());
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str(&run_ok(&url, &a)).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `tasks list --state suspended | --root | --parent`, the PARENT column,
+/// and `events list --name PREFIX`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_what_waits_roots_children_and_events_by_prefix() {
+    let cli = Cli::new();
+    let url = cli.url();
+    let store = switchyard::open(&url).await.unwrap();
+    let worker = Worker::builder(store.clone())
+        .step("parent", HandlerOptions::default(), |_, ctx| async move {
+            ctx.spawn("unserved.child", json!({})).await?;
+            ctx.await_event("never.comes", Some(Duration::from_secs(3600)))
+                .await
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let client = Client::new(store.clone());
+    let parent = client.spawn("parent", json!({})).await.unwrap();
+    let plain = client.spawn("unserved.root", json!({})).await.unwrap();
+    let mut child = None;
+    for _ in 0..500 {
+        let d = client.inspect(parent).await.unwrap();
+        if d.steps[0].state == switchyard::StepState::Suspended && !d.children.is_empty() {
+            child = Some(d.children[0].id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let child = child.expect("the parent suspends after spawning its child");
+    let (parent_s, child_s, plain_s) = (parent.to_string(), child.to_string(), plain.to_string());
+
+    let suspended = run_json(&url, &["tasks", "list", "--state", "suspended"]).await;
+    assert_eq!(ids(&suspended), vec![parent_s.clone()], "{suspended}");
+    let roots = run_json(&url, &["tasks", "list", "--root"]).await;
+    let mut r = ids(&roots);
+    r.sort();
+    let mut want = vec![parent_s.clone(), plain_s.clone()];
+    want.sort();
+    assert_eq!(r, want, "{roots}");
+    let kids = run_json(&url, &["tasks", "list", "--parent", &parent_s]).await;
+    assert_eq!(ids(&kids), vec![child_s.clone()], "{kids}");
+    assert_eq!(kids[0]["parent"]["task_id"], parent_s, "{kids}");
+
+    let u = url.clone();
+    let table = tokio::task::spawn_blocking(move || run_ok(&u, &["tasks", "list"]))
+        .await
+        .unwrap();
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    let col = header
+        .iter()
+        .position(|c| *c == "PARENT")
+        .expect("a PARENT column");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&child_s))
+        .expect("the child is listed");
+    assert_eq!(
+        row.split_whitespace().nth(col),
+        Some(parent_s.as_str()),
+        "{table}"
+    );
+
+    client.emit("order.a", json!(1)).await.unwrap();
+    client.emit("order.b", json!(2)).await.unwrap();
+    client.emit("other.c", json!(3)).await.unwrap();
+    let ev = run_json(&url, &["events", "list", "--name", "order."]).await;
+    let mut names: Vec<&str> = ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["order.a", "order.b"], "{ev}");
+    worker.stop().await;
+}

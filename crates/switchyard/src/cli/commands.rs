@@ -284,41 +284,53 @@ pub async fn emit(url: &str, json: bool, a: EmitArgs) -> CmdResult {
 
 /// `switchyard tasks list`.
 pub async fn tasks_list(url: &str, json: bool, a: TasksListArgs) -> CmdResult {
-    let state = match &a.state {
-        Some(s) => Some(TaskState::from_str(s).map_err(|_| {
-            CliError::usage(format!(
-                "--state `{s}` is not a task state (expected one of: {})",
-                TaskState::ALL
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?),
-        None => None,
+    let mut filter = TaskFilter {
+        handler: a.handler.clone(),
+        limit: a.limit,
+        root_only: a.root,
+        ..TaskFilter::default()
     };
+    match a.state.as_deref() {
+        None => {}
+        Some("suspended") => filter.step_state = Some(StepState::Suspended),
+        Some(s) => {
+            filter.state = Some(TaskState::from_str(s).map_err(|_| {
+                CliError::usage(format!(
+                    "--state `{s}` is not a task state (expected one of: {}, suspended)",
+                    TaskState::ALL
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?)
+        }
+    }
+    if let Some(p) = &a.parent {
+        filter.parent = Some(TaskId::from_str(p).map_err(|_| {
+            CliError::usage(format!("--parent `{p}` is not a task id (expected a UUID)"))
+        })?);
+    }
     if a.limit == 0 {
         return Err(CliError::usage("--limit must be at least 1"));
     }
     let store = open_store(url, Open::Existing).await?;
-    let tasks = Client::new(store)
-        .list(&TaskFilter {
-            state,
-            handler: a.handler.clone(),
-            limit: a.limit,
-            ..TaskFilter::default()
-        })
-        .await?;
+    let tasks = Client::new(store).list(&filter).await?;
     if json {
         print_json(&tasks)?;
         return Ok(Outcome::Success);
     }
-    let mut t = Table::new(&["ID", "STATE", "HANDLER", "PRIORITY", "CREATED", "UPDATED"]);
+    let mut t = Table::new(&[
+        "ID", "STATE", "HANDLER", "PARENT", "PRIORITY", "CREATED", "UPDATED",
+    ]);
     for task in &tasks {
         t.row(vec![
             task.id.to_string(),
             task.state.to_string(),
             task.handler.clone(),
+            task.parent
+                .as_ref()
+                .map_or_else(|| "-".into(), |p| p.task_id.to_string()),
             task.priority.to_string(),
             time(task.created_at),
             time(task.updated_at),
@@ -593,12 +605,14 @@ fn render_show(doc: &ShowDoc<'_>, now: Millis) -> String {
 }
 
 /// `switchyard events list`.
-pub async fn events_list(url: &str, json: bool, limit: usize) -> CmdResult {
+pub async fn events_list(url: &str, json: bool, limit: usize, prefix: Option<&str>) -> CmdResult {
     if limit == 0 {
         return Err(CliError::usage("--limit must be at least 1"));
     }
     let store = open_store(url, Open::Existing).await?;
-    let events = Client::new(store).events(limit).await?;
+    let events = store
+        .list_events_prefixed(prefix.unwrap_or(""), limit)
+        .await?;
     if json {
         print_json(&events)?;
         return Ok(Outcome::Success);
