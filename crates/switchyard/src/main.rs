@@ -119,8 +119,9 @@ pub struct ServeArgs {
 pub struct SpawnArgs {
     /// Handler of the task's root step.
     pub name: String,
-    /// Input, as JSON text.
-    #[arg(long, value_name = "JSON", default_value = "null")]
+    /// Input: JSON text, `@PATH` to read it from a file, or `-` to read it
+    /// from standard input (at most the store's payload limit, 1 MiB).
+    #[arg(long, value_name = "JSON|@PATH|-", default_value = "null")]
     pub input: String,
     /// Higher runs first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -144,8 +145,9 @@ pub struct SpawnArgs {
 pub struct EmitArgs {
     /// Event name.
     pub name: String,
-    /// Payload, as JSON text.
-    #[arg(long, value_name = "JSON", default_value = "null")]
+    /// Payload: JSON text, `@PATH` to read it from a file, or `-` to read
+    /// it from standard input (at most the store's payload limit, 1 MiB).
+    #[arg(long, value_name = "JSON|@PATH|-", default_value = "null")]
     pub payload: String,
 }
 

@@ -786,3 +786,70 @@ async fn lists_what_waits_roots_children_and_events_by_prefix() {
     assert_eq!(names, vec!["order.a", "order.b"], "{ev}");
     worker.stop().await;
 }
+
+/// `--input @file`, `--input -`, `--payload @file`, and a payload over the
+/// limit refused with the limit named, before the store is created.
+#[test]
+fn inputs_from_files_and_stdin_and_the_payload_limit() {
+    use std::io::Write;
+    let cli = Cli::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("input.json");
+    std::fs::write(&file, r#"{"order": "A-1", "lines": [1, 2, 3]}"#).unwrap();
+    let arg = format!("@{}", file.display());
+    let out = cli.json(&["spawn", "h", "--input", &arg]);
+    let id = out["task_id"].as_str().unwrap().to_string();
+    let shown = cli.json(&["tasks", "show", &id]);
+    assert_eq!(shown["task"]["input"]["order"], "A-1", "{shown}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["spawn", "h", "--input", "-", "--json"])
+        .env("SWITCHYARD_STORE", cli.url())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"from": "stdin"}"#)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shown = cli.json(&["tasks", "show", v["task_id"].as_str().unwrap()]);
+    assert_eq!(shown["task"]["input"]["from"], "stdin", "{shown}");
+
+    std::fs::write(&file, r#"{"amount": 63}"#).unwrap();
+    cli.json(&["emit", "paid", "--payload", &arg]);
+    let ev = cli.json(&["events", "list", "--name", "paid"]);
+    assert_eq!(ev[0]["payload"]["amount"], 63, "{ev}");
+
+    // Missing file: exit 2 naming it.
+    let out = cli.run(&["spawn", "h", "--input", "@/no/such/file.json"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("/no/such/file.json"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Over the limit: exit 2, names the limit, nothing created.
+    let fresh = Cli::new();
+    let big = format!("\"{}\"", "x".repeat(2 << 20));
+    std::fs::write(&file, &big).unwrap();
+    for args in [
+        vec!["spawn", "h", "--input", arg.as_str()],
+        vec!["emit", "e", "--payload", arg.as_str()],
+    ] {
+        let out = fresh.run(&args);
+        let err = text(&out.stderr);
+        assert_eq!(code(&out), 2, "{args:?}: {err}");
+        assert!(err.contains("1048576 bytes"), "{args:?}: {err}");
+        assert!(err.contains("limit"), "{args:?}: {err}");
+        assert!(err.contains(&file.display().to_string()), "{args:?}: {err}");
+        assert!(!fresh.db.exists(), "{args:?}");
+    }
+}

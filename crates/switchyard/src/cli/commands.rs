@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use switchyard::client::{parse_json, validate_name};
+use switchyard::client::{check_size, parse_json, validate_name, DEFAULT_MAX_PAYLOAD};
 use switchyard::{
     Client, DynStore, Error, HostInfo, Millis, NewTask, StepState, TaskDetail, TaskFilter, TaskId,
     TaskRecord, TaskState,
@@ -154,6 +154,34 @@ fn print_text(s: &str) -> Result<(), CliError> {
     }
 }
 
+/// A JSON argument: the text itself, `@PATH` for a file's contents or `-`
+/// for standard input; parsed and checked against the store's payload limit
+/// before the store is opened.
+fn json_arg(flag: &str, what: &str, arg: &str) -> Result<Value, CliError> {
+    let (text, from) = if arg == "-" {
+        let mut buf = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut buf)
+            .map_err(|e| CliError::usage(format!("{flag} -: cannot read standard input: {e}")))?;
+        (buf, " (from standard input)".to_string())
+    } else if let Some(path) = arg.strip_prefix('@') {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CliError::usage(format!("{flag} @{path}: cannot read `{path}`: {e}")))?;
+        (text, format!(" (from `{path}`)"))
+    } else {
+        (arg.to_string(), String::new())
+    };
+    let value = parse_json(&format!("{flag}{from}"), &text)?;
+    match check_size(what, &value, DEFAULT_MAX_PAYLOAD) {
+        Ok(()) => Ok(value),
+        Err(Error::PayloadTooLarge { size, limit, .. }) => Err(CliError::usage(format!(
+            "{flag}{from}: the {what} is {size} bytes, over the store's payload limit of \
+             {limit} bytes ({} KiB); nothing was stored",
+            limit / 1024
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn parse_id(text: &str) -> Result<TaskId, CliError> {
     TaskId::from_str(text)
         .map_err(|_| CliError::usage(format!("`{text}` is not a valid task id (expected a UUID)")))
@@ -184,7 +212,7 @@ pub async fn migrate(url: &str, json: bool) -> CmdResult {
 /// `switchyard spawn`.
 pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
     validate_name("handler name", &a.name)?;
-    let input = parse_json("--input", &a.input)?;
+    let input = json_arg("--input", "input", &a.input)?;
     let mut task = NewTask::new(&a.name, input).priority(a.priority);
     if let Some(k) = &a.idempotency_key {
         validate_name("--idempotency-key", k)?;
@@ -266,7 +294,7 @@ pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
 /// `switchyard emit`.
 pub async fn emit(url: &str, json: bool, a: EmitArgs) -> CmdResult {
     validate_name("event name", &a.name)?;
-    let payload = parse_json("--payload", &a.payload)?;
+    let payload = json_arg("--payload", "event payload", &a.payload)?;
     let store = open_store(url, Open::Create).await?;
     let stored = Client::new(store).emit(&a.name, payload).await?;
     if json {
