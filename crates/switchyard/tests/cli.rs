@@ -325,9 +325,73 @@ async fn show_lists_attempts_errors_checkpoints_waits_and_workers() {
 fn spawn_wait_reports_the_result() {
     let cli = Cli::new();
     let out = cli.run(&["spawn", "nobody", "--wait", "0.2"]);
-    assert_eq!(code(&out), 1, "times out: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), 1, "times out: {err}");
     let p = Path::new(&cli.db);
     assert!(p.exists());
+    // It says what it waited for: the task, its handler, its state, and
+    // that nothing serves the handler (also warned at spawn time).
+    let listed = cli.json(&["tasks", "list"]);
+    let id = listed[0]["id"].as_str().unwrap();
+    assert!(
+        err.contains("warning: no live host serves handler `nobody`"),
+        "{err}"
+    );
+    assert!(err.contains("timed out after 0.2 s"), "{err}");
+    assert!(err.contains(id), "{err}");
+    assert!(err.contains("handler `nobody`"), "{err}");
+    assert!(err.contains("still running"), "{err}");
+    assert!(err.matches("no live host serves").count() == 2, "{err}");
+
+    // Without --wait: the warning on stderr, the id alone on stdout, exit 0.
+    let out = cli.run(&["spawn", "nobody"]);
+    assert_eq!(code(&out), 0);
+    assert!(
+        text(&out.stderr).contains("no live host serves handler `nobody`"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim().len(), 36, "{}", text(&out.stdout));
+}
+
+/// A live host that serves the handler: no warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_does_not_warn_when_a_live_host_serves_the_handler() {
+    let cli = Cli::new();
+    let store = switchyard::open(&cli.url()).await.unwrap();
+    let worker = Worker::builder(store.clone())
+        .step("served", HandlerOptions::default(), |input, _| async move {
+            Ok(input)
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let url = cli.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "spawn", "served", "--input", "7", "--wait", "10", "--store", &url,
+            ])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("result: 7"),
+        "{}",
+        text(&out.stdout)
+    );
+    worker.stop().await;
 }
 
 #[test]

@@ -242,9 +242,27 @@ pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
     };
 
     let store = open_store(url, Open::Create).await?;
-    let client = Client::new(store);
+    let client = Client::new(store.clone());
     let spawned = client.spawn_task(task).await?;
     let id = spawned.task_id;
+    // Not an error: a worker may start later. But say so now rather than
+    // leave the task waiting silently.
+    let unserved = match (client.workers().await, store.now().await) {
+        (Ok(hosts), Ok(now)) => !hosts
+            .iter()
+            .any(|h| is_live(h, now) && h.handlers.contains(&a.name)),
+        _ => false,
+    };
+    let unserved_note = format!(
+        "no live host serves handler `{}` (none heartbeated within {} s listing it); \
+         the task waits until a worker that registers `{}` starts",
+        a.name,
+        LIVE_WINDOW_MS / 1000,
+        a.name
+    );
+    if unserved {
+        eprintln!("warning: {unserved_note}");
+    }
     let Some(wait) = wait else {
         if json {
             print_json(&spawned)?;
@@ -258,7 +276,27 @@ pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
         return Ok(Outcome::Success);
     };
 
-    let t = client.wait(id, wait).await?;
+    let t = match client.wait(id, wait).await {
+        Ok(t) => t,
+        Err(Error::Timeout(_)) => {
+            let state = client
+                .get(id)
+                .await
+                .map(|t| t.state.to_string())
+                .unwrap_or_else(|_| "unknown".into());
+            let mut message = format!(
+                "timed out after {} s waiting for task {id} (handler `{}`) to finish; it is still {state}",
+                a.wait.unwrap_or_default(),
+                a.name
+            );
+            if unserved {
+                let _ = write!(message, ": {unserved_note}");
+            }
+            let _ = write!(message, " (see `switchyard tasks show {id}`)");
+            return Err(CliError::failure(message));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if json {
         print_json(&json!({
             "task_id": id,
