@@ -230,8 +230,32 @@ fn init_tracing() {
         .try_init();
 }
 
+/// Prints a failure: one JSON object on stdout with `--json`, else a line
+/// on stderr.
+fn report(e: &CliError, json: bool) {
+    if json {
+        println!("{}", e.to_json());
+    } else {
+        eprintln!("error: {}", e.message);
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `--json` usage errors are JSON too; help and version are not errors.
+            let wants_json = std::env::args_os().skip(1).any(|a| a == "--json");
+            if wants_json && e.use_stderr() {
+                let message = e.render().to_string();
+                let message = message.trim().trim_start_matches("error: ").to_string();
+                report(&CliError::usage(message), true);
+                return ExitCode::from(2);
+            }
+            e.exit();
+        }
+    };
+    let json = cli.json;
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -239,7 +263,10 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            report(
+                &CliError::failure(format!("cannot start the async runtime: {e}")),
+                json,
+            );
             return ExitCode::from(1);
         }
     };
@@ -250,7 +277,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failure) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("error: {}", e.message);
+            report(&e, json);
             ExitCode::from(e.code)
         }
     }

@@ -917,3 +917,68 @@ fn inputs_from_files_and_stdin_and_the_payload_limit() {
         assert!(!fresh.db.exists(), "{args:?}");
     }
 }
+
+/// With `--json`, a failure is one JSON object on stdout:
+/// `{"error":{"code":KIND,"message":...,"exit":N}}`, and the exit code is
+/// unchanged.
+#[test]
+fn json_errors_are_one_json_object() {
+    let cli = Cli::new();
+    let cases: Vec<(Vec<&str>, i32, &str, &str)> = vec![
+        (
+            vec!["spawn", "h", "--input", "{bad", "--json"],
+            2,
+            "invalid_input",
+            "--input",
+        ),
+        (
+            vec!["tasks", "list", "--json"],
+            3,
+            "store_unavailable",
+            "does not exist",
+        ),
+        (
+            vec!["--json", "tasks", "list", "--state", "sleeping"],
+            2,
+            "usage",
+            "sleeping",
+        ),
+        (vec!["frobnicate", "--json"], 2, "usage", "frobnicate"),
+    ];
+    for (args, exit, kind, needle) in cases {
+        let out = cli.run(&args);
+        assert_eq!(code(&out), exit, "{args:?}: {}", text(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", text(&out.stdout)));
+        assert_eq!(v["error"]["code"], kind, "{args:?}: {v}");
+        assert_eq!(v["error"]["exit"], exit, "{args:?}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{args:?}: {v}"
+        );
+        assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+        assert!(
+            text(&out.stdout).trim().lines().count() == 1,
+            "{}",
+            text(&out.stdout)
+        );
+    }
+    assert_eq!(code(&cli.run(&["migrate"])), 0);
+    let out = cli.run(&[
+        "tasks",
+        "show",
+        "01a20000-0000-7000-8000-000000000000",
+        "--json",
+    ]);
+    assert_eq!(code(&out), 1);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    // Without --json: text on stderr, nothing on stdout.
+    let out = cli.run(&["tasks", "show", "01a20000-0000-7000-8000-000000000000"]);
+    assert!(out.stdout.is_empty());
+    assert!(
+        text(&out.stderr).starts_with("error: "),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -24,12 +24,17 @@ use crate::{CleanupArgs, EmitArgs, SpawnArgs, TasksListArgs};
 /// A host counts as live if it heartbeated within this window.
 pub use switchyard::LIVE_HOST_WINDOW_MS as LIVE_WINDOW_MS;
 
-/// A failure to report on stderr, with the process exit code.
+/// A failure to report on stderr (or as JSON with `--json`), with the
+/// process exit code.
 #[derive(Debug)]
 pub struct CliError {
     /// 2 for usage errors and invalid input, 3 when the store is missing,
     /// unreachable or failing, 1 otherwise.
     pub code: u8,
+    /// A stable identifier of the kind of failure for scripts (`usage`,
+    /// `invalid_input`, `payload_too_large`, `store_unavailable`,
+    /// `not_found`, `conflict`, `timeout`, `failure`, ...).
+    pub kind: &'static str,
     /// What went wrong, naming the argument or resource.
     pub message: String,
 }
@@ -39,6 +44,7 @@ impl CliError {
     pub fn usage(message: impl Into<String>) -> Self {
         Self {
             code: 2,
+            kind: "usage",
             message: message.into(),
         }
     }
@@ -46,22 +52,50 @@ impl CliError {
     pub fn failure(message: impl Into<String>) -> Self {
         Self {
             code: 1,
+            kind: "failure",
             message: message.into(),
         }
+    }
+    /// The same error with another kind.
+    pub fn kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
+    }
+    /// The `--json` form: `{"error":{"code":KIND,"message":...,"exit":N}}`.
+    pub fn to_json(&self) -> Value {
+        json!({ "error": { "code": self.kind, "message": self.message, "exit": self.code } })
+    }
+}
+
+/// The kind of a core error, for [`CliError::kind`].
+fn error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::InvalidInput(_) => "invalid_input",
+        Error::PayloadTooLarge { .. } => "payload_too_large",
+        Error::Config(_) => "config",
+        Error::Store(_) => "store_unavailable",
+        Error::NotFound(_) => "not_found",
+        Error::Conflict(_) => "conflict",
+        Error::Timeout(_) => "timeout",
+        Error::LeaseLost(_) | Error::Cancelled(_) => "conflict",
+        Error::Shutdown => "shutdown",
+        Error::TaskFailed { .. } => "task_failed",
+        Error::TaskCancelled { .. } => "task_cancelled",
     }
 }
 
 impl From<Error> for CliError {
     fn from(e: Error) -> Self {
-        match e {
-            Error::InvalidInput(_) | Error::PayloadTooLarge { .. } | Error::Config(_) => {
-                Self::usage(e.to_string())
-            }
-            Error::Store(_) => Self {
-                code: UNAVAILABLE,
-                message: e.to_string(),
-            },
-            other => Self::failure(other.to_string()),
+        let kind = error_kind(&e);
+        let code = match e {
+            Error::InvalidInput(_) | Error::PayloadTooLarge { .. } | Error::Config(_) => 2,
+            Error::Store(_) => UNAVAILABLE,
+            _ => 1,
+        };
+        Self {
+            code,
+            kind,
+            message: e.to_string(),
         }
     }
 }
@@ -102,7 +136,8 @@ pub async fn open_store(url: &str, mode: Open) -> Result<DynStore, CliError> {
         if std::path::Path::new(path).is_dir() {
             return Err(CliError::failure(format!(
                 "cannot open store `{shown}`: `{path}` is a directory, not an SQLite database file"
-            )));
+            ))
+            .kind("store_unavailable"));
         }
     }
     let options = switchyard::StoreOptions {
@@ -120,6 +155,10 @@ pub async fn open_store(url: &str, mode: Open) -> Result<DynStore, CliError> {
         };
         CliError {
             code: open_exit_code(&e),
+            kind: match &e {
+                Error::NotFound(_) | Error::Store(_) => "store_unavailable",
+                other => error_kind(other),
+            },
             message: switchyard::redact_url(&message),
         }
     })
@@ -177,7 +216,8 @@ fn json_arg(flag: &str, what: &str, arg: &str) -> Result<Value, CliError> {
             "{flag}{from}: the {what} is {size} bytes, over the store's payload limit of \
              {limit} bytes ({} KiB); nothing was stored",
             limit / 1024
-        ))),
+        ))
+        .kind("payload_too_large")),
         Err(e) => Err(e.into()),
     }
 }
@@ -293,7 +333,7 @@ pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
                 let _ = write!(message, ": {unserved_note}");
             }
             let _ = write!(message, " (see `switchyard tasks show {id}`)");
-            return Err(CliError::failure(message));
+            return Err(CliError::failure(message).kind("timeout"));
         }
         Err(e) => return Err(e.into()),
     };
