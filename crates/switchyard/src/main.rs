@@ -9,7 +9,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod cli {
     pub mod bench;
@@ -29,8 +29,7 @@ use cli::commands::{CliError, Outcome};
 struct Cli {
     /// Store URL: `memory`, `sqlite:PATH`, `postgres://...`. Overrides
     /// `store.url` of the configuration (file, $SWITCHYARD_STORE,
-    /// $SWITCHYARD_STORE__URL; default `sqlite:switchyard.db`). For `bench`, `sqlite`
-    /// or `postgres` alone means a throwaway database.
+    /// $SWITCHYARD_STORE__URL; default `sqlite:switchyard.db`).
     #[arg(long, global = true, value_name = "URL")]
     store: Option<String>,
     /// Configuration file (TOML). Default: $SWITCHYARD_CONFIG, else none
@@ -240,8 +239,88 @@ fn report(e: &CliError, json: bool) {
     }
 }
 
+const STORE_SOURCES: &str = "Overrides `store.url` of the configuration (file, \
+     $SWITCHYARD_STORE, $SWITCHYARD_STORE__URL; default `sqlite:switchyard.db`)";
+
+/// A subcommand's own `--store`: the same option as the global one (clap
+/// does not propagate a global option to a subcommand that defines it),
+/// with help that says what this command does with the store.
+fn store_arg(help: String) -> clap::Arg {
+    clap::Arg::new("store")
+        .long("store")
+        .value_name("URL")
+        .value_parser(clap::value_parser!(String))
+        .help(help)
+}
+
+/// `--config` for the subcommands that read no configuration: accepted
+/// (and ignored) but not offered in their help.
+fn unused_config() -> clap::Arg {
+    clap::Arg::new("config")
+        .long("config")
+        .value_name("PATH")
+        .value_parser(clap::value_parser!(std::path::PathBuf))
+        .hide(true)
+}
+
+/// The command line with each subcommand's own help for `--store`, which
+/// clap would otherwise show alike everywhere.
+fn command() -> clap::Command {
+    let reads = |what: &str| {
+        store_arg(format!(
+            "Store to read {what} from: `memory`, `sqlite:PATH`, `postgres://...`. \
+             {STORE_SOURCES}. Never created: a missing SQLite file is an error (exit 3)"
+        ))
+    };
+    let writes = |what: &str| {
+        store_arg(format!(
+            "Store to {what}: `memory`, `sqlite:PATH`, `postgres://...`. {STORE_SOURCES}. \
+             A missing SQLite file is created"
+        ))
+    };
+    Cli::command()
+        .mut_subcommand("migrate", |c| c.arg(writes("create or migrate")))
+        .mut_subcommand("spawn", |c| c.arg(writes("spawn the task in")))
+        .mut_subcommand("emit", |c| c.arg(writes("emit the event in")))
+        .mut_subcommand("tasks", |t| {
+            t.mut_subcommand("list", |c| c.arg(reads("tasks")))
+                .mut_subcommand("show", |c| c.arg(reads("the task")))
+        })
+        .mut_subcommand("events", |t| {
+            t.mut_subcommand("list", |c| c.arg(reads("events")))
+        })
+        .mut_subcommand("cancel", |c| c.arg(writes("cancel the task in")))
+        .mut_subcommand("retry", |c| c.arg(writes("retry the task in")))
+        .mut_subcommand("workers", |c| c.arg(reads("registered hosts")))
+        .mut_subcommand("cleanup", |c| {
+            c.arg(writes("delete old finished tasks from"))
+        })
+        .mut_subcommand("serve", |c| c.arg(writes("serve")))
+        .mut_subcommand("config", |c| {
+            c.arg(store_arg(format!(
+                "Store URL to show in place of `store.url`. {STORE_SOURCES}. Nothing is opened"
+            )))
+        })
+        .mut_subcommand("bench", |c| {
+            c.arg(unused_config()).arg(store_arg(
+                "Store to benchmark: `sqlite` (the default) or `postgres` alone means a \
+                 throwaway database made for the run; `memory`, `sqlite:PATH` or \
+                 `postgres://...` an existing one. Default: $SWITCHYARD_STORE, else `sqlite`; \
+                 the configuration's `store.url` is not used"
+                    .into(),
+            ))
+        })
+        .mut_subcommand("dev-postgres", |c| {
+            c.arg(store_arg(String::new()).hide(true))
+                .arg(unused_config())
+        })
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             // `--json` usage errors are JSON too; help and version are not errors.
@@ -297,6 +376,11 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         return cli::bench::run(args, url.unwrap_or_else(|| "sqlite".into())).await;
     }
     if let Command::DevPostgres = cli.command {
+        if cli.store.is_some() {
+            return Err(CliError::usage(
+                "dev-postgres starts its own server and takes no --store",
+            ));
+        }
         return cli::dev::dev_postgres(json).await;
     }
     let mut config = switchyard::Config::load(cli.config.as_deref())

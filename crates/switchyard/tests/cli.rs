@@ -982,3 +982,45 @@ fn json_errors_are_one_json_object() {
         text(&out.stderr)
     );
 }
+
+/// Each subcommand's help describes its own use of the shared options.
+#[test]
+fn each_subcommand_help_describes_its_own_options() {
+    let cli = Cli::new();
+    let help = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("--help");
+        let out = cli.run(&all);
+        assert_eq!(code(&out), 0, "{args:?}");
+        text(&out.stdout)
+    };
+    let dev = help(&["dev-postgres"]);
+    assert!(
+        !dev.contains("--store") && !dev.contains("--config"),
+        "{dev}"
+    );
+    let bench = help(&["bench"]);
+    assert!(bench.contains("throwaway"), "{bench}");
+    assert!(!bench.contains("--config"), "{bench}");
+    for args in [
+        vec!["tasks", "list"],
+        vec!["tasks", "show"],
+        vec!["events", "list"],
+        vec!["workers"],
+    ] {
+        let h = help(&args);
+        assert!(!h.contains("bench"), "{args:?}: {h}");
+        assert!(h.contains("Never created"), "{args:?}: {h}");
+    }
+    for args in [vec!["spawn"], vec!["emit"], vec!["migrate"], vec!["cancel"]] {
+        let h = help(&args);
+        assert!(!h.contains("bench"), "{args:?}: {h}");
+        assert!(h.contains("is created"), "{args:?}: {h}");
+    }
+    // The option still works before or after the subcommand.
+    let url = cli.url();
+    assert_eq!(code(&cli.run(&["--store", &url, "migrate"])), 0);
+    assert_eq!(code(&cli.run(&["tasks", "list", "--store", &url])), 0);
+    let out = cli.run(&["dev-postgres", "--store", &url]);
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+}
