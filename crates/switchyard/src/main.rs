@@ -79,6 +79,14 @@ enum Command {
     /// Print the effective configuration (file, environment and --store
     /// applied) as TOML, or JSON with --json; secrets are shown as `***`.
     Config,
+    /// Print a shell completion script, e.g.
+    /// `switchyard completions bash > /etc/bash_completion.d/switchyard` or
+    /// `source <(switchyard completions zsh)`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Arguments of `switchyard cleanup`.
@@ -310,6 +318,10 @@ fn command() -> clap::Command {
                     .into(),
             ))
         })
+        .mut_subcommand("completions", |c| {
+            c.arg(store_arg(String::new()).hide(true))
+                .arg(unused_config())
+        })
         .mut_subcommand("dev-postgres", |c| {
             c.arg(store_arg(String::new()).hide(true))
                 .arg(unused_config())
@@ -375,6 +387,16 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         });
         return cli::bench::run(args, url.unwrap_or_else(|| "sqlite".into())).await;
     }
+    if let Command::Completions { shell } = cli.command {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut command(), "switchyard", &mut out);
+        use std::io::Write as _;
+        return match std::io::stdout().write_all(&out) {
+            Ok(()) => Ok(Outcome::Success),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Outcome::Success),
+            Err(e) => Err(CliError::failure(format!("writing to stdout: {e}"))),
+        };
+    }
     if let Command::DevPostgres = cli.command {
         if cli.store.is_some() {
             return Err(CliError::usage(
@@ -409,7 +431,10 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Workers => c::workers(&url, json).await,
         Command::Cleanup(a) => c::cleanup(&url, json, a).await,
         Command::Serve(a) => cli::serve::serve(&url, a, &config.serve).await,
-        Command::Bench(_) | Command::DevPostgres | Command::Config => {
+        Command::Bench(_)
+        | Command::DevPostgres
+        | Command::Config
+        | Command::Completions { .. } => {
             unreachable!("handled above")
         }
     }

@@ -1024,3 +1024,22 @@ fn each_subcommand_help_describes_its_own_options() {
     let out = cli.run(&["dev-postgres", "--store", &url]);
     assert_eq!(code(&out), 2, "{}", text(&out.stderr));
 }
+
+/// `switchyard completions SHELL` prints a completion script and touches
+/// no store.
+#[test]
+fn completions_for_each_shell() {
+    let cli = Cli::new();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = cli.run(&["completions", shell]);
+        assert_eq!(code(&out), 0, "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.contains("switchyard"), "{shell}");
+        assert!(script.contains("dev-postgres"), "{shell}");
+    }
+    let bash = text(&cli.run(&["completions", "bash"]).stdout);
+    assert!(bash.contains("--state"), "{bash}");
+    let out = cli.run(&["completions", "tcsh-ish"]);
+    assert_eq!(code(&out), 2);
+    assert!(!cli.db.exists());
+}
