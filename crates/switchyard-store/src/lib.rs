@@ -129,4 +129,31 @@ mod tests {
             assert!(e.contains("***"), "{e}");
         }
     }
+
+    /// `create: false` opens an existing SQLite file and never creates a
+    /// missing one: the error names the path.
+    #[tokio::test]
+    async fn sqlite_without_create_never_creates_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing.db");
+        let url = format!("sqlite:{}", path.display());
+        let options = || crate::StoreOptions {
+            create: false,
+            ..crate::StoreOptions::default()
+        };
+        match crate::open_with(&url, options()).await {
+            Err(switchyard_core::Error::NotFound(m)) => {
+                assert!(
+                    m.contains("missing.db") && m.contains("does not exist"),
+                    "{m}"
+                )
+            }
+            Err(e) => panic!("expected NotFound, got {e}"),
+            Ok(_) => panic!("opened a missing file"),
+        }
+        assert!(!path.exists());
+        drop(crate::open(&url).await.unwrap());
+        assert!(path.exists());
+        crate::open_with(&url, options()).await.unwrap();
+    }
 }
