@@ -25,6 +25,12 @@ pub struct StoreOptions {
     pub clock: Arc<dyn Clock>,
     /// Run migrations on open (default true).
     pub migrate: bool,
+    /// Create the SQLite database file if it does not exist (default true).
+    /// When false, opening a missing file fails with [`Error::NotFound`]
+    /// naming the path and nothing is created: the file is opened without
+    /// SQLite's create flag, so no check races with a concurrent creation.
+    /// Other stores ignore it.
+    pub create: bool,
 }
 
 impl Default for StoreOptions {
@@ -32,6 +38,7 @@ impl Default for StoreOptions {
         Self {
             clock: Arc::new(SystemClock),
             migrate: true,
+            create: true,
         }
     }
 }
@@ -121,5 +128,32 @@ mod tests {
             assert!(!e.contains("s3cr3tpw"), "{e}");
             assert!(e.contains("***"), "{e}");
         }
+    }
+
+    /// `create: false` opens an existing SQLite file and never creates a
+    /// missing one: the error names the path.
+    #[tokio::test]
+    async fn sqlite_without_create_never_creates_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing.db");
+        let url = format!("sqlite:{}", path.display());
+        let options = || crate::StoreOptions {
+            create: false,
+            ..crate::StoreOptions::default()
+        };
+        match crate::open_with(&url, options()).await {
+            Err(switchyard_core::Error::NotFound(m)) => {
+                assert!(
+                    m.contains("missing.db") && m.contains("does not exist"),
+                    "{m}"
+                )
+            }
+            Err(e) => panic!("expected NotFound, got {e}"),
+            Ok(_) => panic!("opened a missing file"),
+        }
+        assert!(!path.exists());
+        drop(crate::open(&url).await.unwrap());
+        assert!(path.exists());
+        crate::open_with(&url, options()).await.unwrap();
     }
 }

@@ -434,7 +434,53 @@ fn pg_error(op: &str, e: &tokio_postgres::Error) -> Error {
                 Error::Store(msg)
             }
         }
-        None => Error::Store(format!("postgres {op}: {e}")),
+        None => Error::Store(format!("postgres {op}: {}", pg_cause(e))),
+    }
+}
+
+/// What a `tokio_postgres` error says, with its cause: the server's
+/// message and SQLSTATE for a database error (`database "x" does not
+/// exist (SQLSTATE 3D000)`), else the error and its source chain
+/// (`error connecting to server: Connection refused (os error 111)`), where
+/// the error's own text alone is only `db error` or `error connecting to
+/// server`. Never contains the password: neither the server nor the
+/// socket error repeats it.
+fn pg_cause(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; detail: {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; hint: {h}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s
+}
+
+/// Whether a failure to connect means the server is missing, refuses us or
+/// is unavailable (no server, unknown database or role, bad password, too
+/// many connections, starting up or shutting down), rather than that our
+/// session settings are wrong. The first is [`Error::Store`], the second
+/// [`Error::Config`].
+fn connect_unavailable(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true,
+        Some(c) => matches!(
+            c.code().get(..2),
+            Some("08" | "28" | "3D" | "53" | "57" | "58" | "XX")
+        ),
     }
 }
 
@@ -807,12 +853,13 @@ impl Pool {
             match connect_once(&self.config, &self.session).await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
+                    let cause = pg_cause(&e);
                     if tokio::time::Instant::now() + delay > deadline {
                         return Err(Error::Store(format!(
-                            "postgres: cannot connect (gave up after {CONNECT_PATIENCE:?}): {e}"
+                            "postgres: cannot connect (gave up after {CONNECT_PATIENCE:?}): {cause}"
                         )));
                     }
-                    tracing::warn!("postgres: cannot connect, retrying in {delay:?}: {e}");
+                    tracing::warn!("postgres: cannot connect, retrying in {delay:?}: {cause}");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
@@ -1085,10 +1132,16 @@ impl PostgresStore {
         });
         // Fail fast on a bad URL or an unreachable server at open.
         let first = connect_once(&config, &session).await.map_err(|e| {
-            Error::Config(format!(
-                "cannot connect to PostgreSQL at `{}`: {e}",
-                parsed.display
-            ))
+            let message = format!(
+                "cannot connect to PostgreSQL at `{}`: {}",
+                parsed.display,
+                pg_cause(&e)
+            );
+            if connect_unavailable(&e) {
+                Error::Store(message)
+            } else {
+                Error::Config(message)
+            }
         })?;
         pool.idle.lock().push(first);
         let signals = Signals::new();

@@ -532,6 +532,34 @@ fn open_connection(path: &Path, writer: bool, sync: Synchronous) -> Result<Conne
     Ok(conn)
 }
 
+/// The writer connection on a file that must exist already: opened without
+/// SQLite's create flag, so a missing file is reported, never created.
+fn open_existing(path: &Path, sync: Synchronous) -> Result<Connection> {
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    match Connection::open_with_flags(path, flags) {
+        Ok(c) => {
+            configure(&c, true, sync).map_err(|e| {
+                Error::Config(format!(
+                    "cannot open SQLite database `{}`: {e}",
+                    path.display()
+                ))
+            })?;
+            Ok(c)
+        }
+        Err(_) if !path.exists() => Err(Error::NotFound(format!(
+            "SQLite database file `{}` does not exist",
+            path.display()
+        ))),
+        Err(e) => Err(Error::Config(format!(
+            "cannot open SQLite database `{}`: {e}",
+            path.display()
+        ))),
+    }
+}
+
 fn apply_migrations(conn: &Connection, now: Millis) -> DbResult<u32> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
@@ -1171,7 +1199,11 @@ impl SqliteStore {
     ) -> Result<SqliteStore> {
         let (conn, url) = match &file {
             Some(p) => (
-                open_connection(p, true, synchronous)?,
+                if options.create {
+                    open_connection(p, true, synchronous)?
+                } else {
+                    open_existing(p, synchronous)?
+                },
                 format!(
                     "sqlite:{}?synchronous={}",
                     p.display(),

@@ -18,6 +18,7 @@ fn memory_store() -> Factory {
             StoreOptions {
                 clock,
                 migrate: true,
+                create: true,
             },
         )
         .await
@@ -37,6 +38,7 @@ fn sqlite_store() -> Factory {
             StoreOptions {
                 clock,
                 migrate: true,
+                create: true,
             },
         )
         .await

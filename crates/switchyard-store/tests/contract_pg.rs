@@ -29,6 +29,7 @@ fn pg_store() -> Factory {
             StoreOptions {
                 clock,
                 migrate: true,
+                create: true,
             },
         )
         .await

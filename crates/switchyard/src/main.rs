@@ -3,12 +3,13 @@
 //! and benchmark.
 //!
 //! Exit codes: 0 on success, 2 for usage errors and invalid input (clap's own
-//! errors included), 1 for every other failure (store unreadable, task not
-//! found, conflicting state, timeouts).
+//! errors included), 3 when the store is missing (read-only commands never
+//! create one), unreachable or unavailable, 1 for every other failure (task
+//! not found, conflicting state, timeouts).
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod cli {
     pub mod bench;
@@ -28,8 +29,7 @@ use cli::commands::{CliError, Outcome};
 struct Cli {
     /// Store URL: `memory`, `sqlite:PATH`, `postgres://...`. Overrides
     /// `store.url` of the configuration (file, $SWITCHYARD_STORE,
-    /// $SWITCHYARD_STORE__URL; default `sqlite:switchyard.db`). For `bench`, `sqlite`
-    /// or `postgres` alone means a throwaway database.
+    /// $SWITCHYARD_STORE__URL; default `sqlite:switchyard.db`).
     #[arg(long, global = true, value_name = "URL")]
     store: Option<String>,
     /// Configuration file (TOML). Default: $SWITCHYARD_CONFIG, else none
@@ -79,6 +79,14 @@ enum Command {
     /// Print the effective configuration (file, environment and --store
     /// applied) as TOML, or JSON with --json; secrets are shown as `***`.
     Config,
+    /// Print a shell completion script, e.g.
+    /// `switchyard completions bash > /etc/bash_completion.d/switchyard` or
+    /// `source <(switchyard completions zsh)`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Arguments of `switchyard cleanup`.
@@ -118,8 +126,9 @@ pub struct ServeArgs {
 pub struct SpawnArgs {
     /// Handler of the task's root step.
     pub name: String,
-    /// Input, as JSON text.
-    #[arg(long, value_name = "JSON", default_value = "null")]
+    /// Input: JSON text, `@PATH` to read it from a file, or `-` to read it
+    /// from standard input (at most the store's payload limit, 1 MiB).
+    #[arg(long, value_name = "JSON|@PATH|-", default_value = "null")]
     pub input: String,
     /// Higher runs first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -143,8 +152,9 @@ pub struct SpawnArgs {
 pub struct EmitArgs {
     /// Event name.
     pub name: String,
-    /// Payload, as JSON text.
-    #[arg(long, value_name = "JSON", default_value = "null")]
+    /// Payload: JSON text, `@PATH` to read it from a file, or `-` to read
+    /// it from standard input (at most the store's payload limit, 1 MiB).
+    #[arg(long, value_name = "JSON|@PATH|-", default_value = "null")]
     pub payload: String,
 }
 
@@ -159,12 +169,20 @@ enum TasksCommand {
 /// Arguments of `switchyard tasks list`.
 #[derive(Args, Debug)]
 pub struct TasksListArgs {
-    /// Only tasks in this state (running, completed, failed, cancelled).
+    /// Only tasks in this state: running, completed, failed, cancelled, or
+    /// suspended (running tasks with a step waiting on an event, a sleep or
+    /// children).
     #[arg(long, value_name = "S")]
     pub state: Option<String>,
     /// Only tasks whose root handler is this.
     #[arg(long, value_name = "H")]
     pub handler: Option<String>,
+    /// Only root tasks (spawned by a client, not by a step).
+    #[arg(long, conflicts_with = "parent")]
+    pub root: bool,
+    /// Only children (spawned or delegated) of this task.
+    #[arg(long, value_name = "ID")]
+    pub parent: Option<String>,
     /// At most this many.
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub limit: usize,
@@ -177,6 +195,9 @@ enum EventsCommand {
         /// At most this many.
         #[arg(long, value_name = "N", default_value_t = 100)]
         limit: usize,
+        /// Only events whose name starts with this prefix.
+        #[arg(long, value_name = "PREFIX")]
+        name: Option<String>,
     },
 }
 
@@ -226,15 +247,126 @@ fn init_tracing(log: Option<&switchyard::config::LogConfig>) {
         .try_init();
 }
 
+/// Prints a failure: one JSON object on stdout with `--json`, else a line
+/// on stderr.
+fn report(e: &CliError, json: bool) {
+    if json {
+        println!("{}", e.to_json());
+    } else {
+        eprintln!("error: {}", e.message);
+    }
+}
+
+const STORE_SOURCES: &str = "Overrides `store.url` of the configuration (file, \
+     $SWITCHYARD_STORE, $SWITCHYARD_STORE__URL; default `sqlite:switchyard.db`)";
+
+/// A subcommand's own `--store`: the same option as the global one (clap
+/// does not propagate a global option to a subcommand that defines it),
+/// with help that says what this command does with the store.
+fn store_arg(help: String) -> clap::Arg {
+    clap::Arg::new("store")
+        .long("store")
+        .value_name("URL")
+        .value_parser(clap::value_parser!(String))
+        .help(help)
+}
+
+/// `--config` for the subcommands that read no configuration: accepted
+/// (and ignored) but not offered in their help.
+fn unused_config() -> clap::Arg {
+    clap::Arg::new("config")
+        .long("config")
+        .value_name("PATH")
+        .value_parser(clap::value_parser!(std::path::PathBuf))
+        .hide(true)
+}
+
+/// The command line with each subcommand's own help for `--store`, which
+/// clap would otherwise show alike everywhere.
+fn command() -> clap::Command {
+    let reads = |what: &str| {
+        store_arg(format!(
+            "Store to read {what} from: `memory`, `sqlite:PATH`, `postgres://...`. \
+             {STORE_SOURCES}. Never created: a missing SQLite file is an error (exit 3)"
+        ))
+    };
+    let writes = |what: &str| {
+        store_arg(format!(
+            "Store to {what}: `memory`, `sqlite:PATH`, `postgres://...`. {STORE_SOURCES}. \
+             A missing SQLite file is created"
+        ))
+    };
+    Cli::command()
+        .mut_subcommand("migrate", |c| c.arg(writes("create or migrate")))
+        .mut_subcommand("spawn", |c| c.arg(writes("spawn the task in")))
+        .mut_subcommand("emit", |c| c.arg(writes("emit the event in")))
+        .mut_subcommand("tasks", |t| {
+            t.mut_subcommand("list", |c| c.arg(reads("tasks")))
+                .mut_subcommand("show", |c| c.arg(reads("the task")))
+        })
+        .mut_subcommand("events", |t| {
+            t.mut_subcommand("list", |c| c.arg(reads("events")))
+        })
+        .mut_subcommand("cancel", |c| c.arg(writes("cancel the task in")))
+        .mut_subcommand("retry", |c| c.arg(writes("retry the task in")))
+        .mut_subcommand("workers", |c| c.arg(reads("registered hosts")))
+        .mut_subcommand("cleanup", |c| {
+            c.arg(writes("delete old finished tasks from"))
+        })
+        .mut_subcommand("serve", |c| c.arg(writes("serve")))
+        .mut_subcommand("config", |c| {
+            c.arg(store_arg(format!(
+                "Store URL to show in place of `store.url`. {STORE_SOURCES}. Nothing is opened"
+            )))
+        })
+        .mut_subcommand("bench", |c| {
+            c.arg(unused_config()).arg(store_arg(
+                "Store to benchmark: `sqlite` (the default) or `postgres` alone means a \
+                 throwaway database made for the run; `memory`, `sqlite:PATH` or \
+                 `postgres://...` an existing one. Default: $SWITCHYARD_STORE, else `sqlite`; \
+                 the configuration's `store.url` is not used"
+                    .into(),
+            ))
+        })
+        .mut_subcommand("completions", |c| {
+            c.arg(store_arg(String::new()).hide(true))
+                .arg(unused_config())
+        })
+        .mut_subcommand("dev-postgres", |c| {
+            c.arg(store_arg(String::new()).hide(true))
+                .arg(unused_config())
+        })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let parsed = command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `--json` usage errors are JSON too; help and version are not errors.
+            let wants_json = std::env::args_os().skip(1).any(|a| a == "--json");
+            if wants_json && e.use_stderr() {
+                let message = e.render().to_string();
+                let message = message.trim().trim_start_matches("error: ").to_string();
+                report(&CliError::usage(message), true);
+                return ExitCode::from(2);
+            }
+            e.exit();
+        }
+    };
+    let json = cli.json;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            report(
+                &CliError::failure(format!("cannot start the async runtime: {e}")),
+                json,
+            );
             return ExitCode::from(1);
         }
     };
@@ -245,7 +377,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failure) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("error: {}", e.message);
+            report(&e, json);
             ExitCode::from(e.code)
         }
     }
@@ -265,7 +397,22 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         init_tracing(None);
         return cli::bench::run(args, url.unwrap_or_else(|| "sqlite".into())).await;
     }
+    if let Command::Completions { shell } = cli.command {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut command(), "switchyard", &mut out);
+        use std::io::Write as _;
+        return match std::io::stdout().write_all(&out) {
+            Ok(()) => Ok(Outcome::Success),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Outcome::Success),
+            Err(e) => Err(CliError::failure(format!("writing to stdout: {e}"))),
+        };
+    }
     if let Command::DevPostgres = cli.command {
+        if cli.store.is_some() {
+            return Err(CliError::usage(
+                "dev-postgres starts its own server and takes no --store",
+            ));
+        }
         init_tracing(None);
         return cli::dev::dev_postgres(json).await;
     }
@@ -295,13 +442,18 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Emit(a) => c::emit(&url, json, a).await,
         Command::Tasks(TasksCommand::List(a)) => c::tasks_list(&url, json, a).await,
         Command::Tasks(TasksCommand::Show(a)) => c::tasks_show(&url, json, &a.id, a.internal).await,
-        Command::Events(EventsCommand::List { limit }) => c::events_list(&url, json, limit).await,
+        Command::Events(EventsCommand::List { limit, name }) => {
+            c::events_list(&url, json, limit, name.as_deref()).await
+        }
         Command::Cancel(a) => c::cancel(&url, json, &a.id, a.cascade).await,
         Command::Retry(a) => c::retry(&url, json, &a.id).await,
         Command::Workers => c::workers(&url, json).await,
         Command::Cleanup(a) => c::cleanup(&url, json, a).await,
         Command::Serve(a) => cli::serve::serve(&url, a, &config.serve).await,
-        Command::Bench(_) | Command::DevPostgres | Command::Config => {
+        Command::Bench(_)
+        | Command::DevPostgres
+        | Command::Config
+        | Command::Completions { .. } => {
             unreachable!("handled above")
         }
     }

@@ -117,6 +117,7 @@ fn bad_input_exits_non_zero_naming_the_problem() {
     );
 
     // An unknown task id is a failure, not a crash.
+    assert_eq!(code(&cli.run(&["migrate"])), 0);
     let out = cli.run(&["tasks", "show", "01a20000-0000-7000-8000-000000000000"]);
     assert_eq!(code(&out), 1);
     assert!(!text(&out.stderr).is_empty());
@@ -324,9 +325,73 @@ async fn show_lists_attempts_errors_checkpoints_waits_and_workers() {
 fn spawn_wait_reports_the_result() {
     let cli = Cli::new();
     let out = cli.run(&["spawn", "nobody", "--wait", "0.2"]);
-    assert_eq!(code(&out), 1, "times out: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), 1, "times out: {err}");
     let p = Path::new(&cli.db);
     assert!(p.exists());
+    // It says what it waited for: the task, its handler, its state, and
+    // that nothing serves the handler (also warned at spawn time).
+    let listed = cli.json(&["tasks", "list"]);
+    let id = listed[0]["id"].as_str().unwrap();
+    assert!(
+        err.contains("warning: no live host serves handler `nobody`"),
+        "{err}"
+    );
+    assert!(err.contains("timed out after 0.2 s"), "{err}");
+    assert!(err.contains(id), "{err}");
+    assert!(err.contains("handler `nobody`"), "{err}");
+    assert!(err.contains("still running"), "{err}");
+    assert!(err.matches("no live host serves").count() == 2, "{err}");
+
+    // Without --wait: the warning on stderr, the id alone on stdout, exit 0.
+    let out = cli.run(&["spawn", "nobody"]);
+    assert_eq!(code(&out), 0);
+    assert!(
+        text(&out.stderr).contains("no live host serves handler `nobody`"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).trim().len(), 36, "{}", text(&out.stdout));
+}
+
+/// A live host that serves the handler: no warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_does_not_warn_when_a_live_host_serves_the_handler() {
+    let cli = Cli::new();
+    let store = switchyard::open(&cli.url()).await.unwrap();
+    let worker = Worker::builder(store.clone())
+        .step("served", HandlerOptions::default(), |input, _| async move {
+            Ok(input)
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let url = cli.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "spawn", "served", "--input", "7", "--wait", "10", "--store", &url,
+            ])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("result: 7"),
+        "{}",
+        text(&out.stdout)
+    );
+    worker.stop().await;
 }
 
 #[test]
@@ -594,4 +659,387 @@ fn serve_takes_tokens_from_the_configuration() {
         !lines.contains(read) && !lines.contains(write),
         "a secret leaked:\n{lines}"
     );
+}
+
+#[test]
+fn read_only_commands_never_create_the_store() {
+    let cli = Cli::new();
+    let id = "01a20000-0000-7000-8000-000000000000";
+    for args in [
+        vec!["tasks", "list"],
+        vec!["tasks", "show", id],
+        vec!["events", "list"],
+        vec!["workers"],
+    ] {
+        let out = cli.run(&args);
+        let err = text(&out.stderr);
+        assert_eq!(code(&out), 3, "{args:?}: {err}");
+        assert!(
+            err.contains(&cli.db.display().to_string()),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("does not exist"), "{args:?}: {err}");
+        assert!(err.contains("switchyard"), "{args:?}: {err}");
+        assert!(err.contains("migrate"), "{args:?}: {err}");
+        assert!(!cli.db.exists(), "{args:?} created {}", cli.db.display());
+    }
+    // Writing commands still create it; then reading works.
+    let out = cli.run(&["migrate"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(cli.db.exists());
+    let out = cli.run(&["tasks", "list"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    let other = Cli::new();
+    let out = other.run(&["emit", "ev"]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(other.db.exists());
+}
+
+/// A store that cannot be reached or refuses us exits 3 with the cause:
+/// the server's message and SQLSTATE, or the socket error.
+#[test]
+fn unreachable_postgres_exits_3_with_the_cause() {
+    let server = switchyard_store::pg_server::PgServer::shared().unwrap_or_else(|e| panic!("{e}"));
+    let cli = Cli::new();
+    let unknown = server.url_of("no_such_database_here");
+    let out = cli.run(&["--store", &unknown, "tasks", "list"]);
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), 3, "{err}");
+    assert!(
+        err.contains("database \"no_such_database_here\" does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("3D000"), "{err}");
+    assert!(!err.contains("configuration error"), "{err}");
+
+    // An unknown role: the server's text and 28000.
+    let role = format!(
+        "postgres://nobody_here:pw_x@127.0.0.1:{}/postgres",
+        server.port()
+    );
+    let out = cli.run(&["--store", &role, "migrate"]);
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), 3, "{role}: {err}");
+    assert!(err.contains("nobody_here"), "{err}");
+    assert!(err.contains("SQLSTATE 28"), "{err}");
+    assert!(!err.contains("pw_x"), "{err}");
+
+    // Nothing listens on a port just freed: the connection is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://u:secret_pw@127.0.0.1:{port}/db");
+    let out = cli.run(&["--store", &url, "workers"]);
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), 3, "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+    assert!(!err.contains("secret_pw"), "{err}");
+    assert!(!err.contains("configuration error"), "{err}");
+}
+
+/// Runs the binary on `url` (blocking; for async tests via spawn_blocking)
+/// and returns stdout, asserting success.
+fn run_ok(url: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .args(["--store", url])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+async fn run_json(url: &str, args: &[&str]) -> Value {
+    let url = url.to_string();
+    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    args.push("--json".into());
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str(&run_ok(&url, &a)).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `tasks list --state suspended | --root | --parent`, the PARENT column,
+/// and `events list --name PREFIX`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_what_waits_roots_children_and_events_by_prefix() {
+    let cli = Cli::new();
+    let url = cli.url();
+    let store = switchyard::open(&url).await.unwrap();
+    let worker = Worker::builder(store.clone())
+        .step("parent", HandlerOptions::default(), |_, ctx| async move {
+            ctx.spawn("unserved.child", json!({})).await?;
+            ctx.await_event("never.comes", Some(Duration::from_secs(3600)))
+                .await
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let client = Client::new(store.clone());
+    let parent = client.spawn("parent", json!({})).await.unwrap();
+    let plain = client.spawn("unserved.root", json!({})).await.unwrap();
+    let mut child = None;
+    for _ in 0..500 {
+        let d = client.inspect(parent).await.unwrap();
+        if d.steps[0].state == switchyard::StepState::Suspended && !d.children.is_empty() {
+            child = Some(d.children[0].id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let child = child.expect("the parent suspends after spawning its child");
+    let (parent_s, child_s, plain_s) = (parent.to_string(), child.to_string(), plain.to_string());
+
+    let suspended = run_json(&url, &["tasks", "list", "--state", "suspended"]).await;
+    assert_eq!(ids(&suspended), vec![parent_s.clone()], "{suspended}");
+    let roots = run_json(&url, &["tasks", "list", "--root"]).await;
+    let mut r = ids(&roots);
+    r.sort();
+    let mut want = vec![parent_s.clone(), plain_s.clone()];
+    want.sort();
+    assert_eq!(r, want, "{roots}");
+    let kids = run_json(&url, &["tasks", "list", "--parent", &parent_s]).await;
+    assert_eq!(ids(&kids), vec![child_s.clone()], "{kids}");
+    assert_eq!(kids[0]["parent"]["task_id"], parent_s, "{kids}");
+
+    let u = url.clone();
+    let table = tokio::task::spawn_blocking(move || run_ok(&u, &["tasks", "list"]))
+        .await
+        .unwrap();
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    let col = header
+        .iter()
+        .position(|c| *c == "PARENT")
+        .expect("a PARENT column");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&child_s))
+        .expect("the child is listed");
+    assert_eq!(
+        row.split_whitespace().nth(col),
+        Some(parent_s.as_str()),
+        "{table}"
+    );
+
+    client.emit("order.a", json!(1)).await.unwrap();
+    client.emit("order.b", json!(2)).await.unwrap();
+    client.emit("other.c", json!(3)).await.unwrap();
+    let ev = run_json(&url, &["events", "list", "--name", "order."]).await;
+    let mut names: Vec<&str> = ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["order.a", "order.b"], "{ev}");
+    worker.stop().await;
+}
+
+/// `--input @file`, `--input -`, `--payload @file`, and a payload over the
+/// limit refused with the limit named, before the store is created.
+#[test]
+fn inputs_from_files_and_stdin_and_the_payload_limit() {
+    use std::io::Write;
+    let cli = Cli::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("input.json");
+    std::fs::write(&file, r#"{"order": "A-1", "lines": [1, 2, 3]}"#).unwrap();
+    let arg = format!("@{}", file.display());
+    let out = cli.json(&["spawn", "h", "--input", &arg]);
+    let id = out["task_id"].as_str().unwrap().to_string();
+    let shown = cli.json(&["tasks", "show", &id]);
+    assert_eq!(shown["task"]["input"]["order"], "A-1", "{shown}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["spawn", "h", "--input", "-", "--json"])
+        .env("SWITCHYARD_STORE", cli.url())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"from": "stdin"}"#)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shown = cli.json(&["tasks", "show", v["task_id"].as_str().unwrap()]);
+    assert_eq!(shown["task"]["input"]["from"], "stdin", "{shown}");
+
+    std::fs::write(&file, r#"{"amount": 63}"#).unwrap();
+    cli.json(&["emit", "paid", "--payload", &arg]);
+    let ev = cli.json(&["events", "list", "--name", "paid"]);
+    assert_eq!(ev[0]["payload"]["amount"], 63, "{ev}");
+
+    // Missing file: exit 2 naming it.
+    let out = cli.run(&["spawn", "h", "--input", "@/no/such/file.json"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("/no/such/file.json"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Over the limit: exit 2, names the limit, nothing created.
+    let fresh = Cli::new();
+    let big = format!("\"{}\"", "x".repeat(2 << 20));
+    std::fs::write(&file, &big).unwrap();
+    for args in [
+        vec!["spawn", "h", "--input", arg.as_str()],
+        vec!["emit", "e", "--payload", arg.as_str()],
+    ] {
+        let out = fresh.run(&args);
+        let err = text(&out.stderr);
+        assert_eq!(code(&out), 2, "{args:?}: {err}");
+        assert!(err.contains("1048576 bytes"), "{args:?}: {err}");
+        assert!(err.contains("limit"), "{args:?}: {err}");
+        assert!(err.contains(&file.display().to_string()), "{args:?}: {err}");
+        assert!(!fresh.db.exists(), "{args:?}");
+    }
+}
+
+/// With `--json`, a failure is one JSON object on stdout:
+/// `{"error":{"code":KIND,"message":...,"exit":N}}`, and the exit code is
+/// unchanged.
+#[test]
+fn json_errors_are_one_json_object() {
+    let cli = Cli::new();
+    let cases: Vec<(Vec<&str>, i32, &str, &str)> = vec![
+        (
+            vec!["spawn", "h", "--input", "{bad", "--json"],
+            2,
+            "invalid_input",
+            "--input",
+        ),
+        (
+            vec!["tasks", "list", "--json"],
+            3,
+            "store_unavailable",
+            "does not exist",
+        ),
+        (
+            vec!["--json", "tasks", "list", "--state", "sleeping"],
+            2,
+            "usage",
+            "sleeping",
+        ),
+        (vec!["frobnicate", "--json"], 2, "usage", "frobnicate"),
+    ];
+    for (args, exit, kind, needle) in cases {
+        let out = cli.run(&args);
+        assert_eq!(code(&out), exit, "{args:?}: {}", text(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", text(&out.stdout)));
+        assert_eq!(v["error"]["code"], kind, "{args:?}: {v}");
+        assert_eq!(v["error"]["exit"], exit, "{args:?}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{args:?}: {v}"
+        );
+        assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+        assert!(
+            text(&out.stdout).trim().lines().count() == 1,
+            "{}",
+            text(&out.stdout)
+        );
+    }
+    assert_eq!(code(&cli.run(&["migrate"])), 0);
+    let out = cli.run(&[
+        "tasks",
+        "show",
+        "01a20000-0000-7000-8000-000000000000",
+        "--json",
+    ]);
+    assert_eq!(code(&out), 1);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "not_found", "{v}");
+    // Without --json: text on stderr, nothing on stdout.
+    let out = cli.run(&["tasks", "show", "01a20000-0000-7000-8000-000000000000"]);
+    assert!(out.stdout.is_empty());
+    assert!(
+        text(&out.stderr).starts_with("error: "),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Each subcommand's help describes its own use of the shared options.
+#[test]
+fn each_subcommand_help_describes_its_own_options() {
+    let cli = Cli::new();
+    let help = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.push("--help");
+        let out = cli.run(&all);
+        assert_eq!(code(&out), 0, "{args:?}");
+        text(&out.stdout)
+    };
+    let dev = help(&["dev-postgres"]);
+    assert!(
+        !dev.contains("--store") && !dev.contains("--config"),
+        "{dev}"
+    );
+    let bench = help(&["bench"]);
+    assert!(bench.contains("throwaway"), "{bench}");
+    assert!(!bench.contains("--config"), "{bench}");
+    for args in [
+        vec!["tasks", "list"],
+        vec!["tasks", "show"],
+        vec!["events", "list"],
+        vec!["workers"],
+    ] {
+        let h = help(&args);
+        assert!(!h.contains("bench"), "{args:?}: {h}");
+        assert!(h.contains("Never created"), "{args:?}: {h}");
+    }
+    for args in [vec!["spawn"], vec!["emit"], vec!["migrate"], vec!["cancel"]] {
+        let h = help(&args);
+        assert!(!h.contains("bench"), "{args:?}: {h}");
+        assert!(h.contains("is created"), "{args:?}: {h}");
+    }
+    // The option still works before or after the subcommand.
+    let url = cli.url();
+    assert_eq!(code(&cli.run(&["--store", &url, "migrate"])), 0);
+    assert_eq!(code(&cli.run(&["tasks", "list", "--store", &url])), 0);
+    let out = cli.run(&["dev-postgres", "--store", &url]);
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+}
+
+/// `switchyard completions SHELL` prints a completion script and touches
+/// no store.
+#[test]
+fn completions_for_each_shell() {
+    let cli = Cli::new();
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = cli.run(&["completions", shell]);
+        assert_eq!(code(&out), 0, "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        assert!(script.contains("switchyard"), "{shell}");
+        assert!(script.contains("dev-postgres"), "{shell}");
+    }
+    let bash = text(&cli.run(&["completions", "bash"]).stdout);
+    assert!(bash.contains("--state"), "{bash}");
+    let out = cli.run(&["completions", "tcsh-ish"]);
+    assert_eq!(code(&out), 2);
+    assert!(!cli.db.exists());
 }

@@ -191,7 +191,7 @@ pub async fn run(args: BenchArgs, url: String) -> Result<Outcome, CliError> {
     } else {
         (trimmed.to_string(), None)
     };
-    let result = match open_store(&url).await {
+    let result = match open_store(&url, super::commands::Open::Create).await {
         Ok(store) if args.lang == "http" => super::bench_http::bench(&args, store, &url).await,
         Ok(store) => bench(&args, store).await,
         Err(e) => Err(e),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use switchyard::client::{parse_json, validate_name};
+use switchyard::client::{check_size, parse_json, validate_name, DEFAULT_MAX_PAYLOAD};
 use switchyard::{
     Client, DynStore, Error, HostInfo, Millis, NewTask, StepState, TaskDetail, TaskFilter, TaskId,
     TaskRecord, TaskState,
@@ -24,11 +24,17 @@ use crate::{CleanupArgs, EmitArgs, SpawnArgs, TasksListArgs};
 /// A host counts as live if it heartbeated within this window.
 pub use switchyard::LIVE_HOST_WINDOW_MS as LIVE_WINDOW_MS;
 
-/// A failure to report on stderr, with the process exit code.
+/// A failure to report on stderr (or as JSON with `--json`), with the
+/// process exit code.
 #[derive(Debug)]
 pub struct CliError {
-    /// 2 for usage errors and invalid input, 1 otherwise.
+    /// 2 for usage errors and invalid input, 3 when the store is missing,
+    /// unreachable or failing, 1 otherwise.
     pub code: u8,
+    /// A stable identifier of the kind of failure for scripts (`usage`,
+    /// `invalid_input`, `payload_too_large`, `store_unavailable`,
+    /// `not_found`, `conflict`, `timeout`, `failure`, ...).
+    pub kind: &'static str,
     /// What went wrong, naming the argument or resource.
     pub message: String,
 }
@@ -38,6 +44,7 @@ impl CliError {
     pub fn usage(message: impl Into<String>) -> Self {
         Self {
             code: 2,
+            kind: "usage",
             message: message.into(),
         }
     }
@@ -45,18 +52,50 @@ impl CliError {
     pub fn failure(message: impl Into<String>) -> Self {
         Self {
             code: 1,
+            kind: "failure",
             message: message.into(),
         }
+    }
+    /// The same error with another kind.
+    pub fn kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
+    }
+    /// The `--json` form: `{"error":{"code":KIND,"message":...,"exit":N}}`.
+    pub fn to_json(&self) -> Value {
+        json!({ "error": { "code": self.kind, "message": self.message, "exit": self.code } })
+    }
+}
+
+/// The kind of a core error, for [`CliError::kind`].
+fn error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::InvalidInput(_) => "invalid_input",
+        Error::PayloadTooLarge { .. } => "payload_too_large",
+        Error::Config(_) => "config",
+        Error::Store(_) => "store_unavailable",
+        Error::NotFound(_) => "not_found",
+        Error::Conflict(_) => "conflict",
+        Error::Timeout(_) => "timeout",
+        Error::LeaseLost(_) | Error::Cancelled(_) => "conflict",
+        Error::Shutdown => "shutdown",
+        Error::TaskFailed { .. } => "task_failed",
+        Error::TaskCancelled { .. } => "task_cancelled",
     }
 }
 
 impl From<Error> for CliError {
     fn from(e: Error) -> Self {
-        match e {
-            Error::InvalidInput(_) | Error::PayloadTooLarge { .. } | Error::Config(_) => {
-                Self::usage(e.to_string())
-            }
-            other => Self::failure(other.to_string()),
+        let kind = error_kind(&e);
+        let code = match e {
+            Error::InvalidInput(_) | Error::PayloadTooLarge { .. } | Error::Config(_) => 2,
+            Error::Store(_) => UNAVAILABLE,
+            _ => 1,
+        };
+        Self {
+            code,
+            kind,
+            message: e.to_string(),
         }
     }
 }
@@ -73,10 +112,20 @@ pub enum Outcome {
 
 pub type CmdResult = Result<Outcome, CliError>;
 
+/// Whether opening a store may create it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// Writing commands: a missing SQLite file is created (and migrated).
+    Create,
+    /// Read-only commands: a missing SQLite file is an error and is not
+    /// created (the store opens it without SQLite's create flag).
+    Existing,
+}
+
 /// Opens the store named by `url`, with an error naming the URL. A
 /// directory given as an SQLite path is refused here because SQLite's own
 /// message ("unable to open database file") does not say why.
-pub async fn open_store(url: &str) -> Result<DynStore, CliError> {
+pub async fn open_store(url: &str, mode: Open) -> Result<DynStore, CliError> {
     let trimmed = url.trim();
     // Every message below names the URL without its password.
     let shown = switchyard::redact_url(trimmed);
@@ -87,17 +136,46 @@ pub async fn open_store(url: &str) -> Result<DynStore, CliError> {
         if std::path::Path::new(path).is_dir() {
             return Err(CliError::failure(format!(
                 "cannot open store `{shown}`: `{path}` is a directory, not an SQLite database file"
-            )));
+            ))
+            .kind("store_unavailable"));
         }
     }
-    switchyard::open(trimmed).await.map_err(|e| {
-        let code = if matches!(e, Error::Config(_)) { 2 } else { 1 };
+    let options = switchyard::StoreOptions {
+        create: mode == Open::Create,
+        ..switchyard::StoreOptions::default()
+    };
+    switchyard::open_with(trimmed, options).await.map_err(|e| {
+        let message = match &e {
+            Error::NotFound(what) => format!(
+                "cannot open store `{shown}`: {what}; this command only reads and does not \
+                 create it: create it with `switchyard --store {shown} migrate` (or by \
+                 starting a worker on it), or check the path"
+            ),
+            other => format!("cannot open store `{shown}`: {other}"),
+        };
         CliError {
-            code,
-            message: switchyard::redact_url(&format!("cannot open store `{shown}`: {e}")),
+            code: open_exit_code(&e),
+            kind: match &e {
+                Error::NotFound(_) | Error::Store(_) => "store_unavailable",
+                other => error_kind(other),
+            },
+            message: switchyard::redact_url(&message),
         }
     })
 }
+
+/// The exit code of a failure to open a store: 2 for an invalid URL or
+/// option, 3 when the store is missing or unreachable, 1 otherwise.
+fn open_exit_code(e: &Error) -> u8 {
+    match e {
+        Error::Config(_) | Error::InvalidInput(_) => 2,
+        Error::NotFound(_) | Error::Store(_) => UNAVAILABLE,
+        _ => 1,
+    }
+}
+
+/// Exit code for a store that is missing, unreachable or unavailable.
+pub const UNAVAILABLE: u8 = 3;
 
 fn print_json<T: Serialize + ?Sized>(v: &T) -> Result<(), CliError> {
     let text = serde_json::to_string(v)
@@ -112,6 +190,35 @@ fn print_text(s: &str) -> Result<(), CliError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(CliError::failure(format!("writing to stdout: {e}"))),
+    }
+}
+
+/// A JSON argument: the text itself, `@PATH` for a file's contents or `-`
+/// for standard input; parsed and checked against the store's payload limit
+/// before the store is opened.
+fn json_arg(flag: &str, what: &str, arg: &str) -> Result<Value, CliError> {
+    let (text, from) = if arg == "-" {
+        let mut buf = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut buf)
+            .map_err(|e| CliError::usage(format!("{flag} -: cannot read standard input: {e}")))?;
+        (buf, " (from standard input)".to_string())
+    } else if let Some(path) = arg.strip_prefix('@') {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CliError::usage(format!("{flag} @{path}: cannot read `{path}`: {e}")))?;
+        (text, format!(" (from `{path}`)"))
+    } else {
+        (arg.to_string(), String::new())
+    };
+    let value = parse_json(&format!("{flag}{from}"), &text)?;
+    match check_size(what, &value, DEFAULT_MAX_PAYLOAD) {
+        Ok(()) => Ok(value),
+        Err(Error::PayloadTooLarge { size, limit, .. }) => Err(CliError::usage(format!(
+            "{flag}{from}: the {what} is {size} bytes, over the store's payload limit of \
+             {limit} bytes ({} KiB); nothing was stored",
+            limit / 1024
+        ))
+        .kind("payload_too_large")),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -132,7 +239,7 @@ pub fn show_config(config: &switchyard::Config, json: bool) -> CmdResult {
 
 /// `switchyard migrate`.
 pub async fn migrate(url: &str, json: bool) -> CmdResult {
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Create).await?;
     let version = store.migrate().await?;
     if json {
         print_json(&json!({ "store": store.url(), "schema_version": version }))?;
@@ -145,7 +252,7 @@ pub async fn migrate(url: &str, json: bool) -> CmdResult {
 /// `switchyard spawn`.
 pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
     validate_name("handler name", &a.name)?;
-    let input = parse_json("--input", &a.input)?;
+    let input = json_arg("--input", "input", &a.input)?;
     let mut task = NewTask::new(&a.name, input).priority(a.priority);
     if let Some(k) = &a.idempotency_key {
         validate_name("--idempotency-key", k)?;
@@ -174,10 +281,28 @@ pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
         None => None,
     };
 
-    let store = open_store(url).await?;
-    let client = Client::new(store);
+    let store = open_store(url, Open::Create).await?;
+    let client = Client::new(store.clone());
     let spawned = client.spawn_task(task).await?;
     let id = spawned.task_id;
+    // Not an error: a worker may start later. But say so now rather than
+    // leave the task waiting silently.
+    let unserved = match (client.workers().await, store.now().await) {
+        (Ok(hosts), Ok(now)) => !hosts
+            .iter()
+            .any(|h| is_live(h, now) && h.handlers.contains(&a.name)),
+        _ => false,
+    };
+    let unserved_note = format!(
+        "no live host serves handler `{}` (none heartbeated within {} s listing it); \
+         the task waits until a worker that registers `{}` starts",
+        a.name,
+        LIVE_WINDOW_MS / 1000,
+        a.name
+    );
+    if unserved {
+        eprintln!("warning: {unserved_note}");
+    }
     let Some(wait) = wait else {
         if json {
             print_json(&spawned)?;
@@ -191,7 +316,27 @@ pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
         return Ok(Outcome::Success);
     };
 
-    let t = client.wait(id, wait).await?;
+    let t = match client.wait(id, wait).await {
+        Ok(t) => t,
+        Err(Error::Timeout(_)) => {
+            let state = client
+                .get(id)
+                .await
+                .map(|t| t.state.to_string())
+                .unwrap_or_else(|_| "unknown".into());
+            let mut message = format!(
+                "timed out after {} s waiting for task {id} (handler `{}`) to finish; it is still {state}",
+                a.wait.unwrap_or_default(),
+                a.name
+            );
+            if unserved {
+                let _ = write!(message, ": {unserved_note}");
+            }
+            let _ = write!(message, " (see `switchyard tasks show {id}`)");
+            return Err(CliError::failure(message).kind("timeout"));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if json {
         print_json(&json!({
             "task_id": id,
@@ -227,8 +372,8 @@ pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
 /// `switchyard emit`.
 pub async fn emit(url: &str, json: bool, a: EmitArgs) -> CmdResult {
     validate_name("event name", &a.name)?;
-    let payload = parse_json("--payload", &a.payload)?;
-    let store = open_store(url).await?;
+    let payload = json_arg("--payload", "event payload", &a.payload)?;
+    let store = open_store(url, Open::Create).await?;
     let stored = Client::new(store).emit(&a.name, payload).await?;
     if json {
         print_json(&json!({ "name": a.name, "stored": stored }))?;
@@ -245,41 +390,53 @@ pub async fn emit(url: &str, json: bool, a: EmitArgs) -> CmdResult {
 
 /// `switchyard tasks list`.
 pub async fn tasks_list(url: &str, json: bool, a: TasksListArgs) -> CmdResult {
-    let state = match &a.state {
-        Some(s) => Some(TaskState::from_str(s).map_err(|_| {
-            CliError::usage(format!(
-                "--state `{s}` is not a task state (expected one of: {})",
-                TaskState::ALL
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?),
-        None => None,
+    let mut filter = TaskFilter {
+        handler: a.handler.clone(),
+        limit: a.limit,
+        root_only: a.root,
+        ..TaskFilter::default()
     };
+    match a.state.as_deref() {
+        None => {}
+        Some("suspended") => filter.step_state = Some(StepState::Suspended),
+        Some(s) => {
+            filter.state = Some(TaskState::from_str(s).map_err(|_| {
+                CliError::usage(format!(
+                    "--state `{s}` is not a task state (expected one of: {}, suspended)",
+                    TaskState::ALL
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?)
+        }
+    }
+    if let Some(p) = &a.parent {
+        filter.parent = Some(TaskId::from_str(p).map_err(|_| {
+            CliError::usage(format!("--parent `{p}` is not a task id (expected a UUID)"))
+        })?);
+    }
     if a.limit == 0 {
         return Err(CliError::usage("--limit must be at least 1"));
     }
-    let store = open_store(url).await?;
-    let tasks = Client::new(store)
-        .list(&TaskFilter {
-            state,
-            handler: a.handler.clone(),
-            limit: a.limit,
-            ..TaskFilter::default()
-        })
-        .await?;
+    let store = open_store(url, Open::Existing).await?;
+    let tasks = Client::new(store).list(&filter).await?;
     if json {
         print_json(&tasks)?;
         return Ok(Outcome::Success);
     }
-    let mut t = Table::new(&["ID", "STATE", "HANDLER", "PRIORITY", "CREATED", "UPDATED"]);
+    let mut t = Table::new(&[
+        "ID", "STATE", "HANDLER", "PARENT", "PRIORITY", "CREATED", "UPDATED",
+    ]);
     for task in &tasks {
         t.row(vec![
             task.id.to_string(),
             task.state.to_string(),
             task.handler.clone(),
+            task.parent
+                .as_ref()
+                .map_or_else(|| "-".into(), |p| p.task_id.to_string()),
             task.priority.to_string(),
             time(task.created_at),
             time(task.updated_at),
@@ -358,7 +515,7 @@ fn build_show<'a>(detail: &'a TaskDetail, hosts: &[HostInfo], now: Millis) -> Sh
 /// `switchyard tasks show`.
 pub async fn tasks_show(url: &str, json: bool, id: &str, internal: bool) -> CmdResult {
     let id = parse_id(id)?;
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Existing).await?;
     let client = Client::new(store.clone());
     let mut detail = client.inspect(id).await?;
     if !internal {
@@ -554,12 +711,14 @@ fn render_show(doc: &ShowDoc<'_>, now: Millis) -> String {
 }
 
 /// `switchyard events list`.
-pub async fn events_list(url: &str, json: bool, limit: usize) -> CmdResult {
+pub async fn events_list(url: &str, json: bool, limit: usize, prefix: Option<&str>) -> CmdResult {
     if limit == 0 {
         return Err(CliError::usage("--limit must be at least 1"));
     }
-    let store = open_store(url).await?;
-    let events = Client::new(store).events(limit).await?;
+    let store = open_store(url, Open::Existing).await?;
+    let events = store
+        .list_events_prefixed(prefix.unwrap_or(""), limit)
+        .await?;
     if json {
         print_json(&events)?;
         return Ok(Outcome::Success);
@@ -579,7 +738,7 @@ pub async fn events_list(url: &str, json: bool, limit: usize) -> CmdResult {
 /// `switchyard cancel`.
 pub async fn cancel(url: &str, json: bool, id: &str, cascade: bool) -> CmdResult {
     let id = parse_id(id)?;
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Create).await?;
     let client = Client::new(store);
     let cancelled = client.cancel(id, cascade).await?;
     if json {
@@ -609,7 +768,7 @@ pub async fn cancel(url: &str, json: bool, id: &str, cascade: bool) -> CmdResult
 /// `switchyard retry`.
 pub async fn retry(url: &str, json: bool, id: &str) -> CmdResult {
     let id = parse_id(id)?;
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Create).await?;
     Client::new(store).retry(id).await?;
     if json {
         print_json(&json!({ "task_id": id, "retried": true }))?;
@@ -623,7 +782,7 @@ pub async fn retry(url: &str, json: bool, id: &str) -> CmdResult {
 
 /// `switchyard workers`.
 pub async fn workers(url: &str, json: bool) -> CmdResult {
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Existing).await?;
     let hosts = Client::new(store.clone()).workers().await?;
     let now = store.now().await?;
     if json {
@@ -705,7 +864,7 @@ pub async fn cleanup(url: &str, json: bool, a: CleanupArgs) -> CmdResult {
     if a.batch == 0 {
         return Err(CliError::usage("--batch: must be at least 1"));
     }
-    let store = open_store(url).await?;
+    let store = open_store(url, Open::Create).await?;
     // The store's clock is the only clock.
     let before = store.now().await?.saturating_sub(age);
     let started = std::time::Instant::now();

@@ -27,7 +27,7 @@ pub async fn serve(url: &str, a: ServeArgs, config: &switchyard::config::ServeCo
     settings
         .check()
         .map_err(|e| CliError::usage(e.to_string()))?;
-    let store = open_store(url).await?;
+    let store = open_store(url, super::commands::Open::Create).await?;
     let server = switchyard_serve::Server::bind(store, settings)
         .await
         .map_err(|e| CliError::failure(e.to_string()))?;

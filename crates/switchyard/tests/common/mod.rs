@@ -94,6 +94,7 @@ impl Env {
         let options = StoreOptions {
             clock: clock.clone(),
             migrate: true,
+            create: true,
         };
         let (url, dir) = match kind {
             StoreKind::Memory => ("memory".to_string(), None),
