@@ -331,6 +331,9 @@ fn log_level_from_the_configuration_sets_the_cli_log_filter() {
         &format!("[store]\nurl = \"sqlite:{}\"\n", db.display()),
     );
     let line = "switchyard: configuration loaded";
+    // `tasks list` only reads: the store must exist.
+    let out = d.run(&["--config", p(&plain), "migrate"], &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
 
     // log.level = "debug": the CLI's debug lines reach stderr.
     let out = d.run(&["--config", p(&debug), "tasks", "list"], &[]);
