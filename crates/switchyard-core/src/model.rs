@@ -514,6 +514,13 @@ pub struct HostInfo {
 /// default heartbeats (5 s) plus slack for a slow store.
 pub const LIVE_HOST_WINDOW_MS: Millis = 30_000;
 
+impl HostInfo {
+    /// Whether it heartbeated within [`LIVE_HOST_WINDOW_MS`] of `now`.
+    pub fn is_live(&self, now: Millis) -> bool {
+        now.saturating_sub(self.last_heartbeat) <= LIVE_HOST_WINDOW_MS
+    }
+}
+
 /// [`HostInfo::end_reason`] of a host that stopped cleanly.
 pub const HOST_STOPPED: &str = "stopped";
 /// [`HostInfo::end_reason`] of a host whose process was found gone.

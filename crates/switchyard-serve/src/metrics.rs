@@ -8,7 +8,7 @@
 //!   oldest ready step of the handler has been due (handlers with ready
 //!   steps only);
 //! * `switchyard_store_hosts{state}`: registered hosts, `live` (heartbeat
-//!   within [`LIVE_HOST_WINDOW_MS`]) or `unresponsive`;
+//!   within [`LIVE_HOST_WINDOW_MS`], [`HostInfo::is_live`]) or `unresponsive`;
 //! * `switchyard_store_live_host_slots`: the slots of the live hosts;
 //! * `switchyard_store_up`: 1 if the store answered this scrape, else 0 (and
 //!   nothing else is reported);
@@ -18,6 +18,8 @@
 //! label, and cardinality is bounded by the handlers. Reading the step
 //! counts scans the steps, so scrape at the usual intervals (15 s or more),
 //! not in a loop.
+//!
+//! [`LIVE_HOST_WINDOW_MS`]: switchyard_core::LIVE_HOST_WINDOW_MS
 
 use std::time::Instant;
 
@@ -25,7 +27,7 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use prometheus::{Gauge, GaugeVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
-use switchyard_core::{HandlerStats, HostInfo, Millis, LIVE_HOST_WINDOW_MS};
+use switchyard_core::{HandlerStats, HostInfo, Millis};
 
 use crate::AppState;
 
@@ -119,7 +121,7 @@ fn render(snap: Option<&Snapshot>, took: f64) -> String {
         );
         let (mut live, mut unresponsive, mut live_slots) = (0i64, 0i64, 0u64);
         for h in &s.hosts {
-            if s.now.saturating_sub(h.last_heartbeat) <= LIVE_HOST_WINDOW_MS {
+            if h.is_live(s.now) {
                 live += 1;
                 live_slots = live_slots.saturating_add(h.slots.unwrap_or(0));
             } else {
@@ -158,6 +160,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_core::LIVE_HOST_WINDOW_MS;
 
     fn host(id: &str, slots: Option<u64>, last_heartbeat: Millis) -> HostInfo {
         HostInfo {

@@ -3319,15 +3319,7 @@ mod tests {
                 ..TaskFilter::default()
             },
         ] {
-            let (sql, args) = list_tasks_sql(&conn, &filter).unwrap();
-            let plan: Vec<String> = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap()
-                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
-                .unwrap()
-                .collect::<rusqlite::Result<_>>()
-                .unwrap();
-            let plan = plan.join("; ");
+            let plan = plan(&conn, &filter);
             assert!(
                 plan.contains("rowid<?)") || plan.contains("seq<?"),
                 "{filter:?}: the cursor is not a keyset search: {plan}"

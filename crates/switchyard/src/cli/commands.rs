@@ -21,9 +21,6 @@ use switchyard::{
 use super::output::{opt_time, relative, short_json, time, Table};
 use crate::{CleanupArgs, EmitArgs, SpawnArgs, TasksListArgs};
 
-/// A host counts as live if it heartbeated within this window.
-pub use switchyard::LIVE_HOST_WINDOW_MS as LIVE_WINDOW_MS;
-
 /// A failure to report on stderr (or as JSON with `--json`), with the
 /// process exit code.
 #[derive(Debug)]
@@ -290,14 +287,14 @@ pub async fn spawn(url: &str, json: bool, a: SpawnArgs) -> CmdResult {
     let unserved = match (client.workers().await, store.now().await) {
         (Ok(hosts), Ok(now)) => !hosts
             .iter()
-            .any(|h| is_live(h, now) && h.handlers.contains(&a.name)),
+            .any(|h| h.is_live(now) && h.handlers.contains(&a.name)),
         _ => false,
     };
     let unserved_note = format!(
         "no live host serves handler `{}` (none heartbeated within {} s listing it); \
          the task waits until a worker that registers `{}` starts",
         a.name,
-        LIVE_WINDOW_MS / 1000,
+        switchyard::LIVE_HOST_WINDOW_MS / 1000,
         a.name
     );
     if unserved {
@@ -456,10 +453,6 @@ struct ShowDoc<'a> {
     unserved: Vec<Value>,
 }
 
-fn is_live(h: &HostInfo, now: Millis) -> bool {
-    now - h.last_heartbeat <= LIVE_WINDOW_MS
-}
-
 fn build_show<'a>(detail: &'a TaskDetail, hosts: &[HostInfo], now: Millis) -> ShowDoc<'a> {
     let waits = detail
         .steps
@@ -492,14 +485,14 @@ fn build_show<'a>(detail: &'a TaskDetail, hosts: &[HostInfo], now: Millis) -> Sh
         .steps
         .iter()
         .filter(|s| s.state == StepState::Ready)
-        .filter(|s| !hosts.iter().any(|h| is_live(h, now) && h.handlers.contains(&s.handler)))
+        .filter(|s| !hosts.iter().any(|h| h.is_live(now) && h.handlers.contains(&s.handler)))
         .map(|s| {
             json!({
                 "step": s.name,
                 "handler": s.handler,
                 "message": format!(
                     "step `{}` is ready but no live host serves handler `{}` (no host heartbeated within {} s lists it); start a worker that registers `{}`",
-                    s.name, s.handler, LIVE_WINDOW_MS / 1000, s.handler
+                    s.name, s.handler, switchyard::LIVE_HOST_WINDOW_MS / 1000, s.handler
                 ),
             })
         })
@@ -790,7 +783,7 @@ pub async fn workers(url: &str, json: bool) -> CmdResult {
             .iter()
             .map(|h| {
                 let mut v = serde_json::to_value(h).unwrap_or(Value::Null);
-                v["live"] = json!(is_live(h, now));
+                v["live"] = json!(h.is_live(now));
                 v
             })
             .collect();
@@ -817,7 +810,7 @@ pub async fn workers(url: &str, json: bool) -> CmdResult {
             h.hostname.clone(),
             h.language.clone().unwrap_or_else(|| "-".into()),
             h.slots.map_or_else(|| "-".into(), |n| n.to_string()),
-            if is_live(h, now) { "yes" } else { "no" }.into(),
+            if h.is_live(now) { "yes" } else { "no" }.into(),
             relative(h.last_heartbeat, now),
             time(h.started_at),
             h.handlers.join(","),
