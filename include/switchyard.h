@@ -415,6 +415,17 @@ sy_status sy_ctx_spawn(sy_ctx *ctx,
                        sy_buf *task_id,
                        sy_error **err);
 
+// `sy_ctx_spawn` whose child emits its outcome as event `response_event`
+// when it finishes (payload `{"task_id", "state", "result", "error"}`), so
+// a step can `sy_ctx_await_event` it. `response_event` NULL is
+// `sy_ctx_spawn`.
+sy_status sy_ctx_spawn_with_response_event(sy_ctx *ctx,
+                                           const char *handler,
+                                           const char *input_json,
+                                           const char *response_event,
+                                           sy_buf *task_id,
+                                           sy_error **err);
+
 // Delegates to a child task and waits for it: `SY_OK` with its JSON result
 // in `result` (release with `sy_buf_free`), `SY_SUSPENDED` while it runs
 // (return it), `SY_ERROR_PERMANENT` if it failed or was cancelled (the
@@ -440,6 +451,14 @@ sy_status sy_ctx_delegate_parallel(sy_ctx *ctx,
 // The results of the steps this step depends on, as a JSON object by step
 // name (release with `sy_buf_free`).
 sy_status sy_ctx_dependency_results(sy_ctx *ctx, sy_buf *results, sy_error **err);
+
+// Ends this run with `status` when the callback completes with a value:
+// the steps the decision routed from that status are created (the
+// `routes` of a decision's step) and the status is recorded with the step.
+// Without a call the status is `ok`; the last call wins. A status the step
+// has no route for fails the step; a status that is not a name is
+// `SY_INVALID_ARGUMENT`.
+sy_status sy_ctx_set_status(sy_ctx *ctx, const char *status, sy_error **err);
 
 // Extends the lease during long work; `SY_CANCELLED` if the task was
 // cancelled, `SY_LEASE_LOST` if the step was taken over (stop and return

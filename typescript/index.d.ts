@@ -118,6 +118,22 @@ export declare class NetworkError extends SwitchyardError {
 }
 /** True for the internal error that suspends a step (rethrow it if you catch errors broadly). */
 export declare function isSuspension(e: unknown): boolean;
+/** The payload of a task's response event (`responseEvent` of a spawn),
+ * emitted when the task finishes. Event payloads are data: the keys are
+ * the stored ones. */
+export interface ResponseEvent {
+    task_id: string;
+    state: "completed" | "failed" | "cancelled";
+    /** The result (completed), else null. */
+    result: unknown;
+    /** `kind`, `message`, `trace`, `attempt` (failed or cancelled), else null. */
+    error: {
+        kind: string;
+        message: string;
+        trace?: string | null;
+        attempt: number;
+    } | null;
+}
 /** A child task for `ctx.delegateParallel`. */
 export interface Child {
     handler: string;
@@ -165,6 +181,13 @@ export declare class Context {
     get timeLeft(): number | null;
     /** True once the task was cancelled. */
     get isCancelled(): boolean;
+    /** Ends this run with `status` when the handler returns a value: the
+     * steps the decision routed from that status are created (see
+     * `routes` in `step`) and the status is recorded with the step. Without
+     * a call the status is `ok`; the last call wins. A status the step has
+     * no route for fails the step; a status that is not a name throws
+     * `InvalidInput`. */
+    setStatus(status: string): void;
     /** Fired with a `CancelledError` reason when the core stops wanting this
      * run: the task was cancelled, the handler's timeout passed, or the worker
      * shut down before the run ended. Pass it to `fetch`, timers and the like.
@@ -185,7 +208,9 @@ export declare class Context {
     /** Alias of `emitEvent`. */
     emit(name: string, payload?: unknown): Promise<boolean>;
     /** Spawns a child task the step does not wait for; returns its id. */
-    spawn(handler: string, input?: unknown): Promise<string>;
+    spawn(handler: string, input?: unknown, options?: {
+        responseEvent?: string;
+    }): Promise<string>;
     /** Runs a child task and returns its result (the step suspends meanwhile);
      * a failed child fails this step permanently. */
     delegate<T = unknown>(handler: string, input?: unknown): Promise<T>;
@@ -203,12 +228,18 @@ export interface PlannedStep {
     handler: string;
     input: unknown;
     dependsOn: string[];
+    /** Routing on the step's status: when it completes with status `S`
+     * (`ctx.setStatus(S)`; `ok` when it sets none), the steps under `S` are
+     * created; a routed step with no `dependsOn` depends on this step. A
+     * status with no route fails the step. */
+    routes?: Record<string, PlannedStep[]>;
 }
 /** A step for `Decision.create`: `handler` defaults to `name`. */
 export declare function step(name: string, options?: {
     handler?: string;
     input?: unknown;
     dependsOn?: string[];
+    routes?: Record<string, PlannedStep[]>;
 }): PlannedStep;
 /** What a `worker.decision` handler returns: steps to create (with
  * dependencies by name), or `Decision.complete(value)`. */

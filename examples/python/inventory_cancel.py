@@ -1,4 +1,12 @@
-"""An inventory checker with cancellation, in Python.
+"""An inventory checker: routing on a status, a transient error retried,
+and cancellation, in Python.
+
+`inventory.order` plans one `check` step routed on its status: the
+`inventory.check` handler says `ctx.set_status("out_of_stock")` when the
+stock is short (and sets nothing, status `ok`, when it is not); `ok` ships
+and `out_of_stock` backorders, each reading the check's result. The check's
+first attempt fails with a transient error (the warehouse API timed out),
+which is retried.
 
 `inventory.scan` walks a long list of warehouse bins, checkpointing its
 cursor every bin and heartbeating so its lease stays valid; it checks
@@ -24,10 +32,47 @@ import time
 import switchyard
 
 BINS = 10_000
+STOCK = {"bolt": 10, "nut": 1}
 seen = {"scan_stopped_at": None, "watch_cancelled": threading.Event(), "scanning": threading.Event()}
 
 
 def build(worker):
+    @worker.decision("inventory.order")
+    def order(input, ctx):
+        return switchyard.Decision.create(
+            [
+                switchyard.step(
+                    "check",
+                    handler="inventory.check",
+                    input=input,
+                    routes={
+                        "ok": [switchyard.step("ship", handler="inventory.ship")],
+                        "out_of_stock": [switchyard.step("backorder", handler="inventory.backorder")],
+                    },
+                )
+            ]
+        )
+
+    @worker.step("inventory.check", retry=switchyard.Retry(max_attempts=3, initial_backoff=0.05, max_backoff=0.05))
+    def check(input, ctx):
+        if ctx.attempt == 1:
+            raise switchyard.RetryableError("warehouse API timed out")
+        have = STOCK.get(input["sku"], 0)
+        if have < input["qty"]:
+            ctx.set_status("out_of_stock")
+            return {"sku": input["sku"], "missing": input["qty"] - have}
+        return {"sku": input["sku"], "reserved": input["qty"]}
+
+    @worker.step("inventory.ship")
+    def ship(input, ctx):
+        check = ctx.dependency_results()["check"]
+        return {"shipped": check["reserved"], "sku": check["sku"]}
+
+    @worker.step("inventory.backorder")
+    def backorder(input, ctx):
+        check = ctx.dependency_results()["check"]
+        return {"backordered": check["missing"], "sku": check["sku"]}
+
     @worker.step("inventory.scan", timeout=120)
     def scan(input, ctx):
         cursor = ctx.checkpoint("start", lambda: 0)
@@ -66,6 +111,13 @@ def main():
     client = switchyard.Client(args.store)
     worker.start()
     try:
+        for sku, qty, want in [("bolt", 4, {"shipped": 4, "sku": "bolt"}), ("nut", 3, {"backordered": 2, "sku": "nut"})]:
+            order_task = client.spawn("inventory.order", {"sku": sku, "qty": qty})
+            result = client.result(order_task, timeout=20)
+            check = next(s for s in client.inspect(order_task)["steps"] if s["name"] == "check")
+            print(f"order {sku} x{qty}: check ended `{check['status']}` on attempt {check['attempt']}: {result}", flush=True)
+            assert result == want, result
+            assert check["attempt"] == 2, "the transient error was retried once"
         scan_task = client.spawn("inventory.scan", {"warehouse": "W1"})
         if not seen["scanning"].wait(20):
             raise SystemExit("the scan never started")

@@ -1,6 +1,14 @@
 # frozen_string_literal: true
 
-# An inventory checker with cancellation, in Ruby.
+# An inventory checker: routing on a status, a transient error retried,
+# and cancellation, in Ruby.
+#
+# `inventory.order` plans one `check` step routed on its status: the
+# `inventory.check` handler calls `ctx.set_status("out_of_stock")` when the
+# stock is short (and sets nothing, status `ok`, when it is not); `ok` ships
+# and `out_of_stock` backorders, each reading the check's result. The
+# check's first attempt fails with a transient error (the warehouse API
+# timed out), which is retried.
 #
 # `inventory.scan` walks a long list of warehouse bins, checkpointing its
 # cursor and heartbeating so its lease stays valid; it checks
@@ -13,16 +21,52 @@
 #
 #   ruby examples/ruby/inventory_cancel.rb [--store sqlite:inv.db]
 
+require "json"
 require "optparse"
 require "tmpdir"
 require "timeout"
 require "switchyard"
 
 BINS = 10_000
+STOCK = { "bolt" => 10, "nut" => 1 }.freeze
 SCANNING = Queue.new
 STOPPED = Queue.new
 
 def build(worker)
+  worker.decision("inventory.order") do |input, _ctx|
+    Switchyard::Decision.create(
+      [
+        Switchyard.step("check", handler: "inventory.check", input: input,
+                                 routes: {
+                                   ok: [Switchyard.step("ship", handler: "inventory.ship")],
+                                   out_of_stock: [Switchyard.step("backorder", handler: "inventory.backorder")]
+                                 })
+      ]
+    )
+  end
+
+  worker.step("inventory.check", retry: { max_attempts: 3, initial_backoff: 0.05, max_backoff: 0.05 }) do |input, ctx|
+    raise Switchyard::RetryableError, "warehouse API timed out" if ctx.attempt == 1
+
+    have = STOCK.fetch(input["sku"], 0)
+    if have < input["qty"]
+      ctx.set_status("out_of_stock")
+      { sku: input["sku"], missing: input["qty"] - have }
+    else
+      { sku: input["sku"], reserved: input["qty"] }
+    end
+  end
+
+  worker.step("inventory.ship") do |_input, ctx|
+    check = ctx.dependency_results["check"]
+    { shipped: check["reserved"], sku: check["sku"] }
+  end
+
+  worker.step("inventory.backorder") do |_input, ctx|
+    check = ctx.dependency_results["check"]
+    { backordered: check["missing"], sku: check["sku"] }
+  end
+
   worker.step("inventory.scan", timeout: 120) do |input, ctx|
     cursor = ctx.checkpoint("start") { 0 }
     bin = cursor
@@ -80,6 +124,14 @@ build(worker)
 client = Switchyard::Client.new(store: store)
 worker.start
 begin
+  [["bolt", 4, { "shipped" => 4, "sku" => "bolt" }], ["nut", 3, { "backordered" => 2, "sku" => "nut" }]].each do |sku, qty, want|
+    order = client.spawn("inventory.order", { sku: sku, qty: qty })
+    result = client.result(order, timeout: 20)
+    check = client.inspect(order)["steps"].find { |s| s["name"] == "check" }
+    puts "order #{sku} x#{qty}: check ended `#{check['status']}` on attempt #{check['attempt']}: #{result.to_json}"
+    raise "order #{sku}: #{result.inspect}" unless result == want
+    raise "the transient error was retried once" unless check["attempt"] == 2
+  end
   scan = client.spawn("inventory.scan", { warehouse: "W1" })
   Timeout.timeout(20) { SCANNING.pop }
   puts "client: cancelling scan #{scan}"

@@ -1,4 +1,12 @@
-// An inventory checker with cancellation, in TypeScript.
+// An inventory checker: routing on a status, a transient error retried,
+// and cancellation, in TypeScript.
+//
+// `inventory.order` plans one `check` step routed on its status: the
+// `inventory.check` handler calls `ctx.setStatus("out_of_stock")` when the
+// stock is short (and sets nothing, status `ok`, when it is not); `ok`
+// ships and `out_of_stock` backorders, each reading the check's result. The
+// check's first attempt fails with a transient error (the warehouse API
+// timed out), which is retried.
 //
 // `inventory.scan` walks a long list of warehouse bins, checkpointing its
 // cursor and heartbeating so its lease stays valid; each bin is counted
@@ -10,13 +18,53 @@
 //
 //   node inventory_cancel.mjs [--store sqlite:inv.db]
 import { setTimeout as delay } from "node:timers/promises";
-import { Client, TaskCancelledError, Worker } from "switchyard";
+import { Client, Decision, RetryableError, TaskCancelledError, Worker, step } from "switchyard";
 import { storeFromArgs, until } from "./common.mjs";
 
 const BINS = 10_000;
+const STOCK: Record<string, number> = { bolt: 10, nut: 1 };
+type Order = { sku: string; qty: number };
+type Checked = { sku: string; reserved?: number; missing?: number };
 const seen = { stoppedAt: -1, scanning: false };
 
 export function build(worker: Worker): void {
+  worker.decision("inventory.order", async (input: Order) =>
+    Decision.create([
+      step("check", {
+        handler: "inventory.check",
+        input,
+        routes: {
+          ok: [step("ship", { handler: "inventory.ship" })],
+          out_of_stock: [step("backorder", { handler: "inventory.backorder" })],
+        },
+      }),
+    ]),
+  );
+
+  worker.step(
+    "inventory.check",
+    async (input: Order, ctx): Promise<Checked> => {
+      if (ctx.attempt === 1) throw new RetryableError("warehouse API timed out");
+      const have = STOCK[input.sku] ?? 0;
+      if (have < input.qty) {
+        ctx.setStatus("out_of_stock");
+        return { sku: input.sku, missing: input.qty - have };
+      }
+      return { sku: input.sku, reserved: input.qty };
+    },
+    { retry: { maxAttempts: 3, initialBackoff: 0.05, maxBackoff: 0.05 } },
+  );
+
+  worker.step("inventory.ship", async (_input: unknown, ctx) => {
+    const check = (await ctx.dependencyResults()).check as Checked;
+    return { shipped: check.reserved, sku: check.sku };
+  });
+
+  worker.step("inventory.backorder", async (_input: unknown, ctx) => {
+    const check = (await ctx.dependencyResults()).check as Checked;
+    return { backordered: check.missing, sku: check.sku };
+  });
+
   worker.step(
     "inventory.scan",
     async (_input: { warehouse: string }, ctx) => {
@@ -50,6 +98,18 @@ async function main(): Promise<void> {
   const client = new Client({ store });
   await worker.start();
   try {
+    const orders: [string, number, unknown][] = [
+      ["bolt", 4, { shipped: 4, sku: "bolt" }],
+      ["nut", 3, { backordered: 2, sku: "nut" }],
+    ];
+    for (const [sku, qty, want] of orders) {
+      const orderTask = await client.spawn("inventory.order", { sku, qty });
+      const result = await client.result(orderTask, { timeout: 20 });
+      const check = (await client.inspect(orderTask)).steps.find((s: { name: string }) => s.name === "check");
+      console.log(`order ${sku} x${qty}: check ended \`${check.status}\` on attempt ${check.attempt}: ${JSON.stringify(result)}`);
+      if (JSON.stringify(result) !== JSON.stringify(want)) throw new Error(`order ${sku}: ${JSON.stringify(result)}`);
+      if (check.attempt !== 2) throw new Error("the transient error was retried once");
+    }
     const scanTask = await client.spawn("inventory.scan", { warehouse: "W1" });
     await until(async () => seen.scanning, 20_000, "the scan to start");
     console.log(`client: cancelling scan ${scanTask}`);

@@ -6,7 +6,7 @@ tasks live in an embedded SQLite file by default (``sqlite:switchyard.db``).
 
 from . import _native
 from ._client import Client
-from ._context import AsyncContext, Context
+from ._context import AsyncContext, Context, ResponseEvent
 from ._worker import BatchItem, Decision, Retry, Worker, default_store, step
 from .errors import (
     AwaitTimeout,
@@ -49,6 +49,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "PermanentError",
+    "ResponseEvent",
     "Retry",
     "RetryableError",
     "ShutdownError",

@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union, cast
+from typing import Any, Awaitable, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, TypedDict, TypeVar, Union, cast
 
 from . import _native
 
 T = TypeVar("T")
+
+
+class ResponseEvent(TypedDict):
+    """The payload of a task's response event (``response_event`` of a
+    spawn), emitted when the task finishes."""
+
+    task_id: str
+    state: Literal["completed", "failed", "cancelled"]
+    result: Any
+    """The result (completed), else None."""
+    error: Optional[Dict[str, Any]]
+    """``kind``, ``message``, ``trace``, ``attempt`` (failed or cancelled), else None."""
 
 class _Base:
     __slots__ = ("_n",)
@@ -69,6 +81,15 @@ class _Base:
         """True once the task was cancelled (cooperative cancellation)."""
         return self._n.is_cancelled()
 
+    def set_status(self, status: str) -> None:
+        """Ends this run with ``status`` when the handler returns a value:
+        the steps the decision routed from that status are created (see
+        ``routes`` in decision steps) and the status is recorded with the
+        step. Without a call the status is ``ok``; the last call wins. A
+        status the step has no route for fails the step; a status that is
+        not a name raises :class:`InvalidInput`."""
+        self._n.set_status(status)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} task={self.task_id} step={self.step_name} attempt={self.attempt}>"
 
@@ -123,9 +144,11 @@ class Context(_Base):
         """Alias of :meth:`emit_event`."""
         return self._n.emit_event(name, payload)
 
-    def spawn(self, handler: str, input: Any = None) -> str:
-        """Spawns a child task without waiting for it; returns its id."""
-        return self._n.spawn(handler, input)
+    def spawn(self, handler: str, input: Any = None, *, response_event: Optional[str] = None) -> str:
+        """Spawns a child task without waiting for it; returns its id. With
+        ``response_event``, the child's outcome is emitted as that event when
+        it finishes (payload: :class:`ResponseEvent`)."""
+        return self._n.spawn(handler, input, response_event)
 
     def delegate(self, handler: str, input: Any = None) -> Any:
         """Runs a child task and returns its result (the step suspends meanwhile)."""
@@ -179,8 +202,8 @@ class AsyncContext(_Base):
         """Alias of :meth:`emit_event`."""
         return await self._n.emit_event_async(name, payload)
 
-    async def spawn(self, handler: str, input: Any = None) -> str:
-        return await self._n.spawn_async(handler, input)
+    async def spawn(self, handler: str, input: Any = None, *, response_event: Optional[str] = None) -> str:
+        return await self._n.spawn_async(handler, input, response_event)
 
     async def delegate(self, handler: str, input: Any = None) -> Any:
         return await self._n.delegate_async(handler, input)

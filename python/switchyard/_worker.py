@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
 from . import _native
 from ._context import AsyncContext, Context
@@ -46,6 +46,11 @@ def default_store() -> str:
     return os.environ.get("SWITCHYARD_STORE") or DEFAULT_STORE
 
 
+# A handler as registered: the decorators hand it back unchanged, so type
+# checkers keep its exact signature.
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 @dataclass(frozen=True)
 class Retry:
     """Retry policy: exponential backoff with jitter, up to ``max_attempts``."""
@@ -55,9 +60,24 @@ class Retry:
     max_backoff: float = 300.0
 
 
-def step(name: str, handler: Optional[str] = None, input: Any = None, depends_on: Sequence[str] = ()) -> Dict[str, Any]:
-    """A step for a :class:`Decision`: ``handler`` defaults to ``name``."""
-    return {"name": name, "handler": handler or name, "input": input, "depends_on": list(depends_on)}
+def step(
+    name: str,
+    handler: Optional[str] = None,
+    input: Any = None,
+    depends_on: Sequence[str] = (),
+    routes: Optional[Mapping[str, Sequence[Dict[str, Any]]]] = None,
+) -> Dict[str, Any]:
+    """A step for a :class:`Decision`: ``handler`` defaults to ``name``.
+
+    ``routes`` maps a status to the steps to create when this step completes
+    with it (``ctx.set_status``; ``"ok"`` when the handler sets none); a
+    routed step with no ``depends_on`` depends on this one and reads its
+    result with ``ctx.dependency_results()``. A status with no route fails
+    the step."""
+    s: Dict[str, Any] = {"name": name, "handler": handler or name, "input": input, "depends_on": list(depends_on)}
+    if routes is not None:
+        s["routes"] = {status: list(steps) for status, steps in routes.items()}
+    return s
 
 
 @dataclass
@@ -226,10 +246,10 @@ class Worker:
         concurrency: Optional[int] = None,
         timeout: Optional[float] = None,
         retry: Union[None, int, Retry] = None,
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    ) -> Callable[[F], F]:
         """Registers a plain handler ``fn(input, ctx) -> result`` (or ``async def``)."""
 
-        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def deco(fn: F) -> F:
             self._register(name, "step", fn, retry, concurrency=concurrency, timeout=timeout)
             return fn
 
@@ -244,10 +264,10 @@ class Worker:
         concurrency: Optional[int] = None,
         timeout: Optional[float] = None,
         retry: Union[None, int, Retry] = None,
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    ) -> Callable[[F], F]:
         """Registers a batch handler ``fn(items: list[BatchItem]) -> list[result | Exception]``."""
 
-        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def deco(fn: F) -> F:
             self._register(name, "batch", fn, retry, concurrency=concurrency, timeout=timeout, max_batch=max_batch, linger=linger)
             return fn
 
@@ -260,10 +280,10 @@ class Worker:
         concurrency: Optional[int] = None,
         timeout: Optional[float] = None,
         retry: Union[None, int, Retry] = None,
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    ) -> Callable[[F], F]:
         """Registers a decision handler ``fn(input, ctx) -> Decision``."""
 
-        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def deco(fn: F) -> F:
             self._register(name, "decision", fn, retry, concurrency=concurrency, timeout=timeout)
             return fn
 
@@ -278,11 +298,11 @@ class Worker:
         concurrency: Optional[int] = None,
         timeout: Optional[float] = None,
         retry: Union[None, int, Retry] = None,
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    ) -> Callable[[F], F]:
         """Registers an API-shaped handler; raise :class:`HttpError` or
         :class:`NetworkError` for failures. ``rate_limit`` is starts per second."""
 
-        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def deco(fn: F) -> F:
             self._register(name, "api", fn, retry, concurrency=concurrency, timeout=timeout, rate_limit=rate_limit, burst=burst)
             return fn
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 import switchyard
-from switchyard import Decision, Retry
+from switchyard import Decision, Retry, step
 
 from helpers import until, wait_step_state
 
@@ -474,3 +474,85 @@ def test_async_durable_calls_run_without_a_thread_pool(make_worker, client):
     assert [client.result(t, timeout=30) for t in ids] == [i * 2 for i in range(80)]
     pool = [t.name for t in threading.enumerate() if t.name.startswith("switchyard-ctx")]
     assert pool == [], f"durable calls ran on pool threads: {pool}"
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_spawn_with_response_event_and_await_it(make_worker, client, kind):
+    """ctx.spawn(..., response_event=...) emits the child's outcome as an
+    event the parent awaits; its payload is a ResponseEvent."""
+    w = make_worker()
+
+    @w.step("child")
+    def child(inp, ctx):
+        if inp.get("fail"):
+            raise switchyard.PermanentError("child says no")
+        return inp["x"] * 2
+
+    if kind == "sync":
+
+        @w.step("parent")
+        def parent(inp, ctx):
+            name = f"child.done:{ctx.task_id}"
+            child_id = ctx.spawn("child", inp, response_event=name)
+            ev: switchyard.ResponseEvent = ctx.await_event(name, timeout=30)
+            return {"child": child_id, "event": ev}
+
+    else:
+
+        @w.step("parent")
+        async def parent(inp, ctx):
+            name = f"child.done:{ctx.task_id}"
+            child_id = await ctx.spawn("child", inp, response_event=name)
+            ev: switchyard.ResponseEvent = await ctx.await_event(name, timeout=30)
+            return {"child": child_id, "event": ev}
+
+    @w.step("bad_name")
+    def bad_name(inp, ctx):
+        try:
+            ctx.spawn("child", {"x": 1}, response_event="")
+        except switchyard.InvalidInput as e:
+            return f"refused: {e}"
+        return "accepted"
+
+    w.start()
+    r = client.result(client.spawn("parent", {"x": 21}), timeout=30)
+    ev = r["event"]
+    assert ev == {"task_id": r["child"], "state": "completed", "result": 42, "error": None}
+    r = client.result(client.spawn("parent", {"fail": True}), timeout=30)
+    ev = r["event"]
+    assert ev["task_id"] == r["child"] and ev["state"] == "failed" and ev["result"] is None
+    assert ev["error"]["kind"] == "permanent" and ev["error"]["message"] == "child says no", ev
+    refused = client.result(client.spawn("bad_name", {}), timeout=30)
+    assert refused.startswith("refused: ") and "response_event" in refused, refused
+
+
+def test_set_status_routes_and_refuses_a_bad_status(make_worker, client):
+    w = make_worker()
+
+    @w.decision("plan")
+    def plan(inp, ctx):
+        return Decision.create(
+            [step("check", handler="check", input=inp, routes={"late": [step("chase", handler="chase")]})]
+        )
+
+    @w.step("check")
+    def check(inp, ctx):
+        try:
+            ctx.set_status("")
+        except switchyard.InvalidInput as e:
+            bad = str(e)
+        ctx.set_status("late")
+        return {"bad": bad}
+
+    @w.step("chase")
+    def chase(inp, ctx):
+        return ctx.dependency_results()
+
+    w.start()
+    t = client.spawn("plan", {})
+    r = client.result(t, timeout=30)
+    assert "status" in r["check"]["bad"], r
+    steps = {s["name"]: s for s in client.inspect(t)["steps"]}
+    assert steps["check"]["status"] == "late"
+    assert list(steps["check"]["routes"]) == ["late"]
+    assert steps["chase"]["state"] == "completed"

@@ -17,6 +17,8 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", 
         ("order_events.py", "courier emitted shipment.delivered"),
         ("delegation.py", "response event report.ready"),
         ("inventory_cancel.py", "watch and its scan cancelled"),
+        ("inventory_cancel.py", "order nut x3: check ended `out_of_stock` on attempt 2: {'backordered': 2, 'sku': 'nut'}"),
+        ("inventory_cancel.py", "order bolt x4: check ended `ok` on attempt 2: {'shipped': 4, 'sku': 'bolt'}"),
     ],
 )
 def test_example_runs(tmp_path, script, expect):

@@ -347,6 +347,18 @@ def test_client_bad_input_and_idempotency(client):
         client.result(a, timeout=0.05)
 
 
+def test_a_worker_with_a_store_url_that_cannot_work_fails_at_construction(tmp_path):
+    for store, says in [
+        (f"sqlite:{tmp_path}/no/such/dir/x.db", f"directory `{tmp_path}/no/such/dir` does not exist"),
+        ("mysql://u:s3cr3t@h/db", "unrecognised store URL `mysql://u:***@h/db`"),
+        ("sqlite:x.db?synchronous=sometimes", "synchronous"),
+        ("postgres://h/db?wakeup=never", "wakeup"),
+    ]:
+        with pytest.raises(switchyard.ConfigError) as e:
+            switchyard.Worker(store)
+        assert says in str(e.value) and "s3cr3t" not in str(e.value), str(e.value)
+
+
 def test_async_client_and_context_manager(store):
     async def main():
         c = switchyard.Client(store)

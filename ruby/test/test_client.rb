@@ -70,6 +70,16 @@ class TestClient < Minitest::Test
     assert_kind_of Switchyard::InvalidInput, e
     e = assert_raises(Switchyard::ConfigError) { Switchyard::Client.new(store: "nosuch://x") }
     assert_match(/nosuch/, e.message)
+    # A worker with a store URL that cannot work fails when it is made.
+    Dir.mktmpdir do |dir|
+      [["sqlite:#{dir}/no/such/dir/x.db", "directory `#{dir}/no/such/dir` does not exist"],
+       ["mysql://u:s3cr3t@h/db", "unrecognised store URL `mysql://u:***@h/db`"],
+       ["sqlite:x.db?synchronous=sometimes", "synchronous"]].each do |store, says|
+        e = assert_raises(Switchyard::ConfigError) { Switchyard::Worker.new(store: store) }
+        assert_includes e.message, says
+        refute_includes e.message, "s3cr3t"
+      end
+    end
   end
 
   def test_result_timeout_failure_cancel_retry_list_inspect

@@ -324,4 +324,59 @@ class TestDurable < Minitest::Test
     # A sleep whose time has already come returns without suspending.
     assert_includes 2..51, out["run"]
   end
+
+  def test_spawn_with_response_event_and_await_it
+    w = make_worker
+    w.step("child", retry: 1) do |input, _ctx|
+      raise Switchyard::PermanentError, "child says no" if input["fail"]
+
+      input["x"] * 2
+    end
+    w.step("parent") do |input, ctx|
+      name = "child.done:#{ctx.task_id}"
+      child = ctx.spawn("child", input, response_event: name)
+      { "child" => child, "event" => ctx.await_event(name, timeout: 30) }
+    end
+    w.step("bad_name") do |_input, ctx|
+      ctx.spawn("child", { x: 1 }, response_event: "")
+      "accepted"
+    rescue Switchyard::InvalidInput => e
+      "refused: #{e.message}"
+    end
+    w.start
+    r = client.result(client.spawn("parent", { x: 21 }), timeout: WAIT)
+    assert_equal({ "task_id" => r["child"], "state" => "completed", "result" => 42, "error" => nil }, r["event"])
+    r = client.result(client.spawn("parent", { fail: true }), timeout: WAIT)
+    assert_equal [r["child"], "failed", nil], r["event"].values_at("task_id", "state", "result")
+    assert_match(/child says no/, r["event"]["error"]["message"])
+    assert_match(/\Arefused: .*response_event/, client.result(client.spawn("bad_name", {}), timeout: WAIT))
+  end
+
+  def test_set_status_routes_and_refuses_a_bad_status
+    w = make_worker
+    w.decision("plan") do |input, _ctx|
+      Switchyard::Decision.create(
+        [Switchyard.step("check", input: input, routes: { late: [Switchyard.step("chase")] })]
+      )
+    end
+    w.step("check") do |_input, ctx|
+      bad = begin
+        ctx.set_status("")
+        "accepted"
+      rescue Switchyard::InvalidInput => e
+        e.message
+      end
+      ctx.set_status(:late)
+      { "bad" => bad }
+    end
+    w.step("chase") { |_input, ctx| ctx.dependency_results }
+    w.start
+    id = client.spawn("plan", {})
+    r = client.result(id, timeout: WAIT)
+    assert_match(/status/, r["check"]["bad"])
+    steps = client.inspect(id)["steps"].to_h { |s| [s["name"], s] }
+    assert_equal "late", steps["check"]["status"]
+    assert_equal ["late"], steps["check"]["routes"].keys
+    assert_equal "completed", steps["chase"]["state"]
+  end
 end

@@ -33,6 +33,8 @@ class TestExamples < Minitest::Test
 
   def test_inventory_cancel
     out = run_example("inventory_cancel.rb")
+    assert_match(/order bolt x4: check ended `ok` on attempt 2: \{"shipped":4,"sku":"bolt"\}/, out)
+    assert_match(/order nut x3: check ended `out_of_stock` on attempt 2: \{"backordered":2,"sku":"nut"\}/, out)
     assert_match(/inventory\.scan\(W1\): cancelled at bin \d+/, out)
     assert_match(/inventory\.scan\(W2\): cancelled at bin \d+/, out)
     assert_match(/done: scan stopped/, out)

@@ -35,13 +35,14 @@ interface NativeContext {
   readonly headersJson: string;
   readonly timeLeft: number | null;
   readonly isCancelled: boolean;
+  setStatus(status: string): string;
   checkpointLookup(name: string): Promise<string>;
   checkpointSave(key: string, value: string): Promise<string>;
   awaitEvent(name: string, timeoutSecs?: number | null): Promise<string>;
   sleep(seconds: number): Promise<string>;
   sleepUntil(atMs: number): Promise<string>;
   emitEvent(name: string, payload: string): Promise<string>;
-  spawn(handler: string, input: string): Promise<string>;
+  spawn(handler: string, input: string, responseEvent?: string | null): Promise<string>;
   delegate(handler: string, input: string): Promise<string>;
   delegateParallel(children: string): Promise<string>;
   heartbeat(): Promise<string>;
@@ -100,6 +101,8 @@ interface NativeModule {
   };
   NativeClient: { open(url: string, maxPayloadBytes?: number | null): Promise<NativeClient> };
   nativeVersion(): string;
+  /** An envelope: the store URL checked without opening the store. */
+  checkStoreUrl(url: string): string;
   /** An envelope of the core's plan. */
   fanOut(handler: string, total: number, batchSize: number, input: string, converge: string): string;
 }
@@ -322,6 +325,12 @@ function camelRecord(v: any): any {
   if (v === null || typeof v !== "object") return v;
   const out: Record<string, unknown> = {};
   for (const [k, x] of Object.entries(v)) {
+    if (k === "routes" && x !== null && typeof x === "object" && !Array.isArray(x)) {
+      // A step's routes: the keys are statuses (data, kept as they are);
+      // the routed steps are records like any other.
+      out.routes = Object.fromEntries(Object.entries(x).map(([status, steps]) => [status, camelRecord(steps)]));
+      continue;
+    }
     out[camel(k)] = OPAQUE.has(k) ? x : camelRecord(x);
   }
   return out;
@@ -329,6 +338,18 @@ function camelRecord(v: any): any {
 
 // ---------------------------------------------------------------------------
 // Context
+
+/** The payload of a task's response event (`responseEvent` of a spawn),
+ * emitted when the task finishes. Event payloads are data: the keys are
+ * the stored ones. */
+export interface ResponseEvent {
+  task_id: string;
+  state: "completed" | "failed" | "cancelled";
+  /** The result (completed), else null. */
+  result: unknown;
+  /** `kind`, `message`, `trace`, `attempt` (failed or cancelled), else null. */
+  error: { kind: string; message: string; trace?: string | null; attempt: number } | null;
+}
 
 /** A child task for `ctx.delegateParallel`. */
 export interface Child {
@@ -432,6 +453,15 @@ export class Context {
   get isCancelled(): boolean {
     return this.#n.isCancelled;
   }
+  /** Ends this run with `status` when the handler returns a value: the
+   * steps the decision routed from that status are created (see
+   * `routes` in `step`) and the status is recorded with the step. Without
+   * a call the status is `ok`; the last call wins. A status the step has
+   * no route for fails the step; a status that is not a name throws
+   * `InvalidInput`. */
+  setStatus(status: string): void {
+    unwrap(this.#n.setStatus(status));
+  }
   /** Fired with a `CancelledError` reason when the core stops wanting this
    * run: the task was cancelled, the handler's timeout passed, or the worker
    * shut down before the run ended. Pass it to `fetch`, timers and the like.
@@ -488,8 +518,8 @@ export class Context {
     return this.emitEvent(name, payload);
   }
   /** Spawns a child task the step does not wait for; returns its id. */
-  async spawn(handler: string, input: unknown = null): Promise<string> {
-    return unwrap(await this.#n.spawn(handler, toJson(input, "child input")));
+  async spawn(handler: string, input: unknown = null, options: { responseEvent?: string } = {}): Promise<string> {
+    return unwrap(await this.#n.spawn(handler, toJson(input, "child input"), options.responseEvent ?? null));
   }
   /** Runs a child task and returns its result (the step suspends meanwhile);
    * a failed child fails this step permanently. */
@@ -521,19 +551,40 @@ export interface PlannedStep {
   handler: string;
   input: unknown;
   dependsOn: string[];
+  /** Routing on the step's status: when it completes with status `S`
+   * (`ctx.setStatus(S)`; `ok` when it sets none), the steps under `S` are
+   * created; a routed step with no `dependsOn` depends on this step. A
+   * status with no route fails the step. */
+  routes?: Record<string, PlannedStep[]>;
 }
 
 /** A step for `Decision.create`: `handler` defaults to `name`. */
 export function step(
   name: string,
-  options: { handler?: string; input?: unknown; dependsOn?: string[] } = {},
+  options: { handler?: string; input?: unknown; dependsOn?: string[]; routes?: Record<string, PlannedStep[]> } = {},
 ): PlannedStep {
-  return {
+  const s: PlannedStep = {
     name,
     handler: options.handler ?? name,
     input: options.input ?? null,
     dependsOn: options.dependsOn ?? [],
   };
+  if (options.routes !== undefined) s.routes = options.routes;
+  return s;
+}
+
+/** A planned step in the core's JSON shape (`depends_on`, routes
+ * recursively). */
+function plannedJson(s: PlannedStep): Record<string, unknown> {
+  const out: Record<string, unknown> = { name: s.name, handler: s.handler, input: s.input ?? null, depends_on: s.dependsOn ?? [] };
+  if (s.routes !== undefined && s.routes !== null) {
+    const routes: Record<string, unknown> = {};
+    for (const [status, steps] of Object.entries(s.routes)) {
+      routes[status] = Array.isArray(steps) ? steps.map(plannedJson) : steps;
+    }
+    out.routes = routes;
+  }
+  return out;
 }
 
 /** What a `worker.decision` handler returns: steps to create (with
@@ -923,7 +974,7 @@ function okText(h: Registered, v: unknown): string {
         );
       }
       if (v.done) return `[${COMPLETE},${resultJson(v.value ?? null)}]`;
-      const steps = v.steps.map((s) => ({ name: s.name, handler: s.handler, input: s.input ?? null, depends_on: s.dependsOn ?? [] }));
+      const steps = v.steps.map(plannedJson);
       return `[${DECIDE},${resultJson(steps)},${JSON.stringify(v.finalStep ?? null)}]`;
     }
     return `[${VALUE},${resultJson(v)}]`;
@@ -998,6 +1049,8 @@ export class Worker {
     }
     this.store = options.store ?? defaultStore();
     if (typeof this.store !== "string") throw new InvalidInput("store must be a URL string");
+    // A store URL that cannot work fails here (ConfigError), not at start.
+    unwrap(native.checkStoreUrl(this.store));
     if (options.concurrency !== undefined && !(Number.isInteger(options.concurrency) && options.concurrency >= 1)) {
       throw new InvalidInput(`concurrency must be a positive integer, got ${String(options.concurrency)}`);
     }
@@ -1383,6 +1436,9 @@ export class Client {
 
   constructor(options: ClientOptions = {}) {
     this.store = options.store ?? defaultStore();
+    if (typeof this.store !== "string") throw new InvalidInput("store must be a URL string");
+    // A store URL that cannot work fails here (ConfigError), not at first use.
+    unwrap(native.checkStoreUrl(this.store));
     this.#native = native.NativeClient.open(this.store, options.maxPayloadBytes ?? null).catch((e: Error) => {
       let body: { err?: ErrBody } | undefined;
       try {

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Client, Worker, InvalidInput, NotFound, WaitTimeoutError, Conflict, StoreError, SwitchyardError } from "switchyard";
+import { Client, ConfigError, Worker, InvalidInput, NotFound, WaitTimeoutError, Conflict, StoreError, SwitchyardError } from "switchyard";
 import { setup, tempStore, deferred } from "./helpers.mjs";
 
 test("spawn with an idempotency key returns the first task", async (t) => {
@@ -78,8 +78,16 @@ test("bad input is rejected with clear errors", async (t) => {
   await assert.rejects(client.spawn("a", null, { priority: "high" }), /spawn.*priority|invalid type/i);
   await assert.rejects(client.list({ state: "sleepy" }), /sleepy/);
   await assert.rejects(client.result("01a208f0-b0eb-7155-a3ef-f4e5b5bdb865", { timeout: -1 }), /timeout must be a non-negative/);
-  const bad = new Client({ store: "sqlite:/nonexistent-dir/x/y.db" });
-  await assert.rejects(bad.emit("e", 1), (e) => e instanceof SwitchyardError);
+  // A store URL that cannot work fails at construction, naming the problem.
+  for (const [store, says] of [
+    ["sqlite:/nonexistent-dir/x/y.db", /directory `\/nonexistent-dir\/x` does not exist/],
+    ["mysql://u:s3cr3t@h/db", /unrecognised store URL `mysql:\/\/u:\*\*\*@h\/db`/],
+    ["sqlite:x.db?synchronous=sometimes", /synchronous/],
+  ]) {
+    for (const make of [() => new Client({ store }), () => new Worker({ store })]) {
+      assert.throws(make, (e) => e instanceof ConfigError && e instanceof SwitchyardError && says.test(e.message) && !e.message.includes("s3cr3t"));
+    }
+  }
   assert.ok(StoreError.prototype instanceof SwitchyardError);
 });
 

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { AwaitTimeoutError, CancelledError, TaskCancelledError, TaskFailedError, isSuspension } from "switchyard";
+import { AwaitTimeoutError, CancelledError, Decision, InvalidInput, TaskCancelledError, TaskFailedError, isSuspension, step } from "switchyard";
 import { setup, until, stepOf, tempStore } from "./helpers.mjs";
 
 test("checkpoint runs once; awaitEvent suspends and the replay resumes", async (t) => {
@@ -465,4 +465,65 @@ test("cancelling one task of a running batch aborts only its item's signal; the 
   assert.deepEqual(await client.result(ids[2], { timeout: 10 }), { done: 2 });
   await assert.rejects(client.result(ids[1], { timeout: 10 }), TaskCancelledError);
   assert.deepEqual([...aborted.keys()], [1]);
+});
+
+test("ctx.spawn with responseEvent: the parent awaits its child's outcome as an event", async (t) => {
+  const { client } = await setup(t, (w) => {
+    w.step("child", async (input) => {
+      if (input.fail) throw new PermanentErrorLike("child says no");
+      return input.x * 2;
+    }, { retry: 1 });
+    w.step("parent", async (input, ctx) => {
+      const name = `child.done:${ctx.taskId}`;
+      const child = await ctx.spawn("child", input, { responseEvent: name });
+      const event = await ctx.awaitEvent(name, { timeout: 30 });
+      return { child, event };
+    });
+    w.step("badName", async (_input, ctx) => {
+      try {
+        await ctx.spawn("child", { x: 1 }, { responseEvent: "" });
+        return "accepted";
+      } catch (e) {
+        return `${e.constructor.name}: ${e.message}`;
+      }
+    });
+  });
+  let r = await client.result(await client.spawn("parent", { x: 21 }), { timeout: 30 });
+  assert.deepEqual(r.event, { task_id: r.child, state: "completed", result: 42, error: null });
+  r = await client.result(await client.spawn("parent", { fail: true }), { timeout: 30 });
+  assert.equal(r.event.task_id, r.child);
+  assert.equal(r.event.state, "failed");
+  assert.equal(r.event.result, null);
+  assert.match(r.event.error.message, /child says no/);
+  const refused = await client.result(await client.spawn("badName", {}), { timeout: 30 });
+  assert.match(refused, /^InvalidInput: .*response_event/);
+});
+
+class PermanentErrorLike extends Error {}
+
+test("ctx.setStatus routes the step; a status that is no name throws InvalidInput", async (t) => {
+  const { client } = await setup(t, (w) => {
+    w.decision("plan", async (input) =>
+      Decision.create([step("check", { handler: "check", input, routes: { late: [step("chase", { handler: "chase" })] } })]),
+    );
+    w.step("check", async (_input, ctx) => {
+      let bad = "accepted";
+      try {
+        ctx.setStatus("");
+      } catch (e) {
+        bad = `${e instanceof InvalidInput}: ${e.message}`;
+      }
+      ctx.setStatus("late");
+      return { bad };
+    });
+    w.step("chase", async (_input, ctx) => ctx.dependencyResults());
+  });
+  const id = await client.spawn("plan", {});
+  const r = await client.result(id, { timeout: 30 });
+  assert.match(r.check.bad, /^true: .*status/);
+  const steps = Object.fromEntries((await client.inspect(id)).steps.map((s) => [s.name, s]));
+  assert.equal(steps.check.status, "late");
+  assert.deepEqual(Object.keys(steps.check.routes), ["late"]);
+  assert.equal(steps.check.routes.late[0].name, "chase");
+  assert.equal(steps.chase.state, "completed");
 });

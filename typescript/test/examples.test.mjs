@@ -15,7 +15,7 @@ const run = promisify(execFile);
 const cases = [
   ["order_events.mjs", /result: .*"status":"delivered"/],
   ["delegation.mjs", /response event report.ready/],
-  ["inventory_cancel.mjs", /done: scan stopped at bin \d+ of 10000; watch and its scan cancelled/],
+  ["inventory_cancel.mjs", /order bolt x4: check ended `ok` on attempt 2: \{"shipped":4,"sku":"bolt"\}[^]*order nut x3: check ended `out_of_stock` on attempt 2: \{"backordered":2,"sku":"nut"\}[^]*done: scan stopped at bin \d+ of 10000; watch and its scan cancelled/],
 ];
 
 for (const [script, expect] of cases) {

@@ -489,6 +489,40 @@ pub unsafe extern "C" fn sy_ctx_spawn(
     unsafe { ctx_call(err, ctx, ("task_id", task_id), op, put) }
 }
 
+/// `sy_ctx_spawn` whose child emits its outcome as event `response_event`
+/// when it finishes (payload `{"task_id", "state", "result", "error"}`), so
+/// a step can `sy_ctx_await_event` it. `response_event` NULL is
+/// `sy_ctx_spawn`.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_spawn_with_response_event(
+    ctx: *mut sy_ctx,
+    handler: *const c_char,
+    input_json: *const c_char,
+    response_event: *const c_char,
+    task_id: *mut sy_buf,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    let args = unsafe {
+        (
+            text("handler", handler),
+            json("input_json", input_json),
+            if response_event.is_null() {
+                Ok(None)
+            } else {
+                text("response_event", response_event).map(Some)
+            },
+        )
+    };
+    let op = |c: Context| {
+        let (handler, input) = (args.0?.to_string(), args.1?);
+        let mut opts = switchyard_core::SpawnOptions::default();
+        opts.response_event = args.2?.map(str::to_string);
+        Ok(async move { c.spawn_with(&handler, input, opts).await })
+    };
+    let put = |id: TaskId| Ok(make_buf(id.to_string().into_bytes()));
+    unsafe { ctx_call(err, ctx, ("task_id", task_id), op, put) }
+}
+
 /// Delegates to a child task and waits for it: `SY_OK` with its JSON result
 /// in `result` (release with `sy_buf_free`), `SY_SUSPENDED` while it runs
 /// (return it), `SY_ERROR_PERMANENT` if it failed or was cancelled (the
@@ -541,6 +575,26 @@ pub unsafe extern "C" fn sy_ctx_dependency_results(
 ) -> sy_status {
     let op = |c: Context| Ok(async move { c.dependency_results().await });
     unsafe { ctx_call(err, ctx, ("results", results), op, json_put) }
+}
+
+/// Ends this run with `status` when the callback completes with a value:
+/// the steps the decision routed from that status are created (the
+/// `routes` of a decision's step) and the status is recorded with the step.
+/// Without a call the status is `ok`; the last call wins. A status the step
+/// has no route for fails the step; a status that is not a name is
+/// `SY_INVALID_ARGUMENT`.
+#[no_mangle]
+pub unsafe extern "C" fn sy_ctx_set_status(
+    ctx: *mut sy_ctx,
+    status: *const c_char,
+    err: *mut *mut sy_error,
+) -> sy_status {
+    guard(err, || {
+        let c = unsafe { ctx_mut(ctx) }?;
+        let status = unsafe { text("status", status) }?.to_string();
+        let inner = c.ctx.clone();
+        ctx_step(c, async move { inner.set_status(&status) })
+    })
 }
 
 /// Extends the lease during long work; `SY_CANCELLED` if the task was

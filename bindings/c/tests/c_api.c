@@ -317,6 +317,43 @@ static int32_t parent(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     return SY_OK;
 }
 
+/* Spawns `add` with a response event and awaits it (suspending until the
+ * child finished); a response event that is no name is refused. Output:
+ * {"child":"<id>","event":<the event's payload>}. */
+static int32_t responder(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)input, (void)len, (void)ud;
+    sy_buf tid = {0}, child = {0}, ev = {0};
+    sy_error *err = NULL;
+    if (sy_ctx_spawn_with_response_event(ctx, "add", "{\"x\":1}", "", &child, &err) != SY_INVALID_ARGUMENT ||
+        !strstr(sy_error_message(err), "response_event")) {
+        static const char msg[] = "an empty response_event was not refused";
+        sy_error_free(err);
+        sy_ctx_set_output(ctx, msg, sizeof msg - 1, NULL);
+        return SY_ERROR_PERMANENT;
+    }
+    sy_error_free(err), err = NULL;
+    int32_t st = sy_ctx_task_id(ctx, &tid, NULL);
+    if (st != SY_OK) return st;
+    char name[96];
+    snprintf(name, sizeof name, "c.child.done:%s", (const char *)tid.ptr);
+    sy_buf_free(&tid);
+    st = sy_ctx_spawn_with_response_event(ctx, "add", "{\"x\":7}", name, &child, &err);
+    sy_error_free(err), err = NULL;
+    if (st != SY_OK) return st;
+    st = sy_ctx_await_event(ctx, name, 30000, &ev, &err);
+    sy_error_free(err);
+    if (st != SY_OK) {
+        sy_buf_free(&child);
+        return st;
+    }
+    char out[512];
+    int n = snprintf(out, sizeof out, "{\"child\":\"%s\",\"event\":%s}", (const char *)child.ptr, (const char *)ev.ptr);
+    sy_ctx_set_output(ctx, out, (size_t)n, NULL);
+    sy_buf_free(&child);
+    sy_buf_free(&ev);
+    return SY_OK;
+}
+
 /* API: 429 with Retry-After on attempt 1, then 200; 404 for "missing". */
 static int32_t api(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     (void)len, (void)ud;
@@ -484,6 +521,7 @@ static void durable_checks(void) {
     EXPECT(sy_worker_step(worker, "sum", NULL, sum, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "waiter", NULL, waiter, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "parent", NULL, parent, NULL, &err), SY_OK, NULL);
+    EXPECT(sy_worker_step(worker, "responder", NULL, responder, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "napper", NULL, napper, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "catcher", NULL, catcher, NULL, &err), SY_OK, NULL);
     EXPECT(sy_worker_step(worker, "fake_suspend", NULL, fake_suspend, NULL, &err), SY_OK, NULL);
@@ -526,6 +564,9 @@ static void durable_checks(void) {
     EXPECT(sy_client_count_steps(NULL, &res, &err), SY_INVALID_ARGUMENT, "client is NULL");
     EXPECT(sy_client_count_steps(client, NULL, &err), SY_INVALID_ARGUMENT, "counts is NULL");
     RUN("plan", "{\"done\":1}", SY_OK, "\"early\":1");
+    sy_buf_free(&id);
+    /* ctx spawn with a response event, awaited by the spawning step. */
+    RUN("responder", "{}", SY_OK, "\"event\":{\"error\":null,\"result\":{\"y\":8},\"state\":\"completed\",\"task_id\":");
     sy_buf_free(&id);
     /* The steps are checked by the core (Reply::decision_steps), as for
      * every binding; the document around them here. */

@@ -75,6 +75,12 @@ impl NativeContext {
         self.ctx.is_cancelled()
     }
 
+    /// Ends this run with `status` (routing); answers like the other calls.
+    #[napi]
+    pub fn set_status(&self, status: String) -> String {
+        step(&self.ctx, self.ctx.set_status(&status))
+    }
+
     /// Resolves to `{"ok": {"key", "found", "value"}}` for checkpoint `name`
     /// (numbered by call order).
     #[napi]
@@ -142,12 +148,19 @@ impl NativeContext {
 
     /// Spawns a child task the step does not wait for; resolves to its id.
     #[napi]
-    pub async fn spawn(&self, handler: String, input: String) -> String {
+    pub async fn spawn(
+        &self,
+        handler: String,
+        input: String,
+        response_event: Option<String>,
+    ) -> String {
         let ctx = self.ctx.clone();
         either(
             async move {
                 let i = parse_env("child input", &input)?;
-                let r = ctx.spawn(&handler, i).await;
+                let mut opts = switchyard_core::SpawnOptions::default();
+                opts.response_event = response_event;
+                let r = ctx.spawn_with(&handler, i, opts).await;
                 Ok(step(&ctx, r.map(|id| id.to_string())))
             }
             .await,

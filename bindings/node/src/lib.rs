@@ -30,6 +30,13 @@ pub fn native_version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
+/// Checks a store URL without opening it ([`switchyard_store::check_url`]),
+/// as an envelope: `{"ok": null}` or the error (`ConfigError`).
+#[napi]
+pub fn check_store_url(url: String) -> String {
+    errors::core(switchyard_store::check_url(&url))
+}
+
 /// The core's fan-out plan ([`switchyard_core::bridge::fan_out`]) as an
 /// envelope: `{"ok": {"steps": [...], "final_step": name}}`.
 #[napi]

@@ -647,6 +647,8 @@ impl NativeWorker {
             .store
             .open_url()
             .map_err(|e| Error::from_reason(crate::errors::message(&e)))?;
+        switchyard_store::check_url(&url)
+            .map_err(|e| Error::from_reason(crate::errors::message(&e)))?;
         Self::with_plan(env, url, HostPlan::from_config(&config.host))
     }
 

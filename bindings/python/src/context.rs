@@ -60,6 +60,12 @@ fn children_of(children: &Bound<'_, PyList>) -> PyResult<Vec<ChildSpec>> {
     Ok(specs)
 }
 
+fn spawn_options(response_event: Option<String>) -> switchyard_core::SpawnOptions {
+    let mut o = switchyard_core::SpawnOptions::default();
+    o.response_event = response_event;
+    o
+}
+
 /// Seconds from Python, refused (InvalidInput naming `what`) when negative,
 /// NaN, infinite or over the core's maximum.
 fn secs(what: &str, s: f64) -> switchyard_core::Result<Duration> {
@@ -108,6 +114,12 @@ impl NativeContext {
 
     fn is_cancelled(&self) -> bool {
         self.ctx.is_cancelled()
+    }
+
+    fn set_status(&self, py: Python<'_>, status: String) -> PyResult<()> {
+        self.ctx
+            .set_status(&status)
+            .map_err(|e| crate::errors::step_err(py, &self.ctx, e))
     }
 
     /// Returns `(key, found, value)` for checkpoint `name` (numbered by call order).
@@ -170,10 +182,18 @@ impl NativeContext {
         self.wait(py, async move { ctx.emit_event(&name, p).await })
     }
 
-    fn spawn(&self, py: Python<'_>, handler: String, input: &Bound<'_, PyAny>) -> PyResult<String> {
+    #[pyo3(signature = (handler, input, response_event=None))]
+    fn spawn(
+        &self,
+        py: Python<'_>,
+        handler: String,
+        input: &Bound<'_, PyAny>,
+        response_event: Option<String>,
+    ) -> PyResult<String> {
         let i = to_value(input, "child input")?;
         let ctx = self.ctx.clone();
-        let id = self.wait(py, async move { ctx.spawn(&handler, i).await })?;
+        let opts = spawn_options(response_event);
+        let id = self.wait(py, async move { ctx.spawn_with(&handler, i, opts).await })?;
         Ok(id.to_string())
     }
 
@@ -261,11 +281,18 @@ impl NativeContext {
             .await
     }
 
-    async fn spawn_async(&self, handler: String, input: Py<PyAny>) -> PyResult<String> {
+    #[pyo3(signature = (handler, input, response_event=None))]
+    async fn spawn_async(
+        &self,
+        handler: String,
+        input: Py<PyAny>,
+        response_event: Option<String>,
+    ) -> PyResult<String> {
         let i = Python::attach(|py| to_value(input.bind(py), "child input"))?;
         let ctx = self.ctx.clone();
+        let opts = spawn_options(response_event);
         let id = self
-            .wait_async(async move { ctx.spawn(&handler, i).await })
+            .wait_async(async move { ctx.spawn_with(&handler, i, opts).await })
             .await?;
         Ok(id.to_string())
     }

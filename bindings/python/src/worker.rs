@@ -127,6 +127,8 @@ impl NativeWorker {
                     .map_err(PyValueError::new_err)?,
             );
         }
+        switchyard_store::check_url(&store)
+            .map_err(|e| Python::attach(|py| crate::errors::core_err(py, e)))?;
         Ok(Self::with_plan(store, plan))
     }
 
@@ -140,6 +142,8 @@ impl NativeWorker {
         let config = switchyard_core::Config::load(path.as_deref()).map_err(|e| core_err(py, e))?;
         let url = config.store.open_url().map_err(|e| core_err(py, e))?;
         crate::logs::apply(&config.log);
+        switchyard_store::check_url(&url)
+            .map_err(|e| Python::attach(|py| crate::errors::core_err(py, e)))?;
         Ok(Self::with_plan(url, HostPlan::from_config(&config.host)))
     }
 

@@ -63,6 +63,13 @@ impl RbContext {
         self.ctx.is_cancelled()
     }
 
+    fn set_status(ruby: &Ruby, rb_self: &Self, status: String) -> Result<(), Error> {
+        rb_self
+            .ctx
+            .set_status(&status)
+            .map_err(|e| crate::errors::step_err(ruby, &rb_self.ctx, e))
+    }
+
     /// `[key, found, value]` for checkpoint `name` (numbered by call order).
     fn checkpoint_lookup(ruby: &Ruby, rb_self: &Self, name: String) -> Result<RArray, Error> {
         guard(ruby, || {
@@ -160,15 +167,21 @@ impl RbContext {
         })
     }
 
-    fn spawn(ruby: &Ruby, rb_self: &Self, handler: String, input: Value) -> Result<String, Error> {
+    fn spawn(
+        ruby: &Ruby,
+        rb_self: &Self,
+        handler: String,
+        input: Value,
+        response_event: Option<String>,
+    ) -> Result<String, Error> {
         guard(ruby, || {
             let i = to_json(ruby, input, "child input")?;
             let ctx = rb_self.ctx.clone();
-            let id = block_step(
-                ruby,
-                &rb_self.ctx,
-                async move { ctx.spawn(&handler, i).await },
-            )?;
+            let mut opts = switchyard_core::SpawnOptions::default();
+            opts.response_event = response_event;
+            let id = block_step(ruby, &rb_self.ctx, async move {
+                ctx.spawn_with(&handler, i, opts).await
+            })?;
             Ok(id.to_string())
         })
     }
@@ -243,6 +256,7 @@ pub fn define(ruby: &Ruby, switchyard: RModule) -> Result<(), Error> {
     c.define_method("headers", method!(RbContext::headers, 0))?;
     c.define_method("time_left", method!(RbContext::time_left, 0))?;
     c.define_method("cancelled?", method!(RbContext::is_cancelled, 0))?;
+    c.define_method("_set_status", method!(RbContext::set_status, 1))?;
     c.define_method(
         "_checkpoint_lookup",
         method!(RbContext::checkpoint_lookup, 1),
@@ -252,7 +266,7 @@ pub fn define(ruby: &Ruby, switchyard: RModule) -> Result<(), Error> {
     c.define_method("_sleep", method!(RbContext::sleep, 1))?;
     c.define_method("_sleep_until_ms", method!(RbContext::sleep_until_ms, 1))?;
     c.define_method("_emit_event", method!(RbContext::emit_event, 2))?;
-    c.define_method("_spawn", method!(RbContext::spawn, 2))?;
+    c.define_method("_spawn", method!(RbContext::spawn, 3))?;
     c.define_method("_delegate", method!(RbContext::delegate, 2))?;
     c.define_method(
         "_delegate_parallel",

@@ -106,6 +106,7 @@ impl RbWorker {
                     .map_err(|m| arg_error(ruby, m))?,
             );
         }
+        switchyard_store::check_url(&store).map_err(|e| core_err(ruby, e))?;
         Ok(Self::with_plan(store, plan))
     }
 
@@ -130,6 +131,7 @@ impl RbWorker {
             .map_err(|e| core_err(ruby, e))?;
         let url = config.store.open_url().map_err(|e| core_err(ruby, e))?;
         crate::apply_log_level(&config.log);
+        switchyard_store::check_url(&url).map_err(|e| core_err(ruby, e))?;
         Ok(Self::with_plan(url, HostPlan::from_config(&config.host)))
     }
 

@@ -49,6 +49,8 @@ struct Inner {
     /// context call raised into a foreign handler; its answer
     /// [`crate::bridge::Reply::Raised`] passes it on without converting it.
     raised: parking_lot::Mutex<Option<StepError>>,
+    /// The status set by [`Context::set_status`] (routing).
+    status: parking_lot::Mutex<Option<String>>,
 }
 
 /// A child task to delegate to.
@@ -67,6 +69,25 @@ impl ChildSpec {
             handler: handler.into(),
             input,
         }
+    }
+}
+
+/// Options of [`Context::spawn_with`].
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct SpawnOptions {
+    /// When the child finishes (completed, failed or cancelled), its outcome
+    /// is emitted as this event (first write wins), with the payload
+    /// [`crate::model::ResponseEvent`]: `{"task_id", "state", "result",
+    /// "error"}`.
+    pub response_event: Option<String>,
+}
+
+impl SpawnOptions {
+    /// Emits the child's outcome as event `name` when it finishes.
+    pub fn response_event(mut self, name: impl Into<String>) -> Self {
+        self.response_event = Some(name.into());
+        self
     }
 }
 
@@ -109,6 +130,7 @@ impl Context {
                 cache: tokio::sync::Mutex::new(None),
                 counters: parking_lot::Mutex::new(HashMap::new()),
                 raised: parking_lot::Mutex::new(None),
+                status: parking_lot::Mutex::new(None),
             }),
         }
     }
@@ -121,6 +143,30 @@ impl Context {
     /// The control flow kept by [`Self::hold_raised`], once.
     pub(crate) fn take_raised(&self) -> Option<StepError> {
         self.inner.raised.lock().take()
+    }
+
+    /// Says this run ends with `status` when the handler returns a value:
+    /// the step's routes for that status are then created (see
+    /// [`crate::model::NewStep::routes`]), and the status is recorded with
+    /// the step. Returning without setting one ends with status `ok`; the
+    /// last call wins. The status is a name ([`crate::client::validate_name`]);
+    /// a status that the step has no route for fails the step when it
+    /// returns. An error or a suspension drops it (a resumed run sets it
+    /// again).
+    pub fn set_status(&self, status: &str) -> StepResult<()> {
+        crate::client::validate_name("status", status).map_err(StepError::from)?;
+        *self.inner.status.lock() = Some(status.to_owned());
+        Ok(())
+    }
+
+    /// The status set by [`Self::set_status`] in this run, if any.
+    pub fn status(&self) -> Option<String> {
+        self.inner.status.lock().clone()
+    }
+
+    /// The step's routes, by status (empty if the step is not routed).
+    pub fn routes(&self) -> &crate::model::Routes {
+        &self.inner.step.routes
     }
 
     /// The task.
@@ -428,6 +474,23 @@ impl Context {
     /// Spawns a child task that the step does not wait for. Replays return
     /// the same child (the spawn is idempotent by call order).
     pub async fn spawn(&self, handler: &str, input: Value) -> StepResult<TaskId> {
+        self.spawn_with(handler, input, SpawnOptions::default())
+            .await
+    }
+
+    /// [`Self::spawn`] with options: `response_event` emits the child's
+    /// outcome as an event when it finishes, so this step (or any other
+    /// code) can `await_event` it. An option that is not valid (a
+    /// `response_event` that is no name) fails with `InvalidInput`.
+    pub async fn spawn_with(
+        &self,
+        handler: &str,
+        input: Value,
+        opts: SpawnOptions,
+    ) -> StepResult<TaskId> {
+        if let Some(e) = &opts.response_event {
+            crate::client::validate_name("response_event", e)?;
+        }
         let key = self.next_key(crate::keys::internal("spawn", &self.inner.step.name));
         let idem = format!("{}/{key}", self.task_id());
         let parent = ParentRef {
@@ -436,7 +499,8 @@ impl Context {
             group: None,
             index: 0,
         };
-        let task = self.child(handler, input, idem, parent)?;
+        let mut task = self.child(handler, input, idem, parent)?;
+        task.response_event = opts.response_event;
         let spawned = self
             .store()
             .spawn_fenced(&self.inner.lease, vec![task])

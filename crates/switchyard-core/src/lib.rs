@@ -27,7 +27,7 @@ pub mod validate;
 pub mod worker;
 
 pub use client::Client;
-pub use context::{ChildSpec, Context};
+pub use context::{ChildSpec, Context, SpawnOptions};
 pub use handler::{
     APICapable, ApiError, BatchItem, BatchableCapable, Capability, Decision, DecisionCapable,
     Handler, HandlerOptions, RateLimit, ResultExt, RetryPolicy, StepError, StepResult,

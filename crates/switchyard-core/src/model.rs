@@ -338,6 +338,21 @@ pub struct Spawned {
     pub created: bool,
 }
 
+/// The payload of a task's response event (`response_event` of a spawn),
+/// emitted when the task finishes: read it with
+/// `serde_json::from_value::<ResponseEvent>(payload)`.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct ResponseEvent {
+    /// The task that finished.
+    pub task_id: TaskId,
+    /// `completed`, `failed` or `cancelled`.
+    pub state: TaskState,
+    /// Its result (completed), else null.
+    pub result: Option<Value>,
+    /// Its error (failed or cancelled), else null.
+    pub error: Option<ErrorInfo>,
+}
+
 /// A step created by a decision (or fan-out) inside an existing task.
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
 pub struct NewStep {
@@ -351,6 +366,50 @@ pub struct NewStep {
     /// already existing) that must complete first.
     #[serde(default)]
     pub depends_on: Vec<String>,
+    /// Routing on the step's status: when the step completes with status
+    /// `S` (set by its handler with `ctx.set_status`; `ok` when it sets
+    /// none), the steps under `S` are created, as a decision would create
+    /// them. A routed step with no `depends_on` depends on this step, so it
+    /// reads this step's result through `dependency_results`. A status with
+    /// no route fails the step. Empty: the step is not routed.
+    #[serde(default, skip_serializing_if = "Routes::is_empty")]
+    pub routes: Routes,
+}
+
+/// Steps to create per status (see [`NewStep::routes`]).
+pub type Routes = std::collections::BTreeMap<String, Vec<NewStep>>;
+
+/// The status a routed step ends with when its handler sets none.
+pub const DEFAULT_STATUS: &str = "ok";
+
+impl NewStep {
+    /// A step running `handler` on `input`, with no dependencies or routes.
+    pub fn new(name: impl Into<String>, handler: impl Into<String>, input: Value) -> Self {
+        Self {
+            name: name.into(),
+            handler: handler.into(),
+            input,
+            depends_on: Vec::new(),
+            routes: Routes::new(),
+        }
+    }
+
+    /// Runs after these steps of the same task.
+    pub fn after<I, S>(mut self, deps: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.depends_on.extend(deps.into_iter().map(Into::into));
+        self
+    }
+
+    /// When this step ends with `status`, `steps` are created (see
+    /// [`NewStep::routes`]).
+    pub fn route(mut self, status: impl Into<String>, steps: Vec<NewStep>) -> Self {
+        self.routes.insert(status.into(), steps);
+        self
+    }
 }
 
 /// A step handed to a host by [`crate::Store::claim`].
@@ -385,6 +444,8 @@ pub struct ClaimedStep {
     /// When the step was due to run (its `run_at`), so a host can tell how
     /// long it waited to be claimed (the queue-wait metric).
     pub ready_at: Millis,
+    /// The step's routes (see [`NewStep::routes`]); empty if not routed.
+    pub routes: Routes,
 }
 
 /// Identifies one lease: the step, the run and the host holding it.
@@ -434,6 +495,9 @@ pub enum Resolution {
         final_step: Option<String>,
         /// The decision step's own result.
         result: Value,
+        /// The status the step ended with, when it is routed or its handler
+        /// set one (see [`NewStep::routes`]); recorded with the step.
+        status: Option<String>,
     },
     /// Back to `ready` at `run_at`.
     Retry {
@@ -619,6 +683,13 @@ pub struct StepRecord {
     pub depends_on: Vec<String>,
     /// What a suspended step waits for.
     pub wait: Option<WaitFor>,
+    /// The status it completed with (routed steps, or a handler that set
+    /// one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Its routes (see [`NewStep::routes`]).
+    #[serde(default, skip_serializing_if = "Routes::is_empty")]
+    pub routes: Routes,
     /// Creation time.
     pub created_at: Millis,
     /// Last change.

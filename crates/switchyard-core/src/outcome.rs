@@ -111,6 +111,27 @@ impl fmt::Display for StepError {
 
 impl std::error::Error for StepError {}
 
+/// The name checks of [`Decision::validate_names`] for `steps`, whose
+/// errors start with `what` (e.g. ``decision step #3 `name` …``), and
+/// recursively for their routes: each status is a name, and each routed
+/// step is checked as a decision step is.
+fn validate_steps(what: &str, steps: &[NewStep]) -> crate::Result<()> {
+    use crate::client::validate_name;
+    for (i, s) in steps.iter().enumerate() {
+        validate_name(&format!("{what} #{i} `name`"), &s.name)?;
+        validate_name(&format!("{what} #{i} (`{}`) `handler`", s.name), &s.handler)?;
+        for (j, d) in s.depends_on.iter().enumerate() {
+            validate_name(&format!("{what} #{i} (`{}`) `depends_on[{j}]`", s.name), d)?;
+        }
+        for (status, routed) in &s.routes {
+            let here = format!("{what} #{i} (`{}`) route", s.name);
+            validate_name(&here, status)?;
+            validate_steps(&format!("{here} `{status}` step"), routed)?;
+        }
+    }
+    Ok(())
+}
+
 impl From<Error> for StepError {
     fn from(e: Error) -> Self {
         match e {
@@ -234,19 +255,7 @@ impl Decision {
         let Self::Steps { steps, final_step } = self else {
             return Ok(());
         };
-        for (i, s) in steps.iter().enumerate() {
-            validate_name(&format!("decision step #{i} `name`"), &s.name)?;
-            validate_name(
-                &format!("decision step #{i} (`{}`) `handler`", s.name),
-                &s.handler,
-            )?;
-            for (j, d) in s.depends_on.iter().enumerate() {
-                validate_name(
-                    &format!("decision step #{i} (`{}`) `depends_on[{j}]`", s.name),
-                    d,
-                )?;
-            }
-        }
+        validate_steps("decision step", steps)?;
         if let Some(f) = final_step {
             validate_name("decision `final_step`", f)?;
         }
@@ -277,6 +286,7 @@ impl Decision {
                 handler: handler.to_string(),
                 input: json!({"start": start, "end": end, "size": end - start, "index": index, "input": input}),
                 depends_on: vec![],
+                routes: Default::default(),
             });
             start = end;
             index += 1;
@@ -287,6 +297,7 @@ impl Decision {
             handler: converge.to_string(),
             input: json!({"total": total, "batches": index, "input": input}),
             depends_on: deps,
+            routes: Default::default(),
         });
         Self::Steps {
             steps,

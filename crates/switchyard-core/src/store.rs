@@ -287,6 +287,20 @@ pub trait Store: Send + Sync + 'static {
     ///   with the same key creates a new task.
     async fn cleanup(&self, finished_before: Millis, batch: usize) -> Result<u64>;
 
+    /// Deletes up to `batch` cached events created before `created_before`
+    /// (oldest first) and returns how many were deleted; call until it
+    /// returns 0. Opt-in retention (`switchyard cleanup
+    /// --events-older-than`):
+    ///
+    /// * a step that already received the event keeps it (its
+    ///   `await_event` checkpointed the payload), replays included;
+    /// * a step that awaits the name afterwards waits for it to be emitted
+    ///   again, as for an event never emitted;
+    /// * the name is free again: the next emit stores a new event (first
+    ///   write wins from then on), so a reused response-event name reports
+    ///   the new task's outcome.
+    async fn cleanup_events(&self, created_before: Millis, batch: usize) -> Result<u64>;
+
     /// One task.
     async fn get_task(&self, id: TaskId) -> Result<Option<TaskRecord>>;
 

@@ -506,6 +506,10 @@ impl Store for FaultStore {
         self.inner.cleanup(finished_before, batch).await
     }
 
+    async fn cleanup_events(&self, created_before: Millis, batch: usize) -> Result<u64> {
+        self.inner.cleanup_events(created_before, batch).await
+    }
+
     async fn get_task(&self, id: TaskId) -> Result<Option<TaskRecord>> {
         let after = self.pre("get_task", false).await?;
         let r = self.inner.get_task(id).await;

@@ -320,6 +320,7 @@ async fn decide(w: Arc<World>, host: usize, input: Value, ctx: Context) -> StepR
             handler: "wf".into(),
             input: b.clone(),
             depends_on: vec![],
+            routes: Default::default(),
         });
         names.push(name);
     }
@@ -331,6 +332,7 @@ async fn decide(w: Arc<World>, host: usize, input: Value, ctx: Context) -> StepR
                 handler: "wf".into(),
                 input: json!({"ops": [{"op": "cp", "name": cp}]}),
                 depends_on: vec![],
+                routes: Default::default(),
             });
             names.push(name.into());
         }
@@ -340,6 +342,7 @@ async fn decide(w: Arc<World>, host: usize, input: Value, ctx: Context) -> StepR
         handler: "join".into(),
         input: json!({ "deps": names }),
         depends_on: names.clone(),
+        routes: Default::default(),
     });
     Ok(Decision::Steps {
         steps,

@@ -123,6 +123,7 @@ macro_rules! contract_suite {
                 completed_unblocks_dependants_when_all_deps_done,
                 complete_batch_applies_items_in_order,
                 decided_creates_steps_atomically,
+                decided_keeps_routes_and_status,
                 decided_invalid_items_change_nothing,
                 decided_final_step_semantics,
                 retry_ready_at_run_at_with_error,
@@ -161,6 +162,7 @@ macro_rules! contract_suite {
                 cleanup_removes_old_finished_tasks,
                 cleanup_keeps_children_of_unfinished_parents,
                 cleanup_batches_and_frees_idempotency_keys,
+                cleanup_events_deletes_old_events_and_frees_their_names,
             }
         }
     };
@@ -330,6 +332,7 @@ impl H {
             steps,
             final_step: final_step.map(str::to_string),
             result,
+            status: None,
         };
         self.resolve(step, resolution).await;
     }
@@ -426,6 +429,7 @@ fn new_step(name: &str, handler: &str, depends_on: &[&str]) -> NewStep {
         handler: handler.to_string(),
         input: json!({ "step": name }),
         depends_on: depends_on.iter().map(|d| d.to_string()).collect(),
+        routes: Default::default(),
     }
 }
 
@@ -1311,6 +1315,54 @@ pub async fn decided_creates_steps_atomically(factory: Factory) {
     assert_eq!(h.step_state(id, "v").await, StepState::Ready);
 }
 
+/// Routing: a created step's `routes` are stored, shown by `task_detail`
+/// and handed back by `claim`; `Decided`'s `status` is recorded with the
+/// completed step (and `None` leaves none).
+pub async fn decided_keeps_routes_and_status(factory: Factory) {
+    let h = H::open(&factory).await;
+    let id = h.spawn(NewTask::new("plan", json!(null))).await;
+    let root = h.claim_one("plan").await;
+    assert!(root.routes.is_empty(), "a spawned root step has no routes");
+    let routed = NewStep::new("check", "check_h", json!(1))
+        .route("ok", vec![new_step("ship", "ship_h", &["check"])])
+        .route(
+            "out_of_stock",
+            vec![NewStep::new("wait", "wait_h", json!(2))
+                .route("ok", vec![new_step("notify", "notify_h", &[])])],
+        );
+    h.decide(&root, vec![routed.clone()], None, json!("planned"))
+        .await;
+    let detail = h.detail(id).await;
+    assert_eq!(
+        detail.steps[0].status, None,
+        "no status given: none recorded"
+    );
+    assert_eq!(
+        detail.steps[1].routes, routed.routes,
+        "routes read back whole"
+    );
+
+    let check = h.claim_one("check_h").await;
+    assert_eq!(check.routes, routed.routes, "claim hands the routes over");
+    let resolution = Resolution::Decided {
+        steps: routed.routes["out_of_stock"].clone(),
+        final_step: None,
+        result: json!({ "missing": 3 }),
+        status: Some("out_of_stock".into()),
+    };
+    h.resolve(&check, resolution).await;
+    let detail = h.detail(id).await;
+    let check = detail.steps.iter().find(|s| s.name == "check").unwrap();
+    assert_eq!(check.status.as_deref(), Some("out_of_stock"));
+    assert_eq!(check.result, Some(json!({ "missing": 3 })));
+    let wait = h.claim_one("wait_h").await;
+    assert_eq!(
+        wait.routes.keys().collect::<Vec<_>>(),
+        ["ok"],
+        "a routed step's own routes are kept"
+    );
+}
+
 /// `Decided` with a duplicate step name (within the decision or with an
 /// existing step) or an unknown dependency: that item is answered
 /// `InvalidInput` and nothing changes (the lease stays valid); the other
@@ -1328,6 +1380,7 @@ pub async fn decided_invalid_items_change_nothing(factory: Factory) {
         steps,
         final_step: None,
         result: json!("d"),
+        status: None,
     };
     let completions = vec![
         // 0: duplicate name inside the decision.
@@ -3615,6 +3668,61 @@ pub async fn step_results_named_completed(factory: Factory) {
     .into();
     assert_eq!(results, expected);
     assert!(h.store.step_results(id, &[]).await.unwrap().is_empty());
+}
+
+/// `cleanup_events` deletes events created before the cutoff, oldest first,
+/// at most `batch` per call; newer events stay; a deleted name can be
+/// emitted again (a new event, first write wins again); a waiter suspended
+/// on it is woken by the new emit.
+pub async fn cleanup_events_deletes_old_events_and_frees_their_names(factory: Factory) {
+    let h = H::open(&factory).await;
+    for i in 0..5 {
+        assert!(h.emit(&format!("old.{i}"), json!(i)).await);
+        h.advance(10);
+    }
+    let cutoff = h.now();
+    h.advance(10);
+    assert!(h.emit("new", json!("kept")).await);
+    assert_eq!(h.store.cleanup_events(cutoff, 0).await.unwrap(), 0);
+    assert_eq!(h.store.cleanup_events(cutoff, 2).await.unwrap(), 2);
+    assert!(
+        h.store.get_event("old.0").await.unwrap().is_none(),
+        "oldest first"
+    );
+    assert!(h.store.get_event("old.2").await.unwrap().is_some());
+    assert_eq!(h.store.cleanup_events(cutoff, 100).await.unwrap(), 3);
+    assert_eq!(h.store.cleanup_events(cutoff, 100).await.unwrap(), 0);
+    let left: Vec<String> = h
+        .store
+        .list_events(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(left, ["new"], "events newer than the cutoff stay");
+
+    // The name is free again: a step waiting on it is woken by the new emit.
+    let id = h.spawn(NewTask::new("ce_wait", json!(null))).await;
+    let step = h.claim_one("ce_wait").await;
+    h.resolve(
+        &step,
+        Resolution::Suspended(WaitFor {
+            event: Some("old.1".into()),
+            ..WaitFor::default()
+        }),
+    )
+    .await;
+    assert_eq!(h.step_state(id, "ce_wait").await, StepState::Suspended);
+    assert!(
+        h.emit("old.1", json!("again")).await,
+        "a deleted name is stored anew"
+    );
+    assert_eq!(
+        h.store.get_event("old.1").await.unwrap().unwrap().payload,
+        json!("again")
+    );
+    assert_eq!(h.step_state(id, "ce_wait").await, StepState::Ready);
 }
 
 /// Calls `cleanup` until it returns 0; returns the total and checks every

@@ -95,6 +95,7 @@ mod tests {
             handler: "h".into(),
             input: json!(null),
             depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            routes: Default::default(),
         }
     }
 

@@ -82,6 +82,36 @@ pub async fn open_shared(url: &str) -> Result<DynStore> {
     Ok(store)
 }
 
+/// Checks a store URL without opening the store: the scheme, the SQLite
+/// path (not empty; its directory exists) and parameters, the PostgreSQL
+/// connection string and parameters. What [`open`] would refuse before
+/// touching a file or the network is refused here with the same message, so
+/// a worker can fail when it is made rather than when it starts. (Whether a
+/// server answers, or a file can be written, is known only at open.)
+pub fn check_url(url: &str) -> Result<()> {
+    let url = url.trim();
+    if url == "memory" || url == "memory:" {
+        return Ok(());
+    }
+    if let Some(spec) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        return sqlite::check_spec(url, spec);
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return postgres::check_url(url);
+    }
+    Err(unrecognised(url))
+}
+
+fn unrecognised(url: &str) -> Error {
+    Error::Config(format!(
+        "unrecognised store URL `{}` (expected `memory`, `sqlite:PATH` or `postgres://...`)",
+        switchyard_core::redact_url(url)
+    ))
+}
+
 /// [`open`] with options.
 pub async fn open_with(url: &str, options: StoreOptions) -> Result<DynStore> {
     let url = url.trim();
@@ -105,10 +135,7 @@ pub async fn open_with(url: &str, options: StoreOptions) -> Result<DynStore> {
         let store = postgres::PostgresStore::open(url, options).await?;
         return Ok(store);
     }
-    Err(Error::Config(format!(
-        "unrecognised store URL `{}` (expected `memory`, `sqlite:PATH` or `postgres://...`)",
-        switchyard_core::redact_url(url)
-    )))
+    Err(unrecognised(url))
 }
 
 #[cfg(test)]

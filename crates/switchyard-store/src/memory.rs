@@ -550,6 +550,8 @@ impl Inner {
                     wait: None,
                     created_at: now,
                     updated_at: now,
+                    status: None,
+                    routes: Default::default(),
                 },
                 0,
             );
@@ -653,6 +655,7 @@ impl Inner {
                             lease_expires_at: expires,
                             has_dependencies: !r.depends_on.is_empty(),
                             ready_at: r.run_at.unwrap_or(r.created_at),
+                            routes: r.routes.clone(),
                         },
                     ));
                 }
@@ -696,8 +699,12 @@ impl Inner {
                 steps,
                 final_step,
                 result,
+                status,
             } => {
                 self.decide(id, steps, final_step, result, now, fx)?;
+                if let Some(s) = self.steps.get_mut(&id) {
+                    s.rec.status = status;
+                }
             }
             Resolution::Retry { error, run_at } => {
                 let s = self.move_to(id, StepState::Ready, now);
@@ -834,6 +841,8 @@ impl Inner {
                     wait: None,
                     created_at: now,
                     updated_at: now,
+                    status: None,
+                    routes: s.routes,
                 },
                 pending,
             );
@@ -1596,6 +1605,23 @@ impl Store for MemoryStore {
         Ok(self.write(|inner, _, _| inner.cleanup(finished_before, batch)))
     }
 
+    async fn cleanup_events(&self, created_before: Millis, batch: usize) -> Result<u64> {
+        Ok(self.write(|inner, _, _| {
+            let mut old: Vec<(Millis, String)> = inner
+                .events
+                .values()
+                .filter(|e| e.created_at < created_before)
+                .map(|e| (e.created_at, e.name.clone()))
+                .collect();
+            old.sort();
+            old.truncate(batch);
+            for (_, name) in &old {
+                inner.events.remove(name);
+            }
+            old.len() as u64
+        }))
+    }
+
     async fn retry_task(&self, id: TaskId) -> Result<()> {
         self.write(|inner, now, fx| inner.retry_task(id, now, fx))
     }
@@ -2120,6 +2146,7 @@ mod tests {
             handler: "w".into(),
             input: json!(name),
             depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            routes: Default::default(),
         }
     }
 
@@ -2139,6 +2166,7 @@ mod tests {
                 steps,
                 final_step: None,
                 result: json!(null),
+                status: None,
             };
             assert!(matches!(
                 complete(&s, &c, r).await,
@@ -2153,6 +2181,7 @@ mod tests {
             ],
             final_step: Some("join".into()),
             result: json!("decided"),
+            status: None,
         };
         complete(&s, &c, r).await.unwrap();
         assert_eq!(step_state(&s, id, "join").await, StepState::Blocked);
@@ -2197,6 +2226,7 @@ mod tests {
             steps: vec![],
             final_step: None,
             result: json!(5),
+            status: None,
         };
         complete(&s, &c, r).await.unwrap();
         assert_eq!(
@@ -2210,6 +2240,7 @@ mod tests {
             steps: vec![new_step("x", &[]), new_step("y", &[])],
             final_step: None,
             result: json!(0),
+            status: None,
         };
         complete(&s, &c, r).await.unwrap();
         let ws = claim(&s, "w", 10).await.steps;
@@ -2241,6 +2272,7 @@ mod tests {
                 steps,
                 final_step: None,
                 result: json!(null),
+                status: None,
             },
         )
         .await
@@ -2600,12 +2632,14 @@ mod tests {
                                         .filter(|j| (x >> (20 + j)) & 1 == 1)
                                         .map(|j| format!("s{round}-{j}"))
                                         .collect(),
+                                    routes: Default::default(),
                                 })
                                 .collect();
                             Resolution::Decided {
                                 steps,
                                 final_step: None,
                                 result: json!(null),
+                                status: None,
                             }
                         }
                         3 => Resolution::Retry {

@@ -337,6 +337,14 @@ ALTER TABLE sy_hosts ADD COLUMN slots bigint;
 ALTER TABLE sy_hosts ADD COLUMN ended_at bigint;
 ALTER TABLE sy_hosts ADD COLUMN end_reason text;
 "#,
+    // 12: routing on a step's status: the routes a decision declared for a
+    // step (JSON, NULL when none) and the status it completed with.
+    r#"
+ALTER TABLE sy_steps ADD COLUMN routes text;
+ALTER TABLE sy_steps ADD COLUMN status text;
+"#,
+    // 13: event retention (`cleanup_events`) deletes the oldest events first.
+    "CREATE INDEX sy_events_created ON sy_events(created_at);",
 ];
 
 /// The schema version whose migration rewrites checkpoint keys.
@@ -619,6 +627,17 @@ fn session_sql(session: &[(&'static str, String)], options: Option<&str>) -> Str
         .filter(|(name, _)| !options_set(options, name))
         .map(|(name, value)| format!("SET {name} = '{value}'; "))
         .collect()
+}
+
+/// [`crate::check_url`] for PostgreSQL: the parameters and the connection
+/// string parse.
+pub(crate) fn check_url(url: &str) -> Result<()> {
+    let parsed = parse_url(url)?;
+    parsed
+        .connect
+        .parse::<Config>()
+        .map_err(|e| Error::Config(format!("store URL `{}`: {e}", parsed.display)))?;
+    Ok(())
 }
 
 fn parse_url(url: &str) -> Result<ParsedUrl> {
@@ -1410,7 +1429,7 @@ pub const CLAIM: &str = "WITH picked AS ( \
        lease_expires_at = $5, updated_at = $3 \
      FROM picked WHERE sy_steps.ctid = picked.tid \
      RETURNING sy_steps.id, task_id, name, handler, input, headers, attempt, priority, run_at, seq, \
-       depends_on IS NOT NULL, run";
+       depends_on IS NOT NULL, run, routes";
 /// A step whose `run_at` is not after its creation was due when it was
 /// made, so it is never due after `$2` (see migration 4).
 const NEXT_DUE: &str =
@@ -1528,8 +1547,8 @@ pub const SETTLE_AND_FINISH: &str = "WITH settled AS ( \
      UNION ALL SELECT false, id, NULL, final_step FROM finished";
 const INSERT_STEP: &str =
     "INSERT INTO sy_steps (id, task_id, name, handler, input, headers, state, priority, run_at, \
-       depends_on, pending_deps, created_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)";
+       depends_on, pending_deps, created_at, updated_at, routes) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13)";
 const INSERT_DEP: &str =
     "INSERT INTO sy_step_deps (task_id, dep_name, step_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
 
@@ -1581,7 +1600,7 @@ fn task_row(r: &Row) -> Result<TaskRecord> {
 
 const STEP_SELECT: &str =
     "SELECT id, task_id, name, handler, input, state, attempt, priority, run_at, lease_owner, \
-     lease_expires_at, result, error, depends_on, wait, created_at, updated_at, run FROM sy_steps \
+     lease_expires_at, result, error, depends_on, wait, created_at, updated_at, run, status, routes FROM sy_steps \
      WHERE task_id = $1 ORDER BY seq";
 
 fn step_row(r: &Row) -> Result<StepRecord> {
@@ -1605,6 +1624,8 @@ fn step_row(r: &Row) -> Result<StepRecord> {
         created_at: r.try_get(15).map_err(g)?,
         updated_at: r.try_get(16).map_err(g)?,
         run: r.try_get::<_, i64>(17).map_err(g)? as u64,
+        status: r.try_get(18).map_err(g)?,
+        routes: opt_decode("step routes", r.try_get(19).map_err(g)?)?.unwrap_or_default(),
     })
 }
 
@@ -1807,6 +1828,7 @@ async fn claim_tx(
                     lease_expires_at: expires,
                     has_dependencies: r.get(10),
                     ready_at: run_at,
+                    routes: opt_decode("step routes", r.get(12))?.unwrap_or_default(),
                 },
                 run_at,
                 seq: r.get(9),
@@ -1901,6 +1923,7 @@ async fn complete_one(
             steps,
             final_step,
             result,
+            status,
         } => {
             let Some(meta) = task_meta(c, tid).await? else {
                 return lost();
@@ -1918,6 +1941,13 @@ async fn complete_one(
                 &[&sid, &tid, &host, &attempt, &now, result],
             )
             .await?;
+            if status.is_some() {
+                c.exec(
+                    "UPDATE sy_steps SET status = $2 WHERE id = $1",
+                    &[&sid, status],
+                )
+                .await?;
+            }
             if meta.has_deps {
                 unblock(c, now, fx, tid, &decider).await?;
             }
@@ -2113,6 +2143,7 @@ async fn insert_decided(
                 &s.deps_json,
                 &pending,
                 &now,
+                &s.routes_json,
             ],
         )
         .await?;
@@ -3271,6 +3302,23 @@ impl Store for PostgresStore {
         write_tx!(self, "cleanup", |c, _now, _fx| async {
             let row = c.one(CLEANUP, &[&finished_before, &limit]).await?;
             Ok::<u64, Fail>(row.get::<_, i64>(0) as u64)
+        })
+    }
+
+    async fn cleanup_events(&self, created_before: Millis, batch: usize) -> Result<u64> {
+        if batch == 0 {
+            return Ok(0);
+        }
+        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+        write_tx!(self, "cleanup_events", |c, _now, _fx| async {
+            let n = c
+                .exec(
+                    "DELETE FROM sy_events WHERE name IN \
+                     (SELECT name FROM sy_events WHERE created_at < $1 ORDER BY created_at LIMIT $2)",
+                    &[&created_before, &limit],
+                )
+                .await?;
+            Ok::<u64, Fail>(n)
         })
     }
 

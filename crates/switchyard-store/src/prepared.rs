@@ -62,6 +62,8 @@ pub(crate) struct PreparedStep {
     pub(crate) deps: Vec<String>,
     /// `depends_on` as given, NULL when empty.
     pub(crate) deps_json: Option<String>,
+    /// Its routes, NULL when it has none.
+    pub(crate) routes_json: Option<String>,
 }
 
 pub(crate) enum Prepared {
@@ -72,6 +74,8 @@ pub(crate) enum Prepared {
         steps: Vec<PreparedStep>,
         final_step: Option<String>,
         result: String,
+        /// The status recorded with the step.
+        status: Option<String>,
     },
     Retry {
         error: String,
@@ -96,10 +100,12 @@ pub(crate) fn prepare_completion(c: Completion) -> Result<(Lease, Prepared)> {
             steps,
             final_step,
             result,
+            status,
         } => Prepared::Decided {
             steps: prepare_decision(steps, final_step.as_deref())?,
             final_step,
             result: encode("result", &result)?,
+            status,
         },
         Resolution::Retry { error, run_at } => Prepared::Retry {
             error: encode("error", &error)?,
@@ -141,6 +147,11 @@ pub(crate) fn prepare_decision(
                     None
                 } else {
                     Some(encode("depends_on", &s.depends_on)?)
+                },
+                routes_json: if s.routes.is_empty() {
+                    None
+                } else {
+                    Some(encode("routes", &s.routes)?)
                 },
                 deps,
                 name: s.name,

@@ -250,6 +250,14 @@ ALTER TABLE hosts ADD COLUMN slots INTEGER;
 ALTER TABLE hosts ADD COLUMN ended_at INTEGER;
 ALTER TABLE hosts ADD COLUMN end_reason TEXT;
 "#,
+    // 8: routing on a step's status: the routes a decision declared for a
+    // step (JSON, NULL when none) and the status it completed with.
+    r#"
+ALTER TABLE steps ADD COLUMN routes TEXT;
+ALTER TABLE steps ADD COLUMN status TEXT;
+"#,
+    // 9: event retention (`cleanup_events`) deletes the oldest events first.
+    "CREATE INDEX events_created ON events(created_at);",
 ];
 
 /// The schema version whose migration rewrites checkpoint keys.
@@ -400,7 +408,7 @@ fn task_row(r: &Row) -> rusqlite::Result<TaskRecord> {
 macro_rules! step_cols {
     () => {
         "id, task_id, name, handler, input, state, attempt, priority, run_at, lease_owner, lease_expires_at, \
-         result, error, depends_on, wait, created_at, updated_at, run"
+         result, error, depends_on, wait, created_at, updated_at, run, status, routes"
     };
 }
 
@@ -424,6 +432,8 @@ fn step_row(r: &Row) -> rusqlite::Result<StepRecord> {
         created_at: r.get(15)?,
         updated_at: r.get(16)?,
         run: r.get::<_, i64>(17)? as u64,
+        status: r.get(18)?,
+        routes: opt_json_col(r, 19)?.unwrap_or_default(),
     })
 }
 
@@ -476,6 +486,35 @@ impl std::str::FromStr for Synchronous {
             ))),
         }
     }
+}
+
+/// [`crate::check_url`] for SQLite (`spec` follows `sqlite:` in `url`): a
+/// path, known parameters, and a directory that exists (a missing file is
+/// created at open, a missing directory is not).
+pub(crate) fn check_spec(url: &str, spec: &str) -> Result<()> {
+    if spec.is_empty() {
+        return Err(Error::Config(format!(
+            "store URL `{}` names no file (use sqlite:PATH)",
+            switchyard_core::redact_url(url)
+        )));
+    }
+    let (path, _) = parse_path(spec)?;
+    if path == ":memory:" || path.starts_with("file:") {
+        return Ok(());
+    }
+    let dir = std::path::Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        if !dir.is_dir() {
+            return Err(Error::Config(format!(
+                "store URL `{}`: directory `{}` does not exist",
+                switchyard_core::redact_url(url),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Splits `PATH?synchronous=...` (what follows `sqlite:`) into the path and
@@ -1393,6 +1432,7 @@ struct RawClaim {
     run_at: Millis,
     seq: i64,
     has_dependencies: bool,
+    routes: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1520,13 +1560,13 @@ const INSERT_TASK: &str = "INSERT INTO tasks (id, handler, input, state, headers
      VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?2, ?12, ?12)";
 
 const INSERT_STEP: &str = "INSERT INTO steps (id, task_id, name, handler, input, headers, state, priority, run_at, \
-     depends_on, pending_deps, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)";
+     depends_on, pending_deps, created_at, updated_at, routes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)";
 
 /// The ready steps a claim takes, in claim order. Selected first and then
 /// updated by [`CLAIM`] (the same rows: nothing else writes in between),
 /// because an `UPDATE ... RETURNING` spools its rows into a temporary table.
 const CLAIMABLE: &str = "SELECT id, task_id, name, handler, input, headers, attempt + 1, priority, run_at, seq, \
-     depends_on IS NOT NULL, run + 1 FROM steps WHERE state = 'ready' AND handler = ?1 AND priority = ?2 AND run_at <= ?3 \
+     depends_on IS NOT NULL, run + 1, routes FROM steps WHERE state = 'ready' AND handler = ?1 AND priority = ?2 AND run_at <= ?3 \
      ORDER BY run_at, seq LIMIT ?4";
 const CLAIM: &str = "UPDATE steps SET state = 'running', attempt = attempt + 1, run = run + 1, lease_owner = ?1, \
      lease_expires_at = ?2, updated_at = ?3 \
@@ -1772,6 +1812,7 @@ fn spawn_one(conn: &Connection, now: Millis, t: &PreparedTask) -> DbResult<Spawn
         None::<String>,
         0,
         now,
+        None::<String>,
     ])?;
     RowIds::remember(t.step_id.0, conn.last_insert_rowid(), task_seq);
     Ok(Spawned {
@@ -1832,6 +1873,7 @@ fn claim_tx(
                             seq: r.get(9)?,
                             has_dependencies: r.get(10)?,
                             run: r.get(11)?,
+                            routes: r.get(12)?,
                         })
                     })?;
                 for row in rows {
@@ -1978,6 +2020,7 @@ fn complete_one(
             steps,
             final_step,
             result,
+            status,
         } => {
             let decider: Option<String> = conn
                 .prepare_cached(LEASE_CHECK)?
@@ -1991,6 +2034,10 @@ fn complete_one(
                 Err(e) => return Ok(Err(e)),
             };
             settle_completed(&result)?;
+            if status.is_some() {
+                conn.prepare_cached("UPDATE steps SET status = ?2 WHERE id = ?1")?
+                    .execute(params![sid, status])?;
+            }
             let Some(meta) = task_meta(conn, lease.task_id)? else {
                 return Ok(Ok(()));
             };
@@ -2189,6 +2236,7 @@ fn insert_decided(
             s.deps_json,
             pending,
             now,
+            s.routes_json,
         ])?;
         let seq = conn.last_insert_rowid();
         for d in &s.deps {
@@ -2883,6 +2931,10 @@ impl Store for SqliteStore {
                     lease_expires_at,
                     has_dependencies: c.has_dependencies,
                     ready_at: c.run_at,
+                    routes: match &c.routes {
+                        Some(r) => decode("step routes", r)?,
+                        None => Default::default(),
+                    },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -3172,6 +3224,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn cleanup_events(&self, created_before: Millis, batch: usize) -> Result<u64> {
+        if batch == 0 {
+            return Ok(0);
+        }
+        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+        self.write("cleanup_events", move |conn, _, _| {
+            let n = conn
+                .prepare_cached(
+                    "DELETE FROM events WHERE rowid IN \
+                     (SELECT rowid FROM events WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)",
+                )?
+                .execute(params![created_before, limit])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn retry_task(&self, id: TaskId) -> Result<()> {
         self.write("retry_task", move |conn, now, fx| {
             retry_tx(conn, now, fx, id)
@@ -3232,6 +3301,42 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<StateCounts>>()?)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod check_url_tests {
+    use crate::check_url;
+
+    /// What `open` would refuse before touching anything is refused by
+    /// `check_url`, naming the problem; good URLs pass.
+    #[test]
+    fn check_url_refuses_what_open_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = format!("sqlite:{}", dir.path().join("x.db").display());
+        for ok in [
+            "memory",
+            "sqlite:x.db",
+            "sqlite::memory:",
+            good.as_str(),
+            "postgres://u:pw@127.0.0.1:1/db?wakeup=polling",
+        ] {
+            assert!(check_url(ok).is_ok(), "{ok}: {:?}", check_url(ok));
+        }
+        let missing = format!("sqlite:{}/no/such/dir/x.db", dir.path().display());
+        for (bad, says) in [
+            ("mysql://u:s3cr3t@h/db", "unrecognised store URL"),
+            ("sqlite:", "names no file"),
+            (missing.as_str(), "does not exist"),
+            ("sqlite:x.db?synchronous=sometimes", "synchronous"),
+            ("sqlite:x.db?mode=ro", "not known to the SQLite store"),
+            ("postgres://h/db?wakeup=never", "wakeup"),
+            ("postgres://u:s3cr3t@h/db?sslmode=maybe", "store URL"),
+        ] {
+            let e = check_url(bad).expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(!e.contains("s3cr3t"), "{bad}: {e}");
+        }
     }
 }
 

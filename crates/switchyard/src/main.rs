@@ -94,8 +94,20 @@ enum Command {
 pub struct CleanupArgs {
     /// Delete tasks that finished longer ago than this: a whole number with
     /// a unit, `s`, `m`, `h` or `d` (e.g. `90m`, `7d`).
-    #[arg(long, value_name = "DURATION")]
-    pub older_than: String,
+    #[arg(
+        long,
+        value_name = "DURATION",
+        required_unless_present = "events_older_than",
+        allow_hyphen_values = true
+    )]
+    pub older_than: Option<String>,
+    /// Also delete cached events (response events included) emitted longer
+    /// ago than this (opt-in: events are kept forever otherwise). A step
+    /// that already received an event keeps it; a step that awaits a
+    /// deleted name later waits for it to be emitted again; the name can
+    /// be emitted anew.
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+    pub events_older_than: Option<String>,
     /// Tasks deleted per transaction.
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub batch: usize,
@@ -164,6 +176,23 @@ enum TasksCommand {
     List(TasksListArgs),
     /// Show one task: steps, checkpoints, waits, children, and why it may be stuck.
     Show(ShowArgs),
+    /// Follow one task live until it ends: a line per change of the task or
+    /// of one of its steps (state, attempt, status, what it waits for).
+    /// Exits 0 if it completed, 1 if it failed or was cancelled.
+    Watch(WatchArgs),
+}
+
+/// Arguments of `switchyard tasks watch`.
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// The task id.
+    pub id: String,
+    /// Seconds between two looks at the store.
+    #[arg(long, value_name = "SECS", default_value_t = 0.2)]
+    pub interval: f64,
+    /// Give up (exit 1) after this many seconds; default: never.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
 }
 
 /// Arguments of `switchyard tasks list`.
@@ -442,6 +471,7 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Emit(a) => c::emit(&url, json, a).await,
         Command::Tasks(TasksCommand::List(a)) => c::tasks_list(&url, json, a).await,
         Command::Tasks(TasksCommand::Show(a)) => c::tasks_show(&url, json, &a.id, a.internal).await,
+        Command::Tasks(TasksCommand::Watch(a)) => c::tasks_watch(&url, json, a).await,
         Command::Events(EventsCommand::List { limit, name }) => {
             c::events_list(&url, json, limit, name.as_deref()).await
         }

@@ -447,6 +447,36 @@ fn cleanup_deletes_old_finished_tasks_in_batches() {
         text(&out.stdout),
         "deleted 0 finished tasks older than 12h\n"
     );
+
+    // Event retention is opt-in, and either kind of cleanup may come alone.
+    let out = cli.run(&["cleanup"]);
+    assert_eq!(
+        code(&out),
+        2,
+        "cleanup needs --older-than or --events-older-than"
+    );
+    let out = cli.run(&["cleanup", "--events-older-than", "7x"]);
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("--events-older-than"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        cli.json(&["cleanup", "--events-older-than", "7d"]),
+        json!({ "deleted": 0, "events_deleted": 0 })
+    );
+    cli.json(&["emit", "cl.later"]);
+    std::thread::sleep(Duration::from_millis(5));
+    let out = cli.run(&["cleanup", "--events-older-than", "0s", "--batch", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "deleted 2 events older than 0s\n");
+    assert_eq!(cli.json(&["events", "list"]), json!([]));
+    assert_eq!(
+        cli.json(&["emit", "cl.fact", "--payload", "2"])["stored"],
+        true,
+        "a deleted event's name can be emitted anew"
+    );
 }
 
 /// `dev-postgres` prints a URL other commands can use, and stops the server
@@ -848,6 +878,213 @@ async fn lists_what_waits_roots_children_and_events_by_prefix() {
         .collect();
     names.sort();
     assert_eq!(names, vec!["order.a", "order.b"], "{ev}");
+    worker.stop().await;
+}
+
+/// `tasks watch` follows a task until it ends: a line per change (the step
+/// suspended on its event, woken, completed; the task's end), exit 0 for a
+/// completed task and 1 for a failed one; `--json` prints one object per
+/// change; `--timeout` gives up with exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_watch_follows_a_task_until_it_ends() {
+    let cli = Cli::new();
+    let url = cli.url();
+    let store = switchyard::open(&url).await.unwrap();
+    let worker = Worker::builder(store.clone())
+        .step("waits", HandlerOptions::default(), |_, ctx| async move {
+            let v = ctx.await_event("watch.go", None).await?;
+            ctx.set_status("went")?;
+            Ok(v)
+        })
+        .step("fails", HandlerOptions::default(), |_, ctx| async move {
+            ctx.await_event("watch.fail", None).await?;
+            Err::<serde_json::Value, _>(StepError::permanent("no way"))
+        })
+        .step("never", HandlerOptions::default(), |_, ctx| async move {
+            ctx.await_event("watch.never", None).await
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let client = Client::new(store.clone());
+    let id = client.spawn("waits", json!({})).await.unwrap();
+    let failing = client.spawn("fails", json!({})).await.unwrap();
+    let spawn_watch = |args: Vec<String>| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&args)
+            .env("SWITCHYARD_STORE", &url)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let text_watch = spawn_watch(vec!["tasks".into(), "watch".into(), id.to_string()]);
+    let json_watch = spawn_watch(vec![
+        "tasks".into(),
+        "watch".into(),
+        failing.to_string(),
+        "--json".into(),
+    ]);
+    // Let both see the waiting state before the events arrive.
+    for _ in 0..500 {
+        let d = client.inspect(id).await.unwrap();
+        let f = client.inspect(failing).await.unwrap();
+        if d.steps[0].state == switchyard::StepState::Suspended
+            && f.steps[0].state == switchyard::StepState::Suspended
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    client.emit("watch.go", json!("ok")).await.unwrap();
+    client.emit("watch.fail", json!(null)).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || text_watch.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(code(&out), 0, "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("task running"), "{stdout}");
+    assert!(
+        stdout.contains("step `waits` suspended (attempt 0, run 1) waiting for event `watch.go`"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("step `waits` completed (attempt 1, run 2) status `went`"),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("task completed"), "{stdout}");
+
+    let out = tokio::task::spawn_blocking(move || json_watch.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        code(&out),
+        1,
+        "a failed task exits 1: {}",
+        text(&out.stderr)
+    );
+    let lines: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert!(
+        lines.iter().all(|l| l["task_id"] == failing.to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["step"] == "fails" && l["change"]["state"] == "suspended"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines.last().unwrap()["task"]["state"],
+        "failed",
+        "{lines:?}"
+    );
+
+    let still = client.spawn("never", json!({})).await.unwrap();
+    let u = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["tasks", "watch", &still.to_string(), "--timeout", "0.3"])
+            .env("SWITCHYARD_STORE", &u)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&out), 1);
+    assert!(
+        text(&out.stderr).contains("after --timeout"),
+        "{}",
+        text(&out.stderr)
+    );
+    worker.stop().await;
+}
+
+/// `tasks show` gives each step's status (STATUS column, `status` in
+/// `--json`) and says where its routes lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_show_gives_statuses_and_routes() {
+    let cli = Cli::new();
+    let url = cli.url();
+    let store = switchyard::open(&url).await.unwrap();
+    let worker = Worker::builder(store.clone())
+        .decision("order", HandlerOptions::default(), |_, _| async move {
+            Ok(switchyard::Decision::steps(vec![switchyard::NewStep::new(
+                "check",
+                "check",
+                json!({}),
+            )
+            .route("ok", vec![])
+            .route(
+                "out_of_stock",
+                vec![switchyard::NewStep::new("backorder", "noop", json!({}))],
+            )]))
+        })
+        .step("check", HandlerOptions::default(), |_, ctx| async move {
+            ctx.set_status("out_of_stock")?;
+            Ok(json!({ "missing": 2 }))
+        })
+        .step("noop", HandlerOptions::default(), |_, _| async move {
+            Ok(json!(null))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let client = Client::new(store.clone());
+    let id = client.spawn("order", json!({})).await.unwrap();
+    client.wait(id, Duration::from_secs(30)).await.unwrap();
+    let id_s = id.to_string();
+    let shown = run_json(&url, &["tasks", "show", &id_s]).await;
+    let steps = shown["steps"].as_array().unwrap();
+    assert_eq!(steps[1]["name"], "check", "{shown}");
+    assert_eq!(steps[1]["status"], "out_of_stock", "{shown}");
+    assert_eq!(
+        steps[1]["routes"]["out_of_stock"][0]["name"], "backorder",
+        "{shown}"
+    );
+    assert_eq!(steps[2]["name"], "backorder", "{shown}");
+
+    let u = url.clone();
+    let text = tokio::task::spawn_blocking(move || run_ok(&u, &["tasks", "show", &id_s]))
+        .await
+        .unwrap();
+    let header = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("NAME"))
+        .expect("a steps table");
+    let cols: Vec<&str> = header.split_whitespace().collect();
+    let col = cols
+        .iter()
+        .position(|c| *c == "STATUS")
+        .expect("a STATUS column");
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("check "))
+        .expect("the check step is listed");
+    assert_eq!(
+        row.split_whitespace().nth(col),
+        Some("out_of_stock"),
+        "{text}"
+    );
+    assert!(
+        text.contains("step `check` routes `out_of_stock` to: backorder"),
+        "{text}"
+    );
+    assert!(
+        text.contains("step `check` routes `ok` to: (nothing)"),
+        "{text}"
+    );
     worker.stop().await;
 }
 

@@ -32,6 +32,8 @@ store_tests!(
     decision_creates_steps_and_converges,
     decision_complete_finishes_the_task,
     decision_fan_out,
+    routing_on_status_creates_the_routed_steps,
+    routing_failures_are_named,
     invalid_decision_fails_with_invalid_input,
     unstorable_decision_names_fail_only_their_step,
     api_classification,
@@ -474,6 +476,7 @@ fn step(name: &str, handler: &str, input: Value, deps: &[&str]) -> NewStep {
         handler: handler.into(),
         input,
         depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        routes: Default::default(),
     }
 }
 
@@ -647,12 +650,14 @@ async fn unstorable_decision_names_fail_only_their_step(env: Env) {
                         handler: s("handler"),
                         input: json!(1),
                         depends_on: vec![],
+                        routes: Default::default(),
                     },
                     NewStep {
                         name: "y".into(),
                         handler: "noop".into(),
                         input: json!(2),
                         depends_on: vec![s("dep")],
+                        routes: Default::default(),
                     },
                 ]))
             }
@@ -695,6 +700,193 @@ async fn unstorable_decision_names_fail_only_their_step(env: Env) {
         assert_eq!(env.result(id).await, json!(2));
         assert_eq!(env.detail(id).await.steps.len(), 3);
     }
+    w.stop().await;
+}
+
+/// An order plans one `check` step routed on its status: `ok` ships,
+/// `out_of_stock` backorders, and the backorder is itself routed. The routed
+/// steps read the check's result, the last routed step's result is the
+/// task's, and the status and routes are recorded with the step. The status
+/// belongs to a run: a first run that set one and then failed does not leak
+/// it into the retry.
+async fn routing_on_status_creates_the_routed_steps(env: Env) {
+    let w = env
+        .worker()
+        .decision("order", HandlerOptions::default(), |input, _| async move {
+            let notify = NewStep::new("notify", "echo", json!("customer told"));
+            Ok(Decision::steps(vec![NewStep::new(
+                "check",
+                "inventory.check",
+                input,
+            )
+            .route("ok", vec![NewStep::new("ship", "echo", json!("shipped"))])
+            .route(
+                "out_of_stock",
+                vec![NewStep::new("backorder", "echo", json!("backordered"))
+                    .route("ok", vec![notify])],
+            )]))
+        })
+        .step(
+            "inventory.check",
+            HandlerOptions::default().retry(fast_retry(3)),
+            |input, ctx| async move {
+                if input["flaky"] == true && ctx.attempt() == 1 {
+                    ctx.set_status("out_of_stock")?;
+                    return Err(StepError::retryable("warehouse timed out"));
+                }
+                let qty = input["qty"].as_i64().unwrap();
+                if qty > 5 {
+                    ctx.set_status("out_of_stock")?;
+                    return Ok(json!({ "missing": qty - 5 }));
+                }
+                Ok(json!({ "reserved": qty }))
+            },
+        )
+        .step("echo", HandlerOptions::default(), |input, ctx| async move {
+            let deps = ctx.dependency_results().await?;
+            Ok(json!({ "said": input, "saw": deps }))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+
+    let in_stock = env
+        .client
+        .spawn("order", json!({ "qty": 2 }))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.result(in_stock).await,
+        json!({ "said": "shipped", "saw": { "check": { "reserved": 2 } } })
+    );
+    let d = env.detail(in_stock).await;
+    let names: Vec<&str> = d.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["order", "check", "ship"], "only the `ok` route ran");
+    let check = &d.steps[1];
+    assert_eq!(check.status.as_deref(), Some("ok"));
+    assert_eq!(
+        check.routes.keys().collect::<Vec<_>>(),
+        ["ok", "out_of_stock"],
+        "the routes are stored with the step"
+    );
+    assert_eq!(d.steps[2].depends_on, ["check"]);
+
+    let short = env
+        .client
+        .spawn("order", json!({ "qty": 9 }))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.result(short).await,
+        json!({ "said": "customer told", "saw": { "backorder": { "said": "backordered", "saw": { "check": { "missing": 4 } } } } }),
+        "a routed step's own routes run too"
+    );
+    let d = env.detail(short).await;
+    let names: Vec<&str> = d.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["order", "check", "backorder", "notify"]);
+    assert_eq!(d.steps[1].status.as_deref(), Some("out_of_stock"));
+    assert_eq!(d.steps[2].status.as_deref(), Some("ok"));
+    assert_eq!(
+        d.steps[3].status, None,
+        "an unrouted step that set no status has none"
+    );
+
+    let flaky = env
+        .client
+        .spawn("order", json!({ "qty": 1, "flaky": true }))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.result(flaky).await["said"],
+        json!("shipped"),
+        "the failed first run's status did not carry over to the retry"
+    );
+    assert_eq!(env.step(flaky, "check").await.status.as_deref(), Some("ok"));
+    w.stop().await;
+}
+
+/// A status the step has no route for, a status that is no name, and a
+/// decision handler setting a status each fail their step with a message
+/// naming what was wrong; a status on an unrouted step is only recorded.
+async fn routing_failures_are_named(env: Env) {
+    let w = env
+        .worker()
+        .decision("plan", HandlerOptions::default(), |input, _| async move {
+            Ok(Decision::steps(vec![NewStep::new(
+                "check", "status", input,
+            )
+            .route("ok", vec![NewStep::new("next", "status", json!({}))])]))
+        })
+        .decision("deciding", HandlerOptions::default(), |_, ctx| async move {
+            ctx.set_status("ok")?;
+            Ok(Decision::Complete(json!(1)))
+        })
+        .step(
+            "status",
+            HandlerOptions::default(),
+            |input, ctx| async move {
+                if let Some(s) = input["set"].as_str() {
+                    ctx.set_status(s)?;
+                }
+                Ok(json!("done"))
+            },
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+
+    let id = env
+        .client
+        .spawn("plan", json!({ "set": "mystery" }))
+        .await
+        .unwrap();
+    let t = env.finished(id).await;
+    assert_eq!(t.state, TaskState::Failed);
+    let e = t.error.unwrap();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert_eq!(
+        e.message,
+        "step `check` ended with status `mystery`, which has no route (its routes: `ok`)"
+    );
+    assert_eq!(env.detail(id).await.steps.len(), 2, "nothing was routed");
+
+    let id = env
+        .client
+        .spawn("plan", json!({ "set": "" }))
+        .await
+        .unwrap();
+    let t = env.finished(id).await;
+    assert_eq!(t.state, TaskState::Failed);
+    let e = t.error.unwrap();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.message.contains("status"), "{}", e.message);
+
+    let id = env.client.spawn("deciding", json!({})).await.unwrap();
+    let t = env.finished(id).await;
+    assert_eq!(t.state, TaskState::Failed);
+    assert!(
+        t.error
+            .unwrap()
+            .message
+            .contains("decision handler `deciding` set status `ok`"),
+        "a decision cannot be routed"
+    );
+
+    let id = env
+        .client
+        .spawn("status", json!({ "set": "checked" }))
+        .await
+        .unwrap();
+    assert_eq!(env.result(id).await, json!("done"));
+    assert_eq!(
+        env.step(id, "status").await.status.as_deref(),
+        Some("checked"),
+        "an unrouted step's status is recorded"
+    );
     w.stop().await;
 }
 

@@ -19,6 +19,7 @@ use switchyard::{
 use tokio::sync::Semaphore;
 
 store_tests!(
+    spawn_with_a_response_event_is_awaited_by_the_parent,
     checkpoint_runs_once_per_task,
     repeated_checkpoint_names_are_numbered,
     bad_checkpoint_names_fail_only_their_step,
@@ -1408,6 +1409,7 @@ async fn replay_keys_cannot_collide(env: Env) {
                 handler: "keyed".into(),
                 input: json!(input),
                 depends_on: deps.iter().map(|d| d.to_string()).collect(),
+                routes: Default::default(),
             };
             Ok(Decision::steps(vec![
                 step("s", "a/b", &[]),
@@ -1593,4 +1595,77 @@ async fn cancel_from_another_process_postgres() {
     let host = switchyard::open(&url).await.unwrap();
     let other = switchyard::open(&url).await.unwrap();
     cancel_from_another_process_reaches_the_handler(host, other).await;
+}
+
+/// `Context::spawn_with` and a response event: the parent awaits its
+/// child's outcome as an event, whose payload reads as a `ResponseEvent`;
+/// a response event that is no name fails the spawning step.
+async fn spawn_with_a_response_event_is_awaited_by_the_parent(env: Env) {
+    let w = env
+        .worker()
+        .step(
+            "child",
+            HandlerOptions::default().retry(fast_retry(1)),
+            |input, _| async move {
+                if input["fail"] == true {
+                    return Err(StepError::permanent("child says no"));
+                }
+                Ok(json!(input["x"].as_i64().unwrap_or(0) * 2))
+            },
+        )
+        .step(
+            "parent",
+            HandlerOptions::default(),
+            |input, ctx| async move {
+                let name = format!("child.done:{}", ctx.task_id());
+                let opts = switchyard::SpawnOptions::default().response_event(&name);
+                let child = ctx.spawn_with("child", input, opts).await?;
+                let ev = ctx
+                    .await_event(&name, Some(Duration::from_secs(30)))
+                    .await?;
+                let ev: switchyard::ResponseEvent = serde_json::from_value(ev)?;
+                Ok(json!({ "child": child, "event": ev }))
+            },
+        )
+        .step("bad_name", HandlerOptions::default(), |_, ctx| async move {
+            let opts = switchyard::SpawnOptions::default().response_event("");
+            ctx.spawn_with("child", json!({}), opts).await?;
+            Ok(json!("accepted"))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let r = env
+        .result(
+            env.client
+                .spawn("parent", json!({ "x": 21 }))
+                .await
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        r["event"],
+        json!({ "task_id": r["child"], "state": "completed", "result": 42, "error": null })
+    );
+    let r = env
+        .result(
+            env.client
+                .spawn("parent", json!({ "fail": true }))
+                .await
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r["event"]["task_id"], r["child"]);
+    assert_eq!(r["event"]["state"], "failed");
+    assert_eq!(r["event"]["error"]["message"], "child says no");
+    let t = env
+        .finished(env.client.spawn("bad_name", json!({})).await.unwrap())
+        .await;
+    assert_eq!(t.state, switchyard::TaskState::Failed);
+    let e = t.error.unwrap();
+    assert_eq!(e.kind, switchyard::ErrorKind::InvalidInput);
+    assert!(e.message.contains("response_event"), "{}", e.message);
+    w.stop().await;
 }

@@ -179,6 +179,7 @@ pub fn register(builder: WorkerBuilder, flow: OrderFlow) -> WorkerBuilder {
                 handler: name.into(),
                 input,
                 depends_on: vec![],
+                routes: Default::default(),
             });
         };
         if order.total() > 0.0 {
@@ -216,6 +217,7 @@ pub fn register(builder: WorkerBuilder, flow: OrderFlow) -> WorkerBuilder {
             handler: "order.ship".into(),
             input: json!({"order": order, "reservation": reservation}),
             depends_on: parallel,
+            routes: Default::default(),
         });
         // The last step (order.ship) carries the task's result.
         Ok(Decision::steps(steps))

@@ -5,6 +5,16 @@ module Switchyard
   # forms and keyword arguments are added here). Every operation waits for
   # the core without holding the GVL.
   class Context
+    # Ends this run with +status+ when the handler returns a value: the
+    # steps the decision routed from that status are created (see +routes:+
+    # in Switchyard.step) and the status is recorded with the step. Without
+    # a call the status is "ok"; the last call wins. A status the step has
+    # no route for fails the step; a status that is not a name raises
+    # Switchyard::InvalidInput.
+    def set_status(status)
+      _set_status(status.to_s)
+    end
+
     # Runs the block once per task, ever: a replay returns the stored value
     # without running it. The value comes back as JSON would (string keys),
     # on the first run too, so first runs and replays agree.
@@ -43,9 +53,11 @@ module Switchyard
     end
     alias emit emit_event
 
-    # Spawns a child task without waiting for it; returns its id.
-    def spawn(handler, input = nil)
-      _spawn(handler.to_s, input)
+    # Spawns a child task without waiting for it; returns its id. With
+    # +response_event:+, the child's outcome is emitted as that event when
+    # it finishes (payload: { "task_id", "state", "result", "error" }).
+    def spawn(handler, input = nil, response_event: nil)
+      _spawn(handler.to_s, input, response_event&.to_s)
     end
 
     # Runs a child task and returns its result (the step suspends meanwhile);

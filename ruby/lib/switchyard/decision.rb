@@ -42,9 +42,15 @@ module Switchyard
   end
 
   # A step for a Decision; +handler+ defaults to +name+.
-  def self.step(name, handler: nil, input: nil, depends_on: [])
-    { "name" => name.to_s, "handler" => (handler || name).to_s, "input" => input,
-      "depends_on" => depends_on.map(&:to_s) }
+  # +routes+: { status => [steps] } — when the step completes with that
+  # status (+ctx.set_status+; "ok" when it sets none) those steps are
+  # created; a routed step with no +depends_on+ depends on this one. A
+  # status with no route fails the step.
+  def self.step(name, handler: nil, input: nil, depends_on: [], routes: nil)
+    s = { "name" => name.to_s, "handler" => (handler || name).to_s, "input" => input,
+          "depends_on" => depends_on.map(&:to_s) }
+    s["routes"] = routes.to_h { |status, steps| [status.to_s, steps] } if routes
+    s
   end
 
   # Retry policy: exponential backoff with jitter, up to +max_attempts+.

@@ -400,6 +400,43 @@ static int32_t conf_plan(const char *input, size_t len, sy_ctx *ctx, void *ud) {
                        "],\"final_step\":\"sum\"}");
 }
 
+/* One check, routed on its status (the check gets the task's input). */
+static int32_t conf_route(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)ud;
+    char buf[1024];
+    snprintf(buf, sizeof buf,
+             "{\"steps\":[{\"name\":\"check\",\"handler\":\"conf_route_check\",\"input\":%.*s,"
+             "\"routes\":{\"ok\":[{\"name\":\"shipped\",\"handler\":\"conf_route_next\",\"input\":{\"route\":\"ok\"}}],"
+             "\"out_of_stock\":[{\"name\":\"backordered\",\"handler\":\"conf_route_next\","
+             "\"input\":{\"route\":\"out_of_stock\"}}]}}]}",
+             (int)len, input);
+    return output(ctx, buf);
+}
+
+static int32_t conf_route_check(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)len, (void)ud;
+    if (strstr(input, "\"status\":\"")) {
+        char status[64];
+        str(input, "status", status, sizeof status);
+        int32_t st = sy_ctx_set_status(ctx, status, NULL);
+        if (st != SY_OK) return st;
+    }
+    char buf[64];
+    snprintf(buf, sizeof buf, "{\"qty\":%ld}", num(input, "qty"));
+    return output(ctx, buf);
+}
+
+static int32_t conf_route_next(const char *input, size_t len, sy_ctx *ctx, void *ud) {
+    (void)ud;
+    sy_buf deps = {0};
+    int32_t st = sy_ctx_dependency_results(ctx, &deps, NULL);
+    if (st != SY_OK) return st;
+    char buf[512];
+    snprintf(buf, sizeof buf, "{\"input\":%.*s,\"saw\":%.*s}", (int)len, input, (int)deps.len, (const char *)deps.ptr);
+    sy_buf_free(&deps);
+    return output(ctx, buf);
+}
+
 static int32_t conf_plan_part(const char *input, size_t len, sy_ctx *ctx, void *ud) {
     (void)len, (void)ud;
     char buf[32];
@@ -427,6 +464,9 @@ static const struct {
     sy_step_fn fn;
 } bodies[] = {
     {"conf_plan", conf_plan},
+    {"conf_route", conf_route},
+    {"conf_route_check", conf_route_check},
+    {"conf_route_next", conf_route_next},
     {"conf_plan_part", conf_plan_part},
     {"conf_plan_sum", conf_plan_sum},
     {"conf_value", conf_value},

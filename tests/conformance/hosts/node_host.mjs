@@ -157,6 +157,23 @@ const bodies = {
       ],
       "sum",
     ),
+  // One check, routed on its status.
+  conf_route: async (input) =>
+    Decision.create([
+      step("check", {
+        handler: "conf_route_check",
+        input,
+        routes: {
+          ok: [step("shipped", { handler: "conf_route_next", input: { route: "ok" } })],
+          out_of_stock: [step("backordered", { handler: "conf_route_next", input: { route: "out_of_stock" } })],
+        },
+      }),
+    ]),
+  conf_route_check: async (input, ctx) => {
+    if (input.status !== undefined) ctx.setStatus(input.status);
+    return { qty: input.qty };
+  },
+  conf_route_next: async (input, ctx) => ({ input, saw: await ctx.dependencyResults() }),
   conf_plan_part: async (input) => input.n * 10,
   conf_plan_sum: async (input, ctx) => {
     const deps = await ctx.dependencyResults();

@@ -61,6 +61,31 @@ def plan():
     )
 
 
+def route_plan(input):
+    """What conf_route decides: one check, routed on its status."""
+    return switchyard.Decision.create(
+        [
+            switchyard.step(
+                "check",
+                handler="conf_route_check",
+                input=input,
+                routes={
+                    "ok": [switchyard.step("shipped", handler="conf_route_next", input={"route": "ok"})],
+                    "out_of_stock": [
+                        switchyard.step("backordered", handler="conf_route_next", input={"route": "out_of_stock"})
+                    ],
+                },
+            )
+        ]
+    )
+
+
+def route_check(input, ctx):
+    if "status" in input:
+        ctx.set_status(input["status"])
+    return {"qty": input["qty"]}
+
+
 def plan_sum(deps):
     return {"sum": sum(deps.values()), "from": sorted(deps)}
 
@@ -219,6 +244,15 @@ def sync_bodies():
     def conf_plan_sum(input, ctx):
         return plan_sum(ctx.dependency_results())
 
+    def conf_route(input, ctx):
+        return route_plan(input)
+
+    def conf_route_check(input, ctx):
+        return route_check(input, ctx)
+
+    def conf_route_next(input, ctx):
+        return {"input": input, "saw": ctx.dependency_results()}
+
     def conf_api_429(input, ctx):
         t0 = ctx.checkpoint("t0", lambda: time.time() * 1000)
         if ctx.attempt == 1:
@@ -355,6 +389,15 @@ def async_bodies():
 
     async def conf_plan_sum(input, ctx):
         return plan_sum(await ctx.dependency_results())
+
+    async def conf_route(input, ctx):
+        return route_plan(input)
+
+    async def conf_route_check(input, ctx):
+        return route_check(input, ctx)
+
+    async def conf_route_next(input, ctx):
+        return {"input": input, "saw": await ctx.dependency_results()}
 
     async def conf_api_429(input, ctx):
         t0 = await ctx.checkpoint("t0", lambda: time.time() * 1000)

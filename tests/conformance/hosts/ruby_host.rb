@@ -157,6 +157,24 @@ BODIES = {
       final_step: "sum"
     )
   end,
+  # One check, routed on its status.
+  "conf_route" => lambda do |input, _ctx|
+    Switchyard::Decision.create(
+      [
+        Switchyard.step("check", handler: "conf_route_check", input: input,
+                                 routes: {
+                                   ok: [Switchyard.step("shipped", handler: "conf_route_next", input: { "route" => "ok" })],
+                                   out_of_stock: [Switchyard.step("backordered", handler: "conf_route_next",
+                                                                                 input: { "route" => "out_of_stock" })]
+                                 })
+      ]
+    )
+  end,
+  "conf_route_check" => lambda do |input, ctx|
+    ctx.set_status(input["status"]) if input.key?("status")
+    { "qty" => input["qty"] }
+  end,
+  "conf_route_next" => ->(input, ctx) { { "input" => input, "saw" => ctx.dependency_results } },
   "conf_plan_part" => ->(input, _ctx) { input["n"] * 10 },
   "conf_plan_sum" => lambda do |_input, ctx|
     deps = ctx.dependency_results

@@ -115,6 +115,14 @@ async fn body(name: &str, input: Value, ctx: Context, log: Log) -> StepResult {
             note(&log, &ctx, "finished");
             Ok(json!({ "slept": ms }))
         }
+        // The check conf_route routes on its status, and the routed steps.
+        "conf_route_check" => {
+            if let Some(s) = input["status"].as_str() {
+                ctx.set_status(s)?;
+            }
+            Ok(json!({ "qty": input["qty"] }))
+        }
+        "conf_route_next" => Ok(json!({ "input": input, "saw": ctx.dependency_results().await? })),
         // The steps conf_plan plans: a part, and their sum.
         "conf_plan_part" => Ok(json!(input["n"].as_i64().unwrap_or(0) * 10)),
         "conf_plan_sum" => {
@@ -189,8 +197,30 @@ async fn body(name: &str, input: Value, ctx: Context, log: Log) -> StepResult {
 }
 
 /// The decision handlers (`"kind": "decision"` in the scenario file).
-async fn decision(name: &str, _input: Value, _ctx: Context) -> StepResult<Decision> {
+async fn decision(name: &str, input: Value, _ctx: Context) -> StepResult<Decision> {
     match name {
+        // One check, routed on its status.
+        "conf_route" => Ok(Decision::steps(vec![NewStep::new(
+            "check",
+            "conf_route_check",
+            input,
+        )
+        .route(
+            "ok",
+            vec![NewStep::new(
+                "shipped",
+                "conf_route_next",
+                json!({ "route": "ok" }),
+            )],
+        )
+        .route(
+            "out_of_stock",
+            vec![NewStep::new(
+                "backordered",
+                "conf_route_next",
+                json!({ "route": "out_of_stock" }),
+            )],
+        )])),
         // Two parts, then their sum, which depends on both.
         "conf_plan" => Ok(Decision::Steps {
             steps: vec![
@@ -199,18 +229,21 @@ async fn decision(name: &str, _input: Value, _ctx: Context) -> StepResult<Decisi
                     handler: "conf_plan_part".into(),
                     input: json!({ "n": 2 }),
                     depends_on: vec![],
+                    routes: Default::default(),
                 },
                 NewStep {
                     name: "b".into(),
                     handler: "conf_plan_part".into(),
                     input: json!({ "n": 3 }),
                     depends_on: vec![],
+                    routes: Default::default(),
                 },
                 NewStep {
                     name: "sum".into(),
                     handler: "conf_plan_sum".into(),
                     input: json!({}),
                     depends_on: vec!["a".into(), "b".into()],
+                    routes: Default::default(),
                 },
             ],
             final_step: Some("sum".into()),

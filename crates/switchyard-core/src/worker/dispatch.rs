@@ -110,6 +110,8 @@ pub(super) fn begin(
 
 pub(super) async fn run_one(shared: Arc<Shared>, reg: Arc<Reg>, step: ClaimedStep) {
     let (ctx, running) = begin(&shared, &reg, &step);
+    // Kept to read the status the handler set (routing) once it returned.
+    let probe = ctx.clone();
     let input = step.input.clone();
     let token = running.token.clone();
     let end: std::result::Result<StepResult<Output>, RunEnd> = match &reg.cap {
@@ -139,7 +141,7 @@ pub(super) async fn run_one(shared: Arc<Shared>, reg: Arc<Reg>, step: ClaimedSte
     } else {
         end
     };
-    finish(&shared, &reg, &step, &running, end).await;
+    finish(&shared, &reg, &step, &running, end, probe.status()).await;
     shared.release_slot(&reg, 1);
 }
 
@@ -176,8 +178,10 @@ pub(super) async fn run_batch(shared: Arc<Shared>, reg: Arc<Reg>, steps: Vec<Cla
     };
     let mut items = Vec::with_capacity(steps.len());
     let mut runs = Vec::with_capacity(steps.len());
+    let mut probes = Vec::with_capacity(steps.len());
     for step in &steps {
         let (ctx, running) = begin(&shared, &reg, step);
+        probes.push(ctx.clone());
         items.push(BatchItem {
             input: step.input.clone(),
             ctx,
@@ -220,13 +224,13 @@ pub(super) async fn run_batch(shared: Arc<Shared>, reg: Arc<Reg>, steps: Vec<Cla
         Err(RunEnd::TimedOut(t)) => (0..n).map(|_| RunEnd::TimedOut(t)).collect(),
         Err(_) => (0..n).map(|_| RunEnd::Cancelled).collect(),
     };
-    for ((step, running), end) in steps.iter().zip(&runs).zip(ends) {
+    for (((step, running), end), probe) in steps.iter().zip(&runs).zip(ends).zip(&probes) {
         let end = if running.lost.load(Ordering::Acquire) {
             RunEnd::Cancelled
         } else {
             end
         };
-        finish(&shared, &reg, step, running, end).await;
+        finish(&shared, &reg, step, running, end, probe.status()).await;
     }
     shared.release_slot(&reg, n);
 }

@@ -9,6 +9,7 @@ pub(super) async fn finish(
     step: &ClaimedStep,
     running: &Running,
     end: RunEnd,
+    status: Option<String>,
 ) {
     let lease = lease_of(shared, step);
     let resolution = match end {
@@ -21,7 +22,7 @@ pub(super) async fn finish(
             Some(Resolution::Released)
         }
         RunEnd::Finished(Ok(Output::Value(v))) => Some(match check_payload(shared, "result", &v) {
-            Ok(()) => Resolution::Completed(v),
+            Ok(()) => route(step, status, v),
             Err(e) => Resolution::Failed(error_info(
                 ErrorKind::Permanent,
                 e.to_string(),
@@ -29,11 +30,25 @@ pub(super) async fn finish(
                 step.attempt,
             )),
         }),
+        RunEnd::Finished(Ok(Output::Decision(_))) if status.is_some() => {
+            Some(Resolution::Failed(error_info(
+                ErrorKind::InvalidInput,
+                format!(
+                    "decision handler `{}` set status `{}`: a status routes a step that returns \
+                     a value; a decision plans its steps itself",
+                    reg.name,
+                    status.unwrap_or_default()
+                ),
+                None,
+                step.attempt,
+            )))
+        }
         RunEnd::Finished(Ok(Output::Decision(Decision::Complete(v)))) => {
             Some(Resolution::Decided {
                 steps: vec![],
                 final_step: None,
                 result: v,
+                status: None,
             })
         }
         RunEnd::Finished(Ok(Output::Decision(d @ Decision::Steps { .. }))) => {
@@ -56,6 +71,7 @@ pub(super) async fn finish(
                     steps,
                     final_step,
                     result,
+                    status: None,
                 })
             }
         }
@@ -134,6 +150,54 @@ pub(super) async fn finish(
         None => {
             shared.running.lock().remove(&run_ref(step));
         }
+    }
+}
+
+/// A value outcome with the status its handler set: plain `Completed` for an
+/// unrouted step with no status; otherwise the steps routed from the
+/// status (`ok` when none was set) are created with the step's completion,
+/// and the status is recorded. A status the step has no route for fails it.
+fn route(step: &ClaimedStep, status: Option<String>, v: Value) -> Resolution {
+    if step.routes.is_empty() {
+        return match status {
+            None => Resolution::Completed(v),
+            status @ Some(_) => Resolution::Decided {
+                steps: vec![],
+                final_step: None,
+                result: v,
+                status,
+            },
+        };
+    }
+    let status = status.unwrap_or_else(|| DEFAULT_STATUS.to_owned());
+    let Some(routed) = step.routes.get(&status) else {
+        let known: Vec<String> = step.routes.keys().map(|k| format!("`{k}`")).collect();
+        return Resolution::Failed(error_info(
+            ErrorKind::InvalidInput,
+            format!(
+                "step `{}` ended with status `{status}`, which has no route (its routes: {})",
+                step.name,
+                known.join(", ")
+            ),
+            None,
+            step.attempt,
+        ));
+    };
+    let steps = routed
+        .iter()
+        .cloned()
+        .map(|mut s| {
+            if s.depends_on.is_empty() {
+                s.depends_on.push(step.name.clone());
+            }
+            s
+        })
+        .collect();
+    Resolution::Decided {
+        steps,
+        final_step: None,
+        result: v,
+        status: Some(status),
     }
 }
 

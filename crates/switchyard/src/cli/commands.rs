@@ -19,7 +19,7 @@ use switchyard::{
 };
 
 use super::output::{opt_time, relative, short_json, time, Table};
-use crate::{CleanupArgs, EmitArgs, SpawnArgs, TasksListArgs};
+use crate::{CleanupArgs, EmitArgs, SpawnArgs, TasksListArgs, WatchArgs};
 
 /// A failure to report on stderr (or as JSON with `--json`), with the
 /// process exit code.
@@ -527,6 +527,111 @@ pub async fn tasks_show(url: &str, json: bool, id: &str, internal: bool) -> CmdR
     Ok(Outcome::Success)
 }
 
+/// What `tasks watch` compares between two looks: per step, its state,
+/// attempt, run, status and wait; and the task's state.
+/// The steps come first, so a task's end is the last line.
+fn watch_view(d: &switchyard::TaskDetail) -> Vec<(String, Value)> {
+    let mut v = Vec::with_capacity(d.steps.len() + 1);
+    for s in &d.steps {
+        v.push((
+            s.name.clone(),
+            json!({
+                "state": s.state.to_string(),
+                "attempt": s.attempt,
+                "run": s.run,
+                "status": s.status,
+                "wait": s.wait,
+            }),
+        ));
+    }
+    v.push((String::new(), json!({ "state": d.task.state.to_string() })));
+    v
+}
+
+/// `switchyard tasks watch`.
+pub async fn tasks_watch(url: &str, json: bool, a: WatchArgs) -> CmdResult {
+    let id = parse_id(&a.id)?;
+    let interval = switchyard::client::duration_from_secs("--interval", a.interval)
+        .map_err(|e| CliError::usage(e.to_string()))?
+        .max(Duration::from_millis(10));
+    let deadline = match a.timeout {
+        Some(t) => Some(
+            std::time::Instant::now()
+                + switchyard::client::duration_from_secs("--timeout", t)
+                    .map_err(|e| CliError::usage(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let store = open_store(url, Open::Existing).await?;
+    let client = Client::new(store.clone());
+    let mut seen: std::collections::HashMap<String, Value> = Default::default();
+    loop {
+        let d = client.inspect(id).await?;
+        let now = store.now().await?;
+        for (name, view) in watch_view(&d) {
+            if seen.get(&name) == Some(&view) {
+                continue;
+            }
+            if json {
+                let mut line = json!({ "at": now, "task_id": id.to_string() });
+                if name.is_empty() {
+                    line["task"] = view.clone();
+                } else {
+                    line["step"] = json!(name);
+                    line["change"] = view.clone();
+                }
+                print_json(&line)?;
+            } else {
+                let what = if name.is_empty() {
+                    format!("task {}", view["state"].as_str().unwrap_or("?"))
+                } else {
+                    let mut w = format!(
+                        "step `{name}` {} (attempt {}, run {})",
+                        view["state"].as_str().unwrap_or("?"),
+                        view["attempt"],
+                        view["run"]
+                    );
+                    if let Some(st) = view["status"].as_str() {
+                        let _ = write!(w, " status `{st}`");
+                    }
+                    if let Some(e) = view["wait"]["event"].as_str() {
+                        let _ = write!(w, " waiting for event `{e}`");
+                    }
+                    if let Some(t) = view["wait"]["wake_at"].as_i64() {
+                        let _ = write!(w, " until {}", super::output::time(t));
+                    }
+                    if view["wait"]["group"].is_string() {
+                        w.push_str(" waiting for its children");
+                    }
+                    w
+                };
+                print_text(&format!("{}  {what}\n", super::output::time(now)))?;
+            }
+            seen.insert(name, view);
+        }
+        if d.task.state.is_terminal() {
+            if !json {
+                if let Some(e) = &d.task.error {
+                    print_text(&format!("error: {e}\n"))?;
+                }
+            }
+            return Ok(if d.task.state == switchyard::TaskState::Completed {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            });
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Err(CliError::failure(format!(
+                "task {id} is still {} after --timeout {}s",
+                d.task.state,
+                a.timeout.unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
 fn indent(text: &str, by: &str) -> String {
     text.lines().map(|l| format!("{by}{l}\n")).collect()
 }
@@ -590,6 +695,7 @@ fn render_show(doc: &ShowDoc<'_>, now: Millis) -> String {
         "NAME",
         "HANDLER",
         "STATE",
+        "STATUS",
         "ATTEMPT",
         "RUN",
         "RUN AT",
@@ -601,6 +707,7 @@ fn render_show(doc: &ShowDoc<'_>, now: Millis) -> String {
             step.name.clone(),
             step.handler.clone(),
             step.state.to_string(),
+            step.status.clone().unwrap_or_else(|| "-".into()),
             step.attempt.to_string(),
             step.run.to_string(),
             opt_time(step.run_at),
@@ -613,6 +720,21 @@ fn render_show(doc: &ShowDoc<'_>, now: Millis) -> String {
         ]);
     }
     s.push_str(&indent(&st.render(), "  "));
+    for step in &d.steps {
+        for (status, routed) in &step.routes {
+            let names: Vec<&str> = routed.iter().map(|r| r.name.as_str()).collect();
+            let _ = writeln!(
+                s,
+                "  step `{}` routes `{status}` to: {}",
+                step.name,
+                if names.is_empty() {
+                    "(nothing)".to_string()
+                } else {
+                    names.join(", ")
+                }
+            );
+        }
+    }
     for step in &d.steps {
         if let Some(e) = &step.error {
             let _ = writeln!(
@@ -821,10 +943,10 @@ pub async fn workers(url: &str, json: bool) -> CmdResult {
 }
 
 /// Parses an age such as `30s`, `15m`, `12h` or `7d` into milliseconds.
-fn parse_age(text: &str) -> Result<Millis, CliError> {
+fn parse_age(flag: &str, text: &str) -> Result<Millis, CliError> {
     let bad = || {
         CliError::usage(format!(
-            "--older-than: `{text}` is not a duration (expected a whole number with a unit \
+            "{flag}: `{text}` is not a duration (expected a whole number with a unit \
              s, m, h or d, e.g. `7d`)"
         ))
     };
@@ -851,44 +973,91 @@ fn parse_age(text: &str) -> Result<Millis, CliError> {
 /// How often a long cleanup reports progress on stderr.
 const CLEANUP_PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
-/// `switchyard cleanup`.
-pub async fn cleanup(url: &str, json: bool, a: CleanupArgs) -> CmdResult {
-    let age = parse_age(&a.older_than)?;
-    if a.batch == 0 {
-        return Err(CliError::usage("--batch: must be at least 1"));
-    }
-    let store = open_store(url, Open::Create).await?;
-    // The store's clock is the only clock.
-    let before = store.now().await?.saturating_sub(age);
+/// Calls `delete` (one batch of `what`) until it deletes nothing, reporting
+/// progress on stderr every [`CLEANUP_PROGRESS_EVERY`]; returns the total.
+async fn delete_all<F, Fut>(what: &str, mut delete: F) -> Result<u64, CliError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = switchyard::Result<u64>>,
+{
     let started = std::time::Instant::now();
     let mut last_report = started;
     let mut deleted: u64 = 0;
     loop {
-        let n = store.cleanup(before, a.batch).await.map_err(|e| {
+        let n = delete().await.map_err(|e| {
             CliError::failure(format!(
-                "cleanup failed after deleting {deleted} tasks: {e}"
+                "cleanup failed after deleting {deleted} {what}: {e}"
             ))
         })?;
         if n == 0 {
-            break;
+            return Ok(deleted);
         }
         deleted += n;
         if last_report.elapsed() >= CLEANUP_PROGRESS_EVERY {
             last_report = std::time::Instant::now();
             eprintln!(
-                "cleanup: {deleted} tasks deleted so far ({:.0?})",
+                "cleanup: {deleted} {what} deleted so far ({:.0?})",
                 started.elapsed()
             );
         }
     }
+}
+
+/// `switchyard cleanup`.
+pub async fn cleanup(url: &str, json: bool, a: CleanupArgs) -> CmdResult {
+    let task_age = a
+        .older_than
+        .as_deref()
+        .map(|t| parse_age("--older-than", t))
+        .transpose()?;
+    let event_age = a
+        .events_older_than
+        .as_deref()
+        .map(|t| parse_age("--events-older-than", t))
+        .transpose()?;
+    if a.batch == 0 {
+        return Err(CliError::usage("--batch: must be at least 1"));
+    }
+    let store = open_store(url, Open::Create).await?;
+    // The store's clock is the only clock.
+    let now = store.now().await?;
+    let deleted = match task_age {
+        Some(age) => {
+            let before = now.saturating_sub(age);
+            delete_all("tasks", || store.cleanup(before, a.batch)).await?
+        }
+        None => 0,
+    };
+    let events = match event_age {
+        Some(age) => {
+            let before = now.saturating_sub(age);
+            delete_all("events", || store.cleanup_events(before, a.batch)).await?
+        }
+        None => 0,
+    };
     if json {
-        print_json(&json!({ "deleted": deleted }))?;
+        let mut out = json!({ "deleted": deleted });
+        if event_age.is_some() {
+            out["events_deleted"] = json!(events);
+        }
+        print_json(&out)?;
     } else {
-        print_text(&format!(
-            "deleted {deleted} finished task{} older than {}\n",
-            if deleted == 1 { "" } else { "s" },
-            a.older_than.trim()
-        ))?;
+        let mut text = String::new();
+        if let Some(age) = &a.older_than {
+            text.push_str(&format!(
+                "deleted {deleted} finished task{} older than {}\n",
+                if deleted == 1 { "" } else { "s" },
+                age.trim()
+            ));
+        }
+        if let Some(age) = &a.events_older_than {
+            text.push_str(&format!(
+                "deleted {events} event{} older than {}\n",
+                if events == 1 { "" } else { "s" },
+                age.trim()
+            ));
+        }
+        print_text(&text)?;
     }
     Ok(Outcome::Success)
 }

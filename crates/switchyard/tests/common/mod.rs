@@ -468,6 +468,9 @@ impl<H: Hooks> Store for Hooked<H> {
     async fn cleanup(&self, finished_before: Millis, batch: usize) -> SyResult<u64> {
         self.inner.cleanup(finished_before, batch).await
     }
+    async fn cleanup_events(&self, created_before: Millis, batch: usize) -> SyResult<u64> {
+        self.inner.cleanup_events(created_before, batch).await
+    }
     async fn get_task(&self, id: TaskId) -> SyResult<Option<TaskRecord>> {
         self.inner.get_task(id).await
     }
