@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use switchyard_core::client::poll_until;
 use switchyard_core::{
-    bridge, EventRecord, HostInfo, Spawned, StepState, TaskDetail, TaskFilter, TaskId, TaskRecord,
-    TaskState,
+    bridge, EventRecord, FailureGroup, FinishedBucket, HostInfo, Spawned, StepState, TaskCount,
+    TaskDetail, TaskFilter, TaskId, TaskRecord, TaskState,
 };
 use utoipa::ToSchema;
 
@@ -45,6 +45,8 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/events/{name}/await", get(await_event))
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/handlers", get(list_handlers))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/failures", get(failure_groups))
         .route("/api/v1/cleanup", post(cleanup))
         .route("/metrics", get(crate::metrics::metrics))
 }
@@ -370,6 +372,9 @@ pub struct BulkRetryBody {
     finished_after: Option<i64>,
     /// Only tasks that failed before this time.
     finished_before: Option<i64>,
+    /// Only tasks whose error message is exactly this (a group of
+    /// `GET /api/v1/failures`, with `handler`).
+    message: Option<String>,
     /// Retry at most this many (1 to 1000; default 100), newest first.
     max: Option<usize>,
 }
@@ -646,7 +651,33 @@ pub async fn bulk_retry(
         limit: max,
         ..TaskFilter::default()
     };
-    let tasks = state.client.list(&filter).await?;
+    let tasks = match &b.message {
+        None => state.client.list(&filter).await?,
+        Some(message) => {
+            // Pages of failed tasks, keeping those with the message, until
+            // `max` are found or none are left.
+            let mut found = Vec::new();
+            let mut filter = TaskFilter {
+                limit: MAX_PAGE,
+                ..filter
+            };
+            loop {
+                let page = state.client.list(&filter).await?;
+                let last = page.last().map(|t| t.id);
+                let full = page.len() == filter.limit;
+                found.extend(
+                    page.into_iter()
+                        .filter(|t| t.error.as_ref().is_some_and(|e| &e.message == message)),
+                );
+                if found.len() >= max || !full {
+                    break;
+                }
+                filter.after = last;
+            }
+            found.truncate(max);
+            found
+        }
+    };
     let mut retried = 0;
     let mut skipped = Vec::new();
     for t in &tasks {
@@ -898,6 +929,129 @@ pub async fn list_handlers(State(state): State<AppState>) -> ApiResult<Json<Hand
     }
     Ok(Json(HandlerList {
         handlers: by.into_values().collect(),
+    }))
+}
+
+/// Tasks of one root handler in one state.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct TaskCountDoc {
+    /// Root handler.
+    handler: String,
+    /// `running`, `completed`, `failed` or `cancelled`.
+    state: String,
+    /// How many.
+    count: u64,
+}
+
+/// Tasks that finished in one bucket with one outcome.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct FinishedBucketDoc {
+    /// Start of the bucket (ms since the Unix epoch).
+    start: i64,
+    /// `completed`, `failed` or `cancelled`.
+    state: String,
+    /// How many.
+    count: u64,
+}
+
+/// Task counts and throughput.
+#[derive(Serialize, ToSchema)]
+pub struct Stats {
+    /// The store's clock when answered (ms since the Unix epoch).
+    now: i64,
+    /// Start of the first bucket: `now - window`.
+    since: i64,
+    /// Length of a bucket (ms).
+    bucket_ms: i64,
+    /// Tasks by root handler and state (pairs with none left out).
+    #[schema(value_type = Vec<TaskCountDoc>)]
+    tasks: Vec<TaskCount>,
+    /// Tasks finished since `since`, per bucket and state (buckets with none
+    /// left out), oldest first.
+    #[schema(value_type = Vec<FinishedBucketDoc>)]
+    finished: Vec<FinishedBucket>,
+}
+
+/// Counts of tasks by root handler and state, and the tasks that completed,
+/// failed or were cancelled per bucket (default one minute) over the last
+/// `window` (default one hour).
+#[utoipa::path(get, path = "/api/v1/stats", tag = "tasks",
+    params(("window" = Option<String>, Query, description = "how far back: `1h` (default), `10m`, ... at most `24h`"),
+           ("bucket" = Option<String>, Query, description = "bucket length: `1m` (default), `10s`, ... at least `1s`, at most 1440 buckets per window")),
+    responses((status = 200, body = Stats), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn stats(
+    State(state): State<AppState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<Stats>> {
+    let p = params(q, &["window", "bucket"])?;
+    let window = p
+        .duration("window", Duration::from_secs(86_400))?
+        .unwrap_or(Duration::from_secs(3600));
+    let bucket = p
+        .duration("bucket", Duration::from_secs(86_400))?
+        .unwrap_or(Duration::from_secs(60));
+    if bucket < Duration::from_secs(1) {
+        return Err(ApiError::bad_request(
+            "query parameter `bucket`: must be at least 1s",
+        ));
+    }
+    if window.as_millis() / bucket.as_millis() > 1440 {
+        return Err(ApiError::bad_request(
+            "query parameters `window` and `bucket`: more than 1440 buckets",
+        ));
+    }
+    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    let bucket_ms = i64::try_from(bucket.as_millis()).unwrap_or(i64::MAX);
+    let now = state.store.now().await?;
+    let since = now.saturating_sub(window_ms);
+    Ok(Json(Stats {
+        now,
+        since,
+        bucket_ms,
+        tasks: state.store.task_counts().await?,
+        finished: state.store.finished_buckets(since, bucket_ms).await?,
+    }))
+}
+
+/// Failed tasks of one root handler with one error message.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct FailureGroupDoc {
+    /// Root handler.
+    handler: String,
+    /// The error message (empty if none).
+    message: String,
+    /// How many failed tasks.
+    count: u64,
+    /// When the latest failed (ms since the Unix epoch).
+    last_failed_at: i64,
+}
+
+/// Failure groups, largest first.
+#[derive(Serialize, ToSchema)]
+pub struct FailureGroups {
+    #[schema(value_type = Vec<FailureGroupDoc>)]
+    groups: Vec<FailureGroup>,
+}
+
+/// Failed tasks grouped by root handler and error message, the largest
+/// groups first; retry a group with `POST /api/v1/tasks/retry` and its
+/// `handler` and `message`.
+#[utoipa::path(get, path = "/api/v1/failures", tag = "tasks",
+    params(("limit" = Option<usize>, Query, description = "most groups, 1 to 1000, default 100")),
+    responses((status = 200, body = FailureGroups), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn failure_groups(
+    State(state): State<AppState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<FailureGroups>> {
+    let p = params(q, &["limit"])?;
+    let limit = p.number("limit", 1, MAX_PAGE)?.unwrap_or(100);
+    Ok(Json(FailureGroups {
+        groups: state.store.failure_groups(limit).await?,
     }))
 }
 
