@@ -84,6 +84,7 @@ function start(cmd, args, ready, timeoutMs) {
     c.stdout.on('data', (d) => { out += d; check(); });
     c.stderr.on('data', (d) => { err += d; check(); });
     c.on('exit', (code) => {
+      check();
       clearTimeout(timer);
       reject(new Error(`${path.basename(cmd)} exited (${code}) before it was ready\n${out}\n${err}`));
     });
@@ -116,6 +117,13 @@ async function signIn(page, base, token) {
   await page.getByLabel('Bearer token').fill(token);
   await page.getByRole('button', { name: 'Use token' }).click();
   await page.getByRole('heading', { name: 'Overview', level: 1 }).waitFor();
+}
+
+/** Loads a page of the dashboard afresh (a hash change alone would leave
+ * the previous page's content in place until the new one renders). */
+async function visit(page, url) {
+  await page.goto('about:blank');
+  await page.goto(url);
 }
 
 const rows = (page, table) => page.locator(`${table} tbody tr`);
@@ -203,7 +211,7 @@ async function main() {
   await page.waitForFunction(() => location.hash.includes('cursor='));
   await page.getByText('(a later page)').waitFor();
   assert.notEqual(await rows(page, '#tasks-table').first().innerText(), firstPage, 'the next page is another page');
-  await page.goto(`${base}/#/tasks`);
+  await visit(page, `${base}/#/tasks`);
   await page.getByLabel('State').selectOption('failed');
   await page.getByLabel('Handler').fill('payment.charge');
   await page.getByLabel('Root tasks only').check();
@@ -216,29 +224,29 @@ async function main() {
   assert.equal(await page.getByLabel('State').inputValue(), 'failed', 'the filter comes back from the URL');
   for (const r of await rows(page, '#tasks-table').all()) assert.match(await r.innerText(), /payment\.charge[\s\S]*failed/);
   await shot(page, '2-tasks-filtered');
-  await page.goto(`${base}/#/tasks?state=failed&handler=report.build`);
+  await visit(page, `${base}/#/tasks?state=failed&handler=report.build`);
   await page.getByText('1 task', { exact: true }).waitFor();
-  await page.goto(`${base}/#/tasks?state=cancelled`);
+  await visit(page, `${base}/#/tasks?state=cancelled`);
   await page.getByText('1 task', { exact: true }).waitFor();
   assert.match(await rows(page, '#tasks-table').first().innerText(), /mail\.wait[\s\S]*cancelled/);
-  await page.goto(`${base}/#/tasks?state=suspended&root=true`);
+  await visit(page, `${base}/#/tasks?state=suspended&root=true`);
   await page.getByText('1 task', { exact: true }).waitFor();
   assert.match(await rows(page, '#tasks-table').first().innerText(), /invoice\.parent/);
-  await page.goto(`${base}/#/tasks?q=order-7`);
+  await visit(page, `${base}/#/tasks?q=order-7`);
   await page.getByText('1 task', { exact: true }).waitFor();
   assert.match(await rows(page, '#tasks-table').first().innerText(), /order\.fulfil/);
-  await page.goto(`${base}/#/tasks?q=${ids.report}`);
+  await visit(page, `${base}/#/tasks?q=${ids.report}`);
   await page.getByText('1 task', { exact: true }).waitFor();
   assert.match(await rows(page, '#tasks-table').first().innerText(), /report\.build/);
-  await page.goto(`${base}/#/tasks?handler=legacy.export&created_after=${Date.now() + 3600000}`);
+  await visit(page, `${base}/#/tasks?handler=legacy.export&created_after=${Date.now() + 3600000}`);
   await page.getByText('0 tasks').waitFor();
-  await page.goto(`${base}/#/tasks?handler=invoice.line&root=true`);
+  await visit(page, `${base}/#/tasks?handler=invoice.line&root=true`);
   await page.getByText('0 tasks').waitFor();
-  await page.goto(`${base}/#/tasks?handler=invoice.line`);
+  await visit(page, `${base}/#/tasks?handler=invoice.line`);
   await page.getByText('1 task', { exact: true }).waitFor();
 
   // The failed task: its traceback; a read token's retry is refused.
-  await page.goto(`${base}/#/tasks?state=failed&handler=report.build`);
+  await visit(page, `${base}/#/tasks?state=failed&handler=report.build`);
   await rows(page, '#tasks-table').first().getByRole('link').first().click();
   await page.waitForFunction((id) => location.hash === `#/task/${id}`, ids.report);
   await page.locator('pre.trace').first().waitFor();
@@ -250,7 +258,7 @@ async function main() {
   assert.equal(await page.locator('#task-state').textContent(), 'failed');
 
   // The decision with its fan-out and convergence.
-  await page.goto(`${base}/#/task/${ids.order}`);
+  await visit(page, `${base}/#/task/${ids.order}`);
   await page.locator('#step-graph').waitFor();
   const graphText = await page.locator('#step-graph').textContent();
   assert.match(graphText, /order\.pack#0…#5/, 'the fan-out range is one node');
@@ -263,7 +271,7 @@ async function main() {
   await shot(page, '4-task-graph');
 
   // The suspended parent: what it waits for, its checkpoint and child.
-  await page.goto(`${base}/#/task/${ids.parent}`);
+  await visit(page, `${base}/#/task/${ids.parent}`);
   await page.locator('.wait-event').first().waitFor();
   assert.equal(await page.locator('.wait-event').first().textContent(), 'paid.1');
   assert.equal(await rows(page, '#children-table').count(), 1);
@@ -274,12 +282,12 @@ async function main() {
   await shot(page, '5-task-suspended');
 
   // The cancelled task: shown apart from failed.
-  await page.goto(`${base}/#/task/${ids.cancelled}`);
+  await visit(page, `${base}/#/task/${ids.cancelled}`);
   await page.getByText('Cancelled (not a failure).').waitFor();
   assert.equal(await page.locator('pre.trace').count(), 0);
 
   // Failures: groups; a read token's bulk retry is refused.
-  await page.goto(`${base}/#/failures`);
+  await visit(page, `${base}/#/failures`);
   await rows(page, '#failures-table').first().waitFor();
   assert.equal(await rows(page, '#failures-table').count(), 2);
   const groupRow = rows(page, '#failures-table').filter({ hasText: 'card declined' });
@@ -292,7 +300,7 @@ async function main() {
   assert.match(await groupRow.innerText(), /3/);
 
   // Hosts and handlers: the host, and a warning for the unserved handler.
-  await page.goto(`${base}/#/hosts`);
+  await visit(page, `${base}/#/hosts`);
   await page.locator('#hosts-table').waitFor();
   assert.match(await page.locator('#hosts-table').innerText(), /dashboard-seed\s+live\s+rust\s+\d+/);
   const legacy = rows(page, '#handlers-table').filter({ hasText: 'legacy.export' });
@@ -302,7 +310,7 @@ async function main() {
   await shot(page, '7-hosts');
 
   // Events: a read token cannot emit.
-  await page.goto(`${base}/#/events`);
+  await visit(page, `${base}/#/events`);
   await page.getByLabel('Event name').fill('dash.read');
   await page.getByRole('button', { name: 'Emit', exact: true }).click();
   await status(page, /Refused/);
@@ -310,13 +318,13 @@ async function main() {
 
   // --- write token: act ----------------------------------------------------
   await signIn(page, base, WRITE);
-  await page.goto(`${base}/#/task/${ids.report}`);
+  await visit(page, `${base}/#/task/${ids.report}`);
   await page.getByRole('button', { name: 'Retry task' }).click();
   await status(page, /Task retried/);
   await page.locator('#task-state').filter({ hasText: /^completed$/ }).waitFor({ timeout: 30000 });
   log('the retried task completed');
 
-  await page.goto(`${base}/#/failures`);
+  await visit(page, `${base}/#/failures`);
   const group = rows(page, '#failures-table').filter({ hasText: 'card declined' });
   await group.waitFor();
   let asked = '';
@@ -324,7 +332,7 @@ async function main() {
   await group.getByRole('button').click();
   await status(page, /Retried 3 of 3 tasks/);
   assert.match(asked, /Retry all 3 failed tasks of payment\.charge/);
-  await page.goto(`${base}/#/tasks?state=completed&handler=payment.charge`);
+  await visit(page, `${base}/#/tasks?state=completed&handler=payment.charge`);
   for (let i = 0; ; i++) {
     await page.locator('#task-results caption').waitFor();
     if (/^3 tasks/.test(await page.locator('#task-results caption').textContent())) break;
@@ -333,10 +341,10 @@ async function main() {
     await page.reload();
   }
   log('the retried group completed');
-  await page.goto(`${base}/#/failures`);
+  await visit(page, `${base}/#/failures`);
   await page.getByText('No failed tasks.').waitFor();
 
-  await page.goto(`${base}/#/task/${ids.parent}`);
+  await visit(page, `${base}/#/task/${ids.parent}`);
   await page.getByRole('button', { name: 'Emit paid.1' }).waitFor();
   await page.getByLabel('Payload (JSON) for event paid.1').fill('{"amount": 42}');
   await page.getByRole('button', { name: 'Emit paid.1' }).click();
@@ -346,7 +354,7 @@ async function main() {
   log('the suspended task finished');
 
   // Cancel with cascade.
-  await page.goto(`${base}/#/task/${ids.orphan}`);
+  await visit(page, `${base}/#/task/${ids.orphan}`);
   await page.getByLabel('Also cancel its unfinished descendants (cascade)').check();
   page.once('dialog', (d) => d.accept());
   await page.getByRole('button', { name: 'Cancel task' }).click();
@@ -354,7 +362,7 @@ async function main() {
   await page.locator('#task-state').filter({ hasText: /^cancelled$/ }).waitFor();
 
   // Events: the emitted one is listed; filter by name; emit one.
-  await page.goto(`${base}/#/events`);
+  await visit(page, `${base}/#/events`);
   await page.getByLabel('Event name').fill('dash.test');
   await page.getByLabel('Payload (JSON)').fill('{"hello": "world"}');
   await page.getByRole('button', { name: 'Emit', exact: true }).click();
@@ -363,7 +371,7 @@ async function main() {
   await page.getByRole('button', { name: 'Filter' }).click();
   await page.getByText('1 recent event').waitFor();
   assert.match(await page.locator('#events-table').innerText(), /paid\.1[\s\S]*"amount": 42/);
-  await page.goto(`${base}/#/events`);
+  await visit(page, `${base}/#/events`);
   await page.getByText('2 recent events').waitFor();
   assert.match(await page.locator('#events-table').innerText(), /dash\.test/);
 
@@ -383,7 +391,7 @@ async function main() {
   if (BULK > 0) {
     const bulkUrl = `sqlite:${path.join(tmp, 'bulk.db')}`;
     const t0 = Date.now();
-    const b = await start(SEED, ['--store', bulkUrl, '--bulk', String(BULK)], (l) => l.startsWith('{"seeded"'), 600000);
+    const b = await start(SEED, ['--store', bulkUrl, '--bulk', String(BULK)], (l) => l.includes('"seeded"'), 600000);
     log(`seeded ${BULK} tasks in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
     await new Promise((r) => (b.proc.exitCode !== null ? r() : b.proc.once('exit', r)));
     const big = await serve(bulkUrl);

@@ -27,6 +27,7 @@ function chart(stats) {
   const total = (k) => buckets.reduce((a, b) => a + b[k], 0);
   const svg = s('svg', { viewBox: `0 0 ${W} ${H + 20}`, role: 'img', 'aria-labelledby': 'chart-title chart-desc', class: 'chart' },
     s('title', { id: 'chart-title' }, 'Tasks completed and failed per minute, last hour'),
+    s('defs', {}, s('pattern', { id: 'hatch', patternUnits: 'userSpaceOnUse', width: 4, height: 4 }, s('path', { d: 'M-1,1 l2,-2 M0,4 l4,-4 M3,5 l2,-2', class: 'hatch' }))),
     s('desc', { id: 'chart-desc' }, `${total('completed')} completed, ${total('failed')} failed, ${total('cancelled')} cancelled in the last hour; peak ${max} per minute.`),
     s('line', { x1: pad, y1: H, x2: W, y2: H, class: 'axis' }),
     s('text', { x: 0, y: 20, class: 'tick' }, String(max)),
