@@ -417,6 +417,13 @@ async function main() {
   log(`done in ${((Date.now() - started) / 1000).toFixed(1)} s; screenshots in ${SHOTS}`);
 }
 
+// A hung browser or server must not hang `make test`.
+const watchdog = setTimeout(() => {
+  console.error('dashboard test FAILED: still running after 5 minutes');
+  process.exit(1);
+}, 300000);
+watchdog.unref();
+
 try {
   await main();
 } catch (e) {
