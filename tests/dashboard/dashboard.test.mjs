@@ -133,6 +133,7 @@ async function status(page, re) {
 }
 
 async function main() {
+  fs.rmSync(path.join(SHOTS, 'failure.png'), { force: true });
   // --- the store, the host and the server --------------------------------
   const storeUrl = `sqlite:${path.join(tmp, 'dash.db')}`;
   const seed = await start(SEED, ['--store', storeUrl], (l) => l.startsWith('{"'), 120000);

@@ -119,7 +119,8 @@ function timeline(detail) {
     s('title', { id: 'tl-title' }, `Timeline of ${steps.length} steps over ${span} ms`));
   steps.forEach((st, i) => {
     const y = 4 + i * RH;
-    svg.append(s('text', { x: 0, y: y + 13, class: 'tick' }, st.name.length > 22 ? `${st.name.slice(0, 21)}…` : st.name));
+    const label = `${st.name.length > 16 ? `${st.name.slice(0, 15)}…` : st.name} r${st.run}/a${st.attempt}`;
+    svg.append(s('text', { x: 0, y: y + 13, class: 'tick' }, label));
     svg.append(s('rect', { x: x(st.created_at), y: y + 3, width: Math.max(2, x(st.updated_at) - x(st.created_at)), height: 12, class: `span state-${st.state}` },
       s('title', {}, `${st.name}: ${st.state}, run ${st.run}, attempt ${st.attempt}, ${time(st.created_at)} → ${time(st.updated_at)}`)));
     for (const c of detail.checkpoints.filter((c) => c.step_id === st.id)) {
@@ -128,7 +129,7 @@ function timeline(detail) {
   });
   svg.append(s('text', { x: L, y: steps.length * RH + 20, class: 'tick' }, time(t0)));
   svg.append(s('text', { x: W - 120, y: steps.length * RH + 20, class: 'tick' }, `+${span} ms`));
-  return h('figure', {}, svg, h('figcaption', {}, 'Bars run from a step\'s creation to its last change; dots are checkpoints (hover for the run that wrote each).'));
+  return h('figure', {}, svg, h('figcaption', {}, 'Each row is a step with its runs (r) and attempts (a) so far; bars run from its creation to its last change; dots are checkpoints (hover for the run that wrote each).'));
 }
 
 function errorBlock(err, what) {
