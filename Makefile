@@ -24,7 +24,7 @@ demo: python-wheel node-package ruby-gem
 build:
 	$(CARGO) build --release -p switchyard
 
-test: lint test-rust test-python test-c test-node test-ruby test-conformance
+test: lint test-rust test-python test-c test-node test-ruby test-conformance test-dashboard
 
 # clippy --workspace compiles the Ruby extension (rb-sys needs ruby-dev and
 # libclang).
@@ -60,6 +60,7 @@ include mk/c.mk
 include mk/node.mk
 include mk/ruby.mk
 include mk/conformance.mk
+include mk/dashboard.mk
 
 bench:
 	bench/run --lang rust --store memory --steps 200000

@@ -803,5 +803,42 @@ pub struct HandlerStats {
     pub oldest_ready_at: Option<Millis>,
 }
 
+/// Tasks of one root handler in one state ([`crate::Store::task_counts`]).
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct TaskCount {
+    /// The root handler.
+    pub handler: String,
+    /// `running`, `completed`, `failed` or `cancelled`.
+    pub state: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// Tasks that finished in one time bucket with one outcome
+/// ([`crate::Store::finished_buckets`]).
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct FinishedBucket {
+    /// Start of the bucket (ms since the Unix epoch).
+    pub start: Millis,
+    /// `completed`, `failed` or `cancelled`.
+    pub state: String,
+    /// How many tasks finished so in the bucket.
+    pub count: u64,
+}
+
+/// Failed tasks of one root handler with the same error message
+/// ([`crate::Store::failure_groups`]).
+#[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct FailureGroup {
+    /// The root handler.
+    pub handler: String,
+    /// The task's error message (empty if it has none).
+    pub message: String,
+    /// How many failed tasks.
+    pub count: u64,
+    /// When the latest of them failed (ms since the Unix epoch).
+    pub last_failed_at: Millis,
+}
+
 /// Counts of steps by state, for progress and metrics.
 pub type StateCounts = BTreeMap<String, u64>;

@@ -235,6 +235,22 @@ pub trait Store: Send + Sync + 'static {
     /// every handler that has steps.
     async fn handler_stats(&self) -> Result<Vec<HandlerStats>>;
 
+    /// Tasks counted by root handler and state (pairs with none are left
+    /// out), ordered by handler then state. A full scan: for the admin API.
+    async fn task_counts(&self) -> Result<Vec<TaskCount>>;
+
+    /// Tasks that finished (`completed`, `failed`, `cancelled`) at or after
+    /// `since`, counted per bucket of `bucket_ms` milliseconds (bucket `k`
+    /// starts at `since + k * bucket_ms`) and per state; buckets with none
+    /// are left out; ordered by start then state. `bucket_ms` must be at
+    /// least 1 ([`Error::InvalidInput`]).
+    async fn finished_buckets(&self, since: Millis, bucket_ms: i64) -> Result<Vec<FinishedBucket>>;
+
+    /// Failed tasks grouped by root handler and error message, the largest
+    /// groups first (then by handler and message), at most `limit` groups
+    /// (`limit` 0 = 100).
+    async fn failure_groups(&self, limit: usize) -> Result<Vec<FailureGroup>>;
+
     /// Number of `running` steps leased by each host (hosts with none are
     /// left out): the steps in flight.
     async fn running_by_host(&self) -> Result<BTreeMap<String, u64>>;

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use switchyard_core::client::poll_until;
 use switchyard_core::{
-    bridge, EventRecord, HostInfo, Spawned, StepState, TaskDetail, TaskFilter, TaskId, TaskRecord,
-    TaskState,
+    bridge, EventRecord, FailureGroup, FinishedBucket, HostInfo, Spawned, StepState, TaskCount,
+    TaskDetail, TaskFilter, TaskId, TaskRecord, TaskState,
 };
 use utoipa::ToSchema;
 
@@ -45,6 +45,8 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/events/{name}/await", get(await_event))
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/handlers", get(list_handlers))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/failures", get(failure_groups))
         .route("/api/v1/cleanup", post(cleanup))
         .route("/metrics", get(crate::metrics::metrics))
 }
@@ -152,7 +154,9 @@ pub struct TaskDetailDoc {
     task: Value,
     /// Steps in creation order: `name`, `handler`, `state`, `attempt`,
     /// `run`, `error` (`kind`, `message`, `trace`, `attempt`), `wait`
-    /// (`event`, `wake_at`, `group`), `depends_on`, ...
+    /// (`event`, `wake_at`, `group`), `depends_on`, `status` (the status
+    /// it completed with, if routed or set), `routes` (status → the steps
+    /// created when it ends with that status), ...
     steps: Vec<Value>,
     /// Checkpoints: `key`, `value`, `step_id`, `run`, `created_at`.
     checkpoints: Vec<Value>,
@@ -370,6 +374,9 @@ pub struct BulkRetryBody {
     finished_after: Option<i64>,
     /// Only tasks that failed before this time.
     finished_before: Option<i64>,
+    /// Only tasks whose error message is exactly this (a group of
+    /// `GET /api/v1/failures`, with `handler`).
+    message: Option<String>,
     /// Retry at most this many (1 to 1000; default 100), newest first.
     max: Option<usize>,
 }
@@ -392,13 +399,17 @@ pub struct Skipped {
     reason: String,
 }
 
-/// Cleanup: delete finished tasks older than `older_than`.
+/// Cleanup: delete finished tasks older than `older_than` and/or events
+/// older than `events_older_than` (at least one of the two).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CleanupBody {
     /// `90m`, `7d`, ...: tasks that finished longer ago than this.
-    older_than: String,
-    /// Tasks deleted per transaction (default 1000).
+    older_than: Option<String>,
+    /// `30d`, ...: also delete cached events emitted longer ago than this
+    /// (opt-in; see `switchyard cleanup --events-older-than`).
+    events_older_than: Option<String>,
+    /// Tasks (or events) deleted per transaction (default 1000).
     batch: Option<usize>,
 }
 
@@ -407,6 +418,9 @@ pub struct CleanupBody {
 pub struct CleanedUp {
     /// Tasks deleted.
     deleted: u64,
+    /// Events deleted (only when `events_older_than` was given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events_deleted: Option<u64>,
 }
 
 // --- tasks -----------------------------------------------------------------
@@ -646,7 +660,33 @@ pub async fn bulk_retry(
         limit: max,
         ..TaskFilter::default()
     };
-    let tasks = state.client.list(&filter).await?;
+    let tasks = match &b.message {
+        None => state.client.list(&filter).await?,
+        Some(message) => {
+            // Pages of failed tasks, keeping those with the message, until
+            // `max` are found or none are left.
+            let mut found = Vec::new();
+            let mut filter = TaskFilter {
+                limit: MAX_PAGE,
+                ..filter
+            };
+            loop {
+                let page = state.client.list(&filter).await?;
+                let last = page.last().map(|t| t.id);
+                let full = page.len() == filter.limit;
+                found.extend(
+                    page.into_iter()
+                        .filter(|t| t.error.as_ref().is_some_and(|e| &e.message == message)),
+                );
+                if found.len() >= max || !full {
+                    break;
+                }
+                filter.after = last;
+            }
+            found.truncate(max);
+            found
+        }
+    };
     let mut retried = 0;
     let mut skipped = Vec::new();
     for t in &tasks {
@@ -901,9 +941,133 @@ pub async fn list_handlers(State(state): State<AppState>) -> ApiResult<Json<Hand
     }))
 }
 
+/// Tasks of one root handler in one state.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct TaskCountDoc {
+    /// Root handler.
+    handler: String,
+    /// `running`, `completed`, `failed` or `cancelled`.
+    state: String,
+    /// How many.
+    count: u64,
+}
+
+/// Tasks that finished in one bucket with one outcome.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct FinishedBucketDoc {
+    /// Start of the bucket (ms since the Unix epoch).
+    start: i64,
+    /// `completed`, `failed` or `cancelled`.
+    state: String,
+    /// How many.
+    count: u64,
+}
+
+/// Task counts and throughput.
+#[derive(Serialize, ToSchema)]
+pub struct Stats {
+    /// The store's clock when answered (ms since the Unix epoch).
+    now: i64,
+    /// Start of the first bucket: `now - window`.
+    since: i64,
+    /// Length of a bucket (ms).
+    bucket_ms: i64,
+    /// Tasks by root handler and state (pairs with none left out).
+    #[schema(value_type = Vec<TaskCountDoc>)]
+    tasks: Vec<TaskCount>,
+    /// Tasks finished since `since`, per bucket and state (buckets with none
+    /// left out), oldest first.
+    #[schema(value_type = Vec<FinishedBucketDoc>)]
+    finished: Vec<FinishedBucket>,
+}
+
+/// Counts of tasks by root handler and state, and the tasks that completed,
+/// failed or were cancelled per bucket (default one minute) over the last
+/// `window` (default one hour).
+#[utoipa::path(get, path = "/api/v1/stats", tag = "tasks",
+    params(("window" = Option<String>, Query, description = "how far back: `1h` (default), `10m`, ... at most `24h`"),
+           ("bucket" = Option<String>, Query, description = "bucket length: `1m` (default), `10s`, ... at least `1s`, at most 1440 buckets per window")),
+    responses((status = 200, body = Stats), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn stats(
+    State(state): State<AppState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<Stats>> {
+    let p = params(q, &["window", "bucket"])?;
+    let window = p
+        .duration("window", Duration::from_secs(86_400))?
+        .unwrap_or(Duration::from_secs(3600));
+    let bucket = p
+        .duration("bucket", Duration::from_secs(86_400))?
+        .unwrap_or(Duration::from_secs(60));
+    if bucket < Duration::from_secs(1) {
+        return Err(ApiError::bad_request(
+            "query parameter `bucket`: must be at least 1s",
+        ));
+    }
+    if window.as_millis() / bucket.as_millis() > 1440 {
+        return Err(ApiError::bad_request(
+            "query parameters `window` and `bucket`: more than 1440 buckets",
+        ));
+    }
+    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    let bucket_ms = i64::try_from(bucket.as_millis()).unwrap_or(i64::MAX);
+    let now = state.store.now().await?;
+    let since = now.saturating_sub(window_ms);
+    Ok(Json(Stats {
+        now,
+        since,
+        bucket_ms,
+        tasks: state.store.task_counts().await?,
+        finished: state.store.finished_buckets(since, bucket_ms).await?,
+    }))
+}
+
+/// Failed tasks of one root handler with one error message.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct FailureGroupDoc {
+    /// Root handler.
+    handler: String,
+    /// The error message (empty if none).
+    message: String,
+    /// How many failed tasks.
+    count: u64,
+    /// When the latest failed (ms since the Unix epoch).
+    last_failed_at: i64,
+}
+
+/// Failure groups, largest first.
+#[derive(Serialize, ToSchema)]
+pub struct FailureGroups {
+    #[schema(value_type = Vec<FailureGroupDoc>)]
+    groups: Vec<FailureGroup>,
+}
+
+/// Failed tasks grouped by root handler and error message, the largest
+/// groups first; retry a group with `POST /api/v1/tasks/retry` and its
+/// `handler` and `message`.
+#[utoipa::path(get, path = "/api/v1/failures", tag = "tasks",
+    params(("limit" = Option<usize>, Query, description = "most groups, 1 to 1000, default 100")),
+    responses((status = 200, body = FailureGroups), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn failure_groups(
+    State(state): State<AppState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult<Json<FailureGroups>> {
+    let p = params(q, &["limit"])?;
+    let limit = p.number("limit", 1, MAX_PAGE)?.unwrap_or(100);
+    Ok(Json(FailureGroups {
+        groups: state.store.failure_groups(limit).await?,
+    }))
+}
+
 /// Delete finished tasks (with their steps and checkpoints) that finished
 /// longer ago than `older_than`, in batches, as `switchyard cleanup` does.
-/// Unfinished tasks and cached events are kept.
+/// Unfinished tasks are kept; cached events too, unless `events_older_than`
+/// is given.
 #[utoipa::path(post, path = "/api/v1/cleanup", tag = "maintenance",
     request_body = CleanupBody,
     responses((status = 200, body = CleanedUp), (status = 400, body = ErrorBody)),
@@ -913,23 +1077,55 @@ pub async fn cleanup(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<CleanedUp>> {
     let b: CleanupBody = typed(json_body(&state, body)?)?;
-    let age = parse_duration(&b.older_than)
-        .map_err(|m| ApiError::bad_request(format!("request body: `older_than`: {m}")))?;
+    let age_of = |field: &str, v: &Option<String>| -> ApiResult<Option<i64>> {
+        v.as_deref()
+            .map(|t| {
+                parse_duration(t)
+                    .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                    .map_err(|m| ApiError::bad_request(format!("request body: `{field}`: {m}")))
+            })
+            .transpose()
+    };
+    let task_age = age_of("older_than", &b.older_than)?;
+    let event_age = age_of("events_older_than", &b.events_older_than)?;
+    if task_age.is_none() && event_age.is_none() {
+        return Err(ApiError::bad_request(
+            "request body: give `older_than` (tasks), `events_older_than` (events) or both",
+        ));
+    }
     let batch = b.batch.unwrap_or(1000);
     if !(1..=100_000).contains(&batch) {
         return Err(ApiError::bad_request(format!(
             "request body: `batch` must be from 1 to 100000, not {batch}"
         )));
     }
-    let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-    let before = state.store.now().await?.saturating_sub(age_ms);
+    let now = state.store.now().await?;
     let mut deleted = 0;
-    loop {
-        let n = state.store.cleanup(before, batch).await?;
-        if n == 0 {
-            break;
+    if let Some(age) = task_age {
+        let before = now.saturating_sub(age);
+        loop {
+            let n = state.store.cleanup(before, batch).await?;
+            if n == 0 {
+                break;
+            }
+            deleted += n;
         }
-        deleted += n;
     }
-    Ok(Json(CleanedUp { deleted }))
+    let mut events_deleted = None;
+    if let Some(age) = event_age {
+        let before = now.saturating_sub(age);
+        let mut total = 0;
+        loop {
+            let n = state.store.cleanup_events(before, batch).await?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        events_deleted = Some(total);
+    }
+    Ok(Json(CleanedUp {
+        deleted,
+        events_deleted,
+    }))
 }

@@ -14,7 +14,10 @@
 //! * Routes ([`api`]): tasks (list with filters and a keyset cursor, detail,
 //!   spawn, spawn many, cancel, retry, bulk retry, result long-poll),
 //!   events (emit, get, list by prefix, await long-poll), hosts, handlers,
-//!   cleanup; `/metrics` ([`metrics`]): store-wide gauges.
+//!   cleanup, stats, failure groups; `/metrics` ([`metrics`]): store-wide
+//!   gauges.
+//! * Dashboard ([`dashboard`]): the web dashboard at `/`, embedded assets
+//!   served without a token; its data comes from `/api/v1` with one.
 //! * gRPC health ([`health`]): the standard `grpc.health.v1` service on
 //!   [`ServeSettings::grpc_listen`], reporting whether the store answers.
 
@@ -29,6 +32,7 @@ use tokio::net::TcpListener;
 
 pub mod api;
 pub mod auth;
+pub mod dashboard;
 pub mod error;
 pub mod health;
 pub mod metrics;
@@ -177,8 +181,8 @@ pub struct AppState {
     pub stopping: tokio_util::sync::CancellationToken,
 }
 
-/// The complete router: `/api/v1/...` behind authentication, with the body
-/// limit applied.
+/// The complete router: `/api/v1/...` behind authentication, the dashboard
+/// (`/`, `/assets/...`) without, with the body limit applied.
 /// `stopping` ends the long-polls in flight when cancelled.
 pub fn router(
     store: DynStore,
@@ -192,12 +196,16 @@ pub fn router(
         max_body_bytes: settings.max_body_bytes,
         stopping,
     };
-    api::routes()
+    // The dashboard's assets hold no data: served without a token (the
+    // page sends one with each API call).
+    let api = api::routes()
         .fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
-        ))
+        ));
+    dashboard::routes()
+        .merge(api)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .with_state(state)
 }

@@ -16,7 +16,8 @@ use crate::error::{ErrorBody, ErrorDetail};
     paths(
         api::list_tasks, api::get_task, api::spawn_task, api::spawn_many, api::cancel_task,
         api::retry_task, api::bulk_retry, api::task_result, api::emit_event, api::list_events,
-        api::get_event, api::await_event, api::list_hosts, api::list_handlers, api::cleanup,
+        api::get_event, api::await_event, api::list_hosts, api::list_handlers, api::stats,
+        api::failure_groups, api::cleanup,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Bearer),

@@ -785,7 +785,39 @@ async fn hosts_and_cleanup() {
         "/api/v1/cleanup",
         Some("{}"),
         StatusCode::BAD_REQUEST,
-        "missing field `older_than`",
+        "give `older_than` (tasks), `events_older_than` (events) or both",
+    )
+    .await;
+    api.expect_error(
+        Method::POST,
+        "/api/v1/cleanup",
+        Some(r#"{"events_older_than":"later"}"#),
+        StatusCode::BAD_REQUEST,
+        "`events_older_than`: `later` is not a duration",
+    )
+    .await;
+    // Event retention is opt-in: only `events_older_than` deletes events.
+    api.post("/api/v1/events", r#"{"name":"cu.old"}"#).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (_, v) = api.post("/api/v1/cleanup", r#"{"older_than":"5ms"}"#).await;
+    assert_eq!(v, json!({"deleted": 0}), "{v}");
+    let (s, _) = api.get("/api/v1/events/cu.old").await;
+    assert_eq!(s, StatusCode::OK, "events are kept by a task cleanup");
+    let (s, v) = api
+        .post(
+            "/api/v1/cleanup",
+            r#"{"events_older_than":"5ms","batch":1}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["deleted"], 0);
+    assert!(v["events_deleted"].as_u64().unwrap() >= 1, "{v}");
+    api.expect_error(
+        Method::GET,
+        "/api/v1/events/cu.old",
+        None,
+        StatusCode::NOT_FOUND,
+        "cu.old",
     )
     .await;
 }
@@ -921,4 +953,214 @@ async fn shutdown_ends_long_polls() {
         .unwrap()
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_failure_groups_and_group_retry() {
+    let api = start(tokens(), MB).await.with_token(WRITE);
+    for _ in 0..3 {
+        api.spawn(r#"{"handler":"pay"}"#).await;
+    }
+    api.spawn(r#"{"handler":"pay"}"#).await;
+    let done = api.spawn(r#"{"handler":"ok"}"#).await;
+    let gone = api.spawn(r#"{"handler":"bye"}"#).await;
+    for _ in 0..2 {
+        api.fail("pay", "card declined").await;
+    }
+    let other = api.fail("pay", "timeout").await;
+    api.complete("ok", json!(1)).await;
+    let (s, _) = api.post(&format!("/api/v1/tasks/{gone}/cancel"), "").await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Counts by handler and state; finished per minute over the last hour.
+    let (s, v) = api.get("/api/v1/stats").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["bucket_ms"], 60_000);
+    assert_eq!(
+        v["now"].as_i64().unwrap() - v["since"].as_i64().unwrap(),
+        3_600_000
+    );
+    let count = |h: &str, st: &str| {
+        v["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["handler"] == h && c["state"] == st)
+            .map(|c| c["count"].as_u64().unwrap())
+    };
+    assert_eq!(count("pay", "failed"), Some(3));
+    assert_eq!(count("pay", "running"), Some(1));
+    assert_eq!(count("ok", "completed"), Some(1));
+    assert_eq!(count("bye", "cancelled"), Some(1));
+    assert_eq!(count("bye", "failed"), None, "cancelled is not failed");
+    let finished = |st: &str| {
+        v["finished"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["state"] == st)
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!(
+        (
+            finished("completed"),
+            finished("failed"),
+            finished("cancelled")
+        ),
+        (1, 3, 1)
+    );
+    let (_, v) = api.get("/api/v1/stats?window=10m&bucket=10s").await;
+    assert_eq!(v["bucket_ms"], 10_000);
+    for (q, needle) in [
+        ("bucket=500ms", "at least 1s"),
+        ("window=1h&bucket=1s", "more than 1440 buckets"),
+        ("window=2d", "longer than the maximum"),
+        ("bogus=1", "unknown query parameter `bogus`"),
+    ] {
+        api.expect_error(
+            Method::GET,
+            &format!("/api/v1/stats?{q}"),
+            None,
+            StatusCode::BAD_REQUEST,
+            needle,
+        )
+        .await;
+    }
+
+    // Failure groups, largest first.
+    let (s, v) = api.get("/api/v1/failures").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let groups: Vec<(String, String, u64)> = v["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["handler"].as_str().unwrap().to_string(),
+                g["message"].as_str().unwrap().to_string(),
+                g["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        vec![
+            ("pay".into(), "card declined".into(), 2),
+            ("pay".into(), "timeout".into(), 1)
+        ]
+    );
+    let (_, v) = api.get("/api/v1/failures?limit=1").await;
+    assert_eq!(v["groups"].as_array().unwrap().len(), 1);
+    api.expect_error(
+        Method::GET,
+        "/api/v1/failures?limit=0",
+        None,
+        StatusCode::BAD_REQUEST,
+        "`limit`",
+    )
+    .await;
+
+    // Retry one group: only its tasks, the count reported; a read token
+    // may not.
+    let read = start(tokens(), MB).await.with_token(READ);
+    read.expect_error(
+        Method::POST,
+        "/api/v1/tasks/retry",
+        Some(r#"{"handler":"pay","message":"card declined"}"#),
+        StatusCode::FORBIDDEN,
+        "write scope",
+    )
+    .await;
+    let (s, v) = api
+        .post(
+            "/api/v1/tasks/retry",
+            r#"{"handler":"pay","message":"card declined"}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["matched"].as_u64(), v["retried"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let (_, v) = api.get("/api/v1/failures").await;
+    assert_eq!(
+        v["groups"],
+        json!([{"handler": "pay", "message": "timeout", "count": 1,
+                "last_failed_at": v["groups"][0]["last_failed_at"]}])
+    );
+    let (_, t) = api.get(&format!("/api/v1/tasks/{other}")).await;
+    assert_eq!(
+        t["task"]["state"], "failed",
+        "the other group is left alone"
+    );
+    let (_, v) = api
+        .post(
+            "/api/v1/tasks/retry",
+            r#"{"handler":"pay","message":"no such message"}"#,
+        )
+        .await;
+    assert_eq!(v["matched"], 0);
+    let (_, t) = api.get(&format!("/api/v1/tasks/{done}")).await;
+    assert_eq!(t["task"]["state"], "completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_assets_without_token_with_csp_and_caching() {
+    let api = start(tokens(), MB).await;
+    let http = reqwest::Client::new();
+    for (path, ty, needle) in [
+        (
+            "/",
+            "text/html; charset=utf-8",
+            "<script type=\"module\" src=\"/assets/app.js\">",
+        ),
+        ("/assets/app.js", "text/javascript; charset=utf-8", "import"),
+        (
+            "/assets/api.js",
+            "text/javascript; charset=utf-8",
+            "/api/v1",
+        ),
+        ("/assets/style.css", "text/css; charset=utf-8", "body"),
+        ("/assets/favicon.svg", "image/svg+xml", "<svg"),
+    ] {
+        let r = http
+            .get(format!("{}{path}", api.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}: no token needed");
+        let h = r.headers().clone();
+        assert_eq!(h["content-type"], ty, "{path}");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+            "{csp}"
+        );
+        assert!(
+            !csp.contains("http") && !csp.contains('*') && !csp.contains("unsafe"),
+            "no remote origin, no inline script: {csp}"
+        );
+        assert_eq!(h["cache-control"], "no-cache");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        let etag = h["etag"].to_str().unwrap().to_string();
+        assert!(r.text().await.unwrap().contains(needle), "{path}");
+        let again = http
+            .get(format!("{}{path}", api.base))
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED, "{path}");
+        assert_eq!(again.headers()["etag"].to_str().unwrap(), etag);
+    }
+    let r = http
+        .get(format!("{}/assets/secrets.js", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // The data still needs a token.
+    let (s, _) = api.get("/api/v1/stats").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
 }

@@ -266,6 +266,14 @@ async fn every_answer_matches_its_documented_schema() {
     .await;
     c.get("/api/v1/hosts", "/api/v1/hosts").await;
     c.get("/api/v1/handlers", "/api/v1/handlers").await;
+    let (_, st) = c.get("/api/v1/stats", "/api/v1/stats").await;
+    assert!(
+        !st["tasks"].as_array().unwrap().is_empty()
+            && !st["finished"].as_array().unwrap().is_empty(),
+        "{st}"
+    );
+    let (_, f) = c.get("/api/v1/failures", "/api/v1/failures").await;
+    assert_eq!(f["groups"][0]["message"], "it broke", "{f}");
     c.get(
         "/api/v1/events/{name}/await",
         "/api/v1/events/paid.1/await?timeout=50ms",
@@ -297,6 +305,12 @@ async fn every_answer_matches_its_documented_schema() {
         "/api/v1/tasks/retry",
         "/api/v1/tasks/retry",
         r#"{"handler":"broken","max":10}"#,
+    )
+    .await;
+    c.post(
+        "/api/v1/tasks/retry",
+        "/api/v1/tasks/retry",
+        r#"{"handler":"broken","message":"it broke"}"#,
     )
     .await;
     c.post(
@@ -356,6 +370,20 @@ async fn every_answer_matches_its_documented_schema() {
             "/api/v1/events/never",
             None,
             404,
+        ),
+        (
+            Method::GET,
+            "/api/v1/stats",
+            "/api/v1/stats?bucket=1ms",
+            None,
+            400,
+        ),
+        (
+            Method::GET,
+            "/api/v1/failures",
+            "/api/v1/failures?limit=x",
+            None,
+            400,
         ),
         (
             Method::POST,

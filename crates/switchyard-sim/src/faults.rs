@@ -456,6 +456,22 @@ impl Store for FaultStore {
         self.inner.handler_stats().await
     }
 
+    async fn task_counts(&self) -> Result<Vec<switchyard_core::TaskCount>> {
+        self.inner.task_counts().await
+    }
+
+    async fn finished_buckets(
+        &self,
+        since: Millis,
+        bucket_ms: i64,
+    ) -> Result<Vec<switchyard_core::FinishedBucket>> {
+        self.inner.finished_buckets(since, bucket_ms).await
+    }
+
+    async fn failure_groups(&self, limit: usize) -> Result<Vec<switchyard_core::FailureGroup>> {
+        self.inner.failure_groups(limit).await
+    }
+
     async fn running_by_host(&self) -> Result<BTreeMap<String, u64>> {
         self.inner.running_by_host().await
     }

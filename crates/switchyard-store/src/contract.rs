@@ -155,6 +155,7 @@ macro_rules! contract_suite {
                 list_tasks_combined_filters_and_cursor,
                 list_events_by_prefix,
                 handler_stats_counts_and_oldest_ready,
+                task_counts_buckets_and_failure_groups,
                 list_tasks_default_limit,
                 hosts_list_and_deregister,
                 count_steps_by_state,
@@ -3640,6 +3641,117 @@ pub async fn count_steps_by_state(factory: Factory) {
     .map(|(k, v)| (k.to_string(), v))
     .into();
     assert_eq!(h.store.count_steps().await.unwrap(), expected);
+}
+
+/// `task_counts` counts tasks by root handler and state; `finished_buckets`
+/// counts finished tasks per time bucket and state from `since` on;
+/// `failure_groups` groups failed tasks by handler and error message,
+/// largest first, and follows retries.
+pub async fn task_counts_buckets_and_failure_groups(factory: Factory) {
+    let h = H::open(&factory).await;
+    assert!(h.store.task_counts().await.unwrap().is_empty());
+    assert!(h
+        .store
+        .finished_buckets(0, 60_000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(h.store.failure_groups(0).await.unwrap().is_empty());
+    let t0 = h.now();
+    for handler in ["tc_ok", "tc_ok", "tc_bad", "tc_bad", "tc_bad", "tc_run"] {
+        h.spawn_handler(handler).await;
+    }
+    let cancelled = h.spawn_handler("tc_cancel").await;
+    let ok = h.claim("tc_ok", 2).await;
+    h.resolve(&ok[0], Resolution::Completed(json!(1))).await;
+    h.advance(60_005);
+    let t1 = h.now();
+    h.resolve(&ok[1], Resolution::Completed(json!(2))).await;
+    let bad = h.claim("tc_bad", 3).await;
+    for (s, m) in bad
+        .iter()
+        .zip(["card declined", "timeout", "card declined"])
+    {
+        h.resolve(
+            s,
+            Resolution::Failed(ErrorInfo::new(ErrorKind::Permanent, m)),
+        )
+        .await;
+    }
+    assert!(h.store.cancel_task(cancelled, false).await.unwrap());
+    let counts: Vec<(String, String, u64)> = h
+        .store
+        .task_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.handler, c.state, c.count))
+        .collect();
+    let want = |v: &[(&str, &str, u64)]| -> Vec<(String, String, u64)> {
+        v.iter()
+            .map(|(a, b, n)| (a.to_string(), b.to_string(), *n))
+            .collect()
+    };
+    assert_eq!(
+        counts,
+        want(&[
+            ("tc_bad", "failed", 3),
+            ("tc_cancel", "cancelled", 1),
+            ("tc_ok", "completed", 2),
+            ("tc_run", "running", 1),
+        ])
+    );
+    let buckets: Vec<(Millis, String, u64)> = h
+        .store
+        .finished_buckets(t0, 60_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.start, b.state, b.count))
+        .collect();
+    assert_eq!(
+        buckets,
+        vec![
+            (t0, "completed".to_string(), 1),
+            (t0 + 60_000, "cancelled".to_string(), 1),
+            (t0 + 60_000, "completed".to_string(), 1),
+            (t0 + 60_000, "failed".to_string(), 3),
+        ]
+    );
+    let later = h.store.finished_buckets(t1, 1_000).await.unwrap();
+    assert_eq!(
+        later.iter().map(|b| b.count).sum::<u64>(),
+        5,
+        "the task finished before `since` is left out: {later:?}"
+    );
+    assert!(later.iter().all(|b| b.start == t1), "{later:?}");
+    assert!(matches!(
+        h.store.finished_buckets(t0, 0).await,
+        Err(Error::InvalidInput(_))
+    ));
+    let groups: Vec<(String, String, u64, Millis)> = h
+        .store
+        .failure_groups(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| (g.handler, g.message, g.count, g.last_failed_at))
+        .collect();
+    assert_eq!(
+        groups,
+        vec![
+            ("tc_bad".to_string(), "card declined".to_string(), 2, t1),
+            ("tc_bad".to_string(), "timeout".to_string(), 1, t1),
+        ]
+    );
+    assert_eq!(h.store.failure_groups(1).await.unwrap().len(), 1);
+    h.store.retry_task(bad[0].task_id).await.unwrap();
+    let groups = h.store.failure_groups(0).await.unwrap();
+    assert_eq!(
+        groups.iter().map(|g| g.count).collect::<Vec<_>>(),
+        vec![1, 1],
+        "a retried task leaves its group: {groups:?}"
+    );
 }
 
 /// `step_results` returns the results of the named completed steps, leaving

@@ -1554,6 +1554,89 @@ impl Store for MemoryStore {
         Ok(by.into_values().collect())
     }
 
+    async fn task_counts(&self) -> Result<Vec<switchyard_core::TaskCount>> {
+        let inner = self.inner.lock();
+        let mut by: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for t in inner.tasks.values() {
+            let rec = inner.task_record(t);
+            *by.entry((rec.handler, rec.state.as_str().to_string()))
+                .or_insert(0) += 1;
+        }
+        Ok(by
+            .into_iter()
+            .map(|((handler, state), count)| switchyard_core::TaskCount {
+                handler,
+                state,
+                count,
+            })
+            .collect())
+    }
+
+    async fn finished_buckets(
+        &self,
+        since: Millis,
+        bucket_ms: i64,
+    ) -> Result<Vec<switchyard_core::FinishedBucket>> {
+        if bucket_ms < 1 {
+            return Err(Error::InvalidInput(format!(
+                "bucket_ms must be at least 1, not {bucket_ms}"
+            )));
+        }
+        let inner = self.inner.lock();
+        let mut by: BTreeMap<(Millis, String), u64> = BTreeMap::new();
+        for t in inner.tasks.values() {
+            let rec = inner.task_record(t);
+            if rec.state.is_terminal() && rec.updated_at >= since {
+                let start = since + (rec.updated_at - since) / bucket_ms * bucket_ms;
+                *by.entry((start, rec.state.as_str().to_string()))
+                    .or_insert(0) += 1;
+            }
+        }
+        Ok(by
+            .into_iter()
+            .map(|((start, state), count)| switchyard_core::FinishedBucket {
+                start,
+                state,
+                count,
+            })
+            .collect())
+    }
+
+    async fn failure_groups(&self, limit: usize) -> Result<Vec<switchyard_core::FailureGroup>> {
+        let limit = if limit == 0 { 100 } else { limit };
+        let inner = self.inner.lock();
+        let mut by: BTreeMap<(String, String), (u64, Millis)> = BTreeMap::new();
+        for t in inner.tasks.values() {
+            let rec = inner.task_record(t);
+            if rec.state == TaskState::Failed {
+                let message = rec.error.map(|e| e.message).unwrap_or_default();
+                let e = by
+                    .entry((rec.handler, message))
+                    .or_insert((0, rec.updated_at));
+                e.0 += 1;
+                e.1 = e.1.max(rec.updated_at);
+            }
+        }
+        let mut groups: Vec<_> = by
+            .into_iter()
+            .map(
+                |((handler, message), (count, last_failed_at))| switchyard_core::FailureGroup {
+                    handler,
+                    message,
+                    count,
+                    last_failed_at,
+                },
+            )
+            .collect();
+        groups.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| (&a.handler, &a.message).cmp(&(&b.handler, &b.message)))
+        });
+        groups.truncate(limit);
+        Ok(groups)
+    }
+
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
         let inner = self.inner.lock();
         let Some(g) = inner.groups.get(group) else {

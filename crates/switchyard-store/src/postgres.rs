@@ -3241,6 +3241,85 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn task_counts(&self) -> Result<Vec<switchyard_core::TaskCount>> {
+        // A full scan: for the admin API, not for a hot path.
+        read_op!(self, "task_counts", false, |c| async {
+            let mut out = Vec::new();
+            for r in c
+                .query(
+                    "SELECT handler, state, count(*) FROM sy_tasks \
+                     GROUP BY handler, state ORDER BY handler, state",
+                    &[],
+                )
+                .await?
+            {
+                out.push(switchyard_core::TaskCount {
+                    handler: r.get(0),
+                    state: r.get(1),
+                    count: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                });
+            }
+            Ok::<_, Fail>(out)
+        })
+    }
+
+    async fn finished_buckets(
+        &self,
+        since: Millis,
+        bucket_ms: i64,
+    ) -> Result<Vec<switchyard_core::FinishedBucket>> {
+        if bucket_ms < 1 {
+            return Err(Error::InvalidInput(format!(
+                "bucket_ms must be at least 1, not {bucket_ms}"
+            )));
+        }
+        read_op!(self, "finished_buckets", false, |c| async {
+            let mut out = Vec::new();
+            for r in c
+                .query(
+                    "SELECT $1::bigint + ((updated_at - $1::bigint) / $2::bigint) * $2::bigint AS b, \
+                     state, count(*) FROM sy_tasks \
+                     WHERE state <> 'running' AND updated_at >= $1::bigint \
+                     GROUP BY b, state ORDER BY b, state",
+                    &[&since, &bucket_ms],
+                )
+                .await?
+            {
+                out.push(switchyard_core::FinishedBucket {
+                    start: r.get(0),
+                    state: r.get(1),
+                    count: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                });
+            }
+            Ok::<_, Fail>(out)
+        })
+    }
+
+    async fn failure_groups(&self, limit: usize) -> Result<Vec<switchyard_core::FailureGroup>> {
+        let limit =
+            i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);
+        read_op!(self, "failure_groups", false, |c| async {
+            let mut out = Vec::new();
+            for r in c
+                .query(
+                    "SELECT handler, coalesce(error::jsonb ->> 'message', '') AS m, \
+                     count(*) AS n, max(updated_at) FROM sy_tasks WHERE state = 'failed' \
+                     GROUP BY handler, m ORDER BY n DESC, handler, m LIMIT $1",
+                    &[&limit],
+                )
+                .await?
+            {
+                out.push(switchyard_core::FailureGroup {
+                    handler: r.get(0),
+                    message: r.get(1),
+                    count: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                    last_failed_at: r.get(3),
+                });
+            }
+            Ok::<_, Fail>(out)
+        })
+    }
+
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
         read_op!(self, "group_outcomes", false, |c| async {
             let mut out = Vec::new();

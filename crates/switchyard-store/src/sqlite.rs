@@ -3159,6 +3159,80 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn task_counts(&self) -> Result<Vec<switchyard_core::TaskCount>> {
+        // A full scan: for the admin API, not for a hot path.
+        self.read("task_counts", |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT handler, state, count(*) FROM tasks \
+                     GROUP BY handler, state ORDER BY handler, state",
+                )?
+                .query_map([], |r| {
+                    Ok(switchyard_core::TaskCount {
+                        handler: r.get(0)?,
+                        state: r.get(1)?,
+                        count: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn finished_buckets(
+        &self,
+        since: Millis,
+        bucket_ms: i64,
+    ) -> Result<Vec<switchyard_core::FinishedBucket>> {
+        if bucket_ms < 1 {
+            return Err(Error::InvalidInput(format!(
+                "bucket_ms must be at least 1, not {bucket_ms}"
+            )));
+        }
+        // The partial index tasks_finished (updated_at, state <> 'running').
+        self.read("finished_buckets", move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT ?1 + ((updated_at - ?1) / ?2) * ?2 AS b, state, count(*) FROM tasks \
+                     WHERE state <> 'running' AND updated_at >= ?1 \
+                     GROUP BY b, state ORDER BY b, state",
+                )?
+                .query_map(params![since, bucket_ms], |r| {
+                    Ok(switchyard_core::FinishedBucket {
+                        start: r.get(0)?,
+                        state: r.get(1)?,
+                        count: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn failure_groups(&self, limit: usize) -> Result<Vec<switchyard_core::FailureGroup>> {
+        let limit =
+            i64::try_from(if limit == 0 { DEFAULT_LIMIT } else { limit }).unwrap_or(i64::MAX);
+        // The index tasks_state (state, seq) narrows to the failed tasks.
+        self.read("failure_groups", move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT handler, coalesce(json_extract(error, '$.message'), '') AS m, \
+                     count(*) AS n, max(updated_at) FROM tasks WHERE state = 'failed' \
+                     GROUP BY handler, m ORDER BY n DESC, handler, m LIMIT ?1",
+                )?
+                .query_map([limit], |r| {
+                    Ok(switchyard_core::FailureGroup {
+                        handler: r.get(0)?,
+                        message: r.get(1)?,
+                        count: r.get(2)?,
+                        last_failed_at: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
     async fn group_outcomes(&self, group: &str) -> Result<Vec<ChildOutcome>> {
         let group = group.to_owned();
         self.read("group_outcomes", move |conn| {

@@ -471,6 +471,19 @@ impl<H: Hooks> Store for Hooked<H> {
     async fn cleanup_events(&self, created_before: Millis, batch: usize) -> SyResult<u64> {
         self.inner.cleanup_events(created_before, batch).await
     }
+    async fn task_counts(&self) -> SyResult<Vec<switchyard::TaskCount>> {
+        self.inner.task_counts().await
+    }
+    async fn finished_buckets(
+        &self,
+        since: Millis,
+        bucket_ms: i64,
+    ) -> SyResult<Vec<switchyard::FinishedBucket>> {
+        self.inner.finished_buckets(since, bucket_ms).await
+    }
+    async fn failure_groups(&self, limit: usize) -> SyResult<Vec<switchyard::FailureGroup>> {
+        self.inner.failure_groups(limit).await
+    }
     async fn get_task(&self, id: TaskId) -> SyResult<Option<TaskRecord>> {
         self.inner.get_task(id).await
     }
