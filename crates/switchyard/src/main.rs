@@ -87,6 +87,15 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print the manual page (roff, from the same definitions as --help),
+    /// e.g. `switchyard man | man -l -`; with --dir, write a page per
+    /// command (switchyard.1, switchyard-spawn.1, switchyard-tasks-list.1,
+    /// ...) into that directory.
+    Man {
+        /// Write every page into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// Arguments of `switchyard cleanup`.
@@ -386,6 +395,7 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.json;
+    cli::output::init_style();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -425,6 +435,28 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         });
         init_tracing(None);
         return cli::bench::run(args, url.unwrap_or_else(|| "sqlite".into())).await;
+    }
+    if let Command::Man { dir } = cli.command {
+        let failed =
+            |e: std::io::Error| CliError::failure(format!("writing the manual pages: {e}"));
+        if let Some(dir) = dir {
+            std::fs::create_dir_all(&dir).map_err(failed)?;
+            clap_mangen::generate_to(command(), &dir).map_err(failed)?;
+            if !json {
+                println!("manual pages written to {}", dir.display());
+            }
+            return Ok(Outcome::Success);
+        }
+        let mut out = Vec::new();
+        clap_mangen::Man::new(command())
+            .render(&mut out)
+            .map_err(failed)?;
+        use std::io::Write as _;
+        return match std::io::stdout().write_all(&out) {
+            Ok(()) => Ok(Outcome::Success),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Outcome::Success),
+            Err(e) => Err(CliError::failure(format!("writing to stdout: {e}"))),
+        };
     }
     if let Command::Completions { shell } = cli.command {
         let mut out = Vec::new();
@@ -483,7 +515,8 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Bench(_)
         | Command::DevPostgres
         | Command::Config
-        | Command::Completions { .. } => {
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
             unreachable!("handled above")
         }
     }

@@ -1009,6 +1009,88 @@ async fn tasks_watch_follows_a_task_until_it_ends() {
     worker.stop().await;
 }
 
+/// On a terminal (a pseudo-terminal made by util-linux `script`) tables have
+/// box lines and coloured states; `NO_COLOR` keeps the lines and drops the
+/// colour; through a pipe the same command prints plain columns.
+#[test]
+fn tables_are_styled_only_on_a_terminal_and_no_color_is_honoured() {
+    let cli = Cli::new();
+    let id = cli.json(&["spawn", "nobody.serves"])["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(cli.json(&["cancel", &id])["cancelled"], true);
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let on_tty = |no_color: bool| {
+        let mut c = Command::new("script");
+        c.args(["-qec", &format!("{bin} tasks list"), "/dev/null"])
+            .env("SWITCHYARD_STORE", cli.url())
+            .env("TERM", "xterm")
+            .env_remove("NO_COLOR");
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        let out = c
+            .output()
+            .expect("util-linux `script` runs the CLI on a pseudo-terminal");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let colored = on_tty(false);
+    assert!(
+        colored.contains('─'),
+        "box lines on a terminal: {colored:?}"
+    );
+    assert!(
+        colored.contains("\u{1b}["),
+        "colour on a terminal: {colored:?}"
+    );
+    assert!(colored.contains("cancelled"), "{colored:?}");
+    let plain_tty = on_tty(true);
+    assert!(plain_tty.contains('─'), "{plain_tty:?}");
+    assert!(
+        !plain_tty.contains('\u{1b}'),
+        "NO_COLOR: no escape codes: {plain_tty:?}"
+    );
+    let piped = text(&cli.run(&["tasks", "list"]).stdout);
+    assert!(
+        piped.starts_with("ID "),
+        "plain columns through a pipe: {piped:?}"
+    );
+    assert!(
+        !piped.contains('─') && !piped.contains('\u{1b}'),
+        "{piped:?}"
+    );
+}
+
+/// `switchyard man` prints the manual page; `--dir` writes one per command.
+#[test]
+fn man_pages_come_from_the_command_definitions() {
+    let cli = Cli::new();
+    let out = cli.run(&["man"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page = text(&out.stdout);
+    assert!(page.contains(".TH switchyard 1"), "{page}");
+    for sub in ["spawn", "tasks", "cleanup", "serve", "completions"] {
+        assert!(page.contains(sub), "the page names `{sub}`");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli.run(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for f in [
+        "switchyard.1",
+        "switchyard-spawn.1",
+        "switchyard-tasks-watch.1",
+        "switchyard-cleanup.1",
+    ] {
+        let p = dir.path().join(f);
+        let body = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(body.contains(".TH"), "{f}");
+    }
+    let cleanup = std::fs::read_to_string(dir.path().join("switchyard-cleanup.1")).unwrap();
+    assert!(cleanup.contains("events\\-older\\-than"), "{cleanup}");
+}
+
 /// `tasks show` gives each step's status (STATUS column, `status` in
 /// `--json`) and says where its routes lead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -973,27 +973,46 @@ fn parse_age(flag: &str, text: &str) -> Result<Millis, CliError> {
 /// How often a long cleanup reports progress on stderr.
 const CLEANUP_PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
-/// Calls `delete` (one batch of `what`) until it deletes nothing, reporting
-/// progress on stderr every [`CLEANUP_PROGRESS_EVERY`]; returns the total.
+/// Calls `delete` (one batch of `what`) until it deletes nothing; returns
+/// the total. Progress goes to stderr: a live spinner with the count when
+/// stderr is a terminal, else a line every [`CLEANUP_PROGRESS_EVERY`].
 async fn delete_all<F, Fut>(what: &str, mut delete: F) -> Result<u64, CliError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = switchyard::Result<u64>>,
 {
+    use std::io::IsTerminal as _;
     let started = std::time::Instant::now();
     let mut last_report = started;
     let mut deleted: u64 = 0;
+    let spinner = std::io::stderr().is_terminal().then(|| {
+        let p = indicatif::ProgressBar::new_spinner();
+        p.set_message(format!("deleting {what}"));
+        p.enable_steady_tick(Duration::from_millis(120));
+        p
+    });
     loop {
         let n = delete().await.map_err(|e| {
+            if let Some(p) = &spinner {
+                p.finish_and_clear();
+            }
             CliError::failure(format!(
                 "cleanup failed after deleting {deleted} {what}: {e}"
             ))
         })?;
         if n == 0 {
+            if let Some(p) = &spinner {
+                p.finish_and_clear();
+            }
             return Ok(deleted);
         }
         deleted += n;
-        if last_report.elapsed() >= CLEANUP_PROGRESS_EVERY {
+        if let Some(p) = &spinner {
+            p.set_message(format!(
+                "{deleted} {what} deleted ({:.0?})",
+                started.elapsed()
+            ));
+        } else if last_report.elapsed() >= CLEANUP_PROGRESS_EVERY {
             last_report = std::time::Instant::now();
             eprintln!(
                 "cleanup: {deleted} {what} deleted so far ({:.0?})",

@@ -1,13 +1,64 @@
-//! Text output: aligned columns and human-readable times.
+//! Text output: tables and human-readable times.
 //!
-//! Tables are plain aligned columns whether or not stdout is a terminal, so
-//! `grep`/`awk` see the same text a person does; `--json` is the format for
-//! programs.
+//! When stdout is not a terminal (a pipe, a file, a test), tables are plain
+//! aligned columns, so `grep`/`awk` see stable text; `--json` is the format
+//! for programs. On a terminal they are drawn with box lines (comfy-table),
+//! fitted to its width, with the state columns coloured, unless `NO_COLOR`
+//! is set (https://no-color.org) or `TERM=dumb`: then lines but no colour.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal as _;
+use std::sync::OnceLock;
 
 use serde_json::Value;
 use switchyard::Millis;
+
+/// How text goes out: decided once, from stdout and the environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Style {
+    /// stdout is a terminal: tables with box lines, fitted to its width.
+    pub terminal: bool,
+    /// ... and colour is wanted (no `NO_COLOR`, `TERM` is not `dumb`).
+    pub color: bool,
+}
+
+static STYLE: OnceLock<Style> = OnceLock::new();
+
+/// The output style of this process (plain until [`init_style`] ran).
+pub fn style() -> Style {
+    STYLE.get().copied().unwrap_or(Style {
+        terminal: false,
+        color: false,
+    })
+}
+
+/// Decides the output style from stdout and `NO_COLOR`/`TERM`.
+pub fn init_style() -> Style {
+    *STYLE.get_or_init(|| {
+        let terminal = std::io::stdout().is_terminal();
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        let dumb = std::env::var("TERM").is_ok_and(|t| t == "dumb");
+        Style {
+            terminal,
+            color: terminal && !no_color && !dumb,
+        }
+    })
+}
+
+/// The colour of a task or step state word in a terminal table.
+fn state_color(state: &str) -> Option<comfy_table::Color> {
+    use comfy_table::Color;
+    Some(match state {
+        "completed" => Color::Green,
+        "failed" => Color::Red,
+        "cancelled" => Color::Yellow,
+        "running" | "ready" => Color::Cyan,
+        "suspended" | "blocked" => Color::Blue,
+        "live" => Color::Green,
+        "unresponsive" => Color::Red,
+        _ => return None,
+    })
+}
 
 /// Rows under a header, each column padded to its widest cell.
 pub struct Table {
@@ -29,8 +80,58 @@ impl Table {
         self.rows.push(cells);
     }
 
-    /// The rendered table, one line per row, no trailing spaces.
+    /// The table as this process's [`style`] wants it: plain columns
+    /// ([`Self::render_plain`]) unless stdout is a terminal.
     pub fn render(&self) -> String {
+        let s = style();
+        if s.terminal {
+            self.render_terminal(s.color)
+        } else {
+            self.render_plain()
+        }
+    }
+
+    /// Box lines, fitted to the terminal's width; with `color`, a bold
+    /// header and coloured `STATE` cells.
+    pub fn render_terminal(&self, color: bool) -> String {
+        use comfy_table::{Attribute, Cell, ContentArrangement};
+        let mut t = comfy_table::Table::new();
+        t.load_style(comfy_table::presets::UTF8_HORIZONTAL_ONLY);
+        // Fitted to the terminal's width when it has a usable one (a
+        // pseudo-terminal may report none, or 0 columns).
+        if t.width().is_some_and(|w| w >= 40) {
+            t.set_content_arrangement(ContentArrangement::Dynamic);
+        }
+        if color {
+            t.enforce_styling();
+        } else {
+            t.force_no_tty();
+        }
+        let state_cols: Vec<bool> = self.header.iter().map(|h| h == "STATE").collect();
+        t.set_header(self.header.iter().map(|h| {
+            let c = Cell::new(h);
+            if color {
+                c.add_attribute(Attribute::Bold)
+            } else {
+                c
+            }
+        }));
+        for r in &self.rows {
+            t.add_row(r.iter().enumerate().map(|(i, v)| {
+                let c = Cell::new(v);
+                match (color, state_cols.get(i), state_color(v)) {
+                    (true, Some(true), Some(col)) => c.fg(col),
+                    _ => c,
+                }
+            }));
+        }
+        let mut out = t.to_string();
+        out.push('\n');
+        out
+    }
+
+    /// The rendered table, one line per row, no trailing spaces.
+    pub fn render_plain(&self) -> String {
         let cols = self.header.len();
         let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
         for r in &self.rows {
@@ -147,5 +248,10 @@ mod tests {
         let mut t = Table::new(&["A", "LONGER"]);
         t.row(vec!["xyz".into(), "1".into()]);
         assert_eq!(t.render(), "A    LONGER\nxyz  1\n");
+        assert_eq!(
+            t.render_plain(),
+            t.render(),
+            "plain unless stdout is a terminal"
+        );
     }
 }
