@@ -31,9 +31,11 @@ fn names() -> Vec<&'static str> {
     let _ = Context::await_event;
     let _ = Context::sleep;
     let _ = Context::emit_event;
+    let _ = Context::spawn_with;
     let _ = Context::spawn;
     let _ = Context::delegate;
     let _ = Context::delegate_parallel;
+    let _ = Context::set_status;
     let _ = Context::heartbeat;
     let _ = Context::is_cancelled;
     let _ = Context::step_name;
@@ -69,9 +71,11 @@ fn names() -> Vec<&'static str> {
         "Context::await_event",
         "Context::sleep",
         "Context::emit_event",
+        "Context::spawn_with",
         "Context::spawn",
         "Context::delegate",
         "Context::delegate_parallel",
+        "Context::set_status",
         "Context::heartbeat",
         "Context::is_cancelled",
         "Context::step_name",
