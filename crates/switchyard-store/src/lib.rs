@@ -13,6 +13,7 @@ use switchyard_core::{Clock, DynStore, Error, Result, Store, SystemClock};
 pub mod contract;
 pub mod decision;
 pub mod memory;
+#[cfg(feature = "pg-server")]
 pub mod pg_server;
 pub mod postgres;
 mod prepared;
