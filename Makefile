@@ -27,7 +27,7 @@ build: $(ZIG_DEPS)
 
 # check-artefacts runs last: it measures the packages the tests before it
 # built (sizes, stripping, glibc symbol versions: mk/package.mk).
-test: check-versions check-crates lint test-rust test-python test-c test-node test-ruby test-conformance check-artefacts
+test: check-versions check-crates lint check-docs test-rust test-python test-c test-node test-ruby test-conformance check-artefacts
 
 # Every package file carries the workspace version (scripts/check-versions).
 check-versions:

@@ -64,7 +64,11 @@ check-artefacts: python-wheel node-package ruby-gem c-lib python-cli
 # alone from its package would rebuild every dependency once more; the
 # workspace tests compile the same sources.
 PKG_CRATES := switchyard-core switchyard-store switchyard-serve switchyard
-.PHONY: check-crates
+.PHONY: check-crates check-docs
+# `cargo doc --no-deps` of the published crates, warnings as errors.
+check-docs:
+	RUSTDOCFLAGS="-D warnings" CARGO_TARGET_DIR=$(PKG_TARGET_DIR) $(CARGO) doc --no-deps $(addprefix -p ,$(PKG_CRATES))
+
 check-crates:
 	rm -f $(PKG_TARGET_DIR)/package/switchyard*.crate
 	CARGO_TARGET_DIR=$(PKG_TARGET_DIR) $(CARGO) package --no-verify --allow-dirty $(addprefix -p ,$(PKG_CRATES))

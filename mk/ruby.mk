@@ -23,9 +23,10 @@ RB_TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 RB_PKG := $(abspath target/ruby-pkg)
 RB_GEM_HOME := $(abspath target/ruby-gems)
 RB_TESTOPTS ?=
-# RB_SOURCE_GEM=1: test-ruby also installs the source gem (compiling the
-# extension at install time) and smoke-tests it (test-ruby-source).
-RB_SOURCE_GEM ?= 0
+# test-ruby also installs the source gem (compiling the extension at install
+# time, about 80 s: only the three Switchyard crates compile again) and
+# smoke-tests it (test-ruby-source); RB_SOURCE_GEM=0 skips that.
+RB_SOURCE_GEM ?= 1
 
 .PHONY: deps-ruby ruby-gem ruby-source-gem test-ruby-source ruby-cli test-ruby test-ruby-gc bench-ruby
 
@@ -55,12 +56,14 @@ ruby-source-gem: deps-ruby
 	cd $(RB_EXT) && ls -A | grep -vx extconf.rb | xargs -r rm -rf
 	mkdir -p $(RB_EXT)/crates $(RB_EXT)/binding
 	for c in switchyard-core switchyard-store; do \
-	  mkdir -p $(RB_EXT)/crates/$$c && cp -r crates/$$c/Cargo.toml crates/$$c/README.md crates/$$c/src $(RB_EXT)/crates/$$c/; done
+	  mkdir -p $(RB_EXT)/crates/$$c && cp -r crates/$$c/README.md crates/$$c/src $(RB_EXT)/crates/$$c/ && \
+	  awk '/^\[\[test\]\]/ { skip = 1; next } /^\[/ { skip = 0 } !skip' crates/$$c/Cargo.toml > $(RB_EXT)/crates/$$c/Cargo.toml; done
 	cp -r bindings/ruby/Cargo.toml bindings/ruby/src $(RB_EXT)/binding/
 	cp Cargo.lock $(RB_EXT)/Cargo.lock
 	# The root workspace, with only these members and path dependencies.
 	sed -e 's|^members = .*|members = ["binding", "crates/switchyard-core", "crates/switchyard-store"]|' \
-	  -e '/^switchyard-serve = /d' Cargo.toml > $(RB_EXT)/Cargo.toml
+	  -e '/^switchyard-serve = /d' Cargo.toml | \
+	  awk '/^\[profile\.release\.package\.switchyard-c\]/ { skip = 1; next } /^\[/ { skip = 0 } !skip' > $(RB_EXT)/Cargo.toml
 	cp LICENSE CHANGELOG.md ruby/
 	mkdir -p $(RB_PKG)
 	cd ruby && SWITCHYARD_GEM=source $(GEM) build --silent switchyard.gemspec && mv switchyard-$(RB_VERSION).gem $(RB_PKG)/

@@ -25,8 +25,14 @@ triple = ENV["CARGO_BUILD_TARGET"]
 out_dir = triple ? File.join(target_dir, triple, "release") : File.join(target_dir, "release")
 so = RbConfig::CONFIG["DLEXT"]
 built = File.join(out_dir, "libswitchyard_native.so")
+# RubyGems points sitearchdir at its staging directory (its siteconf sets
+# MAKEFILE_CONFIG); a plain `ruby extconf.rb && make install` uses Ruby's own.
+sitearchdir = RbConfig::MAKEFILE_CONFIG["sitearchdir"]
+sitearchdir = RbConfig::CONFIG["sitearchdir"] if sitearchdir.include?("$(")
 
 File.write("Makefile", <<~MAKE)
+  sitearchdir ?= #{sitearchdir}
+
   all:
   \tenv RUBY=#{RbConfig.ruby} #{cargo} build --release --manifest-path #{here}/Cargo.toml --target-dir #{target_dir} --lib
   \tcp #{built} switchyard_native.#{so}
