@@ -61,6 +61,10 @@ NODE_ARCH := $(if $(filter x86_64,$(ZIG_ARCH)),x64,$(if $(filter aarch64,$(ZIG_A
 NODE_PLATFORM ?= linux-$(NODE_ARCH)-$(if $(findstring musl,$(TARGET)),musl,gnu)
 # Every platform package there is (typescript/npm/*): the main package lists
 # them all as optionalDependencies, npm installs the one whose os/cpu/libc fit.
+# Another platform: a directory typescript/npm/<platform> (package.json with
+# os, cpu, libc; README.md) and its name in PLATFORM_PACKAGES
+# (typescript/src/index.ts), then `make node-package TARGET=<rust target>` on
+# a machine with that target's standard library.
 NODE_PLATFORMS := $(notdir $(wildcard $(NODE_TS)/npm/*))
 NODE_ADD_OPTIONAL := const fs = require("fs"); const p = JSON.parse(fs.readFileSync("package.json")); \
   p.optionalDependencies = Object.fromEntries(process.argv.slice(1).map(n => ["@switchyard/" + n, p.version])); \

@@ -23,6 +23,9 @@ RB_TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 RB_PKG := $(abspath target/ruby-pkg)
 RB_GEM_HOME := $(abspath target/ruby-gems)
 RB_TESTOPTS ?=
+# The precompiled gem's platform, from $(TARGET): x86_64-linux, aarch64-linux,
+# x86_64-linux-musl, ...
+RB_PLATFORM ?= $(ZIG_ARCH)-linux$(if $(findstring musl,$(TARGET)),-musl)
 # test-ruby also installs the source gem (compiling the extension at install
 # time, about 80 s: only the three Switchyard crates compile again) and
 # smoke-tests it (test-ruby-source); RB_SOURCE_GEM=0 skips that.
@@ -43,7 +46,7 @@ ruby-gem: deps-ruby $(ZIG_DEPS)
 	cp $(REL_DIR)/libswitchyard_native.so ruby/lib/switchyard/switchyard_native.so
 	rm -rf $(RB_PKG) && mkdir -p $(RB_PKG)
 	cp LICENSE CHANGELOG.md ruby/
-	cd ruby && $(GEM) build --silent switchyard.gemspec && mv switchyard-*.gem $(RB_PKG)/
+	cd ruby && SWITCHYARD_GEM_PLATFORM=$(RB_PLATFORM) $(GEM) build --silent switchyard.gemspec && mv switchyard-*.gem $(RB_PKG)/
 	rm -rf $(RB_GEM_HOME)
 	env -u GEM_PATH GEM_HOME=$(RB_GEM_HOME) $(GEM) install --local --no-document $(RB_PKG)/switchyard-$(RB_VERSION)-*.gem
 

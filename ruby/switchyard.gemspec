@@ -43,7 +43,9 @@ Gem::Specification.new do |s|
     s.extensions = ["ext/switchyard_native/extconf.rb"]
     s.files = common + Dir["ext/**/*"].select { |f| File.file?(f) }.reject { |f| f.include?("/target/") }
   else
-    s.platform = Gem::Platform::CURRENT
+    # The platform the extension was built for (mk/ruby.mk passes it from
+    # TARGET, e.g. aarch64-linux); the building Ruby's by default.
+    s.platform = ENV["SWITCHYARD_GEM_PLATFORM"] ? Gem::Platform.new(ENV["SWITCHYARD_GEM_PLATFORM"]) : Gem::Platform::CURRENT
     s.required_ruby_version = "~> #{RUBY_VERSION[/\A\d+\.\d+/]}.0"
     s.files = common + ["lib/switchyard/switchyard_native.so"]
   end
