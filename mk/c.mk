@@ -30,8 +30,8 @@ C_VALGRIND := valgrind --child-silent-after-fork=yes --leak-check=full --errors-
 .PHONY: test-c c-lib c-header c-header-check deps-c c-bench c-install install
 
 # `make install PREFIX=/opt/sy` (default /usr/local; DESTDIR honoured):
-# lib/libswitchyard.so and .a (the .so stripped, the .a without debug info), include/switchyard.h
-# and lib/pkgconfig/switchyard.pc, so C programs build with
+# lib/libswitchyard.so and .a (the .so stripped, the .a without debug info), include/switchyard.h,
+# lib/pkgconfig/switchyard.pc and share/doc/switchyard (LICENSE, CHANGELOG, README), so C programs build with
 # `pkg-config --cflags --libs switchyard`.
 PREFIX ?= /usr/local
 C_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
@@ -58,6 +58,8 @@ c-install: c-lib
 	$(STRIP) --strip-unneeded $(DESTDIR)$(PREFIX)/lib/libswitchyard.so
 	$(STRIP) --strip-debug $(DESTDIR)$(PREFIX)/lib/libswitchyard.a
 	install -m 644 include/switchyard.h $(DESTDIR)$(PREFIX)/include/switchyard.h
+	install -d $(DESTDIR)$(PREFIX)/share/doc/switchyard
+	install -m 644 LICENSE CHANGELOG.md bindings/c/README.md $(DESTDIR)$(PREFIX)/share/doc/switchyard/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(C_VERSION)|' -e 's|@STATIC_LIBS@|$(C_STATIC_LIBS)|' \
 	  bindings/c/switchyard.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/switchyard.pc
 
