@@ -24,7 +24,8 @@ PYTEST_ARGS ?=
 # (mk/package.mk), the same linker as every other release build, so the
 # shared dependencies are compiled once; `maturin --zig` would bring its own
 # wrapper and rebuild them.
-PY_COMPAT ?= $(if $(findstring musl,$(TARGET)),--compatibility musllinux_1_2,--compatibility manylinux2014)
+# With ZIG=0 (the system linker) maturin tags the wheel for this machine's glibc.
+PY_COMPAT ?= $(if $(filter 1,$(ZIG)),$(if $(findstring musl,$(TARGET)),--compatibility musllinux_1_2,--compatibility manylinux2014))
 
 .PHONY: test-python python-venv python-wheel python-cli
 
