@@ -17,14 +17,21 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # charge.payment (the npm package, installed into target/node-scratch) and
 # Ruby invoice.issue (the gem, installed into target/ruby-gems).
 demo: python-wheel node-package ruby-gem
-	$(CARGO) run --release --quiet -p switchyard-examples --bin demo -- \
+	$(CARGO_REL) --quiet -p switchyard-examples --bin demo
+	$(REL_DIR)/demo \
 	  --python $(PY_VENV_ABS)/bin/python --node-worker $(NODE_DEMO_WORKER) \
 	  --ruby-gem-home $(RB_GEM_HOME)
 
-build:
-	$(CARGO) build --release -p switchyard
+build: $(ZIG_DEPS)
+	$(CARGO_REL) -p switchyard
 
-test: lint test-rust test-python test-c test-node test-ruby test-conformance test-dashboard
+# check-artefacts runs last: it measures the packages the tests before it
+# built (sizes, stripping, glibc symbol versions: mk/package.mk).
+test: check-versions check-crates lint check-docs test-rust test-python test-c test-node test-ruby test-conformance test-dashboard check-artefacts
+
+# Every package file carries the workspace version (scripts/check-versions).
+check-versions:
+	scripts/check-versions
 
 # clippy --workspace compiles the Ruby extension (rb-sys needs ruby-dev and
 # libclang).
@@ -55,6 +62,7 @@ deps-postgres:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	fi
 
+include mk/package.mk
 include mk/python.mk
 include mk/c.mk
 include mk/node.mk

@@ -19,7 +19,7 @@
 CARGO ?= cargo
 C_CC ?= gcc
 C_TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
-C_LIB_DIR := $(C_TARGET_DIR)/release
+C_LIB_DIR := $(REL_DIR)
 C_OUT := $(C_TARGET_DIR)/c
 C_FLAGS := -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -Iinclude
 # What the Rust static library needs from the system (rustc --print native-static-libs).
@@ -30,8 +30,8 @@ C_VALGRIND := valgrind --child-silent-after-fork=yes --leak-check=full --errors-
 .PHONY: test-c c-lib c-header c-header-check deps-c c-bench c-install install
 
 # `make install PREFIX=/opt/sy` (default /usr/local; DESTDIR honoured):
-# lib/libswitchyard.so and .a (debug info stripped), include/switchyard.h
-# and lib/pkgconfig/switchyard.pc, so C programs build with
+# lib/libswitchyard.so and .a (the .so stripped, the .a without debug info), include/switchyard.h,
+# lib/pkgconfig/switchyard.pc and share/doc/switchyard (LICENSE, CHANGELOG, README), so C programs build with
 # `pkg-config --cflags --libs switchyard`.
 PREFIX ?= /usr/local
 C_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
@@ -46,8 +46,8 @@ deps-c:
 		$(C_SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev valgrind pkg-config >/dev/null; \
 	fi
 
-c-lib:
-	$(CARGO) build --release -p switchyard-c
+c-lib: $(ZIG_DEPS)
+	$(CARGO_REL) -p switchyard-c
 
 install: c-install
 
@@ -55,8 +55,11 @@ c-install: c-lib
 	install -d $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/include
 	install -m 755 $(C_LIB_DIR)/libswitchyard.so $(DESTDIR)$(PREFIX)/lib/libswitchyard.so
 	install -m 644 $(C_LIB_DIR)/libswitchyard.a $(DESTDIR)$(PREFIX)/lib/libswitchyard.a
-	strip --strip-debug $(DESTDIR)$(PREFIX)/lib/libswitchyard.so $(DESTDIR)$(PREFIX)/lib/libswitchyard.a
+	$(STRIP) --strip-unneeded $(DESTDIR)$(PREFIX)/lib/libswitchyard.so
+	$(STRIP) --strip-debug $(DESTDIR)$(PREFIX)/lib/libswitchyard.a
 	install -m 644 include/switchyard.h $(DESTDIR)$(PREFIX)/include/switchyard.h
+	install -d $(DESTDIR)$(PREFIX)/share/doc/switchyard
+	install -m 644 LICENSE CHANGELOG.md bindings/c/README.md $(DESTDIR)$(PREFIX)/share/doc/switchyard/
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(C_VERSION)|' -e 's|@STATIC_LIBS@|$(C_STATIC_LIBS)|' \
 	  bindings/c/switchyard.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/switchyard.pc
 
@@ -93,7 +96,7 @@ test-c: deps-c c-lib c-header-check
 	# Installed the way a user installs it, and the example built with
 	# pkg-config against the installed files only (no -Iinclude).
 	rm -rf $(C_OUT)/prefix
-	$(MAKE) --no-print-directory -f mk/c.mk c-install PREFIX=$(C_OUT)/prefix CARGO=$(CARGO)
+	$(MAKE) --no-print-directory c-install PREFIX=$(C_OUT)/prefix CARGO=$(CARGO)
 	PKG_CONFIG_PATH=$(C_OUT)/prefix/lib/pkgconfig pkg-config --modversion switchyard | grep -qx '$(C_VERSION)'
 	$(C_CC) -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror examples/c/hello.c \
 	  $$(PKG_CONFIG_PATH=$(C_OUT)/prefix/lib/pkgconfig pkg-config --cflags --libs switchyard) -o $(C_OUT)/hello-pc
@@ -103,7 +106,7 @@ test-c: deps-c c-lib c-header-check
 	  $(C_OUT)/prefix/lib/libswitchyard.a $$(PKG_CONFIG_PATH=$(C_OUT)/prefix/lib/pkgconfig pkg-config --static --libs-only-l switchyard | sed 's/-lswitchyard//') \
 	  -o $(C_OUT)/hello-pc-static
 	$(C_OUT)/hello-pc-static memory | grep -q '"greeting":"Hello, C!"'
-	@echo "installed C library: $$(du -h $(C_OUT)/prefix/lib/libswitchyard.so | cut -f1) .so, $$(du -h $(C_OUT)/prefix/lib/libswitchyard.a | cut -f1) .a (stripped of debug info)"
+	@echo "installed C library: $$(du -h $(C_OUT)/prefix/lib/libswitchyard.so | cut -f1) .so, $$(du -h $(C_OUT)/prefix/lib/libswitchyard.a | cut -f1) .a (.so stripped, .a without debug info)"
 
 # The C benchmark (bench/run --lang c), linked statically like a C program
 # that ships without the shared library.

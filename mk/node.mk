@@ -20,7 +20,7 @@ NODE_TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 NODE_STAGE := $(NODE_TARGET_DIR)/node-stage
 NODE_DIST := $(NODE_TARGET_DIR)/node-dist
 NODE_SCRATCH := $(NODE_TARGET_DIR)/node-scratch
-NODE_ADDON := $(NODE_TARGET_DIR)/release/libswitchyard_node.so
+NODE_ADDON := $(REL_DIR)/libswitchyard_node.so
 NODE_TS := $(CURDIR)/typescript
 NODE_DEMO_WORKER := $(NODE_SCRATCH)/demo_worker.mjs
 NODE_TEST_ARGS ?=
@@ -39,8 +39,8 @@ $(NODE_TS)/node_modules/.ready: $(NODE_TS)/package.json $(NODE_TS)/package-lock.
 
 # One cargo invocation for the addon and the binaries the tests use, so
 # feature unification does not rebuild the core twice.
-node-addon:
-	CARGO_TARGET_DIR=$(NODE_TARGET_DIR) $(CARGO) build --release -p switchyard-node -p switchyard -p switchyard-e2e --lib --bin switchyard --bin testhost
+node-addon: $(ZIG_DEPS)
+	$(CARGO_REL) -p switchyard-node -p switchyard -p switchyard-e2e --lib --bin switchyard --bin testhost
 
 # Compiles typescript/src into typescript/build/dist.
 node-build: node-deps
@@ -55,19 +55,44 @@ node-dts-check: node-build
 node-dts-update: node-build
 	cp $(NODE_TS)/build/dist/index.d.ts $(NODE_TS)/index.d.ts
 
-# Assembles, packs and installs the package the way users get it. For
-# `make demo`: run `$(NODE) $(NODE_DEMO_WORKER) --store URL` afterwards (ESM
-# resolves `switchyard` next to the script, i.e. the installed package).
+# The npm platform name of $(TARGET) (napi-rs convention): linux-x64-gnu,
+# linux-arm64-gnu, linux-x64-musl, ...
+NODE_ARCH := $(if $(filter x86_64,$(ZIG_ARCH)),x64,$(if $(filter aarch64,$(ZIG_ARCH)),arm64,$(ZIG_ARCH)))
+NODE_PLATFORM ?= linux-$(NODE_ARCH)-$(if $(findstring musl,$(TARGET)),musl,gnu)
+# Every platform package there is (typescript/npm/*): the main package lists
+# them all as optionalDependencies, npm installs the one whose os/cpu/libc fit.
+# Another platform: a directory typescript/npm/<platform> (package.json with
+# os, cpu, libc; README.md) and its name in PLATFORM_PACKAGES
+# (typescript/src/index.ts), then `make node-package TARGET=<rust target>` on
+# a machine with that target's standard library.
+NODE_PLATFORMS := $(notdir $(wildcard $(NODE_TS)/npm/*))
+NODE_ADD_OPTIONAL := const fs = require("fs"); const p = JSON.parse(fs.readFileSync("package.json")); \
+  p.optionalDependencies = Object.fromEntries(process.argv.slice(1).map(n => ["@switchyard/" + n, p.version])); \
+  fs.writeFileSync("package.json", JSON.stringify(p, null, 2) + "\n");
+
+# Assembles, packs and installs the packages the way users get them: the main
+# package `switchyard` (JavaScript, types; optionalDependencies on every
+# @switchyard/<platform> at the same version, added here so that the source
+# package.json and its lock file need none) and @switchyard/$(NODE_PLATFORM)
+# (the addon, built for $(TARGET)). Both tarballs go to $(NODE_DIST) and are
+# installed offline into an empty project. For `make demo`: run
+# `$(NODE) $(NODE_DEMO_WORKER) --store URL` afterwards (ESM resolves
+# `switchyard` next to the script, i.e. the installed package).
 node-package: node-addon node-dts-check
 	rm -rf $(NODE_STAGE) $(NODE_DIST) $(NODE_SCRATCH)
-	mkdir -p $(NODE_STAGE)/dist $(NODE_DIST) $(NODE_SCRATCH)
-	cp $(NODE_TS)/package.json $(NODE_TS)/index.mjs $(NODE_TS)/index.d.ts $(NODE_TS)/README.md $(NODE_STAGE)/
-	cp $(NODE_TS)/build/dist/index.js $(NODE_STAGE)/dist/
-	# Release builds keep debug info (root Cargo.toml); the package does not need it.
-	strip --strip-debug -o $(NODE_STAGE)/switchyard.node $(NODE_ADDON) 2>/dev/null || cp $(NODE_ADDON) $(NODE_STAGE)/switchyard.node
-	cd $(NODE_STAGE) && $(NPM) pack --silent --pack-destination $(NODE_DIST) >/dev/null
+	mkdir -p $(NODE_STAGE)/main/dist $(NODE_STAGE)/$(NODE_PLATFORM) $(NODE_DIST) $(NODE_SCRATCH)
+	cp $(NODE_TS)/package.json $(NODE_TS)/index.mjs $(NODE_TS)/index.d.ts $(NODE_TS)/README.md \
+	  $(CURDIR)/LICENSE $(CURDIR)/CHANGELOG.md $(NODE_STAGE)/main/
+	cp $(NODE_TS)/build/dist/index.js $(NODE_STAGE)/main/dist/
+	cd $(NODE_STAGE)/main && $(NODE) -e '$(NODE_ADD_OPTIONAL)' $(NODE_PLATFORMS)
+	cp $(NODE_TS)/npm/$(NODE_PLATFORM)/package.json $(NODE_TS)/npm/$(NODE_PLATFORM)/README.md $(CURDIR)/LICENSE $(NODE_STAGE)/$(NODE_PLATFORM)/
+	# The release profile strips the addon (root Cargo.toml).
+	cp $(NODE_ADDON) $(NODE_STAGE)/$(NODE_PLATFORM)/switchyard.$(NODE_PLATFORM).node
+	cd $(NODE_STAGE)/main && $(NPM) pack --silent --pack-destination $(NODE_DIST) >/dev/null
+	cd $(NODE_STAGE)/$(NODE_PLATFORM) && $(NPM) pack --silent --pack-destination $(NODE_DIST) >/dev/null
 	printf '{"name":"switchyard-scratch","private":true,"version":"0.0.0"}\n' > $(NODE_SCRATCH)/package.json
-	cd $(NODE_SCRATCH) && $(NPM) install --no-audit --no-fund --loglevel=error $(NODE_DIST)/switchyard-*.tgz
+	cd $(NODE_SCRATCH) && $(NPM) install --offline --no-audit --no-fund --loglevel=error \
+	  $(NODE_DIST)/switchyard-[0-9]*.tgz $(NODE_DIST)/switchyard-$(NODE_PLATFORM)-*.tgz
 	cp $(CURDIR)/examples/typescript/demo_worker.mjs $(NODE_DEMO_WORKER)
 
 # Tests and examples are copied next to the installed package: ESM resolves
@@ -77,8 +102,8 @@ test-node: node-package
 	cp -r $(NODE_TS)/test $(NODE_SCRATCH)/test
 	cp -r $(CURDIR)/examples/typescript $(NODE_SCRATCH)/examples
 	$(NODE_TS)/node_modules/.bin/tsc -p $(NODE_SCRATCH)/examples --typeRoots $(NODE_TS)/node_modules/@types --types node
-	cd $(NODE_SCRATCH) && SWITCHYARD_CLI=$(NODE_TARGET_DIR)/release/switchyard \
+	cd $(NODE_SCRATCH) && SWITCHYARD_CLI=$(REL_DIR)/switchyard \
 	  SWITCHYARD_README=$(CURDIR)/README.md \
-	  SWITCHYARD_TESTHOST=$(NODE_TARGET_DIR)/release/testhost \
+	  SWITCHYARD_TESTHOST=$(REL_DIR)/testhost \
 	  SWITCHYARD_PYTHON=$(NODE_PYTHON) \
 	  timeout -k 10 900 $(NODE) --test --test-reporter=spec $(NODE_TEST_ARGS) test/*.test.mjs

@@ -107,8 +107,60 @@ interface NativeModule {
   fanOut(handler: string, total: number, batchSize: number, input: string, converge: string): string;
 }
 
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const native: NativeModule = require("../switchyard.node");
+/**
+ * The platforms an addon package is published for (napi-rs convention: one
+ * package per platform, `@switchyard/<platform>`, with `os`, `cpu` and `libc`
+ * fields, listed in this package's optionalDependencies so npm installs only
+ * the one that matches).
+ * @internal
+ */
+const PLATFORM_PACKAGES = ["linux-x64-gnu"];
+
+/** linux-x64-gnu, linux-arm64-musl, darwin-arm64, win32-x64-msvc, ... */
+function platformName(): string {
+  const { platform, arch } = process;
+  if (platform === "linux") {
+    // glibc reports its version; musl (Alpine) does not.
+    const report = process.report?.getReport?.() as { header?: { glibcVersionRuntime?: string } } | undefined;
+    return `linux-${arch}-${report?.header?.glibcVersionRuntime ? "gnu" : "musl"}`;
+  }
+  if (platform === "win32") return `win32-${arch}-msvc`;
+  return `${platform}-${arch}`;
+}
+
+function isMissing(e: unknown, what: string): boolean {
+  const err = e as { code?: string; message?: string };
+  return err.code === "MODULE_NOT_FOUND" && (err.message ?? "").includes(what);
+}
+
+/**
+ * The addon from `@switchyard/<platform>`, or from `switchyard.<platform>.node`
+ * next to this package (a local build); otherwise an error naming the platform.
+ */
+function loadNative(): NativeModule {
+  const name = platformName();
+  const pkg = `@switchyard/${name}`;
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    return require(pkg) as NativeModule;
+  } catch (e) {
+    if (!isMissing(e, pkg)) throw e;
+  }
+  const local = `../switchyard.${name}.node`;
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    return require(local) as NativeModule;
+  } catch (e) {
+    if (!isMissing(e, `switchyard.${name}.node`)) throw e;
+  }
+  const why = PLATFORM_PACKAGES.includes(name)
+    ? `the package ${pkg} is not installed (npm skips optional dependencies with --omit=optional or ` +
+      `when the lock file was made on another platform): install it, e.g. \`npm install ${pkg}\``
+    : `switchyard publishes native addons for ${PLATFORM_PACKAGES.join(", ")} only`;
+  throw new Error(`switchyard: no native addon for this platform (${name}): ${why}`);
+}
+
+const native: NativeModule = loadNative();
 
 /** The version of the native core. */
 export const nativeVersion: string = native.nativeVersion();

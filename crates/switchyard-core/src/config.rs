@@ -725,7 +725,7 @@ impl Config {
     /// The configuration: defaults, then the file at `path` (else the one
     /// named by `SWITCHYARD_CONFIG`, else none), then `SWITCHYARD_STORE`,
     /// then `SWITCHYARD_<SECTION>__<KEY>` variables; checked
-    /// ([`Config::validate`]). A named file that does not exist, a file
+    /// (`Config::validate`). A named file that does not exist, a file
     /// that is not TOML, unknown keys and wrong types are
     /// [`Error::Config`], naming the key and the file or variable.
     pub fn load(path: Option<&Path>) -> Result<Config> {

@@ -173,7 +173,7 @@ impl<T, E: fmt::Display> ResultExt<T> for Result<T, E> {
 /// What a step run returns.
 pub type StepResult<T = Value> = Result<T, StepError>;
 
-/// What a [`DecisionCapable`] handler decides.
+/// What a [`DecisionCapable`](crate::handler::DecisionCapable) handler decides.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Nothing more to do: the task completes with this value (if this step
@@ -266,7 +266,7 @@ impl Decision {
     /// (`{"start", "end", "size", "index", "input"}`), each run as a parallel
     /// step of `handler` named `{handler}#{index}`, followed by a convergence
     /// step `converge` (handler `converge`) that depends on all of them and
-    /// receives their results through [`Context::dependency_results`]. The
+    /// receives their results through [`Context::dependency_results`](crate::Context::dependency_results). The
     /// convergence step's result becomes the task's result.
     pub fn fan_out(
         handler: &str,
@@ -317,7 +317,7 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// An HTTP-shaped failure from an [`APICapable`] handler, classified by the
+/// An HTTP-shaped failure from an [`APICapable`](crate::handler::APICapable) handler, classified by the
 /// core: 429 retried after `Retry-After`, other 4xx permanent, 5xx and network
 /// errors transient.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,7 +8,7 @@
 //!
 //! A completion is applied only if the step is `running`, its `lease_owner`
 //! is `lease.host_id` and its `run` is `lease.run` (the fence); otherwise
-//! that item is answered with [`Error::LeaseLost`] and nothing changes.
+//! that item is answered with [`Error::LeaseLost`](crate::Error::LeaseLost) and nothing changes.
 //!
 //! # Runs and attempts
 //!
@@ -21,7 +21,7 @@
 //! [`Store::emit_event_fenced`]) is fenced by (step, run, host): it applies
 //! only while that run is the step's current one. A fenced write refused
 //! because the step (or its task) was cancelled answers
-//! [`Error::Cancelled`]; otherwise [`Error::LeaseLost`].
+//! [`Error::Cancelled`](crate::Error::Cancelled); otherwise [`Error::LeaseLost`](crate::Error::LeaseLost).
 //!
 //! * `Completed(v)`: step `completed` with result `v`, lease cleared. Every
 //!   `blocked` step of the same task depending on this step's name has one
@@ -33,7 +33,7 @@
 //!   `blocked` if some dependency is not completed yet, else `ready`),
 //!   inheriting the task's priority. Dependencies may name steps created in
 //!   the same decision or existing steps of the task; an unknown name or a
-//!   duplicate step name rejects the item with [`Error::InvalidInput`] and
+//!   duplicate step name rejects the item with [`Error::InvalidInput`](crate::Error::InvalidInput) and
 //!   changes nothing. If the step was the final step: with `final_step =
 //!   Some(name)` the named created step becomes the final step; with no steps
 //!   the task completes with `result`; with steps but no `final_step`, the
@@ -172,12 +172,12 @@ pub trait Store: Send + Sync + 'static {
     /// A host known to be dead: the leases of every step running under
     /// `host_id` expire now (the next [`Store::recover_expired`] makes them
     /// ready, costing the attempt as any lost lease does) and its
-    /// registration ends as [`HOST_DEAD`](crate::model::HOST_DEAD). Returns
+    /// registration ends as [`HOST_DEAD`]. Returns
     /// how many leases were expired.
     async fn expire_host(&self, host_id: &str) -> Result<u64>;
 
     /// Ends a host registration (clean shutdown:
-    /// [`HOST_STOPPED`](crate::model::HOST_STOPPED)).
+    /// [`HOST_STOPPED`]).
     async fn deregister_host(&self, host_id: &str) -> Result<()>;
 
     /// Makes every `running` step whose lease expired `ready` again (run_at
@@ -186,8 +186,8 @@ pub trait Store: Send + Sync + 'static {
     async fn recover_expired(&self) -> Result<u64>;
 
     /// Writes checkpoint `key` of the lease's task, and extends the lease to
-    /// now + `lease_ms`. Rejected with [`Error::LeaseLost`] unless the lease
-    /// is current ([`Error::Cancelled`] if the step was cancelled). An
+    /// now + `lease_ms`. Rejected with [`Error::LeaseLost`](crate::Error::LeaseLost) unless the lease
+    /// is current ([`Error::Cancelled`](crate::Error::Cancelled) if the step was cancelled). An
     /// existing checkpoint written by a newer run is never overwritten (the
     /// call then succeeds without writing).
     async fn put_checkpoint(
@@ -208,7 +208,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// [`Store::emit_event`] on behalf of a run: applied only if `fence` is
     /// its step's current lease, checked in the same transaction
-    /// ([`Error::LeaseLost`], or [`Error::Cancelled`] if the step was
+    /// ([`Error::LeaseLost`](crate::Error::LeaseLost), or [`Error::Cancelled`](crate::Error::Cancelled) if the step was
     /// cancelled, and nothing emitted).
     async fn emit_event_fenced(&self, fence: &Lease, name: &str, payload: Value) -> Result<bool>;
 
@@ -216,7 +216,7 @@ pub trait Store: Send + Sync + 'static {
     /// `ctx.delegate`): created only if `fence` is its step's current lease,
     /// checked in the same transaction, so a run that lost its lease or was
     /// cancelled (even by a cascade that has already finished) creates no
-    /// children ([`Error::LeaseLost`] or [`Error::Cancelled`]).
+    /// children ([`Error::LeaseLost`](crate::Error::LeaseLost) or [`Error::Cancelled`](crate::Error::Cancelled)).
     async fn spawn_fenced(&self, fence: &Lease, tasks: Vec<NewTask>) -> Result<Vec<Spawned>>;
 
     /// A cached event.
@@ -243,7 +243,7 @@ pub trait Store: Send + Sync + 'static {
     /// `since`, counted per bucket of `bucket_ms` milliseconds (bucket `k`
     /// starts at `since + k * bucket_ms`) and per state; buckets with none
     /// are left out; ordered by start then state. `bucket_ms` must be at
-    /// least 1 ([`Error::InvalidInput`]).
+    /// least 1 ([`crate::Error::InvalidInput`]).
     async fn finished_buckets(&self, since: Millis, bucket_ms: i64) -> Result<Vec<FinishedBucket>>;
 
     /// Failed tasks grouped by root handler and error message, the largest
@@ -271,15 +271,15 @@ pub trait Store: Send + Sync + 'static {
     /// reported as lost by the next heartbeat), task finish applies. With
     /// `cascade`, unfinished descendants are cancelled too, also when the
     /// task itself had already finished. Returns false if the task had
-    /// already finished; [`Error::NotFound`] if it does not exist.
+    /// already finished; [`Error::NotFound`](crate::Error::NotFound) if it does not exist.
     async fn cancel_task(&self, id: TaskId, cascade: bool) -> Result<bool>;
 
     /// Re-runs a `failed` or `cancelled` task: state `running`, error
     /// cleared; each step that is not `completed` becomes `ready` (attempt 0;
     /// `run` is kept, so runs of the earlier tries stay fenced out)
     /// if all its dependencies are completed, else `blocked`. Completed steps
-    /// and checkpoints are kept. [`Error::Conflict`] if the task is running or
-    /// completed; [`Error::NotFound`] if it does not exist.
+    /// and checkpoints are kept. [`Error::Conflict`](crate::Error::Conflict) if the task is running or
+    /// completed; [`Error::NotFound`](crate::Error::NotFound) if it does not exist.
     async fn retry_task(&self, id: TaskId) -> Result<()>;
 
     /// Retention: deletes up to `batch` finished tasks (`completed`,
@@ -334,7 +334,7 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::expire_host`]) at or after `since`, most recently ended
     /// first, with [`HostInfo::ended_at`] and [`HostInfo::end_reason`] set.
     /// Ended registrations are kept for
-    /// [`ENDED_HOST_RETENTION_MS`](crate::model::ENDED_HOST_RETENTION_MS);
+    /// [`ENDED_HOST_RETENTION_MS`];
     /// a host that heartbeats again is registered again.
     async fn ended_hosts(&self, since: Millis) -> Result<Vec<HostInfo>>;
 

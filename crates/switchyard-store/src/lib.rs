@@ -1,6 +1,7 @@
 //! Switchyard stores: [`memory::MemoryStore`] (tests, non-durable runs) and
-//! [`sqlite::SqliteStore`] (the embedded default). PostgreSQL will plug in
-//! here. Every store passes the same contract suite ([`contract`]).
+//! [`sqlite::SqliteStore`] (the embedded default) and
+//! [`postgres::PostgresStore`] (hosts on many machines). Every store passes the same contract suite (`contract`, behind the
+//! feature of that name).
 #![warn(missing_docs)]
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use switchyard_core::{Clock, DynStore, Error, Result, Store, SystemClock};
 pub mod contract;
 pub mod decision;
 pub mod memory;
+#[cfg(feature = "pg-server")]
 pub mod pg_server;
 pub mod postgres;
 mod prepared;
