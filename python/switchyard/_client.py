@@ -100,8 +100,10 @@ class Client:
     def workers(self) -> List[Dict[str, Any]]:
         return self._n.workers()
 
-    def events(self, limit: int = 100) -> List[Dict[str, Any]]:
-        return self._n.events(limit)
+    def events(self, limit: int = 100, name: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Cached events, newest first; with ``name``, only those whose name
+        starts with it."""
+        return self._n.events(limit, name)
 
     def count_steps(self) -> Dict[str, int]:
         return self._n.count_steps()
@@ -160,8 +162,8 @@ class Client:
     async def workers_async(self) -> List[Dict[str, Any]]:
         return await self._n.workers_async()
 
-    async def events_async(self, limit: int = 100) -> List[Dict[str, Any]]:
-        return await self._n.events_async(limit)
+    async def events_async(self, limit: int = 100, name: Optional[str] = None) -> List[Dict[str, Any]]:
+        return await self._n.events_async(limit, name)
 
     async def count_steps_async(self) -> Dict[str, int]:
         return await self._n.count_steps_async()

@@ -74,6 +74,12 @@ def test_spawn_options(make_worker, client):
     assert client.result(tid, timeout=10) == {"input": [1, "two", None, True, 2.5], "headers": {"h": "v"}}
     ev = {e["name"]: e["payload"] for e in client.events()}
     assert ev["echo.done"]["result"]["input"][1] == "two"
+    client.emit("order.1", 1)
+    client.emit("order.2", 2)
+    client.emit("other", 3)
+    assert sorted(e["name"] for e in client.events(name="order.")) == ["order.1", "order.2"]
+    assert [e["name"] for e in client.events(limit=1, name="order.")] == ["order.2"], "newest first"
+    assert client.events(name="nothing.like.it") == []
     ids = client.spawn_many([
         {"handler": "echo", "input": i, "priority": i, "headers": {"n": str(i)}} for i in range(3)
     ])

@@ -17,6 +17,7 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", 
         ("order_events.py", "courier emitted shipment.delivered"),
         ("delegation.py", "response event report.ready"),
         ("inventory_cancel.py", "watch and its scan cancelled"),
+        ("tour.py", "shipped: {'label': 'LABEL-bolt', 'total': 10.0}\nbackordered: {'backordered': 3, 'supplier': 'on its way'}\naudit: ['LABEL-a', 'LABEL-b']\nscan: cancelled"),
         ("inventory_cancel.py", "order nut x3: check ended `out_of_stock` on attempt 2: {'backordered': 2, 'sku': 'nut'}"),
         ("inventory_cancel.py", "order bolt x4: check ended `ok` on attempt 2: {'shipped': 4, 'sku': 'bolt'}"),
     ],
@@ -33,3 +34,13 @@ def test_example_runs(tmp_path, script, expect):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert expect in proc.stdout, out
+
+
+def test_the_package_readme_shows_the_tour_as_it_runs():
+    """python/README.md's complete worker is examples/python/tour.py, verbatim."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    with open(os.path.join(root, "examples", "python", "tour.py")) as f:
+        tour = f.read()
+    with open(os.path.join(root, "python", "README.md")) as f:
+        readme = f.read()
+    assert "```python\n" + tour + "```" in readme

@@ -147,6 +147,10 @@ class TestDurable < Minitest::Test
     assert_equal ["atlantis"], r["failures"]
     assert_equal 3.0, r["eur"]
     assert_equal "completed", client.wait(r["audit"], timeout: WAIT)["state"]
+    client.emit("order.1", 1)
+    client.emit("order.2", 2)
+    assert_equal %w[order.1 order.2], client.events(name: "order.").map { |e| e["name"] }.sort
+    assert_equal ["order.2"], client.events(limit: 1, name: :"order.").map { |e| e["name"] }, "newest first"
     ev = client.events.find { |e| e["name"] == "report.ready" }
     refute_nil ev, "the response event was emitted"
     children = client.inspect(id)["children"]

@@ -25,6 +25,23 @@ class TestExamples < Minitest::Test
     assert_match(/"status"=>"delivered"/, out)
   end
 
+  def test_tour
+    out = run_example("tour.rb")
+    assert_includes out, <<~OUT
+      shipped: {"label":"LABEL-bolt","total":10.0}
+      backordered: {"backordered":3,"supplier":"on its way"}
+      audit: ["LABEL-a","LABEL-b"]
+      scan: cancelled
+    OUT
+  end
+
+  # The gem's README shows examples/ruby/tour.rb verbatim.
+  def test_the_gem_readme_shows_the_tour_as_it_runs
+    readme = File.read(File.join(Gem.loaded_specs["switchyard"].full_gem_path, "README.md"))
+    tour = File.read(File.join(EXAMPLES, "tour.rb"))
+    assert_includes readme, "```ruby\n#{tour}```"
+  end
+
   def test_delegation
     out = run_example("delegation.rb")
     assert_match(/"eur"=>262.5/, out)

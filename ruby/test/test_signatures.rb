@@ -60,4 +60,16 @@ class TestSignatures < Minitest::Test
     end
     %w[default_store step].each { |m| assert Switchyard.respond_to?(m) }
   end
+
+  # `rbs validate`: every type the signatures name exists (core types and
+  # the gem's own aliases), with the signatures the gem ships.
+  def test_rbs_validate_accepts_the_shipped_signatures
+    require "rbs/cli"
+    require "stringio"
+    out = StringIO.new
+    err = StringIO.new
+    RBS::CLI.new(stdout: out, stderr: err).run(["-I", File.dirname(SIG), "validate"])
+    assert_match(/Validating class\/module definition: `::Switchyard::Context`/, out.string)
+    assert_empty err.string
+  end
 end

@@ -89,7 +89,7 @@ interface NativeClient {
   cancel(id: string, cascade: boolean): Promise<string>;
   retry(id: string): Promise<string>;
   workers(): Promise<string>;
-  events(limit: number): Promise<string>;
+  events(limit: number, name: string | null): Promise<string>;
   countSteps(): Promise<string>;
 }
 
@@ -1582,9 +1582,11 @@ export class Client {
     return camelRecord(unwrap(await n.workers()));
   }
   /** Recent events. */
-  async events(limit = 100): Promise<Record<string, any>[]> {
+  /** Cached events, newest first; with `name`, only those whose name
+   * starts with it. */
+  async events(limit = 100, options: { name?: string } = {}): Promise<Record<string, any>[]> {
     const n = await this.#native;
-    return camelRecord(unwrap(await n.events(limit)));
+    return camelRecord(unwrap(await n.events(limit, options.name ?? null)));
   }
   /** Number of steps per state. */
   async countSteps(): Promise<Record<string, number>> {

@@ -21,6 +21,10 @@ test("spawnMany, list, get and inspect", async (t) => {
   assert.deepEqual(await Promise.all(ids.map((id) => client.result(id, { timeout: 10 }))), [1, 2]);
   const listed = await client.list({ state: "completed", handler: "echo" });
   assert.deepEqual(listed.map((r) => r.id).sort(), [...ids].sort());
+  for (const [name, payload] of [["order.1", 1], ["order.2", 2], ["other", 3]]) await client.emit(name, payload);
+  assert.deepEqual((await client.events(100, { name: "order." })).map((e) => e.name).sort(), ["order.1", "order.2"]);
+  assert.deepEqual((await client.events(1, { name: "order." })).map((e) => e.name), ["order.2"], "newest first");
+  assert.deepEqual(await client.events(100, { name: "nothing.like.it" }), []);
   const rec = await client.get(ids[1]);
   assert.equal(rec.priority, 3);
   assert.equal(rec.state, "completed");

@@ -15,6 +15,7 @@ const run = promisify(execFile);
 const cases = [
   ["order_events.mjs", /result: .*"status":"delivered"/],
   ["delegation.mjs", /response event report.ready/],
+  ["tour.mjs", /shipped: \{"total":10,"label":"LABEL-bolt"\}\nbackordered: \{"backordered":3,"supplier":"on its way"\}\naudit: \["LABEL-a","LABEL-b"\]\nscan: cancelled/],
   ["inventory_cancel.mjs", /order bolt x4: check ended `ok` on attempt 2: \{"shipped":4,"sku":"bolt"\}[^]*order nut x3: check ended `out_of_stock` on attempt 2: \{"backordered":2,"sku":"nut"\}[^]*done: scan stopped at bin \d+ of 10000; watch and its scan cancelled/],
 ];
 
@@ -53,4 +54,13 @@ test("example demo_worker.mjs serves charge.payment and stops on SIGTERM", async
   child.kill("SIGTERM");
   assert.deepEqual(await exited, { code: 0, signal: null });
   assert.match(out, /worker stopped/);
+});
+
+test("the package README shows the tour as it runs (examples/typescript/tour.mts, verbatim)", async () => {
+  const { readFileSync } = await import("node:fs");
+  const { createRequire } = await import("node:module");
+  const pkg = dirname(createRequire(import.meta.url).resolve("switchyard/package.json"));
+  const readme = readFileSync(join(pkg, "README.md"), "utf8");
+  const tour = readFileSync(join(examples, "tour.mts"), "utf8");
+  assert.ok(readme.includes("```ts\n" + tour + "```"), "README.md of the installed package holds tour.mts");
 });

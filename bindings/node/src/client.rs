@@ -208,9 +208,9 @@ impl NativeClient {
 
     /// Recent events.
     #[napi]
-    pub async fn events(&self, limit: u32) -> String {
+    pub async fn events(&self, limit: u32, name: Option<String>) -> String {
         let c = self.client.clone();
-        core(c.events(limit as usize).await)
+        core(c.events_named(name.as_deref(), limit as usize).await)
     }
 
     /// Number of steps per state.

@@ -369,9 +369,13 @@ impl NativeClient {
         call(async move { c.workers().await })
     }
 
-    fn events_call(&self, limit: usize) -> Call<Vec<switchyard_core::EventRecord>> {
+    fn events_call(
+        &self,
+        limit: usize,
+        name: Option<String>,
+    ) -> Call<Vec<switchyard_core::EventRecord>> {
         let c = self.client.clone();
-        call(async move { c.events(limit).await })
+        call(async move { c.events_named(name.as_deref(), limit).await })
     }
 
     fn count_steps_call(&self) -> Call<switchyard_core::StateCounts> {
@@ -574,14 +578,19 @@ impl NativeClient {
         run_record(self.workers_call()).await
     }
 
-    #[pyo3(signature = (limit=100))]
-    fn events<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Bound<'py, PyAny>> {
-        block_record(py, self.events_call(limit))
+    #[pyo3(signature = (limit=100, name=None))]
+    fn events<'py>(
+        &self,
+        py: Python<'py>,
+        limit: usize,
+        name: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        block_record(py, self.events_call(limit, name))
     }
 
-    #[pyo3(signature = (limit=100))]
-    async fn events_async(&self, limit: usize) -> PyResult<Py<PyAny>> {
-        run_record(self.events_call(limit)).await
+    #[pyo3(signature = (limit=100, name=None))]
+    async fn events_async(&self, limit: usize, name: Option<String>) -> PyResult<Py<PyAny>> {
+        run_record(self.events_call(limit, name)).await
     }
 
     /// Number of steps per state (for progress and tests).

@@ -249,10 +249,18 @@ impl RbClient {
         })
     }
 
-    fn events(ruby: &Ruby, rb_self: &Self, limit: usize) -> Result<Value, Error> {
+    fn events(
+        ruby: &Ruby,
+        rb_self: &Self,
+        limit: usize,
+        name: Option<String>,
+    ) -> Result<Value, Error> {
         guard(ruby, || {
             let c = rb_self.client(ruby)?;
-            let v = block_core(ruby, async move { c.events(limit).await })?;
+            let v = block_core(
+                ruby,
+                async move { c.events_named(name.as_deref(), limit).await },
+            )?;
             record_to_ruby(ruby, &v)
         })
     }
@@ -284,7 +292,7 @@ pub fn define(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     c.define_method("cancel", method!(RbClient::cancel, 2))?;
     c.define_method("retry", method!(RbClient::retry, 1))?;
     c.define_method("workers", method!(RbClient::workers, 0))?;
-    c.define_method("events", method!(RbClient::events, 1))?;
+    c.define_method("events", method!(RbClient::events, 2))?;
     c.define_method("count_steps", method!(RbClient::count_steps, 0))?;
     Ok(())
 }

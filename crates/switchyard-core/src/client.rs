@@ -176,6 +176,66 @@ impl Client {
         self.store.retry_task(id).await
     }
 
+    /// Retries the failed tasks `filter` matches (its `state` is taken as
+    /// `failed`), newest first, at most `filter.limit`; with `message`, only
+    /// those whose recorded error message is exactly that (a failure group).
+    /// Each retry is its own atomic write: a task retried or deleted
+    /// meanwhile by someone else is reported in `skipped`, not an error of
+    /// the whole call. `progress(done, matched)` is called after each task.
+    /// Used by `switchyard retry --failed` and `POST /api/v1/tasks/retry`.
+    pub async fn retry_failed(
+        &self,
+        filter: &TaskFilter,
+        message: Option<&str>,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<BulkRetry> {
+        let max = filter.limit;
+        let mut filter = TaskFilter {
+            state: Some(TaskState::Failed),
+            ..filter.clone()
+        };
+        let tasks = match message {
+            None => self.list(&filter).await?,
+            Some(message) => {
+                // Pages of failed tasks, keeping those with the message,
+                // until `max` are found or none are left.
+                let mut found = Vec::new();
+                filter.limit = RETRY_SCAN_PAGE;
+                loop {
+                    let page = self.list(&filter).await?;
+                    let last = page.last().map(|t| t.id);
+                    let full = page.len() == filter.limit;
+                    found.extend(
+                        page.into_iter()
+                            .filter(|t| t.error.as_ref().is_some_and(|e| e.message == message)),
+                    );
+                    if found.len() >= max || !full {
+                        break;
+                    }
+                    filter.after = last;
+                }
+                found.truncate(max);
+                found
+            }
+        };
+        let mut out = BulkRetry {
+            matched: tasks.len(),
+            retried: 0,
+            skipped: Vec::new(),
+        };
+        for (i, t) in tasks.iter().enumerate() {
+            match self.retry(t.id).await {
+                Ok(()) => out.retried += 1,
+                Err(e @ (Error::Conflict(_) | Error::NotFound(_))) => {
+                    out.skipped.push((t.id, e.to_string()))
+                }
+                Err(e) => return Err(e),
+            }
+            progress(i + 1, tasks.len());
+        }
+        Ok(out)
+    }
+
     /// Registered hosts.
     pub async fn workers(&self) -> Result<Vec<HostInfo>> {
         self.store.list_hosts().await
@@ -184,6 +244,21 @@ impl Client {
     /// Cached events, newest first.
     pub async fn events(&self, limit: usize) -> Result<Vec<EventRecord>> {
         self.store.list_events(limit).await
+    }
+
+    /// [`Self::events`] whose name starts with `prefix` (all of them for
+    /// `None` or an empty prefix), as `switchyard events list --name` and
+    /// the REST API's `name` filter: every language's `Client.events`
+    /// takes it.
+    pub async fn events_named(
+        &self,
+        prefix: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>> {
+        match prefix.filter(|p| !p.is_empty()) {
+            None => self.store.list_events(limit).await,
+            Some(p) => self.store.list_events_prefixed(p, limit).await,
+        }
     }
 
     /// Waits, from outside any task, until event `name` has been emitted
@@ -279,4 +354,19 @@ pub fn outcome(t: TaskRecord) -> Result<Value> {
             t.id
         ))),
     }
+}
+
+/// Failed tasks read per page by [`Client::retry_failed`] when it looks for
+/// a message.
+const RETRY_SCAN_PAGE: usize = 1000;
+
+/// What [`Client::retry_failed`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BulkRetry {
+    /// Failed tasks found (at most the filter's limit).
+    pub matched: usize,
+    /// Of them, retried now.
+    pub retried: usize,
+    /// The others (retried or deleted meanwhile by someone else), with why.
+    pub skipped: Vec<(TaskId, String)>,
 }

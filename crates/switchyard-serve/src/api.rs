@@ -660,53 +660,21 @@ pub async fn bulk_retry(
         limit: max,
         ..TaskFilter::default()
     };
-    let tasks = match &b.message {
-        None => state.client.list(&filter).await?,
-        Some(message) => {
-            // Pages of failed tasks, keeping those with the message, until
-            // `max` are found or none are left.
-            let mut found = Vec::new();
-            let mut filter = TaskFilter {
-                limit: MAX_PAGE,
-                ..filter
-            };
-            loop {
-                let page = state.client.list(&filter).await?;
-                let last = page.last().map(|t| t.id);
-                let full = page.len() == filter.limit;
-                found.extend(
-                    page.into_iter()
-                        .filter(|t| t.error.as_ref().is_some_and(|e| &e.message == message)),
-                );
-                if found.len() >= max || !full {
-                    break;
-                }
-                filter.after = last;
-            }
-            found.truncate(max);
-            found
-        }
-    };
-    let mut retried = 0;
-    let mut skipped = Vec::new();
-    for t in &tasks {
-        // Each retry is its own atomic write; a task retried meanwhile by
-        // someone else is reported, not an error of the whole request.
-        match state.client.retry(t.id).await {
-            Ok(()) => retried += 1,
-            Err(
-                e @ (switchyard_core::Error::Conflict(_) | switchyard_core::Error::NotFound(_)),
-            ) => skipped.push(Skipped {
-                task_id: t.id.to_string(),
-                reason: e.to_string(),
-            }),
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let done = state
+        .client
+        .retry_failed(&filter, b.message.as_deref(), |_, _| ())
+        .await?;
     Ok(Json(BulkRetried {
-        matched: tasks.len(),
-        retried,
-        skipped,
+        matched: done.matched,
+        retried: done.retried,
+        skipped: done
+            .skipped
+            .into_iter()
+            .map(|(id, reason)| Skipped {
+                task_id: id.to_string(),
+                reason,
+            })
+            .collect(),
     }))
 }
 

@@ -59,8 +59,9 @@ enum Command {
     Events(EventsCommand),
     /// Cancel a running task.
     Cancel(CancelArgs),
-    /// Re-run a failed or cancelled task.
-    Retry(IdArg),
+    /// Re-run a failed or cancelled task, or (--failed) every failed task
+    /// matching a filter.
+    Retry(RetryArgs),
     /// List registered hosts and the handlers they serve.
     Workers,
     /// Delete finished tasks (and their steps and checkpoints) older than a
@@ -254,6 +255,28 @@ pub struct CancelArgs {
 pub struct IdArg {
     /// The task id.
     pub id: String,
+}
+
+/// Arguments of `switchyard retry`.
+#[derive(Args, Debug)]
+pub struct RetryArgs {
+    /// The task id (or --failed).
+    #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+    pub id: Option<String>,
+    /// Retry the failed tasks matching --handler and --message instead
+    /// (newest first, at most --max), showing progress on a terminal.
+    #[arg(long)]
+    pub failed: bool,
+    /// With --failed: only tasks whose root handler is this.
+    #[arg(long, value_name = "H", requires = "failed")]
+    pub handler: Option<String>,
+    /// With --failed: only tasks whose recorded error message is exactly
+    /// this (a failure group of the dashboard).
+    #[arg(long, value_name = "TEXT", requires = "failed")]
+    pub message: Option<String>,
+    /// With --failed: at most this many tasks.
+    #[arg(long, value_name = "N", default_value_t = 1000, requires = "failed")]
+    pub max: usize,
 }
 
 #[derive(Args, Debug)]
@@ -508,7 +531,7 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
             c::events_list(&url, json, limit, name.as_deref()).await
         }
         Command::Cancel(a) => c::cancel(&url, json, &a.id, a.cascade).await,
-        Command::Retry(a) => c::retry(&url, json, &a.id).await,
+        Command::Retry(a) => c::retry(&url, json, a).await,
         Command::Workers => c::workers(&url, json).await,
         Command::Cleanup(a) => c::cleanup(&url, json, a).await,
         Command::Serve(a) => cli::serve::serve(&url, a, &config.serve).await,

@@ -1009,6 +1009,113 @@ async fn tasks_watch_follows_a_task_until_it_ends() {
     worker.stop().await;
 }
 
+/// `retry --failed` retries the failed tasks of a handler, or only those of
+/// one failure message, and reports what it did; an id and --failed
+/// exclude each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_failed_retries_a_failure_group() {
+    let cli = Cli::new();
+    let url = cli.url();
+    let store = switchyard::open(&url).await.unwrap();
+    let healed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = healed.clone();
+    let worker = Worker::builder(store.clone())
+        .step(
+            "flaky",
+            HandlerOptions::default().retry(switchyard::RetryPolicy {
+                max_attempts: 1,
+                ..Default::default()
+            }),
+            move |input, _| {
+                let h = h.clone();
+                async move {
+                    if h.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Ok(input);
+                    }
+                    let why = input["why"].as_str().unwrap_or("?").to_string();
+                    Err(StepError::permanent(why))
+                }
+            },
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let client = Client::new(store.clone());
+    let mut no_stock = Vec::new();
+    for _ in 0..3 {
+        no_stock.push(
+            client
+                .spawn("flaky", json!({ "why": "no stock" }))
+                .await
+                .unwrap(),
+        );
+    }
+    let other = client
+        .spawn("flaky", json!({ "why": "bad address" }))
+        .await
+        .unwrap();
+    for id in no_stock.iter().chain([&other]) {
+        assert_eq!(
+            client
+                .wait(*id, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .state,
+            TaskState::Failed
+        );
+    }
+    healed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let u = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["retry", "--failed", "--message", "no stock", "--json"])
+            .env("SWITCHYARD_STORE", &u)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v, json!({ "matched": 3, "retried": 3, "skipped": [] }));
+    for id in &no_stock {
+        assert_eq!(
+            client
+                .wait(*id, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .state,
+            TaskState::Completed
+        );
+    }
+    assert_eq!(
+        client.get(other).await.unwrap().state,
+        TaskState::Failed,
+        "another failure group is left alone"
+    );
+    let u = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["retry", "--failed", "--handler", "flaky"])
+            .env("SWITCHYARD_STORE", &u)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "retried 1 of 1 failed task\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let out = cli.run(&["retry", &other.to_string(), "--failed"]);
+    assert_eq!(code(&out), 2, "an id and --failed exclude each other");
+    worker.stop().await;
+}
+
 /// On a terminal (a pseudo-terminal made by util-linux `script`) tables have
 /// box lines and coloured states; `NO_COLOR` keeps the lines and drops the
 /// colour; through a pipe the same command prints plain columns.

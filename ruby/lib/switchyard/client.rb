@@ -97,9 +97,10 @@ module Switchyard
       @native.workers
     end
 
-    # Cached events, newest first.
-    def events(limit: 100)
-      @native.events(Integer(limit))
+    # Cached events, newest first; with +name:+, only those whose name
+    # starts with it.
+    def events(limit: 100, name: nil)
+      @native.events(Integer(limit), name&.to_s)
     end
 
     # Steps per state, e.g. {"completed"=>3, ...}.

@@ -19,7 +19,7 @@ use switchyard::{
 };
 
 use super::output::{opt_time, relative, short_json, time, Table};
-use crate::{CleanupArgs, EmitArgs, SpawnArgs, TasksListArgs, WatchArgs};
+use crate::{CleanupArgs, EmitArgs, RetryArgs, SpawnArgs, TasksListArgs, WatchArgs};
 
 /// A failure to report on stderr (or as JSON with `--json`), with the
 /// process exit code.
@@ -881,7 +881,10 @@ pub async fn cancel(url: &str, json: bool, id: &str, cascade: bool) -> CmdResult
 }
 
 /// `switchyard retry`.
-pub async fn retry(url: &str, json: bool, id: &str) -> CmdResult {
+pub async fn retry(url: &str, json: bool, a: RetryArgs) -> CmdResult {
+    let Some(id) = a.id.as_deref() else {
+        return retry_failed(url, json, a).await;
+    };
     let id = parse_id(id)?;
     let store = open_store(url, Open::Create).await?;
     Client::new(store).retry(id).await?;
@@ -891,6 +894,64 @@ pub async fn retry(url: &str, json: bool, id: &str) -> CmdResult {
         print_text(&format!(
             "task {id} will run again (completed steps and checkpoints are kept)\n"
         ))?;
+    }
+    Ok(Outcome::Success)
+}
+
+/// `switchyard retry --failed`: every failed task matching the filter, with
+/// a progress bar on a terminal's stderr.
+async fn retry_failed(url: &str, json: bool, a: RetryArgs) -> CmdResult {
+    use std::io::IsTerminal as _;
+    if a.max == 0 {
+        return Err(CliError::usage("--max: must be at least 1"));
+    }
+    let store = open_store(url, Open::Existing).await?;
+    let filter = switchyard::TaskFilter {
+        handler: a.handler.clone(),
+        limit: a.max,
+        ..Default::default()
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("retrying {bar:30} {pos}/{len} tasks")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let done = Client::new(store)
+        .retry_failed(&filter, a.message.as_deref(), |n, total| {
+            if let Some(b) = &bar {
+                b.set_length(total as u64);
+                b.set_position(n as u64);
+            }
+        })
+        .await?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    if json {
+        let skipped: Vec<Value> = done
+            .skipped
+            .iter()
+            .map(|(id, why)| json!({ "task_id": id.to_string(), "reason": why }))
+            .collect();
+        print_json(&json!({
+            "matched": done.matched,
+            "retried": done.retried,
+            "skipped": skipped,
+        }))?;
+    } else {
+        let mut text = format!(
+            "retried {} of {} failed task{}\n",
+            done.retried,
+            done.matched,
+            if done.matched == 1 { "" } else { "s" }
+        );
+        for (id, why) in &done.skipped {
+            let _ = writeln!(text, "skipped {id}: {why}");
+        }
+        print_text(&text)?;
     }
     Ok(Outcome::Success)
 }
