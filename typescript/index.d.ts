@@ -449,7 +449,11 @@ export declare class Client {
     /** Hosts registered in the store. */
     workers(): Promise<Record<string, any>[]>;
     /** Recent events. */
-    events(limit?: number): Promise<Record<string, any>[]>;
+    /** Cached events, newest first; with `name`, only those whose name
+     * starts with it. */
+    events(limit?: number, options?: {
+        name?: string;
+    }): Promise<Record<string, any>[]>;
     /** Number of steps per state. */
     countSteps(): Promise<Record<string, number>>;
 }
